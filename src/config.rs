@@ -1,0 +1,433 @@
+//! Configuration: the TOML file, the command-line overrides, and the resolved
+//! settings each role runs with. Flags override the file; the file overrides
+//! the defaults. Every error names the field and the problem in one line.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+use crate::wire::{CONTROL_LEN, DEFAULT_MAX_FRAME};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/simplevpn/simplevpnd.toml";
+pub const DEFAULT_PORT: u16 = 2002;
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:2002";
+pub const DEFAULT_NETWORK: &str = "10.0.0.0/16";
+pub const DEFAULT_TUN: &str = "svpn0";
+pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
+pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
+pub const DEFAULT_MTU: u32 = 1500;
+pub const DEFAULT_PREFIX: u8 = 16;
+pub const DEFAULT_QUEUE_LEN: usize = 512;
+
+/// A bad setting: which one, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct ConfigError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// The config file as written. Unknown fields are rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub server: Option<ServerSection>,
+    pub client: Option<ClientSection>,
+}
+
+/// `[server]`; also what the server's flags set.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    pub listen: Option<SocketAddr>,
+    pub network: Option<Ipv4Net>,
+    pub tun: Option<String>,
+    /// Seconds of silence after which a client is dropped.
+    pub client_timeout: Option<u64>,
+    /// Seconds a new connection has to ask for an address.
+    pub handshake_timeout: Option<u64>,
+    pub mtu: Option<u32>,
+    pub max_frame: Option<usize>,
+    /// Frames queued per peer before further ones are dropped.
+    pub queue_len: Option<usize>,
+}
+
+/// `[client]`; also what the client's flags set.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSection {
+    /// HOST or HOST:PORT.
+    pub server: Option<String>,
+    /// A static address to ask for; dynamic when absent.
+    pub address: Option<Ipv4Addr>,
+    pub tun: Option<String>,
+    /// Prefix length used when the server pushes no netmask.
+    pub prefix: Option<u8>,
+    /// Seconds of silence from the server after which the link is dead.
+    pub timeout: Option<u64>,
+    pub mtu: Option<u32>,
+    pub max_frame: Option<usize>,
+}
+
+/// What the server runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub network: Ipv4Net,
+    pub tun: String,
+    pub client_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub mtu: u32,
+    pub max_frame: usize,
+    pub queue_len: usize,
+}
+
+/// What the client runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// HOST:PORT, resolved at every connect.
+    pub server: String,
+    pub address: Option<Ipv4Addr>,
+    pub tun: String,
+    pub prefix: u8,
+    pub timeout: Duration,
+    pub keepalive_after: Duration,
+    pub mtu: u32,
+    pub max_frame: usize,
+}
+
+impl ConfigFile {
+    /// Reads `path`. Errors name the file, the line and the key.
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path.display().to_string(), e.to_string()))?;
+        ConfigFile::parse(&text, path)
+    }
+
+    /// Parses config text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let (line, key) = match e.span() {
+                Some(span) => {
+                    let line_no = text[..span.start].matches('\n').count() + 1;
+                    let line = text.lines().nth(line_no - 1).unwrap_or("");
+                    let key = line.split('=').next().unwrap_or("").trim().to_string();
+                    (format!(":{line_no}"), key)
+                }
+                None => (String::new(), String::new()),
+            };
+            let message = e.message().replace('\n', " ");
+            let field = match key.is_empty() || key.starts_with('[') {
+                true => format!("{}{line}", path.display()),
+                false => format!("{}{line}: {key}", path.display()),
+            };
+            ConfigError::new(field, message)
+        })
+    }
+}
+
+/// The config file to read: the one given, or the default one if it exists.
+pub fn config_file(explicit: Option<&Path>) -> Result<ConfigFile, ConfigError> {
+    match explicit {
+        Some(path) => ConfigFile::load(path),
+        None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+            ConfigFile::load(Path::new(DEFAULT_CONFIG_PATH))
+        }
+        None => Ok(ConfigFile::default()),
+    }
+}
+
+impl ServerSection {
+    /// These settings, with each one that `flags` sets replaced.
+    pub fn overridden_by(self, flags: ServerSection) -> ServerSection {
+        ServerSection {
+            listen: flags.listen.or(self.listen),
+            network: flags.network.or(self.network),
+            tun: flags.tun.or(self.tun),
+            client_timeout: flags.client_timeout.or(self.client_timeout),
+            handshake_timeout: flags.handshake_timeout.or(self.handshake_timeout),
+            mtu: flags.mtu.or(self.mtu),
+            max_frame: flags.max_frame.or(self.max_frame),
+            queue_len: flags.queue_len.or(self.queue_len),
+        }
+    }
+
+    /// Fills in the defaults and checks every value.
+    pub fn resolve(self) -> Result<ServerConfig, ConfigError> {
+        let network = self
+            .network
+            .unwrap_or_else(|| DEFAULT_NETWORK.parse().expect("default network"));
+        if !(8..=30).contains(&network.prefix_len()) {
+            return Err(ConfigError::new(
+                "network",
+                format!("{network}: the prefix must be between /8 and /30"),
+            ));
+        }
+        if network != network.trunc() {
+            return Err(ConfigError::new(
+                "network",
+                format!(
+                    "{network} has host bits set; did you mean {}?",
+                    network.trunc()
+                ),
+            ));
+        }
+        let max_frame = max_frame(self.max_frame)?;
+        let mtu = mtu(self.mtu, max_frame)?;
+        Ok(ServerConfig {
+            listen: self
+                .listen
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("default listen")),
+            network,
+            tun: tun_name(self.tun)?,
+            client_timeout: seconds("client_timeout", self.client_timeout, DEFAULT_TIMEOUT_SECS)?,
+            handshake_timeout: seconds(
+                "handshake_timeout",
+                self.handshake_timeout,
+                DEFAULT_HANDSHAKE_TIMEOUT_SECS,
+            )?,
+            mtu,
+            max_frame,
+            queue_len: match self.queue_len.unwrap_or(DEFAULT_QUEUE_LEN) {
+                0 => return Err(ConfigError::new("queue_len", "must be at least 1")),
+                n => n,
+            },
+        })
+    }
+}
+
+impl ClientSection {
+    /// These settings, with each one that `flags` sets replaced.
+    pub fn overridden_by(self, flags: ClientSection) -> ClientSection {
+        ClientSection {
+            server: flags.server.or(self.server),
+            address: flags.address.or(self.address),
+            tun: flags.tun.or(self.tun),
+            prefix: flags.prefix.or(self.prefix),
+            timeout: flags.timeout.or(self.timeout),
+            mtu: flags.mtu.or(self.mtu),
+            max_frame: flags.max_frame.or(self.max_frame),
+        }
+    }
+
+    /// Fills in the defaults and checks every value.
+    pub fn resolve(self) -> Result<ClientConfig, ConfigError> {
+        let server = match self.server.as_deref().map(str::trim) {
+            None | Some("") => {
+                return Err(ConfigError::new(
+                    "server",
+                    "missing: give --server HOST[:PORT] or server = \"HOST:PORT\" in [client]",
+                ))
+            }
+            Some(server) => with_default_port(server)?,
+        };
+        let prefix = self.prefix.unwrap_or(DEFAULT_PREFIX);
+        if !(1..=30).contains(&prefix) {
+            return Err(ConfigError::new(
+                "prefix",
+                format!("{prefix} must be between 1 and 30"),
+            ));
+        }
+        let timeout = seconds("timeout", self.timeout, DEFAULT_TIMEOUT_SECS)?;
+        let max_frame = max_frame(self.max_frame)?;
+        Ok(ClientConfig {
+            server,
+            address: self.address,
+            tun: tun_name(self.tun)?,
+            prefix,
+            timeout,
+            keepalive_after: Duration::from_secs(15).min(timeout / 2),
+            mtu: mtu(self.mtu, max_frame)?,
+            max_frame,
+        })
+    }
+}
+
+/// HOST[:PORT] with the default port added where none is given. Accepts
+/// names, IPv4 and bracketed IPv6 literals.
+fn with_default_port(server: &str) -> Result<String, ConfigError> {
+    let bad = |why: &str| ConfigError::new("server", format!("{server:?}: {why}"));
+    if server.parse::<SocketAddr>().is_ok() {
+        return Ok(server.to_string());
+    }
+    if server.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(match server.contains(':') {
+            true => format!("[{server}]:{DEFAULT_PORT}"),
+            false => format!("{server}:{DEFAULT_PORT}"),
+        });
+    }
+    if server.starts_with('[') {
+        return Err(bad("expected [IPv6]:PORT"));
+    }
+    match server.rsplit_once(':') {
+        Some((host, port)) => {
+            port.parse::<u16>()
+                .map_err(|_| bad("the port must be a number from 1 to 65535"))?;
+            if host.is_empty() {
+                return Err(bad("the host is empty"));
+            }
+            Ok(server.to_string())
+        }
+        None => Ok(format!("{server}:{DEFAULT_PORT}")),
+    }
+}
+
+fn tun_name(name: Option<String>) -> Result<String, ConfigError> {
+    let name = name.unwrap_or_else(|| DEFAULT_TUN.to_string());
+    let valid = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    match valid {
+        true => Ok(name),
+        false => Err(ConfigError::new(
+            "tun",
+            format!("{name:?} is not an interface name (1-15 of a-z, 0-9, - _ .)"),
+        )),
+    }
+}
+
+fn seconds(field: &str, value: Option<u64>, default: u64) -> Result<Duration, ConfigError> {
+    match value.unwrap_or(default) {
+        0 => Err(ConfigError::new(field, "must be at least 1 second")),
+        secs if secs > 86_400 * 365 => Err(ConfigError::new(field, "must be at most a year")),
+        secs => Ok(Duration::from_secs(secs)),
+    }
+}
+
+fn max_frame(value: Option<usize>) -> Result<usize, ConfigError> {
+    match value.unwrap_or(DEFAULT_MAX_FRAME) {
+        n if (576..=DEFAULT_MAX_FRAME).contains(&n) => Ok(n),
+        n => Err(ConfigError::new(
+            "max_frame",
+            format!("{n} must be between 576 and {DEFAULT_MAX_FRAME}"),
+        )),
+    }
+}
+
+fn mtu(value: Option<u32>, max_frame: usize) -> Result<u32, ConfigError> {
+    let mtu = value.unwrap_or(DEFAULT_MTU);
+    if mtu < 576 || mtu as usize > max_frame || (mtu as usize) < CONTROL_LEN {
+        return Err(ConfigError::new(
+            "mtu",
+            format!("{mtu} must be between 576 and max_frame ({max_frame})"),
+        ));
+    }
+    Ok(mtu)
+}
+
+/// The default config path as a PathBuf, for help texts.
+pub fn default_config_path() -> PathBuf {
+    PathBuf::from(DEFAULT_CONFIG_PATH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ConfigFile, ConfigError> {
+        ConfigFile::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn defaults() {
+        let server = ServerSection::default().resolve().expect("defaults");
+        assert_eq!(server.listen, "0.0.0.0:2002".parse().expect("addr"));
+        assert_eq!(server.network, "10.0.0.0/16".parse().expect("net"));
+        assert_eq!(server.client_timeout, Duration::from_secs(60));
+        assert_eq!(server.tun, "svpn0");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = parse("[server]\nnetwork = \"198.19.0.0/16\"\nclient_timeout = 30\n")
+            .expect("parse")
+            .server
+            .expect("server section");
+        let flags = ServerSection {
+            client_timeout: Some(5),
+            ..Default::default()
+        };
+        let config = file.overridden_by(flags).resolve().expect("resolve");
+        assert_eq!(config.network, "198.19.0.0/16".parse().expect("net"));
+        assert_eq!(config.client_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err = parse("[server]\nlisten = \"0.0.0.0:2002\"\nnetwrok = \"10.0.0.0/16\"\n")
+            .expect_err("unknown field");
+        assert!(err.to_string().contains("test.toml:3"), "{err}");
+        assert!(err.to_string().contains("netwrok"), "{err}");
+        assert!(!err.to_string().contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = parse("[server]\nnetwork = \"10.0.0.0/33\"\n").expect_err("bad network");
+        assert!(
+            err.to_string().starts_with("test.toml:2: network:"),
+            "{err}"
+        );
+        let err = ServerSection {
+            network: Some("10.0.0.0/31".parse().expect("net")),
+            ..Default::default()
+        }
+        .resolve()
+        .expect_err("too small");
+        assert_eq!(err.field, "network");
+        let err = ServerSection {
+            client_timeout: Some(0),
+            ..Default::default()
+        }
+        .resolve()
+        .expect_err("zero");
+        assert_eq!(err.field, "client_timeout");
+        let err = ServerSection {
+            tun: Some("a-very-long-interface-name".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .expect_err("long name");
+        assert_eq!(err.field, "tun");
+    }
+
+    #[test]
+    fn client_server_addresses() {
+        let resolve = |s: &str| {
+            ClientSection {
+                server: Some(s.into()),
+                ..Default::default()
+            }
+            .resolve()
+            .map(|c| c.server)
+        };
+        assert_eq!(resolve("198.18.0.1"), Ok("198.18.0.1:2002".into()));
+        assert_eq!(resolve("198.18.0.1:7000"), Ok("198.18.0.1:7000".into()));
+        assert_eq!(
+            resolve("vpn.example.org"),
+            Ok("vpn.example.org:2002".into())
+        );
+        assert_eq!(resolve("::1"), Ok("[::1]:2002".into()));
+        assert_eq!(resolve("[::1]:7000"), Ok("[::1]:7000".into()));
+        assert!(resolve("host:notaport").is_err());
+        assert!(resolve("").is_err());
+        assert_eq!(
+            ClientSection::default().resolve().map_err(|e| e.field),
+            Err("server".to_string())
+        );
+    }
+}

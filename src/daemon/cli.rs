@@ -1,0 +1,132 @@
+//! The command line of simplevpnd.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::Ipv4Net;
+
+use super::Role;
+use crate::config::{config_file, ClientSection, ConfigError, ServerSection};
+
+/// IP-in-TCP VPN daemon, wire-compatible with the original simplevpn.
+#[derive(Debug, Parser)]
+#[command(name = "simplevpnd", version)]
+pub struct Cli {
+    /// Config file (TOML). Default: /etc/simplevpn/simplevpnd.toml if it
+    /// exists. Flags override the file. Without a subcommand, the role is
+    /// taken from the file's [server] or [client] table.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve clients: grant addresses and forward their packets.
+    Server(ServerArgs),
+    /// Join a server and carry this host's tunnel traffic.
+    Client(ClientArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Address and port to accept clients on [default: 0.0.0.0:2002]
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// Tunnel network; the server takes its first host address [default: 10.0.0.0/16]
+    #[arg(long, value_name = "CIDR")]
+    pub network: Option<Ipv4Net>,
+    /// Name of the server's tun device [default: svpn0]
+    #[arg(long, value_name = "NAME")]
+    pub tun: Option<String>,
+    /// Drop a client silent for this long, and free its address [default: 60]
+    #[arg(long, value_name = "SECS")]
+    pub client_timeout: Option<u64>,
+    /// Drop a new connection that asks for no address within this time [default: 10]
+    #[arg(long, value_name = "SECS")]
+    pub handshake_timeout: Option<u64>,
+    /// MTU of the server's tun [default: 1500]
+    #[arg(long, value_name = "BYTES")]
+    pub mtu: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Server to connect to
+    #[arg(short = 's', long, value_name = "HOST[:PORT]")]
+    pub server: Option<String>,
+    /// Ask for this static address (default: any, and the same one again on reconnect)
+    #[arg(short = 'a', long, value_name = "IP")]
+    pub address: Option<Ipv4Addr>,
+    /// Name of the client's tun device [default: svpn0]
+    #[arg(long, value_name = "NAME")]
+    pub tun: Option<String>,
+    /// Treat the link as dead after this long without a byte from the server [default: 60]
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// MTU of the client's tun [default: 1500]
+    #[arg(long, value_name = "BYTES")]
+    pub mtu: Option<u32>,
+}
+
+impl From<ServerArgs> for ServerSection {
+    fn from(args: ServerArgs) -> ServerSection {
+        ServerSection {
+            listen: args.listen,
+            network: args.network,
+            tun: args.tun,
+            client_timeout: args.client_timeout,
+            handshake_timeout: args.handshake_timeout,
+            mtu: args.mtu,
+            ..ServerSection::default()
+        }
+    }
+}
+
+impl From<ClientArgs> for ClientSection {
+    fn from(args: ClientArgs) -> ClientSection {
+        ClientSection {
+            server: args.server,
+            address: args.address,
+            tun: args.tun,
+            timeout: args.timeout,
+            mtu: args.mtu,
+            ..ClientSection::default()
+        }
+    }
+}
+
+impl Cli {
+    /// The role and settings to run with: the config file, overridden by flags.
+    pub fn into_role(self) -> Result<Role, ConfigError> {
+        let file = config_file(self.config.as_deref())?;
+        let where_ = || {
+            self.config
+                .as_ref()
+                .map_or("config".to_string(), |p| p.display().to_string())
+        };
+        match self.command {
+            Some(Command::Server(args)) => Ok(Role::Server(
+                file.server.unwrap_or_default().overridden_by(args.into()).resolve()?,
+            )),
+            Some(Command::Client(args)) => Ok(Role::Client(
+                file.client.unwrap_or_default().overridden_by(args.into()).resolve()?,
+            )),
+            None => match (file.server, file.client) {
+                (Some(server), None) => Ok(Role::Server(server.resolve()?)),
+                (None, Some(client)) => Ok(Role::Client(client.resolve()?)),
+                (Some(_), Some(_)) => Err(ConfigError::new(
+                    where_(),
+                    "has both [server] and [client]; say which to run: simplevpnd server|client",
+                )),
+                (None, None) => Err(ConfigError::new(
+                    where_(),
+                    "no role: give a subcommand (server or client) or a config file with a [server] or [client] table",
+                )),
+            },
+        }
+    }
+}

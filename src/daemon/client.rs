@@ -1,0 +1,366 @@
+//! The client role: connects to the server, asks for an address, configures
+//! its tun from the grant and forwards packets both ways; keeps the link alive
+//! and reconnects after any failure, asking for the address it held.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument, Span};
+
+use super::DaemonError;
+use crate::config::ClientConfig;
+use crate::connection::{write_frames, FrameReader, ReadError};
+use crate::netdev::{create_tun, AsyncTun, LinkConfig};
+use crate::wire::{netmask_prefix, Control, Decoder, Frame, Reply, Request};
+
+/// How long connecting, and then waiting for the grant, may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames queued towards the server; the tun reader waits when it is full.
+const UPLINK_QUEUE_LEN: usize = 256;
+/// Keepalives are re-sent this often while the server stays silent.
+const KEEPALIVE_RETRY: Duration = Duration::from_secs(1);
+
+/// The tun device and what it is configured with.
+struct Tunnel {
+    device: Arc<AsyncTun>,
+    index: u32,
+    links: LinkConfig,
+    configured: Option<(Ipv4Addr, u8)>,
+}
+
+impl Tunnel {
+    /// Sets the tun's address, unless it already has exactly this one.
+    async fn configure(&mut self, address: Ipv4Addr, prefix: u8) -> Result<(), DaemonError> {
+        if self.configured != Some((address, prefix)) {
+            self.links.set_ipv4(self.index, address, prefix).await?;
+            self.links.set_up(self.index).await?;
+            self.configured = Some((address, prefix));
+        }
+        Ok(())
+    }
+}
+
+/// How a session with the server ended.
+enum Ending {
+    Shutdown,
+    /// Closed before a grant: the server refused the request.
+    Refused,
+    /// Failed after `granted` (true if an address was granted on it).
+    Failed {
+        reason: String,
+        granted: bool,
+    },
+}
+
+/// Runs the client until `shutdown` is cancelled.
+pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let tun = create_tun(&config.tun)?;
+    let links = LinkConfig::connect().await?;
+    links.set_mtu(tun.index, config.mtu).await?;
+    let mut tunnel = Tunnel {
+        device: Arc::new(AsyncTun::new(tun.fd)?),
+        index: tun.index,
+        links,
+        configured: None,
+    };
+    info!(server = %config.server, tun = %tun.name, "client starting");
+
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    // The address to ask for: the configured one, else the one held last.
+    let mut wanted = config.address;
+    loop {
+        let span = info_span!("server", remote = %config.server, addr = tracing::field::Empty);
+        let ending = session(&config, &mut tunnel, wanted, &shutdown)
+            .instrument(span.clone())
+            .await?;
+        let _entered = span.enter();
+        match ending {
+            Ending::Shutdown => break,
+            Ending::Refused if config.address.is_some() => {
+                warn!(address = ?config.address, "the server refused the static address; retrying");
+            }
+            Ending::Refused => {
+                info!(previous = ?wanted, "the server refused the previous address; asking for any");
+                wanted = None;
+            }
+            Ending::Failed { reason, granted } => {
+                if granted {
+                    backoff.reset();
+                }
+                warn!(%reason, "disconnected");
+            }
+        }
+        if config.address.is_none() {
+            wanted = tunnel.configured.map(|(address, _)| address).or(wanted);
+        }
+        let delay = backoff.next_delay();
+        info!("reconnecting in {:.1}s", delay.as_secs_f64());
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    info!("client stopped");
+    Ok(())
+}
+
+/// One connection to the server: connect, ask, configure, forward.
+async fn session(
+    config: &ClientConfig,
+    tunnel: &mut Tunnel,
+    wanted: Option<Ipv4Addr>,
+    shutdown: &CancellationToken,
+) -> Result<Ending, DaemonError> {
+    let failed = |reason: String| Ending::Failed {
+        reason,
+        granted: false,
+    };
+    let stream = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(Ending::Shutdown),
+        connected = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(config.server.as_str())) => {
+            match connected {
+                Err(_) => return Ok(failed("connect timed out".into())),
+                Ok(Err(e)) => return Ok(failed(format!("connect failed: {e}"))),
+                Ok(Ok(stream)) => stream,
+            }
+        }
+    };
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!(error = %e, "TCP_NODELAY not set");
+    }
+    info!("connected");
+    let (read_half, write_half) = stream.into_split();
+    let mut reader = FrameReader::new(read_half, Decoder::new(config.max_frame));
+    let (uplink, uplink_rx) = mpsc::channel(UPLINK_QUEUE_LEN);
+    let writer = tokio::spawn(write_frames(write_half, uplink_rx));
+    let request = match wanted {
+        Some(address) => Request::Static(address),
+        None => Request::Dynamic,
+    };
+    let _ = uplink.try_send(Bytes::copy_from_slice(&Control::request(request).encode()));
+
+    // Wait for the grant; keepalive echoes may come first.
+    let grant_deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let (address, netmask) = loop {
+        let read = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(Ending::Shutdown),
+            read = tokio::time::timeout_at(grant_deadline, reader.read_frame()) => read,
+        };
+        match read {
+            Err(_) => return Ok(failed("no grant within the handshake timeout".into())),
+            Ok(Ok(None)) | Ok(Err(ReadError::Io(_))) => {
+                writer.abort();
+                return Ok(Ending::Refused);
+            }
+            Ok(Err(e)) => return Ok(failed(e.to_string())),
+            Ok(Ok(Some(Frame::Control(control)))) => match control.as_reply() {
+                Ok(Reply::Grant { address, netmask }) => break (address, netmask),
+                Ok(Reply::Keepalive) => continue,
+                Err(e) => return Ok(failed(format!("protocol error: {e}"))),
+            },
+            // A packet before the grant: nothing is configured to take it.
+            Ok(Ok(Some(Frame::Packet(_)))) => continue,
+        }
+    };
+    let prefix = netmask.and_then(netmask_prefix).unwrap_or(config.prefix);
+    tunnel.configure(address, prefix).await?;
+    Span::current().record("addr", tracing::field::display(address));
+    info!(
+        pushed_netmask = netmask.is_some(),
+        "granted {address}/{prefix}"
+    );
+
+    let activity = Arc::new(Activity::new());
+    let tun_to_server = tokio::spawn(
+        forward_tun_to_server(tunnel.device.clone(), uplink.clone(), activity.clone())
+            .instrument(Span::current()),
+    );
+    let reason =
+        forward_server_to_tun(config, tunnel, &mut reader, &uplink, &activity, shutdown).await;
+    tun_to_server.abort();
+    let _ = tun_to_server.await;
+    drop(uplink);
+    writer.abort();
+    Ok(match reason {
+        Err(e) => return Err(e),
+        Ok(None) => Ending::Shutdown,
+        Ok(Some(reason)) => Ending::Failed {
+            reason,
+            granted: true,
+        },
+    })
+}
+
+/// Milliseconds since the session started of the last frame each way.
+struct Activity {
+    start: Instant,
+    last_rx: AtomicU64,
+    last_tx: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last_rx: AtomicU64::new(0),
+            last_tx: AtomicU64::new(0),
+        }
+    }
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+    fn received(&self) {
+        self.last_rx.store(self.now(), Ordering::Relaxed);
+    }
+    fn sent(&self) {
+        self.last_tx.store(self.now(), Ordering::Relaxed);
+    }
+    fn since_rx(&self) -> Duration {
+        Duration::from_millis(self.now() - self.last_rx.load(Ordering::Relaxed))
+    }
+    fn since_tx(&self) -> Duration {
+        Duration::from_millis(self.now() - self.last_tx.load(Ordering::Relaxed))
+    }
+}
+
+/// Reads the tun and queues each packet towards the server, waiting (not
+/// dropping) when the connection is slow: the tun's own queue then drops.
+async fn forward_tun_to_server(
+    tun: Arc<AsyncTun>,
+    uplink: mpsc::Sender<Bytes>,
+    activity: Arc<Activity>,
+) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let len = match tun.recv(&mut buf).await {
+            Ok(len) => len,
+            Err(e) => {
+                warn!(error = %e, "tun read failed");
+                return;
+            }
+        };
+        if uplink
+            .send(Bytes::copy_from_slice(&buf[..len]))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        activity.sent();
+    }
+}
+
+/// Reads frames from the server into the tun, and keeps the link alive.
+/// Returns `Ok(None)` on shutdown, `Ok(Some(reason))` when the link failed.
+async fn forward_server_to_tun(
+    config: &ClientConfig,
+    tunnel: &mut Tunnel,
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    uplink: &mpsc::Sender<Bytes>,
+    activity: &Activity,
+    shutdown: &CancellationToken,
+) -> Result<Option<String>, DaemonError> {
+    let mut tick = tokio::time::interval(KEEPALIVE_RETRY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let keepalive = Bytes::copy_from_slice(&Control::KEEPALIVE.encode());
+    loop {
+        let frame = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tick.tick() => {
+                let silent = activity.since_rx();
+                if silent >= config.timeout {
+                    return Ok(Some(format!("no traffic from the server for {}s", silent.as_secs())));
+                }
+                if silent >= config.keepalive_after || activity.since_tx() >= config.keepalive_after {
+                    debug!("sending keepalive");
+                    if uplink.try_send(keepalive.clone()).is_ok() {
+                        activity.sent();
+                    }
+                }
+                continue;
+            }
+            read = reader.read_frame() => match read {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(Some("closed by server".into())),
+                Err(e) => return Ok(Some(e.to_string())),
+            },
+        };
+        activity.received();
+        match frame {
+            Frame::Packet(packet) => {
+                if let Err(e) = tunnel.device.send(&packet).await {
+                    debug!(error = %e, "tun write failed");
+                }
+            }
+            Frame::Control(control) => match control.as_reply() {
+                Ok(Reply::Keepalive) => {}
+                Ok(Reply::Grant { address, netmask }) => {
+                    let prefix = netmask.and_then(netmask_prefix).unwrap_or(config.prefix);
+                    if tunnel.configured != Some((address, prefix)) {
+                        info!("server moved us to {address}/{prefix}");
+                        tunnel.configure(address, prefix).await?;
+                        Span::current().record("addr", tracing::field::display(address));
+                    }
+                }
+                Err(e) => return Ok(Some(format!("protocol error: {e}"))),
+            },
+        }
+    }
+}
+
+/// Reconnect delays: `initial` doubling up to `max`, each with +-20% jitter.
+#[derive(Debug)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Backoff {
+        Backoff {
+            initial,
+            max,
+            current: initial,
+        }
+    }
+
+    /// The next delay to wait before reconnecting.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.current;
+        self.current = (self.current * 2).min(self.max);
+        base.mul_f64(0.8 + fastrand::f64() * 0.4).min(self.max)
+    }
+
+    /// Back to the initial delay, after a connection that worked.
+    pub fn reset(&mut self) {
+        self.current = self.initial;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter() {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let bases = [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0];
+        for base in bases {
+            let d = backoff.next_delay().as_secs_f64();
+            assert!(
+                d >= base * 0.8 - 1e-9 && d <= (base * 1.2).min(30.0) + 1e-9,
+                "{d} vs {base}"
+            );
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(1200));
+    }
+}

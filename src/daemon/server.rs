@@ -1,0 +1,326 @@
+//! The server role: accepts clients, grants addresses, forwards packets
+//! between clients and to and from the server's own tun.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::{timeout, timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument, Span};
+
+use super::registry::{Delivery, PeerLink, PeerStats, Registry};
+use super::DaemonError;
+use crate::config::ServerConfig;
+use crate::connection::{write_frames, FrameReader, ReadError};
+use crate::netdev::{create_tun, AsyncTun, LinkConfig};
+use crate::pool::server_address;
+use crate::wire::{ipv4_addresses, Control, Decoder, Frame, Request};
+
+/// Packets queued for the server's tun before further ones are dropped.
+const TUN_QUEUE_LEN: usize = 1024;
+/// How long a closing connection may take to flush what is queued for it.
+const FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What every connection task shares.
+struct Shared {
+    config: ServerConfig,
+    registry: Registry,
+    /// Packets for destinations no client holds go to the server's tun.
+    to_tun: mpsc::Sender<Bytes>,
+    dropped_to_tun: AtomicU64,
+}
+
+/// Runs the server until `shutdown` is cancelled.
+pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let own_address = server_address(config.network);
+    let tun = create_tun(&config.tun)?;
+    let links = LinkConfig::connect().await?;
+    links.set_mtu(tun.index, config.mtu).await?;
+    links
+        .set_ipv4(tun.index, own_address, config.network.prefix_len())
+        .await?;
+    links.set_up(tun.index).await?;
+    let tun_name = tun.name.clone();
+    let tun = Arc::new(AsyncTun::new(tun.fd)?);
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            address: config.listen,
+            source,
+        })?;
+    let (to_tun, tun_queue) = mpsc::channel(TUN_QUEUE_LEN);
+    let shared = Arc::new(Shared {
+        registry: Registry::new(config.network),
+        to_tun,
+        dropped_to_tun: AtomicU64::new(0),
+        config,
+    });
+    info!(
+        listen = %shared.config.listen,
+        tun = %tun_name,
+        address = %own_address,
+        network = %shared.config.network,
+        "server ready"
+    );
+
+    let tasks = TaskTracker::new();
+    tasks.spawn(tun_writer(tun.clone(), tun_queue, shutdown.clone()));
+    tasks.spawn(tun_reader(tun, shared.clone(), shutdown.clone()));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, remote)) => {
+                    let span = info_span!("peer", %remote, addr = tracing::field::Empty);
+                    tasks.spawn(
+                        serve(shared.clone(), stream, remote, shutdown.clone()).instrument(span),
+                    );
+                }
+                // Out of fds or a connection reset before accept: keep serving.
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    tasks.close();
+    tasks.wait().await;
+    info!(tun = %tun_name, "server stopped");
+    Ok(())
+}
+
+/// Why a connection ended.
+enum Ending {
+    Shutdown,
+    ClosedByPeer,
+    Refused(String),
+    HandshakeTimeout,
+    Silent,
+    Failed(ReadError),
+}
+
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ending::Shutdown => f.write_str("server shutting down"),
+            Ending::ClosedByPeer => f.write_str("closed by peer"),
+            Ending::Refused(why) => write!(f, "refused: {why}"),
+            Ending::HandshakeTimeout => {
+                f.write_str("no address request within the handshake timeout")
+            }
+            Ending::Silent => f.write_str("silent for longer than the client timeout"),
+            Ending::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// One client connection, from accept to close.
+async fn serve(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    remote: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    info!("connected");
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!(error = %e, "TCP_NODELAY not set");
+    }
+    let (read_half, write_half) = stream.into_split();
+    let (queue, queue_rx) = mpsc::channel(shared.config.queue_len);
+    let mut writer = tokio::spawn(write_frames(write_half, queue_rx));
+    let mut reader = FrameReader::new(read_half, Decoder::new(shared.config.max_frame));
+    let mut peer = Peer {
+        id: shared.registry.next_id(),
+        remote,
+        address: None,
+        queue,
+        stats: Arc::default(),
+    };
+    let handshake_deadline = Instant::now() + shared.config.handshake_timeout;
+
+    let ending = loop {
+        let deadline = match peer.address {
+            None => handshake_deadline,
+            Some(_) => Instant::now() + shared.config.client_timeout,
+        };
+        let frame = tokio::select! {
+            _ = shutdown.cancelled() => break Ending::Shutdown,
+            read = timeout_at(deadline, reader.read_frame()) => match read {
+                Err(_) if peer.address.is_none() => break Ending::HandshakeTimeout,
+                Err(_) => break Ending::Silent,
+                Ok(Ok(None)) => break Ending::ClosedByPeer,
+                Ok(Err(e)) => break Ending::Failed(e),
+                Ok(Ok(Some(frame))) => frame,
+            },
+        };
+        if let Err(ending) = peer.on_frame(&shared, frame) {
+            break ending;
+        }
+    };
+
+    if let Some(address) = peer.address {
+        shared.registry.remove(address, peer.id);
+    }
+    let peers = shared.registry.len();
+    match &ending {
+        Ending::Failed(ReadError::Protocol(_)) => warn!(reason = %ending, peers, "disconnected"),
+        _ => info!(reason = %ending, peers, "disconnected"),
+    }
+    // Let the writer flush what is queued (e.g. a last keepalive echo), but a
+    // refused or misbehaving client gets its connection closed right away.
+    drop(peer);
+    let flush = matches!(ending, Ending::ClosedByPeer | Ending::Shutdown);
+    if !flush || timeout(FLUSH_GRACE, &mut writer).await.is_err() {
+        writer.abort();
+    }
+}
+
+/// The state of one connection.
+struct Peer {
+    id: u64,
+    remote: SocketAddr,
+    address: Option<Ipv4Addr>,
+    queue: mpsc::Sender<Bytes>,
+    stats: Arc<PeerStats>,
+}
+
+impl Peer {
+    /// Acts on one frame from the client; `Err` ends the connection.
+    fn on_frame(&mut self, shared: &Shared, frame: Frame) -> Result<(), Ending> {
+        match frame {
+            Frame::Control(control) => {
+                let request = control.as_request().map_err(|e| Ending::Failed(e.into()))?;
+                self.on_request(shared, request)
+            }
+            Frame::Packet(packet) => {
+                self.on_packet(shared, packet);
+                Ok(())
+            }
+        }
+    }
+
+    fn on_request(&mut self, shared: &Shared, request: Request) -> Result<(), Ending> {
+        match (request, self.address) {
+            (Request::Keepalive, _) => {
+                self.send(Control::KEEPALIVE);
+                Ok(())
+            }
+            // A repeated request is answered with the address already held.
+            (_, Some(held)) => {
+                self.send(Control::grant(held, Some(shared.registry.netmask())));
+                Ok(())
+            }
+            (request, None) => {
+                let link = PeerLink {
+                    id: self.id,
+                    remote: self.remote,
+                    queue: self.queue.clone(),
+                    stats: self.stats.clone(),
+                };
+                match shared.registry.admit(request, link) {
+                    Ok(address) => {
+                        self.address = Some(address);
+                        Span::current().record("addr", tracing::field::display(address));
+                        info!(?request, peers = shared.registry.len(), "granted {address}");
+                        Ok(())
+                    }
+                    Err(refusal) => Err(Ending::Refused(format!("{request:?}: {refusal}"))),
+                }
+            }
+        }
+    }
+
+    fn on_packet(&self, shared: &Shared, packet: Bytes) {
+        self.stats.count_rx(packet.len());
+        let Some(address) = self.address else {
+            self.stats
+                .dropped_unassigned
+                .fetch_add(1, Ordering::Relaxed);
+            debug!("dropped a packet sent before any address was granted");
+            return;
+        };
+        let destination = match ipv4_addresses(&packet) {
+            Some((source, destination)) if source == address => destination,
+            Some((source, _)) => {
+                self.stats.dropped_spoofed.fetch_add(1, Ordering::Relaxed);
+                debug!(%source, "dropped a packet with a spoofed source");
+                return;
+            }
+            None => {
+                self.stats.dropped_spoofed.fetch_add(1, Ordering::Relaxed);
+                debug!("dropped a non-IPv4 packet: no IPv6 address is assigned");
+                return;
+            }
+        };
+        if shared.registry.deliver(destination, packet.clone()) == Delivery::NoPeer
+            && shared.to_tun.try_send(packet).is_err()
+        {
+            shared.dropped_to_tun.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Queues a control message to this client; dropped if the queue is full.
+    fn send(&self, control: Control) {
+        if self
+            .queue
+            .try_send(Bytes::copy_from_slice(&control.encode()))
+            .is_err()
+        {
+            self.stats
+                .dropped_queue_full
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Writes packets for the host (any destination no client holds) to the tun.
+async fn tun_writer(
+    tun: Arc<AsyncTun>,
+    mut queue: mpsc::Receiver<Bytes>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let packet = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            packet = queue.recv() => match packet {
+                Some(packet) => packet,
+                None => return,
+            },
+        };
+        if let Err(e) = tun.send(&packet).await {
+            debug!(error = %e, "tun write failed");
+        }
+    }
+}
+
+/// Reads packets the host routes into the tun and queues each for the client
+/// that holds its destination.
+async fn tun_reader(tun: Arc<AsyncTun>, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let len = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            read = tun.recv(&mut buf) => match read {
+                Ok(len) => len,
+                Err(e) => {
+                    warn!(error = %e, "tun read failed; the server stops forwarding from the host");
+                    return;
+                }
+            },
+        };
+        let packet = &buf[..len];
+        if let Some((_, destination)) = ipv4_addresses(packet) {
+            shared
+                .registry
+                .deliver(destination, Bytes::copy_from_slice(packet));
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! Tun devices and interface configuration.
+//!
+//! The module is split along the privilege boundary:
+//!
+//! * privileged: [`create_tun`] (needs `CAP_NET_ADMIN`) and [`LinkConfig`]
+//!   (rtnetlink; needs `CAP_NET_ADMIN`);
+//! * unprivileged: [`AsyncTun`], which only reads and writes packets on an
+//!   already open tun fd, e.g. one received over a Unix socket with
+//!   `SCM_RIGHTS`.
+
+use std::ffi::CStr;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
+use nix::libc;
+use nix::sys::stat::Mode;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::route::{RouteMessage, RouteScope};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::{LinkUnspec, RouteMessageBuilder};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+/// Longest interface name the kernel accepts (`IFNAMSIZ` - 1).
+pub const MAX_IFNAME_LEN: usize = libc::IFNAMSIZ - 1;
+
+/// What went wrong, and on which interface.
+#[derive(Debug, thiserror::Error)]
+pub enum NetdevError {
+    /// The requested interface name is empty, too long or contains a NUL.
+    #[error("invalid interface name {0:?}: must be 1..={MAX_IFNAME_LEN} bytes without NUL")]
+    InvalidName(String),
+    /// `/dev/net/tun` could not be opened.
+    #[error("open /dev/net/tun: {0}")]
+    OpenTun(#[source] io::Error),
+    /// The `TUNSETIFF` ioctl failed.
+    #[error("create tun {name}: {source}")]
+    CreateTun {
+        /// Requested name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel's ifindex for a freshly created tun could not be found.
+    #[error("look up ifindex of {name}: {source}")]
+    IfIndex {
+        /// Interface name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The rtnetlink socket could not be opened.
+    #[error("open rtnetlink connection: {0}")]
+    Connect(#[source] io::Error),
+    /// An rtnetlink request failed. `op` names the request, e.g.
+    /// `set address 198.19.0.1/16`.
+    #[error("{op} on ifindex {index}: {source}")]
+    Netlink {
+        /// What was being done.
+        op: String,
+        /// Interface it was done on.
+        index: u32,
+        /// Cause (the kernel's errno where there is one).
+        #[source]
+        source: io::Error,
+    },
+}
+
+// ---------------------------------------------------------------------------
+// Privileged: tun creation
+// ---------------------------------------------------------------------------
+
+/// A freshly created tun device.
+#[derive(Debug)]
+pub struct TunFd {
+    /// The tun fd (`O_NONBLOCK | O_CLOEXEC`). The device disappears when the
+    /// last fd referring to it is closed.
+    pub fd: OwnedFd,
+    /// The name the kernel gave the device.
+    pub name: String,
+    /// The device's ifindex, for [`LinkConfig`].
+    pub index: u32,
+}
+
+// TUNSETIFF is declared _IOW('T', 202, int) but really takes a `struct ifreq *`.
+nix::ioctl_write_ptr_bad!(tun_set_iff, libc::TUNSETIFF, libc::ifreq);
+
+/// Privileged: creates a tun device (`IFF_TUN | IFF_NO_PI`, not persistent)
+/// named `name` in the current network namespace. One read or write on the
+/// returned fd is one IP packet, without any header.
+pub fn create_tun(name: &str) -> Result<TunFd, NetdevError> {
+    let mut req = ifreq_for(name)?;
+    let fd = open(
+        "/dev/net/tun",
+        OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| NetdevError::OpenTun(e.into()))?;
+    // SAFETY: nix's `open` returned a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+
+    // IFF_TUN and IFF_NO_PI fit in the c_short flags field.
+    req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: `req` is a valid, initialised ifreq that outlives the call.
+    unsafe { tun_set_iff(fd.as_raw_fd(), &req) }.map_err(|e| NetdevError::CreateTun {
+        name: name.to_owned(),
+        source: e.into(),
+    })?;
+
+    let name = ifname_of(&req);
+    let index = if_index(&name)?;
+    Ok(TunFd { fd, name, index })
+}
+
+/// Builds a zeroed `ifreq` carrying `name`, after checking the name's length.
+fn ifreq_for(name: &str) -> Result<libc::ifreq, NetdevError> {
+    if name.is_empty() || name.len() > MAX_IFNAME_LEN || name.contains('\0') {
+        return Err(NetdevError::InvalidName(name.to_owned()));
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    Ok(req)
+}
+
+/// The (NUL-terminated) interface name the kernel wrote back into `req`.
+fn ifname_of(req: &libc::ifreq) -> String {
+    let bytes: Vec<u8> = req
+        .ifr_name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The ifindex of interface `name` in the current network namespace.
+fn if_index(name: &str) -> Result<u32, NetdevError> {
+    let err = |source| NetdevError::IfIndex {
+        name: name.to_owned(),
+        source,
+    };
+    let mut buf = name.as_bytes().to_vec();
+    buf.push(0);
+    let cname = CStr::from_bytes_with_nul(&buf)
+        .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: `cname` is a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(cname.as_ptr()) } {
+        0 => Err(err(io::Error::last_os_error())),
+        index => Ok(index),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Unprivileged: packet I/O
+// ---------------------------------------------------------------------------
+
+/// Async packet I/O on a tun fd. One `recv` returns one IP packet; one `send`
+/// writes one. Share it between a reader task and a writer task with `Arc`.
+#[derive(Debug)]
+pub struct AsyncTun {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl AsyncTun {
+    /// Wraps a tun fd (from [`create_tun`] or received from elsewhere), making
+    /// it non-blocking. Must be called inside a tokio runtime.
+    pub fn new(fd: OwnedFd) -> io::Result<Self> {
+        set_nonblocking(&fd)?;
+        // SAFETY: an OwnedFd is a valid open fd, and it stays open and
+        // unchanged for as long as the AsyncFd that owns it.
+        let fd = unsafe {
+            AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE)
+        }?;
+        Ok(Self { fd })
+    }
+
+    /// Receives one packet into `buf`, returning its length. A packet longer
+    /// than `buf` is truncated.
+    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.fd
+            .async_io(Interest::READABLE, |fd| {
+                nix::unistd::read(fd.as_raw_fd(), buf).map_err(io::Error::from)
+            })
+            .await
+    }
+
+    /// Sends one packet, returning the number of bytes written.
+    pub async fn send(&self, packet: &[u8]) -> io::Result<usize> {
+        self.fd
+            .async_io(Interest::WRITABLE, |fd| {
+                nix::unistd::write(fd, packet).map_err(io::Error::from)
+            })
+            .await
+    }
+}
+
+/// Sets `O_NONBLOCK` on `fd`, keeping its other status flags.
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
+    let flags = OFlag::from_bits_retain(fcntl(raw, FcntlArg::F_GETFL)?);
+    fcntl(raw, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Privileged: interface configuration over rtnetlink
+// ---------------------------------------------------------------------------
+
+/// Interface configuration over rtnetlink, in the network namespace of the
+/// thread that called [`LinkConfig::connect`].
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    handle: rtnetlink::Handle,
+}
+
+impl LinkConfig {
+    /// Opens an rtnetlink socket and spawns its connection task on the
+    /// current tokio runtime.
+    pub async fn connect() -> Result<Self, NetdevError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(NetdevError::Connect)?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    /// Makes `addr/prefix` the only IPv4 address on the link: other IPv4
+    /// addresses are removed first, and an already present `addr/prefix` is
+    /// kept (so calling this again is not an error).
+    pub async fn set_ipv4(
+        &self,
+        index: u32,
+        addr: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetdevError> {
+        let mut present = false;
+        for msg in self.ipv4_addresses(index).await? {
+            if msg.header.prefix_len == prefix && local_address(&msg) == Some(addr) {
+                present = true;
+            } else {
+                self.del_address(index, msg).await?;
+            }
+        }
+        if present {
+            return Ok(());
+        }
+        let op = || format!("set address {addr}/{prefix}");
+        let result = self
+            .handle
+            .address()
+            .add(index, IpAddr::V4(addr), prefix)
+            .execute()
+            .await;
+        ignore_errno(result, libc::EEXIST).map_err(|e| netlink_err(op(), index, e))
+    }
+
+    /// Sets the link's MTU.
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), NetdevError> {
+        let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
+        let result = self.handle.link().set(msg).execute().await;
+        result.map_err(|e| netlink_err(format!("set mtu {mtu}"), index, e))
+    }
+
+    /// Brings the link up.
+    pub async fn set_up(&self, index: u32) -> Result<(), NetdevError> {
+        let msg = LinkUnspec::new_with_index(index).up().build();
+        let result = self.handle.link().set(msg).execute().await;
+        result.map_err(|e| netlink_err("set link up".to_owned(), index, e))
+    }
+
+    /// Adds a route to `dest` through the link (which must be up). A route
+    /// that already exists is not an error.
+    pub async fn add_route(&self, index: u32, dest: Ipv4Net) -> Result<(), NetdevError> {
+        let result = self
+            .handle
+            .route()
+            .add(route_message(index, dest))
+            .execute()
+            .await;
+        ignore_errno(result, libc::EEXIST)
+            .map_err(|e| netlink_err(format!("add route {}", dest.trunc()), index, e))
+    }
+
+    /// Deletes the route to `dest` through the link. A missing route is not
+    /// an error.
+    pub async fn del_route(&self, index: u32, dest: Ipv4Net) -> Result<(), NetdevError> {
+        let result = self
+            .handle
+            .route()
+            .del(route_message(index, dest))
+            .execute()
+            .await;
+        ignore_errno(result, libc::ESRCH)
+            .map_err(|e| netlink_err(format!("delete route {}", dest.trunc()), index, e))
+    }
+
+    /// Every IPv4 address on the link.
+    async fn ipv4_addresses(&self, index: u32) -> Result<Vec<AddressMessage>, NetdevError> {
+        let mut request = self.handle.address().get().set_link_index_filter(index);
+        // Ask the kernel for IPv4 only; filter again in case it ignores that.
+        request.message_mut().header.family = AddressFamily::Inet;
+        let all: Vec<AddressMessage> = request
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| netlink_err("list addresses".to_owned(), index, e))?;
+        Ok(all
+            .into_iter()
+            .filter(|m| m.header.family == AddressFamily::Inet)
+            .collect())
+    }
+
+    /// Deletes one address. One already gone (e.g. a secondary removed along
+    /// with its primary) is not an error.
+    async fn del_address(&self, index: u32, msg: AddressMessage) -> Result<(), NetdevError> {
+        let op = format!(
+            "delete address {}/{}",
+            local_address(&msg).map_or_else(|| "?".to_owned(), |a| a.to_string()),
+            msg.header.prefix_len
+        );
+        let result = self.handle.address().del(msg).execute().await;
+        ignore_errno(result, libc::EADDRNOTAVAIL).map_err(|e| netlink_err(op, index, e))
+    }
+}
+
+/// The route message used both to add and to delete `dest` via `index`
+/// (deletion only matches a route with the same scope, table and protocol).
+fn route_message(index: u32, dest: Ipv4Net) -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dest.network(), dest.prefix_len())
+        .output_interface(index)
+        .scope(RouteScope::Link)
+        .build()
+}
+
+/// The IPv4 local address (`IFA_LOCAL`, else `IFA_ADDRESS`) of an address message.
+fn local_address(msg: &AddressMessage) -> Option<Ipv4Addr> {
+    let find = |want_local: bool| {
+        msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(IpAddr::V4(ip)) if want_local => Some(*ip),
+            AddressAttribute::Address(IpAddr::V4(ip)) if !want_local => Some(*ip),
+            _ => None,
+        })
+    };
+    find(true).or_else(|| find(false))
+}
+
+/// The errno carried by a netlink error reply, if any.
+fn errno(err: &rtnetlink::Error) -> Option<i32> {
+    match err {
+        rtnetlink::Error::NetlinkError(msg) => msg.code.map(|c| c.get().abs()),
+        _ => None,
+    }
+}
+
+/// Turns a failure with errno `ok_errno` into success.
+fn ignore_errno(
+    result: Result<(), rtnetlink::Error>,
+    ok_errno: i32,
+) -> Result<(), rtnetlink::Error> {
+    match result {
+        Err(e) if errno(&e) == Some(ok_errno) => Ok(()),
+        other => other,
+    }
+}
+
+/// Wraps an rtnetlink error, turning a kernel error reply into its errno.
+fn netlink_err(op: String, index: u32, err: rtnetlink::Error) -> NetdevError {
+    let source = match err {
+        rtnetlink::Error::NetlinkError(msg) => msg.to_io(),
+        other => io::Error::other(other),
+    };
+    NetdevError::Netlink { op, index, source }
+}

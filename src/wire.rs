@@ -1,0 +1,461 @@
+//! The wire codec, sans-IO: bytes in, frames out, no sockets.
+//!
+//! Every message on the wire is an IP packet sent as-is, with no length prefix
+//! (shared/protocol.md). A frame's length comes from its own IP header:
+//!
+//! - version 4: the 20-byte header's total length; total length 0 marks a bare
+//!   20-byte control message;
+//! - version 6: 40 bytes of header plus the payload length;
+//! - anything else is a protocol error.
+//!
+//! [`Decoder::decode`] looks at a buffer and either takes one whole frame off its
+//! front, says that more bytes are needed (`Ok(None)`), or reports a
+//! [`ProtocolError`]. It copes with any split or coalescing of frames by TCP
+//! because it never assumes that one read is one frame.
+
+use std::net::Ipv4Addr;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// Length of an IPv4 header without options, and of every control message.
+pub const CONTROL_LEN: usize = 20;
+/// Length of the fixed IPv6 header.
+pub const IPV6_HEADER_LEN: usize = 40;
+/// The largest frame accepted unless configured otherwise.
+pub const DEFAULT_MAX_FRAME: usize = 65535;
+
+/// The original client's fixed header bytes for control messages: version/IHL
+/// 0x45, byte 1 = 0x14, TTL (byte 8) = 0x40, zeros elsewhere. Receivers ignore
+/// everything but the version nibble and the two addresses.
+const CONTROL_TEMPLATE: [u8; 12] = [0x45, 0x14, 0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0];
+
+/// A violation of the framing rules. It closes the one connection it came on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("bad IP version {0} in first byte {1:#04x}")]
+    BadVersion(u8, u8),
+    #[error("IPv4 total length {0} is below the 20-byte header")]
+    TooShort(usize),
+    #[error("frame length {len} exceeds the maximum of {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("unexpected control message (source {from}, destination {to})")]
+    UnexpectedControl { from: Ipv4Addr, to: Ipv4Addr },
+}
+
+/// A bare 20-byte IPv4 header with total length 0: the protocol's control
+/// message. Its meaning lies in the two addresses alone; see [`Request`] and
+/// [`Reply`] for what they mean in each direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Control {
+    pub source: Ipv4Addr,
+    pub destination: Ipv4Addr,
+}
+
+/// One message off the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A control message.
+    Control(Control),
+    /// A whole IPv4 or IPv6 packet, exactly as it came.
+    Packet(Bytes),
+}
+
+/// What a client asks of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Source 0.0.0.0, destination 0.0.0.0: any free address.
+    Dynamic,
+    /// Source = the wanted address, destination 0.0.0.0.
+    Static(Ipv4Addr),
+    /// Both addresses 255.255.255.255: echoed back unchanged.
+    Keepalive,
+}
+
+/// What a server tells a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// Destination = the granted address; source = the network's netmask (our
+    /// extension), or 0.0.0.0 from the original server ("not given").
+    Grant {
+        address: Ipv4Addr,
+        netmask: Option<Ipv4Addr>,
+    },
+    /// The echo of a keepalive.
+    Keepalive,
+}
+
+impl Control {
+    pub const KEEPALIVE: Control = Control {
+        source: Ipv4Addr::BROADCAST,
+        destination: Ipv4Addr::BROADCAST,
+    };
+
+    /// The control message that carries `request`.
+    pub fn request(request: Request) -> Control {
+        match request {
+            Request::Dynamic => Control {
+                source: Ipv4Addr::UNSPECIFIED,
+                destination: Ipv4Addr::UNSPECIFIED,
+            },
+            Request::Static(address) => Control {
+                source: address,
+                destination: Ipv4Addr::UNSPECIFIED,
+            },
+            Request::Keepalive => Control::KEEPALIVE,
+        }
+    }
+
+    /// The grant of `address`, with `netmask` pushed in the source field.
+    pub fn grant(address: Ipv4Addr, netmask: Option<Ipv4Addr>) -> Control {
+        Control {
+            source: netmask.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            destination: address,
+        }
+    }
+
+    /// Reads this message as sent by a client to a server.
+    pub fn as_request(&self) -> Result<Request, ProtocolError> {
+        match (self.source, self.destination) {
+            (Ipv4Addr::BROADCAST, Ipv4Addr::BROADCAST) => Ok(Request::Keepalive),
+            (Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED) => Ok(Request::Dynamic),
+            (wanted, Ipv4Addr::UNSPECIFIED) => Ok(Request::Static(wanted)),
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    /// Reads this message as sent by a server to a client. A source field that
+    /// is not a valid netmask counts as "not given".
+    pub fn as_reply(&self) -> Result<Reply, ProtocolError> {
+        match (self.source, self.destination) {
+            (Ipv4Addr::BROADCAST, Ipv4Addr::BROADCAST) => Ok(Reply::Keepalive),
+            (_, Ipv4Addr::UNSPECIFIED) | (_, Ipv4Addr::BROADCAST) => Err(self.unexpected()),
+            (mask, address) => Ok(Reply::Grant {
+                address,
+                netmask: netmask_prefix(mask).filter(|p| *p > 0).map(|_| mask),
+            }),
+        }
+    }
+
+    /// The 20 bytes of this message on the wire.
+    pub fn encode(&self) -> [u8; CONTROL_LEN] {
+        let mut out = [0u8; CONTROL_LEN];
+        out[..12].copy_from_slice(&CONTROL_TEMPLATE);
+        out[12..16].copy_from_slice(&self.source.octets());
+        out[16..20].copy_from_slice(&self.destination.octets());
+        out
+    }
+
+    fn unexpected(&self) -> ProtocolError {
+        ProtocolError::UnexpectedControl {
+            from: self.source,
+            to: self.destination,
+        }
+    }
+}
+
+/// The prefix length of a contiguous netmask (255.255.0.0 -> 16), or None.
+pub fn netmask_prefix(mask: Ipv4Addr) -> Option<u8> {
+    let bits = u32::from(mask);
+    let prefix = bits.leading_ones();
+    (bits.checked_shl(prefix).unwrap_or(0) == 0).then_some(prefix as u8)
+}
+
+/// Splits a byte stream into frames.
+#[derive(Debug, Clone, Copy)]
+pub struct Decoder {
+    max_frame: usize,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Decoder::new(DEFAULT_MAX_FRAME)
+    }
+}
+
+impl Decoder {
+    /// A decoder that refuses frames longer than `max_frame` bytes.
+    pub fn new(max_frame: usize) -> Decoder {
+        Decoder {
+            max_frame: max_frame.max(CONTROL_LEN),
+        }
+    }
+
+    /// The length of the frame at the front of `buf`: `Ok(None)` when more
+    /// bytes are needed to tell. Errors as soon as the first bytes are wrong.
+    pub fn frame_len(&self, buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
+        let Some(&first) = buf.first() else {
+            return Ok(None);
+        };
+        let len = match first >> 4 {
+            4 => {
+                let Some(total) = buf.get(2..4) else {
+                    return Ok(None);
+                };
+                match usize::from(u16::from_be_bytes([total[0], total[1]])) {
+                    0 => CONTROL_LEN,
+                    short if short < CONTROL_LEN => return Err(ProtocolError::TooShort(short)),
+                    total => total,
+                }
+            }
+            6 => {
+                let Some(payload) = buf.get(4..6) else {
+                    return Ok(None);
+                };
+                IPV6_HEADER_LEN + usize::from(u16::from_be_bytes([payload[0], payload[1]]))
+            }
+            version => return Err(ProtocolError::BadVersion(version, first)),
+        };
+        if len > self.max_frame {
+            return Err(ProtocolError::TooLong {
+                len,
+                max: self.max_frame,
+            });
+        }
+        Ok(Some(len))
+    }
+
+    /// Takes one whole frame off the front of `buf`, or returns `Ok(None)`
+    /// (leaving `buf` untouched) when it does not hold one yet.
+    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+        let Some(len) = self.frame_len(buf)? else {
+            return Ok(None);
+        };
+        if buf.len() < len {
+            return Ok(None);
+        }
+        let is_control = buf[0] >> 4 == 4 && buf[2] == 0 && buf[3] == 0;
+        if is_control {
+            let control = Control {
+                source: ipv4_at(buf, 12),
+                destination: ipv4_at(buf, 16),
+            };
+            buf.advance(CONTROL_LEN);
+            return Ok(Some(Frame::Control(control)));
+        }
+        Ok(Some(Frame::Packet(buf.split_to(len).freeze())))
+    }
+}
+
+/// The source and destination of an IPv4 packet, or None for anything else
+/// (IPv6, or fewer than 20 bytes).
+pub fn ipv4_addresses(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    (packet.len() >= CONTROL_LEN && packet[0] >> 4 == 4)
+        .then(|| (ipv4_at(packet, 12), ipv4_at(packet, 16)))
+}
+
+fn ipv4_at(buf: &[u8], offset: usize) -> Ipv4Addr {
+    Ipv4Addr::new(
+        buf[offset],
+        buf[offset + 1],
+        buf[offset + 2],
+        buf[offset + 3],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        s.split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).expect("test hex"))
+            .collect()
+    }
+
+    fn decode_all(decoder: &Decoder, bytes: &[u8]) -> Vec<Frame> {
+        let mut buf = BytesMut::from(bytes);
+        let mut frames = Vec::new();
+        while let Some(frame) = decoder.decode(&mut buf).expect("valid stream") {
+            frames.push(frame);
+        }
+        assert!(buf.is_empty(), "bytes left over: {buf:?}");
+        frames
+    }
+
+    #[test]
+    fn protocol_md_examples_encode_byte_for_byte() {
+        let dynamic = hex("45 14 00 00 00 00 00 00 40 00 00 00 00 00 00 00 00 00 00 00");
+        let static_req = hex("45 14 00 00 00 00 00 00 40 00 00 00 0a 00 01 07 00 00 00 00");
+        let grant = hex("45 14 00 00 00 00 00 00 40 00 00 00 00 00 00 00 0a 00 01 07");
+        let keepalive = hex("45 14 00 00 00 00 00 00 40 00 00 00 ff ff ff ff ff ff ff ff");
+        let addr = Ipv4Addr::new(10, 0, 1, 7);
+        assert_eq!(
+            Control::request(Request::Dynamic).encode().to_vec(),
+            dynamic
+        );
+        assert_eq!(
+            Control::request(Request::Static(addr)).encode().to_vec(),
+            static_req
+        );
+        assert_eq!(Control::grant(addr, None).encode().to_vec(), grant);
+        assert_eq!(Control::KEEPALIVE.encode().to_vec(), keepalive);
+    }
+
+    #[test]
+    fn protocol_md_examples_decode() {
+        let d = Decoder::default();
+        let stream = [
+            hex("45 14 00 00 00 00 00 00 40 00 00 00 00 00 00 00 00 00 00 00"),
+            hex("45 14 00 00 00 00 00 00 40 00 00 00 0a 00 01 07 00 00 00 00"),
+            hex("45 14 00 00 00 00 00 00 40 00 00 00 ff ff ff ff ff ff ff ff"),
+        ]
+        .concat();
+        let requests: Vec<Request> = decode_all(&d, &stream)
+            .into_iter()
+            .map(|f| match f {
+                Frame::Control(c) => c.as_request().expect("request"),
+                other => panic!("not control: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            requests,
+            vec![
+                Request::Dynamic,
+                Request::Static(Ipv4Addr::new(10, 0, 1, 7)),
+                Request::Keepalive
+            ]
+        );
+    }
+
+    #[test]
+    fn control_ignores_meaningless_bytes() {
+        let mut bytes = Control::grant(Ipv4Addr::new(10, 0, 1, 7), None).encode();
+        bytes[1] = 0x99;
+        bytes[8] = 0x01;
+        bytes[10] = 0xab;
+        let frames = decode_all(&Decoder::default(), &bytes);
+        assert_eq!(
+            frames,
+            vec![Frame::Control(Control::grant(
+                Ipv4Addr::new(10, 0, 1, 7),
+                None
+            ))]
+        );
+    }
+
+    #[test]
+    fn grant_carries_the_netmask() {
+        let mask = Ipv4Addr::new(255, 255, 0, 0);
+        let grant = Control::grant(Ipv4Addr::new(198, 19, 0, 2), Some(mask));
+        assert_eq!(&grant.encode()[12..16], &[0xff, 0xff, 0, 0]);
+        assert_eq!(
+            grant.as_reply(),
+            Ok(Reply::Grant {
+                address: Ipv4Addr::new(198, 19, 0, 2),
+                netmask: Some(mask)
+            })
+        );
+        // The original server leaves the source 0: "not given".
+        let original = Control::grant(Ipv4Addr::new(10, 0, 1, 7), None);
+        assert_eq!(
+            original.as_reply(),
+            Ok(Reply::Grant {
+                address: Ipv4Addr::new(10, 0, 1, 7),
+                netmask: None
+            })
+        );
+        // A source that is no netmask is "not given" too.
+        let odd = Control {
+            source: Ipv4Addr::new(255, 0, 255, 0),
+            destination: Ipv4Addr::new(10, 0, 1, 7),
+        };
+        assert!(matches!(
+            odd.as_reply(),
+            Ok(Reply::Grant { netmask: None, .. })
+        ));
+    }
+
+    #[test]
+    fn unexpected_controls_are_errors() {
+        let to_server = Control {
+            source: Ipv4Addr::new(1, 2, 3, 4),
+            destination: Ipv4Addr::new(5, 6, 7, 8),
+        };
+        assert!(to_server.as_request().is_err());
+        assert!(Control::request(Request::Dynamic).as_reply().is_err());
+    }
+
+    #[test]
+    fn netmask_prefixes() {
+        assert_eq!(netmask_prefix(Ipv4Addr::new(255, 255, 0, 0)), Some(16));
+        assert_eq!(netmask_prefix(Ipv4Addr::new(255, 255, 255, 255)), Some(32));
+        assert_eq!(netmask_prefix(Ipv4Addr::new(0, 0, 0, 0)), Some(0));
+        assert_eq!(netmask_prefix(Ipv4Addr::new(255, 255, 255, 252)), Some(30));
+        assert_eq!(netmask_prefix(Ipv4Addr::new(255, 0, 255, 0)), None);
+    }
+
+    #[test]
+    fn packets_are_framed_by_their_own_length() {
+        let mut v4 = vec![0u8; 28];
+        v4[0] = 0x45;
+        v4[3] = 28;
+        let mut v6 = vec![0u8; 48];
+        v6[0] = 0x60;
+        v6[5] = 8;
+        let stream = [v4.clone(), v6.clone(), v4.clone()].concat();
+        let frames = decode_all(&Decoder::default(), &stream);
+        assert_eq!(
+            frames,
+            vec![
+                Frame::Packet(Bytes::from(v4.clone())),
+                Frame::Packet(Bytes::from(v6)),
+                Frame::Packet(Bytes::from(v4)),
+            ]
+        );
+    }
+
+    #[test]
+    fn incomplete_frames_wait_for_more() {
+        let d = Decoder::default();
+        let keepalive = Control::KEEPALIVE.encode();
+        for cut in 0..CONTROL_LEN {
+            let mut buf = BytesMut::from(&keepalive[..cut]);
+            assert_eq!(d.decode(&mut buf), Ok(None), "cut at {cut}");
+            assert_eq!(buf.len(), cut, "nothing consumed");
+        }
+    }
+
+    #[test]
+    fn framing_errors() {
+        let d = Decoder::new(1500);
+        assert_eq!(
+            d.frame_len(&[0x50]),
+            Err(ProtocolError::BadVersion(5, 0x50))
+        );
+        assert_eq!(d.frame_len(&[0x00]), Err(ProtocolError::BadVersion(0, 0)));
+        assert_eq!(
+            d.frame_len(&[0x45, 0, 0, 7]),
+            Err(ProtocolError::TooShort(7))
+        );
+        assert_eq!(
+            d.frame_len(&[0x45, 0, 0x05, 0xdd]),
+            Err(ProtocolError::TooLong {
+                len: 1501,
+                max: 1500
+            })
+        );
+        assert_eq!(
+            d.frame_len(&[0x60, 0, 0, 0, 0x05, 0xdd]),
+            Err(ProtocolError::TooLong {
+                len: 1541,
+                max: 1500
+            })
+        );
+        assert_eq!(d.frame_len(&[0x45, 0, 0x05, 0xdc]), Ok(Some(1500)));
+    }
+
+    #[test]
+    fn ipv4_addresses_of_packets() {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x45;
+        p[12..16].copy_from_slice(&[198, 19, 0, 2]);
+        p[16..20].copy_from_slice(&[198, 19, 0, 3]);
+        assert_eq!(
+            ipv4_addresses(&p),
+            Some((Ipv4Addr::new(198, 19, 0, 2), Ipv4Addr::new(198, 19, 0, 3)))
+        );
+        assert_eq!(ipv4_addresses(&p[..19]), None);
+        p[0] = 0x60;
+        assert_eq!(ipv4_addresses(&p), None);
+    }
+}
