@@ -555,3 +555,5 @@ impl Drop for Daemon {
         let _ = fs::remove_file(&self.log);
     }
 }
+
+pub mod vpn;

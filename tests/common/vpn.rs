@@ -1,0 +1,192 @@
+//! A simplevpn test bed: a server namespace joined by veth to client
+//! namespaces, the real `simplevpnd` started in them, and a raw TCP peer that
+//! speaks the original protocol byte for byte.
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use super::{link, Daemon, Netns};
+
+pub const SIMPLEVPND: &str = env!("CARGO_BIN_EXE_simplevpnd");
+/// The tunnel network of every test, and the server's address in it.
+pub const NETWORK: &str = "198.19.0.0/16";
+pub const SERVER_TUNNEL: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+pub const TUN: &str = "svpn0";
+pub const STARTUP: Duration = Duration::from_secs(10);
+
+/// Server namespace plus `n` client namespaces; client `i` reaches the server
+/// at 198.18.{i+1}.1 from 198.18.{i+1}.2.
+pub struct Bed {
+    pub server: Netns,
+    pub clients: Vec<Netns>,
+}
+
+impl Bed {
+    pub fn new(tag: &str, n: u8) -> Bed {
+        let server = Netns::new(&format!("{tag}s"));
+        let clients: Vec<Netns> = (1..=n)
+            .map(|i| {
+                let ns = Netns::new(&format!("{tag}c{i}"));
+                link(
+                    &server,
+                    &format!("198.18.{i}.1/24"),
+                    &ns,
+                    &format!("198.18.{i}.2/24"),
+                );
+                ns
+            })
+            .collect();
+        Bed { server, clients }
+    }
+
+    /// The server's underlay address as seen from client `i` (0-based).
+    pub fn server_addr(&self, i: usize) -> SocketAddr {
+        SocketAddr::from(([198, 18, i as u8 + 1, 1], 2002))
+    }
+
+    /// Starts `simplevpnd server` with `extra` flags and waits until it serves.
+    pub fn start_server(&self, extra: &[&str]) -> Daemon {
+        let mut args = vec!["server", "--network", NETWORK];
+        args.extend_from_slice(extra);
+        let server = self.server.spawn(SIMPLEVPND, &args);
+        assert!(
+            server.wait_for_log("server ready", STARTUP),
+            "server did not start:\n{}",
+            server.log()
+        );
+        server
+    }
+
+    /// Starts `simplevpnd client` in client namespace `i` and waits for its grant.
+    pub fn start_client(&self, i: usize, extra: &[&str]) -> Daemon {
+        let server = self.server_addr(i).to_string();
+        let mut args = vec!["client", "-s", server.as_str()];
+        args.extend_from_slice(extra);
+        let client = self.clients[i].spawn(SIMPLEVPND, &args);
+        assert!(
+            client.wait_for_log("granted", STARTUP),
+            "client {i} got no grant:\n{}",
+            client.log()
+        );
+        client
+    }
+
+    /// A raw original-protocol connection from client namespace `i`.
+    pub fn raw_peer(&self, i: usize) -> RawPeer {
+        let stream = self.clients[i]
+            .tcp_connect(self.server_addr(i), STARTUP)
+            .expect("raw peer connects");
+        stream
+            .set_nodelay(true)
+            .expect("TCP_NODELAY on the raw peer");
+        RawPeer { stream }
+    }
+}
+
+/// Parses hex bytes written as in protocol.md ("45 14 00 ...").
+pub fn hex(s: &str) -> Vec<u8> {
+    s.split_whitespace()
+        .map(|b| u8::from_str_radix(b, 16).expect("hex byte"))
+        .collect()
+}
+
+/// The original protocol's messages, byte for byte (protocol.md part 1).
+pub fn dynamic_request() -> Vec<u8> {
+    hex("45 14 00 00 00 00 00 00 40 00 00 00 00 00 00 00 00 00 00 00")
+}
+pub fn static_request(address: Ipv4Addr) -> Vec<u8> {
+    control(address, Ipv4Addr::UNSPECIFIED)
+}
+pub fn keepalive() -> Vec<u8> {
+    hex("45 14 00 00 00 00 00 00 40 00 00 00 ff ff ff ff ff ff ff ff")
+}
+/// A grant of `address` with the /16 netmask pushed in the source field.
+pub fn grant_16(address: Ipv4Addr) -> Vec<u8> {
+    control(Ipv4Addr::new(255, 255, 0, 0), address)
+}
+fn control(source: Ipv4Addr, destination: Ipv4Addr) -> Vec<u8> {
+    let mut bytes = hex("45 14 00 00 00 00 00 00 40 00 00 00");
+    bytes.extend_from_slice(&source.octets());
+    bytes.extend_from_slice(&destination.octets());
+    bytes
+}
+
+/// A hand-made IPv4/UDP packet (checksums left 0: nothing checks them in
+/// transit between two raw peers).
+pub fn udp_packet(source: Ipv4Addr, destination: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut p = vec![0x45, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 1, 0x40, 0, 64, 17, 0, 0]);
+    p.extend_from_slice(&source.octets());
+    p.extend_from_slice(&destination.octets());
+    p.extend_from_slice(&[0x30, 0x39, 0x30, 0x39]);
+    p.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// A TCP connection to the server that speaks the original protocol.
+pub struct RawPeer {
+    pub stream: TcpStream,
+}
+
+impl RawPeer {
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("raw peer write");
+    }
+
+    /// Reads exactly `n` bytes, or panics after `timeout`.
+    pub fn recv(&mut self, n: usize, timeout: Duration) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        self.stream
+            .set_read_timeout(Some(timeout))
+            .expect("set read timeout");
+        self.stream
+            .read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("raw peer expected {n} bytes: {e}"));
+        buf
+    }
+
+    /// Sends `request` and returns the 20-byte reply.
+    pub fn ask(&mut self, request: &[u8]) -> Vec<u8> {
+        self.send(request);
+        self.recv(20, STARTUP)
+    }
+
+    /// Asserts that nothing arrives within `wait`.
+    pub fn expect_silence(&mut self, wait: Duration) {
+        self.stream
+            .set_read_timeout(Some(wait))
+            .expect("set read timeout");
+        let mut buf = [0u8; 64];
+        match self.stream.read(&mut buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Ok(0) => panic!("connection closed, expected it open and silent"),
+            Ok(n) => panic!("expected silence, got {n} bytes: {:02x?}", &buf[..n]),
+            Err(e) => panic!("expected silence, got error {e}"),
+        }
+    }
+
+    /// Asserts that the server closes the connection within `wait` without
+    /// sending anything first. Returns how long it took.
+    pub fn expect_closed(&mut self, wait: Duration) -> Duration {
+        let start = Instant::now();
+        self.stream
+            .set_read_timeout(Some(wait))
+            .expect("set read timeout");
+        let mut buf = [0u8; 64];
+        match self.stream.read(&mut buf) {
+            Ok(0) => start.elapsed(),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => start.elapsed(),
+            Ok(n) => panic!("expected close, got {n} bytes: {:02x?}", &buf[..n]),
+            Err(e) => panic!("expected the server to close the connection: {e}"),
+        }
+    }
+}

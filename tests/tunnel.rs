@@ -1,0 +1,207 @@
+//! Real `simplevpnd` server and clients in network namespaces: TCP through
+//! the tunnel between clients and with the server, restarts, shutdown, and
+//! the command line's errors.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::process::Command;
+use std::thread;
+use std::time::Duration;
+
+use common::vpn::*;
+use common::{require_root, wait_until, Netns};
+
+const CLIENT_A: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+const CLIENT_B: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 50);
+
+/// Sends `len` bytes from `from` to a listener in `to` at `address`, over TCP
+/// through the tunnel; the listener echoes them back. Asserts both ways.
+fn tcp_round_trip(from: &Netns, to: &Netns, address: Ipv4Addr, port: u16, len: usize) {
+    let target = SocketAddr::from((address, port));
+    let listener: TcpListener = to.tcp_listen(target).expect("listen on the tunnel address");
+    let echo = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut buf = vec![0; len];
+        conn.read_exact(&mut buf).expect("read at the listener");
+        conn.write_all(&buf).expect("echo");
+        buf
+    });
+    let payload: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    let mut conn = from
+        .tcp_connect(target, STARTUP)
+        .unwrap_or_else(|e| panic!("connect to {target} through the tunnel: {e}"));
+    conn.set_read_timeout(Some(STARTUP)).expect("timeout");
+    conn.write_all(&payload).expect("send");
+    let mut back = vec![0; len];
+    conn.read_exact(&mut back).expect("read the echo");
+    assert_eq!(
+        echo.join().expect("echo thread"),
+        payload,
+        "bytes at {target}"
+    );
+    assert_eq!(back, payload, "echo from {target}");
+}
+
+fn tun_address(ns: &Netns) -> Option<(Ipv4Addr, u8)> {
+    ns.ipv4_addrs(TUN).first().copied()
+}
+
+#[test]
+fn traffic_between_clients_and_with_the_server() {
+    if !require_root("traffic_between_clients_and_with_the_server") {
+        return;
+    }
+    let bed = Bed::new("traffic", 2);
+    let _server = bed.start_server(&[]);
+    let _a = bed.start_client(0, &[]);
+    let _b = bed.start_client(1, &["-a", "198.19.0.50"]);
+    let (a_ns, b_ns) = (&bed.clients[0], &bed.clients[1]);
+    // The server pushed its /16; the clients configured it.
+    assert_eq!(tun_address(a_ns), Some((CLIENT_A, 16)));
+    assert_eq!(tun_address(b_ns), Some((CLIENT_B, 16)));
+    assert_eq!(tun_address(&bed.server), Some((SERVER_TUNNEL, 16)));
+
+    // Client to client (through the server), both small and 4 MiB.
+    tcp_round_trip(a_ns, b_ns, CLIENT_B, 5000, 100);
+    tcp_round_trip(a_ns, b_ns, CLIENT_B, 5001, 4 << 20);
+    tcp_round_trip(b_ns, a_ns, CLIENT_A, 5002, 4 << 20);
+    // Client to the server's own tunnel address, and the server to a client.
+    tcp_round_trip(a_ns, &bed.server, SERVER_TUNNEL, 5003, 1 << 20);
+    tcp_round_trip(&bed.server, b_ns, CLIENT_B, 5004, 1 << 20);
+}
+
+#[test]
+fn clients_keep_their_addresses_across_a_server_restart() {
+    if !require_root("clients_keep_their_addresses_across_a_server_restart") {
+        return;
+    }
+    let bed = Bed::new("restart", 2);
+    let mut server = bed.start_server(&[]);
+    // B first, so A's address is not the lowest free one.
+    let b = bed.start_client(1, &[]);
+    let a = bed.start_client(0, &[]);
+    let (a_ns, b_ns) = (&bed.clients[0], &bed.clients[1]);
+    let a_addr = Ipv4Addr::new(198, 19, 0, 3);
+    assert_eq!(tun_address(a_ns), Some((a_addr, 16)));
+    assert_eq!(tun_address(b_ns), Some((CLIENT_A, 16)));
+
+    server.kill();
+    assert!(
+        a.wait_for_log("reconnecting", STARTUP),
+        "A noticed nothing:\n{}",
+        a.log()
+    );
+    let _server = bed.start_server(&[]);
+    let granted_twice = |d: &common::Daemon| d.log().matches("granted").count() >= 2;
+    assert!(
+        wait_until(Duration::from_secs(20), || granted_twice(&a)
+            && granted_twice(&b)),
+        "clients did not come back:\nA:\n{}\nB:\n{}",
+        a.log(),
+        b.log()
+    );
+    assert_eq!(tun_address(a_ns), Some((a_addr, 16)));
+    assert_eq!(tun_address(b_ns), Some((CLIENT_A, 16)));
+    tcp_round_trip(a_ns, b_ns, CLIENT_A, 5000, 1000);
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_removes_the_tun() {
+    if !require_root("sigterm_stops_cleanly_and_removes_the_tun") {
+        return;
+    }
+    let bed = Bed::new("sigterm", 1);
+    let mut server = bed.start_server(&[]);
+    let mut client = bed.start_client(0, &[]);
+    assert!(bed.clients[0].link_exists(TUN));
+    assert!(bed.server.link_exists(TUN));
+
+    let status = client.terminate(STARTUP).expect("client exits on SIGTERM");
+    assert!(
+        status.success(),
+        "client exit status {status}:\n{}",
+        client.log()
+    );
+    assert!(!bed.clients[0].link_exists(TUN), "client tun left behind");
+    assert!(
+        server.wait_for_log("closed by peer", STARTUP),
+        "{}",
+        server.log()
+    );
+
+    // A connected peer does not hold up the server's shutdown.
+    let _raw = bed.raw_peer(0);
+    let status = server.terminate(STARTUP).expect("server exits on SIGTERM");
+    assert!(
+        status.success(),
+        "server exit status {status}:\n{}",
+        server.log()
+    );
+    assert!(!bed.server.link_exists(TUN), "server tun left behind");
+}
+
+/// Runs simplevpnd with `args`; returns (exit code, stderr).
+fn simplevpnd(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(SIMPLEVPND)
+        .args(args)
+        .output()
+        .expect("run simplevpnd");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_flags_and_config_exit_2_with_one_line_naming_the_field() {
+    let dir = std::env::temp_dir().join(format!("svt-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write config");
+        path.to_str().expect("utf-8").to_string()
+    };
+    let unknown = file(
+        "unknown.toml",
+        "[server]\nlisten = \"0.0.0.0:2002\"\nnetwrok = \"198.19.0.0/16\"\n",
+    );
+    let bad_value = file("bad.toml", "[server]\nclient_timeout = \"soon\"\n");
+    let both = file("both.toml", "[server]\n[client]\nserver = \"198.18.1.1\"\n");
+    let missing = dir
+        .join("missing.toml")
+        .to_str()
+        .expect("utf-8")
+        .to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["server", "--network", "198.19.0.0/33"], "--network"),
+        (vec!["server", "--network", "198.19.0.0/31"], "network"),
+        (vec!["server", "--listen", "nowhere"], "--listen"),
+        (vec!["server", "--client-timeout", "0"], "client_timeout"),
+        (vec!["server", "--tun", "a-much-too-long-name"], "tun"),
+        (vec!["client"], "server"),
+        (vec!["client", "-s", "198.18.1.1:99999"], "server"),
+        (
+            vec!["client", "-s", "198.18.1.1", "-a", "198.19.0"],
+            "--address",
+        ),
+        (vec!["server", "--config", &unknown], "netwrok"),
+        (vec!["server", "--config", &bad_value], "client_timeout"),
+        (vec!["--config", &both], "both [server] and [client]"),
+        (vec!["server", "--config", &missing], "missing.toml"),
+        (vec!["--bogus"], "--bogus"),
+    ];
+    for (args, names) in cases {
+        let (code, stderr) = simplevpnd(&args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(names),
+            "{args:?} should name {names}: {stderr}"
+        );
+    }
+    let (code, _) = simplevpnd(&["--help"]);
+    assert_eq!(code, Some(0));
+    std::fs::remove_dir_all(&dir).ok();
+}
