@@ -21,6 +21,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
 pub const DEFAULT_MTU: u32 = 1500;
 pub const DEFAULT_PREFIX: u8 = 16;
 pub const DEFAULT_QUEUE_LEN: usize = 512;
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/simplevpn/control.sock";
+pub const DEFAULT_CONTROL_GROUP: &str = "simplevpn";
 
 /// A bad setting: which one, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +47,61 @@ impl ConfigError {
 pub struct ConfigFile {
     pub server: Option<ServerSection>,
     pub client: Option<ClientSection>,
+    pub control: Option<ControlSection>,
+}
+
+/// `[control]`: the control socket, for either role.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSection {
+    /// Path of the control socket.
+    pub socket: Option<PathBuf>,
+    /// Group of the socket: its members may use svpnctl's read commands.
+    pub group: Option<String>,
+    /// Members of this group may also kick peers (root and the daemon's own
+    /// user always may).
+    pub admin_group: Option<String>,
+}
+
+/// The control socket's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+    pub group: String,
+    /// Whether `group` was configured (a missing default group is no error).
+    pub group_configured: bool,
+    pub admin_group: Option<String>,
+}
+
+impl ControlSection {
+    /// These settings, with the socket path replaced if `socket` is given.
+    pub fn resolve(self, socket: Option<PathBuf>) -> Result<ControlConfig, ConfigError> {
+        let socket = socket
+            .or(self.socket)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET));
+        if socket.as_os_str().is_empty() || socket.as_os_str().len() > 107 {
+            return Err(ConfigError::new(
+                "control",
+                format!("{:?}: a socket path needs 1 to 107 bytes", socket.display()),
+            ));
+        }
+        let non_empty = |field: &str, name: String| match name.is_empty() {
+            true => Err(ConfigError::new(field, "must not be empty")),
+            false => Ok(name),
+        };
+        Ok(ControlConfig {
+            socket,
+            group_configured: self.group.is_some(),
+            group: non_empty(
+                "control.group",
+                self.group.unwrap_or_else(|| DEFAULT_CONTROL_GROUP.into()),
+            )?,
+            admin_group: self
+                .admin_group
+                .map(|g| non_empty("control.admin_group", g))
+                .transpose()?,
+        })
+    }
 }
 
 /// `[server]`; also what the server's flags set.
@@ -329,11 +386,6 @@ fn mtu(value: Option<u32>, max_frame: usize) -> Result<u32, ConfigError> {
     Ok(mtu)
 }
 
-/// The default config path as a PathBuf, for help texts.
-pub fn default_config_path() -> PathBuf {
-    PathBuf::from(DEFAULT_CONFIG_PATH)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,6 +455,28 @@ mod tests {
         .resolve()
         .expect_err("long name");
         assert_eq!(err.field, "tun");
+    }
+
+    #[test]
+    fn control_section() {
+        let file =
+            parse("[control]\nsocket = \"/tmp/a.sock\"\nadmin_group = \"wheel\"\n").expect("parse");
+        let control = file
+            .control
+            .expect("control")
+            .resolve(None)
+            .expect("resolve");
+        assert_eq!(control.socket, PathBuf::from("/tmp/a.sock"));
+        assert_eq!(control.group, "simplevpn");
+        assert!(!control.group_configured);
+        assert_eq!(control.admin_group.as_deref(), Some("wheel"));
+        let flag = ControlSection::default()
+            .resolve(Some(PathBuf::from("/tmp/b.sock")))
+            .expect("resolve");
+        assert_eq!(flag.socket, PathBuf::from("/tmp/b.sock"));
+        assert!(ControlSection::default()
+            .resolve(Some(PathBuf::from("")))
+            .is_err());
     }
 
     #[test]

@@ -12,3 +12,9 @@ pub mod daemon;
 pub mod netdev;
 pub mod pool;
 pub mod wire;
+
+/// The gRPC control API (proto/control.proto), generated at build time.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("simplevpn.control.v1");
+}

@@ -169,11 +169,8 @@ fn garbage_closes_only_that_connection() {
         return;
     }
     let bed = Bed::new("garbage", 3);
-    let dir = std::env::temp_dir().join(format!("svt-garbage-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let config = dir.join("server.toml");
+    let config = bed.path("server.toml");
     std::fs::write(&config, "[server]\nmax_frame = 1500\n").expect("write config");
-    let config = config.to_str().expect("utf-8 path").to_string();
     let server = bed.start_server(&["--config", &config]);
     let mut a = bed.raw_peer(0);
     let mut b = bed.raw_peer(1);
@@ -211,7 +208,6 @@ fn garbage_closes_only_that_connection() {
     assert!(log.contains("bad IP version 5"), "{log}");
     assert!(log.contains("IPv4 total length 7"), "{log}");
     assert!(log.contains("exceeds the maximum of 1500"), "{log}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -4,10 +4,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::Ipv4Addr;
 use std::process::Command;
-use std::thread;
 use std::time::Duration;
 
 use common::vpn::*;
@@ -15,34 +13,6 @@ use common::{require_root, wait_until, Netns};
 
 const CLIENT_A: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
 const CLIENT_B: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 50);
-
-/// Sends `len` bytes from `from` to a listener in `to` at `address`, over TCP
-/// through the tunnel; the listener echoes them back. Asserts both ways.
-fn tcp_round_trip(from: &Netns, to: &Netns, address: Ipv4Addr, port: u16, len: usize) {
-    let target = SocketAddr::from((address, port));
-    let listener: TcpListener = to.tcp_listen(target).expect("listen on the tunnel address");
-    let echo = thread::spawn(move || {
-        let (mut conn, _) = listener.accept().expect("accept");
-        let mut buf = vec![0; len];
-        conn.read_exact(&mut buf).expect("read at the listener");
-        conn.write_all(&buf).expect("echo");
-        buf
-    });
-    let payload: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
-    let mut conn = from
-        .tcp_connect(target, STARTUP)
-        .unwrap_or_else(|e| panic!("connect to {target} through the tunnel: {e}"));
-    conn.set_read_timeout(Some(STARTUP)).expect("timeout");
-    conn.write_all(&payload).expect("send");
-    let mut back = vec![0; len];
-    conn.read_exact(&mut back).expect("read the echo");
-    assert_eq!(
-        echo.join().expect("echo thread"),
-        payload,
-        "bytes at {target}"
-    );
-    assert_eq!(back, payload, "echo from {target}");
-}
 
 fn tun_address(ns: &Netns) -> Option<(Ipv4Addr, u8)> {
     ns.ipv4_addrs(TUN).first().copied()

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 
-use super::Role;
+use super::{Role, Settings};
 use crate::config::{config_file, ClientSection, ConfigError, ServerSection};
 
 /// IP-in-TCP VPN daemon, wire-compatible with the original simplevpn.
@@ -51,6 +51,9 @@ pub struct ServerArgs {
     /// MTU of the server's tun [default: 1500]
     #[arg(long, value_name = "BYTES")]
     pub mtu: Option<u32>,
+    /// Control socket for svpnctl [default: /run/simplevpn/control.sock]
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +73,9 @@ pub struct ClientArgs {
     /// MTU of the client's tun [default: 1500]
     #[arg(long, value_name = "BYTES")]
     pub mtu: Option<u32>,
+    /// Control socket for svpnctl [default: /run/simplevpn/control.sock]
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 impl From<ServerArgs> for ServerSection {
@@ -101,32 +107,41 @@ impl From<ClientArgs> for ClientSection {
 
 impl Cli {
     /// The role and settings to run with: the config file, overridden by flags.
-    pub fn into_role(self) -> Result<Role, ConfigError> {
+    pub fn into_settings(self) -> Result<Settings, ConfigError> {
         let file = config_file(self.config.as_deref())?;
         let where_ = || {
             self.config
                 .as_ref()
                 .map_or("config".to_string(), |p| p.display().to_string())
         };
-        match self.command {
-            Some(Command::Server(args)) => Ok(Role::Server(
-                file.server.unwrap_or_default().overridden_by(args.into()).resolve()?,
-            )),
-            Some(Command::Client(args)) => Ok(Role::Client(
-                file.client.unwrap_or_default().overridden_by(args.into()).resolve()?,
-            )),
+        let control = file.control.unwrap_or_default();
+        let (role, socket) = match self.command {
+            Some(Command::Server(mut args)) => {
+                let socket = args.control.take();
+                let section = file.server.unwrap_or_default().overridden_by(args.into());
+                (Role::Server(section.resolve()?), socket)
+            }
+            Some(Command::Client(mut args)) => {
+                let socket = args.control.take();
+                let section = file.client.unwrap_or_default().overridden_by(args.into());
+                (Role::Client(section.resolve()?), socket)
+            }
             None => match (file.server, file.client) {
-                (Some(server), None) => Ok(Role::Server(server.resolve()?)),
-                (None, Some(client)) => Ok(Role::Client(client.resolve()?)),
-                (Some(_), Some(_)) => Err(ConfigError::new(
+                (Some(server), None) => (Role::Server(server.resolve()?), None),
+                (None, Some(client)) => (Role::Client(client.resolve()?), None),
+                (Some(_), Some(_)) => return Err(ConfigError::new(
                     where_(),
                     "has both [server] and [client]; say which to run: simplevpnd server|client",
                 )),
-                (None, None) => Err(ConfigError::new(
+                (None, None) => return Err(ConfigError::new(
                     where_(),
                     "no role: give a subcommand (server or client) or a config file with a [server] or [client] table",
                 )),
             },
-        }
+        };
+        Ok(Settings {
+            role,
+            control: control.resolve(socket)?,
+        })
     }
 }

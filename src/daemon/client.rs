@@ -2,10 +2,10 @@
 //! its tun from the grant and forwards packets both ways; keeps the link alive
 //! and reconnects after any failure, asking for the address it held.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
@@ -14,11 +14,16 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument, Span};
 
-use super::DaemonError;
+use super::control::{self, KickError, Node};
+use super::events::{EventKind, Events, PeerEvent};
+use super::registry::{PeerInfo, PeerStats};
+use super::{ControlOptions, DaemonError};
 use crate::config::ClientConfig;
 use crate::connection::{write_frames, FrameReader, ReadError};
 use crate::netdev::{create_tun, AsyncTun, LinkConfig};
-use crate::wire::{netmask_prefix, Control, Decoder, Frame, Reply, Request};
+use crate::pool::server_address;
+use crate::proto;
+use crate::wire::{ipv4_addresses, netmask_prefix, Control, Decoder, Frame, Reply, Request};
 
 /// How long connecting, and then waiting for the grant, may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,6 +52,91 @@ impl Tunnel {
     }
 }
 
+/// The link to the server as the control service sees it.
+struct ClientState {
+    server: String,
+    tun: String,
+    started: SystemTime,
+    events: Events,
+    link: Mutex<Link>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Link {
+    /// "connecting", "connected" (granted) or "backoff".
+    state: &'static str,
+    remote: Option<SocketAddr>,
+    connected_since: Option<SystemTime>,
+    granted: Option<(Ipv4Addr, u8)>,
+    stats: Option<Arc<PeerStats>>,
+}
+
+impl ClientState {
+    fn update(&self, change: impl FnOnce(&mut Link)) {
+        change(&mut self.link.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn link(&self) -> Link {
+        self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The server as a peer, while a granted connection is up.
+    fn server_peer(&self) -> Option<PeerInfo> {
+        let link = self.link();
+        match (
+            link.state,
+            link.remote,
+            link.connected_since,
+            link.granted,
+            link.stats,
+        ) {
+            ("connected", Some(remote), Some(since), Some((address, prefix)), Some(stats)) => {
+                // The server's tunnel address: the network's first host address.
+                let network = ipnet::Ipv4Net::new(address, prefix).ok()?.trunc();
+                Some(PeerInfo::new(
+                    server_address(network),
+                    remote,
+                    since,
+                    &stats,
+                ))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Node for ClientState {
+    fn status(&self) -> proto::StatusReply {
+        let link = self.link();
+        proto::StatusReply {
+            role: "client".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            started: Some(self.started.into()),
+            tun: self.tun.clone(),
+            address: link
+                .granted
+                .map(|(a, p)| format!("{a}/{p}"))
+                .unwrap_or_default(),
+            server: self.server.clone(),
+            link_state: link.state.into(),
+            server_peer: self.server_peer().as_ref().map(proto::Peer::from),
+            ..Default::default()
+        }
+    }
+
+    fn peers(&self) -> Vec<PeerInfo> {
+        self.server_peer().into_iter().collect()
+    }
+
+    fn kick(&self, _: Ipv4Addr, _: Option<Duration>, _: &str) -> Result<PeerInfo, KickError> {
+        Err(KickError::NotAServer)
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<PeerEvent> {
+        self.events.subscribe()
+    }
+}
+
 /// How a session with the server ended.
 enum Ending {
     Shutdown,
@@ -59,8 +149,13 @@ enum Ending {
     },
 }
 
-/// Runs the client until `shutdown` is cancelled.
-pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
+/// Runs the client until `shutdown` is cancelled, with the control API on
+/// `control` if given.
+pub async fn run(
+    config: ClientConfig,
+    control: Option<ControlOptions>,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
     let tun = create_tun(&config.tun)?;
     let links = LinkConfig::connect().await?;
     links.set_mtu(tun.index, config.mtu).await?;
@@ -71,15 +166,36 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> Result<()
         configured: None,
     };
     info!(server = %config.server, tun = %tun.name, "client starting");
+    let state = Arc::new(ClientState {
+        server: config.server.clone(),
+        tun: tun.name.clone(),
+        started: SystemTime::now(),
+        events: Events::default(),
+        link: Mutex::default(),
+    });
+    let control_task = control.map(|control| {
+        let node: Arc<dyn Node> = state.clone();
+        tokio::spawn(control::serve(
+            control.socket,
+            node,
+            control.access,
+            shutdown.clone(),
+        ))
+    });
 
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     // The address to ask for: the configured one, else the one held last.
     let mut wanted = config.address;
     loop {
         let span = info_span!("server", remote = %config.server, addr = tracing::field::Empty);
-        let ending = session(&config, &mut tunnel, wanted, &shutdown)
+        state.update(|link| link.state = "connecting");
+        let ending = session(&config, &mut tunnel, &state, wanted, &shutdown)
             .instrument(span.clone())
             .await?;
+        state.update(|link| {
+            link.state = "backoff";
+            link.stats = None;
+        });
         let _entered = span.enter();
         match ending {
             Ending::Shutdown => break,
@@ -107,6 +223,9 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> Result<()
             _ = tokio::time::sleep(delay) => {}
         }
     }
+    if let Some(task) = control_task {
+        let _ = task.await;
+    }
     info!("client stopped");
     Ok(())
 }
@@ -115,6 +234,7 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> Result<()
 async fn session(
     config: &ClientConfig,
     tunnel: &mut Tunnel,
+    state: &ClientState,
     wanted: Option<Ipv4Addr>,
     shutdown: &CancellationToken,
 ) -> Result<Ending, DaemonError> {
@@ -135,7 +255,18 @@ async fn session(
     if let Err(e) = stream.set_nodelay(true) {
         debug!(error = %e, "TCP_NODELAY not set");
     }
+    let remote = match stream.peer_addr() {
+        Ok(remote) => remote,
+        Err(e) => return Ok(failed(format!("connection lost at once: {e}"))),
+    };
+    let stats = Arc::new(PeerStats::default());
+    state.update(|link| {
+        link.remote = Some(remote);
+        link.connected_since = Some(SystemTime::now());
+        link.stats = Some(stats.clone());
+    });
     info!("connected");
+    state.events.publish(EventKind::Connected, remote, None, "");
     let (read_half, write_half) = stream.into_split();
     let mut reader = FrameReader::new(read_half, Decoder::new(config.max_frame));
     let (uplink, uplink_rx) = mpsc::channel(UPLINK_QUEUE_LEN);
@@ -176,18 +307,49 @@ async fn session(
         pushed_netmask = netmask.is_some(),
         "granted {address}/{prefix}"
     );
+    state.update(|link| {
+        link.state = "connected";
+        link.granted = Some((address, prefix));
+    });
+    state.events.publish(
+        EventKind::Granted,
+        remote,
+        Some(address),
+        format!("{request:?}"),
+    );
 
     let activity = Arc::new(Activity::new());
     let tun_to_server = tokio::spawn(
-        forward_tun_to_server(tunnel.device.clone(), uplink.clone(), activity.clone())
-            .instrument(Span::current()),
+        forward_tun_to_server(
+            tunnel.device.clone(),
+            uplink.clone(),
+            activity.clone(),
+            stats.clone(),
+        )
+        .instrument(Span::current()),
     );
-    let reason =
-        forward_server_to_tun(config, tunnel, &mut reader, &uplink, &activity, shutdown).await;
+    let reason = forward_server_to_tun(
+        config,
+        tunnel,
+        &mut reader,
+        &uplink,
+        &activity,
+        &stats,
+        shutdown,
+    )
+    .await;
     tun_to_server.abort();
     let _ = tun_to_server.await;
     drop(uplink);
     writer.abort();
+    if let Ok(Some(reason)) = &reason {
+        state.events.publish(
+            EventKind::Disconnected,
+            remote,
+            Some(address),
+            reason.clone(),
+        );
+    }
     Ok(match reason {
         Err(e) => return Err(e),
         Ok(None) => Ending::Shutdown,
@@ -230,12 +392,13 @@ impl Activity {
     }
 }
 
-/// Reads the tun and queues each packet towards the server, waiting (not
-/// dropping) when the connection is slow: the tun's own queue then drops.
+/// Reads the tun and queues each IPv4 packet towards the server, waiting
+/// (not dropping) when the connection is slow: the tun's own queue then drops.
 async fn forward_tun_to_server(
     tun: Arc<AsyncTun>,
     uplink: mpsc::Sender<Bytes>,
     activity: Arc<Activity>,
+    stats: Arc<PeerStats>,
 ) {
     let mut buf = vec![0u8; 65536];
     loop {
@@ -246,6 +409,11 @@ async fn forward_tun_to_server(
                 return;
             }
         };
+        // The server grants IPv4 addresses only and drops anything else
+        // (IPv6 link-local chatter, say): no point in sending it.
+        if ipv4_addresses(&buf[..len]).is_none() {
+            continue;
+        }
         if uplink
             .send(Bytes::copy_from_slice(&buf[..len]))
             .await
@@ -253,6 +421,7 @@ async fn forward_tun_to_server(
         {
             return;
         }
+        stats.count_tx(len);
         activity.sent();
     }
 }
@@ -265,6 +434,7 @@ async fn forward_server_to_tun(
     reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
     uplink: &mpsc::Sender<Bytes>,
     activity: &Activity,
+    stats: &PeerStats,
     shutdown: &CancellationToken,
 ) -> Result<Option<String>, DaemonError> {
     let mut tick = tokio::time::interval(KEEPALIVE_RETRY);
@@ -293,8 +463,10 @@ async fn forward_server_to_tun(
             },
         };
         activity.received();
+        stats.seen();
         match frame {
             Frame::Packet(packet) => {
+                stats.count_rx(packet.len());
                 if let Err(e) = tunnel.device.send(&packet).await {
                     debug!(error = %e, "tun write failed");
                 }

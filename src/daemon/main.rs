@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use simplevpn::daemon::cli::Cli;
+use simplevpn::daemon::control::{self, ControlSocketError};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -25,8 +26,8 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    let role = match cli.into_role() {
-        Ok(role) => role,
+    let settings = match cli.into_settings() {
+        Ok(settings) => settings,
         Err(e) => {
             eprintln!("simplevpnd: {e}");
             return ExitCode::from(EXIT_USAGE);
@@ -42,6 +43,17 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
+    let control = match control::open(&settings.control, nix::unistd::geteuid().as_raw()) {
+        Ok(control) => control,
+        Err(e @ ControlSocketError::NoSuchGroup { .. }) => {
+            eprintln!("simplevpnd: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -55,7 +67,7 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
-        match simplevpn::daemon::run(role, shutdown).await {
+        match simplevpn::daemon::run(settings.role, Some(control), shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 error!("{e}");

@@ -2,6 +2,8 @@
 
 pub mod cli;
 pub mod client;
+pub mod control;
+mod events;
 mod registry;
 pub mod server;
 
@@ -9,7 +11,7 @@ use std::net::SocketAddr;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ClientConfig, ServerConfig};
+use crate::config::{ClientConfig, ControlConfig, ServerConfig};
 use crate::netdev::NetdevError;
 
 /// What the daemon runs as.
@@ -17,6 +19,20 @@ use crate::netdev::NetdevError;
 pub enum Role {
     Server(ServerConfig),
     Client(ClientConfig),
+}
+
+/// Everything simplevpnd runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub role: Role,
+    pub control: ControlConfig,
+}
+
+/// A bound control socket and who may change things through it.
+#[derive(Debug)]
+pub struct ControlOptions {
+    pub socket: control::ControlSocket,
+    pub access: control::Access,
 }
 
 /// Why the daemon could not run.
@@ -33,10 +49,15 @@ pub enum DaemonError {
     Tun(#[from] std::io::Error),
 }
 
-/// Runs the daemon in `role` until `shutdown` is cancelled.
-pub async fn run(role: Role, shutdown: CancellationToken) -> Result<(), DaemonError> {
+/// Runs the daemon in `role` until `shutdown` is cancelled, serving the
+/// control API on `control` if given.
+pub async fn run(
+    role: Role,
+    control: Option<ControlOptions>,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
     match role {
-        Role::Server(config) => server::run(config, shutdown).await,
-        Role::Client(config) => client::run(config, shutdown).await,
+        Role::Server(config) => server::run(config, control, shutdown).await,
+        Role::Client(config) => client::run(config, control, shutdown).await,
     }
 }

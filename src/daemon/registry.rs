@@ -7,10 +7,12 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ipnet::Ipv4Net;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::pool::{AddressPool, Refusal};
 use crate::wire::{Control, Request};
@@ -28,9 +30,17 @@ pub struct PeerStats {
     pub dropped_unassigned: AtomicU64,
     /// Packets for this peer dropped because its send queue was full.
     pub dropped_queue_full: AtomicU64,
+    /// When the last frame arrived from this peer, in ms since the epoch.
+    pub last_seen_ms: AtomicU64,
 }
 
 impl PeerStats {
+    /// Marks that a frame arrived now.
+    pub fn seen(&self) {
+        self.last_seen_ms
+            .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+    }
+
     pub fn count_rx(&self, bytes: usize) {
         self.rx_packets.fetch_add(1, Ordering::Relaxed);
         self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -48,8 +58,67 @@ pub struct PeerLink {
     /// Tells one connection from the next that holds the same address.
     pub id: u64,
     pub remote: SocketAddr,
+    pub connected_since: SystemTime,
     pub queue: mpsc::Sender<Bytes>,
     pub stats: Arc<PeerStats>,
+    /// Cancelled to close the connection (a kick).
+    pub kick: CancellationToken,
+}
+
+/// A snapshot of one peer, for the control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub address: Ipv4Addr,
+    pub remote: SocketAddr,
+    pub connected_since: SystemTime,
+    pub last_seen: SystemTime,
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub dropped_spoofed: u64,
+    pub dropped_queue_full: u64,
+    pub dropped_unassigned: u64,
+    /// The transport: "original" for the 2013 plaintext protocol.
+    pub protocol: &'static str,
+}
+
+impl PeerInfo {
+    /// A snapshot of the peer at `address` with these counters.
+    pub fn new(
+        address: Ipv4Addr,
+        remote: SocketAddr,
+        connected_since: SystemTime,
+        stats: &PeerStats,
+    ) -> PeerInfo {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        PeerInfo {
+            address,
+            remote,
+            connected_since,
+            last_seen: UNIX_EPOCH + Duration::from_millis(load(&stats.last_seen_ms)),
+            rx_bytes: load(&stats.rx_bytes),
+            rx_packets: load(&stats.rx_packets),
+            tx_bytes: load(&stats.tx_bytes),
+            tx_packets: load(&stats.tx_packets),
+            dropped_spoofed: load(&stats.dropped_spoofed),
+            dropped_queue_full: load(&stats.dropped_queue_full),
+            dropped_unassigned: load(&stats.dropped_unassigned),
+            protocol: "original",
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 for times before it).
+pub fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl PeerLink {
+    fn info(&self, address: Ipv4Addr) -> PeerInfo {
+        PeerInfo::new(address, self.remote, self.connected_since, &self.stats)
+    }
 }
 
 /// Where a packet went.
@@ -149,6 +218,40 @@ impl Registry {
         self.read().peers.len()
     }
 
+    /// How many addresses are free.
+    pub fn free_count(&self) -> u32 {
+        self.read().pool.free_count()
+    }
+
+    /// Every peer that holds an address, ordered by address.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let table = self.read();
+        let mut peers: Vec<PeerInfo> = table
+            .peers
+            .iter()
+            .map(|(address, link)| link.info(*address))
+            .collect();
+        peers.sort_by_key(|p| p.address);
+        peers
+    }
+
+    /// The peer that holds `address`.
+    pub fn peer(&self, address: Ipv4Addr) -> Option<PeerInfo> {
+        self.read()
+            .peers
+            .get(&address)
+            .map(|link| link.info(address))
+    }
+
+    /// Closes the connection that holds `address`; its task then frees the
+    /// address. Returns the peer as it was.
+    pub fn kick(&self, address: Ipv4Addr) -> Option<PeerInfo> {
+        let table = self.read();
+        let link = table.peers.get(&address)?;
+        link.kick.cancel();
+        Some(link.info(address))
+    }
+
     fn read(&self) -> RwLockReadGuard<'_, Table> {
         // A panic while holding the lock cannot leave the table half-changed
         // (every change is one map or pool call), so a poisoned lock is safe.
@@ -169,8 +272,10 @@ mod tests {
         let link = PeerLink {
             id: registry.next_id(),
             remote: SocketAddr::from(([198, 18, 0, 2], port)),
+            connected_since: SystemTime::now(),
             queue,
             stats: Arc::default(),
+            kick: CancellationToken::new(),
         };
         (link, rx)
     }
@@ -224,5 +329,33 @@ mod tests {
         assert_eq!(registry.len(), 0);
         let (c, _rx_c) = link(&registry, 1002);
         assert_eq!(registry.admit(Request::Static(address), c), Ok(address));
+    }
+
+    #[test]
+    fn peers_are_listed_by_address_and_kicked_by_token() {
+        let registry = Registry::new("198.19.0.0/16".parse().expect("net"));
+        let (a, _rx_a) = link(&registry, 1000);
+        let (b, _rx_b) = link(&registry, 1001);
+        let kick_a = a.kick.clone();
+        a.stats.count_rx(100);
+        a.stats.seen();
+        registry
+            .admit(Request::Static(Ipv4Addr::new(198, 19, 0, 9)), a)
+            .expect("a");
+        registry.admit(Request::Dynamic, b).expect("b");
+        let peers = registry.peers();
+        let addresses: Vec<_> = peers.iter().map(|p| p.address).collect();
+        assert_eq!(
+            addresses,
+            [Ipv4Addr::new(198, 19, 0, 2), Ipv4Addr::new(198, 19, 0, 9)]
+        );
+        let a_info = registry
+            .peer(Ipv4Addr::new(198, 19, 0, 9))
+            .expect("a listed");
+        assert_eq!((a_info.rx_bytes, a_info.rx_packets), (100, 1));
+        assert!(a_info.last_seen > UNIX_EPOCH);
+        assert_eq!(registry.kick(Ipv4Addr::new(198, 19, 0, 9)), Some(a_info));
+        assert!(kick_a.is_cancelled());
+        assert_eq!(registry.kick(Ipv4Addr::new(198, 19, 0, 77)), None);
     }
 }

@@ -1,9 +1,11 @@
 //! The server role: accepts clients, grants addresses, forwards packets
 //! between clients and to and from the server's own tun.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
@@ -13,12 +15,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument, Span};
 
-use super::registry::{Delivery, PeerLink, PeerStats, Registry};
-use super::DaemonError;
+use super::control::{self, KickError, Node};
+use super::events::{EventKind, Events, PeerEvent};
+use super::registry::{Delivery, PeerInfo, PeerLink, PeerStats, Registry};
+use super::{ControlOptions, DaemonError};
 use crate::config::ServerConfig;
 use crate::connection::{write_frames, FrameReader, ReadError};
 use crate::netdev::{create_tun, AsyncTun, LinkConfig};
 use crate::pool::server_address;
+use crate::proto;
 use crate::wire::{ipv4_addresses, Control, Decoder, Frame, Request};
 
 /// Packets queued for the server's tun before further ones are dropped.
@@ -26,17 +31,38 @@ const TUN_QUEUE_LEN: usize = 1024;
 /// How long a closing connection may take to flush what is queued for it.
 const FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// What every connection task shares.
+/// What every connection task, and the control service, shares.
 struct Shared {
     config: ServerConfig,
     registry: Registry,
     /// Packets for destinations no client holds go to the server's tun.
     to_tun: mpsc::Sender<Bytes>,
     dropped_to_tun: AtomicU64,
+    events: Events,
+    /// Remote hosts refused until the given time (kick --ban).
+    bans: Mutex<HashMap<IpAddr, SystemTime>>,
+    started: SystemTime,
+    tun_name: String,
 }
 
-/// Runs the server until `shutdown` is cancelled.
-pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
+impl Shared {
+    /// How much longer `remote` stays banned, if it is.
+    fn ban_remaining(&self, remote: IpAddr) -> Option<Duration> {
+        let mut bans = self.bans.lock().unwrap_or_else(|e| e.into_inner());
+        let now = SystemTime::now();
+        bans.retain(|_, until| *until > now);
+        bans.get(&remote)
+            .and_then(|until| until.duration_since(now).ok())
+    }
+}
+
+/// Runs the server until `shutdown` is cancelled, with the control API on
+/// `control` if given.
+pub async fn run(
+    config: ServerConfig,
+    control: Option<ControlOptions>,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
     let own_address = server_address(config.network);
     let tun = create_tun(&config.tun)?;
     let links = LinkConfig::connect().await?;
@@ -59,6 +85,10 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<()
         registry: Registry::new(config.network),
         to_tun,
         dropped_to_tun: AtomicU64::new(0),
+        events: Events::default(),
+        bans: Mutex::default(),
+        started: SystemTime::now(),
+        tun_name: tun_name.clone(),
         config,
     });
     info!(
@@ -70,6 +100,15 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<()
     );
 
     let tasks = TaskTracker::new();
+    if let Some(control) = control {
+        let node: Arc<dyn Node> = shared.clone();
+        tasks.spawn(control::serve(
+            control.socket,
+            node,
+            control.access,
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(tun_writer(tun.clone(), tun_queue, shutdown.clone()));
     tasks.spawn(tun_reader(tun, shared.clone(), shutdown.clone()));
     loop {
@@ -104,6 +143,7 @@ enum Ending {
     Refused(String),
     HandshakeTimeout,
     Silent,
+    Kicked,
     Failed(ReadError),
 }
 
@@ -117,6 +157,7 @@ impl std::fmt::Display for Ending {
                 f.write_str("no address request within the handshake timeout")
             }
             Ending::Silent => f.write_str("silent for longer than the client timeout"),
+            Ending::Kicked => f.write_str("kicked"),
             Ending::Failed(e) => write!(f, "{e}"),
         }
     }
@@ -129,7 +170,18 @@ async fn serve(
     remote: SocketAddr,
     shutdown: CancellationToken,
 ) {
+    if let Some(remaining) = shared.ban_remaining(remote.ip()) {
+        let reason = format!("banned for {}s more", remaining.as_secs() + 1);
+        info!(%reason, "refused");
+        shared
+            .events
+            .publish(EventKind::Refused, remote, None, reason);
+        return;
+    }
     info!("connected");
+    shared
+        .events
+        .publish(EventKind::Connected, remote, None, "");
     if let Err(e) = stream.set_nodelay(true) {
         debug!(error = %e, "TCP_NODELAY not set");
     }
@@ -143,6 +195,8 @@ async fn serve(
         address: None,
         queue,
         stats: Arc::default(),
+        connected_since: SystemTime::now(),
+        kick: CancellationToken::new(),
     };
     let handshake_deadline = Instant::now() + shared.config.handshake_timeout;
 
@@ -153,6 +207,7 @@ async fn serve(
         };
         let frame = tokio::select! {
             _ = shutdown.cancelled() => break Ending::Shutdown,
+            _ = peer.kick.cancelled() => break Ending::Kicked,
             read = timeout_at(deadline, reader.read_frame()) => match read {
                 Err(_) if peer.address.is_none() => break Ending::HandshakeTimeout,
                 Err(_) => break Ending::Silent,
@@ -161,6 +216,7 @@ async fn serve(
                 Ok(Ok(Some(frame))) => frame,
             },
         };
+        peer.stats.seen();
         if let Err(ending) = peer.on_frame(&shared, frame) {
             break ending;
         }
@@ -170,6 +226,13 @@ async fn serve(
         shared.registry.remove(address, peer.id);
     }
     let peers = shared.registry.len();
+    let kind = match ending {
+        Ending::Refused(_) => EventKind::Refused,
+        _ => EventKind::Disconnected,
+    };
+    shared
+        .events
+        .publish(kind, remote, peer.address, ending.to_string());
     match &ending {
         Ending::Failed(ReadError::Protocol(_)) => warn!(reason = %ending, peers, "disconnected"),
         _ => info!(reason = %ending, peers, "disconnected"),
@@ -190,6 +253,8 @@ struct Peer {
     address: Option<Ipv4Addr>,
     queue: mpsc::Sender<Bytes>,
     stats: Arc<PeerStats>,
+    connected_since: SystemTime,
+    kick: CancellationToken,
 }
 
 impl Peer {
@@ -222,14 +287,22 @@ impl Peer {
                 let link = PeerLink {
                     id: self.id,
                     remote: self.remote,
+                    connected_since: self.connected_since,
                     queue: self.queue.clone(),
                     stats: self.stats.clone(),
+                    kick: self.kick.clone(),
                 };
                 match shared.registry.admit(request, link) {
                     Ok(address) => {
                         self.address = Some(address);
                         Span::current().record("addr", tracing::field::display(address));
                         info!(?request, peers = shared.registry.len(), "granted {address}");
+                        shared.events.publish(
+                            EventKind::Granted,
+                            self.remote,
+                            Some(address),
+                            format!("{request:?}"),
+                        );
                         Ok(())
                     }
                     Err(refusal) => Err(Ending::Refused(format!("{request:?}: {refusal}"))),
@@ -322,5 +395,59 @@ async fn tun_reader(tun: Arc<AsyncTun>, shared: Arc<Shared>, shutdown: Cancellat
                 .registry
                 .deliver(destination, Bytes::copy_from_slice(packet));
         }
+    }
+}
+
+impl Node for Shared {
+    fn status(&self) -> proto::StatusReply {
+        let network = self.config.network;
+        proto::StatusReply {
+            role: "server".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            started: Some(self.started.into()),
+            tun: self.tun_name.clone(),
+            address: format!("{}/{}", server_address(network), network.prefix_len()),
+            listen: self.config.listen.to_string(),
+            network: network.to_string(),
+            peer_count: self.registry.len() as u32,
+            free_addresses: self.registry.free_count(),
+            dropped_to_tun: self.dropped_to_tun.load(Ordering::Relaxed),
+            ..Default::default()
+        }
+    }
+
+    fn peers(&self) -> Vec<PeerInfo> {
+        self.registry.peers()
+    }
+
+    fn peer(&self, address: Ipv4Addr) -> Option<PeerInfo> {
+        self.registry.peer(address)
+    }
+
+    fn kick(
+        &self,
+        address: Ipv4Addr,
+        ban: Option<Duration>,
+        by: &str,
+    ) -> Result<PeerInfo, KickError> {
+        let peer = self
+            .registry
+            .kick(address)
+            .ok_or(KickError::NoSuchPeer(address))?;
+        let mut reason = format!("kicked by {by}");
+        if let Some(ban) = ban {
+            let until = SystemTime::now() + ban;
+            let mut bans = self.bans.lock().unwrap_or_else(|e| e.into_inner());
+            bans.insert(peer.remote.ip(), until);
+            reason.push_str(&format!(", banned for {}", humantime::format_duration(ban)));
+        }
+        info!(remote = %peer.remote, addr = %address, "{reason}");
+        self.events
+            .publish(EventKind::Kicked, peer.remote, Some(address), reason);
+        Ok(peer)
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<PeerEvent> {
+        self.events.subscribe()
     }
 }

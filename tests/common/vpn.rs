@@ -4,11 +4,15 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{link, Daemon, Netns};
 
 pub const SIMPLEVPND: &str = env!("CARGO_BIN_EXE_simplevpnd");
+pub const SVPNCTL: &str = env!("CARGO_BIN_EXE_svpnctl");
 /// The tunnel network of every test, and the server's address in it.
 pub const NETWORK: &str = "198.19.0.0/16";
 pub const SERVER_TUNNEL: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
@@ -16,10 +20,18 @@ pub const TUN: &str = "svpn0";
 pub const STARTUP: Duration = Duration::from_secs(10);
 
 /// Server namespace plus `n` client namespaces; client `i` reaches the server
-/// at 198.18.{i+1}.1 from 198.18.{i+1}.2.
+/// at 198.18.{i+1}.1 from 198.18.{i+1}.2. Each daemon gets a control socket
+/// of its own in the bed's directory (removed on drop).
 pub struct Bed {
     pub server: Netns,
     pub clients: Vec<Netns>,
+    pub dir: PathBuf,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl Bed {
@@ -37,7 +49,37 @@ impl Bed {
                 ns
             })
             .collect();
-        Bed { server, clients }
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "svt-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("bed directory");
+        Bed {
+            server,
+            clients,
+            dir,
+        }
+    }
+
+    /// The server's control socket.
+    pub fn server_socket(&self) -> String {
+        self.path("server.sock")
+    }
+
+    /// Client `i`'s control socket.
+    pub fn client_socket(&self, i: usize) -> String {
+        self.path(&format!("client{i}.sock"))
+    }
+
+    /// A path in the bed's directory.
+    pub fn path(&self, name: &str) -> String {
+        self.dir
+            .join(name)
+            .to_str()
+            .expect("utf-8 path")
+            .to_string()
     }
 
     /// The server's underlay address as seen from client `i` (0-based).
@@ -47,7 +89,8 @@ impl Bed {
 
     /// Starts `simplevpnd server` with `extra` flags and waits until it serves.
     pub fn start_server(&self, extra: &[&str]) -> Daemon {
-        let mut args = vec!["server", "--network", NETWORK];
+        let socket = self.server_socket();
+        let mut args = vec!["server", "--network", NETWORK, "--control", &socket];
         args.extend_from_slice(extra);
         let server = self.server.spawn(SIMPLEVPND, &args);
         assert!(
@@ -61,7 +104,8 @@ impl Bed {
     /// Starts `simplevpnd client` in client namespace `i` and waits for its grant.
     pub fn start_client(&self, i: usize, extra: &[&str]) -> Daemon {
         let server = self.server_addr(i).to_string();
-        let mut args = vec!["client", "-s", server.as_str()];
+        let socket = self.client_socket(i);
+        let mut args = vec!["client", "-s", server.as_str(), "--control", &socket];
         args.extend_from_slice(extra);
         let client = self.clients[i].spawn(SIMPLEVPND, &args);
         assert!(
@@ -82,6 +126,34 @@ impl Bed {
             .expect("TCP_NODELAY on the raw peer");
         RawPeer { stream }
     }
+}
+
+/// Sends `len` bytes from `from` to a listener in `to` at `address`, over TCP
+/// through the tunnel; the listener echoes them back. Asserts both ways.
+pub fn tcp_round_trip(from: &Netns, to: &Netns, address: Ipv4Addr, port: u16, len: usize) {
+    let target = SocketAddr::from((address, port));
+    let listener = to.tcp_listen(target).expect("listen on the tunnel address");
+    let echo = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut buf = vec![0; len];
+        conn.read_exact(&mut buf).expect("read at the listener");
+        conn.write_all(&buf).expect("echo");
+        buf
+    });
+    let payload: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    let mut conn = from
+        .tcp_connect(target, STARTUP)
+        .unwrap_or_else(|e| panic!("connect to {target} through the tunnel: {e}"));
+    conn.set_read_timeout(Some(STARTUP)).expect("timeout");
+    conn.write_all(&payload).expect("send");
+    let mut back = vec![0; len];
+    conn.read_exact(&mut back).expect("read the echo");
+    assert_eq!(
+        echo.join().expect("echo thread"),
+        payload,
+        "bytes at {target}"
+    );
+    assert_eq!(back, payload, "echo from {target}");
 }
 
 /// Parses hex bytes written as in protocol.md ("45 14 00 ...").
@@ -189,4 +261,28 @@ impl RawPeer {
             Err(e) => panic!("expected the server to close the connection: {e}"),
         }
     }
+}
+
+/// Runs `svpnctl --socket SOCKET ARGS...` (as `uid` if given).
+pub fn svpnctl(socket: &str, args: &[&str], uid: Option<u32>) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(SVPNCTL);
+    command.arg("--socket").arg(socket).args(args);
+    if let Some(uid) = uid {
+        command.uid(uid).gid(uid);
+    }
+    command.output().expect("run svpnctl")
+}
+
+/// `svpnctl --json ARGS...`, which must succeed, parsed.
+pub fn svpnctl_json(socket: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = svpnctl(socket, &all, None);
+    assert!(
+        out.status.success(),
+        "svpnctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("svpnctl prints JSON")
 }

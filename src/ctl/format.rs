@@ -1,0 +1,204 @@
+//! How svpnctl shows things: human units for tables, raw numbers and RFC 3339
+//! times for JSON.
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::{json, Value};
+use simplevpn::proto;
+
+/// "3m12s", "2h05m", "4d03h", "12s".
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// "512 B", "1.2 KiB", "3.4 MiB", "1.0 GiB".
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+pub fn time(ts: &Option<prost_types::Timestamp>) -> Option<SystemTime> {
+    (*ts).and_then(|t| SystemTime::try_from(t).ok())
+}
+
+/// How long ago `ts` was, as "3m12s", or "-" if unknown.
+pub fn age(ts: &Option<prost_types::Timestamp>, now: SystemTime) -> String {
+    time(ts)
+        .and_then(|t| now.duration_since(t).ok())
+        .map_or_else(|| "-".into(), human_duration)
+}
+
+pub fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Value {
+    time(ts).map_or(Value::Null, |t| {
+        Value::String(humantime::format_rfc3339_seconds(t).to_string())
+    })
+}
+
+pub fn dropped(p: &proto::Peer) -> u64 {
+    p.dropped_spoofed + p.dropped_queue_full + p.dropped_unassigned
+}
+
+pub fn peer_json(p: &proto::Peer) -> Value {
+    json!({
+        "address": p.address,
+        "remote": p.remote,
+        "connected_since": rfc3339(&p.connected_since),
+        "last_seen": rfc3339(&p.last_seen),
+        "rx_bytes": p.rx_bytes,
+        "tx_bytes": p.tx_bytes,
+        "rx_packets": p.rx_packets,
+        "tx_packets": p.tx_packets,
+        "dropped_spoofed": p.dropped_spoofed,
+        "dropped_queue_full": p.dropped_queue_full,
+        "dropped_unassigned": p.dropped_unassigned,
+        "protocol": p.protocol,
+        "name": p.name,
+    })
+}
+
+/// Rows of cells, left-aligned in columns two spaces apart.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        padded.join("  ").trim_end().to_string()
+    };
+    let mut out = vec![line(header.iter().map(|h| h.to_string()).collect())];
+    out.extend(rows.iter().map(|r| line(r.clone())));
+    out.join("\n")
+}
+
+pub fn peers_table(peers: &[proto::Peer], now: SystemTime) -> String {
+    let rows: Vec<Vec<String>> = peers
+        .iter()
+        .map(|p| {
+            vec![
+                p.address.clone(),
+                p.remote.clone(),
+                age(&p.connected_since, now),
+                format!("{} ago", age(&p.last_seen, now)),
+                human_bytes(p.rx_bytes),
+                human_bytes(p.tx_bytes),
+                dropped(p).to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ADDRESS",
+            "REMOTE",
+            "CONNECTED",
+            "LAST SEEN",
+            "RX",
+            "TX",
+            "DROPPED",
+        ],
+        &rows,
+    )
+}
+
+/// "key  value" lines, keys aligned.
+pub fn fields(pairs: &[(&str, String)]) -> String {
+    let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k:<width$}  {v}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub fn peer_fields(p: &proto::Peer, now: SystemTime) -> String {
+    let when = |ts: &Option<prost_types::Timestamp>| match time(ts) {
+        Some(t) => format!(
+            "{} ({} ago)",
+            humantime::format_rfc3339_seconds(t),
+            age(ts, now)
+        ),
+        None => "-".into(),
+    };
+    fields(&[
+        ("address", p.address.clone()),
+        ("remote", p.remote.clone()),
+        ("protocol", p.protocol.clone()),
+        (
+            "name",
+            if p.name.is_empty() {
+                "-".into()
+            } else {
+                p.name.clone()
+            },
+        ),
+        ("connected", when(&p.connected_since)),
+        ("last seen", when(&p.last_seen)),
+        (
+            "rx",
+            format!("{} in {} packets", human_bytes(p.rx_bytes), p.rx_packets),
+        ),
+        (
+            "tx",
+            format!("{} in {} packets", human_bytes(p.tx_bytes), p.tx_packets),
+        ),
+        (
+            "dropped",
+            format!(
+                "{} spoofed, {} queue full, {} before a grant",
+                p.dropped_spoofed, p.dropped_queue_full, p.dropped_unassigned
+            ),
+        ),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_duration(Duration::from_secs(12)), "12s");
+        assert_eq!(human_duration(Duration::from_secs(192)), "3m12s");
+        assert_eq!(human_duration(Duration::from_secs(7500)), "2h05m");
+        assert_eq!(
+            human_duration(Duration::from_secs(4 * 86400 + 3 * 3600)),
+            "4d03h"
+        );
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1258291), "1.2 MiB");
+        assert_eq!(human_bytes(1 << 30), "1.0 GiB");
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(
+            &["A", "LONGER"],
+            &[
+                vec!["wide cell".into(), "x".into()],
+                vec!["y".into(), "z".into()],
+            ],
+        );
+        assert_eq!(t, "A          LONGER\nwide cell  x\ny          z");
+    }
+}

@@ -1,0 +1,324 @@
+//! svpnctl: talks to a running simplevpnd over its control socket.
+
+mod format;
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::{Parser, Subcommand};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use simplevpn::proto::control_client::ControlClient;
+use simplevpn::proto::{self, peer_event::Kind};
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::Code;
+
+use format::*;
+
+/// Control a running simplevpnd: list, inspect, watch and kick peers.
+#[derive(Debug, Parser)]
+#[command(name = "svpnctl", version)]
+struct Cli {
+    /// The daemon's control socket
+    #[arg(
+        long,
+        global = true,
+        env = "SVPNCTL_SOCKET",
+        default_value = "/run/simplevpn/control.sock"
+    )]
+    socket: PathBuf,
+    /// Print JSON (raw numbers, RFC 3339 times) instead of tables
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// What the daemon is and does
+    Status,
+    /// Every peer that holds a tunnel address
+    Peers,
+    /// One peer in detail
+    Inspect {
+        /// Its tunnel address
+        address: Ipv4Addr,
+    },
+    /// Close a peer's connection and free its address
+    Kick {
+        /// Its tunnel address
+        address: Ipv4Addr,
+        /// Also refuse the same client for this long (e.g. 30s, 5m, 1h)
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ban: Option<Duration>,
+    },
+    /// Print peer events as they happen, until interrupted
+    Watch,
+}
+
+/// A failure to report: the message, and exit code 1.
+struct Failure(String);
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(message)) => {
+            eprintln!("svpnctl: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn connect(socket: &PathBuf) -> Result<ControlClient<Channel>, Failure> {
+    // Connect once by hand first, to say exactly what is wrong.
+    if let Err(e) = tokio::net::UnixStream::connect(socket).await {
+        let path = socket.display();
+        return Err(Failure(match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                format!("is simplevpnd running? no control socket at {path}")
+            }
+            std::io::ErrorKind::PermissionDenied => format!(
+                "permission denied opening {path}: join the socket's group (see ls -l {path}) or use sudo"
+            ),
+            _ => format!("cannot connect to {path}: {e}"),
+        }));
+    }
+    let path = socket.clone();
+    let channel = Endpoint::from_static("http://simplevpnd.invalid")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .map_err(|e| Failure(format!("cannot talk to {}: {e}", socket.display())))?;
+    Ok(ControlClient::new(channel))
+}
+
+fn failure(status: tonic::Status) -> Failure {
+    Failure(match status.code() {
+        Code::NotFound
+        | Code::PermissionDenied
+        | Code::FailedPrecondition
+        | Code::InvalidArgument => status.message().to_string(),
+        code => format!("{code:?}: {}", status.message()),
+    })
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let mut client = connect(&cli.socket).await?;
+    let now = SystemTime::now();
+    match cli.command {
+        Command::Status => {
+            let s = client
+                .status(proto::StatusRequest {})
+                .await
+                .map_err(failure)?
+                .into_inner();
+            if cli.json {
+                print_json(&status_json(&s));
+            } else {
+                println!("{}", status_text(&s, now));
+            }
+        }
+        Command::Peers => {
+            let peers = client
+                .list_peers(proto::ListPeersRequest {})
+                .await
+                .map_err(failure)?
+                .into_inner()
+                .peers;
+            if cli.json {
+                print_json(&Value::Array(peers.iter().map(peer_json).collect()));
+            } else if peers.is_empty() {
+                println!("no peers");
+            } else {
+                println!("{}", peers_table(&peers, now));
+            }
+        }
+        Command::Inspect { address } => {
+            let peer = client
+                .get_peer(proto::GetPeerRequest {
+                    address: address.to_string(),
+                })
+                .await
+                .map_err(failure)?
+                .into_inner();
+            if cli.json {
+                print_json(&peer_json(&peer));
+            } else {
+                println!("{}", peer_fields(&peer, now));
+            }
+        }
+        Command::Kick { address, ban } => {
+            let reply = client
+                .kick_peer(proto::KickPeerRequest {
+                    address: address.to_string(),
+                    ban_seconds: ban.map(|b| b.as_secs().max(1)),
+                })
+                .await
+                .map_err(failure)?
+                .into_inner();
+            let remote = reply
+                .peer
+                .as_ref()
+                .map(|p| p.remote.clone())
+                .unwrap_or_default();
+            if cli.json {
+                print_json(&json!({
+                    "kicked": reply.peer.as_ref().map(peer_json),
+                    "ban_seconds": ban.map(|b| b.as_secs()),
+                }));
+            } else {
+                match ban {
+                    Some(ban) => println!(
+                        "kicked {address} ({remote}); banned for {}",
+                        humantime::format_duration(ban)
+                    ),
+                    None => println!("kicked {address} ({remote})"),
+                }
+            }
+        }
+        Command::Watch => {
+            let mut events = client
+                .watch_peers(proto::WatchPeersRequest {})
+                .await
+                .map_err(failure)?
+                .into_inner();
+            while let Some(event) = events.message().await.map_err(failure)? {
+                if cli.json {
+                    println!("{}", event_json(&event));
+                } else {
+                    println!("{}", event_text(&event));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn kind_name(event: &proto::PeerEvent) -> &'static str {
+    match Kind::try_from(event.kind).unwrap_or(Kind::Unspecified) {
+        Kind::Connected => "connected",
+        Kind::Granted => "granted",
+        Kind::Disconnected => "disconnected",
+        Kind::Kicked => "kicked",
+        Kind::Refused => "refused",
+        Kind::Lagged => "lagged",
+        Kind::Unspecified => "unknown",
+    }
+}
+
+fn event_json(e: &proto::PeerEvent) -> Value {
+    json!({
+        "event": kind_name(e),
+        "time": rfc3339(&e.time),
+        "remote": e.remote,
+        "address": e.address,
+        "reason": e.reason,
+        "missed": e.missed,
+    })
+}
+
+fn event_text(e: &proto::PeerEvent) -> String {
+    let time = rfc3339(&e.time);
+    let time = time.as_str().unwrap_or("-");
+    if kind_name(e) == "lagged" {
+        return format!("{time}  lagged: missed {} events", e.missed);
+    }
+    let mut line = format!("{time}  {:<12}  {}", kind_name(e), e.remote);
+    if !e.address.is_empty() {
+        line.push_str(&format!("  {}", e.address));
+    }
+    if !e.reason.is_empty() {
+        line.push_str(&format!("  ({})", e.reason));
+    }
+    line
+}
+
+fn status_json(s: &proto::StatusReply) -> Value {
+    let mut v = json!({
+        "role": s.role,
+        "version": s.version,
+        "started": rfc3339(&s.started),
+        "tun": s.tun,
+        "address": s.address,
+    });
+    let extra = match s.role.as_str() {
+        "server" => json!({
+            "listen": s.listen,
+            "network": s.network,
+            "peer_count": s.peer_count,
+            "free_addresses": s.free_addresses,
+            "dropped_to_tun": s.dropped_to_tun,
+        }),
+        _ => json!({
+            "server": s.server,
+            "link_state": s.link_state,
+            "server_peer": s.server_peer.as_ref().map(peer_json),
+        }),
+    };
+    if let (Some(v), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+        v.extend(extra.clone());
+    }
+    v
+}
+
+fn status_text(s: &proto::StatusReply, now: SystemTime) -> String {
+    let or_dash = |v: &str| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.to_string()
+        }
+    };
+    let mut pairs = vec![
+        ("role", s.role.clone()),
+        ("version", s.version.clone()),
+        ("uptime", age(&s.started, now)),
+        ("tun", s.tun.clone()),
+        ("address", or_dash(&s.address)),
+    ];
+    if s.role == "server" {
+        pairs.extend([
+            ("listen", s.listen.clone()),
+            ("network", s.network.clone()),
+            (
+                "peers",
+                format!("{} ({} addresses free)", s.peer_count, s.free_addresses),
+            ),
+        ]);
+    } else {
+        pairs.extend([
+            ("server", s.server.clone()),
+            ("link", or_dash(&s.link_state)),
+        ]);
+        if let Some(p) = &s.server_peer {
+            pairs.extend([
+                ("connected", age(&p.connected_since, now)),
+                (
+                    "rx",
+                    format!("{} in {} packets", human_bytes(p.rx_bytes), p.rx_packets),
+                ),
+                (
+                    "tx",
+                    format!("{} in {} packets", human_bytes(p.tx_bytes), p.tx_packets),
+                ),
+            ]);
+        }
+    }
+    fields(&pairs)
+}

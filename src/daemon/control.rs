@@ -1,0 +1,405 @@
+//! The control service (proto/control.proto): gRPC over a Unix socket, with
+//! callers authorized by their peer credentials.
+
+use std::fs;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use nix::sys::stat::{umask, Mode};
+use nix::unistd::{chown, Gid};
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::{BroadcastStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use super::events::{EventKind, PeerEvent};
+use super::registry::PeerInfo;
+use crate::proto::{self, control_server::ControlServer};
+
+/// What the control service asks of a running role (server or client).
+pub trait Node: Send + Sync + 'static {
+    fn status(&self) -> proto::StatusReply;
+    /// Every peer that holds an address, ordered by address.
+    fn peers(&self) -> Vec<PeerInfo>;
+    /// The peer that holds `address`.
+    fn peer(&self, address: Ipv4Addr) -> Option<PeerInfo> {
+        self.peers().into_iter().find(|p| p.address == address)
+    }
+    /// Closes the connection of the peer at `address`; with `ban`, refuses
+    /// the same client for that long. `by` says who asked, for the log.
+    fn kick(
+        &self,
+        address: Ipv4Addr,
+        ban: Option<Duration>,
+        by: &str,
+    ) -> Result<PeerInfo, KickError>;
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<PeerEvent>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KickError {
+    #[error("no peer holds {0}")]
+    NoSuchPeer(Ipv4Addr),
+    #[error("this is a client daemon: it has no peers to kick")]
+    NotAServer,
+}
+
+/// Why the control socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlSocketError {
+    #[error("control socket {0}: another simplevpnd is serving it")]
+    Live(PathBuf),
+    #[error("control socket {0}: exists and is not a socket")]
+    NotASocket(PathBuf),
+    #[error("control socket {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{field}: no such group {name:?}")]
+    NoSuchGroup { field: &'static str, name: String },
+}
+
+/// Resolves the groups of `config` and binds its socket; `service_uid` is
+/// the user the daemon runs as (it may always make changes).
+pub fn open(
+    config: &crate::config::ControlConfig,
+    service_uid: u32,
+) -> Result<super::ControlOptions, ControlSocketError> {
+    let group_id = |field: &'static str, name: &str| match nix::unistd::Group::from_name(name) {
+        Ok(Some(group)) => Ok(Some(group.gid)),
+        _ => Err(ControlSocketError::NoSuchGroup {
+            field,
+            name: name.to_string(),
+        }),
+    };
+    let group = match group_id("control.group", &config.group) {
+        Err(_) if !config.group_configured => {
+            warn!(group = %config.group, "no such group: the control socket keeps the daemon's group");
+            None
+        }
+        other => other?,
+    };
+    let admin_gid = match &config.admin_group {
+        Some(name) => group_id("control.admin_group", name)?.map(Gid::as_raw),
+        None => None,
+    };
+    Ok(super::ControlOptions {
+        socket: bind(&config.socket, group)?,
+        access: Access {
+            service_uid,
+            admin_gid,
+        },
+    })
+}
+
+/// A bound control socket, ready to serve.
+#[derive(Debug)]
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Binds the control socket at `path` with mode 0660 and group `group`. A
+/// stale socket (nobody accepting) is replaced; a live one is an error.
+pub fn bind(path: &Path, group: Option<Gid>) -> Result<ControlSocket, ControlSocketError> {
+    let io_err = |source| ControlSocketError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            fs::create_dir_all(dir).map_err(io_err)?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err)?;
+        }
+    }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ControlSocketError::NotASocket(path.to_path_buf()))
+        }
+        Ok(_) if UnixStream::connect(path).is_ok() => {
+            return Err(ControlSocketError::Live(path.to_path_buf()))
+        }
+        Ok(_) => {
+            warn!(path = %path.display(), "replacing a stale control socket");
+            fs::remove_file(path).map_err(io_err)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    // No moment with a socket that others could open: bind under a umask.
+    let old = umask(Mode::from_bits_truncate(0o117));
+    let bound = UnixListener::bind(path);
+    umask(old);
+    let listener = bound.map_err(io_err)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o660)).map_err(io_err)?;
+    if group.is_some() {
+        chown(path, None, group).map_err(|e| io_err(e.into()))?;
+    }
+    listener.set_nonblocking(true).map_err(io_err)?;
+    Ok(ControlSocket {
+        listener,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Who may change things (KickPeer): uid 0, the daemon's own user, and
+/// members of the admin group. Reading is open to whoever can open the socket.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub service_uid: u32,
+    pub admin_gid: Option<u32>,
+}
+
+impl Access {
+    /// Whether the process `pid` of `uid`/`gid` may make changes.
+    fn may_change(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        uid == 0
+            || uid == self.service_uid
+            || self.admin_gid.is_some_and(|admin| {
+                gid == admin || pid.is_some_and(|pid| supplementary_groups(pid).contains(&admin))
+            })
+    }
+}
+
+/// The supplementary groups of process `pid`, from /proc.
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|l| {
+                l.strip_prefix("Groups:").map(|g| {
+                    g.split_whitespace()
+                        .filter_map(|n| n.parse().ok())
+                        .collect()
+                })
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Serves the control API on `socket` until `shutdown`, then removes it.
+pub async fn serve(
+    socket: ControlSocket,
+    node: Arc<dyn Node>,
+    access: Access,
+    shutdown: CancellationToken,
+) {
+    let path = socket.path.clone();
+    let listener = match tokio::net::UnixListener::from_std(socket.listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "control socket unusable; no control API");
+            return;
+        }
+    };
+    info!(path = %path.display(), "control socket ready");
+    let service = ControlService { node, access };
+    let served = tonic::transport::Server::builder()
+        .add_service(ControlServer::new(service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.cancelled())
+        .await;
+    if let Err(e) = served {
+        warn!(error = %e, "control service stopped");
+    }
+    // Best effort: the socket's directory may not be ours to write any more.
+    let _ = fs::remove_file(&path);
+}
+
+struct ControlService {
+    node: Arc<dyn Node>,
+    access: Access,
+}
+
+fn parse_address(text: &str) -> Result<Ipv4Addr, Status> {
+    text.parse()
+        .map_err(|_| Status::invalid_argument(format!("{text:?} is not an IPv4 address")))
+}
+
+#[tonic::async_trait]
+impl proto::control_server::Control for ControlService {
+    async fn status(
+        &self,
+        _: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusReply>, Status> {
+        Ok(Response::new(self.node.status()))
+    }
+
+    async fn list_peers(
+        &self,
+        _: Request<proto::ListPeersRequest>,
+    ) -> Result<Response<proto::ListPeersReply>, Status> {
+        let peers = self.node.peers().iter().map(proto::Peer::from).collect();
+        Ok(Response::new(proto::ListPeersReply { peers }))
+    }
+
+    async fn get_peer(
+        &self,
+        request: Request<proto::GetPeerRequest>,
+    ) -> Result<Response<proto::Peer>, Status> {
+        let address = parse_address(&request.get_ref().address)?;
+        self.node
+            .peer(address)
+            .map(|p| Response::new((&p).into()))
+            .ok_or_else(|| Status::not_found(format!("no peer holds {address}")))
+    }
+
+    async fn kick_peer(
+        &self,
+        request: Request<proto::KickPeerRequest>,
+    ) -> Result<Response<proto::KickPeerReply>, Status> {
+        let cred = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred)
+            .ok_or_else(|| Status::permission_denied("caller credentials unknown"))?;
+        if !self.access.may_change(cred.uid(), cred.gid(), cred.pid()) {
+            warn!(uid = cred.uid(), "kick refused: not an administrator");
+            return Err(Status::permission_denied(format!(
+                "uid {} may not kick peers: only root, the daemon's user and the admin group may",
+                cred.uid()
+            )));
+        }
+        let address = parse_address(&request.get_ref().address)?;
+        let ban = request
+            .get_ref()
+            .ban_seconds
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs);
+        match self.node.kick(address, ban, &format!("uid {}", cred.uid())) {
+            Ok(peer) => Ok(Response::new(proto::KickPeerReply {
+                peer: Some((&peer).into()),
+            })),
+            Err(e @ KickError::NoSuchPeer(_)) => Err(Status::not_found(e.to_string())),
+            Err(e @ KickError::NotAServer) => Err(Status::failed_precondition(e.to_string())),
+        }
+    }
+
+    type WatchPeersStream = Pin<Box<dyn Stream<Item = Result<proto::PeerEvent, Status>> + Send>>;
+
+    async fn watch_peers(
+        &self,
+        _: Request<proto::WatchPeersRequest>,
+    ) -> Result<Response<Self::WatchPeersStream>, Status> {
+        let events = BroadcastStream::new(self.node.subscribe()).map(|event| {
+            Ok(match event {
+                Ok(event) => proto::PeerEvent::from(&event),
+                Err(BroadcastStreamRecvError::Lagged(missed)) => proto::PeerEvent {
+                    kind: proto::peer_event::Kind::Lagged.into(),
+                    time: Some(std::time::SystemTime::now().into()),
+                    missed,
+                    ..Default::default()
+                },
+            })
+        });
+        Ok(Response::new(Box::pin(events)))
+    }
+}
+
+impl From<&PeerInfo> for proto::Peer {
+    fn from(p: &PeerInfo) -> proto::Peer {
+        proto::Peer {
+            address: p.address.to_string(),
+            remote: p.remote.to_string(),
+            connected_since: Some(p.connected_since.into()),
+            last_seen: Some(p.last_seen.into()),
+            rx_bytes: p.rx_bytes,
+            rx_packets: p.rx_packets,
+            tx_bytes: p.tx_bytes,
+            tx_packets: p.tx_packets,
+            dropped_spoofed: p.dropped_spoofed,
+            dropped_queue_full: p.dropped_queue_full,
+            dropped_unassigned: p.dropped_unassigned,
+            protocol: p.protocol.to_string(),
+            name: String::new(),
+        }
+    }
+}
+
+impl From<&PeerEvent> for proto::PeerEvent {
+    fn from(e: &PeerEvent) -> proto::PeerEvent {
+        use proto::peer_event::Kind;
+        let kind = match e.kind {
+            EventKind::Connected => Kind::Connected,
+            EventKind::Granted => Kind::Granted,
+            EventKind::Disconnected => Kind::Disconnected,
+            EventKind::Kicked => Kind::Kicked,
+            EventKind::Refused => Kind::Refused,
+        };
+        proto::PeerEvent {
+            kind: kind.into(),
+            time: Some(e.time.into()),
+            remote: e.remote.to_string(),
+            address: e.address.map(|a| a.to_string()).unwrap_or_default(),
+            reason: e.reason.clone(),
+            missed: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn who_may_change_things() {
+        let access = Access {
+            service_uid: 999,
+            admin_gid: Some(4242),
+        };
+        assert!(access.may_change(0, 0, None));
+        assert!(access.may_change(999, 999, None));
+        assert!(access.may_change(1000, 4242, None));
+        assert!(!access.may_change(1000, 1000, None));
+        let no_admins = Access {
+            service_uid: 999,
+            admin_gid: None,
+        };
+        assert!(!no_admins.may_change(1000, 4242, None));
+        // Supplementary groups come from /proc: this process's own.
+        let me = std::process::id() as i32;
+        let mine = supplementary_groups(me);
+        if let Some(&group) = mine.first() {
+            let access = Access {
+                service_uid: 999,
+                admin_gid: Some(group),
+            };
+            assert!(access.may_change(1000, 1000, Some(me)));
+        }
+    }
+
+    #[test]
+    fn stale_sockets_are_replaced_and_live_ones_refused() {
+        let dir = std::env::temp_dir().join(format!("svctl-unit-{}", std::process::id()));
+        let path = dir.join("sub").join("control.sock");
+        let live = bind(&path, None).expect("first bind");
+        let mode = fs::metadata(&path).expect("socket").permissions().mode();
+        assert_eq!(mode & 0o777, 0o660);
+        assert!(matches!(
+            bind(&path, None),
+            Err(ControlSocketError::Live(_))
+        ));
+        drop(live);
+        let again = bind(&path, None).expect("stale socket replaced");
+        drop(again);
+        fs::remove_file(&path).expect("remove socket");
+        fs::write(&path, b"not a socket").expect("plain file");
+        assert!(matches!(
+            bind(&path, None),
+            Err(ControlSocketError::NotASocket(_))
+        ));
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}
