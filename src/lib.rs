@@ -9,8 +9,10 @@
 pub mod config;
 pub mod connection;
 pub mod daemon;
+pub mod keys;
 pub mod netdev;
 pub mod pool;
+pub mod tls;
 pub mod wire;
 
 /// The gRPC control API (proto/control.proto), generated at build time.

@@ -1,0 +1,183 @@
+//! Node keys: an Ed25519 key pair per node, the private key in a PEM file
+//! (PKCS#8, mode 0600), the public key shown and configured as one line of
+//! base64 (32 raw bytes), as WireGuard users are used to.
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use rcgen::{KeyPair, PKCS_ED25519};
+
+/// Length of a raw Ed25519 public key.
+const PUBLIC_KEY_LEN: usize = 32;
+
+/// Why a key could not be made, read or parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{0} already exists; refusing to overwrite a key")]
+    Exists(PathBuf),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: not an Ed25519 private key in PEM (PKCS#8): {reason}")]
+    BadPrivateKey { path: PathBuf, reason: String },
+    #[error("{path}: readable by others (mode {mode:o}); run: chmod 600 {path}")]
+    TooOpen { path: PathBuf, mode: u32 },
+    #[error("{0:?} is not a public key (44 characters of base64 for 32 bytes)")]
+    BadPublicKey(String),
+    #[error("key generation failed: {0}")]
+    Generate(String),
+}
+
+/// A node's public key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey([u8; PUBLIC_KEY_LEN]);
+
+impl PublicKey {
+    pub fn from_raw(bytes: &[u8]) -> Option<PublicKey> {
+        bytes.try_into().ok().map(PublicKey)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; PUBLIC_KEY_LEN] {
+        &self.0
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&STANDARD.encode(self.0))
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = KeyError;
+    fn from_str(s: &str) -> Result<PublicKey, KeyError> {
+        STANDARD
+            .decode(s.trim())
+            .ok()
+            .and_then(|raw| PublicKey::from_raw(&raw))
+            .ok_or_else(|| KeyError::BadPublicKey(s.to_string()))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<PublicKey, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A node's key pair, loaded from its private key file.
+pub struct NodeKey {
+    pair: KeyPair,
+}
+
+impl fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeKey({})", self.public())
+    }
+}
+
+impl NodeKey {
+    /// Writes a new private key to `path` (mode 0600, never overwriting).
+    pub fn generate(path: &Path) -> Result<NodeKey, KeyError> {
+        let pair =
+            KeyPair::generate_for(&PKCS_ED25519).map_err(|e| KeyError::Generate(e.to_string()))?;
+        let io_err = |source| KeyError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => KeyError::Exists(path.to_path_buf()),
+                _ => io_err(e),
+            })?;
+        file.write_all(pair.serialize_pem().as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(io_err)?;
+        Ok(NodeKey { pair })
+    }
+
+    /// Reads a private key file; refuses one that others may read.
+    pub fn load(path: &Path) -> Result<NodeKey, KeyError> {
+        let io_err = |source| KeyError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mode = fs::metadata(path).map_err(io_err)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(KeyError::TooOpen {
+                path: path.to_path_buf(),
+                mode: mode & 0o777,
+            });
+        }
+        let pem = fs::read_to_string(path).map_err(io_err)?;
+        let bad = |reason: String| KeyError::BadPrivateKey {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let pair = KeyPair::from_pem(&pem).map_err(|e| bad(e.to_string()))?;
+        if !pair.is_compatible(&PKCS_ED25519) {
+            return Err(bad("another algorithm".into()));
+        }
+        Ok(NodeKey { pair })
+    }
+
+    pub fn public(&self) -> PublicKey {
+        PublicKey::from_raw(&self.pair.public_key_raw()).unwrap_or(PublicKey([0; PUBLIC_KEY_LEN]))
+    }
+
+    pub fn pair(&self) -> &KeyPair {
+        &self.pair
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("svkeys-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("temp dir");
+        dir.join("node.key")
+    }
+
+    #[test]
+    fn generate_load_and_print() {
+        let path = temp("roundtrip");
+        let key = NodeKey::generate(&path).expect("generate");
+        let mode = fs::metadata(&path).expect("key file").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = NodeKey::load(&path).expect("load");
+        assert_eq!(key.public(), again.public());
+        let text = key.public().to_string();
+        assert_eq!(text.len(), 44);
+        assert_eq!(text.parse::<PublicKey>().expect("parse"), key.public());
+        assert!(matches!(NodeKey::generate(&path), Err(KeyError::Exists(_))));
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert!(matches!(NodeKey::load(&path), Err(KeyError::TooOpen { .. })));
+        fs::remove_dir_all(path.parent().expect("dir")).expect("cleanup");
+    }
+
+    #[test]
+    fn bad_public_keys() {
+        for bad in ["", "abc", "AAAA", &STANDARD.encode([1u8; 31])] {
+            assert!(bad.parse::<PublicKey>().is_err(), "{bad:?}");
+        }
+    }
+}

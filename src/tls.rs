@@ -1,0 +1,283 @@
+//! TLS 1.3 with mutual authentication by pinned public keys, no CA: each side
+//! presents a self-signed certificate for its node key, and each side checks
+//! the other's key (the certificate's real SubjectPublicKeyInfo) against its
+//! configuration. The handshake signature proves possession of that key.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::ParsedCertificate;
+use rustls::{DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
+
+use crate::keys::{NodeKey, PublicKey};
+
+/// The name both sides put in, and ignore in, certificates and SNI.
+pub const SERVER_NAME: &str = "simplevpn";
+
+/// The DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410), before
+/// the 32 key bytes.
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("certificate for the node key: {0}")]
+    Certificate(String),
+    #[error("TLS configuration: {0}")]
+    Config(#[from] Error),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    rustls::crypto::ring::default_provider().signature_verification_algorithms
+}
+
+/// The public key a peer's certificate carries, if it is an Ed25519 key.
+pub fn certificate_key(cert: &CertificateDer<'_>) -> Result<PublicKey, Error> {
+    let parsed = ParsedCertificate::try_from(cert)?;
+    let spki = parsed.subject_public_key_info();
+    spki.strip_prefix(&ED25519_SPKI_PREFIX[..])
+        .and_then(PublicKey::from_raw)
+        .ok_or_else(|| Error::General("the peer's certificate key is not Ed25519".into()))
+}
+
+/// The key the peer of an established connection authenticated with.
+pub fn peer_key(connection: &rustls::CommonState) -> Option<PublicKey> {
+    connection
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|cert| certificate_key(cert).ok())
+}
+
+/// A self-signed certificate for `key`, and the key in rustls's form.
+fn identity(
+    key: &NodeKey,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])
+        .map_err(|e| TlsError::Certificate(e.to_string()))?;
+    let cert = params
+        .self_signed(key.pair())
+        .map_err(|e| TlsError::Certificate(e.to_string()))?;
+    let private = PrivatePkcs8KeyDer::from(key.pair().serialize_der());
+    Ok((vec![cert.der().clone()], PrivateKeyDer::Pkcs8(private)))
+}
+
+/// The server's TLS config: TLS 1.3 only, client certificates required and
+/// accepted only for the keys in `allowed`.
+pub fn server_config(
+    key: &NodeKey,
+    allowed: HashSet<PublicKey>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let (certs, private) = identity(key)?;
+    let verifier = Arc::new(PinnedClients {
+        allowed,
+        algorithms: algorithms(),
+    });
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, private)?;
+    // One long connection per client: resumption tickets would be unused.
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// A client's TLS config: TLS 1.3 only, the server's key pinned to `server`.
+pub fn client_config(
+    key: &NodeKey,
+    server: PublicKey,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let (certs, private) = identity(key)?;
+    let verifier = Arc::new(PinnedServer {
+        key: server,
+        algorithms: algorithms(),
+    });
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(certs, private)?;
+    Ok(Arc::new(config))
+}
+
+/// The name a client sends (nothing checks it: the key is the identity).
+pub fn server_name() -> ServerName<'static> {
+    ServerName::DnsName(rustls::pki_types::DnsName::try_from(SERVER_NAME).expect("valid DNS name"))
+}
+
+/// Accepts client certificates whose key is listed.
+#[derive(Debug)]
+struct PinnedClients {
+    allowed: HashSet<PublicKey>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for PinnedClients {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let key = certificate_key(end_entity)?;
+        match self.allowed.contains(&key) {
+            true => Ok(ClientCertVerified::assertion()),
+            false => Err(Error::General(format!("unknown client key {key}"))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        Err(Error::General("TLS 1.2 is not accepted".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+/// Accepts only the server certificate whose key is the pinned one.
+#[derive(Debug)]
+struct PinnedServer {
+    key: PublicKey,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let key = certificate_key(end_entity)?;
+        match key == self.key {
+            true => Ok(ServerCertVerified::assertion()),
+            false => Err(Error::General(format!(
+                "the server's key {key} is not the pinned server_key {}",
+                self.key
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        Err(Error::General("TLS 1.2 is not accepted".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn key(name: &str) -> NodeKey {
+        let dir = std::env::temp_dir().join(format!("svtls-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let key = NodeKey::generate(&dir.join("k")).expect("key");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+        key
+    }
+
+    /// Runs a handshake over an in-memory pipe; returns what each side saw.
+    async fn handshake(
+        server: Arc<rustls::ServerConfig>,
+        client: Arc<rustls::ClientConfig>,
+    ) -> (Result<Option<PublicKey>, String>, Result<(), String>) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        let connector = tokio_rustls::TlsConnector::from(client);
+        let server_side = tokio::spawn(async move {
+            let mut stream = acceptor.accept(a).await.map_err(|e| e.to_string())?;
+            let key = peer_key(stream.get_ref().1);
+            let mut buf = [0u8; 5];
+            stream.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            stream.write_all(b"ok").await.map_err(|e| e.to_string())?;
+            stream.flush().await.map_err(|e| e.to_string())?;
+            Ok(key)
+        });
+        let client_side = async move {
+            let mut stream = connector
+                .connect(server_name(), b)
+                .await
+                .map_err(|e| e.to_string())?;
+            stream.write_all(b"hello").await.map_err(|e| e.to_string())?;
+            stream.flush().await.map_err(|e| e.to_string())?;
+            let mut reply = [0u8; 2];
+            stream.read_exact(&mut reply).await.map_err(|e| e.to_string())?;
+            Ok(())
+        }
+        .await;
+        let server_result = server_side.await.unwrap_or_else(|e| Err(e.to_string()));
+        (server_result, client_side)
+    }
+
+    #[tokio::test]
+    async fn pinned_keys_authenticate_both_ways() {
+        let (server, client, stranger) = (key("s"), key("c"), key("x"));
+        let allowed: HashSet<_> = [client.public()].into();
+        let server_config = server_config(&server, allowed).expect("server config");
+
+        let good = client_config(&client, server.public()).expect("client config");
+        let (server_saw, client_saw) = handshake(server_config.clone(), good).await;
+        assert_eq!(server_saw, Ok(Some(client.public())));
+        assert_eq!(client_saw, Ok(()));
+
+        // An unlisted client key: the server refuses, naming the key.
+        let unlisted = client_config(&stranger, server.public()).expect("config");
+        let (server_saw, _) = handshake(server_config.clone(), unlisted).await;
+        let err = server_saw.expect_err("unlisted key refused");
+        assert!(err.contains(&stranger.public().to_string()), "{err}");
+
+        // A client pinning another server key refuses the server.
+        let wrong_pin = client_config(&client, stranger.public()).expect("config");
+        let (_, client_saw) = handshake(server_config, wrong_pin).await;
+        let err = client_saw.expect_err("wrong server key refused");
+        assert!(err.contains("not the pinned server_key"), "{err}");
+    }
+}
