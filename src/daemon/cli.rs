@@ -51,6 +51,9 @@ pub struct ServerArgs {
     /// MTU of the server's tun [default: 1500]
     #[arg(long, value_name = "BYTES")]
     pub mtu: Option<u32>,
+    /// Unprivileged user to run as, once the helper is started [default: simplevpn]
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +73,9 @@ pub struct ClientArgs {
     /// MTU of the client's tun [default: 1500]
     #[arg(long, value_name = "BYTES")]
     pub mtu: Option<u32>,
+    /// Unprivileged user to run as, once the helper is started [default: simplevpn]
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
 }
 
 impl From<ServerArgs> for ServerSection {
@@ -81,6 +87,7 @@ impl From<ServerArgs> for ServerSection {
             client_timeout: args.client_timeout,
             handshake_timeout: args.handshake_timeout,
             mtu: args.mtu,
+            user: args.user,
             ..ServerSection::default()
         }
     }
@@ -94,6 +101,7 @@ impl From<ClientArgs> for ClientSection {
             tun: args.tun,
             timeout: args.timeout,
             mtu: args.mtu,
+            user: args.user,
             ..ClientSection::default()
         }
     }

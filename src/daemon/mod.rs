@@ -2,6 +2,8 @@
 
 pub mod cli;
 pub mod client;
+pub mod helper;
+pub mod privileges;
 mod registry;
 pub mod server;
 
@@ -9,6 +11,7 @@ use std::net::SocketAddr;
 
 use tokio_util::sync::CancellationToken;
 
+use self::helper::{Helper, HelperError};
 use crate::config::{ClientConfig, ServerConfig};
 use crate::netdev::NetdevError;
 
@@ -17,6 +20,16 @@ use crate::netdev::NetdevError;
 pub enum Role {
     Server(ServerConfig),
     Client(ClientConfig),
+}
+
+impl Role {
+    /// The service user this role runs as.
+    pub fn user(&self) -> &str {
+        match self {
+            Role::Server(config) => &config.user,
+            Role::Client(config) => &config.user,
+        }
+    }
 }
 
 /// Why the daemon could not run.
@@ -31,12 +44,34 @@ pub enum DaemonError {
     },
     #[error("tun device: {0}")]
     Tun(#[from] std::io::Error),
+    #[error("{0}")]
+    Helper(#[from] HelperError),
 }
 
-/// Runs the daemon in `role` until `shutdown` is cancelled.
-pub async fn run(role: Role, shutdown: CancellationToken) -> Result<(), DaemonError> {
-    match role {
-        Role::Server(config) => server::run(config, shutdown).await,
-        Role::Client(config) => client::run(config, shutdown).await,
+/// Runs the daemon in `role` until `shutdown` is cancelled, with `helper`
+/// doing everything that needs privilege. If the helper dies, the role is
+/// stopped and the result is an error ([`HelperError::Died`]).
+pub async fn run(
+    role: Role,
+    helper: Helper,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    let stop = shutdown.child_token();
+    let role_stop = stop.clone();
+    let helper_ref = &helper;
+    let role_run = async move {
+        match role {
+            Role::Server(config) => server::run(config, helper_ref, role_stop).await,
+            Role::Client(config) => client::run(config, helper_ref, role_stop).await,
+        }
+    };
+    tokio::pin!(role_run);
+    tokio::select! {
+        result = &mut role_run => result,
+        why = helper.lost() => {
+            stop.cancel();
+            let _ = role_run.await;
+            Err(HelperError::Died(why).into())
+        }
     }
 }

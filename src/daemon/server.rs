@@ -13,11 +13,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument, Span};
 
+use super::helper::Helper;
 use super::registry::{Delivery, PeerLink, PeerStats, Registry};
 use super::DaemonError;
 use crate::config::ServerConfig;
 use crate::connection::{write_frames, FrameReader, ReadError};
-use crate::netdev::{create_tun, AsyncTun, LinkConfig};
+use crate::netdev::AsyncTun;
 use crate::pool::server_address;
 use crate::wire::{ipv4_addresses, Control, Decoder, Frame, Request};
 
@@ -35,16 +36,20 @@ struct Shared {
     dropped_to_tun: AtomicU64,
 }
 
-/// Runs the server until `shutdown` is cancelled.
-pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
+/// Runs the server until `shutdown` is cancelled; `helper` creates and
+/// configures the tun.
+pub async fn run(
+    config: ServerConfig,
+    helper: &Helper,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
     let own_address = server_address(config.network);
-    let tun = create_tun(&config.tun)?;
-    let links = LinkConfig::connect().await?;
-    links.set_mtu(tun.index, config.mtu).await?;
-    links
+    let tun = helper.open_tun().await?;
+    helper.set_mtu(tun.index, config.mtu).await?;
+    helper
         .set_ipv4(tun.index, own_address, config.network.prefix_len())
         .await?;
-    links.set_up(tun.index).await?;
+    helper.set_up(tun.index).await?;
     let tun_name = tun.name.clone();
     let tun = Arc::new(AsyncTun::new(tun.fd)?);
 

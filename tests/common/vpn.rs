@@ -14,6 +14,8 @@ pub const NETWORK: &str = "198.19.0.0/16";
 pub const SERVER_TUNNEL: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 pub const TUN: &str = "svpn0";
 pub const STARTUP: Duration = Duration::from_secs(10);
+/// The service user every daemon the tests start drops to.
+pub const USER: &str = "nobody";
 
 /// Server namespace plus `n` client namespaces; client `i` reaches the server
 /// at 198.18.{i+1}.1 from 198.18.{i+1}.2.
@@ -47,7 +49,7 @@ impl Bed {
 
     /// Starts `simplevpnd server` with `extra` flags and waits until it serves.
     pub fn start_server(&self, extra: &[&str]) -> Daemon {
-        let mut args = vec!["server", "--network", NETWORK];
+        let mut args = vec!["server", "--network", NETWORK, "--user", USER];
         args.extend_from_slice(extra);
         let server = self.server.spawn(SIMPLEVPND, &args);
         assert!(
@@ -61,7 +63,7 @@ impl Bed {
     /// Starts `simplevpnd client` in client namespace `i` and waits for its grant.
     pub fn start_client(&self, i: usize, extra: &[&str]) -> Daemon {
         let server = self.server_addr(i).to_string();
-        let mut args = vec!["client", "-s", server.as_str()];
+        let mut args = vec!["client", "-s", server.as_str(), "--user", USER];
         args.extend_from_slice(extra);
         let client = self.clients[i].spawn(SIMPLEVPND, &args);
         assert!(
