@@ -93,7 +93,7 @@ fn main() -> ExitCode {
     };
     match privileges::reap(child, HELPER_EXIT_TIMEOUT) {
         Some(status) if status.success() => {}
-        Some(status) => warn!("simplevpn-helper {status}"),
+        Some(status) => warn!("simplevpn-helper exited: {status}"),
         None => warn!("simplevpn-helper could not be reaped"),
     }
     code
