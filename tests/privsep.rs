@@ -415,3 +415,64 @@ fn a_missing_or_root_user_is_a_one_line_error_with_exit_2() {
         assert!(stderr.contains("user: \"root\" is root"), "{stderr}");
     }
 }
+
+#[test]
+fn a_client_exits_when_its_helper_refuses_the_granted_address() {
+    if !require_root("a_client_exits_when_its_helper_refuses_the_granted_address") {
+        return;
+    }
+    let bed = Bed::new("refused", 1);
+    let _server = bed.start_server(&[]);
+    // The client trusts only 198.20.0.0/16; the server grants from 198.19.0.0/16.
+    let config = std::env::temp_dir().join(format!("svt-refused-{}.toml", std::process::id()));
+    fs::write(&config, "[client]\nnetwork = \"198.20.0.0/16\"\n").expect("write config");
+    let server = bed.server_addr(0).to_string();
+    let config_arg = config.to_str().expect("utf-8 path");
+    let mut client = bed.clients[0].spawn(
+        SIMPLEVPND,
+        &[
+            "client", "--config", config_arg, "-s", &server, "--user", USER,
+        ],
+    );
+    let exited = wait_until(STARTUP, || client.try_status().is_some());
+    fs::remove_file(&config).ok();
+    assert!(exited, "client still running:\n{}", client.log());
+    let status = client.try_status().expect("exit status");
+    assert_eq!(status.code(), Some(1), "{status}\n{}", client.log());
+    assert!(
+        client
+            .log()
+            .contains("simplevpn-helper refused to set address 198.19.0.2/16"),
+        "{}",
+        client.log()
+    );
+    assert!(bed.clients[0].ipv4_addrs(TUN).is_empty());
+}
+
+#[test]
+fn started_as_another_user_it_says_it_must_be_started_as_root() {
+    if !require_root("started_as_another_user_it_says_it_must_be_started_as_root") {
+        return;
+    }
+    // A copy that the user can surely execute, wherever target/ is.
+    let dir = std::env::temp_dir().join(format!("svt-notroot-{}", std::process::id()));
+    fs::create_dir_all(&dir).expect("temp dir");
+    let copy = dir.join("simplevpnd");
+    fs::copy(SIMPLEVPND, &copy).expect("copy simplevpnd");
+    let user = User::from_name(USER).expect("user database").expect("user");
+    let out = Command::new(&copy)
+        .args(["server", "--network", NETWORK, "--user", USER])
+        .uid(user.uid.as_raw())
+        .gid(user.gid.as_raw())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run simplevpnd as the user");
+    fs::remove_dir_all(&dir).ok();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("simplevpnd: must be started as root"),
+        "{stderr}"
+    );
+}
