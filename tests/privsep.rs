@@ -460,14 +460,28 @@ fn started_as_another_user_it_says_it_must_be_started_as_root() {
     let copy = dir.join("simplevpnd");
     fs::copy(SIMPLEVPND, &copy).expect("copy simplevpnd");
     let user = User::from_name(USER).expect("user database").expect("user");
-    let out = Command::new(&copy)
-        .args(["server", "--network", NETWORK, "--user", USER])
-        .uid(user.uid.as_raw())
-        .gid(user.gid.as_raw())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run simplevpnd as the user");
+    let run = || {
+        Command::new(&copy)
+            .args(["server", "--network", NETWORK, "--user", USER])
+            .uid(user.uid.as_raw())
+            .gid(user.gid.as_raw())
+            .stdin(Stdio::null())
+            .output()
+    };
+    // A process forked by a concurrent test may briefly hold the copy's
+    // write fd, and exec then fails with ETXTBSY: try again.
+    let mut out = run();
+    for _ in 0..50 {
+        match &out {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(Duration::from_millis(20));
+                out = run();
+            }
+            _ => break,
+        }
+    }
     fs::remove_dir_all(&dir).ok();
+    let out = out.expect("run simplevpnd as the user");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");

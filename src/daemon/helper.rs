@@ -30,7 +30,7 @@ pub enum HelperError {
     Refused { request: String, reason: String },
     #[error("simplevpn-helper failed to {request}: {reason}")]
     Failed { request: String, reason: String },
-    #[error("simplevpn-helper answered {request} with {answer}")]
+    #[error("simplevpn-helper gave an unexpected answer to \"{request}\": {answer}")]
     Unexpected { request: String, answer: String },
     #[error("simplevpn-helper died: {0}")]
     Died(String),

@@ -87,7 +87,11 @@ fn run(args: HelperArgs) -> anyhow::Result<()> {
     };
 
     loop {
-        let message = channel::recv(socket.as_fd()).context("reading the daemon's socket")?;
+        let message = match channel::recv(socket.as_fd()) {
+            Ok(message) => message,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("reading the daemon's socket"),
+        };
         if message.is_eof() {
             let tun = state
                 .tun
