@@ -23,6 +23,8 @@ pub const DEFAULT_PREFIX: u8 = 16;
 pub const DEFAULT_QUEUE_LEN: usize = 512;
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/simplevpn/control.sock";
 pub const DEFAULT_CONTROL_GROUP: &str = "simplevpn";
+/// The service user simplevpnd drops to.
+pub const DEFAULT_USER: &str = "simplevpn";
 
 /// A bad setting: which one, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -119,6 +121,8 @@ pub struct ServerSection {
     pub max_frame: Option<usize>,
     /// Frames queued per peer before further ones are dropped.
     pub queue_len: Option<usize>,
+    /// The unprivileged user to run as.
+    pub user: Option<String>,
 }
 
 /// `[client]`; also what the client's flags set.
@@ -136,6 +140,11 @@ pub struct ClientSection {
     pub timeout: Option<u64>,
     pub mtu: Option<u32>,
     pub max_frame: Option<usize>,
+    /// The unprivileged user to run as.
+    pub user: Option<String>,
+    /// The tunnel network, if known: the helper then sets only addresses
+    /// inside it.
+    pub network: Option<Ipv4Net>,
 }
 
 /// What the server runs with.
@@ -149,6 +158,7 @@ pub struct ServerConfig {
     pub mtu: u32,
     pub max_frame: usize,
     pub queue_len: usize,
+    pub user: String,
 }
 
 /// What the client runs with.
@@ -163,6 +173,9 @@ pub struct ClientConfig {
     pub keepalive_after: Duration,
     pub mtu: u32,
     pub max_frame: usize,
+    pub user: String,
+    /// Addresses outside it are refused (by the helper); `None`: any unicast.
+    pub network: Option<Ipv4Net>,
 }
 
 impl ConfigFile {
@@ -218,29 +231,16 @@ impl ServerSection {
             mtu: flags.mtu.or(self.mtu),
             max_frame: flags.max_frame.or(self.max_frame),
             queue_len: flags.queue_len.or(self.queue_len),
+            user: flags.user.or(self.user),
         }
     }
 
     /// Fills in the defaults and checks every value.
     pub fn resolve(self) -> Result<ServerConfig, ConfigError> {
-        let network = self
-            .network
-            .unwrap_or_else(|| DEFAULT_NETWORK.parse().expect("default network"));
-        if !(8..=30).contains(&network.prefix_len()) {
-            return Err(ConfigError::new(
-                "network",
-                format!("{network}: the prefix must be between /8 and /30"),
-            ));
-        }
-        if network != network.trunc() {
-            return Err(ConfigError::new(
-                "network",
-                format!(
-                    "{network} has host bits set; did you mean {}?",
-                    network.trunc()
-                ),
-            ));
-        }
+        let network = tunnel_network(
+            self.network
+                .unwrap_or_else(|| DEFAULT_NETWORK.parse().expect("default network")),
+        )?;
         let max_frame = max_frame(self.max_frame)?;
         let mtu = mtu(self.mtu, max_frame)?;
         Ok(ServerConfig {
@@ -261,6 +261,7 @@ impl ServerSection {
                 0 => return Err(ConfigError::new("queue_len", "must be at least 1")),
                 n => n,
             },
+            user: user(self.user)?,
         })
     }
 }
@@ -276,6 +277,8 @@ impl ClientSection {
             timeout: flags.timeout.or(self.timeout),
             mtu: flags.mtu.or(self.mtu),
             max_frame: flags.max_frame.or(self.max_frame),
+            user: flags.user.or(self.user),
+            network: flags.network.or(self.network),
         }
     }
 
@@ -291,11 +294,20 @@ impl ClientSection {
             Some(server) => with_default_port(server)?,
         };
         let prefix = self.prefix.unwrap_or(DEFAULT_PREFIX);
-        if !(1..=30).contains(&prefix) {
+        if !(8..=30).contains(&prefix) {
             return Err(ConfigError::new(
                 "prefix",
-                format!("{prefix} must be between 1 and 30"),
+                format!("{prefix} must be between 8 and 30"),
             ));
+        }
+        let network = self.network.map(tunnel_network).transpose()?;
+        if let (Some(network), Some(address)) = (network, self.address) {
+            if !network.contains(&address) {
+                return Err(ConfigError::new(
+                    "address",
+                    format!("{address} is outside the network {network}"),
+                ));
+            }
         }
         let timeout = seconds("timeout", self.timeout, DEFAULT_TIMEOUT_SECS)?;
         let max_frame = max_frame(self.max_frame)?;
@@ -308,6 +320,8 @@ impl ClientSection {
             keepalive_after: Duration::from_secs(15).min(timeout / 2),
             mtu: mtu(self.mtu, max_frame)?,
             max_frame,
+            user: user(self.user)?,
+            network,
         })
     }
 }
@@ -338,6 +352,34 @@ fn with_default_port(server: &str) -> Result<String, ConfigError> {
             Ok(server.to_string())
         }
         None => Ok(format!("{server}:{DEFAULT_PORT}")),
+    }
+}
+
+/// A tunnel network: /8 to /30, without host bits.
+fn tunnel_network(network: Ipv4Net) -> Result<Ipv4Net, ConfigError> {
+    if !(8..=30).contains(&network.prefix_len()) {
+        return Err(ConfigError::new(
+            "network",
+            format!("{network}: the prefix must be between /8 and /30"),
+        ));
+    }
+    if network != network.trunc() {
+        return Err(ConfigError::new(
+            "network",
+            format!(
+                "{network} has host bits set; did you mean {}?",
+                network.trunc()
+            ),
+        ));
+    }
+    Ok(network)
+}
+
+/// The service user's name (whether it exists is checked at startup).
+fn user(name: Option<String>) -> Result<String, ConfigError> {
+    match name.unwrap_or_else(|| DEFAULT_USER.to_string()) {
+        name if name.is_empty() => Err(ConfigError::new("user", "must not be empty")),
+        name => Ok(name),
     }
 }
 
@@ -401,6 +443,50 @@ mod tests {
         assert_eq!(server.network, "10.0.0.0/16".parse().expect("net"));
         assert_eq!(server.client_timeout, Duration::from_secs(60));
         assert_eq!(server.tun, "svpn0");
+        assert_eq!(server.user, "simplevpn");
+    }
+
+    #[test]
+    fn user_and_client_network() {
+        let file = parse(
+            "[client]\nserver = \"198.18.1.1\"\nuser = \"nobody\"\nnetwork = \"198.19.0.0/16\"\n",
+        )
+        .expect("parse")
+        .client
+        .expect("client section");
+        let config = file.clone().resolve().expect("resolve");
+        assert_eq!(config.user, "nobody");
+        assert_eq!(config.network, Some("198.19.0.0/16".parse().expect("net")));
+        let flags = ClientSection {
+            user: Some("svpn".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            file.overridden_by(flags).resolve().expect("resolve").user,
+            "svpn"
+        );
+
+        let client = |network: &str, address: Option<&str>| ClientSection {
+            server: Some("198.18.1.1".into()),
+            network: Some(network.parse().expect("net")),
+            address: address.map(|a| a.parse().expect("addr")),
+            ..Default::default()
+        };
+        let err = client("198.19.0.0/16", Some("198.20.0.1"))
+            .resolve()
+            .expect_err("static address outside the network");
+        assert_eq!(err.field, "address");
+        let err = client("198.19.0.1/16", None)
+            .resolve()
+            .expect_err("host bits");
+        assert_eq!(err.field, "network");
+        let err = ServerSection {
+            user: Some(String::new()),
+            ..Default::default()
+        }
+        .resolve()
+        .expect_err("empty user");
+        assert_eq!(err.field, "user");
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! The library holds what the programs share: the sans-IO wire codec
 //! ([`wire`]), framed I/O over any byte stream ([`connection`]), the address
 //! pool ([`pool`]), configuration ([`config`]), tun and netlink setup
-//! ([`netdev`]), and the daemon's roles ([`daemon`]), whose entry point
-//! [`daemon::run`] takes a shutdown token so tests can run it in-process.
+//! ([`netdev`]), what the daemon and its privileged helper share
+//! ([`privsep`]), node keys and TLS ([`keys`], [`tls`]), and the daemon's
+//! roles ([`daemon`]), whose entry point [`daemon::run`] takes a shutdown
+//! token.
 
 pub mod config;
 pub mod connection;
@@ -12,6 +14,8 @@ pub mod daemon;
 pub mod keys;
 pub mod netdev;
 pub mod pool;
+pub mod privsep;
+pub mod program;
 pub mod tls;
 pub mod wire;
 

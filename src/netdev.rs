@@ -2,8 +2,9 @@
 //!
 //! The module is split along the privilege boundary:
 //!
-//! * privileged: [`create_tun`] (needs `CAP_NET_ADMIN`) and [`LinkConfig`]
-//!   (rtnetlink; needs `CAP_NET_ADMIN`);
+//! * privileged: [`create_tun`] (or [`open_tun_device`] then [`attach_tun`];
+//!   needs `CAP_NET_ADMIN`) and [`LinkConfig`] (rtnetlink; needs
+//!   `CAP_NET_ADMIN`), used only by simplevpn-helper;
 //! * unprivileged: [`AsyncTun`], which only reads and writes packets on an
 //!   already open tun fd, e.g. one received over a Unix socket with
 //!   `SCM_RIGHTS`.
@@ -95,7 +96,14 @@ nix::ioctl_write_ptr_bad!(tun_set_iff, libc::TUNSETIFF, libc::ifreq);
 /// named `name` in the current network namespace. One read or write on the
 /// returned fd is one IP packet, without any header.
 pub fn create_tun(name: &str) -> Result<TunFd, NetdevError> {
-    let mut req = ifreq_for(name)?;
+    ifreq_for(name)?;
+    attach_tun(open_tun_device()?, name)
+}
+
+/// Opens `/dev/net/tun` (`O_NONBLOCK | O_CLOEXEC`) without creating a device
+/// yet: a process that will give up root opens it first, in case the device
+/// node is root-only, and creates the tun later with [`attach_tun`].
+pub fn open_tun_device() -> Result<OwnedFd, NetdevError> {
     let fd = open(
         "/dev/net/tun",
         OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
@@ -103,8 +111,13 @@ pub fn create_tun(name: &str) -> Result<TunFd, NetdevError> {
     )
     .map_err(|e| NetdevError::OpenTun(e.into()))?;
     // SAFETY: nix's `open` returned a fresh fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
 
+/// Privileged (`CAP_NET_ADMIN`): creates the tun `name` on `fd`, a fresh fd
+/// from [`open_tun_device`], as [`create_tun`] does.
+pub fn attach_tun(fd: OwnedFd, name: &str) -> Result<TunFd, NetdevError> {
+    let mut req = ifreq_for(name)?;
     // IFF_TUN and IFF_NO_PI fit in the c_short flags field.
     req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
     // SAFETY: `req` is a valid, initialised ifreq that outlives the call.
@@ -204,7 +217,7 @@ impl AsyncTun {
 }
 
 /// Sets `O_NONBLOCK` on `fd`, keeping its other status flags.
-fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+pub(crate) fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     let raw = fd.as_raw_fd();
     let flags = OFlag::from_bits_retain(fcntl(raw, FcntlArg::F_GETFL)?);
     fcntl(raw, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;

@@ -12,6 +12,9 @@ use serde_json::Value;
 
 /// uid and gid of `nobody` / `nogroup`.
 const NOBODY: u32 = 65534;
+/// A system user other than nobody for the daemon, so that nobody is a
+/// stranger to it.
+const DAEMON_USER: &str = "daemon";
 
 fn addresses(peers: &Value) -> Vec<String> {
     peers
@@ -265,11 +268,12 @@ fn only_administrators_may_kick() {
         return;
     }
     let bed = Bed::new("ctlperm", 1);
-    // The socket's group is nogroup, so nobody can open it and read, but it
-    // is neither root, the daemon's user nor in an admin group.
+    // The server runs as `daemon` and its socket's group is nogroup, so
+    // nobody can open the socket and read, but it is neither root, the
+    // daemon's user nor in an admin group.
     let config = bed.path("server.toml");
     std::fs::write(&config, "[control]\ngroup = \"nogroup\"\n").expect("config");
-    let _server = bed.start_server(&["--config", &config]);
+    let _server = bed.start_server(&["--config", &config, "--user", DAEMON_USER]);
     let _client = bed.start_client(0, &[]);
     let socket = bed.server_socket();
 
@@ -305,7 +309,7 @@ fn only_administrators_may_kick() {
     )
     .expect("config");
     drop(_server);
-    let _server = bed.start_server(&["--config", &admin_config]);
+    let _server = bed.start_server(&["--config", &admin_config, "--user", DAEMON_USER]);
     assert!(wait_until(Duration::from_secs(20), || {
         addresses(&svpnctl_json(&socket, &["peers"])) == ["198.19.0.2"]
     }));

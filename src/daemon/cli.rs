@@ -54,6 +54,9 @@ pub struct ServerArgs {
     /// Control socket for svpnctl [default: /run/simplevpn/control.sock]
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Unprivileged user to run as, once the helper is started [default: simplevpn]
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +79,9 @@ pub struct ClientArgs {
     /// Control socket for svpnctl [default: /run/simplevpn/control.sock]
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Unprivileged user to run as, once the helper is started [default: simplevpn]
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
 }
 
 impl From<ServerArgs> for ServerSection {
@@ -87,6 +93,7 @@ impl From<ServerArgs> for ServerSection {
             client_timeout: args.client_timeout,
             handshake_timeout: args.handshake_timeout,
             mtu: args.mtu,
+            user: args.user,
             ..ServerSection::default()
         }
     }
@@ -100,6 +107,7 @@ impl From<ClientArgs> for ClientSection {
             tun: args.tun,
             timeout: args.timeout,
             mtu: args.mtu,
+            user: args.user,
             ..ClientSection::default()
         }
     }

@@ -16,11 +16,12 @@ use tracing::{debug, info, info_span, warn, Instrument, Span};
 
 use super::control::{self, KickError, Node};
 use super::events::{EventKind, Events, PeerEvent};
+use super::helper::Helper;
 use super::registry::{PeerInfo, PeerStats};
 use super::{ControlOptions, DaemonError};
 use crate::config::ClientConfig;
 use crate::connection::{write_frames, FrameReader, ReadError};
-use crate::netdev::{create_tun, AsyncTun, LinkConfig};
+use crate::netdev::AsyncTun;
 use crate::pool::server_address;
 use crate::proto;
 use crate::wire::{ipv4_addresses, netmask_prefix, Control, Decoder, Frame, Reply, Request};
@@ -36,7 +37,7 @@ const KEEPALIVE_RETRY: Duration = Duration::from_secs(1);
 struct Tunnel {
     device: Arc<AsyncTun>,
     index: u32,
-    links: LinkConfig,
+    helper: Helper,
     configured: Option<(Ipv4Addr, u8)>,
 }
 
@@ -44,8 +45,8 @@ impl Tunnel {
     /// Sets the tun's address, unless it already has exactly this one.
     async fn configure(&mut self, address: Ipv4Addr, prefix: u8) -> Result<(), DaemonError> {
         if self.configured != Some((address, prefix)) {
-            self.links.set_ipv4(self.index, address, prefix).await?;
-            self.links.set_up(self.index).await?;
+            self.helper.set_ipv4(self.index, address, prefix).await?;
+            self.helper.set_up(self.index).await?;
             self.configured = Some((address, prefix));
         }
         Ok(())
@@ -149,20 +150,21 @@ enum Ending {
     },
 }
 
-/// Runs the client until `shutdown` is cancelled, with the control API on
-/// `control` if given.
+/// Runs the client until `shutdown` is cancelled; `helper` creates the tun
+/// and, only once the server grants one, sets its address; the control API
+/// is served on `control` if given.
 pub async fn run(
     config: ClientConfig,
+    helper: &Helper,
     control: Option<ControlOptions>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
-    let tun = create_tun(&config.tun)?;
-    let links = LinkConfig::connect().await?;
-    links.set_mtu(tun.index, config.mtu).await?;
+    let tun = helper.open_tun().await?;
+    helper.set_mtu(tun.index, config.mtu).await?;
     let mut tunnel = Tunnel {
         device: Arc::new(AsyncTun::new(tun.fd)?),
         index: tun.index,
-        links,
+        helper: helper.clone(),
         configured: None,
     };
     info!(server = %config.server, tun = %tun.name, "client starting");

@@ -1,30 +1,27 @@
-//! simplevpnd: parses the command line, sets up logging and signals, and
-//! hands over to `simplevpn::daemon::run`.
+//! simplevpnd: parses the command line, starts simplevpn-helper and drops to
+//! the service user (while still single-threaded, before any network I/O),
+//! then sets up signals and hands over to `simplevpn::daemon::run`.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Parser;
 use simplevpn::daemon::cli::Cli;
 use simplevpn::daemon::control::{self, ControlSocketError};
+use simplevpn::daemon::helper::Helper;
+use simplevpn::daemon::privileges::{self, HelperProcess};
+use simplevpn::privsep::credentials::ServiceUser;
+use simplevpn::program::{self, EXIT_USAGE};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
-/// Exit code for bad flags or config, as for clap's own usage errors.
-const EXIT_USAGE: u8 = 2;
+/// How long the helper has to exit (and take the tun with it) after the
+/// daemon closes its socket.
+const HELPER_EXIT_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match program::parse_args::<Cli>() {
         Ok(cli) => cli,
-        Err(e) if e.use_stderr() => {
-            let rendered = e.render().to_string();
-            eprintln!("{}", rendered.lines().next().unwrap_or("bad arguments"));
-            return ExitCode::from(EXIT_USAGE);
-        }
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
+        Err(code) => return code,
     };
     let settings = match cli.into_settings() {
         Ok(settings) => settings,
@@ -33,17 +30,21 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let user = match ServiceUser::lookup(settings.role.user()) {
+        Ok(user) => user,
+        Err(e) => {
+            eprintln!("simplevpnd: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Err(e) = privileges::require_root(&user) {
+        eprintln!("simplevpnd: {e}");
+        return ExitCode::FAILURE;
+    }
+    program::init_logging();
 
-    let control = match control::open(&settings.control, nix::unistd::geteuid().as_raw()) {
+    // As root, so the socket can get its group whoever the service user is.
+    let control = match control::open(&settings.control, user.uid.as_raw()) {
         Ok(control) => control,
         Err(e @ ControlSocketError::NoSuchGroup { .. }) => {
             eprintln!("simplevpnd: {e}");
@@ -54,27 +55,62 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
+
+    // Still one thread: the helper starts as root, then this process gives
+    // up root and every capability for good.
+    let HelperProcess { child, socket } = match privileges::start(&settings.role, &user) {
+        Ok(helper) => helper,
         Err(e) => {
-            error!("cannot start the async runtime: {e}");
+            error!("{e}");
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
-        match simplevpn::daemon::run(settings.role, Some(control), shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                error!("{e}");
-                ExitCode::FAILURE
-            }
+    info!(
+        user = %user.name,
+        helper_pid = child.id(),
+        "running as {} without capabilities; simplevpn-helper keeps CAP_NET_ADMIN",
+        user.name
+    );
+
+    let code = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => {
+            let code = runtime.block_on(async {
+                let helper = match Helper::new(socket) {
+                    Ok(helper) => helper,
+                    Err(e) => {
+                        error!("cannot watch simplevpn-helper's socket: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let shutdown = CancellationToken::new();
+                tokio::spawn(stop_on_signal(shutdown.clone()));
+                match simplevpn::daemon::run(settings.role, helper, Some(control), shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        error!("{e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            });
+            // Closes the helper's socket (and this process's tun fd) even if
+            // a blocking task is still running.
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            code
         }
-    })
+        Err(e) => {
+            error!("cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    };
+    match privileges::reap(child, HELPER_EXIT_TIMEOUT) {
+        Some(status) if status.success() => {}
+        Some(status) => warn!("simplevpn-helper exited: {status}"),
+        None => warn!("simplevpn-helper could not be reaped"),
+    }
+    code
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT.

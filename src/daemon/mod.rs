@@ -4,6 +4,8 @@ pub mod cli;
 pub mod client;
 pub mod control;
 mod events;
+pub mod helper;
+pub mod privileges;
 mod registry;
 pub mod server;
 
@@ -11,6 +13,7 @@ use std::net::SocketAddr;
 
 use tokio_util::sync::CancellationToken;
 
+use self::helper::{Helper, HelperError};
 use crate::config::{ClientConfig, ControlConfig, ServerConfig};
 use crate::netdev::NetdevError;
 
@@ -19,6 +22,16 @@ use crate::netdev::NetdevError;
 pub enum Role {
     Server(ServerConfig),
     Client(ClientConfig),
+}
+
+impl Role {
+    /// The service user this role runs as.
+    pub fn user(&self) -> &str {
+        match self {
+            Role::Server(config) => &config.user,
+            Role::Client(config) => &config.user,
+        }
+    }
 }
 
 /// Everything simplevpnd runs with.
@@ -47,17 +60,36 @@ pub enum DaemonError {
     },
     #[error("tun device: {0}")]
     Tun(#[from] std::io::Error),
+    #[error("{0}")]
+    Helper(#[from] HelperError),
 }
 
-/// Runs the daemon in `role` until `shutdown` is cancelled, serving the
-/// control API on `control` if given.
+/// Runs the daemon in `role` until `shutdown` is cancelled, with `helper`
+/// doing everything that needs privilege, serving the control API on
+/// `control` if given. If the helper dies, the role is stopped and the
+/// result is an error ([`HelperError::Died`]).
 pub async fn run(
     role: Role,
+    helper: Helper,
     control: Option<ControlOptions>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
-    match role {
-        Role::Server(config) => server::run(config, control, shutdown).await,
-        Role::Client(config) => client::run(config, control, shutdown).await,
+    let stop = shutdown.child_token();
+    let role_stop = stop.clone();
+    let helper_ref = &helper;
+    let role_run = async move {
+        match role {
+            Role::Server(config) => server::run(config, helper_ref, control, role_stop).await,
+            Role::Client(config) => client::run(config, helper_ref, control, role_stop).await,
+        }
+    };
+    tokio::pin!(role_run);
+    tokio::select! {
+        result = &mut role_run => result,
+        why = helper.lost() => {
+            stop.cancel();
+            let _ = role_run.await;
+            Err(HelperError::Died(why).into())
+        }
     }
 }

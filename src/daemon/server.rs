@@ -17,11 +17,12 @@ use tracing::{debug, info, info_span, warn, Instrument, Span};
 
 use super::control::{self, KickError, Node};
 use super::events::{EventKind, Events, PeerEvent};
+use super::helper::Helper;
 use super::registry::{Delivery, PeerInfo, PeerLink, PeerStats, Registry};
 use super::{ControlOptions, DaemonError};
 use crate::config::ServerConfig;
 use crate::connection::{write_frames, FrameReader, ReadError};
-use crate::netdev::{create_tun, AsyncTun, LinkConfig};
+use crate::netdev::AsyncTun;
 use crate::pool::server_address;
 use crate::proto;
 use crate::wire::{ipv4_addresses, Control, Decoder, Frame, Request};
@@ -56,21 +57,21 @@ impl Shared {
     }
 }
 
-/// Runs the server until `shutdown` is cancelled, with the control API on
-/// `control` if given.
+/// Runs the server until `shutdown` is cancelled; `helper` creates and
+/// configures the tun; the control API is served on `control` if given.
 pub async fn run(
     config: ServerConfig,
+    helper: &Helper,
     control: Option<ControlOptions>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let own_address = server_address(config.network);
-    let tun = create_tun(&config.tun)?;
-    let links = LinkConfig::connect().await?;
-    links.set_mtu(tun.index, config.mtu).await?;
-    links
+    let tun = helper.open_tun().await?;
+    helper.set_mtu(tun.index, config.mtu).await?;
+    helper
         .set_ipv4(tun.index, own_address, config.network.prefix_len())
         .await?;
-    links.set_up(tun.index).await?;
+    helper.set_up(tun.index).await?;
     let tun_name = tun.name.clone();
     let tun = Arc::new(AsyncTun::new(tun.fd)?);
 

@@ -18,6 +18,8 @@ pub const NETWORK: &str = "198.19.0.0/16";
 pub const SERVER_TUNNEL: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 pub const TUN: &str = "svpn0";
 pub const STARTUP: Duration = Duration::from_secs(10);
+/// The service user every daemon the tests start drops to.
+pub const USER: &str = "nobody";
 
 /// Server namespace plus `n` client namespaces; client `i` reaches the server
 /// at 198.18.{i+1}.1 from 198.18.{i+1}.2. Each daemon gets a control socket
@@ -87,11 +89,13 @@ impl Bed {
         SocketAddr::from(([198, 18, i as u8 + 1, 1], 2002))
     }
 
-    /// Starts `simplevpnd server` with `extra` flags and waits until it serves.
+    /// Starts `simplevpnd server` with `extra` flags and waits until it
+    /// serves. It runs as [`USER`] unless `extra` names a `--user`.
     pub fn start_server(&self, extra: &[&str]) -> Daemon {
         let socket = self.server_socket();
         let mut args = vec!["server", "--network", NETWORK, "--control", &socket];
         args.extend_from_slice(extra);
+        with_default_user(&mut args);
         let server = self.server.spawn(SIMPLEVPND, &args);
         assert!(
             server.wait_for_log("server ready", STARTUP),
@@ -107,6 +111,7 @@ impl Bed {
         let socket = self.client_socket(i);
         let mut args = vec!["client", "-s", server.as_str(), "--control", &socket];
         args.extend_from_slice(extra);
+        with_default_user(&mut args);
         let client = self.clients[i].spawn(SIMPLEVPND, &args);
         assert!(
             client.wait_for_log("granted", STARTUP),
@@ -154,6 +159,13 @@ pub fn tcp_round_trip(from: &Netns, to: &Netns, address: Ipv4Addr, port: u16, le
         "bytes at {target}"
     );
     assert_eq!(back, payload, "echo from {target}");
+}
+
+/// Adds `--user USER` unless `args` already choose a user.
+fn with_default_user(args: &mut Vec<&str>) {
+    if !args.contains(&"--user") {
+        args.extend_from_slice(&["--user", USER]);
+    }
 }
 
 /// Parses hex bytes written as in protocol.md ("45 14 00 ...").

@@ -1,0 +1,235 @@
+//! The daemon's side of simplevpn-helper: an async handle whose methods
+//! mirror [`crate::netdev::LinkConfig`], each one a request to the helper.
+//!
+//! One task owns the socket. It sends one request at a time and waits for
+//! its answer; between requests it watches the socket, so the helper's death
+//! (EOF) is noticed even while the daemon asks nothing. [`Helper::lost`]
+//! resolves then, and every later request fails with [`HelperError::Died`].
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::netdev::{set_nonblocking, TunFd};
+use crate::privsep::channel::{self, Message};
+use crate::privsep::protocol::{decode, encode, HelperRequest, HelperResponse};
+
+/// How long the helper may take to answer one request before it counts as
+/// dead (netlink answers in microseconds).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request the helper did not carry out.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HelperError {
+    #[error("simplevpn-helper refused to {request}: {reason}")]
+    Refused { request: String, reason: String },
+    #[error("simplevpn-helper failed to {request}: {reason}")]
+    Failed { request: String, reason: String },
+    #[error("simplevpn-helper gave an unexpected answer to \"{request}\": {answer}")]
+    Unexpected { request: String, answer: String },
+    #[error("simplevpn-helper died: {0}")]
+    Died(String),
+}
+
+/// One request and where its answer goes.
+struct Call {
+    request: HelperRequest,
+    answer: oneshot::Sender<Result<Message, String>>,
+}
+
+/// A cheap-to-clone handle to the helper.
+#[derive(Debug, Clone)]
+pub struct Helper {
+    calls: mpsc::Sender<Call>,
+    /// Why the helper is gone, once it is.
+    lost: watch::Receiver<Option<String>>,
+}
+
+impl Helper {
+    /// Takes over the daemon's end of the helper's socketpair and starts the
+    /// task that owns it. Must be called inside a tokio runtime.
+    pub fn new(socket: OwnedFd) -> std::io::Result<Helper> {
+        set_nonblocking(&socket)?;
+        // SAFETY: the OwnedFd is a valid open fd, and it stays open and
+        // unchanged for as long as the AsyncFd that owns it.
+        let socket = unsafe {
+            AsyncFd::register_with_interest(socket, Interest::READABLE | Interest::WRITABLE)
+        }?;
+        let (calls, calls_rx) = mpsc::channel(8);
+        let (lost_tx, lost) = watch::channel(None);
+        tokio::spawn(async move {
+            let why = serve(&socket, calls_rx).await;
+            let _ = lost_tx.send(why);
+        });
+        Ok(Helper { calls, lost })
+    }
+
+    /// Resolves once the helper is gone, with the reason.
+    pub async fn lost(&self) -> String {
+        let mut lost = self.lost.clone();
+        let why = match lost.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            Err(_) => "the daemon stopped talking to it".to_string(),
+        };
+        why
+    }
+
+    /// Has the helper create the tun, and receives its fd.
+    pub async fn open_tun(&self) -> Result<TunFd, HelperError> {
+        let request = HelperRequest::OpenTun;
+        let message = self.call(request.clone()).await?;
+        match (answer(&request, &message)?, message.fd) {
+            (HelperResponse::Tun { name, index }, Some(fd)) => Ok(TunFd { fd, name, index }),
+            (other, _) => Err(unexpected(&request, &other)),
+        }
+    }
+
+    /// Makes `address/prefix` the tun's only IPv4 address.
+    pub async fn set_ipv4(
+        &self,
+        index: u32,
+        address: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), HelperError> {
+        self.done(HelperRequest::SetAddress {
+            index,
+            address,
+            prefix,
+        })
+        .await
+    }
+
+    /// Sets the tun's MTU.
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), HelperError> {
+        self.done(HelperRequest::SetMtu { index, mtu }).await
+    }
+
+    /// Brings the tun up.
+    pub async fn set_up(&self, index: u32) -> Result<(), HelperError> {
+        self.done(HelperRequest::LinkUp { index }).await
+    }
+
+    /// Adds a route to `destination` through the tun.
+    pub async fn add_route(&self, index: u32, destination: Ipv4Net) -> Result<(), HelperError> {
+        self.done(HelperRequest::AddRoute { index, destination })
+            .await
+    }
+
+    /// Deletes the route to `destination` through the tun.
+    pub async fn del_route(&self, index: u32, destination: Ipv4Net) -> Result<(), HelperError> {
+        self.done(HelperRequest::DelRoute { index, destination })
+            .await
+    }
+
+    /// A request whose only good answer is `Ok`.
+    async fn done(&self, request: HelperRequest) -> Result<(), HelperError> {
+        let message = self.call(request.clone()).await?;
+        match answer(&request, &message)? {
+            HelperResponse::Ok => Ok(()),
+            other => Err(unexpected(&request, &other)),
+        }
+    }
+
+    /// Sends `request` and waits for the answer.
+    async fn call(&self, request: HelperRequest) -> Result<Message, HelperError> {
+        let (answer, answered) = oneshot::channel();
+        if self.calls.send(Call { request, answer }).await.is_err() {
+            return Err(self.died());
+        }
+        match answered.await {
+            Ok(Ok(message)) => Ok(message),
+            Ok(Err(why)) => Err(HelperError::Died(why)),
+            Err(_) => Err(self.died()),
+        }
+    }
+
+    fn died(&self) -> HelperError {
+        let why = self.lost.borrow().clone();
+        HelperError::Died(why.unwrap_or_else(|| "its connection closed".to_string()))
+    }
+}
+
+/// The decoded answer; a refusal or failure as an error.
+fn answer(request: &HelperRequest, message: &Message) -> Result<HelperResponse, HelperError> {
+    let response = decode(&message.frame).map_err(|e| HelperError::Unexpected {
+        request: request.to_string(),
+        answer: e.to_string(),
+    })?;
+    match response {
+        HelperResponse::Refused(reason) => Err(HelperError::Refused {
+            request: request.to_string(),
+            reason,
+        }),
+        HelperResponse::Failed(reason) => Err(HelperError::Failed {
+            request: request.to_string(),
+            reason,
+        }),
+        other => Ok(other),
+    }
+}
+
+fn unexpected(request: &HelperRequest, response: &HelperResponse) -> HelperError {
+    HelperError::Unexpected {
+        request: request.to_string(),
+        answer: format!("{response:?}"),
+    }
+}
+
+/// Owns the socket: carries out calls one at a time and watches for EOF in
+/// between. Returns why the helper is gone, or `None` when every handle was
+/// dropped (the socket then closes, and the helper exits).
+async fn serve(socket: &AsyncFd<OwnedFd>, mut calls: mpsc::Receiver<Call>) -> Option<String> {
+    loop {
+        tokio::select! {
+            call = calls.recv() => {
+                let call = call?;
+                let result = tokio::time::timeout(ANSWER_TIMEOUT, exchange(socket, &call.request))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {}s", ANSWER_TIMEOUT.as_secs())));
+                let failed = result.as_ref().err().cloned();
+                let _ = call.answer.send(result);
+                if let Some(why) = failed {
+                    return Some(why);
+                }
+            }
+            ready = socket.readable() => {
+                // Nothing was asked, so only EOF or a protocol violation can be here.
+                let mut guard = match ready {
+                    Ok(guard) => guard,
+                    Err(e) => return Some(format!("watching its socket: {e}")),
+                };
+                match guard.try_io(|fd| channel::recv(fd.as_fd())) {
+                    Err(_would_block) => continue,
+                    Ok(Ok(message)) if message.is_eof() => return Some("its socket closed".into()),
+                    Ok(Ok(_)) => return Some("it sent a message nobody asked for".into()),
+                    Ok(Err(e)) => return Some(format!("reading its socket: {e}")),
+                }
+            }
+        }
+    }
+}
+
+/// Sends one request and receives its answer. An error means the
+/// connection is unusable.
+async fn exchange(socket: &AsyncFd<OwnedFd>, request: &HelperRequest) -> Result<Message, String> {
+    let frame = encode(request).map_err(|e| format!("encoding {request}: {e}"))?;
+    socket
+        .async_io(Interest::WRITABLE, |fd| {
+            channel::send(fd.as_fd(), &frame, None)
+        })
+        .await
+        .map_err(|e| format!("writing its socket: {e}"))?;
+    let message = socket
+        .async_io(Interest::READABLE, |fd| channel::recv(fd.as_fd()))
+        .await
+        .map_err(|e| format!("reading its socket: {e}"))?;
+    match message.is_eof() {
+        true => Err("its socket closed".into()),
+        false => Ok(message),
+    }
+}

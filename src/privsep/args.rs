@@ -1,0 +1,116 @@
+//! What simplevpn-helper is started with: its command line, which simplevpnd
+//! writes ([`HelperArgs::to_args`]) and the helper parses (clap), and the
+//! policy it implies.
+
+use clap::{Parser, ValueEnum};
+use ipnet::Ipv4Net;
+
+use super::policy::{AddressRule, Policy};
+
+/// The helper's configuration. Everything it allows follows from this, not
+/// from anything the daemon sends later.
+#[derive(Debug, Clone, PartialEq, Eq, Parser)]
+#[command(
+    name = "simplevpn-helper",
+    version,
+    about = "The privileged side of simplevpnd: creates and configures its tun on request. \
+             Started by simplevpnd, with its socket as fd 3; not meant to be run by hand."
+)]
+pub struct HelperArgs {
+    /// Whose helper this is: it decides which addresses are allowed.
+    #[arg(long, value_enum)]
+    pub role: HelperRole,
+    /// Name of the tun to create.
+    #[arg(long, value_name = "NAME")]
+    pub tun: String,
+    /// The tunnel network (required for a server; narrows a client's addresses).
+    #[arg(long, value_name = "CIDR")]
+    pub network: Option<Ipv4Net>,
+    /// Largest MTU allowed.
+    #[arg(long, value_name = "BYTES")]
+    pub max_mtu: u32,
+    /// The unprivileged user to run as (keeping CAP_NET_ADMIN).
+    #[arg(long, value_name = "NAME")]
+    pub user: String,
+}
+
+/// The daemon role a helper serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HelperRole {
+    Server,
+    Client,
+}
+
+impl HelperArgs {
+    /// The command line that parses back into `self`.
+    pub fn to_args(&self) -> Vec<String> {
+        let role = match self.role {
+            HelperRole::Server => "server",
+            HelperRole::Client => "client",
+        };
+        let mut args = vec![
+            "--role".to_string(),
+            role.to_string(),
+            "--tun".to_string(),
+            self.tun.clone(),
+        ];
+        if let Some(network) = self.network {
+            args.extend(["--network".to_string(), network.to_string()]);
+        }
+        args.extend([
+            "--max-mtu".to_string(),
+            self.max_mtu.to_string(),
+            "--user".to_string(),
+            self.user.clone(),
+        ]);
+        args
+    }
+
+    /// The allow-list for this role and network.
+    pub fn policy(&self) -> Result<Policy, String> {
+        let rule = match (self.role, self.network) {
+            (HelperRole::Server, Some(network)) => AddressRule::HostOf(network),
+            (HelperRole::Server, None) => return Err("--network: required for a server".into()),
+            (HelperRole::Client, Some(network)) => AddressRule::Inside(network),
+            (HelperRole::Client, None) => AddressRule::AnyUnicast,
+        };
+        Ok(Policy::new(rule, self.max_mtu))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_parses_back() {
+        for (role, network) in [
+            (HelperRole::Server, Some("198.19.0.0/16")),
+            (HelperRole::Client, Some("198.19.0.0/16")),
+            (HelperRole::Client, None),
+        ] {
+            let args = HelperArgs {
+                role,
+                tun: "svpn0".into(),
+                network: network.map(|n| n.parse().expect("net")),
+                max_mtu: 65535,
+                user: "nobody".into(),
+            };
+            let argv = std::iter::once("simplevpn-helper".to_string()).chain(args.to_args());
+            assert_eq!(HelperArgs::try_parse_from(argv).expect("parse"), args);
+            assert!(args.policy().is_ok());
+        }
+    }
+
+    #[test]
+    fn a_server_needs_a_network() {
+        let args = HelperArgs {
+            role: HelperRole::Server,
+            tun: "svpn0".into(),
+            network: None,
+            max_mtu: 1500,
+            user: "nobody".into(),
+        };
+        assert!(args.policy().is_err());
+    }
+}

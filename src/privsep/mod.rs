@@ -1,0 +1,23 @@
+//! Privilege separation: what simplevpnd (unprivileged) and
+//! simplevpn-helper (CAP_NET_ADMIN only) share.
+//!
+//! ```text
+//! simplevpnd (service user, no capabilities)
+//!    |  SOCK_SEQPACKET socketpair (the helper's fd 3): HelperRequest / HelperResponse,
+//!    |  the tun fd back with SCM_RIGHTS
+//!    v
+//! simplevpn-helper (service user, CAP_NET_ADMIN only): checks each request
+//!    against its Policy, then does it with netdev (tun ioctl, rtnetlink)
+//! ```
+//!
+//! * [`protocol`]: the closed set of requests and answers, and their framing;
+//! * [`channel`]: the socketpair, one frame (and maybe one fd) per message;
+//! * [`policy`]: the helper's allow-list, a pure state machine;
+//! * [`args`]: the helper's command line, which is its whole configuration;
+//! * [`credentials`]: switching to the service user and dropping capabilities.
+
+pub mod args;
+pub mod channel;
+pub mod credentials;
+pub mod policy;
+pub mod protocol;

@@ -1,0 +1,437 @@
+//! The helper's allow-list: which requests it carries out. A pure state
+//! machine, so every rule is unit-tested without privileges.
+//!
+//! * The tun is opened once; every later request must name its ifindex.
+//! * Addresses: on a server, a host address of the configured network with
+//!   the network's prefix. On a client with a configured network, a host
+//!   address whose whole subnet lies inside that network. On a client without
+//!   one (its network is only known from the server's grant), any unicast
+//!   host address (not loopback, multicast, broadcast or unspecified) with a
+//!   prefix from /8 to /30.
+//! * Routes: inside the configured network; on a client without one, inside
+//!   the subnet of the address the helper last set (none before that).
+//! * MTU: within the configured range.
+
+use std::net::Ipv4Addr;
+use std::ops::RangeInclusive;
+
+use ipnet::Ipv4Net;
+
+use super::protocol::HelperRequest;
+
+/// Shortest and longest prefix of a tunnel subnet, as for the server's network.
+pub const PREFIX_RANGE: RangeInclusive<u8> = 8..=30;
+/// Smallest MTU the helper sets (the IPv4 minimum datagram size).
+pub const MIN_MTU: u32 = 576;
+
+/// Which addresses may be set on the tun.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressRule {
+    /// Server: a host address of this network, with exactly its prefix.
+    HostOf(Ipv4Net),
+    /// Client with a configured network: a host address whose subnet lies
+    /// inside it.
+    Inside(Ipv4Net),
+    /// Client without one: any unicast host address, prefix in [`PREFIX_RANGE`].
+    AnyUnicast,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the tun was already opened; it is opened once")]
+    TunAlreadyOpened,
+    #[error("no tun has been opened yet")]
+    NoTun,
+    #[error("ifindex {asked} is not the tun this helper created (ifindex {tun})")]
+    OtherInterface { asked: u32, tun: u32 },
+    #[error("{address}/{prefix}: {why}")]
+    Address {
+        address: Ipv4Addr,
+        prefix: u8,
+        why: String,
+    },
+    #[error("route {destination}: {why}")]
+    Route { destination: Ipv4Net, why: String },
+    #[error("MTU {mtu} is outside {}..={}", .range.start(), .range.end())]
+    Mtu {
+        mtu: u32,
+        range: RangeInclusive<u32>,
+    },
+}
+
+/// The helper's policy and the state it depends on.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    rule: AddressRule,
+    mtu: RangeInclusive<u32>,
+    /// Whether `OpenTun` was asked for (successfully or not).
+    tun_requested: bool,
+    /// The tun's ifindex, once opened.
+    index: Option<u32>,
+    /// The subnet of the address last set.
+    address: Option<Ipv4Net>,
+}
+
+impl Policy {
+    /// A policy allowing `rule`'s addresses and MTUs from [`MIN_MTU`] to `max_mtu`.
+    pub fn new(rule: AddressRule, max_mtu: u32) -> Policy {
+        Policy {
+            rule,
+            mtu: MIN_MTU..=max_mtu,
+            tun_requested: false,
+            index: None,
+            address: None,
+        }
+    }
+
+    /// Whether `request` is allowed now. Call [`Policy::record`] once it has
+    /// been carried out.
+    pub fn check(&self, request: &HelperRequest) -> Result<(), Refusal> {
+        match *request {
+            HelperRequest::OpenTun if self.tun_requested => Err(Refusal::TunAlreadyOpened),
+            HelperRequest::OpenTun => Ok(()),
+            HelperRequest::SetAddress {
+                index,
+                address,
+                prefix,
+            } => {
+                self.check_index(index)?;
+                self.check_address(address, prefix)
+                    .map_err(|why| Refusal::Address {
+                        address,
+                        prefix,
+                        why,
+                    })
+            }
+            HelperRequest::SetMtu { index, mtu } => {
+                self.check_index(index)?;
+                match self.mtu.contains(&mtu) {
+                    true => Ok(()),
+                    false => Err(Refusal::Mtu {
+                        mtu,
+                        range: self.mtu.clone(),
+                    }),
+                }
+            }
+            HelperRequest::LinkUp { index } => self.check_index(index),
+            HelperRequest::AddRoute { index, destination }
+            | HelperRequest::DelRoute { index, destination } => {
+                self.check_index(index)?;
+                self.check_route(destination)
+                    .map_err(|why| Refusal::Route { destination, why })
+            }
+        }
+    }
+
+    /// Records the outcome of an allowed request: the tun's ifindex after
+    /// `OpenTun` (`None` if creating it failed), the address after `SetAddress`.
+    pub fn record(&mut self, request: &HelperRequest, opened: Option<u32>) {
+        match *request {
+            HelperRequest::OpenTun => {
+                self.tun_requested = true;
+                self.index = opened;
+            }
+            HelperRequest::SetAddress {
+                address, prefix, ..
+            } => self.address = Ipv4Net::new(address, prefix).ok().map(|n| n.trunc()),
+            _ => {}
+        }
+    }
+
+    fn check_index(&self, asked: u32) -> Result<(), Refusal> {
+        match self.index {
+            None => Err(Refusal::NoTun),
+            Some(tun) if tun == asked => Ok(()),
+            Some(tun) => Err(Refusal::OtherInterface { asked, tun }),
+        }
+    }
+
+    fn check_address(&self, address: Ipv4Addr, prefix: u8) -> Result<(), String> {
+        let subnet = match self.rule {
+            AddressRule::HostOf(network) => {
+                if prefix != network.prefix_len() {
+                    return Err(format!("the prefix must be the network's: {network}"));
+                }
+                if !network.contains(&address) {
+                    return Err(format!("outside the network {network}"));
+                }
+                network
+            }
+            AddressRule::Inside(network) => {
+                if !network.contains(&address) {
+                    return Err(format!("outside the network {network}"));
+                }
+                if prefix < network.prefix_len() || !PREFIX_RANGE.contains(&prefix) {
+                    return Err(format!(
+                        "the prefix must be from /{} to /{} to stay inside {network}",
+                        network.prefix_len().max(*PREFIX_RANGE.start()),
+                        PREFIX_RANGE.end()
+                    ));
+                }
+                subnet_of(address, prefix)?
+            }
+            AddressRule::AnyUnicast => {
+                if !PREFIX_RANGE.contains(&prefix) {
+                    return Err(format!(
+                        "the prefix must be from /{} to /{}",
+                        PREFIX_RANGE.start(),
+                        PREFIX_RANGE.end()
+                    ));
+                }
+                if address.is_loopback()
+                    || address.is_multicast()
+                    || address.is_broadcast()
+                    || address.is_unspecified()
+                {
+                    return Err("not a unicast address".into());
+                }
+                subnet_of(address, prefix)?
+            }
+        };
+        if address == subnet.network() || address == subnet.broadcast() {
+            return Err(format!("not a host address of {subnet}"));
+        }
+        Ok(())
+    }
+
+    fn check_route(&self, destination: Ipv4Net) -> Result<(), String> {
+        let allowed = match self.rule {
+            AddressRule::HostOf(network) | AddressRule::Inside(network) => network,
+            AddressRule::AnyUnicast => self
+                .address
+                .ok_or("no address has been set, so no route is allowed yet")?,
+        };
+        match allowed.contains(&destination) {
+            true => Ok(()),
+            false => Err(format!("outside {allowed}")),
+        }
+    }
+}
+
+/// The subnet `address/prefix` lies in.
+fn subnet_of(address: Ipv4Addr, prefix: u8) -> Result<Ipv4Net, String> {
+    Ipv4Net::new(address, prefix)
+        .map(|n| n.trunc())
+        .map_err(|_| format!("/{prefix} is not a prefix length"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TUN: u32 = 7;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().expect("test network")
+    }
+
+    fn addr(s: &str) -> Ipv4Addr {
+        s.parse().expect("test address")
+    }
+
+    /// A policy whose tun (ifindex 7) is open.
+    fn opened(rule: AddressRule) -> Policy {
+        let mut policy = Policy::new(rule, 65535);
+        policy.check(&HelperRequest::OpenTun).expect("first open");
+        policy.record(&HelperRequest::OpenTun, Some(TUN));
+        policy
+    }
+
+    fn server() -> Policy {
+        opened(AddressRule::HostOf(net("198.19.0.0/16")))
+    }
+
+    fn set_address(address: &str, prefix: u8) -> HelperRequest {
+        HelperRequest::SetAddress {
+            index: TUN,
+            address: addr(address),
+            prefix,
+        }
+    }
+
+    fn add_route(destination: &str) -> HelperRequest {
+        HelperRequest::AddRoute {
+            index: TUN,
+            destination: net(destination),
+        }
+    }
+
+    fn assert_addresses_refused(policy: &Policy, cases: &[(&str, u8)]) {
+        for &(address, prefix) in cases {
+            assert!(
+                matches!(
+                    policy.check(&set_address(address, prefix)),
+                    Err(Refusal::Address { .. })
+                ),
+                "{address}/{prefix}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_second_open_tun_is_refused() {
+        let mut policy = server();
+        assert_eq!(
+            policy.check(&HelperRequest::OpenTun),
+            Err(Refusal::TunAlreadyOpened)
+        );
+        // Also after a first attempt that failed; and with no tun, nothing
+        // can be configured.
+        policy = Policy::new(AddressRule::AnyUnicast, 1500);
+        policy.record(&HelperRequest::OpenTun, None);
+        assert_eq!(
+            policy.check(&HelperRequest::OpenTun),
+            Err(Refusal::TunAlreadyOpened)
+        );
+        assert_eq!(
+            policy.check(&HelperRequest::LinkUp { index: TUN }),
+            Err(Refusal::NoTun)
+        );
+    }
+
+    #[test]
+    fn another_interfaces_index_is_refused() {
+        let policy = server();
+        let other = [
+            HelperRequest::LinkUp { index: 1 },
+            HelperRequest::SetMtu {
+                index: 2,
+                mtu: 1500,
+            },
+            HelperRequest::SetAddress {
+                index: 1,
+                address: addr("198.19.0.1"),
+                prefix: 16,
+            },
+            HelperRequest::AddRoute {
+                index: 3,
+                destination: net("198.19.0.0/16"),
+            },
+            HelperRequest::DelRoute {
+                index: 3,
+                destination: net("198.19.0.0/16"),
+            },
+        ];
+        for request in other {
+            assert!(
+                matches!(
+                    policy.check(&request),
+                    Err(Refusal::OtherInterface { tun: TUN, .. })
+                ),
+                "{request}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_server_sets_host_addresses_of_its_network_only() {
+        let policy = server();
+        assert_eq!(policy.check(&set_address("198.19.0.1", 16)), Ok(()));
+        assert_eq!(policy.check(&set_address("198.19.200.7", 16)), Ok(()));
+        assert_addresses_refused(
+            &policy,
+            &[
+                ("198.18.0.1", 16),     // outside the network
+                ("10.0.0.1", 16),       // outside the network
+                ("198.19.0.1", 24),     // not the network's prefix
+                ("198.19.0.1", 8),      // not the network's prefix
+                ("198.19.0.0", 16),     // the network address
+                ("198.19.255.255", 16), // the broadcast address
+            ],
+        );
+    }
+
+    #[test]
+    fn routes_outside_the_network_are_refused() {
+        let policy = server();
+        assert_eq!(policy.check(&add_route("198.19.0.0/16")), Ok(()));
+        assert_eq!(policy.check(&add_route("198.19.4.0/24")), Ok(()));
+        for destination in ["0.0.0.0/0", "198.18.0.0/15", "198.18.0.0/16", "10.0.0.0/8"] {
+            assert!(
+                matches!(
+                    policy.check(&add_route(destination)),
+                    Err(Refusal::Route { .. })
+                ),
+                "{destination}"
+            );
+            let delete = HelperRequest::DelRoute {
+                index: TUN,
+                destination: net(destination),
+            };
+            assert!(matches!(policy.check(&delete), Err(Refusal::Route { .. })));
+        }
+    }
+
+    #[test]
+    fn mtu_is_bounded() {
+        let mut policy = Policy::new(AddressRule::AnyUnicast, 9000);
+        policy.record(&HelperRequest::OpenTun, Some(TUN));
+        let mtu = |mtu| policy.check(&HelperRequest::SetMtu { index: TUN, mtu });
+        assert_eq!(mtu(576), Ok(()));
+        assert_eq!(mtu(1500), Ok(()));
+        assert_eq!(mtu(9000), Ok(()));
+        assert!(matches!(mtu(575), Err(Refusal::Mtu { .. })));
+        assert!(matches!(mtu(9001), Err(Refusal::Mtu { .. })));
+        assert!(matches!(mtu(0), Err(Refusal::Mtu { .. })));
+    }
+
+    #[test]
+    fn a_client_with_a_network_stays_inside_it() {
+        let policy = opened(AddressRule::Inside(net("198.19.0.0/16")));
+        assert_eq!(policy.check(&set_address("198.19.0.2", 16)), Ok(()));
+        assert_eq!(policy.check(&set_address("198.19.3.2", 24)), Ok(()));
+        assert_addresses_refused(
+            &policy,
+            &[
+                ("198.18.0.2", 16), // outside
+                ("198.19.0.2", 15), // a subnet larger than the network
+                ("198.19.0.2", 31), // too small to hold a peer
+                ("198.19.3.0", 24), // the subnet's network address
+            ],
+        );
+        assert_eq!(policy.check(&add_route("198.19.9.0/24")), Ok(()));
+        assert!(policy.check(&add_route("198.20.0.0/16")).is_err());
+    }
+
+    #[test]
+    fn a_client_without_a_network_takes_any_unicast_address() {
+        let mut policy = opened(AddressRule::AnyUnicast);
+        // No route before an address is set.
+        assert!(matches!(
+            policy.check(&add_route("198.19.0.0/16")),
+            Err(Refusal::Route { .. })
+        ));
+        for (address, prefix) in [("198.19.0.2", 16), ("10.1.2.3", 8), ("172.16.0.9", 30)] {
+            assert_eq!(
+                policy.check(&set_address(address, prefix)),
+                Ok(()),
+                "{address}/{prefix}"
+            );
+        }
+        assert_addresses_refused(
+            &policy,
+            &[
+                ("127.0.0.2", 8),        // loopback
+                ("224.0.0.5", 16),       // multicast
+                ("255.255.255.255", 16), // broadcast
+                ("0.0.0.0", 16),         // unspecified
+                ("198.19.0.2", 7),       // prefix too short
+                ("198.19.0.2", 31),      // prefix too long
+                ("198.19.0.2", 40),      // not a prefix
+                ("198.19.255.255", 16),  // broadcast of its subnet
+            ],
+        );
+        // Routes follow the address the helper set last.
+        let granted = set_address("198.19.0.2", 16);
+        policy.record(&granted, None);
+        assert_eq!(policy.check(&add_route("198.19.0.0/16")), Ok(()));
+        assert_eq!(policy.check(&add_route("198.19.7.0/24")), Ok(()));
+        assert!(policy.check(&add_route("198.18.0.0/16")).is_err());
+        assert!(policy.check(&add_route("0.0.0.0/0")).is_err());
+        let moved = set_address("10.1.2.3", 24);
+        policy.record(&moved, None);
+        assert_eq!(policy.check(&add_route("10.1.2.0/24")), Ok(()));
+        assert!(policy.check(&add_route("198.19.0.0/16")).is_err());
+    }
+}

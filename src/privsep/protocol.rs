@@ -1,0 +1,212 @@
+//! The requests simplevpnd may send to simplevpn-helper, and the answers.
+//!
+//! The set is closed: these six requests are everything the unprivileged
+//! daemon can ask of the privileged side. One message is one frame: a `u32`
+//! big-endian length followed by that many bytes of JSON (serde). The codec is
+//! sans-IO; [`super::channel`] moves frames (and the tun fd) over the socket.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Largest frame either side sends or accepts, length prefix included. Every
+/// valid message is far smaller; anything longer is a protocol error.
+pub const MAX_FRAME: usize = 4096;
+/// Bytes of the length prefix.
+const PREFIX_LEN: usize = 4;
+
+/// What the daemon asks of the helper. Every request but `OpenTun` names the
+/// interface by ifindex, which must be the one the helper created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum HelperRequest {
+    /// Create the tun (named in the helper's own configuration) and send its
+    /// fd back. Allowed once.
+    OpenTun,
+    /// Make `address/prefix` the only IPv4 address of the interface.
+    SetAddress {
+        index: u32,
+        address: Ipv4Addr,
+        prefix: u8,
+    },
+    /// Set the interface's MTU.
+    SetMtu { index: u32, mtu: u32 },
+    /// Bring the interface up.
+    LinkUp { index: u32 },
+    /// Add a route to `destination` through the interface.
+    AddRoute { index: u32, destination: Ipv4Net },
+    /// Delete the route to `destination` through the interface.
+    DelRoute { index: u32, destination: Ipv4Net },
+}
+
+/// The helper's answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum HelperResponse {
+    /// Done.
+    Ok,
+    /// The tun was created; its fd travels with this message (`SCM_RIGHTS`).
+    Tun { name: String, index: u32 },
+    /// Not allowed by the helper's policy; nothing was done.
+    Refused(String),
+    /// Allowed, but the kernel said no.
+    Failed(String),
+}
+
+impl fmt::Display for HelperRequest {
+    /// What the request does, as a phrase: "set address 198.19.0.1/16 on ifindex 7".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HelperRequest::OpenTun => f.write_str("open the tun"),
+            HelperRequest::SetAddress {
+                index,
+                address,
+                prefix,
+            } => write!(f, "set address {address}/{prefix} on ifindex {index}"),
+            HelperRequest::SetMtu { index, mtu } => write!(f, "set MTU {mtu} on ifindex {index}"),
+            HelperRequest::LinkUp { index } => write!(f, "bring up ifindex {index}"),
+            HelperRequest::AddRoute { index, destination } => {
+                write!(f, "add route {destination} via ifindex {index}")
+            }
+            HelperRequest::DelRoute { index, destination } => {
+                write!(f, "delete route {destination} via ifindex {index}")
+            }
+        }
+    }
+}
+
+/// A frame that cannot be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes is longer than {MAX_FRAME}")]
+    TooLong(usize),
+    #[error("frame of {0} bytes is shorter than its length prefix")]
+    Short(usize),
+    #[error("frame declares {declared} bytes of payload but carries {actual}")]
+    Length { declared: usize, actual: usize },
+    #[error("bad message: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// One message as a frame: length prefix, then JSON.
+pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
+    let json = serde_json::to_vec(message)?;
+    let total = PREFIX_LEN + json.len();
+    if total > MAX_FRAME {
+        return Err(FrameError::TooLong(total));
+    }
+    let mut frame = Vec::with_capacity(total);
+    // total <= MAX_FRAME, so the payload length fits in a u32.
+    frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&json);
+    Ok(frame)
+}
+
+/// The message in one whole frame (as one `SOCK_SEQPACKET` message delivers
+/// it). The length prefix must match the frame exactly.
+pub fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, FrameError> {
+    if frame.len() > MAX_FRAME {
+        return Err(FrameError::TooLong(frame.len()));
+    }
+    let (prefix, payload) = frame
+        .split_first_chunk::<PREFIX_LEN>()
+        .ok_or(FrameError::Short(frame.len()))?;
+    let declared = u32::from_be_bytes(*prefix) as usize;
+    if declared != payload.len() {
+        return Err(FrameError::Length {
+            declared,
+            actual: payload.len(),
+        });
+    }
+    Ok(serde_json::from_slice(payload)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_requests() -> Vec<HelperRequest> {
+        let net: Ipv4Net = "198.19.0.0/16".parse().expect("net");
+        vec![
+            HelperRequest::OpenTun,
+            HelperRequest::SetAddress {
+                index: 7,
+                address: Ipv4Addr::new(198, 19, 0, 1),
+                prefix: 16,
+            },
+            HelperRequest::SetMtu {
+                index: 7,
+                mtu: 1500,
+            },
+            HelperRequest::LinkUp { index: 7 },
+            HelperRequest::AddRoute {
+                index: 7,
+                destination: net,
+            },
+            HelperRequest::DelRoute {
+                index: 7,
+                destination: net,
+            },
+        ]
+    }
+
+    #[test]
+    fn requests_and_responses_round_trip() {
+        for request in all_requests() {
+            let frame = encode(&request).expect("encode");
+            assert_eq!(decode::<HelperRequest>(&frame).expect("decode"), request);
+        }
+        for response in [
+            HelperResponse::Ok,
+            HelperResponse::Tun {
+                name: "svpn0".into(),
+                index: 7,
+            },
+            HelperResponse::Refused("no".into()),
+            HelperResponse::Failed("EPERM".into()),
+        ] {
+            let frame = encode(&response).expect("encode");
+            assert_eq!(decode::<HelperResponse>(&frame).expect("decode"), response);
+        }
+    }
+
+    #[test]
+    fn the_frame_is_a_big_endian_length_then_json() {
+        let frame = encode(&HelperRequest::LinkUp { index: 3 }).expect("encode");
+        let json = br#"{"LinkUp":{"index":3}}"#;
+        assert_eq!(&frame[..4], &(json.len() as u32).to_be_bytes());
+        assert_eq!(&frame[4..], json);
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        let good = encode(&HelperRequest::OpenTun).expect("encode");
+        assert!(matches!(
+            decode::<HelperRequest>(&good[..3]),
+            Err(FrameError::Short(3))
+        ));
+        assert!(matches!(
+            decode::<HelperRequest>(&good[..good.len() - 1]),
+            Err(FrameError::Length { .. })
+        ));
+        let mut unknown = br#"{"RunShell":{"command":"sh"}}"#.to_vec();
+        unknown.splice(0..0, (unknown.len() as u32).to_be_bytes());
+        assert!(matches!(
+            decode::<HelperRequest>(&unknown),
+            Err(FrameError::Json(_))
+        ));
+        let mut extra = br#"{"LinkUp":{"index":3,"name":"eth0"}}"#.to_vec();
+        extra.splice(0..0, (extra.len() as u32).to_be_bytes());
+        assert!(matches!(
+            decode::<HelperRequest>(&extra),
+            Err(FrameError::Json(_))
+        ));
+        assert!(matches!(
+            decode::<HelperRequest>(&vec![0; MAX_FRAME + 1]),
+            Err(FrameError::TooLong(_))
+        ));
+    }
+}

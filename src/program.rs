@@ -1,0 +1,43 @@
+//! What both programs (simplevpnd and simplevpn-helper) do at their edges:
+//! parse the command line the same way, and log the same way.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Exit code for bad flags or config, as for clap's own usage errors.
+pub const EXIT_USAGE: u8 = 2;
+
+/// The parsed command line; or, for a bad one, the exit code after printing
+/// its first line to stderr (`--help` and `--version` print in full and
+/// exit 0).
+pub fn parse_args<T: Parser>() -> Result<T, ExitCode> {
+    match T::try_parse() {
+        Ok(args) => Ok(args),
+        Err(e) if e.use_stderr() => {
+            let rendered = e.render().to_string();
+            eprintln!("{}", rendered.lines().next().unwrap_or("bad arguments"));
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+        Err(e) => {
+            let _ = e.print();
+            Err(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Installs the global `tracing` subscriber: one line per event on stderr,
+/// `RUST_LOG` filtering (default `info`), colours only on a terminal. Call
+/// once, early in `main`.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
