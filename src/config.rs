@@ -6,8 +6,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
+
+use crate::keys::PublicKey;
 
 use crate::wire::{CONTROL_LEN, DEFAULT_MAX_FRAME};
 
@@ -21,6 +23,7 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
 pub const DEFAULT_MTU: u32 = 1500;
 pub const DEFAULT_PREFIX: u8 = 16;
 pub const DEFAULT_QUEUE_LEN: usize = 512;
+pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 256;
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/simplevpn/control.sock";
 pub const DEFAULT_CONTROL_GROUP: &str = "simplevpn";
 /// The service user simplevpnd drops to.
@@ -123,6 +126,28 @@ pub struct ServerSection {
     pub queue_len: Option<usize>,
     /// The unprivileged user to run as.
     pub user: Option<String>,
+    /// The server's private key file: TLS clients are served when set.
+    pub key: Option<PathBuf>,
+    /// Serve original-protocol (unauthenticated, plaintext) clients too.
+    pub legacy: Option<bool>,
+    /// With legacy on: only from these remote networks (empty: anyone).
+    pub legacy_allow: Option<Vec<IpNet>>,
+    /// `[[server.peer]]`: the TLS clients that may join.
+    pub peer: Option<Vec<PeerSection>>,
+    /// Connections still authenticating (or asking for an address) at once.
+    pub max_unauthenticated: Option<usize>,
+}
+
+/// `[[server.peer]]`: a TLS client that may join.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    /// Its public key (`simplevpnd pubkey` prints it).
+    pub key: PublicKey,
+    /// A name for logs and svpnctl.
+    pub name: Option<String>,
+    /// The address it always gets; no one else can have it.
+    pub address: Option<Ipv4Addr>,
 }
 
 /// `[client]`; also what the client's flags set.
@@ -145,6 +170,10 @@ pub struct ClientSection {
     /// The tunnel network, if known: the helper then sets only addresses
     /// inside it.
     pub network: Option<Ipv4Net>,
+    /// This client's private key file: with `server_key`, it speaks TLS.
+    pub key: Option<PathBuf>,
+    /// The server's public key, pinned.
+    pub server_key: Option<PublicKey>,
 }
 
 /// What the server runs with.
@@ -159,6 +188,31 @@ pub struct ServerConfig {
     pub max_frame: usize,
     pub queue_len: usize,
     pub user: String,
+    /// The private key file; `None`: no TLS (legacy must be on).
+    pub key: Option<PathBuf>,
+    /// The TLS clients that may join.
+    pub peers: Vec<PeerSection>,
+    /// Whether original-protocol clients are served, and from where.
+    pub legacy: Legacy,
+    pub max_unauthenticated: usize,
+}
+
+/// Whether the server serves the original, unauthenticated protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Legacy {
+    Off,
+    /// On, from remote addresses in these networks (empty: from anywhere).
+    On(Vec<IpNet>),
+}
+
+impl Legacy {
+    /// Whether an original-protocol client at `remote` may connect.
+    pub fn allows(&self, remote: std::net::IpAddr) -> bool {
+        match self {
+            Legacy::Off => false,
+            Legacy::On(nets) => nets.is_empty() || nets.iter().any(|n| n.contains(&remote)),
+        }
+    }
 }
 
 /// What the client runs with.
@@ -176,6 +230,9 @@ pub struct ClientConfig {
     pub user: String,
     /// Addresses outside it are refused (by the helper); `None`: any unicast.
     pub network: Option<Ipv4Net>,
+    /// TLS with this private key file and pinned server key; `None`: the
+    /// original protocol.
+    pub tls: Option<(PathBuf, PublicKey)>,
 }
 
 impl ConfigFile {
@@ -232,6 +289,18 @@ impl ServerSection {
             max_frame: flags.max_frame.or(self.max_frame),
             queue_len: flags.queue_len.or(self.queue_len),
             user: flags.user.or(self.user),
+            key: flags.key.or(self.key),
+            legacy: flags.legacy.or(self.legacy),
+            legacy_allow: flags.legacy_allow.or(self.legacy_allow),
+            // Peers given as flags come in addition to those in the file.
+            peer: match (self.peer, flags.peer) {
+                (Some(mut file), Some(flags)) => {
+                    file.extend(flags);
+                    Some(file)
+                }
+                (file, flags) => flags.or(file),
+            },
+            max_unauthenticated: flags.max_unauthenticated.or(self.max_unauthenticated),
         }
     }
 
@@ -262,8 +331,87 @@ impl ServerSection {
                 n => n,
             },
             user: user(self.user)?,
+            legacy: legacy(self.legacy, self.legacy_allow, self.key.is_some())?,
+            peers: peers(self.peer.unwrap_or_default(), network, self.key.is_some())?,
+            key: self.key,
+            max_unauthenticated: match self
+                .max_unauthenticated
+                .unwrap_or(DEFAULT_MAX_UNAUTHENTICATED)
+            {
+                0 => {
+                    return Err(ConfigError::new(
+                        "max_unauthenticated",
+                        "must be at least 1",
+                    ))
+                }
+                n => n,
+            },
         })
     }
+}
+
+/// The legacy switch, checked: a server needs a key, legacy, or both.
+fn legacy(
+    on: Option<bool>,
+    allow: Option<Vec<IpNet>>,
+    has_key: bool,
+) -> Result<Legacy, ConfigError> {
+    match (on.unwrap_or(false), allow) {
+        (true, allow) => Ok(Legacy::On(allow.unwrap_or_default())),
+        (false, Some(_)) => Err(ConfigError::new(
+            "legacy_allow",
+            "set, but legacy is off: add legacy = true (or --legacy)",
+        )),
+        (false, None) if has_key => Ok(Legacy::Off),
+        (false, None) => Err(ConfigError::new(
+            "key",
+            "the server has no key and legacy is off, so no client could join: \
+             run `simplevpnd keygen /etc/simplevpn/server.key`, set key = that path and list \
+             clients in [[server.peer]] (TLS); or set legacy = true (--legacy) to serve the \
+             unauthenticated original protocol",
+        )),
+    }
+}
+
+/// The TLS peers, checked: unique keys, fixed addresses unique and in the pool.
+fn peers(
+    peers: Vec<PeerSection>,
+    network: Ipv4Net,
+    has_key: bool,
+) -> Result<Vec<PeerSection>, ConfigError> {
+    if !peers.is_empty() && !has_key {
+        return Err(ConfigError::new(
+            "peer",
+            "TLS peers are listed but the server has no key: set key = PATH (or --key)",
+        ));
+    }
+    let pool = crate::pool::AddressPool::new(network);
+    let mut keys = std::collections::HashSet::new();
+    let mut addresses = std::collections::HashSet::new();
+    for (i, peer) in peers.iter().enumerate() {
+        let field = format!("server.peer[{i}]");
+        if !keys.insert(peer.key) {
+            return Err(ConfigError::new(
+                field,
+                format!("key {} is listed twice", peer.key),
+            ));
+        }
+        if let Some(address) = peer.address {
+            if !pool.contains(address) {
+                return Err(ConfigError::new(
+                    format!("{field}.address"),
+                    format!("{address} is not a client address of {network}"),
+                ));
+            }
+            if !addresses.insert(address) {
+                return Err(ConfigError::new(
+                    format!("{field}.address"),
+                    format!("{address} is fixed for two peers"),
+                ));
+            }
+        }
+    }
+    Ok(peers)
 }
 
 impl ClientSection {
@@ -279,6 +427,8 @@ impl ClientSection {
             max_frame: flags.max_frame.or(self.max_frame),
             user: flags.user.or(self.user),
             network: flags.network.or(self.network),
+            key: flags.key.or(self.key),
+            server_key: flags.server_key.or(self.server_key),
         }
     }
 
@@ -322,6 +472,22 @@ impl ClientSection {
             max_frame,
             user: user(self.user)?,
             network,
+            tls: match (self.key, self.server_key) {
+                (Some(key), Some(server_key)) => Some((key, server_key)),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(ConfigError::new(
+                        "server_key",
+                        "missing: with a key, give the server's public key to pin (--server-key)",
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError::new(
+                        "key",
+                        "missing: with server_key, give this client's private key file (--key)",
+                    ))
+                }
+            },
         })
     }
 }
@@ -438,7 +604,12 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let server = ServerSection::default().resolve().expect("defaults");
+        let server = ServerSection {
+            legacy: Some(true),
+            ..Default::default()
+        }
+        .resolve()
+        .expect("defaults");
         assert_eq!(server.listen, "0.0.0.0:2002".parse().expect("addr"));
         assert_eq!(server.network, "10.0.0.0/16".parse().expect("net"));
         assert_eq!(server.client_timeout, Duration::from_secs(60));
@@ -497,6 +668,7 @@ mod tests {
             .expect("server section");
         let flags = ServerSection {
             client_timeout: Some(5),
+            legacy: Some(true),
             ..Default::default()
         };
         let config = file.overridden_by(flags).resolve().expect("resolve");
@@ -541,6 +713,63 @@ mod tests {
         .resolve()
         .expect_err("long name");
         assert_eq!(err.field, "tun");
+    }
+
+    #[test]
+    fn tls_and_legacy_settings() {
+        let key = "ScFYNjnPxvAxr6GGa07nJpY3Y6mxoP6KgSTp3vU//xo=";
+        let resolve = |text: &str| {
+            parse(text)
+                .and_then(|f| f.server.unwrap_or_default().resolve())
+                .map_err(|e| e.to_string())
+        };
+        let err = resolve("[server]\n").expect_err("no key, no legacy");
+        assert!(
+            err.starts_with("key: ") && err.contains("simplevpnd keygen"),
+            "{err}"
+        );
+        let err = resolve("[server]\nlegacy_allow = [\"198.18.0.0/15\"]\n").expect_err("allow");
+        assert!(err.starts_with("legacy_allow:"), "{err}");
+        let peer = format!("[server]\nlegacy = true\n[[server.peer]]\nkey = \"{key}\"\n");
+        let err = resolve(&peer).expect_err("peers need a key");
+        assert!(err.starts_with("peer:"), "{err}");
+        let with_key = |extra: &str| {
+            format!("[server]\nkey = \"/k\"\n[[server.peer]]\nkey = \"{key}\"\n{extra}")
+        };
+        let err = resolve(&with_key("address = \"10.9.0.5\"\n")).expect_err("outside");
+        assert!(err.starts_with("server.peer[0].address:"), "{err}");
+        let twice = with_key(&format!("[[server.peer]]\nkey = \"{key}\"\n"));
+        assert!(resolve(&twice).expect_err("twice").contains("listed twice"));
+        let config =
+            resolve(&with_key("name = \"laptop\"\naddress = \"10.0.0.9\"\n")).expect("valid");
+        assert_eq!(config.legacy, Legacy::Off);
+        assert_eq!(config.peers[0].name.as_deref(), Some("laptop"));
+        let err = resolve("[server]\nlegacy = true\n[[server.peer]]\nkey = \"AAAA\"\n")
+            .expect_err("bad key");
+        assert!(
+            err.contains("key") && err.contains("not a public key"),
+            "{err}"
+        );
+
+        let on = Legacy::On(vec!["198.18.0.0/15".parse().expect("net")]);
+        assert!(on.allows("198.19.1.1".parse().expect("ip")));
+        assert!(!on.allows("203.0.113.1".parse().expect("ip")));
+        assert!(Legacy::On(vec![]).allows("203.0.113.1".parse().expect("ip")));
+        assert!(!Legacy::Off.allows("198.19.1.1".parse().expect("ip")));
+
+        let client = |text: &str| {
+            parse(text)
+                .and_then(|f| f.client.unwrap_or_default().resolve())
+                .map_err(|e| e.field)
+        };
+        assert_eq!(
+            client("[client]\nserver = \"h\"\nkey = \"/k\"\n")
+                .err()
+                .as_deref(),
+            Some("server_key")
+        );
+        let pinned = format!("[client]\nserver = \"h\"\nserver_key = \"{key}\"\n");
+        assert_eq!(client(&pinned).err().as_deref(), Some("key"));
     }
 
     #[test]

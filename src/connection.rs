@@ -16,6 +16,11 @@ const READ_CHUNK: usize = 256 * 1024;
 /// How much the writer gathers from its queue before one write.
 const WRITE_BATCH: usize = 256 * 1024;
 
+/// The read half of a connection, whatever its transport (TCP, TLS).
+pub type Reader = Box<dyn AsyncRead + Unpin + Send>;
+/// The write half of a connection, whatever its transport.
+pub type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
 /// Why reading a frame failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {

@@ -105,6 +105,20 @@ impl AddressPool {
         Ok(())
     }
 
+    /// Takes `address` out of the pool for good (a fixed address).
+    pub fn reserve(&mut self, address: Ipv4Addr) -> Result<(), Refusal> {
+        let index = self
+            .index(address)
+            .filter(|_| self.contains(address))
+            .ok_or(Refusal::NotInPool(address))?;
+        if self.is_used(index) {
+            return Err(Refusal::Taken(address));
+        }
+        self.mark(index, true);
+        self.free_count -= 1;
+        Ok(())
+    }
+
     /// Returns `address` to the pool.
     pub fn release(&mut self, address: Ipv4Addr) {
         if let Some(index) = self.index(address).filter(|_| self.contains(address)) {

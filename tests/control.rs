@@ -166,7 +166,7 @@ fn watch_kick_and_ban() {
     // Wait until the watch is subscribed: probe connections until one shows.
     assert!(
         wait_until(STARTUP, || {
-            drop(bed.raw_peer(0));
+            bed.raw_peer(0).send(&keepalive());
             watch_events(&watch)
                 .iter()
                 .any(|e| e["event"] == "connected")

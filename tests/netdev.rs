@@ -145,8 +145,11 @@ fn create_tun_is_visible_and_disappears_on_drop() {
         assert!(out.starts_with(&format!("{}: {TUN}:", tun.index)), "{out}");
 
         drop(tun);
-        let (ok, _) = ip(&ns, &["link", "show", TUN]);
-        assert!(!ok, "tun still present after its fd was dropped");
+        // The kernel unregisters the device asynchronously after the last close.
+        let gone = common::wait_until(Duration::from_secs(5), || {
+            !ip(&ns, &["link", "show", TUN]).0
+        });
+        assert!(gone, "tun still present after its fd was dropped");
     });
 }
 
@@ -292,7 +295,9 @@ fn packet_io() {
 
         // Dropping the last handle removes the device.
         drop(tun);
-        let (ok, _) = ip(&ns, &["link", "show", TUN]);
-        assert!(!ok, "tun still present after AsyncTun was dropped");
+        let gone = common::wait_until(Duration::from_secs(5), || {
+            !ip(&ns, &["link", "show", TUN]).0
+        });
+        assert!(gone, "tun still present after AsyncTun was dropped");
     });
 }

@@ -237,9 +237,17 @@ fn silent_peers_time_out_and_free_their_address() {
         assert_eq!(b.recv(20, STARTUP), keepalive());
     }
 
-    // A connection that never asks for an address is dropped.
+    // A connection that sends nothing is dropped after the handshake
+    // timeout; so is one that sends keepalives but never asks for an address.
     let mut mute = bed.raw_peer(0);
     mute.expect_closed(Duration::from_secs(10));
+    assert!(wait_until(STARTUP, || server
+        .log()
+        .contains("no handshake within the handshake timeout")));
+    let mut idle = bed.raw_peer(0);
+    idle.send(&keepalive());
+    assert_eq!(idle.recv(20, STARTUP), keepalive());
+    idle.expect_closed(Duration::from_secs(10));
     assert!(wait_until(STARTUP, || server
         .log()
         .contains("no address request within the handshake timeout")));

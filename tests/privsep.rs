@@ -391,7 +391,7 @@ fn a_missing_or_root_user_is_a_one_line_error_with_exit_2() {
     };
     let missing = "svpn-no-such-user";
     for role in [
-        vec!["server", "--network", NETWORK],
+        vec!["server", "--network", NETWORK, "--legacy"],
         vec!["client", "-s", "198.18.1.1"],
     ] {
         let mut args = role.clone();
@@ -462,7 +462,7 @@ fn started_as_another_user_it_says_it_must_be_started_as_root() {
     let user = User::from_name(USER).expect("user database").expect("user");
     let run = || {
         Command::new(&copy)
-            .args(["server", "--network", NETWORK, "--user", USER])
+            .args(["server", "--network", NETWORK, "--legacy", "--user", USER])
             .uid(user.uid.as_raw())
             .gid(user.gid.as_raw())
             .stdin(Stdio::null())

@@ -68,6 +68,7 @@ pub fn peer_json(p: &proto::Peer) -> Value {
         "dropped_unassigned": p.dropped_unassigned,
         "protocol": p.protocol,
         "name": p.name,
+        "key": if p.key.is_empty() { Value::Null } else { Value::String(p.key.clone()) },
     })
 }
 

@@ -7,7 +7,8 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 
 use super::{Role, Settings};
-use crate::config::{config_file, ClientSection, ConfigError, ServerSection};
+use crate::config::{config_file, ClientSection, ConfigError, PeerSection, ServerSection};
+use crate::keys::PublicKey;
 
 /// IP-in-TCP VPN daemon, wire-compatible with the original simplevpn.
 #[derive(Debug, Parser)]
@@ -29,6 +30,25 @@ pub enum Command {
     Server(ServerArgs),
     /// Join a server and carry this host's tunnel traffic.
     Client(ClientArgs),
+    /// Write a new private key to PATH (mode 0600) and print its public key.
+    Keygen {
+        /// Where to write the key; an existing file is never overwritten
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+    },
+    /// Print the public key of the private key in PATH.
+    Pubkey {
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+    },
+}
+
+/// What simplevpnd was asked to do.
+#[derive(Debug)]
+pub enum Action {
+    Run(Box<Settings>),
+    Keygen(PathBuf),
+    Pubkey(PathBuf),
 }
 
 #[derive(Debug, Args)]
@@ -57,6 +77,15 @@ pub struct ServerArgs {
     /// Unprivileged user to run as, once the helper is started [default: simplevpn]
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
+    /// Private key file: serve TLS clients listed with --peer or [[server.peer]]
+    #[arg(long, value_name = "PATH")]
+    pub key: Option<PathBuf>,
+    /// Public key of a TLS client that may join (repeat for more)
+    #[arg(long = "peer", value_name = "PUBKEY")]
+    pub peers: Vec<PublicKey>,
+    /// Also serve the original protocol: unauthenticated and unencrypted
+    #[arg(long)]
+    pub legacy: bool,
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +111,12 @@ pub struct ClientArgs {
     /// Unprivileged user to run as, once the helper is started [default: simplevpn]
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
+    /// Private key file: speak TLS to the server (needs --server-key)
+    #[arg(long, value_name = "PATH")]
+    pub key: Option<PathBuf>,
+    /// The server's public key, pinned
+    #[arg(long, value_name = "PUBKEY")]
+    pub server_key: Option<PublicKey>,
 }
 
 impl From<ServerArgs> for ServerSection {
@@ -94,6 +129,18 @@ impl From<ServerArgs> for ServerSection {
             handshake_timeout: args.handshake_timeout,
             mtu: args.mtu,
             user: args.user,
+            key: args.key,
+            legacy: args.legacy.then_some(true),
+            peer: (!args.peers.is_empty()).then(|| {
+                args.peers
+                    .into_iter()
+                    .map(|key| PeerSection {
+                        key,
+                        name: None,
+                        address: None,
+                    })
+                    .collect()
+            }),
             ..ServerSection::default()
         }
     }
@@ -108,14 +155,17 @@ impl From<ClientArgs> for ClientSection {
             timeout: args.timeout,
             mtu: args.mtu,
             user: args.user,
+            key: args.key,
+            server_key: args.server_key,
             ..ClientSection::default()
         }
     }
 }
 
 impl Cli {
-    /// The role and settings to run with: the config file, overridden by flags.
-    pub fn into_settings(self) -> Result<Settings, ConfigError> {
+    /// What to do: a key command, or run with the config file's settings
+    /// overridden by flags.
+    pub fn into_action(self) -> Result<Action, ConfigError> {
         let file = config_file(self.config.as_deref())?;
         let where_ = || {
             self.config
@@ -134,6 +184,8 @@ impl Cli {
                 let section = file.client.unwrap_or_default().overridden_by(args.into());
                 (Role::Client(section.resolve()?), socket)
             }
+            Some(Command::Keygen { path }) => return Ok(Action::Keygen(path)),
+            Some(Command::Pubkey { path }) => return Ok(Action::Pubkey(path)),
             None => match (file.server, file.client) {
                 (Some(server), None) => (Role::Server(server.resolve()?), None),
                 (None, Some(client)) => (Role::Client(client.resolve()?), None),
@@ -147,9 +199,9 @@ impl Cli {
                 )),
             },
         };
-        Ok(Settings {
+        Ok(Action::Run(Box::new(Settings {
             role,
             control: control.resolve(socket)?,
-        })
+        })))
     }
 }

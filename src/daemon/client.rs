@@ -8,19 +8,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument, Span};
 
 use super::control::{self, KickError, Node};
+use super::dialer::{Dialed, Dialer};
 use super::events::{EventKind, Events, PeerEvent};
+use super::gate::Identity;
 use super::helper::Helper;
 use super::registry::{PeerInfo, PeerStats};
 use super::{ControlOptions, DaemonError};
 use crate::config::ClientConfig;
-use crate::connection::{write_frames, FrameReader, ReadError};
+use crate::connection::{write_frames, FrameReader, ReadError, Reader};
+use crate::keys::NodeKey;
 use crate::netdev::AsyncTun;
 use crate::pool::server_address;
 use crate::proto;
@@ -55,6 +57,8 @@ impl Tunnel {
 
 /// The link to the server as the control service sees it.
 struct ClientState {
+    /// Who the server is: its pinned key with TLS.
+    identity: Identity,
     server: String,
     tun: String,
     started: SystemTime,
@@ -99,6 +103,7 @@ impl ClientState {
                     remote,
                     since,
                     &stats,
+                    &self.identity,
                 ))
             }
             _ => None,
@@ -157,8 +162,13 @@ pub async fn run(
     config: ClientConfig,
     helper: &Helper,
     control: Option<ControlOptions>,
+    key: Option<NodeKey>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
+    if config.tls.is_some() && key.is_none() {
+        return Err(DaemonError::NoKey("the client"));
+    }
+    let dialer = Dialer::new(&config, key.as_ref(), HANDSHAKE_TIMEOUT)?;
     let tun = helper.open_tun().await?;
     helper.set_mtu(tun.index, config.mtu).await?;
     let mut tunnel = Tunnel {
@@ -167,8 +177,15 @@ pub async fn run(
         helper: helper.clone(),
         configured: None,
     };
-    info!(server = %config.server, tun = %tun.name, "client starting");
+    let identity = dialer.identity();
+    info!(
+        server = %config.server,
+        tun = %tun.name,
+        protocol = identity.protocol(),
+        "client starting"
+    );
     let state = Arc::new(ClientState {
+        identity,
         server: config.server.clone(),
         tun: tun.name.clone(),
         started: SystemTime::now(),
@@ -191,7 +208,7 @@ pub async fn run(
     loop {
         let span = info_span!("server", remote = %config.server, addr = tracing::field::Empty);
         state.update(|link| link.state = "connecting");
-        let ending = session(&config, &mut tunnel, &state, wanted, &shutdown)
+        let ending = session(&config, &dialer, &mut tunnel, &state, wanted, &shutdown)
             .instrument(span.clone())
             .await?;
         state.update(|link| {
@@ -201,13 +218,19 @@ pub async fn run(
         let _entered = span.enter();
         match ending {
             Ending::Shutdown => break,
-            Ending::Refused if config.address.is_some() => {
-                warn!(address = ?config.address, "the server refused the static address; retrying");
-            }
-            Ending::Refused => {
-                info!(previous = ?wanted, "the server refused the previous address; asking for any");
-                wanted = None;
-            }
+            Ending::Refused => match (config.address, wanted) {
+                (Some(address), _) => {
+                    warn!(%address, "the server refused the static address; retrying");
+                }
+                (None, Some(previous)) => {
+                    info!(%previous, "the server refused the previous address; asking for any");
+                    wanted = None;
+                }
+                (None, None) => warn!(
+                    "the server closed the connection without a grant (addresses exhausted, \
+                     banned, or protocol not allowed)"
+                ),
+            },
             Ending::Failed { reason, granted } => {
                 if granted {
                     backoff.reset();
@@ -235,6 +258,7 @@ pub async fn run(
 /// One connection to the server: connect, ask, configure, forward.
 async fn session(
     config: &ClientConfig,
+    dialer: &Dialer,
     tunnel: &mut Tunnel,
     state: &ClientState,
     wanted: Option<Ipv4Addr>,
@@ -244,22 +268,16 @@ async fn session(
         reason,
         granted: false,
     };
-    let stream = tokio::select! {
+    let Dialed {
+        reader,
+        writer,
+        remote,
+    } = tokio::select! {
         _ = shutdown.cancelled() => return Ok(Ending::Shutdown),
-        connected = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(config.server.as_str())) => {
-            match connected {
-                Err(_) => return Ok(failed("connect timed out".into())),
-                Ok(Err(e)) => return Ok(failed(format!("connect failed: {e}"))),
-                Ok(Ok(stream)) => stream,
-            }
-        }
-    };
-    if let Err(e) = stream.set_nodelay(true) {
-        debug!(error = %e, "TCP_NODELAY not set");
-    }
-    let remote = match stream.peer_addr() {
-        Ok(remote) => remote,
-        Err(e) => return Ok(failed(format!("connection lost at once: {e}"))),
+        dialed = dialer.dial() => match dialed {
+            Ok(dialed) => dialed,
+            Err(reason) => return Ok(failed(reason)),
+        },
     };
     let stats = Arc::new(PeerStats::default());
     state.update(|link| {
@@ -269,10 +287,9 @@ async fn session(
     });
     info!("connected");
     state.events.publish(EventKind::Connected, remote, None, "");
-    let (read_half, write_half) = stream.into_split();
-    let mut reader = FrameReader::new(read_half, Decoder::new(config.max_frame));
+    let mut reader = FrameReader::new(reader, Decoder::new(config.max_frame));
     let (uplink, uplink_rx) = mpsc::channel(UPLINK_QUEUE_LEN);
-    let writer = tokio::spawn(write_frames(write_half, uplink_rx));
+    let writer = tokio::spawn(write_frames(writer, uplink_rx));
     let request = match wanted {
         Some(address) => Request::Static(address),
         None => Request::Dynamic,
@@ -288,6 +305,14 @@ async fn session(
         };
         match read {
             Err(_) => return Ok(failed("no grant within the handshake timeout".into())),
+            // TLS 1.3 tells a client that its key was rejected only now,
+            // after its side of the handshake: an alert instead of a grant.
+            Ok(Err(ReadError::Io(e))) if dialer.is_tls() => {
+                writer.abort();
+                return Ok(failed(format!(
+                    "the server rejected this client ({e}): is its key listed in the server's [[server.peer]]?"
+                )));
+            }
             Ok(Ok(None)) | Ok(Err(ReadError::Io(_))) => {
                 writer.abort();
                 return Ok(Ending::Refused);
@@ -433,7 +458,7 @@ async fn forward_tun_to_server(
 async fn forward_server_to_tun(
     config: &ClientConfig,
     tunnel: &mut Tunnel,
-    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    reader: &mut FrameReader<Reader>,
     uplink: &mpsc::Sender<Bytes>,
     activity: &Activity,
     stats: &PeerStats,

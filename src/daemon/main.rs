@@ -5,10 +5,11 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use simplevpn::daemon::cli::Cli;
+use simplevpn::daemon::cli::{Action, Cli};
 use simplevpn::daemon::control::{self, ControlSocketError};
 use simplevpn::daemon::helper::Helper;
 use simplevpn::daemon::privileges::{self, HelperProcess};
+use simplevpn::keys::NodeKey;
 use simplevpn::privsep::credentials::ServiceUser;
 use simplevpn::program::{self, EXIT_USAGE};
 use tokio_util::sync::CancellationToken;
@@ -23,8 +24,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    let settings = match cli.into_settings() {
-        Ok(settings) => settings,
+    let settings = match cli.into_action() {
+        Ok(Action::Run(settings)) => *settings,
+        Ok(Action::Keygen(path)) => return print_public_key(NodeKey::generate(&path)),
+        Ok(Action::Pubkey(path)) => return print_public_key(NodeKey::load(&path)),
         Err(e) => {
             eprintln!("simplevpnd: {e}");
             return ExitCode::from(EXIT_USAGE);
@@ -41,6 +44,14 @@ fn main() -> ExitCode {
         eprintln!("simplevpnd: {e}");
         return ExitCode::FAILURE;
     }
+    // As root: the key file is readable by root alone.
+    let key = match settings.role.key_path().map(NodeKey::load).transpose() {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("simplevpnd: key: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     program::init_logging();
 
     // As root, so the socket can get its group whoever the service user is.
@@ -87,7 +98,9 @@ fn main() -> ExitCode {
                 };
                 let shutdown = CancellationToken::new();
                 tokio::spawn(stop_on_signal(shutdown.clone()));
-                match simplevpn::daemon::run(settings.role, helper, Some(control), shutdown).await {
+                match simplevpn::daemon::run(settings.role, helper, Some(control), key, shutdown)
+                    .await
+                {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         error!("{e}");
@@ -111,6 +124,20 @@ fn main() -> ExitCode {
         None => warn!("simplevpn-helper could not be reaped"),
     }
     code
+}
+
+/// Prints the public key of a key just made or read.
+fn print_public_key(key: Result<NodeKey, simplevpn::keys::KeyError>) -> ExitCode {
+    match key {
+        Ok(key) => {
+            println!("{}", key.public());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("simplevpnd: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT.

@@ -3,7 +3,9 @@
 pub mod cli;
 pub mod client;
 pub mod control;
+mod dialer;
 mod events;
+pub mod gate;
 pub mod helper;
 pub mod privileges;
 mod registry;
@@ -15,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use self::helper::{Helper, HelperError};
 use crate::config::{ClientConfig, ControlConfig, ServerConfig};
+use crate::keys::NodeKey;
 use crate::netdev::NetdevError;
+use crate::tls::TlsError;
 
 /// What the daemon runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +29,14 @@ pub enum Role {
 }
 
 impl Role {
+    /// The private key file this role authenticates with, if any.
+    pub fn key_path(&self) -> Option<&std::path::Path> {
+        match self {
+            Role::Server(config) => config.key.as_deref(),
+            Role::Client(config) => config.tls.as_ref().map(|(key, _)| key.as_path()),
+        }
+    }
+
     /// The service user this role runs as.
     pub fn user(&self) -> &str {
         match self {
@@ -62,16 +74,22 @@ pub enum DaemonError {
     Tun(#[from] std::io::Error),
     #[error("{0}")]
     Helper(#[from] HelperError),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("{0} has a key file configured, but no key was loaded")]
+    NoKey(&'static str),
 }
 
 /// Runs the daemon in `role` until `shutdown` is cancelled, with `helper`
 /// doing everything that needs privilege, serving the control API on
-/// `control` if given. If the helper dies, the role is stopped and the
-/// result is an error ([`HelperError::Died`]).
+/// `control` if given, authenticating with `key` (the role's key file, read
+/// before privileges were dropped). If the helper dies, the role is stopped
+/// and the result is an error ([`HelperError::Died`]).
 pub async fn run(
     role: Role,
     helper: Helper,
     control: Option<ControlOptions>,
+    key: Option<NodeKey>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let stop = shutdown.child_token();
@@ -79,8 +97,8 @@ pub async fn run(
     let helper_ref = &helper;
     let role_run = async move {
         match role {
-            Role::Server(config) => server::run(config, helper_ref, control, role_stop).await,
-            Role::Client(config) => client::run(config, helper_ref, control, role_stop).await,
+            Role::Server(config) => server::run(config, helper_ref, control, key, role_stop).await,
+            Role::Client(config) => client::run(config, helper_ref, control, key, role_stop).await,
         }
     };
     tokio::pin!(role_run);

@@ -3,7 +3,7 @@
 //! is held only for map operations and non-blocking queue pushes, never across
 //! I/O, so a stuck client cannot stall anyone else.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -14,6 +14,7 @@ use ipnet::Ipv4Net;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::gate::Identity;
 use crate::pool::{AddressPool, Refusal};
 use crate::wire::{Control, Request};
 
@@ -63,6 +64,7 @@ pub struct PeerLink {
     pub stats: Arc<PeerStats>,
     /// Cancelled to close the connection (a kick).
     pub kick: CancellationToken,
+    pub identity: Identity,
 }
 
 /// A snapshot of one peer, for the control plane.
@@ -79,8 +81,8 @@ pub struct PeerInfo {
     pub dropped_spoofed: u64,
     pub dropped_queue_full: u64,
     pub dropped_unassigned: u64,
-    /// The transport: "original" for the 2013 plaintext protocol.
-    pub protocol: &'static str,
+    /// The transport, and the key and name of a TLS peer.
+    pub identity: Identity,
 }
 
 impl PeerInfo {
@@ -90,6 +92,7 @@ impl PeerInfo {
         remote: SocketAddr,
         connected_since: SystemTime,
         stats: &PeerStats,
+        identity: &Identity,
     ) -> PeerInfo {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         PeerInfo {
@@ -104,7 +107,7 @@ impl PeerInfo {
             dropped_spoofed: load(&stats.dropped_spoofed),
             dropped_queue_full: load(&stats.dropped_queue_full),
             dropped_unassigned: load(&stats.dropped_unassigned),
-            protocol: "original",
+            identity: identity.clone(),
         }
     }
 }
@@ -117,7 +120,13 @@ pub fn unix_ms(time: SystemTime) -> u64 {
 
 impl PeerLink {
     fn info(&self, address: Ipv4Addr) -> PeerInfo {
-        PeerInfo::new(address, self.remote, self.connected_since, &self.stats)
+        PeerInfo::new(
+            address,
+            self.remote,
+            self.connected_since,
+            &self.stats,
+            &self.identity,
+        )
     }
 }
 
@@ -135,6 +144,8 @@ pub enum Delivery {
 struct Table {
     pool: AddressPool,
     peers: HashMap<Ipv4Addr, PeerLink>,
+    /// Addresses fixed for a key: reserved in the pool for good.
+    fixed: HashSet<Ipv4Addr>,
 }
 
 /// The shared peer table of one server.
@@ -144,11 +155,19 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(network: Ipv4Net) -> Registry {
+    /// A registry over `network`, with `fixed` addresses kept for the keys
+    /// they are configured for (each must be a client address of `network`).
+    pub fn new(network: Ipv4Net, fixed: impl IntoIterator<Item = Ipv4Addr>) -> Registry {
+        let mut pool = AddressPool::new(network);
+        let fixed: HashSet<Ipv4Addr> = fixed
+            .into_iter()
+            .filter(|a| pool.reserve(*a).is_ok())
+            .collect();
         Registry {
             table: RwLock::new(Table {
-                pool: AddressPool::new(network),
+                pool,
                 peers: HashMap::new(),
+                fixed,
             }),
             next_id: AtomicU64::new(1),
         }
@@ -168,12 +187,25 @@ impl Registry {
     /// `link`, enters it in the table and queues the grant to it, all under
     /// one lock, so that the grant goes out before any packet for the new
     /// address can.
+    ///
+    /// A client with a fixed address gets it whatever it asks for; a newer
+    /// connection with the same key takes it over from an older one (which
+    /// is closed), so a client that reconnects before the server noticed the
+    /// old connection die is not locked out.
     pub fn admit(&self, request: Request, link: PeerLink) -> Result<Ipv4Addr, Refusal> {
         let mut table = self.write();
         let remote = link.remote.ip();
-        let address = match request {
-            Request::Static(wanted) => table.pool.claim(wanted, remote).map(|()| wanted),
-            Request::Dynamic | Request::Keepalive => table.pool.allocate(remote),
+        let address = match (link.identity.fixed(), request) {
+            (Some(fixed), _) => match table.peers.get(&fixed) {
+                Some(old) if old.identity.key() == link.identity.key() => {
+                    old.kick.cancel();
+                    Ok(fixed)
+                }
+                Some(_) => Err(Refusal::Taken(fixed)),
+                None => Ok(fixed),
+            },
+            (None, Request::Static(wanted)) => table.pool.claim(wanted, remote).map(|()| wanted),
+            (None, Request::Dynamic | Request::Keepalive) => table.pool.allocate(remote),
         }?;
         let grant = Control::grant(address, Some(table.pool.network().netmask()));
         // The queue is new and empty: this push cannot fail for lack of room.
@@ -188,7 +220,9 @@ impl Registry {
         let mut table = self.write();
         if table.peers.get(&address).is_some_and(|p| p.id == id) {
             table.peers.remove(&address);
-            table.pool.release(address);
+            if !table.fixed.contains(&address) {
+                table.pool.release(address);
+            }
         }
     }
 
@@ -276,13 +310,14 @@ mod tests {
             queue,
             stats: Arc::default(),
             kick: CancellationToken::new(),
+            identity: Identity::Original,
         };
         (link, rx)
     }
 
     #[test]
     fn grant_goes_out_first_and_packets_follow() {
-        let registry = Registry::new("198.19.0.0/16".parse().expect("net"));
+        let registry = Registry::new("198.19.0.0/16".parse().expect("net"), []);
         let (a, mut rx) = link(&registry, 1000);
         let stats = a.stats.clone();
         let address = registry.admit(Request::Dynamic, a).expect("grant");
@@ -312,7 +347,7 @@ mod tests {
 
     #[test]
     fn remove_frees_only_its_own_address() {
-        let registry = Registry::new("198.19.0.0/16".parse().expect("net"));
+        let registry = Registry::new("198.19.0.0/16".parse().expect("net"), []);
         let (a, _rx_a) = link(&registry, 1000);
         let a_id = a.id;
         let address = registry
@@ -332,8 +367,55 @@ mod tests {
     }
 
     #[test]
+    fn fixed_addresses_belong_to_their_key() {
+        let fixed = Ipv4Addr::new(198, 19, 0, 2);
+        let registry = Registry::new("198.19.0.0/16".parse().expect("net"), [fixed]);
+        let key: crate::keys::PublicKey = "ScFYNjnPxvAxr6GGa07nJpY3Y6mxoP6KgSTp3vU//xo="
+            .parse()
+            .expect("key");
+        let with_key = |registry: &Registry, port| {
+            let (mut link, rx) = link(registry, port);
+            link.identity = Identity::Tls {
+                key,
+                name: Some("laptop".into()),
+                fixed: Some(fixed),
+            };
+            (link, rx)
+        };
+        // Nobody else gets it, by static or dynamic request.
+        let (other, _rx) = link(&registry, 1000);
+        assert_eq!(
+            registry.admit(Request::Static(fixed), other),
+            Err(Refusal::Taken(fixed))
+        );
+        let (other, _rx) = link(&registry, 1001);
+        assert_eq!(
+            registry.admit(Request::Dynamic, other),
+            Ok(Ipv4Addr::new(198, 19, 0, 3))
+        );
+        // Its key gets it whatever it asks for; a second connection of the
+        // same key takes over and the first is kicked.
+        let (first, _rx1) = with_key(&registry, 1002);
+        let (first_id, first_kick) = (first.id, first.kick.clone());
+        assert_eq!(registry.admit(Request::Dynamic, first), Ok(fixed));
+        let (second, _rx2) = with_key(&registry, 1003);
+        assert_eq!(
+            registry.admit(Request::Static(Ipv4Addr::new(198, 19, 9, 9)), second),
+            Ok(fixed)
+        );
+        assert!(first_kick.is_cancelled());
+        let info = registry.peer(fixed).expect("held");
+        assert_eq!(info.remote.port(), 1003);
+        assert_eq!(info.identity.name(), Some("laptop"));
+        assert_eq!(info.identity.protocol(), "tls");
+        // The old connection's cleanup does not free it from the new one.
+        registry.remove(fixed, first_id);
+        assert!(registry.peer(fixed).is_some());
+    }
+
+    #[test]
     fn peers_are_listed_by_address_and_kicked_by_token() {
-        let registry = Registry::new("198.19.0.0/16".parse().expect("net"));
+        let registry = Registry::new("198.19.0.0/16".parse().expect("net"), []);
         let (a, _rx_a) = link(&registry, 1000);
         let (b, _rx_b) = link(&registry, 1001);
         let kick_a = a.kick.clone();

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,11 +17,13 @@ use tracing::{debug, info, info_span, warn, Instrument, Span};
 
 use super::control::{self, KickError, Node};
 use super::events::{EventKind, Events, PeerEvent};
+use super::gate::{Admitted, Gate, Identity, Rejection};
 use super::helper::Helper;
 use super::registry::{Delivery, PeerInfo, PeerLink, PeerStats, Registry};
 use super::{ControlOptions, DaemonError};
 use crate::config::ServerConfig;
 use crate::connection::{write_frames, FrameReader, ReadError};
+use crate::keys::{NodeKey, PublicKey};
 use crate::netdev::AsyncTun;
 use crate::pool::server_address;
 use crate::proto;
@@ -40,31 +42,67 @@ struct Shared {
     to_tun: mpsc::Sender<Bytes>,
     dropped_to_tun: AtomicU64,
     events: Events,
-    /// Remote hosts refused until the given time (kick --ban).
-    bans: Mutex<HashMap<IpAddr, SystemTime>>,
+    /// Clients refused until the given time (kick --ban).
+    bans: Mutex<HashMap<Banned, SystemTime>>,
     started: SystemTime,
     tun_name: String,
+    gate: Gate,
+    /// Permits for connections that have not been granted an address yet.
+    unauthenticated: Arc<Semaphore>,
+}
+
+/// Who a ban refuses: a TLS client by its key, an original-protocol client
+/// by its remote IP address (it has no other identity).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Banned {
+    Key(PublicKey),
+    Remote(IpAddr),
+}
+
+impl Banned {
+    fn of(identity: &Identity, remote: IpAddr) -> Banned {
+        match identity.key() {
+            Some(key) => Banned::Key(key),
+            None => Banned::Remote(remote),
+        }
+    }
 }
 
 impl Shared {
-    /// How much longer `remote` stays banned, if it is.
-    fn ban_remaining(&self, remote: IpAddr) -> Option<Duration> {
+    /// How much longer `who` stays banned, if it is.
+    fn ban_remaining(&self, who: &Banned) -> Option<Duration> {
         let mut bans = self.bans.lock().unwrap_or_else(|e| e.into_inner());
         let now = SystemTime::now();
         bans.retain(|_, until| *until > now);
-        bans.get(&remote)
+        bans.get(who)
             .and_then(|until| until.duration_since(now).ok())
+    }
+
+    /// Logs and publishes a connection refused before it got an address.
+    fn refuse(&self, remote: SocketAddr, reason: String, serious: bool) {
+        match serious {
+            true => warn!(%reason, "refused"),
+            false => info!(%reason, "refused"),
+        }
+        self.events
+            .publish(EventKind::Refused, remote, None, reason);
     }
 }
 
 /// Runs the server until `shutdown` is cancelled; `helper` creates and
-/// configures the tun; the control API is served on `control` if given.
+/// configures the tun; the control API is served on `control` if given;
+/// TLS clients are served with `key` (loaded from `config.key`).
 pub async fn run(
     config: ServerConfig,
     helper: &Helper,
     control: Option<ControlOptions>,
+    key: Option<NodeKey>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
+    if config.key.is_some() && key.is_none() {
+        return Err(DaemonError::NoKey("the server"));
+    }
+    let gate = Gate::new(&config, key.as_ref())?;
     let own_address = server_address(config.network);
     let tun = helper.open_tun().await?;
     helper.set_mtu(tun.index, config.mtu).await?;
@@ -82,14 +120,17 @@ pub async fn run(
             source,
         })?;
     let (to_tun, tun_queue) = mpsc::channel(TUN_QUEUE_LEN);
+    let fixed = config.peers.iter().filter_map(|p| p.address);
     let shared = Arc::new(Shared {
-        registry: Registry::new(config.network),
+        registry: Registry::new(config.network, fixed),
         to_tun,
         dropped_to_tun: AtomicU64::new(0),
         events: Events::default(),
         bans: Mutex::default(),
         started: SystemTime::now(),
         tun_name: tun_name.clone(),
+        gate,
+        unauthenticated: Arc::new(Semaphore::new(config.max_unauthenticated)),
         config,
     });
     info!(
@@ -97,6 +138,9 @@ pub async fn run(
         tun = %tun_name,
         address = %own_address,
         network = %shared.config.network,
+        tls = %key.as_ref().map_or("off".to_string(), |k| format!("key {}", k.public())),
+        tls_peers = shared.config.peers.len(),
+        legacy = ?shared.config.legacy,
         "server ready"
     );
 
@@ -117,10 +161,18 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
-                    let span = info_span!("peer", %remote, addr = tracing::field::Empty);
-                    tasks.spawn(
-                        serve(shared.clone(), stream, remote, shutdown.clone()).instrument(span),
+                    let span = info_span!(
+                        "peer",
+                        %remote,
+                        name = tracing::field::Empty,
+                        addr = tracing::field::Empty
                     );
+                    let Ok(permit) = shared.unauthenticated.clone().try_acquire_owned() else {
+                        warn!(parent: &span, "refused: too many connections not yet granted an address (max_unauthenticated)");
+                        continue;
+                    };
+                    let serve = serve(shared.clone(), stream, remote, permit, shutdown.clone());
+                    tasks.spawn(serve.instrument(span));
                 }
                 // Out of fds or a connection reset before accept: keep serving.
                 Err(e) => {
@@ -164,32 +216,86 @@ impl std::fmt::Display for Ending {
     }
 }
 
-/// One client connection, from accept to close.
+/// One client connection, from accept to close: through the gate, then a
+/// session. `permit` counts it as unauthenticated until it is granted an
+/// address.
 async fn serve(
     shared: Arc<Shared>,
     stream: TcpStream,
     remote: SocketAddr,
+    permit: OwnedSemaphorePermit,
     shutdown: CancellationToken,
 ) {
-    if let Some(remaining) = shared.ban_remaining(remote.ip()) {
-        let reason = format!("banned for {}s more", remaining.as_secs() + 1);
-        info!(%reason, "refused");
-        shared
-            .events
-            .publish(EventKind::Refused, remote, None, reason);
-        return;
-    }
-    info!("connected");
-    shared
-        .events
-        .publish(EventKind::Connected, remote, None, "");
+    let handshake_deadline = Instant::now() + shared.config.handshake_timeout;
     if let Err(e) = stream.set_nodelay(true) {
         debug!(error = %e, "TCP_NODELAY not set");
     }
-    let (read_half, write_half) = stream.into_split();
+    let admitted = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        admitted = timeout_at(handshake_deadline, shared.gate.admit(stream, remote)) => admitted,
+    };
+    let admitted = match admitted {
+        Ok(Ok(admitted)) => admitted,
+        Ok(Err(Rejection::Closed)) => {
+            debug!("closed before sending anything");
+            return;
+        }
+        Ok(Err(rejection)) => {
+            let serious = matches!(rejection, Rejection::Unknown(_) | Rejection::Handshake(_));
+            shared.refuse(remote, rejection.to_string(), serious);
+            return;
+        }
+        Err(_) => {
+            let reason = "no handshake within the handshake timeout".to_string();
+            shared.refuse(remote, reason, true);
+            return;
+        }
+    };
+    let identity = admitted.identity.clone();
+    if let Some(name) = identity.name() {
+        Span::current().record("name", name);
+    }
+    if let Some(remaining) = shared.ban_remaining(&Banned::of(&identity, remote.ip())) {
+        let reason = format!("banned for {}s more", remaining.as_secs() + 1);
+        shared.refuse(remote, reason, false);
+        return;
+    }
+    match identity.key() {
+        Some(key) => info!(protocol = identity.protocol(), %key, "connected"),
+        None => info!(protocol = identity.protocol(), "connected"),
+    }
+    shared
+        .events
+        .publish(EventKind::Connected, remote, None, identity.protocol());
+    session(
+        shared,
+        admitted,
+        remote,
+        permit,
+        handshake_deadline,
+        shutdown,
+    )
+    .await;
+}
+
+/// An admitted connection: address requests, keepalives and packets until
+/// it ends.
+async fn session(
+    shared: Arc<Shared>,
+    admitted: Admitted,
+    remote: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    handshake_deadline: Instant,
+    shutdown: CancellationToken,
+) {
+    let Admitted {
+        reader,
+        writer,
+        identity,
+    } = admitted;
     let (queue, queue_rx) = mpsc::channel(shared.config.queue_len);
-    let mut writer = tokio::spawn(write_frames(write_half, queue_rx));
-    let mut reader = FrameReader::new(read_half, Decoder::new(shared.config.max_frame));
+    let mut writer = tokio::spawn(write_frames(writer, queue_rx));
+    let mut reader = FrameReader::new(reader, Decoder::new(shared.config.max_frame));
     let mut peer = Peer {
         id: shared.registry.next_id(),
         remote,
@@ -198,8 +304,9 @@ async fn serve(
         stats: Arc::default(),
         connected_since: SystemTime::now(),
         kick: CancellationToken::new(),
+        identity,
+        permit: Some(permit),
     };
-    let handshake_deadline = Instant::now() + shared.config.handshake_timeout;
 
     let ending = loop {
         let deadline = match peer.address {
@@ -256,6 +363,9 @@ struct Peer {
     stats: Arc<PeerStats>,
     connected_since: SystemTime,
     kick: CancellationToken,
+    identity: Identity,
+    /// Held until an address is granted (max_unauthenticated).
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Peer {
@@ -292,10 +402,12 @@ impl Peer {
                     queue: self.queue.clone(),
                     stats: self.stats.clone(),
                     kick: self.kick.clone(),
+                    identity: self.identity.clone(),
                 };
                 match shared.registry.admit(request, link) {
                     Ok(address) => {
                         self.address = Some(address);
+                        self.permit = None;
                         Span::current().record("addr", tracing::field::display(address));
                         info!(?request, peers = shared.registry.len(), "granted {address}");
                         shared.events.publish(
@@ -438,8 +550,9 @@ impl Node for Shared {
         let mut reason = format!("kicked by {by}");
         if let Some(ban) = ban {
             let until = SystemTime::now() + ban;
+            let who = Banned::of(&peer.identity, peer.remote.ip());
             let mut bans = self.bans.lock().unwrap_or_else(|e| e.into_inner());
-            bans.insert(peer.remote.ip(), until);
+            bans.insert(who, until);
             reason.push_str(&format!(", banned for {}", humantime::format_duration(ban)));
         }
         info!(remote = %peer.remote, addr = %address, "{reason}");

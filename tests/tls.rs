@@ -1,0 +1,298 @@
+//! TLS 1.3 with pinned keys, end to end: real daemons in namespaces, keys
+//! made by `simplevpnd keygen`, raw original-protocol peers for the legacy
+//! switch.
+
+mod common;
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use common::vpn::*;
+use common::{require_root, wait_until};
+
+/// Runs `simplevpnd keygen` in the bed's directory: (key path, public key).
+fn keygen(bed: &Bed, name: &str) -> (String, String) {
+    let path = bed.path(&format!("{name}.key"));
+    let out = Command::new(SIMPLEVPND)
+        .args(["keygen", &path])
+        .output()
+        .expect("run keygen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let public = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (path, public)
+}
+
+fn tls_client_args<'a>(key: &'a str, server_key: &'a str) -> [&'a str; 4] {
+    ["--key", key, "--server-key", server_key]
+}
+
+#[test]
+fn keygen_writes_0600_keys_and_never_overwrites() {
+    if !require_root("keygen_writes_0600_keys_and_never_overwrites") {
+        return;
+    }
+    let bed = Bed::new("keygen", 0);
+    let (path, public) = keygen(&bed, "node");
+    assert_eq!(public.len(), 44, "{public}");
+    let mode = std::fs::metadata(&path).expect("key").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let again = Command::new(SIMPLEVPND)
+        .args(["keygen", &path])
+        .output()
+        .expect("run");
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
+    let out = Command::new(SIMPLEVPND)
+        .args(["pubkey", &path])
+        .output()
+        .expect("run");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), public);
+    // A key others can read is refused.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = Command::new(SIMPLEVPND)
+        .args(["pubkey", &path])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+}
+
+#[test]
+fn listed_tls_clients_join_and_carry_traffic() {
+    if !require_root("listed_tls_clients_join_and_carry_traffic") {
+        return;
+    }
+    let bed = Bed::new("tlsjoin", 2);
+    let (server_key, server_pub) = keygen(&bed, "server");
+    let (a_key, a_pub) = keygen(&bed, "a");
+    let (b_key, b_pub) = keygen(&bed, "b");
+    let server = bed.start_server(&["--key", &server_key, "--peer", &a_pub, "--peer", &b_pub]);
+    let _a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
+    let _b = bed.start_client(1, &tls_client_args(&b_key, &server_pub));
+    let (a, b) = (Ipv4Addr::new(198, 19, 0, 2), Ipv4Addr::new(198, 19, 0, 3));
+    tcp_round_trip(&bed.clients[0], &bed.clients[1], b, 5000, 2 << 20);
+    tcp_round_trip(&bed.clients[1], &bed.server, SERVER_TUNNEL, 5001, 1 << 20);
+    tcp_round_trip(&bed.server, &bed.clients[0], a, 5002, 1 << 20);
+
+    let peers = svpnctl_json(&bed.server_socket(), &["peers"]);
+    let a_peer = &peers[0];
+    assert_eq!(a_peer["address"], "198.19.0.2");
+    assert_eq!(a_peer["protocol"], "tls");
+    assert_eq!(a_peer["key"], a_pub.as_str());
+    assert!(
+        server.log().contains(&format!("key={a_pub}")),
+        "{}",
+        server.log()
+    );
+    // The client sees the server's pinned key too.
+    let seen = svpnctl_json(&bed.client_socket(0), &["peers"]);
+    assert_eq!(seen[0]["key"], server_pub.as_str());
+    assert_eq!(seen[0]["protocol"], "tls");
+}
+
+#[test]
+fn unknown_keys_and_wrong_pins_are_refused() {
+    if !require_root("unknown_keys_and_wrong_pins_are_refused") {
+        return;
+    }
+    let bed = Bed::new("tlsdeny", 2);
+    let (server_key, server_pub) = keygen(&bed, "server");
+    let (listed_key, listed_pub) = keygen(&bed, "listed");
+    let (stranger_key, stranger_pub) = keygen(&bed, "stranger");
+    let server = bed.start_server(&["--key", &server_key, "--peer", &listed_pub]);
+
+    // An unlisted key: the handshake fails, and the log names the key.
+    let stranger = bed.spawn_client(0, &tls_client_args(&stranger_key, &server_pub));
+    assert!(
+        server.wait_for_log(&format!("unknown client key {stranger_pub}"), STARTUP),
+        "{}",
+        server.log()
+    );
+    assert!(
+        stranger.wait_for_log("the server rejected this client", STARTUP),
+        "{}",
+        stranger.log()
+    );
+
+    // A listed client that pins the wrong server key refuses the server.
+    let wrong_pin = bed.spawn_client(1, &tls_client_args(&listed_key, &stranger_pub));
+    assert!(
+        wrong_pin.wait_for_log("is not the pinned server_key", STARTUP),
+        "{}",
+        wrong_pin.log()
+    );
+    assert!(!stranger.log().contains("granted"));
+    assert!(!wrong_pin.log().contains("granted"));
+    assert!(!server.log().contains("granted"));
+}
+
+#[test]
+fn a_fixed_address_belongs_to_its_key() {
+    if !require_root("a_fixed_address_belongs_to_its_key") {
+        return;
+    }
+    let bed = Bed::new("tlsfixed", 2);
+    let (server_key, server_pub) = keygen(&bed, "server");
+    let (laptop_key, laptop_pub) = keygen(&bed, "laptop");
+    let config = bed.path("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlegacy = true\n\n[[server.peer]]\nkey = \"{laptop_pub}\"\n\
+             name = \"laptop\"\naddress = \"198.19.0.77\"\n"
+        ),
+    )
+    .expect("config");
+    let _server = bed.start_server(&["--config", &config, "--key", &server_key]);
+    let fixed = Ipv4Addr::new(198, 19, 0, 77);
+
+    // The key gets its address even when it asks for another one.
+    let _laptop = bed.start_client(
+        0,
+        &[
+            "-a",
+            "198.19.0.9",
+            "--key",
+            &laptop_key,
+            "--server-key",
+            &server_pub,
+        ],
+    );
+    let peer = svpnctl_json(&bed.server_socket(), &["inspect", "198.19.0.77"]);
+    assert_eq!(peer["name"], "laptop");
+    assert_eq!(bed.clients[0].ipv4_addrs(TUN), [(fixed, 16)]);
+    // No one else gets it.
+    let mut other = bed.raw_peer(1);
+    other.send(&static_request(fixed));
+    other.expect_closed(STARTUP);
+    let table = String::from_utf8_lossy(
+        &svpnctl(&bed.server_socket(), &["inspect", "198.19.0.77"], None).stdout,
+    )
+    .into_owned();
+    assert!(table.contains("laptop"), "{table}");
+}
+
+#[test]
+fn the_original_protocol_is_opt_in() {
+    if !require_root("the_original_protocol_is_opt_in") {
+        return;
+    }
+    let bed = Bed::new("tlslegacy", 1);
+    let (server_key, _) = keygen(&bed, "server");
+    let server = bed.start_server(&["--key", &server_key]);
+    let mut raw = bed.raw_peer(0);
+    raw.send(&dynamic_request());
+    raw.expect_closed(STARTUP);
+    assert!(
+        server.wait_for_log("legacy is off", STARTUP),
+        "{}",
+        server.log()
+    );
+    drop(server);
+
+    let _server = bed.start_server(&["--key", &server_key, "--legacy"]);
+    let mut raw = bed.raw_peer(0);
+    assert_eq!(
+        raw.ask(&dynamic_request()),
+        grant_16(Ipv4Addr::new(198, 19, 0, 2))
+    );
+
+    // A server with neither a key nor legacy refuses to start, saying what to run.
+    let out = Command::new(SIMPLEVPND)
+        .args(["server", "--network", NETWORK, "--user", USER])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("simplevpnd keygen"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn stalled_handshakes_are_cut_off_without_disturbing_others() {
+    if !require_root("stalled_handshakes_are_cut_off_without_disturbing_others") {
+        return;
+    }
+    let bed = Bed::new("tlsstall", 2);
+    let (server_key, server_pub) = keygen(&bed, "server");
+    let (a_key, a_pub) = keygen(&bed, "a");
+    let (b_key, b_pub) = keygen(&bed, "b");
+    let server = bed.start_server(&[
+        "--key",
+        &server_key,
+        "--peer",
+        &a_pub,
+        "--peer",
+        &b_pub,
+        "--handshake-timeout",
+        "1",
+    ]);
+    let _a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
+
+    // Half a TLS record, then nothing: cut off after the handshake timeout.
+    let mut half_open = bed.raw_peer(1);
+    half_open
+        .stream
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0x40, 0x01])
+        .expect("write");
+    let took = half_open.expect_closed(Duration::from_secs(10));
+    assert!(took >= Duration::from_millis(800), "cut off after {took:?}");
+    // Garbage: closed at once.
+    let mut garbage = bed.raw_peer(1);
+    garbage.send(&[0x00, 0x01, 0x02]);
+    garbage.expect_closed(STARTUP);
+    assert!(server.wait_for_log("no handshake within the handshake timeout", STARTUP));
+    assert!(server.wait_for_log("neither TLS (0x16) nor an IP packet", STARTUP));
+
+    // Meanwhile and afterwards, the TLS clients work.
+    let _b = bed.start_client(1, &tls_client_args(&b_key, &server_pub));
+    tcp_round_trip(
+        &bed.clients[0],
+        &bed.clients[1],
+        Ipv4Addr::new(198, 19, 0, 3),
+        5000,
+        100_000,
+    );
+}
+
+#[test]
+fn bans_of_tls_peers_go_by_key() {
+    if !require_root("bans_of_tls_peers_go_by_key") {
+        return;
+    }
+    let bed = Bed::new("tlsban", 1);
+    let (server_key, server_pub) = keygen(&bed, "server");
+    let (a_key, a_pub) = keygen(&bed, "a");
+    let (b_key, b_pub) = keygen(&bed, "b");
+    let server = bed.start_server(&["--key", &server_key, "--peer", &a_pub, "--peer", &b_pub]);
+    let a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
+    let out = svpnctl(
+        &bed.server_socket(),
+        &["kick", "198.19.0.2", "--ban", "1h"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(a.wait_for_log("reconnecting", STARTUP));
+    assert!(
+        server.wait_for_log("refused reason=banned for", Duration::from_secs(15)),
+        "{}",
+        server.log()
+    );
+    drop(a);
+    // Another key from the same host is not banned.
+    let _b = bed.start_client(0, &tls_client_args(&b_key, &server_pub));
+    assert!(wait_until(STARTUP, || {
+        svpnctl_json(&bed.server_socket(), &["peers"])[0]["key"] == b_pub.as_str()
+    }));
+}
