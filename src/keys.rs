@@ -138,7 +138,7 @@ impl NodeKey {
     }
 
     pub fn public(&self) -> PublicKey {
-        PublicKey::from_raw(&self.pair.public_key_raw()).unwrap_or(PublicKey([0; PUBLIC_KEY_LEN]))
+        PublicKey::from_raw(self.pair.public_key_raw()).unwrap_or(PublicKey([0; PUBLIC_KEY_LEN]))
     }
 
     pub fn pair(&self) -> &KeyPair {
@@ -170,7 +170,10 @@ mod tests {
         assert_eq!(text.parse::<PublicKey>().expect("parse"), key.public());
         assert!(matches!(NodeKey::generate(&path), Err(KeyError::Exists(_))));
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
-        assert!(matches!(NodeKey::load(&path), Err(KeyError::TooOpen { .. })));
+        assert!(matches!(
+            NodeKey::load(&path),
+            Err(KeyError::TooOpen { .. })
+        ));
         fs::remove_dir_all(path.parent().expect("dir")).expect("cleanup");
     }
 
