@@ -236,7 +236,10 @@ mod tests {
             let mut stream = acceptor.accept(a).await.map_err(|e| e.to_string())?;
             let key = peer_key(stream.get_ref().1);
             let mut buf = [0u8; 5];
-            stream.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            stream
+                .read_exact(&mut buf)
+                .await
+                .map_err(|e| e.to_string())?;
             stream.write_all(b"ok").await.map_err(|e| e.to_string())?;
             stream.flush().await.map_err(|e| e.to_string())?;
             Ok(key)
@@ -246,10 +249,16 @@ mod tests {
                 .connect(server_name(), b)
                 .await
                 .map_err(|e| e.to_string())?;
-            stream.write_all(b"hello").await.map_err(|e| e.to_string())?;
+            stream
+                .write_all(b"hello")
+                .await
+                .map_err(|e| e.to_string())?;
             stream.flush().await.map_err(|e| e.to_string())?;
             let mut reply = [0u8; 2];
-            stream.read_exact(&mut reply).await.map_err(|e| e.to_string())?;
+            stream
+                .read_exact(&mut reply)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(())
         }
         .await;
