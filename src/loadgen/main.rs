@@ -134,8 +134,11 @@ fn raise_nofile() -> anyhow::Result<u64> {
 
 /// Returns whether every connection was granted a distinct address and held.
 async fn run(args: Args, nofile: u64) -> anyhow::Result<bool> {
+    // `signal` ends the run; `stop` tells the connection tasks to close,
+    // after the counters were read.
+    let signal = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(signal.clone()));
     let stop = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(stop.clone()));
     let stats = Arc::new(HoldStats::default());
     let tasks = TaskTracker::new();
     let (outcomes_tx, mut outcomes) = mpsc::unbounded_channel();
@@ -200,7 +203,7 @@ async fn run(args: Args, nofile: u64) -> anyhow::Result<bool> {
     progress.tick().await;
     while granted + failures.len() < args.connections {
         tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = signal.cancelled() => break,
             _ = progress.tick() => eprintln!(
                 "loadgen: {granted}/{} granted, {} failed, {:.1} s",
                 args.connections,
@@ -265,7 +268,7 @@ async fn run(args: Args, nofile: u64) -> anyhow::Result<bool> {
     let mut check = tokio::time::interval(Duration::from_millis(200));
     let reason = loop {
         tokio::select! {
-            _ = stop.cancelled() => break "signal",
+            _ = signal.cancelled() => break "signal",
             _ = sleep_until(hold_end) => break "hold over",
             _ = check.tick() => if stats.open.load(Ordering::Relaxed) == 0 {
                 break "every connection closed";
@@ -299,7 +302,7 @@ async fn run(args: Args, nofile: u64) -> anyhow::Result<bool> {
         && open_at_end == granted as u64)
 }
 
-async fn cancel_on_signal(stop: CancellationToken) {
+async fn cancel_on_signal(signal_seen: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut term) = signal(SignalKind::terminate()) else {
         return;
@@ -308,7 +311,7 @@ async fn cancel_on_signal(stop: CancellationToken) {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    stop.cancel();
+    signal_seen.cancel();
 }
 
 /// One peer: connect, ask, get the grant, then keepalives until `stop`.
