@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::keys::PublicKey;
 
-use crate::wire::{CONTROL_LEN, DEFAULT_MAX_FRAME};
+use crate::wire::DEFAULT_MAX_FRAME;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/simplevpn/simplevpnd.toml";
 pub const DEFAULT_PORT: u16 = 2002;
@@ -20,7 +20,7 @@ pub const DEFAULT_NETWORK: &str = "10.0.0.0/16";
 pub const DEFAULT_TUN: &str = "svpn0";
 pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
-pub const DEFAULT_MTU: u32 = 1500;
+pub const DEFAULT_MTU: u32 = 65535;
 pub const DEFAULT_PREFIX: u8 = 16;
 pub const DEFAULT_QUEUE_LEN: usize = 512;
 pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 256;
@@ -583,9 +583,12 @@ fn max_frame(value: Option<usize>) -> Result<usize, ConfigError> {
     }
 }
 
+/// The tun's MTU: by default as large as a frame may be (packets travel
+/// inside TCP, so nothing on the way limits them, and a large MTU moves up to
+/// 64 KiB per read and write).
 fn mtu(value: Option<u32>, max_frame: usize) -> Result<u32, ConfigError> {
-    let mtu = value.unwrap_or(DEFAULT_MTU);
-    if mtu < 576 || mtu as usize > max_frame || (mtu as usize) < CONTROL_LEN {
+    let mtu = value.unwrap_or(DEFAULT_MTU.min(max_frame as u32));
+    if mtu < 576 || mtu as usize > max_frame {
         return Err(ConfigError::new(
             "mtu",
             format!("{mtu} must be between 576 and max_frame ({max_frame})"),

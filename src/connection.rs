@@ -3,18 +3,23 @@
 //! syscall. Both are generic over any async byte stream, so plain TCP and
 //! (later) TLS share them.
 
-use std::io;
+use std::io::{self, IoSlice};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::wire::{Decoder, Frame, ProtocolError};
 
-/// Read buffer size: room for a few maximum-size frames per read.
-const READ_CHUNK: usize = 256 * 1024;
+/// A connection's read buffer starts this small (an idle peer costs little)
+/// and grows, while reads keep filling it, up to `MAX_READ_CHUNK`: room for
+/// a few maximum-size frames per read under load.
+const MIN_READ_CHUNK: usize = 4 * 1024;
+const MAX_READ_CHUNK: usize = 256 * 1024;
 /// How much the writer gathers from its queue before one write.
 const WRITE_BATCH: usize = 256 * 1024;
+/// At most this many frames per write (IOV_MAX is 1024).
+const WRITE_BATCH_FRAMES: usize = 64;
 
 /// The read half of a connection, whatever its transport (TCP, TLS).
 pub type Reader = Box<dyn AsyncRead + Unpin + Send>;
@@ -37,14 +42,17 @@ pub struct FrameReader<R> {
     reader: R,
     buffer: BytesMut,
     decoder: Decoder,
+    /// How much room to make before the next read.
+    chunk: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(reader: R, decoder: Decoder) -> Self {
         FrameReader {
             reader,
-            buffer: BytesMut::with_capacity(READ_CHUNK),
+            buffer: BytesMut::new(),
             decoder,
+            chunk: MIN_READ_CHUNK,
         }
     }
 
@@ -55,43 +63,80 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some(frame) = self.decoder.decode(&mut self.buffer)? {
                 return Ok(Some(frame));
             }
-            if self.buffer.capacity() - self.buffer.len() < READ_CHUNK / 4 {
-                self.buffer.reserve(READ_CHUNK);
+            // A frame longer than the chunk needs room for all of it.
+            let wanted = match self.decoder.frame_len(&self.buffer)? {
+                Some(len) => len.saturating_sub(self.buffer.len()).max(self.chunk),
+                None => self.chunk,
+            };
+            if self.buffer.capacity() - self.buffer.len() < wanted / 4 {
+                self.buffer.reserve(wanted);
             }
-            if self.reader.read_buf(&mut self.buffer).await? == 0 {
+            let room = self.buffer.capacity() - self.buffer.len();
+            let read = self.reader.read_buf(&mut self.buffer).await?;
+            if read == 0 {
                 return match self.buffer.len() {
                     0 => Ok(None),
                     pending => Err(ReadError::Truncated(pending)),
                 };
+            }
+            // Reads that fill the room mean more is waiting: read more at once.
+            if read == room {
+                self.chunk = (self.chunk * 2).min(MAX_READ_CHUNK);
             }
         }
     }
 }
 
 /// Writes every frame that arrives on `queue` to `writer`, gathering what is
-/// already queued into one write. Returns when the queue is closed (after
-/// flushing) or a write fails.
+/// already queued into one vectored write (no copying). Returns when the
+/// queue is closed (after flushing) or a write fails.
 pub async fn write_frames<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut queue: mpsc::Receiver<Bytes>,
 ) -> io::Result<()> {
-    let mut batch = BytesMut::with_capacity(WRITE_BATCH);
+    let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH_FRAMES);
     while let Some(first) = queue.recv().await {
-        if queue.is_empty() {
-            writer.write_all(&first).await?;
-            continue;
-        }
-        batch.extend_from_slice(&first);
-        while batch.len() < WRITE_BATCH {
+        let mut bytes = first.len();
+        batch.push(first);
+        while bytes < WRITE_BATCH && batch.len() < WRITE_BATCH_FRAMES {
             match queue.try_recv() {
-                Ok(frame) => batch.extend_from_slice(&frame),
+                Ok(frame) => {
+                    bytes += frame.len();
+                    batch.push(frame);
+                }
                 Err(_) => break,
             }
         }
-        writer.write_all(&batch).await?;
+        write_all_vectored(&mut writer, &mut batch).await?;
         batch.clear();
     }
     writer.shutdown().await
+}
+
+/// Writes all of `frames`, as few syscalls as the writer allows.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    frames: &mut [Bytes],
+) -> io::Result<()> {
+    let mut first = 0;
+    while first < frames.len() {
+        let slices: Vec<IoSlice<'_>> = frames[first..].iter().map(|f| IoSlice::new(f)).collect();
+        let mut written = writer.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let len = frames[first].len();
+            if written >= len {
+                written -= len;
+                first += 1;
+            } else {
+                frames[first].advance(written);
+                written = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -131,6 +176,25 @@ mod tests {
             reader.read_frame().await,
             Err(ReadError::Truncated(10))
         ));
+    }
+
+    #[tokio::test]
+    async fn partial_vectored_writes_lose_nothing() {
+        // A 7-byte pipe forces writes that stop in the middle of frames.
+        let (client, mut server) = tokio::io::duplex(7);
+        let (tx, rx) = mpsc::channel(64);
+        let frames: Vec<Bytes> = (0..40u8)
+            .map(|i| Bytes::from(vec![i; 1 + i as usize]))
+            .collect();
+        for frame in &frames {
+            tx.send(frame.clone()).await.expect("queue");
+        }
+        drop(tx);
+        let writer = tokio::spawn(write_frames(client, rx));
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.expect("read");
+        writer.await.expect("join").expect("write");
+        assert_eq!(got, frames.concat());
     }
 
     #[tokio::test]

@@ -206,6 +206,43 @@ impl AsyncTun {
             .await
     }
 
+    /// Receives one packet into the spare capacity of `buf` (which must have
+    /// room for the largest packet), appending it without zeroing or copying.
+    pub async fn recv_into(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+        use bytes::BufMut;
+        let len = self
+            .fd
+            .async_io(Interest::READABLE, |fd| {
+                let spare = buf.chunk_mut();
+                // SAFETY: read(2) writes at most `spare.len()` bytes into the
+                // spare capacity it is given, which is valid for writes.
+                let n = unsafe {
+                    nix::libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len())
+                };
+                match n {
+                    n if n < 0 => Err(io::Error::last_os_error()),
+                    n => Ok(n as usize),
+                }
+            })
+            .await?;
+        // SAFETY: read(2) initialized the first `len` bytes of the spare capacity.
+        unsafe { buf.advance_mut(len) };
+        Ok(len)
+    }
+
+    /// Receives one packet if one is waiting, without waiting: `WouldBlock`
+    /// when there is none. For reading a burst of packets in one go.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        nix::unistd::read(self.fd.get_ref().as_raw_fd(), buf).map_err(io::Error::from)
+    }
+
+    /// Sends one packet without waiting. A tun accepts a packet at once (the
+    /// kernel drops it if its backlog is full), so this never needs to
+    /// wait; `WouldBlock` is passed on for the caller to count as a drop.
+    pub fn try_send(&self, packet: &[u8]) -> io::Result<usize> {
+        nix::unistd::write(self.fd.get_ref(), packet).map_err(io::Error::from)
+    }
+
     /// Sends one packet, returning the number of bytes written.
     pub async fn send(&self, packet: &[u8]) -> io::Result<usize> {
         self.fd

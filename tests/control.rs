@@ -83,7 +83,8 @@ fn peers_inspect_status_and_counters() {
         rx_after >= rx_before + (1 << 20),
         "{rx_before} -> {rx_after}"
     );
-    assert!(a["rx_packets"].as_u64() > Some(100), "{a}");
+    // At least 1 MiB in packets of at most 64 KiB.
+    assert!(a["rx_packets"].as_u64() >= Some(16), "{a}");
     let b = svpnctl_json(&socket, &["inspect", "198.19.0.50"]);
     assert!(b["tx_bytes"].as_u64() >= Some(1 << 20), "{b}");
 

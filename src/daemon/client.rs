@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument, Span};
 
@@ -21,7 +22,7 @@ use super::helper::Helper;
 use super::registry::{PeerInfo, PeerStats};
 use super::{ControlOptions, DaemonError};
 use crate::config::ClientConfig;
-use crate::connection::{write_frames, FrameReader, ReadError, Reader};
+use crate::connection::{FrameReader, ReadError, Reader, Writer};
 use crate::keys::NodeKey;
 use crate::netdev::AsyncTun;
 use crate::pool::server_address;
@@ -30,8 +31,10 @@ use crate::wire::{ipv4_addresses, netmask_prefix, Control, Decoder, Frame, Reply
 
 /// How long connecting, and then waiting for the grant, may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Frames queued towards the server; the tun reader waits when it is full.
-const UPLINK_QUEUE_LEN: usize = 256;
+/// How many bytes of waiting packets the uplink gathers into one write.
+const UPLINK_BATCH: usize = 128 * 1024;
+/// The largest packet a tun read can return.
+const MAX_PACKET: usize = 65536;
 /// Keepalives are re-sent this often while the server stays silent.
 const KEEPALIVE_RETRY: Duration = Duration::from_secs(1);
 
@@ -288,13 +291,17 @@ async fn session(
     info!("connected");
     state.events.publish(EventKind::Connected, remote, None, "");
     let mut reader = FrameReader::new(reader, Decoder::new(config.max_frame));
-    let (uplink, uplink_rx) = mpsc::channel(UPLINK_QUEUE_LEN);
-    let writer = tokio::spawn(write_frames(writer, uplink_rx));
+    let mut writer = writer;
     let request = match wanted {
         Some(address) => Request::Static(address),
         None => Request::Dynamic,
     };
-    let _ = uplink.try_send(Bytes::copy_from_slice(&Control::request(request).encode()));
+    let message = Control::request(request).encode();
+    match timeout(HANDSHAKE_TIMEOUT, writer.write_all(&message)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Ok(failed(format!("sending the request failed: {e}"))),
+        Err(_) => return Ok(failed("sending the request timed out".into())),
+    }
 
     // Wait for the grant; keepalive echoes may come first.
     let grant_deadline = Instant::now() + HANDSHAKE_TIMEOUT;
@@ -308,15 +315,11 @@ async fn session(
             // TLS 1.3 tells a client that its key was rejected only now,
             // after its side of the handshake: an alert instead of a grant.
             Ok(Err(ReadError::Io(e))) if dialer.is_tls() => {
-                writer.abort();
                 return Ok(failed(format!(
                     "the server rejected this client ({e}): is its key listed in the server's [[server.peer]]?"
                 )));
             }
-            Ok(Ok(None)) | Ok(Err(ReadError::Io(_))) => {
-                writer.abort();
-                return Ok(Ending::Refused);
-            }
+            Ok(Ok(None)) | Ok(Err(ReadError::Io(_))) => return Ok(Ending::Refused),
             Ok(Err(e)) => return Ok(failed(e.to_string())),
             Ok(Ok(Some(Frame::Control(control)))) => match control.as_reply() {
                 Ok(Reply::Grant { address, netmask }) => break (address, netmask),
@@ -346,10 +349,13 @@ async fn session(
     );
 
     let activity = Arc::new(Activity::new());
+    // Control messages (keepalives) for the uplink task, which owns the writer.
+    let (control, control_rx) = mpsc::channel(4);
     let tun_to_server = tokio::spawn(
         forward_tun_to_server(
             tunnel.device.clone(),
-            uplink.clone(),
+            writer,
+            control_rx,
             activity.clone(),
             stats.clone(),
         )
@@ -359,7 +365,7 @@ async fn session(
         config,
         tunnel,
         &mut reader,
-        &uplink,
+        &control,
         &activity,
         &stats,
         shutdown,
@@ -367,8 +373,6 @@ async fn session(
     .await;
     tun_to_server.abort();
     let _ = tun_to_server.await;
-    drop(uplink);
-    writer.abort();
     if let Ok(Some(reason)) = &reason {
         state.events.publish(
             EventKind::Disconnected,
@@ -419,37 +423,67 @@ impl Activity {
     }
 }
 
-/// Reads the tun and queues each IPv4 packet towards the server, waiting
-/// (not dropping) when the connection is slow: the tun's own queue then drops.
+/// Reads the tun and writes each IPv4 packet to the server, together with
+/// the control messages (keepalives) that arrive on `control`. A burst of
+/// packets waiting in the tun goes out in one write; when the connection is
+/// slow this waits (rather than queueing), so the tun's own queue drops.
 async fn forward_tun_to_server(
     tun: Arc<AsyncTun>,
-    uplink: mpsc::Sender<Bytes>,
+    mut writer: Writer,
+    mut control: mpsc::Receiver<Bytes>,
     activity: Arc<Activity>,
     stats: Arc<PeerStats>,
 ) {
-    let mut buf = vec![0u8; 65536];
+    let mut buf = vec![0u8; UPLINK_BATCH + MAX_PACKET];
     loop {
-        let len = match tun.recv(&mut buf).await {
-            Ok(len) => len,
+        let read = tokio::select! {
+            biased;
+            message = control.recv() => match message {
+                Some(message) => {
+                    if writer.write_all(&message).await.is_err() {
+                        return;
+                    }
+                    activity.sent();
+                    continue;
+                }
+                None => return,
+            },
+            read = tun.recv(&mut buf) => read,
+        };
+        let mut len = match read {
+            Ok(len) => keep_ipv4(&buf[..len], &stats),
             Err(e) => {
                 warn!(error = %e, "tun read failed");
                 return;
             }
         };
-        // The server grants IPv4 addresses only and drops anything else
-        // (IPv6 link-local chatter, say): no point in sending it.
-        if ipv4_addresses(&buf[..len]).is_none() {
+        // More packets already waiting join this write.
+        while len < UPLINK_BATCH {
+            match tun.try_recv(&mut buf[len..]) {
+                Ok(more) => len += keep_ipv4(&buf[len..len + more], &stats),
+                Err(_) => break,
+            }
+        }
+        if len == 0 {
             continue;
         }
-        if uplink
-            .send(Bytes::copy_from_slice(&buf[..len]))
-            .await
-            .is_err()
-        {
+        if writer.write_all(&buf[..len]).await.is_err() {
             return;
         }
-        stats.count_tx(len);
         activity.sent();
+    }
+}
+
+/// The length of `packet` if it is IPv4 (counted as sent), else 0. The
+/// server grants IPv4 addresses only and drops anything else (IPv6
+/// link-local chatter, say): no point in sending it.
+fn keep_ipv4(packet: &[u8], stats: &PeerStats) -> usize {
+    match ipv4_addresses(packet) {
+        Some(_) => {
+            stats.count_tx(packet.len());
+            packet.len()
+        }
+        None => 0,
     }
 }
 
@@ -459,7 +493,7 @@ async fn forward_server_to_tun(
     config: &ClientConfig,
     tunnel: &mut Tunnel,
     reader: &mut FrameReader<Reader>,
-    uplink: &mpsc::Sender<Bytes>,
+    control: &mpsc::Sender<Bytes>,
     activity: &Activity,
     stats: &PeerStats,
     shutdown: &CancellationToken,
@@ -477,9 +511,7 @@ async fn forward_server_to_tun(
                 }
                 if silent >= config.keepalive_after || activity.since_tx() >= config.keepalive_after {
                     debug!("sending keepalive");
-                    if uplink.try_send(keepalive.clone()).is_ok() {
-                        activity.sent();
-                    }
+                    let _ = control.try_send(keepalive.clone());
                 }
                 continue;
             }

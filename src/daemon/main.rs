@@ -53,6 +53,7 @@ fn main() -> ExitCode {
         }
     };
     program::init_logging();
+    raise_open_file_limit();
 
     // As root, so the socket can get its group whoever the service user is.
     let control = match control::open(&settings.control, user.uid.as_raw()) {
@@ -124,6 +125,21 @@ fn main() -> ExitCode {
         None => warn!("simplevpn-helper could not be reaped"),
     }
     code
+}
+
+/// Every client is a socket: raise the soft limit on open files to the hard
+/// one (systemd and shells start at 1024), while still root.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!("cannot read the open-file limit: {e}"),
+    }
 }
 
 /// Prints the public key of a key just made or read.

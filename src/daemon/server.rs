@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use tokio::net::{TcpListener, TcpStream};
+use bytes::{Bytes, BytesMut};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
@@ -29,8 +29,8 @@ use crate::pool::server_address;
 use crate::proto;
 use crate::wire::{ipv4_addresses, Control, Decoder, Frame, Request};
 
-/// Packets queued for the server's tun before further ones are dropped.
-const TUN_QUEUE_LEN: usize = 1024;
+/// Room kept in the tun reader's buffer: a whole maximum-size packet.
+const TUN_READ_ROOM: usize = 65536;
 /// How long a closing connection may take to flush what is queued for it.
 const FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -38,8 +38,9 @@ const FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 struct Shared {
     config: ServerConfig,
     registry: Registry,
-    /// Packets for destinations no client holds go to the server's tun.
-    to_tun: mpsc::Sender<Bytes>,
+    /// Packets for destinations no client holds go to the server's tun,
+    /// written by the connection task that read them.
+    tun: Arc<AsyncTun>,
     dropped_to_tun: AtomicU64,
     events: Events,
     /// Clients refused until the given time (kick --ban).
@@ -113,17 +114,14 @@ pub async fn run(
     let tun_name = tun.name.clone();
     let tun = Arc::new(AsyncTun::new(tun.fd)?);
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| DaemonError::Bind {
-            address: config.listen,
-            source,
-        })?;
-    let (to_tun, tun_queue) = mpsc::channel(TUN_QUEUE_LEN);
+    let listener = listen(config.listen).map_err(|source| DaemonError::Bind {
+        address: config.listen,
+        source,
+    })?;
     let fixed = config.peers.iter().filter_map(|p| p.address);
     let shared = Arc::new(Shared {
         registry: Registry::new(config.network, fixed),
-        to_tun,
+        tun: tun.clone(),
         dropped_to_tun: AtomicU64::new(0),
         events: Events::default(),
         bans: Mutex::default(),
@@ -154,7 +152,6 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
-    tasks.spawn(tun_writer(tun.clone(), tun_queue, shutdown.clone()));
     tasks.spawn(tun_reader(tun, shared.clone(), shutdown.clone()));
     loop {
         tokio::select! {
@@ -187,6 +184,23 @@ pub async fn run(
     tasks.wait().await;
     info!(tun = %tun_name, "server stopped");
     Ok(())
+}
+
+/// Connections the kernel may queue before they are accepted: bursts of
+/// clients reconnecting at once (after a server restart, say) must not
+/// overflow the default of 128 and wait a second for their SYN retry.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// The listening socket, with SO_REUSEADDR (a restart rebinds at once) and a
+/// deep backlog.
+fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Why a connection ended.
@@ -447,7 +461,7 @@ impl Peer {
             }
         };
         if shared.registry.deliver(destination, packet.clone()) == Delivery::NoPeer
-            && shared.to_tun.try_send(packet).is_err()
+            && shared.tun.try_send(&packet).is_err()
         {
             shared.dropped_to_tun.fetch_add(1, Ordering::Relaxed);
         }
@@ -467,34 +481,17 @@ impl Peer {
     }
 }
 
-/// Writes packets for the host (any destination no client holds) to the tun.
-async fn tun_writer(
-    tun: Arc<AsyncTun>,
-    mut queue: mpsc::Receiver<Bytes>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let packet = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            packet = queue.recv() => match packet {
-                Some(packet) => packet,
-                None => return,
-            },
-        };
-        if let Err(e) = tun.send(&packet).await {
-            debug!(error = %e, "tun write failed");
-        }
-    }
-}
-
 /// Reads packets the host routes into the tun and queues each for the client
 /// that holds its destination.
 async fn tun_reader(tun: Arc<AsyncTun>, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let mut buf = vec![0u8; 65536];
+    let mut buf = BytesMut::with_capacity(4 * TUN_READ_ROOM);
     loop {
+        if buf.capacity() < TUN_READ_ROOM {
+            buf.reserve(4 * TUN_READ_ROOM);
+        }
         let len = tokio::select! {
             _ = shutdown.cancelled() => return,
-            read = tun.recv(&mut buf) => match read {
+            read = tun.recv_into(&mut buf) => match read {
                 Ok(len) => len,
                 Err(e) => {
                     warn!(error = %e, "tun read failed; the server stops forwarding from the host");
@@ -502,11 +499,9 @@ async fn tun_reader(tun: Arc<AsyncTun>, shared: Arc<Shared>, shutdown: Cancellat
                 }
             },
         };
-        let packet = &buf[..len];
-        if let Some((_, destination)) = ipv4_addresses(packet) {
-            shared
-                .registry
-                .deliver(destination, Bytes::copy_from_slice(packet));
+        let packet = buf.split_to(len).freeze();
+        if let Some((_, destination)) = ipv4_addresses(&packet) {
+            shared.registry.deliver(destination, packet);
         }
     }
 }
