@@ -7,7 +7,6 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
-use tracing::debug;
 
 use super::gate::Identity;
 use crate::config::ClientConfig;
@@ -74,9 +73,7 @@ impl Dialer {
             Ok(Err(e)) => return Err(format!("connect failed: {e}")),
             Ok(Ok(stream)) => stream,
         };
-        if let Err(e) = stream.set_nodelay(true) {
-            debug!(error = %e, "TCP_NODELAY not set");
-        }
+        crate::connection::tune_tcp(&stream);
         let remote = stream
             .peer_addr()
             .map_err(|e| format!("connection lost at once: {e}"))?;

@@ -241,9 +241,7 @@ async fn serve(
     shutdown: CancellationToken,
 ) {
     let handshake_deadline = Instant::now() + shared.config.handshake_timeout;
-    if let Err(e) = stream.set_nodelay(true) {
-        debug!(error = %e, "TCP_NODELAY not set");
-    }
+    crate::connection::tune_tcp(&stream);
     let admitted = tokio::select! {
         _ = shutdown.cancelled() => return,
         admitted = timeout_at(handshake_deadline, shared.gate.admit(stream, remote)) => admitted,
