@@ -10,6 +10,11 @@ use clap::{Parser, Subcommand, ValueHint};
 use crate::config::DEFAULT_CONTROL_SOCKET;
 
 /// Control a running simplevpnd: list, inspect, watch and kick peers.
+///
+/// svpnctl talks gRPC to simplevpnd over the daemon's control socket. Every
+/// command takes --json: raw numbers and RFC 3339 times instead of tables
+/// with human units. On a client daemon, status shows the server, the
+/// granted address and the link state, and peers lists the server.
 #[derive(Debug, Parser)]
 #[command(name = "svpnctl", version)]
 pub struct Cli {

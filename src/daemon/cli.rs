@@ -11,6 +11,13 @@ use crate::config::{config_file, ClientSection, ConfigError, PeerSection, Server
 use crate::keys::PublicKey;
 
 /// IP-in-TCP VPN daemon, wire-compatible with the original simplevpn.
+///
+/// A server accepts clients on TCP port 2002 and grants each an address in
+/// its tunnel network; whole IP packets travel over one TCP connection per
+/// client, between the tun devices of both ends. "simplevpnd server" and
+/// "simplevpnd client" run the two roles; "simplevpnd --config FILE" takes
+/// the role from the file. svpnctl talks to the daemon over its control
+/// socket.
 #[derive(Debug, Parser)]
 #[command(name = "simplevpnd", version)]
 pub struct Cli {
