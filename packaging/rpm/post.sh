@@ -1,0 +1,12 @@
+# simplevpn %post ($1: 1 on install, 2 on upgrade): the service user, then
+# systemd learns of the new units. Nothing is enabled or started: edit
+# /etc/simplevpn/simplevpnd.toml, then: systemctl enable --now simplevpnd
+if command -v systemd-sysusers >/dev/null 2>&1; then
+    systemd-sysusers /usr/lib/sysusers.d/simplevpn.conf
+elif ! getent passwd simplevpn >/dev/null; then
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /sbin/nologin --comment "simplevpn VPN daemon" simplevpn
+fi
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload || :
+fi
