@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,9 @@ struct Manager {
 impl Manager {
     fn new(path: String) -> Manager {
         let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
+        // Like systemd's own: the daemon sends as its unprivileged user.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))
+            .expect("chmod the notify socket");
         socket
             .set_read_timeout(Some(Duration::from_millis(100)))
             .expect("read timeout");
@@ -67,7 +71,15 @@ fn server_and_client_notify_systemd_and_ping_the_watchdog() {
     let socket = bed.server_socket();
     let mut server = bed.server.spawn_env(
         SIMPLEVPND,
-        &["server", "--network", NETWORK, "--control", &socket],
+        &[
+            "server",
+            "--network",
+            NETWORK,
+            "--control",
+            &socket,
+            "--user",
+            USER,
+        ],
         &manager.env(),
     );
     let (ready, _) = manager.wait_for(|m| m.contains("READY=1"), &server);
@@ -91,7 +103,15 @@ fn server_and_client_notify_systemd_and_ping_the_watchdog() {
     let server_addr = bed.server_addr(0).to_string();
     let mut client = bed.clients[0].spawn_env(
         SIMPLEVPND,
-        &["client", "-s", &server_addr, "--control", &client_socket],
+        &[
+            "client",
+            "-s",
+            &server_addr,
+            "--control",
+            &client_socket,
+            "--user",
+            USER,
+        ],
         &client_manager.env(),
     );
     // The client is ready once started, and connects (or keeps trying) after.
