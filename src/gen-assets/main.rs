@@ -175,6 +175,15 @@ fn simplevpnd() -> Program {
                         ],
                     ),
                     tagged(
+                        [italic("/usr/libexec/simplevpn/simplevpn-helper")],
+                        [roman(
+                            "The privileged helper (or simplevpn-helper beside simplevpnd): \
+                             simplevpnd starts it as root, then drops to the service user \
+                             (--user, default simplevpn) with no capabilities; the helper \
+                             keeps only CAP_NET_ADMIN to create and configure the tun.",
+                        )],
+                    ),
+                    tagged(
                         [italic(DEFAULT_CONTROL_SOCKET)],
                         [
                             roman("The control socket (mode 0660, group simplevpn) that "),
