@@ -79,6 +79,7 @@ fn server_and_client_notify_systemd_and_ping_the_watchdog() {
             &socket,
             "--user",
             USER,
+            "--legacy",
         ],
         &manager.env(),
     );
