@@ -1,29 +1,57 @@
 //! What the packages install, checked without a container: the default
-//! config parses (as the server it runs, and with its client example
-//! uncommented), and the template unit is the plain unit apart from its
-//! description and command line. The packages themselves are tested in
+//! config parses (as the TLS server it runs, and with its peer and client
+//! examples uncommented), and the template unit is the plain unit apart from
+//! its description and command line. The packages themselves are tested in
 //! booted containers by tests/package/run.
 
 use std::path::Path;
 
 use simplevpn::config::{ConfigFile, DEFAULT_CONTROL_SOCKET, DEFAULT_LISTEN};
 
+/// The key the package's postinst makes (packaging/debian/postinst).
+const HOST_KEY: &str = "/etc/simplevpn/host.key";
 const DEFAULT_CONFIG: &str = include_str!("../packaging/simplevpnd.toml");
 const UNIT: &str = include_str!("../packaging/systemd/simplevpnd.service");
 const TEMPLATE: &str = include_str!("../packaging/systemd/simplevpnd@.service");
 
+/// `text`, a commented TOML example, with its tables and settings uncommented.
+fn uncommented(text: &str) -> String {
+    text.lines()
+        .map(|line| line.strip_prefix("# ").unwrap_or(line))
+        .filter(|line| line.starts_with('[') || line.contains(" = "))
+        .map(|line| format!("{line}\n"))
+        .collect()
+}
+
 #[test]
-fn the_default_config_runs_a_server_with_the_defaults() {
+fn the_default_config_runs_a_tls_server_with_the_defaults() {
     let file = ConfigFile::parse(DEFAULT_CONFIG, Path::new("simplevpnd.toml")).expect("parses");
     assert!(file.client.is_none());
     let server = file.server.expect("[server]").resolve().expect("resolves");
     assert_eq!(server.listen.to_string(), DEFAULT_LISTEN);
-    let control = file
-        .control
-        .unwrap_or_default()
-        .resolve(None)
-        .expect("resolves");
+    // The key the package makes at installation, and no client yet.
+    assert_eq!(server.key.as_deref(), Some(Path::new(HOST_KEY)));
+    assert!(server.peers.is_empty());
+    let control = file.control.unwrap_or_default();
+    let control = control.resolve(None).expect("resolves");
     assert_eq!(control.socket, Path::new(DEFAULT_CONTROL_SOCKET));
+}
+
+#[test]
+fn the_commented_peer_example_parses_when_uncommented() {
+    let (server, rest) = DEFAULT_CONFIG
+        .split_once("\n# [[server.peer]]")
+        .expect("a commented [[server.peer]] example");
+    let (peer, _) = rest
+        .split_once("\n# A client instead")
+        .expect("the client example after it");
+    let text = format!(
+        "{server}\n{}",
+        uncommented(&format!("# [[server.peer]]{peer}"))
+    );
+    let file = ConfigFile::parse(&text, Path::new("server.toml")).expect("parses");
+    let server = file.server.expect("[server]").resolve().expect("resolves");
+    assert_eq!(server.peers.len(), 1);
 }
 
 #[test]
@@ -32,20 +60,13 @@ fn the_commented_client_and_control_examples_parse_when_uncommented() {
     let (_, rest) = DEFAULT_CONFIG
         .split_once("\n# [client]")
         .expect("a commented [client] example");
-    let text: String = format!("# [client]{rest}")
-        .lines()
-        .map(|line| line.strip_prefix("# ").unwrap_or(line))
-        .filter(|line| line.starts_with('[') || line.contains(" = "))
-        .map(|line| format!("{line}\n"))
-        .collect();
+    let text = uncommented(&format!("# [client]{rest}"));
     let file = ConfigFile::parse(&text, Path::new("client.toml")).expect("parses");
     let client = file.client.expect("[client]").resolve().expect("resolves");
     assert_eq!(client.server, "vpn.example.org:2002");
-    let control = file
-        .control
-        .expect("[control]")
-        .resolve(None)
-        .expect("resolves");
+    assert!(client.tls.is_some(), "key and server_key: TLS");
+    let control = file.control.expect("[control]");
+    let control = control.resolve(None).expect("resolves");
     assert_eq!(control.admin_group.as_deref(), Some("wheel"));
 }
 

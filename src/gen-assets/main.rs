@@ -167,6 +167,17 @@ fn simplevpnd() -> Program {
                         )],
                     ),
                     tagged(
+                        [italic("/etc/simplevpn/host.key")],
+                        [
+                            roman(
+                                "This host's private key (mode 0600), made when the package \
+                                   was installed and named by key = in the default config; ",
+                            ),
+                            bold("simplevpnd pubkey /etc/simplevpn/host.key"),
+                            roman(" prints the public key that the other side pins."),
+                        ],
+                    ),
+                    tagged(
                         [italic("/etc/simplevpn/NAME.toml")],
                         [
                             roman("The config of the instance "),
