@@ -4,13 +4,18 @@
 //! ([`wire`]), framed I/O over any byte stream ([`connection`]), the address
 //! pool ([`pool`]), configuration ([`config`]), tun and netlink setup
 //! ([`netdev`]), what the daemon and its privileged helper share
-//! ([`privsep`]), node keys and TLS ([`keys`], [`tls`]), and the daemon's
-//! roles ([`daemon`]), whose entry point [`daemon::run`] takes a shutdown
-//! token.
+//! ([`privsep`]), node keys and TLS ([`keys`], [`tls`]), the daemon's roles
+//! ([`daemon`]), whose entry point [`daemon::run`] takes a shutdown token,
+//! and both programs' command lines ([`daemon::cli`], [`ctl::cli`]), from
+//! which the man pages and shell completions are generated.
 
 pub mod config;
 pub mod connection;
 pub mod daemon;
+/// svpnctl's command line (the program itself is src/ctl/main.rs).
+pub mod ctl {
+    pub mod cli;
+}
 pub mod keys;
 pub mod netdev;
 pub mod pool;

@@ -2,62 +2,20 @@
 
 mod format;
 
-use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
+use simplevpn::ctl::cli::{Cli, Command};
 use simplevpn::proto::control_client::ControlClient;
 use simplevpn::proto::{self, peer_event::Kind};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Code;
 
 use format::*;
-
-/// Control a running simplevpnd: list, inspect, watch and kick peers.
-#[derive(Debug, Parser)]
-#[command(name = "svpnctl", version)]
-struct Cli {
-    /// The daemon's control socket
-    #[arg(
-        long,
-        global = true,
-        env = "SVPNCTL_SOCKET",
-        default_value = "/run/simplevpn/control.sock"
-    )]
-    socket: PathBuf,
-    /// Print JSON (raw numbers, RFC 3339 times) instead of tables
-    #[arg(long, global = true)]
-    json: bool,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// What the daemon is and does
-    Status,
-    /// Every peer that holds a tunnel address
-    Peers,
-    /// One peer in detail
-    Inspect {
-        /// Its tunnel address
-        address: Ipv4Addr,
-    },
-    /// Close a peer's connection and free its address
-    Kick {
-        /// Its tunnel address
-        address: Ipv4Addr,
-        /// Also refuse the same client for this long (e.g. 30s, 5m, 1h)
-        #[arg(long, value_parser = humantime::parse_duration)]
-        ban: Option<Duration>,
-    },
-    /// Print peer events as they happen, until interrupted
-    Watch,
-}
 
 /// A failure to report: the message, and exit code 1.
 struct Failure(String);

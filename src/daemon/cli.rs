@@ -11,6 +11,13 @@ use crate::config::{config_file, ClientSection, ConfigError, PeerSection, Server
 use crate::keys::PublicKey;
 
 /// IP-in-TCP VPN daemon, wire-compatible with the original simplevpn.
+///
+/// A server accepts clients on TCP port 2002 and grants each an address in
+/// its tunnel network; whole IP packets travel over one TCP connection per
+/// client, between the tun devices of both ends. "simplevpnd server" and
+/// "simplevpnd client" run the two roles; "simplevpnd --config FILE" takes
+/// the role from the file. svpnctl talks to the daemon over its control
+/// socket.
 #[derive(Debug, Parser)]
 #[command(name = "simplevpnd", version)]
 pub struct Cli {
@@ -19,6 +26,11 @@ pub struct Cli {
     /// taken from the file's [server] or [client] table.
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// Control socket for svpnctl [default: /run/simplevpn/control.sock].
+    /// Overrides [control] socket in the file; one per daemon on a host.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -71,9 +83,6 @@ pub struct ServerArgs {
     /// MTU of the server's tun [default: 1500]
     #[arg(long, value_name = "BYTES")]
     pub mtu: Option<u32>,
-    /// Control socket for svpnctl [default: /run/simplevpn/control.sock]
-    #[arg(long, value_name = "PATH")]
-    pub control: Option<PathBuf>,
     /// Unprivileged user to run as, once the helper is started [default: simplevpn]
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
@@ -105,9 +114,6 @@ pub struct ClientArgs {
     /// MTU of the client's tun [default: 1500]
     #[arg(long, value_name = "BYTES")]
     pub mtu: Option<u32>,
-    /// Control socket for svpnctl [default: /run/simplevpn/control.sock]
-    #[arg(long, value_name = "PATH")]
-    pub control: Option<PathBuf>,
     /// Unprivileged user to run as, once the helper is started [default: simplevpn]
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
@@ -173,22 +179,20 @@ impl Cli {
                 .map_or("config".to_string(), |p| p.display().to_string())
         };
         let control = file.control.unwrap_or_default();
-        let (role, socket) = match self.command {
-            Some(Command::Server(mut args)) => {
-                let socket = args.control.take();
+        let role = match self.command {
+            Some(Command::Server(args)) => {
                 let section = file.server.unwrap_or_default().overridden_by(args.into());
-                (Role::Server(section.resolve()?), socket)
+                Role::Server(section.resolve()?)
             }
-            Some(Command::Client(mut args)) => {
-                let socket = args.control.take();
+            Some(Command::Client(args)) => {
                 let section = file.client.unwrap_or_default().overridden_by(args.into());
-                (Role::Client(section.resolve()?), socket)
+                Role::Client(section.resolve()?)
             }
             Some(Command::Keygen { path }) => return Ok(Action::Keygen(path)),
             Some(Command::Pubkey { path }) => return Ok(Action::Pubkey(path)),
             None => match (file.server, file.client) {
-                (Some(server), None) => (Role::Server(server.resolve()?), None),
-                (None, Some(client)) => (Role::Client(client.resolve()?), None),
+                (Some(server), None) => Role::Server(server.resolve()?),
+                (None, Some(client)) => Role::Client(client.resolve()?),
                 (Some(_), Some(_)) => return Err(ConfigError::new(
                     where_(),
                     "has both [server] and [client]; say which to run: simplevpnd server|client",
@@ -201,7 +205,59 @@ impl Cli {
         };
         Ok(Action::Run(Box::new(Settings {
             role,
-            control: control.resolve(socket)?,
+            control: control.resolve(self.control)?,
         })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn control_socket(args: &[&str]) -> Result<PathBuf, ConfigError> {
+        let cli = Cli::try_parse_from(args).expect("parses");
+        match cli.into_action()? {
+            Action::Run(settings) => Ok(settings.control.socket),
+            other => panic!("{args:?}: not a run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn control_goes_before_or_after_the_subcommand_or_with_a_file_alone() {
+        let dir = std::env::temp_dir().join(format!("svpn-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("office.toml");
+        std::fs::write(&file, "[server]\nlegacy = true\n").expect("write");
+        let file = file.to_str().expect("utf-8 path");
+
+        for args in [
+            &[
+                "simplevpnd",
+                "--control",
+                "/run/a.sock",
+                "server",
+                "--legacy",
+            ][..],
+            &[
+                "simplevpnd",
+                "server",
+                "--legacy",
+                "--control",
+                "/run/a.sock",
+            ],
+            &["simplevpnd", "--config", file, "--control", "/run/a.sock"],
+        ] {
+            assert_eq!(
+                control_socket(args),
+                Ok(PathBuf::from("/run/a.sock")),
+                "{args:?}"
+            );
+        }
+        assert_eq!(
+            control_socket(&["simplevpnd", "--config", file]),
+            Ok(PathBuf::from(crate::config::DEFAULT_CONTROL_SOCKET))
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -19,6 +19,7 @@ use super::dialer::{Dialed, Dialer};
 use super::events::{EventKind, Events, PeerEvent};
 use super::gate::Identity;
 use super::helper::Helper;
+use super::notify;
 use super::registry::{PeerInfo, PeerStats};
 use super::{ControlOptions, DaemonError};
 use crate::config::ClientConfig;
@@ -204,6 +205,14 @@ pub async fn run(
             shutdown.clone(),
         ))
     });
+    let status = state.clone();
+    let notify_task = tokio::spawn(notify::serve(
+        move || {
+            let link = status.link();
+            notify::client_status(link.state, &status.server, link.granted)
+        },
+        shutdown.clone(),
+    ));
 
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     // The address to ask for: the configured one, else the one held last.
@@ -254,6 +263,7 @@ pub async fn run(
     if let Some(task) = control_task {
         let _ = task.await;
     }
+    let _ = notify_task.await;
     info!("client stopped");
     Ok(())
 }

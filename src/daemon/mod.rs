@@ -7,6 +7,7 @@ mod dialer;
 mod events;
 pub mod gate;
 pub mod helper;
+mod notify;
 pub mod privileges;
 mod registry;
 pub mod server;

@@ -19,6 +19,7 @@ use super::control::{self, KickError, Node};
 use super::events::{EventKind, Events, PeerEvent};
 use super::gate::{Admitted, Gate, Identity, Rejection};
 use super::helper::Helper;
+use super::notify;
 use super::registry::{Delivery, PeerInfo, PeerLink, PeerStats, Registry};
 use super::{ControlOptions, DaemonError};
 use crate::config::ServerConfig;
@@ -152,6 +153,11 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    let status = shared.clone();
+    tasks.spawn(notify::serve(
+        move || notify::server_status(status.registry.len(), status.config.listen),
+        shutdown.clone(),
+    ));
     tasks.spawn(tun_reader(tun, shared.clone(), shutdown.clone()));
     loop {
         tokio::select! {

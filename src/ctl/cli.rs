@@ -1,0 +1,59 @@
+//! The command line of svpnctl, in the library so that the man page and
+//! shell completions can be generated from it (see src/gen-assets).
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueHint};
+
+use crate::config::DEFAULT_CONTROL_SOCKET;
+
+/// Control a running simplevpnd: list, inspect, watch and kick peers.
+///
+/// svpnctl talks gRPC to simplevpnd over the daemon's control socket. Every
+/// command takes --json: raw numbers and RFC 3339 times instead of tables
+/// with human units. On a client daemon, status shows the server, the
+/// granted address and the link state, and peers lists the server.
+#[derive(Debug, Parser)]
+#[command(name = "svpnctl", version)]
+pub struct Cli {
+    /// The daemon's control socket
+    #[arg(
+        long,
+        global = true,
+        env = "SVPNCTL_SOCKET",
+        default_value = DEFAULT_CONTROL_SOCKET,
+        value_name = "PATH",
+        value_hint = ValueHint::FilePath
+    )]
+    pub socket: PathBuf,
+    /// Print JSON (raw numbers, RFC 3339 times) instead of tables
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// What the daemon is and does
+    Status,
+    /// Every peer that holds a tunnel address
+    Peers,
+    /// One peer in detail
+    Inspect {
+        /// Its tunnel address
+        address: Ipv4Addr,
+    },
+    /// Close a peer's connection and free its address
+    Kick {
+        /// Its tunnel address
+        address: Ipv4Addr,
+        /// Also refuse the same client for this long (e.g. 30s, 5m, 1h)
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ban: Option<Duration>,
+    },
+    /// Print peer events as they happen, until interrupted
+    Watch,
+}

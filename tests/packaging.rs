@@ -1,0 +1,99 @@
+//! What the packages install, checked without a container: the default
+//! config parses (as the TLS server it runs, and with its peer and client
+//! examples uncommented), and the template unit is the plain unit apart from
+//! its description and command line. The packages themselves are tested in
+//! booted containers by tests/package/run.
+
+use std::path::Path;
+
+use simplevpn::config::{ConfigFile, DEFAULT_CONTROL_SOCKET, DEFAULT_LISTEN};
+
+/// The key the package's postinst makes (packaging/debian/postinst).
+const HOST_KEY: &str = "/etc/simplevpn/host.key";
+const DEFAULT_CONFIG: &str = include_str!("../packaging/simplevpnd.toml");
+const UNIT: &str = include_str!("../packaging/systemd/simplevpnd.service");
+const TEMPLATE: &str = include_str!("../packaging/systemd/simplevpnd@.service");
+
+/// `text`, a commented TOML example, with its tables and settings uncommented.
+fn uncommented(text: &str) -> String {
+    text.lines()
+        .map(|line| line.strip_prefix("# ").unwrap_or(line))
+        .filter(|line| line.starts_with('[') || line.contains(" = "))
+        .map(|line| format!("{line}\n"))
+        .collect()
+}
+
+#[test]
+fn the_default_config_runs_a_tls_server_with_the_defaults() {
+    let file = ConfigFile::parse(DEFAULT_CONFIG, Path::new("simplevpnd.toml")).expect("parses");
+    assert!(file.client.is_none());
+    let server = file.server.expect("[server]").resolve().expect("resolves");
+    assert_eq!(server.listen.to_string(), DEFAULT_LISTEN);
+    // The key the package makes at installation, and no client yet.
+    assert_eq!(server.key.as_deref(), Some(Path::new(HOST_KEY)));
+    assert!(server.peers.is_empty());
+    let control = file.control.unwrap_or_default();
+    let control = control.resolve(None).expect("resolves");
+    assert_eq!(control.socket, Path::new(DEFAULT_CONTROL_SOCKET));
+}
+
+#[test]
+fn the_commented_peer_example_parses_when_uncommented() {
+    let (server, rest) = DEFAULT_CONFIG
+        .split_once("\n# [[server.peer]]")
+        .expect("a commented [[server.peer]] example");
+    let (peer, _) = rest
+        .split_once("\n# A client instead")
+        .expect("the client example after it");
+    let text = format!(
+        "{server}\n{}",
+        uncommented(&format!("# [[server.peer]]{peer}"))
+    );
+    let file = ConfigFile::parse(&text, Path::new("server.toml")).expect("parses");
+    let server = file.server.expect("[server]").resolve().expect("resolves");
+    assert_eq!(server.peers.len(), 1);
+}
+
+#[test]
+fn the_commented_client_and_control_examples_parse_when_uncommented() {
+    // Drop the [server] table, uncomment everything from "# [client]" on.
+    let (_, rest) = DEFAULT_CONFIG
+        .split_once("\n# [client]")
+        .expect("a commented [client] example");
+    let text = uncommented(&format!("# [client]{rest}"));
+    let file = ConfigFile::parse(&text, Path::new("client.toml")).expect("parses");
+    let client = file.client.expect("[client]").resolve().expect("resolves");
+    assert_eq!(client.server, "vpn.example.org:2002");
+    assert!(client.tls.is_some(), "key and server_key: TLS");
+    let control = file.control.expect("[control]");
+    let control = control.resolve(None).expect("resolves");
+    assert_eq!(control.admin_group.as_deref(), Some("wheel"));
+}
+
+/// The unit's lines that are neither comments nor the ones that may differ.
+fn settings(unit: &str) -> Vec<&str> {
+    unit.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| !line.starts_with("Description=") && !line.starts_with("ExecStart="))
+        .collect()
+}
+
+#[test]
+fn the_template_unit_is_the_plain_unit_with_another_config_and_socket() {
+    assert_eq!(settings(UNIT), settings(TEMPLATE));
+    let exec = |unit: &'static str| {
+        unit.lines()
+            .find(|line| line.starts_with("ExecStart="))
+            .expect("ExecStart=")
+    };
+    assert_eq!(
+        exec(UNIT),
+        "ExecStart=/usr/sbin/simplevpnd --config /etc/simplevpn/simplevpnd.toml \
+         --control /run/simplevpn/control.sock"
+    );
+    assert_eq!(
+        exec(TEMPLATE),
+        "ExecStart=/usr/sbin/simplevpnd --config /etc/simplevpn/%i.toml \
+         --control /run/simplevpn/%i.sock"
+    );
+}
