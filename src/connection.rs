@@ -14,7 +14,7 @@ use crate::wire::{Decoder, Frame, ProtocolError};
 /// A connection's read buffer starts this small (an idle peer costs little)
 /// and grows, while reads keep filling it, up to `MAX_READ_CHUNK`: room for
 /// a few maximum-size frames per read under load.
-const MIN_READ_CHUNK: usize = 4 * 1024;
+const MIN_READ_CHUNK: usize = 1024;
 const MAX_READ_CHUNK: usize = 256 * 1024;
 /// How much the writer gathers from its queue before one write.
 const WRITE_BATCH: usize = 256 * 1024;
@@ -123,7 +123,7 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut queue: mpsc::Receiver<Bytes>,
 ) -> io::Result<()> {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH_FRAMES);
+    let mut batch: Vec<Bytes> = Vec::new();
     while let Some(first) = queue.recv().await {
         let mut bytes = first.len();
         batch.push(first);
