@@ -36,8 +36,36 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn algorithms() -> WebPkiSupportedAlgorithms {
-    rustls::crypto::ring::default_provider().signature_verification_algorithms
+/// The handshake-signature checks both verifiers make: TLS 1.3 and Ed25519
+/// only, the signature made by the key in the peer's certificate.
+#[derive(Debug)]
+struct Signatures {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl Signatures {
+    fn new() -> Signatures {
+        Signatures {
+            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        }
+    }
+
+    fn tls12(&self) -> Result<HandshakeSignatureValid, Error> {
+        Err(Error::General("TLS 1.2 is not accepted".into()))
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn schemes() -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
 }
 
 /// The public key a peer's certificate carries, if it is an Ed25519 key.
@@ -79,7 +107,7 @@ pub fn server_config(
     let (certs, private) = identity(key)?;
     let verifier = Arc::new(PinnedClients {
         allowed,
-        algorithms: algorithms(),
+        signatures: Signatures::new(),
     });
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -98,7 +126,7 @@ pub fn client_config(
     let (certs, private) = identity(key)?;
     let verifier = Arc::new(PinnedServer {
         key: server,
-        algorithms: algorithms(),
+        signatures: Signatures::new(),
     });
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -117,7 +145,7 @@ pub fn server_name() -> ServerName<'static> {
 #[derive(Debug)]
 struct PinnedClients {
     allowed: HashSet<PublicKey>,
-    algorithms: WebPkiSupportedAlgorithms,
+    signatures: Signatures,
 }
 
 impl ClientCertVerifier for PinnedClients {
@@ -144,7 +172,7 @@ impl ClientCertVerifier for PinnedClients {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::General("TLS 1.2 is not accepted".into()))
+        self.signatures.tls12()
     }
 
     fn verify_tls13_signature(
@@ -153,11 +181,11 @@ impl ClientCertVerifier for PinnedClients {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
+        Signatures::schemes()
     }
 }
 
@@ -165,7 +193,7 @@ impl ClientCertVerifier for PinnedClients {
 #[derive(Debug)]
 struct PinnedServer {
     key: PublicKey,
-    algorithms: WebPkiSupportedAlgorithms,
+    signatures: Signatures,
 }
 
 impl ServerCertVerifier for PinnedServer {
@@ -193,7 +221,7 @@ impl ServerCertVerifier for PinnedServer {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::General("TLS 1.2 is not accepted".into()))
+        self.signatures.tls12()
     }
 
     fn verify_tls13_signature(
@@ -202,11 +230,11 @@ impl ServerCertVerifier for PinnedServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
+        Signatures::schemes()
     }
 }
 

@@ -63,6 +63,20 @@ pub enum Action {
     Pubkey(PathBuf),
 }
 
+/// Flags both roles take.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// Name of the tun device [default: svpn0]
+    #[arg(long, value_name = "NAME")]
+    pub tun: Option<String>,
+    /// MTU of the tun [default: 65535, or max_frame if smaller]
+    #[arg(long, value_name = "BYTES")]
+    pub mtu: Option<u32>,
+    /// Unprivileged user to run as, once the helper is started [default: simplevpn]
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct ServerArgs {
     /// Address and port to accept clients on [default: 0.0.0.0:2002]
@@ -71,21 +85,14 @@ pub struct ServerArgs {
     /// Tunnel network; the server takes its first host address [default: 10.0.0.0/16]
     #[arg(long, value_name = "CIDR")]
     pub network: Option<Ipv4Net>,
-    /// Name of the server's tun device [default: svpn0]
-    #[arg(long, value_name = "NAME")]
-    pub tun: Option<String>,
     /// Drop a client silent for this long, and free its address [default: 60]
     #[arg(long, value_name = "SECS")]
     pub client_timeout: Option<u64>,
     /// Drop a new connection that asks for no address within this time [default: 10]
     #[arg(long, value_name = "SECS")]
     pub handshake_timeout: Option<u64>,
-    /// MTU of the server's tun [default: 1500]
-    #[arg(long, value_name = "BYTES")]
-    pub mtu: Option<u32>,
-    /// Unprivileged user to run as, once the helper is started [default: simplevpn]
-    #[arg(long, value_name = "NAME")]
-    pub user: Option<String>,
+    #[command(flatten)]
+    pub common: CommonArgs,
     /// Private key file: serve TLS clients listed with --peer or [[server.peer]]
     #[arg(long, value_name = "PATH")]
     pub key: Option<PathBuf>,
@@ -105,18 +112,11 @@ pub struct ClientArgs {
     /// Ask for this static address (default: any, and the same one again on reconnect)
     #[arg(short = 'a', long, value_name = "IP")]
     pub address: Option<Ipv4Addr>,
-    /// Name of the client's tun device [default: svpn0]
-    #[arg(long, value_name = "NAME")]
-    pub tun: Option<String>,
     /// Treat the link as dead after this long without a byte from the server [default: 60]
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
-    /// MTU of the client's tun [default: 1500]
-    #[arg(long, value_name = "BYTES")]
-    pub mtu: Option<u32>,
-    /// Unprivileged user to run as, once the helper is started [default: simplevpn]
-    #[arg(long, value_name = "NAME")]
-    pub user: Option<String>,
+    #[command(flatten)]
+    pub common: CommonArgs,
     /// Private key file: speak TLS to the server (needs --server-key)
     #[arg(long, value_name = "PATH")]
     pub key: Option<PathBuf>,
@@ -130,11 +130,11 @@ impl From<ServerArgs> for ServerSection {
         ServerSection {
             listen: args.listen,
             network: args.network,
-            tun: args.tun,
+            tun: args.common.tun,
             client_timeout: args.client_timeout,
             handshake_timeout: args.handshake_timeout,
-            mtu: args.mtu,
-            user: args.user,
+            mtu: args.common.mtu,
+            user: args.common.user,
             key: args.key,
             legacy: args.legacy.then_some(true),
             peer: (!args.peers.is_empty()).then(|| {
@@ -157,10 +157,10 @@ impl From<ClientArgs> for ClientSection {
         ClientSection {
             server: args.server,
             address: args.address,
-            tun: args.tun,
+            tun: args.common.tun,
             timeout: args.timeout,
-            mtu: args.mtu,
-            user: args.user,
+            mtu: args.common.mtu,
+            user: args.common.user,
             key: args.key,
             server_key: args.server_key,
             ..ClientSection::default()
