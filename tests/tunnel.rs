@@ -78,6 +78,36 @@ fn clients_keep_their_addresses_across_a_server_restart() {
 }
 
 #[test]
+fn a_client_whose_old_address_was_taken_asks_for_any() {
+    if !require_root("a_client_whose_old_address_was_taken_asks_for_any") {
+        return;
+    }
+    let bed = Bed::new("taken", 2);
+    let mut server = bed.start_server(&[]);
+    let a = bed.start_client(0, &[]);
+    assert_eq!(tun_address(&bed.clients[0]), Some((CLIENT_A, 16)));
+
+    // While A is away, someone else takes its address.
+    server.kill();
+    assert!(a.wait_for_log("reconnecting", STARTUP), "{}", a.log());
+    let _server = bed.start_server(&[]);
+    let mut thief = bed.raw_peer(1);
+    assert_eq!(thief.ask(&static_request(CLIENT_A)), grant_16(CLIENT_A));
+
+    // A is refused its old address once, then asks for any and gets one.
+    let other = Ipv4Addr::new(198, 19, 0, 3);
+    assert!(
+        wait_until(Duration::from_secs(20), || tun_address(&bed.clients[0])
+            == Some((other, 16))),
+        "A did not move on:\n{}",
+        a.log()
+    );
+    assert!(a
+        .log()
+        .contains("refused the previous address; asking for any"));
+}
+
+#[test]
 fn sigterm_stops_cleanly_and_removes_the_tun() {
     if !require_root("sigterm_stops_cleanly_and_removes_the_tun") {
         return;

@@ -246,12 +246,13 @@ pub async fn run(
             Ending::Failed { reason, granted } => {
                 if granted {
                     backoff.reset();
+                    // Ask for the address just held (a static one stays wanted).
+                    if config.address.is_none() {
+                        wanted = tunnel.configured.map(|(address, _)| address);
+                    }
                 }
                 warn!(%reason, "disconnected");
             }
-        }
-        if config.address.is_none() {
-            wanted = tunnel.configured.map(|(address, _)| address).or(wanted);
         }
         let delay = backoff.next_delay();
         info!("reconnecting in {:.1}s", delay.as_secs_f64());
