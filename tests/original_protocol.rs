@@ -252,3 +252,19 @@ fn silent_peers_time_out_and_free_their_address() {
         .log()
         .contains("no address request within the handshake timeout")));
 }
+
+#[test]
+fn silence_counts_from_the_grant_even_with_a_longer_handshake_timeout() {
+    if !require_root("silence_counts_from_the_grant_even_with_a_longer_handshake_timeout") {
+        return;
+    }
+    let bed = Bed::new("silent2", 1);
+    let _server = bed.start_server(&["--client-timeout", "2", "--handshake-timeout", "30"]);
+    let mut a = bed.raw_peer(0);
+    assert_eq!(a.ask(&dynamic_request()), grant_16(addr([0, 2])));
+    let took = a.expect_closed(Duration::from_secs(10));
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
+        "closed after {took:?}"
+    );
+}

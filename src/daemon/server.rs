@@ -326,25 +326,45 @@ async fn session(
         permit: Some(permit),
     };
 
+    // One timer for the connection, not one per frame: it fires at the
+    // deadline it was last set to, and is moved on if a frame came since.
+    let mut last_frame = Instant::now();
+    let idle = tokio::time::sleep_until(handshake_deadline);
+    tokio::pin!(idle);
     let ending = loop {
-        let deadline = match peer.address {
-            None => handshake_deadline,
-            Some(_) => Instant::now() + shared.config.client_timeout,
-        };
         let frame = tokio::select! {
             _ = shutdown.cancelled() => break Ending::Shutdown,
             _ = peer.kick.cancelled() => break Ending::Kicked,
-            read = timeout_at(deadline, reader.read_frame()) => match read {
-                Err(_) if peer.address.is_none() => break Ending::HandshakeTimeout,
-                Err(_) => break Ending::Silent,
-                Ok(Ok(None)) => break Ending::ClosedByPeer,
-                Ok(Err(e)) => break Ending::Failed(e),
-                Ok(Ok(Some(frame))) => frame,
+            () = &mut idle => {
+                let deadline = match peer.address {
+                    None => handshake_deadline,
+                    Some(_) => last_frame + shared.config.client_timeout,
+                };
+                if Instant::now() >= deadline {
+                    break match peer.address {
+                        None => Ending::HandshakeTimeout,
+                        Some(_) => Ending::Silent,
+                    };
+                }
+                idle.as_mut().reset(deadline);
+                continue;
+            }
+            read = reader.read_frame() => match read {
+                Ok(None) => break Ending::ClosedByPeer,
+                Err(e) => break Ending::Failed(e),
+                Ok(Some(frame)) => frame,
             },
         };
+        last_frame = Instant::now();
         peer.stats.seen();
+        let was_granted = peer.address.is_some();
         if let Err(ending) = peer.on_frame(&shared, frame) {
             break ending;
+        }
+        if !was_granted && peer.address.is_some() {
+            // From now on silence counts, not the handshake deadline.
+            idle.as_mut()
+                .reset(last_frame + shared.config.client_timeout);
         }
     };
 
