@@ -169,9 +169,6 @@ pub async fn run(
     key: Option<NodeKey>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
-    if config.tls.is_some() && key.is_none() {
-        return Err(DaemonError::NoKey("the client"));
-    }
     let dialer = Dialer::new(&config, key.as_ref(), HANDSHAKE_TIMEOUT)?;
     let tun = helper.open_tun().await?;
     helper.set_mtu(tun.index, config.mtu).await?;
@@ -198,12 +195,7 @@ pub async fn run(
     });
     let control_task = control.map(|control| {
         let node: Arc<dyn Node> = state.clone();
-        tokio::spawn(control::serve(
-            control.socket,
-            node,
-            control.access,
-            shutdown.clone(),
-        ))
+        tokio::spawn(control::serve(control, node, shutdown.clone()))
     });
     let status = state.clone();
     let notify_task = tokio::spawn(notify::serve(

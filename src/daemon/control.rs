@@ -192,11 +192,11 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
 
 /// Serves the control API on `socket` until `shutdown`, then removes it.
 pub async fn serve(
-    socket: ControlSocket,
+    control: super::ControlOptions,
     node: Arc<dyn Node>,
-    access: Access,
     shutdown: CancellationToken,
 ) {
+    let super::ControlOptions { socket, access } = control;
     let path = socket.path.clone();
     let listener = match tokio::net::UnixListener::from_std(socket.listener) {
         Ok(listener) => listener,

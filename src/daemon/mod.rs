@@ -77,8 +77,8 @@ pub enum DaemonError {
     Helper(#[from] HelperError),
     #[error("{0}")]
     Tls(#[from] TlsError),
-    #[error("{0} has a key file configured, but no key was loaded")]
-    NoKey(&'static str),
+    #[error("a key file is configured, but no key was loaded")]
+    NoKey,
 }
 
 /// Runs the daemon in `role` until `shutdown` is cancelled, with `helper`
@@ -93,6 +93,9 @@ pub async fn run(
     key: Option<NodeKey>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
+    if role.key_path().is_some() && key.is_none() {
+        return Err(DaemonError::NoKey);
+    }
     let stop = shutdown.child_token();
     let role_stop = stop.clone();
     let helper_ref = &helper;

@@ -101,9 +101,6 @@ pub async fn run(
     key: Option<NodeKey>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
-    if config.key.is_some() && key.is_none() {
-        return Err(DaemonError::NoKey("the server"));
-    }
     let gate = Gate::new(&config, key.as_ref())?;
     let own_address = server_address(config.network);
     let tun = helper.open_tun().await?;
@@ -146,12 +143,7 @@ pub async fn run(
     let tasks = TaskTracker::new();
     if let Some(control) = control {
         let node: Arc<dyn Node> = shared.clone();
-        tasks.spawn(control::serve(
-            control.socket,
-            node,
-            control.access,
-            shutdown.clone(),
-        ));
+        tasks.spawn(control::serve(control, node, shutdown.clone()));
     }
     let status = shared.clone();
     tasks.spawn(notify::serve(
