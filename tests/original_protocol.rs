@@ -268,3 +268,25 @@ fn silence_counts_from_the_grant_even_with_a_longer_handshake_timeout() {
         "closed after {took:?}"
     );
 }
+
+#[test]
+fn connections_not_yet_granted_are_capped() {
+    if !require_root("connections_not_yet_granted_are_capped") {
+        return;
+    }
+    let bed = Bed::new("cap", 1);
+    let config = bed.path("server.toml");
+    std::fs::write(&config, "[server]\nmax_unauthenticated = 2\n").expect("config");
+    let server = bed.start_server(&["--config", &config]);
+    // Two connections that have not asked for an address hold both places.
+    let mut first = bed.raw_peer(0);
+    let _second = bed.raw_peer(0);
+    let mut third = bed.raw_peer(0);
+    let took = third.expect_closed(STARTUP);
+    assert!(took < Duration::from_secs(2), "closed only after {took:?}");
+    assert!(server.wait_for_log("too many connections not yet granted", STARTUP));
+    // A grant frees a place.
+    assert_eq!(first.ask(&dynamic_request()), grant_16(addr([0, 2])));
+    let mut fourth = bed.raw_peer(0);
+    assert_eq!(fourth.ask(&dynamic_request()), grant_16(addr([0, 3])));
+}

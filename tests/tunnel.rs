@@ -108,6 +108,49 @@ fn a_client_whose_old_address_was_taken_asks_for_any() {
 }
 
 #[test]
+fn the_daemon_raises_its_open_file_limit() {
+    if !require_root("the_daemon_raises_its_open_file_limit") {
+        return;
+    }
+    let bed = Bed::new("nofile", 0);
+    // Started with a soft limit of 1024 (systemd's default), as a server
+    // with many clients would be.
+    let socket = bed.server_socket();
+    let server = bed.server.spawn(
+        "prlimit",
+        &[
+            "--nofile=1024:",
+            SIMPLEVPND,
+            "server",
+            "--network",
+            NETWORK,
+            "--legacy",
+            "--user",
+            USER,
+            "--control",
+            &socket,
+        ],
+    );
+    assert!(
+        server.wait_for_log("server ready", STARTUP),
+        "{}",
+        server.log()
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid()))
+        .expect("read /proc/PID/limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("open-files line");
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers.len(), 2, "{line}");
+    assert_eq!(
+        numbers[0], numbers[1],
+        "soft limit not raised to the hard one: {line}"
+    );
+}
+
+#[test]
 fn sigterm_stops_cleanly_and_removes_the_tun() {
     if !require_root("sigterm_stops_cleanly_and_removes_the_tun") {
         return;
