@@ -137,8 +137,8 @@ pub enum Delivery {
     Queued,
     /// That peer's queue was full: dropped and counted.
     QueueFull,
-    /// No connected peer holds the destination.
-    NoPeer,
+    /// No connected peer holds the destination: the packet, handed back.
+    NoPeer(Bytes),
 }
 
 struct Table {
@@ -230,7 +230,7 @@ impl Registry {
     pub fn deliver(&self, destination: Ipv4Addr, packet: Bytes) -> Delivery {
         let table = self.read();
         let Some(peer) = table.peers.get(&destination) else {
-            return Delivery::NoPeer;
+            return Delivery::NoPeer(packet);
         };
         let len = packet.len();
         match peer.queue.try_send(packet) {
@@ -341,7 +341,7 @@ mod tests {
         assert_eq!(stats.tx_packets.load(Ordering::Relaxed), 2);
         assert_eq!(
             registry.deliver(Ipv4Addr::new(198, 19, 0, 9), Bytes::new()),
-            Delivery::NoPeer
+            Delivery::NoPeer(Bytes::new())
         );
     }
 

@@ -476,10 +476,10 @@ impl Peer {
                 return;
             }
         };
-        if shared.registry.deliver(destination, packet.clone()) == Delivery::NoPeer
-            && shared.tun.try_send(&packet).is_err()
-        {
-            shared.dropped_to_tun.fetch_add(1, Ordering::Relaxed);
+        if let Delivery::NoPeer(packet) = shared.registry.deliver(destination, packet) {
+            if shared.tun.try_send(&packet).is_err() {
+                shared.dropped_to_tun.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
