@@ -182,7 +182,7 @@ pub async fn run(
     info!(
         server = %config.server,
         tun = %tun.name,
-        protocol = identity.protocol(),
+        protocol = %identity.protocol(),
         "client starting"
     );
     let state = Arc::new(ClientState {

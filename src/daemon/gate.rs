@@ -14,6 +14,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::{Legacy, PeerSection, ServerConfig};
 use crate::connection::{Reader, Writer};
 use crate::keys::{NodeKey, PublicKey};
+use crate::session::Protocol;
 use crate::tls::{self, TlsError};
 
 /// The first byte of a TLS handshake record.
@@ -34,10 +35,10 @@ pub enum Identity {
 }
 
 impl Identity {
-    pub fn protocol(&self) -> &'static str {
+    pub fn protocol(&self) -> Protocol {
         match self {
-            Identity::Original => "original",
-            Identity::Tls { .. } => "tls",
+            Identity::Original => Protocol::Original,
+            Identity::Tls { .. } => Protocol::Tls,
         }
     }
 

@@ -407,7 +407,7 @@ mod tests {
         let info = registry.peer(fixed).expect("held");
         assert_eq!(info.remote.port(), 1003);
         assert_eq!(info.identity.name(), Some("laptop"));
-        assert_eq!(info.identity.protocol(), "tls");
+        assert_eq!(info.identity.protocol(), crate::session::Protocol::Tls);
         // The old connection's cleanup does not free it from the new one.
         registry.remove(fixed, first_id);
         assert!(registry.peer(fixed).is_some());

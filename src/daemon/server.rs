@@ -271,12 +271,12 @@ async fn serve(
         return;
     }
     match identity.key() {
-        Some(key) => info!(protocol = identity.protocol(), %key, "connected"),
-        None => info!(protocol = identity.protocol(), "connected"),
+        Some(key) => info!(protocol = %identity.protocol(), %key, "connected"),
+        None => info!(protocol = %identity.protocol(), "connected"),
     }
     shared
         .events
-        .publish(EventKind::Connected, remote, None, identity.protocol());
+        .publish(EventKind::Connected, remote, None, identity.protocol().as_str());
     session(
         shared,
         admitted,
