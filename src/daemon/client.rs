@@ -20,7 +20,7 @@ use super::events::{EventKind, Events, PeerEvent};
 use super::gate::Identity;
 use super::helper::Helper;
 use super::notify;
-use super::registry::{PeerInfo, PeerStats};
+use super::peers::{PeerInfo, PeerStats};
 use super::{ControlOptions, DaemonError};
 use crate::config::ClientConfig;
 use crate::connection::{FrameReader, ReadError, Reader, Writer};

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use super::events::{EventKind, PeerEvent};
-use super::registry::PeerInfo;
+use super::peers::PeerInfo;
 use crate::proto::{self, control_server::ControlServer};
 
 /// What the control service asks of a running role (server or client).

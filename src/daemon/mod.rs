@@ -8,8 +8,8 @@ mod events;
 pub mod gate;
 pub mod helper;
 mod notify;
+mod peers;
 pub mod privileges;
-mod registry;
 pub mod server;
 
 use std::net::SocketAddr;

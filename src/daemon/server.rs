@@ -1,10 +1,26 @@
-//! The server role: accepts clients, grants addresses, forwards packets
-//! between clients and to and from the server's own tun.
+//! The server role: the I/O loops around the session rules
+//! ([`crate::session::server`]) and the peer table ([`super::peers`]).
+//!
+//! Receive path, a client's packet on its way out, stage by stage:
+//!   1. `run`: accept the TCP connection (a permit of `max_unauthenticated`);
+//!   2. `serve`: the gate (TLS or the original protocol) within the
+//!      handshake deadline, then the ban check;
+//!   3. `connection`: read a frame (`FrameReader`), hand it to the
+//!      [`ServerSession`], and carry out its [`Action`]: reply, admit through
+//!      the peer table (which queues the grant), drop, or forward;
+//!   4. `forward`: to the client that holds the destination (its bounded
+//!      queue), else into the server's tun (non-blocking; drops counted).
+//!
+//! Send path, a packet on its way to a client:
+//!   1. `tun_reader`: a packet the host routed into the tun, or stage 4 above;
+//!   2. [`PeerTable::deliver`]: the queue of the client that holds the
+//!      destination; a full queue drops it (counted);
+//!   3. `write_frames`: the client's writer task, batching what is queued
+//!      into vectored writes.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -17,35 +33,34 @@ use tracing::{debug, info, info_span, warn, Instrument, Span};
 
 use super::control::{self, KickError, Node};
 use super::events::{EventKind, Events, PeerEvent};
-use super::gate::{Admitted, Gate, Identity, Rejection};
+use super::gate::{Admitted, Gate, Rejection};
 use super::helper::Helper;
 use super::notify;
-use super::registry::{Delivery, PeerInfo, PeerLink, PeerStats, Registry};
+use super::peers::{Banned, Delivery, Peer, PeerInfo, PeerTable};
 use super::{ControlOptions, DaemonError};
 use crate::config::ServerConfig;
 use crate::connection::{write_frames, FrameReader, ReadError};
-use crate::keys::{NodeKey, PublicKey};
+use crate::keys::NodeKey;
 use crate::netdev::AsyncTun;
 use crate::pool::server_address;
 use crate::proto;
-use crate::wire::{ipv4_addresses, Control, Decoder, Frame, Request};
+use crate::session::server::{Action, DropReason, Ending, ServerSession};
+use crate::wire::{ipv4_addresses, Control, Decoder, Frame};
 
 /// Room kept in the tun reader's buffer: a whole maximum-size packet.
 const TUN_READ_ROOM: usize = 65536;
 /// How long a closing connection may take to flush what is queued for it.
-const FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+const FLUSH_GRACE: Duration = Duration::from_secs(1);
 
 /// What every connection task, and the control service, shares.
 struct Shared {
     config: ServerConfig,
-    registry: Registry,
+    peers: PeerTable,
     /// Packets for destinations no client holds go to the server's tun,
     /// written by the connection task that read them.
     tun: Arc<AsyncTun>,
     dropped_to_tun: AtomicU64,
     events: Events,
-    /// Clients refused until the given time (kick --ban).
-    bans: Mutex<HashMap<Banned, SystemTime>>,
     started: SystemTime,
     tun_name: String,
     gate: Gate,
@@ -53,33 +68,7 @@ struct Shared {
     unauthenticated: Arc<Semaphore>,
 }
 
-/// Who a ban refuses: a TLS client by its key, an original-protocol client
-/// by its remote IP address (it has no other identity).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Banned {
-    Key(PublicKey),
-    Remote(IpAddr),
-}
-
-impl Banned {
-    fn of(identity: &Identity, remote: IpAddr) -> Banned {
-        match identity.key() {
-            Some(key) => Banned::Key(key),
-            None => Banned::Remote(remote),
-        }
-    }
-}
-
 impl Shared {
-    /// How much longer `who` stays banned, if it is.
-    fn ban_remaining(&self, who: &Banned) -> Option<Duration> {
-        let mut bans = self.bans.lock().unwrap_or_else(|e| e.into_inner());
-        let now = SystemTime::now();
-        bans.retain(|_, until| *until > now);
-        bans.get(who)
-            .and_then(|until| until.duration_since(now).ok())
-    }
-
     /// Logs and publishes a connection refused before it got an address.
     fn refuse(&self, remote: SocketAddr, reason: String, serious: bool) {
         match serious {
@@ -118,11 +107,10 @@ pub async fn run(
     })?;
     let fixed = config.peers.iter().filter_map(|p| p.address);
     let shared = Arc::new(Shared {
-        registry: Registry::new(config.network, fixed),
+        peers: PeerTable::new(config.network, fixed),
         tun: tun.clone(),
         dropped_to_tun: AtomicU64::new(0),
         events: Events::default(),
-        bans: Mutex::default(),
         started: SystemTime::now(),
         tun_name: tun_name.clone(),
         gate,
@@ -147,7 +135,7 @@ pub async fn run(
     }
     let status = shared.clone();
     tasks.spawn(notify::serve(
-        move || notify::server_status(status.registry.len(), status.config.listen),
+        move || notify::server_status(status.peers.len(), status.config.listen),
         shutdown.clone(),
     ));
     tasks.spawn(tun_reader(tun, shared.clone(), shutdown.clone()));
@@ -201,33 +189,6 @@ fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Why a connection ended.
-enum Ending {
-    Shutdown,
-    ClosedByPeer,
-    Refused(String),
-    HandshakeTimeout,
-    Silent,
-    Kicked,
-    Failed(ReadError),
-}
-
-impl std::fmt::Display for Ending {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Ending::Shutdown => f.write_str("server shutting down"),
-            Ending::ClosedByPeer => f.write_str("closed by peer"),
-            Ending::Refused(why) => write!(f, "refused: {why}"),
-            Ending::HandshakeTimeout => {
-                f.write_str("no address request within the handshake timeout")
-            }
-            Ending::Silent => f.write_str("silent for longer than the client timeout"),
-            Ending::Kicked => f.write_str("kicked"),
-            Ending::Failed(e) => write!(f, "{e}"),
-        }
-    }
-}
-
 /// One client connection, from accept to close: through the gate, then a
 /// session. `permit` counts it as unauthenticated until it is granted an
 /// address.
@@ -265,7 +226,8 @@ async fn serve(
     if let Some(name) = identity.name() {
         Span::current().record("name", name);
     }
-    if let Some(remaining) = shared.ban_remaining(&Banned::of(&identity, remote.ip())) {
+    let banned = Banned::of(&identity, remote.ip());
+    if let Some(remaining) = shared.peers.ban_remaining(&banned, SystemTime::now()) {
         let reason = format!("banned for {}s more", remaining.as_secs() + 1);
         shared.refuse(remote, reason, false);
         return;
@@ -274,10 +236,13 @@ async fn serve(
         Some(key) => info!(protocol = %identity.protocol(), %key, "connected"),
         None => info!(protocol = %identity.protocol(), "connected"),
     }
-    shared
-        .events
-        .publish(EventKind::Connected, remote, None, identity.protocol().as_str());
-    session(
+    shared.events.publish(
+        EventKind::Connected,
+        remote,
+        None,
+        identity.protocol().as_str(),
+    );
+    connection(
         shared,
         admitted,
         remote,
@@ -288,9 +253,9 @@ async fn serve(
     .await;
 }
 
-/// An admitted connection: address requests, keepalives and packets until
-/// it ends.
-async fn session(
+/// An admitted connection, from its first frame to its end: the session
+/// rules decide, this loop reads, writes, and keeps the one timer.
+async fn connection(
     shared: Arc<Shared>,
     admitted: Admitted,
     remote: SocketAddr,
@@ -306,195 +271,138 @@ async fn session(
     let (queue, queue_rx) = mpsc::channel(shared.config.queue_len);
     let mut writer = tokio::spawn(write_frames(writer, queue_rx));
     let mut reader = FrameReader::new(reader, Decoder::new(shared.config.max_frame));
-    let mut peer = Peer {
-        id: shared.registry.next_id(),
-        remote,
-        address: None,
-        queue,
-        stats: Arc::default(),
-        connected_since: SystemTime::now(),
-        kick: CancellationToken::new(),
-        identity,
-        permit: Some(permit),
-    };
+    let peer = shared.peers.new_peer(remote, identity, queue);
+    let mut session = ServerSession::new(
+        handshake_deadline.into_std(),
+        shared.config.client_timeout,
+        shared.peers.netmask(),
+    );
+    // Counts this connection as unauthenticated until it is granted.
+    let mut permit = Some(permit);
 
     // One timer for the connection, not one per frame: it fires at the
     // deadline it was last set to, and is moved on if a frame came since.
-    let mut last_frame = Instant::now();
-    let idle = tokio::time::sleep_until(handshake_deadline);
+    let idle = tokio::time::sleep_until(Instant::from_std(session.deadline()));
     tokio::pin!(idle);
     let ending = loop {
         let frame = tokio::select! {
             _ = shutdown.cancelled() => break Ending::Shutdown,
             _ = peer.kick.cancelled() => break Ending::Kicked,
             () = &mut idle => {
-                let deadline = match peer.address {
-                    None => handshake_deadline,
-                    Some(_) => last_frame + shared.config.client_timeout,
-                };
-                if Instant::now() >= deadline {
-                    break match peer.address {
-                        None => Ending::HandshakeTimeout,
-                        Some(_) => Ending::Silent,
-                    };
+                if let Some(ending) = session.on_tick(std::time::Instant::now()) {
+                    break ending;
                 }
-                idle.as_mut().reset(deadline);
+                idle.as_mut().reset(Instant::from_std(session.deadline()));
                 continue;
             }
             read = reader.read_frame() => match read {
-                Ok(None) => break Ending::ClosedByPeer,
-                Err(e) => break Ending::Failed(e),
                 Ok(Some(frame)) => frame,
+                Ok(None) => break Ending::ClosedByPeer,
+                Err(ReadError::Protocol(e)) => break Ending::Protocol(e),
+                Err(e) => break Ending::Io(e.to_string()),
             },
         };
-        last_frame = Instant::now();
+        let now = std::time::Instant::now();
         peer.stats.seen();
-        let was_granted = peer.address.is_some();
-        if let Err(ending) = peer.on_frame(&shared, frame) {
-            break ending;
+        if let Frame::Packet(packet) = &frame {
+            peer.stats.count_rx(packet.len());
         }
-        if !was_granted && peer.address.is_some() {
-            // From now on silence counts, not the handshake deadline.
-            idle.as_mut()
-                .reset(last_frame + shared.config.client_timeout);
+        match session.on_frame(now, frame) {
+            Action::None => {}
+            Action::Reply(control) => send(&peer, control),
+            Action::Admit(request) => match shared.peers.admit(request, &peer) {
+                Ok(address) => {
+                    session.granted(now, address);
+                    permit = None;
+                    Span::current().record("addr", tracing::field::display(address));
+                    info!(?request, peers = shared.peers.len(), "granted {address}");
+                    shared.events.publish(
+                        EventKind::Granted,
+                        remote,
+                        Some(address),
+                        format!("{request:?}"),
+                    );
+                    // From now on silence counts, not the handshake deadline.
+                    idle.as_mut().reset(Instant::from_std(session.deadline()));
+                }
+                Err(refusal) => break Ending::Refused(request, refusal),
+            },
+            Action::Forward {
+                destination,
+                packet,
+            } => forward(&shared, destination, packet),
+            Action::Drop(reason) => count_drop(&peer, reason),
+            Action::Close(ending) => break ending,
         }
     };
+    drop(permit);
 
-    if let Some(address) = peer.address {
-        shared.registry.remove(address, peer.id);
+    let address = session.address();
+    if let Some(address) = address {
+        shared.peers.remove(address, peer.id);
     }
-    let peers = shared.registry.len();
+    let peers = shared.peers.len();
     let kind = match ending {
-        Ending::Refused(_) => EventKind::Refused,
+        Ending::Refused(..) => EventKind::Refused,
         _ => EventKind::Disconnected,
     };
     shared
         .events
-        .publish(kind, remote, peer.address, ending.to_string());
-    match &ending {
-        Ending::Failed(ReadError::Protocol(_)) => warn!(reason = %ending, peers, "disconnected"),
-        _ => info!(reason = %ending, peers, "disconnected"),
+        .publish(kind, remote, address, ending.to_string());
+    match ending.is_misbehaviour() {
+        true => warn!(reason = %ending, peers, "disconnected"),
+        false => info!(reason = %ending, peers, "disconnected"),
     }
     // Let the writer flush what is queued (e.g. a last keepalive echo), but a
     // refused or misbehaving client gets its connection closed right away.
+    // The writer ends when the last sender of its queue (the peer record)
+    // is gone.
     drop(peer);
-    let flush = matches!(ending, Ending::ClosedByPeer | Ending::Shutdown);
-    if !flush || timeout(FLUSH_GRACE, &mut writer).await.is_err() {
+    if !ending.flushes() || timeout(FLUSH_GRACE, &mut writer).await.is_err() {
         writer.abort();
     }
 }
 
-/// The state of one connection.
-struct Peer {
-    id: u64,
-    remote: SocketAddr,
-    address: Option<Ipv4Addr>,
-    queue: mpsc::Sender<Bytes>,
-    stats: Arc<PeerStats>,
-    connected_since: SystemTime,
-    kick: CancellationToken,
-    identity: Identity,
-    /// Held until an address is granted (max_unauthenticated).
-    permit: Option<OwnedSemaphorePermit>,
+/// Queues a control message to a client; dropped if its queue is full.
+fn send(peer: &Peer, control: Control) {
+    if peer
+        .queue
+        .try_send(Bytes::copy_from_slice(&control.encode()))
+        .is_err()
+    {
+        peer.stats
+            .dropped_queue_full
+            .fetch_add(1, Ordering::Relaxed);
+    }
 }
 
-impl Peer {
-    /// Acts on one frame from the client; `Err` ends the connection.
-    fn on_frame(&mut self, shared: &Shared, frame: Frame) -> Result<(), Ending> {
-        match frame {
-            Frame::Control(control) => {
-                let request = control.as_request().map_err(|e| Ending::Failed(e.into()))?;
-                self.on_request(shared, request)
-            }
-            Frame::Packet(packet) => {
-                self.on_packet(shared, packet);
-                Ok(())
-            }
+/// Sends a client's packet on: to the client that holds `destination`, else
+/// into the server's tun.
+fn forward(shared: &Shared, destination: Ipv4Addr, packet: Bytes) {
+    if let Delivery::NoPeer(packet) = shared.peers.deliver(destination, packet) {
+        if shared.tun.try_send(&packet).is_err() {
+            shared.dropped_to_tun.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
 
-    fn on_request(&mut self, shared: &Shared, request: Request) -> Result<(), Ending> {
-        match (request, self.address) {
-            (Request::Keepalive, _) => {
-                self.send(Control::KEEPALIVE);
-                Ok(())
-            }
-            // A repeated request is answered with the address already held.
-            (_, Some(held)) => {
-                self.send(Control::grant(held, Some(shared.registry.netmask())));
-                Ok(())
-            }
-            (request, None) => {
-                let link = PeerLink {
-                    id: self.id,
-                    remote: self.remote,
-                    connected_since: self.connected_since,
-                    queue: self.queue.clone(),
-                    stats: self.stats.clone(),
-                    kick: self.kick.clone(),
-                    identity: self.identity.clone(),
-                };
-                match shared.registry.admit(request, link) {
-                    Ok(address) => {
-                        self.address = Some(address);
-                        self.permit = None;
-                        Span::current().record("addr", tracing::field::display(address));
-                        info!(?request, peers = shared.registry.len(), "granted {address}");
-                        shared.events.publish(
-                            EventKind::Granted,
-                            self.remote,
-                            Some(address),
-                            format!("{request:?}"),
-                        );
-                        Ok(())
-                    }
-                    Err(refusal) => Err(Ending::Refused(format!("{request:?}: {refusal}"))),
-                }
-            }
-        }
-    }
-
-    fn on_packet(&self, shared: &Shared, packet: Bytes) {
-        self.stats.count_rx(packet.len());
-        let Some(address) = self.address else {
-            self.stats
-                .dropped_unassigned
-                .fetch_add(1, Ordering::Relaxed);
+/// Counts a packet the session dropped.
+fn count_drop(peer: &Peer, reason: DropReason) {
+    let counter = match reason {
+        DropReason::Unassigned => {
             debug!("dropped a packet sent before any address was granted");
-            return;
-        };
-        let destination = match ipv4_addresses(&packet) {
-            Some((source, destination)) if source == address => destination,
-            Some((source, _)) => {
-                self.stats.dropped_spoofed.fetch_add(1, Ordering::Relaxed);
-                debug!(%source, "dropped a packet with a spoofed source");
-                return;
-            }
-            None => {
-                self.stats.dropped_spoofed.fetch_add(1, Ordering::Relaxed);
-                debug!("dropped a non-IPv4 packet: no IPv6 address is assigned");
-                return;
-            }
-        };
-        if let Delivery::NoPeer(packet) = shared.registry.deliver(destination, packet) {
-            if shared.tun.try_send(&packet).is_err() {
-                shared.dropped_to_tun.fetch_add(1, Ordering::Relaxed);
-            }
+            &peer.stats.dropped_unassigned
         }
-    }
-
-    /// Queues a control message to this client; dropped if the queue is full.
-    fn send(&self, control: Control) {
-        if self
-            .queue
-            .try_send(Bytes::copy_from_slice(&control.encode()))
-            .is_err()
-        {
-            self.stats
-                .dropped_queue_full
-                .fetch_add(1, Ordering::Relaxed);
+        DropReason::Spoofed(source) => {
+            debug!(%source, "dropped a packet with a spoofed source");
+            &peer.stats.dropped_spoofed
         }
-    }
+        DropReason::NotIpv4 => {
+            debug!("dropped a non-IPv4 packet: no IPv6 address is assigned");
+            &peer.stats.dropped_spoofed
+        }
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Reads packets the host routes into the tun and queues each for the client
@@ -517,7 +425,7 @@ async fn tun_reader(tun: Arc<AsyncTun>, shared: Arc<Shared>, shutdown: Cancellat
         };
         let packet = buf.split_to(len).freeze();
         if let Some((_, destination)) = ipv4_addresses(&packet) {
-            shared.registry.deliver(destination, packet);
+            shared.peers.deliver(destination, packet);
         }
     }
 }
@@ -533,19 +441,19 @@ impl Node for Shared {
             address: format!("{}/{}", server_address(network), network.prefix_len()),
             listen: self.config.listen.to_string(),
             network: network.to_string(),
-            peer_count: self.registry.len() as u32,
-            free_addresses: self.registry.free_count(),
+            peer_count: self.peers.len() as u32,
+            free_addresses: self.peers.free_count(),
             dropped_to_tun: self.dropped_to_tun.load(Ordering::Relaxed),
             ..Default::default()
         }
     }
 
     fn peers(&self) -> Vec<PeerInfo> {
-        self.registry.peers()
+        self.peers.peers()
     }
 
     fn peer(&self, address: Ipv4Addr) -> Option<PeerInfo> {
-        self.registry.peer(address)
+        self.peers.peer(address)
     }
 
     fn kick(
@@ -554,18 +462,15 @@ impl Node for Shared {
         ban: Option<Duration>,
         by: &str,
     ) -> Result<PeerInfo, KickError> {
-        let peer = self
-            .registry
-            .kick(address)
-            .ok_or(KickError::NoSuchPeer(address))?;
         let mut reason = format!("kicked by {by}");
-        if let Some(ban) = ban {
-            let until = SystemTime::now() + ban;
-            let who = Banned::of(&peer.identity, peer.remote.ip());
-            let mut bans = self.bans.lock().unwrap_or_else(|e| e.into_inner());
-            bans.insert(who, until);
-            reason.push_str(&format!(", banned for {}", humantime::format_duration(ban)));
+        let peer = match ban {
+            None => self.peers.kick(address),
+            Some(ban) => {
+                reason.push_str(&format!(", banned for {}", humantime::format_duration(ban)));
+                self.peers.ban(address, SystemTime::now() + ban)
+            }
         }
+        .ok_or(KickError::NoSuchPeer(address))?;
         info!(remote = %peer.remote, addr = %address, "{reason}");
         self.events
             .publish(EventKind::Kicked, peer.remote, Some(address), reason);

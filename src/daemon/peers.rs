@@ -4,7 +4,7 @@
 //! I/O, so a stuck client cannot stall anyone else.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::gate::Identity;
+use crate::keys::PublicKey;
 use crate::pool::{AddressPool, Refusal};
 use crate::wire::{Control, Request};
 
@@ -53,17 +54,21 @@ impl PeerStats {
     }
 }
 
-/// What the table keeps of a connected client that holds an address.
-#[derive(Debug, Clone)]
-pub struct PeerLink {
+/// One connected client: the one record of it, shared (by `Arc`) between its
+/// connection task and, once it holds an address, the table.
+#[derive(Debug)]
+pub struct Peer {
     /// Tells one connection from the next that holds the same address.
     pub id: u64,
     pub remote: SocketAddr,
     pub connected_since: SystemTime,
+    /// Frames for this client, drained by its writer task.
     pub queue: mpsc::Sender<Bytes>,
-    pub stats: Arc<PeerStats>,
-    /// Cancelled to close the connection (a kick).
+    pub stats: PeerStats,
+    /// Cancelled to close the connection (a kick, or a takeover by a newer
+    /// connection with the same key).
     pub kick: CancellationToken,
+    /// The transport, and the key and name of a TLS peer.
     pub identity: Identity,
 }
 
@@ -118,8 +123,9 @@ pub fn unix_ms(time: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-impl PeerLink {
-    fn info(&self, address: Ipv4Addr) -> PeerInfo {
+impl Peer {
+    /// A snapshot of this peer as the holder of `address`.
+    pub fn info(&self, address: Ipv4Addr) -> PeerInfo {
         PeerInfo::new(
             address,
             self.remote,
@@ -141,41 +147,76 @@ pub enum Delivery {
     NoPeer(Bytes),
 }
 
-struct Table {
-    pool: AddressPool,
-    peers: HashMap<Ipv4Addr, PeerLink>,
-    /// Addresses fixed for a key: reserved in the pool for good.
-    fixed: HashSet<Ipv4Addr>,
+/// Who a ban refuses: a TLS client by its key, an original-protocol client
+/// by its remote IP address (it has no other identity).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Banned {
+    Key(PublicKey),
+    Remote(IpAddr),
 }
 
-/// The shared peer table of one server.
-pub struct Registry {
+impl Banned {
+    /// Who a ban of this peer refuses.
+    pub fn of(identity: &Identity, remote: IpAddr) -> Banned {
+        match identity.key() {
+            Some(key) => Banned::Key(key),
+            None => Banned::Remote(remote),
+        }
+    }
+}
+
+struct Table {
+    pool: AddressPool,
+    peers: HashMap<Ipv4Addr, Arc<Peer>>,
+    /// Addresses fixed for a key: reserved in the pool for good.
+    fixed: HashSet<Ipv4Addr>,
+    /// Refused until the given time (kick --ban).
+    bans: HashMap<Banned, SystemTime>,
+}
+
+/// The peer table of one server: who holds which address, the queue that
+/// reaches each of them, and who is banned.
+pub struct PeerTable {
     table: RwLock<Table>,
     next_id: AtomicU64,
 }
 
-impl Registry {
-    /// A registry over `network`, with `fixed` addresses kept for the keys
+impl PeerTable {
+    /// A table over `network`, with `fixed` addresses kept for the keys
     /// they are configured for (each must be a client address of `network`).
-    pub fn new(network: Ipv4Net, fixed: impl IntoIterator<Item = Ipv4Addr>) -> Registry {
+    pub fn new(network: Ipv4Net, fixed: impl IntoIterator<Item = Ipv4Addr>) -> PeerTable {
         let mut pool = AddressPool::new(network);
         let fixed: HashSet<Ipv4Addr> = fixed
             .into_iter()
             .filter(|a| pool.reserve(*a).is_ok())
             .collect();
-        Registry {
+        PeerTable {
             table: RwLock::new(Table {
                 pool,
                 peers: HashMap::new(),
                 fixed,
+                bans: HashMap::new(),
             }),
             next_id: AtomicU64::new(1),
         }
     }
 
-    /// A fresh connection id.
-    pub fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
+    /// The record of a new connection from `remote`, not yet in the table.
+    pub fn new_peer(
+        &self,
+        remote: SocketAddr,
+        identity: Identity,
+        queue: mpsc::Sender<Bytes>,
+    ) -> Arc<Peer> {
+        Arc::new(Peer {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            remote,
+            connected_since: SystemTime::now(),
+            queue,
+            stats: PeerStats::default(),
+            kick: CancellationToken::new(),
+            identity,
+        })
     }
 
     /// The network's netmask, pushed in every grant.
@@ -183,8 +224,7 @@ impl Registry {
         self.read().pool.network().netmask()
     }
 
-    /// Grants an address for `request` (Dynamic or Static) to the connection
-    /// `link`, enters it in the table and queues the grant to it, all under
+    /// Grants an address for `request` (Dynamic or Static) to `peer`, enters it in the table and queues the grant to it, all under
     /// one lock, so that the grant goes out before any packet for the new
     /// address can.
     ///
@@ -192,12 +232,12 @@ impl Registry {
     /// connection with the same key takes it over from an older one (which
     /// is closed), so a client that reconnects before the server noticed the
     /// old connection die is not locked out.
-    pub fn admit(&self, request: Request, link: PeerLink) -> Result<Ipv4Addr, Refusal> {
+    pub fn admit(&self, request: Request, peer: &Arc<Peer>) -> Result<Ipv4Addr, Refusal> {
         let mut table = self.write();
-        let remote = link.remote.ip();
-        let address = match (link.identity.fixed(), request) {
+        let remote = peer.remote.ip();
+        let address = match (peer.identity.fixed(), request) {
             (Some(fixed), _) => match table.peers.get(&fixed) {
-                Some(old) if old.identity.key() == link.identity.key() => {
+                Some(old) if old.identity.key() == peer.identity.key() => {
                     old.kick.cancel();
                     Ok(fixed)
                 }
@@ -209,8 +249,8 @@ impl Registry {
         }?;
         let grant = Control::grant(address, Some(table.pool.network().netmask()));
         // The queue is new and empty: this push cannot fail for lack of room.
-        let _ = link.queue.try_send(Bytes::copy_from_slice(&grant.encode()));
-        table.peers.insert(address, link);
+        let _ = peer.queue.try_send(Bytes::copy_from_slice(&grant.encode()));
+        table.peers.insert(address, peer.clone());
         Ok(address)
     }
 
@@ -263,7 +303,7 @@ impl Registry {
         let mut peers: Vec<PeerInfo> = table
             .peers
             .iter()
-            .map(|(address, link)| link.info(*address))
+            .map(|(address, peer)| peer.info(*address))
             .collect();
         peers.sort_by_key(|p| p.address);
         peers
@@ -274,16 +314,38 @@ impl Registry {
         self.read()
             .peers
             .get(&address)
-            .map(|link| link.info(address))
+            .map(|peer| peer.info(address))
     }
 
     /// Closes the connection that holds `address`; its task then frees the
     /// address. Returns the peer as it was.
     pub fn kick(&self, address: Ipv4Addr) -> Option<PeerInfo> {
         let table = self.read();
-        let link = table.peers.get(&address)?;
-        link.kick.cancel();
-        Some(link.info(address))
+        let peer = table.peers.get(&address)?;
+        peer.kick.cancel();
+        Some(peer.info(address))
+    }
+
+    /// Closes the connection that holds `address` and refuses it (by key, or
+    /// by remote address for an original-protocol client) until `until`.
+    /// Returns the peer as it was.
+    pub fn ban(&self, address: Ipv4Addr, until: SystemTime) -> Option<PeerInfo> {
+        let mut table = self.write();
+        let peer = table.peers.get(&address)?.clone();
+        peer.kick.cancel();
+        let now = SystemTime::now();
+        table.bans.retain(|_, until| *until > now);
+        table
+            .bans
+            .insert(Banned::of(&peer.identity, peer.remote.ip()), until);
+        Some(peer.info(address))
+    }
+
+    /// How much longer `who` stays banned at `now`, if it is.
+    pub fn ban_remaining(&self, who: &Banned, now: SystemTime) -> Option<Duration> {
+        let table = self.read();
+        let until = table.bans.get(who)?;
+        until.duration_since(now).ok().filter(|d| !d.is_zero())
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Table> {
@@ -301,26 +363,26 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn link(registry: &Registry, port: u16) -> (PeerLink, mpsc::Receiver<Bytes>) {
+    fn peer_with(
+        table: &PeerTable,
+        port: u16,
+        identity: Identity,
+    ) -> (Arc<Peer>, mpsc::Receiver<Bytes>) {
         let (queue, rx) = mpsc::channel(2);
-        let link = PeerLink {
-            id: registry.next_id(),
-            remote: SocketAddr::from(([198, 18, 0, 2], port)),
-            connected_since: SystemTime::now(),
-            queue,
-            stats: Arc::default(),
-            kick: CancellationToken::new(),
-            identity: Identity::Original,
-        };
-        (link, rx)
+        let remote = SocketAddr::from(([198, 18, 0, 2], port));
+        (table.new_peer(remote, identity, queue), rx)
+    }
+
+    fn link(table: &PeerTable, port: u16) -> (Arc<Peer>, mpsc::Receiver<Bytes>) {
+        peer_with(table, port, Identity::Original)
     }
 
     #[test]
     fn grant_goes_out_first_and_packets_follow() {
-        let registry = Registry::new("198.19.0.0/16".parse().expect("net"), []);
+        let registry = PeerTable::new("198.19.0.0/16".parse().expect("net"), []);
         let (a, mut rx) = link(&registry, 1000);
-        let stats = a.stats.clone();
-        let address = registry.admit(Request::Dynamic, a).expect("grant");
+        let address = registry.admit(Request::Dynamic, &a).expect("grant");
+        let stats = &a.stats;
         assert_eq!(address, Ipv4Addr::new(198, 19, 0, 2));
         let grant = rx.try_recv().expect("grant queued");
         assert_eq!(&grant[12..16], &[255, 255, 0, 0]);
@@ -347,15 +409,15 @@ mod tests {
 
     #[test]
     fn remove_frees_only_its_own_address() {
-        let registry = Registry::new("198.19.0.0/16".parse().expect("net"), []);
+        let registry = PeerTable::new("198.19.0.0/16".parse().expect("net"), []);
         let (a, _rx_a) = link(&registry, 1000);
         let a_id = a.id;
         let address = registry
-            .admit(Request::Static(Ipv4Addr::new(198, 19, 0, 7)), a)
+            .admit(Request::Static(Ipv4Addr::new(198, 19, 0, 7)), &a)
             .expect("grant");
         let (b, _rx_b) = link(&registry, 1001);
         assert_eq!(
-            registry.admit(Request::Static(address), b),
+            registry.admit(Request::Static(address), &b),
             Err(Refusal::Taken(address))
         );
         registry.remove(address, a_id + 100);
@@ -363,44 +425,43 @@ mod tests {
         registry.remove(address, a_id);
         assert_eq!(registry.len(), 0);
         let (c, _rx_c) = link(&registry, 1002);
-        assert_eq!(registry.admit(Request::Static(address), c), Ok(address));
+        assert_eq!(registry.admit(Request::Static(address), &c), Ok(address));
     }
 
     #[test]
     fn fixed_addresses_belong_to_their_key() {
         let fixed = Ipv4Addr::new(198, 19, 0, 2);
-        let registry = Registry::new("198.19.0.0/16".parse().expect("net"), [fixed]);
+        let registry = PeerTable::new("198.19.0.0/16".parse().expect("net"), [fixed]);
         let key: crate::keys::PublicKey = "ScFYNjnPxvAxr6GGa07nJpY3Y6mxoP6KgSTp3vU//xo="
             .parse()
             .expect("key");
-        let with_key = |registry: &Registry, port| {
-            let (mut link, rx) = link(registry, port);
-            link.identity = Identity::Tls {
+        let with_key = |registry: &PeerTable, port| {
+            let identity = Identity::Tls {
                 key,
                 name: Some("laptop".into()),
                 fixed: Some(fixed),
             };
-            (link, rx)
+            peer_with(registry, port, identity)
         };
         // Nobody else gets it, by static or dynamic request.
         let (other, _rx) = link(&registry, 1000);
         assert_eq!(
-            registry.admit(Request::Static(fixed), other),
+            registry.admit(Request::Static(fixed), &other),
             Err(Refusal::Taken(fixed))
         );
         let (other, _rx) = link(&registry, 1001);
         assert_eq!(
-            registry.admit(Request::Dynamic, other),
+            registry.admit(Request::Dynamic, &other),
             Ok(Ipv4Addr::new(198, 19, 0, 3))
         );
         // Its key gets it whatever it asks for; a second connection of the
         // same key takes over and the first is kicked.
         let (first, _rx1) = with_key(&registry, 1002);
         let (first_id, first_kick) = (first.id, first.kick.clone());
-        assert_eq!(registry.admit(Request::Dynamic, first), Ok(fixed));
+        assert_eq!(registry.admit(Request::Dynamic, &first), Ok(fixed));
         let (second, _rx2) = with_key(&registry, 1003);
         assert_eq!(
-            registry.admit(Request::Static(Ipv4Addr::new(198, 19, 9, 9)), second),
+            registry.admit(Request::Static(Ipv4Addr::new(198, 19, 9, 9)), &second),
             Ok(fixed)
         );
         assert!(first_kick.is_cancelled());
@@ -415,16 +476,16 @@ mod tests {
 
     #[test]
     fn peers_are_listed_by_address_and_kicked_by_token() {
-        let registry = Registry::new("198.19.0.0/16".parse().expect("net"), []);
+        let registry = PeerTable::new("198.19.0.0/16".parse().expect("net"), []);
         let (a, _rx_a) = link(&registry, 1000);
         let (b, _rx_b) = link(&registry, 1001);
         let kick_a = a.kick.clone();
         a.stats.count_rx(100);
         a.stats.seen();
         registry
-            .admit(Request::Static(Ipv4Addr::new(198, 19, 0, 9)), a)
+            .admit(Request::Static(Ipv4Addr::new(198, 19, 0, 9)), &a)
             .expect("a");
-        registry.admit(Request::Dynamic, b).expect("b");
+        registry.admit(Request::Dynamic, &b).expect("b");
         let peers = registry.peers();
         let addresses: Vec<_> = peers.iter().map(|p| p.address).collect();
         assert_eq!(
@@ -439,5 +500,30 @@ mod tests {
         assert_eq!(registry.kick(Ipv4Addr::new(198, 19, 0, 9)), Some(a_info));
         assert!(kick_a.is_cancelled());
         assert_eq!(registry.kick(Ipv4Addr::new(198, 19, 0, 77)), None);
+    }
+
+    #[test]
+    fn bans_refuse_by_key_or_remote_until_they_expire() {
+        let table = PeerTable::new("198.19.0.0/16".parse().expect("net"), []);
+        let (a, _rx) = link(&table, 1000);
+        let address = table.admit(Request::Dynamic, &a).expect("grant");
+        let now = SystemTime::now();
+        let who = Banned::of(&a.identity, a.remote.ip());
+        assert_eq!(who, Banned::Remote(a.remote.ip()));
+        assert_eq!(table.ban_remaining(&who, now), None);
+        let info = table
+            .ban(address, now + Duration::from_secs(60))
+            .expect("banned");
+        assert_eq!(info.address, address);
+        assert!(a.kick.is_cancelled());
+        assert_eq!(
+            table.ban_remaining(&who, now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            table.ban_remaining(&who, now + Duration::from_secs(60)),
+            None
+        );
+        assert_eq!(table.ban(Ipv4Addr::new(198, 19, 9, 9), now), None);
     }
 }

@@ -1,0 +1,416 @@
+//! The server's rules for one client connection, without I/O.
+//!
+//! A [`ServerSession`] starts when a connection has passed the gate (TLS or
+//! the original protocol). It is fed each decoded frame and the time, and
+//! answers with one [`Action`] for the I/O loop (`daemon/server.rs`) to
+//! carry out: reply with a control message, ask the peer table for an
+//! address, forward a packet, drop one (and why), or close (and why). The
+//! loop asks [`ServerSession::deadline`] when to call
+//! [`ServerSession::on_tick`] next; nothing here reads a clock.
+//!
+//! The rules, in the order a connection meets them:
+//! 1. Before a grant, the client must ask for an address before the
+//!    handshake deadline; keepalives are echoed, packets are dropped.
+//! 2. The first address request goes to the peer table ([`Action::Admit`]);
+//!    the loop reports the outcome with [`ServerSession::granted`] or closes
+//!    the connection with [`Ending::Refused`].
+//! 3. Once granted: a repeated request is answered with the address already
+//!    held; a keepalive is echoed; a packet must come from the granted
+//!    address (anti-spoofing) and is forwarded to its destination; silence
+//!    longer than the client timeout closes the connection.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::pool::Refusal;
+use crate::wire::{ipv4_addresses, Control, Frame, ProtocolError, Request};
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Admitted by the gate; no address yet.
+    Handshake { deadline: Instant },
+    /// Waiting for the peer table's answer to this request.
+    Admitting { deadline: Instant },
+    /// Holds `address`; the last frame arrived at `last_frame`.
+    Granted {
+        address: Ipv4Addr,
+        last_frame: Instant,
+    },
+}
+
+/// The server side of one client session.
+#[derive(Debug, Clone)]
+pub struct ServerSession {
+    state: State,
+    client_timeout: Duration,
+    /// Pushed in every grant (our extension of the original grant).
+    netmask: Ipv4Addr,
+}
+
+/// What the I/O loop is to do after an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing (the frame only refreshed the silence timer).
+    None,
+    /// Send this control message to the client.
+    Reply(Control),
+    /// Ask the peer table for an address for this request, then call
+    /// [`ServerSession::granted`] or close with [`Ending::Refused`].
+    Admit(Request),
+    /// Forward this packet from the client to `destination`: to the client
+    /// that holds it, else into the server's tun.
+    Forward {
+        destination: Ipv4Addr,
+        packet: Bytes,
+    },
+    /// Drop a packet, counted under `reason`.
+    Drop(DropReason),
+    /// Close the connection.
+    Close(Ending),
+}
+
+/// Why a packet from a client was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// It came before the client held an address.
+    Unassigned,
+    /// Its source was not the client's address.
+    Spoofed(Ipv4Addr),
+    /// Not IPv4: the client holds no IPv6 address.
+    NotIpv4,
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// The server is stopping.
+    Shutdown,
+    /// The client closed the connection.
+    ClosedByPeer,
+    /// The peer table refused the client's request.
+    Refused(Request, Refusal),
+    /// No address request before the handshake deadline.
+    HandshakeTimeout,
+    /// Granted, then silent for longer than the client timeout.
+    Silent,
+    /// Closed through the control API, or taken over by a newer connection
+    /// with the same key.
+    Kicked,
+    /// A frame broke the protocol.
+    Protocol(ProtocolError),
+    /// Reading or writing the connection failed.
+    Io(String),
+}
+
+impl Ending {
+    /// Whether what is queued for the client should still be flushed to it:
+    /// only for a connection that ended in good order.
+    pub fn flushes(&self) -> bool {
+        matches!(self, Ending::ClosedByPeer | Ending::Shutdown)
+    }
+
+    /// Whether the ending points at a misbehaving client (worth a warning).
+    pub fn is_misbehaviour(&self) -> bool {
+        matches!(self, Ending::Protocol(_))
+    }
+}
+
+impl fmt::Display for Ending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ending::Shutdown => f.write_str("server shutting down"),
+            Ending::ClosedByPeer => f.write_str("closed by peer"),
+            Ending::Refused(request, refusal) => write!(f, "refused: {request:?}: {refusal}"),
+            Ending::HandshakeTimeout => {
+                f.write_str("no address request within the handshake timeout")
+            }
+            Ending::Silent => f.write_str("silent for longer than the client timeout"),
+            Ending::Kicked => f.write_str("kicked"),
+            Ending::Protocol(e) => write!(f, "protocol error: {e}"),
+            Ending::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl ServerSession {
+    /// A session admitted by the gate, which must ask for an address by
+    /// `handshake_deadline`; once granted, it may stay silent for at most
+    /// `client_timeout`. Grants push `netmask`.
+    pub fn new(handshake_deadline: Instant, client_timeout: Duration, netmask: Ipv4Addr) -> Self {
+        ServerSession {
+            state: State::Handshake {
+                deadline: handshake_deadline,
+            },
+            client_timeout,
+            netmask,
+        }
+    }
+
+    /// The address the client holds, once granted.
+    pub fn address(&self) -> Option<Ipv4Addr> {
+        match self.state {
+            State::Granted { address, .. } => Some(address),
+            _ => None,
+        }
+    }
+
+    /// When [`ServerSession::on_tick`] must be called next.
+    pub fn deadline(&self) -> Instant {
+        match self.state {
+            State::Handshake { deadline } | State::Admitting { deadline } => deadline,
+            State::Granted { last_frame, .. } => last_frame + self.client_timeout,
+        }
+    }
+
+    /// The time has come to `now`: the connection ends if its deadline has
+    /// passed (at the deadline exactly, too).
+    pub fn on_tick(&self, now: Instant) -> Option<Ending> {
+        if now < self.deadline() {
+            return None;
+        }
+        Some(match self.state {
+            State::Handshake { .. } | State::Admitting { .. } => Ending::HandshakeTimeout,
+            State::Granted { .. } => Ending::Silent,
+        })
+    }
+
+    /// One frame arrived from the client at `now`.
+    pub fn on_frame(&mut self, now: Instant, frame: Frame) -> Action {
+        if let State::Granted { last_frame, .. } = &mut self.state {
+            *last_frame = now;
+        }
+        match frame {
+            Frame::Control(control) => match control.as_request() {
+                Ok(request) => self.on_request(request),
+                Err(e) => Action::Close(Ending::Protocol(e)),
+            },
+            Frame::Packet(packet) => self.on_packet(packet),
+        }
+    }
+
+    /// The peer table granted `address` at `now` (after [`Action::Admit`]);
+    /// the grant itself was queued by the table.
+    pub fn granted(&mut self, now: Instant, address: Ipv4Addr) {
+        self.state = State::Granted {
+            address,
+            last_frame: now,
+        };
+    }
+
+    fn on_request(&mut self, request: Request) -> Action {
+        match (request, self.state) {
+            (Request::Keepalive, _) => Action::Reply(Control::KEEPALIVE),
+            // A repeated request is answered with the address already held.
+            (_, State::Granted { address, .. }) => {
+                Action::Reply(Control::grant(address, Some(self.netmask)))
+            }
+            // Already asked; the loop answers the first request first.
+            (_, State::Admitting { .. }) => Action::None,
+            (request, State::Handshake { deadline }) => {
+                self.state = State::Admitting { deadline };
+                Action::Admit(request)
+            }
+        }
+    }
+
+    fn on_packet(&self, packet: Bytes) -> Action {
+        let State::Granted { address, .. } = self.state else {
+            return Action::Drop(DropReason::Unassigned);
+        };
+        match ipv4_addresses(&packet) {
+            Some((source, destination)) if source == address => Action::Forward {
+                destination,
+                packet,
+            },
+            Some((source, _)) => Action::Drop(DropReason::Spoofed(source)),
+            None => Action::Drop(DropReason::NotIpv4),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NETMASK: Ipv4Addr = Ipv4Addr::new(255, 255, 0, 0);
+    const HANDSHAKE: Duration = Duration::from_secs(10);
+    const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+    fn session(start: Instant) -> ServerSession {
+        ServerSession::new(start + HANDSHAKE, CLIENT_TIMEOUT, NETMASK)
+    }
+
+    fn request(request: Request) -> Frame {
+        Frame::Control(Control::request(request))
+    }
+
+    /// A minimal IPv4 packet from `source` to `destination`.
+    fn packet(source: Ipv4Addr, destination: Ipv4Addr) -> Bytes {
+        let mut p = vec![0u8; 28];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&28u16.to_be_bytes());
+        p[12..16].copy_from_slice(&source.octets());
+        p[16..20].copy_from_slice(&destination.octets());
+        Bytes::from(p)
+    }
+
+    fn granted_at(start: Instant, address: Ipv4Addr) -> ServerSession {
+        let mut s = session(start);
+        assert_eq!(
+            s.on_frame(start, request(Request::Dynamic)),
+            Action::Admit(Request::Dynamic)
+        );
+        s.granted(start, address);
+        s
+    }
+
+    #[test]
+    fn a_request_is_admitted_once_and_repeats_get_the_held_address() {
+        let t0 = Instant::now();
+        let address = Ipv4Addr::new(198, 19, 0, 2);
+        let mut s = session(t0);
+        assert_eq!(s.address(), None);
+        let wanted = Request::Static(Ipv4Addr::new(198, 19, 0, 7));
+        assert_eq!(s.on_frame(t0, request(wanted)), Action::Admit(wanted));
+        // A second request while the first is with the table: nothing more.
+        assert_eq!(s.on_frame(t0, request(Request::Dynamic)), Action::None);
+        s.granted(t0, address);
+        assert_eq!(s.address(), Some(address));
+        assert_eq!(
+            s.on_frame(t0, request(Request::Dynamic)),
+            Action::Reply(Control::grant(address, Some(NETMASK)))
+        );
+        assert_eq!(
+            s.on_frame(t0, request(wanted)),
+            Action::Reply(Control::grant(address, Some(NETMASK)))
+        );
+    }
+
+    #[test]
+    fn a_refused_static_request_is_closed_by_the_loop_with_the_reason() {
+        // The session asks; the table refuses; the ending names both.
+        let t0 = Instant::now();
+        let wanted = Ipv4Addr::new(198, 19, 0, 7);
+        let mut s = session(t0);
+        assert_eq!(
+            s.on_frame(t0, request(Request::Static(wanted))),
+            Action::Admit(Request::Static(wanted))
+        );
+        let ending = Ending::Refused(Request::Static(wanted), Refusal::Taken(wanted));
+        assert!(ending
+            .to_string()
+            .starts_with("refused: Static(198.19.0.7)"));
+        assert!(!ending.flushes());
+        assert_eq!(s.address(), None);
+    }
+
+    #[test]
+    fn keepalives_are_echoed_once_before_and_after_the_grant() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        assert_eq!(
+            s.on_frame(t0, request(Request::Keepalive)),
+            Action::Reply(Control::KEEPALIVE)
+        );
+        let mut s2 = granted_at(t0, Ipv4Addr::new(198, 19, 0, 2));
+        assert_eq!(
+            s2.on_frame(t0, request(Request::Keepalive)),
+            Action::Reply(Control::KEEPALIVE)
+        );
+        // One frame, one echo: the session itself never repeats it.
+        assert_eq!(s.deadline(), t0 + HANDSHAKE);
+    }
+
+    #[test]
+    fn packets_must_come_from_the_granted_address() {
+        let t0 = Instant::now();
+        let mine = Ipv4Addr::new(198, 19, 0, 2);
+        let other = Ipv4Addr::new(198, 19, 0, 3);
+        let mut s = session(t0);
+        assert_eq!(
+            s.on_frame(t0, Frame::Packet(packet(mine, other))),
+            Action::Drop(DropReason::Unassigned)
+        );
+        let mut s = granted_at(t0, mine);
+        let p = packet(mine, other);
+        assert_eq!(
+            s.on_frame(t0, Frame::Packet(p.clone())),
+            Action::Forward {
+                destination: other,
+                packet: p
+            }
+        );
+        assert_eq!(
+            s.on_frame(t0, Frame::Packet(packet(other, mine))),
+            Action::Drop(DropReason::Spoofed(other))
+        );
+        let mut v6 = vec![0u8; 40];
+        v6[0] = 0x60;
+        assert_eq!(
+            s.on_frame(t0, Frame::Packet(Bytes::from(v6))),
+            Action::Drop(DropReason::NotIpv4)
+        );
+    }
+
+    #[test]
+    fn a_bad_control_message_closes_with_a_protocol_error() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        let bad = Control {
+            source: Ipv4Addr::new(1, 2, 3, 4),
+            destination: Ipv4Addr::new(5, 6, 7, 8),
+        };
+        let Action::Close(ending) = s.on_frame(t0, Frame::Control(bad)) else {
+            panic!("not closed");
+        };
+        assert!(ending.is_misbehaviour());
+        assert!(ending.to_string().contains("unexpected control message"));
+    }
+
+    #[test]
+    fn the_handshake_timeout_holds_to_the_exact_boundary() {
+        let t0 = Instant::now();
+        let s = session(t0);
+        let just_before = t0 + HANDSHAKE - Duration::from_millis(1);
+        assert_eq!(s.on_tick(just_before), None);
+        assert_eq!(s.on_tick(t0 + HANDSHAKE), Some(Ending::HandshakeTimeout));
+        // Frames that are not requests do not move the handshake deadline.
+        let mut s = session(t0);
+        s.on_frame(just_before, request(Request::Keepalive));
+        assert_eq!(s.deadline(), t0 + HANDSHAKE);
+        // Nor does a request the table has not answered yet.
+        s.on_frame(just_before, request(Request::Dynamic));
+        assert_eq!(s.on_tick(t0 + HANDSHAKE), Some(Ending::HandshakeTimeout));
+    }
+
+    #[test]
+    fn the_silence_timeout_holds_to_the_exact_boundary_and_frames_move_it() {
+        let t0 = Instant::now();
+        let mut s = granted_at(t0, Ipv4Addr::new(198, 19, 0, 2));
+        assert_eq!(s.deadline(), t0 + CLIENT_TIMEOUT);
+        assert_eq!(
+            s.on_tick(t0 + CLIENT_TIMEOUT - Duration::from_millis(1)),
+            None
+        );
+        assert_eq!(s.on_tick(t0 + CLIENT_TIMEOUT), Some(Ending::Silent));
+        let later = t0 + Duration::from_secs(30);
+        s.on_frame(later, request(Request::Keepalive));
+        assert_eq!(s.deadline(), later + CLIENT_TIMEOUT);
+        assert_eq!(s.on_tick(t0 + CLIENT_TIMEOUT), None);
+        assert_eq!(s.on_tick(later + CLIENT_TIMEOUT), Some(Ending::Silent));
+    }
+
+    #[test]
+    fn a_client_timeout_shorter_than_the_handshake_starts_at_the_grant() {
+        let t0 = Instant::now();
+        let mut s = ServerSession::new(t0 + HANDSHAKE, Duration::from_secs(2), NETMASK);
+        s.on_frame(t0, request(Request::Dynamic));
+        let grant_time = t0 + Duration::from_secs(1);
+        s.granted(grant_time, Ipv4Addr::new(198, 19, 0, 2));
+        assert_eq!(s.deadline(), grant_time + Duration::from_secs(2));
+    }
+}
