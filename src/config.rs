@@ -136,6 +136,8 @@ pub struct ServerSection {
     pub peer: Option<Vec<PeerSection>>,
     /// Connections still authenticating (or asking for an address) at once.
     pub max_unauthenticated: Option<usize>,
+    /// Networks reachable through the server, pushed to extension clients.
+    pub routes: Option<Vec<IpNet>>,
 }
 
 /// `[[server.peer]]`: a TLS client that may join.
@@ -148,6 +150,20 @@ pub struct PeerSection {
     pub name: Option<String>,
     /// The address it always gets; no one else can have it.
     pub address: Option<Ipv4Addr>,
+    /// Networks behind this client (site-to-site): the server forwards them
+    /// to it, accepts them as its sources, and pushes them to the others.
+    #[serde(default)]
+    pub routes: Vec<IpNet>,
+}
+
+impl PeerSection {
+    /// How the peer is named in messages: its name, else its key.
+    pub fn label(&self) -> String {
+        match &self.name {
+            Some(name) => name.clone(),
+            None => self.key.to_string(),
+        }
+    }
 }
 
 /// `[client]`; also what the client's flags set.
@@ -174,6 +190,10 @@ pub struct ClientSection {
     pub key: Option<PathBuf>,
     /// The server's public key, pinned.
     pub server_key: Option<PublicKey>,
+    /// Pushed routes are installed only inside these networks (empty: none);
+    /// absent: every pushed route but a default route and one that covers
+    /// the server's own address.
+    pub accept_routes: Option<Vec<IpNet>>,
 }
 
 /// What the server runs with.
@@ -195,6 +215,18 @@ pub struct ServerConfig {
     /// Whether original-protocol clients are served, and from where.
     pub legacy: Legacy,
     pub max_unauthenticated: usize,
+    /// Networks reachable through the server (its host routes them on).
+    pub routes: Vec<IpNet>,
+}
+
+impl ServerConfig {
+    /// Every network the server serves: its own routes, then each peer's.
+    pub fn served_routes(&self) -> impl Iterator<Item = IpNet> + '_ {
+        self.routes
+            .iter()
+            .chain(self.peers.iter().flat_map(|p| p.routes.iter()))
+            .copied()
+    }
 }
 
 /// Whether the server serves the original, unauthenticated protocol.
@@ -233,6 +265,8 @@ pub struct ClientConfig {
     /// TLS with this private key file and pinned server key; `None`: the
     /// original protocol.
     pub tls: Option<(PathBuf, PublicKey)>,
+    /// Which pushed routes are installed (see [`ClientSection::accept_routes`]).
+    pub accept_routes: Option<Vec<IpNet>>,
 }
 
 impl ConfigFile {
@@ -301,6 +335,7 @@ impl ServerSection {
                 (file, flags) => flags.or(file),
             },
             max_unauthenticated: flags.max_unauthenticated.or(self.max_unauthenticated),
+            routes: flags.routes.or(self.routes),
         }
     }
 
@@ -312,6 +347,8 @@ impl ServerSection {
         )?;
         let max_frame = max_frame(self.max_frame)?;
         let mtu = mtu(self.mtu, max_frame)?;
+        let peers = peers(self.peer.unwrap_or_default(), network, self.key.is_some())?;
+        let routes = server_routes(self.routes.unwrap_or_default(), network, &peers)?;
         Ok(ServerConfig {
             listen: self
                 .listen
@@ -332,7 +369,8 @@ impl ServerSection {
             },
             user: user(self.user)?,
             legacy: legacy(self.legacy, self.legacy_allow, self.key.is_some())?,
-            peers: peers(self.peer.unwrap_or_default(), network, self.key.is_some())?,
+            peers,
+            routes,
             key: self.key,
             max_unauthenticated: match self
                 .max_unauthenticated
@@ -410,8 +448,79 @@ fn peers(
                 ));
             }
         }
+        let field = format!("{field}.routes");
+        for route in &peer.routes {
+            check_route(&field, *route, network)?;
+            if route.prefix_len() == 0 {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{route}: a peer cannot take the default route"),
+                ));
+            }
+        }
+        // Two peers may not claim overlapping networks: whose would it be?
+        for (j, other) in peers[..i].iter().enumerate() {
+            for (mine, theirs) in peer.routes.iter().flat_map(|m| {
+                other
+                    .routes
+                    .iter()
+                    .filter(move |t| crate::routes::overlaps(m, t))
+                    .map(move |t| (m, t))
+            }) {
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "{mine} of peer {} overlaps {theirs} of peer {} (server.peer[{j}])",
+                        peer.label(),
+                        other.label()
+                    ),
+                ));
+            }
+        }
     }
     Ok(peers)
+}
+
+/// A route as configured: IPv4 (the tunnel carries IPv4 only so far), a
+/// network address (no host bits), and apart from the tunnel network.
+fn check_route(field: &str, route: IpNet, network: Ipv4Net) -> Result<(), ConfigError> {
+    let problem = if route != route.trunc() {
+        format!("{route} has host bits set: write {}", route.trunc())
+    } else if let IpNet::V6(_) = route {
+        format!("{route}: IPv6 routes need IPv6 inside the tunnel, which is not supported yet")
+    } else if crate::routes::overlaps(&route, &IpNet::V4(network)) {
+        format!("{route} overlaps the tunnel network {network}")
+    } else {
+        return Ok(());
+    };
+    Err(ConfigError::new(field, problem))
+}
+
+/// The server's own routes, checked, and apart from every peer's.
+fn server_routes(
+    routes: Vec<IpNet>,
+    network: Ipv4Net,
+    peers: &[PeerSection],
+) -> Result<Vec<IpNet>, ConfigError> {
+    for route in &routes {
+        check_route("routes", *route, network)?;
+        for peer in peers {
+            if let Some(theirs) = peer
+                .routes
+                .iter()
+                .find(|t| crate::routes::overlaps(route, t))
+            {
+                return Err(ConfigError::new(
+                    "routes",
+                    format!(
+                        "{route} overlaps {theirs}, a network behind peer {}",
+                        peer.label()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(routes)
 }
 
 impl ClientSection {
@@ -429,6 +538,7 @@ impl ClientSection {
             network: flags.network.or(self.network),
             key: flags.key.or(self.key),
             server_key: flags.server_key.or(self.server_key),
+            accept_routes: flags.accept_routes.or(self.accept_routes),
         }
     }
 
@@ -461,7 +571,19 @@ impl ClientSection {
         }
         let timeout = seconds("timeout", self.timeout, DEFAULT_TIMEOUT_SECS)?;
         let max_frame = max_frame(self.max_frame)?;
+        if let Some(route) = self
+            .accept_routes
+            .iter()
+            .flatten()
+            .find(|r| **r != r.trunc())
+        {
+            return Err(ConfigError::new(
+                "accept_routes",
+                format!("{route} has host bits set: write {}", route.trunc()),
+            ));
+        }
         Ok(ClientConfig {
+            accept_routes: self.accept_routes,
             server,
             address: self.address,
             tun: tun_name(self.tun)?,

@@ -21,6 +21,7 @@ pub mod netdev;
 pub mod pool;
 pub mod privsep;
 pub mod program;
+pub mod routes;
 pub mod session;
 pub mod tls;
 pub mod wire;

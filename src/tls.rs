@@ -238,6 +238,11 @@ impl ServerCertVerifier for PinnedServer {
     }
 }
 
+/// Whether the peer on `connection` speaks our extension ("simplevpn/2").
+pub fn speaks_extension(connection: &rustls::CommonState) -> bool {
+    connection.alpn_protocol() == Some(b"simplevpn/2")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

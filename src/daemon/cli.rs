@@ -4,7 +4,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 
 use super::{Role, Settings};
 use crate::config::{config_file, ClientSection, ConfigError, PeerSection, ServerSection};
@@ -102,6 +102,9 @@ pub struct ServerArgs {
     /// Also serve the original protocol: unauthenticated and unencrypted
     #[arg(long)]
     pub legacy: bool,
+    /// A network reachable through the server, pushed to clients (repeat for more)
+    #[arg(long = "route", value_name = "CIDR")]
+    pub routes: Vec<IpNet>,
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +126,9 @@ pub struct ClientArgs {
     /// The server's public key, pinned
     #[arg(long, value_name = "PUBKEY")]
     pub server_key: Option<PublicKey>,
+    /// Install only pushed routes inside this network (repeat for more) [default: every pushed route but a default route]
+    #[arg(long = "accept-route", value_name = "CIDR")]
+    pub accept_routes: Vec<IpNet>,
 }
 
 impl From<ServerArgs> for ServerSection {
@@ -144,9 +150,11 @@ impl From<ServerArgs> for ServerSection {
                         key,
                         name: None,
                         address: None,
+                        routes: Vec::new(),
                     })
                     .collect()
             }),
+            routes: (!args.routes.is_empty()).then_some(args.routes),
             ..ServerSection::default()
         }
     }
@@ -163,6 +171,7 @@ impl From<ClientArgs> for ClientSection {
             user: args.common.user,
             key: args.key,
             server_key: args.server_key,
+            accept_routes: (!args.accept_routes.is_empty()).then_some(args.accept_routes),
             ..ClientSection::default()
         }
     }

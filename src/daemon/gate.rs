@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 
+use ipnet::IpNet;
+
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -69,6 +71,11 @@ pub struct Admitted {
     pub reader: Reader,
     pub writer: Writer,
     pub identity: Identity,
+    /// The networks behind this client (its `[[server.peer]]` routes).
+    pub routes: Vec<IpNet>,
+    /// Whether it speaks our extension (negotiated inside TLS): it is sent
+    /// session parameters after its grant.
+    pub extension: bool,
 }
 
 /// Why a connection did not pass.
@@ -167,6 +174,8 @@ impl Gate {
                     reader: Box::new(reader),
                     writer: Box::new(writer),
                     identity: Identity::Original,
+                    routes: Vec::new(),
+                    extension: false,
                 })
             }
             byte => Err(Rejection::Unknown(byte)),
@@ -187,11 +196,15 @@ impl Gate {
             name: peer.and_then(|p| p.name.clone()),
             fixed: peer.and_then(|p| p.address),
         };
+        let extension = tls::speaks_extension(stream.get_ref().1);
+        let routes = peer.map(|p| p.routes.clone()).unwrap_or_default();
         let (reader, writer) = tokio::io::split(stream);
         Ok(Admitted {
             reader: Box::new(reader),
             writer: Box::new(writer),
             identity,
+            routes,
+            extension,
         })
     }
 }

@@ -10,13 +10,14 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::gate::Identity;
 use crate::keys::PublicKey;
 use crate::pool::{AddressPool, Refusal};
+use crate::routes::RouteTable;
 use crate::wire::{Control, Request};
 
 /// Per-peer counters: atomics, so the packet path takes no lock for them.
@@ -70,6 +71,9 @@ pub struct Peer {
     pub kick: CancellationToken,
     /// The transport, and the key and name of a TLS peer.
     pub identity: Identity,
+    /// The networks behind this client (site-to-site): forwarded to it, and
+    /// allowed as its packets' sources.
+    pub routes: Vec<IpNet>,
 }
 
 /// A snapshot of one peer, for the control plane.
@@ -88,6 +92,8 @@ pub struct PeerInfo {
     pub dropped_unassigned: u64,
     /// The transport, and the key and name of a TLS peer.
     pub identity: Identity,
+    /// The networks behind it.
+    pub routes: Vec<IpNet>,
 }
 
 impl PeerInfo {
@@ -113,6 +119,7 @@ impl PeerInfo {
             dropped_queue_full: load(&stats.dropped_queue_full),
             dropped_unassigned: load(&stats.dropped_unassigned),
             identity: identity.clone(),
+            routes: Vec::new(),
         }
     }
 }
@@ -126,13 +133,16 @@ pub fn unix_ms(time: SystemTime) -> u64 {
 impl Peer {
     /// A snapshot of this peer as the holder of `address`.
     pub fn info(&self, address: Ipv4Addr) -> PeerInfo {
-        PeerInfo::new(
-            address,
-            self.remote,
-            self.connected_since,
-            &self.stats,
-            &self.identity,
-        )
+        PeerInfo {
+            routes: self.routes.clone(),
+            ..PeerInfo::new(
+                address,
+                self.remote,
+                self.connected_since,
+                &self.stats,
+                &self.identity,
+            )
+        }
     }
 }
 
@@ -172,6 +182,8 @@ struct Table {
     fixed: HashSet<Ipv4Addr>,
     /// Refused until the given time (kick --ban).
     bans: HashMap<Banned, SystemTime>,
+    /// The networks behind connected clients, to the client behind each.
+    routes: RouteTable<Arc<Peer>>,
 }
 
 /// The peer table of one server: who holds which address, the queue that
@@ -196,6 +208,7 @@ impl PeerTable {
                 peers: HashMap::new(),
                 fixed,
                 bans: HashMap::new(),
+                routes: RouteTable::new(),
             }),
             next_id: AtomicU64::new(1),
         }
@@ -206,6 +219,7 @@ impl PeerTable {
         &self,
         remote: SocketAddr,
         identity: Identity,
+        routes: Vec<IpNet>,
         queue: mpsc::Sender<Bytes>,
     ) -> Arc<Peer> {
         Arc::new(Peer {
@@ -216,6 +230,7 @@ impl PeerTable {
             stats: PeerStats::default(),
             kick: CancellationToken::new(),
             identity,
+            routes,
         })
     }
 
@@ -251,6 +266,11 @@ impl PeerTable {
         // The queue is new and empty: this push cannot fail for lack of room.
         let _ = peer.queue.try_send(Bytes::copy_from_slice(&grant.encode()));
         table.peers.insert(address, peer.clone());
+        // Its networks are its alone (the config refuses overlaps); a
+        // newer connection of the same key takes them over.
+        for route in &peer.routes {
+            table.routes.insert(*route, peer.clone());
+        }
         Ok(address)
     }
 
@@ -258,19 +278,29 @@ impl PeerTable {
     /// nothing if another connection holds it by now.
     pub fn remove(&self, address: Ipv4Addr, id: u64) {
         let mut table = self.write();
-        if table.peers.get(&address).is_some_and(|p| p.id == id) {
+        if let Some(peer) = table.peers.get(&address).filter(|p| p.id == id).cloned() {
             table.peers.remove(&address);
+            for route in &peer.routes {
+                if table.routes.lookup_exact(route).is_some_and(|p| p.id == id) {
+                    table.routes.remove(route);
+                }
+            }
             if !table.fixed.contains(&address) {
                 table.pool.release(address);
             }
         }
     }
 
-    /// Queues `packet` for the peer that holds `destination`, without waiting.
+    /// Queues `packet` for the peer that holds `destination`, or whose
+    /// networks hold it (longest prefix), without waiting.
     pub fn deliver(&self, destination: Ipv4Addr, packet: Bytes) -> Delivery {
         let table = self.read();
-        let Some(peer) = table.peers.get(&destination) else {
-            return Delivery::NoPeer(packet);
+        let peer = match table.peers.get(&destination) {
+            Some(peer) => peer,
+            None => match table.routes.lookup(IpAddr::V4(destination)) {
+                Some((_, peer)) => peer,
+                None => return Delivery::NoPeer(packet),
+            },
         };
         let len = packet.len();
         match peer.queue.try_send(packet) {
@@ -370,7 +400,7 @@ mod tests {
     ) -> (Arc<Peer>, mpsc::Receiver<Bytes>) {
         let (queue, rx) = mpsc::channel(2);
         let remote = SocketAddr::from(([198, 18, 0, 2], port));
-        (table.new_peer(remote, identity, queue), rx)
+        (table.new_peer(remote, identity, Vec::new(), queue), rx)
     }
 
     fn link(table: &PeerTable, port: u16) -> (Arc<Peer>, mpsc::Receiver<Bytes>) {
@@ -500,6 +530,33 @@ mod tests {
         assert_eq!(registry.kick(Ipv4Addr::new(198, 19, 0, 9)), Some(a_info));
         assert!(kick_a.is_cancelled());
         assert_eq!(registry.kick(Ipv4Addr::new(198, 19, 0, 77)), None);
+    }
+
+    #[test]
+    fn packets_for_a_clients_networks_go_to_it_until_it_leaves() {
+        let table = PeerTable::new("198.19.0.0/16".parse().expect("net"), []);
+        let (queue, mut rx) = mpsc::channel(4);
+        let remote = SocketAddr::from(([198, 18, 0, 2], 1000));
+        let lan: IpNet = "198.18.201.0/24".parse().expect("net");
+        let a = table.new_peer(remote, Identity::Original, vec![lan], queue);
+        let address = table.admit(Request::Dynamic, &a).expect("grant");
+        rx.try_recv().expect("the grant");
+        let host = Ipv4Addr::new(198, 18, 201, 7);
+        assert_eq!(
+            table.deliver(host, Bytes::from_static(b"x")),
+            Delivery::Queued
+        );
+        assert_eq!(rx.try_recv().expect("forwarded"), Bytes::from_static(b"x"));
+        assert_eq!(table.peer(address).expect("listed").routes, vec![lan]);
+        assert_eq!(
+            table.deliver(Ipv4Addr::new(198, 18, 202, 7), Bytes::new()),
+            Delivery::NoPeer(Bytes::new())
+        );
+        table.remove(address, a.id);
+        assert_eq!(
+            table.deliver(host, Bytes::new()),
+            Delivery::NoPeer(Bytes::new())
+        );
     }
 
     #[test]

@@ -82,6 +82,9 @@ pub fn helper_args(role: &Role) -> HelperArgs {
             network: Some(config.network),
             max_mtu: config.max_frame as u32,
             user: config.user.clone(),
+            // The server routes the networks behind its peers into its tun.
+            routes: ipv4_only(config.peers.iter().flat_map(|p| p.routes.iter())),
+            any_route: false,
         },
         Role::Client(config) => HelperArgs {
             role: HelperRole::Client,
@@ -89,8 +92,19 @@ pub fn helper_args(role: &Role) -> HelperArgs {
             network: config.network,
             max_mtu: config.max_frame as u32,
             user: config.user.clone(),
+            routes: ipv4_only(config.accept_routes.iter().flatten()),
+            any_route: config.accept_routes.is_none(),
         },
     }
+}
+
+/// The IPv4 networks among `nets` (routes on the tun are IPv4 so far).
+fn ipv4_only<'a>(nets: impl Iterator<Item = &'a ipnet::IpNet>) -> Vec<ipnet::Ipv4Net> {
+    nets.filter_map(|net| match net {
+        ipnet::IpNet::V4(net) => Some(*net),
+        ipnet::IpNet::V6(_) => None,
+    })
+    .collect()
 }
 
 /// The helper beside simplevpnd's own executable, else the packaged one.

@@ -267,15 +267,20 @@ async fn connection(
         reader,
         writer,
         identity,
+        routes,
+        extension,
     } = admitted;
     let (queue, queue_rx) = mpsc::channel(shared.config.queue_len);
     let mut writer = tokio::spawn(write_frames(writer, queue_rx));
     let mut reader = FrameReader::new(reader, Decoder::new(shared.config.max_frame));
-    let peer = shared.peers.new_peer(remote, identity, queue);
+    let peer = shared
+        .peers
+        .new_peer(remote, identity, routes.clone(), queue);
     let mut session = ServerSession::new(
         handshake_deadline.into_std(),
         shared.config.client_timeout,
         shared.peers.netmask(),
+        routes,
     );
     // Counts this connection as unauthenticated until it is granted.
     let mut permit = Some(permit);

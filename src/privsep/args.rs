@@ -5,7 +5,7 @@
 use clap::{Parser, ValueEnum};
 use ipnet::Ipv4Net;
 
-use super::policy::{AddressRule, Policy};
+use super::policy::{AddressRule, Policy, RouteRule};
 
 /// The helper's configuration. Everything it allows follows from this, not
 /// from anything the daemon sends later.
@@ -32,6 +32,13 @@ pub struct HelperArgs {
     /// The unprivileged user to run as (keeping CAP_NET_ADMIN).
     #[arg(long, value_name = "NAME")]
     pub user: String,
+    /// A network beyond the tunnel that routes may go to (repeatable):
+    /// a server's peers' networks, a client's accept_routes.
+    #[arg(long = "route", value_name = "CIDR")]
+    pub routes: Vec<Ipv4Net>,
+    /// A client that accepts every pushed route: any route but a default one.
+    #[arg(long)]
+    pub any_route: bool,
 }
 
 /// The daemon role a helper serves.
@@ -63,6 +70,12 @@ impl HelperArgs {
             "--user".to_string(),
             self.user.clone(),
         ]);
+        for route in &self.routes {
+            args.extend(["--route".to_string(), route.to_string()]);
+        }
+        if self.any_route {
+            args.push("--any-route".to_string());
+        }
         args
     }
 
@@ -74,7 +87,11 @@ impl HelperArgs {
             (HelperRole::Client, Some(network)) => AddressRule::Inside(network),
             (HelperRole::Client, None) => AddressRule::AnyUnicast,
         };
-        Ok(Policy::new(rule, self.max_mtu))
+        let routes = match self.any_route {
+            true => RouteRule::AnyButDefault,
+            false => RouteRule::Inside(self.routes.clone()),
+        };
+        Ok(Policy::new(rule, self.max_mtu).with_routes(routes))
     }
 }
 
@@ -95,6 +112,8 @@ mod tests {
                 network: network.map(|n| n.parse().expect("net")),
                 max_mtu: 65535,
                 user: "nobody".into(),
+                routes: vec!["198.18.201.0/24".parse().expect("net")],
+                any_route: role == HelperRole::Client,
             };
             let argv = std::iter::once("simplevpn-helper".to_string()).chain(args.to_args());
             assert_eq!(HelperArgs::try_parse_from(argv).expect("parse"), args);

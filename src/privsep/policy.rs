@@ -10,6 +10,9 @@
 //!   prefix from /8 to /30.
 //! * Routes: inside the configured network; on a client without one, inside
 //!   the subnet of the address the helper last set (none before that).
+//!   Beyond the tunnel, only what [`RouteRule`] allows: on a server, the
+//!   networks behind its peers; on a client, those inside its
+//!   `accept_routes`, or without that list any route but a default one.
 //! * MTU: within the configured range.
 
 use std::net::Ipv4Addr;
@@ -34,6 +37,25 @@ pub enum AddressRule {
     Inside(Ipv4Net),
     /// Client without one: any unicast host address, prefix in [`PREFIX_RANGE`].
     AnyUnicast,
+}
+
+/// Which routes beyond the tunnel network the tun may get.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum RouteRule {
+    /// Those inside these networks (none if empty).
+    #[default]
+    Inside(Vec<Ipv4Net>),
+    /// Any route but a default one (a client that accepts what is pushed).
+    AnyButDefault,
+}
+
+impl RouteRule {
+    fn allows(&self, destination: Ipv4Net) -> bool {
+        match self {
+            RouteRule::Inside(nets) => nets.iter().any(|n| n.contains(&destination)),
+            RouteRule::AnyButDefault => destination.prefix_len() > 0,
+        }
+    }
 }
 
 /// Why a request was refused.
@@ -71,6 +93,8 @@ pub struct Policy {
     index: Option<u32>,
     /// The subnet of the address last set.
     address: Option<Ipv4Net>,
+    /// Routes allowed beyond the tunnel network.
+    routes: RouteRule,
 }
 
 impl Policy {
@@ -82,7 +106,13 @@ impl Policy {
             tun_requested: false,
             index: None,
             address: None,
+            routes: RouteRule::default(),
         }
+    }
+
+    /// This policy, allowing also the routes `routes` allows.
+    pub fn with_routes(self, routes: RouteRule) -> Policy {
+        Policy { routes, ..self }
     }
 
     /// Whether `request` is allowed now. Call [`Policy::record`] once it has
@@ -196,15 +226,30 @@ impl Policy {
     }
 
     fn check_route(&self, destination: Ipv4Net) -> Result<(), String> {
+        if self.routes.allows(destination) {
+            return Ok(());
+        }
         let allowed = match self.rule {
             AddressRule::HostOf(network) | AddressRule::Inside(network) => network,
             AddressRule::AnyUnicast => self
                 .address
                 .ok_or("no address has been set, so no route is allowed yet")?,
         };
-        match allowed.contains(&destination) {
-            true => Ok(()),
-            false => Err(format!("outside {allowed}")),
+        match (allowed.contains(&destination), &self.routes) {
+            (true, _) => Ok(()),
+            (false, RouteRule::AnyButDefault) => Err(format!(
+                "outside {allowed}, and a default route is never allowed"
+            )),
+            (false, RouteRule::Inside(nets)) if nets.is_empty() => {
+                Err(format!("outside {allowed}"))
+            }
+            (false, RouteRule::Inside(nets)) => Err(format!(
+                "outside {allowed} and outside the allowed routes {}",
+                nets.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
         }
     }
 }
@@ -433,5 +478,44 @@ mod tests {
         policy.record(&moved, None);
         assert_eq!(policy.check(&add_route("10.1.2.0/24")), Ok(()));
         assert!(policy.check(&add_route("198.19.0.0/16")).is_err());
+    }
+
+    #[test]
+    fn routes_beyond_the_tunnel_only_as_the_rule_allows() {
+        let network: Ipv4Net = "198.19.0.0/16".parse().expect("net");
+        let lan: Ipv4Net = "198.18.201.0/24".parse().expect("net");
+        let route = |destination: &str| HelperRequest::AddRoute {
+            index: 7,
+            destination: destination.parse().expect("net"),
+        };
+        let opened = |policy: Policy| {
+            let mut policy = policy;
+            policy.record(&HelperRequest::OpenTun, Some(7));
+            policy
+        };
+        // A server: its peers' networks, nothing else.
+        let server = opened(
+            Policy::new(AddressRule::HostOf(network), 1500)
+                .with_routes(RouteRule::Inside(vec![lan])),
+        );
+        assert_eq!(server.check(&route("198.18.201.0/24")), Ok(()));
+        assert_eq!(server.check(&route("198.18.201.128/25")), Ok(()));
+        assert!(server.check(&route("198.18.202.0/24")).is_err());
+        assert!(server.check(&route("0.0.0.0/0")).is_err());
+        // A client that accepts what is pushed: anything but a default route.
+        let client = opened(
+            Policy::new(AddressRule::Inside(network), 1500).with_routes(RouteRule::AnyButDefault),
+        );
+        assert_eq!(client.check(&route("198.18.202.0/24")), Ok(()));
+        let Err(refusal) = client.check(&route("0.0.0.0/0")) else {
+            panic!("a default route was allowed");
+        };
+        assert!(refusal
+            .to_string()
+            .contains("default route is never allowed"));
+        // Without a rule: the tunnel network only, as before.
+        let plain = opened(Policy::new(AddressRule::Inside(network), 1500));
+        assert!(plain.check(&route("198.18.201.0/24")).is_err());
+        assert_eq!(plain.check(&route("198.19.4.0/24")), Ok(()));
     }
 }

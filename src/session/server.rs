@@ -20,10 +20,11 @@
 //!    longer than the client timeout closes the connection.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ipnet::IpNet;
 
 use crate::pool::Refusal;
 use crate::wire::{ipv4_addresses, Control, Frame, ProtocolError, Request};
@@ -49,6 +50,8 @@ pub struct ServerSession {
     client_timeout: Duration,
     /// Pushed in every grant (our extension of the original grant).
     netmask: Ipv4Addr,
+    /// The networks behind the client: its packets may come from them too.
+    routes: Vec<IpNet>,
 }
 
 /// What the I/O loop is to do after an event.
@@ -139,14 +142,21 @@ impl fmt::Display for Ending {
 impl ServerSession {
     /// A session admitted by the gate, which must ask for an address by
     /// `handshake_deadline`; once granted, it may stay silent for at most
-    /// `client_timeout`. Grants push `netmask`.
-    pub fn new(handshake_deadline: Instant, client_timeout: Duration, netmask: Ipv4Addr) -> Self {
+    /// `client_timeout`. Grants push `netmask`. Packets may come from the
+    /// granted address and from inside `routes`, the networks behind it.
+    pub fn new(
+        handshake_deadline: Instant,
+        client_timeout: Duration,
+        netmask: Ipv4Addr,
+        routes: Vec<IpNet>,
+    ) -> Self {
         ServerSession {
             state: State::Handshake {
                 deadline: handshake_deadline,
             },
             client_timeout,
             netmask,
+            routes,
         }
     }
 
@@ -222,13 +232,21 @@ impl ServerSession {
             return Action::Drop(DropReason::Unassigned);
         };
         match ipv4_addresses(&packet) {
-            Some((source, destination)) if source == address => Action::Forward {
-                destination,
-                packet,
-            },
+            Some((source, destination)) if source == address || self.routes_hold(source) => {
+                Action::Forward {
+                    destination,
+                    packet,
+                }
+            }
             Some((source, _)) => Action::Drop(DropReason::Spoofed(source)),
             None => Action::Drop(DropReason::NotIpv4),
         }
+    }
+
+    /// Whether `source` lies in one of the networks behind the client.
+    fn routes_hold(&self, source: Ipv4Addr) -> bool {
+        let source = IpAddr::V4(source);
+        self.routes.iter().any(|net| net.contains(&source))
     }
 }
 
@@ -241,7 +259,7 @@ mod tests {
     const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
     fn session(start: Instant) -> ServerSession {
-        ServerSession::new(start + HANDSHAKE, CLIENT_TIMEOUT, NETMASK)
+        ServerSession::new(start + HANDSHAKE, CLIENT_TIMEOUT, NETMASK, Vec::new())
     }
 
     fn request(request: Request) -> Frame {
@@ -357,6 +375,30 @@ mod tests {
     }
 
     #[test]
+    fn packets_may_come_from_the_networks_behind_the_client_and_nowhere_else() {
+        let t0 = Instant::now();
+        let mine = Ipv4Addr::new(198, 19, 0, 2);
+        let lan: IpNet = "198.18.201.0/24".parse().expect("net");
+        let mut s = ServerSession::new(t0 + HANDSHAKE, CLIENT_TIMEOUT, NETMASK, vec![lan]);
+        s.on_frame(t0, request(Request::Dynamic));
+        s.granted(t0, mine);
+        let server = Ipv4Addr::new(198, 19, 0, 1);
+        let from_lan = packet(Ipv4Addr::new(198, 18, 201, 9), server);
+        assert_eq!(
+            s.on_frame(t0, Frame::Packet(from_lan.clone())),
+            Action::Forward {
+                destination: server,
+                packet: from_lan
+            }
+        );
+        let outside = Ipv4Addr::new(198, 18, 202, 9);
+        assert_eq!(
+            s.on_frame(t0, Frame::Packet(packet(outside, server))),
+            Action::Drop(DropReason::Spoofed(outside))
+        );
+    }
+
+    #[test]
     fn a_bad_control_message_closes_with_a_protocol_error() {
         let t0 = Instant::now();
         let mut s = session(t0);
@@ -407,7 +449,7 @@ mod tests {
     #[test]
     fn a_client_timeout_shorter_than_the_handshake_starts_at_the_grant() {
         let t0 = Instant::now();
-        let mut s = ServerSession::new(t0 + HANDSHAKE, Duration::from_secs(2), NETMASK);
+        let mut s = ServerSession::new(t0 + HANDSHAKE, Duration::from_secs(2), NETMASK, Vec::new());
         s.on_frame(t0, request(Request::Dynamic));
         let grant_time = t0 + Duration::from_secs(1);
         s.granted(grant_time, Ipv4Addr::new(198, 19, 0, 2));
