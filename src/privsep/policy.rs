@@ -40,10 +40,9 @@ pub enum AddressRule {
 }
 
 /// Which routes beyond the tunnel network the tun may get.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteRule {
     /// Those inside these networks (none if empty).
-    #[default]
     Inside(Vec<Ipv4Net>),
     /// Any route but a default one (a client that accepts what is pushed).
     AnyButDefault,
@@ -106,7 +105,7 @@ impl Policy {
             tun_requested: false,
             index: None,
             address: None,
-            routes: RouteRule::default(),
+            routes: RouteRule::Inside(Vec::new()),
         }
     }
 
