@@ -2,12 +2,13 @@
 //!
 //! The library holds what the programs share: the sans-IO wire codec
 //! ([`wire`]), framed I/O over any byte stream ([`connection`]), the address
-//! pool ([`pool`]), configuration ([`config`]), tun and netlink setup
-//! ([`netdev`]), what the daemon and its privileged helper share
-//! ([`privsep`]), node keys and TLS ([`keys`], [`tls`]), the daemon's roles
-//! ([`daemon`]), whose entry point [`daemon::run`] takes a shutdown token,
-//! and both programs' command lines ([`daemon::cli`], [`ctl::cli`]), from
-//! which the man pages and shell completions are generated.
+//! pool ([`pool`]), the longest-prefix route table ([`routes`]),
+//! configuration ([`config`]), tun and netlink setup ([`netdev`]), what the
+//! daemon and its privileged helper share ([`privsep`]), node keys and TLS
+//! ([`keys`], [`tls`]), the daemon's roles ([`daemon`]), whose entry point
+//! [`daemon::run`] takes a shutdown token, and both programs' command lines
+//! ([`daemon::cli`], [`ctl::cli`]), from which the man pages and shell
+//! completions are generated.
 
 pub mod config;
 pub mod connection;
@@ -21,6 +22,7 @@ pub mod netdev;
 pub mod pool;
 pub mod privsep;
 pub mod program;
+pub mod routes;
 pub mod session;
 pub mod tls;
 pub mod wire;
