@@ -520,6 +520,16 @@ fn server_routes(
             }
         }
     }
+    let served = routes.len() + peers.iter().map(|p| p.routes.len()).sum::<usize>();
+    if served > crate::params::MAX_ROUTES {
+        return Err(ConfigError::new(
+            "routes",
+            format!(
+                "{served} networks are served (the server's and its peers'): at most {} fit in the session parameters",
+                crate::params::MAX_ROUTES
+            ),
+        ));
+    }
     Ok(routes)
 }
 

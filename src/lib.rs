@@ -1,13 +1,14 @@
 //! simplevpn: an IP-in-TCP VPN, wire-compatible with the original simplevpn.
 //!
 //! The library holds what the programs share: the sans-IO wire codec
-//! ([`wire`]), framed I/O over any byte stream ([`connection`]), the address
-//! pool ([`pool`]), configuration ([`config`]), tun and netlink setup
-//! ([`netdev`]), what the daemon and its privileged helper share
-//! ([`privsep`]), node keys and TLS ([`keys`], [`tls`]), the daemon's roles
-//! ([`daemon`]), whose entry point [`daemon::run`] takes a shutdown token,
-//! and both programs' command lines ([`daemon::cli`], [`ctl::cli`]), from
-//! which the man pages and shell completions are generated.
+//! ([`wire`]) and its session-parameters extension ([`params`]), framed I/O over any byte stream ([`connection`]), the address
+//! pool ([`pool`]), the longest-prefix route table ([`routes`]),
+//! configuration ([`config`]), tun and netlink setup ([`netdev`]), what the
+//! daemon and its privileged helper share ([`privsep`]), node keys and TLS
+//! ([`keys`], [`tls`]), the daemon's roles ([`daemon`]), whose entry point
+//! [`daemon::run`] takes a shutdown token, and both programs' command lines
+//! ([`daemon::cli`], [`ctl::cli`]), from which the man pages and shell
+//! completions are generated.
 
 pub mod config;
 pub mod connection;
@@ -18,6 +19,7 @@ pub mod ctl {
 }
 pub mod keys;
 pub mod netdev;
+pub mod params;
 pub mod pool;
 pub mod privsep;
 pub mod program;

@@ -2,6 +2,12 @@
 //! presents a self-signed certificate for its node key, and each side checks
 //! the other's key (the certificate's real SubjectPublicKeyInfo) against its
 //! configuration. The handshake signature proves possession of that key.
+//!
+//! ALPN tells our own peers apart from other TLS clients: our client offers
+//! [`ALPN_EXTENSION`] ("simplevpn/2"), our server selects it when offered,
+//! and only then do both sides speak the extension frames of
+//! [`crate::wire`] and [`crate::params`] ([`speaks_extension`]). A client
+//! that offers no ALPN at all is served as before, without extensions.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -17,6 +23,12 @@ use crate::keys::{NodeKey, PublicKey};
 
 /// The name both sides put in, and ignore in, certificates and SNI.
 pub const SERVER_NAME: &str = "simplevpn";
+
+/// The ALPN protocol of our own peers, which speak the extension frames
+/// (session parameters) on top of the original protocol. A later version
+/// must keep offering it beside any newer name: a server refuses a client
+/// whose ALPN offer contains none of the protocols it knows (RFC 7301).
+pub const ALPN_EXTENSION: &[u8] = b"simplevpn/2";
 
 /// The DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410), before
 /// the 32 key bytes.
@@ -85,6 +97,14 @@ pub fn peer_key(connection: &rustls::CommonState) -> Option<PublicKey> {
         .and_then(|cert| certificate_key(cert).ok())
 }
 
+/// Whether the connection negotiated [`ALPN_EXTENSION`]: the peer is one of
+/// ours and both sides may use extension frames (build the decoder with
+/// [`crate::wire::Decoder::with_extensions`]). False for a client that
+/// offered no ALPN, and before the handshake is complete.
+pub fn speaks_extension(connection: &rustls::CommonState) -> bool {
+    connection.alpn_protocol() == Some(ALPN_EXTENSION)
+}
+
 /// A self-signed certificate for `key`, and the key in rustls's form.
 fn identity(
     key: &NodeKey,
@@ -99,7 +119,8 @@ fn identity(
 }
 
 /// The server's TLS config: TLS 1.3 only, client certificates required and
-/// accepted only for the keys in `allowed`.
+/// accepted only for the keys in `allowed`; selects [`ALPN_EXTENSION`] when
+/// the client offers it, and accepts clients that offer no ALPN.
 pub fn server_config(
     key: &NodeKey,
     allowed: HashSet<PublicKey>,
@@ -115,10 +136,12 @@ pub fn server_config(
         .with_single_cert(certs, private)?;
     // One long connection per client: resumption tickets would be unused.
     config.send_tls13_tickets = 0;
+    config.alpn_protocols = vec![ALPN_EXTENSION.to_vec()];
     Ok(Arc::new(config))
 }
 
-/// A client's TLS config: TLS 1.3 only, the server's key pinned to `server`.
+/// A client's TLS config: TLS 1.3 only, the server's key pinned to `server`;
+/// offers [`ALPN_EXTENSION`].
 pub fn client_config(
     key: &NodeKey,
     server: PublicKey,
@@ -128,11 +151,12 @@ pub fn client_config(
         key: server,
         signatures: Signatures::new(),
     });
-    let config = rustls::ClientConfig::builder_with_provider(provider())
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(certs, private)?;
+    config.alpn_protocols = vec![ALPN_EXTENSION.to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -238,11 +262,6 @@ impl ServerCertVerifier for PinnedServer {
     }
 }
 
-/// Whether the peer on `connection` speaks our extension ("simplevpn/2").
-pub fn speaks_extension(connection: &rustls::CommonState) -> bool {
-    connection.alpn_protocol() == Some(b"simplevpn/2")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,6 +316,72 @@ mod tests {
         .await;
         let server_result = server_side.await.unwrap_or_else(|e| Err(e.to_string()));
         (server_result, client_side)
+    }
+
+    /// Runs a handshake over an in-memory pipe; returns whether each side
+    /// (server, client) then speaks the extension, or the first error.
+    async fn negotiated(
+        server: Arc<rustls::ServerConfig>,
+        client: Arc<rustls::ClientConfig>,
+    ) -> Result<(bool, bool), String> {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        let connector = tokio_rustls::TlsConnector::from(client);
+        let server_side = tokio::spawn(async move {
+            let mut stream = acceptor.accept(a).await.map_err(|e| e.to_string())?;
+            let speaks = speaks_extension(stream.get_ref().1);
+            // Wait for the client's byte: its certificate has been checked.
+            let mut buf = [0u8; 1];
+            stream
+                .read_exact(&mut buf)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(speaks)
+        });
+        let client_side = async move {
+            let mut stream = connector
+                .connect(server_name(), b)
+                .await
+                .map_err(|e| e.to_string())?;
+            let speaks = speaks_extension(stream.get_ref().1);
+            stream.write_all(b"x").await.map_err(|e| e.to_string())?;
+            stream.flush().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(speaks)
+        }
+        .await;
+        let server_result = server_side.await.unwrap_or_else(|e| Err(e.to_string()));
+        Ok((server_result?, client_side?))
+    }
+
+    #[tokio::test]
+    async fn alpn_marks_our_own_peers() {
+        let (server, client) = (key("as"), key("ac"));
+        let allowed: HashSet<_> = [client.public()].into();
+        let server_config = server_config(&server, allowed).expect("server config");
+        let ours = client_config(&client, server.public()).expect("client config");
+        assert_eq!(ours.alpn_protocols, vec![b"simplevpn/2".to_vec()]);
+
+        // Both sides ours: negotiated on both.
+        let both = negotiated(server_config.clone(), ours.clone()).await;
+        assert_eq!(both, Ok((true, true)));
+
+        // A client that offers no ALPN (as before this version): the
+        // handshake succeeds, without the extension.
+        let mut plain = (*ours).clone();
+        plain.alpn_protocols.clear();
+        let without = negotiated(server_config.clone(), Arc::new(plain)).await;
+        assert_eq!(without, Ok((false, false)));
+
+        // A client offering only protocols we do not know is refused
+        // (RFC 7301); hence ALPN_EXTENSION must stay in later offers.
+        let mut foreign = (*ours).clone();
+        foreign.alpn_protocols = vec![b"simplevpn/3".to_vec()];
+        let refused = negotiated(server_config.clone(), Arc::new(foreign)).await;
+        assert!(refused.is_err(), "{refused:?}");
+        let mut newer = (*ours).clone();
+        newer.alpn_protocols = vec![b"simplevpn/3".to_vec(), ALPN_EXTENSION.to_vec()];
+        let fallback = negotiated(server_config, Arc::new(newer)).await;
+        assert_eq!(fallback, Ok((true, true)));
     }
 
     #[tokio::test]

@@ -6,12 +6,34 @@
 //! - version 4: the 20-byte header's total length; total length 0 marks a bare
 //!   20-byte control message;
 //! - version 6: 40 bytes of header plus the payload length;
-//! - anything else is a protocol error.
+//! - anything else is a protocol error;
+//! - except, on a decoder built [`Decoder::with_extensions`], first nibble
+//!   0xF: an extension frame (below).
 //!
 //! [`Decoder::decode`] looks at a buffer and either takes one whole frame off its
 //! front, says that more bytes are needed (`Ok(None)`), or reports a
 //! [`ProtocolError`]. It copes with any split or coalescing of frames by TCP
 //! because it never assumes that one read is one frame.
+//!
+//! # Extension frames
+//!
+//! Between our own peers, when TLS negotiated the ALPN protocol
+//! "simplevpn/2" ([`crate::tls::speaks_extension`]), either side may send
+//! extension frames among the ordinary ones. No IP version is 15, so a first
+//! nibble 0xF cannot be mistaken for a packet:
+//!
+//! ```text
+//! byte 0      0xF1: high nibble 0xF = extension frame, low nibble 1 =
+//!             extension framing version 1 (any other low nibble is an error)
+//! byte 1      message type (1 = SESSION_PARAMS, see crate::params)
+//! bytes 2..4  total frame length, u16 big-endian, INCLUDING these 4 bytes:
+//!             at least 4, at most the decoder's maximum frame length
+//! bytes 4..   the body: total length - 4 bytes
+//! ```
+//!
+//! A receiver ignores message types it does not know, so that new ones can
+//! be added. A decoder without extensions (original-protocol peers, TLS
+//! peers without the ALPN) treats 0xF like any bad version.
 
 use std::net::Ipv4Addr;
 
@@ -40,6 +62,10 @@ pub enum ProtocolError {
     TooLong { len: usize, max: usize },
     #[error("unexpected control message (source {from}, destination {to})")]
     UnexpectedControl { from: Ipv4Addr, to: Ipv4Addr },
+    #[error("unknown extension framing version {0} (first byte 0xF{0:X})")]
+    ExtensionVersion(u8),
+    #[error("extension frame length {0} is below the 4-byte header")]
+    ExtensionTooShort(usize),
 }
 
 /// A bare 20-byte IPv4 header with total length 0: the protocol's control
@@ -58,6 +84,71 @@ pub enum Frame {
     Control(Control),
     /// A whole IPv4 or IPv6 packet, exactly as it came.
     Packet(Bytes),
+    /// An extension frame; only from a decoder built
+    /// [`Decoder::with_extensions`].
+    Extension(Extension),
+}
+
+/// First byte of every extension frame: marker nibble 0xF, framing version 1.
+pub const EXTENSION_FIRST_BYTE: u8 = 0xF1;
+/// Length of an extension frame's header (first byte, type, total length).
+pub const EXTENSION_HEADER_LEN: usize = 4;
+/// Message type of the server's session parameters ([`crate::params`]).
+pub const SESSION_PARAMS: u8 = 1;
+
+/// An extension frame: its message type and its body (the bytes after the
+/// 4-byte header).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extension {
+    pub kind: u8,
+    pub body: Bytes,
+}
+
+/// The message types of extension frames that this version knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExtensionKind {
+    /// [`SESSION_PARAMS`]: server to client, see [`crate::params`].
+    SessionParams,
+    /// Any other type: the receiver ignores the frame.
+    Unknown(u8),
+}
+
+impl From<u8> for ExtensionKind {
+    fn from(kind: u8) -> ExtensionKind {
+        match kind {
+            SESSION_PARAMS => ExtensionKind::SessionParams,
+            other => ExtensionKind::Unknown(other),
+        }
+    }
+}
+
+impl From<ExtensionKind> for u8 {
+    fn from(kind: ExtensionKind) -> u8 {
+        match kind {
+            ExtensionKind::SessionParams => SESSION_PARAMS,
+            ExtensionKind::Unknown(other) => other,
+        }
+    }
+}
+
+impl Extension {
+    /// The whole frame on the wire: header and body. Fails with
+    /// [`ProtocolError::TooLong`] when it would exceed 65535 bytes, which
+    /// the 16-bit length cannot say.
+    pub fn encode(&self) -> Result<Bytes, ProtocolError> {
+        let len = EXTENSION_HEADER_LEN + self.body.len();
+        let Ok(wire_len) = u16::try_from(len) else {
+            return Err(ProtocolError::TooLong {
+                len,
+                max: usize::from(u16::MAX),
+            });
+        };
+        let mut out = BytesMut::with_capacity(len);
+        out.extend_from_slice(&[EXTENSION_FIRST_BYTE, self.kind]);
+        out.extend_from_slice(&wire_len.to_be_bytes());
+        out.extend_from_slice(&self.body);
+        Ok(out.freeze())
+    }
 }
 
 /// What a client asks of the server.
@@ -164,6 +255,7 @@ pub fn netmask_prefix(mask: Ipv4Addr) -> Option<u8> {
 #[derive(Debug, Clone, Copy)]
 pub struct Decoder {
     max_frame: usize,
+    extensions: bool,
 }
 
 impl Default for Decoder {
@@ -177,7 +269,22 @@ impl Decoder {
     pub fn new(max_frame: usize) -> Decoder {
         Decoder {
             max_frame: max_frame.max(CONTROL_LEN),
+            extensions: false,
         }
+    }
+
+    /// This decoder, also accepting extension frames (first byte 0xF1): for
+    /// a connection whose TLS negotiated "simplevpn/2", never for others.
+    pub fn with_extensions(self) -> Decoder {
+        Decoder {
+            extensions: true,
+            ..self
+        }
+    }
+
+    /// Whether this decoder accepts extension frames.
+    pub fn extensions(&self) -> bool {
+        self.extensions
     }
 
     /// The length of the frame at the front of `buf`: `Ok(None)` when more
@@ -203,6 +310,20 @@ impl Decoder {
                 };
                 IPV6_HEADER_LEN + usize::from(u16::from_be_bytes([payload[0], payload[1]]))
             }
+            0xF if self.extensions => {
+                if first & 0x0F != EXTENSION_FIRST_BYTE & 0x0F {
+                    return Err(ProtocolError::ExtensionVersion(first & 0x0F));
+                }
+                let Some(total) = buf.get(2..4) else {
+                    return Ok(None);
+                };
+                match usize::from(u16::from_be_bytes([total[0], total[1]])) {
+                    short if short < EXTENSION_HEADER_LEN => {
+                        return Err(ProtocolError::ExtensionTooShort(short))
+                    }
+                    total => total,
+                }
+            }
             version => return Err(ProtocolError::BadVersion(version, first)),
         };
         if len > self.max_frame {
@@ -222,6 +343,16 @@ impl Decoder {
         };
         if buf.len() < len {
             return Ok(None);
+        }
+        if buf[0] >> 4 == 0xF {
+            // frame_len accepted it: extensions are on and len >= 4.
+            let kind = buf[1];
+            let mut frame = buf.split_to(len);
+            frame.advance(EXTENSION_HEADER_LEN);
+            return Ok(Some(Frame::Extension(Extension {
+                kind,
+                body: frame.freeze(),
+            })));
         }
         let is_control = buf[0] >> 4 == 4 && buf[2] == 0 && buf[3] == 0;
         if is_control {
@@ -442,6 +573,148 @@ mod tests {
             })
         );
         assert_eq!(d.frame_len(&[0x45, 0, 0x05, 0xdc]), Ok(Some(1500)));
+    }
+
+    fn extension(kind: u8, body: &[u8]) -> Vec<u8> {
+        Extension {
+            kind,
+            body: Bytes::copy_from_slice(body),
+        }
+        .encode()
+        .expect("small extension")
+        .to_vec()
+    }
+
+    #[test]
+    fn extension_frames_encode_byte_for_byte() {
+        assert_eq!(extension(1, &[]), hex("f1 01 00 04"));
+        assert_eq!(extension(7, &[0xaa, 0xbb]), hex("f1 07 00 06 aa bb"));
+        let too_long = Extension {
+            kind: 1,
+            body: Bytes::from(vec![0u8; 65532]),
+        };
+        assert_eq!(
+            too_long.encode(),
+            Err(ProtocolError::TooLong {
+                len: 65536,
+                max: 65535
+            })
+        );
+        let longest = Extension {
+            kind: 1,
+            body: Bytes::from(vec![0u8; 65531]),
+        };
+        assert_eq!(longest.encode().map(|b| b.len()), Ok(65535));
+    }
+
+    #[test]
+    fn extension_frames_only_when_enabled() {
+        let frame = extension(1, b"body");
+        // Today's decoders: 0xF is a bad version, as before.
+        assert_eq!(
+            Decoder::default().decode(&mut BytesMut::from(&frame[..])),
+            Err(ProtocolError::BadVersion(15, 0xf1))
+        );
+        let d = Decoder::default().with_extensions();
+        assert!(d.extensions());
+        assert!(!Decoder::default().extensions());
+        assert_eq!(
+            decode_all(&d, &frame),
+            vec![Frame::Extension(Extension {
+                kind: 1,
+                body: Bytes::from_static(b"body")
+            })]
+        );
+    }
+
+    #[test]
+    fn extension_frames_mix_with_ordinary_ones() {
+        let d = Decoder::default().with_extensions();
+        let keepalive = Control::KEEPALIVE.encode().to_vec();
+        let mut v4 = vec![0u8; 24];
+        v4[0] = 0x45;
+        v4[3] = 24;
+        let stream = [
+            keepalive.clone(),
+            extension(1, &[1, 2, 3]),
+            v4.clone(),
+            // An unknown type is still framed; the receiver ignores it.
+            extension(0x42, &[]),
+            keepalive,
+        ]
+        .concat();
+        let frames = decode_all(&d, &stream);
+        assert_eq!(
+            frames,
+            vec![
+                Frame::Control(Control::KEEPALIVE),
+                Frame::Extension(Extension {
+                    kind: 1,
+                    body: Bytes::from_static(&[1, 2, 3])
+                }),
+                Frame::Packet(Bytes::from(v4)),
+                Frame::Extension(Extension {
+                    kind: 0x42,
+                    body: Bytes::new()
+                }),
+                Frame::Control(Control::KEEPALIVE),
+            ]
+        );
+        let kinds: Vec<ExtensionKind> = frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Extension(e) => Some(ExtensionKind::from(e.kind)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![ExtensionKind::SessionParams, ExtensionKind::Unknown(0x42)]
+        );
+        assert_eq!(u8::from(ExtensionKind::Unknown(0x42)), 0x42);
+        assert_eq!(u8::from(ExtensionKind::SessionParams), SESSION_PARAMS);
+    }
+
+    #[test]
+    fn extension_framing_errors() {
+        let d = Decoder::new(1500).with_extensions();
+        assert_eq!(
+            d.frame_len(&[0xf2]),
+            Err(ProtocolError::ExtensionVersion(2))
+        );
+        assert_eq!(
+            d.frame_len(&[0xf0, 1, 0, 4]),
+            Err(ProtocolError::ExtensionVersion(0))
+        );
+        assert_eq!(d.frame_len(&[0xf1]), Ok(None));
+        assert_eq!(d.frame_len(&[0xf1, 1, 0]), Ok(None));
+        for short in 0..4u8 {
+            assert_eq!(
+                d.frame_len(&[0xf1, 1, 0, short]),
+                Err(ProtocolError::ExtensionTooShort(usize::from(short)))
+            );
+        }
+        assert_eq!(d.frame_len(&[0xf1, 1, 0, 4]), Ok(Some(4)));
+        assert_eq!(d.frame_len(&[0xf1, 1, 0x05, 0xdc]), Ok(Some(1500)));
+        assert_eq!(
+            d.frame_len(&[0xf1, 1, 0x05, 0xdd]),
+            Err(ProtocolError::TooLong {
+                len: 1501,
+                max: 1500
+            })
+        );
+        // Other bad versions stay bad with extensions on.
+        assert_eq!(
+            d.frame_len(&[0x50]),
+            Err(ProtocolError::BadVersion(5, 0x50))
+        );
+        // Incomplete extension frames wait for more, consuming nothing.
+        let frame = extension(9, &[1, 2, 3, 4, 5]);
+        for cut in 0..frame.len() {
+            let mut buf = BytesMut::from(&frame[..cut]);
+            assert_eq!(d.decode(&mut buf), Ok(None), "cut at {cut}");
+            assert_eq!(buf.len(), cut);
+        }
     }
 
     #[test]

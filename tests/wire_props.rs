@@ -1,5 +1,6 @@
 //! Property tests of the sans-IO codec: any stream of valid frames, cut into
-//! any pieces, decodes to the same frames; arbitrary bytes never panic.
+//! any pieces, decodes to the same frames; arbitrary bytes never panic. The
+//! same for the session-parameters extension (module `extensions`).
 
 use std::net::Ipv4Addr;
 
@@ -71,9 +72,219 @@ proptest! {
                     prop_assert!(p.len() <= max);
                     consumed += p.len();
                 }
+                Ok(Some(Frame::Extension(e))) => {
+                    return Err(TestCaseError::fail(format!("extension without with_extensions: {e:?}")));
+                }
                 Ok(None) | Err(_) => break,
             }
             prop_assert_eq!(before - buf.len(), consumed);
+        }
+    }
+}
+
+// The session-parameters extension (src/params.rs) on top of the codec.
+mod extensions {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use bytes::{Bytes, BytesMut};
+    use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+    use proptest::prelude::*;
+    use simplevpn::params::{
+        SessionParams, MAX_DNS, MAX_DNS_SEARCH, MAX_DOMAIN_LEN, MAX_ENCODED_LEN, MAX_ROUTES,
+    };
+    use simplevpn::wire::{Decoder, Extension, ExtensionKind, Frame, DEFAULT_MAX_FRAME};
+
+    use super::frame;
+
+    fn ipv4_net() -> impl Strategy<Value = Ipv4Net> {
+        (any::<u32>(), 0u8..=32)
+            .prop_map(|(a, p)| Ipv4Net::new(Ipv4Addr::from(a), p).expect("prefix <= 32"))
+    }
+
+    fn ipv6_net() -> impl Strategy<Value = Ipv6Net> {
+        (any::<u128>(), 0u8..=128)
+            .prop_map(|(a, p)| Ipv6Net::new(Ipv6Addr::from(a), p).expect("prefix <= 128"))
+    }
+
+    fn route() -> impl Strategy<Value = IpNet> {
+        prop_oneof![
+            ipv4_net().prop_map(|n| IpNet::V4(n.trunc())),
+            ipv6_net().prop_map(|n| IpNet::V6(n.trunc())),
+        ]
+    }
+
+    fn domain() -> impl Strategy<Value = String> {
+        proptest::string::string_regex(&format!("[a-zA-Z0-9.-]{{1,{MAX_DOMAIN_LEN}}}"))
+            .expect("regex")
+    }
+
+    /// Any valid parameters; route counts up to the limit now and then.
+    fn params() -> impl Strategy<Value = SessionParams> {
+        (
+            prop::option::of(ipv4_net()),
+            prop::option::of(ipv6_net()),
+            prop_oneof![
+                9 => prop::collection::vec(route(), 0..20),
+                1 => prop::collection::vec(route(), 0..=MAX_ROUTES),
+            ],
+            prop::collection::vec(any::<IpAddr>(), 0..=MAX_DNS),
+            prop::collection::vec(domain(), 0..=MAX_DNS_SEARCH),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(address4, address6, routes, dns, dns_search, default_route)| SessionParams {
+                    address4,
+                    address6,
+                    routes,
+                    dns,
+                    dns_search,
+                    default_route,
+                },
+            )
+    }
+
+    /// A frame on an extension-enabled connection: an ordinary one, session
+    /// parameters, or an extension of a type unknown to this version.
+    fn mixed_frame() -> impl Strategy<Value = (Frame, Vec<u8>)> {
+        let session = params().prop_map(|p| {
+            let bytes = p.encode().expect("valid params encode");
+            let ext = Extension {
+                kind: bytes[1],
+                body: Bytes::copy_from_slice(&bytes[4..]),
+            };
+            (Frame::Extension(ext), bytes.to_vec())
+        });
+        let unknown = (2u8..=255, prop::collection::vec(any::<u8>(), 0..300)).prop_map(|(k, b)| {
+            let ext = Extension {
+                kind: k,
+                body: Bytes::from(b),
+            };
+            let bytes = ext.encode().expect("small extension").to_vec();
+            (Frame::Extension(ext), bytes)
+        });
+        prop_oneof![4 => frame(), 1 => session, 1 => unknown]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn session_params_round_trip(p in params()) {
+            let bytes = p.encode().expect("valid params encode");
+            prop_assert!(bytes.len() <= MAX_ENCODED_LEN);
+            let mut buf = BytesMut::from(&bytes[..]);
+            let frame = Decoder::default().with_extensions().decode(&mut buf);
+            prop_assert!(buf.is_empty());
+            let Ok(Some(Frame::Extension(ext))) = frame else {
+                return Err(TestCaseError::fail(format!("not an extension: {frame:?}")));
+            };
+            prop_assert_eq!(ExtensionKind::from(ext.kind), ExtensionKind::SessionParams);
+            prop_assert_eq!(SessionParams::decode(&ext.body), Ok(p));
+        }
+
+        #[test]
+        fn mixed_streams_survive_any_split(
+            frames in prop::collection::vec(mixed_frame(), 1..12),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..30),
+        ) {
+            let stream: Vec<u8> = frames.iter().flat_map(|(_, b)| b.clone()).collect();
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+            points.push(stream.len());
+            points.sort_unstable();
+
+            let decoder = Decoder::default().with_extensions();
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            let mut from = 0;
+            for to in points {
+                buf.extend_from_slice(&stream[from..to]);
+                from = to;
+                while let Some(frame) = decoder.decode(&mut buf).expect("valid stream") {
+                    got.push(frame);
+                }
+            }
+            let want: Vec<Frame> = frames.into_iter().map(|(f, _)| f).collect();
+            prop_assert_eq!(got, want);
+            prop_assert!(buf.is_empty());
+        }
+
+        #[test]
+        fn arbitrary_bodies_never_panic(body in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = SessionParams::decode(&body);
+        }
+
+        /// Bodies that look like SESSION_PARAMS (version 1, entries with
+        /// known tags and plausible lengths) reach deeper than random bytes.
+        #[test]
+        fn plausible_bodies_never_panic(
+            entries in prop::collection::vec(
+                (0u8..8, prop::collection::vec(any::<u8>(), 0..20), any::<bool>()),
+                0..40,
+            ),
+        ) {
+            let mut body = vec![1u8];
+            for (tag, value, honest) in entries {
+                body.push(tag);
+                let len = if honest { value.len() as u16 } else { value.len() as u16 + 3 };
+                body.extend_from_slice(&len.to_be_bytes());
+                body.extend_from_slice(&value);
+            }
+            if let Ok(p) = SessionParams::decode(&body) {
+                // Whatever decodes, encodes, and decodes the same again.
+                let again = p.encode().expect("decoded params re-encode");
+                prop_assert_eq!(SessionParams::decode(&again[4..]), Ok(p));
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_with_extensions(
+            bytes in prop::collection::vec(any::<u8>(), 0..4096),
+            max in 20usize..=DEFAULT_MAX_FRAME,
+            marks in prop::collection::vec(any::<prop::sample::Index>(), 0..4),
+        ) {
+            // Some first bytes forced to 0xF1 so that extension headers occur.
+            let mut bytes = bytes;
+            for m in &marks {
+                if !bytes.is_empty() {
+                    let i = m.index(bytes.len());
+                    bytes[i] = 0xF1;
+                }
+            }
+            if let Some(first) = bytes.first_mut() {
+                if marks.len() % 2 == 1 {
+                    *first = 0xF1;
+                }
+            }
+            let decoder = Decoder::new(max).with_extensions();
+            let mut buf = BytesMut::from(&bytes[..]);
+            let before = buf.len();
+            let mut consumed = 0;
+            loop {
+                match decoder.decode(&mut buf) {
+                    Ok(Some(Frame::Control(_))) => consumed += 20,
+                    Ok(Some(Frame::Packet(p))) => {
+                        prop_assert!(p.len() <= max);
+                        consumed += p.len();
+                    }
+                    Ok(Some(Frame::Extension(e))) => {
+                        prop_assert!(e.body.len() + 4 <= max);
+                        consumed += e.body.len() + 4;
+                        if ExtensionKind::from(e.kind) == ExtensionKind::SessionParams {
+                            let _ = SessionParams::decode(&e.body);
+                        }
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+                prop_assert_eq!(before - buf.len(), consumed);
+            }
+        }
+
+        /// Without extensions, a first nibble 0xF is an error as ever.
+        #[test]
+        fn extensions_are_refused_unless_enabled(p in params()) {
+            let bytes = p.encode().expect("valid params encode");
+            let mut buf = BytesMut::from(&bytes[..]);
+            prop_assert!(Decoder::default().decode(&mut buf).is_err());
         }
     }
 }

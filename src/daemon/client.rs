@@ -331,6 +331,8 @@ async fn session(
             },
             // A packet before the grant: nothing is configured to take it.
             Ok(Ok(Some(Frame::Packet(_)))) => continue,
+            // Not negotiated yet: unreachable with today's decoders.
+            Ok(Ok(Some(Frame::Extension(_)))) => continue,
         }
     };
     let prefix = netmask.and_then(netmask_prefix).unwrap_or(config.prefix);
@@ -545,6 +547,8 @@ async fn forward_server_to_tun(
                 }
                 Err(e) => return Ok(Some(format!("protocol error: {e}"))),
             },
+            // Not negotiated yet: unreachable with today's decoders.
+            Frame::Extension(_) => {}
         }
     }
 }

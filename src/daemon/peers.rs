@@ -281,7 +281,7 @@ impl PeerTable {
         if let Some(peer) = table.peers.get(&address).filter(|p| p.id == id).cloned() {
             table.peers.remove(&address);
             for route in &peer.routes {
-                if table.routes.lookup_exact(route).is_some_and(|p| p.id == id) {
+                if table.routes.get(route).is_some_and(|p| p.id == id) {
                     table.routes.remove(route);
                 }
             }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
+use ipnet::IpNet;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout, timeout_at, Instant};
@@ -44,7 +45,7 @@ use crate::keys::NodeKey;
 use crate::netdev::AsyncTun;
 use crate::pool::server_address;
 use crate::proto;
-use crate::session::server::{Action, DropReason, Ending, ServerSession};
+use crate::session::server::{pushed_params, Action, DropReason, Ending, ServerSession};
 use crate::wire::{ipv4_addresses, Control, Decoder, Frame};
 
 /// Room kept in the tun reader's buffer: a whole maximum-size packet.
@@ -98,6 +99,13 @@ pub async fn run(
         .set_ipv4(tun.index, own_address, config.network.prefix_len())
         .await?;
     helper.set_up(tun.index).await?;
+    // The networks behind clients are reached through the tun: the host
+    // routes them here, and the peer table on to the client behind each.
+    for route in config.peers.iter().flat_map(|p| p.routes.iter()) {
+        if let IpNet::V4(route) = route {
+            helper.add_route(tun.index, *route).await?;
+        }
+    }
     let tun_name = tun.name.clone();
     let tun = Arc::new(AsyncTun::new(tun.fd)?);
 
@@ -327,6 +335,9 @@ async fn connection(
                         Some(address),
                         format!("{request:?}"),
                     );
+                    if extension {
+                        push_params(&shared, &peer, address);
+                    }
                     // From now on silence counts, not the handshake deadline.
                     idle.as_mut().reset(Instant::from_std(session.deadline()));
                 }
@@ -378,6 +389,30 @@ fn send(peer: &Peer, control: Control) {
         peer.stats
             .dropped_queue_full
             .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Queues the session parameters for an extension client just granted
+/// `address` (right behind its grant).
+fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr) {
+    let config = &shared.config;
+    let params = pushed_params(
+        address,
+        config.network,
+        config.served_routes(),
+        &peer.routes,
+    );
+    match params.encode() {
+        Ok(frame) => {
+            debug!(routes = params.routes.len(), "pushing session parameters");
+            if peer.queue.try_send(frame).is_err() {
+                peer.stats
+                    .dropped_queue_full
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // The config's limits keep this from happening.
+        Err(e) => warn!(error = %e, "session parameters not sent"),
     }
 }
 

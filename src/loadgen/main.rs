@@ -381,6 +381,8 @@ impl Peer {
                     Err(e) => bail!("bad reply: {e}"),
                 },
                 Some(Frame::Packet(_)) => bail!("a data packet before the grant"),
+                // Not negotiated: unreachable with its decoder.
+                Some(Frame::Extension(_)) => continue,
                 None => bail!("closed by the server before a grant"),
             }
         }
@@ -406,7 +408,7 @@ impl Peer {
                             self.stats.echoes.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    Ok(Some(Frame::Packet(_))) => {}
+                    Ok(Some(Frame::Packet(_) | Frame::Extension(_))) => {}
                     Ok(None) | Err(_) => return false,
                 },
             }

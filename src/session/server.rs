@@ -24,7 +24,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
+
+use crate::params::SessionParams;
 
 use crate::pool::Refusal;
 use crate::wire::{ipv4_addresses, Control, Frame, ProtocolError, Request};
@@ -199,6 +201,9 @@ impl ServerSession {
                 Err(e) => Action::Close(Ending::Protocol(e)),
             },
             Frame::Packet(packet) => self.on_packet(packet),
+            // Clients send no extension messages (only servers do, so far):
+            // their decoders do not even accept them.
+            Frame::Extension(_) => Action::None,
         }
     }
 
@@ -247,6 +252,22 @@ impl ServerSession {
     fn routes_hold(&self, source: Ipv4Addr) -> bool {
         let source = IpAddr::V4(source);
         self.routes.iter().any(|net| net.contains(&source))
+    }
+}
+
+/// The session parameters pushed to an extension client granted `address`
+/// in `network`: its address and prefix, and every network the server serves
+/// (`served`) but its own (`own`), never pushed back to it.
+pub fn pushed_params(
+    address: Ipv4Addr,
+    network: Ipv4Net,
+    served: impl IntoIterator<Item = IpNet>,
+    own: &[IpNet],
+) -> SessionParams {
+    SessionParams {
+        address4: Ipv4Net::new(address, network.prefix_len()).ok(),
+        routes: served.into_iter().filter(|r| !own.contains(r)).collect(),
+        ..SessionParams::default()
     }
 }
 
@@ -396,6 +417,24 @@ mod tests {
             s.on_frame(t0, Frame::Packet(packet(outside, server))),
             Action::Drop(DropReason::Spoofed(outside))
         );
+    }
+
+    #[test]
+    fn a_clients_own_networks_are_never_pushed_back_to_it() {
+        let nets: Vec<IpNet> = ["198.18.200.0/24", "198.18.201.0/24", "198.18.202.0/24"]
+            .iter()
+            .map(|n| n.parse().expect("net"))
+            .collect();
+        let network = "198.19.0.0/16".parse().expect("net");
+        let params = pushed_params(
+            Ipv4Addr::new(198, 19, 0, 9),
+            network,
+            nets.clone(),
+            &nets[1..2],
+        );
+        assert_eq!(params.address4, Some("198.19.0.9/16".parse().expect("net")));
+        assert_eq!(params.routes, vec![nets[0], nets[2]]);
+        assert!(!params.default_route);
     }
 
     #[test]
