@@ -460,13 +460,14 @@ fn peers(
         }
         // Two peers may not claim overlapping networks: whose would it be?
         for (j, other) in peers[..i].iter().enumerate() {
-            for (mine, theirs) in peer.routes.iter().flat_map(|m| {
-                other
+            let clash = peer.routes.iter().find_map(|mine| {
+                let theirs = other
                     .routes
                     .iter()
-                    .filter(move |t| crate::routes::overlaps(m, t))
-                    .map(move |t| (m, t))
-            }) {
+                    .find(|t| crate::routes::overlaps(mine, t))?;
+                Some((mine, theirs))
+            });
+            if let Some((mine, theirs)) = clash {
                 return Err(ConfigError::new(
                     field,
                     format!(

@@ -129,6 +129,8 @@ mod tests {
             network: None,
             max_mtu: 1500,
             user: "nobody".into(),
+            routes: Vec::new(),
+            any_route: false,
         };
         assert!(args.policy().is_err());
     }
