@@ -738,6 +738,48 @@ mod tests {
         ConfigFile::parse(text, Path::new("test.toml"))
     }
 
+    /// The error a [server] section resolves to.
+    fn server_error(section: &str) -> ConfigError {
+        let key = "ScFYNjnPxvAxr6GGa07nJpY3Y6mxoP6KgSTp3vU//xo=";
+        let other = "ONOr9fEmSGWf1Q33P2uSfmTX9ENUe0rqqUCpKFvaoik=";
+        let text = format!(
+            "[server]\nkey = \"/k\"\nnetwork = \"198.19.0.0/16\"\n{}",
+            section.replace("KEY1", key).replace("KEY2", other)
+        );
+        parse(&text)
+            .expect("parse")
+            .server
+            .expect("server")
+            .resolve()
+            .expect_err("refused")
+    }
+
+    #[test]
+    fn routes_are_checked_and_peers_may_not_overlap() {
+        let overlap = server_error(
+            "[[server.peer]]\nkey = \"KEY1\"\nname = \"site-a\"\nroutes = [\"198.18.201.0/24\"]\n\
+             [[server.peer]]\nkey = \"KEY2\"\nroutes = [\"198.18.201.128/25\"]\n",
+        );
+        assert_eq!(overlap.field, "server.peer[1].routes");
+        assert!(overlap.problem.contains("198.18.201.128/25"), "{overlap}");
+        assert!(overlap.problem.contains("198.18.201.0/24 of peer site-a"), "{overlap}");
+        let host_bits = server_error("routes = [\"198.18.200.1/24\"]\n");
+        assert_eq!(host_bits.field, "routes");
+        assert!(host_bits.problem.contains("write 198.18.200.0/24"));
+        let v6 = server_error("routes = [\"2001:2::/48\"]\n");
+        assert!(v6.problem.contains("IPv6"), "{v6}");
+        let tunnel = server_error("routes = [\"198.19.4.0/24\"]\n");
+        assert!(tunnel.problem.contains("overlaps the tunnel network"), "{tunnel}");
+        let default = server_error(
+            "[[server.peer]]\nkey = \"KEY1\"\nroutes = [\"0.0.0.0/0\"]\n",
+        );
+        assert!(default.problem.contains("default route"), "{default}");
+        let served = server_error(
+            "routes = [\"198.18.200.0/23\"]\n[[server.peer]]\nkey = \"KEY1\"\nroutes = [\"198.18.201.0/24\"]\n",
+        );
+        assert!(served.problem.contains("a network behind peer"), "{served}");
+    }
+
     #[test]
     fn defaults() {
         let server = ServerSection {
