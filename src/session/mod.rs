@@ -7,6 +7,8 @@
 //! This module also holds the closed sets that the rest of the program and
 //! the control API name: [`Protocol`], [`NodeRole`] and [`LinkState`].
 
+pub mod client;
+
 use std::fmt;
 
 /// How a peer speaks to us.
