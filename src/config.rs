@@ -450,13 +450,13 @@ fn peers(
         }
         let field = format!("{field}.routes");
         for route in &peer.routes {
-            check_route(&field, *route, network)?;
             if route.prefix_len() == 0 {
                 return Err(ConfigError::new(
                     field,
                     format!("{route}: a peer cannot take the default route"),
                 ));
             }
+            check_route(&field, *route, network)?;
         }
         // Two peers may not claim overlapping networks: whose would it be?
         for (j, other) in peers[..i].iter().enumerate() {
@@ -762,17 +762,21 @@ mod tests {
         );
         assert_eq!(overlap.field, "server.peer[1].routes");
         assert!(overlap.problem.contains("198.18.201.128/25"), "{overlap}");
-        assert!(overlap.problem.contains("198.18.201.0/24 of peer site-a"), "{overlap}");
+        assert!(
+            overlap.problem.contains("198.18.201.0/24 of peer site-a"),
+            "{overlap}"
+        );
         let host_bits = server_error("routes = [\"198.18.200.1/24\"]\n");
         assert_eq!(host_bits.field, "routes");
         assert!(host_bits.problem.contains("write 198.18.200.0/24"));
         let v6 = server_error("routes = [\"2001:2::/48\"]\n");
         assert!(v6.problem.contains("IPv6"), "{v6}");
         let tunnel = server_error("routes = [\"198.19.4.0/24\"]\n");
-        assert!(tunnel.problem.contains("overlaps the tunnel network"), "{tunnel}");
-        let default = server_error(
-            "[[server.peer]]\nkey = \"KEY1\"\nroutes = [\"0.0.0.0/0\"]\n",
+        assert!(
+            tunnel.problem.contains("overlaps the tunnel network"),
+            "{tunnel}"
         );
+        let default = server_error("[[server.peer]]\nkey = \"KEY1\"\nroutes = [\"0.0.0.0/0\"]\n");
         assert!(default.problem.contains("default route"), "{default}");
         let served = server_error(
             "routes = [\"198.18.200.0/23\"]\n[[server.peer]]\nkey = \"KEY1\"\nroutes = [\"198.18.201.0/24\"]\n",

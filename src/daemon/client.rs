@@ -1,16 +1,35 @@
-//! The client role: connects to the server, asks for an address, configures
-//! its tun from the grant and forwards packets both ways; keeps the link alive
-//! and reconnects after any failure, asking for the address it held.
+//! The client role: the I/O around the session rules of
+//! [`crate::session::client`], which decide what to ask for, what to do with
+//! each frame, when to send keepalives, when to give up and how long to wait
+//! before reconnecting. This file dials, reads, writes and sleeps.
+//!
+//! Receive path (server to tun), in order:
+//!  1. [`FrameReader::read_frame`] decodes the next frame off the connection;
+//!  2. [`ClientSession::received`] applies the rules to it (a packet before
+//!     the grant is dropped; a grant configures the tun);
+//!  3. [`Action::WriteTun`]: the packet is counted and written to the tun.
+//!
+//! Send path (tun to server), in the [`Uplink`] task that owns the writer:
+//!  1. control messages the rules queued ([`Action::Send`]: the request,
+//!     keepalives) arrive on a small channel and go out first;
+//!  2. after the grant, [`AsyncTun::recv`] waits for a packet, and the packets
+//!     already waiting in the tun join it, up to [`UPLINK_BATCH`] bytes;
+//!  3. [`keep_ipv4`] keeps only IPv4 packets (and counts them);
+//!  4. one `write_all` sends the batch. While the connection is slow this
+//!     waits rather than queues, so the tun's own queue drops.
+//!
+//! Timers: the loop sleeps until [`ClientSession::next_tick`] and then feeds
+//! a tick; reconnect delays come with each [`Closed`].
 
+use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
-use tokio::time::{timeout, Instant};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument, Span};
 
@@ -23,38 +42,38 @@ use super::notify;
 use super::peers::{PeerInfo, PeerStats};
 use super::{ControlOptions, DaemonError};
 use crate::config::ClientConfig;
-use crate::connection::{FrameReader, ReadError, Reader, Writer};
+use crate::connection::{FrameReader, Writer};
 use crate::keys::NodeKey;
 use crate::netdev::AsyncTun;
+use crate::params::MAX_ENCODED_LEN;
 use crate::pool::server_address;
 use crate::proto;
-use crate::wire::{ipv4_addresses, netmask_prefix, Control, Decoder, Frame, Reply, Request};
+use crate::session::client::{
+    Action, ClientRules, ClientSession, CloseReason, Closed, Grant, Refusal, HANDSHAKE_TIMEOUT,
+};
+use crate::session::LinkState;
+use crate::wire::{ipv4_addresses, Control, Decoder, Request, CONTROL_LEN};
 
-/// How long connecting, and then waiting for the grant, may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many bytes of waiting packets the uplink gathers into one write.
 const UPLINK_BATCH: usize = 128 * 1024;
 /// The largest packet a tun read can return.
 const MAX_PACKET: usize = 65536;
-/// Keepalives are re-sent this often while the server stays silent.
-const KEEPALIVE_RETRY: Duration = Duration::from_secs(1);
+/// Control messages waiting for the uplink; a keepalive that finds the
+/// queue full is dropped (the uplink is stuck writing anyway).
+const UPLINK_QUEUE: usize = 4;
 
-/// The tun device and what it is configured with.
+/// The tun device and how to configure it.
 struct Tunnel {
     device: Arc<AsyncTun>,
     index: u32,
     helper: Helper,
-    configured: Option<(Ipv4Addr, u8)>,
 }
 
 impl Tunnel {
-    /// Sets the tun's address, unless it already has exactly this one.
-    async fn configure(&mut self, address: Ipv4Addr, prefix: u8) -> Result<(), DaemonError> {
-        if self.configured != Some((address, prefix)) {
-            self.helper.set_ipv4(self.index, address, prefix).await?;
-            self.helper.set_up(self.index).await?;
-            self.configured = Some((address, prefix));
-        }
+    /// Gives the tun `address`/`prefix` and brings it up.
+    async fn configure(&self, address: Ipv4Addr, prefix: u8) -> Result<(), DaemonError> {
+        self.helper.set_ipv4(self.index, address, prefix).await?;
+        self.helper.set_up(self.index).await?;
         Ok(())
     }
 }
@@ -72,12 +91,13 @@ struct ClientState {
 
 #[derive(Debug, Default, Clone)]
 struct Link {
-    /// "connecting", "connected" (granted) or "backoff".
-    state: &'static str,
+    state: LinkState,
     remote: Option<SocketAddr>,
     connected_since: Option<SystemTime>,
     granted: Option<(Ipv4Addr, u8)>,
     stats: Option<Arc<PeerStats>>,
+    /// The pushed routes installed on the tun.
+    routes: Vec<ipnet::Ipv4Net>,
 }
 
 impl ClientState {
@@ -99,7 +119,13 @@ impl ClientState {
             link.granted,
             link.stats,
         ) {
-            ("connected", Some(remote), Some(since), Some((address, prefix)), Some(stats)) => {
+            (
+                LinkState::Connected,
+                Some(remote),
+                Some(since),
+                Some((address, prefix)),
+                Some(stats),
+            ) => {
                 // The server's tunnel address: the network's first host address.
                 let network = ipnet::Ipv4Net::new(address, prefix).ok()?.trunc();
                 Some(PeerInfo::new(
@@ -128,7 +154,7 @@ impl Node for ClientState {
                 .map(|(a, p)| format!("{a}/{p}"))
                 .unwrap_or_default(),
             server: self.server.clone(),
-            link_state: link.state.into(),
+            link_state: link.state.as_str().into(),
             server_peer: self.server_peer().as_ref().map(proto::Peer::from),
             ..Default::default()
         }
@@ -147,18 +173,6 @@ impl Node for ClientState {
     }
 }
 
-/// How a session with the server ended.
-enum Ending {
-    Shutdown,
-    /// Closed before a grant: the server refused the request.
-    Refused,
-    /// Failed after `granted` (true if an address was granted on it).
-    Failed {
-        reason: String,
-        granted: bool,
-    },
-}
-
 /// Runs the client until `shutdown` is cancelled; `helper` creates the tun
 /// and, only once the server grants one, sets its address; the control API
 /// is served on `control` if given.
@@ -172,17 +186,17 @@ pub async fn run(
     let dialer = Dialer::new(&config, key.as_ref(), HANDSHAKE_TIMEOUT)?;
     let tun = helper.open_tun().await?;
     helper.set_mtu(tun.index, config.mtu).await?;
-    let mut tunnel = Tunnel {
+    let tunnel = Tunnel {
         device: Arc::new(AsyncTun::new(tun.fd)?),
         index: tun.index,
         helper: helper.clone(),
-        configured: None,
     };
     let identity = dialer.identity();
+    let protocol = identity.protocol();
     info!(
         server = %config.server,
         tun = %tun.name,
-        protocol = %identity.protocol(),
+        %protocol,
         "client starting"
     );
     let state = Arc::new(ClientState {
@@ -206,53 +220,15 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-    // The address to ask for: the configured one, else the one held last.
-    let mut wanted = config.address;
-    loop {
-        let span = info_span!("server", remote = %config.server, addr = tracing::field::Empty);
-        state.update(|link| link.state = "connecting");
-        let ending = session(&config, &dialer, &mut tunnel, &state, wanted, &shutdown)
-            .instrument(span.clone())
-            .await?;
-        state.update(|link| {
-            link.state = "backoff";
-            link.stats = None;
-        });
-        let _entered = span.enter();
-        match ending {
-            Ending::Shutdown => break,
-            Ending::Refused => match (config.address, wanted) {
-                (Some(address), _) => {
-                    warn!(%address, "the server refused the static address; retrying");
-                }
-                (None, Some(previous)) => {
-                    info!(%previous, "the server refused the previous address; asking for any");
-                    wanted = None;
-                }
-                (None, None) => warn!(
-                    "the server closed the connection without a grant (addresses exhausted, \
-                     banned, or protocol not allowed)"
-                ),
-            },
-            Ending::Failed { reason, granted } => {
-                if granted {
-                    backoff.reset();
-                    // Ask for the address just held (a static one stays wanted).
-                    if config.address.is_none() {
-                        wanted = tunnel.configured.map(|(address, _)| address);
-                    }
-                }
-                warn!(%reason, "disconnected");
-            }
-        }
-        let delay = backoff.next_delay();
-        info!("reconnecting in {:.1}s", delay.as_secs_f64());
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(delay) => {}
-        }
-    }
+    let mut client = Client {
+        rules: ClientSession::new(ClientRules::new(&config, protocol), fastrand::f64),
+        config,
+        dialer,
+        tunnel,
+        state,
+        shutdown,
+    };
+    client.reconnect_loop().await?;
     if let Some(task) = control_task {
         let _ = task.await;
     }
@@ -261,221 +237,410 @@ pub async fn run(
     Ok(())
 }
 
-/// One connection to the server: connect, ask, configure, forward.
-async fn session(
-    config: &ClientConfig,
-    dialer: &Dialer,
-    tunnel: &mut Tunnel,
-    state: &ClientState,
-    wanted: Option<Ipv4Addr>,
-    shutdown: &CancellationToken,
-) -> Result<Ending, DaemonError> {
-    let failed = |reason: String| Ending::Failed {
-        reason,
-        granted: false,
-    };
-    let Dialed {
-        reader,
-        writer,
-        remote,
-    } = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(Ending::Shutdown),
-        dialed = dialer.dial() => match dialed {
-            Ok(dialed) => dialed,
-            Err(reason) => return Ok(failed(reason)),
-        },
-    };
-    let stats = Arc::new(PeerStats::default());
-    state.update(|link| {
-        link.remote = Some(remote);
-        link.connected_since = Some(SystemTime::now());
-        link.stats = Some(stats.clone());
-    });
-    info!("connected");
-    state.events.publish(EventKind::Connected, remote, None, "");
-    let mut reader = FrameReader::new(reader, Decoder::new(config.max_frame));
-    let mut writer = writer;
-    let request = match wanted {
-        Some(address) => Request::Static(address),
-        None => Request::Dynamic,
-    };
-    let message = Control::request(request).encode();
-    match timeout(HANDSHAKE_TIMEOUT, writer.write_all(&message)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Ok(failed(format!("sending the request failed: {e}"))),
-        Err(_) => return Ok(failed("sending the request timed out".into())),
-    }
-
-    // Wait for the grant; keepalive echoes may come first.
-    let grant_deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    let (address, netmask) = loop {
-        let read = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(Ending::Shutdown),
-            read = tokio::time::timeout_at(grant_deadline, reader.read_frame()) => read,
-        };
-        match read {
-            Err(_) => return Ok(failed("no grant within the handshake timeout".into())),
-            // TLS 1.3 tells a client that its key was rejected only now,
-            // after its side of the handshake: an alert instead of a grant.
-            Ok(Err(ReadError::Io(e))) if dialer.is_tls() => {
-                return Ok(failed(format!(
-                    "the server rejected this client ({e}): is its key listed in the server's [[server.peer]]?"
-                )));
-            }
-            Ok(Ok(None)) | Ok(Err(ReadError::Io(_))) => return Ok(Ending::Refused),
-            Ok(Err(e)) => return Ok(failed(e.to_string())),
-            Ok(Ok(Some(Frame::Control(control)))) => match control.as_reply() {
-                Ok(Reply::Grant { address, netmask }) => break (address, netmask),
-                Ok(Reply::Keepalive) => continue,
-                Err(e) => return Ok(failed(format!("protocol error: {e}"))),
-            },
-            // A packet before the grant: nothing is configured to take it.
-            Ok(Ok(Some(Frame::Packet(_)))) => continue,
-            // Not negotiated yet: unreachable with today's decoders.
-            Ok(Ok(Some(Frame::Extension(_)))) => continue,
-        }
-    };
-    let prefix = netmask.and_then(netmask_prefix).unwrap_or(config.prefix);
-    tunnel.configure(address, prefix).await?;
-    Span::current().record("addr", tracing::field::display(address));
-    info!(
-        pushed_netmask = netmask.is_some(),
-        "granted {address}/{prefix}"
-    );
-    state.update(|link| {
-        link.state = "connected";
-        link.granted = Some((address, prefix));
-    });
-    state.events.publish(
-        EventKind::Granted,
-        remote,
-        Some(address),
-        format!("{request:?}"),
-    );
-
-    let activity = Arc::new(Activity::new());
-    // Control messages (keepalives) for the uplink task, which owns the writer.
-    let (control, control_rx) = mpsc::channel(4);
-    let tun_to_server = tokio::spawn(
-        forward_tun_to_server(
-            tunnel.device.clone(),
-            writer,
-            control_rx,
-            activity.clone(),
-            stats.clone(),
-        )
-        .instrument(Span::current()),
-    );
-    let reason = forward_server_to_tun(
-        config,
-        tunnel,
-        &mut reader,
-        &control,
-        &activity,
-        &stats,
-        shutdown,
-    )
-    .await;
-    tun_to_server.abort();
-    let _ = tun_to_server.await;
-    if let Ok(Some(reason)) = &reason {
-        state.events.publish(
-            EventKind::Disconnected,
-            remote,
-            Some(address),
-            reason.clone(),
-        );
-    }
-    Ok(match reason {
-        Err(e) => return Err(e),
-        Ok(None) => Ending::Shutdown,
-        Ok(Some(reason)) => Ending::Failed {
-            reason,
-            granted: true,
-        },
-    })
+/// Everything the client keeps across connections.
+struct Client {
+    config: ClientConfig,
+    dialer: Dialer,
+    tunnel: Tunnel,
+    state: Arc<ClientState>,
+    rules: ClientSession,
+    shutdown: CancellationToken,
 }
 
-/// Milliseconds since the session started of the last frame each way.
-struct Activity {
-    start: Instant,
-    last_rx: AtomicU64,
-    last_tx: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            start: Instant::now(),
-            last_rx: AtomicU64::new(0),
-            last_tx: AtomicU64::new(0),
-        }
-    }
-    fn now(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
-    }
-    fn received(&self) {
-        self.last_rx.store(self.now(), Ordering::Relaxed);
-    }
-    fn sent(&self) {
-        self.last_tx.store(self.now(), Ordering::Relaxed);
-    }
-    fn since_rx(&self) -> Duration {
-        Duration::from_millis(self.now() - self.last_rx.load(Ordering::Relaxed))
-    }
-    fn since_tx(&self) -> Duration {
-        Duration::from_millis(self.now() - self.last_tx.load(Ordering::Relaxed))
-    }
-}
-
-/// Reads the tun and writes each IPv4 packet to the server, together with
-/// the control messages (keepalives) that arrive on `control`. A burst of
-/// packets waiting in the tun goes out in one write; when the connection is
-/// slow this waits (rather than queueing), so the tun's own queue drops.
-async fn forward_tun_to_server(
-    tun: Arc<AsyncTun>,
-    mut writer: Writer,
-    mut control: mpsc::Receiver<Bytes>,
-    activity: Arc<Activity>,
+/// One connection's I/O, for carrying out actions.
+struct Connection {
+    remote: SocketAddr,
     stats: Arc<PeerStats>,
-) {
-    let mut buf = vec![0u8; UPLINK_BATCH + MAX_PACKET];
-    loop {
-        let read = tokio::select! {
-            biased;
-            message = control.recv() => match message {
-                Some(message) => {
-                    if writer.write_all(&message).await.is_err() {
-                        return;
-                    }
-                    activity.sent();
-                    continue;
+    /// Control messages, and the go-ahead for packets, to the uplink.
+    to_uplink: mpsc::Sender<ToUplink>,
+}
+
+impl Client {
+    /// Connects, runs the session, waits the delay the rules name, and again,
+    /// until shutdown.
+    async fn reconnect_loop(&mut self) -> Result<(), DaemonError> {
+        loop {
+            let span =
+                info_span!("server", remote = %self.config.server, addr = tracing::field::Empty);
+            let closed = self.session().instrument(span.clone()).await?;
+            let link_state = self.rules.link_state();
+            self.state.update(|link| {
+                link.state = link_state;
+                link.stats = None;
+            });
+            let Some(delay) = closed.reconnect_after else {
+                return Ok(());
+            };
+            span.in_scope(|| {
+                log_closed(&closed.reason);
+                info!("reconnecting in {:.1}s", delay.as_secs_f64());
+            });
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One connection to the server, from dialing to its close.
+    async fn session(&mut self) -> Result<Closed, DaemonError> {
+        self.rules.dialing();
+        let link_state = self.rules.link_state();
+        self.state.update(|link| link.state = link_state);
+        let dialed = tokio::select! {
+            _ = self.shutdown.cancelled() => return Ok(self.rules.shutdown()),
+            dialed = self.dialer.dial() => dialed,
+        };
+        match dialed {
+            Ok(dialed) => self.exchange(dialed).await,
+            Err(e) => Ok(self.rules.dial_failed(e)),
+        }
+    }
+
+    /// Feeds the rules what happens on the connection and carries out their
+    /// actions, until they close it.
+    async fn exchange(&mut self, dialed: Dialed) -> Result<Closed, DaemonError> {
+        let Dialed {
+            reader,
+            writer,
+            remote,
+            extension,
+        } = dialed;
+        let stats = Arc::new(PeerStats::default());
+        self.state.update(|link| {
+            link.remote = Some(remote);
+            link.connected_since = Some(SystemTime::now());
+            link.stats = Some(stats.clone());
+        });
+        info!("connected");
+        self.state
+            .events
+            .publish(EventKind::Connected, remote, None, "");
+
+        let last_sent = Arc::new(LastSent::new());
+        let (to_uplink, inbox) = mpsc::channel(UPLINK_QUEUE);
+        let uplink = Uplink {
+            tun: self.tunnel.device.clone(),
+            writer,
+            inbox,
+            last_sent: last_sent.clone(),
+            stats: stats.clone(),
+        };
+        // Aborted when dropped, however this returns.
+        let mut uplink = UplinkTask(Some(tokio::spawn(uplink.run().instrument(Span::current()))));
+        let connection = Connection {
+            remote,
+            stats,
+            to_uplink,
+        };
+        // A server that speaks our extension may send session parameters,
+        // which may be longer than the largest packet allowed.
+        let decoder = match extension {
+            true => Decoder::new(self.config.max_frame.max(MAX_ENCODED_LEN)).with_extensions(),
+            false => Decoder::new(self.config.max_frame),
+        };
+        let mut reader = FrameReader::new(reader, decoder);
+        self.rules.connected(Instant::now(), remote.ip());
+        let mut wake_at = self.rules.next_tick().unwrap_or_else(far_future);
+        let timer = tokio::time::sleep_until(wake_at.into());
+        tokio::pin!(timer);
+
+        let closed = 'session: loop {
+            // Carry out what the rules decided.
+            while let Some(action) = self.rules.poll_action() {
+                if let Some(closed) = self.carry_out(action, &connection).await? {
+                    break 'session closed;
                 }
-                None => return,
-            },
-            read = tun.recv(&mut buf) => read,
-        };
-        let mut len = match read {
-            Ok(len) => keep_ipv4(&buf[..len], &stats),
-            Err(e) => {
-                warn!(error = %e, "tun read failed");
-                return;
+            }
+            // A deadline only moves later as frames arrive; re-arm the timer
+            // (which costs more than a packet) only when it moves earlier.
+            if let Some(next) = self.rules.next_tick().filter(|next| *next < wake_at) {
+                wake_at = next;
+                timer.as_mut().reset(wake_at.into());
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break self.rules.shutdown(),
+                _ = &mut timer => {
+                    self.rules.sent(last_sent.get());
+                    self.rules.tick(Instant::now());
+                    wake_at = self.rules.next_tick().unwrap_or_else(far_future);
+                    timer.as_mut().reset(wake_at.into());
+                }
+                ended = uplink.ended() => {
+                    if let Err(e) = ended {
+                        self.rules.send_failed(e);
+                    }
+                }
+                read = reader.read_frame() => match read {
+                    Ok(Some(frame)) => {
+                        connection.stats.seen();
+                        self.rules.received(Instant::now(), frame);
+                    }
+                    Ok(None) => self.rules.server_closed(),
+                    Err(e) => self.rules.read_failed(e),
+                },
             }
         };
-        // More packets already waiting join this write.
-        while len < UPLINK_BATCH {
-            match tun.try_recv(&mut buf[len..]) {
-                Ok(more) => len += keep_ipv4(&buf[len..len + more], &stats),
-                Err(_) => break,
+        uplink.stop().await;
+        if let (Some(address), false) =
+            (closed.held, matches!(closed.reason, CloseReason::Shutdown))
+        {
+            self.state.events.publish(
+                EventKind::Disconnected,
+                remote,
+                Some(address),
+                closed.reason.to_string(),
+            );
+        }
+        Ok(closed)
+    }
+
+    /// Carries out one action of the rules; a close ends the connection.
+    async fn carry_out(
+        &mut self,
+        action: Action,
+        connection: &Connection,
+    ) -> Result<Option<Closed>, DaemonError> {
+        match action {
+            Action::WriteTun(packet) => {
+                connection.stats.count_rx(packet.len());
+                if let Err(e) = self.tunnel.device.send(&packet).await {
+                    debug!(error = %e, "tun write failed");
+                }
+            }
+            Action::Send(request) => {
+                if request == Request::Keepalive {
+                    debug!("sending keepalive");
+                }
+                let message = Control::request(request).encode();
+                // Full only while the uplink is stuck writing: a keepalive
+                // would add nothing then.
+                let _ = connection.to_uplink.try_send(ToUplink::Message(message));
+            }
+            Action::ConfigureTun { address, prefix } => {
+                self.tunnel.configure(address, prefix).await?;
+            }
+            Action::LinkUp { grant, asked } => {
+                self.link_up(grant, asked, connection).await;
+            }
+            Action::Moved(grant) => {
+                let Grant {
+                    address, prefix, ..
+                } = grant;
+                info!("server moved us to {address}/{prefix}");
+                Span::current().record("addr", tracing::field::display(address));
+                self.state
+                    .update(|link| link.granted = Some((address, prefix)));
+            }
+            Action::AddRoute(route) => {
+                // A refusal (by the helper's own allow-list) or a failure is
+                // this route's problem, not the link's.
+                match self.tunnel.helper.add_route(self.tunnel.index, route).await {
+                    Ok(()) => info!(%route, "installed a pushed route"),
+                    Err(e) => warn!(%route, error = %e, "pushed route not installed"),
+                }
+                self.publish_routes();
+            }
+            Action::DelRoute(route) => {
+                if let Err(e) = self.tunnel.helper.del_route(self.tunnel.index, route).await {
+                    debug!(%route, error = %e, "removing a pushed route failed");
+                }
+                self.publish_routes();
+            }
+            Action::RouteRefused(route, reason) => {
+                warn!(%route, %reason, "pushed route not installed");
+            }
+            Action::Close(closed) => return Ok(Some(closed)),
+        }
+        Ok(None)
+    }
+
+    /// Shows the routes installed now to the control API.
+    fn publish_routes(&self) {
+        let routes = self.rules.installed_routes().to_vec();
+        self.state.update(|link| link.routes = routes);
+    }
+
+    /// The session's first grant: the tun is configured, packets may flow.
+    async fn link_up(&mut self, grant: Grant, asked: Request, connection: &Connection) {
+        let Grant {
+            address,
+            prefix,
+            pushed_netmask,
+        } = grant;
+        Span::current().record("addr", tracing::field::display(address));
+        info!(pushed_netmask, "granted {address}/{prefix}");
+        let link_state = self.rules.link_state();
+        self.state.update(|link| {
+            link.state = link_state;
+            link.granted = Some((address, prefix));
+        });
+        self.state.events.publish(
+            EventKind::Granted,
+            connection.remote,
+            Some(address),
+            format!("{asked:?}"),
+        );
+        // Behind the request in the queue; if the uplink is gone, the
+        // session learns it from `UplinkTask::ended`.
+        let _ = connection.to_uplink.send(ToUplink::ReadTun).await;
+    }
+}
+
+/// Logs why a session ended (before the "reconnecting" line).
+fn log_closed(reason: &CloseReason) {
+    match reason {
+        CloseReason::Shutdown => {}
+        CloseReason::Refused(Refusal::StaticAddress(address)) => {
+            warn!(%address, "the server refused the static address; retrying");
+        }
+        CloseReason::Refused(Refusal::PreviousAddress(previous)) => {
+            info!(%previous, "the server refused the previous address; asking for any");
+        }
+        CloseReason::Refused(Refusal::AnyAddress) => warn!(
+            "the server closed the connection without a grant (addresses exhausted, \
+             banned, or protocol not allowed)"
+        ),
+        reason => warn!(%reason, "disconnected"),
+    }
+}
+
+/// A deadline for when the rules name none (never, in a session).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(3600)
+}
+
+/// What the session tells the uplink.
+enum ToUplink {
+    /// A control message to send.
+    Message([u8; CONTROL_LEN]),
+    /// The grant is in: read the tun from now on.
+    ReadTun,
+}
+
+/// When the uplink last wrote, in milliseconds since the connection
+/// started: an atomic, so the send path takes no lock.
+struct LastSent {
+    start: Instant,
+    millis: AtomicU64,
+}
+
+impl LastSent {
+    fn new() -> LastSent {
+        LastSent {
+            start: Instant::now(),
+            millis: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) {
+        let millis = self.start.elapsed().as_millis() as u64;
+        self.millis.store(millis, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Instant {
+        self.start + Duration::from_millis(self.millis.load(Ordering::Relaxed))
+    }
+}
+
+/// The send path of one connection; it owns the writer.
+struct Uplink {
+    tun: Arc<AsyncTun>,
+    writer: Writer,
+    inbox: mpsc::Receiver<ToUplink>,
+    last_sent: Arc<LastSent>,
+    stats: Arc<PeerStats>,
+}
+
+impl Uplink {
+    /// Sends the control messages from `inbox`, and once told to, the tun's
+    /// IPv4 packets. A burst of packets waiting in the tun goes out in one
+    /// write. Ends with the error when a write fails.
+    async fn run(mut self) -> io::Result<()> {
+        // Until the grant, nothing from the tun: the request must go first.
+        loop {
+            match self.inbox.recv().await {
+                Some(ToUplink::Message(message)) => self.write(&message).await?,
+                Some(ToUplink::ReadTun) => break,
+                None => return Ok(()),
             }
         }
-        if len == 0 {
-            continue;
+        let mut buf = vec![0u8; UPLINK_BATCH + MAX_PACKET];
+        loop {
+            let read = tokio::select! {
+                biased;
+                message = self.inbox.recv() => match message {
+                    Some(ToUplink::Message(message)) => {
+                        self.write(&message).await?;
+                        continue;
+                    }
+                    Some(ToUplink::ReadTun) => continue,
+                    None => return Ok(()),
+                },
+                read = self.tun.recv(&mut buf) => read,
+            };
+            let mut len = match read {
+                Ok(len) => keep_ipv4(&buf[..len], &self.stats),
+                Err(e) => {
+                    warn!(error = %e, "tun read failed");
+                    return Ok(());
+                }
+            };
+            // More packets already waiting join this write.
+            while len < UPLINK_BATCH {
+                match self.tun.try_recv(&mut buf[len..]) {
+                    Ok(more) => len += keep_ipv4(&buf[len..len + more], &self.stats),
+                    Err(_) => break,
+                }
+            }
+            if len > 0 {
+                self.write(&buf[..len]).await?;
+            }
         }
-        if writer.write_all(&buf[..len]).await.is_err() {
-            return;
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.writer.write_all(bytes).await?;
+        self.last_sent.now();
+        Ok(())
+    }
+}
+
+/// The uplink's task, aborted when dropped.
+struct UplinkTask(Option<JoinHandle<io::Result<()>>>);
+
+impl UplinkTask {
+    /// Waits for the uplink to end, with its write error if one ended it;
+    /// after that, never returns.
+    async fn ended(&mut self) -> io::Result<()> {
+        let Some(task) = self.0.as_mut() else {
+            return std::future::pending().await;
+        };
+        let result = task.await;
+        self.0 = None;
+        match result {
+            Ok(result) => result,
+            // Only an abort or a panic: neither says anything about the link.
+            Err(_) => std::future::pending().await,
         }
-        activity.sent();
+    }
+}
+
+impl UplinkTask {
+    /// Stops the uplink and waits until it has let go of the writer and tun.
+    async fn stop(mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for UplinkTask {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
     }
 }
 
@@ -489,116 +654,5 @@ fn keep_ipv4(packet: &[u8], stats: &PeerStats) -> usize {
             packet.len()
         }
         None => 0,
-    }
-}
-
-/// Reads frames from the server into the tun, and keeps the link alive.
-/// Returns `Ok(None)` on shutdown, `Ok(Some(reason))` when the link failed.
-async fn forward_server_to_tun(
-    config: &ClientConfig,
-    tunnel: &mut Tunnel,
-    reader: &mut FrameReader<Reader>,
-    control: &mpsc::Sender<Bytes>,
-    activity: &Activity,
-    stats: &PeerStats,
-    shutdown: &CancellationToken,
-) -> Result<Option<String>, DaemonError> {
-    let mut tick = tokio::time::interval(KEEPALIVE_RETRY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let keepalive = Bytes::copy_from_slice(&Control::KEEPALIVE.encode());
-    loop {
-        let frame = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            _ = tick.tick() => {
-                let silent = activity.since_rx();
-                if silent >= config.timeout {
-                    return Ok(Some(format!("no traffic from the server for {}s", silent.as_secs())));
-                }
-                if silent >= config.keepalive_after || activity.since_tx() >= config.keepalive_after {
-                    debug!("sending keepalive");
-                    let _ = control.try_send(keepalive.clone());
-                }
-                continue;
-            }
-            read = reader.read_frame() => match read {
-                Ok(Some(frame)) => frame,
-                Ok(None) => return Ok(Some("closed by server".into())),
-                Err(e) => return Ok(Some(e.to_string())),
-            },
-        };
-        activity.received();
-        stats.seen();
-        match frame {
-            Frame::Packet(packet) => {
-                stats.count_rx(packet.len());
-                if let Err(e) = tunnel.device.send(&packet).await {
-                    debug!(error = %e, "tun write failed");
-                }
-            }
-            Frame::Control(control) => match control.as_reply() {
-                Ok(Reply::Keepalive) => {}
-                Ok(Reply::Grant { address, netmask }) => {
-                    let prefix = netmask.and_then(netmask_prefix).unwrap_or(config.prefix);
-                    if tunnel.configured != Some((address, prefix)) {
-                        info!("server moved us to {address}/{prefix}");
-                        tunnel.configure(address, prefix).await?;
-                        Span::current().record("addr", tracing::field::display(address));
-                    }
-                }
-                Err(e) => return Ok(Some(format!("protocol error: {e}"))),
-            },
-            // Not negotiated yet: unreachable with today's decoders.
-            Frame::Extension(_) => {}
-        }
-    }
-}
-
-/// Reconnect delays: `initial` doubling up to `max`, each with +-20% jitter.
-#[derive(Debug)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Backoff {
-        Backoff {
-            initial,
-            max,
-            current: initial,
-        }
-    }
-
-    /// The next delay to wait before reconnecting.
-    pub fn next_delay(&mut self) -> Duration {
-        let base = self.current;
-        self.current = (self.current * 2).min(self.max);
-        base.mul_f64(0.8 + fastrand::f64() * 0.4).min(self.max)
-    }
-
-    /// Back to the initial delay, after a connection that worked.
-    pub fn reset(&mut self) {
-        self.current = self.initial;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_to_the_cap_with_jitter() {
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-        let bases = [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0];
-        for base in bases {
-            let d = backoff.next_delay().as_secs_f64();
-            assert!(
-                d >= base * 0.8 - 1e-9 && d <= (base * 1.2).min(30.0) + 1e-9,
-                "{d} vs {base}"
-            );
-        }
-        backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_millis(1200));
     }
 }

@@ -1,6 +1,7 @@
 //! How a client reaches its server: TCP, then TLS with the server's key
 //! pinned when the client has keys, else the original plaintext protocol.
 
+use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -14,11 +15,31 @@ use crate::connection::{Reader, Writer};
 use crate::keys::{NodeKey, PublicKey};
 use crate::tls::{self, TlsError};
 
+/// Why connecting to the server failed. The messages name the step.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("connect failed: {0}")]
+    Connect(io::Error),
+    /// Connected, but the socket had no peer address right after.
+    #[error("connection lost at once: {0}")]
+    LostAtOnce(io::Error),
+    #[error("TLS handshake timed out")]
+    TlsHandshakeTimeout,
+    /// Includes a server key that is not the pinned one.
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(io::Error),
+}
+
 /// A connection to the server, ready for the protocol.
 pub struct Dialed {
     pub reader: Reader,
     pub writer: Writer,
     pub remote: SocketAddr,
+    /// Whether the server speaks our extension (negotiated inside TLS): it
+    /// may send session parameters.
+    pub extension: bool,
 }
 
 /// Connects to the configured server.
@@ -62,37 +83,31 @@ impl Dialer {
         }
     }
 
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
     /// Connects (and, with TLS, authenticates both ways) within the timeout.
-    pub async fn dial(&self) -> Result<Dialed, String> {
-        let stream = match timeout(self.timeout, TcpStream::connect(self.server.as_str())).await {
-            Err(_) => return Err("connect timed out".into()),
-            Ok(Err(e)) => return Err(format!("connect failed: {e}")),
-            Ok(Ok(stream)) => stream,
-        };
+    pub async fn dial(&self) -> Result<Dialed, DialError> {
+        let stream = timeout(self.timeout, TcpStream::connect(self.server.as_str()))
+            .await
+            .map_err(|_| DialError::ConnectTimeout)?
+            .map_err(DialError::Connect)?;
         crate::connection::tune_tcp(&stream);
-        let remote = stream
-            .peer_addr()
-            .map_err(|e| format!("connection lost at once: {e}"))?;
+        let remote = stream.peer_addr().map_err(DialError::LostAtOnce)?;
         let Some((connector, _)) = &self.tls else {
             let (reader, writer) = stream.into_split();
             return Ok(Dialed {
+                extension: false,
                 reader: Box::new(reader),
                 writer: Box::new(writer),
                 remote,
             });
         };
-        let stream =
-            match timeout(self.timeout, connector.connect(tls::server_name(), stream)).await {
-                Err(_) => return Err("TLS handshake timed out".into()),
-                Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
-                Ok(Ok(stream)) => stream,
-            };
+        let stream = timeout(self.timeout, connector.connect(tls::server_name(), stream))
+            .await
+            .map_err(|_| DialError::TlsHandshakeTimeout)?
+            .map_err(DialError::TlsHandshake)?;
+        let extension = tls::speaks_extension(stream.get_ref().1);
         let (reader, writer) = tokio::io::split(stream);
         Ok(Dialed {
+            extension,
             reader: Box::new(reader),
             writer: Box::new(writer),
             remote,

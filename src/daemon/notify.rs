@@ -11,6 +11,8 @@ use tokio::time::{interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::session::LinkState;
+
 /// How often the status line is looked at for changes.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
@@ -57,15 +59,15 @@ pub fn server_status(peers: usize, listen: SocketAddr) -> String {
     format!("serving {peers} peer{s} on {listen}")
 }
 
-/// The client's status line for its link `state` ("connecting", "connected"
-/// or "backoff"): "connected to HOST:PORT as ADDRESS/PREFIX".
-pub fn client_status(state: &str, server: &str, granted: Option<(Ipv4Addr, u8)>) -> String {
+/// The client's status line for its link `state`: "connected to
+/// HOST:PORT as ADDRESS/PREFIX".
+pub fn client_status(state: LinkState, server: &str, granted: Option<(Ipv4Addr, u8)>) -> String {
     match (state, granted) {
-        ("connected", Some((address, prefix))) => {
+        (LinkState::Connected, Some((address, prefix))) => {
             format!("connected to {server} as {address}/{prefix}")
         }
-        ("backoff", _) => format!("reconnecting to {server}"),
-        _ => format!("connecting to {server}"),
+        (LinkState::Backoff, _) => format!("reconnecting to {server}"),
+        (LinkState::Connected | LinkState::Connecting, _) => format!("connecting to {server}"),
     }
 }
 
@@ -94,15 +96,15 @@ mod tests {
         assert_eq!(server_status(1, listen), "serving 1 peer on 0.0.0.0:2002");
         let granted = Some((Ipv4Addr::new(198, 19, 0, 2), 16));
         assert_eq!(
-            client_status("connected", "vpn:2002", granted),
+            client_status(LinkState::Connected, "vpn:2002", granted),
             "connected to vpn:2002 as 198.19.0.2/16"
         );
         assert_eq!(
-            client_status("backoff", "vpn:2002", granted),
+            client_status(LinkState::Backoff, "vpn:2002", granted),
             "reconnecting to vpn:2002"
         );
         assert_eq!(
-            client_status("connecting", "vpn:2002", None),
+            client_status(LinkState::Connecting, "vpn:2002", None),
             "connecting to vpn:2002"
         );
     }

@@ -7,6 +7,7 @@
 //! This module also holds the closed sets that the rest of the program and
 //! the control API name: [`Protocol`], [`NodeRole`] and [`LinkState`].
 
+pub mod client;
 pub mod server;
 
 use std::fmt;
