@@ -2,7 +2,8 @@
 //!
 //! The library holds what the programs share: the sans-IO wire codec
 //! ([`wire`]), framed I/O over any byte stream ([`connection`]), the address
-//! pool ([`pool`]), configuration ([`config`]), tun and netlink setup
+//! pool ([`pool`]), configuration ([`config`]) and the limits it shares
+//! with the helper ([`limits`]), tun and netlink setup
 //! ([`netdev`]), what the daemon and its privileged helper share
 //! ([`privsep`]), node keys and TLS ([`keys`], [`tls`]), the daemon's roles
 //! ([`daemon`]), whose entry point [`daemon::run`] takes a shutdown token,
@@ -17,6 +18,7 @@ pub mod ctl {
     pub mod cli;
 }
 pub mod keys;
+pub mod limits;
 pub mod netdev;
 pub mod pool;
 pub mod privsep;

@@ -26,8 +26,7 @@ use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-/// Longest interface name the kernel accepts (`IFNAMSIZ` - 1).
-pub const MAX_IFNAME_LEN: usize = libc::IFNAMSIZ - 1;
+use crate::limits::MAX_IFNAME_LEN;
 
 /// What went wrong, and on which interface.
 #[derive(Debug, thiserror::Error)]
