@@ -3,9 +3,8 @@
 //! The library holds what the programs share: the sans-IO wire codec
 //! ([`wire`]), framed I/O over any byte stream ([`connection`]), the address
 //! pool ([`pool`]), configuration ([`config`]) and the limits it shares
-//! with the helper ([`limits`]), tun and netlink setup
-//! ([`netdev`]), what the daemon and its privileged helper share
-//! ([`privsep`]), node keys and TLS ([`keys`], [`tls`]), the daemon's roles
+//! with the helper ([`limits`]), what the daemon and its privileged helper
+//! share, and the helper's tun and netlink setup ([`privsep`]), node keys and TLS ([`keys`], [`tls`]), the daemon's roles
 //! ([`daemon`]), whose entry point [`daemon::run`] takes a shutdown token,
 //! and both programs' command lines ([`daemon::cli`], [`ctl::cli`]), from
 //! which the man pages and shell completions are generated.
@@ -19,7 +18,6 @@ pub mod ctl {
 }
 pub mod keys;
 pub mod limits;
-pub mod netdev;
 pub mod pool;
 pub mod privsep;
 pub mod program;

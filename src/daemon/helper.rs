@@ -1,5 +1,5 @@
 //! The daemon's side of simplevpn-helper: an async handle whose methods
-//! mirror [`crate::netdev::LinkConfig`], each one a request to the helper.
+//! mirror [`crate::privsep::netdev::LinkConfig`], each one a request to the helper.
 //!
 //! One task owns the socket. It sends one request at a time and waits for
 //! its answer; between requests it watches the socket, so the helper's death
@@ -15,9 +15,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::netdev::{set_nonblocking, TunFd};
+use super::tun::set_nonblocking;
 use crate::privsep::channel::{self, Message};
-use crate::privsep::protocol::{decode, encode, HelperRequest, HelperResponse};
+use crate::privsep::protocol::{decode, encode, HelperRequest, HelperResponse, TunFd};
 
 /// How long the helper may take to answer one request before it counts as
 /// dead (netlink answers in microseconds).
