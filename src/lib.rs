@@ -2,9 +2,11 @@
 //!
 //! The library holds what the programs share: the sans-IO wire codec
 //! ([`wire`]), framed I/O over any byte stream ([`connection`]), the address
-//! pool ([`pool`]), configuration ([`config`]) and the limits it shares
-//! with the helper ([`limits`]), what the daemon and its privileged helper
-//! share, and the helper's tun and netlink setup ([`privsep`]), node keys and TLS ([`keys`], [`tls`]), the daemon's roles
+//! pool ([`pool`]), configuration ([`config`]) and the limits it shares with
+//! the helper ([`limits`]), what the daemon and its privileged helper share
+//! along with the helper's tun and netlink setup ([`privsep`]), node keys and
+//! TLS ([`keys`], [`tls`]), the session rules and the closed sets they name
+//! ([`session`]), the gRPC control API ([`proto`]), the daemon's roles
 //! ([`daemon`]), whose entry point [`daemon::run`] takes a shutdown token,
 //! and both programs' command lines ([`daemon::cli`], [`ctl::cli`]), from
 //! which the man pages and shell completions are generated.
@@ -21,12 +23,7 @@ pub mod limits;
 pub mod pool;
 pub mod privsep;
 pub mod program;
+pub mod proto;
 pub mod session;
 pub mod tls;
 pub mod wire;
-
-/// The gRPC control API (proto/control.proto), generated at build time.
-pub mod proto {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("simplevpn.control.v1");
-}

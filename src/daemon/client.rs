@@ -119,7 +119,7 @@ impl Node for ClientState {
     fn status(&self) -> proto::StatusReply {
         let link = self.link();
         proto::StatusReply {
-            role: "client".into(),
+            role: proto::Role::Client.into(),
             version: env!("CARGO_PKG_VERSION").into(),
             started: Some(self.started.into()),
             tun: self.tun.clone(),
@@ -128,7 +128,7 @@ impl Node for ClientState {
                 .map(|(a, p)| format!("{a}/{p}"))
                 .unwrap_or_default(),
             server: self.server.clone(),
-            link_state: link.state.into(),
+            link_state: proto::LinkState::of(link.state).into(),
             server_peer: self.server_peer().as_ref().map(proto::Peer::from),
             ..Default::default()
         }

@@ -526,7 +526,7 @@ impl Node for Shared {
     fn status(&self) -> proto::StatusReply {
         let network = self.config.network;
         proto::StatusReply {
-            role: "server".into(),
+            role: proto::Role::Server.into(),
             version: env!("CARGO_PKG_VERSION").into(),
             started: Some(self.started.into()),
             tun: self.tun_name.clone(),
