@@ -10,8 +10,7 @@ use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
 
 use crate::keys::PublicKey;
-
-use crate::wire::DEFAULT_MAX_FRAME;
+use crate::limits::{FRAME_RANGE, MAX_IFNAME_LEN, MAX_MTU, MIN_MTU, TUNNEL_PREFIX};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/simplevpn/simplevpnd.toml";
 pub const DEFAULT_PORT: u16 = 2002;
@@ -20,7 +19,8 @@ pub const DEFAULT_NETWORK: &str = "10.0.0.0/16";
 pub const DEFAULT_TUN: &str = "svpn0";
 pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
-pub const DEFAULT_MTU: u32 = 65535;
+/// The tun's MTU unless configured (or `max_frame` is smaller).
+pub const DEFAULT_MTU: u32 = MAX_MTU;
 pub const DEFAULT_PREFIX: u8 = 16;
 pub const DEFAULT_QUEUE_LEN: usize = 512;
 pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 256;
@@ -565,10 +565,14 @@ impl ClientSection {
             Some(server) => with_default_port(server)?,
         };
         let prefix = self.prefix.unwrap_or(DEFAULT_PREFIX);
-        if !(8..=30).contains(&prefix) {
+        if !TUNNEL_PREFIX.contains(&prefix) {
             return Err(ConfigError::new(
                 "prefix",
-                format!("{prefix} must be between 8 and 30"),
+                format!(
+                    "{prefix} must be between {} and {}",
+                    TUNNEL_PREFIX.start(),
+                    TUNNEL_PREFIX.end()
+                ),
             ));
         }
         let network = self.network.map(tunnel_network).transpose()?;
@@ -654,12 +658,17 @@ fn with_default_port(server: &str) -> Result<String, ConfigError> {
     }
 }
 
-/// A tunnel network: /8 to /30, without host bits.
+/// A tunnel network: a prefix in [`TUNNEL_PREFIX`] (/8 to /30), without
+/// host bits.
 fn tunnel_network(network: Ipv4Net) -> Result<Ipv4Net, ConfigError> {
-    if !(8..=30).contains(&network.prefix_len()) {
+    if !TUNNEL_PREFIX.contains(&network.prefix_len()) {
         return Err(ConfigError::new(
             "network",
-            format!("{network}: the prefix must be between /8 and /30"),
+            format!(
+                "{network}: the prefix must be between /{} and /{}",
+                TUNNEL_PREFIX.start(),
+                TUNNEL_PREFIX.end()
+            ),
         ));
     }
     if network != network.trunc() {
@@ -682,10 +691,11 @@ fn user(name: Option<String>) -> Result<String, ConfigError> {
     }
 }
 
+/// The tun's name: 1 to [`MAX_IFNAME_LEN`] (15) bytes of a-z, A-Z, 0-9, `-_.`.
 fn tun_name(name: Option<String>) -> Result<String, ConfigError> {
     let name = name.unwrap_or_else(|| DEFAULT_TUN.to_string());
     let valid = !name.is_empty()
-        && name.len() <= 15
+        && name.len() <= MAX_IFNAME_LEN
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
@@ -693,7 +703,7 @@ fn tun_name(name: Option<String>) -> Result<String, ConfigError> {
         true => Ok(name),
         false => Err(ConfigError::new(
             "tun",
-            format!("{name:?} is not an interface name (1-15 of a-z, 0-9, - _ .)"),
+            format!("{name:?} is not an interface name (1-{MAX_IFNAME_LEN} of a-z, 0-9, - _ .)"),
         )),
     }
 }
@@ -706,12 +716,17 @@ fn seconds(field: &str, value: Option<u64>, default: u64) -> Result<Duration, Co
     }
 }
 
+/// The largest frame: [`FRAME_RANGE`], by default its upper end.
 fn max_frame(value: Option<usize>) -> Result<usize, ConfigError> {
-    match value.unwrap_or(DEFAULT_MAX_FRAME) {
-        n if (576..=DEFAULT_MAX_FRAME).contains(&n) => Ok(n),
+    match value.unwrap_or(*FRAME_RANGE.end()) {
+        n if FRAME_RANGE.contains(&n) => Ok(n),
         n => Err(ConfigError::new(
             "max_frame",
-            format!("{n} must be between 576 and {DEFAULT_MAX_FRAME}"),
+            format!(
+                "{n} must be between {} and {}",
+                FRAME_RANGE.start(),
+                FRAME_RANGE.end()
+            ),
         )),
     }
 }
@@ -721,10 +736,10 @@ fn max_frame(value: Option<usize>) -> Result<usize, ConfigError> {
 /// 64 KiB per read and write).
 fn mtu(value: Option<u32>, max_frame: usize) -> Result<u32, ConfigError> {
     let mtu = value.unwrap_or(DEFAULT_MTU.min(max_frame as u32));
-    if mtu < 576 || mtu as usize > max_frame {
+    if mtu < MIN_MTU || mtu as usize > max_frame {
         return Err(ConfigError::new(
             "mtu",
-            format!("{mtu} must be between 576 and max_frame ({max_frame})"),
+            format!("{mtu} must be between {MIN_MTU} and max_frame ({max_frame})"),
         ));
     }
     Ok(mtu)

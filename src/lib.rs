@@ -1,14 +1,17 @@
 //! simplevpn: an IP-in-TCP VPN, wire-compatible with the original simplevpn.
 //!
 //! The library holds what the programs share: the sans-IO wire codec
-//! ([`wire`]) and its session-parameters extension ([`params`]), framed I/O over any byte stream ([`connection`]), the address
-//! pool ([`pool`]), the longest-prefix route table ([`routes`]),
-//! configuration ([`config`]), tun and netlink setup ([`netdev`]), what the
-//! daemon and its privileged helper share ([`privsep`]), node keys and TLS
-//! ([`keys`], [`tls`]), the daemon's roles ([`daemon`]), whose entry point
-//! [`daemon::run`] takes a shutdown token, and both programs' command lines
-//! ([`daemon::cli`], [`ctl::cli`]), from which the man pages and shell
-//! completions are generated.
+//! ([`wire`]) and its session-parameters extension ([`params`]), framed I/O
+//! over any byte stream ([`connection`]), the address pool ([`pool`]), the
+//! longest-prefix route table ([`routes`]), configuration ([`config`]) and
+//! the limits it shares with the helper ([`limits`]), what the daemon and its
+//! privileged helper share along with the helper's tun and netlink setup
+//! ([`privsep`]), node keys and TLS ([`keys`], [`tls`]), the session rules and
+//! the closed sets they name ([`session`]), the gRPC control API ([`proto`]),
+//! the daemon's roles ([`daemon`]), whose entry point [`daemon::run`] takes a
+//! shutdown token, and both programs' command lines ([`daemon::cli`],
+//! [`ctl::cli`]), from which the man pages and shell completions are
+//! generated.
 
 pub mod config;
 pub mod connection;
@@ -18,18 +21,13 @@ pub mod ctl {
     pub mod cli;
 }
 pub mod keys;
-pub mod netdev;
+pub mod limits;
 pub mod params;
 pub mod pool;
 pub mod privsep;
 pub mod program;
+pub mod proto;
 pub mod routes;
 pub mod session;
 pub mod tls;
 pub mod wire;
-
-/// The gRPC control API (proto/control.proto), generated at build time.
-pub mod proto {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("simplevpn.control.v1");
-}

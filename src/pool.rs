@@ -22,7 +22,6 @@ pub enum Refusal {
 #[derive(Debug)]
 pub struct AddressPool {
     network: Ipv4Net,
-    server: Ipv4Addr,
     /// One bit per address of the network, set when in use (or reserved).
     used: Vec<u64>,
     /// No address below this index is free.
@@ -43,7 +42,6 @@ impl AddressPool {
         let words = size.div_ceil(64) as usize;
         let mut pool = AddressPool {
             network: network.trunc(),
-            server: server_address(network),
             used: vec![0; words],
             lowest_free: 0,
             free_count: 0,
@@ -61,11 +59,6 @@ impl AddressPool {
 
     pub fn network(&self) -> Ipv4Net {
         self.network
-    }
-
-    /// The server's own tunnel address (the network's first host address).
-    pub fn server(&self) -> Ipv4Addr {
-        self.server
     }
 
     pub fn free_count(&self) -> u32 {
@@ -212,7 +205,7 @@ mod tests {
     #[test]
     fn hands_out_the_plain_host_range_lowest_first() {
         let mut pool = AddressPool::new(net("198.19.0.0/29"));
-        assert_eq!(pool.server(), ip("198.19.0.1"));
+        assert_eq!(server_address(pool.network()), ip("198.19.0.1"));
         let got: Vec<_> = (1..=5)
             .map(|n| pool.allocate(remote(n)).expect("free"))
             .collect();

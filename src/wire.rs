@@ -43,8 +43,9 @@ use bytes::{Buf, Bytes, BytesMut};
 pub const CONTROL_LEN: usize = 20;
 /// Length of the fixed IPv6 header.
 pub const IPV6_HEADER_LEN: usize = 40;
-/// The largest frame accepted unless configured otherwise.
-pub const DEFAULT_MAX_FRAME: usize = 65535;
+/// The largest frame accepted unless configured otherwise
+/// ([`crate::limits::MAX_FRAME`]).
+pub const DEFAULT_MAX_FRAME: usize = crate::limits::MAX_FRAME;
 
 /// The original client's fixed header bytes for control messages: version/IHL
 /// 0x45, byte 1 = 0x14, TTL (byte 8) = 0x40, zeros elsewhere. Receivers ignore

@@ -1,5 +1,6 @@
-//! Tests for `netdev`. They need root (CAP_NET_ADMIN and CAP_SYS_ADMIN) and
-//! `ip` (iproute2). Every test runs in a network namespace of its own,
+//! Tests for the tun: `privsep::netdev` (creation, netlink) and `daemon::tun`
+//! (packet I/O). They need root (CAP_NET_ADMIN and CAP_SYS_ADMIN) and `ip`
+//! (iproute2). Every test runs in a network namespace of its own,
 //! `svnd-<pid>-<n>`, which is deleted afterwards even when the test panics;
 //! nothing is ever created in the root namespace. Addresses are from
 //! 198.18.0.0/15 only.
@@ -13,7 +14,8 @@ use std::time::Duration;
 mod common;
 
 use ipnet::Ipv4Net;
-use simplevpn::netdev::{create_tun, AsyncTun, LinkConfig, NetdevError};
+use simplevpn::daemon::tun::AsyncTun;
+use simplevpn::privsep::netdev::{create_tun, LinkConfig, NetdevError};
 
 const TUN: &str = "svtun-test";
 const LOCAL: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);

@@ -66,7 +66,7 @@ pub fn peer_json(p: &proto::Peer) -> Value {
         "dropped_spoofed": p.dropped_spoofed,
         "dropped_queue_full": p.dropped_queue_full,
         "dropped_unassigned": p.dropped_unassigned,
-        "protocol": p.protocol,
+        "protocol": p.protocol().text(),
         "name": p.name,
         "key": if p.key.is_empty() { Value::Null } else { Value::String(p.key.clone()) },
     })
@@ -144,7 +144,7 @@ pub fn peer_fields(p: &proto::Peer, now: SystemTime) -> String {
     fields(&[
         ("address", p.address.clone()),
         ("remote", p.remote.clone()),
-        ("protocol", p.protocol.clone()),
+        ("protocol", p.protocol().text().to_string()),
         (
             "name",
             if p.name.is_empty() {

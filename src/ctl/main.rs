@@ -209,14 +209,14 @@ fn event_text(e: &proto::PeerEvent) -> String {
 
 fn status_json(s: &proto::StatusReply) -> Value {
     let mut v = json!({
-        "role": s.role,
+        "role": s.role().text(),
         "version": s.version,
         "started": rfc3339(&s.started),
         "tun": s.tun,
         "address": s.address,
     });
-    let extra = match s.role.as_str() {
-        "server" => json!({
+    let extra = match s.role() {
+        proto::Role::Server => json!({
             "listen": s.listen,
             "network": s.network,
             "peer_count": s.peer_count,
@@ -225,7 +225,7 @@ fn status_json(s: &proto::StatusReply) -> Value {
         }),
         _ => json!({
             "server": s.server,
-            "link_state": s.link_state,
+            "link_state": s.link_state().text(),
             "server_peer": s.server_peer.as_ref().map(peer_json),
         }),
     };
@@ -244,13 +244,13 @@ fn status_text(s: &proto::StatusReply, now: SystemTime) -> String {
         }
     };
     let mut pairs = vec![
-        ("role", s.role.clone()),
+        ("role", s.role().text().to_string()),
         ("version", s.version.clone()),
         ("uptime", age(&s.started, now)),
         ("tun", s.tun.clone()),
         ("address", or_dash(&s.address)),
     ];
-    if s.role == "server" {
+    if s.role() == proto::Role::Server {
         pairs.extend([
             ("listen", s.listen.clone()),
             ("network", s.network.clone()),
@@ -262,7 +262,7 @@ fn status_text(s: &proto::StatusReply, now: SystemTime) -> String {
     } else {
         pairs.extend([
             ("server", s.server.clone()),
-            ("link", or_dash(&s.link_state)),
+            ("link", or_dash(s.link_state().text())),
         ]);
         if let Some(p) = &s.server_peer {
             pairs.extend([

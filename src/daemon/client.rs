@@ -43,8 +43,8 @@ use super::peers::{PeerInfo, PeerStats};
 use super::{ControlOptions, DaemonError};
 use crate::config::ClientConfig;
 use crate::connection::{FrameReader, Writer};
+use crate::daemon::tun::AsyncTun;
 use crate::keys::NodeKey;
-use crate::netdev::AsyncTun;
 use crate::params::MAX_ENCODED_LEN;
 use crate::pool::server_address;
 use crate::proto;
@@ -145,7 +145,7 @@ impl Node for ClientState {
     fn status(&self) -> proto::StatusReply {
         let link = self.link();
         proto::StatusReply {
-            role: "client".into(),
+            role: proto::Role::Client.into(),
             version: env!("CARGO_PKG_VERSION").into(),
             started: Some(self.started.into()),
             tun: self.tun.clone(),
@@ -154,7 +154,7 @@ impl Node for ClientState {
                 .map(|(a, p)| format!("{a}/{p}"))
                 .unwrap_or_default(),
             server: self.server.clone(),
-            link_state: link.state.as_str().into(),
+            link_state: proto::LinkState::of(link.state).into(),
             server_peer: self.server_peer().as_ref().map(proto::Peer::from),
             ..Default::default()
         }

@@ -322,7 +322,7 @@ impl From<&PeerInfo> for proto::Peer {
             dropped_spoofed: p.dropped_spoofed,
             dropped_queue_full: p.dropped_queue_full,
             dropped_unassigned: p.dropped_unassigned,
-            protocol: p.identity.protocol().to_string(),
+            protocol: proto::Protocol::from(p.identity.protocol()).into(),
             name: p.identity.name().unwrap_or_default().to_string(),
             key: p.identity.key().map(|k| k.to_string()).unwrap_or_default(),
         }

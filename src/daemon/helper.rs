@@ -1,13 +1,15 @@
 //! The daemon's side of simplevpn-helper: an async handle whose methods
-//! mirror [`crate::netdev::LinkConfig`], each one a request to the helper.
+//! mirror [`crate::privsep::netdev::LinkConfig`], each one a request to the helper.
 //!
 //! One task owns the socket. It sends one request at a time and waits for
 //! its answer; between requests it watches the socket, so the helper's death
 //! (EOF) is noticed even while the daemon asks nothing. [`Helper::lost`]
 //! resolves then, and every later request fails with [`HelperError::Died`].
 
+use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
@@ -15,9 +17,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::netdev::{set_nonblocking, TunFd};
+use super::tun::set_nonblocking;
 use crate::privsep::channel::{self, Message};
-use crate::privsep::protocol::{decode, encode, HelperRequest, HelperResponse};
+use crate::privsep::protocol::{decode, encode, FrameError, HelperRequest, HelperResponse, TunFd};
 
 /// How long the helper may take to answer one request before it counts as
 /// dead (netlink answers in microseconds).
@@ -26,20 +28,76 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request the helper did not carry out.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum HelperError {
+    /// Its policy does not allow the request; nothing was done.
     #[error("simplevpn-helper refused to {request}: {reason}")]
-    Refused { request: String, reason: String },
+    Refused {
+        /// The request, as a phrase ("set MTU 1500 on ifindex 7").
+        request: String,
+        /// The helper's reason.
+        reason: String,
+    },
+    /// Allowed, but the kernel said no.
     #[error("simplevpn-helper failed to {request}: {reason}")]
-    Failed { request: String, reason: String },
+    Failed {
+        /// The request, as a phrase.
+        request: String,
+        /// The helper's report of the kernel's error.
+        reason: String,
+    },
+    /// An answer that does not fit the request (or does not decode).
     #[error("simplevpn-helper gave an unexpected answer to \"{request}\": {answer}")]
-    Unexpected { request: String, answer: String },
+    Unexpected {
+        /// The request, as a phrase.
+        request: String,
+        /// What came back.
+        answer: String,
+    },
+    /// The connection to the helper is gone; no request will succeed again.
     #[error("simplevpn-helper died: {0}")]
-    Died(String),
+    Died(#[from] Lost),
+}
+
+/// Why the connection to the helper is unusable (the helper is taken to be
+/// dead). Cheap to clone: every waiting caller gets the same reason.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Lost {
+    /// A request could not be framed (a bug: every request is tiny).
+    #[error("encoding {request}: {source}")]
+    Encode {
+        /// The request, as a phrase.
+        request: String,
+        /// Why.
+        #[source]
+        source: Arc<FrameError>,
+    },
+    /// Sending on the socket failed.
+    #[error("writing its socket: {0}")]
+    Write(#[source] Arc<io::Error>),
+    /// Receiving from the socket failed.
+    #[error("reading its socket: {0}")]
+    Read(#[source] Arc<io::Error>),
+    /// Waiting for the socket to become readable failed.
+    #[error("watching its socket: {0}")]
+    Watch(#[source] Arc<io::Error>),
+    /// The helper closed its end (it exited or was killed).
+    #[error("its socket closed")]
+    Closed,
+    /// A message arrived while no request was waiting for one.
+    #[error("it sent a message nobody asked for")]
+    Unsolicited,
+    /// A request went unanswered for this long.
+    #[error("no answer within {}s", .0.as_secs())]
+    Timeout(Duration),
+    /// The task that owns the socket is gone without saying why (the
+    /// runtime is shutting down).
+    #[error("the daemon stopped talking to it")]
+    Abandoned,
 }
 
 /// One request and where its answer goes.
 struct Call {
     request: HelperRequest,
-    answer: oneshot::Sender<Result<Message, String>>,
+    answer: oneshot::Sender<Result<Message, Lost>>,
 }
 
 /// A cheap-to-clone handle to the helper.
@@ -47,7 +105,7 @@ struct Call {
 pub struct Helper {
     calls: mpsc::Sender<Call>,
     /// Why the helper is gone, once it is.
-    lost: watch::Receiver<Option<String>>,
+    lost: watch::Receiver<Option<Lost>>,
 }
 
 impl Helper {
@@ -70,11 +128,11 @@ impl Helper {
     }
 
     /// Resolves once the helper is gone, with the reason.
-    pub async fn lost(&self) -> String {
+    pub async fn lost(&self) -> Lost {
         let mut lost = self.lost.clone();
         let why = match lost.wait_for(Option::is_some).await {
-            Ok(why) => why.clone().unwrap_or_default(),
-            Err(_) => "the daemon stopped talking to it".to_string(),
+            Ok(why) => why.clone().unwrap_or(Lost::Abandoned),
+            Err(_) => Lost::Abandoned,
         };
         why
     }
@@ -148,9 +206,10 @@ impl Helper {
         }
     }
 
+    /// The error for a call that found the socket's task gone.
     fn died(&self) -> HelperError {
         let why = self.lost.borrow().clone();
-        HelperError::Died(why.unwrap_or_else(|| "its connection closed".to_string()))
+        HelperError::Died(why.unwrap_or(Lost::Closed))
     }
 }
 
@@ -183,14 +242,14 @@ fn unexpected(request: &HelperRequest, response: &HelperResponse) -> HelperError
 /// Owns the socket: carries out calls one at a time and watches for EOF in
 /// between. Returns why the helper is gone, or `None` when every handle was
 /// dropped (the socket then closes, and the helper exits).
-async fn serve(socket: &AsyncFd<OwnedFd>, mut calls: mpsc::Receiver<Call>) -> Option<String> {
+async fn serve(socket: &AsyncFd<OwnedFd>, mut calls: mpsc::Receiver<Call>) -> Option<Lost> {
     loop {
         tokio::select! {
             call = calls.recv() => {
                 let call = call?;
                 let result = tokio::time::timeout(ANSWER_TIMEOUT, exchange(socket, &call.request))
                     .await
-                    .unwrap_or_else(|_| Err(format!("no answer within {}s", ANSWER_TIMEOUT.as_secs())));
+                    .unwrap_or(Err(Lost::Timeout(ANSWER_TIMEOUT)));
                 let failed = result.as_ref().err().cloned();
                 let _ = call.answer.send(result);
                 if let Some(why) = failed {
@@ -201,13 +260,13 @@ async fn serve(socket: &AsyncFd<OwnedFd>, mut calls: mpsc::Receiver<Call>) -> Op
                 // Nothing was asked, so only EOF or a protocol violation can be here.
                 let mut guard = match ready {
                     Ok(guard) => guard,
-                    Err(e) => return Some(format!("watching its socket: {e}")),
+                    Err(e) => return Some(Lost::Watch(Arc::new(e))),
                 };
                 match guard.try_io(|fd| channel::recv(fd.as_fd())) {
                     Err(_would_block) => continue,
-                    Ok(Ok(message)) if message.is_eof() => return Some("its socket closed".into()),
-                    Ok(Ok(_)) => return Some("it sent a message nobody asked for".into()),
-                    Ok(Err(e)) => return Some(format!("reading its socket: {e}")),
+                    Ok(Ok(message)) if message.is_eof() => return Some(Lost::Closed),
+                    Ok(Ok(_)) => return Some(Lost::Unsolicited),
+                    Ok(Err(e)) => return Some(Lost::Read(Arc::new(e))),
                 }
             }
         }
@@ -216,20 +275,23 @@ async fn serve(socket: &AsyncFd<OwnedFd>, mut calls: mpsc::Receiver<Call>) -> Op
 
 /// Sends one request and receives its answer. An error means the
 /// connection is unusable.
-async fn exchange(socket: &AsyncFd<OwnedFd>, request: &HelperRequest) -> Result<Message, String> {
-    let frame = encode(request).map_err(|e| format!("encoding {request}: {e}"))?;
+async fn exchange(socket: &AsyncFd<OwnedFd>, request: &HelperRequest) -> Result<Message, Lost> {
+    let frame = encode(request).map_err(|e| Lost::Encode {
+        request: request.to_string(),
+        source: Arc::new(e),
+    })?;
     socket
         .async_io(Interest::WRITABLE, |fd| {
             channel::send(fd.as_fd(), &frame, None)
         })
         .await
-        .map_err(|e| format!("writing its socket: {e}"))?;
+        .map_err(|e| Lost::Write(Arc::new(e)))?;
     let message = socket
         .async_io(Interest::READABLE, |fd| channel::recv(fd.as_fd()))
         .await
-        .map_err(|e| format!("reading its socket: {e}"))?;
+        .map_err(|e| Lost::Read(Arc::new(e)))?;
     match message.is_eof() {
-        true => Err("its socket closed".into()),
+        true => Err(Lost::Closed),
         false => Ok(message),
     }
 }

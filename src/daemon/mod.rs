@@ -11,6 +11,7 @@ mod notify;
 mod peers;
 pub mod privileges;
 pub mod server;
+pub mod tun;
 
 use std::net::SocketAddr;
 
@@ -19,7 +20,6 @@ use tokio_util::sync::CancellationToken;
 use self::helper::{Helper, HelperError};
 use crate::config::{ClientConfig, ControlConfig, ServerConfig};
 use crate::keys::NodeKey;
-use crate::netdev::NetdevError;
 use crate::tls::TlsError;
 
 /// What the daemon runs as.
@@ -64,8 +64,6 @@ pub struct ControlOptions {
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("{0}")]
-    Netdev(#[from] NetdevError),
     #[error("cannot listen on {address}: {source}")]
     Bind {
         address: SocketAddr,

@@ -41,8 +41,8 @@ use super::peers::{Banned, Delivery, Peer, PeerInfo, PeerTable};
 use super::{ControlOptions, DaemonError};
 use crate::config::ServerConfig;
 use crate::connection::{write_frames, FrameReader, ReadError};
+use crate::daemon::tun::AsyncTun;
 use crate::keys::NodeKey;
-use crate::netdev::AsyncTun;
 use crate::pool::server_address;
 use crate::proto;
 use crate::session::server::{pushed_params, Action, DropReason, Ending, ServerSession};
@@ -474,7 +474,7 @@ impl Node for Shared {
     fn status(&self) -> proto::StatusReply {
         let network = self.config.network;
         proto::StatusReply {
-            role: "server".into(),
+            role: proto::Role::Server.into(),
             version: env!("CARGO_PKG_VERSION").into(),
             started: Some(self.started.into()),
             tun: self.tun_name.clone(),

@@ -18,6 +18,7 @@
 //! ignored: a terminal's Ctrl-C or systemd's stop reaches the daemon too, and
 //! the helper leaves only after the daemon has.
 
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
 
@@ -29,10 +30,10 @@ use nix::sys::signal::{signal, SigHandler, Signal};
 use nix::sys::socket::SockType;
 use nix::sys::socket::{getsockopt, sockopt};
 use nix::unistd::getppid;
-use simplevpn::netdev::{self, LinkConfig, NetdevError};
 use simplevpn::privsep::args::HelperArgs;
 use simplevpn::privsep::channel::{self, Message};
 use simplevpn::privsep::credentials::{self, ServiceUser};
+use simplevpn::privsep::netdev::{self, LinkConfig, NetdevError};
 use simplevpn::privsep::policy::Policy;
 use simplevpn::privsep::protocol::{decode, encode, HelperRequest, HelperResponse};
 use simplevpn::program;
@@ -89,7 +90,7 @@ fn run(args: HelperArgs) -> anyhow::Result<()> {
     loop {
         let message = match channel::recv(socket.as_fd()) {
             Ok(message) => message,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e).context("reading the daemon's socket"),
         };
         if message.is_eof() {
@@ -122,7 +123,8 @@ fn run(args: HelperArgs) -> anyhow::Result<()> {
 struct State {
     args: HelperArgs,
     policy: Policy,
-    /// /dev/net/tun, opened at startup, until `OpenTun` turns it into the tun.
+    /// /dev/net/tun, opened at startup (as root), until `OpenTun` turns it
+    /// into the tun.
     device: Option<OwnedFd>,
     /// The tun's name and this helper's own fd for it.
     tun: Option<(String, OwnedFd)>,
@@ -162,10 +164,14 @@ impl State {
         let links = &self.links;
         let done = match *request {
             HelperRequest::OpenTun => {
-                let created = match self.device.take() {
-                    Some(device) => netdev::attach_tun(device, &self.args.tun),
-                    None => netdev::create_tun(&self.args.tun),
-                };
+                // The policy allows OpenTun once, so the device is still here;
+                // there is no second way to a tun (opening /dev/net/tun again
+                // may need the root this process no longer has).
+                let created = self
+                    .device
+                    .take()
+                    .ok_or_else(|| NetdevError::OpenTun(io::Error::other("already used")))
+                    .and_then(|device| netdev::attach_tun(device, &self.args.tun));
                 self.policy
                     .record(request, created.as_ref().ok().map(|tun| tun.index));
                 let tun = created?;

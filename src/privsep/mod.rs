@@ -10,14 +10,20 @@
 //!    against its Policy, then does it with netdev (tun ioctl, rtnetlink)
 //! ```
 //!
+//! Most of this module is shared; [`netdev`] is the helper's alone (the
+//! daemon's side of the tun is [`crate::daemon::tun`]).
+//!
 //! * [`protocol`]: the closed set of requests and answers, and their framing;
 //! * [`channel`]: the socketpair, one frame (and maybe one fd) per message;
 //! * [`policy`]: the helper's allow-list, a pure state machine;
+//! * [`netdev`]: what the helper carries out: tun creation and rtnetlink
+//!   configuration (privileged);
 //! * [`args`]: the helper's command line, which is its whole configuration;
 //! * [`credentials`]: switching to the service user and dropping capabilities.
 
 pub mod args;
 pub mod channel;
 pub mod credentials;
+pub mod netdev;
 pub mod policy;
 pub mod protocol;

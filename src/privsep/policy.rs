@@ -7,13 +7,13 @@
 //!   address whose whole subnet lies inside that network. On a client without
 //!   one (its network is only known from the server's grant), any unicast
 //!   host address (not loopback, multicast, broadcast or unspecified) with a
-//!   prefix from /8 to /30.
+//!   prefix in [`TUNNEL_PREFIX`] (/8 to /30).
 //! * Routes: inside the configured network; on a client without one, inside
 //!   the subnet of the address the helper last set (none before that).
 //!   Beyond the tunnel, only what [`RouteRule`] allows: on a server, the
 //!   networks behind its peers; on a client, those inside its
 //!   `accept_routes`, or without that list any route but a default one.
-//! * MTU: within the configured range.
+//! * MTU: from [`MIN_MTU`] to the configured maximum (at most [`MAX_MTU`]).
 
 use std::net::Ipv4Addr;
 use std::ops::RangeInclusive;
@@ -21,11 +21,7 @@ use std::ops::RangeInclusive;
 use ipnet::Ipv4Net;
 
 use super::protocol::HelperRequest;
-
-/// Shortest and longest prefix of a tunnel subnet, as for the server's network.
-pub const PREFIX_RANGE: RangeInclusive<u8> = 8..=30;
-/// Smallest MTU the helper sets (the IPv4 minimum datagram size).
-pub const MIN_MTU: u32 = 576;
+use crate::limits::{MAX_MTU, MIN_MTU, TUNNEL_PREFIX};
 
 /// Which addresses may be set on the tun.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +31,7 @@ pub enum AddressRule {
     /// Client with a configured network: a host address whose subnet lies
     /// inside it.
     Inside(Ipv4Net),
-    /// Client without one: any unicast host address, prefix in [`PREFIX_RANGE`].
+    /// Client without one: any unicast host address, prefix in [`TUNNEL_PREFIX`].
     AnyUnicast,
 }
 
@@ -97,11 +93,12 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// A policy allowing `rule`'s addresses and MTUs from [`MIN_MTU`] to `max_mtu`.
+    /// A policy allowing `rule`'s addresses and MTUs from [`MIN_MTU`] to
+    /// `max_mtu` (never above [`MAX_MTU`]).
     pub fn new(rule: AddressRule, max_mtu: u32) -> Policy {
         Policy {
             rule,
-            mtu: MIN_MTU..=max_mtu,
+            mtu: MIN_MTU..=max_mtu.min(MAX_MTU),
             tun_requested: false,
             index: None,
             address: None,
@@ -191,21 +188,21 @@ impl Policy {
                 if !network.contains(&address) {
                     return Err(format!("outside the network {network}"));
                 }
-                if prefix < network.prefix_len() || !PREFIX_RANGE.contains(&prefix) {
+                if prefix < network.prefix_len() || !TUNNEL_PREFIX.contains(&prefix) {
                     return Err(format!(
                         "the prefix must be from /{} to /{} to stay inside {network}",
-                        network.prefix_len().max(*PREFIX_RANGE.start()),
-                        PREFIX_RANGE.end()
+                        network.prefix_len().max(*TUNNEL_PREFIX.start()),
+                        TUNNEL_PREFIX.end()
                     ));
                 }
                 subnet_of(address, prefix)?
             }
             AddressRule::AnyUnicast => {
-                if !PREFIX_RANGE.contains(&prefix) {
+                if !TUNNEL_PREFIX.contains(&prefix) {
                     return Err(format!(
                         "the prefix must be from /{} to /{}",
-                        PREFIX_RANGE.start(),
-                        PREFIX_RANGE.end()
+                        TUNNEL_PREFIX.start(),
+                        TUNNEL_PREFIX.end()
                     ));
                 }
                 if address.is_loopback()

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
 
 use ipnet::Ipv4Net;
 use serde::de::DeserializeOwned;
@@ -54,6 +55,20 @@ pub enum HelperResponse {
     Refused(String),
     /// Allowed, but the kernel said no.
     Failed(String),
+}
+
+/// A tun device and its fd: what the helper creates
+/// ([`super::netdev::create_tun`]), and what the daemon holds once the
+/// answer [`HelperResponse::Tun`] and its fd have arrived.
+#[derive(Debug)]
+pub struct TunFd {
+    /// The tun fd (`O_NONBLOCK | O_CLOEXEC`). The device disappears when the
+    /// last fd referring to it is closed.
+    pub fd: OwnedFd,
+    /// The name the kernel gave the device.
+    pub name: String,
+    /// The device's ifindex, which every later request names.
+    pub index: u32,
 }
 
 impl fmt::Display for HelperRequest {

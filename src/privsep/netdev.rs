@@ -1,13 +1,14 @@
-//! Tun devices and interface configuration.
+//! The helper's side of the tun: creating it and configuring it. Only
+//! simplevpn-helper runs this (and the tests, as root); everything here needs
+//! `CAP_NET_ADMIN`. The daemon never calls it: it asks the helper
+//! ([`crate::daemon::helper`]) and does packet I/O on the fd it receives
+//! ([`crate::daemon::tun::AsyncTun`]).
 //!
-//! The module is split along the privilege boundary:
-//!
-//! * privileged: [`create_tun`] (or [`open_tun_device`] then [`attach_tun`];
-//!   needs `CAP_NET_ADMIN`) and [`LinkConfig`] (rtnetlink; needs
-//!   `CAP_NET_ADMIN`), used only by simplevpn-helper;
-//! * unprivileged: [`AsyncTun`], which only reads and writes packets on an
-//!   already open tun fd, e.g. one received over a Unix socket with
-//!   `SCM_RIGHTS`.
+//! * [`create_tun`] (or [`open_tun_device`] while still root, then
+//!   [`attach_tun`]): a tun device, as a [`TunFd`];
+//! * [`LinkConfig`]: its address, MTU, link state and routes over rtnetlink.
+//!   Every call is idempotent: setting what is already set, adding a route
+//!   that exists or deleting one that does not is not an error.
 
 use std::ffi::CStr;
 use std::io;
@@ -16,18 +17,16 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
+use nix::fcntl::{open, OFlag};
 use nix::libc;
 use nix::sys::stat::Mode;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::route::{RouteMessage, RouteScope};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 
-/// Longest interface name the kernel accepts (`IFNAMSIZ` - 1).
-pub const MAX_IFNAME_LEN: usize = libc::IFNAMSIZ - 1;
+use super::protocol::TunFd;
+use crate::limits::MAX_IFNAME_LEN;
 
 /// What went wrong, and on which interface.
 #[derive(Debug, thiserror::Error)]
@@ -72,22 +71,9 @@ pub enum NetdevError {
         source: io::Error,
     },
 }
-
 // ---------------------------------------------------------------------------
-// Privileged: tun creation
+// Tun creation
 // ---------------------------------------------------------------------------
-
-/// A freshly created tun device.
-#[derive(Debug)]
-pub struct TunFd {
-    /// The tun fd (`O_NONBLOCK | O_CLOEXEC`). The device disappears when the
-    /// last fd referring to it is closed.
-    pub fd: OwnedFd,
-    /// The name the kernel gave the device.
-    pub name: String,
-    /// The device's ifindex, for [`LinkConfig`].
-    pub index: u32,
-}
 
 // TUNSETIFF is declared _IOW('T', 202, int) but really takes a `struct ifreq *`.
 nix::ioctl_write_ptr_bad!(tun_set_iff, libc::TUNSETIFF, libc::ifreq);
@@ -171,98 +157,8 @@ fn if_index(name: &str) -> Result<u32, NetdevError> {
         index => Ok(index),
     }
 }
-
 // ---------------------------------------------------------------------------
-// Unprivileged: packet I/O
-// ---------------------------------------------------------------------------
-
-/// Async packet I/O on a tun fd. One `recv` returns one IP packet; one `send`
-/// writes one. Share it between a reader task and a writer task with `Arc`.
-#[derive(Debug)]
-pub struct AsyncTun {
-    fd: AsyncFd<OwnedFd>,
-}
-
-impl AsyncTun {
-    /// Wraps a tun fd (from [`create_tun`] or received from elsewhere), making
-    /// it non-blocking. Must be called inside a tokio runtime.
-    pub fn new(fd: OwnedFd) -> io::Result<Self> {
-        set_nonblocking(&fd)?;
-        // SAFETY: an OwnedFd is a valid open fd, and it stays open and
-        // unchanged for as long as the AsyncFd that owns it.
-        let fd = unsafe {
-            AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE)
-        }?;
-        Ok(Self { fd })
-    }
-
-    /// Receives one packet into `buf`, returning its length. A packet longer
-    /// than `buf` is truncated.
-    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.fd
-            .async_io(Interest::READABLE, |fd| {
-                nix::unistd::read(fd.as_raw_fd(), buf).map_err(io::Error::from)
-            })
-            .await
-    }
-
-    /// Receives one packet into the spare capacity of `buf` (which must have
-    /// room for the largest packet), appending it without zeroing or copying.
-    pub async fn recv_into(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
-        use bytes::BufMut;
-        let len = self
-            .fd
-            .async_io(Interest::READABLE, |fd| {
-                let spare = buf.chunk_mut();
-                // SAFETY: read(2) writes at most `spare.len()` bytes into the
-                // spare capacity it is given, which is valid for writes.
-                let n = unsafe {
-                    nix::libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len())
-                };
-                match n {
-                    n if n < 0 => Err(io::Error::last_os_error()),
-                    n => Ok(n as usize),
-                }
-            })
-            .await?;
-        // SAFETY: read(2) initialized the first `len` bytes of the spare capacity.
-        unsafe { buf.advance_mut(len) };
-        Ok(len)
-    }
-
-    /// Receives one packet if one is waiting, without waiting: `WouldBlock`
-    /// when there is none. For reading a burst of packets in one go.
-    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        nix::unistd::read(self.fd.get_ref().as_raw_fd(), buf).map_err(io::Error::from)
-    }
-
-    /// Sends one packet without waiting. A tun accepts a packet at once (the
-    /// kernel drops it if its backlog is full), so this never needs to
-    /// wait; `WouldBlock` is passed on for the caller to count as a drop.
-    pub fn try_send(&self, packet: &[u8]) -> io::Result<usize> {
-        nix::unistd::write(self.fd.get_ref(), packet).map_err(io::Error::from)
-    }
-
-    /// Sends one packet, returning the number of bytes written.
-    pub async fn send(&self, packet: &[u8]) -> io::Result<usize> {
-        self.fd
-            .async_io(Interest::WRITABLE, |fd| {
-                nix::unistd::write(fd, packet).map_err(io::Error::from)
-            })
-            .await
-    }
-}
-
-/// Sets `O_NONBLOCK` on `fd`, keeping its other status flags.
-pub(crate) fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
-    let raw = fd.as_raw_fd();
-    let flags = OFlag::from_bits_retain(fcntl(raw, FcntlArg::F_GETFL)?);
-    fcntl(raw, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------
-// Privileged: interface configuration over rtnetlink
+// Interface configuration over rtnetlink
 // ---------------------------------------------------------------------------
 
 /// Interface configuration over rtnetlink, in the network namespace of the

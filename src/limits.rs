@@ -1,0 +1,53 @@
+//! The limits that more than one part of simplevpn checks, each defined once.
+//!
+//! The configuration rejects a value outside these limits with a message
+//! naming the field, simplevpn-helper refuses a request outside them (its
+//! policy), and the tun code refuses a name the kernel would not take. All
+//! of them take the numbers from here, so the three can never disagree.
+
+use std::ops::RangeInclusive;
+
+use nix::libc;
+
+/// Longest interface (tun) name the kernel accepts: `IFNAMSIZ` - 1 bytes,
+/// the last byte of the kernel's buffer being the terminating NUL. 15 on
+/// Linux.
+pub const MAX_IFNAME_LEN: usize = libc::IFNAMSIZ - 1;
+
+/// Smallest MTU of the tun, and smallest frame size: 576, the IPv4 minimum
+/// datagram size every host must accept (RFC 791).
+pub const MIN_MTU: u32 = 576;
+
+/// Largest MTU of the tun, and its default: 65535, the largest IPv4 packet
+/// (its total length is a 16-bit field), which is also the largest frame.
+pub const MAX_MTU: u32 = 65535;
+
+/// Every MTU simplevpn sets on a tun ([`MIN_MTU`]..=[`MAX_MTU`]); the
+/// configured `max_frame` narrows the upper end.
+pub const MTU_RANGE: RangeInclusive<u32> = MIN_MTU..=MAX_MTU;
+
+/// Largest frame on the wire and the default `max_frame`: one packet of
+/// [`MAX_MTU`] bytes.
+pub const MAX_FRAME: usize = MAX_MTU as usize;
+
+/// Every `max_frame` the configuration accepts: a frame must hold a packet
+/// of at least [`MIN_MTU`] bytes, and none is larger than [`MAX_FRAME`].
+pub const FRAME_RANGE: RangeInclusive<usize> = MIN_MTU as usize..=MAX_FRAME;
+
+/// Prefix lengths of a tunnel subnet: from /8 (the largest network) to /30
+/// (the smallest that holds the server and one client besides the network
+/// and broadcast addresses).
+pub const TUNNEL_PREFIX: RangeInclusive<u8> = 8..=30;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limits_are_the_documented_numbers() {
+        assert_eq!(MAX_IFNAME_LEN, 15);
+        assert_eq!(MTU_RANGE, 576..=65535);
+        assert_eq!(FRAME_RANGE, 576..=65535);
+        assert_eq!(TUNNEL_PREFIX, 8..=30);
+    }
+}
