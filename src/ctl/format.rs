@@ -69,6 +69,7 @@ pub fn peer_json(p: &proto::Peer) -> Value {
         "protocol": p.protocol().text(),
         "name": p.name,
         "key": if p.key.is_empty() { Value::Null } else { Value::String(p.key.clone()) },
+        "routes": p.routes,
     })
 }
 
@@ -105,6 +106,7 @@ pub fn peers_table(peers: &[proto::Peer], now: SystemTime) -> String {
                 human_bytes(p.rx_bytes),
                 human_bytes(p.tx_bytes),
                 dropped(p).to_string(),
+                list_or_dash(&p.routes),
             ]
         })
         .collect();
@@ -117,9 +119,18 @@ pub fn peers_table(peers: &[proto::Peer], now: SystemTime) -> String {
             "RX",
             "TX",
             "DROPPED",
+            "ROUTES",
         ],
         &rows,
     )
+}
+
+/// The items joined by ", ", or "-" for none.
+pub fn list_or_dash(items: &[String]) -> String {
+    match items.is_empty() {
+        true => "-".to_string(),
+        false => items.join(", "),
+    }
 }
 
 /// "key  value" lines, keys aligned.
@@ -153,6 +164,7 @@ pub fn peer_fields(p: &proto::Peer, now: SystemTime) -> String {
                 p.name.clone()
             },
         ),
+        ("routes", list_or_dash(&p.routes)),
         ("connected", when(&p.connected_since)),
         ("last seen", when(&p.last_seen)),
         (

@@ -214,6 +214,7 @@ fn status_json(s: &proto::StatusReply) -> Value {
         "started": rfc3339(&s.started),
         "tun": s.tun,
         "address": s.address,
+        "routes": s.routes,
     });
     let extra = match s.role() {
         proto::Role::Server => json!({
@@ -249,6 +250,7 @@ fn status_text(s: &proto::StatusReply, now: SystemTime) -> String {
         ("uptime", age(&s.started, now)),
         ("tun", s.tun.clone()),
         ("address", or_dash(&s.address)),
+        ("routes", list_or_dash(&s.routes)),
     ];
     if s.role() == proto::Role::Server {
         pairs.extend([

@@ -155,6 +155,7 @@ impl Node for ClientState {
                 .unwrap_or_default(),
             server: self.server.clone(),
             link_state: proto::LinkState::of(link.state).into(),
+            routes: link.routes.iter().map(ToString::to_string).collect(),
             server_peer: self.server_peer().as_ref().map(proto::Peer::from),
             ..Default::default()
         }

@@ -325,6 +325,7 @@ impl From<&PeerInfo> for proto::Peer {
             protocol: proto::Protocol::from(p.identity.protocol()).into(),
             name: p.identity.name().unwrap_or_default().to_string(),
             key: p.identity.key().map(|k| k.to_string()).unwrap_or_default(),
+            routes: p.routes.iter().map(ToString::to_string).collect(),
         }
     }
 }

@@ -484,6 +484,7 @@ impl Node for Shared {
             peer_count: self.peers.len() as u32,
             free_addresses: self.peers.free_count(),
             dropped_to_tun: self.dropped_to_tun.load(Ordering::Relaxed),
+            routes: self.config.served_routes().map(|r| r.to_string()).collect(),
             ..Default::default()
         }
     }
