@@ -13,26 +13,6 @@ use std::time::Duration;
 use common::vpn::*;
 use common::{require_root, wait_until};
 
-/// Runs `simplevpnd keygen` in the bed's directory: (key path, public key).
-fn keygen(bed: &Bed, name: &str) -> (String, String) {
-    let path = bed.path(&format!("{name}.key"));
-    let out = Command::new(SIMPLEVPND)
-        .args(["keygen", &path])
-        .output()
-        .expect("run keygen");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let public = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (path, public)
-}
-
-fn tls_client_args<'a>(key: &'a str, server_key: &'a str) -> [&'a str; 4] {
-    ["--key", key, "--server-key", server_key]
-}
-
 #[test]
 fn keygen_writes_0600_keys_and_never_overwrites() {
     if !require_root("keygen_writes_0600_keys_and_never_overwrites") {

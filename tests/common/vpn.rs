@@ -144,6 +144,27 @@ impl Bed {
     }
 }
 
+/// Runs `simplevpnd keygen` in the bed's directory: (key path, public key).
+pub fn keygen(bed: &Bed, name: &str) -> (String, String) {
+    let path = bed.path(&format!("{name}.key"));
+    let out = Command::new(SIMPLEVPND)
+        .args(["keygen", &path])
+        .output()
+        .expect("run keygen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let public = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (path, public)
+}
+
+/// The flags that make a client speak TLS with `key`, pinning `server_key`.
+pub fn tls_client_args<'a>(key: &'a str, server_key: &'a str) -> [&'a str; 4] {
+    ["--key", key, "--server-key", server_key]
+}
+
 /// Sends `len` bytes from `from` to a listener in `to` at `address`, over TCP
 /// through the tunnel; the listener echoes them back. Asserts both ways.
 pub fn tcp_round_trip(from: &Netns, to: &Netns, address: Ipv4Addr, port: u16, len: usize) {
