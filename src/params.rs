@@ -449,6 +449,17 @@ mod tests {
     }
 
     #[test]
+    fn the_readmes_example_byte_for_byte() {
+        let want = hex("f1 01 00 15 01 01 00 05 c6 13 00 07 10 03 00 05 18 c6 12 c8 00");
+        let params = SessionParams {
+            address4: Some("198.19.0.7/16".parse().expect("net")),
+            routes: vec!["198.18.200.0/24".parse().expect("net")],
+            ..SessionParams::default()
+        };
+        assert_eq!(params.encode().expect("encode").to_vec(), want);
+    }
+
+    #[test]
     fn round_trip_through_the_decoder() {
         for params in [SessionParams::default(), example(), full()] {
             let frame = params.encode().expect("encode");
