@@ -23,6 +23,12 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
 pub const DEFAULT_MTU: u32 = MAX_MTU;
 pub const DEFAULT_PREFIX: u8 = 16;
 pub const DEFAULT_QUEUE_LEN: usize = 512;
+/// Bytes queued per peer before further frames are dropped.
+pub const DEFAULT_QUEUE_BYTES: usize = 4 << 20;
+/// Bytes all peers' queues and partly read frames may hold together.
+pub const DEFAULT_MEMORY_BUDGET: usize = 64 << 20;
+/// Seconds a frame may take from its first byte to its last.
+pub const DEFAULT_FRAME_TIMEOUT_SECS: u64 = 10;
 pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 256;
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/simplevpn/control.sock";
 pub const DEFAULT_CONTROL_GROUP: &str = "simplevpn";
@@ -124,6 +130,12 @@ pub struct ServerSection {
     pub max_frame: Option<usize>,
     /// Frames queued per peer before further ones are dropped.
     pub queue_len: Option<usize>,
+    /// Bytes queued per peer before further frames are dropped.
+    pub queue_bytes: Option<usize>,
+    /// Bytes every queue and partly read frame may hold together.
+    pub memory_budget: Option<usize>,
+    /// Seconds a frame may take from its first byte to its last.
+    pub frame_timeout: Option<u64>,
     /// The unprivileged user to run as.
     pub user: Option<String>,
     /// The server's private key file: TLS clients are served when set.
@@ -207,6 +219,9 @@ pub struct ServerConfig {
     pub mtu: u32,
     pub max_frame: usize,
     pub queue_len: usize,
+    pub queue_bytes: usize,
+    pub memory_budget: usize,
+    pub frame_timeout: Duration,
     pub user: String,
     /// The private key file; `None`: no TLS (legacy must be on).
     pub key: Option<PathBuf>,
@@ -322,6 +337,9 @@ impl ServerSection {
             mtu: flags.mtu.or(self.mtu),
             max_frame: flags.max_frame.or(self.max_frame),
             queue_len: flags.queue_len.or(self.queue_len),
+            queue_bytes: flags.queue_bytes.or(self.queue_bytes),
+            memory_budget: flags.memory_budget.or(self.memory_budget),
+            frame_timeout: flags.frame_timeout.or(self.frame_timeout),
             user: flags.user.or(self.user),
             key: flags.key.or(self.key),
             legacy: flags.legacy.or(self.legacy),
@@ -367,6 +385,29 @@ impl ServerSection {
                 0 => return Err(ConfigError::new("queue_len", "must be at least 1")),
                 n => n,
             },
+            queue_bytes: match self.queue_bytes.unwrap_or(DEFAULT_QUEUE_BYTES) {
+                n if n < max_frame => {
+                    return Err(ConfigError::new(
+                        "queue_bytes",
+                        format!("{n} is less than one frame (max_frame = {max_frame})"),
+                    ))
+                }
+                n => n,
+            },
+            memory_budget: match self.memory_budget.unwrap_or(DEFAULT_MEMORY_BUDGET) {
+                n if n < 1 << 20 => {
+                    return Err(ConfigError::new(
+                        "memory_budget",
+                        format!("{n} bytes is too little to serve anyone: give at least 1 MiB"),
+                    ))
+                }
+                n => n,
+            },
+            frame_timeout: seconds(
+                "frame_timeout",
+                self.frame_timeout,
+                DEFAULT_FRAME_TIMEOUT_SECS,
+            )?,
             user: user(self.user)?,
             legacy: legacy(self.legacy, self.legacy_allow, self.key.is_some())?,
             peers,

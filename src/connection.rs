@@ -4,11 +4,16 @@
 //! (later) TLS share them.
 
 use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::Instant;
 
+use crate::budget::{MemoryBudget, SMALL_FRAME};
 use crate::wire::{Decoder, Frame, ProtocolError};
 
 /// A connection's read buffer starts this small (an idle peer costs little)
@@ -20,6 +25,12 @@ const MAX_READ_CHUNK: usize = 256 * 1024;
 const WRITE_BATCH: usize = 256 * 1024;
 /// At most this many frames per write (IOV_MAX is 1024).
 const WRITE_BATCH_FRAMES: usize = 64;
+/// Frames queued for a peer beyond this many are copied into buffers of
+/// their own size: a peer that does not drain must not pin the large read
+/// buffers its senders' frames were cut from (a few small packets could
+/// otherwise hold whole 256 KiB chunks). A draining peer's queue stays
+/// short, so the fast path copies nothing.
+const SHARED_QUEUE_FRAMES: usize = 32;
 
 /// Unsent bytes a connection's kernel send buffer may hold before the
 /// socket stops being writable: enough to keep the link busy between two
@@ -64,6 +75,8 @@ pub enum ReadError {
     Truncated(usize),
     #[error("read failed: {0}")]
     Io(#[from] io::Error),
+    #[error("a frame was not completed within {}s", .0.as_secs())]
+    FrameTimeout(Duration),
 }
 
 /// Reads frames from a byte stream, however TCP splits or joins them.
@@ -73,6 +86,14 @@ pub struct FrameReader<R> {
     decoder: Decoder,
     /// How much room to make before the next read.
     chunk: usize,
+    /// Where a large frame's bytes are reserved before they are read.
+    budget: Option<Arc<MemoryBudget>>,
+    /// The reservation of the frame being read.
+    reserved: Option<OwnedSemaphorePermit>,
+    /// How long a frame may take from its first byte to its last.
+    frame_timeout: Option<Duration>,
+    /// When the frame at the front of the buffer began to arrive.
+    partial_since: Option<Instant>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -82,7 +103,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buffer: BytesMut::new(),
             decoder,
             chunk: MIN_READ_CHUNK,
+            budget: None,
+            reserved: None,
+            frame_timeout: None,
+            partial_since: None,
         }
+    }
+
+    /// This reader, with frames larger than [`SMALL_FRAME`] reserved from
+    /// `budget` before they are read, and every frame due whole within
+    /// `frame_timeout` of its first byte.
+    pub fn with_limits(mut self, budget: Arc<MemoryBudget>, frame_timeout: Duration) -> Self {
+        self.budget = Some(budget);
+        self.frame_timeout = Some(frame_timeout);
+        self
     }
 
     /// The next frame, or `Ok(None)` when the peer closed the stream cleanly
@@ -90,10 +124,46 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, ReadError> {
         loop {
             if let Some(frame) = self.decoder.decode(&mut self.buffer)? {
+                self.reserved = None;
+                self.partial_since = None;
                 return Ok(Some(frame));
             }
+            let frame_len = self.decoder.frame_len(&self.buffer)?;
+            let deadline = match (self.frame_timeout, self.buffer.is_empty()) {
+                (Some(timeout), false) => {
+                    Some(*self.partial_since.get_or_insert_with(Instant::now) + timeout)
+                }
+                _ => None,
+            };
+            let frame_timeout = self.frame_timeout;
+            let next = self.read_more(frame_len);
+            let read =
+                match (deadline, frame_timeout) {
+                    (Some(deadline), Some(timeout)) => tokio::time::timeout_at(deadline, next)
+                        .await
+                        .map_err(|_| ReadError::FrameTimeout(timeout))??,
+                    _ => next.await?,
+                };
+            if read == 0 {
+                return match self.buffer.len() {
+                    0 => Ok(None),
+                    pending => Err(ReadError::Truncated(pending)),
+                };
+            }
+        }
+    }
+
+    /// Reads what comes next into the buffer (first reserving a large
+    /// frame's bytes from the budget); the number of bytes read.
+    async fn read_more(&mut self, frame_len: Option<usize>) -> io::Result<usize> {
+        if let (Some(budget), Some(len), None) = (&self.budget, frame_len, &self.reserved) {
+            if len > SMALL_FRAME {
+                self.reserved = budget.reserve_read(len).await;
+            }
+        }
+        {
             // A frame longer than the chunk needs room for all of it.
-            let wanted = match self.decoder.frame_len(&self.buffer)? {
+            let wanted = match frame_len {
                 Some(len) => len.saturating_sub(self.buffer.len()).max(self.chunk),
                 None => self.chunk,
             };
@@ -102,17 +172,126 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             let room = self.buffer.capacity() - self.buffer.len();
             let read = self.reader.read_buf(&mut self.buffer).await?;
-            if read == 0 {
-                return match self.buffer.len() {
-                    0 => Ok(None),
-                    pending => Err(ReadError::Truncated(pending)),
-                };
-            }
             // Reads that fill the room mean more is waiting: read more at once.
             if read == room {
                 self.chunk = (self.chunk * 2).min(MAX_READ_CHUNK);
             }
+            Ok(read)
         }
+    }
+}
+
+/// A peer's send queue, bounded in frames and in bytes, and counted in the
+/// server's memory budget.
+pub fn queue(frames: usize, bytes: usize, budget: Option<Arc<MemoryBudget>>) -> (QueueTx, QueueRx) {
+    let (tx, rx) = mpsc::channel(frames.max(1));
+    let state = Arc::new(QueueState {
+        bytes: AtomicUsize::new(0),
+        byte_limit: bytes,
+        budget,
+    });
+    (
+        QueueTx {
+            tx,
+            state: state.clone(),
+        },
+        QueueRx { rx, state },
+    )
+}
+
+#[derive(Debug)]
+struct QueueState {
+    bytes: AtomicUsize,
+    byte_limit: usize,
+    budget: Option<Arc<MemoryBudget>>,
+}
+
+impl QueueState {
+    fn taken(&self, len: usize) {
+        self.bytes.fetch_sub(len, Ordering::Relaxed);
+        if let Some(budget) = &self.budget {
+            budget.unqueue(len);
+        }
+    }
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// The peer's queue is full (frames or bytes), or closed.
+    Full,
+    /// The server's memory budget for queued bytes is spent.
+    OverBudget,
+}
+
+/// The sending side of a peer's queue; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct QueueTx {
+    tx: mpsc::Sender<Bytes>,
+    state: Arc<QueueState>,
+}
+
+impl QueueTx {
+    /// Queues `frame` without waiting.
+    pub fn try_push(&self, frame: Bytes) -> Result<(), PushError> {
+        let len = frame.len();
+        let state = &self.state;
+        if state.bytes.load(Ordering::Relaxed) + len > state.byte_limit {
+            return Err(PushError::Full);
+        }
+        if let Some(budget) = &state.budget {
+            if !budget.try_queue(len) {
+                return Err(PushError::OverBudget);
+            }
+        }
+        let waiting = self.tx.max_capacity() - self.tx.capacity();
+        let frame = match waiting >= SHARED_QUEUE_FRAMES {
+            true => Bytes::copy_from_slice(&frame),
+            false => frame,
+        };
+        state.bytes.fetch_add(len, Ordering::Relaxed);
+        match self.tx.try_send(frame) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                state.taken(len);
+                Err(PushError::Full)
+            }
+        }
+    }
+
+    /// Bytes waiting in the queue now.
+    pub fn queued_bytes(&self) -> usize {
+        self.state.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// The receiving side of a peer's queue, drained by its writer.
+#[derive(Debug)]
+pub struct QueueRx {
+    rx: mpsc::Receiver<Bytes>,
+    state: Arc<QueueState>,
+}
+
+impl QueueRx {
+    async fn recv(&mut self) -> Option<Bytes> {
+        let frame = self.rx.recv().await?;
+        self.state.taken(frame.len());
+        Some(frame)
+    }
+
+    /// The next queued frame, if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        let frame = self.rx.try_recv().ok()?;
+        self.state.taken(frame.len());
+        Some(frame)
+    }
+}
+
+impl Drop for QueueRx {
+    /// What is still queued goes back to the budget.
+    fn drop(&mut self) {
+        self.rx.close();
+        while self.try_recv().is_some() {}
     }
 }
 
@@ -121,7 +300,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 /// queue is closed (after flushing) or a write fails.
 pub async fn write_frames<W: AsyncWrite + Unpin>(
     mut writer: W,
-    mut queue: mpsc::Receiver<Bytes>,
+    mut queue: QueueRx,
 ) -> io::Result<()> {
     let mut batch: Vec<Bytes> = Vec::new();
     while let Some(first) = queue.recv().await {
@@ -129,11 +308,11 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
         batch.push(first);
         while bytes < WRITE_BATCH && batch.len() < WRITE_BATCH_FRAMES {
             match queue.try_recv() {
-                Ok(frame) => {
+                Some(frame) => {
                     bytes += frame.len();
                     batch.push(frame);
                 }
-                Err(_) => break,
+                None => break,
             }
         }
         write_all_vectored(&mut writer, &mut batch).await?;
@@ -211,12 +390,12 @@ mod tests {
     async fn partial_vectored_writes_lose_nothing() {
         // A 7-byte pipe forces writes that stop in the middle of frames.
         let (client, mut server) = tokio::io::duplex(7);
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = queue(64, 1 << 20, None);
         let frames: Vec<Bytes> = (0..40u8)
             .map(|i| Bytes::from(vec![i; 1 + i as usize]))
             .collect();
         for frame in &frames {
-            tx.send(frame.clone()).await.expect("queue");
+            tx.try_push(frame.clone()).expect("queue");
         }
         drop(tx);
         let writer = tokio::spawn(write_frames(client, rx));
@@ -229,9 +408,9 @@ mod tests {
     #[tokio::test]
     async fn writer_sends_everything_queued_in_order() {
         let (client, server) = tokio::io::duplex(1 << 20);
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = queue(16, 1 << 20, None);
         for i in 0..10u8 {
-            tx.send(Bytes::from(vec![i; 100])).await.expect("queue");
+            tx.try_push(Bytes::from(vec![i; 100])).expect("queue");
         }
         drop(tx);
         write_frames(client, rx).await.expect("write");
@@ -240,5 +419,71 @@ mod tests {
         server.read_to_end(&mut got).await.expect("read");
         let want: Vec<u8> = (0..10u8).flat_map(|i| vec![i; 100]).collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn queues_are_bounded_in_bytes_and_in_the_budget() {
+        let budget = MemoryBudget::new(4 << 20);
+        let (tx, mut rx) = queue(100, 3000, Some(budget.clone()));
+        tx.try_push(Bytes::from(vec![1; 2000])).expect("fits");
+        assert_eq!(
+            tx.try_push(Bytes::from(vec![2; 1001])),
+            Err(PushError::Full)
+        );
+        tx.try_push(Bytes::from(vec![3; 1000]))
+            .expect("fits exactly");
+        assert_eq!((tx.queued_bytes(), budget.queued()), (3000, 3000));
+        assert_eq!(rx.try_recv().map(|f| f.len()), Some(2000));
+        assert_eq!((tx.queued_bytes(), budget.queued()), (1000, 1000));
+        // Another queue finds the budget spent.
+        let (other, other_rx) = queue(100, 8 << 20, Some(budget.clone()));
+        let huge = Bytes::from(vec![0; 3 << 20]);
+        assert_eq!(other.try_push(huge), Err(PushError::OverBudget));
+        // A dropped receiver gives back what was still queued.
+        drop(rx);
+        drop(other_rx);
+        assert_eq!(budget.queued(), 0);
+    }
+
+    #[test]
+    fn a_lagging_peers_frames_do_not_pin_their_senders_buffer() {
+        let (tx, mut rx) = queue(1000, 1 << 30, None);
+        let mut chunk = BytesMut::from(&[7u8; 256 * 1024][..]);
+        let mut first = Vec::new();
+        for _ in 0..SHARED_QUEUE_FRAMES + 4 {
+            let frame = chunk.split_to(40).freeze();
+            first.push(frame.as_ptr());
+            tx.try_push(frame).expect("queued");
+        }
+        let got: Vec<Bytes> = std::iter::from_fn(|| rx.try_recv()).collect();
+        // The first frames share the chunk (no copy while the queue is short);
+        // later ones are copies of their own size.
+        assert!(got[..SHARED_QUEUE_FRAMES]
+            .iter()
+            .zip(&first)
+            .all(|(f, p)| f.as_ptr() == *p));
+        assert!(got[SHARED_QUEUE_FRAMES..]
+            .iter()
+            .zip(&first[SHARED_QUEUE_FRAMES..])
+            .all(|(f, p)| f.as_ptr() != *p && f.len() == 40));
+    }
+
+    #[tokio::test]
+    async fn a_frame_must_complete_within_the_frame_timeout() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let budget = MemoryBudget::new(4 << 20);
+        let mut reader = FrameReader::new(server, Decoder::default())
+            .with_limits(budget.clone(), Duration::from_secs(1));
+        // The header of a 60,000-byte packet and a little of its body.
+        let mut start = vec![0u8; 1000];
+        start[0] = 0x45;
+        start[2..4].copy_from_slice(&60_000u16.to_be_bytes());
+        client.write_all(&start).await.expect("write");
+        let read = reader.read_frame().await;
+        assert!(matches!(read, Err(ReadError::FrameTimeout(_))), "{read:?}");
+        // It held its reservation while it waited; a new reader may reserve.
+        assert_eq!(budget.reading(), 60_000);
+        drop(reader);
+        assert_eq!(budget.reading(), 0);
     }
 }

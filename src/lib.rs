@@ -13,6 +13,7 @@
 //! [`ctl::cli`]), from which the man pages and shell completions are
 //! generated.
 
+pub mod budget;
 pub mod config;
 pub mod connection;
 pub mod daemon;

@@ -223,6 +223,9 @@ fn status_json(s: &proto::StatusReply) -> Value {
             "peer_count": s.peer_count,
             "free_addresses": s.free_addresses,
             "dropped_to_tun": s.dropped_to_tun,
+            "queued_bytes": s.queued_bytes,
+            "reading_bytes": s.reading_bytes,
+            "closed_for_memory": s.closed_for_memory,
         }),
         _ => json!({
             "server": s.server,
@@ -259,6 +262,15 @@ fn status_text(s: &proto::StatusReply, now: SystemTime) -> String {
             (
                 "peers",
                 format!("{} ({} addresses free)", s.peer_count, s.free_addresses),
+            ),
+            (
+                "memory",
+                format!(
+                    "{} queued, {} in partly read frames, {} closed for the budget",
+                    human_bytes(s.queued_bytes),
+                    human_bytes(s.reading_bytes),
+                    s.closed_for_memory
+                ),
             ),
         ]);
     } else {

@@ -5,16 +5,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ipnet::{IpNet, Ipv4Net};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::gate::Identity;
+use crate::budget::MemoryBudget;
+use crate::connection::{PushError, QueueTx};
 use crate::keys::PublicKey;
 use crate::pool::{AddressPool, Refusal};
 use crate::routes::RouteTable;
@@ -64,7 +65,9 @@ pub struct Peer {
     pub remote: SocketAddr,
     pub connected_since: SystemTime,
     /// Frames for this client, drained by its writer task.
-    pub queue: mpsc::Sender<Bytes>,
+    pub queue: QueueTx,
+    /// Set when the table closes it because the memory budget was spent.
+    pub shed: AtomicBool,
     pub stats: PeerStats,
     /// Cancelled to close the connection (a kick, or a takeover by a newer
     /// connection with the same key).
@@ -186,9 +189,17 @@ struct Table {
     routes: RouteTable<Arc<Peer>>,
 }
 
+/// Shed at most one peer this often while the budget stays spent: closing
+/// one takes a moment to give its memory back.
+const SHED_INTERVAL_MS: u64 = 50;
+
 /// The peer table of one server: who holds which address, the queue that
 /// reaches each of them, and who is banned.
 pub struct PeerTable {
+    /// What every queue counts its bytes against.
+    budget: Arc<MemoryBudget>,
+    /// When a peer was last shed for the budget (ms since the epoch).
+    last_shed_ms: AtomicU64,
     table: RwLock<Table>,
     next_id: AtomicU64,
 }
@@ -196,13 +207,19 @@ pub struct PeerTable {
 impl PeerTable {
     /// A table over `network`, with `fixed` addresses kept for the keys
     /// they are configured for (each must be a client address of `network`).
-    pub fn new(network: Ipv4Net, fixed: impl IntoIterator<Item = Ipv4Addr>) -> PeerTable {
+    pub fn new(
+        network: Ipv4Net,
+        fixed: impl IntoIterator<Item = Ipv4Addr>,
+        budget: Arc<MemoryBudget>,
+    ) -> PeerTable {
         let mut pool = AddressPool::new(network);
         let fixed: HashSet<Ipv4Addr> = fixed
             .into_iter()
             .filter(|a| pool.reserve(*a).is_ok())
             .collect();
         PeerTable {
+            budget,
+            last_shed_ms: AtomicU64::new(0),
             table: RwLock::new(Table {
                 pool,
                 peers: HashMap::new(),
@@ -220,13 +237,14 @@ impl PeerTable {
         remote: SocketAddr,
         identity: Identity,
         routes: Vec<IpNet>,
-        queue: mpsc::Sender<Bytes>,
+        queue: QueueTx,
     ) -> Arc<Peer> {
         Arc::new(Peer {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             remote,
             connected_since: SystemTime::now(),
             queue,
+            shed: AtomicBool::new(false),
             stats: PeerStats::default(),
             kick: CancellationToken::new(),
             identity,
@@ -264,7 +282,7 @@ impl PeerTable {
         }?;
         let grant = Control::grant(address, Some(table.pool.network().netmask()));
         // The queue is new and empty: this push cannot fail for lack of room.
-        let _ = peer.queue.try_send(Bytes::copy_from_slice(&grant.encode()));
+        let _ = peer.queue.try_push(Bytes::copy_from_slice(&grant.encode()));
         table.peers.insert(address, peer.clone());
         // Its networks are its alone (the config refuses overlaps); a
         // newer connection of the same key takes them over.
@@ -303,18 +321,62 @@ impl PeerTable {
             },
         };
         let len = packet.len();
-        match peer.queue.try_send(packet) {
+        match peer.queue.try_push(packet) {
             Ok(()) => {
                 peer.stats.count_tx(len);
                 Delivery::Queued
             }
-            Err(_) => {
+            Err(full) => {
                 peer.stats
                     .dropped_queue_full
                     .fetch_add(1, Ordering::Relaxed);
+                if full == PushError::OverBudget {
+                    self.shed_largest(&table);
+                }
                 Delivery::QueueFull
             }
         }
+    }
+
+    /// The memory budget is spent: closes the peer whose queue holds the
+    /// most (at most one per [`SHED_INTERVAL_MS`]).
+    fn shed_largest(&self, table: &Table) {
+        let now = unix_ms(SystemTime::now());
+        let last = self.last_shed_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < SHED_INTERVAL_MS
+            || self
+                .last_shed_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let largest = table
+            .peers
+            .iter()
+            .filter(|(_, p)| !p.kick.is_cancelled())
+            .max_by_key(|(_, p)| p.queue.queued_bytes());
+        if let Some((address, peer)) = largest {
+            peer.shed.store(true, Ordering::Relaxed);
+            peer.kick.cancel();
+            self.budget.count_closed();
+            tracing::warn!(
+                addr = %address,
+                remote = %peer.remote,
+                queued = peer.queue.queued_bytes(),
+                "memory budget spent: closing the peer that holds the most"
+            );
+        }
+    }
+
+    /// The server's memory budget.
+    pub fn budget(&self) -> &MemoryBudget {
+        &self.budget
+    }
+
+    /// The server's memory budget, to share with a connection.
+    pub fn budget_handle(&self) -> Arc<MemoryBudget> {
+        self.budget.clone()
     }
 
     /// How many clients hold an address.
@@ -397,19 +459,23 @@ mod tests {
         table: &PeerTable,
         port: u16,
         identity: Identity,
-    ) -> (Arc<Peer>, mpsc::Receiver<Bytes>) {
-        let (queue, rx) = mpsc::channel(2);
+    ) -> (Arc<Peer>, crate::connection::QueueRx) {
+        let (queue, rx) = crate::connection::queue(2, 1 << 20, None);
         let remote = SocketAddr::from(([198, 18, 0, 2], port));
         (table.new_peer(remote, identity, Vec::new(), queue), rx)
     }
 
-    fn link(table: &PeerTable, port: u16) -> (Arc<Peer>, mpsc::Receiver<Bytes>) {
+    fn link(table: &PeerTable, port: u16) -> (Arc<Peer>, crate::connection::QueueRx) {
         peer_with(table, port, Identity::Original)
     }
 
     #[test]
     fn grant_goes_out_first_and_packets_follow() {
-        let registry = PeerTable::new("198.19.0.0/16".parse().expect("net"), []);
+        let registry = PeerTable::new(
+            "198.19.0.0/16".parse().expect("net"),
+            [],
+            MemoryBudget::new(1 << 20),
+        );
         let (a, mut rx) = link(&registry, 1000);
         let address = registry.admit(Request::Dynamic, &a).expect("grant");
         let stats = &a.stats;
@@ -439,7 +505,11 @@ mod tests {
 
     #[test]
     fn remove_frees_only_its_own_address() {
-        let registry = PeerTable::new("198.19.0.0/16".parse().expect("net"), []);
+        let registry = PeerTable::new(
+            "198.19.0.0/16".parse().expect("net"),
+            [],
+            MemoryBudget::new(1 << 20),
+        );
         let (a, _rx_a) = link(&registry, 1000);
         let a_id = a.id;
         let address = registry
@@ -461,7 +531,11 @@ mod tests {
     #[test]
     fn fixed_addresses_belong_to_their_key() {
         let fixed = Ipv4Addr::new(198, 19, 0, 2);
-        let registry = PeerTable::new("198.19.0.0/16".parse().expect("net"), [fixed]);
+        let registry = PeerTable::new(
+            "198.19.0.0/16".parse().expect("net"),
+            [fixed],
+            MemoryBudget::new(1 << 20),
+        );
         let key: crate::keys::PublicKey = "ScFYNjnPxvAxr6GGa07nJpY3Y6mxoP6KgSTp3vU//xo="
             .parse()
             .expect("key");
@@ -506,7 +580,11 @@ mod tests {
 
     #[test]
     fn peers_are_listed_by_address_and_kicked_by_token() {
-        let registry = PeerTable::new("198.19.0.0/16".parse().expect("net"), []);
+        let registry = PeerTable::new(
+            "198.19.0.0/16".parse().expect("net"),
+            [],
+            MemoryBudget::new(1 << 20),
+        );
         let (a, _rx_a) = link(&registry, 1000);
         let (b, _rx_b) = link(&registry, 1001);
         let kick_a = a.kick.clone();
@@ -534,8 +612,12 @@ mod tests {
 
     #[test]
     fn packets_for_a_clients_networks_go_to_it_until_it_leaves() {
-        let table = PeerTable::new("198.19.0.0/16".parse().expect("net"), []);
-        let (queue, mut rx) = mpsc::channel(4);
+        let table = PeerTable::new(
+            "198.19.0.0/16".parse().expect("net"),
+            [],
+            MemoryBudget::new(1 << 20),
+        );
+        let (queue, mut rx) = crate::connection::queue(4, 1 << 20, None);
         let remote = SocketAddr::from(([198, 18, 0, 2], 1000));
         let lan: IpNet = "198.18.201.0/24".parse().expect("net");
         let a = table.new_peer(remote, Identity::Original, vec![lan], queue);
@@ -561,7 +643,11 @@ mod tests {
 
     #[test]
     fn bans_refuse_by_key_or_remote_until_they_expire() {
-        let table = PeerTable::new("198.19.0.0/16".parse().expect("net"), []);
+        let table = PeerTable::new(
+            "198.19.0.0/16".parse().expect("net"),
+            [],
+            MemoryBudget::new(1 << 20),
+        );
         let (a, _rx) = link(&table, 1000);
         let address = table.admit(Request::Dynamic, &a).expect("grant");
         let now = SystemTime::now();

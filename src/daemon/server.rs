@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use ipnet::IpNet;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -39,8 +39,9 @@ use super::helper::Helper;
 use super::notify;
 use super::peers::{Banned, Delivery, Peer, PeerInfo, PeerTable};
 use super::{ControlOptions, DaemonError};
+use crate::budget::MemoryBudget;
 use crate::config::ServerConfig;
-use crate::connection::{write_frames, FrameReader, ReadError};
+use crate::connection::{self, write_frames, FrameReader, ReadError};
 use crate::daemon::tun::AsyncTun;
 use crate::keys::NodeKey;
 use crate::pool::server_address;
@@ -115,7 +116,11 @@ pub async fn run(
     })?;
     let fixed = config.peers.iter().filter_map(|p| p.address);
     let shared = Arc::new(Shared {
-        peers: PeerTable::new(config.network, fixed),
+        peers: PeerTable::new(
+            config.network,
+            fixed,
+            MemoryBudget::new(config.memory_budget),
+        ),
         tun: tun.clone(),
         dropped_to_tun: AtomicU64::new(0),
         events: Events::default(),
@@ -278,9 +283,13 @@ async fn connection(
         routes,
         extension,
     } = admitted;
-    let (queue, queue_rx) = mpsc::channel(shared.config.queue_len);
+    let config = &shared.config;
+    let budget = shared.peers.budget_handle();
+    let (queue, queue_rx) =
+        connection::queue(config.queue_len, config.queue_bytes, Some(budget.clone()));
     let mut writer = tokio::spawn(write_frames(writer, queue_rx));
-    let mut reader = FrameReader::new(reader, Decoder::new(shared.config.max_frame));
+    let mut reader = FrameReader::new(reader, Decoder::new(config.max_frame))
+        .with_limits(budget, config.frame_timeout);
     let peer = shared
         .peers
         .new_peer(remote, identity, routes.clone(), queue);
@@ -300,7 +309,10 @@ async fn connection(
     let ending = loop {
         let frame = tokio::select! {
             _ = shutdown.cancelled() => break Ending::Shutdown,
-            _ = peer.kick.cancelled() => break Ending::Kicked,
+            _ = peer.kick.cancelled() => break match peer.shed.load(Ordering::Relaxed) {
+                true => Ending::OverBudget,
+                false => Ending::Kicked,
+            },
             () = &mut idle => {
                 if let Some(ending) = session.on_tick(std::time::Instant::now()) {
                     break ending;
@@ -383,7 +395,7 @@ async fn connection(
 fn send(peer: &Peer, control: Control) {
     if peer
         .queue
-        .try_send(Bytes::copy_from_slice(&control.encode()))
+        .try_push(Bytes::copy_from_slice(&control.encode()))
         .is_err()
     {
         peer.stats
@@ -405,7 +417,7 @@ fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr) {
     match params.encode() {
         Ok(frame) => {
             debug!(routes = params.routes.len(), "pushing session parameters");
-            if peer.queue.try_send(frame).is_err() {
+            if peer.queue.try_push(frame).is_err() {
                 peer.stats
                     .dropped_queue_full
                     .fetch_add(1, Ordering::Relaxed);
@@ -484,6 +496,9 @@ impl Node for Shared {
             peer_count: self.peers.len() as u32,
             free_addresses: self.peers.free_count(),
             dropped_to_tun: self.dropped_to_tun.load(Ordering::Relaxed),
+            queued_bytes: self.peers.budget().queued() as u64,
+            reading_bytes: self.peers.budget().reading() as u64,
+            closed_for_memory: self.peers.budget().closed(),
             routes: self.config.served_routes().map(|r| r.to_string()).collect(),
             ..Default::default()
         }

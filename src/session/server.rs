@@ -105,6 +105,9 @@ pub enum Ending {
     /// Closed through the control API, or taken over by a newer connection
     /// with the same key.
     Kicked,
+    /// Closed because the server's memory budget was spent and this client
+    /// held the most.
+    OverBudget,
     /// A frame broke the protocol.
     Protocol(ProtocolError),
     /// Reading or writing the connection failed.
@@ -135,6 +138,9 @@ impl fmt::Display for Ending {
             }
             Ending::Silent => f.write_str("silent for longer than the client timeout"),
             Ending::Kicked => f.write_str("kicked"),
+            Ending::OverBudget => {
+                f.write_str("closed: the memory budget was spent and this peer held the most")
+            }
             Ending::Protocol(e) => write!(f, "protocol error: {e}"),
             Ending::Io(e) => write!(f, "{e}"),
         }
