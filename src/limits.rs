@@ -30,6 +30,10 @@ pub const MTU_RANGE: RangeInclusive<u32> = MIN_MTU..=MAX_MTU;
 /// [`MAX_MTU`] bytes.
 pub const MAX_FRAME: usize = MAX_MTU as usize;
 
+/// The largest packet one tun read can return ([`MAX_MTU`]): the room a
+/// tun reader keeps free before each read.
+pub const MAX_PACKET: usize = MAX_MTU as usize;
+
 /// Every `max_frame` the configuration accepts: a frame must hold a packet
 /// of at least [`MIN_MTU`] bytes, and none is larger than [`MAX_FRAME`].
 pub const FRAME_RANGE: RangeInclusive<usize> = MIN_MTU as usize..=MAX_FRAME;

@@ -45,6 +45,7 @@ use crate::config::ClientConfig;
 use crate::connection::{FrameReader, Writer};
 use crate::daemon::tun::AsyncTun;
 use crate::keys::NodeKey;
+use crate::limits::MAX_PACKET;
 use crate::params::MAX_ENCODED_LEN;
 use crate::pool::server_address;
 use crate::proto;
@@ -56,8 +57,6 @@ use crate::wire::{ipv4_addresses, Control, Decoder, Request, CONTROL_LEN};
 
 /// How many bytes of waiting packets the uplink gathers into one write.
 const UPLINK_BATCH: usize = 128 * 1024;
-/// The largest packet a tun read can return.
-const MAX_PACKET: usize = 65536;
 /// Control messages waiting for the uplink; a keepalive that finds the
 /// queue full is dropped (the uplink is stuck writing anyway).
 const UPLINK_QUEUE: usize = 4;

@@ -44,13 +44,12 @@ use crate::config::ServerConfig;
 use crate::connection::{self, write_frames, FrameReader, ReadError};
 use crate::daemon::tun::AsyncTun;
 use crate::keys::NodeKey;
+use crate::limits::MAX_PACKET;
 use crate::pool::server_address;
 use crate::proto;
 use crate::session::server::{pushed_params, Action, DropReason, Ending, ServerSession};
 use crate::wire::{ipv4_addresses, Control, Decoder, Frame};
 
-/// Room kept in the tun reader's buffer: a whole maximum-size packet.
-const TUN_READ_ROOM: usize = 65536;
 /// How long a closing connection may take to flush what is queued for it.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
 
@@ -460,10 +459,10 @@ fn count_drop(peer: &Peer, reason: DropReason) {
 /// Reads packets the host routes into the tun and queues each for the client
 /// that holds its destination.
 async fn tun_reader(tun: Arc<AsyncTun>, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let mut buf = BytesMut::with_capacity(4 * TUN_READ_ROOM);
+    let mut buf = BytesMut::with_capacity(4 * MAX_PACKET);
     loop {
-        if buf.capacity() < TUN_READ_ROOM {
-            buf.reserve(4 * TUN_READ_ROOM);
+        if buf.capacity() < MAX_PACKET {
+            buf.reserve(4 * MAX_PACKET);
         }
         let len = tokio::select! {
             _ = shutdown.cancelled() => return,
