@@ -23,7 +23,15 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
 pub const DEFAULT_MTU: u32 = MAX_MTU;
 pub const DEFAULT_PREFIX: u8 = 16;
 pub const DEFAULT_QUEUE_LEN: usize = 512;
-pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 256;
+/// Connections not yet granted an address, at once: with
+/// [`DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE`], it takes 128 sources to fill.
+pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 1024;
+/// Connections not yet granted an address from one source (an IPv4 address,
+/// or an IPv6 /64), at once.
+pub const DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE: usize = 8;
+/// Seconds a new connection has to send its ClientHello, or its whole
+/// address request (original protocol).
+pub const DEFAULT_FIRST_BYTES_TIMEOUT_SECS: u64 = 2;
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/simplevpn/control.sock";
 pub const DEFAULT_CONTROL_GROUP: &str = "simplevpn";
 /// The service user simplevpnd drops to.
@@ -120,6 +128,9 @@ pub struct ServerSection {
     pub client_timeout: Option<u64>,
     /// Seconds a new connection has to ask for an address.
     pub handshake_timeout: Option<u64>,
+    /// Seconds a new connection has to send its first bytes: the whole
+    /// ClientHello, or the whole address request.
+    pub first_bytes_timeout: Option<u64>,
     pub mtu: Option<u32>,
     pub max_frame: Option<usize>,
     /// Frames queued per peer before further ones are dropped.
@@ -136,6 +147,8 @@ pub struct ServerSection {
     pub peer: Option<Vec<PeerSection>>,
     /// Connections still authenticating (or asking for an address) at once.
     pub max_unauthenticated: Option<usize>,
+    /// The same, from one source address (IPv6: one /64).
+    pub max_unauthenticated_per_source: Option<usize>,
     /// Networks reachable through the server, pushed to extension clients.
     pub routes: Option<Vec<IpNet>>,
 }
@@ -204,6 +217,7 @@ pub struct ServerConfig {
     pub tun: String,
     pub client_timeout: Duration,
     pub handshake_timeout: Duration,
+    pub first_bytes_timeout: Duration,
     pub mtu: u32,
     pub max_frame: usize,
     pub queue_len: usize,
@@ -215,6 +229,7 @@ pub struct ServerConfig {
     /// Whether original-protocol clients are served, and from where.
     pub legacy: Legacy,
     pub max_unauthenticated: usize,
+    pub max_unauthenticated_per_source: usize,
     /// Networks reachable through the server (its host routes them on).
     pub routes: Vec<IpNet>,
 }
@@ -319,6 +334,7 @@ impl ServerSection {
             tun: flags.tun.or(self.tun),
             client_timeout: flags.client_timeout.or(self.client_timeout),
             handshake_timeout: flags.handshake_timeout.or(self.handshake_timeout),
+            first_bytes_timeout: flags.first_bytes_timeout.or(self.first_bytes_timeout),
             mtu: flags.mtu.or(self.mtu),
             max_frame: flags.max_frame.or(self.max_frame),
             queue_len: flags.queue_len.or(self.queue_len),
@@ -335,6 +351,9 @@ impl ServerSection {
                 (file, flags) => flags.or(file),
             },
             max_unauthenticated: flags.max_unauthenticated.or(self.max_unauthenticated),
+            max_unauthenticated_per_source: flags
+                .max_unauthenticated_per_source
+                .or(self.max_unauthenticated_per_source),
             routes: flags.routes.or(self.routes),
         }
     }
@@ -349,6 +368,28 @@ impl ServerSection {
         let mtu = mtu(self.mtu, max_frame)?;
         let peers = peers(self.peer.unwrap_or_default(), network, self.key.is_some())?;
         let routes = server_routes(self.routes.unwrap_or_default(), network, &peers)?;
+        let handshake_timeout = seconds(
+            "handshake_timeout",
+            self.handshake_timeout,
+            DEFAULT_HANDSHAKE_TIMEOUT_SECS,
+        )?;
+        let first_bytes_timeout = match seconds(
+            "first_bytes_timeout",
+            self.first_bytes_timeout,
+            DEFAULT_FIRST_BYTES_TIMEOUT_SECS,
+        )? {
+            // The default is shortened to a shorter handshake timeout.
+            t if t > handshake_timeout && self.first_bytes_timeout.is_none() => handshake_timeout,
+            t if t > handshake_timeout => return Err(ConfigError::new(
+                "first_bytes_timeout",
+                format!(
+                    "{}s is longer than handshake_timeout ({}s), which bounds the whole handshake",
+                    t.as_secs(),
+                    handshake_timeout.as_secs()
+                ),
+            )),
+            t => t,
+        };
         Ok(ServerConfig {
             listen: self
                 .listen
@@ -356,11 +397,8 @@ impl ServerSection {
             network,
             tun: tun_name(self.tun)?,
             client_timeout: seconds("client_timeout", self.client_timeout, DEFAULT_TIMEOUT_SECS)?,
-            handshake_timeout: seconds(
-                "handshake_timeout",
-                self.handshake_timeout,
-                DEFAULT_HANDSHAKE_TIMEOUT_SECS,
-            )?,
+            handshake_timeout,
+            first_bytes_timeout,
             mtu,
             max_frame,
             queue_len: match self.queue_len.unwrap_or(DEFAULT_QUEUE_LEN) {
@@ -379,6 +417,18 @@ impl ServerSection {
                 0 => {
                     return Err(ConfigError::new(
                         "max_unauthenticated",
+                        "must be at least 1",
+                    ))
+                }
+                n => n,
+            },
+            max_unauthenticated_per_source: match self
+                .max_unauthenticated_per_source
+                .unwrap_or(DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE)
+            {
+                0 => {
+                    return Err(ConfigError::new(
+                        "max_unauthenticated_per_source",
                         "must be at least 1",
                     ))
                 }
