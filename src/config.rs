@@ -820,6 +820,32 @@ mod tests {
     }
 
     #[test]
+    fn admission_limits_have_defaults_and_are_checked() {
+        let text = "[server]\nlegacy = true\n";
+        let config = parse(text)
+            .expect("parse")
+            .server
+            .expect("server")
+            .resolve()
+            .expect("valid");
+        assert_eq!(config.max_unauthenticated, DEFAULT_MAX_UNAUTHENTICATED);
+        assert_eq!(config.max_unauthenticated_per_source, 8);
+        assert_eq!(config.first_bytes_timeout, Duration::from_secs(2));
+        let short = parse("[server]\nlegacy = true\nhandshake_timeout = 1\n")
+            .expect("parse")
+            .server
+            .expect("server")
+            .resolve()
+            .expect("valid");
+        assert_eq!(short.first_bytes_timeout, Duration::from_secs(1), "shortened");
+        let zero = server_error("max_unauthenticated_per_source = 0\n");
+        assert_eq!(zero.field, "max_unauthenticated_per_source");
+        let long = server_error("handshake_timeout = 5\nfirst_bytes_timeout = 6\n");
+        assert_eq!(long.field, "first_bytes_timeout");
+        assert!(long.problem.contains("longer than handshake_timeout"), "{long}");
+    }
+
+    #[test]
     fn routes_are_checked_and_peers_may_not_overlap() {
         let overlap = server_error(
             "[[server.peer]]\nkey = \"KEY1\"\nname = \"site-a\"\nroutes = [\"198.18.201.0/24\"]\n\
