@@ -380,14 +380,16 @@ impl ServerSection {
         )? {
             // The default is shortened to a shorter handshake timeout.
             t if t > handshake_timeout && self.first_bytes_timeout.is_none() => handshake_timeout,
-            t if t > handshake_timeout => return Err(ConfigError::new(
-                "first_bytes_timeout",
-                format!(
+            t if t > handshake_timeout => {
+                return Err(ConfigError::new(
+                    "first_bytes_timeout",
+                    format!(
                     "{}s is longer than handshake_timeout ({}s), which bounds the whole handshake",
                     t.as_secs(),
                     handshake_timeout.as_secs()
                 ),
-            )),
+                ))
+            }
             t => t,
         };
         Ok(ServerConfig {
@@ -837,12 +839,19 @@ mod tests {
             .expect("server")
             .resolve()
             .expect("valid");
-        assert_eq!(short.first_bytes_timeout, Duration::from_secs(1), "shortened");
+        assert_eq!(
+            short.first_bytes_timeout,
+            Duration::from_secs(1),
+            "shortened"
+        );
         let zero = server_error("max_unauthenticated_per_source = 0\n");
         assert_eq!(zero.field, "max_unauthenticated_per_source");
         let long = server_error("handshake_timeout = 5\nfirst_bytes_timeout = 6\n");
         assert_eq!(long.field, "first_bytes_timeout");
-        assert!(long.problem.contains("longer than handshake_timeout"), "{long}");
+        assert!(
+            long.problem.contains("longer than handshake_timeout"),
+            "{long}"
+        );
     }
 
     #[test]
