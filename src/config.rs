@@ -29,7 +29,15 @@ pub const DEFAULT_QUEUE_BYTES: usize = 4 << 20;
 pub const DEFAULT_MEMORY_BUDGET: usize = 64 << 20;
 /// Seconds a frame may take from its first byte to its last.
 pub const DEFAULT_FRAME_TIMEOUT_SECS: u64 = 10;
-pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 256;
+/// Connections not yet granted an address, at once: with
+/// [`DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE`], it takes 128 sources to fill.
+pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 1024;
+/// Connections not yet granted an address from one source (an IPv4 address,
+/// or an IPv6 /64), at once.
+pub const DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE: usize = 8;
+/// Seconds a new connection has to send its ClientHello, or its whole
+/// address request (original protocol).
+pub const DEFAULT_FIRST_BYTES_TIMEOUT_SECS: u64 = 2;
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/simplevpn/control.sock";
 pub const DEFAULT_CONTROL_GROUP: &str = "simplevpn";
 /// The service user simplevpnd drops to.
@@ -126,6 +134,9 @@ pub struct ServerSection {
     pub client_timeout: Option<u64>,
     /// Seconds a new connection has to ask for an address.
     pub handshake_timeout: Option<u64>,
+    /// Seconds a new connection has to send its first bytes: the whole
+    /// ClientHello, or the whole address request.
+    pub first_bytes_timeout: Option<u64>,
     pub mtu: Option<u32>,
     pub max_frame: Option<usize>,
     /// Frames queued per peer before further ones are dropped.
@@ -148,6 +159,8 @@ pub struct ServerSection {
     pub peer: Option<Vec<PeerSection>>,
     /// Connections still authenticating (or asking for an address) at once.
     pub max_unauthenticated: Option<usize>,
+    /// The same, from one source address (IPv6: one /64).
+    pub max_unauthenticated_per_source: Option<usize>,
     /// Networks reachable through the server, pushed to extension clients.
     pub routes: Option<Vec<IpNet>>,
 }
@@ -216,6 +229,7 @@ pub struct ServerConfig {
     pub tun: String,
     pub client_timeout: Duration,
     pub handshake_timeout: Duration,
+    pub first_bytes_timeout: Duration,
     pub mtu: u32,
     pub max_frame: usize,
     pub queue_len: usize,
@@ -230,6 +244,7 @@ pub struct ServerConfig {
     /// Whether original-protocol clients are served, and from where.
     pub legacy: Legacy,
     pub max_unauthenticated: usize,
+    pub max_unauthenticated_per_source: usize,
     /// Networks reachable through the server (its host routes them on).
     pub routes: Vec<IpNet>,
 }
@@ -334,6 +349,7 @@ impl ServerSection {
             tun: flags.tun.or(self.tun),
             client_timeout: flags.client_timeout.or(self.client_timeout),
             handshake_timeout: flags.handshake_timeout.or(self.handshake_timeout),
+            first_bytes_timeout: flags.first_bytes_timeout.or(self.first_bytes_timeout),
             mtu: flags.mtu.or(self.mtu),
             max_frame: flags.max_frame.or(self.max_frame),
             queue_len: flags.queue_len.or(self.queue_len),
@@ -353,6 +369,9 @@ impl ServerSection {
                 (file, flags) => flags.or(file),
             },
             max_unauthenticated: flags.max_unauthenticated.or(self.max_unauthenticated),
+            max_unauthenticated_per_source: flags
+                .max_unauthenticated_per_source
+                .or(self.max_unauthenticated_per_source),
             routes: flags.routes.or(self.routes),
         }
     }
@@ -367,6 +386,30 @@ impl ServerSection {
         let mtu = mtu(self.mtu, max_frame)?;
         let peers = peers(self.peer.unwrap_or_default(), network, self.key.is_some())?;
         let routes = server_routes(self.routes.unwrap_or_default(), network, &peers)?;
+        let handshake_timeout = seconds(
+            "handshake_timeout",
+            self.handshake_timeout,
+            DEFAULT_HANDSHAKE_TIMEOUT_SECS,
+        )?;
+        let first_bytes_timeout = match seconds(
+            "first_bytes_timeout",
+            self.first_bytes_timeout,
+            DEFAULT_FIRST_BYTES_TIMEOUT_SECS,
+        )? {
+            // The default is shortened to a shorter handshake timeout.
+            t if t > handshake_timeout && self.first_bytes_timeout.is_none() => handshake_timeout,
+            t if t > handshake_timeout => {
+                return Err(ConfigError::new(
+                    "first_bytes_timeout",
+                    format!(
+                    "{}s is longer than handshake_timeout ({}s), which bounds the whole handshake",
+                    t.as_secs(),
+                    handshake_timeout.as_secs()
+                ),
+                ))
+            }
+            t => t,
+        };
         Ok(ServerConfig {
             listen: self
                 .listen
@@ -374,11 +417,8 @@ impl ServerSection {
             network,
             tun: tun_name(self.tun)?,
             client_timeout: seconds("client_timeout", self.client_timeout, DEFAULT_TIMEOUT_SECS)?,
-            handshake_timeout: seconds(
-                "handshake_timeout",
-                self.handshake_timeout,
-                DEFAULT_HANDSHAKE_TIMEOUT_SECS,
-            )?,
+            handshake_timeout,
+            first_bytes_timeout,
             mtu,
             max_frame,
             queue_len: match self.queue_len.unwrap_or(DEFAULT_QUEUE_LEN) {
@@ -420,6 +460,18 @@ impl ServerSection {
                 0 => {
                     return Err(ConfigError::new(
                         "max_unauthenticated",
+                        "must be at least 1",
+                    ))
+                }
+                n => n,
+            },
+            max_unauthenticated_per_source: match self
+                .max_unauthenticated_per_source
+                .unwrap_or(DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE)
+            {
+                0 => {
+                    return Err(ConfigError::new(
+                        "max_unauthenticated_per_source",
                         "must be at least 1",
                     ))
                 }
@@ -808,6 +860,39 @@ mod tests {
             .expect("server")
             .resolve()
             .expect_err("refused")
+    }
+
+    #[test]
+    fn admission_limits_have_defaults_and_are_checked() {
+        let text = "[server]\nlegacy = true\n";
+        let config = parse(text)
+            .expect("parse")
+            .server
+            .expect("server")
+            .resolve()
+            .expect("valid");
+        assert_eq!(config.max_unauthenticated, DEFAULT_MAX_UNAUTHENTICATED);
+        assert_eq!(config.max_unauthenticated_per_source, 8);
+        assert_eq!(config.first_bytes_timeout, Duration::from_secs(2));
+        let short = parse("[server]\nlegacy = true\nhandshake_timeout = 1\n")
+            .expect("parse")
+            .server
+            .expect("server")
+            .resolve()
+            .expect("valid");
+        assert_eq!(
+            short.first_bytes_timeout,
+            Duration::from_secs(1),
+            "shortened"
+        );
+        let zero = server_error("max_unauthenticated_per_source = 0\n");
+        assert_eq!(zero.field, "max_unauthenticated_per_source");
+        let long = server_error("handshake_timeout = 5\nfirst_bytes_timeout = 6\n");
+        assert_eq!(long.field, "first_bytes_timeout");
+        assert!(
+            long.problem.contains("longer than handshake_timeout"),
+            "{long}"
+        );
     }
 
     #[test]

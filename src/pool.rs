@@ -15,6 +15,16 @@ pub enum Refusal {
     Taken(Ipv4Addr),
     #[error("the pool is exhausted")]
     Exhausted,
+    /// Its key took over its own session too often (used on two hosts at
+    /// once?): refused for a while (see `daemon::takeover`).
+    #[error(
+        "its key took over its own session {takeovers} times within a minute \
+         (is it used on two hosts at once?): refused for {retry_after_secs}s"
+    )]
+    KeyFlapping {
+        takeovers: usize,
+        retry_after_secs: u64,
+    },
 }
 
 /// Free and used addresses, plus a memory of who held which address last, so

@@ -237,13 +237,14 @@ fn silent_peers_time_out_and_free_their_address() {
         assert_eq!(b.recv(20, STARTUP), keepalive());
     }
 
-    // A connection that sends nothing is dropped after the handshake
-    // timeout; so is one that sends keepalives but never asks for an address.
+    // A connection that sends nothing is dropped after the first-bytes
+    // timeout; one that sends keepalives but never asks for an address after
+    // the handshake timeout.
     let mut mute = bed.raw_peer(0);
     mute.expect_closed(Duration::from_secs(10));
-    assert!(wait_until(STARTUP, || server
-        .log()
-        .contains("no handshake within the handshake timeout")));
+    assert!(wait_until(STARTUP, || server.log().contains(
+        "no ClientHello or address request within the first-bytes timeout"
+    )));
     let mut idle = bed.raw_peer(0);
     idle.send(&keepalive());
     assert_eq!(idle.recv(20, STARTUP), keepalive());
@@ -276,7 +277,13 @@ fn connections_not_yet_granted_are_capped() {
     }
     let bed = Bed::new("cap", 1);
     let config = bed.path("server.toml");
-    std::fs::write(&config, "[server]\nmax_unauthenticated = 2\n").expect("config");
+    // Idle connections wait longer than the default 2 s here, so that the
+    // first keeps its place while the third is refused.
+    std::fs::write(
+        &config,
+        "[server]\nmax_unauthenticated = 2\nfirst_bytes_timeout = 10\n",
+    )
+    .expect("config");
     let server = bed.start_server(&["--config", &config]);
     // Two connections that have not asked for an address hold both places.
     let mut first = bed.raw_peer(0);

@@ -213,6 +213,7 @@ fn status_json(s: &proto::StatusReply) -> Value {
         "version": s.version,
         "started": rfc3339(&s.started),
         "tun": s.tun,
+        "tun_state": s.tun_state,
         "address": s.address,
         "routes": s.routes,
     });
@@ -252,6 +253,7 @@ fn status_text(s: &proto::StatusReply, now: SystemTime) -> String {
         ("version", s.version.clone()),
         ("uptime", age(&s.started, now)),
         ("tun", s.tun.clone()),
+        ("tun state", or_dash(&s.tun_state)),
         ("address", or_dash(&s.address)),
         ("routes", list_or_dash(&s.routes)),
     ];

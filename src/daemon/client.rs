@@ -43,7 +43,7 @@ use super::peers::{PeerInfo, PeerStats};
 use super::{ControlOptions, DaemonError};
 use crate::config::ClientConfig;
 use crate::connection::{FrameReader, Writer};
-use crate::daemon::tun::AsyncTun;
+use crate::daemon::tun::{AsyncTun, TunHealth};
 use crate::keys::NodeKey;
 use crate::limits::MAX_PACKET;
 use crate::params::MAX_ENCODED_LEN;
@@ -64,6 +64,8 @@ const UPLINK_QUEUE: usize = 4;
 /// The tun device and how to configure it.
 struct Tunnel {
     device: Arc<AsyncTun>,
+    /// Whether it still works: a tun that fails for good ends the daemon.
+    health: Arc<TunHealth>,
     index: u32,
     helper: Helper,
 }
@@ -83,6 +85,7 @@ struct ClientState {
     identity: Identity,
     server: String,
     tun: String,
+    tun_health: Arc<TunHealth>,
     started: SystemTime,
     events: Events,
     link: Mutex<Link>,
@@ -148,6 +151,7 @@ impl Node for ClientState {
             version: env!("CARGO_PKG_VERSION").into(),
             started: Some(self.started.into()),
             tun: self.tun.clone(),
+            tun_state: self.tun_health.state(),
             address: link
                 .granted
                 .map(|(a, p)| format!("{a}/{p}"))
@@ -183,10 +187,14 @@ pub async fn run(
     key: Option<NodeKey>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
+    // Cancelled on shutdown, and when the tun fails.
+    let shutdown = shutdown.child_token();
     let dialer = Dialer::new(&config, key.as_ref(), HANDSHAKE_TIMEOUT)?;
     let tun = helper.open_tun().await?;
     helper.set_mtu(tun.index, config.mtu).await?;
+    let health = Arc::new(TunHealth::default());
     let tunnel = Tunnel {
+        health: health.clone(),
         device: Arc::new(AsyncTun::new(tun.fd)?),
         index: tun.index,
         helper: helper.clone(),
@@ -203,6 +211,7 @@ pub async fn run(
         identity,
         server: config.server.clone(),
         tun: tun.name.clone(),
+        tun_health: health.clone(),
         started: SystemTime::now(),
         events: Events::default(),
         link: Mutex::default(),
@@ -226,13 +235,29 @@ pub async fn run(
         dialer,
         tunnel,
         state,
-        shutdown,
+        shutdown: shutdown.clone(),
     };
-    client.reconnect_loop().await?;
+    let device = client.tunnel.device.clone();
+    let tun_failure = tokio::select! {
+        result = client.reconnect_loop() => {
+            result?;
+            None
+        }
+        why = health.failed() => Some(why),
+        // Also while no connection reads the tun.
+        e = device.broken() => {
+            health.check("poll", &e);
+            Some(health.state())
+        }
+    };
+    shutdown.cancel();
     if let Some(task) = control_task {
         let _ = task.await;
     }
     let _ = notify_task.await;
+    if let Some(why) = tun_failure {
+        return Err(DaemonError::TunFailed(why));
+    }
     info!("client stopped");
     Ok(())
 }
@@ -321,6 +346,7 @@ impl Client {
         let (to_uplink, inbox) = mpsc::channel(UPLINK_QUEUE);
         let uplink = Uplink {
             tun: self.tunnel.device.clone(),
+            health: self.tunnel.health.clone(),
             writer,
             inbox,
             last_sent: last_sent.clone(),
@@ -405,7 +431,11 @@ impl Client {
             Action::WriteTun(packet) => {
                 connection.stats.count_rx(packet.len());
                 if let Err(e) = self.tunnel.device.send(&packet).await {
-                    debug!(error = %e, "tun write failed");
+                    // A tun gone for good ends the daemon; anything else
+                    // is one packet lost.
+                    if !self.tunnel.health.check("write", &e) {
+                        debug!(error = %e, "tun write failed");
+                    }
                 }
             }
             Action::Send(request) => {
@@ -546,6 +576,7 @@ impl LastSent {
 /// The send path of one connection; it owns the writer.
 struct Uplink {
     tun: Arc<AsyncTun>,
+    health: Arc<TunHealth>,
     writer: Writer,
     inbox: mpsc::Receiver<ToUplink>,
     last_sent: Arc<LastSent>,
@@ -581,9 +612,12 @@ impl Uplink {
             };
             let mut len = match read {
                 Ok(len) => keep_ipv4(&buf[..len], &self.stats),
+                // Gone for good: the daemon stops (see `run`).
+                Err(e) if self.health.check("read", &e) => return Ok(()),
                 Err(e) => {
                     warn!(error = %e, "tun read failed");
-                    return Ok(());
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
                 }
             };
             // More packets already waiting join this write.

@@ -81,7 +81,7 @@ pub fn open(
     };
     let group = match group_id("control.group", &config.group) {
         Err(_) if !config.group_configured => {
-            warn!(group = %config.group, "no such group: the control socket keeps the daemon's group");
+            warn!(group = %config.group, "no such group: the control socket keeps the group it was created with, root's (it is bound before privileges are dropped), so only root can use svpnctl");
             None
         }
         other => other?,

@@ -3,6 +3,13 @@
 //! must authenticate with a listed key, original-protocol clients are let in
 //! only when legacy is on for their remote address. Nothing of the tunnel is
 //! reachable before this.
+//!
+//! The first bytes have a short deadline of their own (`first_bytes_timeout`):
+//! a TLS client's whole ClientHello, or an original-protocol client's whole
+//! 20-byte address request, must arrive within it; only the rest of a TLS
+//! handshake has the longer handshake timeout. An original-protocol
+//! connection whose first 20 bytes are not an address request (an HTTP
+//! request, random bytes) is refused at once.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -10,14 +17,20 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use ipnet::IpNet;
 
-use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
+use std::sync::Arc;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
+use tokio_rustls::LazyConfigAcceptor;
+
+use super::admission::RefusalReason;
 use crate::config::{Legacy, PeerSection, ServerConfig};
 use crate::connection::{Reader, Writer};
 use crate::keys::{NodeKey, PublicKey};
 use crate::session::Protocol;
 use crate::tls::{self, TlsError};
+use crate::wire::{Decoder, Frame, CONTROL_LEN};
 
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -83,6 +96,11 @@ pub struct Admitted {
 pub enum Rejection {
     /// Closed before sending a byte.
     Closed,
+    /// No ClientHello, or no whole address request, within the first-bytes
+    /// timeout.
+    FirstBytesTimeout,
+    /// Its first 20 bytes start like IP but are no address request.
+    NotAnAddressRequest,
     /// Its first byte is neither TLS nor an IP packet.
     Unknown(u8),
     /// An original-protocol client, and legacy is off.
@@ -100,6 +118,12 @@ impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Rejection::Closed => f.write_str("closed before sending anything"),
+            Rejection::FirstBytesTimeout => {
+                f.write_str("no ClientHello or address request within the first-bytes timeout")
+            }
+            Rejection::NotAnAddressRequest => {
+                f.write_str("protocol error: the first 20 bytes are not an address request")
+            }
             Rejection::Unknown(byte) => write!(
                 f,
                 "protocol error: first byte {byte:#04x} is neither TLS (0x16) nor an IP packet"
@@ -120,9 +144,25 @@ impl fmt::Display for Rejection {
     }
 }
 
-/// The server's gate: its TLS acceptor, listed peers and legacy policy.
+impl Rejection {
+    /// The counter of the refusal summary this rejection goes to.
+    pub fn reason(&self) -> RefusalReason {
+        match self {
+            Rejection::Closed | Rejection::Io(_) => RefusalReason::Io,
+            Rejection::FirstBytesTimeout => RefusalReason::FirstBytesTimeout,
+            Rejection::NotAnAddressRequest => RefusalReason::NotAnAddressRequest,
+            Rejection::Unknown(_) => RefusalReason::UnknownProtocol,
+            Rejection::LegacyOff => RefusalReason::LegacyOff,
+            Rejection::LegacyNotAllowed => RefusalReason::LegacyNotAllowed,
+            Rejection::NoTls => RefusalReason::NoTls,
+            Rejection::Handshake(_) => RefusalReason::Handshake,
+        }
+    }
+}
+
+/// The server's gate: its TLS config, listed peers and legacy policy.
 pub struct Gate {
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     peers: HashMap<PublicKey, PeerSection>,
     legacy: Legacy,
 }
@@ -134,10 +174,7 @@ impl Gate {
         let peers: HashMap<PublicKey, PeerSection> =
             config.peers.iter().map(|p| (p.key, p.clone())).collect();
         let tls = match key {
-            Some(key) => Some(TlsAcceptor::from(tls::server_config(
-                key,
-                peers.keys().copied().collect(),
-            )?)),
+            Some(key) => Some(tls::server_config(key, peers.keys().copied().collect())?),
             None => None,
         };
         Ok(Gate {
@@ -148,20 +185,23 @@ impl Gate {
     }
 
     /// Tells the protocol from the first byte and lets the connection in,
-    /// or says why not. Bound it with the handshake timeout.
+    /// or says why not. The ClientHello or the address request must be in
+    /// by `first_bytes`; bound the whole call with the handshake timeout.
     pub async fn admit(
         &self,
-        stream: TcpStream,
+        mut stream: TcpStream,
         remote: SocketAddr,
+        first_bytes: Instant,
     ) -> Result<Admitted, Rejection> {
         let mut first = [0u8; 1];
-        match stream.peek(&mut first).await {
-            Ok(0) => return Err(Rejection::Closed),
-            Ok(_) => {}
-            Err(e) => return Err(Rejection::Io(e)),
+        match timeout_at(first_bytes, stream.peek(&mut first)).await {
+            Err(_) => return Err(Rejection::FirstBytesTimeout),
+            Ok(Ok(0)) => return Err(Rejection::Closed),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(Rejection::Io(e)),
         }
         match first[0] {
-            TLS_HANDSHAKE => self.admit_tls(stream).await,
+            TLS_HANDSHAKE => self.admit_tls(stream, first_bytes).await,
             byte if matches!(byte >> 4, 4 | 6) => {
                 if self.legacy == Legacy::Off {
                     return Err(Rejection::LegacyOff);
@@ -169,7 +209,24 @@ impl Gate {
                 if !self.legacy.allows(remote.ip()) {
                     return Err(Rejection::LegacyNotAllowed);
                 }
+                let mut request = [0u8; CONTROL_LEN];
+                match timeout_at(first_bytes, stream.read_exact(&mut request)).await {
+                    Err(_) => return Err(Rejection::FirstBytesTimeout),
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        return Err(Rejection::NotAnAddressRequest)
+                    }
+                    Ok(Err(e)) => return Err(Rejection::Io(e)),
+                    Ok(Ok(_)) => {}
+                }
+                if !is_address_request(&request) {
+                    // Nothing more is read: close at once, without waiting
+                    // for the peer to send its rest.
+                    let _ = stream.shutdown().await;
+                    return Err(Rejection::NotAnAddressRequest);
+                }
                 let (reader, writer) = stream.into_split();
+                // The request read here is the session's first frame.
+                let reader = std::io::Cursor::new(request).chain(reader);
                 Ok(Admitted {
                     reader: Box::new(reader),
                     writer: Box::new(writer),
@@ -182,10 +239,20 @@ impl Gate {
         }
     }
 
-    async fn admit_tls(&self, stream: TcpStream) -> Result<Admitted, Rejection> {
-        let acceptor = self.tls.as_ref().ok_or(Rejection::NoTls)?;
-        let stream = acceptor
-            .accept(stream)
+    async fn admit_tls(
+        &self,
+        stream: TcpStream,
+        first_bytes: Instant,
+    ) -> Result<Admitted, Rejection> {
+        let config = self.tls.as_ref().ok_or(Rejection::NoTls)?;
+        let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+        let start = match timeout_at(first_bytes, hello).await {
+            Err(_) => return Err(Rejection::FirstBytesTimeout),
+            Ok(Err(e)) => return Err(Rejection::Handshake(e.to_string())),
+            Ok(Ok(start)) => start,
+        };
+        let stream = start
+            .into_stream(config.clone())
             .await
             .map_err(|e| Rejection::Handshake(e.to_string()))?;
         let key = tls::peer_key(stream.get_ref().1)
@@ -206,5 +273,42 @@ impl Gate {
             routes,
             extension,
         })
+    }
+}
+
+/// Whether `bytes`, the first 20 an original-protocol client sent, are an
+/// address request: a control message (an IPv4 header with total length 0)
+/// whose addresses read as a request.
+fn is_address_request(bytes: &[u8; CONTROL_LEN]) -> bool {
+    let mut buf = bytes::BytesMut::from(&bytes[..]);
+    match Decoder::new(CONTROL_LEN).decode(&mut buf) {
+        Ok(Some(Frame::Control(control))) => control.as_request().is_ok(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Control, Request};
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn only_an_address_request_passes_as_the_original_protocol() {
+        let dynamic = Control::request(Request::Dynamic).encode();
+        let fixed = Control::request(Request::Static(Ipv4Addr::new(198, 19, 0, 7))).encode();
+        assert!(is_address_request(&dynamic));
+        assert!(is_address_request(&fixed));
+        let http: [u8; CONTROL_LEN] = *b"GET / HTTP/1.1\r\nHost";
+        assert!(!is_address_request(&http));
+        // A real IPv4 header (total length 20) is a packet, not a request.
+        let mut packet = dynamic;
+        packet[3] = 20;
+        assert!(!is_address_request(&packet));
+        // A control message from a server (a grant) is no request.
+        let grant = Control::grant(Ipv4Addr::new(198, 19, 0, 7), None).encode();
+        assert!(!is_address_request(&grant));
+        let ipv6 = [0x60; CONTROL_LEN];
+        assert!(!is_address_request(&ipv6));
     }
 }

@@ -1,5 +1,6 @@
 //! simplevpnd: the server and client roles.
 
+mod admission;
 pub mod cli;
 pub mod client;
 pub mod control;
@@ -11,6 +12,7 @@ mod notify;
 mod peers;
 pub mod privileges;
 pub mod server;
+mod takeover;
 pub mod tun;
 
 use std::net::SocketAddr;
@@ -77,6 +79,8 @@ pub enum DaemonError {
     Tls(#[from] TlsError),
     #[error("a key file is configured, but no key was loaded")]
     NoKey,
+    #[error("tun device failed: {0}")]
+    TunFailed(String),
 }
 
 /// Runs the daemon in `role` until `shutdown` is cancelled, with `helper`

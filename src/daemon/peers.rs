@@ -7,13 +7,14 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ipnet::{IpNet, Ipv4Net};
 use tokio_util::sync::CancellationToken;
 
 use super::gate::Identity;
+use super::takeover::{Takeovers, Verdict};
 use crate::budget::MemoryBudget;
 use crate::connection::{PushError, QueueTx};
 use crate::keys::PublicKey;
@@ -178,9 +179,28 @@ impl Banned {
     }
 }
 
+/// An address granted, and the older session of the same key it replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Granted {
+    pub address: Ipv4Addr,
+    pub replaced: Option<Replaced>,
+}
+
+/// The older session of a key, closed because a newer one took over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replaced {
+    pub remote: SocketAddr,
+    /// The address it held (now freed, unless the newer one holds it).
+    pub address: Ipv4Addr,
+}
+
 struct Table {
     pool: AddressPool,
     peers: HashMap<Ipv4Addr, Arc<Peer>>,
+    /// The address each connected key holds: one per key.
+    by_key: HashMap<PublicKey, Ipv4Addr>,
+    /// Takeovers of a session by a newer connection of its key.
+    takeovers: Takeovers<PublicKey>,
     /// Addresses fixed for a key: reserved in the pool for good.
     fixed: HashSet<Ipv4Addr>,
     /// Refused until the given time (kick --ban).
@@ -192,6 +212,25 @@ struct Table {
 /// Shed at most one peer this often while the budget stays spent: closing
 /// one takes a moment to give its memory back.
 const SHED_INTERVAL_MS: u64 = 50;
+impl Table {
+    /// Takes connection `id` out of `address`, its networks and its key's
+    /// entry, without freeing the address; None if another holds it.
+    fn unlink(&mut self, address: Ipv4Addr, id: u64) -> Option<Arc<Peer>> {
+        let peer = self.peers.get(&address).filter(|p| p.id == id)?.clone();
+        self.peers.remove(&address);
+        for route in &peer.routes {
+            if self.routes.get(route).is_some_and(|p| p.id == id) {
+                self.routes.remove(route);
+            }
+        }
+        if let Some(key) = peer.identity.key() {
+            if self.by_key.get(&key) == Some(&address) {
+                self.by_key.remove(&key);
+            }
+        }
+        Some(peer)
+    }
+}
 
 /// The peer table of one server: who holds which address, the queue that
 /// reaches each of them, and who is banned.
@@ -224,6 +263,8 @@ impl PeerTable {
                 pool,
                 peers: HashMap::new(),
                 fixed,
+                by_key: HashMap::new(),
+                takeovers: Takeovers::default(),
                 bans: HashMap::new(),
                 routes: RouteTable::new(),
             }),
@@ -257,55 +298,101 @@ impl PeerTable {
         self.read().pool.network().netmask()
     }
 
-    /// Grants an address for `request` (Dynamic or Static) to `peer`, enters it in the table and queues the grant to it, all under
-    /// one lock, so that the grant goes out before any packet for the new
-    /// address can.
+    /// Grants an address for `request` (Dynamic or Static) to `peer`, enters
+    /// it in the table and queues the grant to it, all under one lock, so
+    /// that the grant goes out before any packet for the new address can.
     ///
-    /// A client with a fixed address gets it whatever it asks for; a newer
-    /// connection with the same key takes it over from an older one (which
-    /// is closed), so a client that reconnects before the server noticed the
-    /// old connection die is not locked out.
-    pub fn admit(&self, request: Request, peer: &Arc<Peer>) -> Result<Ipv4Addr, Refusal> {
+    /// One key, one session: a client with a fixed address gets it whatever
+    /// it asks for; a newer connection with the same key takes the session
+    /// over from an older one (which is closed and loses its address at
+    /// once, so a key never holds two), so a client that reconnects before
+    /// the server noticed the old connection die is not locked out. A key
+    /// without a fixed address keeps the address it held unless it asks
+    /// for another one. A key that takes over too often is refused for a
+    /// while ([`Refusal::KeyFlapping`], see [`super::takeover`]).
+    pub fn admit(&self, request: Request, peer: &Arc<Peer>) -> Result<Granted, Refusal> {
+        self.admit_at(request, peer, Instant::now())
+    }
+
+    /// [`PeerTable::admit`] at `now`.
+    pub fn admit_at(
+        &self,
+        request: Request,
+        peer: &Arc<Peer>,
+        now: Instant,
+    ) -> Result<Granted, Refusal> {
         let mut table = self.write();
         let remote = peer.remote.ip();
+        let key = peer.identity.key();
+        // The older session of the same key, if any.
+        let old: Option<(Ipv4Addr, Arc<Peer>)> = key
+            .and_then(|k| table.by_key.get(&k).copied())
+            .and_then(|a| Some((a, table.peers.get(&a)?.clone())))
+            .filter(|(_, old)| old.id != peer.id);
+        if let (Some(key), Some(_)) = (key, &old) {
+            if let Verdict::Refuse {
+                remaining,
+                takeovers,
+            } = table.takeovers.takeover(key, now)
+            {
+                return Err(Refusal::KeyFlapping {
+                    takeovers,
+                    retry_after_secs: remaining.as_secs() + u64::from(remaining.subsec_nanos() > 0),
+                });
+            }
+        }
+        let old_address = old.as_ref().map(|(a, _)| *a);
         let address = match (peer.identity.fixed(), request) {
             (Some(fixed), _) => match table.peers.get(&fixed) {
-                Some(old) if old.identity.key() == peer.identity.key() => {
-                    old.kick.cancel();
-                    Ok(fixed)
-                }
+                Some(_) if old_address == Some(fixed) => Ok(fixed),
                 Some(_) => Err(Refusal::Taken(fixed)),
                 None => Ok(fixed),
             },
+            (None, Request::Static(wanted)) if old_address == Some(wanted) => Ok(wanted),
             (None, Request::Static(wanted)) => table.pool.claim(wanted, remote).map(|()| wanted),
-            (None, Request::Dynamic | Request::Keepalive) => table.pool.allocate(remote),
+            (None, Request::Dynamic | Request::Keepalive) => match old_address {
+                Some(held) => Ok(held),
+                None => table.pool.allocate(remote),
+            },
         }?;
+        let replaced = old.map(|(old_address, old)| {
+            old.kick.cancel();
+            table.unlink(old_address, old.id);
+            if old_address != address && !table.fixed.contains(&old_address) {
+                table.pool.release(old_address);
+            }
+            Replaced {
+                remote: old.remote,
+                address: old_address,
+            }
+        });
         let grant = Control::grant(address, Some(table.pool.network().netmask()));
         // The queue is new and empty: this push cannot fail for lack of room.
         let _ = peer.queue.try_push(Bytes::copy_from_slice(&grant.encode()));
         table.peers.insert(address, peer.clone());
+        if let Some(key) = key {
+            table.by_key.insert(key, address);
+        }
         // Its networks are its alone (the config refuses overlaps); a
         // newer connection of the same key takes them over.
         for route in &peer.routes {
             table.routes.insert(*route, peer.clone());
         }
-        Ok(address)
+        Ok(Granted { address, replaced })
+    }
+
+    /// How much longer connections of `key` are refused for taking over
+    /// their session too often, if they are.
+    pub fn takeover_backoff(&self, key: &PublicKey, now: Instant) -> Option<Duration> {
+        self.read().takeovers.backing_off(key, now)
     }
 
     /// Removes connection `id` from `address` and frees the address. Does
     /// nothing if another connection holds it by now.
     pub fn remove(&self, address: Ipv4Addr, id: u64) {
         let mut table = self.write();
-        if let Some(peer) = table.peers.get(&address).filter(|p| p.id == id).cloned() {
-            table.peers.remove(&address);
-            for route in &peer.routes {
-                if table.routes.get(route).is_some_and(|p| p.id == id) {
-                    table.routes.remove(route);
-                }
-            }
-            if !table.fixed.contains(&address) {
-                table.pool.release(address);
-            }
+        if table.unlink(address, id).is_some() && !table.fixed.contains(&address) {
+            table.pool.release(address);
         }
     }
 
@@ -477,7 +564,7 @@ mod tests {
             MemoryBudget::new(1 << 20),
         );
         let (a, mut rx) = link(&registry, 1000);
-        let address = registry.admit(Request::Dynamic, &a).expect("grant");
+        let address = registry.admit(Request::Dynamic, &a).expect("grant").address;
         let stats = &a.stats;
         assert_eq!(address, Ipv4Addr::new(198, 19, 0, 2));
         let grant = rx.try_recv().expect("grant queued");
@@ -514,10 +601,13 @@ mod tests {
         let a_id = a.id;
         let address = registry
             .admit(Request::Static(Ipv4Addr::new(198, 19, 0, 7)), &a)
-            .expect("grant");
+            .expect("grant")
+            .address;
         let (b, _rx_b) = link(&registry, 1001);
         assert_eq!(
-            registry.admit(Request::Static(address), &b),
+            registry
+                .admit(Request::Static(address), &b)
+                .map(|g| g.address),
             Err(Refusal::Taken(address))
         );
         registry.remove(address, a_id + 100);
@@ -525,7 +615,12 @@ mod tests {
         registry.remove(address, a_id);
         assert_eq!(registry.len(), 0);
         let (c, _rx_c) = link(&registry, 1002);
-        assert_eq!(registry.admit(Request::Static(address), &c), Ok(address));
+        assert_eq!(
+            registry
+                .admit(Request::Static(address), &c)
+                .map(|g| g.address),
+            Ok(address)
+        );
     }
 
     #[test]
@@ -550,22 +645,29 @@ mod tests {
         // Nobody else gets it, by static or dynamic request.
         let (other, _rx) = link(&registry, 1000);
         assert_eq!(
-            registry.admit(Request::Static(fixed), &other),
+            registry
+                .admit(Request::Static(fixed), &other)
+                .map(|g| g.address),
             Err(Refusal::Taken(fixed))
         );
         let (other, _rx) = link(&registry, 1001);
         assert_eq!(
-            registry.admit(Request::Dynamic, &other),
+            registry.admit(Request::Dynamic, &other).map(|g| g.address),
             Ok(Ipv4Addr::new(198, 19, 0, 3))
         );
         // Its key gets it whatever it asks for; a second connection of the
         // same key takes over and the first is kicked.
         let (first, _rx1) = with_key(&registry, 1002);
         let (first_id, first_kick) = (first.id, first.kick.clone());
-        assert_eq!(registry.admit(Request::Dynamic, &first), Ok(fixed));
+        assert_eq!(
+            registry.admit(Request::Dynamic, &first).map(|g| g.address),
+            Ok(fixed)
+        );
         let (second, _rx2) = with_key(&registry, 1003);
         assert_eq!(
-            registry.admit(Request::Static(Ipv4Addr::new(198, 19, 9, 9)), &second),
+            registry
+                .admit(Request::Static(Ipv4Addr::new(198, 19, 9, 9)), &second)
+                .map(|g| g.address),
             Ok(fixed)
         );
         assert!(first_kick.is_cancelled());
@@ -621,7 +723,7 @@ mod tests {
         let remote = SocketAddr::from(([198, 18, 0, 2], 1000));
         let lan: IpNet = "198.18.201.0/24".parse().expect("net");
         let a = table.new_peer(remote, Identity::Original, vec![lan], queue);
-        let address = table.admit(Request::Dynamic, &a).expect("grant");
+        let address = table.admit(Request::Dynamic, &a).expect("grant").address;
         rx.try_recv().expect("the grant");
         let host = Ipv4Addr::new(198, 18, 201, 7);
         assert_eq!(
@@ -649,7 +751,7 @@ mod tests {
             MemoryBudget::new(1 << 20),
         );
         let (a, _rx) = link(&table, 1000);
-        let address = table.admit(Request::Dynamic, &a).expect("grant");
+        let address = table.admit(Request::Dynamic, &a).expect("grant").address;
         let now = SystemTime::now();
         let who = Banned::of(&a.identity, a.remote.ip());
         assert_eq!(who, Banned::Remote(a.remote.ip()));
@@ -668,5 +770,103 @@ mod tests {
             None
         );
         assert_eq!(table.ban(Ipv4Addr::new(198, 19, 9, 9), now), None);
+    }
+
+    fn tls_peer(table: &PeerTable, port: u16) -> (Arc<Peer>, crate::connection::QueueRx) {
+        let key: PublicKey = "ScFYNjnPxvAxr6GGa07nJpY3Y6mxoP6KgSTp3vU//xo="
+            .parse()
+            .expect("key");
+        let identity = Identity::Tls {
+            key,
+            name: None,
+            fixed: None,
+        };
+        let (queue, rx) = crate::connection::queue(2, 1 << 20, None);
+        let remote = SocketAddr::from(([198, 18, (port % 250) as u8, 2], port));
+        (table.new_peer(remote, identity, Vec::new(), queue), rx)
+    }
+
+    #[test]
+    fn a_key_without_a_fixed_address_never_holds_two() {
+        let table = PeerTable::new(
+            "198.19.0.0/16".parse().expect("net"),
+            [],
+            MemoryBudget::new(1 << 20),
+        );
+        let (first, _rx1) = tls_peer(&table, 1);
+        let held = table.admit(Request::Dynamic, &first).expect("first");
+        assert_eq!(held.replaced, None);
+        // Another host, same key: it takes the session over, and the address
+        // with it; the first connection is closed.
+        let (second, _rx2) = tls_peer(&table, 2);
+        let taken = table.admit(Request::Dynamic, &second).expect("second");
+        assert_eq!(taken.address, held.address);
+        assert_eq!(
+            taken.replaced,
+            Some(Replaced {
+                remote: first.remote,
+                address: held.address
+            })
+        );
+        assert!(first.kick.is_cancelled());
+        assert_eq!(table.len(), 1);
+        // Asking for another address moves it: the old one is freed.
+        let (third, _rx3) = tls_peer(&table, 3);
+        let wanted = Ipv4Addr::new(198, 19, 0, 50);
+        let moved = table.admit(Request::Static(wanted), &third).expect("third");
+        assert_eq!(moved.address, wanted);
+        assert_eq!(moved.replaced.map(|r| r.address), Some(held.address));
+        assert_eq!(table.len(), 1);
+        assert!(table.peer(held.address).is_none());
+        // The older connections' cleanup changes nothing.
+        table.remove(held.address, first.id);
+        table.remove(held.address, second.id);
+        assert_eq!(table.peer(wanted).map(|p| p.remote), Some(third.remote));
+        // The freed address goes to the next dynamic request.
+        let (other, _rx) = link(&table, 4);
+        assert_eq!(
+            table.admit(Request::Dynamic, &other).map(|g| g.address),
+            Ok(held.address)
+        );
+    }
+
+    #[test]
+    fn a_key_that_keeps_taking_over_is_refused_and_the_holder_stays() {
+        let table = PeerTable::new(
+            "198.19.0.0/16".parse().expect("net"),
+            [],
+            MemoryBudget::new(1 << 20),
+        );
+        let t0 = Instant::now();
+        let mut holder = None;
+        for i in 0..=crate::daemon::takeover::MAX_TAKEOVERS as u16 {
+            let (peer, rx) = tls_peer(&table, 10 + i);
+            let at = t0 + Duration::from_secs(u64::from(i));
+            table
+                .admit_at(Request::Dynamic, &peer, at)
+                .expect("taken over");
+            holder = Some((peer, rx));
+        }
+        let (peer, _rx) = tls_peer(&table, 99);
+        let at = t0 + Duration::from_secs(5);
+        let refused = table.admit_at(Request::Dynamic, &peer, at);
+        assert!(
+            matches!(
+                refused,
+                Err(Refusal::KeyFlapping {
+                    takeovers: 4,
+                    retry_after_secs: 5
+                })
+            ),
+            "{refused:?}"
+        );
+        let (holder, _rx) = holder.expect("a holder");
+        assert!(!holder.kick.is_cancelled(), "the holder keeps its session");
+        assert_eq!(table.len(), 1);
+        let key = holder.identity.key().expect("key");
+        assert_eq!(
+            table.takeover_backoff(&key, at + Duration::from_secs(1)),
+            Some(Duration::from_secs(4))
+        );
     }
 }

@@ -2,9 +2,14 @@
 //! ([`crate::session::server`]) and the peer table ([`super::peers`]).
 //!
 //! Receive path, a client's packet on its way out, stage by stage:
-//!   1. `run`: accept the TCP connection (a permit of `max_unauthenticated`);
-//!   2. `serve`: the gate (TLS or the original protocol) within the
-//!      handshake deadline, then the ban check;
+//!   1. `run`: accept the TCP connection, which holds one of
+//!      `max_unauthenticated` permits and one of its source's
+//!      `max_unauthenticated_per_source` slots until it is granted
+//!      ([`super::admission`]);
+//!   2. `serve`: the gate (TLS or the original protocol): its first bytes
+//!      within `first_bytes_timeout`, the rest within the handshake
+//!      deadline; then the ban check and the key's takeover back-off.
+//!      Refusals up to here are logged as a summary per interval;
 //!   3. `connection`: read a frame (`FrameReader`), hand it to the
 //!      [`ServerSession`], and carry out its [`Action`]: reply, admit through
 //!      the peer table (which queues the grant), drop, or forward;
@@ -26,23 +31,23 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use ipnet::IpNet;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument, Span};
 
+use super::admission::{Admission, Pending, RefusalReason, RefusalSummary, SUMMARY_INTERVAL};
 use super::control::{self, KickError, Node};
 use super::events::{EventKind, Events, PeerEvent};
 use super::gate::{Admitted, Gate, Rejection};
 use super::helper::Helper;
 use super::notify;
-use super::peers::{Banned, Delivery, Peer, PeerInfo, PeerTable};
+use super::peers::{Banned, Delivery, Granted, Peer, PeerInfo, PeerTable};
 use super::{ControlOptions, DaemonError};
 use crate::budget::MemoryBudget;
 use crate::config::ServerConfig;
 use crate::connection::{self, write_frames, FrameReader, ReadError};
-use crate::daemon::tun::AsyncTun;
+use crate::daemon::tun::{AsyncTun, TunHealth};
 use crate::keys::NodeKey;
 use crate::limits::MAX_PACKET;
 use crate::pool::server_address;
@@ -65,19 +70,45 @@ struct Shared {
     started: SystemTime,
     tun_name: String,
     gate: Gate,
-    /// Permits for connections that have not been granted an address yet.
-    unauthenticated: Arc<Semaphore>,
+    /// The limits on connections that have not been granted an address yet.
+    admission: Admission,
+    /// Counts the refusals before authentication, for summary lines.
+    refusals: std::sync::Mutex<RefusalSummary>,
+    /// Whether the tun still works.
+    tun_health: TunHealth,
 }
 
 impl Shared {
-    /// Logs and publishes a connection refused before it got an address.
-    fn refuse(&self, remote: SocketAddr, reason: String, serious: bool) {
-        match serious {
-            true => warn!(%reason, "refused"),
-            false => info!(%reason, "refused"),
+    /// Logs and publishes a connection refused before it was authenticated
+    /// (or, for a ban, right after): the first of each reason after a quiet
+    /// spell in full, the others in a summary line per interval.
+    fn refuse(&self, remote: SocketAddr, kind: RefusalReason, reason: &str) {
+        let emit = self
+            .refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(kind, remote.ip(), std::time::Instant::now());
+        if let Some(summary) = emit.summary {
+            warn!(parent: None, "{summary}");
+        }
+        match emit.full_line {
+            true => warn!(%reason, %kind, "refused"),
+            false => debug!(%reason, %kind, "refused"),
         }
         self.events
             .publish(EventKind::Refused, remote, None, reason);
+    }
+
+    /// Logs the summary of refusals if one is due.
+    fn flush_refusals(&self) {
+        let due = self
+            .refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush(std::time::Instant::now());
+        if let Some(summary) = due {
+            warn!("{summary}");
+        }
     }
 }
 
@@ -91,6 +122,8 @@ pub async fn run(
     key: Option<NodeKey>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
+    // Cancelled on shutdown, and when the tun fails.
+    let shutdown = shutdown.child_token();
     let gate = Gate::new(&config, key.as_ref())?;
     let own_address = server_address(config.network);
     let tun = helper.open_tun().await?;
@@ -126,7 +159,12 @@ pub async fn run(
         started: SystemTime::now(),
         tun_name: tun_name.clone(),
         gate,
-        unauthenticated: Arc::new(Semaphore::new(config.max_unauthenticated)),
+        admission: Admission::new(
+            config.max_unauthenticated,
+            config.max_unauthenticated_per_source,
+        ),
+        refusals: std::sync::Mutex::new(RefusalSummary::new(SUMMARY_INTERVAL)),
+        tun_health: TunHealth::default(),
         config,
     });
     info!(
@@ -137,6 +175,8 @@ pub async fn run(
         tls = %key.as_ref().map_or("off".to_string(), |k| format!("key {}", k.public())),
         tls_peers = shared.config.peers.len(),
         legacy = ?shared.config.legacy,
+        max_unauthenticated = shared.config.max_unauthenticated,
+        per_source = shared.config.max_unauthenticated_per_source,
         "server ready"
     );
 
@@ -151,9 +191,18 @@ pub async fn run(
         shutdown.clone(),
     ));
     tasks.spawn(tun_reader(tun, shared.clone(), shutdown.clone()));
+    let mut summaries = tokio::time::interval(Duration::from_secs(1));
+    summaries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tun_failure = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            why = shared.tun_health.failed() => {
+                tun_failure = Some(why);
+                shutdown.cancel();
+                break;
+            }
+            _ = summaries.tick() => shared.flush_refusals(),
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
                     let span = info_span!(
@@ -162,11 +211,18 @@ pub async fn run(
                         name = tracing::field::Empty,
                         addr = tracing::field::Empty
                     );
-                    let Ok(permit) = shared.unauthenticated.clone().try_acquire_owned() else {
-                        warn!(parent: &span, "refused: too many connections not yet granted an address (max_unauthenticated)");
-                        continue;
+                    let pending = match shared.admission.admit(remote.ip()) {
+                        Ok(pending) => pending,
+                        Err(kind) => {
+                            let reason = match kind {
+                                RefusalReason::GlobalCap => "too many connections not yet granted an address (max_unauthenticated)",
+                                _ => "too many connections from this source not yet granted an address (max_unauthenticated_per_source)",
+                            };
+                            span.in_scope(|| shared.refuse(remote, kind, reason));
+                            continue;
+                        }
                     };
-                    let serve = serve(shared.clone(), stream, remote, permit, shutdown.clone());
+                    let serve = serve(shared.clone(), stream, remote, pending, shutdown.clone());
                     tasks.spawn(serve.instrument(span));
                 }
                 // Out of fds or a connection reset before accept: keep serving.
@@ -180,6 +236,10 @@ pub async fn run(
     drop(listener);
     tasks.close();
     tasks.wait().await;
+    shared.flush_refusals();
+    if let Some(why) = tun_failure {
+        return Err(DaemonError::TunFailed(why));
+    }
     info!(tun = %tun_name, "server stopped");
     Ok(())
 }
@@ -202,20 +262,25 @@ fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// One client connection, from accept to close: through the gate, then a
-/// session. `permit` counts it as unauthenticated until it is granted an
+/// session. `pending` counts it as unauthenticated until it is granted an
 /// address.
 async fn serve(
     shared: Arc<Shared>,
     stream: TcpStream,
     remote: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    pending: Pending,
     shutdown: CancellationToken,
 ) {
-    let handshake_deadline = Instant::now() + shared.config.handshake_timeout;
+    let start = Instant::now();
+    let handshake_deadline = start + shared.config.handshake_timeout;
+    let first_bytes_deadline = start + shared.config.first_bytes_timeout;
     crate::connection::tune_tcp(&stream);
     let admitted = tokio::select! {
         _ = shutdown.cancelled() => return,
-        admitted = timeout_at(handshake_deadline, shared.gate.admit(stream, remote)) => admitted,
+        admitted = timeout_at(
+            handshake_deadline,
+            shared.gate.admit(stream, remote, first_bytes_deadline),
+        ) => admitted,
     };
     let admitted = match admitted {
         Ok(Ok(admitted)) => admitted,
@@ -224,13 +289,12 @@ async fn serve(
             return;
         }
         Ok(Err(rejection)) => {
-            let serious = matches!(rejection, Rejection::Unknown(_) | Rejection::Handshake(_));
-            shared.refuse(remote, rejection.to_string(), serious);
+            shared.refuse(remote, rejection.reason(), &rejection.to_string());
             return;
         }
         Err(_) => {
-            let reason = "no handshake within the handshake timeout".to_string();
-            shared.refuse(remote, reason, true);
+            let reason = "no handshake within the handshake timeout";
+            shared.refuse(remote, RefusalReason::HandshakeTimeout, reason);
             return;
         }
     };
@@ -241,8 +305,25 @@ async fn serve(
     let banned = Banned::of(&identity, remote.ip());
     if let Some(remaining) = shared.peers.ban_remaining(&banned, SystemTime::now()) {
         let reason = format!("banned for {}s more", remaining.as_secs() + 1);
-        shared.refuse(remote, reason, false);
+        shared.refuse(remote, RefusalReason::Banned, &reason);
         return;
+    }
+    if let Some(key) = identity.key() {
+        let backoff = shared
+            .peers
+            .takeover_backoff(&key, std::time::Instant::now());
+        if let Some(remaining) = backoff {
+            let reason = format!(
+                "its key took over its own session too often (is it used on two hosts at once?): \
+                 refused for {}s more",
+                remaining.as_secs() + 1
+            );
+            warn!(%key, %reason, "refused");
+            shared
+                .events
+                .publish(EventKind::Refused, remote, None, reason);
+            return;
+        }
     }
     match identity.key() {
         Some(key) => info!(protocol = %identity.protocol(), %key, "connected"),
@@ -258,7 +339,7 @@ async fn serve(
         shared,
         admitted,
         remote,
-        permit,
+        pending,
         handshake_deadline,
         shutdown,
     )
@@ -271,7 +352,7 @@ async fn connection(
     shared: Arc<Shared>,
     admitted: Admitted,
     remote: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    pending: Pending,
     handshake_deadline: Instant,
     shutdown: CancellationToken,
 ) {
@@ -299,7 +380,7 @@ async fn connection(
         routes,
     );
     // Counts this connection as unauthenticated until it is granted.
-    let mut permit = Some(permit);
+    let mut pending = Some(pending);
 
     // One timer for the connection, not one per frame: it fires at the
     // deadline it was last set to, and is moved on if a frame came since.
@@ -335,10 +416,19 @@ async fn connection(
             Action::None => {}
             Action::Reply(control) => send(&peer, control),
             Action::Admit(request) => match shared.peers.admit(request, &peer) {
-                Ok(address) => {
+                Ok(Granted { address, replaced }) => {
                     session.granted(now, address);
-                    permit = None;
+                    pending = None;
                     Span::current().record("addr", tracing::field::display(address));
+                    if let (Some(old), Some(key)) = (replaced, peer.identity.key()) {
+                        warn!(
+                            %key,
+                            old_remote = %old.remote,
+                            new_remote = %remote,
+                            old_address = %old.address,
+                            "key connected from two places: the newer connection takes over, the older is closed"
+                        );
+                    }
                     info!(?request, peers = shared.peers.len(), "granted {address}");
                     shared.events.publish(
                         EventKind::Granted,
@@ -362,7 +452,7 @@ async fn connection(
             Action::Close(ending) => break ending,
         }
     };
-    drop(permit);
+    drop(pending);
 
     let address = session.address();
     if let Some(address) = address {
@@ -431,7 +521,9 @@ fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr) {
 /// into the server's tun.
 fn forward(shared: &Shared, destination: Ipv4Addr, packet: Bytes) {
     if let Delivery::NoPeer(packet) = shared.peers.deliver(destination, packet) {
-        if shared.tun.try_send(&packet).is_err() {
+        if let Err(e) = shared.tun.try_send(&packet) {
+            // A full tun queue is a drop; a tun gone for good ends the daemon.
+            shared.tun_health.check("write", &e);
             shared.dropped_to_tun.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -468,9 +560,11 @@ async fn tun_reader(tun: Arc<AsyncTun>, shared: Arc<Shared>, shutdown: Cancellat
             _ = shutdown.cancelled() => return,
             read = tun.recv_into(&mut buf) => match read {
                 Ok(len) => len,
+                Err(e) if shared.tun_health.check("read", &e) => return,
                 Err(e) => {
-                    warn!(error = %e, "tun read failed; the server stops forwarding from the host");
-                    return;
+                    warn!(error = %e, "tun read failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
                 }
             },
         };
@@ -489,6 +583,7 @@ impl Node for Shared {
             version: env!("CARGO_PKG_VERSION").into(),
             started: Some(self.started.into()),
             tun: self.tun_name.clone(),
+            tun_state: self.tun_health.state(),
             address: format!("{}/{}", server_address(network), network.prefix_len()),
             listen: self.config.listen.to_string(),
             network: network.to_string(),

@@ -5,10 +5,18 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::OnceLock;
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+/// What a read waits for: a packet, or an error. A tun whose device is
+/// deleted polls as EPOLLERR only, never readable; without the error the
+/// reader would wait for ever, and the failure would go unnoticed.
+const READ_OR_ERROR: Interest = Interest::READABLE.add(Interest::ERROR);
 
 /// Async packet I/O on a tun fd. One `recv` returns one IP packet; one `send`
 /// writes one. Share it between a reader task and a writer task with `Arc`.
@@ -35,7 +43,7 @@ impl AsyncTun {
     /// than `buf` is truncated.
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.fd
-            .async_io(Interest::READABLE, |fd| {
+            .async_io(READ_OR_ERROR, |fd| {
                 nix::unistd::read(fd.as_raw_fd(), buf).map_err(io::Error::from)
             })
             .await
@@ -47,7 +55,7 @@ impl AsyncTun {
         use bytes::BufMut;
         let len = self
             .fd
-            .async_io(Interest::READABLE, |fd| {
+            .async_io(READ_OR_ERROR, |fd| {
                 let spare = buf.chunk_mut();
                 // SAFETY: read(2) writes at most `spare.len()` bytes into the
                 // spare capacity it is given, which is valid for writes.
@@ -63,6 +71,24 @@ impl AsyncTun {
         // SAFETY: read(2) initialized the first `len` bytes of the spare capacity.
         unsafe { buf.advance_mut(len) };
         Ok(len)
+    }
+
+    /// Waits until the tun breaks for good (its device deleted, say) and
+    /// returns the error; never returns while it works. For noticing a
+    /// broken tun while nothing reads it (a client between connections).
+    pub async fn broken(&self) -> io::Error {
+        loop {
+            let mut guard = match self.fd.ready(Interest::ERROR).await {
+                Ok(guard) => guard,
+                Err(e) => return e,
+            };
+            // A read of nothing: a detached tun answers it with EBADFD, a
+            // working one with 0 bytes.
+            match nix::unistd::read(self.fd.get_ref().as_raw_fd(), &mut []) {
+                Err(e) if is_fatal(&io::Error::from(e)) => return e.into(),
+                _ => guard.clear_ready(),
+            }
+        }
     }
 
     /// Receives one packet if one is waiting, without waiting: `WouldBlock`
@@ -94,4 +120,85 @@ pub(crate) fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     let flags = OFlag::from_bits_retain(fcntl(raw, FcntlArg::F_GETFL)?);
     fcntl(raw, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
     Ok(())
+}
+
+/// Whether a tun read or write error means the tun is gone or broken for
+/// good (the device was deleted, the fd is bad, the driver fails), rather
+/// than a packet dropped (a full queue, no memory, a malformed packet).
+pub fn is_fatal(e: &io::Error) -> bool {
+    use nix::libc::{EBADF, EBADFD, EFAULT, EIO, ENODEV, ENXIO};
+    matches!(
+        e.raw_os_error(),
+        Some(ENODEV | ENXIO | EBADF | EBADFD | EIO | EFAULT)
+    )
+}
+
+/// The tun's state as the daemon sees it: up until a read or write fails
+/// for good ([`is_fatal`]); then failed, with the first such error, once.
+/// The role watches [`TunHealth::failed`] and ends the daemon with an error,
+/// so that the helper cleans up and systemd restarts it.
+#[derive(Debug, Default)]
+pub struct TunHealth {
+    failure: OnceLock<String>,
+    failed: CancellationToken,
+}
+
+impl TunHealth {
+    /// Records that `what` (a read or write) failed with `e`: logged as an
+    /// error and the tun marked failed if the error is fatal; else nothing
+    /// (the caller counts a drop). Returns whether it was fatal.
+    pub fn check(&self, what: &str, e: &io::Error) -> bool {
+        if !is_fatal(e) {
+            return false;
+        }
+        if self.failure.set(format!("{what}: {e}")).is_ok() {
+            error!(error = %e, "tun {what} failed for good: stopping, so that the service manager restarts simplevpnd");
+            self.failed.cancel();
+        }
+        true
+    }
+
+    /// "up", or "failed: " and why.
+    pub fn state(&self) -> String {
+        match self.failure.get() {
+            None => "up".to_string(),
+            Some(why) => format!("failed: {why}"),
+        }
+    }
+
+    /// Waits until the tun has failed, and says why.
+    pub async fn failed(&self) -> String {
+        self.failed.cancelled().await;
+        self.failure.get().cloned().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deleted_tun_is_fatal_and_a_full_queue_is_a_drop() {
+        let health = TunHealth::default();
+        assert_eq!(health.state(), "up");
+        let full = io::Error::from_raw_os_error(nix::libc::EAGAIN);
+        let nobufs = io::Error::from_raw_os_error(nix::libc::ENOBUFS);
+        let bad_packet = io::Error::from_raw_os_error(nix::libc::EINVAL);
+        for e in [&full, &nobufs, &bad_packet] {
+            assert!(!health.check("write", e), "{e}");
+        }
+        assert_eq!(health.state(), "up");
+        let gone = io::Error::from_raw_os_error(nix::libc::EBADFD);
+        assert!(health.check("read", &gone));
+        assert!(
+            health.state().starts_with("failed: read: "),
+            "{}",
+            health.state()
+        );
+        // The first failure is the one reported.
+        let io = io::Error::from_raw_os_error(nix::libc::EIO);
+        assert!(health.check("write", &io));
+        assert!(health.state().starts_with("failed: read: "));
+        assert!(health.failed.is_cancelled());
+    }
 }
