@@ -50,7 +50,8 @@ pub enum StartError {
 
 /// Makes the server's state directory ready for `user`, as root, before
 /// privileges are dropped: created (mode 0700) if missing, and given to the
-/// user with the state files in it. A directory that holds anything else
+/// user with the state files in it (subdirectories, the states of other
+/// daemons, are left alone). A directory that holds any other file
 /// (say `/` or `/tmp` by mistake) is never taken over: it must then be
 /// writable by the user already, or opening the database says why not.
 /// Under systemd, `StateDirectory=simplevpn` makes /var/lib/simplevpn, owned
@@ -72,6 +73,11 @@ pub fn take_state_dir(dir: &Path, user: &ServiceUser) -> Result<(), StartError> 
     for entry in entries {
         let entry = entry.map_err(|e| problem(e.to_string()))?;
         let name = entry.file_name();
+        // Directories are the states of other daemons (simplevpnd@NAME
+        // keeps its own in /var/lib/simplevpn/NAME): not ours to change.
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
         if !name.to_string_lossy().starts_with(crate::state::STATE_FILE) {
             // Not only ours: leave ownership alone.
             return Ok(());
