@@ -317,6 +317,9 @@ pub trait PeerSource: Send + Sync + 'static {
     fn table(&self) -> &PeerTable;
 }
 
+/// One of a peer's counters, read from its snapshot.
+type PeerCounter = fn(&super::peers::PeerInfo) -> u64;
+
 /// Reads the gauges and the per-peer and drop counters at scrape time.
 struct PeerCollector {
     table: Arc<dyn PeerSource>,
@@ -367,7 +370,7 @@ impl Collector for PeerCollector {
 
         // Per peer: labelled by its name, else its address.
         let peers = table.peers();
-        let per_peer: [(&str, &str, fn(&super::peers::PeerInfo) -> u64); 4] = [
+        let per_peer: [(&str, &str, PeerCounter); 4] = [
             ("peer_rx_bytes", "Bytes received from a peer", |p| {
                 p.rx_bytes
             }),
