@@ -10,7 +10,9 @@ use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
 
 use crate::keys::PublicKey;
-use crate::limits::{FRAME_RANGE, MAX_IFNAME_LEN, MAX_MTU, MIN_MTU, TUNNEL_PREFIX};
+use crate::limits::{
+    FRAME_RANGE, MAX_IFNAME_LEN, MAX_MTU, MAX_PEER_NAME_LEN, MIN_MTU, TUNNEL_PREFIX,
+};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/simplevpn/simplevpnd.toml";
 pub const DEFAULT_PORT: u16 = 2002;
@@ -42,6 +44,10 @@ pub const DEFAULT_CONTROL_SOCKET: &str = "/run/simplevpn/control.sock";
 pub const DEFAULT_CONTROL_GROUP: &str = "simplevpn";
 /// The service user simplevpnd drops to.
 pub const DEFAULT_USER: &str = "simplevpn";
+/// Where the server keeps its state (leases, bans, peers added live).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/simplevpn";
+/// How long a TLS key keeps its address after it was last connected: 30 days.
+pub const DEFAULT_LEASE_TIME_SECS: u64 = 30 * 86_400;
 
 /// A bad setting: which one, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,6 +73,15 @@ pub struct ConfigFile {
     pub server: Option<ServerSection>,
     pub client: Option<ClientSection>,
     pub control: Option<ControlSection>,
+    pub metrics: Option<MetricsSection>,
+}
+
+/// `[metrics]`: the Prometheus endpoint (a server's).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// ADDR:PORT to serve /metrics on; absent: no metrics.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[control]`: the control socket, for either role.
@@ -124,7 +139,7 @@ impl ControlSection {
 }
 
 /// `[server]`; also what the server's flags set.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
     pub listen: Option<SocketAddr>,
@@ -163,6 +178,13 @@ pub struct ServerSection {
     pub max_unauthenticated_per_source: Option<usize>,
     /// Networks reachable through the server, pushed to extension clients.
     pub routes: Option<Vec<IpNet>>,
+    /// Where leases, bans and peers added live are kept.
+    pub state_dir: Option<PathBuf>,
+    /// Seconds a TLS key keeps its address after it was last connected.
+    pub lease_time: Option<u64>,
+    /// Where /metrics is served: `[metrics] listen` in the file, or --metrics.
+    #[serde(skip)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `[[server.peer]]`: a TLS client that may join.
@@ -247,9 +269,49 @@ pub struct ServerConfig {
     pub max_unauthenticated_per_source: usize,
     /// Networks reachable through the server (its host routes them on).
     pub routes: Vec<IpNet>,
+    /// Where the state store lives.
+    pub state_dir: PathBuf,
+    /// How long a TLS key keeps its address after it was last connected.
+    pub lease_time: Duration,
+    /// Where /metrics is served, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ServerConfig {
+    /// The settings that differ between `self` and `new` and that a running
+    /// server cannot take over (reload refuses them, naming each). Peers
+    /// and the pushed routes change live.
+    pub fn needs_restart(&self, new: &ServerConfig) -> Vec<&'static str> {
+        let mut fields = Vec::new();
+        let mut differs = |field, changed: bool| {
+            if changed {
+                fields.push(field);
+            }
+        };
+        differs("listen", self.listen != new.listen);
+        differs("network", self.network != new.network);
+        differs("tun", self.tun != new.tun);
+        differs("client_timeout", self.client_timeout != new.client_timeout);
+        differs(
+            "handshake_timeout",
+            self.handshake_timeout != new.handshake_timeout,
+        );
+        differs("mtu", self.mtu != new.mtu);
+        differs("max_frame", self.max_frame != new.max_frame);
+        differs("queue_len", self.queue_len != new.queue_len);
+        differs("user", self.user != new.user);
+        differs("key", self.key != new.key);
+        differs("legacy", self.legacy != new.legacy);
+        differs(
+            "max_unauthenticated",
+            self.max_unauthenticated != new.max_unauthenticated,
+        );
+        differs("state_dir", self.state_dir != new.state_dir);
+        differs("lease_time", self.lease_time != new.lease_time);
+        differs("metrics", self.metrics != new.metrics);
+        fields
+    }
+
     /// Every network the server serves: its own routes, then each peer's.
     pub fn served_routes(&self) -> impl Iterator<Item = IpNet> + '_ {
         self.routes
@@ -340,6 +402,36 @@ pub fn config_file(explicit: Option<&Path>) -> Result<ConfigFile, ConfigError> {
     }
 }
 
+/// The server's settings: `[server]` and `[metrics]` of a file, with
+/// `flags` on top.
+pub fn server_settings(
+    server: Option<ServerSection>,
+    metrics: Option<MetricsSection>,
+    flags: ServerSection,
+) -> Result<ServerConfig, ConfigError> {
+    let file = ServerSection {
+        metrics: metrics.and_then(|m| m.listen),
+        ..server.unwrap_or_default()
+    };
+    file.overridden_by(flags).resolve()
+}
+
+/// Where a server's settings came from: the config file (the default one
+/// if none was given) and the flags, to read them again on reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSource {
+    pub file: Option<PathBuf>,
+    pub flags: ServerSection,
+}
+
+impl ServerSource {
+    /// Reads the file again and applies the same flags.
+    pub fn load(&self) -> Result<ServerConfig, ConfigError> {
+        let file = config_file(self.file.as_deref())?;
+        server_settings(file.server, file.metrics, self.flags.clone())
+    }
+}
+
 impl ServerSection {
     /// These settings, with each one that `flags` sets replaced.
     pub fn overridden_by(self, flags: ServerSection) -> ServerSection {
@@ -373,6 +465,9 @@ impl ServerSection {
                 .max_unauthenticated_per_source
                 .or(self.max_unauthenticated_per_source),
             routes: flags.routes.or(self.routes),
+            state_dir: flags.state_dir.or(self.state_dir),
+            lease_time: flags.lease_time.or(self.lease_time),
+            metrics: flags.metrics.or(self.metrics),
         }
     }
 
@@ -384,8 +479,12 @@ impl ServerSection {
         )?;
         let max_frame = max_frame(self.max_frame)?;
         let mtu = mtu(self.mtu, max_frame)?;
-        let peers = peers(self.peer.unwrap_or_default(), network, self.key.is_some())?;
-        let routes = server_routes(self.routes.unwrap_or_default(), network, &peers)?;
+        let (peers, routes) = check_peers(
+            self.peer.unwrap_or_default(),
+            self.routes.unwrap_or_default(),
+            network,
+            self.key.is_some(),
+        )?;
         let handshake_timeout = seconds(
             "handshake_timeout",
             self.handshake_timeout,
@@ -453,6 +552,22 @@ impl ServerSection {
             peers,
             routes,
             key: self.key,
+            state_dir: match self.state_dir {
+                Some(dir) if dir.as_os_str().is_empty() => {
+                    return Err(ConfigError::new("state_dir", "must not be empty"))
+                }
+                Some(dir) => dir,
+                None => PathBuf::from(DEFAULT_STATE_DIR),
+            },
+            lease_time: Duration::from_secs(match self.lease_time {
+                Some(0) => return Err(ConfigError::new("lease_time", "must be at least 1 second")),
+                Some(secs) if secs > 10 * 365 * 86_400 => {
+                    return Err(ConfigError::new("lease_time", "must be at most ten years"))
+                }
+                Some(secs) => secs,
+                None => DEFAULT_LEASE_TIME_SECS,
+            }),
+            metrics: self.metrics,
             max_unauthenticated: match self
                 .max_unauthenticated
                 .unwrap_or(DEFAULT_MAX_UNAUTHENTICATED)
@@ -504,6 +619,20 @@ fn legacy(
     }
 }
 
+/// The TLS peers and the server's own routes, checked together: unique keys
+/// and names, fixed addresses unique and in the pool, networks apart. The
+/// same check admits a peer added at run time (after those of the file).
+pub fn check_peers(
+    peers: Vec<PeerSection>,
+    routes: Vec<IpNet>,
+    network: Ipv4Net,
+    has_key: bool,
+) -> Result<(Vec<PeerSection>, Vec<IpNet>), ConfigError> {
+    let peers = self::peers(peers, network, has_key)?;
+    let routes = server_routes(routes, network, &peers)?;
+    Ok((peers, routes))
+}
+
 /// The TLS peers, checked: unique keys, fixed addresses unique and in the pool.
 fn peers(
     peers: Vec<PeerSection>,
@@ -519,8 +648,28 @@ fn peers(
     let pool = crate::pool::AddressPool::new(network);
     let mut keys = std::collections::HashSet::new();
     let mut addresses = std::collections::HashSet::new();
+    let mut names = std::collections::HashSet::new();
     for (i, peer) in peers.iter().enumerate() {
         let field = format!("server.peer[{i}]");
+        if let Some(name) = &peer.name {
+            let fine = !name.is_empty()
+                && name.len() <= MAX_PEER_NAME_LEN
+                && name.chars().all(|c| c.is_ascii_graphic());
+            if !fine {
+                return Err(ConfigError::new(
+                    format!("{field}.name"),
+                    format!(
+                        "{name:?}: 1 to {MAX_PEER_NAME_LEN} printable characters without spaces"
+                    ),
+                ));
+            }
+            if !names.insert(name) {
+                return Err(ConfigError::new(
+                    format!("{field}.name"),
+                    format!("{name:?} names two peers"),
+                ));
+            }
+        }
         if !keys.insert(peer.key) {
             return Err(ConfigError::new(
                 field,

@@ -8,7 +8,8 @@
 //! privileged helper share along with the helper's tun and netlink setup
 //! ([`privsep`]), node keys and TLS ([`keys`], [`tls`]), the session rules and
 //! the closed sets they name ([`session`]), the gRPC control API ([`proto`]),
-//! the daemon's roles ([`daemon`]), whose entry point [`daemon::run`] takes a
+//! the server's state store ([`state`]: leases, bans, peers added at run
+//! time), the daemon's roles ([`daemon`]), whose entry point [`daemon::run`] takes a
 //! shutdown token, and both programs' command lines ([`daemon::cli`],
 //! [`ctl::cli`]), from which the man pages and shell completions are
 //! generated.
@@ -30,5 +31,6 @@ pub mod program;
 pub mod proto;
 pub mod routes;
 pub mod session;
+pub mod state;
 pub mod tls;
 pub mod wire;

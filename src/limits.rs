@@ -6,6 +6,7 @@
 //! of them take the numbers from here, so the three can never disagree.
 
 use std::ops::RangeInclusive;
+use std::time::Duration;
 
 use nix::libc;
 
@@ -42,6 +43,14 @@ pub const FRAME_RANGE: RangeInclusive<usize> = MIN_MTU as usize..=MAX_FRAME;
 /// (the smallest that holds the server and one client besides the network
 /// and broadcast addresses).
 pub const TUNNEL_PREFIX: RangeInclusive<u8> = 8..=30;
+
+/// How long a write to the state store waits for another writer (another
+/// connection to the same SQLite file) before it fails.
+pub const STORE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest peer name (`[[server.peer]] name`, `svpnctl peer add --name`):
+/// it labels logs and metrics.
+pub const MAX_PEER_NAME_LEN: usize = 64;
 
 #[cfg(test)]
 mod tests {

@@ -81,6 +81,11 @@ impl AddressPool {
             .is_some_and(|i| i != 0 && i != self.last_index() && i != 1)
     }
 
+    /// Whether `address` is in the pool and free.
+    pub fn is_free(&self, address: Ipv4Addr) -> bool {
+        self.contains(address) && self.index(address).is_some_and(|i| !self.is_used(i))
+    }
+
     /// A free address for a dynamic request from `remote`: the one that
     /// remote host held last, if free, else the lowest free one.
     pub fn allocate(&mut self, remote: IpAddr) -> Result<Ipv4Addr, Refusal> {

@@ -10,7 +10,7 @@
 //! that offers no ALPN at all is served as before, without extensions.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
@@ -118,12 +118,45 @@ fn identity(
     Ok((vec![cert.der().clone()], PrivateKeyDer::Pkcs8(private)))
 }
 
+/// The client keys a server accepts, shared between its TLS config and
+/// whoever changes them at run time (peers added, removed, reloaded): a
+/// handshake checks the set as it is at that moment; established sessions
+/// are not affected by a change.
+#[derive(Debug, Clone, Default)]
+pub struct AllowedKeys(Arc<RwLock<HashSet<PublicKey>>>);
+
+impl AllowedKeys {
+    pub fn new(keys: HashSet<PublicKey>) -> AllowedKeys {
+        AllowedKeys(Arc::new(RwLock::new(keys)))
+    }
+
+    /// Whether `key` may connect now.
+    pub fn contains(&self, key: &PublicKey) -> bool {
+        // A set is replaced whole: a poisoned lock still holds a whole set.
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(key)
+    }
+
+    /// Replaces the set; later handshakes see the new one.
+    pub fn replace(&self, keys: HashSet<PublicKey>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = keys;
+    }
+}
+
+impl From<HashSet<PublicKey>> for AllowedKeys {
+    fn from(keys: HashSet<PublicKey>) -> AllowedKeys {
+        AllowedKeys::new(keys)
+    }
+}
+
 /// The server's TLS config: TLS 1.3 only, client certificates required and
-/// accepted only for the keys in `allowed`; selects [`ALPN_EXTENSION`] when
+/// accepted only for the keys in `allowed` (at handshake time); selects [`ALPN_EXTENSION`] when
 /// the client offers it, and accepts clients that offer no ALPN.
 pub fn server_config(
     key: &NodeKey,
-    allowed: HashSet<PublicKey>,
+    allowed: AllowedKeys,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let (certs, private) = identity(key)?;
     let verifier = Arc::new(PinnedClients {
@@ -168,7 +201,7 @@ pub fn server_name() -> ServerName<'static> {
 /// Accepts client certificates whose key is listed.
 #[derive(Debug)]
 struct PinnedClients {
-    allowed: HashSet<PublicKey>,
+    allowed: AllowedKeys,
     signatures: Signatures,
 }
 
@@ -357,7 +390,7 @@ mod tests {
     async fn alpn_marks_our_own_peers() {
         let (server, client) = (key("as"), key("ac"));
         let allowed: HashSet<_> = [client.public()].into();
-        let server_config = server_config(&server, allowed).expect("server config");
+        let server_config = server_config(&server, allowed.into()).expect("server config");
         let ours = client_config(&client, server.public()).expect("client config");
         assert_eq!(ours.alpn_protocols, vec![b"simplevpn/2".to_vec()]);
 
@@ -385,10 +418,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn keys_allowed_later_are_let_in_by_the_same_config() {
+        let (server, client) = (key("ls"), key("lc"));
+        let allowed = AllowedKeys::default();
+        let config = server_config(&server, allowed.clone()).expect("server config");
+        let ours = client_config(&client, server.public()).expect("client config");
+        let (refused, _) = handshake(config.clone(), ours.clone()).await;
+        assert!(refused.is_err(), "{refused:?}");
+        allowed.replace([client.public()].into());
+        let (let_in, _) = handshake(config.clone(), ours.clone()).await;
+        assert_eq!(let_in, Ok(Some(client.public())));
+        allowed.replace(HashSet::new());
+        let (refused, _) = handshake(config, ours).await;
+        assert!(refused.is_err(), "{refused:?}");
+    }
+
+    #[tokio::test]
     async fn pinned_keys_authenticate_both_ways() {
         let (server, client, stranger) = (key("s"), key("c"), key("x"));
         let allowed: HashSet<_> = [client.public()].into();
-        let server_config = server_config(&server, allowed).expect("server config");
+        let server_config = server_config(&server, allowed.into()).expect("server config");
 
         let good = client_config(&client, server.public()).expect("client config");
         let (server_saw, client_saw) = handshake(server_config.clone(), good).await;

@@ -80,6 +80,8 @@ fn server_and_client_notify_systemd_and_ping_the_watchdog() {
             "--user",
             USER,
             "--legacy",
+            "--state-dir",
+            &bed.state_dir(),
         ],
         &manager.env(),
     );

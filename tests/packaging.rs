@@ -74,8 +74,19 @@ fn the_commented_client_and_control_examples_parse_when_uncommented() {
 fn settings(unit: &str) -> Vec<&str> {
     unit.lines()
         .filter(|line| !line.starts_with('#'))
-        .filter(|line| !line.starts_with("Description=") && !line.starts_with("ExecStart="))
+        .filter(|line| {
+            !["Description=", "ExecStart=", "StateDirectory="]
+                .iter()
+                .any(|differs| line.starts_with(differs))
+        })
         .collect()
+}
+
+/// The unit's line that starts with `key`.
+fn line<'a>(unit: &'a str, key: &str) -> &'a str {
+    unit.lines()
+        .find(|line| line.starts_with(key))
+        .unwrap_or_else(|| panic!("no {key} line"))
 }
 
 #[test]
@@ -94,6 +105,16 @@ fn the_template_unit_is_the_plain_unit_with_another_config_and_socket() {
     assert_eq!(
         exec(TEMPLATE),
         "ExecStart=/usr/sbin/simplevpnd --config /etc/simplevpn/%i.toml \
-         --control /run/simplevpn/%i.sock"
+         --control /run/simplevpn/%i.sock --state-dir /var/lib/simplevpn/%i"
+    );
+    // Each daemon has a state of its own, and reloads on SIGHUP.
+    assert_eq!(line(UNIT, "StateDirectory="), "StateDirectory=simplevpn");
+    assert_eq!(
+        line(TEMPLATE, "StateDirectory="),
+        "StateDirectory=simplevpn/%i"
+    );
+    assert_eq!(
+        line(UNIT, "ExecReload="),
+        "ExecReload=/bin/kill -HUP $MAINPID"
     );
 }

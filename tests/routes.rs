@@ -465,6 +465,8 @@ fn overlapping_peer_networks_stop_the_server_with_exit_2() {
                 &config,
                 "--key",
                 &server_key,
+                "--state-dir",
+                &bed.state_dir(),
             ],
         );
         assert!(

@@ -129,6 +129,8 @@ fn the_daemon_raises_its_open_file_limit() {
             USER,
             "--control",
             &socket,
+            "--state-dir",
+            &bed.state_dir(),
         ],
     );
     assert!(

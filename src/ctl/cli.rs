@@ -6,10 +6,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueHint};
+use ipnet::IpNet;
 
 use crate::config::DEFAULT_CONTROL_SOCKET;
+use crate::keys::PublicKey;
 
-/// Control a running simplevpnd: list, inspect, watch and kick peers.
+/// Control a running simplevpnd: list, inspect, watch and kick peers; add
+/// and remove allowed keys and reload the config without a restart.
 ///
 /// svpnctl talks gRPC to simplevpnd over the daemon's control socket. Every
 /// command takes --json: raw numbers and RFC 3339 times instead of tables
@@ -56,4 +59,38 @@ pub enum Command {
     },
     /// Print peer events as they happen, until interrupted
     Watch,
+    /// The keys allowed to connect: add and remove them at run time, list them
+    #[command(subcommand)]
+    Peer(PeerCommand),
+    /// Re-read the server's config file and apply the difference, as SIGHUP
+    /// does; a bad file is refused and the running configuration stays
+    Reload,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PeerCommand {
+    /// Allow a key at once, kept across restarts (existing connections are
+    /// not touched)
+    Add {
+        /// Its public key (`simplevpnd pubkey` prints it)
+        key: PublicKey,
+        /// A name for logs, metrics and `peer remove`
+        #[arg(long)]
+        name: Option<String>,
+        /// An address always given to it
+        #[arg(long, value_name = "IP")]
+        address: Option<Ipv4Addr>,
+        /// A network behind it (site-to-site; repeat for more)
+        #[arg(long = "route", value_name = "CIDR")]
+        routes: Vec<IpNet>,
+    },
+    /// Forget a key added live and close its connection at once
+    Remove {
+        /// Its public key or its name
+        #[arg(value_name = "PUBKEY|NAME")]
+        peer: String,
+    },
+    /// Every allowed key: where it comes from (config file or added live),
+    /// and whether it is connected
+    List,
 }

@@ -73,6 +73,59 @@ pub fn peer_json(p: &proto::Peer) -> Value {
     })
 }
 
+/// An allowed key as JSON: where it comes from and whether it is connected.
+pub fn allowed_json(p: &proto::AllowedPeer) -> Value {
+    let or_null = |s: &str| match s.is_empty() {
+        true => Value::Null,
+        false => Value::String(s.to_string()),
+    };
+    json!({
+        "key": p.key,
+        "name": or_null(&p.name),
+        "address": or_null(&p.address),
+        "routes": p.routes,
+        "source": source_text(p.source()),
+        "connected": !p.connected_address.is_empty(),
+        "connected_address": or_null(&p.connected_address),
+    })
+}
+
+pub fn source_text(source: proto::PeerSource) -> &'static str {
+    match source {
+        proto::PeerSource::Config => "config",
+        proto::PeerSource::Live => "live",
+        proto::PeerSource::Unspecified => "-",
+    }
+}
+
+/// The allowed keys as a table.
+pub fn allowed_table(peers: &[proto::AllowedPeer]) -> String {
+    let dash = |s: &str| match s.is_empty() {
+        true => "-".to_string(),
+        false => s.to_string(),
+    };
+    let rows: Vec<Vec<String>> = peers
+        .iter()
+        .map(|p| {
+            vec![
+                dash(&p.name),
+                p.key.clone(),
+                source_text(p.source()).to_string(),
+                dash(&p.address),
+                list_or_dash(&p.routes),
+                match p.connected_address.is_empty() {
+                    true => "no".to_string(),
+                    false => format!("yes ({})", p.connected_address),
+                },
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "KEY", "SOURCE", "ADDRESS", "ROUTES", "CONNECTED"],
+        &rows,
+    )
+}
+
 /// Rows of cells, left-aligned in columns two spaces apart.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();

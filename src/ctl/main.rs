@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use clap::Parser;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use simplevpn::ctl::cli::{Cli, Command};
+use simplevpn::ctl::cli::{Cli, Command, PeerCommand};
 use simplevpn::proto::control_client::ControlClient;
 use simplevpn::proto::{self, peer_event::Kind};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -64,7 +64,9 @@ fn failure(status: tonic::Status) -> Failure {
         Code::NotFound
         | Code::PermissionDenied
         | Code::FailedPrecondition
-        | Code::InvalidArgument => status.message().to_string(),
+        | Code::InvalidArgument
+        | Code::AlreadyExists
+        | Code::Unavailable => status.message().to_string(),
         code => format!("{code:?}: {}", status.message()),
     })
 }
@@ -148,6 +150,87 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     ),
                     None => println!("kicked {address} ({remote})"),
                 }
+            }
+        }
+        Command::Peer(PeerCommand::Add {
+            key,
+            name,
+            address,
+            routes,
+        }) => {
+            let reply = client
+                .add_peer(proto::AddPeerRequest {
+                    key: key.to_string(),
+                    name: name.unwrap_or_default(),
+                    address: address.map(|a| a.to_string()).unwrap_or_default(),
+                    routes: routes.iter().map(ToString::to_string).collect(),
+                })
+                .await
+                .map_err(failure)?
+                .into_inner();
+            match (cli.json, reply.peer) {
+                (true, peer) => print_json(&json!({ "added": peer.as_ref().map(allowed_json) })),
+                (false, _) => println!("added {key}; it may connect now"),
+            }
+        }
+        Command::Peer(PeerCommand::Remove { peer }) => {
+            let reply = client
+                .remove_peer(proto::RemovePeerRequest { peer: peer.clone() })
+                .await
+                .map_err(failure)?
+                .into_inner();
+            if cli.json {
+                print_json(&json!({
+                    "removed": reply.peer.as_ref().map(allowed_json),
+                    "disconnected": reply.disconnected,
+                }));
+            } else {
+                println!(
+                    "removed {peer}; {} connection(s) closed",
+                    reply.disconnected
+                );
+            }
+        }
+        Command::Peer(PeerCommand::List) => {
+            let peers = client
+                .list_allowed(proto::ListAllowedRequest {})
+                .await
+                .map_err(failure)?
+                .into_inner()
+                .peers;
+            if cli.json {
+                print_json(&Value::Array(peers.iter().map(allowed_json).collect()));
+            } else if peers.is_empty() {
+                println!("no allowed keys");
+            } else {
+                println!("{}", allowed_table(&peers));
+            }
+        }
+        Command::Reload => {
+            let r = client
+                .reload(proto::ReloadRequest {})
+                .await
+                .map_err(failure)?
+                .into_inner();
+            if cli.json {
+                print_json(&json!({
+                    "added": r.added,
+                    "removed": r.removed,
+                    "changed": r.changed,
+                    "routes_changed": r.routes_changed,
+                    "disconnected": r.disconnected,
+                    "params_pushed": r.params_pushed,
+                }));
+            } else {
+                println!(
+                    "reloaded: added {}, removed {}, changed {}; routes {}; {} disconnected, {} sent new parameters",
+                    list_or_dash(&r.added),
+                    list_or_dash(&r.removed),
+                    list_or_dash(&r.changed),
+                    if r.routes_changed { "changed" } else { "unchanged" },
+                    r.disconnected,
+                    r.params_pushed
+                );
             }
         }
         Command::Watch => {

@@ -59,6 +59,14 @@ pub enum RefusalReason {
     Banned,
     /// The connection failed while it was read.
     Io,
+    /// After the gate: a frame broke the protocol before a grant.
+    ProtocolError,
+    /// After the gate: the address asked for is taken or outside the pool.
+    AddressTaken,
+    /// After the gate: no address is free.
+    PoolExhausted,
+    /// After the gate: its key took over its own session too often.
+    KeyFlapping,
 }
 
 impl RefusalReason {
@@ -77,6 +85,20 @@ impl RefusalReason {
             RefusalReason::HandshakeTimeout => "handshake_timeout",
             RefusalReason::Banned => "banned",
             RefusalReason::Io => "io_error",
+            RefusalReason::ProtocolError => "protocol_error",
+            RefusalReason::AddressTaken => "address_taken",
+            RefusalReason::PoolExhausted => "pool_exhausted",
+            RefusalReason::KeyFlapping => "key_flapping",
+        }
+    }
+
+    /// The reason of the peer table's refusal of a request.
+    pub fn of_refusal(refusal: &crate::pool::Refusal) -> RefusalReason {
+        use crate::pool::Refusal;
+        match refusal {
+            Refusal::NotInPool(_) | Refusal::Taken(_) => RefusalReason::AddressTaken,
+            Refusal::Exhausted => RefusalReason::PoolExhausted,
+            Refusal::KeyFlapping { .. } => RefusalReason::KeyFlapping,
         }
     }
 }

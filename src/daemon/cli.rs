@@ -7,7 +7,10 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::{IpNet, Ipv4Net};
 
 use super::{Role, Settings};
-use crate::config::{config_file, ClientSection, ConfigError, PeerSection, ServerSection};
+use crate::config::{
+    config_file, server_settings, ClientSection, ConfigError, PeerSection, ServerSection,
+    ServerSource,
+};
 use crate::keys::PublicKey;
 
 /// IP-in-TCP VPN daemon, wire-compatible with the original simplevpn.
@@ -105,6 +108,12 @@ pub struct ServerArgs {
     /// A network reachable through the server, pushed to clients (repeat for more)
     #[arg(long = "route", value_name = "CIDR")]
     pub routes: Vec<IpNet>,
+    /// Where leases, bans and peers added live are kept [default: /var/lib/simplevpn]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off]
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -155,6 +164,8 @@ impl From<ServerArgs> for ServerSection {
                     .collect()
             }),
             routes: (!args.routes.is_empty()).then_some(args.routes),
+            state_dir: args.state_dir,
+            metrics: args.metrics,
             ..ServerSection::default()
         }
     }
@@ -188,10 +199,16 @@ impl Cli {
                 .map_or("config".to_string(), |p| p.display().to_string())
         };
         let control = file.control.unwrap_or_default();
+        let mut source = None;
         let role = match self.command {
             Some(Command::Server(args)) => {
-                let section = file.server.unwrap_or_default().overridden_by(args.into());
-                Role::Server(section.resolve()?)
+                let flags = ServerSection::from(args);
+                let config = server_settings(file.server, file.metrics, flags.clone())?;
+                source = Some(ServerSource {
+                    file: self.config.clone(),
+                    flags,
+                });
+                Role::Server(config)
             }
             Some(Command::Client(args)) => {
                 let section = file.client.unwrap_or_default().overridden_by(args.into());
@@ -200,7 +217,17 @@ impl Cli {
             Some(Command::Keygen { path }) => return Ok(Action::Keygen(path)),
             Some(Command::Pubkey { path }) => return Ok(Action::Pubkey(path)),
             None => match (file.server, file.client) {
-                (Some(server), None) => Role::Server(server.resolve()?),
+                (Some(server), None) => {
+                    source = Some(ServerSource {
+                        file: self.config.clone(),
+                        flags: ServerSection::default(),
+                    });
+                    Role::Server(server_settings(
+                        Some(server),
+                        file.metrics,
+                        ServerSection::default(),
+                    )?)
+                }
                 (None, Some(client)) => Role::Client(client.resolve()?),
                 (Some(_), Some(_)) => return Err(ConfigError::new(
                     where_(),
@@ -215,6 +242,7 @@ impl Cli {
         Ok(Action::Run(Box::new(Settings {
             role,
             control: control.resolve(self.control)?,
+            source,
         })))
     }
 }

@@ -21,9 +21,15 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use tokio::sync::{mpsc, oneshot};
+
 use super::events::{EventKind, PeerEvent};
+use super::gate::{AllowedPeer, PeerSource};
 use super::peers::PeerInfo;
+use crate::config::{ConfigError, PeerSection};
+use crate::keys::PublicKey;
 use crate::proto::{self, control_server::ControlServer};
+use crate::state::StoreError;
 
 /// What the control service asks of a running role (server or client).
 pub trait Node: Send + Sync + 'static {
@@ -43,6 +49,80 @@ pub trait Node: Send + Sync + 'static {
         by: &str,
     ) -> Result<PeerInfo, KickError>;
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<PeerEvent>;
+    /// Where changes to a running server go (peers added and removed,
+    /// reloads): one at a time, in order. None on a client.
+    fn admin(&self) -> Option<mpsc::Sender<AdminRequest>> {
+        None
+    }
+    /// Every allowed key, and the address each holds if connected.
+    fn allowed(&self) -> Result<Vec<(AllowedPeer, Option<Ipv4Addr>)>, AdminError> {
+        Err(AdminError::NotAServer)
+    }
+}
+
+/// A change to a running server, answered on `reply`.
+#[derive(Debug)]
+pub enum AdminRequest {
+    Reload {
+        reply: oneshot::Sender<Result<ReloadReport, AdminError>>,
+    },
+    AddPeer {
+        peer: PeerSection,
+        reply: oneshot::Sender<Result<(), AdminError>>,
+    },
+    /// By key or name.
+    RemovePeer {
+        which: String,
+        reply: oneshot::Sender<Result<(PeerSection, usize), AdminError>>,
+    },
+}
+
+/// What a reload (or a live change of peers) did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    pub routes_changed: bool,
+    pub disconnected: usize,
+    pub pushed: usize,
+}
+
+/// Why a change to a running server was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("this is a client daemon: it has no peers to change")]
+    NotAServer,
+    #[error("{0}")]
+    Invalid(ConfigError),
+    #[error("{} cannot change without a restart (the running configuration stays in force)", .0.join(", "))]
+    NeedsRestart(Vec<&'static str>),
+    #[error("no allowed peer has the key or name {0:?}")]
+    NoSuchPeer(String),
+    #[error("key {0} is allowed already")]
+    Exists(PublicKey),
+    #[error("peer {0} is listed in the config file: remove it there, then reload")]
+    InConfig(String),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("the server is stopping")]
+    Stopping,
+}
+
+impl From<AdminError> for Status {
+    fn from(e: AdminError) -> Status {
+        let message = e.to_string();
+        match e {
+            AdminError::NotAServer | AdminError::NeedsRestart(_) | AdminError::InConfig(_) => {
+                Status::failed_precondition(message)
+            }
+            AdminError::Invalid(_) => Status::invalid_argument(message),
+            AdminError::NoSuchPeer(_) => Status::not_found(message),
+            AdminError::Exists(_) => Status::already_exists(message),
+            AdminError::Store(_) => Status::internal(message),
+            AdminError::Stopping => Status::unavailable(message),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +303,95 @@ struct ControlService {
     access: Access,
 }
 
+impl ControlService {
+    /// The caller's uid, if it may change things (see [`Access`]).
+    fn admin_uid<T>(&self, request: &Request<T>, what: &str) -> Result<u32, Status> {
+        let cred = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred)
+            .ok_or_else(|| Status::permission_denied("caller credentials unknown"))?;
+        if !self.access.may_change(cred.uid(), cred.gid(), cred.pid()) {
+            warn!(uid = cred.uid(), "{what} refused: not an administrator");
+            return Err(Status::permission_denied(format!(
+                "uid {} may not {what}: only root, the daemon's user and the admin group may",
+                cred.uid()
+            )));
+        }
+        Ok(cred.uid())
+    }
+
+    /// Sends a change to the server and waits for its answer.
+    async fn change<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<T, AdminError>>) -> AdminRequest,
+    ) -> Result<T, Status> {
+        let admin = self.node.admin().ok_or(AdminError::NotAServer)?;
+        let (reply, answer) = oneshot::channel();
+        admin
+            .send(request(reply))
+            .await
+            .map_err(|_| AdminError::Stopping)?;
+        Ok(answer.await.map_err(|_| AdminError::Stopping)??)
+    }
+}
+
+fn allowed_proto(peer: &AllowedPeer, connected: Option<Ipv4Addr>) -> proto::AllowedPeer {
+    let source = match peer.source {
+        PeerSource::Config => proto::PeerSource::Config,
+        PeerSource::Live => proto::PeerSource::Live,
+    };
+    proto::AllowedPeer {
+        key: peer.section.key.to_string(),
+        name: peer.section.name.clone().unwrap_or_default(),
+        address: peer
+            .section
+            .address
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        routes: peer
+            .section
+            .routes
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        source: source.into(),
+        connected_address: connected.map(|a| a.to_string()).unwrap_or_default(),
+    }
+}
+
+/// The peer an AddPeer request describes; errors name the field.
+fn requested_peer(request: &proto::AddPeerRequest) -> Result<PeerSection, Status> {
+    let invalid = |field: &str, problem: String| {
+        Status::invalid_argument(ConfigError::new(field, problem).to_string())
+    };
+    let key = request
+        .key
+        .parse()
+        .map_err(|e: crate::keys::KeyError| invalid("key", e.to_string()))?;
+    let address = match request.address.as_str() {
+        "" => None,
+        text => Some(
+            text.parse()
+                .map_err(|_| invalid("address", format!("{text:?} is not an IPv4 address")))?,
+        ),
+    };
+    let routes = request
+        .routes
+        .iter()
+        .map(|r| {
+            r.parse()
+                .map_err(|_| invalid("routes", format!("{r:?} is not a network (CIDR)")))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(PeerSection {
+        key,
+        name: (!request.name.is_empty()).then(|| request.name.clone()),
+        address,
+        routes,
+    })
+}
+
 fn parse_address(text: &str) -> Result<Ipv4Addr, Status> {
     text.parse()
         .map_err(|_| Status::invalid_argument(format!("{text:?} is not an IPv4 address")))
@@ -260,31 +429,89 @@ impl proto::control_server::Control for ControlService {
         &self,
         request: Request<proto::KickPeerRequest>,
     ) -> Result<Response<proto::KickPeerReply>, Status> {
-        let cred = request
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|info| info.peer_cred)
-            .ok_or_else(|| Status::permission_denied("caller credentials unknown"))?;
-        if !self.access.may_change(cred.uid(), cred.gid(), cred.pid()) {
-            warn!(uid = cred.uid(), "kick refused: not an administrator");
-            return Err(Status::permission_denied(format!(
-                "uid {} may not kick peers: only root, the daemon's user and the admin group may",
-                cred.uid()
-            )));
-        }
+        let uid = self.admin_uid(&request, "kick peers")?;
         let address = parse_address(&request.get_ref().address)?;
         let ban = request
             .get_ref()
             .ban_seconds
             .filter(|s| *s > 0)
             .map(Duration::from_secs);
-        match self.node.kick(address, ban, &format!("uid {}", cred.uid())) {
+        match self.node.kick(address, ban, &format!("uid {uid}")) {
             Ok(peer) => Ok(Response::new(proto::KickPeerReply {
                 peer: Some((&peer).into()),
             })),
             Err(e @ KickError::NoSuchPeer(_)) => Err(Status::not_found(e.to_string())),
             Err(e @ KickError::NotAServer) => Err(Status::failed_precondition(e.to_string())),
         }
+    }
+
+    async fn list_allowed(
+        &self,
+        _: Request<proto::ListAllowedRequest>,
+    ) -> Result<Response<proto::ListAllowedReply>, Status> {
+        let peers = self
+            .node
+            .allowed()?
+            .iter()
+            .map(|(peer, connected)| allowed_proto(peer, *connected))
+            .collect();
+        Ok(Response::new(proto::ListAllowedReply { peers }))
+    }
+
+    async fn add_peer(
+        &self,
+        request: Request<proto::AddPeerRequest>,
+    ) -> Result<Response<proto::AddPeerReply>, Status> {
+        let uid = self.admin_uid(&request, "add peers")?;
+        let peer = requested_peer(request.get_ref())?;
+        let section = peer.clone();
+        self.change(|reply| AdminRequest::AddPeer { peer, reply })
+            .await?;
+        info!(uid, key = %section.key, name = section.name.as_deref().unwrap_or(""), "peer added");
+        let allowed = AllowedPeer {
+            section,
+            source: PeerSource::Live,
+        };
+        Ok(Response::new(proto::AddPeerReply {
+            peer: Some(allowed_proto(&allowed, None)),
+        }))
+    }
+
+    async fn remove_peer(
+        &self,
+        request: Request<proto::RemovePeerRequest>,
+    ) -> Result<Response<proto::RemovePeerReply>, Status> {
+        let uid = self.admin_uid(&request, "remove peers")?;
+        let which = request.get_ref().peer.trim().to_string();
+        let (section, disconnected) = self
+            .change(|reply| AdminRequest::RemovePeer { which, reply })
+            .await?;
+        info!(uid, key = %section.key, disconnected, "peer removed");
+        let allowed = AllowedPeer {
+            section,
+            source: PeerSource::Live,
+        };
+        Ok(Response::new(proto::RemovePeerReply {
+            peer: Some(allowed_proto(&allowed, None)),
+            disconnected: disconnected as u32,
+        }))
+    }
+
+    async fn reload(
+        &self,
+        request: Request<proto::ReloadRequest>,
+    ) -> Result<Response<proto::ReloadReply>, Status> {
+        let uid = self.admin_uid(&request, "reload")?;
+        info!(uid, "reload asked through the control socket");
+        let report = self.change(|reply| AdminRequest::Reload { reply }).await?;
+        Ok(Response::new(proto::ReloadReply {
+            added: report.added,
+            removed: report.removed,
+            changed: report.changed,
+            routes_changed: report.routes_changed,
+            disconnected: report.disconnected as u32,
+            params_pushed: report.pushed as u32,
+        }))
     }
 
     type WatchPeersStream = Pin<Box<dyn Stream<Item = Result<proto::PeerEvent, Status>> + Send>>;

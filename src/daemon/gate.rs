@@ -11,14 +11,11 @@
 //! connection whose first 20 bytes are not an address request (an HTTP
 //! request, random bytes) is refused at once.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
 
 use ipnet::IpNet;
-
-use std::sync::Arc;
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
@@ -29,7 +26,7 @@ use crate::config::{Legacy, PeerSection, ServerConfig};
 use crate::connection::{Reader, Writer};
 use crate::keys::{NodeKey, PublicKey};
 use crate::session::Protocol;
-use crate::tls::{self, TlsError};
+use crate::tls::{self, AllowedKeys, TlsError};
 use crate::wire::{Decoder, Frame, CONTROL_LEN};
 
 /// The first byte of a TLS handshake record.
@@ -160,28 +157,100 @@ impl Rejection {
     }
 }
 
-/// The server's gate: its TLS config, listed peers and legacy policy.
+/// Where an allowed key comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerSource {
+    /// `[[server.peer]]` in the config file, or `--peer`.
+    Config,
+    /// `svpnctl peer add`, kept in the state store.
+    Live,
+}
+
+impl PeerSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerSource::Config => "config",
+            PeerSource::Live => "live",
+        }
+    }
+}
+
+/// A TLS client that may join, and where that was said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedPeer {
+    pub section: PeerSection,
+    pub source: PeerSource,
+}
+
+/// Every allowed peer: those of the config first, then those added live
+/// (a key listed in both is the config's).
+pub fn merge_peers(config: &[PeerSection], live: &[PeerSection]) -> Vec<AllowedPeer> {
+    let allowed = |source| {
+        move |section: &PeerSection| AllowedPeer {
+            section: section.clone(),
+            source,
+        }
+    };
+    config
+        .iter()
+        .map(allowed(PeerSource::Config))
+        .chain(
+            live.iter()
+                .filter(|l| !config.iter().any(|c| c.key == l.key))
+                .map(allowed(PeerSource::Live)),
+        )
+        .collect()
+}
+
+/// The server's gate: its TLS acceptor, allowed peers and legacy policy.
+/// The peers change at run time; each handshake sees them as they are.
 pub struct Gate {
     tls: Option<Arc<rustls::ServerConfig>>,
-    peers: HashMap<PublicKey, PeerSection>,
+    allowed: AllowedKeys,
+    peers: RwLock<Arc<Vec<AllowedPeer>>>,
     legacy: Legacy,
 }
 
 impl Gate {
-    /// The gate for `config`; `key` is the server's key, loaded from
-    /// `config.key`.
-    pub fn new(config: &ServerConfig, key: Option<&NodeKey>) -> Result<Gate, TlsError> {
-        let peers: HashMap<PublicKey, PeerSection> =
-            config.peers.iter().map(|p| (p.key, p.clone())).collect();
+    /// The gate for `config` and the `live` peers (from the state store);
+    /// `key` is the server's key, loaded from `config.key`.
+    pub fn new(
+        config: &ServerConfig,
+        key: Option<&NodeKey>,
+        live: &[PeerSection],
+    ) -> Result<Gate, TlsError> {
+        let allowed = AllowedKeys::default();
         let tls = match key {
-            Some(key) => Some(tls::server_config(key, peers.keys().copied().collect())?),
+            Some(key) => Some(tls::server_config(key, allowed.clone())?),
             None => None,
         };
-        Ok(Gate {
+        let gate = Gate {
             tls,
-            peers,
+            allowed,
+            peers: RwLock::new(Arc::new(Vec::new())),
             legacy: config.legacy.clone(),
-        })
+        };
+        gate.set_peers(merge_peers(&config.peers, live));
+        Ok(gate)
+    }
+
+    /// Every allowed peer, config first.
+    pub fn peers(&self) -> Arc<Vec<AllowedPeer>> {
+        self.peers.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the allowed peers: later handshakes see the new set;
+    /// connections already admitted are not touched.
+    pub fn set_peers(&self, peers: Vec<AllowedPeer>) {
+        let keys = peers.iter().map(|p| p.section.key).collect();
+        let mut current = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        *current = Arc::new(peers);
+        self.allowed.replace(keys);
+    }
+
+    /// The allowed peer with `key`.
+    pub fn peer(&self, key: &PublicKey) -> Option<AllowedPeer> {
+        self.peers().iter().find(|p| p.section.key == *key).cloned()
     }
 
     /// Tells the protocol from the first byte and lets the connection in,
@@ -257,7 +326,12 @@ impl Gate {
             .map_err(|e| Rejection::Handshake(e.to_string()))?;
         let key = tls::peer_key(stream.get_ref().1)
             .ok_or_else(|| Rejection::Handshake("no client key".into()))?;
-        let peer = self.peers.get(&key);
+        // Removed between the handshake and now: refused like an unknown key.
+        let peer = self
+            .peer(&key)
+            .map(|p| p.section)
+            .ok_or_else(|| Rejection::Handshake(format!("unknown client key {key}")))?;
+        let peer = Some(&peer);
         let identity = Identity::Tls {
             key,
             name: peer.and_then(|p| p.name.clone()),

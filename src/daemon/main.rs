@@ -9,6 +9,7 @@ use simplevpn::daemon::cli::{Action, Cli};
 use simplevpn::daemon::control::{self, ControlSocketError};
 use simplevpn::daemon::helper::Helper;
 use simplevpn::daemon::privileges::{self, HelperProcess};
+use simplevpn::daemon::Role;
 use simplevpn::keys::NodeKey;
 use simplevpn::privsep::credentials::ServiceUser;
 use simplevpn::program::{self, EXIT_USAGE};
@@ -68,6 +69,14 @@ fn main() -> ExitCode {
         }
     };
 
+    // As root: the state directory becomes the service user's.
+    if let Role::Server(config) = &settings.role {
+        if let Err(e) = privileges::take_state_dir(&config.state_dir, &user) {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    }
+
     // Still one thread: the helper starts as root, then this process gives
     // up root and every capability for good.
     let HelperProcess { child, socket } = match privileges::start(&settings.role, &user) {
@@ -103,9 +112,15 @@ fn main() -> ExitCode {
                 };
                 let shutdown = CancellationToken::new();
                 tokio::spawn(stop_on_signal(shutdown.clone()));
-                match simplevpn::daemon::run(settings.role, helper, Some(control), key, shutdown)
-                    .await
-                {
+                let run = simplevpn::daemon::run(
+                    settings.role,
+                    settings.source,
+                    helper,
+                    Some(control),
+                    key,
+                    shutdown,
+                );
+                match run.await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         error!("{e}");

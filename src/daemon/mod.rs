@@ -8,6 +8,7 @@ mod dialer;
 mod events;
 pub mod gate;
 pub mod helper;
+mod metrics;
 mod notify;
 mod peers;
 pub mod privileges;
@@ -20,7 +21,7 @@ use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
 
 use self::helper::{Helper, HelperError};
-use crate::config::{ClientConfig, ControlConfig, ServerConfig};
+use crate::config::{ClientConfig, ControlConfig, ServerConfig, ServerSource};
 use crate::keys::NodeKey;
 use crate::tls::TlsError;
 
@@ -54,6 +55,8 @@ impl Role {
 pub struct Settings {
     pub role: Role,
     pub control: ControlConfig,
+    /// A server's config file and flags, read again on reload.
+    pub source: Option<ServerSource>,
 }
 
 /// A bound control socket and who may change things through it.
@@ -81,6 +84,25 @@ pub enum DaemonError {
     NoKey,
     #[error("tun device failed: {0}")]
     TunFailed(String),
+    #[error("{0}")]
+    State(#[from] crate::state::StoreError),
+    #[error("metrics: cannot listen on {address}: {source}")]
+    Metrics {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A client has nothing to reload: SIGHUP (which would otherwise end the
+/// process) is logged and ignored.
+async fn ignore_hangup() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP ignored: a client has nothing to reload");
+    }
 }
 
 /// Runs the daemon in `role` until `shutdown` is cancelled, with `helper`
@@ -90,6 +112,7 @@ pub enum DaemonError {
 /// and the result is an error ([`HelperError::Died`]).
 pub async fn run(
     role: Role,
+    source: Option<ServerSource>,
     helper: Helper,
     control: Option<ControlOptions>,
     key: Option<NodeKey>,
@@ -103,8 +126,13 @@ pub async fn run(
     let helper_ref = &helper;
     let role_run = async move {
         match role {
-            Role::Server(config) => server::run(config, helper_ref, control, key, role_stop).await,
-            Role::Client(config) => client::run(config, helper_ref, control, key, role_stop).await,
+            Role::Server(config) => {
+                server::run(config, source, helper_ref, control, key, role_stop).await
+            }
+            Role::Client(config) => {
+                tokio::spawn(ignore_hangup());
+                client::run(config, helper_ref, control, key, role_stop).await
+            }
         }
     };
     tokio::pin!(role_run);

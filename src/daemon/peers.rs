@@ -20,6 +20,8 @@ use crate::connection::{PushError, QueueTx};
 use crate::keys::PublicKey;
 use crate::pool::{AddressPool, Refusal};
 use crate::routes::RouteTable;
+pub use crate::state::Banned;
+use crate::state::{Ban, Lease};
 use crate::wire::{Control, Request};
 
 /// Per-peer counters: atomics, so the packet path takes no lock for them.
@@ -78,6 +80,8 @@ pub struct Peer {
     /// The networks behind this client (site-to-site): forwarded to it, and
     /// allowed as its packets' sources.
     pub routes: Vec<IpNet>,
+    /// Whether it speaks our extension (is sent session parameters).
+    pub extension: bool,
 }
 
 /// A snapshot of one peer, for the control plane.
@@ -161,14 +165,6 @@ pub enum Delivery {
     NoPeer(Bytes),
 }
 
-/// Who a ban refuses: a TLS client by its key, an original-protocol client
-/// by its remote IP address (it has no other identity).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Banned {
-    Key(PublicKey),
-    Remote(IpAddr),
-}
-
 impl Banned {
     /// Who a ban of this peer refuses.
     pub fn of(identity: &Identity, remote: IpAddr) -> Banned {
@@ -207,6 +203,78 @@ struct Table {
     bans: HashMap<Banned, SystemTime>,
     /// The networks behind connected clients, to the client behind each.
     routes: RouteTable<Arc<Peer>>,
+    /// Addresses leased to TLS keys (without a fixed address): kept for the
+    /// key while it is away, until the lease expires.
+    leases: HashMap<PublicKey, Lease>,
+    leased: HashMap<Ipv4Addr, PublicKey>,
+    /// How long a lease lasts after its key was last granted or left.
+    lease_time: Duration,
+    /// The earliest expiry among the leases: nothing to sweep before it.
+    next_expiry: Option<SystemTime>,
+}
+
+impl Table {
+    /// Whether a connection of `key` holds `address`.
+    fn held_by(&self, address: Ipv4Addr, key: PublicKey) -> bool {
+        self.peers
+            .get(&address)
+            .is_some_and(|p| p.identity.key() == Some(key))
+    }
+
+    /// Records `key`'s lease of `address` until `expires`, ending any older
+    /// lease of the key (its address goes back to the pool if no one holds
+    /// it) or of the address.
+    fn lease(&mut self, key: PublicKey, address: Ipv4Addr, expires: SystemTime) -> Lease {
+        if let Some(old) = self.leases.get(&key).map(|l| l.address) {
+            if old != address {
+                self.leased.remove(&old);
+                if !self.peers.contains_key(&old) && !self.fixed.contains(&old) {
+                    self.pool.release(old);
+                }
+            }
+        }
+        if let Some(other) = self.leased.insert(address, key) {
+            if other != key {
+                self.leases.remove(&other);
+            }
+        }
+        let lease = Lease {
+            key,
+            address,
+            expires,
+        };
+        self.leases.insert(key, lease.clone());
+        self.next_expiry = Some(self.next_expiry.map_or(expires, |t| t.min(expires)));
+        lease
+    }
+
+    /// Ends the leases expired at `now` and frees their addresses; a lease
+    /// whose key is connected on it is renewed instead.
+    fn sweep(&mut self, now: SystemTime) {
+        if self.next_expiry.is_none_or(|t| now < t) {
+            return;
+        }
+        let expired: Vec<Lease> = self
+            .leases
+            .values()
+            .filter(|l| l.expires <= now)
+            .cloned()
+            .collect();
+        for lease in expired {
+            if self.held_by(lease.address, lease.key) {
+                if let Some(l) = self.leases.get_mut(&lease.key) {
+                    l.expires = now + self.lease_time;
+                }
+                continue;
+            }
+            self.leases.remove(&lease.key);
+            self.leased.remove(&lease.address);
+            if !self.peers.contains_key(&lease.address) && !self.fixed.contains(&lease.address) {
+                self.pool.release(lease.address);
+            }
+        }
+        self.next_expiry = self.leases.values().map(|l| l.expires).min();
+    }
 }
 
 /// Shed at most one peer this often while the budget stays spent: closing
@@ -241,6 +309,9 @@ pub struct PeerTable {
     last_shed_ms: AtomicU64,
     table: RwLock<Table>,
     next_id: AtomicU64,
+    /// Packets dropped because a peer's queue was full, all peers together
+    /// (each peer's own count is in its [`PeerStats`]).
+    pub queue_full: AtomicU64,
 }
 
 impl PeerTable {
@@ -267,18 +338,42 @@ impl PeerTable {
                 takeovers: Takeovers::default(),
                 bans: HashMap::new(),
                 routes: RouteTable::new(),
+                leases: HashMap::new(),
+                leased: HashMap::new(),
+                lease_time: Duration::from_secs(crate::config::DEFAULT_LEASE_TIME_SECS),
+                next_expiry: None,
             }),
             next_id: AtomicU64::new(1),
+            queue_full: AtomicU64::new(0),
         }
     }
 
-    /// The record of a new connection from `remote`, not yet in the table.
+    /// Takes over what the state store kept: the leases (each address is
+    /// reserved for its key, unless the address is fixed for a key now or
+    /// outside the network) and the bans; leases last `lease_time`.
+    pub fn restore(&self, leases: Vec<Lease>, bans: Vec<Ban>, lease_time: Duration) {
+        let mut table = self.write();
+        table.lease_time = lease_time;
+        for lease in leases {
+            if table.fixed.contains(&lease.address) || table.pool.reserve(lease.address).is_err() {
+                continue;
+            }
+            table.lease(lease.key, lease.address, lease.expires);
+        }
+        for ban in bans {
+            table.bans.insert(ban.who, ban.until);
+        }
+    }
+
+    /// The record of a new connection from `remote`, not yet in the table;
+    /// `extension`: it speaks our extension.
     pub fn new_peer(
         &self,
         remote: SocketAddr,
         identity: Identity,
         routes: Vec<IpNet>,
         queue: QueueTx,
+        extension: bool,
     ) -> Arc<Peer> {
         Arc::new(Peer {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -290,7 +385,66 @@ impl PeerTable {
             kick: CancellationToken::new(),
             identity,
             routes,
+            extension,
         })
+    }
+
+    /// The lease `key` holds, if any.
+    pub fn lease_of(&self, key: &PublicKey) -> Option<Lease> {
+        self.read().leases.get(key).cloned()
+    }
+
+    /// Makes `fixed` (address to key) the fixed addresses: new ones are
+    /// reserved, those no longer fixed go back to the pool once free.
+    /// Refused, changing nothing, if a new one is held or leased by
+    /// another key.
+    pub fn set_fixed(&self, fixed: &HashMap<Ipv4Addr, PublicKey>) -> Result<(), Refusal> {
+        let mut table = self.write();
+        for (&address, &key) in fixed {
+            if table.fixed.contains(&address) {
+                continue;
+            }
+            if !table.pool.contains(address) {
+                return Err(Refusal::NotInPool(address));
+            }
+            let held_by_other = table
+                .peers
+                .get(&address)
+                .is_some_and(|p| p.identity.key() != Some(key));
+            let leased_to_other = table.leased.get(&address).is_some_and(|k| *k != key);
+            let used_by_nobody_known = !table.peers.contains_key(&address)
+                && !table.leased.contains_key(&address)
+                && !table.pool.is_free(address);
+            if held_by_other || leased_to_other || used_by_nobody_known {
+                return Err(Refusal::Taken(address));
+            }
+        }
+        let old: Vec<Ipv4Addr> = table.fixed.iter().copied().collect();
+        for address in old {
+            if !fixed.contains_key(&address) {
+                table.fixed.remove(&address);
+                if !table.peers.contains_key(&address) {
+                    table.pool.release(address);
+                }
+            }
+        }
+        for (&address, &key) in fixed {
+            if table.fixed.insert(address) {
+                if let Some(old) = table.leased.remove(&address) {
+                    table.leases.remove(&old);
+                }
+                if let Some(lease) = table.leases.remove(&key) {
+                    table.leased.remove(&lease.address);
+                    if !table.peers.contains_key(&lease.address) {
+                        table.pool.release(lease.address);
+                    }
+                }
+                if !table.peers.contains_key(&address) {
+                    let _ = table.pool.reserve(address);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The network's netmask, pushed in every grant.
@@ -306,10 +460,12 @@ impl PeerTable {
     /// it asks for; a newer connection with the same key takes the session
     /// over from an older one (which is closed and loses its address at
     /// once, so a key never holds two), so a client that reconnects before
-    /// the server noticed the old connection die is not locked out. A key
-    /// without a fixed address keeps the address it held unless it asks
-    /// for another one. A key that takes over too often is refused for a
-    /// while ([`Refusal::KeyFlapping`], see [`super::takeover`]).
+    /// the server noticed the old connection die is not locked out. A TLS
+    /// key without a fixed address gets the address it holds or leases
+    /// whatever it asks for (unless it asks for another one by a static
+    /// request), and its lease is renewed. A key that takes over too often
+    /// is refused for a while ([`Refusal::KeyFlapping`], see
+    /// [`super::takeover`]).
     pub fn admit(&self, request: Request, peer: &Arc<Peer>) -> Result<Granted, Refusal> {
         self.admit_at(request, peer, Instant::now())
     }
@@ -322,6 +478,8 @@ impl PeerTable {
         now: Instant,
     ) -> Result<Granted, Refusal> {
         let mut table = self.write();
+        let wall = SystemTime::now();
+        table.sweep(wall);
         let remote = peer.remote.ip();
         let key = peer.identity.key();
         // The older session of the same key, if any.
@@ -342,15 +500,21 @@ impl PeerTable {
             }
         }
         let old_address = old.as_ref().map(|(a, _)| *a);
+        // The address the key holds now, else the one it leases.
+        let leased = match (peer.identity.fixed(), key) {
+            (None, Some(key)) => table.leases.get(&key).map(|l| l.address),
+            _ => None,
+        };
+        let held = old_address.or(leased);
         let address = match (peer.identity.fixed(), request) {
             (Some(fixed), _) => match table.peers.get(&fixed) {
                 Some(_) if old_address == Some(fixed) => Ok(fixed),
                 Some(_) => Err(Refusal::Taken(fixed)),
                 None => Ok(fixed),
             },
-            (None, Request::Static(wanted)) if old_address == Some(wanted) => Ok(wanted),
+            (None, Request::Static(wanted)) if held == Some(wanted) => Ok(wanted),
             (None, Request::Static(wanted)) => table.pool.claim(wanted, remote).map(|()| wanted),
-            (None, Request::Dynamic | Request::Keepalive) => match old_address {
+            (None, Request::Dynamic | Request::Keepalive) => match held {
                 Some(held) => Ok(held),
                 None => table.pool.allocate(remote),
             },
@@ -358,7 +522,8 @@ impl PeerTable {
         let replaced = old.map(|(old_address, old)| {
             old.kick.cancel();
             table.unlink(old_address, old.id);
-            if old_address != address && !table.fixed.contains(&old_address) {
+            let still_leased = table.leased.contains_key(&old_address);
+            if old_address != address && !table.fixed.contains(&old_address) && !still_leased {
                 table.pool.release(old_address);
             }
             Replaced {
@@ -366,6 +531,10 @@ impl PeerTable {
                 address: old_address,
             }
         });
+        if let (None, Some(key)) = (peer.identity.fixed(), key) {
+            let expires = wall + table.lease_time;
+            table.lease(key, address, expires);
+        }
         let grant = Control::grant(address, Some(table.pool.network().netmask()));
         // The queue is new and empty: this push cannot fail for lack of room.
         let _ = peer.queue.try_push(Bytes::copy_from_slice(&grant.encode()));
@@ -387,13 +556,55 @@ impl PeerTable {
         self.read().takeovers.backing_off(key, now)
     }
 
-    /// Removes connection `id` from `address` and frees the address. Does
-    /// nothing if another connection holds it by now.
-    pub fn remove(&self, address: Ipv4Addr, id: u64) {
+    /// Removes connection `id` from `address` and frees the address, unless
+    /// it is fixed or leased: then the lease runs from now, and is returned
+    /// (to be kept). Does nothing if another connection holds it by now.
+    pub fn remove(&self, address: Ipv4Addr, id: u64) -> Option<Lease> {
         let mut table = self.write();
-        if table.unlink(address, id).is_some() && !table.fixed.contains(&address) {
+        let peer = table.unlink(address, id)?;
+        let lease_time = table.lease_time;
+        let lease = peer
+            .identity
+            .key()
+            .and_then(|key| table.leases.get_mut(&key))
+            .filter(|l| l.address == address)
+            .map(|l| {
+                l.expires = SystemTime::now() + lease_time;
+                l.clone()
+            });
+        if let Some(lease) = &lease {
+            table.next_expiry = Some(
+                table
+                    .next_expiry
+                    .map_or(lease.expires, |t| t.min(lease.expires)),
+            );
+        } else if !table.fixed.contains(&address) {
             table.pool.release(address);
         }
+        lease
+    }
+
+    /// Every connected peer that holds an address, with it.
+    pub fn connected(&self) -> Vec<(Ipv4Addr, Arc<Peer>)> {
+        self.read()
+            .peers
+            .iter()
+            .map(|(address, peer)| (*address, peer.clone()))
+            .collect()
+    }
+
+    /// Closes every connection of `key` that holds an address; returns them.
+    pub fn kick_key(&self, key: &PublicKey) -> Vec<PeerInfo> {
+        let table = self.read();
+        table
+            .peers
+            .iter()
+            .filter(|(_, p)| p.identity.key() == Some(*key))
+            .map(|(address, peer)| {
+                peer.kick.cancel();
+                peer.info(*address)
+            })
+            .collect()
     }
 
     /// Queues `packet` for the peer that holds `destination`, or whose
@@ -417,6 +628,7 @@ impl PeerTable {
                 peer.stats
                     .dropped_queue_full
                     .fetch_add(1, Ordering::Relaxed);
+                self.queue_full.fetch_add(1, Ordering::Relaxed);
                 if full == PushError::OverBudget {
                     self.shed_largest(&table);
                 }
@@ -507,7 +719,8 @@ impl PeerTable {
 
     /// Closes the connection that holds `address` and refuses it (by key, or
     /// by remote address for an original-protocol client) until `until`.
-    /// Returns the peer as it was.
+    /// Returns the peer as it was (its identity and remote say who is
+    /// banned: [`Banned::of`]).
     pub fn ban(&self, address: Ipv4Addr, until: SystemTime) -> Option<PeerInfo> {
         let mut table = self.write();
         let peer = table.peers.get(&address)?.clone();
@@ -549,7 +762,10 @@ mod tests {
     ) -> (Arc<Peer>, crate::connection::QueueRx) {
         let (queue, rx) = crate::connection::queue(2, 1 << 20, None);
         let remote = SocketAddr::from(([198, 18, 0, 2], port));
-        (table.new_peer(remote, identity, Vec::new(), queue), rx)
+        (
+            table.new_peer(remote, identity, Vec::new(), queue, false),
+            rx,
+        )
     }
 
     fn link(table: &PeerTable, port: u16) -> (Arc<Peer>, crate::connection::QueueRx) {
@@ -722,7 +938,7 @@ mod tests {
         let (queue, mut rx) = crate::connection::queue(4, 1 << 20, None);
         let remote = SocketAddr::from(([198, 18, 0, 2], 1000));
         let lan: IpNet = "198.18.201.0/24".parse().expect("net");
-        let a = table.new_peer(remote, Identity::Original, vec![lan], queue);
+        let a = table.new_peer(remote, Identity::Original, vec![lan], queue, false);
         let address = table.admit(Request::Dynamic, &a).expect("grant").address;
         rx.try_recv().expect("the grant");
         let host = Ipv4Addr::new(198, 18, 201, 7);
@@ -783,7 +999,10 @@ mod tests {
         };
         let (queue, rx) = crate::connection::queue(2, 1 << 20, None);
         let remote = SocketAddr::from(([198, 18, (port % 250) as u8, 2], port));
-        (table.new_peer(remote, identity, Vec::new(), queue), rx)
+        (
+            table.new_peer(remote, identity, Vec::new(), queue, false),
+            rx,
+        )
     }
 
     #[test]
@@ -867,6 +1086,138 @@ mod tests {
         assert_eq!(
             table.takeover_backoff(&key, at + Duration::from_secs(1)),
             Some(Duration::from_secs(4))
+        );
+    }
+
+    fn tls(key: PublicKey) -> Identity {
+        Identity::Tls {
+            key,
+            name: None,
+            fixed: None,
+        }
+    }
+
+    #[test]
+    fn a_key_keeps_its_leased_address_while_away_until_the_lease_expires() {
+        let table = PeerTable::new(
+            "198.19.0.0/29".parse().expect("net"),
+            [],
+            MemoryBudget::new(1 << 20),
+        );
+        let key = PublicKey::from_raw(&[1; 32]).expect("key");
+        table.restore(Vec::new(), Vec::new(), Duration::from_secs(3600));
+        let (first, _rx) = peer_with(&table, 1000, tls(key));
+        let address = table
+            .admit(Request::Dynamic, &first)
+            .map(|g| g.address)
+            .expect("grant");
+        let lease = table.remove(address, first.id).expect("a lease is kept");
+        assert_eq!(lease.address, address);
+        // Away: nobody else gets it, not even by asking for it.
+        let (other, _rx) = link(&table, 1001);
+        assert_eq!(
+            table
+                .admit(Request::Static(address), &other)
+                .map(|g| g.address),
+            Err(Refusal::Taken(address))
+        );
+        let (other, _rx) = link(&table, 1002);
+        assert_ne!(
+            table.admit(Request::Dynamic, &other).map(|g| g.address),
+            Ok(address)
+        );
+        // Back, from elsewhere, asking for anything: its address again.
+        let (again, _rx) = peer_with(&table, 2000, tls(key));
+        assert_eq!(
+            table.admit(Request::Dynamic, &again).map(|g| g.address),
+            Ok(address)
+        );
+        table.remove(address, again.id);
+
+        // After a restart with an expired lease, the address is free again.
+        let restarted = PeerTable::new(
+            "198.19.0.0/29".parse().expect("net"),
+            [],
+            MemoryBudget::new(1 << 20),
+        );
+        let expired = Lease {
+            expires: SystemTime::now() - Duration::from_secs(1),
+            ..lease.clone()
+        };
+        restarted.restore(vec![expired], Vec::new(), Duration::from_secs(3600));
+        let (other, _rx) = link(&restarted, 1003);
+        assert_eq!(
+            restarted
+                .admit(Request::Static(address), &other)
+                .map(|g| g.address),
+            Ok(address)
+        );
+        // A live one is honoured after a restart.
+        let restarted = PeerTable::new(
+            "198.19.0.0/29".parse().expect("net"),
+            [],
+            MemoryBudget::new(1 << 20),
+        );
+        restarted.restore(vec![lease], Vec::new(), Duration::from_secs(3600));
+        let free_before = restarted.free_count();
+        let (back, _rx) = peer_with(&restarted, 2001, tls(key));
+        assert_eq!(
+            restarted.admit(Request::Dynamic, &back).map(|g| g.address),
+            Ok(address)
+        );
+        assert_eq!(restarted.free_count(), free_before);
+    }
+
+    #[test]
+    fn restored_bans_refuse_until_they_expire() {
+        let table = PeerTable::new(
+            "198.19.0.0/16".parse().expect("net"),
+            [],
+            MemoryBudget::new(1 << 20),
+        );
+        let now = SystemTime::now();
+        let who = Banned::Key(PublicKey::from_raw(&[2; 32]).expect("key"));
+        let ban = Ban {
+            who: who.clone(),
+            until: now + Duration::from_secs(30),
+        };
+        table.restore(Vec::new(), vec![ban], Duration::from_secs(60));
+        assert!(table.ban_remaining(&who, now).is_some());
+        assert!(table
+            .ban_remaining(&who, now + Duration::from_secs(31))
+            .is_none());
+    }
+
+    #[test]
+    fn fixed_addresses_change_live_but_never_take_one_in_use() {
+        let table = PeerTable::new(
+            "198.19.0.0/16".parse().expect("net"),
+            [],
+            MemoryBudget::new(1 << 20),
+        );
+        let (a, _rx) = link(&table, 1000);
+        let held = table
+            .admit(Request::Dynamic, &a)
+            .map(|g| g.address)
+            .expect("grant");
+        let key = PublicKey::from_raw(&[3; 32]).expect("key");
+        let other = Ipv4Addr::new(198, 19, 0, 50);
+        assert_eq!(
+            table.set_fixed(&HashMap::from([(held, key)])),
+            Err(Refusal::Taken(held))
+        );
+        table
+            .set_fixed(&HashMap::from([(other, key)]))
+            .expect("free");
+        let (b, _rx) = link(&table, 1001);
+        assert_eq!(
+            table.admit(Request::Static(other), &b).map(|g| g.address),
+            Err(Refusal::Taken(other))
+        );
+        table.set_fixed(&HashMap::new()).expect("none");
+        assert_eq!(
+            table.admit(Request::Static(other), &b).map(|g| g.address),
+            Ok(other)
         );
     }
 }

@@ -5,7 +5,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -44,6 +44,51 @@ pub enum StartError {
     Socket(io::Error),
     #[error("dropping privileges: {0}")]
     Drop(#[from] PrivilegeError),
+    #[error("state_dir {path}: {problem}")]
+    StateDir { path: PathBuf, problem: String },
+}
+
+/// Makes the server's state directory ready for `user`, as root, before
+/// privileges are dropped: created (mode 0700) if missing, and given to the
+/// user with the state files in it (subdirectories, the states of other
+/// daemons, are left alone). A directory that holds any other file
+/// (say `/` or `/tmp` by mistake) is never taken over: it must then be
+/// writable by the user already, or opening the database says why not.
+/// Under systemd, `StateDirectory=simplevpn` makes /var/lib/simplevpn, owned
+/// by root (the unit has no `User=`): this gives it to the service user.
+pub fn take_state_dir(dir: &Path, user: &ServiceUser) -> Result<(), StartError> {
+    let problem = |problem: String| StartError::StateDir {
+        path: dir.to_path_buf(),
+        problem,
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| problem(e.to_string()))?;
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| problem(e.to_string()))?;
+    let mut ours = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| problem(e.to_string()))?;
+        let name = entry.file_name();
+        // Directories are the states of other daemons (simplevpnd@NAME
+        // keeps its own in /var/lib/simplevpn/NAME): not ours to change.
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        if !name.to_string_lossy().starts_with(crate::state::STATE_FILE) {
+            // Not only ours: leave ownership alone.
+            return Ok(());
+        }
+        ours.push(entry.path());
+    }
+    for path in std::iter::once(dir.to_path_buf()).chain(ours) {
+        nix::unistd::chown(&path, Some(user.uid), Some(user.gid))
+            .map_err(|e| problem(format!("chown {} to {}: {e}", path.display(), user.name)))?;
+    }
+    Ok(())
 }
 
 /// The running helper.

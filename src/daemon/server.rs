@@ -23,36 +23,40 @@
 //!   3. `write_frames`: the client's writer task, batching what is queued
 //!      into vectored writes.
 
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument, Span};
 
 use super::admission::{Admission, Pending, RefusalReason, RefusalSummary, SUMMARY_INTERVAL};
-use super::control::{self, KickError, Node};
+use super::control::{self, AdminError, AdminRequest, KickError, Node, ReloadReport};
 use super::events::{EventKind, Events, PeerEvent};
-use super::gate::{Admitted, Gate, Rejection};
+use super::gate::{merge_peers, Admitted, AllowedPeer, Gate, PeerSource, Rejection};
 use super::helper::Helper;
+use super::metrics::{self, DropKind, Metrics, Outcome};
 use super::notify;
 use super::peers::{Banned, Delivery, Granted, Peer, PeerInfo, PeerTable};
 use super::{ControlOptions, DaemonError};
 use crate::budget::MemoryBudget;
-use crate::config::ServerConfig;
+use crate::config::{check_peers, ConfigError, PeerSection, ServerConfig, ServerSource};
 use crate::connection::{self, write_frames, FrameReader, ReadError};
 use crate::daemon::tun::{AsyncTun, TunHealth};
-use crate::keys::NodeKey;
+use crate::keys::{NodeKey, PublicKey};
 use crate::limits::MAX_PACKET;
 use crate::pool::server_address;
 use crate::proto;
 use crate::session::server::{pushed_params, Action, DropReason, Ending, ServerSession};
+use crate::state::{Ban, Lease, SqliteStore, StateStore};
 use crate::wire::{ipv4_addresses, Control, Decoder, Frame};
 
 /// How long a closing connection may take to flush what is queued for it.
@@ -60,12 +64,22 @@ const FLUSH_GRACE: Duration = Duration::from_secs(1);
 
 /// What every connection task, and the control service, shares.
 struct Shared {
+    /// The settings started with: those that need a restart to change.
     config: ServerConfig,
+    /// The settings in force: peers and routes change on reload.
+    current: RwLock<Arc<ServerConfig>>,
+    /// Peers added at run time (kept in `store`).
+    live: Mutex<Vec<PeerSection>>,
+    store: Box<dyn StateStore>,
+    /// Where the settings came from, read again on reload.
+    source: Option<ServerSource>,
+    /// Changes to the running server, carried out one at a time by `run`.
+    admin: mpsc::Sender<AdminRequest>,
+    metrics: Metrics,
     peers: PeerTable,
     /// Packets for destinations no client holds go to the server's tun,
     /// written by the connection task that read them.
     tun: Arc<AsyncTun>,
-    dropped_to_tun: AtomicU64,
     events: Events,
     started: SystemTime,
     tun_name: String,
@@ -110,6 +124,76 @@ impl Shared {
             warn!("{summary}");
         }
     }
+    /// The settings in force.
+    fn current(&self) -> Arc<ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Every network the server serves now: its own routes, then those
+    /// behind each allowed peer.
+    fn served_routes(&self) -> Vec<IpNet> {
+        let own = self.current().routes.clone();
+        let peers = self.gate.peers();
+        own.into_iter()
+            .chain(peers.iter().flat_map(|p| p.section.routes.iter().copied()))
+            .collect()
+    }
+
+    /// Keeps `lease` in the store (the table already holds it).
+    fn keep_lease(&self, lease: &Lease) {
+        if let Err(e) = self.store.put_lease(lease) {
+            warn!(error = %e, address = %lease.address, "lease not kept across restarts");
+        }
+    }
+}
+
+impl metrics::PeerSource for Shared {
+    fn table(&self) -> &PeerTable {
+        &self.peers
+    }
+}
+
+/// The live peers that still fit beside the config's, in order; each one
+/// that does not is skipped with a warning (it stays in the store until
+/// `svpnctl peer remove`).
+fn fitting_live(config: &ServerConfig, stored: Vec<PeerSection>) -> Vec<PeerSection> {
+    let mut live: Vec<PeerSection> = Vec::new();
+    for peer in stored {
+        let mut candidate = live.clone();
+        candidate.push(peer.clone());
+        let sections = merge_peers(&config.peers, &candidate)
+            .into_iter()
+            .map(|p| p.section)
+            .collect();
+        match check_peers(
+            sections,
+            config.routes.clone(),
+            config.network,
+            config.key.is_some(),
+        ) {
+            Ok(_) => live.push(peer),
+            Err(e) => warn!(
+                key = %peer.key,
+                "a peer added live no longer fits beside the config and is not allowed: {e}"
+            ),
+        }
+    }
+    live
+}
+
+/// The IPv4 networks behind `peers` (routed into the tun).
+fn tun_routes(peers: &[AllowedPeer]) -> HashSet<Ipv4Net> {
+    peers
+        .iter()
+        .flat_map(|p| p.section.routes.iter())
+        .filter_map(|r| match r {
+            IpNet::V4(net) => Some(*net),
+            IpNet::V6(_) => None,
+        })
+        .collect()
 }
 
 /// Runs the server until `shutdown` is cancelled; `helper` creates and
@@ -117,6 +201,7 @@ impl Shared {
 /// TLS clients are served with `key` (loaded from `config.key`).
 pub async fn run(
     config: ServerConfig,
+    source: Option<ServerSource>,
     helper: &Helper,
     control: Option<ControlOptions>,
     key: Option<NodeKey>,
@@ -124,7 +209,21 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     // Cancelled on shutdown, and when the tun fails.
     let shutdown = shutdown.child_token();
-    let gate = Gate::new(&config, key.as_ref())?;
+    // What was kept across restarts; a database that cannot be read or
+    // written stops the start here, with one line.
+    let store = SqliteStore::open_dir(&config.state_dir)?;
+    let now = SystemTime::now();
+    store.expire(now)?;
+    let (leases, bans) = (store.leases(now)?, store.bans(now)?);
+    let live = fitting_live(&config, store.peers()?);
+    info!(
+        path = %store.path().display(),
+        leases = leases.len(),
+        bans = bans.len(),
+        live_peers = live.len(),
+        "state loaded"
+    );
+    let gate = Gate::new(&config, key.as_ref(), &live)?;
     let own_address = server_address(config.network);
     let tun = helper.open_tun().await?;
     helper.set_mtu(tun.index, config.mtu).await?;
@@ -139,6 +238,14 @@ pub async fn run(
             helper.add_route(tun.index, *route).await?;
         }
     }
+    for route in live.iter().flat_map(|p| p.routes.iter()) {
+        if let IpNet::V4(route) = route {
+            if let Err(e) = helper.add_route(tun.index, *route).await {
+                warn!(%route, error = %e, "a live peer's network is not routed into the tun on this host");
+            }
+        }
+    }
+    let tun_index = tun.index;
     let tun_name = tun.name.clone();
     let tun = Arc::new(AsyncTun::new(tun.fd)?);
 
@@ -146,15 +253,35 @@ pub async fn run(
         address: config.listen,
         source,
     })?;
-    let fixed = config.peers.iter().filter_map(|p| p.address);
-    let shared = Arc::new(Shared {
-        peers: PeerTable::new(
-            config.network,
-            fixed,
-            MemoryBudget::new(config.memory_budget),
+    let metrics_listener = match config.metrics {
+        Some(address) => Some(
+            metrics::bind(address)
+                .await
+                .map_err(|source| DaemonError::Metrics { address, source })?,
         ),
+        None => None,
+    };
+    let fixed = gate
+        .peers()
+        .iter()
+        .filter_map(|p| p.section.address)
+        .collect::<Vec<_>>();
+    let peers = PeerTable::new(
+        config.network,
+        fixed,
+        MemoryBudget::new(config.memory_budget),
+    );
+    peers.restore(leases, bans, config.lease_time);
+    let (admin, mut admin_requests) = mpsc::channel(8);
+    let shared = Arc::new(Shared {
+        current: RwLock::new(Arc::new(config.clone())),
+        live: Mutex::new(live),
+        store: Box::new(store),
+        source,
+        admin,
+        metrics: Metrics::default(),
+        peers,
         tun: tun.clone(),
-        dropped_to_tun: AtomicU64::new(0),
         events: Events::default(),
         started: SystemTime::now(),
         tun_name: tun_name.clone(),
@@ -194,6 +321,15 @@ pub async fn run(
     let mut summaries = tokio::time::interval(Duration::from_secs(1));
     summaries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tun_failure = None;
+    if let Some(listener) = metrics_listener {
+        let registry = shared.metrics.registry(shared.clone());
+        tasks.spawn(metrics::serve(listener, registry, shutdown.clone()));
+    }
+    // SIGHUP (systemctl reload) reloads; installed before the loop, so the
+    // signal never ends the process.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| warn!(error = %e, "no SIGHUP handler: reload with svpnctl reload"))
+        .ok();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -203,6 +339,18 @@ pub async fn run(
                 break;
             }
             _ = summaries.tick() => shared.flush_refusals(),
+            Some(request) = admin_requests.recv() => {
+                administer(&shared, helper, tun_index, request).await;
+            }
+            Some(()) = async {
+                match hangup.as_mut() {
+                    Some(hangup) => hangup.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                info!("SIGHUP received: reloading");
+                log_reload(&reload(&shared, helper, tun_index).await);
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
                     let span = info_span!(
@@ -372,7 +520,8 @@ async fn connection(
         .with_limits(budget, config.frame_timeout);
     let peer = shared
         .peers
-        .new_peer(remote, identity, routes.clone(), queue);
+        .new_peer(remote, identity, routes.clone(), queue, extension);
+    let accepted = handshake_deadline - shared.config.handshake_timeout;
     let mut session = ServerSession::new(
         handshake_deadline.into_std(),
         shared.config.client_timeout,
@@ -419,6 +568,11 @@ async fn connection(
                 Ok(Granted { address, replaced }) => {
                     session.granted(now, address);
                     pending = None;
+                    shared.metrics.granted(accepted.elapsed().as_secs_f64());
+                    if let Some(lease) = peer.identity.key().and_then(|k| shared.peers.lease_of(&k))
+                    {
+                        shared.keep_lease(&lease);
+                    }
                     Span::current().record("addr", tracing::field::display(address));
                     if let (Some(old), Some(key)) = (replaced, peer.identity.key()) {
                         warn!(
@@ -448,16 +602,19 @@ async fn connection(
                 destination,
                 packet,
             } => forward(&shared, destination, packet),
-            Action::Drop(reason) => count_drop(&peer, reason),
+            Action::Drop(reason) => count_drop(&shared, &peer, reason),
             Action::Close(ending) => break ending,
         }
     };
     drop(pending);
 
     let address = session.address();
-    if let Some(address) = address {
-        shared.peers.remove(address, peer.id);
+    if let Some(lease) = address.and_then(|a| shared.peers.remove(a, peer.id)) {
+        shared.keep_lease(&lease);
     }
+    shared
+        .metrics
+        .ended(Outcome::of(&ending, address.is_some()));
     let peers = shared.peers.len();
     let kind = match ending {
         Ending::Refused(..) => EventKind::Refused,
@@ -496,11 +653,10 @@ fn send(peer: &Peer, control: Control) {
 /// Queues the session parameters for an extension client just granted
 /// `address` (right behind its grant).
 fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr) {
-    let config = &shared.config;
     let params = pushed_params(
         address,
-        config.network,
-        config.served_routes(),
+        shared.config.network,
+        shared.served_routes(),
         &peer.routes,
     );
     match params.encode() {
@@ -524,13 +680,14 @@ fn forward(shared: &Shared, destination: Ipv4Addr, packet: Bytes) {
         if let Err(e) = shared.tun.try_send(&packet) {
             // A full tun queue is a drop; a tun gone for good ends the daemon.
             shared.tun_health.check("write", &e);
-            shared.dropped_to_tun.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.drops.count(DropKind::TunFull);
         }
     }
 }
 
 /// Counts a packet the session dropped.
-fn count_drop(peer: &Peer, reason: DropReason) {
+fn count_drop(shared: &Shared, peer: &Peer, reason: DropReason) {
+    shared.metrics.drops.count(reason.into());
     let counter = match reason {
         DropReason::Unassigned => {
             debug!("dropped a packet sent before any address was granted");
@@ -589,11 +746,11 @@ impl Node for Shared {
             network: network.to_string(),
             peer_count: self.peers.len() as u32,
             free_addresses: self.peers.free_count(),
-            dropped_to_tun: self.dropped_to_tun.load(Ordering::Relaxed),
+            dropped_to_tun: self.metrics.drops.get(DropKind::TunFull),
             queued_bytes: self.peers.budget().queued() as u64,
             reading_bytes: self.peers.budget().reading() as u64,
             closed_for_memory: self.peers.budget().closed(),
-            routes: self.config.served_routes().map(|r| r.to_string()).collect(),
+            routes: self.served_routes().iter().map(|r| r.to_string()).collect(),
             ..Default::default()
         }
     }
@@ -617,7 +774,15 @@ impl Node for Shared {
             None => self.peers.kick(address),
             Some(ban) => {
                 reason.push_str(&format!(", banned for {}", humantime::format_duration(ban)));
-                self.peers.ban(address, SystemTime::now() + ban)
+                let until = SystemTime::now() + ban;
+                let peer = self.peers.ban(address, until);
+                if let Some(peer) = &peer {
+                    let who = Banned::of(&peer.identity, peer.remote.ip());
+                    if let Err(e) = self.store.put_ban(&Ban { who, until }) {
+                        warn!(error = %e, "ban not kept across restarts");
+                    }
+                }
+                peer
             }
         }
         .ok_or(KickError::NoSuchPeer(address))?;
@@ -630,4 +795,238 @@ impl Node for Shared {
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<PeerEvent> {
         self.events.subscribe()
     }
+
+    fn admin(&self) -> Option<mpsc::Sender<AdminRequest>> {
+        Some(self.admin.clone())
+    }
+
+    fn allowed(&self) -> Result<Vec<(AllowedPeer, Option<Ipv4Addr>)>, AdminError> {
+        let connected: HashMap<PublicKey, Ipv4Addr> = self
+            .peers
+            .connected()
+            .into_iter()
+            .filter_map(|(address, peer)| Some((peer.identity.key()?, address)))
+            .collect();
+        Ok(self
+            .gate
+            .peers()
+            .iter()
+            .map(|p| (p.clone(), connected.get(&p.section.key).copied()))
+            .collect())
+    }
+}
+
+/// Carries out one change to the running server and answers it.
+async fn administer(shared: &Arc<Shared>, helper: &Helper, tun: u32, request: AdminRequest) {
+    match request {
+        AdminRequest::Reload { reply } => {
+            let result = reload(shared, helper, tun).await;
+            log_reload(&result);
+            let _ = reply.send(result);
+        }
+        AdminRequest::AddPeer { peer, reply } => {
+            let result = add_peer(shared, helper, tun, peer).await;
+            if let Err(e) = &result {
+                warn!("peer add refused: {e}");
+            }
+            let _ = reply.send(result);
+        }
+        AdminRequest::RemovePeer { which, reply } => {
+            let result = remove_peer(shared, helper, tun, &which).await;
+            if let Err(e) = &result {
+                warn!("peer remove refused: {e}");
+            }
+            let _ = reply.send(result);
+        }
+    }
+}
+
+fn log_reload(result: &Result<ReloadReport, AdminError>) {
+    match result {
+        Ok(report) => info!(
+            added = ?report.added,
+            removed = ?report.removed,
+            changed = ?report.changed,
+            routes_changed = report.routes_changed,
+            disconnected = report.disconnected,
+            params_pushed = report.pushed,
+            "reloaded"
+        ),
+        Err(e) => warn!("reload refused: {e}"),
+    }
+}
+
+/// Reads the config again and applies the difference.
+async fn reload(
+    shared: &Arc<Shared>,
+    helper: &Helper,
+    tun: u32,
+) -> Result<ReloadReport, AdminError> {
+    let new = match &shared.source {
+        Some(source) => source.load().map_err(AdminError::Invalid)?,
+        None => shared.config.clone(),
+    };
+    let fields = shared.config.needs_restart(&new);
+    if !fields.is_empty() {
+        return Err(AdminError::NeedsRestart(fields));
+    }
+    let live = shared
+        .live
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    apply(shared, helper, tun, new, live).await
+}
+
+/// Allows `peer` now and keeps it in the store.
+async fn add_peer(
+    shared: &Arc<Shared>,
+    helper: &Helper,
+    tun: u32,
+    peer: PeerSection,
+) -> Result<(), AdminError> {
+    if shared.gate.peer(&peer.key).is_some() {
+        return Err(AdminError::Exists(peer.key));
+    }
+    let mut live = shared
+        .live
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    live.push(peer.clone());
+    let config = (*shared.current()).clone();
+    check(&config, &live)?;
+    shared.store.put_peer(&peer)?;
+    if let Err(e) = apply(shared, helper, tun, config, live).await {
+        // Not allowed after all: not kept either.
+        let _ = shared.store.remove_peer(&peer.key);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Forgets the live peer with key or name `which` and closes its connections.
+async fn remove_peer(
+    shared: &Arc<Shared>,
+    helper: &Helper,
+    tun: u32,
+    which: &str,
+) -> Result<(PeerSection, usize), AdminError> {
+    let found = shared
+        .gate
+        .peers()
+        .iter()
+        .find(|p| p.section.key.to_string() == which || p.section.name.as_deref() == Some(which))
+        .cloned()
+        .ok_or_else(|| AdminError::NoSuchPeer(which.to_string()))?;
+    if found.source == PeerSource::Config {
+        return Err(AdminError::InConfig(found.section.label()));
+    }
+    let key = found.section.key;
+    shared.store.remove_peer(&key)?;
+    let mut live = shared
+        .live
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    live.retain(|p| p.key != key);
+    let config = (*shared.current()).clone();
+    let report = apply(shared, helper, tun, config, live).await?;
+    Ok((found.section, report.disconnected))
+}
+
+/// Checks that the peers of `config` and `live` fit together.
+fn check(config: &ServerConfig, live: &[PeerSection]) -> Result<Vec<AllowedPeer>, AdminError> {
+    let merged = merge_peers(&config.peers, live);
+    let sections = merged.iter().map(|p| p.section.clone()).collect();
+    check_peers(
+        sections,
+        config.routes.clone(),
+        config.network,
+        config.key.is_some(),
+    )
+    .map_err(AdminError::Invalid)?;
+    Ok(merged)
+}
+
+/// Makes `config` (whose fixed settings are those started with) and the
+/// `live` peers the ones in force: peers no longer allowed, or whose entry
+/// changed, are disconnected; new ones may join; if the served networks
+/// changed, connected extension clients get new session parameters.
+/// Nothing else is touched.
+async fn apply(
+    shared: &Arc<Shared>,
+    helper: &Helper,
+    tun: u32,
+    config: ServerConfig,
+    live: Vec<PeerSection>,
+) -> Result<ReloadReport, AdminError> {
+    let merged = check(&config, &live)?;
+    let fixed: HashMap<Ipv4Addr, PublicKey> = merged
+        .iter()
+        .filter_map(|p| Some((p.section.address?, p.section.key)))
+        .collect();
+    shared
+        .peers
+        .set_fixed(&fixed)
+        .map_err(|refusal| AdminError::Invalid(ConfigError::new("address", refusal.to_string())))?;
+    let old = shared.gate.peers();
+    let old_served = shared.served_routes();
+    shared.gate.set_peers(merged.clone());
+    *shared.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+    *shared.live.lock().unwrap_or_else(|e| e.into_inner()) = live;
+
+    let mut report = ReloadReport::default();
+    for before in old.iter() {
+        let now = merged.iter().find(|p| p.section.key == before.section.key);
+        let why = match now {
+            None => {
+                report.removed.push(before.section.label());
+                "no longer allowed"
+            }
+            Some(now) if now.section != before.section => {
+                report.changed.push(before.section.label());
+                "its entry changed: reconnect"
+            }
+            Some(_) => continue,
+        };
+        for peer in shared.peers.kick_key(&before.section.key) {
+            report.disconnected += 1;
+            info!(addr = %peer.address, remote = %peer.remote, key = %before.section.key, "disconnected: {why}");
+            shared.events.publish(
+                EventKind::Kicked,
+                peer.remote,
+                Some(peer.address),
+                why.to_string(),
+            );
+        }
+    }
+    report.added = merged
+        .iter()
+        .filter(|p| !old.iter().any(|o| o.section.key == p.section.key))
+        .map(|p| p.section.label())
+        .collect();
+
+    let (before, after) = (tun_routes(&old), tun_routes(&merged));
+    for route in after.difference(&before) {
+        if let Err(e) = helper.add_route(tun, *route).await {
+            warn!(%route, error = %e, "not routed into the tun on this host until a restart; clients still reach it through the server");
+        }
+    }
+    for route in before.difference(&after) {
+        if let Err(e) = helper.del_route(tun, *route).await {
+            warn!(%route, error = %e, "route not removed from the tun");
+        }
+    }
+
+    if shared.served_routes() != old_served {
+        report.routes_changed = true;
+        for (address, peer) in shared.peers.connected() {
+            if peer.extension && !peer.kick.is_cancelled() {
+                push_params(shared, &peer, address);
+                report.pushed += 1;
+            }
+        }
+    }
+    Ok(report)
 }

@@ -89,25 +89,42 @@ impl Bed {
         SocketAddr::from(([198, 18, i as u8 + 1, 1], 2002))
     }
 
+    /// The server's state directory (leases, bans, live peers): in the
+    /// bed's directory, made by the daemon for its user on start.
+    pub fn state_dir(&self) -> String {
+        self.path("state")
+    }
+
     /// Starts `simplevpnd server` with `extra` flags and waits until it
-    /// serves. It runs as [`USER`] unless `extra` names a `--user`, and
-    /// serves the original protocol (`--legacy`) unless `extra` gives it a
-    /// `--key`.
+    /// serves. It runs as [`USER`] unless `extra` names a `--user`, keeps
+    /// its state in [`Bed::state_dir`] unless `extra` names a `--state-dir`,
+    /// and serves the original protocol (`--legacy`) unless `extra` gives it
+    /// a `--key`.
     pub fn start_server(&self, extra: &[&str]) -> Daemon {
-        let socket = self.server_socket();
-        let mut args = vec!["server", "--network", NETWORK, "--control", &socket];
-        args.extend_from_slice(extra);
-        with_default_user(&mut args);
-        if !args.contains(&"--key") {
-            args.push("--legacy");
-        }
-        let server = self.server.spawn(SIMPLEVPND, &args);
+        let server = self.spawn_server(extra);
         assert!(
             server.wait_for_log("server ready", STARTUP),
             "server did not start:\n{}",
             server.log()
         );
         server
+    }
+
+    /// Starts `simplevpnd server` as [`Bed::start_server`] does, without
+    /// waiting for anything.
+    pub fn spawn_server(&self, extra: &[&str]) -> Daemon {
+        let socket = self.server_socket();
+        let state = self.state_dir();
+        let mut args = vec!["server", "--network", NETWORK, "--control", &socket];
+        args.extend_from_slice(extra);
+        with_default_user(&mut args);
+        if !args.contains(&"--state-dir") {
+            args.extend_from_slice(&["--state-dir", &state]);
+        }
+        if !args.contains(&"--key") {
+            args.push("--legacy");
+        }
+        self.server.spawn(SIMPLEVPND, &args)
     }
 
     /// Starts `simplevpnd client` in client namespace `i` (as [`USER`]

@@ -1,0 +1,631 @@
+//! The state store: what a server keeps across restarts. Address leases of
+//! TLS keys, bans, and the peers added at run time (`svpnctl peer add`).
+//!
+//! [`StateStore`] is the whole interface the daemon uses, so that another
+//! backend (etcd, for a cluster) can sit behind it later. The embedded
+//! default is [`SqliteStore`]: one SQLite file, `state.db` in `state_dir`,
+//! readable with the `sqlite3` tool. Its schema is versioned with
+//! `PRAGMA user_version` and migrated forward at open; every write is one
+//! transaction. A file that is not a database, or one from a newer
+//! simplevpnd, is refused at open with one line naming the file: never
+//! reset.
+//!
+//! Tables (times are Unix seconds, keys base64 as `simplevpnd pubkey`
+//! prints them, addresses and networks in their usual text form):
+//!
+//! ```text
+//! leases(key TEXT PRIMARY KEY, address TEXT UNIQUE, expires INTEGER)
+//! bans(kind TEXT 'key'|'remote', who TEXT, until INTEGER, PRIMARY KEY(kind, who))
+//! peers(key TEXT PRIMARY KEY, name TEXT UNIQUE, address TEXT UNIQUE,
+//!       routes TEXT (space-separated CIDRs), added INTEGER)
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
+
+use crate::config::PeerSection;
+use crate::keys::PublicKey;
+use crate::limits::STORE_BUSY_TIMEOUT;
+
+/// The database's file name inside `state_dir`.
+pub const STATE_FILE: &str = "state.db";
+
+/// Who a ban refuses: a TLS client by its key, an original-protocol client
+/// by its remote IP address (it has no other identity).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Banned {
+    Key(PublicKey),
+    Remote(IpAddr),
+}
+
+impl Banned {
+    /// The `kind` column of the bans table.
+    fn kind(&self) -> &'static str {
+        match self {
+            Banned::Key(_) => "key",
+            Banned::Remote(_) => "remote",
+        }
+    }
+
+    /// The `who` column of the bans table.
+    fn who(&self) -> String {
+        match self {
+            Banned::Key(key) => key.to_string(),
+            Banned::Remote(ip) => ip.to_string(),
+        }
+    }
+}
+
+/// A TLS key's claim on a tunnel address until `expires`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub key: PublicKey,
+    pub address: Ipv4Addr,
+    pub expires: SystemTime,
+}
+
+/// A ban until `until`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ban {
+    pub who: Banned,
+    pub until: SystemTime,
+}
+
+/// Why the store failed. Each is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state database {path}: {problem}")]
+    Open { path: PathBuf, problem: String },
+    #[error(
+        "state database {path}: schema version {found} is newer than this simplevpnd knows \
+         ({known}); run the newer simplevpnd, or move the file away to start afresh"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("state database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("state database {path}: table {table}: {problem}")]
+    Corrupt {
+        path: PathBuf,
+        table: &'static str,
+        problem: String,
+    },
+}
+
+/// What the server keeps across restarts. Reads return what has not
+/// expired at `now`; writes replace the row of the same key.
+pub trait StateStore: Send + Sync {
+    /// Every lease that has not expired at `now`.
+    fn leases(&self, now: SystemTime) -> Result<Vec<Lease>, StoreError>;
+    /// Stores `lease`, replacing the key's previous one and any other key's
+    /// lease of the same address.
+    fn put_lease(&self, lease: &Lease) -> Result<(), StoreError>;
+    /// Every ban still in force at `now`.
+    fn bans(&self, now: SystemTime) -> Result<Vec<Ban>, StoreError>;
+    fn put_ban(&self, ban: &Ban) -> Result<(), StoreError>;
+    /// The peers added at run time, in the order they were added.
+    fn peers(&self) -> Result<Vec<PeerSection>, StoreError>;
+    /// Stores a peer added at run time (replacing one with the same key).
+    fn put_peer(&self, peer: &PeerSection) -> Result<(), StoreError>;
+    /// Forgets a peer added at run time; false if it was not stored.
+    fn remove_peer(&self, key: &PublicKey) -> Result<bool, StoreError>;
+    /// Deletes leases and bans expired at `now`; returns how many.
+    fn expire(&self, now: SystemTime) -> Result<usize, StoreError>;
+}
+
+/// The schema, one migration per version: `MIGRATIONS[i]` takes
+/// `user_version` i to i + 1. Append; never edit a released step.
+const MIGRATIONS: &[&str] = &[
+    // 1: leases, bans, peers added at run time.
+    "CREATE TABLE leases (
+        key TEXT PRIMARY KEY NOT NULL,
+        address TEXT NOT NULL UNIQUE,
+        expires INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE bans (
+        kind TEXT NOT NULL CHECK (kind IN ('key', 'remote')),
+        who TEXT NOT NULL,
+        until INTEGER NOT NULL,
+        PRIMARY KEY (kind, who)
+    ) STRICT;
+    CREATE TABLE peers (
+        key TEXT PRIMARY KEY NOT NULL,
+        name TEXT UNIQUE,
+        address TEXT UNIQUE,
+        routes TEXT NOT NULL DEFAULT '',
+        added INTEGER NOT NULL
+    ) STRICT;",
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// The SQLite state store.
+pub struct SqliteStore {
+    path: PathBuf,
+    connection: Mutex<Connection>,
+}
+
+fn secs(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs().min(i64::MAX as u64) as i64)
+}
+
+/// Seconds rounded up: a ban or lease never ends before it should.
+fn secs_up(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| {
+        let up = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        up.min(i64::MAX as u64) as i64
+    })
+}
+
+fn time(secs: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) `dir`/state.db and migrates it to
+    /// [`SCHEMA_VERSION`]. Fails, without touching the file, if it is not a
+    /// database or has a newer schema; fails if it cannot be written.
+    pub fn open_dir(dir: &Path) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open(&dir.join(STATE_FILE))
+    }
+
+    /// Opens the database file `path` (see [`SqliteStore::open_dir`]).
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let open_err = |problem: String| StoreError::Open {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let connection = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| open_err(e.to_string()))?;
+        connection
+            .busy_timeout(STORE_BUSY_TIMEOUT)
+            .map_err(|e| open_err(e.to_string()))?;
+        // The first read of the file: a file that is not a database fails here.
+        let mode: String = connection
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+            .map_err(|e| open_err(e.to_string()))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(open_err(format!(
+                "cannot use the write-ahead log (journal mode {mode})"
+            )));
+        }
+        // WAL with NORMAL: a commit does not wait for fsync; a power cut may
+        // lose the last commits, never corrupt the file.
+        connection
+            .execute_batch("PRAGMA synchronous = NORMAL")
+            .map_err(|e| open_err(e.to_string()))?;
+        let store = SqliteStore {
+            path: path.to_path_buf(),
+            connection: Mutex::new(connection),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The schema version of the file.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        let connection = self.lock();
+        connection
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(|e| self.sqlite(e))
+    }
+
+    /// Applies the missing migrations in one write transaction; this is
+    /// also where an unwritable file is found.
+    fn migrate(&self) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let found: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+            if found > SCHEMA_VERSION {
+                return Ok(Err(StoreError::TooNew {
+                    path: self.path.clone(),
+                    found,
+                    known: SCHEMA_VERSION,
+                }));
+            }
+            for step in &MIGRATIONS[found.max(0) as usize..] {
+                tx.execute_batch(step)?;
+            }
+            tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+            Ok(Ok(()))
+        })?
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic inside a transaction rolls it back when the transaction
+        // drops: the connection is usable.
+        self.connection.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sqlite(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn corrupt(&self, table: &'static str, problem: String) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            table,
+            problem,
+        }
+    }
+
+    /// Runs `f` in one IMMEDIATE transaction (the write lock is taken at
+    /// the start, so concurrent writers wait for each other instead of
+    /// failing half-way) and commits it.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let mut connection = self.lock();
+        let tx = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.sqlite(e))?;
+        let value = f(&tx).map_err(|e| self.sqlite(e))?;
+        tx.commit().map_err(|e| self.sqlite(e))?;
+        Ok(value)
+    }
+}
+
+impl StateStore for SqliteStore {
+    fn leases(&self, now: SystemTime) -> Result<Vec<Lease>, StoreError> {
+        let connection = self.lock();
+        let rows: Vec<(String, String, i64)> = connection
+            .prepare("SELECT key, address, expires FROM leases WHERE expires > ?1 ORDER BY key")
+            .and_then(|mut stmt| {
+                stmt.query_map([secs_up(now)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect()
+            })
+            .map_err(|e| self.sqlite(e))?;
+        rows.into_iter()
+            .map(|(key, address, expires)| {
+                Ok(Lease {
+                    key: key
+                        .parse()
+                        .map_err(|e| self.corrupt("leases", format!("{e}")))?,
+                    address: address.parse().map_err(|_| {
+                        self.corrupt("leases", format!("{address:?} is no address"))
+                    })?,
+                    expires: time(expires),
+                })
+            })
+            .collect()
+    }
+
+    fn put_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        let (key, address) = (lease.key.to_string(), lease.address.to_string());
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM leases WHERE address = ?1 AND key <> ?2",
+                params![address, key],
+            )?;
+            tx.execute(
+                "INSERT INTO leases (key, address, expires) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (key) DO UPDATE SET address = excluded.address, expires = excluded.expires",
+                params![key, address, secs_up(lease.expires)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn bans(&self, now: SystemTime) -> Result<Vec<Ban>, StoreError> {
+        let connection = self.lock();
+        let rows: Vec<(String, String, i64)> = connection
+            .prepare("SELECT kind, who, until FROM bans WHERE until > ?1 ORDER BY kind, who")
+            .and_then(|mut stmt| {
+                stmt.query_map([secs_up(now)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect()
+            })
+            .map_err(|e| self.sqlite(e))?;
+        rows.into_iter()
+            .map(|(kind, who, until)| {
+                let bad = || self.corrupt("bans", format!("{kind} {who:?}"));
+                let who = match kind.as_str() {
+                    "key" => Banned::Key(who.parse().map_err(|_| bad())?),
+                    "remote" => Banned::Remote(who.parse().map_err(|_| bad())?),
+                    _ => return Err(bad()),
+                };
+                Ok(Ban {
+                    who,
+                    until: time(until),
+                })
+            })
+            .collect()
+    }
+
+    fn put_ban(&self, ban: &Ban) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO bans (kind, who, until) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (kind, who) DO UPDATE SET until = excluded.until",
+                params![ban.who.kind(), ban.who.who(), secs_up(ban.until)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn peers(&self) -> Result<Vec<PeerSection>, StoreError> {
+        type Row = (String, Option<String>, Option<String>, String);
+        let connection = self.lock();
+        let rows: Vec<Row> = connection
+            .prepare("SELECT key, name, address, routes FROM peers ORDER BY added, key")
+            .and_then(|mut stmt| {
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                    .collect()
+            })
+            .map_err(|e| self.sqlite(e))?;
+        rows.into_iter()
+            .map(|(key, name, address, routes)| {
+                let bad = |what: String| self.corrupt("peers", what);
+                Ok(PeerSection {
+                    key: key.parse().map_err(|e| bad(format!("{e}")))?,
+                    name,
+                    address: address
+                        .map(|a| a.parse().map_err(|_| bad(format!("{a:?} is no address"))))
+                        .transpose()?,
+                    routes: routes
+                        .split_whitespace()
+                        .map(|r| {
+                            r.parse::<IpNet>()
+                                .map_err(|_| bad(format!("{r:?} is no network")))
+                        })
+                        .collect::<Result<_, _>>()?,
+                })
+            })
+            .collect()
+    }
+
+    fn put_peer(&self, peer: &PeerSection) -> Result<(), StoreError> {
+        let routes: Vec<String> = peer.routes.iter().map(ToString::to_string).collect();
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO peers (key, name, address, routes, added) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (key) DO UPDATE SET name = excluded.name,
+                     address = excluded.address, routes = excluded.routes",
+                params![
+                    peer.key.to_string(),
+                    peer.name,
+                    peer.address.map(|a| a.to_string()),
+                    routes.join(" "),
+                    secs(SystemTime::now()),
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn remove_peer(&self, key: &PublicKey) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let removed = tx.execute("DELETE FROM peers WHERE key = ?1", [key.to_string()])?;
+            Ok(removed > 0)
+        })
+    }
+
+    fn expire(&self, now: SystemTime) -> Result<usize, StoreError> {
+        let now = secs_up(now);
+        self.write(|tx| {
+            let leases = tx.execute("DELETE FROM leases WHERE expires <= ?1", [now])?;
+            let bans = tx.execute("DELETE FROM bans WHERE until <= ?1", [now])?;
+            Ok(leases + bans)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("svstate-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        dir
+    }
+
+    fn key(n: u8) -> PublicKey {
+        PublicKey::from_raw(&[n; 32]).expect("key")
+    }
+
+    #[test]
+    fn an_empty_file_is_migrated_and_reopened_as_is() {
+        let dir = dir("migrate");
+        let store = SqliteStore::open_dir(&dir).expect("open");
+        assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        let lease = Lease {
+            key: key(1),
+            address: Ipv4Addr::new(198, 19, 0, 5),
+            expires: later,
+        };
+        store.put_lease(&lease).expect("lease");
+        drop(store);
+        // An existing empty file (as `touch` makes) is a new database too.
+        let touched = dir.join("touched.db");
+        std::fs::write(&touched, b"").expect("touch");
+        let fresh = SqliteStore::open(&touched).expect("open an empty file");
+        assert_eq!(fresh.schema_version().expect("version"), SCHEMA_VERSION);
+
+        let again = SqliteStore::open_dir(&dir).expect("reopen");
+        let leases = again.leases(SystemTime::now()).expect("leases");
+        assert_eq!(leases.len(), 1);
+        assert_eq!(leases[0].address, lease.address);
+        assert_eq!(leases[0].key, lease.key);
+        assert!(leases[0].expires >= later - Duration::from_secs(1));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn expired_leases_and_bans_are_not_returned_and_are_deleted() {
+        let dir = dir("expire");
+        let store = SqliteStore::open_dir(&dir).expect("open");
+        let now = SystemTime::now();
+        let (past, future) = (now - Duration::from_secs(10), now + Duration::from_secs(60));
+        for (n, expires) in [(1, past), (2, future)] {
+            store
+                .put_lease(&Lease {
+                    key: key(n),
+                    address: Ipv4Addr::new(198, 19, 0, n + 1),
+                    expires,
+                })
+                .expect("lease");
+        }
+        let remote = Banned::Remote("198.18.1.2".parse().expect("ip"));
+        store
+            .put_ban(&Ban {
+                who: remote.clone(),
+                until: past,
+            })
+            .expect("ban");
+        store
+            .put_ban(&Ban {
+                who: Banned::Key(key(3)),
+                until: future,
+            })
+            .expect("ban");
+        let leases = store.leases(now).expect("leases");
+        assert_eq!(leases.iter().map(|l| l.key).collect::<Vec<_>>(), [key(2)]);
+        let bans = store.bans(now).expect("bans");
+        assert_eq!(bans.len(), 1);
+        assert_eq!(bans[0].who, Banned::Key(key(3)));
+        // The future ones expire later.
+        assert!(store.leases(future).expect("leases").is_empty());
+        assert_eq!(store.expire(now).expect("expire"), 2);
+        assert_eq!(store.expire(future).expect("expire"), 2);
+        assert!(store.bans(past).expect("bans").is_empty());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn an_address_is_leased_to_one_key_at_a_time() {
+        let dir = dir("onekey");
+        let store = SqliteStore::open_dir(&dir).expect("open");
+        let later = SystemTime::now() + Duration::from_secs(60);
+        let address = Ipv4Addr::new(198, 19, 0, 9);
+        for n in [1, 2] {
+            store
+                .put_lease(&Lease {
+                    key: key(n),
+                    address,
+                    expires: later,
+                })
+                .expect("lease");
+        }
+        let leases = store.leases(SystemTime::now()).expect("leases");
+        assert_eq!(leases.len(), 1);
+        assert_eq!(leases[0].key, key(2));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn peers_added_live_round_trip() {
+        let dir = dir("peers");
+        let store = SqliteStore::open_dir(&dir).expect("open");
+        let peer = PeerSection {
+            key: key(7),
+            name: Some("laptop".into()),
+            address: Some(Ipv4Addr::new(198, 19, 0, 70)),
+            routes: vec!["198.18.201.0/24".parse().expect("net")],
+        };
+        store.put_peer(&peer).expect("put");
+        let bare = PeerSection {
+            key: key(8),
+            name: None,
+            address: None,
+            routes: Vec::new(),
+        };
+        store.put_peer(&bare).expect("put");
+        assert_eq!(store.peers().expect("peers"), vec![peer.clone(), bare]);
+        assert!(store.remove_peer(&key(8)).expect("remove"));
+        assert!(!store.remove_peer(&key(8)).expect("remove again"));
+        assert_eq!(store.peers().expect("peers"), vec![peer]);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn concurrent_writers_all_land() {
+        let dir = dir("concurrent");
+        let path = dir.join(STATE_FILE);
+        SqliteStore::open(&path).expect("create");
+        let later = SystemTime::now() + Duration::from_secs(60);
+        let writers: Vec<_> = (0..4u8)
+            .map(|w| {
+                // A connection each, as two processes would have.
+                let store = Arc::new(SqliteStore::open(&path).expect("open"));
+                std::thread::spawn(move || {
+                    for i in 0..25u8 {
+                        let n = w * 25 + i;
+                        store
+                            .put_lease(&Lease {
+                                key: key(n),
+                                address: Ipv4Addr::new(198, 19, 1, n),
+                                expires: later,
+                            })
+                            .expect("write under contention");
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().expect("writer");
+        }
+        let store = SqliteStore::open(&path).expect("open");
+        assert_eq!(store.leases(SystemTime::now()).expect("leases").len(), 100);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_corrupt_or_newer_file_is_refused_and_left_alone() {
+        let dir = dir("corrupt");
+        let path = dir.join(STATE_FILE);
+        let garbage = b"this is not a database, but it is long enough to look like one ".repeat(20);
+        std::fs::write(&path, &garbage).expect("write");
+        let err = SqliteStore::open(&path).err().expect("refused").to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("not a database"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            garbage,
+            "left as it was"
+        );
+
+        let newer = dir.join("newer.db");
+        {
+            let store = SqliteStore::open(&newer).expect("open");
+            store
+                .write(|tx| tx.execute_batch("PRAGMA user_version = 99"))
+                .expect("bump");
+        }
+        let err = SqliteStore::open(&newer)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("schema version 99 is newer"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
