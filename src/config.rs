@@ -2,7 +2,7 @@
 //! settings each role runs with. Flags override the file; the file overrides
 //! the defaults. Every error names the field and the problem in one line.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::keys::PublicKey;
 use crate::limits::{FRAME_RANGE, MAX_IFNAME_LEN, MAX_MTU, MIN_MTU, TUNNEL_PREFIX};
+use crate::params::{valid_domain, MAX_DNS, MAX_DNS_SEARCH, MAX_DOMAIN_LEN};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/simplevpn/simplevpnd.toml";
 pub const DEFAULT_PORT: u16 = 2002;
@@ -138,6 +139,19 @@ pub struct ServerSection {
     pub max_unauthenticated: Option<usize>,
     /// Networks reachable through the server, pushed to extension clients.
     pub routes: Option<Vec<IpNet>>,
+    /// Offer this server as the default gateway to extension clients (full
+    /// tunnel).
+    pub gateway: Option<bool>,
+    /// NAT the tunnel network's traffic that leaves by any interface but the
+    /// tun (an nftables table of the helper's own).
+    pub masquerade: Option<bool>,
+    /// Let the helper turn on IPv4 forwarding (net.ipv4.ip_forward) if it
+    /// is off; otherwise it only says how.
+    pub forwarding: Option<bool>,
+    /// DNS servers pushed to extension clients.
+    pub dns: Option<Vec<IpAddr>>,
+    /// DNS search domains pushed to extension clients.
+    pub dns_search: Option<Vec<String>>,
 }
 
 /// `[[server.peer]]`: a TLS client that may join.
@@ -194,6 +208,27 @@ pub struct ClientSection {
     /// absent: every pushed route but a default route and one that covers
     /// the server's own address.
     pub accept_routes: Option<Vec<IpNet>>,
+    /// Accept the default route when the server offers one: all traffic
+    /// goes through the tunnel.
+    pub full_tunnel: Option<bool>,
+    /// With full tunnel: remove the tunnel's routes while the link is down
+    /// (traffic then takes the open network) instead of keeping them
+    /// (kill switch, the default).
+    pub fail_open: Option<bool>,
+    /// What to do with pushed DNS settings.
+    pub dns: Option<DnsMode>,
+}
+
+/// What a client does with the DNS servers and search domains the server
+/// pushes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsMode {
+    /// Set them on the tun through systemd-resolved.
+    #[default]
+    Pushed,
+    /// Ignore them.
+    Off,
 }
 
 /// What the server runs with.
@@ -217,6 +252,16 @@ pub struct ServerConfig {
     pub max_unauthenticated: usize,
     /// Networks reachable through the server (its host routes them on).
     pub routes: Vec<IpNet>,
+    /// Offered as the default gateway to extension clients.
+    pub gateway: bool,
+    /// NAT for the tunnel network (see [`ServerSection::masquerade`]).
+    pub masquerade: bool,
+    /// The helper may turn IPv4 forwarding on.
+    pub forwarding: bool,
+    /// Pushed DNS servers.
+    pub dns: Vec<IpAddr>,
+    /// Pushed DNS search domains.
+    pub dns_search: Vec<String>,
 }
 
 impl ServerConfig {
@@ -267,6 +312,12 @@ pub struct ClientConfig {
     pub tls: Option<(PathBuf, PublicKey)>,
     /// Which pushed routes are installed (see [`ClientSection::accept_routes`]).
     pub accept_routes: Option<Vec<IpNet>>,
+    /// Accept the server's default route.
+    pub full_tunnel: bool,
+    /// Full tunnel without the kill switch.
+    pub fail_open: bool,
+    /// What to do with pushed DNS settings.
+    pub dns: DnsMode,
 }
 
 impl ConfigFile {
@@ -336,6 +387,11 @@ impl ServerSection {
             },
             max_unauthenticated: flags.max_unauthenticated.or(self.max_unauthenticated),
             routes: flags.routes.or(self.routes),
+            gateway: flags.gateway.or(self.gateway),
+            masquerade: flags.masquerade.or(self.masquerade),
+            forwarding: flags.forwarding.or(self.forwarding),
+            dns: flags.dns.or(self.dns),
+            dns_search: flags.dns_search.or(self.dns_search),
         }
     }
 
@@ -349,6 +405,10 @@ impl ServerSection {
         let mtu = mtu(self.mtu, max_frame)?;
         let peers = peers(self.peer.unwrap_or_default(), network, self.key.is_some())?;
         let routes = server_routes(self.routes.unwrap_or_default(), network, &peers)?;
+        let (dns, dns_search) = dns(
+            self.dns.unwrap_or_default(),
+            self.dns_search.unwrap_or_default(),
+        )?;
         Ok(ServerConfig {
             listen: self
                 .listen
@@ -371,6 +431,11 @@ impl ServerSection {
             legacy: legacy(self.legacy, self.legacy_allow, self.key.is_some())?,
             peers,
             routes,
+            gateway: self.gateway.unwrap_or(false),
+            masquerade: self.masquerade.unwrap_or(false),
+            forwarding: self.forwarding.unwrap_or(false),
+            dns,
+            dns_search,
             key: self.key,
             max_unauthenticated: match self
                 .max_unauthenticated
@@ -497,6 +562,43 @@ fn check_route(field: &str, route: IpNet, network: Ipv4Net) -> Result<(), Config
     Err(ConfigError::new(field, problem))
 }
 
+/// The pushed DNS settings, checked against the limits of the session
+/// parameters: at most [`MAX_DNS`] unicast servers, at most
+/// [`MAX_DNS_SEARCH`] valid domains.
+fn dns(
+    servers: Vec<IpAddr>,
+    search: Vec<String>,
+) -> Result<(Vec<IpAddr>, Vec<String>), ConfigError> {
+    if servers.len() > MAX_DNS {
+        return Err(ConfigError::new(
+            "dns",
+            format!("{} servers: at most {MAX_DNS}", servers.len()),
+        ));
+    }
+    if let Some(bad) = servers
+        .iter()
+        .find(|s| s.is_unspecified() || s.is_multicast() || s == &&IpAddr::V4(Ipv4Addr::BROADCAST))
+    {
+        return Err(ConfigError::new(
+            "dns",
+            format!("{bad} is not a unicast address"),
+        ));
+    }
+    if search.len() > MAX_DNS_SEARCH {
+        return Err(ConfigError::new(
+            "dns_search",
+            format!("{} domains: at most {MAX_DNS_SEARCH}", search.len()),
+        ));
+    }
+    if let Some(bad) = search.iter().find(|d| !valid_domain(d.as_bytes())) {
+        return Err(ConfigError::new(
+            "dns_search",
+            format!("{bad:?} is not 1 to {MAX_DOMAIN_LEN} ASCII letters, digits, '-' and '.'"),
+        ));
+    }
+    Ok((servers, search))
+}
+
 /// The server's own routes, checked, and apart from every peer's.
 fn server_routes(
     routes: Vec<IpNet>,
@@ -550,6 +652,9 @@ impl ClientSection {
             key: flags.key.or(self.key),
             server_key: flags.server_key.or(self.server_key),
             accept_routes: flags.accept_routes.or(self.accept_routes),
+            full_tunnel: flags.full_tunnel.or(self.full_tunnel),
+            fail_open: flags.fail_open.or(self.fail_open),
+            dns: flags.dns.or(self.dns),
         }
     }
 
@@ -597,8 +702,18 @@ impl ClientSection {
                 format!("{route} has host bits set: write {}", route.trunc()),
             ));
         }
+        let full_tunnel = self.full_tunnel.unwrap_or(false);
+        if self.fail_open == Some(true) && !full_tunnel {
+            return Err(ConfigError::new(
+                "fail_open",
+                "set, but full_tunnel is off: it only changes what a full tunnel does on link loss",
+            ));
+        }
         Ok(ClientConfig {
             accept_routes: self.accept_routes,
+            full_tunnel,
+            fail_open: self.fail_open.unwrap_or(false),
+            dns: self.dns.unwrap_or_default(),
             server,
             address: self.address,
             tun: tun_name(self.tun)?,

@@ -215,6 +215,7 @@ fn status_json(s: &proto::StatusReply) -> Value {
         "tun": s.tun,
         "address": s.address,
         "routes": s.routes,
+        "host_changes": s.host_changes,
     });
     let extra = match s.role() {
         proto::Role::Server => json!({
@@ -252,6 +253,11 @@ fn status_text(s: &proto::StatusReply, now: SystemTime) -> String {
         ("address", or_dash(&s.address)),
         ("routes", list_or_dash(&s.routes)),
     ];
+    // One line each: the phrases are long.
+    match s.host_changes.as_slice() {
+        [] => pairs.push(("host changes", "-".to_string())),
+        changes => pairs.extend(changes.iter().map(|c| ("host change", c.clone()))),
+    }
     if s.role() == proto::Role::Server {
         pairs.extend([
             ("listen", s.listen.clone()),

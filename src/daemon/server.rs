@@ -44,8 +44,9 @@ use crate::connection::{write_frames, FrameReader, ReadError};
 use crate::daemon::tun::AsyncTun;
 use crate::keys::NodeKey;
 use crate::pool::server_address;
+use crate::privsep::protocol::Forwarding;
 use crate::proto;
-use crate::session::server::{pushed_params, Action, DropReason, Ending, ServerSession};
+use crate::session::server::{pushed_params, Action, DropReason, Ending, Offer, ServerSession};
 use crate::wire::{ipv4_addresses, Control, Decoder, Frame};
 
 /// Room kept in the tun reader's buffer: a whole maximum-size packet.
@@ -67,6 +68,10 @@ struct Shared {
     gate: Gate,
     /// Permits for connections that have not been granted an address yet.
     unauthenticated: Arc<Semaphore>,
+    /// What extension clients are offered besides their address and routes.
+    offer: Offer,
+    /// What the helper changed on the host beyond the tun.
+    host_changes: Vec<String>,
 }
 
 impl Shared {
@@ -106,6 +111,7 @@ pub async fn run(
             helper.add_route(tun.index, *route).await?;
         }
     }
+    let host_changes = beyond_the_tun(&config, helper, tun.index, &tun.name).await?;
     let tun_name = tun.name.clone();
     let tun = Arc::new(AsyncTun::new(tun.fd)?);
 
@@ -123,6 +129,12 @@ pub async fn run(
         tun_name: tun_name.clone(),
         gate,
         unauthenticated: Arc::new(Semaphore::new(config.max_unauthenticated)),
+        offer: Offer {
+            dns: config.dns.clone(),
+            dns_search: config.dns_search.clone(),
+            gateway: config.gateway,
+        },
+        host_changes,
         config,
     });
     info!(
@@ -133,6 +145,8 @@ pub async fn run(
         tls = %key.as_ref().map_or("off".to_string(), |k| format!("key {}", k.public())),
         tls_peers = shared.config.peers.len(),
         legacy = ?shared.config.legacy,
+        gateway = shared.config.gateway,
+        masquerade = shared.config.masquerade,
         "server ready"
     );
 
@@ -379,6 +393,34 @@ async fn connection(
     }
 }
 
+/// A gateway's setup beyond the tun: the NAT table (`masquerade`) and the
+/// forwarding check. Returns what was changed on the host.
+async fn beyond_the_tun(
+    config: &ServerConfig,
+    helper: &Helper,
+    index: u32,
+    tun: &str,
+) -> Result<Vec<String>, DaemonError> {
+    let mut changes = Vec::new();
+    if config.masquerade {
+        changes.extend(helper.masquerade(index).await?);
+    }
+    if config.masquerade || config.gateway || !config.routes.is_empty() {
+        match helper.check_forwarding().await? {
+            Forwarding::On => {}
+            Forwarding::TurnedOn => {
+                changes.push("net.ipv4.ip_forward turned on (it stays on)".to_string())
+            }
+            Forwarding::Off => warn!(
+                tun,
+                "IPv4 forwarding is off, so clients' traffic does not leave this host: \
+                 turn it on with `sysctl -w net.ipv4.ip_forward=1`, or set forwarding = true"
+            ),
+        }
+    }
+    Ok(changes)
+}
+
 /// Queues a control message to a client; dropped if its queue is full.
 fn send(peer: &Peer, control: Control) {
     if peer
@@ -401,6 +443,7 @@ fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr) {
         config.network,
         config.served_routes(),
         &peer.routes,
+        &shared.offer,
     );
     match params.encode() {
         Ok(frame) => {
@@ -485,6 +528,7 @@ impl Node for Shared {
             free_addresses: self.peers.free_count(),
             dropped_to_tun: self.dropped_to_tun.load(Ordering::Relaxed),
             routes: self.config.served_routes().map(|r| r.to_string()).collect(),
+            host_changes: self.host_changes.clone(),
             ..Default::default()
         }
     }
