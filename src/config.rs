@@ -1131,4 +1131,53 @@ mod tests {
             Err("server".to_string())
         );
     }
+
+    #[test]
+    fn full_tunnel_settings_are_checked() {
+        let client = |text: &str| {
+            parse(&format!("[client]\nserver = \"198.18.1.1\"\n{text}"))
+                .expect("parses")
+                .client
+                .expect("client")
+                .resolve()
+        };
+        let config = client("full_tunnel = true\nfail_open = true\ndns = \"off\"\n").expect("ok");
+        assert!(config.full_tunnel && config.fail_open);
+        assert_eq!(config.dns, DnsMode::Off);
+        let config = client("").expect("defaults");
+        assert!(!config.full_tunnel && !config.fail_open);
+        assert_eq!(config.dns, DnsMode::Pushed);
+        assert_eq!(
+            client("fail_open = true\n").expect_err("alone").field,
+            "fail_open"
+        );
+        assert!(parse("[client]\ndns = \"maybe\"\n").is_err());
+
+        let server = |dns: Vec<&str>, search: Vec<&str>| {
+            ServerSection {
+                legacy: Some(true),
+                gateway: Some(true),
+                dns: Some(dns.iter().map(|d| d.parse().expect("ip")).collect()),
+                dns_search: Some(search.iter().map(|d| d.to_string()).collect()),
+                ..Default::default()
+            }
+            .resolve()
+        };
+        let config = server(vec!["10.0.0.1"], vec!["vpn.example"]).expect("ok");
+        assert!(config.gateway && !config.masquerade);
+        assert_eq!(
+            server(vec!["224.0.0.1"], vec![])
+                .expect_err("multicast")
+                .field,
+            "dns"
+        );
+        assert_eq!(
+            server(vec![], vec!["not a domain"])
+                .expect_err("domain")
+                .field,
+            "dns_search"
+        );
+        let many = vec!["10.0.0.1"; MAX_DNS + 1];
+        assert_eq!(server(many, vec![]).expect_err("too many").field, "dns");
+    }
 }

@@ -35,7 +35,7 @@ use tracing::{debug, info, info_span, warn, Instrument, Span};
 use super::control::{self, KickError, Node};
 use super::events::{EventKind, Events, PeerEvent};
 use super::gate::{Admitted, Gate, Rejection};
-use super::helper::Helper;
+use super::helper::{Helper, HelperError};
 use super::notify;
 use super::peers::{Banned, Delivery, Peer, PeerInfo, PeerTable};
 use super::{ControlOptions, DaemonError};
@@ -406,12 +406,20 @@ async fn beyond_the_tun(
         changes.extend(helper.masquerade(index).await?);
     }
     if config.masquerade || config.gateway || !config.routes.is_empty() {
-        match helper.check_forwarding().await? {
-            Forwarding::On => {}
-            Forwarding::TurnedOn => {
+        match helper.check_forwarding().await {
+            Ok(Forwarding::On) => {}
+            // E.g. /proc/sys read-only (the unit's ProtectKernelTunables=).
+            Err(HelperError::Failed { reason, .. }) => warn!(
+                tun,
+                %reason,
+                "IPv4 forwarding could not be checked or turned on: turn it on with \
+                 `sysctl -w net.ipv4.ip_forward=1` (and in /etc/sysctl.d to keep it)"
+            ),
+            Err(e) => return Err(e.into()),
+            Ok(Forwarding::TurnedOn) => {
                 changes.push("net.ipv4.ip_forward turned on (it stays on)".to_string())
             }
-            Forwarding::Off => warn!(
+            Ok(Forwarding::Off) => warn!(
                 tun,
                 "IPv4 forwarding is off, so clients' traffic does not leave this host: \
                  turn it on with `sysctl -w net.ipv4.ip_forward=1`, or set forwarding = true"

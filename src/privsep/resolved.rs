@@ -58,12 +58,12 @@ pub enum ResolvedError {
     #[error("ifindex {0} does not fit D-Bus's int32")]
     Index(u32),
     #[error("no D-Bus system bus: {0}")]
-    NoBus(#[source] zbus::Error),
+    NoBus(#[source] Box<zbus::Error>),
     #[error("systemd-resolved: {method}: {source}")]
     Call {
         method: &'static str,
         #[source]
-        source: zbus::Error,
+        source: Box<zbus::Error>,
     },
     #[error("systemd-resolved did not answer within {}s", TIMEOUT.as_secs())]
     Timeout,
@@ -116,13 +116,13 @@ pub async fn apply(calls: &[Call]) -> Result<(), ResolvedError> {
     tokio::time::timeout(TIMEOUT, async {
         let bus = zbus::Connection::system()
             .await
-            .map_err(ResolvedError::NoBus)?;
+            .map_err(|e| ResolvedError::NoBus(Box::new(e)))?;
         for call in calls {
             send(&bus, call)
                 .await
                 .map_err(|source| ResolvedError::Call {
                     method: call.method(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         Ok(())
