@@ -2,7 +2,7 @@
 //! settings each role runs with. Flags override the file; the file overrides
 //! the defaults. Every error names the field and the problem in one line.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use crate::keys::PublicKey;
 use crate::limits::{
     FRAME_RANGE, MAX_IFNAME_LEN, MAX_MTU, MAX_PEER_NAME_LEN, MIN_MTU, TUNNEL_PREFIX,
 };
+use crate::params::{valid_domain, MAX_DNS, MAX_DNS_SEARCH, MAX_DOMAIN_LEN};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/simplevpn/simplevpnd.toml";
 pub const DEFAULT_PORT: u16 = 2002;
@@ -185,6 +186,19 @@ pub struct ServerSection {
     /// Where /metrics is served: `[metrics] listen` in the file, or --metrics.
     #[serde(skip)]
     pub metrics: Option<SocketAddr>,
+    /// Offer this server as the default gateway to extension clients (full
+    /// tunnel).
+    pub gateway: Option<bool>,
+    /// NAT the tunnel network's traffic that leaves by any interface but the
+    /// tun (an nftables table of the helper's own).
+    pub masquerade: Option<bool>,
+    /// Let the helper turn on IPv4 forwarding (net.ipv4.ip_forward) if it
+    /// is off; otherwise it only says how.
+    pub forwarding: Option<bool>,
+    /// DNS servers pushed to extension clients.
+    pub dns: Option<Vec<IpAddr>>,
+    /// DNS search domains pushed to extension clients.
+    pub dns_search: Option<Vec<String>>,
 }
 
 /// `[[server.peer]]`: a TLS client that may join.
@@ -241,6 +255,27 @@ pub struct ClientSection {
     /// absent: every pushed route but a default route and one that covers
     /// the server's own address.
     pub accept_routes: Option<Vec<IpNet>>,
+    /// Accept the default route when the server offers one: all traffic
+    /// goes through the tunnel.
+    pub full_tunnel: Option<bool>,
+    /// With full tunnel: remove the tunnel's routes while the link is down
+    /// (traffic then takes the open network) instead of keeping them
+    /// (kill switch, the default).
+    pub fail_open: Option<bool>,
+    /// What to do with pushed DNS settings.
+    pub dns: Option<DnsMode>,
+}
+
+/// What a client does with the DNS servers and search domains the server
+/// pushes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsMode {
+    /// Set them on the tun through systemd-resolved.
+    #[default]
+    Pushed,
+    /// Ignore them.
+    Off,
 }
 
 /// What the server runs with.
@@ -275,6 +310,16 @@ pub struct ServerConfig {
     pub lease_time: Duration,
     /// Where /metrics is served, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Offered as the default gateway to extension clients.
+    pub gateway: bool,
+    /// NAT for the tunnel network (see [`ServerSection::masquerade`]).
+    pub masquerade: bool,
+    /// The helper may turn IPv4 forwarding on.
+    pub forwarding: bool,
+    /// Pushed DNS servers.
+    pub dns: Vec<IpAddr>,
+    /// Pushed DNS search domains.
+    pub dns_search: Vec<String>,
 }
 
 impl ServerConfig {
@@ -359,6 +404,12 @@ pub struct ClientConfig {
     pub tls: Option<(PathBuf, PublicKey)>,
     /// Which pushed routes are installed (see [`ClientSection::accept_routes`]).
     pub accept_routes: Option<Vec<IpNet>>,
+    /// Accept the server's default route.
+    pub full_tunnel: bool,
+    /// Full tunnel without the kill switch.
+    pub fail_open: bool,
+    /// What to do with pushed DNS settings.
+    pub dns: DnsMode,
 }
 
 impl ConfigFile {
@@ -468,6 +519,11 @@ impl ServerSection {
             state_dir: flags.state_dir.or(self.state_dir),
             lease_time: flags.lease_time.or(self.lease_time),
             metrics: flags.metrics.or(self.metrics),
+            gateway: flags.gateway.or(self.gateway),
+            masquerade: flags.masquerade.or(self.masquerade),
+            forwarding: flags.forwarding.or(self.forwarding),
+            dns: flags.dns.or(self.dns),
+            dns_search: flags.dns_search.or(self.dns_search),
         }
     }
 
@@ -509,6 +565,10 @@ impl ServerSection {
             }
             t => t,
         };
+        let (dns, dns_search) = dns(
+            self.dns.unwrap_or_default(),
+            self.dns_search.unwrap_or_default(),
+        )?;
         Ok(ServerConfig {
             listen: self
                 .listen
@@ -551,6 +611,11 @@ impl ServerSection {
             legacy: legacy(self.legacy, self.legacy_allow, self.key.is_some())?,
             peers,
             routes,
+            gateway: self.gateway.unwrap_or(false),
+            masquerade: self.masquerade.unwrap_or(false),
+            forwarding: self.forwarding.unwrap_or(false),
+            dns,
+            dns_search,
             key: self.key,
             state_dir: match self.state_dir {
                 Some(dir) if dir.as_os_str().is_empty() => {
@@ -739,6 +804,43 @@ fn check_route(field: &str, route: IpNet, network: Ipv4Net) -> Result<(), Config
     Err(ConfigError::new(field, problem))
 }
 
+/// The pushed DNS settings, checked against the limits of the session
+/// parameters: at most [`MAX_DNS`] unicast servers, at most
+/// [`MAX_DNS_SEARCH`] valid domains.
+fn dns(
+    servers: Vec<IpAddr>,
+    search: Vec<String>,
+) -> Result<(Vec<IpAddr>, Vec<String>), ConfigError> {
+    if servers.len() > MAX_DNS {
+        return Err(ConfigError::new(
+            "dns",
+            format!("{} servers: at most {MAX_DNS}", servers.len()),
+        ));
+    }
+    if let Some(bad) = servers
+        .iter()
+        .find(|s| s.is_unspecified() || s.is_multicast() || s == &&IpAddr::V4(Ipv4Addr::BROADCAST))
+    {
+        return Err(ConfigError::new(
+            "dns",
+            format!("{bad} is not a unicast address"),
+        ));
+    }
+    if search.len() > MAX_DNS_SEARCH {
+        return Err(ConfigError::new(
+            "dns_search",
+            format!("{} domains: at most {MAX_DNS_SEARCH}", search.len()),
+        ));
+    }
+    if let Some(bad) = search.iter().find(|d| !valid_domain(d.as_bytes())) {
+        return Err(ConfigError::new(
+            "dns_search",
+            format!("{bad:?} is not 1 to {MAX_DOMAIN_LEN} ASCII letters, digits, '-' and '.'"),
+        ));
+    }
+    Ok((servers, search))
+}
+
 /// The server's own routes, checked, and apart from every peer's.
 fn server_routes(
     routes: Vec<IpNet>,
@@ -792,6 +894,9 @@ impl ClientSection {
             key: flags.key.or(self.key),
             server_key: flags.server_key.or(self.server_key),
             accept_routes: flags.accept_routes.or(self.accept_routes),
+            full_tunnel: flags.full_tunnel.or(self.full_tunnel),
+            fail_open: flags.fail_open.or(self.fail_open),
+            dns: flags.dns.or(self.dns),
         }
     }
 
@@ -839,8 +944,18 @@ impl ClientSection {
                 format!("{route} has host bits set: write {}", route.trunc()),
             ));
         }
+        let full_tunnel = self.full_tunnel.unwrap_or(false);
+        if self.fail_open == Some(true) && !full_tunnel {
+            return Err(ConfigError::new(
+                "fail_open",
+                "set, but full_tunnel is off: it only changes what a full tunnel does on link loss",
+            ));
+        }
         Ok(ClientConfig {
             accept_routes: self.accept_routes,
+            full_tunnel,
+            fail_open: self.fail_open.unwrap_or(false),
+            dns: self.dns.unwrap_or_default(),
             server,
             address: self.address,
             tun: tun_name(self.tun)?,
@@ -1290,5 +1405,54 @@ mod tests {
             ClientSection::default().resolve().map_err(|e| e.field),
             Err("server".to_string())
         );
+    }
+
+    #[test]
+    fn full_tunnel_settings_are_checked() {
+        let client = |text: &str| {
+            parse(&format!("[client]\nserver = \"198.18.1.1\"\n{text}"))
+                .expect("parses")
+                .client
+                .expect("client")
+                .resolve()
+        };
+        let config = client("full_tunnel = true\nfail_open = true\ndns = \"off\"\n").expect("ok");
+        assert!(config.full_tunnel && config.fail_open);
+        assert_eq!(config.dns, DnsMode::Off);
+        let config = client("").expect("defaults");
+        assert!(!config.full_tunnel && !config.fail_open);
+        assert_eq!(config.dns, DnsMode::Pushed);
+        assert_eq!(
+            client("fail_open = true\n").expect_err("alone").field,
+            "fail_open"
+        );
+        assert!(parse("[client]\ndns = \"maybe\"\n").is_err());
+
+        let server = |dns: Vec<&str>, search: Vec<&str>| {
+            ServerSection {
+                legacy: Some(true),
+                gateway: Some(true),
+                dns: Some(dns.iter().map(|d| d.parse().expect("ip")).collect()),
+                dns_search: Some(search.iter().map(|d| d.to_string()).collect()),
+                ..Default::default()
+            }
+            .resolve()
+        };
+        let config = server(vec!["10.0.0.1"], vec!["vpn.example"]).expect("ok");
+        assert!(config.gateway && !config.masquerade);
+        assert_eq!(
+            server(vec!["224.0.0.1"], vec![])
+                .expect_err("multicast")
+                .field,
+            "dns"
+        );
+        assert_eq!(
+            server(vec![], vec!["not a domain"])
+                .expect_err("domain")
+                .field,
+            "dns_search"
+        );
+        let many = vec!["10.0.0.1"; MAX_DNS + 1];
+        assert_eq!(server(many, vec![]).expect_err("too many").field, "dns");
     }
 }

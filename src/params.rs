@@ -363,7 +363,7 @@ fn put_entry(out: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
 }
 
 /// A DNS_SEARCH value: 1..=253 ASCII letters, digits, '-' and '.'.
-fn valid_domain(value: &[u8]) -> bool {
+pub fn valid_domain(value: &[u8]) -> bool {
     (1..=MAX_DOMAIN_LEN).contains(&value.len())
         && value
             .iter()

@@ -315,6 +315,18 @@ fn the_real_helper_refuses_what_its_policy_does_not_allow() {
         },
         HelperRequest::SetMtu { index, mtu: 9000 },
         HelperRequest::LinkUp { index: lo },
+        // Started without --masquerade: no NAT; a server: no client's grants.
+        HelperRequest::Masquerade { index },
+        HelperRequest::FullTunnel {
+            index,
+            server: Ipv4Addr::new(198, 18, 1, 1),
+        },
+        HelperRequest::SetDns {
+            index,
+            servers: vec![SERVER_TUNNEL.into()],
+            domains: Vec::new(),
+            default_route: true,
+        },
     ];
     for request in &refused {
         let (answer, fd) = ask(&socket, request);

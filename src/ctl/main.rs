@@ -299,6 +299,7 @@ fn status_json(s: &proto::StatusReply) -> Value {
         "tun_state": s.tun_state,
         "address": s.address,
         "routes": s.routes,
+        "host_changes": s.host_changes,
     });
     let extra = match s.role() {
         proto::Role::Server => json!({
@@ -340,6 +341,11 @@ fn status_text(s: &proto::StatusReply, now: SystemTime) -> String {
         ("address", or_dash(&s.address)),
         ("routes", list_or_dash(&s.routes)),
     ];
+    // One line each: the phrases are long.
+    match s.host_changes.as_slice() {
+        [] => pairs.push(("host changes", "-".to_string())),
+        changes => pairs.extend(changes.iter().map(|c| ("host change", c.clone()))),
+    }
     if s.role() == proto::Role::Server {
         pairs.extend([
             ("listen", s.listen.clone()),

@@ -1,6 +1,6 @@
 //! The command line of simplevpnd.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -8,7 +8,7 @@ use ipnet::{IpNet, Ipv4Net};
 
 use super::{Role, Settings};
 use crate::config::{
-    config_file, server_settings, ClientSection, ConfigError, PeerSection, ServerSection,
+    config_file, server_settings, ClientSection, ConfigError, DnsMode, PeerSection, ServerSection,
     ServerSource,
 };
 use crate::keys::PublicKey;
@@ -114,6 +114,21 @@ pub struct ServerArgs {
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off]
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
+    /// Offer this server as the default gateway to TLS clients (full tunnel)
+    #[arg(long)]
+    pub gateway: bool,
+    /// NAT the tunnel network's traffic that leaves by any other interface (nftables)
+    #[arg(long)]
+    pub masquerade: bool,
+    /// Let the helper turn on IPv4 forwarding if it is off (otherwise it only says how)
+    #[arg(long)]
+    pub forwarding: bool,
+    /// A DNS server pushed to TLS clients (repeat for more)
+    #[arg(long = "dns", value_name = "IP")]
+    pub dns: Vec<IpAddr>,
+    /// A DNS search domain pushed to TLS clients (repeat for more)
+    #[arg(long = "dns-search", value_name = "DOMAIN")]
+    pub dns_search: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -138,6 +153,15 @@ pub struct ClientArgs {
     /// Install only pushed routes inside this network (repeat for more) [default: every pushed route but a default route]
     #[arg(long = "accept-route", value_name = "CIDR")]
     pub accept_routes: Vec<IpNet>,
+    /// Accept the server's default route: all traffic through the tunnel
+    #[arg(long)]
+    pub full_tunnel: bool,
+    /// With --full-tunnel: drop the tunnel's routes while the link is down (no kill switch)
+    #[arg(long)]
+    pub fail_open: bool,
+    /// Pushed DNS servers and search domains: set them on the tun (systemd-resolved) or ignore them [default: pushed]
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub dns: Option<DnsMode>,
 }
 
 impl From<ServerArgs> for ServerSection {
@@ -166,6 +190,11 @@ impl From<ServerArgs> for ServerSection {
             routes: (!args.routes.is_empty()).then_some(args.routes),
             state_dir: args.state_dir,
             metrics: args.metrics,
+            gateway: args.gateway.then_some(true),
+            masquerade: args.masquerade.then_some(true),
+            forwarding: args.forwarding.then_some(true),
+            dns: (!args.dns.is_empty()).then_some(args.dns),
+            dns_search: (!args.dns_search.is_empty()).then_some(args.dns_search),
             ..ServerSection::default()
         }
     }
@@ -183,6 +212,9 @@ impl From<ClientArgs> for ClientSection {
             key: args.key,
             server_key: args.server_key,
             accept_routes: (!args.accept_routes.is_empty()).then_some(args.accept_routes),
+            full_tunnel: args.full_tunnel.then_some(true),
+            fail_open: args.fail_open.then_some(true),
+            dns: args.dns,
             ..ClientSection::default()
         }
     }

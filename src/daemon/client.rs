@@ -31,7 +31,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, info_span, warn, Instrument, Span};
+use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 use super::control::{self, KickError, Node};
 use super::dialer::{Dialed, Dialer};
@@ -100,6 +100,10 @@ struct Link {
     stats: Option<Arc<PeerStats>>,
     /// The pushed routes installed on the tun.
     routes: Vec<ipnet::Ipv4Net>,
+    /// What the full tunnel changed on the host.
+    full_tunnel: Vec<String>,
+    /// The DNS settings on the tun.
+    dns: Vec<String>,
 }
 
 impl ClientState {
@@ -159,6 +163,7 @@ impl Node for ClientState {
             server: self.server.clone(),
             link_state: proto::LinkState::of(link.state).into(),
             routes: link.routes.iter().map(ToString::to_string).collect(),
+            host_changes: link.full_tunnel.iter().chain(&link.dns).cloned().collect(),
             server_peer: self.server_peer().as_ref().map(proto::Peer::from),
             ..Default::default()
         }
@@ -236,6 +241,7 @@ pub async fn run(
         tunnel,
         state,
         shutdown: shutdown.clone(),
+        dns_warned: false,
     };
     let device = client.tunnel.device.clone();
     let tun_failure = tokio::select! {
@@ -270,6 +276,8 @@ struct Client {
     state: Arc<ClientState>,
     rules: ClientSession,
     shutdown: CancellationToken,
+    /// Whether a DNS failure was logged already.
+    dns_warned: bool,
 }
 
 /// One connection's I/O, for carrying out actions.
@@ -479,6 +487,54 @@ impl Client {
             }
             Action::RouteRefused(route, reason) => {
                 warn!(%route, %reason, "pushed route not installed");
+            }
+            Action::FullTunnel(server) => {
+                match self
+                    .tunnel
+                    .helper
+                    .full_tunnel(self.tunnel.index, server)
+                    .await
+                {
+                    Ok(changes) => {
+                        info!(%server, "full tunnel: all traffic but the tunnel's own goes through the server");
+                        self.state.update(|link| link.full_tunnel = changes);
+                    }
+                    // Not fatal: the link still carries the tunnel network.
+                    Err(e) => {
+                        error!(error = %e, "full tunnel not set up: traffic takes the host's own routes")
+                    }
+                }
+            }
+            Action::EndFullTunnel => {
+                match self.tunnel.helper.end_full_tunnel(self.tunnel.index).await {
+                    Ok(()) => info!("full tunnel ended: the host's own routes apply again"),
+                    Err(e) => warn!(error = %e, "ending the full tunnel failed"),
+                }
+                self.state.update(|link| link.full_tunnel.clear());
+            }
+            Action::SetDns(dns) => {
+                let request = self.tunnel.helper.set_dns(
+                    self.tunnel.index,
+                    dns.servers,
+                    dns.domains,
+                    dns.route_all,
+                );
+                match request.await {
+                    Ok(changes) => self.state.update(|link| link.dns = changes),
+                    // Logged once: without systemd-resolved every session
+                    // would say the same.
+                    Err(e) if !self.dns_warned => {
+                        self.dns_warned = true;
+                        warn!(error = %e, "pushed DNS settings not applied; going on without them");
+                    }
+                    Err(e) => debug!(error = %e, "pushed DNS settings not applied"),
+                }
+            }
+            Action::RevertDns => {
+                if let Err(e) = self.tunnel.helper.revert_dns(self.tunnel.index).await {
+                    debug!(error = %e, "reverting the tun's DNS settings failed");
+                }
+                self.state.update(|link| link.dns.clear());
             }
             Action::Close(closed) => return Ok(Some(closed)),
         }

@@ -7,7 +7,7 @@
 //! resolves then, and every later request fails with [`HelperError::Died`].
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::tun::set_nonblocking;
 use crate::privsep::channel::{self, Message};
-use crate::privsep::protocol::{decode, encode, FrameError, HelperRequest, HelperResponse, TunFd};
+use crate::privsep::protocol::{
+    decode, encode, Forwarding, FrameError, HelperRequest, HelperResponse, TunFd,
+};
 
 /// How long the helper may take to answer one request before it counts as
 /// dead (netlink answers in microseconds).
@@ -182,6 +184,68 @@ impl Helper {
     pub async fn del_route(&self, index: u32, destination: Ipv4Net) -> Result<(), HelperError> {
         self.done(HelperRequest::DelRoute { index, destination })
             .await
+    }
+
+    /// Server: NAT for the tunnel network; returns what was changed.
+    pub async fn masquerade(&self, index: u32) -> Result<Vec<String>, HelperError> {
+        self.changed(HelperRequest::Masquerade { index }).await
+    }
+
+    /// Server: whether IPv4 forwarding is on (or was turned on).
+    pub async fn check_forwarding(&self) -> Result<Forwarding, HelperError> {
+        let request = HelperRequest::CheckForwarding;
+        let message = self.call(request.clone()).await?;
+        match answer(&request, &message)? {
+            HelperResponse::Forwarding(state) => Ok(state),
+            other => Err(unexpected(&request, &other)),
+        }
+    }
+
+    /// Client: routes everything but `server` into the tun; returns what
+    /// was changed.
+    pub async fn full_tunnel(
+        &self,
+        index: u32,
+        server: Ipv4Addr,
+    ) -> Result<Vec<String>, HelperError> {
+        self.changed(HelperRequest::FullTunnel { index, server })
+            .await
+    }
+
+    /// Client: undoes [`Helper::full_tunnel`].
+    pub async fn end_full_tunnel(&self, index: u32) -> Result<(), HelperError> {
+        self.done(HelperRequest::EndFullTunnel { index }).await
+    }
+
+    /// Client: the tun's DNS settings; returns what was changed.
+    pub async fn set_dns(
+        &self,
+        index: u32,
+        servers: Vec<IpAddr>,
+        domains: Vec<String>,
+        default_route: bool,
+    ) -> Result<Vec<String>, HelperError> {
+        self.changed(HelperRequest::SetDns {
+            index,
+            servers,
+            domains,
+            default_route,
+        })
+        .await
+    }
+
+    /// Client: reverts the tun's DNS settings.
+    pub async fn revert_dns(&self, index: u32) -> Result<(), HelperError> {
+        self.done(HelperRequest::RevertDns { index }).await
+    }
+
+    /// A request answered with the changes it made.
+    async fn changed(&self, request: HelperRequest) -> Result<Vec<String>, HelperError> {
+        let message = self.call(request.clone()).await?;
+        match answer(&request, &message)? {
+            HelperResponse::Changed(changes) => Ok(changes),
+            other => Err(unexpected(&request, &other)),
+        }
     }
 
     /// A request whose only good answer is `Ok`.

@@ -27,6 +27,9 @@ use crate::tls::TlsError;
 
 /// What the daemon runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// One Role is built per process: its size does not matter, and a Box would
+// only add indirection at every use.
+#[allow(clippy::large_enum_variant)]
 pub enum Role {
     Server(ServerConfig),
     Client(ClientConfig),

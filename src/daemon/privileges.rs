@@ -130,6 +130,10 @@ pub fn helper_args(role: &Role) -> HelperArgs {
             // The server routes the networks behind its peers into its tun.
             routes: ipv4_only(config.peers.iter().flat_map(|p| p.routes.iter())),
             any_route: false,
+            masquerade: config.masquerade,
+            forwarding: config.forwarding,
+            full_tunnel: false,
+            dns: false,
         },
         Role::Client(config) => HelperArgs {
             role: HelperRole::Client,
@@ -139,6 +143,10 @@ pub fn helper_args(role: &Role) -> HelperArgs {
             user: config.user.clone(),
             routes: ipv4_only(config.accept_routes.iter().flatten()),
             any_route: config.accept_routes.is_none(),
+            masquerade: false,
+            forwarding: false,
+            full_tunnel: config.full_tunnel,
+            dns: config.dns == crate::config::DnsMode::Pushed,
         },
     }
 }

@@ -42,7 +42,7 @@ use super::admission::{Admission, Pending, RefusalReason, RefusalSummary, SUMMAR
 use super::control::{self, AdminError, AdminRequest, KickError, Node, ReloadReport};
 use super::events::{EventKind, Events, PeerEvent};
 use super::gate::{merge_peers, Admitted, AllowedPeer, Gate, PeerSource, Rejection};
-use super::helper::Helper;
+use super::helper::{Helper, HelperError};
 use super::metrics::{self, DropKind, Metrics, Outcome};
 use super::notify;
 use super::peers::{Banned, Delivery, Granted, Peer, PeerInfo, PeerTable};
@@ -54,8 +54,9 @@ use crate::daemon::tun::{AsyncTun, TunHealth};
 use crate::keys::{NodeKey, PublicKey};
 use crate::limits::MAX_PACKET;
 use crate::pool::server_address;
+use crate::privsep::protocol::Forwarding;
 use crate::proto;
-use crate::session::server::{pushed_params, Action, DropReason, Ending, ServerSession};
+use crate::session::server::{pushed_params, Action, DropReason, Ending, Offer, ServerSession};
 use crate::state::{Ban, Lease, SqliteStore, StateStore};
 use crate::wire::{ipv4_addresses, Control, Decoder, Frame};
 
@@ -90,6 +91,10 @@ struct Shared {
     refusals: std::sync::Mutex<RefusalSummary>,
     /// Whether the tun still works.
     tun_health: TunHealth,
+    /// What extension clients are offered besides their address and routes.
+    offer: Offer,
+    /// What the helper changed on the host beyond the tun.
+    host_changes: Vec<String>,
 }
 
 impl Shared {
@@ -245,6 +250,7 @@ pub async fn run(
             }
         }
     }
+    let host_changes = beyond_the_tun(&config, helper, tun.index, &tun.name).await?;
     let tun_index = tun.index;
     let tun_name = tun.name.clone();
     let tun = Arc::new(AsyncTun::new(tun.fd)?);
@@ -292,6 +298,12 @@ pub async fn run(
         ),
         refusals: std::sync::Mutex::new(RefusalSummary::new(SUMMARY_INTERVAL)),
         tun_health: TunHealth::default(),
+        offer: Offer {
+            dns: config.dns.clone(),
+            dns_search: config.dns_search.clone(),
+            gateway: config.gateway,
+        },
+        host_changes,
         config,
     });
     info!(
@@ -304,6 +316,8 @@ pub async fn run(
         legacy = ?shared.config.legacy,
         max_unauthenticated = shared.config.max_unauthenticated,
         per_source = shared.config.max_unauthenticated_per_source,
+        gateway = shared.config.gateway,
+        masquerade = shared.config.masquerade,
         "server ready"
     );
 
@@ -637,6 +651,42 @@ async fn connection(
     }
 }
 
+/// A gateway's setup beyond the tun: the NAT table (`masquerade`) and the
+/// forwarding check. Returns what was changed on the host.
+async fn beyond_the_tun(
+    config: &ServerConfig,
+    helper: &Helper,
+    index: u32,
+    tun: &str,
+) -> Result<Vec<String>, DaemonError> {
+    let mut changes = Vec::new();
+    if config.masquerade {
+        changes.extend(helper.masquerade(index).await?);
+    }
+    if config.masquerade || config.gateway || !config.routes.is_empty() {
+        match helper.check_forwarding().await {
+            Ok(Forwarding::On) => {}
+            // E.g. /proc/sys read-only (the unit's ProtectKernelTunables=).
+            Err(HelperError::Failed { reason, .. }) => warn!(
+                tun,
+                %reason,
+                "IPv4 forwarding could not be checked or turned on: turn it on with \
+                 `sysctl -w net.ipv4.ip_forward=1` (and in /etc/sysctl.d to keep it)"
+            ),
+            Err(e) => return Err(e.into()),
+            Ok(Forwarding::TurnedOn) => {
+                changes.push("net.ipv4.ip_forward turned on (it stays on)".to_string())
+            }
+            Ok(Forwarding::Off) => warn!(
+                tun,
+                "IPv4 forwarding is off, so clients' traffic does not leave this host: \
+                 turn it on with `sysctl -w net.ipv4.ip_forward=1`, or set forwarding = true"
+            ),
+        }
+    }
+    Ok(changes)
+}
+
 /// Queues a control message to a client; dropped if its queue is full.
 fn send(peer: &Peer, control: Control) {
     if peer
@@ -658,6 +708,7 @@ fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr) {
         shared.config.network,
         shared.served_routes(),
         &peer.routes,
+        &shared.offer,
     );
     match params.encode() {
         Ok(frame) => {
@@ -751,6 +802,7 @@ impl Node for Shared {
             reading_bytes: self.peers.budget().reading() as u64,
             closed_for_memory: self.peers.budget().closed(),
             routes: self.served_routes().iter().map(|r| r.to_string()).collect(),
+            host_changes: self.host_changes.clone(),
             ..Default::default()
         }
     }

@@ -13,34 +13,59 @@
 //!    the configured network;
 //! 3. exits when the daemon's end of the socket closes (the daemon exited or
 //!    was killed), closing its own copy of the tun fd, which removes the tun.
+//!    Before that it undoes what it changed beyond the tun: the NAT table,
+//!    the pinned route to the server, the tun's DNS settings. A parent-death
+//!    signal (SIGUSR1, caught) leads there too.
 //!
 //! It never runs a shell or any other program. SIGINT, SIGTERM and SIGHUP are
 //! ignored: a terminal's Ctrl-C or systemd's stop reaches the daemon too, and
 //! the helper leaves only after the daemon has.
 
 use std::io;
+use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use anyhow::{anyhow, bail, Context};
 use caps::Capability;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::prctl;
-use nix::sys::signal::{signal, SigHandler, Signal};
+use nix::sys::signal::{sigaction, signal, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::socket::SockType;
 use nix::sys::socket::{getsockopt, sockopt};
 use nix::unistd::getppid;
 use simplevpn::privsep::args::HelperArgs;
 use simplevpn::privsep::channel::{self, Message};
 use simplevpn::privsep::credentials::{self, ServiceUser};
+use simplevpn::privsep::nat::{self, NatError};
 use simplevpn::privsep::netdev::{self, LinkConfig, NetdevError};
-use simplevpn::privsep::policy::Policy;
-use simplevpn::privsep::protocol::{decode, encode, HelperRequest, HelperResponse};
+use simplevpn::privsep::policy::{pin_route, HostRoute, Policy, Refusal};
+use simplevpn::privsep::protocol::{decode, encode, Forwarding, HelperRequest, HelperResponse};
+use simplevpn::privsep::resolved::{self, ResolvedError};
 use simplevpn::program;
 use tracing::{error, info, info_span, warn};
 
 /// The daemon's socket, as set up by simplevpnd.
 const SOCKET_FD: RawFd = 3;
+/// The parent-death signal: caught, so that the helper cleans up first.
+const PARENT_DEATH: Signal = Signal::SIGUSR1;
+/// Set by the parent-death signal's handler.
+static PARENT_DIED: AtomicBool = AtomicBool::new(false);
+
+/// The full tunnel's routes into the tun: everything, as two halves that
+/// beat the host's default route without replacing it.
+const HALF_DEFAULTS: [Ipv4Net; 2] = [
+    Ipv4Net::new_assert(Ipv4Addr::new(0, 0, 0, 0), 1),
+    Ipv4Net::new_assert(Ipv4Addr::new(128, 0, 0, 0), 1),
+];
+/// And IPv6's halves: the daemon sends no IPv6, so these drop it.
+const IPV6_HALVES: [Ipv6Net; 2] = [
+    Ipv6Net::new_assert(std::net::Ipv6Addr::UNSPECIFIED, 1),
+    Ipv6Net::new_assert(std::net::Ipv6Addr::new(0x8000, 0, 0, 0, 0, 0, 0, 0), 1),
+];
 
 fn main() -> ExitCode {
     let args = match program::parse_args::<HelperArgs>() {
@@ -65,10 +90,15 @@ fn run(args: HelperArgs) -> anyhow::Result<()> {
     let policy = args.policy().map_err(|e| anyhow!(e))?;
     let user = ServiceUser::lookup(&args.user)?;
     let device = netdev::open_tun_device()?;
+    // While root (reading PID 1's namespace needs it): systemd-resolved
+    // runs in PID 1's network namespace, where an ifindex names another
+    // interface than here, if this one is not that.
+    let resolved_here = same_netns_as_init();
     credentials::become_user(&user, &[Capability::CAP_NET_ADMIN]).context("dropping privileges")?;
     // After the uid change, which clears it. The socket's EOF is the main
     // signal that the daemon is gone; this covers a helper stuck elsewhere.
-    prctl::set_pdeathsig(Signal::SIGKILL).context("PR_SET_PDEATHSIG")?;
+    catch_parent_death()?;
+    prctl::set_pdeathsig(PARENT_DEATH).context("PR_SET_PDEATHSIG")?;
     if getppid() != parent {
         info!("simplevpnd exited before the helper was ready");
         return Ok(());
@@ -85,12 +115,26 @@ fn run(args: HelperArgs) -> anyhow::Result<()> {
         tun: None,
         links,
         runtime,
+        changes: Changes::default(),
+        resolved_here,
     };
+    let result = serve(&socket, &mut state);
+    state.undo();
+    result
+}
 
+/// Answers the daemon's requests until it goes away.
+fn serve(socket: &OwnedFd, state: &mut State) -> anyhow::Result<()> {
     loop {
         let message = match channel::recv(socket.as_fd()) {
             Ok(message) => message,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                if PARENT_DIED.load(Ordering::Relaxed) {
+                    info!("simplevpnd died; exiting");
+                    return Ok(());
+                }
+                continue;
+            }
             Err(e) => return Err(e).context("reading the daemon's socket"),
         };
         if message.is_eof() {
@@ -130,6 +174,42 @@ struct State {
     tun: Option<(String, OwnedFd)>,
     links: LinkConfig,
     runtime: tokio::runtime::Runtime,
+    /// What was changed beyond the tun, to undo on exit.
+    changes: Changes,
+    /// Whether this is PID 1's network namespace, the one systemd-resolved
+    /// serves: DNS is set only then.
+    resolved_here: bool,
+}
+
+/// What the helper changed on the host beyond the tun (whose own routes go
+/// with it).
+#[derive(Debug, Default)]
+struct Changes {
+    /// The NAT table is installed, for this tun.
+    nat: Option<String>,
+    /// The pinned route to the server, if this helper added it.
+    pinned: Option<HostRoute>,
+    /// DNS is set on the tun (this ifindex).
+    dns: Option<u32>,
+}
+
+/// Why an allowed request was not carried out.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("{0}")]
+    Refused(#[from] Refusal),
+    #[error("{0}")]
+    Netdev(#[from] NetdevError),
+    #[error("{0}")]
+    Nat(#[from] NatError),
+    #[error("{0}")]
+    Dns(#[from] ResolvedError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl State {
@@ -152,6 +232,10 @@ impl State {
         }
         match self.execute(&request) {
             Ok(response) => response,
+            Err(Failure::Refused(refusal)) => {
+                warn!("refused to {request}: {refusal}");
+                HelperResponse::Refused(refusal.to_string())
+            }
             Err(e) => {
                 warn!("failed to {request}: {e}");
                 HelperResponse::Failed(e.to_string())
@@ -159,8 +243,94 @@ impl State {
         }
     }
 
+    /// Undoes what was changed beyond the tun; each failure is logged.
+    fn undo(&mut self) {
+        let changes = std::mem::take(&mut self.changes);
+        if let Some(tun) = changes.nat {
+            match nat::remove(&tun) {
+                Ok(()) => info!(table = %nat::table_name(&tun), "removed the NAT table"),
+                Err(e) => error!("removing the NAT table: {e}"),
+            }
+        }
+        if let Some(route) = changes.pinned {
+            match self.runtime.block_on(self.links.del_host_route(route)) {
+                Ok(()) => info!(route = %describe(route), "removed the pinned route"),
+                Err(e) => error!("removing the pinned route: {e}"),
+            }
+        }
+        if let Some(index) = changes.dns {
+            let reverted = resolved::revert(index)
+                .and_then(|calls| self.runtime.block_on(resolved::apply(&calls)));
+            match reverted {
+                Ok(()) => info!("reverted the tun's DNS settings"),
+                Err(e) => warn!("reverting the tun's DNS settings: {e}"),
+            }
+        }
+    }
+
+    /// Full tunnel: pins the route to `server`, then routes everything
+    /// else into the tun. Returns what it changed.
+    fn full_tunnel(&mut self, index: u32, server: Ipv4Addr) -> Result<Vec<String>, Failure> {
+        let routes = self.runtime.block_on(self.links.host_routes())?;
+        let pin = pin_route(&routes, server, index)?;
+        match self.changes.pinned {
+            Some(old) if old == pin => {}
+            old => {
+                if let Some(old) = old {
+                    self.runtime.block_on(self.links.del_host_route(old))?;
+                    self.changes.pinned = None;
+                }
+                if self.runtime.block_on(self.links.add_host_route(pin))? {
+                    self.changes.pinned = Some(pin);
+                }
+            }
+        }
+        let tun = self.args.tun.clone();
+        let mut changes = vec![format!("route {} (pinned: the server)", describe(pin))];
+        for half in HALF_DEFAULTS {
+            self.runtime.block_on(self.links.add_route(index, half))?;
+        }
+        changes.push(format!(
+            "routes {} dev {tun} (full tunnel)",
+            HALF_DEFAULTS.map(|h| h.to_string()).join(", ")
+        ));
+        for half in IPV6_HALVES {
+            match self.runtime.block_on(self.links.add_route6(index, half)) {
+                Ok(()) => {}
+                // No IPv6 on this host at all: nothing can leak.
+                Err(NetdevError::Netlink { source, .. })
+                    if source.raw_os_error() == Some(nix::libc::EAFNOSUPPORT) =>
+                {
+                    return Ok(changes);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        changes.push(format!(
+            "routes {} dev {tun} (IPv6 blocked: the tunnel carries IPv4 only)",
+            IPV6_HALVES.map(|h| h.to_string()).join(", ")
+        ));
+        Ok(changes)
+    }
+
+    /// Undoes [`State::full_tunnel`].
+    fn end_full_tunnel(&mut self, index: u32) -> Result<(), Failure> {
+        for half in HALF_DEFAULTS {
+            self.runtime.block_on(self.links.del_route(index, half))?;
+        }
+        for half in IPV6_HALVES {
+            if let Err(e) = self.runtime.block_on(self.links.del_route6(index, half)) {
+                warn!("removing {half}: {e}");
+            }
+        }
+        if let Some(pinned) = self.changes.pinned.take() {
+            self.runtime.block_on(self.links.del_host_route(pinned))?;
+        }
+        Ok(())
+    }
+
     /// Carries out an allowed request and records it in the policy.
-    fn execute(&mut self, request: &HelperRequest) -> Result<HelperResponse, NetdevError> {
+    fn execute(&mut self, request: &HelperRequest) -> Result<HelperResponse, Failure> {
         let links = &self.links;
         let done = match *request {
             HelperRequest::OpenTun => {
@@ -200,11 +370,140 @@ impl State {
             HelperRequest::DelRoute { index, destination } => {
                 self.runtime.block_on(links.del_route(index, destination))
             }
+            HelperRequest::Masquerade { .. } => {
+                let network = self
+                    .policy
+                    .masquerade_network()
+                    .ok_or(Refusal::ServerOnly("masquerade"))?;
+                let tun = self
+                    .tun
+                    .as_ref()
+                    .map_or_else(|| self.args.tun.clone(), |(name, _)| name.clone());
+                // Marked first: a batch that fails half-way is removed too.
+                self.changes.nat = Some(tun.clone());
+                nat::install(&tun, network)?;
+                let change = nat::describe(&tun, network);
+                info!("installed {change}");
+                return Ok(HelperResponse::Changed(vec![change]));
+            }
+            HelperRequest::CheckForwarding => {
+                let on = netdev::ipv4_forwarding().map_err(|source| Failure::Io {
+                    what: "reading net.ipv4.ip_forward",
+                    source,
+                })?;
+                let state = match on {
+                    true => Forwarding::On,
+                    false if self.args.forwarding => {
+                        netdev::enable_ipv4_forwarding().map_err(|source| Failure::Io {
+                            what: "writing net.ipv4.ip_forward",
+                            source,
+                        })?;
+                        info!("turned on IPv4 forwarding (net.ipv4.ip_forward=1)");
+                        Forwarding::TurnedOn
+                    }
+                    false => Forwarding::Off,
+                };
+                return Ok(HelperResponse::Forwarding(state));
+            }
+            HelperRequest::FullTunnel { index, server } => {
+                let changes = self.full_tunnel(index, server)?;
+                for change in &changes {
+                    info!("full tunnel: {change}");
+                }
+                return Ok(HelperResponse::Changed(changes));
+            }
+            HelperRequest::EndFullTunnel { index } => {
+                self.end_full_tunnel(index)?;
+                info!("full tunnel ended: its routes are removed");
+                return Ok(HelperResponse::Ok);
+            }
+            HelperRequest::SetDns {
+                index,
+                ref servers,
+                ref domains,
+                default_route,
+            } => {
+                if !self.resolved_here {
+                    return Err(Failure::Io {
+                        what: "DNS not applied",
+                        source: io::Error::other(
+                            "this helper runs in another network namespace than systemd-resolved \
+                             (PID 1's), where the tun's ifindex would name another interface",
+                        ),
+                    });
+                }
+                let calls = resolved::plan(index, servers, domains, default_route)?;
+                // Marked first: a call that fails half-way leaves something
+                // to revert.
+                self.changes.dns = Some(index);
+                self.runtime.block_on(resolved::apply(&calls))?;
+                let change = format!("DNS on {}: {request}", self.args.tun);
+                info!("{change}");
+                return Ok(HelperResponse::Changed(vec![change]));
+            }
+            HelperRequest::RevertDns { index } => {
+                // Only what this helper set: never another link's settings.
+                if self.changes.dns.take().is_none() {
+                    return Ok(HelperResponse::Ok);
+                }
+                let calls = resolved::revert(index)?;
+                self.runtime.block_on(resolved::apply(&calls))?;
+                Ok(())
+            }
         };
         done?;
         self.policy.record(request, None);
         Ok(HelperResponse::Ok)
     }
+}
+
+/// Whether this process is in PID 1's network namespace (false if that
+/// cannot be told).
+fn same_netns_as_init() -> bool {
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+    match (ns("1"), ns("self")) {
+        (Some(init), Some(me)) => init == me,
+        _ => false,
+    }
+}
+
+/// A pinned route as a phrase, with the interface's name.
+fn describe(route: HostRoute) -> String {
+    let name = interface_name(route.index).unwrap_or_else(|| format!("ifindex {}", route.index));
+    match route.gateway {
+        Some(gateway) => format!("{} via {gateway} dev {name}", route.destination),
+        None => format!("{} dev {name}", route.destination),
+    }
+}
+
+/// The name of interface `index`, if it has one.
+fn interface_name(index: u32) -> Option<String> {
+    let mut buf = [0 as nix::libc::c_char; nix::libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname may write.
+    let name = unsafe { nix::libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: on success the kernel's name in `buf` is NUL-terminated.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+extern "C" fn on_parent_death(_: nix::libc::c_int) {
+    PARENT_DIED.store(true, Ordering::Relaxed);
+}
+
+/// Catches the parent-death signal without SA_RESTART, so that a blocked
+/// read returns and the helper cleans up before it exits.
+fn catch_parent_death() -> anyhow::Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_parent_death),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { sigaction(PARENT_DEATH, &action) }.context("catch SIGUSR1")?;
+    Ok(())
 }
 
 /// Fd 3, checked to be the daemon's `SOCK_SEQPACKET` socket.

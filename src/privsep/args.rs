@@ -5,7 +5,7 @@
 use clap::{Parser, ValueEnum};
 use ipnet::Ipv4Net;
 
-use super::policy::{AddressRule, Policy, RouteRule};
+use super::policy::{AddressRule, Grants, Policy, RouteRule};
 
 /// The helper's configuration. Everything it allows follows from this, not
 /// from anything the daemon sends later.
@@ -39,6 +39,18 @@ pub struct HelperArgs {
     /// A client that accepts every pushed route: any route but a default one.
     #[arg(long)]
     pub any_route: bool,
+    /// A server that NATs its network's traffic leaving by other interfaces.
+    #[arg(long)]
+    pub masquerade: bool,
+    /// A server that may turn IPv4 forwarding on.
+    #[arg(long)]
+    pub forwarding: bool,
+    /// A client that may route everything into its tun (full tunnel).
+    #[arg(long)]
+    pub full_tunnel: bool,
+    /// A client that may set DNS on its tun (systemd-resolved).
+    #[arg(long)]
+    pub dns: bool,
 }
 
 /// The daemon role a helper serves.
@@ -73,8 +85,16 @@ impl HelperArgs {
         for route in &self.routes {
             args.extend(["--route".to_string(), route.to_string()]);
         }
-        if self.any_route {
-            args.push("--any-route".to_string());
+        for (on, flag) in [
+            (self.any_route, "--any-route"),
+            (self.masquerade, "--masquerade"),
+            (self.forwarding, "--forwarding"),
+            (self.full_tunnel, "--full-tunnel"),
+            (self.dns, "--dns"),
+        ] {
+            if on {
+                args.push(flag.to_string());
+            }
         }
         args
     }
@@ -91,7 +111,15 @@ impl HelperArgs {
             true => RouteRule::AnyButDefault,
             false => RouteRule::Inside(self.routes.clone()),
         };
-        Ok(Policy::new(rule, self.max_mtu).with_routes(routes))
+        let server = self.role == HelperRole::Server;
+        let grants = Grants {
+            masquerade: self.masquerade && server,
+            full_tunnel: self.full_tunnel && !server,
+            dns: self.dns && !server,
+        };
+        Ok(Policy::new(rule, self.max_mtu)
+            .with_routes(routes)
+            .with_grants(grants))
     }
 }
 
@@ -114,6 +142,10 @@ mod tests {
                 user: "nobody".into(),
                 routes: vec!["198.18.201.0/24".parse().expect("net")],
                 any_route: role == HelperRole::Client,
+                masquerade: role == HelperRole::Server,
+                forwarding: role == HelperRole::Server,
+                full_tunnel: role == HelperRole::Client,
+                dns: role == HelperRole::Client,
             };
             let argv = std::iter::once("simplevpn-helper".to_string()).chain(args.to_args());
             assert_eq!(HelperArgs::try_parse_from(argv).expect("parse"), args);
@@ -131,6 +163,10 @@ mod tests {
             user: "nobody".into(),
             routes: Vec::new(),
             any_route: false,
+            masquerade: false,
+            forwarding: false,
+            full_tunnel: false,
+            dns: false,
         };
         assert!(args.policy().is_err());
     }

@@ -18,12 +18,16 @@
 //! * [`policy`]: the helper's allow-list, a pure state machine;
 //! * [`netdev`]: what the helper carries out: tun creation and rtnetlink
 //!   configuration (privileged);
+//! * [`nat`]: the server's masquerade, an nftables table of the helper's own;
+//! * [`resolved`]: DNS on the tun through systemd-resolved (D-Bus);
 //! * [`args`]: the helper's command line, which is its whole configuration;
 //! * [`credentials`]: switching to the service user and dropping capabilities.
 
 pub mod args;
 pub mod channel;
 pub mod credentials;
+pub mod nat;
 pub mod netdev;
 pub mod policy;
 pub mod protocol;
+pub mod resolved;

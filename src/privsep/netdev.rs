@@ -12,19 +12,22 @@
 
 use std::ffi::CStr;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use nix::fcntl::{open, OFlag};
 use nix::libc;
 use nix::sys::stat::Mode;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::route::{RouteMessage, RouteScope};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
+};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 
+use super::policy::HostRoute;
 use super::protocol::TunFd;
 use crate::limits::MAX_IFNAME_LEN;
 
@@ -247,6 +250,83 @@ impl LinkConfig {
             .map_err(|e| netlink_err(format!("delete route {}", dest.trunc()), index, e))
     }
 
+    /// Adds a route to the IPv6 network `dest` through the link. A route
+    /// that already exists is not an error.
+    pub async fn add_route6(&self, index: u32, dest: Ipv6Net) -> Result<(), NetdevError> {
+        let result = self
+            .handle
+            .route()
+            .add(route6_message(index, dest))
+            .execute()
+            .await;
+        ignore_errno(result, libc::EEXIST)
+            .map_err(|e| netlink_err(format!("add route {}", dest.trunc()), index, e))
+    }
+
+    /// Deletes the route to the IPv6 network `dest` through the link. A
+    /// missing route is not an error.
+    pub async fn del_route6(&self, index: u32, dest: Ipv6Net) -> Result<(), NetdevError> {
+        let result = self
+            .handle
+            .route()
+            .del(route6_message(index, dest))
+            .execute()
+            .await;
+        ignore_errno(result, libc::ESRCH)
+            .map_err(|e| netlink_err(format!("delete route {}", dest.trunc()), index, e))
+    }
+
+    /// The IPv4 unicast routes of the host's main table.
+    pub async fn host_routes(&self) -> Result<Vec<HostRoute>, NetdevError> {
+        let request = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build());
+        let all: Vec<RouteMessage> = request
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| netlink_err("list routes".to_owned(), 0, e))?;
+        Ok(all.iter().filter_map(host_route).collect())
+    }
+
+    /// Adds `route` (a pinned /32). Returns whether it was added: `false`
+    /// if the host already had it, which is then not this helper's to delete.
+    pub async fn add_host_route(&self, route: HostRoute) -> Result<bool, NetdevError> {
+        let result = self
+            .handle
+            .route()
+            .add(host_route_message(route))
+            .execute()
+            .await;
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(netlink_err(
+                format!("add route {}", describe_host_route(route)),
+                route.index,
+                e,
+            )),
+        }
+    }
+
+    /// Deletes `route`; one already gone is not an error.
+    pub async fn del_host_route(&self, route: HostRoute) -> Result<(), NetdevError> {
+        let result = self
+            .handle
+            .route()
+            .del(host_route_message(route))
+            .execute()
+            .await;
+        ignore_errno(result, libc::ESRCH).map_err(|e| {
+            netlink_err(
+                format!("delete route {}", describe_host_route(route)),
+                route.index,
+                e,
+            )
+        })
+    }
+
     /// Every IPv4 address on the link.
     async fn ipv4_addresses(&self, index: u32) -> Result<Vec<AddressMessage>, NetdevError> {
         let mut request = self.handle.address().get().set_link_index_filter(index);
@@ -285,6 +365,81 @@ fn route_message(index: u32, dest: Ipv4Net) -> RouteMessage {
         .scope(RouteScope::Link)
         .build()
 }
+
+/// The route message for an IPv6 `dest` via `index`.
+fn route6_message(index: u32, dest: Ipv6Net) -> RouteMessage {
+    RouteMessageBuilder::<Ipv6Addr>::new()
+        .destination_prefix(dest.network(), dest.prefix_len())
+        .output_interface(index)
+        .build()
+}
+
+/// The message that adds or deletes a pinned host route.
+fn host_route_message(route: HostRoute) -> RouteMessage {
+    let builder = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(route.destination.network(), route.destination.prefix_len())
+        .output_interface(route.index);
+    match route.gateway {
+        Some(gateway) => builder.gateway(gateway).build(),
+        None => builder.scope(RouteScope::Link).build(),
+    }
+}
+
+/// "198.18.1.1/32 via 198.18.0.1 dev ifindex 2".
+pub fn describe_host_route(route: HostRoute) -> String {
+    match route.gateway {
+        Some(gateway) => format!(
+            "{} via {gateway} dev ifindex {}",
+            route.destination, route.index
+        ),
+        None => format!("{} dev ifindex {}", route.destination, route.index),
+    }
+}
+
+/// A main-table unicast IPv4 route with one output interface, as a [`HostRoute`].
+fn host_route(msg: &RouteMessage) -> Option<HostRoute> {
+    let table = msg
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(msg.header.table));
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || msg.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut destination = Ipv4Addr::UNSPECIFIED;
+    let (mut gateway, mut index, mut metric) = (None, None, 0);
+    for attribute in &msg.attributes {
+        match attribute {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => destination = *a,
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(*a),
+            RouteAttribute::Oif(i) => index = Some(*i),
+            RouteAttribute::Priority(p) => metric = *p,
+            _ => {}
+        }
+    }
+    Some(HostRoute {
+        destination: Ipv4Net::new(destination, msg.header.destination_prefix_length).ok()?,
+        gateway,
+        index: index?,
+        metric,
+    })
+}
+
+/// Whether IPv4 forwarding is on (`/proc/sys/net/ipv4/ip_forward`).
+pub fn ipv4_forwarding() -> io::Result<bool> {
+    Ok(std::fs::read_to_string(IP_FORWARD)?.trim() == "1")
+}
+
+/// Turns IPv4 forwarding on (CAP_NET_ADMIN may write the network's sysctls).
+pub fn enable_ipv4_forwarding() -> io::Result<()> {
+    std::fs::write(IP_FORWARD, b"1\n")
+}
+
+/// The IPv4 forwarding sysctl of the current network namespace.
+pub const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
 /// The IPv4 local address (`IFA_LOCAL`, else `IFA_ADDRESS`) of an address message.
 fn local_address(msg: &AddressMessage) -> Option<Ipv4Addr> {

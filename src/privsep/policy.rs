@@ -14,14 +14,61 @@
 //!   networks behind its peers; on a client, those inside its
 //!   `accept_routes`, or without that list any route but a default one.
 //! * MTU: from [`MIN_MTU`] to the configured maximum (at most [`MAX_MTU`]).
+//! * Beyond the tun, only what the helper's command line grants
+//!   ([`Grants`]): a server started with `--masquerade` may NAT exactly its
+//!   own network; a client started with `--full-tunnel` may pin the host's
+//!   current route to one unicast server address outside the tunnel
+//!   ([`pin_route`]: a /32 via the gateway and interface the host already
+//!   uses) and route everything else into the tun; a client started with
+//!   `--dns` may set DNS (within the session parameters' limits) on its own
+//!   tun only.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::ops::RangeInclusive;
 
 use ipnet::Ipv4Net;
 
 use super::protocol::HelperRequest;
 use crate::limits::{MAX_MTU, MIN_MTU, TUNNEL_PREFIX};
+use crate::params::{valid_domain, MAX_DNS, MAX_DNS_SEARCH};
+
+/// What the helper's command line grants beyond the tun's address, MTU and
+/// routes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// Server: NAT for its network (`--masquerade`).
+    pub masquerade: bool,
+    /// Client: the full tunnel's routes (`--full-tunnel`).
+    pub full_tunnel: bool,
+    /// Client: DNS on its tun (`--dns`).
+    pub dns: bool,
+}
+
+/// A route of the host's main table, as far as pinning needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostRoute {
+    pub destination: Ipv4Net,
+    pub gateway: Option<Ipv4Addr>,
+    /// The output interface.
+    pub index: u32,
+    /// Its priority; lower wins.
+    pub metric: u32,
+}
+
+/// The route to pin for `server`: the /32 that goes where the host's best
+/// route to it goes now (longest prefix, then lowest metric) among the
+/// routes not through the tun `tun` (those are the tunnel's own).
+pub fn pin_route(routes: &[HostRoute], server: Ipv4Addr, tun: u32) -> Result<HostRoute, Refusal> {
+    let best = routes
+        .iter()
+        .filter(|r| r.index != tun && r.destination.contains(&server))
+        .min_by_key(|r| (std::cmp::Reverse(r.destination.prefix_len()), r.metric))
+        .ok_or(Refusal::NoUnderlay(server))?;
+    Ok(HostRoute {
+        destination: Ipv4Net::from(server),
+        ..*best
+    })
+}
 
 /// Which addresses may be set on the tun.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +122,19 @@ pub enum Refusal {
         mtu: u32,
         range: RangeInclusive<u32>,
     },
+    #[error("{what} is not allowed: the helper was not started with {flag}")]
+    NotGranted {
+        what: &'static str,
+        flag: &'static str,
+    },
+    #[error("{0} is for a server's helper only")]
+    ServerOnly(&'static str),
+    #[error("the server address {server}: {why}")]
+    Server { server: Ipv4Addr, why: String },
+    #[error("the host has no route to {0} outside the tun: nothing to pin")]
+    NoUnderlay(Ipv4Addr),
+    #[error("DNS: {0}")]
+    Dns(String),
 }
 
 /// The helper's policy and the state it depends on.
@@ -90,6 +150,8 @@ pub struct Policy {
     address: Option<Ipv4Net>,
     /// Routes allowed beyond the tunnel network.
     routes: RouteRule,
+    /// What else the command line allows.
+    grants: Grants,
 }
 
 impl Policy {
@@ -103,7 +165,13 @@ impl Policy {
             index: None,
             address: None,
             routes: RouteRule::Inside(Vec::new()),
+            grants: Grants::default(),
         }
+    }
+
+    /// This policy, allowing also what `grants` grants.
+    pub fn with_grants(self, grants: Grants) -> Policy {
+        Policy { grants, ..self }
     }
 
     /// This policy, allowing also the routes `routes` allows.
@@ -147,6 +215,85 @@ impl Policy {
                 self.check_route(destination)
                     .map_err(|why| Refusal::Route { destination, why })
             }
+            HelperRequest::Masquerade { index } => {
+                self.granted(self.grants.masquerade, "masquerade", "--masquerade")?;
+                self.server_only("masquerade")?;
+                self.check_index(index)
+            }
+            HelperRequest::CheckForwarding => self.server_only("checking forwarding"),
+            HelperRequest::FullTunnel { index, server } => {
+                self.granted(self.grants.full_tunnel, "a full tunnel", "--full-tunnel")?;
+                self.check_index(index)?;
+                self.check_server(server)
+                    .map_err(|why| Refusal::Server { server, why })
+            }
+            HelperRequest::EndFullTunnel { index } => {
+                self.granted(self.grants.full_tunnel, "a full tunnel", "--full-tunnel")?;
+                self.check_index(index)
+            }
+            HelperRequest::SetDns {
+                index,
+                ref servers,
+                ref domains,
+                ..
+            } => {
+                self.granted(self.grants.dns, "DNS", "--dns")?;
+                self.check_index(index)?;
+                check_dns(servers, domains).map_err(Refusal::Dns)
+            }
+            HelperRequest::RevertDns { index } => {
+                self.granted(self.grants.dns, "DNS", "--dns")?;
+                self.check_index(index)
+            }
+        }
+    }
+
+    fn granted(
+        &self,
+        granted: bool,
+        what: &'static str,
+        flag: &'static str,
+    ) -> Result<(), Refusal> {
+        match granted {
+            true => Ok(()),
+            false => Err(Refusal::NotGranted { what, flag }),
+        }
+    }
+
+    fn server_only(&self, what: &'static str) -> Result<(), Refusal> {
+        match self.rule {
+            AddressRule::HostOf(_) => Ok(()),
+            AddressRule::Inside(_) | AddressRule::AnyUnicast => Err(Refusal::ServerOnly(what)),
+        }
+    }
+
+    /// The network NAT is for: a server's own.
+    pub fn masquerade_network(&self) -> Option<Ipv4Net> {
+        match self.rule {
+            AddressRule::HostOf(network) if self.grants.masquerade => Some(network),
+            _ => None,
+        }
+    }
+
+    /// A full tunnel's server: a unicast address outside the tunnel.
+    fn check_server(&self, server: Ipv4Addr) -> Result<(), String> {
+        if server.is_loopback()
+            || server.is_multicast()
+            || server.is_broadcast()
+            || server.is_unspecified()
+        {
+            return Err("not a unicast address".into());
+        }
+        let tunnel = match self.rule {
+            AddressRule::HostOf(network) | AddressRule::Inside(network) => Some(network),
+            AddressRule::AnyUnicast => self.address,
+        };
+        match tunnel {
+            Some(tunnel) if tunnel.contains(&server) => {
+                Err(format!("inside the tunnel network {tunnel}"))
+            }
+            Some(_) => Ok(()),
+            None => Err("no address has been set yet".into()),
         }
     }
 
@@ -248,6 +395,30 @@ impl Policy {
             )),
         }
     }
+}
+
+/// DNS settings within the session parameters' limits: unicast servers,
+/// valid search domains.
+fn check_dns(servers: &[IpAddr], domains: &[String]) -> Result<(), String> {
+    if servers.len() > MAX_DNS {
+        return Err(format!("{} servers: at most {MAX_DNS}", servers.len()));
+    }
+    if domains.len() > MAX_DNS_SEARCH {
+        return Err(format!(
+            "{} search domains: at most {MAX_DNS_SEARCH}",
+            domains.len()
+        ));
+    }
+    let not_unicast = |s: &&IpAddr| {
+        s.is_unspecified() || s.is_multicast() || matches!(s, IpAddr::V4(v4) if v4.is_broadcast())
+    };
+    if let Some(bad) = servers.iter().find(not_unicast) {
+        return Err(format!("{bad} is not a unicast address"));
+    }
+    if let Some(bad) = domains.iter().find(|d| !valid_domain(d.as_bytes())) {
+        return Err(format!("{bad:?} is not a domain"));
+    }
+    Ok(())
 }
 
 /// The subnet `address/prefix` lies in.
@@ -513,5 +684,171 @@ mod tests {
         let plain = opened(Policy::new(AddressRule::Inside(network), 1500));
         assert!(plain.check(&route("198.18.201.0/24")).is_err());
         assert_eq!(plain.check(&route("198.19.4.0/24")), Ok(()));
+    }
+
+    fn grants(masquerade: bool, full_tunnel: bool, dns: bool) -> Grants {
+        Grants {
+            masquerade,
+            full_tunnel,
+            dns,
+        }
+    }
+
+    #[test]
+    fn masquerade_only_on_a_server_started_with_it() {
+        let network = net("198.19.0.0/16");
+        let nat = HelperRequest::Masquerade { index: TUN };
+        let server = opened(AddressRule::HostOf(network));
+        assert!(matches!(
+            server.check(&nat),
+            Err(Refusal::NotGranted { .. })
+        ));
+        assert_eq!(server.masquerade_network(), None);
+        let server = server.with_grants(grants(true, false, false));
+        assert_eq!(server.check(&nat), Ok(()));
+        assert_eq!(server.masquerade_network(), Some(network));
+        assert!(matches!(
+            server.check(&HelperRequest::Masquerade { index: 1 }),
+            Err(Refusal::OtherInterface { .. })
+        ));
+        // A client never NATs, whatever it was started with.
+        let client = opened(AddressRule::Inside(network)).with_grants(grants(true, true, true));
+        assert!(matches!(client.check(&nat), Err(Refusal::ServerOnly(_))));
+        assert!(matches!(
+            client.check(&HelperRequest::CheckForwarding),
+            Err(Refusal::ServerOnly(_))
+        ));
+        assert_eq!(server.check(&HelperRequest::CheckForwarding), Ok(()));
+    }
+
+    #[test]
+    fn a_full_tunnel_only_for_a_client_started_with_it_and_a_server_outside() {
+        let full = |server: &str| HelperRequest::FullTunnel {
+            index: TUN,
+            server: addr(server),
+        };
+        let plain = opened(AddressRule::Inside(net("198.19.0.0/16")));
+        assert!(matches!(
+            plain.check(&full("198.18.1.1")),
+            Err(Refusal::NotGranted { .. })
+        ));
+        assert!(matches!(
+            plain.check(&HelperRequest::EndFullTunnel { index: TUN }),
+            Err(Refusal::NotGranted { .. })
+        ));
+        let client = plain.with_grants(grants(false, true, false));
+        assert_eq!(client.check(&full("198.18.1.1")), Ok(()));
+        assert_eq!(
+            client.check(&HelperRequest::EndFullTunnel { index: TUN }),
+            Ok(())
+        );
+        for bad in [
+            "198.19.0.1",
+            "127.0.0.1",
+            "224.0.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+        ] {
+            assert!(
+                matches!(client.check(&full(bad)), Err(Refusal::Server { .. })),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            client.check(&HelperRequest::FullTunnel {
+                index: 3,
+                server: addr("198.18.1.1")
+            }),
+            Err(Refusal::OtherInterface { .. })
+        ));
+        // Without a configured network: outside the subnet of the address
+        // set, and nothing before one is set.
+        let mut any = opened(AddressRule::AnyUnicast).with_grants(grants(false, true, false));
+        assert!(any.check(&full("198.18.1.1")).is_err());
+        any.record(&set_address("198.19.0.2", 16), None);
+        assert_eq!(any.check(&full("198.18.1.1")), Ok(()));
+        assert!(any.check(&full("198.19.0.1")).is_err());
+        // The default route itself stays refused as a plain route.
+        assert!(client.check(&add_route("0.0.0.0/0")).is_err());
+    }
+
+    #[test]
+    fn the_pinned_route_goes_where_the_hosts_route_goes_now() {
+        let route = |dest: &str, gateway: Option<&str>, index: u32, metric: u32| HostRoute {
+            destination: net(dest),
+            gateway: gateway.map(addr),
+            index,
+            metric,
+        };
+        let routes = [
+            route("0.0.0.0/0", Some("198.18.0.1"), 2, 100),
+            route("0.0.0.0/0", Some("198.18.9.1"), 3, 50),
+            route("198.18.1.0/24", None, 4, 0),
+            // The tunnel's own routes never count.
+            route("0.0.0.0/1", None, TUN, 0),
+            route("198.18.1.1/32", None, TUN, 0),
+        ];
+        // Longest prefix first: the on-link /24.
+        assert_eq!(
+            pin_route(&routes, addr("198.18.1.1"), TUN),
+            Ok(route("198.18.1.1/32", None, 4, 0))
+        );
+        // Then the lowest metric among the defaults.
+        assert_eq!(
+            pin_route(&routes, addr("198.18.50.1"), TUN),
+            Ok(route("198.18.50.1/32", Some("198.18.9.1"), 3, 50))
+        );
+        assert_eq!(
+            pin_route(&routes[3..], addr("198.18.50.1"), TUN),
+            Err(Refusal::NoUnderlay(addr("198.18.50.1")))
+        );
+    }
+
+    #[test]
+    fn dns_only_on_its_own_tun_for_a_client_started_with_it() {
+        let set = |servers: &[&str], domains: &[&str]| HelperRequest::SetDns {
+            index: TUN,
+            servers: servers.iter().map(|s| s.parse().expect("ip")).collect(),
+            domains: domains.iter().map(|d| d.to_string()).collect(),
+            default_route: true,
+        };
+        let plain = opened(AddressRule::Inside(net("198.19.0.0/16")));
+        assert!(matches!(
+            plain.check(&set(&["198.19.0.1"], &[])),
+            Err(Refusal::NotGranted { .. })
+        ));
+        let client = plain.with_grants(grants(false, false, true));
+        assert_eq!(
+            client.check(&set(&["198.19.0.1", "2001:2::53"], &["vpn.example"])),
+            Ok(())
+        );
+        assert_eq!(
+            client.check(&HelperRequest::RevertDns { index: TUN }),
+            Ok(())
+        );
+        assert!(matches!(
+            client.check(&HelperRequest::RevertDns { index: 1 }),
+            Err(Refusal::OtherInterface { .. })
+        ));
+        for (servers, domains) in [
+            (&["0.0.0.0"][..], &[][..]),
+            (&["224.0.0.251"], &[]),
+            (&["255.255.255.255"], &[]),
+            (&["198.19.0.1"], &["bad domain"]),
+            (&["198.19.0.1"], &[""]),
+        ] {
+            assert!(
+                matches!(client.check(&set(servers, domains)), Err(Refusal::Dns(_))),
+                "{servers:?} {domains:?}"
+            );
+        }
+        let many: Vec<String> = (0..=MAX_DNS)
+            .map(|i| format!("198.19.0.{}", i + 1))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(matches!(
+            client.check(&set(&many, &[])),
+            Err(Refusal::Dns(_))
+        ));
     }
 }

@@ -1,12 +1,12 @@
 //! The requests simplevpnd may send to simplevpn-helper, and the answers.
 //!
-//! The set is closed: these six requests are everything the unprivileged
+//! The set is closed: these requests are everything the unprivileged
 //! daemon can ask of the privileged side. One message is one frame: a `u32`
 //! big-endian length followed by that many bytes of JSON (serde). The codec is
 //! sans-IO; [`super::channel`] moves frames (and the tun fd) over the socket.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::OwnedFd;
 
 use ipnet::Ipv4Net;
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 /// Largest frame either side sends or accepts, length prefix included. Every
 /// valid message is far smaller; anything longer is a protocol error.
-pub const MAX_FRAME: usize = 4096;
+pub const MAX_FRAME: usize = 16384;
 /// Bytes of the length prefix.
 const PREFIX_LEN: usize = 4;
 
@@ -41,6 +41,43 @@ pub enum HelperRequest {
     AddRoute { index: u32, destination: Ipv4Net },
     /// Delete the route to `destination` through the interface.
     DelRoute { index: u32, destination: Ipv4Net },
+    /// Server: NAT (masquerade) the helper's own `--network` when it leaves
+    /// by any interface but the tun, in an nftables table of the helper's
+    /// own. Allowed once, to a helper started with `--masquerade`.
+    Masquerade { index: u32 },
+    /// Server: is IPv4 forwarding on? A helper started with `--forwarding`
+    /// turns it on if not.
+    CheckForwarding,
+    /// Client: full tunnel. The helper pins the host's current route to
+    /// `server` as a /32 (same gateway, same interface), then routes
+    /// 0.0.0.0/1 and 128.0.0.0/1, and IPv6 ::/1 and 8000::/1, into the tun.
+    /// Only for a helper started with `--full-tunnel`.
+    FullTunnel { index: u32, server: Ipv4Addr },
+    /// Client: undoes [`HelperRequest::FullTunnel`].
+    EndFullTunnel { index: u32 },
+    /// Client: the tun's DNS servers and search domains, through
+    /// systemd-resolved; with `default_route`, the "~." routing domain too
+    /// (every name is resolved through the tun). Only for a helper started
+    /// with `--dns`.
+    SetDns {
+        index: u32,
+        servers: Vec<IpAddr>,
+        domains: Vec<String>,
+        default_route: bool,
+    },
+    /// Client: reverts the tun's DNS settings (systemd-resolved's RevertLink).
+    RevertDns { index: u32 },
+}
+
+/// Whether IPv4 forwarding is on, as [`HelperRequest::CheckForwarding`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Forwarding {
+    /// It was on.
+    On,
+    /// It was off, and the helper turned it on (`--forwarding`).
+    TurnedOn,
+    /// It is off.
+    Off,
 }
 
 /// The helper's answer to one request.
@@ -55,6 +92,11 @@ pub enum HelperResponse {
     Refused(String),
     /// Allowed, but the kernel said no.
     Failed(String),
+    /// Done; these are the changes made to the host beyond the tun, one
+    /// phrase each ("route 198.18.1.1/32 via 198.18.0.1 dev eth0").
+    Changed(Vec<String>),
+    /// The answer to [`HelperRequest::CheckForwarding`].
+    Forwarding(Forwarding),
 }
 
 /// A tun device and its fd: what the helper creates
@@ -89,6 +131,35 @@ impl fmt::Display for HelperRequest {
             HelperRequest::DelRoute { index, destination } => {
                 write!(f, "delete route {destination} via ifindex {index}")
             }
+            HelperRequest::Masquerade { index } => {
+                write!(
+                    f,
+                    "masquerade traffic leaving by any interface but ifindex {index}"
+                )
+            }
+            HelperRequest::CheckForwarding => f.write_str("check IPv4 forwarding"),
+            HelperRequest::FullTunnel { index, server } => {
+                write!(f, "route everything but {server} into ifindex {index}")
+            }
+            HelperRequest::EndFullTunnel { index } => {
+                write!(f, "end the full tunnel on ifindex {index}")
+            }
+            HelperRequest::SetDns {
+                index,
+                servers,
+                domains,
+                default_route,
+            } => {
+                let servers: Vec<String> = servers.iter().map(ToString::to_string).collect();
+                write!(
+                    f,
+                    "set DNS {} (search {}{}) on ifindex {index}",
+                    servers.join(", "),
+                    domains.join(", "),
+                    if *default_route { "; ~." } else { "" }
+                )
+            }
+            HelperRequest::RevertDns { index } => write!(f, "revert DNS on ifindex {index}"),
         }
     }
 }
@@ -165,6 +236,20 @@ mod tests {
                 index: 7,
                 destination: net,
             },
+            HelperRequest::Masquerade { index: 7 },
+            HelperRequest::CheckForwarding,
+            HelperRequest::FullTunnel {
+                index: 7,
+                server: Ipv4Addr::new(198, 18, 1, 1),
+            },
+            HelperRequest::EndFullTunnel { index: 7 },
+            HelperRequest::SetDns {
+                index: 7,
+                servers: vec![IpAddr::V4(Ipv4Addr::new(198, 19, 0, 1))],
+                domains: vec!["vpn.example".into()],
+                default_route: true,
+            },
+            HelperRequest::RevertDns { index: 7 },
         ]
     }
 
@@ -182,10 +267,29 @@ mod tests {
             },
             HelperResponse::Refused("no".into()),
             HelperResponse::Failed("EPERM".into()),
+            HelperResponse::Changed(vec!["route 198.18.1.1/32 dev eth0".into()]),
+            HelperResponse::Forwarding(Forwarding::TurnedOn),
         ] {
             let frame = encode(&response).expect("encode");
             assert_eq!(decode::<HelperResponse>(&frame).expect("decode"), response);
         }
+    }
+
+    #[test]
+    fn the_largest_dns_request_fits_in_a_frame() {
+        use crate::params::{MAX_DNS, MAX_DNS_SEARCH, MAX_DOMAIN_LEN};
+        let request = HelperRequest::SetDns {
+            index: u32::MAX,
+            servers: vec![
+                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+                    .parse()
+                    .expect("ip");
+                MAX_DNS
+            ],
+            domains: vec!["a".repeat(MAX_DOMAIN_LEN); MAX_DNS_SEARCH],
+            default_route: true,
+        };
+        assert!(encode(&request).is_ok());
     }
 
     #[test]

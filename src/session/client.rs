@@ -58,6 +58,13 @@ pub struct ClientRules {
     /// Pushed routes are installed only inside these; `None`: any but a
     /// default route and one covering the server's address.
     pub accept_routes: Option<Vec<IpNet>>,
+    /// Accept the server's default route (full tunnel).
+    pub full_tunnel: bool,
+    /// Full tunnel: drop its routes while the link is down, instead of
+    /// keeping them (the kill switch).
+    pub fail_open: bool,
+    /// Set pushed DNS settings on the tun.
+    pub dns: bool,
 }
 
 impl ClientRules {
@@ -71,8 +78,20 @@ impl ClientRules {
             keepalive_after: config.keepalive_after,
             timeout: config.timeout,
             accept_routes: config.accept_routes.clone(),
+            full_tunnel: config.full_tunnel,
+            fail_open: config.fail_open,
+            dns: config.dns == crate::config::DnsMode::Pushed,
         }
     }
+}
+
+/// DNS settings pushed by the server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dns {
+    pub servers: Vec<IpAddr>,
+    pub domains: Vec<String>,
+    /// Resolve every name through the tun ("~."): with a full tunnel.
+    pub route_all: bool,
 }
 
 /// An address the server granted.
@@ -105,6 +124,14 @@ pub enum Action {
     DelRoute(Ipv4Net),
     /// A pushed route not installed, and why (queued once per session).
     RouteRefused(IpNet, RouteRefusal),
+    /// Route everything but the server (at this address) into the tun.
+    FullTunnel(Ipv4Addr),
+    /// Remove the full tunnel's routes: the host's own routes apply again.
+    EndFullTunnel,
+    /// Give the tun these DNS settings.
+    SetDns(Dns),
+    /// Remove the tun's DNS settings.
+    RevertDns,
     /// The session is over: close the connection.
     Close(Closed),
 }
@@ -157,8 +184,12 @@ pub enum CloseReason {
 /// Why a pushed route is not installed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RouteRefusal {
-    #[error("a default route is full tunnel, which this client does not do")]
+    #[error("a default route is full tunnel, which this client does not do (full_tunnel = true accepts it)")]
     Default,
+    #[error(
+        "the server is reached over IPv6, which a full tunnel would capture: not supported yet"
+    )]
+    Ipv6Server,
     #[error("it covers the server's own address {0}: the tunnel would carry itself")]
     CoversServer(IpAddr),
     #[error("outside accept_routes")]
@@ -254,6 +285,18 @@ pub struct ClientSession {
     installed: Vec<Ipv4Net>,
     /// Pushed routes refused this session (each is reported once).
     refused: Vec<IpNet>,
+    /// Whether the server offered itself as the default gateway (last push).
+    offered_default: bool,
+    /// Whether session parameters arrived this session: until they do,
+    /// the full tunnel and DNS stay as they are (they follow the grant).
+    params_seen: bool,
+    /// The server address the full tunnel is set up for, across sessions
+    /// (the kill switch keeps it while the link is down).
+    full: Option<Ipv4Addr>,
+    /// The DNS settings pushed last (this session).
+    pushed_dns: Dns,
+    /// The DNS settings on the tun now.
+    dns: Option<Dns>,
 }
 
 impl ClientSession {
@@ -272,7 +315,17 @@ impl ClientSession {
             pushed: Vec::new(),
             installed: Vec::new(),
             refused: Vec::new(),
+            offered_default: false,
+            params_seen: false,
+            full: None,
+            pushed_dns: Dns::default(),
+            dns: None,
         }
+    }
+
+    /// Whether the full tunnel's routes are in place.
+    pub fn full_tunnel(&self) -> bool {
+        self.full.is_some()
     }
 
     /// The pushed routes installed on the tun now.
@@ -330,6 +383,9 @@ impl ClientSession {
         self.server = Some(server);
         self.pushed.clear();
         self.refused.clear();
+        self.offered_default = false;
+        self.params_seen = false;
+        self.pushed_dns = Dns::default();
         let asked = match self.wanted {
             Some(address) => Request::Static(address),
             None => Request::Dynamic,
@@ -362,6 +418,13 @@ impl ClientSession {
                 ExtensionKind::SessionParams => match SessionParams::decode(&extension.body) {
                     Ok(params) => {
                         self.pushed = params.routes;
+                        self.offered_default = params.default_route;
+                        self.params_seen = true;
+                        self.pushed_dns = Dns {
+                            servers: params.dns,
+                            domains: params.dns_search,
+                            route_all: false,
+                        };
                         if granted {
                             self.sync_routes();
                         }
@@ -374,11 +437,18 @@ impl ClientSession {
         }
     }
 
-    /// Brings the tun's routes in line with what was pushed and accepted.
+    /// Brings the tun's routes, the full tunnel and DNS in line with what
+    /// was pushed and accepted.
     fn sync_routes(&mut self) {
         let accept = self.rules.accept_routes.as_deref();
         let mut wanted = Vec::new();
+        let default = IpNet::V4(Ipv4Net::default());
+        // A default route pushed as a route is the same offer as the flag.
+        let offered = self.offered_default || self.pushed.contains(&default);
         for route in &self.pushed {
+            if *route == default && self.rules.full_tunnel {
+                continue;
+            }
             match judge_route(*route, accept, self.server) {
                 Ok(()) => {
                     if let IpNet::V4(route) = route {
@@ -404,6 +474,59 @@ impl ClientSession {
                 self.installed.push(route);
             }
         }
+        if self.params_seen {
+            self.sync_full_tunnel(offered, default);
+            self.sync_dns();
+        }
+    }
+
+    /// Sets up or ends the full tunnel, as offered and configured.
+    fn sync_full_tunnel(&mut self, offered: bool, default: IpNet) {
+        let server = match self.server {
+            Some(IpAddr::V4(server)) => Ok(server),
+            _ => Err(RouteRefusal::Ipv6Server),
+        };
+        let wanted = match (offered, self.rules.full_tunnel, server) {
+            (false, _, _) => None,
+            (true, true, Ok(server)) => Some(server),
+            (true, full_tunnel, refused) => {
+                let why = match (full_tunnel, refused) {
+                    (true, Err(why)) => why,
+                    _ => RouteRefusal::Default,
+                };
+                if !self.refused.contains(&default) {
+                    self.refused.push(default);
+                    self.actions.push_back(Action::RouteRefused(default, why));
+                }
+                None
+            }
+        };
+        if wanted == self.full {
+            return;
+        }
+        match wanted {
+            Some(server) => self.actions.push_back(Action::FullTunnel(server)),
+            None => self.actions.push_back(Action::EndFullTunnel),
+        }
+        self.full = wanted;
+    }
+
+    /// Sets or reverts the tun's DNS, as pushed and configured.
+    fn sync_dns(&mut self) {
+        let pushed = &self.pushed_dns;
+        let wanted = (self.rules.dns && !(pushed.servers.is_empty() && pushed.domains.is_empty()))
+            .then(|| Dns {
+                route_all: self.full.is_some() && !pushed.servers.is_empty(),
+                ..pushed.clone()
+            });
+        if wanted == self.dns {
+            return;
+        }
+        match &wanted {
+            Some(dns) => self.actions.push_back(Action::SetDns(dns.clone())),
+            None => self.actions.push_back(Action::RevertDns),
+        }
+        self.dns = wanted;
     }
 
     /// The server closed the connection cleanly.
@@ -549,6 +672,20 @@ impl ClientSession {
         // them: packets for those networks then take the host's other routes).
         let gone: Vec<_> = self.installed.drain(..).map(Action::DelRoute).collect();
         self.actions.extend(gone);
+        // A full tunnel stays (the kill switch: nothing falls back to the
+        // open network), and its DNS with it, unless it fails open; on
+        // shutdown the helper undoes everything as the daemon exits.
+        let keep_full = self.full.is_some() && !self.rules.fail_open;
+        if !matches!(reason, CloseReason::Shutdown) {
+            if self.full.is_some() && !keep_full {
+                self.full = None;
+                self.actions.push_back(Action::EndFullTunnel);
+            }
+            if self.dns.is_some() && !keep_full {
+                self.dns = None;
+                self.actions.push_back(Action::RevertDns);
+            }
+        }
         let held = match &self.phase {
             Phase::Up(up) => Some(up.grant.address),
             _ => None,
@@ -664,6 +801,9 @@ mod tests {
             keepalive_after: Duration::from_secs(15),
             timeout: Duration::from_secs(30),
             accept_routes: None,
+            full_tunnel: false,
+            fail_open: false,
+            dns: true,
         }
     }
 
@@ -1215,5 +1355,135 @@ mod tests {
         assert_eq!(closed.held, Some(ADDRESS));
         assert!(session.poll_action().is_none());
         assert_eq!(session.next_tick(), None);
+    }
+
+    fn gateway_params(dns: &[&str]) -> Frame {
+        let params = SessionParams {
+            default_route: true,
+            dns: dns.iter().map(|d| d.parse().expect("ip")).collect(),
+            dns_search: vec!["vpn.example".into()],
+            ..SessionParams::default()
+        };
+        let frame = params.encode().expect("encodes");
+        let mut buf = bytes::BytesMut::from(&frame[..]);
+        crate::wire::Decoder::default()
+            .with_extensions()
+            .decode(&mut buf)
+            .expect("decodes")
+            .expect("whole")
+    }
+
+    fn full_actions(session: &mut ClientSession) -> Vec<String> {
+        actions(session)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::FullTunnel(server) => Some(format!("full {server}")),
+                Action::EndFullTunnel => Some("end full".into()),
+                Action::SetDns(dns) => Some(format!(
+                    "dns {:?} {:?} all={}",
+                    dns.servers, dns.domains, dns.route_all
+                )),
+                Action::RevertDns => Some("revert dns".into()),
+                Action::RouteRefused(r, why) => Some(format!("refuse {r}: {why:?}")),
+                Action::Close(_) => Some("close".into()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn full_session(rules: ClientRules, t0: Instant) -> ClientSession {
+        let mut session = session(rules);
+        session.connected(t0, SERVER_IP);
+        session.received(t0, grant(ADDRESS));
+        actions(&mut session);
+        session
+    }
+
+    #[test]
+    fn a_default_route_offered_is_refused_without_full_tunnel() {
+        let t0 = Instant::now();
+        let mut session = full_session(rules(), t0);
+        session.received(t0, gateway_params(&["198.19.0.1"]));
+        assert_eq!(
+            full_actions(&mut session),
+            [
+                "refuse 0.0.0.0/0: Default",
+                "dns [198.19.0.1] [\"vpn.example\"] all=false"
+            ]
+        );
+        assert!(!session.full_tunnel());
+    }
+
+    #[test]
+    fn full_tunnel_takes_the_default_route_and_keeps_it_while_the_link_is_down() {
+        let t0 = Instant::now();
+        let rules = ClientRules {
+            full_tunnel: true,
+            ..rules()
+        };
+        let mut session = full_session(rules, t0);
+        session.received(t0, gateway_params(&["198.19.0.1"]));
+        assert_eq!(
+            full_actions(&mut session),
+            [
+                "full 198.18.1.1",
+                "dns [198.19.0.1] [\"vpn.example\"] all=true"
+            ]
+        );
+        assert!(session.full_tunnel());
+        // The same push again changes nothing.
+        session.received(t0, gateway_params(&["198.19.0.1"]));
+        assert!(full_actions(&mut session).is_empty());
+        // Link loss: the kill switch keeps the routes and DNS.
+        session.server_closed();
+        assert_eq!(full_actions(&mut session), ["close"]);
+        assert!(session.full_tunnel());
+        // The next session offers it again: nothing to redo.
+        session.dialing();
+        session.connected(t0, SERVER_IP);
+        session.received(t0, grant(ADDRESS));
+        session.received(t0, gateway_params(&["198.19.0.1"]));
+        assert!(full_actions(&mut session).is_empty());
+        // A server that stops offering it: the full tunnel ends, and DNS
+        // routes only its own domains.
+        session.received(t0, params(&[]));
+        assert_eq!(full_actions(&mut session), ["end full", "revert dns"]);
+    }
+
+    #[test]
+    fn fail_open_drops_the_full_tunnel_with_the_link() {
+        let t0 = Instant::now();
+        let rules = ClientRules {
+            full_tunnel: true,
+            fail_open: true,
+            ..rules()
+        };
+        let mut session = full_session(rules, t0);
+        session.received(t0, gateway_params(&[]));
+        assert_eq!(
+            full_actions(&mut session),
+            ["full 198.18.1.1", "dns [] [\"vpn.example\"] all=false"]
+        );
+        session.server_closed();
+        assert_eq!(
+            full_actions(&mut session),
+            ["end full", "revert dns", "close"]
+        );
+        assert!(!session.full_tunnel());
+    }
+
+    #[test]
+    fn dns_off_ignores_pushed_dns_and_an_ipv6_server_gets_no_full_tunnel() {
+        let t0 = Instant::now();
+        let rules = ClientRules {
+            full_tunnel: true,
+            dns: false,
+            ..rules()
+        };
+        let mut session = session(rules);
+        session.connected(t0, "2001:2::1".parse().expect("ip"));
+        session.received(t0, grant(ADDRESS));
+        session.received(t0, gateway_params(&["198.19.0.1"]));
+        assert_eq!(full_actions(&mut session), ["refuse 0.0.0.0/0: Ipv6Server"]);
     }
 }

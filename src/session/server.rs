@@ -262,19 +262,36 @@ impl ServerSession {
 }
 
 /// The session parameters pushed to an extension client granted `address`
-/// in `network`: its address and prefix, and every network the server serves
-/// (`served`) but its own (`own`), never pushed back to it.
+/// in `network`: its address and prefix, every network the server serves
+/// (`served`) but its own (`own`), never pushed back to it, and what
+/// `offer` adds (DNS, the default route).
 pub fn pushed_params(
     address: Ipv4Addr,
     network: Ipv4Net,
     served: impl IntoIterator<Item = IpNet>,
     own: &[IpNet],
+    offer: &Offer,
 ) -> SessionParams {
     SessionParams {
         address4: Ipv4Net::new(address, network.prefix_len()).ok(),
         routes: served.into_iter().filter(|r| !own.contains(r)).collect(),
+        dns: offer.dns.clone(),
+        dns_search: offer.dns_search.clone(),
+        default_route: offer.gateway,
         ..SessionParams::default()
     }
+}
+
+/// What a server offers every extension client beyond its address and
+/// routes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Offer {
+    /// DNS servers.
+    pub dns: Vec<std::net::IpAddr>,
+    /// DNS search domains.
+    pub dns_search: Vec<String>,
+    /// Itself as the default gateway (full tunnel).
+    pub gateway: bool,
 }
 
 #[cfg(test)]
@@ -437,10 +454,27 @@ mod tests {
             network,
             nets.clone(),
             &nets[1..2],
+            &Offer::default(),
         );
         assert_eq!(params.address4, Some("198.19.0.9/16".parse().expect("net")));
         assert_eq!(params.routes, vec![nets[0], nets[2]]);
         assert!(!params.default_route);
+        assert!(params.dns.is_empty());
+    }
+
+    #[test]
+    fn a_gateway_offers_the_default_route_and_its_dns() {
+        let network = "198.19.0.0/16".parse().expect("net");
+        let offer = Offer {
+            dns: vec!["198.19.0.1".parse().expect("ip")],
+            dns_search: vec!["vpn.example".into()],
+            gateway: true,
+        };
+        let params = pushed_params(Ipv4Addr::new(198, 19, 0, 9), network, [], &[], &offer);
+        assert!(params.default_route);
+        assert_eq!(params.dns, offer.dns);
+        assert_eq!(params.dns_search, offer.dns_search);
+        assert!(params.encode().is_ok());
     }
 
     #[test]

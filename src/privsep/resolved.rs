@@ -1,0 +1,240 @@
+//! DNS on the tun through systemd-resolved's D-Bus API (per link, as
+//! `resolvectl dns` / `domain` / `default-route` / `revert` do), with
+//! `zbus`. Only simplevpn-helper runs this: resolved lets a caller with
+//! CAP_NET_ADMIN configure links without asking polkit.
+//!
+//! [`plan`] is pure (which calls, with which arguments), so it is
+//! unit-tested; [`apply`] sends them.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use nix::libc;
+
+/// resolved's bus name, object and interface.
+const DESTINATION: &str = "org.freedesktop.resolve1";
+const PATH: &str = "/org/freedesktop/resolve1";
+const INTERFACE: &str = "org.freedesktop.resolve1.Manager";
+/// How long resolved may take to answer all the calls of one request.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// The routing domain that sends every name to this link's servers.
+pub const ROUTE_ALL: &str = ".";
+
+/// One method call on org.freedesktop.resolve1.Manager, with its arguments
+/// as resolved types them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    /// `SetLinkDNS(i ifindex, a(iay) addresses)`: (address family, bytes).
+    SetLinkDns {
+        index: i32,
+        servers: Vec<(i32, Vec<u8>)>,
+    },
+    /// `SetLinkDomains(i ifindex, a(sb) domains)`: (domain, routing only).
+    SetLinkDomains {
+        index: i32,
+        domains: Vec<(String, bool)>,
+    },
+    /// `SetLinkDefaultRoute(i ifindex, b enable)`.
+    SetLinkDefaultRoute { index: i32, enable: bool },
+    /// `RevertLink(i ifindex)`.
+    RevertLink { index: i32 },
+}
+
+impl Call {
+    /// The D-Bus method's name.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Call::SetLinkDns { .. } => "SetLinkDNS",
+            Call::SetLinkDomains { .. } => "SetLinkDomains",
+            Call::SetLinkDefaultRoute { .. } => "SetLinkDefaultRoute",
+            Call::RevertLink { .. } => "RevertLink",
+        }
+    }
+}
+
+/// Why DNS could not be set or reverted.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolvedError {
+    #[error("ifindex {0} does not fit D-Bus's int32")]
+    Index(u32),
+    #[error("no D-Bus system bus: {0}")]
+    NoBus(#[source] Box<zbus::Error>),
+    #[error("systemd-resolved: {method}: {source}")]
+    Call {
+        method: &'static str,
+        #[source]
+        source: Box<zbus::Error>,
+    },
+    #[error("systemd-resolved did not answer within {}s", TIMEOUT.as_secs())]
+    Timeout,
+}
+
+/// The calls that give link `index` these `servers` and search `domains`;
+/// with `route_all`, the routing domain "~." too and the link as resolved's
+/// default route, so that every name is resolved through it.
+pub fn plan(
+    index: u32,
+    servers: &[IpAddr],
+    domains: &[String],
+    route_all: bool,
+) -> Result<Vec<Call>, ResolvedError> {
+    let index = link(index)?;
+    let servers = servers
+        .iter()
+        .map(|server| match server {
+            IpAddr::V4(v4) => (libc::AF_INET, v4.octets().to_vec()),
+            IpAddr::V6(v6) => (libc::AF_INET6, v6.octets().to_vec()),
+        })
+        .collect();
+    let mut domains: Vec<(String, bool)> = domains.iter().map(|d| (d.clone(), false)).collect();
+    if route_all {
+        domains.push((ROUTE_ALL.to_string(), true));
+    }
+    Ok(vec![
+        Call::SetLinkDns { index, servers },
+        Call::SetLinkDomains { index, domains },
+        Call::SetLinkDefaultRoute {
+            index,
+            enable: route_all,
+        },
+    ])
+}
+
+/// The call that forgets everything set on link `index`.
+pub fn revert(index: u32) -> Result<Vec<Call>, ResolvedError> {
+    Ok(vec![Call::RevertLink {
+        index: link(index)?,
+    }])
+}
+
+fn link(index: u32) -> Result<i32, ResolvedError> {
+    i32::try_from(index).map_err(|_| ResolvedError::Index(index))
+}
+
+/// Sends `calls` to systemd-resolved on the system bus, in order.
+pub async fn apply(calls: &[Call]) -> Result<(), ResolvedError> {
+    tokio::time::timeout(TIMEOUT, async {
+        let bus = zbus::Connection::system()
+            .await
+            .map_err(|e| ResolvedError::NoBus(Box::new(e)))?;
+        for call in calls {
+            send(&bus, call)
+                .await
+                .map_err(|source| ResolvedError::Call {
+                    method: call.method(),
+                    source: Box::new(source),
+                })?;
+        }
+        Ok(())
+    })
+    .await
+    .unwrap_or(Err(ResolvedError::Timeout))
+}
+
+async fn send(bus: &zbus::Connection, call: &Call) -> zbus::Result<()> {
+    let method = call.method();
+    let reply = match call {
+        Call::SetLinkDns { index, servers } => {
+            bus.call_method(
+                Some(DESTINATION),
+                PATH,
+                Some(INTERFACE),
+                method,
+                &(*index, servers),
+            )
+            .await
+        }
+        Call::SetLinkDomains { index, domains } => {
+            bus.call_method(
+                Some(DESTINATION),
+                PATH,
+                Some(INTERFACE),
+                method,
+                &(*index, domains),
+            )
+            .await
+        }
+        Call::SetLinkDefaultRoute { index, enable } => {
+            bus.call_method(
+                Some(DESTINATION),
+                PATH,
+                Some(INTERFACE),
+                method,
+                &(*index, *enable),
+            )
+            .await
+        }
+        Call::RevertLink { index } => {
+            bus.call_method(Some(DESTINATION), PATH, Some(INTERFACE), method, &(*index,))
+                .await
+        }
+    };
+    reply.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zbus::zvariant::Type;
+
+    #[test]
+    fn the_calls_carry_resolveds_argument_types() {
+        let servers: Vec<IpAddr> = vec![
+            "198.19.0.1".parse().expect("ip"),
+            "2001:2::53".parse().expect("ip"),
+        ];
+        let calls = plan(7, &servers, &["vpn.example".into()], true).expect("plan");
+        let mut v6 = vec![0x20, 0x01, 0, 2];
+        v6.extend_from_slice(&[0; 10]);
+        v6.extend_from_slice(&[0, 0x53]);
+        assert_eq!(
+            calls,
+            vec![
+                Call::SetLinkDns {
+                    index: 7,
+                    servers: vec![(2, vec![198, 19, 0, 1]), (10, v6)],
+                },
+                Call::SetLinkDomains {
+                    index: 7,
+                    domains: vec![("vpn.example".into(), false), (".".into(), true)],
+                },
+                Call::SetLinkDefaultRoute {
+                    index: 7,
+                    enable: true
+                },
+            ]
+        );
+        // The D-Bus signatures resolved's methods take.
+        assert_eq!(
+            <(i32, Vec<(i32, Vec<u8>)>)>::SIGNATURE.to_string(),
+            "(ia(iay))"
+        );
+        assert_eq!(
+            <(i32, Vec<(String, bool)>)>::SIGNATURE.to_string(),
+            "(ia(sb))"
+        );
+        assert_eq!(<(i32, bool)>::SIGNATURE.to_string(), "(ib)");
+        assert_eq!(
+            calls.iter().map(Call::method).collect::<Vec<_>>(),
+            ["SetLinkDNS", "SetLinkDomains", "SetLinkDefaultRoute"]
+        );
+    }
+
+    #[test]
+    fn without_full_tunnel_no_routing_domain_and_revert_is_one_call() {
+        let calls = plan(3, &[], &["a.example".into()], false).expect("plan");
+        assert!(calls.contains(&Call::SetLinkDomains {
+            index: 3,
+            domains: vec![("a.example".into(), false)],
+        }));
+        assert!(calls.contains(&Call::SetLinkDefaultRoute {
+            index: 3,
+            enable: false
+        }));
+        assert_eq!(
+            revert(3).expect("revert"),
+            vec![Call::RevertLink { index: 3 }]
+        );
+        assert!(plan(u32::MAX, &[], &[], false).is_err());
+    }
+}
