@@ -157,11 +157,9 @@ impl NodeKey {
         let mut der = Vec::with_capacity(ED25519_PKCS8_PREFIX.len() + 32);
         der.extend_from_slice(&ED25519_PKCS8_PREFIX);
         der.extend_from_slice(hash.finish().as_ref());
-        let pair = KeyPair::from_pkcs8_der_and_sign_algo(
-            &PrivatePkcs8KeyDer::from(der),
-            &PKCS_ED25519,
-        )
-        .map_err(|e| KeyError::Generate(e.to_string()))?;
+        let pair =
+            KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(der), &PKCS_ED25519)
+                .map_err(|e| KeyError::Generate(e.to_string()))?;
         Ok(NodeKey { pair })
     }
 
