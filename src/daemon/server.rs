@@ -2,7 +2,8 @@
 //! ([`crate::session::server`]) and the peer table ([`super::peers`]).
 //!
 //! Receive path, a client's packet on its way out, stage by stage:
-//!   1. `run`: accept the TCP connection (a permit of `max_unauthenticated`);
+//!   1. `run`: accept the TCP connection (a permit of `max_unauthenticated`,
+//!      waited for up to `PLACE_WAIT` while the connection stays queued);
 //!   2. `serve`: the gate (TLS or the original protocol) within the
 //!      handshake deadline, then the ban check;
 //!   3. `connection`: read a frame (`FrameReader`), hand it to the
@@ -53,6 +54,14 @@ use crate::wire::{ipv4_addresses, Control, Decoder, Frame};
 const TUN_READ_ROOM: usize = 65536;
 /// How long a closing connection may take to flush what is queued for it.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
+/// While all `max_unauthenticated` places are taken, how long the next
+/// connection waits in the kernel's listen queue for one to free before it
+/// is accepted and closed. A burst (every client reconnecting after a
+/// restart) frees places at the handshake rate, so its clients are served
+/// in turn instead of being closed and sent into their backoff; connections
+/// that hold places without finishing (a flood) cost each newcomer this
+/// wait once, then newcomers are closed at once until a place frees.
+const PLACE_WAIT: Duration = Duration::from_millis(500);
 
 /// What every connection task, and the control service, shares.
 struct Shared {
@@ -152,7 +161,13 @@ pub async fn run(
         shutdown.clone(),
     ));
     tasks.spawn(tun_reader(tun, shared.clone(), shutdown.clone()));
+    let mut wait = PLACE_WAIT;
     loop {
+        // A place first: meanwhile new connections wait in the listen queue.
+        let place = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            place = timeout(wait, shared.unauthenticated.clone().acquire_owned()) => place.ok().and_then(Result::ok),
+        };
         tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -163,7 +178,10 @@ pub async fn run(
                         name = tracing::field::Empty,
                         addr = tracing::field::Empty
                     );
-                    let Ok(permit) = shared.unauthenticated.clone().try_acquire_owned() else {
+                    let place = place.or_else(|| shared.unauthenticated.clone().try_acquire_owned().ok());
+                    // Waited once in vain: no more waiting until a place frees.
+                    wait = if place.is_some() { PLACE_WAIT } else { Duration::ZERO };
+                    let Some(permit) = place else {
                         warn!(parent: &span, "refused: too many connections not yet granted an address (max_unauthenticated)");
                         continue;
                     };
