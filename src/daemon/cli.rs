@@ -35,6 +35,12 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
+    /// Server: where leases, bans and peers added live are kept
+    /// [default: /var/lib/simplevpn]. Global, so that one unit line serves
+    /// either role (a client keeps no state and ignores it).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -108,9 +114,6 @@ pub struct ServerArgs {
     /// A network reachable through the server, pushed to clients (repeat for more)
     #[arg(long = "route", value_name = "CIDR")]
     pub routes: Vec<IpNet>,
-    /// Where leases, bans and peers added live are kept [default: /var/lib/simplevpn]
-    #[arg(long, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off]
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
@@ -188,7 +191,6 @@ impl From<ServerArgs> for ServerSection {
                     .collect()
             }),
             routes: (!args.routes.is_empty()).then_some(args.routes),
-            state_dir: args.state_dir,
             metrics: args.metrics,
             gateway: args.gateway.then_some(true),
             masquerade: args.masquerade.then_some(true),
@@ -234,7 +236,10 @@ impl Cli {
         let mut source = None;
         let role = match self.command {
             Some(Command::Server(args)) => {
-                let flags = ServerSection::from(args);
+                let flags = ServerSection {
+                    state_dir: self.state_dir.clone(),
+                    ..ServerSection::from(args)
+                };
                 let config = server_settings(file.server, file.metrics, flags.clone())?;
                 source = Some(ServerSource {
                     file: self.config.clone(),
@@ -250,15 +255,15 @@ impl Cli {
             Some(Command::Pubkey { path }) => return Ok(Action::Pubkey(path)),
             None => match (file.server, file.client) {
                 (Some(server), None) => {
+                    let flags = ServerSection {
+                        state_dir: self.state_dir.clone(),
+                        ..ServerSection::default()
+                    };
                     source = Some(ServerSource {
                         file: self.config.clone(),
-                        flags: ServerSection::default(),
+                        flags: flags.clone(),
                     });
-                    Role::Server(server_settings(
-                        Some(server),
-                        file.metrics,
-                        ServerSection::default(),
-                    )?)
+                    Role::Server(server_settings(Some(server), file.metrics, flags)?)
                 }
                 (None, Some(client)) => Role::Client(client.resolve()?),
                 (Some(_), Some(_)) => return Err(ConfigError::new(
@@ -327,6 +332,41 @@ mod tests {
             control_socket(&["simplevpnd", "--config", file]),
             Ok(PathBuf::from(crate::config::DEFAULT_CONTROL_SOCKET))
         );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn the_template_units_command_line_serves_either_role() {
+        // packaging/systemd/simplevpnd@.service passes --state-dir whatever
+        // role the file names.
+        let dir = std::env::temp_dir().join(format!("svpn-cli-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        for (name, text) in [
+            ("server.toml", "[server]\nlegacy = true\n"),
+            ("client.toml", "[client]\nserver = \"198.18.100.1:2002\"\n"),
+        ] {
+            let file = dir.join(name);
+            std::fs::write(&file, text).expect("write");
+            let file = file.to_str().expect("utf-8 path");
+            let args = [
+                "simplevpnd",
+                "--config",
+                file,
+                "--control",
+                "/run/simplevpn/home.sock",
+                "--state-dir",
+                "/var/lib/simplevpn/home",
+            ];
+            let cli = Cli::try_parse_from(args).expect("parses");
+            match cli.into_action().expect("resolves") {
+                Action::Run(settings) => {
+                    if let Role::Server(config) = &settings.role {
+                        assert_eq!(config.state_dir, PathBuf::from("/var/lib/simplevpn/home"));
+                    }
+                }
+                other => panic!("{name}: not a run: {other:?}"),
+            }
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 }
