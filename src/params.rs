@@ -385,13 +385,8 @@ mod tests {
     use bytes::BytesMut;
 
     use super::*;
+    use crate::wire::tests::hex;
     use crate::wire::{Decoder, ExtensionKind, Frame};
-
-    fn hex(s: &str) -> Vec<u8> {
-        s.split_whitespace()
-            .map(|b| u8::from_str_radix(b, 16).expect("test hex"))
-            .collect()
-    }
 
     fn example() -> SessionParams {
         SessionParams {

@@ -385,10 +385,11 @@ fn ipv4_at(buf: &[u8], offset: usize) -> Ipv4Addr {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn hex(s: &str) -> Vec<u8> {
+    /// Bytes from hex pairs separated by white space ("45 14 00 ...").
+    pub(crate) fn hex(s: &str) -> Vec<u8> {
         s.split_whitespace()
             .map(|b| u8::from_str_radix(b, 16).expect("test hex"))
             .collect()

@@ -855,11 +855,8 @@ mod tests {
         text.parse().expect("net")
     }
 
-    fn params(routes: &[&str]) -> Frame {
-        let params = SessionParams {
-            routes: routes.iter().map(|r| net(r)).collect(),
-            ..SessionParams::default()
-        };
+    /// `params` as the frame a server sends, decoded as the client would.
+    fn params_frame(params: SessionParams) -> Frame {
         let frame = params.encode().expect("encodes");
         let mut buf = bytes::BytesMut::from(&frame[..]);
         crate::wire::Decoder::default()
@@ -867,6 +864,13 @@ mod tests {
             .decode(&mut buf)
             .expect("decodes")
             .expect("whole")
+    }
+
+    fn params(routes: &[&str]) -> Frame {
+        params_frame(SessionParams {
+            routes: routes.iter().map(|r| net(r)).collect(),
+            ..SessionParams::default()
+        })
     }
 
     fn route_actions(session: &mut ClientSession) -> Vec<String> {
@@ -1358,19 +1362,12 @@ mod tests {
     }
 
     fn gateway_params(dns: &[&str]) -> Frame {
-        let params = SessionParams {
+        params_frame(SessionParams {
             default_route: true,
             dns: dns.iter().map(|d| d.parse().expect("ip")).collect(),
             dns_search: vec!["vpn.example".into()],
             ..SessionParams::default()
-        };
-        let frame = params.encode().expect("encodes");
-        let mut buf = bytes::BytesMut::from(&frame[..]);
-        crate::wire::Decoder::default()
-            .with_extensions()
-            .decode(&mut buf)
-            .expect("decodes")
-            .expect("whole")
+        })
     }
 
     fn full_actions(session: &mut ClientSession) -> Vec<String> {
