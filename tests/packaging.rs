@@ -75,7 +75,7 @@ fn settings(unit: &str) -> Vec<&str> {
     unit.lines()
         .filter(|line| !line.starts_with('#'))
         .filter(|line| {
-            !["Description=", "ExecStart=", "StateDirectory="]
+            !["Description=", "ExecStart=", "StateDirectory=", "ExecReload="]
                 .iter()
                 .any(|differs| line.starts_with(differs))
         })
@@ -107,7 +107,8 @@ fn the_template_unit_is_the_plain_unit_with_another_config_and_socket() {
         "ExecStart=/usr/sbin/simplevpnd --config /etc/simplevpn/%i.toml \
          --control /run/simplevpn/%i.sock --state-dir /var/lib/simplevpn/%i"
     );
-    // Each daemon has a state of its own, and reloads on SIGHUP.
+    // Each daemon has a state of its own, and reloads through its own
+    // control socket.
     assert_eq!(line(UNIT, "StateDirectory="), "StateDirectory=simplevpn");
     assert_eq!(
         line(TEMPLATE, "StateDirectory="),
@@ -115,6 +116,10 @@ fn the_template_unit_is_the_plain_unit_with_another_config_and_socket() {
     );
     assert_eq!(
         line(UNIT, "ExecReload="),
-        "ExecReload=/bin/kill -HUP $MAINPID"
+        "ExecReload=/usr/bin/svpnctl --socket /run/simplevpn/control.sock reload"
+    );
+    assert_eq!(
+        line(TEMPLATE, "ExecReload="),
+        "ExecReload=/usr/bin/svpnctl --socket /run/simplevpn/%i.sock reload"
     );
 }
