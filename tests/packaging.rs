@@ -75,9 +75,14 @@ fn settings(unit: &str) -> Vec<&str> {
     unit.lines()
         .filter(|line| !line.starts_with('#'))
         .filter(|line| {
-            !["Description=", "ExecStart=", "StateDirectory=", "ExecReload="]
-                .iter()
-                .any(|differs| line.starts_with(differs))
+            ![
+                "Description=",
+                "ExecStart=",
+                "StateDirectory=",
+                "ExecReload=",
+            ]
+            .iter()
+            .any(|differs| line.starts_with(differs))
         })
         .collect()
 }

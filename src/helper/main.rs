@@ -460,9 +460,15 @@ impl State {
 /// Whether this process is in PID 1's network namespace (false if that
 /// cannot be told).
 fn same_netns_as_init() -> bool {
-    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net"));
     match (ns("1"), ns("self")) {
-        (Some(init), Some(me)) => init == me,
+        (Ok(init), Ok(me)) => init == me,
+        // PID 1's link is not ours to read in the hardened unit (reading it
+        // takes CAP_SYS_PTRACE, or PID 1's capabilities, and ProtectProc=
+        // hides /proc/1): then whether systemd's own socket is in this
+        // namespace's table says it.
+        (Err(_), Ok(_)) => std::fs::read_to_string("/proc/self/net/unix")
+            .is_ok_and(|table| resolved::listens_at(&table, resolved::SYSTEMD_PRIVATE_SOCKET)),
         _ => false,
     }
 }

@@ -1,7 +1,12 @@
 //! DNS on the tun through systemd-resolved's D-Bus API (per link, as
 //! `resolvectl dns` / `domain` / `default-route` / `revert` do), with
-//! `zbus`. Only simplevpn-helper runs this: resolved lets a caller with
-//! CAP_NET_ADMIN configure links without asking polkit.
+//! `zbus`. Only simplevpn-helper runs this. resolved lets root configure
+//! links and asks polkit about anyone else: CAP_NET_ADMIN does not count,
+//! because the bus (dbus-daemon, dbus-broker) passes no capabilities and
+//! sd-bus will not take them from /proc. The helper runs as the service
+//! user, so the packages ship a polkit rule that grants that user these
+//! four actions (packaging/polkit/simplevpn.rules); without polkit the calls
+//! are refused ("Access denied") and the daemon goes on without DNS.
 //!
 //! [`plan`] is pure (which calls, with which arguments), so it is
 //! unit-tested; [`apply`] sends them.
@@ -105,6 +110,27 @@ pub fn revert(index: u32) -> Result<Vec<Call>, ResolvedError> {
     Ok(vec![Call::RevertLink {
         index: link(index)?,
     }])
+}
+
+/// The socket systemd (PID 1) listens on for its private API; it binds it
+/// in its own network namespace.
+pub const SYSTEMD_PRIVATE_SOCKET: &str = "/run/systemd/private";
+
+/// Whether `table` (the text of /proc/self/net/unix: this network
+/// namespace's unix sockets) has a socket listening at `path`.
+pub fn listens_at(table: &str, path: &str) -> bool {
+    /// `__SO_ACCEPTCON` in the Flags column: a listening socket.
+    const ACCEPTCON: u32 = 1 << 16;
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match (fields.get(3), fields.get(7)) {
+            (Some(flags), Some(bound)) => {
+                *bound == path
+                    && u32::from_str_radix(flags, 16).is_ok_and(|flags| flags & ACCEPTCON != 0)
+            }
+            _ => false,
+        }
+    })
 }
 
 fn link(index: u32) -> Result<i32, ResolvedError> {
@@ -218,6 +244,27 @@ mod tests {
             calls.iter().map(Call::method).collect::<Vec<_>>(),
             ["SetLinkDNS", "SetLinkDomains", "SetLinkDefaultRoute"]
         );
+    }
+
+    #[test]
+    fn a_listening_socket_is_found_by_its_path_in_proc_net_unix() {
+        let table = "\
+Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000000: 00000002 00000000 00010000 0001 01 17045 /run/systemd/private
+0000000000000000: 00000003 00000000 00000000 0001 03 20110 /run/systemd/private
+0000000000000000: 00000002 00000000 00000000 0002 01 16933 /run/systemd/notify
+0000000000000000: 00000003 00000000 00000000 0001 03 20111
+";
+        assert!(listens_at(table, SYSTEMD_PRIVATE_SOCKET));
+        // Bound but not listening, or only a connection to it: no.
+        assert!(!listens_at(table, "/run/systemd/notify"));
+        let connected_only = table.replace("00010000", "00000000");
+        assert!(!listens_at(&connected_only, SYSTEMD_PRIVATE_SOCKET));
+        // Another namespace's table: PID 1's socket is not in it.
+        assert!(!listens_at(
+            "Num       RefCount Protocol Flags    Type St Inode Path\n",
+            SYSTEMD_PRIVATE_SOCKET
+        ));
     }
 
     #[test]
