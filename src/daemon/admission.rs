@@ -215,6 +215,11 @@ pub struct Admission {
     sources: Arc<SourceLimits>,
 }
 
+/// One of the `max_unauthenticated` global places, held before a
+/// connection is accepted.
+#[derive(Debug)]
+pub struct Place(OwnedSemaphorePermit);
+
 /// What a connection holds until it is granted an address: dropping it
 /// frees its global permit and its source's slot.
 #[derive(Debug)]
@@ -232,13 +237,47 @@ impl Admission {
     }
 
     /// Lets a new connection from `ip` wait for its handshake, or says why
-    /// not.
+    /// not (the server takes its place first: [`Admission::place`]).
+    #[cfg(test)]
     pub fn admit(&self, ip: IpAddr) -> Result<Pending, RefusalReason> {
         let global = self
             .global
             .clone()
             .try_acquire_owned()
             .map_err(|_| RefusalReason::GlobalCap)?;
+        self.admit_with(global, ip)
+    }
+
+    /// A global place, at once or within `wait` (none if it stays full):
+    /// taken before `accept`, so that while every place is held a new
+    /// connection waits in the kernel's listen queue instead of being
+    /// accepted and closed. A burst (every client reconnecting after a
+    /// restart) frees places at the handshake rate, and is served in turn
+    /// rather than sent into its backoff.
+    pub async fn place(&self, wait: Duration) -> Option<Place> {
+        if let Ok(place) = self.global.clone().try_acquire_owned() {
+            return Some(Place(place));
+        }
+        if wait.is_zero() {
+            return None;
+        }
+        match tokio::time::timeout(wait, self.global.clone().acquire_owned()).await {
+            Ok(Ok(place)) => Some(Place(place)),
+            _ => None,
+        }
+    }
+
+    /// [`Admission::admit`] for a connection that already holds a global
+    /// `place` (from [`Admission::place`]).
+    pub fn admit_placed(&self, place: Place, ip: IpAddr) -> Result<Pending, RefusalReason> {
+        self.admit_with(place.0, ip)
+    }
+
+    fn admit_with(
+        &self,
+        global: OwnedSemaphorePermit,
+        ip: IpAddr,
+    ) -> Result<Pending, RefusalReason> {
         let source = self
             .sources
             .try_acquire(ip)
@@ -401,6 +440,24 @@ impl RefusalSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_place_is_waited_for_until_one_frees_or_the_wait_ends() {
+        let admission = Admission::new(1, 1);
+        let ip: IpAddr = "198.18.0.1".parse().expect("ip");
+        let first = admission.place(Duration::ZERO).await.expect("free");
+        let first = admission.admit_placed(first, ip).expect("admitted");
+        // Full: no place at once, none within a short wait.
+        assert!(admission.place(Duration::ZERO).await.is_none());
+        assert!(admission.place(Duration::from_millis(20)).await.is_none());
+        // A place freed while waiting is taken.
+        let waiter = admission.clone();
+        let waiting =
+            tokio::spawn(async move { waiter.place(Duration::from_secs(5)).await.is_some() });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(first);
+        assert!(waiting.await.expect("joins"));
+    }
 
     fn v4(last: u8) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(198, 18, 1, last))

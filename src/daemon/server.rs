@@ -62,6 +62,12 @@ use crate::wire::{ipv4_addresses, Control, Decoder, Frame};
 
 /// How long a closing connection may take to flush what is queued for it.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
+/// While every `max_unauthenticated` place is held, how long the next
+/// connection waits in the kernel's listen queue for one to free before it
+/// is accepted and refused: a reconnect burst is served in turn instead of
+/// being sent into its backoff; a flood costs each newcomer this wait once,
+/// then newcomers are refused at once until a place frees.
+const PLACE_WAIT: Duration = Duration::from_millis(500);
 
 /// What every connection task, and the control service, shares.
 struct Shared {
@@ -344,7 +350,18 @@ pub async fn run(
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| warn!(error = %e, "no SIGHUP handler: reload with svpnctl reload"))
         .ok();
+    // How long the next connection may wait in the listen queue for a
+    // place; after one wait in vain, none until a place frees.
+    let mut wait = PLACE_WAIT;
     loop {
+        let place = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            place = shared.admission.place(wait) => place,
+        };
+        wait = match place {
+            Some(_) => PLACE_WAIT,
+            None => Duration::ZERO,
+        };
         tokio::select! {
             _ = shutdown.cancelled() => break,
             why = shared.tun_health.failed() => {
@@ -373,7 +390,16 @@ pub async fn run(
                         name = tracing::field::Empty,
                         addr = tracing::field::Empty
                     );
-                    let pending = match shared.admission.admit(remote.ip()) {
+                    // A place may have freed since the wait ended.
+                    let place = match place {
+                        Some(place) => Some(place),
+                        None => shared.admission.place(Duration::ZERO).await,
+                    };
+                    let admitted = match place {
+                        Some(place) => shared.admission.admit_placed(place, remote.ip()),
+                        None => Err(RefusalReason::GlobalCap),
+                    };
+                    let pending = match admitted {
                         Ok(pending) => pending,
                         Err(kind) => {
                             let reason = match kind {
