@@ -755,6 +755,17 @@ impl PeerTable {
 mod tests {
     use super::*;
 
+    /// A table over `network` with these fixed addresses and room to spare.
+    fn table_of(network: &str, fixed: &[Ipv4Addr]) -> PeerTable {
+        let network = network.parse().expect("net");
+        PeerTable::new(network, fixed.iter().copied(), MemoryBudget::new(1 << 20))
+    }
+
+    /// A table over 198.19.0.0/16.
+    fn new_table() -> PeerTable {
+        table_of("198.19.0.0/16", &[])
+    }
+
     fn peer_with(
         table: &PeerTable,
         port: u16,
@@ -774,67 +785,55 @@ mod tests {
 
     #[test]
     fn grant_goes_out_first_and_packets_follow() {
-        let registry = PeerTable::new(
-            "198.19.0.0/16".parse().expect("net"),
-            [],
-            MemoryBudget::new(1 << 20),
-        );
-        let (a, mut rx) = link(&registry, 1000);
-        let address = registry.admit(Request::Dynamic, &a).expect("grant").address;
+        let table = new_table();
+        let (a, mut rx) = link(&table, 1000);
+        let address = table.admit(Request::Dynamic, &a).expect("grant").address;
         let stats = &a.stats;
         assert_eq!(address, Ipv4Addr::new(198, 19, 0, 2));
         let grant = rx.try_recv().expect("grant queued");
         assert_eq!(&grant[12..16], &[255, 255, 0, 0]);
         assert_eq!(&grant[16..20], &[198, 19, 0, 2]);
         assert_eq!(
-            registry.deliver(address, Bytes::from_static(b"one")),
+            table.deliver(address, Bytes::from_static(b"one")),
             Delivery::Queued
         );
         assert_eq!(
-            registry.deliver(address, Bytes::from_static(b"two")),
+            table.deliver(address, Bytes::from_static(b"two")),
             Delivery::Queued
         );
         assert_eq!(
-            registry.deliver(address, Bytes::from_static(b"three")),
+            table.deliver(address, Bytes::from_static(b"three")),
             Delivery::QueueFull
         );
         assert_eq!(stats.dropped_queue_full.load(Ordering::Relaxed), 1);
         assert_eq!(stats.tx_packets.load(Ordering::Relaxed), 2);
         assert_eq!(
-            registry.deliver(Ipv4Addr::new(198, 19, 0, 9), Bytes::new()),
+            table.deliver(Ipv4Addr::new(198, 19, 0, 9), Bytes::new()),
             Delivery::NoPeer(Bytes::new())
         );
     }
 
     #[test]
     fn remove_frees_only_its_own_address() {
-        let registry = PeerTable::new(
-            "198.19.0.0/16".parse().expect("net"),
-            [],
-            MemoryBudget::new(1 << 20),
-        );
-        let (a, _rx_a) = link(&registry, 1000);
+        let table = new_table();
+        let (a, _rx_a) = link(&table, 1000);
         let a_id = a.id;
-        let address = registry
+        let address = table
             .admit(Request::Static(Ipv4Addr::new(198, 19, 0, 7)), &a)
             .expect("grant")
             .address;
-        let (b, _rx_b) = link(&registry, 1001);
+        let (b, _rx_b) = link(&table, 1001);
         assert_eq!(
-            registry
-                .admit(Request::Static(address), &b)
-                .map(|g| g.address),
+            table.admit(Request::Static(address), &b).map(|g| g.address),
             Err(Refusal::Taken(address))
         );
-        registry.remove(address, a_id + 100);
-        assert_eq!(registry.len(), 1);
-        registry.remove(address, a_id);
-        assert_eq!(registry.len(), 0);
-        let (c, _rx_c) = link(&registry, 1002);
+        table.remove(address, a_id + 100);
+        assert_eq!(table.len(), 1);
+        table.remove(address, a_id);
+        assert_eq!(table.len(), 0);
+        let (c, _rx_c) = link(&table, 1002);
         assert_eq!(
-            registry
-                .admit(Request::Static(address), &c)
-                .map(|g| g.address),
+            table.admit(Request::Static(address), &c).map(|g| g.address),
             Ok(address)
         );
     }
@@ -842,99 +841,85 @@ mod tests {
     #[test]
     fn fixed_addresses_belong_to_their_key() {
         let fixed = Ipv4Addr::new(198, 19, 0, 2);
-        let registry = PeerTable::new(
-            "198.19.0.0/16".parse().expect("net"),
-            [fixed],
-            MemoryBudget::new(1 << 20),
-        );
+        let table = table_of("198.19.0.0/16", &[fixed]);
         let key: crate::keys::PublicKey = "ScFYNjnPxvAxr6GGa07nJpY3Y6mxoP6KgSTp3vU//xo="
             .parse()
             .expect("key");
-        let with_key = |registry: &PeerTable, port| {
+        let with_key = |table: &PeerTable, port| {
             let identity = Identity::Tls {
                 key,
                 name: Some("laptop".into()),
                 fixed: Some(fixed),
             };
-            peer_with(registry, port, identity)
+            peer_with(table, port, identity)
         };
         // Nobody else gets it, by static or dynamic request.
-        let (other, _rx) = link(&registry, 1000);
+        let (other, _rx) = link(&table, 1000);
         assert_eq!(
-            registry
+            table
                 .admit(Request::Static(fixed), &other)
                 .map(|g| g.address),
             Err(Refusal::Taken(fixed))
         );
-        let (other, _rx) = link(&registry, 1001);
+        let (other, _rx) = link(&table, 1001);
         assert_eq!(
-            registry.admit(Request::Dynamic, &other).map(|g| g.address),
+            table.admit(Request::Dynamic, &other).map(|g| g.address),
             Ok(Ipv4Addr::new(198, 19, 0, 3))
         );
         // Its key gets it whatever it asks for; a second connection of the
         // same key takes over and the first is kicked.
-        let (first, _rx1) = with_key(&registry, 1002);
+        let (first, _rx1) = with_key(&table, 1002);
         let (first_id, first_kick) = (first.id, first.kick.clone());
         assert_eq!(
-            registry.admit(Request::Dynamic, &first).map(|g| g.address),
+            table.admit(Request::Dynamic, &first).map(|g| g.address),
             Ok(fixed)
         );
-        let (second, _rx2) = with_key(&registry, 1003);
+        let (second, _rx2) = with_key(&table, 1003);
         assert_eq!(
-            registry
+            table
                 .admit(Request::Static(Ipv4Addr::new(198, 19, 9, 9)), &second)
                 .map(|g| g.address),
             Ok(fixed)
         );
         assert!(first_kick.is_cancelled());
-        let info = registry.peer(fixed).expect("held");
+        let info = table.peer(fixed).expect("held");
         assert_eq!(info.remote.port(), 1003);
         assert_eq!(info.identity.name(), Some("laptop"));
         assert_eq!(info.identity.protocol(), crate::session::Protocol::Tls);
         // The old connection's cleanup does not free it from the new one.
-        registry.remove(fixed, first_id);
-        assert!(registry.peer(fixed).is_some());
+        table.remove(fixed, first_id);
+        assert!(table.peer(fixed).is_some());
     }
 
     #[test]
     fn peers_are_listed_by_address_and_kicked_by_token() {
-        let registry = PeerTable::new(
-            "198.19.0.0/16".parse().expect("net"),
-            [],
-            MemoryBudget::new(1 << 20),
-        );
-        let (a, _rx_a) = link(&registry, 1000);
-        let (b, _rx_b) = link(&registry, 1001);
+        let table = new_table();
+        let (a, _rx_a) = link(&table, 1000);
+        let (b, _rx_b) = link(&table, 1001);
         let kick_a = a.kick.clone();
         a.stats.count_rx(100);
         a.stats.seen();
-        registry
+        table
             .admit(Request::Static(Ipv4Addr::new(198, 19, 0, 9)), &a)
             .expect("a");
-        registry.admit(Request::Dynamic, &b).expect("b");
-        let peers = registry.peers();
+        table.admit(Request::Dynamic, &b).expect("b");
+        let peers = table.peers();
         let addresses: Vec<_> = peers.iter().map(|p| p.address).collect();
         assert_eq!(
             addresses,
             [Ipv4Addr::new(198, 19, 0, 2), Ipv4Addr::new(198, 19, 0, 9)]
         );
-        let a_info = registry
-            .peer(Ipv4Addr::new(198, 19, 0, 9))
-            .expect("a listed");
+        let a_info = table.peer(Ipv4Addr::new(198, 19, 0, 9)).expect("a listed");
         assert_eq!((a_info.rx_bytes, a_info.rx_packets), (100, 1));
         assert!(a_info.last_seen > UNIX_EPOCH);
-        assert_eq!(registry.kick(Ipv4Addr::new(198, 19, 0, 9)), Some(a_info));
+        assert_eq!(table.kick(Ipv4Addr::new(198, 19, 0, 9)), Some(a_info));
         assert!(kick_a.is_cancelled());
-        assert_eq!(registry.kick(Ipv4Addr::new(198, 19, 0, 77)), None);
+        assert_eq!(table.kick(Ipv4Addr::new(198, 19, 0, 77)), None);
     }
 
     #[test]
     fn packets_for_a_clients_networks_go_to_it_until_it_leaves() {
-        let table = PeerTable::new(
-            "198.19.0.0/16".parse().expect("net"),
-            [],
-            MemoryBudget::new(1 << 20),
-        );
+        let table = new_table();
         let (queue, mut rx) = crate::connection::queue(4, 1 << 20, None);
         let remote = SocketAddr::from(([198, 18, 0, 2], 1000));
         let lan: IpNet = "198.18.201.0/24".parse().expect("net");
@@ -961,11 +946,7 @@ mod tests {
 
     #[test]
     fn bans_refuse_by_key_or_remote_until_they_expire() {
-        let table = PeerTable::new(
-            "198.19.0.0/16".parse().expect("net"),
-            [],
-            MemoryBudget::new(1 << 20),
-        );
+        let table = new_table();
         let (a, _rx) = link(&table, 1000);
         let address = table.admit(Request::Dynamic, &a).expect("grant").address;
         let now = SystemTime::now();
@@ -1007,11 +988,7 @@ mod tests {
 
     #[test]
     fn a_key_without_a_fixed_address_never_holds_two() {
-        let table = PeerTable::new(
-            "198.19.0.0/16".parse().expect("net"),
-            [],
-            MemoryBudget::new(1 << 20),
-        );
+        let table = new_table();
         let (first, _rx1) = tls_peer(&table, 1);
         let held = table.admit(Request::Dynamic, &first).expect("first");
         assert_eq!(held.replaced, None);
@@ -1051,11 +1028,7 @@ mod tests {
 
     #[test]
     fn a_key_that_keeps_taking_over_is_refused_and_the_holder_stays() {
-        let table = PeerTable::new(
-            "198.19.0.0/16".parse().expect("net"),
-            [],
-            MemoryBudget::new(1 << 20),
-        );
+        let table = new_table();
         let t0 = Instant::now();
         let mut holder = None;
         for i in 0..=crate::daemon::takeover::MAX_TAKEOVERS as u16 {
@@ -1099,11 +1072,7 @@ mod tests {
 
     #[test]
     fn a_key_keeps_its_leased_address_while_away_until_the_lease_expires() {
-        let table = PeerTable::new(
-            "198.19.0.0/29".parse().expect("net"),
-            [],
-            MemoryBudget::new(1 << 20),
-        );
+        let table = table_of("198.19.0.0/29", &[]);
         let key = PublicKey::from_raw(&[1; 32]).expect("key");
         table.restore(Vec::new(), Vec::new(), Duration::from_secs(3600));
         let (first, _rx) = peer_with(&table, 1000, tls(key));
@@ -1135,11 +1104,7 @@ mod tests {
         table.remove(address, again.id);
 
         // After a restart with an expired lease, the address is free again.
-        let restarted = PeerTable::new(
-            "198.19.0.0/29".parse().expect("net"),
-            [],
-            MemoryBudget::new(1 << 20),
-        );
+        let restarted = table_of("198.19.0.0/29", &[]);
         let expired = Lease {
             expires: SystemTime::now() - Duration::from_secs(1),
             ..lease.clone()
@@ -1153,11 +1118,7 @@ mod tests {
             Ok(address)
         );
         // A live one is honoured after a restart.
-        let restarted = PeerTable::new(
-            "198.19.0.0/29".parse().expect("net"),
-            [],
-            MemoryBudget::new(1 << 20),
-        );
+        let restarted = table_of("198.19.0.0/29", &[]);
         restarted.restore(vec![lease], Vec::new(), Duration::from_secs(3600));
         let free_before = restarted.free_count();
         let (back, _rx) = peer_with(&restarted, 2001, tls(key));
@@ -1170,11 +1131,7 @@ mod tests {
 
     #[test]
     fn restored_bans_refuse_until_they_expire() {
-        let table = PeerTable::new(
-            "198.19.0.0/16".parse().expect("net"),
-            [],
-            MemoryBudget::new(1 << 20),
-        );
+        let table = new_table();
         let now = SystemTime::now();
         let who = Banned::Key(PublicKey::from_raw(&[2; 32]).expect("key"));
         let ban = Ban {
@@ -1190,11 +1147,7 @@ mod tests {
 
     #[test]
     fn fixed_addresses_change_live_but_never_take_one_in_use() {
-        let table = PeerTable::new(
-            "198.19.0.0/16".parse().expect("net"),
-            [],
-            MemoryBudget::new(1 << 20),
-        );
+        let table = new_table();
         let (a, _rx) = link(&table, 1000);
         let held = table
             .admit(Request::Dynamic, &a)

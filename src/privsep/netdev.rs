@@ -227,53 +227,62 @@ impl LinkConfig {
     /// Adds a route to `dest` through the link (which must be up). A route
     /// that already exists is not an error.
     pub async fn add_route(&self, index: u32, dest: Ipv4Net) -> Result<(), NetdevError> {
-        let result = self
-            .handle
-            .route()
-            .add(route_message(index, dest))
-            .execute()
-            .await;
-        ignore_errno(result, libc::EEXIST)
-            .map_err(|e| netlink_err(format!("add route {}", dest.trunc()), index, e))
+        self.change_route(Change::Add, index, route_message(index, dest), dest.trunc())
+            .await
     }
 
     /// Deletes the route to `dest` through the link. A missing route is not
     /// an error.
     pub async fn del_route(&self, index: u32, dest: Ipv4Net) -> Result<(), NetdevError> {
-        let result = self
-            .handle
-            .route()
-            .del(route_message(index, dest))
-            .execute()
-            .await;
-        ignore_errno(result, libc::ESRCH)
-            .map_err(|e| netlink_err(format!("delete route {}", dest.trunc()), index, e))
+        self.change_route(
+            Change::Delete,
+            index,
+            route_message(index, dest),
+            dest.trunc(),
+        )
+        .await
     }
 
     /// Adds a route to the IPv6 network `dest` through the link. A route
     /// that already exists is not an error.
     pub async fn add_route6(&self, index: u32, dest: Ipv6Net) -> Result<(), NetdevError> {
-        let result = self
-            .handle
-            .route()
-            .add(route6_message(index, dest))
-            .execute()
-            .await;
-        ignore_errno(result, libc::EEXIST)
-            .map_err(|e| netlink_err(format!("add route {}", dest.trunc()), index, e))
+        self.change_route(
+            Change::Add,
+            index,
+            route6_message(index, dest),
+            dest.trunc(),
+        )
+        .await
     }
 
     /// Deletes the route to the IPv6 network `dest` through the link. A
     /// missing route is not an error.
     pub async fn del_route6(&self, index: u32, dest: Ipv6Net) -> Result<(), NetdevError> {
-        let result = self
-            .handle
-            .route()
-            .del(route6_message(index, dest))
-            .execute()
-            .await;
-        ignore_errno(result, libc::ESRCH)
-            .map_err(|e| netlink_err(format!("delete route {}", dest.trunc()), index, e))
+        self.change_route(
+            Change::Delete,
+            index,
+            route6_message(index, dest),
+            dest.trunc(),
+        )
+        .await
+    }
+
+    /// Adds or deletes one route, idempotently: adding one that exists, or
+    /// deleting one that is gone, is not an error.
+    async fn change_route(
+        &self,
+        change: Change,
+        index: u32,
+        message: RouteMessage,
+        dest: impl std::fmt::Display,
+    ) -> Result<(), NetdevError> {
+        let routes = self.handle.route();
+        let (result, already, verb) = match change {
+            Change::Add => (routes.add(message).execute().await, libc::EEXIST, "add"),
+            Change::Delete => (routes.del(message).execute().await, libc::ESRCH, "delete"),
+        };
+        ignore_errno(result, already)
+            .map_err(|e| netlink_err(format!("{verb} route {dest}"), index, e))
     }
 
     /// The IPv4 unicast routes of the host's main table.
@@ -358,6 +367,13 @@ impl LinkConfig {
 
 /// The route message used both to add and to delete `dest` via `index`
 /// (deletion only matches a route with the same scope, table and protocol).
+/// Whether a route is added or deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Add,
+    Delete,
+}
+
 fn route_message(index: u32, dest: Ipv4Net) -> RouteMessage {
     RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(dest.network(), dest.prefix_len())
