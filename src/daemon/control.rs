@@ -388,6 +388,7 @@ fn requested_peer(request: &proto::AddPeerRequest) -> Result<PeerSection, Status
         key,
         name: (!request.name.is_empty()).then(|| request.name.clone()),
         address,
+        address6: None,
         routes,
     })
 }
@@ -539,6 +540,7 @@ impl From<&PeerInfo> for proto::Peer {
     fn from(p: &PeerInfo) -> proto::Peer {
         proto::Peer {
             address: p.address.to_string(),
+            address6: p.address6.map(|a| a.to_string()).unwrap_or_default(),
             remote: p.remote.to_string(),
             connected_since: Some(p.connected_since.into()),
             last_seen: Some(p.last_seen.into()),

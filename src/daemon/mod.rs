@@ -11,6 +11,7 @@ pub mod helper;
 mod metrics;
 mod notify;
 mod peers;
+mod peers6;
 pub mod privileges;
 pub mod server;
 mod takeover;

@@ -24,13 +24,13 @@
 //!      into vectored writes.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv6Net};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, timeout_at, Instant};
@@ -54,11 +54,12 @@ use crate::daemon::tun::{AsyncTun, TunHealth};
 use crate::keys::{NodeKey, PublicKey};
 use crate::limits::MAX_PACKET;
 use crate::pool::server_address;
+use crate::pool6::server_address6;
 use crate::privsep::protocol::Forwarding;
 use crate::proto;
 use crate::session::server::{pushed_params, Action, DropReason, Ending, Offer, ServerSession};
 use crate::state::{Ban, Lease, SqliteStore, StateStore};
-use crate::wire::{ipv4_addresses, Control, Decoder, Frame};
+use crate::wire::{ip_addresses, Control, Decoder, Frame};
 
 /// How long a closing connection may take to flush what is queued for it.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
@@ -195,15 +196,19 @@ fn fitting_live(config: &ServerConfig, stored: Vec<PeerSection>) -> Vec<PeerSect
     live
 }
 
-/// The IPv4 networks behind `peers` (routed into the tun).
-fn tun_routes(peers: &[AllowedPeer]) -> HashSet<Ipv4Net> {
+/// The networks behind `peers` (routed into the tun).
+fn tun_routes(peers: &[AllowedPeer]) -> HashSet<IpNet> {
     peers
         .iter()
-        .flat_map(|p| p.section.routes.iter())
-        .filter_map(|r| match r {
-            IpNet::V4(net) => Some(*net),
-            IpNet::V6(_) => None,
-        })
+        .flat_map(|p| p.section.routes.iter().copied())
+        .collect()
+}
+
+/// The IPv6 addresses fixed for `peers`' keys.
+fn fixed6(peers: &[AllowedPeer]) -> HashMap<PublicKey, Ipv6Addr> {
+    peers
+        .iter()
+        .filter_map(|p| Some((p.section.key, p.section.address6?)))
         .collect()
 }
 
@@ -242,18 +247,21 @@ pub async fn run(
         .set_ipv4(tun.index, own_address, config.network.prefix_len())
         .await?;
     helper.set_up(tun.index).await?;
+    if let Some(network6) = config.network6 {
+        // After the link is up: the kernel sets up IPv6 on a link when it
+        // comes up.
+        helper
+            .set_ipv6(tun.index, server_address6(network6), network6.prefix_len())
+            .await?;
+    }
     // The networks behind clients are reached through the tun: the host
     // routes them here, and the peer table on to the client behind each.
     for route in config.peers.iter().flat_map(|p| p.routes.iter()) {
-        if let IpNet::V4(route) = route {
-            helper.add_route(tun.index, *route).await?;
-        }
+        helper.add_route(tun.index, *route).await?;
     }
     for route in live.iter().flat_map(|p| p.routes.iter()) {
-        if let IpNet::V4(route) = route {
-            if let Err(e) = helper.add_route(tun.index, *route).await {
-                warn!(%route, error = %e, "a live peer's network is not routed into the tun on this host");
-            }
+        if let Err(e) = helper.add_route(tun.index, *route).await {
+            warn!(%route, error = %e, "a live peer's network is not routed into the tun on this host");
         }
     }
     let host_changes = beyond_the_tun(&config, helper, tun.index, &tun.name).await?;
@@ -282,7 +290,8 @@ pub async fn run(
         config.network,
         fixed,
         MemoryBudget::new(config.memory_budget),
-    );
+    )
+    .with_ipv6(config.network6, fixed6(&gate.peers()));
     peers.restore(leases, bans, config.lease_time);
     let (admin, mut admin_requests) = mpsc::channel(8);
     let shared = Arc::new(Shared {
@@ -317,6 +326,7 @@ pub async fn run(
         tun = %tun_name,
         address = %own_address,
         network = %shared.config.network,
+        network6 = %shared.config.network6.map_or("none".to_string(), |n| n.to_string()),
         tls = %key.as_ref().map_or("off".to_string(), |k| format!("key {}", k.public())),
         tls_peers = shared.config.peers.len(),
         legacy = ?shared.config.legacy,
@@ -605,8 +615,13 @@ async fn connection(
             Action::None => {}
             Action::Reply(control) => send(&peer, control),
             Action::Admit(request) => match shared.peers.admit(request, &peer) {
-                Ok(Granted { address, replaced }) => {
+                Ok(Granted {
+                    address,
+                    address6,
+                    replaced,
+                }) => {
                     session.granted(now, address);
+                    session.granted6(address6);
                     pending = None;
                     shared.metrics.granted(accepted.elapsed().as_secs_f64());
                     if let Some(lease) = peer.identity.key().and_then(|k| shared.peers.lease_of(&k))
@@ -623,7 +638,14 @@ async fn connection(
                             "key connected from two places: the newer connection takes over, the older is closed"
                         );
                     }
-                    info!(?request, peers = shared.peers.len(), "granted {address}");
+                    match address6 {
+                        Some(address6) => info!(
+                            ?request,
+                            peers = shared.peers.len(),
+                            "granted {address} and {address6}"
+                        ),
+                        None => info!(?request, peers = shared.peers.len(), "granted {address}"),
+                    }
                     shared.events.publish(
                         EventKind::Granted,
                         remote,
@@ -631,7 +653,7 @@ async fn connection(
                         format!("{request:?}"),
                     );
                     if extension {
-                        push_params(&shared, &peer, address);
+                        push_params(&shared, &peer, address, address6);
                     }
                     // From now on silence counts, not the handshake deadline.
                     idle.as_mut().reset(Instant::from_std(session.deadline()));
@@ -727,15 +749,19 @@ fn send(peer: &Peer, control: Control) {
 }
 
 /// Queues the session parameters for an extension client just granted
-/// `address` (right behind its grant).
-fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr) {
-    let params = pushed_params(
-        address,
-        shared.config.network,
-        shared.served_routes(),
-        &peer.routes,
-        &shared.offer,
-    );
+/// `address` and `address6` (right behind its grant).
+fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr, address6: Option<Ipv6Addr>) {
+    let params = crate::params::SessionParams {
+        address6: address6
+            .and_then(|a| Ipv6Net::new(a, shared.peers.network6()?.prefix_len()).ok()),
+        ..pushed_params(
+            address,
+            shared.config.network,
+            shared.served_routes(),
+            &peer.routes,
+            &shared.offer,
+        )
+    };
     match params.encode() {
         Ok(frame) => {
             debug!(routes = params.routes.len(), "pushing session parameters");
@@ -752,7 +778,7 @@ fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr) {
 
 /// Sends a client's packet on: to the client that holds `destination`, else
 /// into the server's tun.
-fn forward(shared: &Shared, destination: Ipv4Addr, packet: Bytes) {
+fn forward(shared: &Shared, destination: IpAddr, packet: Bytes) {
     if let Delivery::NoPeer(packet) = shared.peers.deliver(destination, packet) {
         if let Err(e) = shared.tun.try_send(&packet) {
             // A full tun queue is a drop; a tun gone for good ends the daemon.
@@ -775,7 +801,7 @@ fn count_drop(shared: &Shared, peer: &Peer, reason: DropReason) {
             &peer.stats.dropped_spoofed
         }
         DropReason::NotIpv4 => {
-            debug!("dropped a non-IPv4 packet: no IPv6 address is assigned");
+            debug!("dropped an IPv6 packet: no IPv6 address is assigned to this peer");
             &peer.stats.dropped_spoofed
         }
     };
@@ -803,7 +829,7 @@ async fn tun_reader(tun: Arc<AsyncTun>, shared: Arc<Shared>, shutdown: Cancellat
             },
         };
         let packet = buf.split_to(len).freeze();
-        if let Some((_, destination)) = ipv4_addresses(&packet) {
+        if let Some((_, destination)) = ip_addresses(&packet) {
             shared.peers.deliver(destination, packet);
         }
     }
@@ -829,6 +855,20 @@ impl Node for Shared {
             closed_for_memory: self.peers.budget().closed(),
             routes: self.served_routes().iter().map(|r| r.to_string()).collect(),
             host_changes: self.host_changes.clone(),
+            network6: self
+                .config
+                .network6
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+            address6: self
+                .config
+                .network6
+                .map(|n| format!("{}/{}", server_address6(n), n.prefix_len()))
+                .unwrap_or_default(),
+            free_addresses6: self
+                .peers
+                .free_count6()
+                .map_or(0, |n| u64::try_from(n).unwrap_or(u64::MAX)),
             ..Default::default()
         }
     }
@@ -1048,6 +1088,12 @@ async fn apply(
         .peers
         .set_fixed(&fixed)
         .map_err(|refusal| AdminError::Invalid(ConfigError::new("address", refusal.to_string())))?;
+    shared
+        .peers
+        .set_fixed6(fixed6(&merged))
+        .map_err(|refusal| {
+            AdminError::Invalid(ConfigError::new("address6", refusal.to_string()))
+        })?;
     let old = shared.gate.peers();
     let old_served = shared.served_routes();
     shared.gate.set_peers(merged.clone());
@@ -1101,7 +1147,8 @@ async fn apply(
         report.routes_changed = true;
         for (address, peer) in shared.peers.connected() {
             if peer.extension && !peer.kick.is_cancelled() {
-                push_params(shared, &peer, address);
+                let address6 = shared.peers.peer(address).and_then(|p| p.address6);
+                push_params(shared, &peer, address, address6);
                 report.pushed += 1;
             }
         }

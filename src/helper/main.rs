@@ -295,7 +295,7 @@ impl State {
             HALF_DEFAULTS.map(|h| h.to_string()).join(", ")
         ));
         for half in IPV6_HALVES {
-            match self.runtime.block_on(self.links.add_route6(index, half)) {
+            match self.runtime.block_on(self.links.add_route(index, half)) {
                 Ok(()) => {}
                 // No IPv6 on this host at all: nothing can leak.
                 Err(NetdevError::Netlink { source, .. })
@@ -319,7 +319,7 @@ impl State {
             self.runtime.block_on(self.links.del_route(index, half))?;
         }
         for half in IPV6_HALVES {
-            if let Err(e) = self.runtime.block_on(self.links.del_route6(index, half)) {
+            if let Err(e) = self.runtime.block_on(self.links.del_route(index, half)) {
                 warn!("removing {half}: {e}");
             }
         }
@@ -360,6 +360,13 @@ impl State {
             } => self
                 .runtime
                 .block_on(links.set_ipv4(index, address, prefix)),
+            HelperRequest::SetAddress6 {
+                index,
+                address,
+                prefix,
+            } => self
+                .runtime
+                .block_on(links.set_ipv6(index, address, prefix)),
             HelperRequest::SetMtu { index, mtu } => {
                 self.runtime.block_on(links.set_mtu(index, mtu))
             }

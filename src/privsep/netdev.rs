@@ -16,11 +16,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use futures::TryStreamExt;
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nix::fcntl::{open, OFlag};
 use nix::libc;
 use nix::sys::stat::Mode;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
 };
@@ -189,9 +189,40 @@ impl LinkConfig {
         addr: Ipv4Addr,
         prefix: u8,
     ) -> Result<(), NetdevError> {
+        self.set_only_address(index, IpAddr::V4(addr), prefix).await
+    }
+
+    /// Makes `addr/prefix` the only global IPv6 address on the link (its
+    /// link-local address stays), without duplicate address detection: the
+    /// tun is point-to-point, and the address is usable at once.
+    pub async fn set_ipv6(
+        &self,
+        index: u32,
+        addr: Ipv6Addr,
+        prefix: u8,
+    ) -> Result<(), NetdevError> {
+        self.set_only_address(index, IpAddr::V6(addr), prefix).await
+    }
+
+    /// Makes `addr/prefix` the only address of its family on the link
+    /// (but IPv6 link-local ones); idempotent.
+    async fn set_only_address(
+        &self,
+        index: u32,
+        addr: IpAddr,
+        prefix: u8,
+    ) -> Result<(), NetdevError> {
+        let family = match addr {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
         let mut present = false;
-        for msg in self.ipv4_addresses(index).await? {
-            if msg.header.prefix_len == prefix && local_address(&msg) == Some(addr) {
+        for msg in self.addresses(index, family).await? {
+            let local = local_address(&msg);
+            if local.is_some_and(is_link_local) {
+                continue;
+            }
+            if msg.header.prefix_len == prefix && local == Some(addr) {
                 present = true;
             } else {
                 self.del_address(index, msg).await?;
@@ -201,12 +232,14 @@ impl LinkConfig {
             return Ok(());
         }
         let op = || format!("set address {addr}/{prefix}");
-        let result = self
-            .handle
-            .address()
-            .add(index, IpAddr::V4(addr), prefix)
-            .execute()
-            .await;
+        let mut request = self.handle.address().add(index, addr, prefix);
+        if addr.is_ipv6() {
+            request
+                .message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        let result = request.execute().await;
         ignore_errno(result, libc::EEXIST).map_err(|e| netlink_err(op(), index, e))
     }
 
@@ -224,47 +257,20 @@ impl LinkConfig {
         result.map_err(|e| netlink_err("set link up".to_owned(), index, e))
     }
 
-    /// Adds a route to `dest` through the link (which must be up). A route
-    /// that already exists is not an error.
-    pub async fn add_route(&self, index: u32, dest: Ipv4Net) -> Result<(), NetdevError> {
-        self.change_route(Change::Add, index, route_message(index, dest), dest.trunc())
+    /// Adds a route to `dest` (IPv4 or IPv6) through the link (which must
+    /// be up). A route that already exists is not an error.
+    pub async fn add_route(&self, index: u32, dest: impl Into<IpNet>) -> Result<(), NetdevError> {
+        let dest = dest.into().trunc();
+        self.change_route(Change::Add, index, any_route_message(index, dest), dest)
             .await
     }
 
     /// Deletes the route to `dest` through the link. A missing route is not
     /// an error.
-    pub async fn del_route(&self, index: u32, dest: Ipv4Net) -> Result<(), NetdevError> {
-        self.change_route(
-            Change::Delete,
-            index,
-            route_message(index, dest),
-            dest.trunc(),
-        )
-        .await
-    }
-
-    /// Adds a route to the IPv6 network `dest` through the link. A route
-    /// that already exists is not an error.
-    pub async fn add_route6(&self, index: u32, dest: Ipv6Net) -> Result<(), NetdevError> {
-        self.change_route(
-            Change::Add,
-            index,
-            route6_message(index, dest),
-            dest.trunc(),
-        )
-        .await
-    }
-
-    /// Deletes the route to the IPv6 network `dest` through the link. A
-    /// missing route is not an error.
-    pub async fn del_route6(&self, index: u32, dest: Ipv6Net) -> Result<(), NetdevError> {
-        self.change_route(
-            Change::Delete,
-            index,
-            route6_message(index, dest),
-            dest.trunc(),
-        )
-        .await
+    pub async fn del_route(&self, index: u32, dest: impl Into<IpNet>) -> Result<(), NetdevError> {
+        let dest = dest.into().trunc();
+        self.change_route(Change::Delete, index, any_route_message(index, dest), dest)
+            .await
     }
 
     /// Adds or deletes one route, idempotently: adding one that exists, or
@@ -336,11 +342,15 @@ impl LinkConfig {
         })
     }
 
-    /// Every IPv4 address on the link.
-    async fn ipv4_addresses(&self, index: u32) -> Result<Vec<AddressMessage>, NetdevError> {
+    /// Every address of `family` on the link.
+    async fn addresses(
+        &self,
+        index: u32,
+        family: AddressFamily,
+    ) -> Result<Vec<AddressMessage>, NetdevError> {
         let mut request = self.handle.address().get().set_link_index_filter(index);
-        // Ask the kernel for IPv4 only; filter again in case it ignores that.
-        request.message_mut().header.family = AddressFamily::Inet;
+        // Ask the kernel for one family; filter again in case it ignores that.
+        request.message_mut().header.family = family;
         let all: Vec<AddressMessage> = request
             .execute()
             .try_collect()
@@ -348,7 +358,7 @@ impl LinkConfig {
             .map_err(|e| netlink_err("list addresses".to_owned(), index, e))?;
         Ok(all
             .into_iter()
-            .filter(|m| m.header.family == AddressFamily::Inet)
+            .filter(|m| m.header.family == family)
             .collect())
     }
 
@@ -380,6 +390,14 @@ fn route_message(index: u32, dest: Ipv4Net) -> RouteMessage {
         .output_interface(index)
         .scope(RouteScope::Link)
         .build()
+}
+
+/// The route message for `dest`, of either family, via `index`.
+fn any_route_message(index: u32, dest: IpNet) -> RouteMessage {
+    match dest {
+        IpNet::V4(dest) => route_message(index, dest),
+        IpNet::V6(dest) => route6_message(index, dest),
+    }
 }
 
 /// The route message for an IPv6 `dest` via `index`.
@@ -457,16 +475,22 @@ pub fn enable_ipv4_forwarding() -> io::Result<()> {
 /// The IPv4 forwarding sysctl of the current network namespace.
 pub const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
-/// The IPv4 local address (`IFA_LOCAL`, else `IFA_ADDRESS`) of an address message.
-fn local_address(msg: &AddressMessage) -> Option<Ipv4Addr> {
+/// The local address (`IFA_LOCAL`, else `IFA_ADDRESS`) of an address message.
+fn local_address(msg: &AddressMessage) -> Option<IpAddr> {
     let find = |want_local: bool| {
         msg.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Local(IpAddr::V4(ip)) if want_local => Some(*ip),
-            AddressAttribute::Address(IpAddr::V4(ip)) if !want_local => Some(*ip),
+            AddressAttribute::Local(ip) if want_local => Some(*ip),
+            AddressAttribute::Address(ip) if !want_local => Some(*ip),
             _ => None,
         })
     };
     find(true).or_else(|| find(false))
+}
+
+/// Whether `ip` is an IPv6 link-local address (fe80::/10), which the kernel
+/// gives every IPv6 link and which stays.
+fn is_link_local(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())
 }
 
 /// The errno carried by a netlink error reply, if any.

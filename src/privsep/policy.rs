@@ -13,6 +13,7 @@
 //!   Beyond the tunnel, only what [`RouteRule`] allows: on a server, the
 //!   networks behind its peers; on a client, those inside its
 //!   `accept_routes`, or without that list any route but a default one.
+//! * IPv6 addresses and routes: as [`super::policy6`] says.
 //! * MTU: from [`MIN_MTU`] to the configured maximum (at most [`MAX_MTU`]).
 //! * Beyond the tun, only what the helper's command line grants
 //!   ([`Grants`]): a server started with `--masquerade` may NAT exactly its
@@ -26,8 +27,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::RangeInclusive;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+use super::policy6::AddressRule6;
 use super::protocol::HelperRequest;
 use crate::limits::{MAX_MTU, MIN_MTU, TUNNEL_PREFIX};
 use crate::params::{valid_domain, MAX_DNS, MAX_DNS_SEARCH};
@@ -86,13 +88,13 @@ pub enum AddressRule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteRule {
     /// Those inside these networks (none if empty).
-    Inside(Vec<Ipv4Net>),
+    Inside(Vec<IpNet>),
     /// Any route but a default one (a client that accepts what is pushed).
     AnyButDefault,
 }
 
 impl RouteRule {
-    fn allows(&self, destination: Ipv4Net) -> bool {
+    fn allows(&self, destination: IpNet) -> bool {
         match self {
             RouteRule::Inside(nets) => nets.iter().any(|n| n.contains(&destination)),
             RouteRule::AnyButDefault => destination.prefix_len() > 0,
@@ -111,12 +113,12 @@ pub enum Refusal {
     OtherInterface { asked: u32, tun: u32 },
     #[error("{address}/{prefix}: {why}")]
     Address {
-        address: Ipv4Addr,
+        address: IpAddr,
         prefix: u8,
         why: String,
     },
     #[error("route {destination}: {why}")]
-    Route { destination: Ipv4Net, why: String },
+    Route { destination: IpNet, why: String },
     #[error("MTU {mtu} is outside {}..={}", .range.start(), .range.end())]
     Mtu {
         mtu: u32,
@@ -148,6 +150,10 @@ pub struct Policy {
     index: Option<u32>,
     /// The subnet of the address last set.
     address: Option<Ipv4Net>,
+    /// Which IPv6 addresses may be set.
+    rule6: AddressRule6,
+    /// The subnet of the IPv6 address last set.
+    address6: Option<Ipv6Net>,
     /// Routes allowed beyond the tunnel network.
     routes: RouteRule,
     /// What else the command line allows.
@@ -164,6 +170,8 @@ impl Policy {
             tun_requested: false,
             index: None,
             address: None,
+            rule6: AddressRule6::Off,
+            address6: None,
             routes: RouteRule::Inside(Vec::new()),
             grants: Grants::default(),
         }
@@ -172,6 +180,11 @@ impl Policy {
     /// This policy, allowing also what `grants` grants.
     pub fn with_grants(self, grants: Grants) -> Policy {
         Policy { grants, ..self }
+    }
+
+    /// This policy, allowing also the IPv6 addresses `rule6` allows.
+    pub fn with_ipv6(self, rule6: AddressRule6) -> Policy {
+        Policy { rule6, ..self }
     }
 
     /// This policy, allowing also the routes `routes` allows.
@@ -193,10 +206,25 @@ impl Policy {
                 self.check_index(index)?;
                 self.check_address(address, prefix)
                     .map_err(|why| Refusal::Address {
-                        address,
+                        address: address.into(),
                         prefix,
                         why,
                     })
+            }
+            HelperRequest::SetAddress6 {
+                index,
+                address,
+                prefix,
+            } => {
+                self.check_index(index)?;
+                match self.rule6.check(address, prefix) {
+                    Ok(_) => Ok(()),
+                    Err(why) => Err(Refusal::Address {
+                        address: address.into(),
+                        prefix,
+                        why,
+                    }),
+                }
             }
             HelperRequest::SetMtu { index, mtu } => {
                 self.check_index(index)?;
@@ -308,6 +336,9 @@ impl Policy {
             HelperRequest::SetAddress {
                 address, prefix, ..
             } => self.address = Ipv4Net::new(address, prefix).ok().map(|n| n.trunc()),
+            HelperRequest::SetAddress6 {
+                address, prefix, ..
+            } => self.address6 = self.rule6.check(address, prefix).ok(),
             _ => {}
         }
     }
@@ -368,15 +399,23 @@ impl Policy {
         Ok(())
     }
 
-    fn check_route(&self, destination: Ipv4Net) -> Result<(), String> {
+    fn check_route(&self, destination: IpNet) -> Result<(), String> {
         if self.routes.allows(destination) {
             return Ok(());
         }
-        let allowed = match self.rule {
-            AddressRule::HostOf(network) | AddressRule::Inside(network) => network,
-            AddressRule::AnyUnicast => self
+        let allowed: IpNet = match (destination, self.rule) {
+            (IpNet::V4(_), AddressRule::HostOf(network) | AddressRule::Inside(network)) => {
+                network.into()
+            }
+            (IpNet::V4(_), AddressRule::AnyUnicast) => self
                 .address
-                .ok_or("no address has been set, so no route is allowed yet")?,
+                .ok_or("no address has been set, so no route is allowed yet")?
+                .into(),
+            (IpNet::V6(_), _) => self
+                .rule6
+                .tunnel(self.address6)
+                .ok_or("no IPv6 address has been set, so no IPv6 route is allowed yet")?
+                .into(),
         };
         match (allowed.contains(&destination), &self.routes) {
             (true, _) => Ok(()),
@@ -431,6 +470,7 @@ fn subnet_of(address: Ipv4Addr, prefix: u8) -> Result<Ipv4Net, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::privsep::policy6::AddressRule6;
 
     const TUN: u32 = 7;
 
@@ -465,7 +505,7 @@ mod tests {
     fn add_route(destination: &str) -> HelperRequest {
         HelperRequest::AddRoute {
             index: TUN,
-            destination: net(destination),
+            destination: net(destination).into(),
         }
     }
 
@@ -518,11 +558,11 @@ mod tests {
             },
             HelperRequest::AddRoute {
                 index: 3,
-                destination: net("198.19.0.0/16"),
+                destination: net("198.19.0.0/16").into(),
             },
             HelperRequest::DelRoute {
                 index: 3,
-                destination: net("198.19.0.0/16"),
+                destination: net("198.19.0.0/16").into(),
             },
         ];
         for request in other {
@@ -569,7 +609,7 @@ mod tests {
             );
             let delete = HelperRequest::DelRoute {
                 index: TUN,
-                destination: net(destination),
+                destination: net(destination).into(),
             };
             assert!(matches!(policy.check(&delete), Err(Refusal::Route { .. })));
         }
@@ -663,7 +703,7 @@ mod tests {
         // A server: its peers' networks, nothing else.
         let server = opened(
             Policy::new(AddressRule::HostOf(network), 1500)
-                .with_routes(RouteRule::Inside(vec![lan])),
+                .with_routes(RouteRule::Inside(vec![lan.into()])),
         );
         assert_eq!(server.check(&route("198.18.201.0/24")), Ok(()));
         assert_eq!(server.check(&route("198.18.201.128/25")), Ok(()));
@@ -684,6 +724,49 @@ mod tests {
         let plain = opened(Policy::new(AddressRule::Inside(network), 1500));
         assert!(plain.check(&route("198.18.201.0/24")).is_err());
         assert_eq!(plain.check(&route("198.19.4.0/24")), Ok(()));
+    }
+
+    #[test]
+    fn ipv6_addresses_and_routes_as_the_ipv6_rule_allows() {
+        let set6 = |address: &str, prefix| HelperRequest::SetAddress6 {
+            index: TUN,
+            address: address.parse().expect("v6"),
+            prefix,
+        };
+        let route = |destination: &str| HelperRequest::AddRoute {
+            index: TUN,
+            destination: destination.parse().expect("net"),
+        };
+        // A server without network6: no IPv6 at all.
+        let v4_only = server();
+        assert!(matches!(
+            v4_only.check(&set6("2001:2:0:100::1", 64)),
+            Err(Refusal::Address { .. })
+        ));
+        assert!(v4_only.check(&route("2001:2:0:100::/64")).is_err());
+        // A server with one: its network, and its peers' IPv6 networks.
+        let network6 = "2001:2:0:100::/64".parse().expect("net");
+        let lan6: IpNet = "2001:2:0:201::/64".parse().expect("net");
+        let server6 = opened(AddressRule::HostOf(net("198.19.0.0/16")))
+            .with_ipv6(AddressRule6::HostOf(network6))
+            .with_routes(RouteRule::Inside(vec![lan6]));
+        assert_eq!(server6.check(&set6("2001:2:0:100::1", 64)), Ok(()));
+        assert!(server6.check(&set6("2001:2:0:100::1", 96)).is_err());
+        assert_eq!(server6.check(&route("2001:2:0:201::/64")), Ok(()));
+        assert!(server6.check(&route("2001:2:0:202::/64")).is_err());
+        // A client granted its address: routes inside its subnet, and what
+        // it accepts, never a default route.
+        let mut client = opened(AddressRule::AnyUnicast)
+            .with_ipv6(AddressRule6::AnyUnicast)
+            .with_routes(RouteRule::AnyButDefault);
+        assert!(client.check(&route("2001:2:0:100::/64")).is_ok());
+        assert!(client.check(&route("::/0")).is_err());
+        let plain = opened(AddressRule::AnyUnicast).with_ipv6(AddressRule6::AnyUnicast);
+        assert!(plain.check(&route("2001:2:0:100::/64")).is_err());
+        let granted = set6("2001:2:0:100::2", 64);
+        assert_eq!(client.check(&granted), Ok(()));
+        client.record(&granted, None);
+        assert!(client.check(&set6("fe80::2", 64)).is_err());
     }
 
     fn grants(masquerade: bool, full_tunnel: bool, dns: bool) -> Grants {

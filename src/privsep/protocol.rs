@@ -6,10 +6,10 @@
 //! sans-IO; [`super::channel`] moves frames (and the tun fd) over the socket.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::OwnedFd;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -33,14 +33,22 @@ pub enum HelperRequest {
         address: Ipv4Addr,
         prefix: u8,
     },
+    /// Make `address/prefix` the only global IPv6 address of the interface
+    /// (IPv6 inside the tunnel; no duplicate address detection: the tun is
+    /// point-to-point).
+    SetAddress6 {
+        index: u32,
+        address: Ipv6Addr,
+        prefix: u8,
+    },
     /// Set the interface's MTU.
     SetMtu { index: u32, mtu: u32 },
     /// Bring the interface up.
     LinkUp { index: u32 },
-    /// Add a route to `destination` through the interface.
-    AddRoute { index: u32, destination: Ipv4Net },
+    /// Add a route to `destination` (IPv4 or IPv6) through the interface.
+    AddRoute { index: u32, destination: IpNet },
     /// Delete the route to `destination` through the interface.
-    DelRoute { index: u32, destination: Ipv4Net },
+    DelRoute { index: u32, destination: IpNet },
     /// Server: NAT (masquerade) the helper's own `--network` when it leaves
     /// by any interface but the tun, in an nftables table of the helper's
     /// own. Allowed once, to a helper started with `--masquerade`.
@@ -123,6 +131,11 @@ impl fmt::Display for HelperRequest {
                 address,
                 prefix,
             } => write!(f, "set address {address}/{prefix} on ifindex {index}"),
+            HelperRequest::SetAddress6 {
+                index,
+                address,
+                prefix,
+            } => write!(f, "set IPv6 address {address}/{prefix} on ifindex {index}"),
             HelperRequest::SetMtu { index, mtu } => write!(f, "set MTU {mtu} on ifindex {index}"),
             HelperRequest::LinkUp { index } => write!(f, "bring up ifindex {index}"),
             HelperRequest::AddRoute { index, destination } => {
@@ -215,13 +228,22 @@ mod tests {
     use super::*;
 
     fn all_requests() -> Vec<HelperRequest> {
-        let net: Ipv4Net = "198.19.0.0/16".parse().expect("net");
+        let net: IpNet = "198.19.0.0/16".parse().expect("net");
         vec![
             HelperRequest::OpenTun,
             HelperRequest::SetAddress {
                 index: 7,
                 address: Ipv4Addr::new(198, 19, 0, 1),
                 prefix: 16,
+            },
+            HelperRequest::SetAddress6 {
+                index: 7,
+                address: "2001:2:0:100::1".parse().expect("v6"),
+                prefix: 64,
+            },
+            HelperRequest::AddRoute {
+                index: 7,
+                destination: "2001:2:0:200::/64".parse().expect("net"),
             },
             HelperRequest::SetMtu {
                 index: 7,
