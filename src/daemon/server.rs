@@ -394,6 +394,9 @@ pub async fn run(
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
+                    // An IPv4 client of a dual-stack `[::]` socket: as the
+                    // IPv4 address it is (limits per source, bans, legacy_allow).
+                    let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
                     let span = info_span!(
                         "peer",
                         %remote,
@@ -448,11 +451,24 @@ pub async fn run(
 const LISTEN_BACKLOG: u32 = 4096;
 
 /// The listening socket, with SO_REUSEADDR (a restart rebinds at once) and a
-/// deep backlog.
+/// deep backlog. On `[::]` it serves both families (IPV6_V6ONLY off,
+/// whatever net.ipv6.bindv6only says): IPv4 clients arrive as
+/// IPv4-mapped addresses, which `run` turns back into IPv4 ones.
 fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match address {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        SocketAddr::V6(v6) => {
+            let socket = TcpSocket::new_v6()?;
+            if v6.ip().is_unspecified() {
+                nix::sys::socket::setsockopt(
+                    &socket,
+                    nix::sys::socket::sockopt::Ipv6V6Only,
+                    &false,
+                )
+                .map_err(std::io::Error::from)?;
+            }
+            socket
+        }
     };
     socket.set_reuseaddr(true)?;
     socket.bind(address)?;

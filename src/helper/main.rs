@@ -61,7 +61,9 @@ const HALF_DEFAULTS: [Ipv4Net; 2] = [
     Ipv4Net::new_assert(Ipv4Addr::new(0, 0, 0, 0), 1),
     Ipv4Net::new_assert(Ipv4Addr::new(128, 0, 0, 0), 1),
 ];
-/// And IPv6's halves: the daemon sends no IPv6, so these drop it.
+/// And IPv6's halves: with an IPv6 address on the tun (IPv6 inside the
+/// tunnel) these are the IPv6 default route through the tunnel; without
+/// one, the daemon sends no IPv6, so these drop it (no leak).
 const IPV6_HALVES: [Ipv6Net; 2] = [
     Ipv6Net::new_assert(std::net::Ipv6Addr::UNSPECIFIED, 1),
     Ipv6Net::new_assert(std::net::Ipv6Addr::new(0x8000, 0, 0, 0, 0, 0, 0, 0), 1),
@@ -306,8 +308,12 @@ impl State {
                 Err(e) => return Err(e.into()),
             }
         }
+        let why = match self.policy.address6() {
+            Some(_) => "IPv6 through the tunnel",
+            None => "IPv6 blocked: no IPv6 address inside the tunnel",
+        };
         changes.push(format!(
-            "routes {} dev {tun} (IPv6 blocked: the tunnel carries IPv4 only)",
+            "routes {} dev {tun} ({why})",
             IPV6_HALVES.map(|h| h.to_string()).join(", ")
         ));
         Ok(changes)

@@ -295,6 +295,11 @@ impl Policy {
         }
     }
 
+    /// The subnet of the IPv6 address last set on the tun, if any.
+    pub fn address6(&self) -> Option<Ipv6Net> {
+        self.address6
+    }
+
     /// The network NAT is for: a server's own.
     pub fn masquerade_network(&self) -> Option<Ipv4Net> {
         match self.rule {
