@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::vpn::*;
-use common::{require_root, wait_until, Daemon, Netns};
+use common::{link, require_root, wait_until, Daemon, Netns};
 use serde_json::Value;
 
 const NETWORK6: &str = "2001:2:0:100::/64";
@@ -153,12 +153,22 @@ impl DualStack {
     }
 
     fn start_server(&self) -> Daemon {
-        let args: Vec<&str> = self.server_args.iter().map(String::as_str).collect();
+        self.start_server_with(&[])
+    }
+
+    fn start_server_with(&self, extra: &[&str]) -> Daemon {
+        let mut args: Vec<&str> = self.server_args.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
         self.bed.start_server(&args)
     }
 
     fn start_client(&self, i: usize) -> Daemon {
-        let args: Vec<&str> = self.client_args[i].iter().map(String::as_str).collect();
+        self.start_client_with(i, &[])
+    }
+
+    fn start_client_with(&self, i: usize, extra: &[&str]) -> Daemon {
+        let mut args: Vec<&str> = self.client_args[i].iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
         self.bed.start_client(i, &args)
     }
 }
@@ -284,6 +294,70 @@ fn both_addresses_survive_a_server_restart() {
     assert!(ping6(&bed.clients[0], before[1].1));
 }
 
+/// Adds `cidr` (inside 2001:2::/48) to `dev` in `ns`, without DAD.
+fn add6(ns: &Netns, dev: &str, cidr: &str) {
+    assert!(cidr.starts_with("2001:2:"), "{cidr} is outside 2001:2::/48");
+    ns.ip(&["-6", "addr", "add", cidr, "dev", dev, "nodad"]);
+}
+
+/// `ip -6 route get ADDRESS` in `ns`, or the error.
+fn route_get6(ns: &Netns, address: &str) -> String {
+    let out = ns.run("ip", &["-6", "route", "get", address]);
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn a_full_tunnel_with_an_ipv6_grant_routes_ipv6_through_the_server() {
+    if !require_root("a_full_tunnel_with_an_ipv6_grant_routes_ipv6_through_the_server") {
+        return;
+    }
+    let setup = DualStack::new("v6ft");
+    let bed = &setup.bed;
+    // A host behind the server on 2001:2:0:200::/64, routed (not NATed):
+    // its way back to the tunnel network is the server.
+    let lan = Netns::new("v6ftlan");
+    no_dad(&lan);
+    let (server_dev, lan_dev) = link(&bed.server, "198.18.200.1/24", &lan, "198.18.200.2/24");
+    add6(&bed.server, &server_dev, "2001:2:0:200::1/64");
+    add6(&lan, &lan_dev, "2001:2:0:200::2/64");
+    lan.ip(&["-6", "route", "add", NETWORK6, "via", "2001:2:0:200::1"]);
+    let out = bed
+        .server
+        .run("sysctl", &["-w", "net.ipv6.conf.all.forwarding=1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let _server = setup.start_server_with(&["--gateway"]);
+    let a = setup.start_client_with(0, &["--full-tunnel"]);
+    let (_, a6) = addresses(bed, 0, &a);
+    let ns = &bed.clients[0];
+    let through_tun = wait_until(STARTUP, || {
+        let route = route_get6(ns, "2001:2:0:200::2");
+        route.contains(&format!("dev {TUN}")) && route.contains(&format!("src {a6}"))
+    });
+    assert!(
+        through_tun,
+        "IPv6 not routed through the tunnel from {a6}: {}\n{}",
+        route_get6(ns, "2001:2:0:200::2"),
+        a.log()
+    );
+    assert!(
+        ping6(ns, "2001:2:0:200::2".parse().expect("v6")),
+        "the host behind the server is not reached over IPv6:\n{}",
+        a.log()
+    );
+    let status = svpnctl_json(&bed.client_socket(0), &["status"]);
+    let changes = status["host_changes"].to_string();
+    assert!(changes.contains("IPv6 through the tunnel"), "{changes}");
+}
+
 /// `/etc/netns/NAME/hosts` for a namespace: `ip netns exec` mounts it over
 /// `/etc/hosts` for what runs there; removed on drop.
 struct NetnsHosts(PathBuf);
@@ -325,19 +399,12 @@ fn an_ipv6_underlay_serves_both_families_and_names_with_aaaa_records() {
     // Client A's underlay is IPv6 (2001:2:0:1::/64) besides its IPv4 one.
     let server_dev = veth_with(&bed.server, "198.18.1.1");
     let client_dev = veth_with(&bed.clients[0], "198.18.1.2");
-    let add6 = |ns: &Netns, dev: &str, address: &str| {
-        ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{address}/64"),
-            "dev",
-            dev,
-            "nodad",
-        ]);
-    };
-    add6(&bed.server, &server_dev, UNDERLAY_SERVER);
-    add6(&bed.clients[0], &client_dev, UNDERLAY_CLIENT);
+    add6(&bed.server, &server_dev, &format!("{UNDERLAY_SERVER}/64"));
+    add6(
+        &bed.clients[0],
+        &client_dev,
+        &format!("{UNDERLAY_CLIENT}/64"),
+    );
 
     let mut args: Vec<&str> = setup.server_args.iter().map(String::as_str).collect();
     args.extend(["--listen", "[::]:2002"]);

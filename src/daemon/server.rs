@@ -748,8 +748,27 @@ async fn beyond_the_tun(
             ),
         }
     }
+    if let Some(network6) = config
+        .network6
+        .filter(|_| config.gateway || !config.routes.is_empty())
+    {
+        // IPv6 is routed, not NATed: only said, never changed.
+        let forwarding6 = std::fs::read_to_string(IPV6_FORWARDING).map(|v| v.trim() == "1");
+        if !matches!(forwarding6, Ok(true)) {
+            warn!(
+                tun,
+                %network6,
+                "IPv6 forwarding is off (or unreadable), so clients' IPv6 traffic does not \
+                 leave this host: turn it on with `sysctl -w net.ipv6.conf.all.forwarding=1`; \
+                 IPv6 is routed, not NATed, so the network beyond must route {network6} to this host"
+            );
+        }
+    }
     Ok(changes)
 }
+
+/// The IPv6 forwarding sysctl of the current network namespace.
+const IPV6_FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
 
 /// Queues a control message to a client; dropped if its queue is full.
 fn send(peer: &Peer, control: Control) {
