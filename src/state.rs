@@ -18,7 +18,8 @@
 //!        address6 TEXT UNIQUE (NULL: none; schema version 2))
 //! bans(kind TEXT 'key'|'remote', who TEXT, until INTEGER, PRIMARY KEY(kind, who))
 //! peers(key TEXT PRIMARY KEY, name TEXT UNIQUE, address TEXT UNIQUE,
-//!       routes TEXT (space-separated CIDRs), added INTEGER)
+//!       routes TEXT (space-separated CIDRs), added INTEGER,
+//!       address6 TEXT UNIQUE (NULL: none; schema version 2))
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -149,9 +150,12 @@ const MIGRATIONS: &[&str] = &[
         routes TEXT NOT NULL DEFAULT '',
         added INTEGER NOT NULL
     ) STRICT;",
-    // 2: the IPv6 address leased with the IPv4 one (network6).
+    // 2: IPv6 inside the tunnel: the IPv6 address leased with the IPv4 one,
+    // and the one fixed for a peer added live.
     "ALTER TABLE leases ADD COLUMN address6 TEXT;
-    CREATE UNIQUE INDEX leases_address6 ON leases (address6);",
+    CREATE UNIQUE INDEX leases_address6 ON leases (address6);
+    ALTER TABLE peers ADD COLUMN address6 TEXT;
+    CREATE UNIQUE INDEX peers_address6 ON peers (address6);",
 ];
 
 /// The schema version this build writes.
@@ -389,17 +393,25 @@ impl StateStore for SqliteStore {
     }
 
     fn peers(&self) -> Result<Vec<PeerSection>, StoreError> {
-        type Row = (String, Option<String>, Option<String>, String);
+        type Row = (
+            String,
+            Option<String>,
+            Option<String>,
+            String,
+            Option<String>,
+        );
         let connection = self.lock();
         let rows: Vec<Row> = connection
-            .prepare("SELECT key, name, address, routes FROM peers ORDER BY added, key")
+            .prepare("SELECT key, name, address, routes, address6 FROM peers ORDER BY added, key")
             .and_then(|mut stmt| {
-                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-                    .collect()
+                stmt.query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect()
             })
             .map_err(|e| self.sqlite(e))?;
         rows.into_iter()
-            .map(|(key, name, address, routes)| {
+            .map(|(key, name, address, routes, address6)| {
                 let bad = |what: String| self.corrupt("peers", what);
                 Ok(PeerSection {
                     key: key.parse().map_err(|e| bad(format!("{e}")))?,
@@ -407,7 +419,12 @@ impl StateStore for SqliteStore {
                     address: address
                         .map(|a| a.parse().map_err(|_| bad(format!("{a:?} is no address"))))
                         .transpose()?,
-                    address6: None,
+                    address6: address6
+                        .map(|a| {
+                            a.parse()
+                                .map_err(|_| bad(format!("{a:?} is no IPv6 address")))
+                        })
+                        .transpose()?,
                     routes: routes
                         .split_whitespace()
                         .map(|r| {
@@ -424,15 +441,18 @@ impl StateStore for SqliteStore {
         let routes: Vec<String> = peer.routes.iter().map(ToString::to_string).collect();
         self.write(|tx| {
             tx.execute(
-                "INSERT INTO peers (key, name, address, routes, added) VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO peers (key, name, address, routes, added, address6)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (key) DO UPDATE SET name = excluded.name,
-                     address = excluded.address, routes = excluded.routes",
+                     address = excluded.address, routes = excluded.routes,
+                     address6 = excluded.address6",
                 params![
                     peer.key.to_string(),
                     peer.name,
                     peer.address.map(|a| a.to_string()),
                     routes.join(" "),
                     secs(SystemTime::now()),
+                    peer.address6.map(|a| a.to_string()),
                 ],
             )?;
             Ok(())
@@ -574,7 +594,7 @@ mod tests {
             key: key(7),
             name: Some("laptop".into()),
             address: Some(Ipv4Addr::new(198, 19, 0, 70)),
-            address6: None,
+            address6: Some("2001:2:0:100::70".parse().expect("v6")),
             routes: vec!["198.18.201.0/24".parse().expect("net")],
         };
         store.put_peer(&peer).expect("put");

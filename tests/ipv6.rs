@@ -101,16 +101,16 @@ fn ping6(ns: &Netns, to: Ipv6Addr) -> bool {
     })
 }
 
-/// The server's peers as JSON, by name.
-fn server_peer(bed: &Bed, name: &str) -> Value {
+/// The server's peer named `name` as JSON, if it is connected.
+fn find_peer(bed: &Bed, name: &str) -> Option<Value> {
     let peers = svpnctl_json(&bed.server_socket(), &["peers"]);
-    peers
-        .as_array()
-        .expect("a JSON array")
-        .iter()
-        .find(|p| p["name"] == name)
-        .unwrap_or_else(|| panic!("no peer {name} in {peers}"))
-        .clone()
+    let found = peers.as_array()?.iter().find(|p| p["name"] == name);
+    found.cloned()
+}
+
+/// The server's connected peer named `name` as JSON.
+fn server_peer(bed: &Bed, name: &str) -> Value {
+    find_peer(bed, name).unwrap_or_else(|| panic!("no peer {name} connected"))
 }
 
 /// A dual-stack TLS setup: the server with `network6` and clients A and B.
@@ -466,5 +466,65 @@ fn an_ipv6_underlay_serves_both_families_and_names_with_aaaa_records() {
         remote("a").starts_with(&format!("[{UNDERLAY_CLIENT}]:")),
         "A by name over IPv6: {}",
         remote("a")
+    );
+}
+
+#[test]
+fn a_peer_added_live_with_address6_gets_it_and_keeps_it_across_a_restart() {
+    if !require_root("a_peer_added_live_with_address6_gets_it_and_keeps_it_across_a_restart") {
+        return;
+    }
+    let bed = bed("v6live", 1);
+    let (server_key, server_public) = keygen(&bed, "server");
+    let (c_key, c_public) = keygen(&bed, "c");
+    let server_args = ["--key", &server_key, "--network6", NETWORK6];
+    let mut server = bed.start_server(&server_args);
+    let fixed6 = "2001:2:0:100::c";
+    let added = svpnctl_json(
+        &bed.server_socket(),
+        &[
+            "peer",
+            "add",
+            &c_public,
+            "--name",
+            "c",
+            "--address6",
+            fixed6,
+        ],
+    );
+    assert_eq!(added["added"]["address6"], fixed6, "{added}");
+    // Outside network6: refused, naming the field.
+    let (_, other_public) = keygen(&bed, "other");
+    let refused = svpnctl(
+        &bed.server_socket(),
+        &[
+            "peer",
+            "add",
+            &other_public,
+            "--address6",
+            "2001:2:0:999::1",
+        ],
+        None,
+    );
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && why.contains("address6"),
+        "{why}"
+    );
+
+    let client = bed.start_client(0, &tls_client_args(&c_key, &server_public));
+    assert_eq!(addresses(&bed, 0, &client).1.to_string(), fixed6);
+    server
+        .terminate(Duration::from_secs(5))
+        .expect("server stops");
+    let _server = bed.start_server(&server_args);
+    let listed = svpnctl_json(&bed.server_socket(), &["peer", "list"]);
+    assert!(listed.to_string().contains(fixed6), "not kept: {listed}");
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            find_peer(&bed, "c").is_some_and(|p| p["address6"] == fixed6)
+        }),
+        "not back with {fixed6}:\n{}",
+        client.log()
     );
 }

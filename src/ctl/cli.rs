@@ -80,6 +80,9 @@ pub enum PeerCommand {
         /// An address always given to it
         #[arg(long, value_name = "IP")]
         address: Option<Ipv4Addr>,
+        /// An IPv6 address always given to it (inside the server's network6)
+        #[arg(long, value_name = "IPV6")]
+        address6: Option<std::net::Ipv6Addr>,
         /// A network behind it (site-to-site; repeat for more)
         #[arg(long = "route", value_name = "CIDR")]
         routes: Vec<IpNet>,

@@ -96,6 +96,7 @@ pub fn allowed_json(p: &proto::AllowedPeer) -> Value {
         "key": p.key,
         "name": or_null(&p.name),
         "address": or_null(&p.address),
+        "address6": or_null(&p.address6),
         "routes": p.routes,
         "source": source_text(p.source()),
         "connected": !p.connected_address.is_empty(),
@@ -122,6 +123,7 @@ pub fn allowed_table(peers: &[proto::AllowedPeer]) -> String {
                 p.key.clone(),
                 source_text(p.source()).to_string(),
                 dash(&p.address),
+                dash(&p.address6),
                 list_or_dash(&p.routes),
                 match p.connected_address.is_empty() {
                     true => "no".to_string(),
@@ -131,7 +133,15 @@ pub fn allowed_table(peers: &[proto::AllowedPeer]) -> String {
         })
         .collect();
     table(
-        &["NAME", "KEY", "SOURCE", "ADDRESS", "ROUTES", "CONNECTED"],
+        &[
+            "NAME",
+            "KEY",
+            "SOURCE",
+            "ADDRESS",
+            "ADDRESS6",
+            "ROUTES",
+            "CONNECTED",
+        ],
         &rows,
     )
 }

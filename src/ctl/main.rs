@@ -156,6 +156,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             key,
             name,
             address,
+            address6,
             routes,
         }) => {
             let reply = client
@@ -164,6 +165,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     name: name.unwrap_or_default(),
                     address: address.map(|a| a.to_string()).unwrap_or_default(),
                     routes: routes.iter().map(ToString::to_string).collect(),
+                    address6: address6.map(|a| a.to_string()).unwrap_or_default(),
                 })
                 .await
                 .map_err(failure)?

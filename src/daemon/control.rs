@@ -357,6 +357,11 @@ fn allowed_proto(peer: &AllowedPeer, connected: Option<Ipv4Addr>) -> proto::Allo
             .collect(),
         source: source.into(),
         connected_address: connected.map(|a| a.to_string()).unwrap_or_default(),
+        address6: peer
+            .section
+            .address6
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
     }
 }
 
@@ -376,6 +381,13 @@ fn requested_peer(request: &proto::AddPeerRequest) -> Result<PeerSection, Status
                 .map_err(|_| invalid("address", format!("{text:?} is not an IPv4 address")))?,
         ),
     };
+    let address6 = match request.address6.as_str() {
+        "" => None,
+        text => Some(
+            text.parse()
+                .map_err(|_| invalid("address6", format!("{text:?} is not an IPv6 address")))?,
+        ),
+    };
     let routes = request
         .routes
         .iter()
@@ -388,7 +400,7 @@ fn requested_peer(request: &proto::AddPeerRequest) -> Result<PeerSection, Status
         key,
         name: (!request.name.is_empty()).then(|| request.name.clone()),
         address,
-        address6: None,
+        address6,
         routes,
     })
 }

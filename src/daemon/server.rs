@@ -180,13 +180,8 @@ fn fitting_live(config: &ServerConfig, stored: Vec<PeerSection>) -> Vec<PeerSect
             .into_iter()
             .map(|p| p.section)
             .collect();
-        match check_peers(
-            sections,
-            config.routes.clone(),
-            config.network,
-            config.key.is_some(),
-        ) {
-            Ok(_) => live.push(peer),
+        match peers_fit(config, sections) {
+            Ok(()) => live.push(peer),
             Err(e) => warn!(
                 key = %peer.key,
                 "a peer added live no longer fits beside the config and is not allowed: {e}"
@@ -1092,14 +1087,21 @@ async fn remove_peer(
 fn check(config: &ServerConfig, live: &[PeerSection]) -> Result<Vec<AllowedPeer>, AdminError> {
     let merged = merge_peers(&config.peers, live);
     let sections = merged.iter().map(|p| p.section.clone()).collect();
-    check_peers(
+    peers_fit(config, sections).map_err(AdminError::Invalid)?;
+    Ok(merged)
+}
+
+/// Whether `sections` (the config's peers and those added live) fit
+/// together and beside `config`'s routes and networks.
+fn peers_fit(config: &ServerConfig, sections: Vec<PeerSection>) -> Result<(), ConfigError> {
+    let (peers, routes) = check_peers(
         sections,
         config.routes.clone(),
         config.network,
         config.key.is_some(),
-    )
-    .map_err(AdminError::Invalid)?;
-    Ok(merged)
+    )?;
+    crate::config6::network6(config.network6, &peers, &routes, config.mtu)?;
+    Ok(())
 }
 
 /// Makes `config` (whose fixed settings are those started with) and the
