@@ -1218,10 +1218,19 @@ mod tests {
         port: u16,
         key: PublicKey,
     ) -> (Arc<Peer>, crate::connection::QueueRx) {
+        peer_with_extension(table, port, tls(key))
+    }
+
+    /// A peer with `identity` that speaks the extension.
+    fn peer_with_extension(
+        table: &PeerTable,
+        port: u16,
+        identity: Identity,
+    ) -> (Arc<Peer>, crate::connection::QueueRx) {
         let (queue, rx) = crate::connection::queue(4, 1 << 20, None);
         let remote = SocketAddr::from(([198, 18, 0, 2], port));
         (
-            table.new_peer(remote, tls(key), Vec::new(), queue, true),
+            table.new_peer(remote, identity, Vec::new(), queue, true),
             rx,
         )
     }
@@ -1319,14 +1328,32 @@ mod tests {
             name: None,
             fixed: Some(Ipv4Addr::new(198, 19, 0, 50)),
         };
-        let (queue, _rx) = crate::connection::queue(4, 1 << 20, None);
-        let remote = SocketAddr::from(([198, 18, 0, 2], 1000));
-        let fixed = table.new_peer(remote, identity, Vec::new(), queue, true);
+        let (fixed, _rx) = peer_with_extension(&table, 1000, identity);
         let grant = table.admit(Request::Dynamic, &fixed).expect("grant");
         assert_eq!(grant.address6, Some("2001:2:0:100::2".parse().expect("v6")));
         let free = table.free_count6();
         assert_eq!(table.remove(grant.address, fixed.id), None);
         assert_eq!(table.free_count6().map(|f| f - 1), free);
+        // Without a lease, a key still gets its last address back while it
+        // is free (not the lowest free one).
+        let fixed_key = |n: u8, port: u16| {
+            let identity = Identity::Tls {
+                key: PublicKey::from_raw(&[n; 32]).expect("key"),
+                name: None,
+                fixed: Some(Ipv4Addr::new(198, 19, 0, 50 + n)),
+            };
+            peer_with_extension(&table, port, identity)
+        };
+        let (f, _rx) = fixed_key(5, 2000);
+        let (g, _rx) = fixed_key(6, 2001);
+        let f_grant = table.admit(Request::Dynamic, &f).expect("grant");
+        let g_grant = table.admit(Request::Dynamic, &g).expect("grant");
+        assert_eq!(f_grant.address6, grant.address6, "the lowest free");
+        table.remove(f_grant.address, f.id);
+        table.remove(g_grant.address, g.id);
+        let (g_again, _rx) = fixed_key(6, 2002);
+        let back = table.admit(Request::Dynamic, &g_again).expect("grant");
+        assert_eq!(back.address6, g_grant.address6);
         // Nor does a table without network6 give any.
         let v4_only = new_table();
         let (peer, _rx) = extension_peer(&v4_only, 1001, key);

@@ -27,6 +27,10 @@ pub struct Six {
     /// Addresses fixed for keys (`[[server.peer]] address6`), reserved in
     /// the pool for good.
     fixed: HashMap<PublicKey, Ipv6Addr>,
+    /// The address each key held last, for a key without a lease (one with
+    /// a fixed IPv4 address): it gets it back while it is free. One entry
+    /// per key that connected since the start.
+    last: HashMap<PublicKey, Ipv6Addr>,
 }
 
 impl Six {
@@ -63,16 +67,19 @@ impl Six {
 
     /// Gives `peer` (being admitted) its address: the one fixed for its
     /// key, else `kept` (the one its key held or leases, still reserved),
-    /// else the lowest free one. `None` for a peer that does not speak the
+    /// else the one its key held last if that is free, else the lowest
+    /// free one. `None` for a peer that does not speak the
     /// extension, without `network6`, or when the pool is exhausted (then
     /// it is served IPv4 only).
     pub fn assign(&mut self, peer: &Arc<Peer>, kept: Option<Ipv6Addr>) -> Option<Ipv6Addr> {
         let pool = self.pool.as_mut().filter(|_| peer.extension)?;
-        let fixed = peer
-            .identity
-            .key()
-            .and_then(|k| self.fixed.get(&k).copied());
-        let address = match fixed.or(kept) {
+        let key = peer.identity.key();
+        let fixed = key.and_then(|k| self.fixed.get(&k).copied());
+        let last = || {
+            let last = self.last.get(&key?).copied()?;
+            pool.claim(last).ok().map(|()| last)
+        };
+        let address = match fixed.or(kept).or_else(last) {
             Some(address) => address,
             None => match pool.allocate() {
                 Ok(address) => address,
@@ -90,6 +97,9 @@ impl Six {
             }
         }
         self.held.insert(peer.id, address);
+        if let Some(key) = key {
+            self.last.insert(key, address);
+        }
         Some(address)
     }
 
