@@ -562,17 +562,19 @@ impl PeerTable {
             }
         }
         let old_address = old.as_ref().map(|(a, _)| *a);
-        // The address the key holds now, else the one it leases.
-        let leased = match (peer.identity.fixed(), key) {
-            (None, Some(key)) => table.leases.get(&key).map(|l| l.address),
-            _ => None,
+        // The addresses the key holds now, else the ones it leases.
+        let (leased, leased6) = match (peer.identity.fixed(), key) {
+            (None, Some(key)) => table
+                .leases
+                .get(&key)
+                .map_or((None, None), |l| (Some(l.address), l.address6)),
+            _ => (None, None),
         };
         let held = old_address.or(leased);
-        // The IPv6 address the key holds now, else the one it leases.
         let kept6 = old
             .as_ref()
             .and_then(|(_, old)| table.six.of(old.id))
-            .or_else(|| Some(table.leases.get(&key?)?.address6?).filter(|_| held.is_some()));
+            .or(leased6);
         let address = match (peer.identity.fixed(), request) {
             (Some(fixed), _) => match table.peers.get(&fixed) {
                 Some(_) if old_address == Some(fixed) => Ok(fixed),
@@ -605,6 +607,11 @@ impl PeerTable {
         if let (None, Some(key)) = (peer.identity.fixed(), key) {
             let expires = wall + table.lease_time;
             table.lease(key, address, address6, expires);
+        }
+        // Kept for the key, but not given to it (it no longer speaks the
+        // extension, say): free unless held or fixed.
+        if let Some(kept6) = kept6.filter(|k| address6 != Some(*k)) {
+            table.six.release(kept6);
         }
         let grant = Control::grant(address, Some(table.pool.network().netmask()));
         // The queue is new and empty: this push cannot fail for lack of room.
@@ -1298,6 +1305,23 @@ mod tests {
         let again_grant = table.admit(Request::Dynamic, &again).expect("grant");
         assert_eq!(again_grant.address6, a_grant.address6);
         assert_eq!(table.remove(a_grant.address, back.id), None);
+        // The key back without the extension: IPv4 only, its IPv6 address freed.
+        let free = table.free_count6();
+        let (plain, _rx) = peer_with(&table, 1007, tls(k1));
+        let plain_grant = table.admit(Request::Dynamic, &plain).expect("grant");
+        assert_eq!(
+            (plain_grant.address, plain_grant.address6),
+            (a_grant.address, None)
+        );
+        assert_eq!(table.free_count6(), free.map(|f| f + 1));
+        table.remove(plain_grant.address, plain.id);
+        let (again, _rx) = extension_peer(&table, 1008, k1);
+        let again_grant = table.admit(Request::Dynamic, &again).expect("grant");
+        assert_eq!(
+            again_grant.address6, a_grant.address6,
+            "the lowest free again"
+        );
+        let lease = table.lease_of(&k1).expect("a lease");
 
         // After a restart the lease is honoured for both addresses.
         let restarted = dual_stack(&[]);
