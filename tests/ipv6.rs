@@ -311,20 +311,19 @@ fn route_get6(ns: &Netns, address: &str) -> String {
 }
 
 #[test]
-fn a_full_tunnel_with_an_ipv6_grant_routes_ipv6_through_the_server() {
-    if !require_root("a_full_tunnel_with_an_ipv6_grant_routes_ipv6_through_the_server") {
+fn a_full_tunnel_with_an_ipv6_grant_sends_ipv6_through_the_server_and_its_nat() {
+    if !require_root("a_full_tunnel_with_an_ipv6_grant_sends_ipv6_through_the_server_and_its_nat") {
         return;
     }
     let setup = DualStack::new("v6ft");
     let bed = &setup.bed;
-    // A host behind the server on 2001:2:0:200::/64, routed (not NATed):
-    // its way back to the tunnel network is the server.
+    // A host behind the server on 2001:2:0:200::/64, with no route back to
+    // the tunnel network: only NAT (masquerade) gets the answers back.
     let lan = Netns::new("v6ftlan");
     no_dad(&lan);
     let (server_dev, lan_dev) = link(&bed.server, "198.18.200.1/24", &lan, "198.18.200.2/24");
     add6(&bed.server, &server_dev, "2001:2:0:200::1/64");
     add6(&lan, &lan_dev, "2001:2:0:200::2/64");
-    lan.ip(&["-6", "route", "add", NETWORK6, "via", "2001:2:0:200::1"]);
     let out = bed
         .server
         .run("sysctl", &["-w", "net.ipv6.conf.all.forwarding=1"]);
@@ -334,7 +333,15 @@ fn a_full_tunnel_with_an_ipv6_grant_routes_ipv6_through_the_server() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let _server = setup.start_server_with(&["--gateway"]);
+    let mut server = setup.start_server_with(&["--gateway", "--masquerade"]);
+    let table = bed
+        .server
+        .run("nft", &["list", "table", "ip6", "simplevpn_svpn0"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains(NETWORK6) && table.contains("masquerade"),
+        "no IPv6 NAT table: {table}"
+    );
     let a = setup.start_client_with(0, &["--full-tunnel"]);
     let (_, a6) = addresses(bed, 0, &a);
     let ns = &bed.clients[0];
@@ -353,9 +360,36 @@ fn a_full_tunnel_with_an_ipv6_grant_routes_ipv6_through_the_server() {
         "the host behind the server is not reached over IPv6:\n{}",
         a.log()
     );
+    // The host behind the server sees the server's address (NAT66).
+    let target: std::net::SocketAddr = "[2001:2:0:200::2]:7010".parse().expect("addr");
+    let listener = lan.tcp_listen(target).expect("listen behind the server");
+    let seen = std::thread::spawn(move || listener.accept().map(|(_, peer)| peer.ip()));
+    ns.tcp_connect(target, STARTUP)
+        .expect("A connects to the host behind the server over IPv6");
+    let seen = seen.join().expect("accept thread").expect("accept");
+    assert_eq!(seen, "2001:2:0:200::1".parse::<IpAddr>().expect("v6"));
     let status = svpnctl_json(&bed.client_socket(0), &["status"]);
     let changes = status["host_changes"].to_string();
     assert!(changes.contains("IPv6 through the tunnel"), "{changes}");
+    let server_changes =
+        svpnctl_json(&bed.server_socket(), &["status"])["host_changes"].to_string();
+    assert!(
+        server_changes.contains("table ip6 simplevpn_svpn0"),
+        "{server_changes}"
+    );
+    // Stopped, the server leaves no NAT table of either family behind.
+    server
+        .terminate(Duration::from_secs(5))
+        .expect("server stops");
+    for family in ["ip", "ip6"] {
+        let left = bed
+            .server
+            .run("nft", &["list", "table", family, "simplevpn_svpn0"]);
+        assert!(
+            !left.status.success(),
+            "the {family} NAT table outlived the server"
+        );
+    }
 }
 
 /// `/etc/netns/NAME/hosts` for a namespace: `ip netns exec` mounts it over

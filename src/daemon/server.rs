@@ -747,15 +747,20 @@ async fn beyond_the_tun(
         .network6
         .filter(|_| config.gateway || !config.routes.is_empty())
     {
-        // IPv6 is routed, not NATed: only said, never changed.
+        // Only said, never changed (the helper turns on IPv4 forwarding only).
         let forwarding6 = std::fs::read_to_string(IPV6_FORWARDING).map(|v| v.trim() == "1");
         if !matches!(forwarding6, Ok(true)) {
+            let beyond = match config.masquerade {
+                true => "it is NATed (masquerade)".to_string(),
+                false => format!(
+                    "without masquerade the network beyond must route {network6} to this host"
+                ),
+            };
             warn!(
                 tun,
                 %network6,
                 "IPv6 forwarding is off (or unreadable), so clients' IPv6 traffic does not \
-                 leave this host: turn it on with `sysctl -w net.ipv6.conf.all.forwarding=1`; \
-                 IPv6 is routed, not NATed, so the network beyond must route {network6} to this host"
+                 leave this host: turn it on with `sysctl -w net.ipv6.conf.all.forwarding=1`; {beyond}"
             );
         }
     }

@@ -27,7 +27,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use anyhow::{anyhow, bail, Context};
 use caps::Capability;
@@ -394,10 +394,16 @@ impl State {
                     .map_or_else(|| self.args.tun.clone(), |(name, _)| name.clone());
                 // Marked first: a batch that fails half-way is removed too.
                 self.changes.nat = Some(tun.clone());
-                nat::install(&tun, network)?;
-                let change = nat::describe(&tun, network);
-                info!("installed {change}");
-                return Ok(HelperResponse::Changed(vec![change]));
+                let networks = std::iter::once(IpNet::from(network))
+                    .chain(self.policy.masquerade_network6().map(IpNet::from));
+                let mut changes = Vec::new();
+                for network in networks {
+                    nat::install(&tun, network)?;
+                    let change = nat::describe(&tun, network);
+                    info!("installed {change}");
+                    changes.push(change);
+                }
+                return Ok(HelperResponse::Changed(changes));
             }
             HelperRequest::CheckForwarding => {
                 let on = netdev::ipv4_forwarding().map_err(|source| Failure::Io {

@@ -300,6 +300,14 @@ impl Policy {
         self.address6
     }
 
+    /// The IPv6 network NAT is for: a server's own `network6`, if it has one.
+    pub fn masquerade_network6(&self) -> Option<Ipv6Net> {
+        match (self.rule6, self.masquerade_network()) {
+            (AddressRule6::HostOf(network6), Some(_)) => Some(network6),
+            _ => None,
+        }
+    }
+
     /// The network NAT is for: a server's own.
     pub fn masquerade_network(&self) -> Option<Ipv4Net> {
         match self.rule {
@@ -795,6 +803,14 @@ mod tests {
         let server = server.with_grants(grants(true, false, false));
         assert_eq!(server.check(&nat), Ok(()));
         assert_eq!(server.masquerade_network(), Some(network));
+        // Its network6 too, with IPv6 inside the tunnel; never without the grant.
+        assert_eq!(server.masquerade_network6(), None);
+        let network6 = "2001:2:0:100::/64".parse().expect("net");
+        let dual = server.clone().with_ipv6(AddressRule6::HostOf(network6));
+        assert_eq!(dual.masquerade_network6(), Some(network6));
+        let ungranted =
+            opened(AddressRule::HostOf(network)).with_ipv6(AddressRule6::HostOf(network6));
+        assert_eq!(ungranted.masquerade_network6(), None);
         assert!(matches!(
             server.check(&HelperRequest::Masquerade { index: 1 }),
             Err(Refusal::OtherInterface { .. })
