@@ -324,16 +324,10 @@ fn a_full_tunnel_with_an_ipv6_grant_sends_ipv6_through_the_server_and_its_nat() 
     let (server_dev, lan_dev) = link(&bed.server, "198.18.200.1/24", &lan, "198.18.200.2/24");
     add6(&bed.server, &server_dev, "2001:2:0:200::1/64");
     add6(&lan, &lan_dev, "2001:2:0:200::2/64");
-    let out = bed
-        .server
-        .run("sysctl", &["-w", "net.ipv6.conf.all.forwarding=1"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 
-    let mut server = setup.start_server_with(&["--gateway", "--masquerade"]);
+    // --forwarding: the helper turns on IPv4 and IPv6 forwarding in the
+    // server's namespace.
+    let mut server = setup.start_server_with(&["--gateway", "--masquerade", "--forwarding"]);
     let table = bed
         .server
         .run("nft", &["list", "table", "ip6", "simplevpn_svpn0"]);
@@ -373,10 +367,15 @@ fn a_full_tunnel_with_an_ipv6_grant_sends_ipv6_through_the_server_and_its_nat() 
     assert!(changes.contains("IPv6 through the tunnel"), "{changes}");
     let server_changes =
         svpnctl_json(&bed.server_socket(), &["status"])["host_changes"].to_string();
-    assert!(
-        server_changes.contains("table ip6 simplevpn_svpn0"),
-        "{server_changes}"
-    );
+    for change in [
+        "table ip6 simplevpn_svpn0",
+        "net.ipv6.conf.all.forwarding turned on",
+    ] {
+        assert!(
+            server_changes.contains(change),
+            "{change}: {server_changes}"
+        );
+    }
     // Stopped, the server leaves no NAT table of either family behind.
     server
         .terminate(Duration::from_secs(5))

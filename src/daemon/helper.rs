@@ -218,7 +218,16 @@ impl Helper {
 
     /// Server: whether IPv4 forwarding is on (or was turned on).
     pub async fn check_forwarding(&self) -> Result<Forwarding, HelperError> {
-        let request = HelperRequest::CheckForwarding;
+        self.forwarding(HelperRequest::CheckForwarding).await
+    }
+
+    /// Server with `network6`: whether IPv6 forwarding is on (or was turned on).
+    pub async fn check_forwarding6(&self) -> Result<Forwarding, HelperError> {
+        self.forwarding(HelperRequest::CheckForwarding6).await
+    }
+
+    /// A forwarding check, answered with its state.
+    async fn forwarding(&self, request: HelperRequest) -> Result<Forwarding, HelperError> {
         let message = self.call(request.clone()).await?;
         match answer(&request, &message)? {
             HelperResponse::Forwarding(state) => Ok(state),

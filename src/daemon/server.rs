@@ -722,53 +722,47 @@ async fn beyond_the_tun(
     if config.masquerade {
         changes.extend(helper.masquerade(index).await?);
     }
-    if config.masquerade || config.gateway || !config.routes.is_empty() {
-        match helper.check_forwarding().await {
-            Ok(Forwarding::On) => {}
-            // E.g. /proc/sys read-only (the unit's ProtectKernelTunables=).
-            Err(HelperError::Failed { reason, .. }) => warn!(
-                tun,
-                %reason,
-                "IPv4 forwarding could not be checked or turned on: turn it on with \
-                 `sysctl -w net.ipv4.ip_forward=1` (and in /etc/sysctl.d to keep it)"
-            ),
-            Err(e) => return Err(e.into()),
-            Ok(Forwarding::TurnedOn) => {
-                changes.push("net.ipv4.ip_forward turned on (it stays on)".to_string())
-            }
-            Ok(Forwarding::Off) => warn!(
-                tun,
-                "IPv4 forwarding is off, so clients' traffic does not leave this host: \
-                 turn it on with `sysctl -w net.ipv4.ip_forward=1`, or set forwarding = true"
-            ),
-        }
+    let forwards = config.masquerade || config.gateway || !config.routes.is_empty();
+    if forwards {
+        let checked = helper.check_forwarding().await;
+        report_forwarding(checked, "IPv4", "net.ipv4.ip_forward", tun, &mut changes)?;
     }
-    if let Some(network6) = config
-        .network6
-        .filter(|_| config.gateway || !config.routes.is_empty())
-    {
-        // Only said, never changed (the helper turns on IPv4 forwarding only).
-        let forwarding6 = std::fs::read_to_string(IPV6_FORWARDING).map(|v| v.trim() == "1");
-        if !matches!(forwarding6, Ok(true)) {
-            let beyond = match config.masquerade {
-                true => "it is NATed (masquerade)".to_string(),
-                false => format!(
-                    "without masquerade the network beyond must route {network6} to this host"
-                ),
-            };
-            warn!(
-                tun,
-                %network6,
-                "IPv6 forwarding is off (or unreadable), so clients' IPv6 traffic does not \
-                 leave this host: turn it on with `sysctl -w net.ipv6.conf.all.forwarding=1`; {beyond}"
-            );
-        }
+    if forwards && config.network6.is_some() {
+        let checked = helper.check_forwarding6().await;
+        let sysctl = "net.ipv6.conf.all.forwarding";
+        report_forwarding(checked, "IPv6", sysctl, tun, &mut changes)?;
     }
     Ok(changes)
 }
 
-/// The IPv6 forwarding sysctl of the current network namespace.
-const IPV6_FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+/// Logs what the helper found of `family`'s forwarding (`sysctl`), and
+/// adds it to `changes` if it turned it on.
+fn report_forwarding(
+    checked: Result<Forwarding, HelperError>,
+    family: &str,
+    sysctl: &str,
+    tun: &str,
+    changes: &mut Vec<String>,
+) -> Result<(), DaemonError> {
+    match checked {
+        Ok(Forwarding::On) => {}
+        // E.g. /proc/sys read-only (the unit's ProtectKernelTunables=).
+        Err(HelperError::Failed { reason, .. }) => warn!(
+            tun,
+            %reason,
+            "{family} forwarding could not be checked or turned on: turn it on with \
+             `sysctl -w {sysctl}=1` (and in /etc/sysctl.d to keep it)"
+        ),
+        Err(e) => return Err(e.into()),
+        Ok(Forwarding::TurnedOn) => changes.push(format!("{sysctl} turned on (it stays on)")),
+        Ok(Forwarding::Off) => warn!(
+            tun,
+            "{family} forwarding is off, so clients' {family} traffic does not leave this host: \
+             turn it on with `sysctl -w {sysctl}=1`, or set forwarding = true"
+        ),
+    }
+    Ok(())
+}
 
 /// Queues a control message to a client; dropped if its queue is full.
 fn send(peer: &Peer, control: Control) {

@@ -335,6 +335,27 @@ impl State {
         Ok(())
     }
 
+    /// Whether `sysctl` is on; a helper started with `--forwarding` turns
+    /// it on if not.
+    fn forwarding(&self, sysctl: netdev::ForwardingSysctl) -> Result<Forwarding, Failure> {
+        let failed = |what: &'static str| move |source| Failure::Io { what, source };
+        let state = match sysctl
+            .is_on()
+            .map_err(failed("reading a forwarding sysctl"))?
+        {
+            true => Forwarding::On,
+            false if self.args.forwarding => {
+                sysctl
+                    .turn_on()
+                    .map_err(failed("writing a forwarding sysctl"))?;
+                info!("turned on forwarding ({}=1)", sysctl.name);
+                Forwarding::TurnedOn
+            }
+            false => Forwarding::Off,
+        };
+        Ok(state)
+    }
+
     /// Carries out an allowed request and records it in the policy.
     fn execute(&mut self, request: &HelperRequest) -> Result<HelperResponse, Failure> {
         let links = &self.links;
@@ -406,22 +427,11 @@ impl State {
                 return Ok(HelperResponse::Changed(changes));
             }
             HelperRequest::CheckForwarding => {
-                let on = netdev::ipv4_forwarding().map_err(|source| Failure::Io {
-                    what: "reading net.ipv4.ip_forward",
-                    source,
-                })?;
-                let state = match on {
-                    true => Forwarding::On,
-                    false if self.args.forwarding => {
-                        netdev::enable_ipv4_forwarding().map_err(|source| Failure::Io {
-                            what: "writing net.ipv4.ip_forward",
-                            source,
-                        })?;
-                        info!("turned on IPv4 forwarding (net.ipv4.ip_forward=1)");
-                        Forwarding::TurnedOn
-                    }
-                    false => Forwarding::Off,
-                };
+                let state = self.forwarding(netdev::IPV4_FORWARDING)?;
+                return Ok(HelperResponse::Forwarding(state));
+            }
+            HelperRequest::CheckForwarding6 => {
+                let state = self.forwarding(netdev::IPV6_FORWARDING)?;
                 return Ok(HelperResponse::Forwarding(state));
             }
             HelperRequest::FullTunnel { index, server } => {

@@ -462,18 +462,37 @@ fn host_route(msg: &RouteMessage) -> Option<HostRoute> {
     })
 }
 
-/// Whether IPv4 forwarding is on (`/proc/sys/net/ipv4/ip_forward`).
-pub fn ipv4_forwarding() -> io::Result<bool> {
-    Ok(std::fs::read_to_string(IP_FORWARD)?.trim() == "1")
+/// A forwarding sysctl of the current network namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardingSysctl {
+    /// Its name, as `sysctl` writes it.
+    pub name: &'static str,
+    path: &'static str,
 }
 
-/// Turns IPv4 forwarding on (CAP_NET_ADMIN may write the network's sysctls).
-pub fn enable_ipv4_forwarding() -> io::Result<()> {
-    std::fs::write(IP_FORWARD, b"1\n")
-}
+/// IPv4 forwarding: `net.ipv4.ip_forward`.
+pub const IPV4_FORWARDING: ForwardingSysctl = ForwardingSysctl {
+    name: "net.ipv4.ip_forward",
+    path: "/proc/sys/net/ipv4/ip_forward",
+};
 
-/// The IPv4 forwarding sysctl of the current network namespace.
-pub const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+/// IPv6 forwarding on every interface: `net.ipv6.conf.all.forwarding`.
+pub const IPV6_FORWARDING: ForwardingSysctl = ForwardingSysctl {
+    name: "net.ipv6.conf.all.forwarding",
+    path: "/proc/sys/net/ipv6/conf/all/forwarding",
+};
+
+impl ForwardingSysctl {
+    /// Whether it is on.
+    pub fn is_on(self) -> io::Result<bool> {
+        Ok(std::fs::read_to_string(self.path)?.trim() == "1")
+    }
+
+    /// Turns it on (CAP_NET_ADMIN may write the network's sysctls).
+    pub fn turn_on(self) -> io::Result<()> {
+        std::fs::write(self.path, b"1\n")
+    }
+}
 
 /// The local address (`IFA_LOCAL`, else `IFA_ADDRESS`) of an address message.
 fn local_address(msg: &AddressMessage) -> Option<IpAddr> {

@@ -249,6 +249,16 @@ impl Policy {
                 self.check_index(index)
             }
             HelperRequest::CheckForwarding => self.server_only("checking forwarding"),
+            HelperRequest::CheckForwarding6 => {
+                self.server_only("checking forwarding")?;
+                match self.rule6 {
+                    AddressRule6::HostOf(_) => Ok(()),
+                    _ => Err(Refusal::NotGranted {
+                        what: "IPv6 forwarding",
+                        flag: "--network6",
+                    }),
+                }
+            }
             HelperRequest::FullTunnel { index, server } => {
                 self.granted(self.grants.full_tunnel, "a full tunnel", "--full-tunnel")?;
                 self.check_index(index)?;
@@ -823,6 +833,11 @@ mod tests {
             Err(Refusal::ServerOnly(_))
         ));
         assert_eq!(server.check(&HelperRequest::CheckForwarding), Ok(()));
+        // IPv6 forwarding: a server with network6 only.
+        let v6 = HelperRequest::CheckForwarding6;
+        assert!(matches!(server.check(&v6), Err(Refusal::NotGranted { .. })));
+        assert_eq!(dual.check(&v6), Ok(()));
+        assert!(matches!(client.check(&v6), Err(Refusal::ServerOnly(_))));
     }
 
     #[test]

@@ -56,6 +56,9 @@ pub enum HelperRequest {
     /// Server: is IPv4 forwarding on? A helper started with `--forwarding`
     /// turns it on if not.
     CheckForwarding,
+    /// Server with `--network6`: is IPv6 forwarding on
+    /// (`net.ipv6.conf.all.forwarding`)? As [`HelperRequest::CheckForwarding`].
+    CheckForwarding6,
     /// Client: full tunnel. The helper pins the host's current route to
     /// `server` as a /32 (same gateway, same interface), then routes
     /// 0.0.0.0/1 and 128.0.0.0/1, and IPv6 ::/1 and 8000::/1, into the tun.
@@ -151,6 +154,7 @@ impl fmt::Display for HelperRequest {
                 )
             }
             HelperRequest::CheckForwarding => f.write_str("check IPv4 forwarding"),
+            HelperRequest::CheckForwarding6 => f.write_str("check IPv6 forwarding"),
             HelperRequest::FullTunnel { index, server } => {
                 write!(f, "route everything but {server} into ifindex {index}")
             }
@@ -260,6 +264,7 @@ mod tests {
             },
             HelperRequest::Masquerade { index: 7 },
             HelperRequest::CheckForwarding,
+            HelperRequest::CheckForwarding6,
             HelperRequest::FullTunnel {
                 index: 7,
                 server: Ipv4Addr::new(198, 18, 1, 1),
