@@ -300,14 +300,42 @@ fn add6(ns: &Netns, dev: &str, cidr: &str) {
     ns.ip(&["-6", "addr", "add", cidr, "dev", dev, "nodad"]);
 }
 
-/// `ip -6 route get ADDRESS` in `ns`, or the error.
-fn route_get6(ns: &Netns, address: &str) -> String {
-    let out = ns.run("ip", &["-6", "route", "get", address]);
+/// What a command printed, stdout then stderr.
+fn text(out: std::process::Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// `ip -6 route get ADDRESS` in `ns`, or the error.
+fn route_get6(ns: &Netns, address: &str) -> String {
+    text(ns.run("ip", &["-6", "route", "get", address]))
+}
+
+/// Gives the link between the server and client A IPv6 underlay addresses
+/// too ([`UNDERLAY_SERVER`], [`UNDERLAY_CLIENT`]); returns A's device.
+fn ipv6_underlay(bed: &Bed) -> String {
+    let server_dev = veth_with(&bed.server, "198.18.1.1");
+    let client_dev = veth_with(&bed.clients[0], "198.18.1.2");
+    add6(&bed.server, &server_dev, &format!("{UNDERLAY_SERVER}/64"));
+    add6(
+        &bed.clients[0],
+        &client_dev,
+        &format!("{UNDERLAY_CLIENT}/64"),
+    );
+    client_dev
+}
+
+/// Starts client A dialing `target` (HOST:PORT), with `extra` flags.
+fn spawn_client_to(setup: &DualStack, target: &str, extra: &[&str]) -> Daemon {
+    let bed = &setup.bed;
+    let socket = bed.client_socket(0);
+    let mut args = vec!["client", "-s", target, "--control", &socket, "--user", USER];
+    args.extend(setup.client_args[0].iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    bed.clients[0].spawn(SIMPLEVPND, &args)
 }
 
 #[test]
@@ -430,14 +458,7 @@ fn an_ipv6_underlay_serves_both_families_and_names_with_aaaa_records() {
     let setup = DualStack::new("v6u");
     let bed = &setup.bed;
     // Client A's underlay is IPv6 (2001:2:0:1::/64) besides its IPv4 one.
-    let server_dev = veth_with(&bed.server, "198.18.1.1");
-    let client_dev = veth_with(&bed.clients[0], "198.18.1.2");
-    add6(&bed.server, &server_dev, &format!("{UNDERLAY_SERVER}/64"));
-    add6(
-        &bed.clients[0],
-        &client_dev,
-        &format!("{UNDERLAY_CLIENT}/64"),
-    );
+    ipv6_underlay(bed);
 
     let mut args: Vec<&str> = setup.server_args.iter().map(String::as_str).collect();
     args.extend(["--listen", "[::]:2002"]);
@@ -446,10 +467,7 @@ fn an_ipv6_underlay_serves_both_families_and_names_with_aaaa_records() {
 
     // A dials the IPv6 literal; B dials IPv4 to the same [::] socket.
     let dial = |target: &str| {
-        let socket = bed.client_socket(0);
-        let mut client_args = vec!["client", "-s", target, "--control", &socket, "--user", USER];
-        client_args.extend(setup.client_args[0].iter().map(String::as_str));
-        let client = bed.clients[0].spawn(SIMPLEVPND, &client_args);
+        let client = spawn_client_to(&setup, target, &[]);
         assert!(
             client.wait_for_log("granted", STARTUP),
             "no grant over {target}:\n{}\n{}",
@@ -559,5 +577,66 @@ fn a_peer_added_live_with_address6_gets_it_and_keeps_it_across_a_restart() {
         }),
         "not back with {fixed6}:\n{}",
         client.log()
+    );
+}
+
+/// `ip [-6] route show` in `ns`.
+fn route_table(ns: &Netns) -> String {
+    text(ns.ip(&["route", "show"])) + &text(ns.ip(&["-6", "route", "show"]))
+}
+
+#[test]
+fn a_full_tunnel_over_an_ipv6_underlay_pins_the_servers_ipv6_address() {
+    if !require_root("a_full_tunnel_over_an_ipv6_underlay_pins_the_servers_ipv6_address") {
+        return;
+    }
+    let setup = DualStack::new("v6fu");
+    let bed = &setup.bed;
+    let client_dev = ipv6_underlay(bed);
+    let ns = &bed.clients[0];
+    let before = route_table(ns);
+    let _server = setup.start_server_with(&["--listen", "[::]:2002", "--gateway"]);
+
+    let socket = bed.client_socket(0);
+    let target = format!("[{UNDERLAY_SERVER}]:2002");
+    let mut client = spawn_client_to(&setup, &target, &["--full-tunnel"]);
+    assert!(
+        client.wait_for_log("full tunnel: all traffic", STARTUP),
+        "no full tunnel:\n{}",
+        client.log()
+    );
+    // The server stays reached over the underlay, everything else goes
+    // through the tun, IPv6 and IPv4.
+    let to_server = route_get6(ns, UNDERLAY_SERVER);
+    assert!(
+        to_server.contains(&format!("dev {client_dev}")) && !to_server.contains(TUN),
+        "{to_server}"
+    );
+    let elsewhere = route_get6(ns, "2001:2:0:9::1");
+    assert!(elsewhere.contains(&format!("dev {TUN}")), "{elsewhere}");
+    let v4 = ns.run("ip", &["route", "get", "198.18.99.1"]);
+    let v4 = String::from_utf8_lossy(&v4.stdout);
+    assert!(v4.contains(&format!("dev {TUN}")), "{v4}");
+    let changes = svpnctl_json(&socket, &["status"])["host_changes"].to_string();
+    assert!(
+        changes.contains(&format!("{UNDERLAY_SERVER}/128 dev {client_dev}")),
+        "{changes}"
+    );
+    // The tunnel itself still works, both families inside.
+    assert!(
+        ping6(ns, SERVER6),
+        "no IPv6 through the tunnel:\n{}",
+        client.log()
+    );
+    tcp_round_trip(ns, &bed.server, SERVER_TUNNEL, 7020, 10_000);
+
+    // SIGTERM: the client's routes are as before.
+    client
+        .terminate(Duration::from_secs(5))
+        .expect("client stops");
+    assert!(
+        wait_until(Duration::from_secs(5), || route_table(ns) == before),
+        "routes not as before:\n{before}\nafter:\n{}",
+        route_table(ns)
     );
 }

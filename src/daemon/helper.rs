@@ -240,7 +240,7 @@ impl Helper {
     pub async fn full_tunnel(
         &self,
         index: u32,
-        server: Ipv4Addr,
+        server: IpAddr,
     ) -> Result<Vec<String>, HelperError> {
         self.changed(HelperRequest::FullTunnel { index, server })
             .await

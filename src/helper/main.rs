@@ -22,7 +22,7 @@
 //! the helper leaves only after the daemon has.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -272,7 +272,7 @@ impl State {
 
     /// Full tunnel: pins the route to `server`, then routes everything
     /// else into the tun. Returns what it changed.
-    fn full_tunnel(&mut self, index: u32, server: Ipv4Addr) -> Result<Vec<String>, Failure> {
+    fn full_tunnel(&mut self, index: u32, server: IpAddr) -> Result<Vec<String>, Failure> {
         let routes = self.runtime.block_on(self.links.host_routes())?;
         let pin = pin_route(&routes, server, index)?;
         match self.changes.pinned {

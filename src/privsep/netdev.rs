@@ -291,18 +291,29 @@ impl LinkConfig {
             .map_err(|e| netlink_err(format!("{verb} route {dest}"), index, e))
     }
 
-    /// The IPv4 unicast routes of the host's main table.
+    /// The unicast routes of the host's main table, IPv4 and IPv6.
     pub async fn host_routes(&self) -> Result<Vec<HostRoute>, NetdevError> {
-        let request = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build());
-        let all: Vec<RouteMessage> = request
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| netlink_err("list routes".to_owned(), 0, e))?;
-        Ok(all.iter().filter_map(host_route).collect())
+        let mut routes = Vec::new();
+        for request in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let all: Vec<RouteMessage> = match self
+                .handle
+                .route()
+                .get(request)
+                .execute()
+                .try_collect()
+                .await
+            {
+                Ok(all) => all,
+                // No IPv6 on this host: no IPv6 routes.
+                Err(e) if errno(&e) == Some(libc::EAFNOSUPPORT) => Vec::new(),
+                Err(e) => return Err(netlink_err("list routes".to_owned(), 0, e)),
+            };
+            routes.extend(all.iter().filter_map(host_route));
+        }
+        Ok(routes)
     }
 
     /// Adds `route` (a pinned /32). Returns whether it was added: `false`
@@ -410,12 +421,25 @@ fn route6_message(index: u32, dest: Ipv6Net) -> RouteMessage {
 
 /// The message that adds or deletes a pinned host route.
 fn host_route_message(route: HostRoute) -> RouteMessage {
-    let builder = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(route.destination.network(), route.destination.prefix_len())
-        .output_interface(route.index);
-    match route.gateway {
-        Some(gateway) => builder.gateway(gateway).build(),
-        None => builder.scope(RouteScope::Link).build(),
+    match (route.destination, route.gateway) {
+        (IpNet::V4(destination), gateway) => {
+            let builder = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(destination.network(), destination.prefix_len())
+                .output_interface(route.index);
+            match gateway {
+                Some(IpAddr::V4(gateway)) => builder.gateway(gateway).build(),
+                _ => builder.scope(RouteScope::Link).build(),
+            }
+        }
+        (IpNet::V6(destination), gateway) => {
+            let builder = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(destination.network(), destination.prefix_len())
+                .output_interface(route.index);
+            match gateway {
+                Some(IpAddr::V6(gateway)) => builder.gateway(gateway).build(),
+                _ => builder.build(),
+            }
+        }
     }
 }
 
@@ -443,19 +467,25 @@ fn host_route(msg: &RouteMessage) -> Option<HostRoute> {
     if table != u32::from(RouteHeader::RT_TABLE_MAIN) || msg.header.kind != RouteType::Unicast {
         return None;
     }
-    let mut destination = Ipv4Addr::UNSPECIFIED;
+    let mut destination = match msg.header.address_family {
+        AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
     let (mut gateway, mut index, mut metric) = (None, None, 0);
     for attribute in &msg.attributes {
         match attribute {
-            RouteAttribute::Destination(RouteAddress::Inet(a)) => destination = *a,
-            RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(*a),
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => destination = IpAddr::V4(*a),
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => destination = IpAddr::V6(*a),
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(IpAddr::V4(*a)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gateway = Some(IpAddr::V6(*a)),
             RouteAttribute::Oif(i) => index = Some(*i),
             RouteAttribute::Priority(p) => metric = *p,
             _ => {}
         }
     }
     Some(HostRoute {
-        destination: Ipv4Net::new(destination, msg.header.destination_prefix_length).ok()?,
+        destination: IpNet::new(destination, msg.header.destination_prefix_length).ok()?,
         gateway,
         index: index?,
         metric,

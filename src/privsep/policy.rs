@@ -46,28 +46,33 @@ pub struct Grants {
     pub dns: bool,
 }
 
-/// A route of the host's main table, as far as pinning needs it.
+/// A route of the host's main table (IPv4 or IPv6), as far as pinning
+/// needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostRoute {
-    pub destination: Ipv4Net,
-    pub gateway: Option<Ipv4Addr>,
+    pub destination: IpNet,
+    pub gateway: Option<IpAddr>,
     /// The output interface.
     pub index: u32,
     /// Its priority; lower wins.
     pub metric: u32,
 }
 
-/// The route to pin for `server`: the /32 that goes where the host's best
-/// route to it goes now (longest prefix, then lowest metric) among the
-/// routes not through the tun `tun` (those are the tunnel's own).
-pub fn pin_route(routes: &[HostRoute], server: Ipv4Addr, tun: u32) -> Result<HostRoute, Refusal> {
+/// The route to pin for `server`: the /32 (IPv6: /128) that goes where the
+/// host's best route to it goes now (longest prefix, then lowest metric)
+/// among the routes not through the tun `tun` (those are the tunnel's own).
+pub fn pin_route(routes: &[HostRoute], server: IpAddr, tun: u32) -> Result<HostRoute, Refusal> {
     let best = routes
         .iter()
         .filter(|r| r.index != tun && r.destination.contains(&server))
         .min_by_key(|r| (std::cmp::Reverse(r.destination.prefix_len()), r.metric))
         .ok_or(Refusal::NoUnderlay(server))?;
+    let destination = match server {
+        IpAddr::V4(server) => IpNet::V4(Ipv4Net::from(server)),
+        IpAddr::V6(server) => IpNet::V6(Ipv6Net::from(server)),
+    };
     Ok(HostRoute {
-        destination: Ipv4Net::from(server),
+        destination,
         ..*best
     })
 }
@@ -132,9 +137,9 @@ pub enum Refusal {
     #[error("{0} is for a server's helper only")]
     ServerOnly(&'static str),
     #[error("the server address {server}: {why}")]
-    Server { server: Ipv4Addr, why: String },
+    Server { server: IpAddr, why: String },
     #[error("the host has no route to {0} outside the tun: nothing to pin")]
-    NoUnderlay(Ipv4Addr),
+    NoUnderlay(IpAddr),
     #[error("DNS: {0}")]
     Dns(String),
 }
@@ -327,24 +332,26 @@ impl Policy {
     }
 
     /// A full tunnel's server: a unicast address outside the tunnel.
-    fn check_server(&self, server: Ipv4Addr) -> Result<(), String> {
-        if server.is_loopback()
-            || server.is_multicast()
-            || server.is_broadcast()
-            || server.is_unspecified()
-        {
+    fn check_server(&self, server: IpAddr) -> Result<(), String> {
+        let broadcast = matches!(server, IpAddr::V4(v4) if v4.is_broadcast());
+        if server.is_loopback() || server.is_multicast() || broadcast || server.is_unspecified() {
             return Err("not a unicast address".into());
         }
         let tunnel = match self.rule {
             AddressRule::HostOf(network) | AddressRule::Inside(network) => Some(network),
             AddressRule::AnyUnicast => self.address,
         };
-        match tunnel {
-            Some(tunnel) if tunnel.contains(&server) => {
+        let tunnel6 = self.rule6.tunnel(self.address6);
+        match (tunnel, server) {
+            (Some(tunnel), IpAddr::V4(v4)) if tunnel.contains(&v4) => {
                 Err(format!("inside the tunnel network {tunnel}"))
             }
-            Some(_) => Ok(()),
-            None => Err("no address has been set yet".into()),
+            (_, IpAddr::V6(v6)) if tunnel6.is_some_and(|t| t.contains(&v6)) => Err(format!(
+                "inside the IPv6 tunnel network {}",
+                tunnel6.map_or_else(String::new, |t| t.to_string())
+            )),
+            (Some(_), _) => Ok(()),
+            (None, _) => Err("no address has been set yet".into()),
         }
     }
 
@@ -844,7 +851,7 @@ mod tests {
     fn a_full_tunnel_only_for_a_client_started_with_it_and_a_server_outside() {
         let full = |server: &str| HelperRequest::FullTunnel {
             index: TUN,
-            server: addr(server),
+            server: server.parse().expect("ip"),
         };
         let plain = opened(AddressRule::Inside(net("198.19.0.0/16")));
         assert!(matches!(
@@ -876,7 +883,7 @@ mod tests {
         assert!(matches!(
             client.check(&HelperRequest::FullTunnel {
                 index: 3,
-                server: addr("198.18.1.1")
+                server: "198.18.1.1".parse().expect("ip")
             }),
             Err(Refusal::OtherInterface { .. })
         ));
@@ -889,16 +896,35 @@ mod tests {
         assert!(any.check(&full("198.19.0.1")).is_err());
         // The default route itself stays refused as a plain route.
         assert!(client.check(&add_route("0.0.0.0/0")).is_err());
+        // A server reached over IPv6: outside the IPv6 tunnel network too.
+        assert_eq!(client.check(&full("2001:2:0:1::1")), Ok(()));
+        let mut dual = client.with_ipv6(AddressRule6::AnyUnicast);
+        dual.record(
+            &HelperRequest::SetAddress6 {
+                index: TUN,
+                address: "2001:2:0:100::2".parse().expect("v6"),
+                prefix: 64,
+            },
+            None,
+        );
+        for bad in ["2001:2:0:100::1", "::1", "ff02::1", "::"] {
+            assert!(
+                matches!(dual.check(&full(bad)), Err(Refusal::Server { .. })),
+                "{bad}"
+            );
+        }
+        assert_eq!(dual.check(&full("2001:2:0:1::1")), Ok(()));
     }
 
     #[test]
     fn the_pinned_route_goes_where_the_hosts_route_goes_now() {
         let route = |dest: &str, gateway: Option<&str>, index: u32, metric: u32| HostRoute {
-            destination: net(dest),
-            gateway: gateway.map(addr),
+            destination: dest.parse().expect("net"),
+            gateway: gateway.map(|g| g.parse().expect("ip")),
             index,
             metric,
         };
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
         let routes = [
             route("0.0.0.0/0", Some("198.18.0.1"), 2, 100),
             route("0.0.0.0/0", Some("198.18.9.1"), 3, 50),
@@ -906,20 +932,37 @@ mod tests {
             // The tunnel's own routes never count.
             route("0.0.0.0/1", None, TUN, 0),
             route("198.18.1.1/32", None, TUN, 0),
+            // IPv6: an on-link /64 and a default via a link-local router.
+            route("2001:2:0:1::/64", None, 4, 256),
+            route("::/0", Some("fe80::1"), 2, 1024),
+            route("::/1", None, TUN, 0),
         ];
         // Longest prefix first: the on-link /24.
         assert_eq!(
-            pin_route(&routes, addr("198.18.1.1"), TUN),
+            pin_route(&routes, ip("198.18.1.1"), TUN),
             Ok(route("198.18.1.1/32", None, 4, 0))
         );
         // Then the lowest metric among the defaults.
         assert_eq!(
-            pin_route(&routes, addr("198.18.50.1"), TUN),
+            pin_route(&routes, ip("198.18.50.1"), TUN),
             Ok(route("198.18.50.1/32", Some("198.18.9.1"), 3, 50))
         );
         assert_eq!(
-            pin_route(&routes[3..], addr("198.18.50.1"), TUN),
-            Err(Refusal::NoUnderlay(addr("198.18.50.1")))
+            pin_route(&routes[3..5], ip("198.18.50.1"), TUN),
+            Err(Refusal::NoUnderlay(ip("198.18.50.1")))
+        );
+        // An IPv6 server: a /128 the same way, never an IPv4 route.
+        assert_eq!(
+            pin_route(&routes, ip("2001:2:0:1::1"), TUN),
+            Ok(route("2001:2:0:1::1/128", None, 4, 256))
+        );
+        assert_eq!(
+            pin_route(&routes, ip("2001:2:0:9::1"), TUN),
+            Ok(route("2001:2:0:9::1/128", Some("fe80::1"), 2, 1024))
+        );
+        assert_eq!(
+            pin_route(&routes[..5], ip("2001:2:0:9::1"), TUN),
+            Err(Refusal::NoUnderlay(ip("2001:2:0:9::1")))
         );
     }
 

@@ -63,7 +63,7 @@ pub enum HelperRequest {
     /// `server` as a /32 (same gateway, same interface), then routes
     /// 0.0.0.0/1 and 128.0.0.0/1, and IPv6 ::/1 and 8000::/1, into the tun.
     /// Only for a helper started with `--full-tunnel`.
-    FullTunnel { index: u32, server: Ipv4Addr },
+    FullTunnel { index: u32, server: IpAddr },
     /// Client: undoes [`HelperRequest::FullTunnel`].
     EndFullTunnel { index: u32 },
     /// Client: the tun's DNS servers and search domains, through
@@ -267,7 +267,7 @@ mod tests {
             HelperRequest::CheckForwarding6,
             HelperRequest::FullTunnel {
                 index: 7,
-                server: Ipv4Addr::new(198, 18, 1, 1),
+                server: Ipv4Addr::new(198, 18, 1, 1).into(),
             },
             HelperRequest::EndFullTunnel { index: 7 },
             HelperRequest::SetDns {

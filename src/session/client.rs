@@ -128,7 +128,7 @@ pub enum Action {
     /// A pushed route not installed, and why (queued once per session).
     RouteRefused(IpNet, RouteRefusal),
     /// Route everything but the server (at this address) into the tun.
-    FullTunnel(Ipv4Addr),
+    FullTunnel(IpAddr),
     /// Remove the full tunnel's routes: the host's own routes apply again.
     EndFullTunnel,
     /// Give the tun these DNS settings.
@@ -189,10 +189,6 @@ pub enum CloseReason {
 pub enum RouteRefusal {
     #[error("a default route is full tunnel, which this client does not do (full_tunnel = true accepts it)")]
     Default,
-    #[error(
-        "the server is reached over IPv6, which a full tunnel would capture: not supported yet"
-    )]
-    Ipv6Server,
     #[error("it covers the server's own address {0}: the tunnel would carry itself")]
     CoversServer(IpAddr),
     #[error("outside accept_routes")]
@@ -295,7 +291,7 @@ pub struct ClientSession {
     params_seen: bool,
     /// The server address the full tunnel is set up for, across sessions
     /// (the kill switch keeps it while the link is down).
-    full: Option<Ipv4Addr>,
+    full: Option<IpAddr>,
     /// The DNS settings pushed last (this session).
     pushed_dns: Dns,
     /// The DNS settings on the tun now.
@@ -495,21 +491,15 @@ impl ClientSession {
 
     /// Sets up or ends the full tunnel, as offered and configured.
     fn sync_full_tunnel(&mut self, offered: bool, default: IpNet) {
-        let server = match self.server {
-            Some(IpAddr::V4(server)) => Ok(server),
-            _ => Err(RouteRefusal::Ipv6Server),
-        };
-        let wanted = match (offered, self.rules.full_tunnel, server) {
-            (false, _, _) => None,
-            (true, true, Ok(server)) => Some(server),
-            (true, full_tunnel, refused) => {
-                let why = match (full_tunnel, refused) {
-                    (true, Err(why)) => why,
-                    _ => RouteRefusal::Default,
-                };
+        let wanted = match (offered, self.rules.full_tunnel) {
+            (false, _) => None,
+            // The server of this connection, IPv4 or IPv6: its route is pinned.
+            (true, true) => self.server,
+            (true, false) => {
                 if !self.refused.contains(&default) {
                     self.refused.push(default);
-                    self.actions.push_back(Action::RouteRefused(default, why));
+                    self.actions
+                        .push_back(Action::RouteRefused(default, RouteRefusal::Default));
                 }
                 None
             }
@@ -1531,7 +1521,7 @@ mod tests {
     }
 
     #[test]
-    fn dns_off_ignores_pushed_dns_and_an_ipv6_server_gets_no_full_tunnel() {
+    fn dns_off_ignores_pushed_dns_and_an_ipv6_server_gets_a_full_tunnel_too() {
         let t0 = Instant::now();
         let rules = ClientRules {
             full_tunnel: true,
@@ -1542,6 +1532,6 @@ mod tests {
         session.connected(t0, "2001:2::1".parse().expect("ip"));
         session.received(t0, grant(ADDRESS));
         session.received(t0, gateway_params(&["198.19.0.1"]));
-        assert_eq!(full_actions(&mut session), ["refuse 0.0.0.0/0: Ipv6Server"]);
+        assert_eq!(full_actions(&mut session), ["full 2001:2::1"]);
     }
 }
