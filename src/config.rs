@@ -983,7 +983,7 @@ impl ClientSection {
             network,
             network6: match self.network6 {
                 Some(n) => {
-                    check_tunnel_net("network6", n.into(), crate::pool6::TUNNEL_PREFIX6)?;
+                    check_tunnel_net("network6", n.into(), crate::limits::TUNNEL_PREFIX6)?;
                     Some(n)
                 }
                 None => None,

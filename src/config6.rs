@@ -9,11 +9,8 @@ use std::net::Ipv6Addr;
 use ipnet::{IpNet, Ipv6Net};
 
 use crate::config::{check_tunnel_net, ConfigError, PeerSection};
-use crate::pool6::{Pool6, TUNNEL_PREFIX6};
-
-/// The smallest MTU IPv6 works with (RFC 8200): the kernel turns IPv6 off
-/// on a link with a smaller one.
-pub const MIN_MTU6: u32 = 1280;
+use crate::limits::{MIN_MTU6, TUNNEL_PREFIX6};
+use crate::pool6::Pool6;
 
 /// Checks `network6` against the peers, the routes and the MTU; returns it.
 pub fn network6(

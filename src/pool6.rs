@@ -6,13 +6,8 @@
 
 use std::collections::BTreeSet;
 use std::net::Ipv6Addr;
-use std::ops::RangeInclusive;
 
 use ipnet::Ipv6Net;
-
-/// Prefix lengths of an IPv6 tunnel network: from /64 (a whole subnet, the
-/// usual size) to /120 (256 addresses).
-pub const TUNNEL_PREFIX6: RangeInclusive<u8> = 64..=120;
 
 /// Why an IPv6 address cannot be given out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

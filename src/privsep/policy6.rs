@@ -17,7 +17,7 @@ use std::net::Ipv6Addr;
 
 use ipnet::Ipv6Net;
 
-use crate::pool6::TUNNEL_PREFIX6;
+use crate::limits::TUNNEL_PREFIX6;
 
 /// Which IPv6 addresses may be set on the tun.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
