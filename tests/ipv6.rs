@@ -217,6 +217,9 @@ fn ipv6_and_ipv4_between_two_clients_and_the_server() {
         Some(u64::MAX - 1 - 2),
         "{status}"
     );
+    // inspect takes either address.
+    let by6 = svpnctl_json(&bed.server_socket(), &["inspect", &a6.to_string()]);
+    assert_eq!(by6["address"], a4.to_string().as_str(), "{by6}");
     let table = svpnctl(&bed.server_socket(), &["peers"], None);
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(

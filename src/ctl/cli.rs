@@ -46,13 +46,13 @@ pub enum Command {
     Peers,
     /// One peer in detail
     Inspect {
-        /// Its tunnel address
-        address: Ipv4Addr,
+        /// Its tunnel address (IPv4, or its IPv6 one)
+        address: std::net::IpAddr,
     },
     /// Close a peer's connection and free its address
     Kick {
-        /// Its tunnel address
-        address: Ipv4Addr,
+        /// Its tunnel address (IPv4, or its IPv6 one)
+        address: std::net::IpAddr,
         /// Also refuse the same client for this long (e.g. 30s, 5m, 1h)
         #[arg(long, value_parser = humantime::parse_duration)]
         ban: Option<Duration>,

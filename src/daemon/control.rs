@@ -405,9 +405,21 @@ fn requested_peer(request: &proto::AddPeerRequest) -> Result<PeerSection, Status
     })
 }
 
-fn parse_address(text: &str) -> Result<Ipv4Addr, Status> {
-    text.parse()
-        .map_err(|_| Status::invalid_argument(format!("{text:?} is not an IPv4 address")))
+/// The IPv4 tunnel address of the peer named by `text`: its IPv4 tunnel
+/// address, or its IPv6 one.
+fn parse_address(node: &dyn Node, text: &str) -> Result<Ipv4Addr, Status> {
+    let address: std::net::IpAddr = text
+        .parse()
+        .map_err(|_| Status::invalid_argument(format!("{text:?} is not an IP address")))?;
+    match address {
+        std::net::IpAddr::V4(address) => Ok(address),
+        std::net::IpAddr::V6(address6) => node
+            .peers()
+            .iter()
+            .find(|p| p.address6 == Some(address6))
+            .map(|p| p.address)
+            .ok_or_else(|| Status::not_found(format!("no peer holds {address6}"))),
+    }
 }
 
 #[tonic::async_trait]
@@ -431,7 +443,7 @@ impl proto::control_server::Control for ControlService {
         &self,
         request: Request<proto::GetPeerRequest>,
     ) -> Result<Response<proto::Peer>, Status> {
-        let address = parse_address(&request.get_ref().address)?;
+        let address = parse_address(self.node.as_ref(), &request.get_ref().address)?;
         self.node
             .peer(address)
             .map(|p| Response::new((&p).into()))
@@ -443,7 +455,7 @@ impl proto::control_server::Control for ControlService {
         request: Request<proto::KickPeerRequest>,
     ) -> Result<Response<proto::KickPeerReply>, Status> {
         let uid = self.admin_uid(&request, "kick peers")?;
-        let address = parse_address(&request.get_ref().address)?;
+        let address = parse_address(self.node.as_ref(), &request.get_ref().address)?;
         let ban = request
             .get_ref()
             .ban_seconds
