@@ -492,10 +492,21 @@ impl PeerTable {
         }
         for (&address, &key) in fixed {
             if table.fixed.insert(address) {
-                if let Some(old) = table.leased.remove(&address) {
-                    table.leases.remove(&old);
-                }
-                if let Some(lease) = table.leases.remove(&key) {
+                let ended = [
+                    table
+                        .leased
+                        .remove(&address)
+                        .and_then(|old| table.leases.remove(&old)),
+                    table.leases.remove(&key),
+                ];
+                for lease in ended.into_iter().flatten() {
+                    // Its IPv6 address goes back too, unless held.
+                    if let Some(address6) = lease.address6 {
+                        table.six.release(address6);
+                    }
+                    if lease.key != key {
+                        continue;
+                    }
                     table.leased.remove(&lease.address);
                     if !table.peers.contains_key(&lease.address) {
                         table.pool.release(lease.address);
@@ -1341,6 +1352,24 @@ mod tests {
             (grant.address, grant.address6),
             (a_grant.address, a_grant.address6)
         );
+    }
+
+    #[test]
+    fn a_lease_ended_by_a_fixed_address_frees_its_ipv6_address_too() {
+        let table = dual_stack(&[]);
+        table.restore(Vec::new(), Vec::new(), Duration::from_secs(3600));
+        let key = PublicKey::from_raw(&[1; 32]).expect("key");
+        let (peer, _rx) = extension_peer(&table, 1000, key);
+        let grant = table.admit(Request::Dynamic, &peer).expect("grant");
+        let lease = table.remove(grant.address, peer.id).expect("leased");
+        assert_eq!(lease.address6, grant.address6);
+        let free = table.free_count6();
+        let fixed = Ipv4Addr::new(198, 19, 0, 99);
+        table
+            .set_fixed(&HashMap::from([(fixed, key)]))
+            .expect("free");
+        assert_eq!(table.lease_of(&key), None);
+        assert_eq!(table.free_count6(), free.map(|f| f + 1));
     }
 
     #[test]
