@@ -2,8 +2,8 @@
 //! which IPv6 address may be set. Pure rules, unit-tested without
 //! privileges; [`super::policy::Policy`] applies them.
 //!
-//! * A server with `--network6`: its `::1`-style host addresses of that
-//!   network, with exactly its prefix; a server without: none at all.
+//! * A server with `--network6`: a host address of that network (its `::1`),
+//!   with exactly its prefix; a server without: none at all.
 //! * A client with `--network6` (its config's `network6`): an address whose
 //!   subnet lies inside that network. Without it (the network is only known
 //!   from the server's grant): any global unicast address (not loopback,
