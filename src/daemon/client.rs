@@ -23,7 +23,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -45,7 +45,9 @@ use crate::config::ClientConfig;
 use crate::connection::{FrameReader, Writer};
 use crate::daemon::tun::{AsyncTun, TunHealth};
 use crate::keys::NodeKey;
+use crate::limits::MAX_FRAME;
 use crate::limits::MAX_PACKET;
+use crate::offload::{self, VirtioNetHdr, VNET_HDR_LEN};
 use crate::params::MAX_ENCODED_LEN;
 use crate::pool::server_address;
 use crate::proto;
@@ -53,7 +55,10 @@ use crate::session::client::{
     Action, ClientRules, ClientSession, CloseReason, Closed, Grant, Refusal, HANDSHAKE_TIMEOUT,
 };
 use crate::session::LinkState;
-use crate::wire::{ipv4_addresses, Control, Decoder, Request, CONTROL_LEN};
+use crate::wire::{
+    ipv4_addresses, Control, Decoder, Features, Frame, Request, SuperPacket, CONTROL_LEN, FEATURES,
+    IPV6_HEADER_LEN, SUPER_HEADER_LEN,
+};
 
 /// How many bytes of waiting packets the uplink gathers into one write.
 const UPLINK_BATCH: usize = 128 * 1024;
@@ -200,7 +205,7 @@ pub async fn run(
     let health = Arc::new(TunHealth::default());
     let tunnel = Tunnel {
         health: health.clone(),
-        device: Arc::new(AsyncTun::new(tun.fd)?),
+        device: Arc::new(AsyncTun::with_offloads(tun.fd, tun.offloads)?),
         index: tun.index,
         helper: helper.clone(),
     };
@@ -352,6 +357,9 @@ impl Client {
 
         let last_sent = Arc::new(LastSent::new());
         let (to_uplink, inbox) = mpsc::channel(UPLINK_QUEUE);
+        // Super-packets go to the server whole once it says it takes them.
+        let server_takes_super = Arc::new(AtomicBool::new(false));
+        let offloads = self.tunnel.device.offloads();
         let uplink = Uplink {
             tun: self.tunnel.device.clone(),
             health: self.tunnel.health.clone(),
@@ -359,6 +367,9 @@ impl Client {
             inbox,
             last_sent: last_sent.clone(),
             stats: stats.clone(),
+            announce: (extension && offloads.tso && self.config.max_frame >= MAX_FRAME)
+                .then_some(Features::SUPER_PACKETS),
+            server_takes_super: server_takes_super.clone(),
         };
         // Aborted when dropped, however this returns.
         let mut uplink = UplinkTask(Some(tokio::spawn(uplink.run().instrument(Span::current()))));
@@ -408,6 +419,15 @@ impl Client {
                 read = reader.read_frame() => match read {
                     Ok(Some(frame)) => {
                         connection.stats.seen();
+                        if let Frame::Extension(e) = &frame {
+                            // What the server takes concerns the uplink
+                            // only; the rules ignore the frame.
+                            if let (FEATURES, Ok(features)) = (e.kind, Features::decode(&e.body)) {
+                                let takes = features.contains(Features::SUPER_PACKETS);
+                                debug!(super_packets = takes, "server features");
+                                server_takes_super.store(takes, Ordering::Relaxed);
+                            }
+                        }
                         self.rules.received(Instant::now(), frame);
                     }
                     Ok(None) => self.rules.server_closed(),
@@ -443,6 +463,16 @@ impl Client {
                     // is one packet lost.
                     if !self.tunnel.health.check("write", &e) {
                         debug!(error = %e, "tun write failed");
+                    }
+                }
+            }
+            Action::WriteSuper(packet) => {
+                connection
+                    .stats
+                    .count_rx(packet.frame.len() - SUPER_HEADER_LEN);
+                if let Err(e) = self.tunnel.device.try_send_super(&packet) {
+                    if !self.tunnel.health.check("write", &e) {
+                        debug!(error = %e, "tun write of a super-packet failed");
                     }
                 }
             }
@@ -637,6 +667,10 @@ struct Uplink {
     inbox: mpsc::Receiver<ToUplink>,
     last_sent: Arc<LastSent>,
     stats: Arc<PeerStats>,
+    /// Sent first: what this client takes (to an extension server).
+    announce: Option<Features>,
+    /// Whether the server announced it takes super-packets.
+    server_takes_super: Arc<AtomicBool>,
 }
 
 impl Uplink {
@@ -644,6 +678,9 @@ impl Uplink {
     /// IPv4 packets. A burst of packets waiting in the tun goes out in one
     /// write. Ends with the error when a write fails.
     async fn run(mut self) -> io::Result<()> {
+        if let Some(features) = self.announce {
+            self.write(&features.encode()).await?;
+        }
         // Until the grant, nothing from the tun: the request must go first.
         loop {
             match self.inbox.recv().await {
@@ -652,7 +689,7 @@ impl Uplink {
                 None => return Ok(()),
             }
         }
-        let mut buf = vec![0u8; UPLINK_BATCH + MAX_PACKET];
+        let mut batch = Batch::new(self.tun.offloads().vnet_hdr);
         loop {
             let read = tokio::select! {
                 biased;
@@ -664,10 +701,11 @@ impl Uplink {
                     Some(ToUplink::ReadTun) => continue,
                     None => return Ok(()),
                 },
-                read = self.tun.recv(&mut buf) => read,
+                read = self.tun.recv(batch.spare()) => read,
             };
-            let mut len = match read {
-                Ok(len) => keep_ipv4(&buf[..len], &self.stats),
+            let whole = self.server_takes_super.load(Ordering::Relaxed);
+            match read {
+                Ok(len) => batch.take(len, whole, &self.stats),
                 // Gone for good: the daemon stops (see `run`).
                 Err(e) if self.health.check("read", &e) => return Ok(()),
                 Err(e) => {
@@ -677,15 +715,21 @@ impl Uplink {
                 }
             };
             // More packets already waiting join this write.
-            while len < UPLINK_BATCH {
-                match self.tun.try_recv(&mut buf[len..]) {
-                    Ok(more) => len += keep_ipv4(&buf[len..len + more], &self.stats),
+            while batch.len() < UPLINK_BATCH && batch.spill.is_empty() {
+                match self.tun.try_recv(batch.spare()) {
+                    Ok(more) => batch.take(more, whole, &self.stats),
                     Err(_) => break,
                 }
             }
-            if len > 0 {
-                self.write(&buf[..len]).await?;
+            if batch.len() > 0 {
+                self.writer.write_all(batch.bytes()).await?;
             }
+            if !batch.spill.is_empty() {
+                let spill = std::mem::take(&mut batch.spill);
+                self.writer.write_all(&spill).await?;
+            }
+            self.last_sent.now();
+            batch.clear();
         }
     }
 
@@ -734,15 +778,119 @@ impl Drop for UplinkTask {
     }
 }
 
-/// The length of `packet` if it is IPv4 (counted as sent), else 0. The
-/// server grants IPv4 addresses only and drops anything else (IPv6
-/// link-local chatter, say): no point in sending it.
-fn keep_ipv4(packet: &[u8], stats: &PeerStats) -> usize {
-    match ipv4_addresses(packet) {
-        Some(_) => {
-            stats.count_tx(packet.len());
-            packet.len()
+/// The uplink's buffer: packets read from the tun, one after another as
+/// they go on the wire.
+///
+/// On a tun with offloads every read starts with a 10-byte virtio-net
+/// header. Each read lands so that the packet starts 8 bytes past the end
+/// of the batch (the header's first 2 bytes overwrite, for the time of the
+/// read, the batch's last 2, which are saved and put back): a super-packet
+/// then gets its 8-byte frame header written in front of it in place, and a
+/// plain packet moves 8 bytes back. A super-packet for a server that does
+/// not take them is split into `spill`, written after the batch.
+struct Batch {
+    buf: Vec<u8>,
+    /// Where the batch starts: room for the 2 header bytes before it.
+    start: usize,
+    /// Where it ends.
+    end: usize,
+    vnet: bool,
+    /// The 2 bytes under the header of the read in progress.
+    saved: [u8; 2],
+    /// Split super-packets, sent after the batch.
+    spill: Vec<u8>,
+}
+
+/// How far before the packet a read lands: the virtio-net header minus
+/// the super-packet frame header it makes room for.
+const READ_BACK: usize = VNET_HDR_LEN - SUPER_HEADER_LEN;
+
+impl Batch {
+    fn new(vnet: bool) -> Batch {
+        let start = if vnet { READ_BACK } else { 0 };
+        // A read may be a header and an IPv6 super-packet.
+        let room = UPLINK_BATCH + VNET_HDR_LEN + MAX_PACKET + IPV6_HEADER_LEN;
+        Batch {
+            buf: vec![0u8; start + room],
+            start,
+            end: start,
+            vnet,
+            saved: [0; 2],
+            spill: Vec::new(),
         }
-        None => 0,
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn clear(&mut self) {
+        self.end = self.start;
+    }
+
+    /// Where the next read goes.
+    fn spare(&mut self) -> &mut [u8] {
+        match self.vnet {
+            false => &mut self.buf[self.end..],
+            true => {
+                let at = self.end - READ_BACK;
+                self.saved.copy_from_slice(&self.buf[at..self.end]);
+                &mut self.buf[at..]
+            }
+        }
+    }
+
+    /// Takes in the `len` bytes just read into [`Batch::spare`]: IPv4
+    /// packets only (the server grants IPv4 addresses only and drops
+    /// anything else, IPv6 link-local chatter, say), counted as sent; a
+    /// super-packet whole (`whole`) or split.
+    fn take(&mut self, len: usize, whole: bool, stats: &PeerStats) {
+        if !self.vnet {
+            if ipv4_addresses(&self.buf[self.end..self.end + len]).is_some() {
+                stats.count_tx(len);
+                self.end += len;
+            }
+            return;
+        }
+        let at = self.end - READ_BACK;
+        let hdr = VirtioNetHdr::decode(&self.buf[at..at + len]);
+        self.buf[at..self.end].copy_from_slice(&self.saved);
+        let (Some(hdr), Some(packet_len)) = (hdr, len.checked_sub(VNET_HDR_LEN)) else {
+            return;
+        };
+        let packet = self.end + SUPER_HEADER_LEN;
+        let packet_end = packet + packet_len;
+        if ipv4_addresses(&self.buf[packet..packet_end]).is_none() {
+            return;
+        }
+        match offload::from_tun(&hdr, &mut self.buf[packet..packet_end]) {
+            Ok(None) => {
+                self.buf.copy_within(packet..packet_end, self.end);
+                self.end += packet_len;
+            }
+            Ok(Some(gso)) if whole => {
+                self.buf[self.end..packet].copy_from_slice(&SuperPacket::header(gso));
+                self.end = packet_end;
+            }
+            Ok(Some(gso)) => {
+                let mut pieces = Vec::new();
+                if let Err(e) =
+                    offload::split(&self.buf[packet..packet_end], gso, usize::MAX, &mut pieces)
+                {
+                    debug!(error = %e, "dropped a tun super-packet that cannot be split");
+                    return;
+                }
+                pieces.iter().for_each(|p| self.spill.extend_from_slice(p));
+            }
+            Err(e) => {
+                debug!(error = %e, "dropped a tun packet with a bad offload header");
+                return;
+            }
+        }
+        stats.count_tx(packet_len);
     }
 }

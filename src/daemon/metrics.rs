@@ -111,15 +111,21 @@ pub enum DropKind {
     QueueFull,
     /// For the server's host, whose tun queue was full.
     TunFull,
+    /// Too big for the client's MTU and not to be cut (answered with ICMP).
+    TooBig,
+    /// A super-packet that could not be split or written (malformed).
+    Offload,
 }
 
 impl DropKind {
-    const ALL: [DropKind; 5] = [
+    const ALL: [DropKind; 7] = [
         DropKind::Spoofed,
         DropKind::Unassigned,
         DropKind::NotIpv4,
         DropKind::QueueFull,
         DropKind::TunFull,
+        DropKind::TooBig,
+        DropKind::Offload,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -129,6 +135,8 @@ impl DropKind {
             DropKind::NotIpv4 => "not_ipv4",
             DropKind::QueueFull => "queue_full",
             DropKind::TunFull => "tun_full",
+            DropKind::TooBig => "too_big",
+            DropKind::Offload => "offload",
         }
     }
 }

@@ -28,7 +28,7 @@ use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 
 use super::policy::HostRoute;
-use super::protocol::TunFd;
+use super::protocol::{Offloads, TunFd};
 use crate::limits::MAX_IFNAME_LEN;
 
 /// What went wrong, and on which interface.
@@ -103,12 +103,41 @@ pub fn open_tun_device() -> Result<OwnedFd, NetdevError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+// TUNSETOFFLOAD is _IOW('T', 208, unsigned int) but takes the flags by value.
+nix::ioctl_write_int_bad!(tun_set_offload, libc::TUNSETOFFLOAD);
+
 /// Privileged (`CAP_NET_ADMIN`): creates the tun `name` on `fd`, a fresh fd
 /// from [`open_tun_device`], as [`create_tun`] does.
 pub fn attach_tun(fd: OwnedFd, name: &str) -> Result<TunFd, NetdevError> {
+    attach(fd, name, false)
+}
+
+/// Like [`attach_tun`], with TUN offloads: the tun is created with
+/// `IFF_VNET_HDR` (every read and write starts with a 10-byte virtio-net
+/// header, [`crate::offload::VirtioNetHdr`]) and `TUNSETOFFLOAD` enables
+/// checksum offload, TSO for IPv4 and IPv6, and USO where the kernel has it
+/// (6.2 and later). The kernel may refuse offloads: the tun still works,
+/// and [`TunFd::offloads`] says what was granted.
+pub fn attach_tun_offloaded(fd: OwnedFd, name: &str) -> Result<TunFd, NetdevError> {
+    let mut tun = attach(fd, name, true)?;
+    let tso = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+    let uso = libc::TUN_F_USO4 | libc::TUN_F_USO6;
+    let raw = tun.fd.as_raw_fd();
+    // SAFETY: TUNSETOFFLOAD takes its flags by value; `raw` is our tun fd.
+    if unsafe { tun_set_offload(raw, (tso | uso) as libc::c_int) }.is_ok() {
+        tun.offloads = Offloads::TSO_USO;
+    // SAFETY: as above.
+    } else if unsafe { tun_set_offload(raw, tso as libc::c_int) }.is_ok() {
+        tun.offloads = Offloads::TSO;
+    }
+    Ok(tun)
+}
+
+fn attach(fd: OwnedFd, name: &str, vnet_hdr: bool) -> Result<TunFd, NetdevError> {
     let mut req = ifreq_for(name)?;
-    // IFF_TUN and IFF_NO_PI fit in the c_short flags field.
-    req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    let vnet = if vnet_hdr { libc::IFF_VNET_HDR } else { 0 };
+    // IFF_TUN, IFF_NO_PI and IFF_VNET_HDR fit in the c_short flags field.
+    req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI | vnet) as libc::c_short;
     // SAFETY: `req` is a valid, initialised ifreq that outlives the call.
     unsafe { tun_set_iff(fd.as_raw_fd(), &req) }.map_err(|e| NetdevError::CreateTun {
         name: name.to_owned(),
@@ -117,7 +146,16 @@ pub fn attach_tun(fd: OwnedFd, name: &str) -> Result<TunFd, NetdevError> {
 
     let name = ifname_of(&req);
     let index = if_index(&name)?;
-    Ok(TunFd { fd, name, index })
+    let offloads = match vnet_hdr {
+        true => Offloads::HEADER_ONLY,
+        false => Offloads::NONE,
+    };
+    Ok(TunFd {
+        fd,
+        name,
+        index,
+        offloads,
+    })
 }
 
 /// Builds a zeroed `ifreq` carrying `name`, after checking the name's length.

@@ -29,7 +29,10 @@ use ipnet::{IpNet, Ipv4Net};
 use crate::params::SessionParams;
 
 use crate::pool::Refusal;
-use crate::wire::{ipv4_addresses, Control, Frame, ProtocolError, Request};
+use crate::wire::{
+    ipv4_addresses, Control, Features, Frame, ProtocolError, Request, SuperPacket, FEATURES,
+    SUPER_HEADER_LEN,
+};
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +75,13 @@ pub enum Action {
         destination: Ipv4Addr,
         packet: Bytes,
     },
+    /// Forward this super-packet as [`Action::Forward`] does a packet.
+    ForwardSuper {
+        destination: Ipv4Addr,
+        packet: SuperPacket,
+    },
+    /// The client announced what it can take (our extension).
+    Announced(Features),
     /// Drop a packet, counted under `reason`.
     Drop(DropReason),
     /// Close the connection.
@@ -206,9 +216,25 @@ impl ServerSession {
                 Ok(request) => self.on_request(request),
                 Err(e) => Action::Close(Ending::Protocol(e)),
             },
-            Frame::Packet(packet) => self.on_packet(packet),
-            // Clients send no extension messages (only servers do, so far):
-            // their decoders do not even accept them.
+            Frame::Packet(packet) => match self.on_packet(&packet) {
+                Ok(destination) => Action::Forward {
+                    destination,
+                    packet,
+                },
+                Err(drop) => Action::Drop(drop),
+            },
+            Frame::Super(packet) => match self.on_packet(&packet.frame[SUPER_HEADER_LEN..]) {
+                Ok(destination) => Action::ForwardSuper {
+                    destination,
+                    packet,
+                },
+                Err(drop) => Action::Drop(drop),
+            },
+            // The only message a client sends: what it can take.
+            Frame::Extension(e) if e.kind == FEATURES => match Features::decode(&e.body) {
+                Ok(features) => Action::Announced(features),
+                Err(e) => Action::Close(Ending::Protocol(e)),
+            },
             Frame::Extension(_) => Action::None,
         }
     }
@@ -238,19 +264,17 @@ impl ServerSession {
         }
     }
 
-    fn on_packet(&self, packet: Bytes) -> Action {
+    /// Where a packet from the client goes, or why it is dropped.
+    fn on_packet(&self, packet: &[u8]) -> Result<Ipv4Addr, DropReason> {
         let State::Granted { address, .. } = self.state else {
-            return Action::Drop(DropReason::Unassigned);
+            return Err(DropReason::Unassigned);
         };
-        match ipv4_addresses(&packet) {
+        match ipv4_addresses(packet) {
             Some((source, destination)) if source == address || self.routes_hold(source) => {
-                Action::Forward {
-                    destination,
-                    packet,
-                }
+                Ok(destination)
             }
-            Some((source, _)) => Action::Drop(DropReason::Spoofed(source)),
-            None => Action::Drop(DropReason::NotIpv4),
+            Some((source, _)) => Err(DropReason::Spoofed(source)),
+            None => Err(DropReason::NotIpv4),
         }
     }
 
