@@ -4,12 +4,10 @@
 //! original-protocol peer's `legacy_mtu`), or, for a packet that cannot be
 //! cut, the ICMP error a router sends back to its source.
 
-use std::net::Ipv4Addr;
-
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::offload::{self, Fitted, OffloadError, VirtioNetHdr, VNET_HDR_LEN};
-use crate::wire::{SuperPacket, SUPER_HEADER_LEN};
+use crate::wire::{ipv4_addresses, SuperPacket, SUPER_HEADER_LEN};
 
 /// A packet on its way out: plain, or a super-packet with its metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,9 +72,14 @@ impl Outbound {
     }
 }
 
-/// What `out` becomes for a peer with `link`; `router` is the address
-/// the ICMP errors come from (the server's own in the tunnel).
-pub fn egress(out: Outbound, link: PeerLink, router: Ipv4Addr) -> Egress {
+/// What `out` becomes for a peer with `link`.
+///
+/// An ICMP error comes from the packet's destination (the peer's side of
+/// the tunnel), not from the server's own tunnel address: that address is
+/// local to the server's host, whose kernel drops a packet from it arriving
+/// on the tun as a martian, so the error would never reach a sender on
+/// that host or beyond it.
+pub fn egress(out: Outbound, link: PeerLink) -> Egress {
     let (packet, gso) = match out {
         Outbound::Packet(packet) if packet.len() <= link.mtu => return Egress::One(packet),
         Outbound::Super(sup) if link.super_packets => return Egress::One(sup.frame),
@@ -91,7 +94,9 @@ pub fn egress(out: Outbound, link: PeerLink, router: Ipv4Addr) -> Egress {
         },
         Ok(Fitted::Packets(pieces)) => Egress::Many(pieces),
         Ok(Fitted::TooBig) => Egress::TooBig {
-            icmp: offload::frag_needed_v4(router, &packet, u16::try_from(mtu).unwrap_or(u16::MAX)),
+            icmp: ipv4_addresses(&packet).and_then(|(_, router)| {
+                offload::frag_needed_v4(router, &packet, u16::try_from(mtu).unwrap_or(u16::MAX))
+            }),
         },
         Err(e) => Egress::Malformed(e),
     }
@@ -115,7 +120,6 @@ mod tests {
         Bytes::from(p)
     }
 
-    const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
     const LEGACY: PeerLink = PeerLink {
         super_packets: false,
         mtu: 1500,
@@ -125,7 +129,7 @@ mod tests {
     fn small_packets_and_super_packets_for_capable_peers_pass_whole() {
         let small = udp4(1500, true);
         assert_eq!(
-            egress(Outbound::Packet(small.clone()), LEGACY, ROUTER),
+            egress(Outbound::Packet(small.clone()), LEGACY),
             Egress::One(small)
         );
         let mut tcp = vec![0u8; 40 + 3000];
@@ -143,10 +147,10 @@ mod tests {
             mtu: usize::MAX,
         };
         assert_eq!(
-            egress(Outbound::Super(sup.clone()), capable, ROUTER),
+            egress(Outbound::Super(sup.clone()), capable),
             Egress::One(sup.frame.clone())
         );
-        let Egress::Many(pieces) = egress(Outbound::Super(sup), LEGACY, ROUTER) else {
+        let Egress::Many(pieces) = egress(Outbound::Super(sup), LEGACY) else {
             panic!("not split");
         };
         assert_eq!(pieces.len(), 3);
@@ -156,25 +160,20 @@ mod tests {
     #[test]
     fn too_big_with_df_is_an_icmp_error_and_without_df_fragments() {
         let big = udp4(3000, true);
-        let Egress::TooBig { icmp: Some(icmp) } =
-            egress(Outbound::Packet(big.clone()), LEGACY, ROUTER)
+        let Egress::TooBig { icmp: Some(icmp) } = egress(Outbound::Packet(big.clone()), LEGACY)
         else {
             panic!("not too big");
         };
-        assert_eq!(&icmp[12..16], &ROUTER.octets());
+        // From the packet's destination, to its source.
+        assert_eq!(&icmp[12..16], &big[16..20]);
         assert_eq!(&icmp[16..20], &big[12..16]);
         assert_eq!((icmp[20], icmp[21]), (3, 4));
-        let Egress::Many(frags) = egress(Outbound::Packet(udp4(3000, false)), LEGACY, ROUTER)
-        else {
+        let Egress::Many(frags) = egress(Outbound::Packet(udp4(3000, false)), LEGACY) else {
             panic!("not fragmented");
         };
         assert!(frags.iter().all(|f| f.len() <= 1500));
         assert_eq!(
-            egress(
-                Outbound::Packet(Bytes::from_static(&[0x45; 1600])),
-                LEGACY,
-                ROUTER
-            ),
+            egress(Outbound::Packet(Bytes::from_static(&[0x45; 1600])), LEGACY),
             Egress::Malformed(OffloadError::Malformed)
         );
     }

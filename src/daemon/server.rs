@@ -45,7 +45,7 @@ use super::control::{self, AdminError, AdminRequest, KickError, Node, ReloadRepo
 use super::events::{EventKind, Events, PeerEvent};
 use super::gate::{merge_peers, Admitted, AllowedPeer, Gate, PeerSource, Rejection};
 use super::helper::{Helper, HelperError};
-use super::metrics::{self, DropKind, Metrics, Outcome};
+use super::metrics::{self, DropKind, Metrics, Outcome, SuperKind};
 use super::notify;
 use super::peers::{Banned, Granted, Peer, PeerInfo, PeerTable};
 use super::{ControlOptions, DaemonError};
@@ -660,7 +660,10 @@ async fn connection(
             Action::ForwardSuper {
                 destination,
                 packet,
-            } => forward(&shared, destination, Outbound::Super(packet)),
+            } => {
+                shared.metrics.supers.count(SuperKind::FromClient);
+                forward(&shared, destination, Outbound::Super(packet))
+            }
             Action::Announced(features) => {
                 let takes = features.contains(Features::SUPER_PACKETS);
                 debug!(super_packets = takes, "features announced");
@@ -806,11 +809,16 @@ fn send_to(shared: &Shared, peer: &Peer, out: Outbound) {
             Protocol::Tls => usize::MAX,
         },
     };
-    match egress(out, link, server_address(shared.config.network)) {
+    let is_super = matches!(out, Outbound::Super(_));
+    match egress(out, link) {
         Egress::One(frame) => {
+            if is_super && link.super_packets {
+                shared.metrics.supers.count(SuperKind::Whole);
+            }
             shared.peers.push(peer, frame);
         }
         Egress::Many(frames) => {
+            shared.metrics.supers.count(SuperKind::Split);
             for frame in frames {
                 shared.peers.push(peer, frame);
             }
@@ -883,6 +891,9 @@ async fn tun_reader(tun: Arc<AsyncTun>, shared: Arc<Shared>, shutdown: Cancellat
             },
             false => Outbound::Packet(read.freeze()),
         };
+        if let Outbound::Super(_) = out {
+            shared.metrics.supers.count(SuperKind::FromTun);
+        }
         // Only to clients: nothing read from the tun goes back into it.
         if let Some((_, destination)) = ipv4_addresses(out.packet()) {
             if let Some(peer) = shared.peers.holder(destination) {
