@@ -891,6 +891,88 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn super_packet_and_features_frames_byte_for_byte() {
+        let gso = Gso {
+            kind: GsoKind::TcpV4,
+            size: 1448,
+        };
+        assert_eq!(
+            SuperPacket::header(gso).to_vec(),
+            hex("f1 02 00 08 01 00 05 a8")
+        );
+        assert_eq!(
+            Features::SUPER_PACKETS.encode().to_vec(),
+            hex("f1 03 00 08 00 00 00 01")
+        );
+        let mut v4 = vec![0u8; 60];
+        v4[0] = 0x45;
+        v4[3] = 60;
+        let sup = SuperPacket::new(gso, &v4);
+        assert_eq!(&sup.packet()[..], &v4[..]);
+        let d = Decoder::default().with_extensions();
+        let stream = [
+            sup.frame.to_vec(),
+            Features::SUPER_PACKETS.encode().to_vec(),
+        ]
+        .concat();
+        let frames = decode_all(&d, &stream);
+        assert_eq!(frames[0], Frame::Super(sup.clone()));
+        let Frame::Extension(e) = &frames[1] else {
+            panic!("not an extension: {:?}", frames[1]);
+        };
+        assert_eq!(e.kind, FEATURES);
+        assert_eq!(Features::decode(&e.body), Ok(Features::SUPER_PACKETS));
+        assert!(Features::decode(&e.body).is_ok_and(|f| f.contains(Features::SUPER_PACKETS)));
+        assert_eq!(
+            Features::decode(&[0, 1]),
+            Err(ProtocolError::FeaturesTooShort(2))
+        );
+        // Incomplete until the whole packet is there.
+        for cut in 0..sup.frame.len() {
+            let mut buf = BytesMut::from(&sup.frame[..cut]);
+            assert_eq!(d.decode(&mut buf), Ok(None), "cut at {cut}");
+        }
+        // Without extensions, 0xF is a bad version as ever.
+        assert!(Decoder::default().frame_len(&sup.frame).is_err());
+    }
+
+    #[test]
+    fn super_packet_framing_errors() {
+        let d = Decoder::new(1500).with_extensions();
+        let bad = |bytes: &str| d.frame_len(&hex(bytes));
+        assert_eq!(
+            bad("f1 02 00 08 09 00 05 a8 45"),
+            Err(ProtocolError::BadSuperPacket("unknown kind"))
+        );
+        assert_eq!(
+            bad("f1 02 00 08 01 00 00 00 45"),
+            Err(ProtocolError::BadSuperPacket("segment size 0"))
+        );
+        assert_eq!(
+            bad("f1 02 00 09 01 00 05 a8 45"),
+            Err(ProtocolError::BadSuperPacket("header length is not 8"))
+        );
+        assert_eq!(
+            bad("f1 02 00 08 01 00 05 a8 f1"),
+            Err(ProtocolError::BadSuperPacket("no IP packet follows"))
+        );
+        assert_eq!(
+            bad("f1 02 00 08 01 00 05 a8 45 00 00 00"),
+            Err(ProtocolError::BadSuperPacket("a control message follows"))
+        );
+        assert_eq!(
+            bad("f1 02 00 08 01 00 05 a8 45 00 05 dd"),
+            Err(ProtocolError::TooLong {
+                len: 1501,
+                max: 1500
+            })
+        );
+        assert_eq!(bad("f1 02 00 08 01 00 05 a8 45 00 05 dc"), Ok(Some(1508)));
+        assert_eq!(bad("f1 02 00 08 01 00 05"), Ok(None));
+        assert_eq!(bad("f1 02 00 08 01 00 05 a8"), Ok(None));
+    }
+
+    #[test]
     fn ipv4_addresses_of_packets() {
         let mut p = vec![0u8; 20];
         p[0] = 0x45;

@@ -179,7 +179,10 @@ pub struct KindCounters<K, const N: usize>([AtomicU64; N], std::marker::PhantomD
 
 impl<K, const N: usize> Default for KindCounters<K, N> {
     fn default() -> Self {
-        KindCounters(std::array::from_fn(|_| AtomicU64::new(0)), Default::default())
+        KindCounters(
+            std::array::from_fn(|_| AtomicU64::new(0)),
+            Default::default(),
+        )
     }
 }
 
