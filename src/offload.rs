@@ -119,20 +119,25 @@ pub enum OffloadError {
 }
 
 /// Reads one packet read from a tun with `IFF_VNET_HDR` (its header `hdr`,
-/// the packet itself `packet`): completes a partial checksum in place when
-/// the packet is no super-packet, and returns the super-packet's metadata
-/// when it is one (its checksum stays partial: whoever splits or writes it
-/// completes it).
+/// the packet itself `packet`): returns the super-packet's metadata when it
+/// is one (its checksum stays partial: whoever splits or writes it
+/// completes it). A TCP or UDP packet with a partial checksum is returned
+/// as a super-packet of one segment (its segment size its payload), so
+/// that a peer that takes super-packets gets it with the checksum still
+/// partial, which the receiving kernel need not compute; any other partial
+/// checksum is completed in place.
 pub fn from_tun(hdr: &VirtioNetHdr, packet: &mut [u8]) -> Result<Option<Gso>, OffloadError> {
     let kind = match hdr.gso_type & !GSO_ECN {
+        GSO_NONE if hdr.flags & F_NEEDS_CSUM == 0 => return Ok(None),
         GSO_NONE => {
-            if hdr.flags & F_NEEDS_CSUM != 0 {
-                complete_checksum(
-                    packet,
-                    usize::from(hdr.csum_start),
-                    usize::from(hdr.csum_offset),
-                )?;
+            if let Some(gso) = one_segment(hdr, packet) {
+                return Ok(Some(gso));
             }
+            complete_checksum(
+                packet,
+                usize::from(hdr.csum_start),
+                usize::from(hdr.csum_offset),
+            )?;
             return Ok(None);
         }
         GSO_TCPV4 => GsoKind::TcpV4,
@@ -152,19 +157,46 @@ pub fn from_tun(hdr: &VirtioNetHdr, packet: &mut [u8]) -> Result<Option<Gso>, Of
     Ok(Some(gso))
 }
 
+/// `packet` (with a partial checksum, as `hdr` says) as a super-packet of
+/// one segment, if it is TCP or UDP with the checksum where it belongs.
+fn one_segment(hdr: &VirtioNetHdr, packet: &[u8]) -> Option<Gso> {
+    let v6 = packet.first()? >> 4 == 6;
+    let proto = if v6 { *packet.get(6)? } else { *packet.get(9)? };
+    let kind = match (v6, proto) {
+        (false, PROTO_TCP) => GsoKind::TcpV4,
+        (true, PROTO_TCP) => GsoKind::TcpV6,
+        (_, PROTO_UDP) => GsoKind::Udp,
+        _ => return None,
+    };
+    let layout = Layout::of(packet, Gso { kind, size: 1 }).ok()?;
+    let offset = if layout.tcp { 16 } else { 6 };
+    let payload = packet.len() - layout.headers;
+    (usize::from(hdr.csum_start) == layout.ip && usize::from(hdr.csum_offset) == offset).then(
+        || Gso {
+            kind,
+            size: u16::try_from(payload.max(1)).unwrap_or(u16::MAX),
+        },
+    )
+}
+
 /// The header to write `packet`, a super-packet described by `gso` whose
 /// checksum field holds the pseudo-header sum, to a tun with offloads.
 pub fn to_tun(gso: Gso, packet: &[u8]) -> Result<VirtioNetHdr, OffloadError> {
     let layout = Layout::of(packet, gso)?;
+    // One segment: a plain packet with a partial checksum. (Marked GSO,
+    // the kernel would take a pure ACK with TCP options for a super-packet:
+    // it measures the header without them.)
+    let one = packet.len() - layout.headers <= usize::from(gso.size);
     Ok(VirtioNetHdr {
         flags: F_NEEDS_CSUM,
-        gso_type: match gso.kind {
-            GsoKind::TcpV4 => GSO_TCPV4,
-            GsoKind::TcpV6 => GSO_TCPV6,
-            GsoKind::Udp => GSO_UDP_L4,
+        gso_type: match (one, gso.kind) {
+            (true, _) => GSO_NONE,
+            (false, GsoKind::TcpV4) => GSO_TCPV4,
+            (false, GsoKind::TcpV6) => GSO_TCPV6,
+            (false, GsoKind::Udp) => GSO_UDP_L4,
         },
         hdr_len: layout.headers as u16,
-        gso_size: gso.size,
+        gso_size: if one { 0 } else { gso.size },
         csum_start: layout.ip as u16,
         csum_offset: match layout.tcp {
             true => 16,
@@ -287,7 +319,11 @@ fn pseudo(packet: &[u8], proto: u8, len: usize) -> u64 {
 
 /// Completes a partial checksum: the sum over `packet[start..]` (whose
 /// field at `start + offset` holds the pseudo-header sum), complemented.
-fn complete_checksum(packet: &mut [u8], start: usize, offset: usize) -> Result<(), OffloadError> {
+pub fn complete_checksum(
+    packet: &mut [u8],
+    start: usize,
+    offset: usize,
+) -> Result<(), OffloadError> {
     let field = start + offset;
     if field + 2 > packet.len() {
         return Err(OffloadError::BadChecksumOffsets);
@@ -704,7 +740,27 @@ mod tests {
             csum_offset: 16,
             ..Default::default()
         };
-        assert_eq!(from_tun(&hdr, &mut p), Ok(None));
+        // TCP with its checksum partial: a super-packet of one segment,
+        // its checksum left partial for whoever takes it.
+        let one = Gso {
+            kind: GsoKind::TcpV4,
+            size: 12,
+        };
+        assert_eq!(from_tun(&hdr, &mut p), Ok(Some(one)));
+        assert!(!checksums_ok(&p));
+        let mut segments = Vec::new();
+        split(&p, one, 1500, &mut segments).expect("split");
+        assert_eq!(segments.len(), 1);
+        assert!(checksums_ok(&segments[0]));
+        // A checksum elsewhere is completed in place.
+        let elsewhere = VirtioNetHdr {
+            csum_offset: 10,
+            ..hdr
+        };
+        let mut q = p.clone();
+        assert_eq!(from_tun(&elsewhere, &mut q), Ok(None));
+        assert_eq!(checksum(&q[20..], 0), 0);
+        complete_checksum(&mut p, 20, 16).expect("in the packet");
         assert!(checksums_ok(&p));
         let bad = VirtioNetHdr {
             csum_start: 60,

@@ -122,7 +122,9 @@ pub const SUPER_HEADER_LEN: usize = 8;
 /// kind (1)      1 TCP over IPv4, 2 TCP over IPv6, 3 UDP (either family)
 /// flags (1)     0 (reserved; a receiver ignores them)
 /// size (2)      segment size, u16 big-endian, at least 1: the payload bytes
-///               of each packet the super-packet stands for
+///               of each packet the super-packet stands for (a packet whose
+///               payload is at most this is one packet whose checksum the
+///               sender left partial)
 /// packet        one IPv4 or IPv6 packet, framed by its own header, whose
 ///               TCP or UDP checksum field holds the pseudo-header sum (over
 ///               the whole packet's length), as a tun's GSO packet does

@@ -360,6 +360,12 @@ impl Client {
         // Super-packets go to the server whole once it says it takes them.
         let server_takes_super = Arc::new(AtomicBool::new(false));
         let offloads = self.tunnel.device.offloads();
+        // Only an extension server may take them: for any other, the
+        // kernel segments and checksums (faster than splitting here).
+        let may_take_super = extension && self.config.max_frame >= MAX_FRAME;
+        if let Err(e) = self.tunnel.device.hand_over_offloads(may_take_super) {
+            debug!(error = %e, "tun offloads not changed");
+        }
         let uplink = Uplink {
             tun: self.tunnel.device.clone(),
             health: self.tunnel.health.clone(),
@@ -367,8 +373,7 @@ impl Client {
             inbox,
             last_sent: last_sent.clone(),
             stats: stats.clone(),
-            announce: (extension && offloads.tso && self.config.max_frame >= MAX_FRAME)
-                .then_some(Features::SUPER_PACKETS),
+            announce: (may_take_super && offloads.tso).then_some(Features::SUPER_PACKETS),
             server_takes_super: server_takes_super.clone(),
         };
         // Aborted when dropped, however this returns.

@@ -64,6 +64,21 @@ impl AsyncTun {
         self.offloads
     }
 
+    /// Whether the kernel hands over super-packets and partial checksums
+    /// (as it was opened with), or segments and checksums itself (`false`):
+    /// for a link that cannot carry super-packets, the kernel does that
+    /// work faster than splitting in user space.
+    pub fn hand_over_offloads(&self, on: bool) -> io::Result<()> {
+        if !self.offloads.tso {
+            return Ok(());
+        }
+        let offloads = match on {
+            true => self.offloads,
+            false => Offloads::HEADER_ONLY,
+        };
+        crate::privsep::netdev::set_offloads(self.fd.get_ref(), offloads)
+    }
+
     /// Writes `packet` behind `header` (if the tun takes one) in one writev.
     fn write_with(&self, header: &[u8], packet: &[u8]) -> io::Result<usize> {
         let fd = self.fd.get_ref();

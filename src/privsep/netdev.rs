@@ -120,17 +120,29 @@ pub fn attach_tun(fd: OwnedFd, name: &str) -> Result<TunFd, NetdevError> {
 /// and [`TunFd::offloads`] says what was granted.
 pub fn attach_tun_offloaded(fd: OwnedFd, name: &str) -> Result<TunFd, NetdevError> {
     let mut tun = attach(fd, name, true)?;
-    let tso = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
-    let uso = libc::TUN_F_USO4 | libc::TUN_F_USO6;
-    let raw = tun.fd.as_raw_fd();
-    // SAFETY: TUNSETOFFLOAD takes its flags by value; `raw` is our tun fd.
-    if unsafe { tun_set_offload(raw, (tso | uso) as libc::c_int) }.is_ok() {
+    if set_offloads(&tun.fd, Offloads::TSO_USO).is_ok() {
         tun.offloads = Offloads::TSO_USO;
-    // SAFETY: as above.
-    } else if unsafe { tun_set_offload(raw, tso as libc::c_int) }.is_ok() {
+    } else if set_offloads(&tun.fd, Offloads::TSO).is_ok() {
         tun.offloads = Offloads::TSO;
     }
     Ok(tun)
+}
+
+/// `TUNSETOFFLOAD` on a tun opened with `IFF_VNET_HDR`: what the kernel
+/// may hand over from now on (checksum offload and TSO, USO; or nothing,
+/// and the kernel segments and checksums itself). Needs no privilege: the
+/// daemon changes it on the fd it holds, per connection.
+pub fn set_offloads(fd: &OwnedFd, offloads: Offloads) -> io::Result<()> {
+    let mut flags = 0;
+    if offloads.tso {
+        flags |= libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+    }
+    if offloads.uso {
+        flags |= libc::TUN_F_USO4 | libc::TUN_F_USO6;
+    }
+    // SAFETY: TUNSETOFFLOAD takes its flags by value; `fd` is an open tun fd.
+    unsafe { tun_set_offload(fd.as_raw_fd(), flags as libc::c_int) }?;
+    Ok(())
 }
 
 fn attach(fd: OwnedFd, name: &str, vnet_hdr: bool) -> Result<TunFd, NetdevError> {
