@@ -68,8 +68,18 @@ fn an_original_protocol_peer_gets_only_packets_that_fit() {
     if !require_root("an_original_protocol_peer_gets_only_packets_that_fit") {
         return;
     }
-    let bed = Bed::new("offleg", 2);
+    let bed = Bed::new("offleg", 3);
     let server = bed.start_server(&[]);
+    // Our own plaintext client is an original-protocol peer too; it turns
+    // its tun's offloads off (the kernel segments), as its unprivileged
+    // user, and carries TCP to the server's host intact.
+    let plain = bed.start_client(2, &["-a", "198.19.0.9"]);
+    tcp_round_trip(&bed.clients[2], &bed.server, SERVER_TUNNEL, 5003, 4 << 20);
+    assert!(
+        !plain.log().contains("tun offloads not changed"),
+        "{}",
+        plain.log()
+    );
     let mut a = bed.raw_peer(0);
     let mut b = bed.raw_peer(1);
     assert_eq!(a.ask(&dynamic_request()), grant_16(A));
@@ -215,6 +225,8 @@ fn tcp_between_our_clients_and_beyond_the_server_rides_super_packets_intact() {
     tcp_round_trip(a_ns, b_ns, b_addr, 5000, 8 << 20);
     tcp_round_trip(a_ns, &lan, lan_host, 5001, 8 << 20);
     tcp_round_trip(&lan, a_ns, a_addr, 5002, 8 << 20);
+    // The TLS clients turned their tun's offloads on, unprivileged.
+    assert!(!a.log().contains("tun offloads not changed"), "{}", a.log());
 
     // And they rode super-packets: from clients, out of the server's tun,
     // and queued whole for a client.

@@ -363,8 +363,10 @@ impl Client {
         // Only an extension server may take them: for any other, the
         // kernel segments and checksums (faster than splitting here).
         let may_take_super = extension && self.config.max_frame >= MAX_FRAME;
-        if let Err(e) = self.tunnel.device.hand_over_offloads(may_take_super) {
-            debug!(error = %e, "tun offloads not changed");
+        match self.tunnel.device.hand_over_offloads(may_take_super) {
+            Ok(()) => debug!(on = may_take_super, "tun offloads"),
+            // Not fatal: super-packets are then split here.
+            Err(e) => warn!(error = %e, "tun offloads not changed"),
         }
         let uplink = Uplink {
             tun: self.tunnel.device.clone(),
