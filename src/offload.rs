@@ -19,6 +19,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use bytes::Bytes;
 
+use crate::limits::MAX_GSO_SEGMENTS;
+
 /// Length of `struct virtio_net_hdr`, what a tun with `IFF_VNET_HDR` puts
 /// before every packet it reads and expects before every packet written.
 pub const VNET_HDR_LEN: usize = 10;
@@ -116,6 +118,17 @@ pub enum OffloadError {
     KindMismatch(GsoKind),
     #[error("checksum start or offset outside the packet")]
     BadChecksumOffsets,
+    #[error("{0} segments, more than {MAX_GSO_SEGMENTS}")]
+    TooManySegments(usize),
+}
+
+/// The number of packets a super-packet with `payload` bytes and segment
+/// size `size` stands for, if within [`MAX_GSO_SEGMENTS`].
+fn segments(payload: usize, size: usize) -> Result<usize, OffloadError> {
+    match payload.div_ceil(size.max(1)).max(1) {
+        n if n > MAX_GSO_SEGMENTS => Err(OffloadError::TooManySegments(n)),
+        n => Ok(n),
+    }
 }
 
 /// Reads one packet read from a tun with `IFF_VNET_HDR` (its header `hdr`,
@@ -183,6 +196,7 @@ fn one_segment(hdr: &VirtioNetHdr, packet: &[u8]) -> Option<Gso> {
 /// checksum field holds the pseudo-header sum, to a tun with offloads.
 pub fn to_tun(gso: Gso, packet: &[u8]) -> Result<VirtioNetHdr, OffloadError> {
     let layout = Layout::of(packet, gso)?;
+    segments(packet.len() - layout.headers, usize::from(gso.size))?;
     // One segment: a plain packet with a partial checksum. (Marked GSO,
     // the kernel would take a pure ACK with TCP options for a super-packet:
     // it measures the header without them.)
@@ -384,7 +398,7 @@ pub fn split(
         size = size.min(mtu.saturating_sub(layout.headers).max(8));
     }
     let payload = &packet[layout.headers..];
-    let count = payload.len().div_ceil(size).max(1);
+    let count = segments(payload.len(), size)?;
     let header = &packet[..layout.headers];
     let seq = match layout.tcp {
         true => u32::from_be_bytes(
@@ -900,6 +914,16 @@ mod tests {
             split(&p, Gso { size: 0, ..gso }, 1500, &mut out),
             Err(OffloadError::ZeroSegment)
         );
+        // A hostile segment size: 1 byte would make thousands of packets.
+        let big = tcp4(&[0; 4000], 0);
+        let tiny = Gso { size: 1, ..gso };
+        assert_eq!(
+            split(&big, tiny, 1500, &mut out),
+            Err(OffloadError::TooManySegments(4000))
+        );
+        assert_eq!(to_tun(tiny, &big), Err(OffloadError::TooManySegments(4000)));
+        let smallest = Gso { size: 16, ..gso };
+        assert!(split(&big, smallest, 1500, &mut out).is_ok());
         let hdr = VirtioNetHdr {
             gso_type: 3,
             gso_size: 100,
