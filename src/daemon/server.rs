@@ -63,8 +63,8 @@ use crate::proto;
 use crate::session::server::{pushed_params, Action, DropReason, Ending, Offer, ServerSession};
 use crate::session::Protocol;
 use crate::state::{Ban, Lease, SqliteStore, StateStore};
-use crate::wire::IPV6_HEADER_LEN;
 use crate::wire::{ipv4_addresses, Control, Decoder, Features, Frame};
+use crate::wire::{IPV6_HEADER_LEN, SUPER_HEADER_LEN};
 
 /// How long a closing connection may take to flush what is queued for it.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
@@ -613,8 +613,10 @@ async fn connection(
         };
         let now = std::time::Instant::now();
         peer.stats.seen();
-        if let Frame::Packet(packet) = &frame {
-            peer.stats.count_rx(packet.len());
+        match &frame {
+            Frame::Packet(packet) => peer.stats.count_rx(packet.len()),
+            Frame::Super(packet) => peer.stats.count_rx(packet.frame.len() - SUPER_HEADER_LEN),
+            Frame::Control(_) | Frame::Extension(_) => {}
         }
         match session.on_frame(now, frame) {
             Action::None => {}
