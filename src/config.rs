@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::keys::PublicKey;
 use crate::limits::{
-    FRAME_RANGE, MAX_IFNAME_LEN, MAX_MTU, MAX_PEER_NAME_LEN, MIN_MTU, TUNNEL_PREFIX,
+    FRAME_RANGE, MAX_IFNAME_LEN, MAX_MTU, MAX_PEER_NAME_LEN, MIN_MTU, MTU_RANGE, TUNNEL_PREFIX,
 };
 use crate::params::{valid_domain, MAX_DNS, MAX_DNS_SEARCH, MAX_DOMAIN_LEN};
 
@@ -24,6 +24,9 @@ pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
 /// The tun's MTU unless configured (or `max_frame` is smaller).
 pub const DEFAULT_MTU: u32 = MAX_MTU;
+/// The default `legacy_mtu`: original-protocol clients were built with a
+/// 1500-byte tun, and some drop larger packets silently.
+pub const DEFAULT_LEGACY_MTU: u32 = 1500;
 pub const DEFAULT_PREFIX: u8 = 16;
 pub const DEFAULT_QUEUE_LEN: usize = 512;
 /// Bytes queued per peer before further frames are dropped.
@@ -156,6 +159,9 @@ pub struct ServerSection {
     /// ClientHello, or the whole address request.
     pub first_bytes_timeout: Option<u64>,
     pub mtu: Option<u32>,
+    /// The largest packet sent to an original-protocol client (bigger ones
+    /// are cut, or answered with ICMP "fragmentation needed").
+    pub legacy_mtu: Option<u32>,
     pub max_frame: Option<usize>,
     /// Frames queued per peer before further ones are dropped.
     pub queue_len: Option<usize>,
@@ -297,6 +303,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     pub first_bytes_timeout: Duration,
     pub mtu: u32,
+    /// The largest packet sent to an original-protocol client.
+    pub legacy_mtu: u32,
     pub max_frame: usize,
     pub queue_len: usize,
     pub queue_bytes: usize,
@@ -352,6 +360,7 @@ impl ServerConfig {
             self.handshake_timeout != new.handshake_timeout,
         );
         differs("mtu", self.mtu != new.mtu);
+        differs("legacy_mtu", self.legacy_mtu != new.legacy_mtu);
         differs("max_frame", self.max_frame != new.max_frame);
         differs("queue_len", self.queue_len != new.queue_len);
         differs("user", self.user != new.user);
@@ -508,6 +517,7 @@ impl ServerSection {
             handshake_timeout: flags.handshake_timeout.or(self.handshake_timeout),
             first_bytes_timeout: flags.first_bytes_timeout.or(self.first_bytes_timeout),
             mtu: flags.mtu.or(self.mtu),
+            legacy_mtu: flags.legacy_mtu.or(self.legacy_mtu),
             max_frame: flags.max_frame.or(self.max_frame),
             queue_len: flags.queue_len.or(self.queue_len),
             queue_bytes: flags.queue_bytes.or(self.queue_bytes),
@@ -595,6 +605,15 @@ impl ServerSection {
             handshake_timeout,
             first_bytes_timeout,
             mtu,
+            legacy_mtu: match self.legacy_mtu.unwrap_or(DEFAULT_LEGACY_MTU) {
+                n if MTU_RANGE.contains(&n) => n,
+                n => {
+                    return Err(ConfigError::new(
+                        "legacy_mtu",
+                        format!("{n} must be between {MIN_MTU} and {MAX_MTU}"),
+                    ))
+                }
+            },
             max_frame,
             queue_len: match self.queue_len.unwrap_or(DEFAULT_QUEUE_LEN) {
                 0 => return Err(ConfigError::new("queue_len", "must be at least 1")),

@@ -19,12 +19,14 @@ pub mod config;
 pub mod config6;
 pub mod connection;
 pub mod daemon;
+pub mod egress;
 /// svpnctl's command line (the program itself is src/ctl/main.rs).
 pub mod ctl {
     pub mod cli;
 }
 pub mod keys;
 pub mod limits;
+pub mod offload;
 pub mod params;
 pub mod pool;
 pub mod pool6;

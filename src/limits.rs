@@ -35,6 +35,12 @@ pub const MAX_FRAME: usize = MAX_MTU as usize;
 /// tun reader keeps free before each read.
 pub const MAX_PACKET: usize = MAX_MTU as usize;
 
+/// The most packets one super-packet may stand for (split by us or by the
+/// kernel): a 64 KiB TCP super-packet with the smallest MSS of a
+/// 576-byte path is 123; a hostile peer's segment size of 1 byte would make
+/// 65,000 out of one frame.
+pub const MAX_GSO_SEGMENTS: usize = 256;
+
 /// Every `max_frame` the configuration accepts: a frame must hold a packet
 /// of at least [`MIN_MTU`] bytes, and none is larger than [`MAX_FRAME`].
 pub const FRAME_RANGE: RangeInclusive<usize> = MIN_MTU as usize..=MAX_FRAME;

@@ -525,10 +525,11 @@ mod tests {
 
     #[test]
     fn unknown_message_types_are_framed_and_told_apart() {
-        // Type 2 with a body that is no SESSION_PARAMS: the decoder frames
-        // it, the receiver sees Unknown(2) and ignores it.
+        // Type 9 with a body that is no SESSION_PARAMS: the decoder frames
+        // it, the receiver sees Unknown(9) and ignores it. (Types 2 and 3
+        // are the super-packet and features frames, see crate::wire.)
         let frame = Extension {
-            kind: 2,
+            kind: 9,
             body: Bytes::from_static(b"\xff\xff"),
         }
         .encode()

@@ -39,6 +39,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bytes::{Buf, Bytes, BytesMut};
 
+use crate::offload::{Gso, GsoKind};
+
 /// Length of an IPv4 header without options, and of every control message.
 pub const CONTROL_LEN: usize = 20;
 /// Length of the fixed IPv6 header.
@@ -67,6 +69,10 @@ pub enum ProtocolError {
     ExtensionVersion(u8),
     #[error("extension frame length {0} is below the 4-byte header")]
     ExtensionTooShort(usize),
+    #[error("bad super-packet frame: {0}")]
+    BadSuperPacket(&'static str),
+    #[error("features frame body of {0} bytes is below 4")]
+    FeaturesTooShort(usize),
 }
 
 /// A bare 20-byte IPv4 header with total length 0: the protocol's control
@@ -88,6 +94,9 @@ pub enum Frame {
     /// An extension frame; only from a decoder built
     /// [`Decoder::with_extensions`].
     Extension(Extension),
+    /// A super-packet with its offload metadata ([`SUPER_PACKET`]); only
+    /// from a decoder built [`Decoder::with_extensions`].
+    Super(SuperPacket),
 }
 
 /// First byte of every extension frame: marker nibble 0xF, framing version 1.
@@ -96,6 +105,122 @@ pub const EXTENSION_FIRST_BYTE: u8 = 0xF1;
 pub const EXTENSION_HEADER_LEN: usize = 4;
 /// Message type of the server's session parameters ([`crate::params`]).
 pub const SESSION_PARAMS: u8 = 1;
+
+/// Message type of a super-packet frame: offload metadata, then one IP
+/// packet framed by its own header (see [`SuperPacket`]).
+pub const SUPER_PACKET: u8 = 2;
+/// Message type of the features a peer announces ([`Features`]).
+pub const FEATURES: u8 = 3;
+/// Length of a super-packet frame's header: the extension header (with
+/// total length 8) and the 4 bytes of metadata.
+pub const SUPER_HEADER_LEN: usize = 8;
+
+/// A super-packet frame, byte for byte:
+///
+/// ```text
+/// F1 02 00 08   extension header: type 2, length 8 (the header and metadata only)
+/// kind (1)      1 TCP over IPv4, 2 TCP over IPv6, 3 UDP (either family)
+/// flags (1)     0 (reserved; a receiver ignores them)
+/// size (2)      segment size, u16 big-endian, at least 1: the payload bytes
+///               of each packet the super-packet stands for (a packet whose
+///               payload is at most this is one packet whose checksum the
+///               sender left partial)
+/// packet        one IPv4 or IPv6 packet, framed by its own header, whose
+///               TCP or UDP checksum field holds the pseudo-header sum (over
+///               the whole packet's length), as a tun's GSO packet does
+/// ```
+///
+/// An older decoder with extensions skips the 8 bytes as an unknown type
+/// and then reads the packet as an ordinary one; super-packets are sent only
+/// to a peer that announced [`Features::SUPER_PACKETS`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SuperPacket {
+    pub gso: Gso,
+    /// The whole frame: header and packet.
+    pub frame: Bytes,
+}
+
+impl SuperPacket {
+    /// The frame for `packet` with `gso`: its 8-byte header followed by it.
+    pub fn header(gso: Gso) -> [u8; SUPER_HEADER_LEN] {
+        let kind = match gso.kind {
+            GsoKind::TcpV4 => 1,
+            GsoKind::TcpV6 => 2,
+            GsoKind::Udp => 3,
+        };
+        let size = gso.size.to_be_bytes();
+        [
+            EXTENSION_FIRST_BYTE,
+            SUPER_PACKET,
+            0,
+            SUPER_HEADER_LEN as u8,
+            kind,
+            0,
+            size[0],
+            size[1],
+        ]
+    }
+
+    /// The super-packet frame of `packet` (copying it; the data path writes
+    /// the header in front of the packet in place instead).
+    pub fn new(gso: Gso, packet: &[u8]) -> SuperPacket {
+        let mut frame = BytesMut::with_capacity(SUPER_HEADER_LEN + packet.len());
+        frame.extend_from_slice(&Self::header(gso));
+        frame.extend_from_slice(packet);
+        SuperPacket {
+            gso,
+            frame: frame.freeze(),
+        }
+    }
+
+    /// The metadata in a frame's first 8 bytes.
+    fn gso_of(header: &[u8]) -> Result<Gso, ProtocolError> {
+        let kind = match header[4] {
+            1 => GsoKind::TcpV4,
+            2 => GsoKind::TcpV6,
+            3 => GsoKind::Udp,
+            _ => return Err(ProtocolError::BadSuperPacket("unknown kind")),
+        };
+        match u16::from_be_bytes([header[6], header[7]]) {
+            0 => Err(ProtocolError::BadSuperPacket("segment size 0")),
+            size => Ok(Gso { kind, size }),
+        }
+    }
+
+    /// The IP packet it carries.
+    pub fn packet(&self) -> Bytes {
+        self.frame.slice(SUPER_HEADER_LEN..)
+    }
+}
+
+/// What a peer announces it can take, in a FEATURES frame:
+/// `F1 03 00 08 | flags (4 bytes, big-endian)`. Unknown bits are ignored;
+/// a body shorter than 4 bytes closes the connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features(pub u32);
+
+impl Features {
+    /// Bit 0: super-packet frames ([`SUPER_PACKET`]).
+    pub const SUPER_PACKETS: Features = Features(1);
+
+    pub fn contains(self, other: Features) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// The whole frame.
+    pub fn encode(self) -> Bytes {
+        let f = self.0.to_be_bytes();
+        Bytes::copy_from_slice(&[EXTENSION_FIRST_BYTE, FEATURES, 0, 8, f[0], f[1], f[2], f[3]])
+    }
+
+    /// The features in a FEATURES frame's body.
+    pub fn decode(body: &[u8]) -> Result<Features, ProtocolError> {
+        match body.get(..4) {
+            Some(f) => Ok(Features(u32::from_be_bytes([f[0], f[1], f[2], f[3]]))),
+            None => Err(ProtocolError::FeaturesTooShort(body.len())),
+        }
+    }
+}
 
 /// An extension frame: its message type and its body (the bytes after the
 /// 4-byte header).
@@ -295,22 +420,10 @@ impl Decoder {
             return Ok(None);
         };
         let len = match first >> 4 {
-            4 => {
-                let Some(total) = buf.get(2..4) else {
-                    return Ok(None);
-                };
-                match usize::from(u16::from_be_bytes([total[0], total[1]])) {
-                    0 => CONTROL_LEN,
-                    short if short < CONTROL_LEN => return Err(ProtocolError::TooShort(short)),
-                    total => total,
-                }
-            }
-            6 => {
-                let Some(payload) = buf.get(4..6) else {
-                    return Ok(None);
-                };
-                IPV6_HEADER_LEN + usize::from(u16::from_be_bytes([payload[0], payload[1]]))
-            }
+            4 | 6 => match packet_len(buf)? {
+                Some(len) => len,
+                None => return Ok(None),
+            },
             0xF if self.extensions => {
                 if first & 0x0F != EXTENSION_FIRST_BYTE & 0x0F {
                     return Err(ProtocolError::ExtensionVersion(first & 0x0F));
@@ -321,6 +434,38 @@ impl Decoder {
                 match usize::from(u16::from_be_bytes([total[0], total[1]])) {
                     short if short < EXTENSION_HEADER_LEN => {
                         return Err(ProtocolError::ExtensionTooShort(short))
+                    }
+                    total if buf[1] == SUPER_PACKET => {
+                        let Some(header) = buf.get(..SUPER_HEADER_LEN) else {
+                            return Ok(None);
+                        };
+                        SuperPacket::gso_of(header)?;
+                        if total != SUPER_HEADER_LEN {
+                            return Err(ProtocolError::BadSuperPacket("header length is not 8"));
+                        }
+                        let packet = &buf[SUPER_HEADER_LEN..];
+                        match packet.first().map(|b| b >> 4) {
+                            None => return Ok(None),
+                            Some(4 | 6) => {}
+                            Some(_) => {
+                                return Err(ProtocolError::BadSuperPacket("no IP packet follows"))
+                            }
+                        }
+                        match packet_len(packet)? {
+                            Some(CONTROL_LEN) if packet.get(2..4) == Some(&[0, 0]) => {
+                                return Err(ProtocolError::BadSuperPacket(
+                                    "a control message follows",
+                                ))
+                            }
+                            Some(len) if len > self.max_frame => {
+                                return Err(ProtocolError::TooLong {
+                                    len,
+                                    max: self.max_frame,
+                                })
+                            }
+                            Some(len) => return Ok(Some(SUPER_HEADER_LEN + len)),
+                            None => return Ok(None),
+                        }
                     }
                     total => total,
                 }
@@ -345,6 +490,12 @@ impl Decoder {
         if buf.len() < len {
             return Ok(None);
         }
+        if buf[0] >> 4 == 0xF && buf[1] == SUPER_PACKET {
+            // frame_len checked the header and the packet's length.
+            let frame = buf.split_to(len).freeze();
+            let gso = SuperPacket::gso_of(&frame)?;
+            return Ok(Some(Frame::Super(SuperPacket { gso, frame })));
+        }
         if buf[0] >> 4 == 0xF {
             // frame_len accepted it: extensions are on and len >= 4.
             let kind = buf[1];
@@ -366,6 +517,28 @@ impl Decoder {
         }
         Ok(Some(Frame::Packet(buf.split_to(len).freeze())))
     }
+}
+
+/// The length of the IPv4 packet or control message (version 4) or IPv6
+/// packet at the front of `buf`, from its own header; None until the
+/// length field has arrived. `buf` must start with version 4 or 6.
+fn packet_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
+    if buf[0] >> 4 == 4 {
+        let Some(total) = buf.get(2..4) else {
+            return Ok(None);
+        };
+        return match usize::from(u16::from_be_bytes([total[0], total[1]])) {
+            0 => Ok(Some(CONTROL_LEN)),
+            short if short < CONTROL_LEN => Err(ProtocolError::TooShort(short)),
+            total => Ok(Some(total)),
+        };
+    }
+    let Some(payload) = buf.get(4..6) else {
+        return Ok(None);
+    };
+    Ok(Some(
+        IPV6_HEADER_LEN + usize::from(u16::from_be_bytes([payload[0], payload[1]])),
+    ))
 }
 
 /// The source and destination of an IPv4 packet, or None for anything else
@@ -761,6 +934,88 @@ pub(crate) mod tests {
         );
         assert_eq!(ip_addresses(&[0x50; 40]), None);
         assert_eq!(ip_addresses(&[]), None);
+    }
+
+    #[test]
+    fn super_packet_and_features_frames_byte_for_byte() {
+        let gso = Gso {
+            kind: GsoKind::TcpV4,
+            size: 1448,
+        };
+        assert_eq!(
+            SuperPacket::header(gso).to_vec(),
+            hex("f1 02 00 08 01 00 05 a8")
+        );
+        assert_eq!(
+            Features::SUPER_PACKETS.encode().to_vec(),
+            hex("f1 03 00 08 00 00 00 01")
+        );
+        let mut v4 = vec![0u8; 60];
+        v4[0] = 0x45;
+        v4[3] = 60;
+        let sup = SuperPacket::new(gso, &v4);
+        assert_eq!(&sup.packet()[..], &v4[..]);
+        let d = Decoder::default().with_extensions();
+        let stream = [
+            sup.frame.to_vec(),
+            Features::SUPER_PACKETS.encode().to_vec(),
+        ]
+        .concat();
+        let frames = decode_all(&d, &stream);
+        assert_eq!(frames[0], Frame::Super(sup.clone()));
+        let Frame::Extension(e) = &frames[1] else {
+            panic!("not an extension: {:?}", frames[1]);
+        };
+        assert_eq!(e.kind, FEATURES);
+        assert_eq!(Features::decode(&e.body), Ok(Features::SUPER_PACKETS));
+        assert!(Features::decode(&e.body).is_ok_and(|f| f.contains(Features::SUPER_PACKETS)));
+        assert_eq!(
+            Features::decode(&[0, 1]),
+            Err(ProtocolError::FeaturesTooShort(2))
+        );
+        // Incomplete until the whole packet is there.
+        for cut in 0..sup.frame.len() {
+            let mut buf = BytesMut::from(&sup.frame[..cut]);
+            assert_eq!(d.decode(&mut buf), Ok(None), "cut at {cut}");
+        }
+        // Without extensions, 0xF is a bad version as ever.
+        assert!(Decoder::default().frame_len(&sup.frame).is_err());
+    }
+
+    #[test]
+    fn super_packet_framing_errors() {
+        let d = Decoder::new(1500).with_extensions();
+        let bad = |bytes: &str| d.frame_len(&hex(bytes));
+        assert_eq!(
+            bad("f1 02 00 08 09 00 05 a8 45"),
+            Err(ProtocolError::BadSuperPacket("unknown kind"))
+        );
+        assert_eq!(
+            bad("f1 02 00 08 01 00 00 00 45"),
+            Err(ProtocolError::BadSuperPacket("segment size 0"))
+        );
+        assert_eq!(
+            bad("f1 02 00 09 01 00 05 a8 45"),
+            Err(ProtocolError::BadSuperPacket("header length is not 8"))
+        );
+        assert_eq!(
+            bad("f1 02 00 08 01 00 05 a8 f1"),
+            Err(ProtocolError::BadSuperPacket("no IP packet follows"))
+        );
+        assert_eq!(
+            bad("f1 02 00 08 01 00 05 a8 45 00 00 00"),
+            Err(ProtocolError::BadSuperPacket("a control message follows"))
+        );
+        assert_eq!(
+            bad("f1 02 00 08 01 00 05 a8 45 00 05 dd"),
+            Err(ProtocolError::TooLong {
+                len: 1501,
+                max: 1500
+            })
+        );
+        assert_eq!(bad("f1 02 00 08 01 00 05 a8 45 00 05 dc"), Ok(Some(1508)));
+        assert_eq!(bad("f1 02 00 08 01 00 05"), Ok(None));
+        assert_eq!(bad("f1 02 00 08 01 00 05 a8"), Ok(None));
     }
 
     #[test]

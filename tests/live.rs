@@ -350,23 +350,6 @@ fn python_with_parser() -> Option<&'static str> {
     })
 }
 
-/// GET http://`address`/metrics from inside `ns`: (status line, body).
-fn scrape(ns: &Netns, address: SocketAddr) -> (String, String) {
-    let mut conn = ns
-        .tcp_connect(address, STARTUP)
-        .expect("connect to /metrics");
-    conn.set_read_timeout(Some(STARTUP)).expect("timeout");
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .expect("request");
-    let mut response = String::new();
-    conn.read_to_string(&mut response).expect("response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
-    (
-        head.lines().next().unwrap_or("").to_string(),
-        body.to_string(),
-    )
-}
-
 /// Parses `text` with the reference OpenMetrics parser: every sample as
 /// (name, labels, value).
 fn parse_metrics(python: &str, text: &str) -> Vec<(String, serde_json::Map<String, Value>, f64)> {

@@ -291,9 +291,16 @@ fn the_real_helper_refuses_what_its_policy_does_not_allow() {
     let (helper, socket) = start_helper(&ns, &args);
 
     let (answer, tun_fd) = ask(&socket, &HelperRequest::OpenTun);
-    let HelperResponse::Tun { name, index } = answer else {
+    let HelperResponse::Tun {
+        name,
+        index,
+        offloads,
+    } = answer
+    else {
         panic!("OpenTun answered {answer:?}");
     };
+    // The kernels we run on grant TSO (4.x and later).
+    assert!(offloads.vnet_hdr && offloads.tso, "{offloads:?}");
     assert_eq!(name, TUN);
     assert!(tun_fd.is_some(), "the tun fd came with the answer");
     let lo = 1; // the loopback's ifindex in a fresh namespace

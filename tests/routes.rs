@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use common::vpn::*;
-use common::{link, require_root, wait_until, Daemon, Netns};
+use common::{require_root, wait_until, Daemon, Netns};
 use serde_json::Value;
 
 const SERVER_LAN: &str = "198.18.200.0/24";
@@ -25,29 +25,6 @@ const EXCLUDED: &str = "198.18.202.0/24";
 const A: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
 const B: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 3);
 const NOT_INSTALLED: &str = "pushed route not installed";
-
-/// `net.ipv4.ip_forward=1` inside `ns` (never in the root namespace).
-fn forward(ns: &Netns) {
-    let out = ns.run("sysctl", &["-w", "net.ipv4.ip_forward=1"]);
-    assert!(
-        out.status.success(),
-        "sysctl in {}: {}",
-        ns.name(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A LAN namespace behind `gateway`: a veth from `gateway` (`gateway_cidr`,
-/// e.g. "198.18.200.1/24") to the new namespace (`host_cidr`), the host's
-/// default route pointing at the gateway, and the gateway forwarding.
-fn lan_behind(gateway: &Netns, gateway_cidr: &str, host_cidr: &str, tag: &str) -> Netns {
-    let lan = Netns::new(tag);
-    link(gateway, gateway_cidr, &lan, host_cidr);
-    let via = gateway_cidr.split('/').next().expect("gateway address");
-    lan.ip(&["route", "add", "default", "via", via]);
-    forward(gateway);
-    lan
-}
 
 /// Whether `ip route` in `ns` lists `cidr dev svpn0`.
 fn routed_to_tun(ns: &Netns, cidr: &str) -> bool {

@@ -85,6 +85,9 @@ proptest! {
                 Ok(Some(Frame::Extension(e))) => {
                     return Err(TestCaseError::fail(format!("extension without with_extensions: {e:?}")));
                 }
+                Ok(Some(Frame::Super(s))) => {
+                    return Err(TestCaseError::fail(format!("super-packet without with_extensions: {s:?}")));
+                }
                 Ok(None) | Err(_) => break,
             }
             prop_assert_eq!(before - buf.len(), consumed);
@@ -123,10 +126,14 @@ mod extensions {
     use bytes::{Bytes, BytesMut};
     use ipnet::{IpNet, Ipv4Net, Ipv6Net};
     use proptest::prelude::*;
+    use simplevpn::offload::{Gso, GsoKind};
     use simplevpn::params::{
         SessionParams, MAX_DNS, MAX_DNS_SEARCH, MAX_DOMAIN_LEN, MAX_ENCODED_LEN, MAX_ROUTES,
     };
-    use simplevpn::wire::{Decoder, Extension, ExtensionKind, Frame, DEFAULT_MAX_FRAME};
+    use simplevpn::wire::{
+        Decoder, Extension, ExtensionKind, Features, Frame, SuperPacket, DEFAULT_MAX_FRAME,
+        FEATURES, SUPER_HEADER_LEN,
+    };
 
     use super::{decode_cut, frame};
 
@@ -188,7 +195,8 @@ mod extensions {
             };
             (Frame::Extension(ext), bytes.to_vec())
         });
-        let unknown = (2u8..=255, prop::collection::vec(any::<u8>(), 0..300)).prop_map(|(k, b)| {
+        // Type 2 is the super-packet frame (below), 3 the features.
+        let unknown = (4u8..=255, prop::collection::vec(any::<u8>(), 0..300)).prop_map(|(k, b)| {
             let ext = Extension {
                 kind: k,
                 body: Bytes::from(b),
@@ -196,7 +204,32 @@ mod extensions {
             let bytes = ext.encode().expect("small extension").to_vec();
             (Frame::Extension(ext), bytes)
         });
-        prop_oneof![4 => frame(), 1 => session, 1 => unknown]
+        let features = any::<u32>().prop_map(|f| {
+            let bytes = Features(f).encode();
+            let ext = Extension {
+                kind: FEATURES,
+                body: bytes.slice(4..),
+            };
+            (Frame::Extension(ext), bytes.to_vec())
+        });
+        let super_packet = (
+            prop_oneof![
+                Just(GsoKind::TcpV4),
+                Just(GsoKind::TcpV6),
+                Just(GsoKind::Udp)
+            ],
+            1u16..,
+            frame(),
+        )
+            .prop_filter_map(
+                "a packet, not a control message",
+                |(kind, size, (f, bytes))| {
+                    let Frame::Packet(_) = f else { return None };
+                    let sup = SuperPacket::new(Gso { kind, size }, &bytes);
+                    Some((Frame::Super(sup.clone()), sup.frame.to_vec()))
+                },
+            );
+        prop_oneof![4 => frame(), 1 => session, 1 => unknown, 1 => features, 2 => super_packet]
     }
 
     proptest! {
@@ -291,6 +324,10 @@ mod extensions {
                         if ExtensionKind::from(e.kind) == ExtensionKind::SessionParams {
                             let _ = SessionParams::decode(&e.body);
                         }
+                    }
+                    Ok(Some(Frame::Super(s))) => {
+                        prop_assert!(s.frame.len() <= max + SUPER_HEADER_LEN);
+                        consumed += s.frame.len();
                     }
                     Ok(None) | Err(_) => break,
                 }

@@ -10,7 +10,8 @@
 //!   buffer untouched while fewer bytes than the frame are there, and a frame
 //!   that takes exactly `frame_len` bytes off the front, never more than the
 //!   maximum;
-//! - a packet is those bytes unchanged; an extension frame re-encodes to
+//! - a packet, and a super-packet frame, is those bytes unchanged (the
+//!   latter's header re-encodes from its metadata); an extension frame re-encodes to
 //!   them exactly (and only comes from a decoder with extensions); a control
 //!   message is 20 bytes, re-encodes to the same version, length and
 //!   addresses (the bytes receivers ignore become the template's), to the
@@ -23,8 +24,8 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use simplevpn::wire::{
-    Control, Decoder, Extension, Frame, ProtocolError, CONTROL_LEN, DEFAULT_MAX_FRAME,
-    EXTENSION_FIRST_BYTE,
+    Control, Decoder, Extension, Frame, ProtocolError, SuperPacket, CONTROL_LEN,
+    DEFAULT_MAX_FRAME, EXTENSION_FIRST_BYTE, SUPER_HEADER_LEN, SUPER_PACKET,
 };
 
 /// Maximum frame lengths to try: below the control length (the decoder
@@ -131,7 +132,18 @@ fn decode_checked(
         }
         Ok(Some(len)) => len,
     };
-    assert!(len <= limit, "frame of {len} bytes above the maximum");
+    // A super-packet frame is its 8-byte header and a packet of at most
+    // the maximum.
+    let super_header = if before.get(1) == Some(&SUPER_PACKET) && before[0] == EXTENSION_FIRST_BYTE
+    {
+        SUPER_HEADER_LEN
+    } else {
+        0
+    };
+    assert!(
+        len <= limit + super_header,
+        "frame of {len} bytes above the maximum"
+    );
     if before.len() < len {
         assert_eq!(
             decoded,
@@ -174,6 +186,12 @@ fn decode_checked(
             );
         }
         Frame::Control(control) => check_control(control, bytes),
+        Frame::Super(packet) => {
+            assert!(decoder.extensions(), "a super-packet with extensions off");
+            assert_eq!(&packet.frame[..], bytes, "a super-packet is not its bytes");
+            assert_eq!(&bytes[..SUPER_HEADER_LEN], &SuperPacket::header(packet.gso));
+            assert!(matches!(bytes[SUPER_HEADER_LEN] >> 4, 4 | 6));
+        }
         Frame::Extension(extension) => {
             assert!(
                 decoder.extensions(),

@@ -14,7 +14,9 @@
 //!     keepalives) arrive on a small channel and go out first;
 //!  2. after the grant, [`AsyncTun::recv`] waits for a packet, and the packets
 //!     already waiting in the tun join it, up to [`UPLINK_BATCH`] bytes;
-//!  3. [`keep_routable`] keeps IPv4 and routable IPv6 packets (and counts them);
+//!  3. [`Batch::take`] keeps IPv4 and [`routable`] IPv6 packets (and counts
+//!     them); a super-packet read with its virtio-net header goes whole to a
+//!     server that takes super-packets, else split;
 //!  4. one `write_all` sends the batch. While the connection is slow this
 //!     waits rather than queues, so the tun's own queue drops.
 //!
@@ -23,7 +25,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -45,7 +47,9 @@ use crate::config::ClientConfig;
 use crate::connection::{FrameReader, Writer};
 use crate::daemon::tun::{AsyncTun, TunHealth};
 use crate::keys::NodeKey;
+use crate::limits::MAX_FRAME;
 use crate::limits::MAX_PACKET;
+use crate::offload::{self, VirtioNetHdr, VNET_HDR_LEN};
 use crate::params::MAX_ENCODED_LEN;
 use crate::pool::server_address;
 use crate::proto;
@@ -53,7 +57,10 @@ use crate::session::client::{
     Action, ClientRules, ClientSession, CloseReason, Closed, Grant, Refusal, HANDSHAKE_TIMEOUT,
 };
 use crate::session::LinkState;
-use crate::wire::{ip_addresses, Control, Decoder, Request, CONTROL_LEN};
+use crate::wire::{
+    ip_addresses, Control, Decoder, Features, Frame, Request, SuperPacket, CONTROL_LEN, FEATURES,
+    IPV6_HEADER_LEN, SUPER_HEADER_LEN,
+};
 
 /// How many bytes of waiting packets the uplink gathers into one write.
 const UPLINK_BATCH: usize = 128 * 1024;
@@ -203,7 +210,7 @@ pub async fn run(
     let health = Arc::new(TunHealth::default());
     let tunnel = Tunnel {
         health: health.clone(),
-        device: Arc::new(AsyncTun::new(tun.fd)?),
+        device: Arc::new(AsyncTun::with_offloads(tun.fd, tun.offloads)?),
         index: tun.index,
         helper: helper.clone(),
     };
@@ -355,6 +362,17 @@ impl Client {
 
         let last_sent = Arc::new(LastSent::new());
         let (to_uplink, inbox) = mpsc::channel(UPLINK_QUEUE);
+        // Super-packets go to the server whole once it says it takes them.
+        let server_takes_super = Arc::new(AtomicBool::new(false));
+        let offloads = self.tunnel.device.offloads();
+        // Only an extension server may take them: for any other, the
+        // kernel segments and checksums (faster than splitting here).
+        let may_take_super = extension && self.config.max_frame >= MAX_FRAME;
+        match self.tunnel.device.hand_over_offloads(may_take_super) {
+            Ok(()) => debug!(on = may_take_super, "tun offloads"),
+            // Not fatal: super-packets are then split here.
+            Err(e) => warn!(error = %e, "tun offloads not changed"),
+        }
         let uplink = Uplink {
             tun: self.tunnel.device.clone(),
             health: self.tunnel.health.clone(),
@@ -362,6 +380,8 @@ impl Client {
             inbox,
             last_sent: last_sent.clone(),
             stats: stats.clone(),
+            announce: (may_take_super && offloads.tso).then_some(Features::SUPER_PACKETS),
+            server_takes_super: server_takes_super.clone(),
         };
         // Aborted when dropped, however this returns.
         let mut uplink = UplinkTask(Some(tokio::spawn(uplink.run().instrument(Span::current()))));
@@ -411,6 +431,15 @@ impl Client {
                 read = reader.read_frame() => match read {
                     Ok(Some(frame)) => {
                         connection.stats.seen();
+                        if let Frame::Extension(e) = &frame {
+                            // What the server takes concerns the uplink
+                            // only; the rules ignore the frame.
+                            if let (FEATURES, Ok(features)) = (e.kind, Features::decode(&e.body)) {
+                                let takes = features.contains(Features::SUPER_PACKETS);
+                                debug!(super_packets = takes, "server features");
+                                server_takes_super.store(takes, Ordering::Relaxed);
+                            }
+                        }
                         self.rules.received(Instant::now(), frame);
                     }
                     Ok(None) => self.rules.server_closed(),
@@ -446,6 +475,16 @@ impl Client {
                     // is one packet lost.
                     if !self.tunnel.health.check("write", &e) {
                         debug!(error = %e, "tun write failed");
+                    }
+                }
+            }
+            Action::WriteSuper(packet) => {
+                connection
+                    .stats
+                    .count_rx(packet.frame.len() - SUPER_HEADER_LEN);
+                if let Err(e) = self.tunnel.device.try_send_super(&packet) {
+                    if !self.tunnel.health.check("write", &e) {
+                        debug!(error = %e, "tun write of a super-packet failed");
                     }
                 }
             }
@@ -656,6 +695,10 @@ struct Uplink {
     inbox: mpsc::Receiver<ToUplink>,
     last_sent: Arc<LastSent>,
     stats: Arc<PeerStats>,
+    /// Sent first: what this client takes (to an extension server).
+    announce: Option<Features>,
+    /// Whether the server announced it takes super-packets.
+    server_takes_super: Arc<AtomicBool>,
 }
 
 impl Uplink {
@@ -663,6 +706,9 @@ impl Uplink {
     /// IPv4 packets. A burst of packets waiting in the tun goes out in one
     /// write. Ends with the error when a write fails.
     async fn run(mut self) -> io::Result<()> {
+        if let Some(features) = self.announce {
+            self.write(&features.encode()).await?;
+        }
         // Until the grant, nothing from the tun: the request must go first.
         loop {
             match self.inbox.recv().await {
@@ -671,7 +717,7 @@ impl Uplink {
                 None => return Ok(()),
             }
         }
-        let mut buf = vec![0u8; UPLINK_BATCH + MAX_PACKET];
+        let mut batch = Batch::new(self.tun.offloads().vnet_hdr);
         loop {
             let read = tokio::select! {
                 biased;
@@ -683,10 +729,11 @@ impl Uplink {
                     Some(ToUplink::ReadTun) => continue,
                     None => return Ok(()),
                 },
-                read = self.tun.recv(&mut buf) => read,
+                read = self.tun.recv(batch.spare()) => read,
             };
-            let mut len = match read {
-                Ok(len) => keep_routable(&buf[..len], &self.stats),
+            let whole = self.server_takes_super.load(Ordering::Relaxed);
+            match read {
+                Ok(len) => batch.take(len, whole, &self.stats),
                 // Gone for good: the daemon stops (see `run`).
                 Err(e) if self.health.check("read", &e) => return Ok(()),
                 Err(e) => {
@@ -696,15 +743,21 @@ impl Uplink {
                 }
             };
             // More packets already waiting join this write.
-            while len < UPLINK_BATCH {
-                match self.tun.try_recv(&mut buf[len..]) {
-                    Ok(more) => len += keep_routable(&buf[len..len + more], &self.stats),
+            while batch.len() < UPLINK_BATCH && batch.spill.is_empty() {
+                match self.tun.try_recv(batch.spare()) {
+                    Ok(more) => batch.take(more, whole, &self.stats),
                     Err(_) => break,
                 }
             }
-            if len > 0 {
-                self.write(&buf[..len]).await?;
+            if batch.len() > 0 {
+                self.writer.write_all(batch.bytes()).await?;
             }
+            if !batch.spill.is_empty() {
+                let spill = std::mem::take(&mut batch.spill);
+                self.writer.write_all(&spill).await?;
+            }
+            self.last_sent.now();
+            batch.clear();
         }
     }
 
@@ -753,12 +806,128 @@ impl Drop for UplinkTask {
     }
 }
 
-/// The length of `packet` if it is worth sending (counted as sent), else
-/// 0: IPv4, and IPv6 but the link's own chatter (from a link-local or the
-/// unspecified address, or to a multicast group: neighbour discovery,
-/// MLD), which the server would only drop as not from our address.
-fn keep_routable(packet: &[u8], stats: &PeerStats) -> usize {
-    let routable = match ip_addresses(packet) {
+/// The uplink's buffer: packets read from the tun, one after another as
+/// they go on the wire.
+///
+/// On a tun with offloads every read starts with a 10-byte virtio-net
+/// header. Each read lands so that the packet starts 8 bytes past the end
+/// of the batch (the header's first 2 bytes overwrite, for the time of the
+/// read, the batch's last 2, which are saved and put back): a super-packet
+/// then gets its 8-byte frame header written in front of it in place, and a
+/// plain packet moves 8 bytes back. A super-packet for a server that does
+/// not take them is split into `spill`, written after the batch.
+struct Batch {
+    buf: Vec<u8>,
+    /// Where the batch starts: room for the 2 header bytes before it.
+    start: usize,
+    /// Where it ends.
+    end: usize,
+    vnet: bool,
+    /// The 2 bytes under the header of the read in progress.
+    saved: [u8; 2],
+    /// Split super-packets, sent after the batch.
+    spill: Vec<u8>,
+}
+
+/// How far before the packet a read lands: the virtio-net header minus
+/// the super-packet frame header it makes room for.
+const READ_BACK: usize = VNET_HDR_LEN - SUPER_HEADER_LEN;
+
+impl Batch {
+    fn new(vnet: bool) -> Batch {
+        let start = if vnet { READ_BACK } else { 0 };
+        // A read may be a header and an IPv6 super-packet.
+        let room = UPLINK_BATCH + VNET_HDR_LEN + MAX_PACKET + IPV6_HEADER_LEN;
+        Batch {
+            buf: vec![0u8; start + room],
+            start,
+            end: start,
+            vnet,
+            saved: [0; 2],
+            spill: Vec::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn clear(&mut self) {
+        self.end = self.start;
+    }
+
+    /// Where the next read goes.
+    fn spare(&mut self) -> &mut [u8] {
+        match self.vnet {
+            false => &mut self.buf[self.end..],
+            true => {
+                let at = self.end - READ_BACK;
+                self.saved.copy_from_slice(&self.buf[at..self.end]);
+                &mut self.buf[at..]
+            }
+        }
+    }
+
+    /// Takes in the `len` bytes just read into [`Batch::spare`]: the
+    /// packets worth sending only ([`routable`]), counted as sent; a
+    /// super-packet whole (`whole`) or split.
+    fn take(&mut self, len: usize, whole: bool, stats: &PeerStats) {
+        if !self.vnet {
+            if routable(&self.buf[self.end..self.end + len]) {
+                stats.count_tx(len);
+                self.end += len;
+            }
+            return;
+        }
+        let at = self.end - READ_BACK;
+        let hdr = VirtioNetHdr::decode(&self.buf[at..at + len]);
+        self.buf[at..self.end].copy_from_slice(&self.saved);
+        let (Some(hdr), Some(packet_len)) = (hdr, len.checked_sub(VNET_HDR_LEN)) else {
+            return;
+        };
+        let packet = self.end + SUPER_HEADER_LEN;
+        let packet_end = packet + packet_len;
+        if !routable(&self.buf[packet..packet_end]) {
+            return;
+        }
+        match offload::from_tun(&hdr, &mut self.buf[packet..packet_end]) {
+            Ok(None) => {
+                self.buf.copy_within(packet..packet_end, self.end);
+                self.end += packet_len;
+            }
+            Ok(Some(gso)) if whole => {
+                self.buf[self.end..packet].copy_from_slice(&SuperPacket::header(gso));
+                self.end = packet_end;
+            }
+            Ok(Some(gso)) => {
+                let mut pieces = Vec::new();
+                if let Err(e) =
+                    offload::split(&self.buf[packet..packet_end], gso, usize::MAX, &mut pieces)
+                {
+                    debug!(error = %e, "dropped a tun super-packet that cannot be split");
+                    return;
+                }
+                pieces.iter().for_each(|p| self.spill.extend_from_slice(p));
+            }
+            Err(e) => {
+                debug!(error = %e, "dropped a tun packet with a bad offload header");
+                return;
+            }
+        }
+        stats.count_tx(packet_len);
+    }
+}
+
+/// Whether `packet` is worth sending: IPv4, and IPv6 but the link's own
+/// chatter (from a link-local or the unspecified address, or to a multicast
+/// group: neighbour discovery, MLD), which the server would only drop as
+/// not from our address.
+fn routable(packet: &[u8]) -> bool {
+    match ip_addresses(packet) {
         Some((IpAddr::V4(_), _)) => true,
         Some((IpAddr::V6(source), IpAddr::V6(destination))) => {
             !(source.is_unicast_link_local()
@@ -766,13 +935,6 @@ fn keep_routable(packet: &[u8], stats: &PeerStats) -> usize {
                 || destination.is_multicast())
         }
         _ => false,
-    };
-    match routable {
-        true => {
-            stats.count_tx(packet.len());
-            packet.len()
-        }
-        false => 0,
     }
 }
 
@@ -790,29 +952,17 @@ mod tests {
             p[24..40].copy_from_slice(&ip(destination));
             p
         };
-        let stats = PeerStats::default();
         let mut v4 = vec![0u8; 20];
         v4[0] = 0x45;
-        assert_eq!(keep_routable(&v4, &stats), 20);
-        assert_eq!(
-            keep_routable(&v6("2001:2:0:100::2", "2001:2:0:100::3"), &stats),
-            40
-        );
+        assert!(routable(&v4));
+        assert!(routable(&v6("2001:2:0:100::2", "2001:2:0:100::3")));
         for (source, destination) in [
             ("fe80::1", "2001:2:0:100::3"),
             ("::", "ff02::16"),
             ("2001:2:0:100::2", "ff02::1"),
         ] {
-            assert_eq!(
-                keep_routable(&v6(source, destination), &stats),
-                0,
-                "{source}"
-            );
+            assert!(!routable(&v6(source, destination)), "{source}");
         }
-        assert_eq!(keep_routable(&[0x50; 40], &stats), 0);
-        assert_eq!(
-            stats.tx_packets.load(std::sync::atomic::Ordering::Relaxed),
-            2
-        );
+        assert!(!routable(&[0x50; 40]));
     }
 }

@@ -144,7 +144,19 @@ impl Helper {
         let request = HelperRequest::OpenTun;
         let message = self.call(request.clone()).await?;
         match (answer(&request, &message)?, message.fd) {
-            (HelperResponse::Tun { name, index }, Some(fd)) => Ok(TunFd { fd, name, index }),
+            (
+                HelperResponse::Tun {
+                    name,
+                    index,
+                    offloads,
+                },
+                Some(fd),
+            ) => Ok(TunFd {
+                fd,
+                name,
+                index,
+                offloads,
+            }),
             (other, _) => Err(unexpected(&request, &other)),
         }
     }

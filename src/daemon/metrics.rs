@@ -111,15 +111,21 @@ pub enum DropKind {
     QueueFull,
     /// For the server's host, whose tun queue was full.
     TunFull,
+    /// Too big for the client's MTU and not to be cut (answered with ICMP).
+    TooBig,
+    /// A super-packet that could not be split or written (malformed).
+    Offload,
 }
 
 impl DropKind {
-    const ALL: [DropKind; 5] = [
+    const ALL: [DropKind; 7] = [
         DropKind::Spoofed,
         DropKind::Unassigned,
         DropKind::NotIpv4,
         DropKind::QueueFull,
         DropKind::TunFull,
+        DropKind::TooBig,
+        DropKind::Offload,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -129,6 +135,8 @@ impl DropKind {
             DropKind::NotIpv4 => "not_ipv4",
             DropKind::QueueFull => "queue_full",
             DropKind::TunFull => "tun_full",
+            DropKind::TooBig => "too_big",
+            DropKind::Offload => "offload",
         }
     }
 }
@@ -164,18 +172,76 @@ struct DisconnectLabels {
     reason: DisconnectReason,
 }
 
-/// Drops, one atomic per [`DropKind`]: a single relaxed add when a packet
-/// is dropped.
-#[derive(Debug, Default)]
-pub struct DropCounters([AtomicU64; DropKind::ALL.len()]);
+/// One atomic per kind `K` of a closed set of `N`: a single relaxed add
+/// when a packet is counted.
+#[derive(Debug)]
+pub struct KindCounters<K, const N: usize>([AtomicU64; N], std::marker::PhantomData<K>);
 
-impl DropCounters {
-    pub fn count(&self, kind: DropKind) {
-        self.0[kind as usize].fetch_add(1, Ordering::Relaxed);
+impl<K, const N: usize> Default for KindCounters<K, N> {
+    fn default() -> Self {
+        KindCounters(
+            std::array::from_fn(|_| AtomicU64::new(0)),
+            Default::default(),
+        )
+    }
+}
+
+impl<K: Into<usize>, const N: usize> KindCounters<K, N> {
+    pub fn count(&self, kind: K) {
+        self.0[kind.into()].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn get(&self, kind: DropKind) -> u64 {
-        self.0[kind as usize].load(Ordering::Relaxed)
+    pub fn get(&self, kind: K) -> u64 {
+        self.0[kind.into()].load(Ordering::Relaxed)
+    }
+}
+
+/// Drops, by [`DropKind`].
+pub type DropCounters = KindCounters<DropKind, { DropKind::ALL.len() }>;
+
+impl From<DropKind> for usize {
+    fn from(kind: DropKind) -> usize {
+        kind as usize
+    }
+}
+
+/// What happened to super-packets (TUN offloads), one atomic each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SuperKind {
+    /// Received from a client in a super-packet frame.
+    FromClient,
+    /// Read from the server's tun.
+    FromTun,
+    /// Queued whole for a client that takes them.
+    Whole,
+    /// Split (or cut) for a client that does not.
+    Split,
+}
+
+impl SuperKind {
+    const ALL: [SuperKind; 4] = [
+        SuperKind::FromClient,
+        SuperKind::FromTun,
+        SuperKind::Whole,
+        SuperKind::Split,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SuperKind::FromClient => "from_client",
+            SuperKind::FromTun => "from_tun",
+            SuperKind::Whole => "to_client_whole",
+            SuperKind::Split => "to_client_split",
+        }
+    }
+}
+
+/// Super-packets, by [`SuperKind`].
+pub type SuperCounters = KindCounters<SuperKind, { SuperKind::ALL.len() }>;
+
+impl From<SuperKind> for usize {
+    fn from(kind: SuperKind) -> usize {
+        kind as usize
     }
 }
 
@@ -187,6 +253,7 @@ pub struct Metrics {
     disconnects: Family<DisconnectLabels, Counter>,
     handshake: Histogram,
     pub drops: Arc<DropCounters>,
+    pub supers: Arc<SuperCounters>,
 }
 
 impl Default for Metrics {
@@ -198,6 +265,7 @@ impl Default for Metrics {
             // 1 ms to ~16 s.
             handshake: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             drops: Arc::default(),
+            supers: Arc::default(),
         }
     }
 }
@@ -250,6 +318,7 @@ impl Metrics {
         registry.register_collector(Box::new(PeerCollector {
             table,
             drops: self.drops.clone(),
+            supers: self.supers.clone(),
         }));
         registry
     }
@@ -267,6 +336,7 @@ type PeerCounter = fn(&super::peers::PeerInfo) -> u64;
 struct PeerCollector {
     table: Arc<dyn PeerSource>,
     drops: Arc<DropCounters>,
+    supers: Arc<SuperCounters>,
 }
 
 impl std::fmt::Debug for PeerCollector {
@@ -317,6 +387,17 @@ impl Collector for PeerCollector {
             };
             let labels = [("reason", kind.as_str())];
             ConstCounter::new(value).encode(drops.encode_family(&labels)?)?;
+        }
+
+        let mut supers = encoder.encode_descriptor(
+            "super_packets",
+            "Super-packets (TUN offloads), by where they came from or went",
+            None,
+            MetricType::Counter,
+        )?;
+        for kind in SuperKind::ALL {
+            let labels = [("way", kind.as_str())];
+            ConstCounter::new(self.supers.get(kind)).encode(supers.encode_family(&labels)?)?;
         }
 
         // Per peer: labelled by its name, else its address.

@@ -83,6 +83,8 @@ pub struct Peer {
     pub routes: Vec<IpNet>,
     /// Whether it speaks our extension (is sent session parameters).
     pub extension: bool,
+    /// Whether it announced that it takes super-packet frames.
+    pub super_packets: AtomicBool,
 }
 
 /// A snapshot of one peer, for the control plane.
@@ -165,8 +167,6 @@ pub enum Delivery {
     Queued,
     /// That peer's queue was full: dropped and counted.
     QueueFull,
-    /// No connected peer holds the destination: the packet, handed back.
-    NoPeer(Bytes),
 }
 
 impl Banned {
@@ -448,6 +448,7 @@ impl PeerTable {
             identity,
             routes,
             extension,
+            super_packets: AtomicBool::new(false),
         })
     }
 
@@ -705,21 +706,26 @@ impl PeerTable {
             .collect()
     }
 
-    /// Queues `packet` for the peer that holds `destination` (IPv4 or
-    /// IPv6), or whose networks hold it (longest prefix), without waiting.
-    pub fn deliver(&self, destination: impl Into<IpAddr>, packet: Bytes) -> Delivery {
+    /// The client that holds `destination` (IPv4 or IPv6), or whose
+    /// networks hold it (longest prefix); [`PeerTable::push`] queues a frame
+    /// for it.
+    pub fn holder(&self, destination: impl Into<IpAddr>) -> Option<Arc<Peer>> {
         let destination = destination.into();
         let table = self.read();
         let holder = match destination {
             IpAddr::V4(address) => table.peers.get(&address),
             IpAddr::V6(address) => table.six.holder(address),
         };
-        let peer = match holder.or_else(|| table.routes.lookup(destination).map(|(_, p)| p)) {
-            Some(peer) => peer,
-            None => return Delivery::NoPeer(packet),
-        };
-        let len = packet.len();
-        match peer.queue.try_push(packet) {
+        holder
+            .or_else(|| table.routes.lookup(destination).map(|(_, p)| p))
+            .cloned()
+    }
+
+    /// Queues `frame` for `peer` (counted), or drops it if the queue is
+    /// full (counted; over the memory budget, the largest queue is shed).
+    pub fn push(&self, peer: &Peer, frame: Bytes) -> Delivery {
+        let len = frame.len();
+        match peer.queue.try_push(frame) {
             Ok(()) => {
                 peer.stats.count_tx(len);
                 Delivery::Queued
@@ -730,7 +736,7 @@ impl PeerTable {
                     .fetch_add(1, Ordering::Relaxed);
                 self.queue_full.fetch_add(1, Ordering::Relaxed);
                 if full == PushError::OverBudget {
-                    self.shed_largest(&table);
+                    self.shed_largest(&self.read());
                 }
                 Delivery::QueueFull
             }
@@ -884,6 +890,16 @@ mod tests {
         peer_with(table, port, Identity::Original)
     }
 
+    /// Queues `packet` for whoever holds `destination`, as the server does.
+    fn deliver(
+        table: &PeerTable,
+        destination: impl Into<IpAddr>,
+        packet: Bytes,
+    ) -> Option<Delivery> {
+        let peer = table.holder(destination)?;
+        Some(table.push(&peer, packet))
+    }
+
     #[test]
     fn grant_goes_out_first_and_packets_follow() {
         let table = new_table();
@@ -895,22 +911,22 @@ mod tests {
         assert_eq!(&grant[12..16], &[255, 255, 0, 0]);
         assert_eq!(&grant[16..20], &[198, 19, 0, 2]);
         assert_eq!(
-            table.deliver(address, Bytes::from_static(b"one")),
-            Delivery::Queued
+            deliver(&table, address, Bytes::from_static(b"one")),
+            Some(Delivery::Queued)
         );
         assert_eq!(
-            table.deliver(address, Bytes::from_static(b"two")),
-            Delivery::Queued
+            deliver(&table, address, Bytes::from_static(b"two")),
+            Some(Delivery::Queued)
         );
         assert_eq!(
-            table.deliver(address, Bytes::from_static(b"three")),
-            Delivery::QueueFull
+            deliver(&table, address, Bytes::from_static(b"three")),
+            Some(Delivery::QueueFull)
         );
         assert_eq!(stats.dropped_queue_full.load(Ordering::Relaxed), 1);
         assert_eq!(stats.tx_packets.load(Ordering::Relaxed), 2);
         assert_eq!(
-            table.deliver(Ipv4Addr::new(198, 19, 0, 9), Bytes::new()),
-            Delivery::NoPeer(Bytes::new())
+            deliver(&table, Ipv4Addr::new(198, 19, 0, 9), Bytes::new()),
+            None
         );
     }
 
@@ -1029,20 +1045,17 @@ mod tests {
         rx.try_recv().expect("the grant");
         let host = Ipv4Addr::new(198, 18, 201, 7);
         assert_eq!(
-            table.deliver(host, Bytes::from_static(b"x")),
-            Delivery::Queued
+            deliver(&table, host, Bytes::from_static(b"x")),
+            Some(Delivery::Queued)
         );
         assert_eq!(rx.try_recv().expect("forwarded"), Bytes::from_static(b"x"));
         assert_eq!(table.peer(address).expect("listed").routes, vec![lan]);
         assert_eq!(
-            table.deliver(Ipv4Addr::new(198, 18, 202, 7), Bytes::new()),
-            Delivery::NoPeer(Bytes::new())
+            deliver(&table, Ipv4Addr::new(198, 18, 202, 7), Bytes::new()),
+            None
         );
         table.remove(address, a.id);
-        assert_eq!(
-            table.deliver(host, Bytes::new()),
-            Delivery::NoPeer(Bytes::new())
-        );
+        assert_eq!(deliver(&table, host, Bytes::new()), None);
     }
 
     #[test]
@@ -1291,12 +1304,12 @@ mod tests {
         );
         // Packets for an IPv6 address go to its holder.
         assert_eq!(
-            table.deliver(v6("2001:2:0:100::3"), Bytes::from_static(b"6")),
-            Delivery::Queued
+            deliver(&table, v6("2001:2:0:100::3"), Bytes::from_static(b"6")),
+            Some(Delivery::Queued)
         );
         assert_eq!(
-            table.deliver(v6("2001:2:0:100::4"), Bytes::new()),
-            Delivery::NoPeer(Bytes::new())
+            deliver(&table, v6("2001:2:0:100::4"), Bytes::new()),
+            None
         );
         // Away, its lease keeps both addresses for it; back, it has both.
         let lease = table.remove(a_grant.address, a.id).expect("lease kept");

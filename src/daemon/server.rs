@@ -18,8 +18,10 @@
 //!
 //! Send path, a packet on its way to a client:
 //!   1. `tun_reader`: a packet the host routed into the tun, or stage 4 above;
-//!   2. [`PeerTable::deliver`]: the queue of the client that holds the
-//!      destination; a full queue drops it (counted);
+//!   2. `send_to`: the queue of the client that holds the destination
+//!      ([`PeerTable::holder`]), in the shape it takes (a super-packet
+//!      whole or split, cut to `legacy_mtu` for an original-protocol
+//!      client, or an ICMP error back); a full queue drops it (counted);
 //!   3. `write_frames`: the client's writer task, batching what is queued
 //!      into vectored writes.
 
@@ -43,23 +45,27 @@ use super::control::{self, AdminError, AdminRequest, KickError, Node, ReloadRepo
 use super::events::{EventKind, Events, PeerEvent};
 use super::gate::{merge_peers, Admitted, AllowedPeer, Gate, PeerSource, Rejection};
 use super::helper::{Helper, HelperError};
-use super::metrics::{self, DropKind, Metrics, Outcome};
+use super::metrics::{self, DropKind, Metrics, Outcome, SuperKind};
 use super::notify;
-use super::peers::{Banned, Delivery, Granted, Peer, PeerInfo, PeerTable};
+use super::peers::{Banned, Granted, Peer, PeerInfo, PeerTable};
 use super::{ControlOptions, DaemonError};
 use crate::budget::MemoryBudget;
 use crate::config::{check_peers, ConfigError, PeerSection, ServerConfig, ServerSource};
 use crate::connection::{self, write_frames, FrameReader, ReadError};
 use crate::daemon::tun::{AsyncTun, TunHealth};
+use crate::egress::{egress, from_tun_read, Egress, Outbound, PeerLink};
 use crate::keys::{NodeKey, PublicKey};
-use crate::limits::MAX_PACKET;
+use crate::limits::{MAX_FRAME, MAX_PACKET};
+use crate::offload::VNET_HDR_LEN;
 use crate::pool::server_address;
 use crate::pool6::server_address6;
 use crate::privsep::protocol::Forwarding;
 use crate::proto;
 use crate::session::server::{pushed_params, Action, DropReason, Ending, Offer, ServerSession};
+use crate::session::Protocol;
 use crate::state::{Ban, Lease, SqliteStore, StateStore};
-use crate::wire::{ip_addresses, Control, Decoder, Frame};
+use crate::wire::{ip_addresses, Control, Decoder, Features, Frame};
+use crate::wire::{IPV6_HEADER_LEN, SUPER_HEADER_LEN};
 
 /// How long a closing connection may take to flush what is queued for it.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
@@ -262,7 +268,7 @@ pub async fn run(
     let host_changes = beyond_the_tun(&config, helper, tun.index, &tun.name).await?;
     let tun_index = tun.index;
     let tun_name = tun.name.clone();
-    let tun = Arc::new(AsyncTun::new(tun.fd)?);
+    let tun = Arc::new(AsyncTun::with_offloads(tun.fd, tun.offloads)?);
 
     let listener = listen(config.listen).map_err(|source| DaemonError::Bind {
         address: config.listen,
@@ -577,11 +583,20 @@ async fn connection(
     let (queue, queue_rx) =
         connection::queue(config.queue_len, config.queue_bytes, Some(budget.clone()));
     let mut writer = tokio::spawn(write_frames(writer, queue_rx));
-    let mut reader = FrameReader::new(reader, Decoder::new(config.max_frame))
-        .with_limits(budget, config.frame_timeout);
+    // An extension client may send super-packets and its features.
+    let decoder = match extension {
+        true => Decoder::new(config.max_frame).with_extensions(),
+        false => Decoder::new(config.max_frame),
+    };
+    let mut reader = FrameReader::new(reader, decoder).with_limits(budget, config.frame_timeout);
     let peer = shared
         .peers
         .new_peer(remote, identity, routes.clone(), queue, extension);
+    if extension && config.max_frame >= MAX_FRAME {
+        // The server takes super-packets whatever its tun does (it splits
+        // them for a tun without offloads), if its frames may be as large.
+        let _ = peer.queue.try_push(Features::SUPER_PACKETS.encode());
+    }
     let accepted = handshake_deadline - shared.config.handshake_timeout;
     let mut session = ServerSession::new(
         handshake_deadline.into_std(),
@@ -619,8 +634,10 @@ async fn connection(
         };
         let now = std::time::Instant::now();
         peer.stats.seen();
-        if let Frame::Packet(packet) = &frame {
-            peer.stats.count_rx(packet.len());
+        match &frame {
+            Frame::Packet(packet) => peer.stats.count_rx(packet.len()),
+            Frame::Super(packet) => peer.stats.count_rx(packet.frame.len() - SUPER_HEADER_LEN),
+            Frame::Control(_) | Frame::Extension(_) => {}
         }
         match session.on_frame(now, frame) {
             Action::None => {}
@@ -674,7 +691,19 @@ async fn connection(
             Action::Forward {
                 destination,
                 packet,
-            } => forward(&shared, destination, packet),
+            } => forward(&shared, destination, Outbound::Packet(packet)),
+            Action::ForwardSuper {
+                destination,
+                packet,
+            } => {
+                shared.metrics.supers.count(SuperKind::FromClient);
+                forward(&shared, destination, Outbound::Super(packet))
+            }
+            Action::Announced(features) => {
+                let takes = features.contains(Features::SUPER_PACKETS);
+                debug!(super_packets = takes, "features announced");
+                peer.super_packets.store(takes, Ordering::Relaxed);
+            }
             Action::Drop(reason) => count_drop(&shared, &peer, reason),
             Action::Close(ending) => break ending,
         }
@@ -807,12 +836,60 @@ fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr, address6: Option
 
 /// Sends a client's packet on: to the client that holds `destination`, else
 /// into the server's tun.
-fn forward(shared: &Shared, destination: IpAddr, packet: Bytes) {
-    if let Delivery::NoPeer(packet) = shared.peers.deliver(destination, packet) {
-        if let Err(e) = shared.tun.try_send(&packet) {
-            // A full tun queue is a drop; a tun gone for good ends the daemon.
-            shared.tun_health.check("write", &e);
-            shared.metrics.drops.count(DropKind::TunFull);
+fn forward(shared: &Shared, destination: IpAddr, out: Outbound) {
+    if let Some(peer) = shared.peers.holder(destination) {
+        return send_to(shared, &peer, out);
+    }
+    let written = match &out {
+        Outbound::Packet(packet) => shared.tun.try_send(packet),
+        Outbound::Super(packet) => shared.tun.try_send_super(packet),
+    };
+    if let Err(e) = written {
+        // A full tun queue is a drop; a tun gone for good ends the daemon.
+        shared.tun_health.check("write", &e);
+        let kind = match e.kind() {
+            std::io::ErrorKind::InvalidData => DropKind::Offload,
+            _ => DropKind::TunFull,
+        };
+        shared.metrics.drops.count(kind);
+    }
+}
+
+/// Queues `out` for `peer` in the shape it takes: a super-packet whole or
+/// split, anything cut to an original-protocol client's `legacy_mtu`, and
+/// what cannot be cut answered with ICMP to its source, as a router would.
+fn send_to(shared: &Shared, peer: &Peer, out: Outbound) {
+    let link = PeerLink {
+        super_packets: peer.super_packets.load(Ordering::Relaxed),
+        mtu: match peer.identity.protocol() {
+            Protocol::Original => shared.config.legacy_mtu as usize,
+            Protocol::Tls => usize::MAX,
+        },
+    };
+    let is_super = matches!(out, Outbound::Super(_));
+    match egress(out, link) {
+        Egress::One(frame) => {
+            if is_super && link.super_packets {
+                shared.metrics.supers.count(SuperKind::Whole);
+            }
+            shared.peers.push(peer, frame);
+        }
+        Egress::Many(frames) => {
+            shared.metrics.supers.count(SuperKind::Split);
+            for frame in frames {
+                shared.peers.push(peer, frame);
+            }
+        }
+        Egress::TooBig { icmp } => {
+            shared.metrics.drops.count(DropKind::TooBig);
+            if let Some((_, source)) = icmp.as_deref().and_then(ip_addresses) {
+                // At most 576 bytes: it fits every link, so this ends here.
+                forward(shared, source, Outbound::Packet(icmp.unwrap_or_default()));
+            }
+        }
+        Egress::Malformed(e) => {
+            debug!(error = %e, "dropped a super-packet that cannot be split");
+            shared.metrics.drops.count(DropKind::Offload);
         }
     }
 }
@@ -842,7 +919,9 @@ fn count_drop(shared: &Shared, peer: &Peer, reason: DropReason) {
 async fn tun_reader(tun: Arc<AsyncTun>, shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut buf = BytesMut::with_capacity(4 * MAX_PACKET);
     loop {
-        if buf.capacity() < MAX_PACKET {
+        // Room for the largest read: a virtio-net header and an IPv6
+        // super-packet (40 bytes of header beyond its 16-bit payload length).
+        if buf.capacity() < MAX_PACKET + VNET_HDR_LEN + IPV6_HEADER_LEN {
             buf.reserve(4 * MAX_PACKET);
         }
         let len = tokio::select! {
@@ -857,9 +936,26 @@ async fn tun_reader(tun: Arc<AsyncTun>, shared: Arc<Shared>, shutdown: Cancellat
                 }
             },
         };
-        let packet = buf.split_to(len).freeze();
-        if let Some((_, destination)) = ip_addresses(&packet) {
-            shared.peers.deliver(destination, packet);
+        let read = buf.split_to(len);
+        let out = match tun.offloads().vnet_hdr {
+            true => match from_tun_read(read) {
+                Ok(out) => out,
+                Err(e) => {
+                    debug!(error = %e, "dropped a tun packet with a bad offload header");
+                    shared.metrics.drops.count(DropKind::Offload);
+                    continue;
+                }
+            },
+            false => Outbound::Packet(read.freeze()),
+        };
+        if let Outbound::Super(_) = out {
+            shared.metrics.supers.count(SuperKind::FromTun);
+        }
+        // Only to clients: nothing read from the tun goes back into it.
+        if let Some((_, destination)) = ip_addresses(out.packet()) {
+            if let Some(peer) = shared.peers.holder(destination) {
+                send_to(&shared, &peer, out);
+            }
         }
     }
 }

@@ -13,16 +13,31 @@ use tokio::io::Interest;
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
+use crate::offload::{self, GsoKind, VNET_HDR_LEN};
+use crate::privsep::protocol::Offloads;
+use crate::wire::{SuperPacket, SUPER_HEADER_LEN};
+
 /// What a read waits for: a packet, or an error. A tun whose device is
 /// deleted polls as EPOLLERR only, never readable; without the error the
 /// reader would wait for ever, and the failure would go unnoticed.
 const READ_OR_ERROR: Interest = Interest::READABLE.add(Interest::ERROR);
 
+/// The virtio-net header of a packet with nothing offloaded.
+const PLAIN: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+
 /// Async packet I/O on a tun fd. One `recv` returns one IP packet; one `send`
 /// writes one. Share it between a reader task and a writer task with `Arc`.
+///
+/// A tun opened with offloads ([`AsyncTun::with_offloads`]) reads and
+/// writes a virtio-net header before every packet: `recv`, `recv_into`
+/// and `try_recv` return it as read (the caller takes it apart with
+/// [`crate::offload::from_tun`]); `send` and `try_send` put a header that
+/// says "nothing offloaded" before the packet, `try_send_super` the header
+/// of a super-packet.
 #[derive(Debug)]
 pub struct AsyncTun {
     fd: AsyncFd<OwnedFd>,
+    offloads: Offloads,
 }
 
 impl AsyncTun {
@@ -30,13 +45,49 @@ impl AsyncTun {
     /// [`crate::privsep::netdev::create_tun`]), making
     /// it non-blocking. Must be called inside a tokio runtime.
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
+        Self::with_offloads(fd, Offloads::NONE)
+    }
+
+    /// Wraps a tun fd opened with `offloads` (as the helper reported them).
+    pub fn with_offloads(fd: OwnedFd, offloads: Offloads) -> io::Result<Self> {
         set_nonblocking(&fd)?;
         // SAFETY: an OwnedFd is a valid open fd, and it stays open and
         // unchanged for as long as the AsyncFd that owns it.
         let fd = unsafe {
             AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE)
         }?;
-        Ok(Self { fd })
+        Ok(Self { fd, offloads })
+    }
+
+    /// The offloads the tun was opened with.
+    pub fn offloads(&self) -> Offloads {
+        self.offloads
+    }
+
+    /// Whether the kernel hands over super-packets and partial checksums
+    /// (as it was opened with), or segments and checksums itself (`false`):
+    /// for a link that cannot carry super-packets, the kernel does that
+    /// work faster than splitting in user space.
+    pub fn hand_over_offloads(&self, on: bool) -> io::Result<()> {
+        if !self.offloads.tso {
+            return Ok(());
+        }
+        let offloads = match on {
+            true => self.offloads,
+            false => Offloads::HEADER_ONLY,
+        };
+        crate::privsep::netdev::set_offloads(self.fd.get_ref(), offloads)
+    }
+
+    /// Writes `packet` behind `header` (if the tun takes one) in one writev.
+    fn write_with(&self, header: &[u8], packet: &[u8]) -> io::Result<usize> {
+        let fd = self.fd.get_ref();
+        if !self.offloads.vnet_hdr {
+            return nix::unistd::write(fd, packet).map_err(io::Error::from);
+        }
+        let parts = [io::IoSlice::new(header), io::IoSlice::new(packet)];
+        let written = nix::sys::uio::writev(fd, &parts).map_err(io::Error::from)?;
+        Ok(written.saturating_sub(header.len()))
     }
 
     /// Receives one packet into `buf`, returning its length. A packet longer
@@ -101,15 +152,37 @@ impl AsyncTun {
     /// kernel drops it if its backlog is full), so this never needs to
     /// wait; `WouldBlock` is passed on for the caller to count as a drop.
     pub fn try_send(&self, packet: &[u8]) -> io::Result<usize> {
-        nix::unistd::write(self.fd.get_ref(), packet).map_err(io::Error::from)
+        self.write_with(&PLAIN, packet)
+    }
+
+    /// Sends one super-packet without waiting, as [`AsyncTun::try_send`]
+    /// does a packet: whole, with its offload header, on a tun with TSO
+    /// (USO for UDP); else split into the packets it stands for.
+    pub fn try_send_super(&self, packet: &SuperPacket) -> io::Result<usize> {
+        let bytes = &packet.frame[SUPER_HEADER_LEN..];
+        let whole = match packet.gso.kind {
+            GsoKind::Udp => self.offloads.uso,
+            GsoKind::TcpV4 | GsoKind::TcpV6 => self.offloads.tso,
+        };
+        if whole {
+            let header = offload::to_tun(packet.gso, bytes)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            return self.write_with(&header.encode(), bytes);
+        }
+        let mut pieces = Vec::new();
+        offload::split(bytes, packet.gso, usize::MAX, &mut pieces)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let mut written = 0;
+        for piece in pieces {
+            written += self.try_send(&piece)?;
+        }
+        Ok(written)
     }
 
     /// Sends one packet, returning the number of bytes written.
     pub async fn send(&self, packet: &[u8]) -> io::Result<usize> {
         self.fd
-            .async_io(Interest::WRITABLE, |fd| {
-                nix::unistd::write(fd, packet).map_err(io::Error::from)
-            })
+            .async_io(Interest::WRITABLE, |_| self.write_with(&PLAIN, packet))
             .await
     }
 }

@@ -368,14 +368,15 @@ impl State {
                     .device
                     .take()
                     .ok_or_else(|| NetdevError::OpenTun(io::Error::other("already used")))
-                    .and_then(|device| netdev::attach_tun(device, &self.args.tun));
+                    .and_then(|device| netdev::attach_tun_offloaded(device, &self.args.tun));
                 self.policy
                     .record(request, created.as_ref().ok().map(|tun| tun.index));
                 let tun = created?;
-                info!(tun = %tun.name, index = tun.index, "created the tun");
+                info!(tun = %tun.name, index = tun.index, offloads = ?tun.offloads, "created the tun");
                 let response = HelperResponse::Tun {
                     name: tun.name.clone(),
                     index: tun.index,
+                    offloads: tun.offloads,
                 };
                 self.tun = Some((tun.name, tun.fd));
                 return Ok(response);

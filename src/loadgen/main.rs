@@ -652,7 +652,7 @@ impl Peer {
                     Ok(Reply::Keepalive) => continue,
                     Err(e) => bail!("bad reply: {e}"),
                 },
-                Some(Frame::Packet(_)) => bail!("a data packet before the grant"),
+                Some(Frame::Packet(_) | Frame::Super(_)) => bail!("a data packet before the grant"),
                 // Extension frames (session parameters over TLS): not ours to use.
                 Some(Frame::Extension(_)) => continue,
                 None => bail!("closed by the server before a grant"),
@@ -683,7 +683,7 @@ impl Peer {
                             self.stats.echoes.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    Ok(Some(Frame::Packet(_) | Frame::Extension(_))) => {}
+                    Ok(Some(Frame::Packet(_) | Frame::Extension(_) | Frame::Super(_))) => {}
                     Ok(None) | Err(_) => return false,
                 },
             }

@@ -28,7 +28,7 @@ use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 
 use super::policy::HostRoute;
-use super::protocol::TunFd;
+use super::protocol::{Offloads, TunFd};
 use crate::limits::MAX_IFNAME_LEN;
 
 /// What went wrong, and on which interface.
@@ -103,12 +103,53 @@ pub fn open_tun_device() -> Result<OwnedFd, NetdevError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+// TUNSETOFFLOAD is _IOW('T', 208, unsigned int) but takes the flags by value.
+nix::ioctl_write_int_bad!(tun_set_offload, libc::TUNSETOFFLOAD);
+
 /// Privileged (`CAP_NET_ADMIN`): creates the tun `name` on `fd`, a fresh fd
 /// from [`open_tun_device`], as [`create_tun`] does.
 pub fn attach_tun(fd: OwnedFd, name: &str) -> Result<TunFd, NetdevError> {
+    attach(fd, name, false)
+}
+
+/// Like [`attach_tun`], with TUN offloads: the tun is created with
+/// `IFF_VNET_HDR` (every read and write starts with a 10-byte virtio-net
+/// header, [`crate::offload::VirtioNetHdr`]) and `TUNSETOFFLOAD` enables
+/// checksum offload, TSO for IPv4 and IPv6, and USO where the kernel has it
+/// (6.2 and later). The kernel may refuse offloads: the tun still works,
+/// and [`TunFd::offloads`] says what was granted.
+pub fn attach_tun_offloaded(fd: OwnedFd, name: &str) -> Result<TunFd, NetdevError> {
+    let mut tun = attach(fd, name, true)?;
+    if set_offloads(&tun.fd, Offloads::TSO_USO).is_ok() {
+        tun.offloads = Offloads::TSO_USO;
+    } else if set_offloads(&tun.fd, Offloads::TSO).is_ok() {
+        tun.offloads = Offloads::TSO;
+    }
+    Ok(tun)
+}
+
+/// `TUNSETOFFLOAD` on a tun opened with `IFF_VNET_HDR`: what the kernel
+/// may hand over from now on (checksum offload and TSO, USO; or nothing,
+/// and the kernel segments and checksums itself). Needs no privilege: the
+/// daemon changes it on the fd it holds, per connection.
+pub fn set_offloads(fd: &OwnedFd, offloads: Offloads) -> io::Result<()> {
+    let mut flags = 0;
+    if offloads.tso {
+        flags |= libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+    }
+    if offloads.uso {
+        flags |= libc::TUN_F_USO4 | libc::TUN_F_USO6;
+    }
+    // SAFETY: TUNSETOFFLOAD takes its flags by value; `fd` is an open tun fd.
+    unsafe { tun_set_offload(fd.as_raw_fd(), flags as libc::c_int) }?;
+    Ok(())
+}
+
+fn attach(fd: OwnedFd, name: &str, vnet_hdr: bool) -> Result<TunFd, NetdevError> {
     let mut req = ifreq_for(name)?;
-    // IFF_TUN and IFF_NO_PI fit in the c_short flags field.
-    req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    let vnet = if vnet_hdr { libc::IFF_VNET_HDR } else { 0 };
+    // IFF_TUN, IFF_NO_PI and IFF_VNET_HDR fit in the c_short flags field.
+    req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI | vnet) as libc::c_short;
     // SAFETY: `req` is a valid, initialised ifreq that outlives the call.
     unsafe { tun_set_iff(fd.as_raw_fd(), &req) }.map_err(|e| NetdevError::CreateTun {
         name: name.to_owned(),
@@ -117,7 +158,16 @@ pub fn attach_tun(fd: OwnedFd, name: &str) -> Result<TunFd, NetdevError> {
 
     let name = ifname_of(&req);
     let index = if_index(&name)?;
-    Ok(TunFd { fd, name, index })
+    let offloads = match vnet_hdr {
+        true => Offloads::HEADER_ONLY,
+        false => Offloads::NONE,
+    };
+    Ok(TunFd {
+        fd,
+        name,
+        index,
+        offloads,
+    })
 }
 
 /// Builds a zeroed `ifreq` carrying `name`, after checking the name's length.

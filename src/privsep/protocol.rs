@@ -98,7 +98,13 @@ pub enum HelperResponse {
     /// Done.
     Ok,
     /// The tun was created; its fd travels with this message (`SCM_RIGHTS`).
-    Tun { name: String, index: u32 },
+    Tun {
+        name: String,
+        index: u32,
+        /// What the kernel granted (none from an older helper).
+        #[serde(default)]
+        offloads: Offloads,
+    },
     /// Not allowed by the helper's policy; nothing was done.
     Refused(String),
     /// Allowed, but the kernel said no.
@@ -122,6 +128,49 @@ pub struct TunFd {
     pub name: String,
     /// The device's ifindex, which every later request names.
     pub index: u32,
+    /// Which TUN offloads it was opened with.
+    pub offloads: Offloads,
+}
+
+/// The TUN offloads of a tun, as the helper got them from the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Offloads {
+    /// Opened with `IFF_VNET_HDR`: a 10-byte virtio-net header before every
+    /// packet read or written ([`crate::offload::VirtioNetHdr`]).
+    pub vnet_hdr: bool,
+    /// Checksum offload and TSO for IPv4 and IPv6: reads and writes may be
+    /// TCP super-packets.
+    pub tso: bool,
+    /// UDP segmentation (USO): reads and writes may be UDP super-packets.
+    pub uso: bool,
+}
+
+impl Offloads {
+    /// A plain tun.
+    pub const NONE: Offloads = Offloads {
+        vnet_hdr: false,
+        tso: false,
+        uso: false,
+    };
+    /// The header, but the kernel refused every offload.
+    pub const HEADER_ONLY: Offloads = Offloads {
+        vnet_hdr: true,
+        tso: false,
+        uso: false,
+    };
+    /// Checksum offload and TSO.
+    pub const TSO: Offloads = Offloads {
+        vnet_hdr: true,
+        tso: true,
+        uso: false,
+    };
+    /// Checksum offload, TSO and USO.
+    pub const TSO_USO: Offloads = Offloads {
+        vnet_hdr: true,
+        tso: true,
+        uso: true,
+    };
 }
 
 impl fmt::Display for HelperRequest {
@@ -291,6 +340,7 @@ mod tests {
             HelperResponse::Tun {
                 name: "svpn0".into(),
                 index: 7,
+                offloads: Offloads::TSO,
             },
             HelperResponse::Refused("no".into()),
             HelperResponse::Failed("EPERM".into()),

@@ -27,7 +27,9 @@ use super::{LinkState, Protocol};
 use crate::config::ClientConfig;
 use crate::connection::ReadError;
 use crate::params::{ParamsError, SessionParams};
-use crate::wire::{netmask_prefix, ExtensionKind, Frame, ProtocolError, Reply, Request};
+use crate::wire::{
+    netmask_prefix, ExtensionKind, Frame, ProtocolError, Reply, Request, SuperPacket,
+};
 
 /// How long connecting, and then waiting for the grant, may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -121,6 +123,8 @@ pub enum Action {
     Moved(Grant),
     /// Write this packet from the server to the tun.
     WriteTun(Bytes),
+    /// Write this super-packet to the tun, with its offload metadata.
+    WriteSuper(SuperPacket),
     /// Route this network into the tun (pushed by the server, accepted).
     AddRoute(IpNet),
     /// Remove the route to this network from the tun.
@@ -414,8 +418,9 @@ impl ClientSession {
         };
         match frame {
             Frame::Packet(packet) if granted => self.actions.push_back(Action::WriteTun(packet)),
+            Frame::Super(packet) if granted => self.actions.push_back(Action::WriteSuper(packet)),
             // Before the grant nothing is configured to take a packet.
-            Frame::Packet(_) => {}
+            Frame::Packet(_) | Frame::Super(_) => {}
             Frame::Control(control) => match control.as_reply() {
                 Ok(Reply::Grant { address, netmask }) => self.granted(now, address, netmask),
                 Ok(Reply::Keepalive) => {}

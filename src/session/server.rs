@@ -31,7 +31,10 @@ use ipnet::{IpNet, Ipv4Net};
 use crate::params::SessionParams;
 
 use crate::pool::Refusal;
-use crate::wire::{ip_addresses, Control, Frame, ProtocolError, Request};
+use crate::wire::{
+    ip_addresses, Control, Features, Frame, ProtocolError, Request, SuperPacket, FEATURES,
+    SUPER_HEADER_LEN,
+};
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +76,13 @@ pub enum Action {
     /// Forward this packet from the client to `destination`: to the client
     /// that holds it, else into the server's tun.
     Forward { destination: IpAddr, packet: Bytes },
+    /// Forward this super-packet as [`Action::Forward`] does a packet.
+    ForwardSuper {
+        destination: IpAddr,
+        packet: SuperPacket,
+    },
+    /// The client announced what it can take (our extension).
+    Announced(Features),
     /// Drop a packet, counted under `reason`.
     Drop(DropReason),
     /// Close the connection.
@@ -208,9 +218,25 @@ impl ServerSession {
                 Ok(request) => self.on_request(request),
                 Err(e) => Action::Close(Ending::Protocol(e)),
             },
-            Frame::Packet(packet) => self.on_packet(packet),
-            // Clients send no extension messages (only servers do, so far):
-            // their decoders do not even accept them.
+            Frame::Packet(packet) => match self.on_packet(&packet) {
+                Ok(destination) => Action::Forward {
+                    destination,
+                    packet,
+                },
+                Err(drop) => Action::Drop(drop),
+            },
+            Frame::Super(packet) => match self.on_packet(&packet.frame[SUPER_HEADER_LEN..]) {
+                Ok(destination) => Action::ForwardSuper {
+                    destination,
+                    packet,
+                },
+                Err(drop) => Action::Drop(drop),
+            },
+            // The only message a client sends: what it can take.
+            Frame::Extension(e) if e.kind == FEATURES => match Features::decode(&e.body) {
+                Ok(features) => Action::Announced(features),
+                Err(e) => Action::Close(Ending::Protocol(e)),
+            },
             Frame::Extension(_) => Action::None,
         }
     }
@@ -246,24 +272,22 @@ impl ServerSession {
         }
     }
 
-    fn on_packet(&self, packet: Bytes) -> Action {
+    /// Where a packet from the client goes, or why it is dropped.
+    fn on_packet(&self, packet: &[u8]) -> Result<IpAddr, DropReason> {
         let State::Granted { address, .. } = self.state else {
-            return Action::Drop(DropReason::Unassigned);
+            return Err(DropReason::Unassigned);
         };
-        let Some((source, destination)) = ip_addresses(&packet) else {
-            return Action::Drop(DropReason::NotIpv4);
+        let Some((source, destination)) = ip_addresses(packet) else {
+            return Err(DropReason::NotIpv4);
         };
         let own = match source {
             IpAddr::V4(source) => source == address,
             IpAddr::V6(source) => Some(source) == self.address6,
         };
         match (own || self.routes_hold(source), source) {
-            (true, _) => Action::Forward {
-                destination,
-                packet,
-            },
-            (false, IpAddr::V6(_)) if self.address6.is_none() => Action::Drop(DropReason::NotIpv4),
-            (false, _) => Action::Drop(DropReason::Spoofed(source)),
+            (true, _) => Ok(destination),
+            (false, IpAddr::V6(_)) if self.address6.is_none() => Err(DropReason::NotIpv4),
+            (false, _) => Err(DropReason::Spoofed(source)),
         }
     }
 

@@ -356,3 +356,43 @@ pub fn svpnctl_json(socket: &str, args: &[&str]) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).expect("svpnctl prints JSON")
 }
+
+/// GET http://`address`/metrics from inside `ns`: (status line, body).
+pub fn scrape(ns: &Netns, address: SocketAddr) -> (String, String) {
+    let mut conn = ns
+        .tcp_connect(address, STARTUP)
+        .expect("connect to /metrics");
+    conn.set_read_timeout(Some(STARTUP)).expect("timeout");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    conn.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// `net.ipv4.ip_forward=1` inside `ns` (never in the root namespace).
+pub fn forward(ns: &Netns) {
+    let out = ns.run("sysctl", &["-w", "net.ipv4.ip_forward=1"]);
+    assert!(
+        out.status.success(),
+        "sysctl in {}: {}",
+        ns.name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A LAN namespace behind `gateway`: a veth from `gateway` (`gateway_cidr`,
+/// e.g. "198.18.200.1/24") to the new namespace (`host_cidr`), the host's
+/// default route pointing at the gateway, and the gateway forwarding.
+pub fn lan_behind(gateway: &Netns, gateway_cidr: &str, host_cidr: &str, tag: &str) -> Netns {
+    let lan = Netns::new(tag);
+    link(gateway, gateway_cidr, &lan, host_cidr);
+    let via = gateway_cidr.split('/').next().expect("gateway address");
+    lan.ip(&["route", "add", "default", "via", via]);
+    forward(gateway);
+    lan
+}

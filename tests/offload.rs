@@ -1,0 +1,242 @@
+//! TUN offloads (issue #16), end to end in network namespaces: an
+//! original-protocol peer (1500-byte tun, `legacy_mtu`) receives only
+//! packets that fit, a large non-TCP packet with DF to it is answered with
+//! ICMP "fragmentation needed", and TCP between our clients and to a host
+//! beyond the server arrives intact while riding super-packets.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use common::vpn::*;
+use common::{require_root, wait_until};
+use simplevpn::offload::checksums_ok;
+
+const A: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+const B: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 3);
+const SHORT: Duration = Duration::from_millis(300);
+
+/// A TCP/IPv4 packet from `source` to `destination` with `payload` and
+/// correct checksums (IP header and TCP).
+fn tcp_packet(source: Ipv4Addr, destination: Ipv4Addr, seq: u32, payload: &[u8]) -> Vec<u8> {
+    let total = (40 + payload.len()) as u16;
+    let mut p = vec![0x45, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 7, 0x40, 0, 64, 6, 0, 0]);
+    p.extend_from_slice(&source.octets());
+    p.extend_from_slice(&destination.octets());
+    p.extend_from_slice(&[0x9c, 0x40, 0x13, 0x89]);
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+    p.extend_from_slice(payload);
+    let ip_sum = internet_checksum(&p[..20], 0);
+    p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+    let mut pseudo = 0u64;
+    for w in p[12..20].chunks(2) {
+        pseudo += u64::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    pseudo += 6 + (p.len() - 20) as u64;
+    let tcp_sum = internet_checksum(&p[20..], pseudo);
+    p[36..38].copy_from_slice(&tcp_sum.to_be_bytes());
+    assert!(checksums_ok(&p));
+    p
+}
+
+fn internet_checksum(bytes: &[u8], initial: u64) -> u16 {
+    let mut acc = initial;
+    for w in bytes.chunks(2) {
+        acc += u64::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+    }
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+/// The next whole IP packet from a raw peer (framed by its own length).
+fn next_packet(peer: &mut RawPeer) -> Vec<u8> {
+    let mut packet = peer.recv(4, STARTUP);
+    let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
+    assert!(total >= 20, "not a packet: {packet:02x?}");
+    packet.extend(peer.recv(total - 4, STARTUP));
+    packet
+}
+
+#[test]
+fn an_original_protocol_peer_gets_only_packets_that_fit() {
+    if !require_root("an_original_protocol_peer_gets_only_packets_that_fit") {
+        return;
+    }
+    let bed = Bed::new("offleg", 3);
+    let server = bed.start_server(&[]);
+    // Our own plaintext client is an original-protocol peer too; it turns
+    // its tun's offloads off (the kernel segments), as its unprivileged
+    // user, and carries TCP to the server's host intact.
+    let plain = bed.start_client(2, &["-a", "198.19.0.9"]);
+    tcp_round_trip(&bed.clients[2], &bed.server, SERVER_TUNNEL, 5003, 4 << 20);
+    assert!(
+        !plain.log().contains("tun offloads not changed"),
+        "{}",
+        plain.log()
+    );
+    let mut a = bed.raw_peer(0);
+    let mut b = bed.raw_peer(1);
+    assert_eq!(a.ask(&dynamic_request()), grant_16(A));
+    assert_eq!(b.ask(&dynamic_request()), grant_16(B));
+
+    // A 4,000-byte TCP packet (the original protocol takes any size on the
+    // wire) reaches B cut into segments of at most 1500 bytes, each with
+    // correct checksums, in sequence, carrying the same bytes.
+    let payload: Vec<u8> = (0..3960u32).map(|i| (i * 13 % 251) as u8).collect();
+    a.send(&tcp_packet(A, B, 1_000_000, &payload));
+    let mut got = Vec::new();
+    while got.len() < payload.len() {
+        let segment = next_packet(&mut b);
+        assert!(
+            segment.len() <= 1500,
+            "{} bytes to a 1500-byte peer",
+            segment.len()
+        );
+        assert!(checksums_ok(&segment), "bad checksum: {segment:02x?}");
+        let seq = u32::from_be_bytes(segment[24..28].try_into().expect("seq"));
+        assert_eq!(seq as usize, 1_000_000 + got.len(), "out of sequence");
+        got.extend_from_slice(&segment[40..]);
+    }
+    assert_eq!(got, payload);
+
+    // A 3,000-byte UDP datagram with DF cannot be cut: A gets ICMP
+    // "fragmentation needed" with the next-hop MTU 1500; B gets nothing.
+    let udp = udp_packet(A, B, &[0x5a; 2972]);
+    assert_eq!(udp.len(), 3000);
+    a.send(&udp);
+    let icmp = next_packet(&mut a);
+    assert_eq!(icmp[9], 1, "not ICMP: {icmp:02x?}");
+    assert_eq!(&icmp[12..16], &B.octets(), "from the packet's destination");
+    assert_eq!(&icmp[16..20], &A.octets(), "to its source");
+    assert_eq!((icmp[20], icmp[21]), (3, 4), "type 3 code 4");
+    assert_eq!(u16::from_be_bytes([icmp[26], icmp[27]]), 1500);
+    assert!(checksums_ok(&icmp));
+    assert_eq!(&icmp[28..48], &udp[..20], "quotes the packet");
+    b.expect_silence(SHORT);
+
+    // Without DF it is fragmented as a router would: every piece fits.
+    let mut no_df = udp.clone();
+    no_df[6] = 0;
+    no_df[10..12].fill(0);
+    let sum = internet_checksum(&no_df[..20], 0);
+    no_df[10..12].copy_from_slice(&sum.to_be_bytes());
+    a.send(&no_df);
+    let mut data = Vec::new();
+    loop {
+        let piece = next_packet(&mut b);
+        assert!(piece.len() <= 1500);
+        assert_eq!(internet_checksum(&piece[..20], 0), 0);
+        let word = u16::from_be_bytes([piece[6], piece[7]]);
+        assert_eq!(usize::from(word & 0x1fff) * 8, data.len());
+        data.extend_from_slice(&piece[20..]);
+        if word & 0x2000 == 0 {
+            break;
+        }
+    }
+    assert_eq!(data, &udp[20..]);
+
+    // The server's own host learns the path MTU from the error too: a
+    // ping with DF too big for B leaves "mtu 1500" in its route cache.
+    let ping = bed.server.run(
+        "ping",
+        &[
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-M",
+            "do",
+            "-s",
+            "3000",
+            &B.to_string(),
+        ],
+    );
+    assert!(
+        !ping.status.success(),
+        "a 3,028-byte ping with DF got through"
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || {
+            let route = bed.server.ip(&["route", "get", &B.to_string()]);
+            String::from_utf8_lossy(&route.stdout).contains("mtu 1500")
+        }),
+        "no path MTU learned: {}\n{}",
+        String::from_utf8_lossy(&bed.server.ip(&["route", "get", &B.to_string()]).stdout),
+        server.log()
+    );
+    b.expect_silence(SHORT);
+}
+
+/// The value of `simplevpn_super_packets_total{way="WAY"}` in `body`.
+fn super_packets(body: &str, way: &str) -> u64 {
+    let prefix = format!("simplevpn_super_packets_total{{way=\"{way}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in\n{body}"))
+}
+
+#[test]
+fn tcp_between_our_clients_and_beyond_the_server_rides_super_packets_intact() {
+    if !require_root("tcp_between_our_clients_and_beyond_the_server_rides_super_packets_intact") {
+        return;
+    }
+    let bed = Bed::new("offtls", 2);
+    let lan = lan_behind(&bed.server, "198.18.200.1/24", "198.18.200.2/24", "offlan");
+    let lan_host = Ipv4Addr::new(198, 18, 200, 2);
+    let (server_key, server_pub) = keygen(&bed, "server");
+    let (a_key, a_pub) = keygen(&bed, "a");
+    let (b_key, b_pub) = keygen(&bed, "b");
+    let metrics = SocketAddr::from(([198, 18, 1, 1], 9102));
+    let server = bed.start_server(&[
+        "--key",
+        &server_key,
+        "--peer",
+        &a_pub,
+        "--peer",
+        &b_pub,
+        "--route",
+        "198.18.200.0/24",
+        "--metrics",
+        &metrics.to_string(),
+    ]);
+    let a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
+    let _b = bed.start_client(1, &tls_client_args(&b_key, &server_pub));
+    let (a_ns, b_ns) = (&bed.clients[0], &bed.clients[1]);
+    let a_addr = Ipv4Addr::new(198, 19, 0, 2);
+    let b_addr = Ipv4Addr::new(198, 19, 0, 3);
+    assert!(
+        wait_until(STARTUP, || {
+            String::from_utf8_lossy(&a_ns.ip(&["-4", "route", "show"]).stdout)
+                .contains("198.18.200.0/24")
+        }),
+        "route to the LAN not pushed:\n{}",
+        a.log()
+    );
+
+    // Between two clients, to a host beyond the server on a 1500-byte
+    // path, and from it: every byte arrives (tcp_round_trip compares).
+    tcp_round_trip(a_ns, b_ns, b_addr, 5000, 8 << 20);
+    tcp_round_trip(a_ns, &lan, lan_host, 5001, 8 << 20);
+    tcp_round_trip(&lan, a_ns, a_addr, 5002, 8 << 20);
+    // The TLS clients turned their tun's offloads on, unprivileged.
+    assert!(!a.log().contains("tun offloads not changed"), "{}", a.log());
+
+    // And they rode super-packets: from clients, out of the server's tun,
+    // and queued whole for a client.
+    let (status, body) = scrape(&bed.server, metrics);
+    assert!(status.contains("200"), "{status}");
+    for way in ["from_client", "from_tun", "to_client_whole"] {
+        assert!(
+            super_packets(&body, way) > 0,
+            "no super-packets {way}:\n{body}\n{}",
+            server.log()
+        );
+    }
+}
