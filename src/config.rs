@@ -75,6 +75,8 @@ pub struct ConfigFile {
     pub client: Option<ClientSection>,
     pub control: Option<ControlSection>,
     pub metrics: Option<MetricsSection>,
+    /// Several servers of one network (a server's; see [`crate::cluster`]).
+    pub cluster: Option<crate::cluster::config::ClusterSection>,
 }
 
 /// `[metrics]`: the Prometheus endpoint (a server's).
@@ -320,6 +322,8 @@ pub struct ServerConfig {
     pub dns: Vec<IpAddr>,
     /// Pushed DNS search domains.
     pub dns_search: Vec<String>,
+    /// Shared state in etcd; `None`: this server alone, state in SQLite.
+    pub cluster: Option<crate::cluster::config::ClusterConfig>,
 }
 
 impl ServerConfig {
@@ -354,6 +358,7 @@ impl ServerConfig {
         differs("state_dir", self.state_dir != new.state_dir);
         differs("lease_time", self.lease_time != new.lease_time);
         differs("metrics", self.metrics != new.metrics);
+        differs("cluster", self.cluster != new.cluster);
         fields
     }
 
@@ -458,13 +463,17 @@ pub fn config_file(explicit: Option<&Path>) -> Result<ConfigFile, ConfigError> {
 pub fn server_settings(
     server: Option<ServerSection>,
     metrics: Option<MetricsSection>,
+    cluster: Option<crate::cluster::config::ClusterSection>,
     flags: ServerSection,
 ) -> Result<ServerConfig, ConfigError> {
     let file = ServerSection {
         metrics: metrics.and_then(|m| m.listen),
         ..server.unwrap_or_default()
     };
-    file.overridden_by(flags).resolve()
+    Ok(ServerConfig {
+        cluster: cluster.map(|c| c.resolve()).transpose()?,
+        ..file.overridden_by(flags).resolve()?
+    })
 }
 
 /// Where a server's settings came from: the config file (the default one
@@ -479,7 +488,7 @@ impl ServerSource {
     /// Reads the file again and applies the same flags.
     pub fn load(&self) -> Result<ServerConfig, ConfigError> {
         let file = config_file(self.file.as_deref())?;
-        server_settings(file.server, file.metrics, self.flags.clone())
+        server_settings(file.server, file.metrics, file.cluster, self.flags.clone())
     }
 }
 
@@ -616,6 +625,7 @@ impl ServerSection {
             forwarding: self.forwarding.unwrap_or(false),
             dns,
             dns_search,
+            cluster: None,
             key: self.key,
             state_dir: match self.state_dir {
                 Some(dir) if dir.as_os_str().is_empty() => {

@@ -240,7 +240,7 @@ impl Cli {
                     state_dir: self.state_dir.clone(),
                     ..ServerSection::from(args)
                 };
-                let config = server_settings(file.server, file.metrics, flags.clone())?;
+                let config = server_settings(file.server, file.metrics, file.cluster.clone(), flags.clone())?;
                 source = Some(ServerSource {
                     file: self.config.clone(),
                     flags,
@@ -263,7 +263,7 @@ impl Cli {
                         file: self.config.clone(),
                         flags: flags.clone(),
                     });
-                    Role::Server(server_settings(Some(server), file.metrics, flags)?)
+                    Role::Server(server_settings(Some(server), file.metrics, file.cluster, flags)?)
                 }
                 (None, Some(client)) => Role::Client(client.resolve()?),
                 (Some(_), Some(_)) => return Err(ConfigError::new(

@@ -3,6 +3,7 @@
 mod admission;
 pub mod cli;
 pub mod client;
+mod cluster;
 pub mod control;
 mod dialer;
 mod events;
@@ -89,6 +90,8 @@ pub enum DaemonError {
     TunFailed(String),
     #[error("{0}")]
     State(#[from] crate::state::StoreError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::etcd::EtcdError),
     #[error("metrics: cannot listen on {address}: {source}")]
     Metrics {
         address: SocketAddr,

@@ -733,6 +733,28 @@ impl PeerTable {
         Some(peer.info(address))
     }
 
+    /// Refuses `who` until `until` (a ban made on another server of the
+    /// cluster) and closes its connections here; returns them.
+    pub fn ban_who(&self, who: Banned, until: SystemTime) -> Vec<PeerInfo> {
+        let mut table = self.write();
+        let closed = table
+            .peers
+            .iter()
+            .filter(|(_, p)| Banned::of(&p.identity, p.remote.ip()) == who)
+            .map(|(address, peer)| {
+                peer.kick.cancel();
+                peer.info(*address)
+            })
+            .collect();
+        table.bans.insert(who, until);
+        closed
+    }
+
+    /// Whether `address` is free in this server's pool.
+    pub fn is_free(&self, address: Ipv4Addr) -> bool {
+        self.read().pool.is_free(address)
+    }
+
     /// How much longer `who` stays banned at `now`, if it is.
     pub fn ban_remaining(&self, who: &Banned, now: SystemTime) -> Option<Duration> {
         let table = self.read();

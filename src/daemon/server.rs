@@ -48,6 +48,7 @@ use super::notify;
 use super::peers::{Banned, Delivery, Granted, Peer, PeerInfo, PeerTable};
 use super::{ControlOptions, DaemonError};
 use crate::budget::MemoryBudget;
+use crate::cluster::{Cluster, ClusterHooks};
 use crate::config::{check_peers, ConfigError, PeerSection, ServerConfig, ServerSource};
 use crate::connection::{self, write_frames, FrameReader, ReadError};
 use crate::daemon::tun::{AsyncTun, TunHealth};
@@ -101,6 +102,8 @@ struct Shared {
     offer: Offer,
     /// What the helper changed on the host beyond the tun.
     host_changes: Vec<String>,
+    /// The cluster this server belongs to, if any (see [`super::cluster`]).
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Shared {
@@ -153,8 +156,12 @@ impl Shared {
             .collect()
     }
 
-    /// Keeps `lease` in the store (the table already holds it).
+    /// Keeps `lease` in the store (the table already holds it); in a
+    /// cluster, etcd holds the leases instead.
     fn keep_lease(&self, lease: &Lease) {
+        if self.cluster.is_some() {
+            return;
+        }
         if let Err(e) = self.store.put_lease(lease) {
             warn!(error = %e, address = %lease.address, "lease not kept across restarts");
         }
@@ -225,7 +232,18 @@ pub async fn run(
     let store = SqliteStore::open_dir(&config.state_dir)?;
     let now = SystemTime::now();
     store.expire(now)?;
-    let (leases, bans) = (store.leases(now)?, store.bans(now)?);
+    let (mut leases, mut bans) = (store.leases(now)?, store.bans(now)?);
+    // In a cluster the address leases and bans are etcd's.
+    let cluster = match &config.cluster {
+        Some(cluster) => {
+            let public = key.as_ref().map(|k| k.public());
+            let cluster = Cluster::join(cluster.clone(), config.network, public).await?;
+            leases.clear();
+            bans = cluster.bans(now);
+            Some(cluster)
+        }
+        None => None,
+    };
     let live = fitting_live(&config, store.peers()?);
     info!(
         path = %store.path().display(),
@@ -283,7 +301,11 @@ pub async fn run(
         fixed,
         MemoryBudget::new(config.memory_budget),
     );
-    peers.restore(leases, bans, config.lease_time);
+    let lease_time = match &config.cluster {
+        Some(cluster) => cluster.lease_ttl,
+        None => config.lease_time,
+    };
+    peers.restore(leases, bans, lease_time);
     let (admin, mut admin_requests) = mpsc::channel(8);
     let shared = Arc::new(Shared {
         current: RwLock::new(Arc::new(config.clone())),
@@ -310,6 +332,7 @@ pub async fn run(
             gateway: config.gateway,
         },
         host_changes,
+        cluster,
         config,
     });
     info!(
@@ -338,6 +361,10 @@ pub async fn run(
         shutdown.clone(),
     ));
     tasks.spawn(tun_reader(tun, shared.clone(), shutdown.clone()));
+    if let Some(cluster) = shared.cluster.clone() {
+        let hooks: Arc<dyn ClusterHooks> = shared.clone();
+        tasks.spawn(cluster.maintain(hooks, shutdown.clone()));
+    }
     let mut summaries = tokio::time::interval(Duration::from_secs(1));
     summaries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tun_failure = None;
@@ -604,7 +631,12 @@ async fn connection(
         match session.on_frame(now, frame) {
             Action::None => {}
             Action::Reply(control) => send(&peer, control),
-            Action::Admit(request) => match shared.peers.admit(request, &peer) {
+            Action::Admit(request) => match match &shared.cluster {
+                Some(cluster) => {
+                    super::cluster::admit(cluster, &shared.peers, request, &peer).await
+                }
+                None => shared.peers.admit(request, &peer),
+            } {
                 Ok(Granted { address, replaced }) => {
                     session.granted(now, address);
                     pending = None;
@@ -651,6 +683,9 @@ async fn connection(
     let address = session.address();
     if let Some(lease) = address.and_then(|a| shared.peers.remove(a, peer.id)) {
         shared.keep_lease(&lease);
+    }
+    if let (Some(cluster), Some(address)) = (&shared.cluster, address) {
+        super::cluster::released(cluster, &shared.peers, &peer, address).await;
     }
     shared
         .metrics
@@ -856,8 +891,13 @@ impl Node for Shared {
                 let peer = self.peers.ban(address, until);
                 if let Some(peer) = &peer {
                     let who = Banned::of(&peer.identity, peer.remote.ip());
-                    if let Err(e) = self.store.put_ban(&Ban { who, until }) {
-                        warn!(error = %e, "ban not kept across restarts");
+                    match &self.cluster {
+                        Some(cluster) => cluster.share_ban(Ban { who, until }),
+                        None => {
+                            if let Err(e) = self.store.put_ban(&Ban { who, until }) {
+                                warn!(error = %e, "ban not kept across restarts");
+                            }
+                        }
                     }
                 }
                 peer
@@ -891,6 +931,16 @@ impl Node for Shared {
             .iter()
             .map(|p| (p.clone(), connected.get(&p.section.key).copied()))
             .collect())
+    }
+}
+
+impl ClusterHooks for Shared {
+    fn lost(&self, address: Ipv4Addr, holder: &crate::cluster::leases::Holder) {
+        super::cluster::lost(&self.peers, &self.events, address, holder);
+    }
+
+    fn banned(&self, ban: Ban) {
+        super::cluster::banned(&self.peers, &self.events, ban);
     }
 }
 
