@@ -233,8 +233,10 @@ impl PeerSection {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientSection {
-    /// HOST or HOST:PORT.
-    pub server: Option<String>,
+    /// HOST or HOST:PORT, or a list of them (servers of one cluster).
+    pub server: Option<Servers>,
+    /// Which server of the list is tried first.
+    pub server_order: Option<ServerOrder>,
     /// A static address to ask for; dynamic when absent.
     pub address: Option<Ipv4Addr>,
     pub tun: Option<String>,
@@ -389,11 +391,40 @@ impl Legacy {
     }
 }
 
+/// `server` as written: one server, or several (`server = ["a", "b"]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Servers {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<&str> for Servers {
+    fn from(server: &str) -> Servers {
+        Servers::One(server.to_string())
+    }
+}
+
+/// In which order a client tries the servers it lists; after a failure it
+/// goes on to the next either way.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerOrder {
+    /// The first listed first.
+    #[default]
+    First,
+    /// A random one first (spreads clients over the servers).
+    Random,
+}
+
 /// What the client runs with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
-    /// HOST:PORT, resolved at every connect.
+    /// The servers, as written (for logs and status): `HOST:PORT[, ...]`.
     pub server: String,
+    /// Each server as HOST:PORT, resolved at every connect; at least one.
+    pub servers: Vec<String>,
+    pub server_order: ServerOrder,
     pub address: Option<Ipv4Addr>,
     pub tun: String,
     pub prefix: u8,
@@ -893,6 +924,7 @@ impl ClientSection {
     pub fn overridden_by(self, flags: ClientSection) -> ClientSection {
         ClientSection {
             server: flags.server.or(self.server),
+            server_order: flags.server_order.or(self.server_order),
             address: flags.address.or(self.address),
             tun: flags.tun.or(self.tun),
             prefix: flags.prefix.or(self.prefix),
@@ -912,15 +944,24 @@ impl ClientSection {
 
     /// Fills in the defaults and checks every value.
     pub fn resolve(self) -> Result<ClientConfig, ConfigError> {
-        let server = match self.server.as_deref().map(str::trim) {
-            None | Some("") => {
-                return Err(ConfigError::new(
-                    "server",
-                    "missing: give --server HOST[:PORT] or server = \"HOST:PORT\" in [client]",
-                ))
-            }
-            Some(server) => with_default_port(server)?,
+        let listed = match self.server {
+            None => Vec::new(),
+            Some(Servers::One(server)) => vec![server],
+            Some(Servers::Many(servers)) => servers,
         };
+        let servers = listed
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(with_default_port)
+            .collect::<Result<Vec<_>, _>>()?;
+        if servers.is_empty() {
+            return Err(ConfigError::new(
+                "server",
+                "missing: give --server HOST[:PORT] or server = \"HOST:PORT\" in [client]",
+            ));
+        }
+        let server = servers.join(", ");
         let prefix = self.prefix.unwrap_or(DEFAULT_PREFIX);
         if !TUNNEL_PREFIX.contains(&prefix) {
             return Err(ConfigError::new(
@@ -967,6 +1008,8 @@ impl ClientSection {
             fail_open: self.fail_open.unwrap_or(false),
             dns: self.dns.unwrap_or_default(),
             server,
+            servers,
+            server_order: self.server_order.unwrap_or_default(),
             address: self.address,
             tun: tun_name(self.tun)?,
             prefix,
@@ -1389,6 +1432,32 @@ mod tests {
         assert!(ControlSection::default()
             .resolve(Some(PathBuf::from("")))
             .is_err());
+    }
+
+    #[test]
+    fn a_client_lists_several_servers_and_the_order_to_try_them() {
+        let client = |text: &str| parse(text).map(|f| f.client.expect("client").resolve());
+        let config = client(
+            "[client]\nserver = [\"198.18.1.1\", \"198.18.2.1:7000\"]\nserver_order = \"random\"\n",
+        )
+        .expect("parse")
+        .expect("valid");
+        assert_eq!(config.servers, ["198.18.1.1:2002", "198.18.2.1:7000"]);
+        assert_eq!(config.server_order, ServerOrder::Random);
+        let one = client("[client]\nserver = \"198.18.1.1\"\n")
+            .expect("parse")
+            .expect("valid");
+        assert_eq!(one.servers, ["198.18.1.1:2002"]);
+        assert_eq!(one.server_order, ServerOrder::First);
+        let err = client("[client]\nserver = []\n")
+            .expect("parse")
+            .expect_err("no server");
+        assert_eq!(err.field, "server");
+        let err = client("[client]\nserver = [\"198.18.1.1:x\"]\n")
+            .expect("parse")
+            .expect_err("bad port");
+        assert_eq!(err.field, "server");
+        assert!(client("[client]\nserver = \"a\"\nserver_order = \"roundrobin\"\n").is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::etcd::Etcd;
+use common::vpn::*;
 use common::*;
 use simplevpn::cluster::etcd::Etcd as Client;
 use simplevpn::cluster::leases::{Claimant, Leases, Wanted};
@@ -76,4 +77,328 @@ fn two_servers_granting_at_once_never_hand_out_one_address_twice() {
         !distinct.contains(&Ipv4Addr::new(198, 19, 0, 1)),
         "the servers' own address"
     );
+}
+
+/// Two cluster servers and their etcd, each in a namespace:
+/// - etcd on 198.18.90.1 (a /32 on its namespace's lo), reached by s1 over
+///   198.18.91.0/24 and by s2 over 198.18.92.0/24;
+/// - client namespace c1 reaches s1 at 198.18.1.1 and s2 at 198.18.3.1,
+///   c2 reaches s2 at 198.18.2.1.
+///
+/// Both servers share one key (a client pins it and lists both) and allow
+/// the client keys `keys`; they also serve the original protocol.
+struct Bed2 {
+    // Namespaces first: dropped last, after the daemons.
+    etcd_ns: Netns,
+    s: [Netns; 2],
+    c: [Netns; 2],
+    dir: std::path::PathBuf,
+    etcd: Etcd,
+    server_key: (String, String),
+    keys: Vec<(String, String)>,
+}
+
+const ETCD_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 18, 90, 1);
+const LEASE_TTL: u64 = 6;
+
+impl Bed2 {
+    fn new(tag: &str) -> Bed2 {
+        let etcd_ns = Netns::new(&format!("{tag}e"));
+        let s = [
+            Netns::new(&format!("{tag}s1")),
+            Netns::new(&format!("{tag}s2")),
+        ];
+        let c = [
+            Netns::new(&format!("{tag}c1")),
+            Netns::new(&format!("{tag}c2")),
+        ];
+        etcd_ns.ip(&["addr", "add", "198.18.90.1/32", "dev", "lo"]);
+        for (i, server) in s.iter().enumerate() {
+            let n = 91 + i;
+            link(
+                &etcd_ns,
+                &format!("198.18.{n}.1/24"),
+                server,
+                &format!("198.18.{n}.2/24"),
+            );
+            server.ip(&[
+                "route",
+                "add",
+                "198.18.90.1/32",
+                "via",
+                &format!("198.18.{n}.1"),
+            ]);
+        }
+        link(&s[0], "198.18.1.1/24", &c[0], "198.18.1.2/24");
+        link(&s[1], "198.18.3.1/24", &c[0], "198.18.3.2/24");
+        link(&s[1], "198.18.2.1/24", &c[1], "198.18.2.2/24");
+        let dir = std::env::temp_dir().join(format!("{}-dir", etcd_ns.name()));
+        std::fs::create_dir_all(&dir).expect("bed directory");
+        let etcd = Etcd::start(&etcd_ns, ETCD_ADDRESS);
+        let keygen = |name: &str| {
+            keygen_at(
+                dir.join(format!("{name}.key"))
+                    .to_str()
+                    .expect("utf-8")
+                    .to_string(),
+            )
+        };
+        let server_key = keygen("server");
+        let keys = (0..3).map(|i| keygen(&format!("client{i}"))).collect();
+        Bed2 {
+            etcd_ns,
+            s,
+            c,
+            dir,
+            etcd,
+            server_key,
+            keys,
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_str().expect("utf-8").to_string()
+    }
+
+    fn socket(&self, server: usize) -> String {
+        self.path(&format!("s{}.sock", server + 1))
+    }
+
+    /// Starts server `i` (0 or 1) and waits until it has joined and serves.
+    fn server(&self, i: usize) -> Daemon {
+        let config = self.path(&format!("s{}.toml", i + 1));
+        let advertise = ["198.18.1.1:2002", "198.18.2.1:2002"][i];
+        std::fs::write(
+            &config,
+            format!(
+                "[cluster]\netcd = [\"{}\"]\nnode = \"s{}\"\nadvertise = \"{advertise}\"\nlease_ttl = {LEASE_TTL}\n",
+                self.etcd.url,
+                i + 1
+            ),
+        )
+        .expect("config");
+        let (socket, state) = (self.socket(i), self.path(&format!("state{}", i + 1)));
+        let mut args = vec![
+            "server",
+            "--config",
+            &config,
+            "--network",
+            NETWORK,
+            "--control",
+            &socket,
+            "--state-dir",
+            &state,
+            "--user",
+            "nobody",
+            "--key",
+            &self.server_key.0,
+            "--legacy",
+        ];
+        for (_, public) in &self.keys {
+            args.extend_from_slice(&["--peer", public]);
+        }
+        let server = self.s[i].spawn_env(SIMPLEVPND, &args, &[("RUST_LOG", "info")]);
+        assert!(
+            server.wait_for_log("server ready", STARTUP),
+            "server {i} did not start:\n{}",
+            server.log()
+        );
+        assert!(
+            server.log().contains("joined the cluster"),
+            "{}",
+            server.log()
+        );
+        server
+    }
+
+    /// Starts a TLS client with key `key` in namespace `ns`, listing
+    /// `servers`, and waits for its grant; returns it and its address.
+    fn client(&self, ns: usize, key: usize, servers: &[&str]) -> (Daemon, Ipv4Addr) {
+        let socket = self.path(&format!("client{key}.sock"));
+        let mut args = vec!["client", "--control", &socket, "--user", "nobody"];
+        for server in servers {
+            args.extend_from_slice(&["-s", server]);
+        }
+        args.extend_from_slice(&[
+            "--key",
+            &self.keys[key].0,
+            "--server-key",
+            &self.server_key.1,
+        ]);
+        let client = self.c[ns].spawn(SIMPLEVPND, &args);
+        assert!(
+            client.wait_for_log("granted", STARTUP),
+            "client {key} got no grant:\n{}",
+            client.log()
+        );
+        let address = tun_address(&self.c[ns]).expect("the tun has the granted address");
+        (client, address)
+    }
+}
+
+impl Drop for Bed2 {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The tunnel address of the tun in `ns`, once it has one.
+fn tun_address(ns: &Netns) -> Option<Ipv4Addr> {
+    let mut found = None;
+    wait_until(STARTUP, || {
+        found = ns.ipv4_addrs(TUN).first().map(|(a, _)| *a);
+        found.is_some()
+    });
+    found
+}
+
+/// How many times `needle` is in the daemon's log.
+fn count(daemon: &Daemon, needle: &str) -> usize {
+    daemon.log().matches(needle).count()
+}
+
+/// The addresses `svpnctl --json peers` lists on a server.
+fn listed(socket: &str) -> Vec<Ipv4Addr> {
+    svpnctl_json(socket, &["peers"])
+        .as_array()
+        .map(|peers| {
+            peers
+                .iter()
+                .filter_map(|p| p["address"].as_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn two_servers_serve_one_network_and_a_client_fails_over_keeping_its_address() {
+    if !require_root("two_servers_serve_one_network_and_a_client_fails_over_keeping_its_address") {
+        return;
+    }
+    let bed = Bed2::new("clfail");
+    let mut s1 = bed.server(0);
+    let s2 = bed.server(1);
+    // a in c1 lists both servers (s1 first), b in c2 only s2.
+    let (a, a_address) = bed.client(0, 0, &["198.18.1.1", "198.18.3.1"]);
+    let (_b, b_address) = bed.client(1, 1, &["198.18.2.1"]);
+    assert_ne!(a_address, b_address, "one network, distinct addresses");
+    assert_eq!(listed(&bed.socket(0)), [a_address]);
+    assert_eq!(listed(&bed.socket(1)), [b_address]);
+
+    // s1 dies without a word: a goes on to s2 and gets its address back
+    // (the lease moves: it has not expired yet).
+    let killed = std::time::Instant::now();
+    s1.kill();
+    assert!(
+        wait_until(Duration::from_secs(30), || count(&a, "granted") >= 2),
+        "a was not granted again within 30 s:\n{}",
+        a.log()
+    );
+    let took = killed.elapsed();
+    assert!(
+        s2.log().contains(&format!("granted {a_address}")),
+        "s2 granted a its old address:\n{}",
+        s2.log()
+    );
+    assert_eq!(tun_address(&bed.c[0]), Some(a_address));
+    let mut now_on_s2 = listed(&bed.socket(1));
+    now_on_s2.sort();
+    let mut both = vec![a_address, b_address];
+    both.sort();
+    assert_eq!(now_on_s2, both);
+    eprintln!("failover took {took:?}");
+    // Traffic between a and b, both on s2 now.
+    tcp_round_trip(&bed.c[0], &bed.c[1], b_address, 7001, 100_000);
+    tcp_round_trip(&bed.c[1], &bed.c[0], a_address, 7002, 100_000);
+}
+
+#[test]
+fn a_ban_made_on_one_server_holds_on_the_other_within_two_seconds() {
+    if !require_root("a_ban_made_on_one_server_holds_on_the_other_within_two_seconds") {
+        return;
+    }
+    let bed = Bed2::new("clban");
+    let _s1 = bed.server(0);
+    let s2 = bed.server(1);
+    let (a, a_address) = bed.client(0, 0, &["198.18.1.1", "198.18.3.1"]);
+    let out = svpnctl(
+        &bed.socket(0),
+        &["kick", "--ban", "60s", &a_address.to_string()],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let banned = std::time::Instant::now();
+    // a tries s2 next (a second later): s2 refuses it as banned.
+    assert!(
+        wait_until(Duration::from_secs(5), || s2.log().contains("banned for")),
+        "s2 did not refuse a as banned:\n{}\n{}",
+        s2.log(),
+        a.log()
+    );
+    assert!(
+        banned.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        banned.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        listed(&bed.socket(1)).is_empty(),
+        "a was granted on s2:\n{}",
+        s2.log()
+    );
+    assert_eq!(count(&a, "granted"), 1, "{}", a.log());
+}
+
+#[test]
+fn without_etcd_sessions_go_on_and_new_grants_are_refused_until_it_is_back() {
+    if !require_root("without_etcd_sessions_go_on_and_new_grants_are_refused_until_it_is_back") {
+        return;
+    }
+    let mut bed = Bed2::new("cletcd");
+    let s2 = bed.server(1);
+    // Both clients on s2 (a through its second link).
+    let (_a, a_address) = bed.client(0, 0, &["198.18.3.1"]);
+    let (_b, b_address) = bed.client(1, 1, &["198.18.2.1"]);
+    bed.etcd.stop();
+    assert!(
+        s2.wait_for_log("etcd unreachable", Duration::from_secs(2 * LEASE_TTL + 5)),
+        "{}",
+        s2.log()
+    );
+    // Established sessions and forwarding go on.
+    tcp_round_trip(&bed.c[0], &bed.c[1], b_address, 7003, 50_000);
+    tcp_round_trip(&bed.c[1], &bed.c[0], a_address, 7004, 50_000);
+    // A new client is refused, and the log says why.
+    let ask = |bed: &Bed2| {
+        let mut stream = bed.c[1]
+            .tcp_connect("198.18.2.1:2002".parse().expect("addr"), STARTUP)
+            .expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        std::io::Write::write_all(&mut stream, &dynamic_request()).expect("ask");
+        let mut reply = [0u8; 20];
+        std::io::Read::read_exact(&mut stream, &mut reply).map(|()| reply)
+    };
+    assert!(ask(&bed).is_err(), "granted without etcd");
+    assert!(
+        s2.wait_for_log("etcd) is unreachable", Duration::from_secs(5)),
+        "{}",
+        s2.log()
+    );
+    // etcd back: grants again.
+    bed.etcd.resume(&bed.etcd_ns);
+    assert!(
+        s2.wait_for_log("etcd reachable again", Duration::from_secs(10)),
+        "{}",
+        s2.log()
+    );
+    let reply = ask(&bed).expect("a grant once etcd is back");
+    assert_eq!(&reply[12..16], &[255, 255, 0, 0], "a grant: {reply:02x?}");
+    let granted = Ipv4Addr::new(reply[16], reply[17], reply[18], reply[19]);
+    assert!(granted != a_address && granted != b_address, "{granted}");
 }

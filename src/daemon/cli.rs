@@ -8,8 +8,8 @@ use ipnet::{IpNet, Ipv4Net};
 
 use super::{Role, Settings};
 use crate::config::{
-    config_file, server_settings, ClientSection, ConfigError, DnsMode, PeerSection, ServerSection,
-    ServerSource,
+    config_file, server_settings, ClientSection, ConfigError, DnsMode, PeerSection, ServerOrder,
+    ServerSection, ServerSource, Servers,
 };
 use crate::keys::PublicKey;
 
@@ -136,9 +136,12 @@ pub struct ServerArgs {
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// Server to connect to
+    /// Server to connect to (repeat for the servers of one cluster: the next is tried when one fails)
     #[arg(short = 's', long, value_name = "HOST[:PORT]")]
-    pub server: Option<String>,
+    pub server: Vec<String>,
+    /// Which listed server is tried first [default: first]
+    #[arg(long, value_name = "ORDER")]
+    pub server_order: Option<ServerOrder>,
     /// Ask for this static address (default: any, and the same one again on reconnect)
     #[arg(short = 'a', long, value_name = "IP")]
     pub address: Option<Ipv4Addr>,
@@ -205,7 +208,8 @@ impl From<ServerArgs> for ServerSection {
 impl From<ClientArgs> for ClientSection {
     fn from(args: ClientArgs) -> ClientSection {
         ClientSection {
-            server: args.server,
+            server: (!args.server.is_empty()).then_some(Servers::Many(args.server)),
+            server_order: args.server_order,
             address: args.address,
             tun: args.common.tun,
             timeout: args.timeout,
