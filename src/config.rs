@@ -501,10 +501,15 @@ pub fn server_settings(
         metrics: metrics.and_then(|m| m.listen),
         ..server.unwrap_or_default()
     };
-    Ok(ServerConfig {
-        cluster: cluster.map(|c| c.resolve()).transpose()?,
-        ..file.overridden_by(flags).resolve()?
-    })
+    let config = file.overridden_by(flags).resolve()?;
+    let cluster = cluster.map(|c| c.resolve()).transpose()?;
+    if cluster.is_some() && config.key.is_none() {
+        return Err(ConfigError::new(
+            "cluster",
+            "a cluster server needs a key (key = PATH): the servers authenticate their links with it",
+        ));
+    }
+    Ok(ServerConfig { cluster, ..config })
 }
 
 /// Where a server's settings came from: the config file (the default one

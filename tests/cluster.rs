@@ -81,7 +81,8 @@ fn two_servers_granting_at_once_never_hand_out_one_address_twice() {
 
 /// Two cluster servers and their etcd, each in a namespace:
 /// - etcd on 198.18.90.1 (a /32 on its namespace's lo), reached by s1 over
-///   198.18.91.0/24 and by s2 over 198.18.92.0/24;
+///   198.18.91.0/24 and by s2 over 198.18.92.0/24; the servers link to each
+///   other at 198.18.91.2:2003 and 198.18.92.2:2003, routed by that namespace;
 /// - client namespace c1 reaches s1 at 198.18.1.1 and s2 at 198.18.3.1,
 ///   c2 reaches s2 at 198.18.2.1.
 ///
@@ -113,6 +114,9 @@ impl Bed2 {
             Netns::new(&format!("{tag}c2")),
         ];
         etcd_ns.ip(&["addr", "add", "198.18.90.1/32", "dev", "lo"]);
+        // The etcd namespace also routes between the servers (their links).
+        let forwarding = etcd_ns.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        assert!(forwarding.status.success(), "{forwarding:?}");
         for (i, server) in s.iter().enumerate() {
             let n = 91 + i;
             link(
@@ -124,7 +128,7 @@ impl Bed2 {
             server.ip(&[
                 "route",
                 "add",
-                "198.18.90.1/32",
+                "198.18.88.0/21",
                 "via",
                 &format!("198.18.{n}.1"),
             ]);
@@ -167,7 +171,7 @@ impl Bed2 {
     /// Starts server `i` (0 or 1) and waits until it has joined and serves.
     fn server(&self, i: usize) -> Daemon {
         let config = self.path(&format!("s{}.toml", i + 1));
-        let advertise = ["198.18.1.1:2002", "198.18.2.1:2002"][i];
+        let advertise = ["198.18.91.2:2003", "198.18.92.2:2003"][i];
         std::fs::write(
             &config,
             format!(
@@ -284,6 +288,42 @@ fn two_servers_serve_one_network_and_a_client_fails_over_keeping_its_address() {
     assert_ne!(a_address, b_address, "one network, distinct addresses");
     assert_eq!(listed(&bed.socket(0)), [a_address]);
     assert_eq!(listed(&bed.socket(1)), [b_address]);
+    // Across servers: over their link, both ways, TCP and ping.
+    tcp_round_trip(&bed.c[0], &bed.c[1], b_address, 7000, 200_000);
+    tcp_round_trip(&bed.c[1], &bed.c[0], a_address, 7005, 200_000);
+    let ping = bed.c[0].run(
+        "ping",
+        &["-c", "3", "-i", "0.2", "-W", "2", &b_address.to_string()],
+    );
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+
+    // svpnctl status lists the members and the link s1 dialed to s2.
+    let status = svpnctl_json(&bed.socket(0), &["status"]);
+    let cluster = &status["cluster"];
+    assert_eq!(cluster["node"], "s1", "{status}");
+    assert_eq!(cluster["health"], "reachable", "{status}");
+    let members: Vec<&str> = cluster["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["node"].as_str())
+        .collect();
+    assert_eq!(members, ["s1", "s2"], "{status}");
+    let link = &cluster["links"][0];
+    assert_eq!(link["node"], "s2", "{status}");
+    assert_eq!(link["remote"], "198.18.92.2:2003", "{status}");
+    assert_eq!(link["up"], true, "{status}");
+    assert!(link["tx_packets"].as_u64() > Some(3), "{status}");
+    let text = svpnctl(&bed.socket(0), &["status"], None);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("link") && text.contains("s2 at 198.18.92.2:2003 up"),
+        "{text}"
+    );
 
     // s1 dies without a word: a goes on to s2 and gets its address back
     // (the lease moves: it has not expired yet).
@@ -307,6 +347,21 @@ fn two_servers_serve_one_network_and_a_client_fails_over_keeping_its_address() {
     both.sort();
     assert_eq!(now_on_s2, both);
     eprintln!("failover took {took:?}");
+    // s1's membership ends with its etcd lease.
+    assert!(
+        s2.wait_for_log(
+            "a server left the cluster",
+            Duration::from_secs(LEASE_TTL + 5)
+        ),
+        "{}",
+        s2.log()
+    );
+    let status = svpnctl_json(&bed.socket(1), &["status"]);
+    assert_eq!(
+        status["cluster"]["members"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
     // Traffic between a and b, both on s2 now.
     tcp_round_trip(&bed.c[0], &bed.c[1], b_address, 7001, 100_000);
     tcp_round_trip(&bed.c[1], &bed.c[0], a_address, 7002, 100_000);

@@ -24,7 +24,7 @@ pub mod membership;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::Ipv4Net;
@@ -70,6 +70,10 @@ pub struct Cluster {
     held: Mutex<HashMap<Ipv4Addr, Claimant>>,
     /// This server's public key, published in its membership.
     key: Option<PublicKey>,
+    /// Which server holds each address, and the members by name (the
+    /// watch keeps both current): where packets for other servers' clients go.
+    holders: RwLock<HashMap<Ipv4Addr, String>>,
+    members: RwLock<HashMap<String, Member>>,
     /// Bans seen in the cluster (the watch keeps it current).
     bans: Mutex<HashMap<Banned, SystemTime>>,
     /// Writes made through [`crate::state::StateStore`], for `maintain`.
@@ -117,12 +121,14 @@ impl Cluster {
             held: Mutex::new(HashMap::new()),
             key,
             bans: Mutex::new(HashMap::new()),
+            holders: RwLock::new(HashMap::new()),
+            members: RwLock::new(HashMap::new()),
             writes,
             pending: Mutex::new(Some(pending)),
             config,
         });
         cluster.register().await?;
-        cluster.load_bans().await?;
+        cluster.load().await?;
         cluster.reachable.store(true, Ordering::Relaxed);
         Ok(cluster)
     }
@@ -152,6 +158,62 @@ impl Cluster {
         self.lease.store(lease, Ordering::Relaxed);
         info!(node = %self.config.node, lease, ttl = self.config.lease_ttl.as_secs(), "joined the cluster");
         Ok(())
+    }
+
+    /// Reads the bans, the address holders and the members afresh.
+    async fn load(&self) -> Result<(), EtcdError> {
+        self.load_bans().await?;
+        let holders = self
+            .leases
+            .all()
+            .await?
+            .into_iter()
+            .map(|(address, holder)| (address, holder.node))
+            .collect();
+        *self.holders.write().unwrap_or_else(|e| e.into_inner()) = holders;
+        let members = self
+            .members()
+            .await?
+            .into_iter()
+            .map(|m| (m.node.clone(), m))
+            .collect();
+        *self.members.write().unwrap_or_else(|e| e.into_inner()) = members;
+        Ok(())
+    }
+
+    /// The other server whose client holds `address`, if one does.
+    pub fn holder(&self, address: Ipv4Addr) -> Option<Member> {
+        let holders = self.holders.read().unwrap_or_else(|e| e.into_inner());
+        let node = holders.get(&address)?;
+        if *node == self.config.node {
+            return None;
+        }
+        self.members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .cloned()
+    }
+
+    /// The members as last seen (this one included), by name.
+    pub fn known_members(&self) -> Vec<Member> {
+        let mut members: Vec<Member> = self
+            .members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        members.sort_by(|a, b| a.node.cmp(&b.node));
+        members
+    }
+
+    /// The public keys the members published.
+    pub fn member_keys(&self) -> Vec<String> {
+        self.known_members()
+            .into_iter()
+            .filter_map(|m| m.key)
+            .collect()
     }
 
     async fn load_bans(&self) -> Result<(), EtcdError> {
@@ -416,7 +478,7 @@ impl Cluster {
                 debug!(error = %why, "etcd watch ended; watching again");
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
-            if self.load_bans().await.is_ok() {
+            if self.load().await.is_ok() {
                 let bans: Vec<Ban> = self
                     .bans
                     .lock()
@@ -435,13 +497,43 @@ impl Cluster {
     }
 
     fn apply(&self, change: Change, hooks: &Arc<dyn ClusterHooks>) {
-        let Change::Put { key, value } = change else {
-            return;
+        let members_dir = format!("{}members/", self.prefix);
+        let (key, value) = match change {
+            Change::Put { key, value } => (key, value),
+            Change::Delete { key } => {
+                if let Some(address) = self.leases.address_of(&key) {
+                    self.holders
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&address);
+                } else if let Some(node) = key.strip_prefix(&members_dir) {
+                    info!(node, "a server left the cluster");
+                    self.members
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(node);
+                }
+                return;
+            }
         };
-        if let Some(address) = self.leases.address_of(&key) {
+        if let Some(node) = key.strip_prefix(&members_dir) {
+            if let Ok(member) = serde_json::from_slice::<Member>(&value) {
+                if node != self.config.node {
+                    info!(node, advertise = %member.advertise, "a server joined the cluster");
+                }
+                self.members
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(node.to_string(), member);
+            }
+        } else if let Some(address) = self.leases.address_of(&key) {
             let Some(holder) = Holder::decode(&value) else {
                 return;
             };
+            self.holders
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(address, holder.node.clone());
             if holder.node == self.config.node {
                 return;
             }

@@ -4,15 +4,18 @@
 //! to them, a ban) is applied to the peer table here.
 
 use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tracing::{info, warn};
 
 use super::events::{EventKind, Events};
+use super::links::Links;
 use super::peers::{Granted, Peer, PeerTable};
 use crate::cluster::leases::{ClaimError, Claimant, Holder, Wanted};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Health};
 use crate::pool::Refusal;
+use crate::proto;
 use crate::state::Ban;
 use crate::wire::Request;
 
@@ -89,5 +92,41 @@ pub fn banned(peers: &PeerTable, events: &Events, ban: Ban) {
         let reason = "banned on another server of the cluster";
         info!(addr = %peer.address, remote = %peer.remote, "disconnected: {reason}");
         events.publish(EventKind::Kicked, peer.remote, Some(peer.address), reason);
+    }
+}
+
+/// The cluster as `svpnctl status` shows it.
+pub fn status(cluster: &Cluster, links: Option<&Links>) -> proto::ClusterStatus {
+    proto::ClusterStatus {
+        node: cluster.config().node.clone(),
+        health: match cluster.health() {
+            Health::Reachable => "reachable",
+            Health::Degraded => "degraded",
+        }
+        .into(),
+        members: cluster
+            .known_members()
+            .into_iter()
+            .map(|m| proto::ClusterMember {
+                node: m.node,
+                advertise: m.advertise.to_string(),
+                key: m.key.unwrap_or_default(),
+            })
+            .collect(),
+        links: links
+            .map(Links::links)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|l| proto::ClusterLink {
+                node: l.node,
+                remote: l.remote.to_string(),
+                up: l.up,
+                tx_packets: l.tx_packets,
+                tx_bytes: l.tx_bytes,
+                dropped_queue_full: l.dropped_queue_full,
+            })
+            .collect(),
+        dropped_no_peer: links.map_or(0, |l| l.dropped_no_peer.load(Ordering::Relaxed)),
+        dropped_link_down: links.map_or(0, |l| l.dropped_link_down.load(Ordering::Relaxed)),
     }
 }

@@ -9,6 +9,7 @@ mod dialer;
 mod events;
 pub mod gate;
 pub mod helper;
+mod links;
 mod metrics;
 mod notify;
 mod peers;

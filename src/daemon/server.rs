@@ -43,6 +43,7 @@ use super::control::{self, AdminError, AdminRequest, KickError, Node, ReloadRepo
 use super::events::{EventKind, Events, PeerEvent};
 use super::gate::{merge_peers, Admitted, AllowedPeer, Gate, PeerSource, Rejection};
 use super::helper::{Helper, HelperError};
+use super::links::{LinkDelivery, Links};
 use super::metrics::{self, DropKind, Metrics, Outcome};
 use super::notify;
 use super::peers::{Banned, Delivery, Granted, Peer, PeerInfo, PeerTable};
@@ -104,6 +105,8 @@ struct Shared {
     host_changes: Vec<String>,
     /// The cluster this server belongs to, if any (see [`super::cluster`]).
     cluster: Option<Arc<Cluster>>,
+    /// Its links to the other servers of the cluster.
+    links: Option<Arc<Links>>,
 }
 
 impl Shared {
@@ -306,6 +309,29 @@ pub async fn run(
         None => config.lease_time,
     };
     peers.restore(leases, bans, lease_time);
+    let tls_text = key
+        .as_ref()
+        .map_or("off".to_string(), |k| format!("key {}", k.public()));
+    let (links, link_listener) = match (&cluster, key) {
+        (Some(cluster), Some(key)) => {
+            let advertise = cluster.config().advertise;
+            let listener = listen(advertise).map_err(|source| DaemonError::Bind {
+                address: advertise,
+                source,
+            })?;
+            let links = Links::new(
+                cluster.clone(),
+                key,
+                config.queue_len,
+                config.queue_bytes,
+                peers.budget_handle(),
+                config.max_frame,
+                shutdown.clone(),
+            )?;
+            (Some(Arc::new(links)), Some(listener))
+        }
+        _ => (None, None),
+    };
     let (admin, mut admin_requests) = mpsc::channel(8);
     let shared = Arc::new(Shared {
         current: RwLock::new(Arc::new(config.clone())),
@@ -333,6 +359,7 @@ pub async fn run(
         },
         host_changes,
         cluster,
+        links,
         config,
     });
     info!(
@@ -340,7 +367,7 @@ pub async fn run(
         tun = %tun_name,
         address = %own_address,
         network = %shared.config.network,
-        tls = %key.as_ref().map_or("off".to_string(), |k| format!("key {}", k.public())),
+        tls = %tls_text,
         tls_peers = shared.config.peers.len(),
         legacy = ?shared.config.legacy,
         max_unauthenticated = shared.config.max_unauthenticated,
@@ -364,6 +391,10 @@ pub async fn run(
     if let Some(cluster) = shared.cluster.clone() {
         let hooks: Arc<dyn ClusterHooks> = shared.clone();
         tasks.spawn(cluster.maintain(hooks, shutdown.clone()));
+    }
+    if let (Some(links), Some(listener)) = (shared.links.clone(), link_listener) {
+        let delivery: Arc<dyn LinkDelivery> = shared.clone();
+        tasks.spawn(links.accept(listener, delivery));
     }
     let mut summaries = tokio::time::interval(Duration::from_secs(1));
     summaries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -789,11 +820,24 @@ fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr) {
 /// into the server's tun.
 fn forward(shared: &Shared, destination: Ipv4Addr, packet: Bytes) {
     if let Delivery::NoPeer(packet) = shared.peers.deliver(destination, packet) {
+        // A client of another server of the cluster.
+        let Some(packet) = to_cluster(shared, destination, packet) else {
+            return;
+        };
         if let Err(e) = shared.tun.try_send(&packet) {
             // A full tun queue is a drop; a tun gone for good ends the daemon.
             shared.tun_health.check("write", &e);
             shared.metrics.drops.count(DropKind::TunFull);
         }
+    }
+}
+
+/// Sends `packet` to the server of the cluster whose client holds
+/// `destination`; hands it back if none does (or there is no cluster).
+fn to_cluster(shared: &Shared, destination: Ipv4Addr, packet: Bytes) -> Option<Bytes> {
+    match &shared.links {
+        Some(links) => links.forward(destination, packet),
+        None => Some(packet),
     }
 }
 
@@ -839,7 +883,9 @@ async fn tun_reader(tun: Arc<AsyncTun>, shared: Arc<Shared>, shutdown: Cancellat
         };
         let packet = buf.split_to(len).freeze();
         if let Some((_, destination)) = ipv4_addresses(&packet) {
-            shared.peers.deliver(destination, packet);
+            if let Delivery::NoPeer(packet) = shared.peers.deliver(destination, packet) {
+                to_cluster(&shared, destination, packet);
+            }
         }
     }
 }
@@ -864,6 +910,10 @@ impl Node for Shared {
             closed_for_memory: self.peers.budget().closed(),
             routes: self.served_routes().iter().map(|r| r.to_string()).collect(),
             host_changes: self.host_changes.clone(),
+            cluster: self
+                .cluster
+                .as_ref()
+                .map(|cluster| super::cluster::status(cluster, self.links.as_deref())),
             ..Default::default()
         }
     }
@@ -931,6 +981,12 @@ impl Node for Shared {
             .iter()
             .map(|p| (p.clone(), connected.get(&p.section.key).copied()))
             .collect())
+    }
+}
+
+impl LinkDelivery for Shared {
+    fn table(&self) -> &PeerTable {
+        &self.peers
     }
 }
 
