@@ -148,7 +148,8 @@ impl Bed2 {
             )
         };
         let server_key = keygen("server");
-        let keys = (0..3).map(|i| keygen(&format!("client{i}"))).collect();
+        // The last key is not in the servers' command lines: added live.
+        let keys = (0..4).map(|i| keygen(&format!("client{i}"))).collect();
         Bed2 {
             etcd_ns,
             s,
@@ -198,7 +199,7 @@ impl Bed2 {
             &self.server_key.0,
             "--legacy",
         ];
-        for (_, public) in &self.keys {
+        for (_, public) in &self.keys[..3] {
             args.extend_from_slice(&["--peer", public]);
         }
         let server = self.s[i].spawn_env(SIMPLEVPND, &args, &[("RUST_LOG", "info")]);
@@ -456,4 +457,50 @@ fn without_etcd_sessions_go_on_and_new_grants_are_refused_until_it_is_back() {
     assert_eq!(&reply[12..16], &[255, 255, 0, 0], "a grant: {reply:02x?}");
     let granted = Ipv4Addr::new(reply[16], reply[17], reply[18], reply[19]);
     assert!(granted != a_address && granted != b_address, "{granted}");
+}
+
+/// Whether `svpnctl --json peer list` on `socket` lists `key`.
+fn allows(socket: &str, key: &str) -> bool {
+    svpnctl_json(socket, &["peer", "list"])
+        .as_array()
+        .is_some_and(|list| list.iter().any(|p| p["key"] == key))
+}
+
+#[test]
+fn a_peer_added_or_removed_on_one_server_is_on_the_other_within_two_seconds() {
+    if !require_root("a_peer_added_or_removed_on_one_server_is_on_the_other_within_two_seconds") {
+        return;
+    }
+    let bed = Bed2::new("clpeer");
+    let _s1 = bed.server(0);
+    let _s2 = bed.server(1);
+    let late = bed.keys[3].1.clone();
+    assert!(!allows(&bed.socket(1), &late));
+    let out = svpnctl(
+        &bed.socket(0),
+        &["peer", "add", &late, "--name", "late"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || allows(&bed.socket(1), &late)),
+        "s2 does not allow the peer added on s1"
+    );
+    // It may join through s2.
+    let (_client, _address) = bed.client(0, 3, &["198.18.3.1"]);
+    // Removed through s2: s1 forgets it too.
+    let out = svpnctl(&bed.socket(1), &["peer", "remove", "late"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || !allows(&bed.socket(0), &late)),
+        "s1 still allows the peer removed on s2"
+    );
 }

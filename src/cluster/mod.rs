@@ -6,6 +6,7 @@
 //! members/<node>        {"node":..,"advertise":..,"key":..}  under the server's etcd lease
 //! leases/<address>      "<node> key:<base64>" | "<node> remote:<ip>"  under the holder's lease
 //! bans/<key:..|remote:..>  Unix time the ban ends; under a lease of the ban's length
+//! peers/<base64 key>    a peer added live: {"key":..,"name":..,"address":..,"routes":[..]}
 //! ```
 //!
 //! Each server holds one etcd lease of `lease_ttl` and renews it every
@@ -20,6 +21,7 @@ pub mod config;
 pub mod etcd;
 pub mod leases;
 pub mod membership;
+pub mod peers;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -36,6 +38,7 @@ use self::config::ClusterConfig;
 use self::etcd::{Change, Etcd, EtcdError};
 use self::leases::{ClaimError, Claimant, Holder, Leases, Wanted};
 use self::membership::Member;
+use crate::config::PeerSection;
 use crate::keys::PublicKey;
 use crate::state::{Ban, Banned};
 
@@ -46,6 +49,15 @@ pub trait ClusterHooks: Send + Sync {
     fn lost(&self, address: Ipv4Addr, holder: &Holder);
     /// A ban made on any server.
     fn banned(&self, ban: Ban);
+    /// The peers added live changed (on any server): these are all of them.
+    fn peers(&self, peers: Vec<PeerSection>);
+}
+
+/// A change this server makes to the shared state, written by `maintain`.
+enum Write {
+    Ban(Ban),
+    Peer(PeerSection),
+    RemovePeer(PublicKey),
 }
 
 /// Whether etcd answers, as the server last saw it.
@@ -76,9 +88,11 @@ pub struct Cluster {
     members: RwLock<HashMap<String, Member>>,
     /// Bans seen in the cluster (the watch keeps it current).
     bans: Mutex<HashMap<Banned, SystemTime>>,
-    /// Writes made through [`crate::state::StateStore`], for `maintain`.
-    writes: mpsc::UnboundedSender<Ban>,
-    pending: Mutex<Option<mpsc::UnboundedReceiver<Ban>>>,
+    /// The peers added live, by key (the watch keeps it current).
+    live: Mutex<std::collections::BTreeMap<String, PeerSection>>,
+    /// This server's changes, for `maintain` to write.
+    writes: mpsc::UnboundedSender<Write>,
+    pending: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
 }
 
 fn unix_secs(time: SystemTime) -> u64 {
@@ -123,6 +137,7 @@ impl Cluster {
             bans: Mutex::new(HashMap::new()),
             holders: RwLock::new(HashMap::new()),
             members: RwLock::new(HashMap::new()),
+            live: Mutex::new(Default::default()),
             writes,
             pending: Mutex::new(Some(pending)),
             config,
@@ -160,9 +175,16 @@ impl Cluster {
         Ok(())
     }
 
-    /// Reads the bans, the address holders and the members afresh.
+    /// Reads the bans, the address holders, the members and the live
+    /// peers afresh.
     async fn load(&self) -> Result<(), EtcdError> {
         self.load_bans().await?;
+        let live = peers::list(&self.etcd, &self.prefix)
+            .await?
+            .into_iter()
+            .map(|p| (p.key.to_string(), p))
+            .collect();
+        *self.live.lock().unwrap_or_else(|e| e.into_inner()) = live;
         let holders = self
             .leases
             .all()
@@ -308,13 +330,25 @@ impl Cluster {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep_until(next) => {}
-                Some(ban) = async {
+                Some(write) = async {
                     match writes.as_mut() {
                         Some(w) => w.recv().await,
                         None => std::future::pending().await,
                     }
                 } => {
-                    self.write_ban(&ban).await;
+                    match write {
+                        Write::Ban(ban) => self.write_ban(&ban).await,
+                        Write::Peer(peer) => {
+                            if let Err(e) = peers::put(&self.etcd, &self.prefix, &peer).await {
+                                warn!(key = %peer.key, error = %e, "peer added here only: not shared with the cluster");
+                            }
+                        }
+                        Write::RemovePeer(key) => {
+                            if let Err(e) = peers::remove(&self.etcd, &self.prefix, &key).await {
+                                warn!(%key, error = %e, "peer removed here only: the cluster still has it");
+                            }
+                        }
+                    }
                     continue;
                 }
             }
@@ -492,15 +526,28 @@ impl Cluster {
                 for ban in bans {
                     hooks.banned(ban);
                 }
+                hooks.peers(self.live_peers());
             }
         }
     }
 
     fn apply(&self, change: Change, hooks: &Arc<dyn ClusterHooks>) {
         let members_dir = format!("{}members/", self.prefix);
+        let peers_dir = format!("{}peers/", self.prefix);
         let (key, value) = match change {
             Change::Put { key, value } => (key, value),
             Change::Delete { key } => {
+                if let Some(peer) = key.strip_prefix(&peers_dir) {
+                    let removed = self
+                        .live
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(peer);
+                    if removed.is_some() {
+                        hooks.peers(self.live_peers());
+                    }
+                    return;
+                }
                 if let Some(address) = self.leases.address_of(&key) {
                     self.holders
                         .write()
@@ -516,7 +563,23 @@ impl Cluster {
                 return;
             }
         };
-        if let Some(node) = key.strip_prefix(&members_dir) {
+        if key.starts_with(&peers_dir) {
+            match peers::decode(&value) {
+                Some(peer) => {
+                    let changed = self
+                        .live
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(peer.key.to_string(), peer.clone())
+                        .as_ref()
+                        != Some(&peer);
+                    if changed {
+                        hooks.peers(self.live_peers());
+                    }
+                }
+                None => warn!(%key, "a live peer in etcd that does not parse: ignored"),
+            }
+        } else if let Some(node) = key.strip_prefix(&members_dir) {
             if let Ok(member) = serde_json::from_slice::<Member>(&value) {
                 if node != self.config.node {
                     info!(node, advertise = %member.advertise, "a server joined the cluster");
@@ -560,7 +623,35 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(ban.who.clone(), ban.until);
-        let _ = self.writes.send(ban);
+        let _ = self.writes.send(Write::Ban(ban));
+    }
+
+    /// Shares a peer added live here (written by `maintain`).
+    pub fn share_peer(&self, peer: PeerSection) {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer.key.to_string(), peer.clone());
+        let _ = self.writes.send(Write::Peer(peer));
+    }
+
+    /// Shares the removal of a peer added live.
+    pub fn unshare_peer(&self, key: PublicKey) {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key.to_string());
+        let _ = self.writes.send(Write::RemovePeer(key));
+    }
+
+    /// The peers added live on any server, by key.
+    pub fn live_peers(&self) -> Vec<PeerSection> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// The bans in force at `now`.

@@ -247,7 +247,11 @@ pub async fn run(
         }
         None => None,
     };
-    let live = fitting_live(&config, store.peers()?);
+    // In a cluster the peers added live are etcd's too.
+    let live = match &cluster {
+        Some(cluster) => fitting_live(&config, cluster.live_peers()),
+        None => fitting_live(&config, store.peers()?),
+    };
     info!(
         path = %store.path().display(),
         leases = leases.len(),
@@ -998,6 +1002,16 @@ impl ClusterHooks for Shared {
     fn banned(&self, ban: Ban) {
         super::cluster::banned(&self.peers, &self.events, ban);
     }
+
+    fn peers(&self, live: Vec<PeerSection>) {
+        if self
+            .admin
+            .try_send(AdminRequest::ClusterPeers { live })
+            .is_err()
+        {
+            warn!("the cluster's live peers changed but the server is busy: applied at the next change");
+        }
+    }
 }
 
 /// Carries out one change to the running server and answers it.
@@ -1021,6 +1035,22 @@ async fn administer(shared: &Arc<Shared>, helper: &Helper, tun: u32, request: Ad
                 warn!("peer remove refused: {e}");
             }
             let _ = reply.send(result);
+        }
+        AdminRequest::ClusterPeers { live } => {
+            let live = fitting_live(&shared.current(), live);
+            let same = *shared.live.lock().unwrap_or_else(|e| e.into_inner()) == live;
+            if !same {
+                let config = (*shared.current()).clone();
+                match apply(shared, helper, tun, config, live).await {
+                    Ok(report) => info!(
+                        added = ?report.added,
+                        removed = ?report.removed,
+                        disconnected = report.disconnected,
+                        "live peers changed on a server of the cluster: applied"
+                    ),
+                    Err(e) => warn!("live peers changed in the cluster, not applied here: {e}"),
+                }
+            }
         }
     }
 }
@@ -1080,6 +1110,11 @@ async fn add_peer(
     live.push(peer.clone());
     let config = (*shared.current()).clone();
     check(&config, &live)?;
+    if let Some(cluster) = &shared.cluster {
+        apply(shared, helper, tun, config, live).await?;
+        cluster.share_peer(peer);
+        return Ok(());
+    }
     shared.store.put_peer(&peer)?;
     if let Err(e) = apply(shared, helper, tun, config, live).await {
         // Not allowed after all: not kept either.
@@ -1107,7 +1142,12 @@ async fn remove_peer(
         return Err(AdminError::InConfig(found.section.label()));
     }
     let key = found.section.key;
-    shared.store.remove_peer(&key)?;
+    match &shared.cluster {
+        Some(cluster) => cluster.unshare_peer(key),
+        None => {
+            shared.store.remove_peer(&key)?;
+        }
+    }
     let mut live = shared
         .live
         .lock()

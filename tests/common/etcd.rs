@@ -25,7 +25,7 @@ impl Etcd {
     /// Starts etcd in `ns`, listening on `address` (one of `ns`'s own), and
     /// waits until it answers /health.
     pub fn start(ns: &Netns, address: Ipv4Addr) -> Etcd {
-        let dir = std::env::temp_dir().join(format!("svt-etcd-{}-{}", std::process::id(), address));
+        let dir = std::env::temp_dir().join(format!("{}-etcd", ns.name()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("etcd data directory");
         let mut etcd = Etcd {
