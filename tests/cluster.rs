@@ -504,3 +504,64 @@ fn a_peer_added_or_removed_on_one_server_is_on_the_other_within_two_seconds() {
         "s1 still allows the peer removed on s2"
     );
 }
+
+#[test]
+fn many_clients_granted_at_once_through_both_servers_get_distinct_addresses() {
+    if !require_root("many_clients_granted_at_once_through_both_servers_get_distinct_addresses") {
+        return;
+    }
+    let bed = Bed2::new("clmany");
+    let _s1 = bed.server(0);
+    let _s2 = bed.server(1);
+    const EACH: usize = 150;
+    // Original-protocol peers, all from one source address per namespace
+    // (as behind a NAT): each must get an address of its own.
+    let load = |ns: &Netns, server: &str| {
+        ns.spawn(
+            env!("CARGO_BIN_EXE_simplevpn-loadgen"),
+            &[
+                "--server",
+                server,
+                "--connections",
+                &EACH.to_string(),
+                "--hold",
+                "4",
+                // At most max_unauthenticated_per_source (8) in flight.
+                "--concurrency",
+                "8",
+            ],
+        )
+    };
+    let mut one = load(&bed.c[0], "198.18.1.1:2002");
+    let mut two = load(&bed.c[1], "198.18.2.1:2002");
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            listed(&bed.socket(0)).len() + listed(&bed.socket(1)).len() == 2 * EACH
+        }),
+        "not all granted:\n{}\n{}",
+        one.log(),
+        two.log()
+    );
+    let on_s1 = listed(&bed.socket(0));
+    let on_s2 = listed(&bed.socket(1));
+    let all: HashSet<Ipv4Addr> = on_s1.iter().chain(&on_s2).copied().collect();
+    assert_eq!(all.len(), 2 * EACH, "an address granted twice");
+    for (gen, name) in [(&mut one, "c1"), (&mut two, "c2")] {
+        let status = wait_for_exit(gen, Duration::from_secs(20));
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(0),
+            "loadgen {name}:\n{}",
+            gen.log()
+        );
+    }
+}
+
+fn wait_for_exit(daemon: &mut Daemon, limit: Duration) -> Option<std::process::ExitStatus> {
+    let mut status = None;
+    wait_until(limit, || {
+        status = daemon.try_status();
+        status.is_some()
+    });
+    status
+}

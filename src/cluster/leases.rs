@@ -158,8 +158,8 @@ impl Leases {
     }
 
     /// Claims an address for `claimant`, held by this server under etcd
-    /// lease `lease`: the one wanted, else the one it holds anywhere in the
-    /// cluster (moved here), else a free one for which `usable` says yes
+    /// lease `lease`: the one wanted, else the one its key holds anywhere in
+    /// the cluster (moved here), else a free one for which `usable` says yes
     /// (tried from a random place, so that servers granting at once seldom
     /// race for the same one).
     pub async fn claim(
@@ -172,10 +172,14 @@ impl Leases {
         let all = self.all().await?;
         let address = match wanted {
             Wanted::Exactly(address) => Some(address),
-            Wanted::Any => all
+            // A key is one client; an original-protocol client is known by
+            // its remote address only, which several behind one NAT share:
+            // each of those gets an address of its own.
+            Wanted::Any if matches!(claimant, Claimant::Key(_)) => all
                 .iter()
                 .find(|(_, holder)| holder.claimant == *claimant)
                 .map(|(address, _)| *address),
+            Wanted::Any => None,
         };
         if let Some(address) = address {
             return self.claim_exactly(claimant, address, lease).await;
