@@ -349,13 +349,10 @@ fn two_servers_serve_one_network_and_a_client_fails_over_keeping_its_address() {
     assert_eq!(now_on_s2, both);
     eprintln!("failover took {took:?}");
     // s1's membership ends with its etcd lease.
-    assert!(
-        s2.wait_for_log(
-            "a server left the cluster",
-            Duration::from_secs(LEASE_TTL + 5)
-        ),
-        "{}",
-        s2.log()
+    expect_log(
+        &s2,
+        "a server left the cluster",
+        Duration::from_secs(LEASE_TTL + 5),
     );
     let status = svpnctl_json(&bed.socket(1), &["status"]);
     assert_eq!(
@@ -420,39 +417,21 @@ fn without_etcd_sessions_go_on_and_new_grants_are_refused_until_it_is_back() {
     let (_a, a_address) = bed.client(0, 0, &["198.18.3.1"]);
     let (_b, b_address) = bed.client(1, 1, &["198.18.2.1"]);
     bed.etcd.stop();
-    assert!(
-        s2.wait_for_log("etcd unreachable", Duration::from_secs(2 * LEASE_TTL + 5)),
-        "{}",
-        s2.log()
+    expect_log(
+        &s2,
+        "etcd unreachable",
+        Duration::from_secs(2 * LEASE_TTL + 5),
     );
     // Established sessions and forwarding go on.
     tcp_round_trip(&bed.c[0], &bed.c[1], b_address, 7003, 50_000);
     tcp_round_trip(&bed.c[1], &bed.c[0], a_address, 7004, 50_000);
     // A new client is refused, and the log says why.
-    let ask = |bed: &Bed2| {
-        let mut stream = bed.c[1]
-            .tcp_connect("198.18.2.1:2002".parse().expect("addr"), STARTUP)
-            .expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        std::io::Write::write_all(&mut stream, &dynamic_request()).expect("ask");
-        let mut reply = [0u8; 20];
-        std::io::Read::read_exact(&mut stream, &mut reply).map(|()| reply)
-    };
+    let ask = |bed: &Bed2| ask_s2(bed, &dynamic_request()).1;
     assert!(ask(&bed).is_err(), "granted without etcd");
-    assert!(
-        s2.wait_for_log("etcd) is unreachable", Duration::from_secs(5)),
-        "{}",
-        s2.log()
-    );
+    expect_log(&s2, "etcd) is unreachable", Duration::from_secs(5));
     // etcd back: grants again.
     bed.etcd.resume(&bed.etcd_ns);
-    assert!(
-        s2.wait_for_log("etcd reachable again", Duration::from_secs(10)),
-        "{}",
-        s2.log()
-    );
+    expect_log(&s2, "etcd reachable again", Duration::from_secs(10));
     let reply = ask(&bed).expect("a grant once etcd is back");
     assert_eq!(&reply[12..16], &[255, 255, 0, 0], "a grant: {reply:02x?}");
     let granted = Ipv4Addr::new(reply[16], reply[17], reply[18], reply[19]);
@@ -564,4 +543,75 @@ fn wait_for_exit(daemon: &mut Daemon, limit: Duration) -> Option<std::process::E
         status.is_some()
     });
     status
+}
+
+#[test]
+fn a_server_cut_off_from_etcd_past_its_lease_gives_up_an_address_granted_elsewhere() {
+    if !require_root(
+        "a_server_cut_off_from_etcd_past_its_lease_gives_up_an_address_granted_elsewhere",
+    ) {
+        return;
+    }
+    let bed = Bed2::new("clsplit");
+    let s1 = bed.server(0);
+    let s2 = bed.server(1);
+    // a lists s1 only.
+    let (a, a_address) = bed.client(0, 0, &["198.18.1.1"]);
+    // s1 loses etcd (and etcd keeps running): past the TTL its lease, and
+    // with it a's address, is gone from etcd.
+    bed.s[0].ip(&["route", "add", "blackhole", "198.18.90.1/32"]);
+    expect_log(&s1, "etcd unreachable", Duration::from_secs(LEASE_TTL + 5));
+    expect_log(
+        &s2,
+        "a server left the cluster",
+        Duration::from_secs(LEASE_TTL + 5),
+    );
+    // s2 grants a's address to a new client that asks for it.
+    let (_holder, reply) = ask_s2(&bed, &static_request(a_address));
+    let reply = reply.expect("a grant");
+    assert_eq!(&reply[16..20], &a_address.octets(), "{reply:02x?}");
+    // s1 reaches etcd again: its lease ran out, it takes a new one, finds
+    // a's address held by s2's client and closes a; a gets another address.
+    bed.s[0].ip(&["route", "del", "blackhole", "198.18.90.1/32"]);
+    expect_log(&s1, "lease ran out", Duration::from_secs(15));
+    expect_log(
+        &s1,
+        &format!("{a_address} is held by remote:198.18.2.2 on server s2 now"),
+        Duration::from_secs(5),
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            tun_address(&bed.c[0]).is_some_and(|address| address != a_address)
+                && count(&a, "granted") >= 2
+        }),
+        "a was not moved to another address:\n{}",
+        a.log()
+    );
+    assert_eq!(listed(&bed.socket(1)), [a_address]);
+    assert!(!listed(&bed.socket(0)).contains(&a_address));
+}
+
+/// Waits up to `within` for `needle` in the daemon's log; fails with the log.
+fn expect_log(daemon: &Daemon, needle: &str, within: Duration) {
+    assert!(
+        daemon.wait_for_log(needle, within),
+        "{needle:?} not logged within {within:?}:\n{}",
+        daemon.log()
+    );
+}
+
+/// An original-protocol request from c2 to s2: the connection (kept open,
+/// it holds what was granted) and the 20-byte reply, if one came.
+fn ask_s2(bed: &Bed2, request: &[u8]) -> (std::net::TcpStream, std::io::Result<[u8; 20]>) {
+    use std::io::{Read, Write};
+    let mut stream = bed.c[1]
+        .tcp_connect("198.18.2.1:2002".parse().expect("addr"), STARTUP)
+        .expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    stream.write_all(request).expect("ask");
+    let mut reply = [0u8; 20];
+    let reply = stream.read_exact(&mut reply).map(|()| reply);
+    (stream, reply)
 }
