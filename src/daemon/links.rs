@@ -43,6 +43,16 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 /// before it is dialed again.
 const REDIAL_AFTER: Duration = Duration::from_secs(1);
 
+/// The limits of a link: those of a client connection (the server's
+/// `queue_len`, `queue_bytes`, `max_frame`, `frame_timeout`).
+#[derive(Debug, Clone, Copy)]
+pub struct LinkLimits {
+    pub queue_len: usize,
+    pub queue_bytes: usize,
+    pub max_frame: usize,
+    pub frame_timeout: Duration,
+}
+
 /// One link this server dialed, as `svpnctl status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkInfo {
@@ -75,10 +85,8 @@ pub struct Links {
     dialed: Mutex<HashMap<String, Arc<Link>>>,
     /// When dialing each server last failed.
     failed: Mutex<HashMap<String, Instant>>,
-    queue_len: usize,
-    queue_bytes: usize,
+    limits: LinkLimits,
     budget: Arc<MemoryBudget>,
-    max_frame: usize,
     /// Packets that arrived on a link for an address no client here holds.
     pub dropped_no_peer: AtomicU64,
     /// Packets for another server dropped while its link could not be dialed.
@@ -90,10 +98,8 @@ impl Links {
     pub fn new(
         cluster: Arc<Cluster>,
         key: NodeKey,
-        queue_len: usize,
-        queue_bytes: usize,
+        limits: LinkLimits,
         budget: Arc<MemoryBudget>,
-        max_frame: usize,
         shutdown: CancellationToken,
     ) -> Result<Links, TlsError> {
         let allowed = AllowedKeys::default();
@@ -105,10 +111,8 @@ impl Links {
             acceptor,
             dialed: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
-            queue_len,
-            queue_bytes,
+            limits,
             budget,
-            max_frame,
             dropped_no_peer: AtomicU64::new(0),
             dropped_link_down: AtomicU64::new(0),
             shutdown,
@@ -155,8 +159,11 @@ impl Links {
             return None;
         }
         drop(failed);
-        let (queue, queue_rx) =
-            connection::queue(self.queue_len, self.queue_bytes, Some(self.budget.clone()));
+        let (queue, queue_rx) = connection::queue(
+            self.limits.queue_len,
+            self.limits.queue_bytes,
+            Some(self.budget.clone()),
+        );
         let link = Arc::new(Link {
             remote: member.advertise,
             queue,
@@ -269,7 +276,10 @@ impl Links {
         };
         debug!(%remote, "cluster link accepted");
         let (reader, _writer) = tokio::io::split(stream);
-        let mut reader = FrameReader::new(reader, Decoder::new(self.max_frame));
+        // Frames count against the memory budget and must arrive in time, as
+        // a client's do.
+        let mut reader = FrameReader::new(reader, Decoder::new(self.limits.max_frame))
+            .with_limits(self.budget.clone(), self.limits.frame_timeout);
         loop {
             let frame = tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),

@@ -43,7 +43,7 @@ use super::control::{self, AdminError, AdminRequest, KickError, Node, ReloadRepo
 use super::events::{EventKind, Events, PeerEvent};
 use super::gate::{merge_peers, Admitted, AllowedPeer, Gate, PeerSource, Rejection};
 use super::helper::{Helper, HelperError};
-use super::links::{LinkDelivery, Links};
+use super::links::{LinkDelivery, LinkLimits, Links};
 use super::metrics::{self, DropKind, Metrics, Outcome};
 use super::notify;
 use super::peers::{Banned, Delivery, Granted, Peer, PeerInfo, PeerTable};
@@ -323,13 +323,17 @@ pub async fn run(
                 address: advertise,
                 source,
             })?;
+            let limits = LinkLimits {
+                queue_len: config.queue_len,
+                queue_bytes: config.queue_bytes,
+                max_frame: config.max_frame,
+                frame_timeout: config.frame_timeout,
+            };
             let links = Links::new(
                 cluster.clone(),
                 key,
-                config.queue_len,
-                config.queue_bytes,
+                limits,
                 peers.budget_handle(),
-                config.max_frame,
                 shutdown.clone(),
             )?;
             (Some(Arc::new(links)), Some(listener))
