@@ -422,6 +422,18 @@ fn without_etcd_sessions_go_on_and_new_grants_are_refused_until_it_is_back() {
         "etcd unreachable",
         Duration::from_secs(2 * LEASE_TTL + 5),
     );
+    // An address outside the network is refused as such: checked before
+    // etcd is asked (which would fail now).
+    let outside = Ipv4Addr::new(198, 18, 77, 7);
+    assert!(
+        ask_s2(&bed, &static_request(outside)).1.is_err(),
+        "granted {outside}"
+    );
+    expect_log(
+        &s2,
+        &format!("{outside} is not in the pool"),
+        Duration::from_secs(5),
+    );
     // Established sessions and forwarding go on.
     tcp_round_trip(&bed.c[0], &bed.c[1], b_address, 7003, 50_000);
     tcp_round_trip(&bed.c[1], &bed.c[0], a_address, 7004, 50_000);

@@ -40,6 +40,13 @@ pub async fn admit(
         (None, Request::Static(address)) => Wanted::Exactly(address),
         (None, Request::Dynamic | Request::Keepalive) => Wanted::Any,
     };
+    // Nothing outside the network reaches etcd (the request may come from
+    // an unauthenticated original-protocol client).
+    if let Wanted::Exactly(address) = wanted {
+        if !peers.in_pool(address) {
+            return Err(Refusal::NotInPool(address));
+        }
+    }
     let address = match cluster.claim(&claimant, wanted, |a| peers.is_free(a)).await {
         Ok(address) => address,
         Err(ClaimError::Taken(address)) => return Err(Refusal::Taken(address)),

@@ -750,6 +750,11 @@ impl PeerTable {
         closed
     }
 
+    /// Whether `address` is a client address of the network (free or not).
+    pub fn in_pool(&self, address: Ipv4Addr) -> bool {
+        self.read().pool.contains(address)
+    }
+
     /// Whether `address` is free in this server's pool.
     pub fn is_free(&self, address: Ipv4Addr) -> bool {
         self.read().pool.is_free(address)
