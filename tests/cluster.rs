@@ -136,9 +136,10 @@ impl Bed2 {
         link(&s[0], "198.18.1.1/24", &c[0], "198.18.1.2/24");
         link(&s[1], "198.18.3.1/24", &c[0], "198.18.3.2/24");
         link(&s[1], "198.18.2.1/24", &c[1], "198.18.2.2/24");
+        // etcd first: if it fails to start, no directory is left behind.
+        let etcd = Etcd::start(&etcd_ns, ETCD_ADDRESS);
         let dir = std::env::temp_dir().join(format!("{}-dir", etcd_ns.name()));
         std::fs::create_dir_all(&dir).expect("bed directory");
-        let etcd = Etcd::start(&etcd_ns, ETCD_ADDRESS);
         let keygen = |name: &str| {
             keygen_at(
                 dir.join(format!("{name}.key"))
