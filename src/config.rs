@@ -2,11 +2,11 @@
 //! settings each role runs with. Flags override the file; the file overrides
 //! the defaults. Every error names the field and the problem in one line.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
 use crate::keys::PublicKey;
@@ -147,6 +147,8 @@ impl ControlSection {
 pub struct ServerSection {
     pub listen: Option<SocketAddr>,
     pub network: Option<Ipv4Net>,
+    /// The IPv6 tunnel network (a /64 to a /120); absent: IPv4 only.
+    pub network6: Option<Ipv6Net>,
     pub tun: Option<String>,
     /// Seconds of silence after which a client is dropped.
     pub client_timeout: Option<u64>,
@@ -213,6 +215,8 @@ pub struct PeerSection {
     pub name: Option<String>,
     /// The address it always gets; no one else can have it.
     pub address: Option<Ipv4Addr>,
+    /// The IPv6 address it always gets (inside `network6`).
+    pub address6: Option<Ipv6Addr>,
     /// Networks behind this client (site-to-site): the server forwards them
     /// to it, accepts them as its sources, and pushes them to the others.
     #[serde(default)]
@@ -251,6 +255,9 @@ pub struct ClientSection {
     /// The tunnel network, if known: the helper then sets only addresses
     /// inside it.
     pub network: Option<Ipv4Net>,
+    /// The IPv6 tunnel network, if known: the helper then sets only IPv6
+    /// addresses inside it.
+    pub network6: Option<Ipv6Net>,
     /// This client's private key file: with `server_key`, it speaks TLS.
     pub key: Option<PathBuf>,
     /// The server's public key, pinned.
@@ -287,6 +294,8 @@ pub enum DnsMode {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub network: Ipv4Net,
+    /// The IPv6 tunnel network; `None`: IPv4 only inside the tunnel.
+    pub network6: Option<Ipv6Net>,
     pub tun: String,
     pub client_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -341,6 +350,7 @@ impl ServerConfig {
         };
         differs("listen", self.listen != new.listen);
         differs("network", self.network != new.network);
+        differs("network6", self.network6 != new.network6);
         differs("tun", self.tun != new.tun);
         differs("client_timeout", self.client_timeout != new.client_timeout);
         differs(
@@ -435,6 +445,9 @@ pub struct ClientConfig {
     pub user: String,
     /// Addresses outside it are refused (by the helper); `None`: any unicast.
     pub network: Option<Ipv4Net>,
+    /// IPv6 addresses outside it are refused (by the helper); `None`: any
+    /// unicast.
+    pub network6: Option<Ipv6Net>,
     /// TLS with this private key file and pinned server key; `None`: the
     /// original protocol.
     pub tls: Option<(PathBuf, PublicKey)>,
@@ -509,6 +522,14 @@ pub fn server_settings(
             "a cluster server needs a key (key = PATH): the servers authenticate their links with it",
         ));
     }
+    // The cluster shares IPv4 leases and forwards IPv4 between its servers
+    // only: each server would hand out IPv6 addresses on its own.
+    if cluster.is_some() && config.network6.is_some() {
+        return Err(ConfigError::new(
+            "cluster",
+            "[cluster] with network6 is not supported yet",
+        ));
+    }
     Ok(ServerConfig { cluster, ..config })
 }
 
@@ -534,6 +555,7 @@ impl ServerSection {
         ServerSection {
             listen: flags.listen.or(self.listen),
             network: flags.network.or(self.network),
+            network6: flags.network6.or(self.network6),
             tun: flags.tun.or(self.tun),
             client_timeout: flags.client_timeout.or(self.client_timeout),
             handshake_timeout: flags.handshake_timeout.or(self.handshake_timeout),
@@ -586,6 +608,7 @@ impl ServerSection {
             network,
             self.key.is_some(),
         )?;
+        let network6 = crate::config6::network6(self.network6, &peers, &routes, mtu)?;
         let handshake_timeout = seconds(
             "handshake_timeout",
             self.handshake_timeout,
@@ -619,6 +642,7 @@ impl ServerSection {
                 .listen
                 .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("default listen")),
             network,
+            network6,
             tun: tun_name(self.tun)?,
             client_timeout: seconds("client_timeout", self.client_timeout, DEFAULT_TIMEOUT_SECS)?,
             handshake_timeout,
@@ -835,13 +859,11 @@ fn peers(
     Ok(peers)
 }
 
-/// A route as configured: IPv4 (the tunnel carries IPv4 only so far), a
+/// A route as configured: a
 /// network address (no host bits), and apart from the tunnel network.
 fn check_route(field: &str, route: IpNet, network: Ipv4Net) -> Result<(), ConfigError> {
     let problem = if route != route.trunc() {
         format!("{route} has host bits set: write {}", route.trunc())
-    } else if let IpNet::V6(_) = route {
-        format!("{route}: IPv6 routes need IPv6 inside the tunnel, which is not supported yet")
     } else if crate::routes::overlaps(&route, &IpNet::V4(network)) {
         format!("{route} overlaps the tunnel network {network}")
     } else {
@@ -938,6 +960,7 @@ impl ClientSection {
             max_frame: flags.max_frame.or(self.max_frame),
             user: flags.user.or(self.user),
             network: flags.network.or(self.network),
+            network6: flags.network6.or(self.network6),
             key: flags.key.or(self.key),
             server_key: flags.server_key.or(self.server_key),
             accept_routes: flags.accept_routes.or(self.accept_routes),
@@ -1024,6 +1047,13 @@ impl ClientSection {
             max_frame,
             user: user(self.user)?,
             network,
+            network6: match self.network6 {
+                Some(n) => {
+                    check_tunnel_net("network6", n.into(), crate::limits::TUNNEL_PREFIX6)?;
+                    Some(n)
+                }
+                None => None,
+            },
             tls: match (self.key, self.server_key) {
                 (Some(key), Some(server_key)) => Some((key, server_key)),
                 (None, None) => None,
@@ -1076,26 +1106,37 @@ fn with_default_port(server: &str) -> Result<String, ConfigError> {
 /// A tunnel network: a prefix in [`TUNNEL_PREFIX`] (/8 to /30), without
 /// host bits.
 fn tunnel_network(network: Ipv4Net) -> Result<Ipv4Net, ConfigError> {
-    if !TUNNEL_PREFIX.contains(&network.prefix_len()) {
+    check_tunnel_net("network", network.into(), TUNNEL_PREFIX)?;
+    Ok(network)
+}
+
+/// A tunnel network of either family (`field`): a prefix in `prefixes`,
+/// without host bits.
+pub fn check_tunnel_net(
+    field: &str,
+    network: IpNet,
+    prefixes: std::ops::RangeInclusive<u8>,
+) -> Result<(), ConfigError> {
+    if !prefixes.contains(&network.prefix_len()) {
         return Err(ConfigError::new(
-            "network",
+            field,
             format!(
                 "{network}: the prefix must be between /{} and /{}",
-                TUNNEL_PREFIX.start(),
-                TUNNEL_PREFIX.end()
+                prefixes.start(),
+                prefixes.end()
             ),
         ));
     }
     if network != network.trunc() {
         return Err(ConfigError::new(
-            "network",
+            field,
             format!(
                 "{network} has host bits set; did you mean {}?",
                 network.trunc()
             ),
         ));
     }
-    Ok(network)
+    Ok(())
 }
 
 /// The service user's name (whether it exists is checked at startup).
@@ -1232,8 +1273,11 @@ mod tests {
         let host_bits = server_error("routes = [\"198.18.200.1/24\"]\n");
         assert_eq!(host_bits.field, "routes");
         assert!(host_bits.problem.contains("write 198.18.200.0/24"));
-        let v6 = server_error("routes = [\"2001:2::/48\"]\n");
-        assert!(v6.problem.contains("IPv6"), "{v6}");
+        let v6 = server_error("network6 = \"2001:2:0:100::/64\"\nroutes = [\"2001:2::/48\"]\n");
+        assert!(
+            v6.problem.contains("overlaps the IPv6 tunnel network"),
+            "{v6}"
+        );
         let tunnel = server_error("routes = [\"198.19.4.0/24\"]\n");
         assert!(
             tunnel.problem.contains("overlaps the tunnel network"),
@@ -1538,5 +1582,26 @@ mod tests {
         );
         let many = vec!["10.0.0.1"; MAX_DNS + 1];
         assert_eq!(server(many, vec![]).expect_err("too many").field, "dns");
+    }
+
+    #[test]
+    fn a_cluster_with_network6_is_refused() {
+        let text = "[server]\nkey = \"/k\"\nnetwork = \"198.19.0.0/16\"\n{}\n\
+                    [cluster]\netcd = [\"http://198.18.9.1:2379\"]\nnode = \"s1\"\n\
+                    advertise = \"198.18.1.1:2003\"\n";
+        let settings = |v6: &str| {
+            let file = parse(&text.replace("{}", v6)).expect("parse");
+            server_settings(
+                file.server,
+                file.metrics,
+                file.cluster,
+                ServerSection::default(),
+            )
+        };
+        let config = settings("").expect("an IPv4-only cluster server");
+        assert!(config.cluster.is_some());
+        let err = settings("network6 = \"2001:2:0:100::/64\"").expect_err("refused");
+        assert_eq!(err.field, "cluster");
+        assert_eq!(err.problem, "[cluster] with network6 is not supported yet");
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! The library holds what the programs share: the sans-IO wire codec
 //! ([`wire`]) and its session-parameters extension ([`params`]), framed I/O
-//! over any byte stream ([`connection`]), the address pool ([`pool`]), the
+//! over any byte stream ([`connection`]), the address pools ([`pool`], [`pool6`]), the
 //! longest-prefix route table ([`routes`]), configuration ([`config`]) and
 //! the limits it shares with the helper ([`limits`]), what the daemon and its
 //! privileged helper share along with the helper's tun and netlink setup
@@ -17,6 +17,7 @@
 pub mod budget;
 pub mod cluster;
 pub mod config;
+pub mod config6;
 pub mod connection;
 pub mod daemon;
 /// svpnctl's command line (the program itself is src/ctl/main.rs).
@@ -27,6 +28,7 @@ pub mod keys;
 pub mod limits;
 pub mod params;
 pub mod pool;
+pub mod pool6;
 pub mod privsep;
 pub mod program;
 pub mod proto;

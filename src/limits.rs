@@ -44,6 +44,15 @@ pub const FRAME_RANGE: RangeInclusive<usize> = MIN_MTU as usize..=MAX_FRAME;
 /// and broadcast addresses).
 pub const TUNNEL_PREFIX: RangeInclusive<u8> = 8..=30;
 
+/// Prefix lengths of an IPv6 tunnel network (`network6`): from /64 (a whole
+/// subnet, the usual size) to /120 (256 addresses).
+pub const TUNNEL_PREFIX6: RangeInclusive<u8> = 64..=120;
+
+/// Smallest MTU of the tun when it carries IPv6 (`network6`): 1280, the
+/// IPv6 minimum link MTU (RFC 8200); the kernel turns IPv6 off on a link
+/// with a smaller one.
+pub const MIN_MTU6: u32 = 1280;
+
 /// How long a write to the state store waits for another writer (another
 /// connection to the same SQLite file) before it fails.
 pub const STORE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -62,5 +71,7 @@ mod tests {
         assert_eq!(MTU_RANGE, 576..=65535);
         assert_eq!(FRAME_RANGE, 576..=65535);
         assert_eq!(TUNNEL_PREFIX, 8..=30);
+        assert_eq!(TUNNEL_PREFIX6, 64..=120);
+        assert_eq!(MIN_MTU6, 1280);
     }
 }

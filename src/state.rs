@@ -14,13 +14,15 @@
 //! prints them, addresses and networks in their usual text form):
 //!
 //! ```text
-//! leases(key TEXT PRIMARY KEY, address TEXT UNIQUE, expires INTEGER)
+//! leases(key TEXT PRIMARY KEY, address TEXT UNIQUE, expires INTEGER,
+//!        address6 TEXT UNIQUE (NULL: none; schema version 2))
 //! bans(kind TEXT 'key'|'remote', who TEXT, until INTEGER, PRIMARY KEY(kind, who))
 //! peers(key TEXT PRIMARY KEY, name TEXT UNIQUE, address TEXT UNIQUE,
-//!       routes TEXT (space-separated CIDRs), added INTEGER)
+//!       routes TEXT (space-separated CIDRs), added INTEGER,
+//!       address6 TEXT UNIQUE (NULL: none; schema version 2))
 //! ```
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -61,11 +63,13 @@ impl Banned {
     }
 }
 
-/// A TLS key's claim on a tunnel address until `expires`.
+/// A TLS key's claim on a tunnel address (and its IPv6 address, on a
+/// server with `network6`) until `expires`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub key: PublicKey,
     pub address: Ipv4Addr,
+    pub address6: Option<Ipv6Addr>,
     pub expires: SystemTime,
 }
 
@@ -146,6 +150,12 @@ const MIGRATIONS: &[&str] = &[
         routes TEXT NOT NULL DEFAULT '',
         added INTEGER NOT NULL
     ) STRICT;",
+    // 2: IPv6 inside the tunnel: the IPv6 address leased with the IPv4 one,
+    // and the one fixed for a peer added live.
+    "ALTER TABLE leases ADD COLUMN address6 TEXT;
+    CREATE UNIQUE INDEX leases_address6 ON leases (address6);
+    ALTER TABLE peers ADD COLUMN address6 TEXT;
+    CREATE UNIQUE INDEX peers_address6 ON peers (address6);",
 ];
 
 /// The schema version this build writes.
@@ -294,15 +304,20 @@ impl SqliteStore {
 impl StateStore for SqliteStore {
     fn leases(&self, now: SystemTime) -> Result<Vec<Lease>, StoreError> {
         let connection = self.lock();
-        let rows: Vec<(String, String, i64)> = connection
-            .prepare("SELECT key, address, expires FROM leases WHERE expires > ?1 ORDER BY key")
+        type Row = (String, String, i64, Option<String>);
+        let rows: Vec<Row> = connection
+            .prepare(
+                "SELECT key, address, expires, address6 FROM leases WHERE expires > ?1 ORDER BY key",
+            )
             .and_then(|mut stmt| {
-                stmt.query_map([secs_up(now)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                    .collect()
+                stmt.query_map([secs_up(now)], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?
+                .collect()
             })
             .map_err(|e| self.sqlite(e))?;
         rows.into_iter()
-            .map(|(key, address, expires)| {
+            .map(|(key, address, expires, address6)| {
                 Ok(Lease {
                     key: key
                         .parse()
@@ -310,6 +325,13 @@ impl StateStore for SqliteStore {
                     address: address.parse().map_err(|_| {
                         self.corrupt("leases", format!("{address:?} is no address"))
                     })?,
+                    address6: address6
+                        .map(|a| {
+                            a.parse().map_err(|_| {
+                                self.corrupt("leases", format!("{a:?} is no IPv6 address"))
+                            })
+                        })
+                        .transpose()?,
                     expires: time(expires),
                 })
             })
@@ -318,15 +340,17 @@ impl StateStore for SqliteStore {
 
     fn put_lease(&self, lease: &Lease) -> Result<(), StoreError> {
         let (key, address) = (lease.key.to_string(), lease.address.to_string());
+        let address6 = lease.address6.map(|a| a.to_string());
         self.write(|tx| {
             tx.execute(
-                "DELETE FROM leases WHERE address = ?1 AND key <> ?2",
-                params![address, key],
+                "DELETE FROM leases WHERE (address = ?1 OR address6 = ?3) AND key <> ?2",
+                params![address, key, address6],
             )?;
             tx.execute(
-                "INSERT INTO leases (key, address, expires) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (key) DO UPDATE SET address = excluded.address, expires = excluded.expires",
-                params![key, address, secs_up(lease.expires)],
+                "INSERT INTO leases (key, address, expires, address6) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (key) DO UPDATE SET address = excluded.address,
+                     expires = excluded.expires, address6 = excluded.address6",
+                params![key, address, secs_up(lease.expires), address6],
             )?;
             Ok(())
         })
@@ -369,23 +393,37 @@ impl StateStore for SqliteStore {
     }
 
     fn peers(&self) -> Result<Vec<PeerSection>, StoreError> {
-        type Row = (String, Option<String>, Option<String>, String);
+        type Row = (
+            String,
+            Option<String>,
+            Option<String>,
+            String,
+            Option<String>,
+        );
         let connection = self.lock();
         let rows: Vec<Row> = connection
-            .prepare("SELECT key, name, address, routes FROM peers ORDER BY added, key")
+            .prepare("SELECT key, name, address, routes, address6 FROM peers ORDER BY added, key")
             .and_then(|mut stmt| {
-                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-                    .collect()
+                stmt.query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect()
             })
             .map_err(|e| self.sqlite(e))?;
         rows.into_iter()
-            .map(|(key, name, address, routes)| {
+            .map(|(key, name, address, routes, address6)| {
                 let bad = |what: String| self.corrupt("peers", what);
                 Ok(PeerSection {
                     key: key.parse().map_err(|e| bad(format!("{e}")))?,
                     name,
                     address: address
                         .map(|a| a.parse().map_err(|_| bad(format!("{a:?} is no address"))))
+                        .transpose()?,
+                    address6: address6
+                        .map(|a| {
+                            a.parse()
+                                .map_err(|_| bad(format!("{a:?} is no IPv6 address")))
+                        })
                         .transpose()?,
                     routes: routes
                         .split_whitespace()
@@ -403,15 +441,18 @@ impl StateStore for SqliteStore {
         let routes: Vec<String> = peer.routes.iter().map(ToString::to_string).collect();
         self.write(|tx| {
             tx.execute(
-                "INSERT INTO peers (key, name, address, routes, added) VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO peers (key, name, address, routes, added, address6)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (key) DO UPDATE SET name = excluded.name,
-                     address = excluded.address, routes = excluded.routes",
+                     address = excluded.address, routes = excluded.routes,
+                     address6 = excluded.address6",
                 params![
                     peer.key.to_string(),
                     peer.name,
                     peer.address.map(|a| a.to_string()),
                     routes.join(" "),
                     secs(SystemTime::now()),
+                    peer.address6.map(|a| a.to_string()),
                 ],
             )?;
             Ok(())
@@ -460,6 +501,7 @@ mod tests {
         let lease = Lease {
             key: key(1),
             address: Ipv4Addr::new(198, 19, 0, 5),
+            address6: Some("2001:2:0:100::5".parse().expect("v6")),
             expires: later,
         };
         store.put_lease(&lease).expect("lease");
@@ -474,6 +516,7 @@ mod tests {
         let leases = again.leases(SystemTime::now()).expect("leases");
         assert_eq!(leases.len(), 1);
         assert_eq!(leases[0].address, lease.address);
+        assert_eq!(leases[0].address6, lease.address6);
         assert_eq!(leases[0].key, lease.key);
         assert!(leases[0].expires >= later - Duration::from_secs(1));
         std::fs::remove_dir_all(&dir).ok();
@@ -490,6 +533,7 @@ mod tests {
                 .put_lease(&Lease {
                     key: key(n),
                     address: Ipv4Addr::new(198, 19, 0, n + 1),
+                    address6: None,
                     expires,
                 })
                 .expect("lease");
@@ -531,6 +575,7 @@ mod tests {
                 .put_lease(&Lease {
                     key: key(n),
                     address,
+                    address6: None,
                     expires: later,
                 })
                 .expect("lease");
@@ -549,6 +594,7 @@ mod tests {
             key: key(7),
             name: Some("laptop".into()),
             address: Some(Ipv4Addr::new(198, 19, 0, 70)),
+            address6: Some("2001:2:0:100::70".parse().expect("v6")),
             routes: vec!["198.18.201.0/24".parse().expect("net")],
         };
         store.put_peer(&peer).expect("put");
@@ -556,6 +602,7 @@ mod tests {
             key: key(8),
             name: None,
             address: None,
+            address6: None,
             routes: Vec::new(),
         };
         store.put_peer(&bare).expect("put");
@@ -563,6 +610,28 @@ mod tests {
         assert!(store.remove_peer(&key(8)).expect("remove"));
         assert!(!store.remove_peer(&key(8)).expect("remove again"));
         assert_eq!(store.peers().expect("peers"), vec![peer]);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn an_ipv6_address_is_leased_to_one_key_at_a_time() {
+        let dir = dir("onekey6");
+        let store = SqliteStore::open_dir(&dir).expect("open");
+        let later = SystemTime::now() + Duration::from_secs(60);
+        let address6 = Some("2001:2:0:100::9".parse().expect("v6"));
+        for n in [1, 2] {
+            store
+                .put_lease(&Lease {
+                    key: key(n),
+                    address: Ipv4Addr::new(198, 19, 0, n),
+                    address6,
+                    expires: later,
+                })
+                .expect("lease");
+        }
+        let leases = store.leases(SystemTime::now()).expect("leases");
+        assert_eq!(leases.len(), 1);
+        assert_eq!((leases[0].key, leases[0].address6), (key(2), address6));
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -583,6 +652,7 @@ mod tests {
                             .put_lease(&Lease {
                                 key: key(n),
                                 address: Ipv4Addr::new(198, 19, 1, n),
+                                address6: None,
                                 expires: later,
                             })
                             .expect("write under contention");

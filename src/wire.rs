@@ -35,7 +35,7 @@
 //! be added. A decoder without extensions (original-protocol peers, TLS
 //! peers without the ALPN) treats 0xF like any bad version.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -373,6 +373,24 @@ impl Decoder {
 pub fn ipv4_addresses(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
     (packet.len() >= CONTROL_LEN && packet[0] >> 4 == 4)
         .then(|| (ipv4_at(packet, 12), ipv4_at(packet, 16)))
+}
+
+/// The source and destination of an IPv4 or IPv6 packet, or None for
+/// anything else (another version, or shorter than its fixed header).
+pub fn ip_addresses(packet: &[u8]) -> Option<(IpAddr, IpAddr)> {
+    match packet.first()? >> 4 {
+        4 => ipv4_addresses(packet).map(|(s, d)| (IpAddr::V4(s), IpAddr::V4(d))),
+        6 => {
+            let header = packet.get(..IPV6_HEADER_LEN)?;
+            let at = |offset: usize| {
+                let mut octets = [0u8; 16];
+                octets.copy_from_slice(&header[offset..offset + 16]);
+                IpAddr::V6(Ipv6Addr::from(octets))
+            };
+            Some((at(8), at(24)))
+        }
+        _ => None,
+    }
 }
 
 fn ipv4_at(buf: &[u8], offset: usize) -> Ipv4Addr {
@@ -717,6 +735,32 @@ pub(crate) mod tests {
             assert_eq!(d.decode(&mut buf), Ok(None), "cut at {cut}");
             assert_eq!(buf.len(), cut);
         }
+    }
+
+    #[test]
+    fn ip_addresses_of_both_families() {
+        let mut v6 = vec![0u8; 40];
+        v6[0] = 0x60;
+        v6[8..24].copy_from_slice(&"2001:2::2".parse::<Ipv6Addr>().expect("v6").octets());
+        v6[24..40].copy_from_slice(&"2001:2::3".parse::<Ipv6Addr>().expect("v6").octets());
+        assert_eq!(
+            ip_addresses(&v6),
+            Some((
+                "2001:2::2".parse().expect("v6"),
+                "2001:2::3".parse().expect("v6")
+            ))
+        );
+        assert_eq!(ip_addresses(&v6[..39]), None);
+        let v4 = hex("45 00 00 14 00 00 00 00 40 00 00 00 c6 12 00 02 c6 12 00 03");
+        assert_eq!(
+            ip_addresses(&v4),
+            Some((
+                "198.18.0.2".parse().expect("v4"),
+                "198.18.0.3".parse().expect("v4")
+            ))
+        );
+        assert_eq!(ip_addresses(&[0x50; 40]), None);
+        assert_eq!(ip_addresses(&[]), None);
     }
 
     #[test]

@@ -628,3 +628,46 @@ fn ask_s2(bed: &Bed2, request: &[u8]) -> (std::net::TcpStream, std::io::Result<[
     let reply = stream.read_exact(&mut reply).map(|()| reply);
     (stream, reply)
 }
+
+/// The cluster shares IPv4 leases and forwards IPv4 only: a server asked
+/// for both `[cluster]` and IPv6 inside the tunnel refuses to start, with
+/// one line, before it touches anything (no etcd, no namespace needed).
+#[test]
+fn a_cluster_server_with_network6_is_refused_at_start() {
+    let dir = std::env::temp_dir().join(format!("svpn-cluster6-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = |name: &str| dir.join(name).to_str().expect("utf-8").to_string();
+    let (key, config) = (path("server.key"), path("s.toml"));
+    keygen_at(key.clone());
+    std::fs::write(
+        &config,
+        "[cluster]\netcd = [\"http://198.18.90.1:2379\"]\nnode = \"s1\"\n\
+         advertise = \"198.18.91.2:2003\"\n",
+    )
+    .expect("config");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "server",
+            "--config",
+            &config,
+            "--network",
+            NETWORK,
+            "--key",
+            &key,
+        ];
+        args.extend_from_slice(extra);
+        std::process::Command::new(SIMPLEVPND)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run simplevpnd")
+    };
+    let out = run(&["--network6", "2001:2:0:100::/64"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        "simplevpnd: cluster: [cluster] with network6 is not supported yet"
+    );
+}

@@ -319,7 +319,7 @@ fn the_real_helper_refuses_what_its_policy_does_not_allow() {
         HelperRequest::Masquerade { index },
         HelperRequest::FullTunnel {
             index,
-            server: Ipv4Addr::new(198, 18, 1, 1),
+            server: Ipv4Addr::new(198, 18, 1, 1).into(),
         },
         HelperRequest::SetDns {
             index,

@@ -90,6 +90,30 @@ proptest! {
             prop_assert_eq!(before - buf.len(), consumed);
         }
     }
+
+    /// The addresses the server forwards by (IPv4 or IPv6, read from any
+    /// bytes a client sends): never a panic, the IPv4 reading unchanged,
+    /// and an IPv6 packet's at bytes 8..24 and 24..40.
+    #[test]
+    fn packet_addresses_of_any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+        use std::net::IpAddr;
+        use simplevpn::wire::{ip_addresses, ipv4_addresses};
+        let both = ip_addresses(&bytes);
+        match bytes.first().map(|b| b >> 4) {
+            Some(4) => prop_assert_eq!(
+                both,
+                ipv4_addresses(&bytes).map(|(s, d)| (IpAddr::V4(s), IpAddr::V4(d)))
+            ),
+            Some(6) if bytes.len() >= 40 => {
+                let at = |i: usize| {
+                    let octets: [u8; 16] = bytes[i..i + 16].try_into().expect("16 bytes");
+                    IpAddr::from(octets)
+                };
+                prop_assert_eq!(both, Some((at(8), at(24))));
+            }
+            _ => prop_assert_eq!(both, None),
+        }
+    }
 }
 
 // The session-parameters extension (src/params.rs) on top of the codec.

@@ -14,6 +14,9 @@ struct Stored {
     key: String,
     name: Option<String>,
     address: Option<String>,
+    /// Absent in values written before IPv6 inside the tunnel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    address6: Option<String>,
     #[serde(default)]
     routes: Vec<String>,
 }
@@ -27,6 +30,7 @@ pub fn encode(peer: &PeerSection) -> Vec<u8> {
         key: peer.key.to_string(),
         name: peer.name.clone(),
         address: peer.address.map(|a| a.to_string()),
+        address6: peer.address6.map(|a| a.to_string()),
         routes: peer.routes.iter().map(ToString::to_string).collect(),
     };
     // Strings only: serialising cannot fail.
@@ -40,6 +44,7 @@ pub fn decode(value: &[u8]) -> Option<PeerSection> {
         key: stored.key.parse().ok()?,
         name: stored.name,
         address: stored.address.map(|a| a.parse()).transpose().ok()?,
+        address6: stored.address6.map(|a| a.parse()).transpose().ok()?,
         routes: stored
             .routes
             .iter()
@@ -77,9 +82,24 @@ mod tests {
             key: PublicKey::from_raw(&[9; 32]).expect("key"),
             name: Some("laptop".into()),
             address: Some("198.19.0.70".parse().expect("addr")),
+            address6: None,
             routes: vec!["198.18.201.0/24".parse().expect("net")],
         };
-        assert_eq!(decode(&encode(&peer)), Some(peer));
+        assert_eq!(decode(&encode(&peer)), Some(peer.clone()));
+        // A value written before address6 existed still reads.
+        assert!(!String::from_utf8_lossy(&encode(&peer)).contains("address6"));
+        let with6 = PeerSection {
+            address6: Some("2001:2:0:100::70".parse().expect("addr6")),
+            routes: vec!["2001:2:0:201::/64".parse().expect("net6")],
+            ..peer
+        };
+        assert_eq!(decode(&encode(&with6)), Some(with6.clone()));
+        let key = with6.key;
+        assert!(decode(format!(r#"{{"key":"{key}"}}"#).as_bytes()).is_some());
+        assert_eq!(
+            decode(format!(r#"{{"key":"{key}","address6":"198.19.0.70"}}"#).as_bytes()),
+            None
+        );
         for bad in [
             &b"{}"[..],
             b"nope",

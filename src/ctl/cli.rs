@@ -46,13 +46,13 @@ pub enum Command {
     Peers,
     /// One peer in detail
     Inspect {
-        /// Its tunnel address
-        address: Ipv4Addr,
+        /// Its tunnel address (IPv4, or its IPv6 one)
+        address: std::net::IpAddr,
     },
     /// Close a peer's connection and free its address
     Kick {
-        /// Its tunnel address
-        address: Ipv4Addr,
+        /// Its tunnel address (IPv4, or its IPv6 one)
+        address: std::net::IpAddr,
         /// Also refuse the same client for this long (e.g. 30s, 5m, 1h)
         #[arg(long, value_parser = humantime::parse_duration)]
         ban: Option<Duration>,
@@ -80,6 +80,9 @@ pub enum PeerCommand {
         /// An address always given to it
         #[arg(long, value_name = "IP")]
         address: Option<Ipv4Addr>,
+        /// An IPv6 address always given to it (inside the server's network6)
+        #[arg(long, value_name = "IPV6")]
+        address6: Option<std::net::Ipv6Addr>,
         /// A network behind it (site-to-site; repeat for more)
         #[arg(long = "route", value_name = "CIDR")]
         routes: Vec<IpNet>,

@@ -49,6 +49,22 @@ pub fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Value {
     })
 }
 
+/// `s`, or "-" if it is empty.
+pub fn or_dash(s: &str) -> String {
+    match s.is_empty() {
+        true => "-".to_string(),
+        false => s.to_string(),
+    }
+}
+
+/// `s` as a JSON string, or null if it is empty.
+pub fn or_null(s: &str) -> Value {
+    match s.is_empty() {
+        true => Value::Null,
+        false => Value::String(s.to_string()),
+    }
+}
+
 pub fn dropped(p: &proto::Peer) -> u64 {
     p.dropped_spoofed + p.dropped_queue_full + p.dropped_unassigned
 }
@@ -56,6 +72,7 @@ pub fn dropped(p: &proto::Peer) -> u64 {
 pub fn peer_json(p: &proto::Peer) -> Value {
     json!({
         "address": p.address,
+        "address6": or_null(&p.address6),
         "remote": p.remote,
         "connected_since": rfc3339(&p.connected_since),
         "last_seen": rfc3339(&p.last_seen),
@@ -68,21 +85,18 @@ pub fn peer_json(p: &proto::Peer) -> Value {
         "dropped_unassigned": p.dropped_unassigned,
         "protocol": p.protocol().text(),
         "name": p.name,
-        "key": if p.key.is_empty() { Value::Null } else { Value::String(p.key.clone()) },
+        "key": or_null(&p.key),
         "routes": p.routes,
     })
 }
 
 /// An allowed key as JSON: where it comes from and whether it is connected.
 pub fn allowed_json(p: &proto::AllowedPeer) -> Value {
-    let or_null = |s: &str| match s.is_empty() {
-        true => Value::Null,
-        false => Value::String(s.to_string()),
-    };
     json!({
         "key": p.key,
         "name": or_null(&p.name),
         "address": or_null(&p.address),
+        "address6": or_null(&p.address6),
         "routes": p.routes,
         "source": source_text(p.source()),
         "connected": !p.connected_address.is_empty(),
@@ -100,10 +114,7 @@ pub fn source_text(source: proto::PeerSource) -> &'static str {
 
 /// The allowed keys as a table.
 pub fn allowed_table(peers: &[proto::AllowedPeer]) -> String {
-    let dash = |s: &str| match s.is_empty() {
-        true => "-".to_string(),
-        false => s.to_string(),
-    };
+    let dash = or_dash;
     let rows: Vec<Vec<String>> = peers
         .iter()
         .map(|p| {
@@ -112,6 +123,7 @@ pub fn allowed_table(peers: &[proto::AllowedPeer]) -> String {
                 p.key.clone(),
                 source_text(p.source()).to_string(),
                 dash(&p.address),
+                dash(&p.address6),
                 list_or_dash(&p.routes),
                 match p.connected_address.is_empty() {
                     true => "no".to_string(),
@@ -121,7 +133,15 @@ pub fn allowed_table(peers: &[proto::AllowedPeer]) -> String {
         })
         .collect();
     table(
-        &["NAME", "KEY", "SOURCE", "ADDRESS", "ROUTES", "CONNECTED"],
+        &[
+            "NAME",
+            "KEY",
+            "SOURCE",
+            "ADDRESS",
+            "ADDRESS6",
+            "ROUTES",
+            "CONNECTED",
+        ],
         &rows,
     )
 }
@@ -153,6 +173,7 @@ pub fn peers_table(peers: &[proto::Peer], now: SystemTime) -> String {
         .map(|p| {
             vec![
                 p.address.clone(),
+                or_dash(&p.address6),
                 p.remote.clone(),
                 age(&p.connected_since, now),
                 format!("{} ago", age(&p.last_seen, now)),
@@ -166,6 +187,7 @@ pub fn peers_table(peers: &[proto::Peer], now: SystemTime) -> String {
     table(
         &[
             "ADDRESS",
+            "ADDRESS6",
             "REMOTE",
             "CONNECTED",
             "LAST SEEN",
@@ -207,6 +229,7 @@ pub fn peer_fields(p: &proto::Peer, now: SystemTime) -> String {
     };
     fields(&[
         ("address", p.address.clone()),
+        ("address6", or_dash(&p.address6)),
         ("remote", p.remote.clone()),
         ("protocol", p.protocol().text().to_string()),
         (

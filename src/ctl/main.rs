@@ -156,6 +156,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             key,
             name,
             address,
+            address6,
             routes,
         }) => {
             let reply = client
@@ -164,6 +165,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     name: name.unwrap_or_default(),
                     address: address.map(|a| a.to_string()).unwrap_or_default(),
                     routes: routes.iter().map(ToString::to_string).collect(),
+                    address6: address6.map(|a| a.to_string()).unwrap_or_default(),
                 })
                 .await
                 .map_err(failure)?
@@ -298,6 +300,7 @@ fn status_json(s: &proto::StatusReply) -> Value {
         "tun": s.tun,
         "tun_state": s.tun_state,
         "address": s.address,
+        "address6": or_null(&s.address6),
         "routes": s.routes,
         "host_changes": s.host_changes,
     });
@@ -307,6 +310,8 @@ fn status_json(s: &proto::StatusReply) -> Value {
             "network": s.network,
             "peer_count": s.peer_count,
             "free_addresses": s.free_addresses,
+            "network6": or_null(&s.network6),
+            "free_addresses6": if s.network6.is_empty() { Value::Null } else { json!(s.free_addresses6) },
             "dropped_to_tun": s.dropped_to_tun,
             "queued_bytes": s.queued_bytes,
             "reading_bytes": s.reading_bytes,
@@ -373,13 +378,6 @@ fn cluster_pairs(c: &proto::ClusterStatus) -> Vec<(&'static str, String)> {
 }
 
 fn status_text(s: &proto::StatusReply, now: SystemTime) -> String {
-    let or_dash = |v: &str| {
-        if v.is_empty() {
-            "-".to_string()
-        } else {
-            v.to_string()
-        }
-    };
     let mut pairs = vec![
         ("role", s.role().text().to_string()),
         ("version", s.version.clone()),
@@ -387,6 +385,7 @@ fn status_text(s: &proto::StatusReply, now: SystemTime) -> String {
         ("tun", s.tun.clone()),
         ("tun state", or_dash(&s.tun_state)),
         ("address", or_dash(&s.address)),
+        ("address6", or_dash(&s.address6)),
         ("routes", list_or_dash(&s.routes)),
     ];
     // One line each: the phrases are long.
@@ -398,9 +397,16 @@ fn status_text(s: &proto::StatusReply, now: SystemTime) -> String {
         pairs.extend([
             ("listen", s.listen.clone()),
             ("network", s.network.clone()),
+            ("network6", or_dash(&s.network6)),
             (
                 "peers",
-                format!("{} ({} addresses free)", s.peer_count, s.free_addresses),
+                match s.network6.is_empty() {
+                    true => format!("{} ({} addresses free)", s.peer_count, s.free_addresses),
+                    false => format!(
+                        "{} ({} addresses free, {} IPv6)",
+                        s.peer_count, s.free_addresses, s.free_addresses6
+                    ),
+                },
             ),
             (
                 "memory",

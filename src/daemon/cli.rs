@@ -94,6 +94,9 @@ pub struct ServerArgs {
     /// Tunnel network; the server takes its first host address [default: 10.0.0.0/16]
     #[arg(long, value_name = "CIDR")]
     pub network: Option<Ipv4Net>,
+    /// IPv6 tunnel network (/64 to /120): extension clients get an IPv6 address too, the server its ::1 [default: none, IPv4 only]
+    #[arg(long, value_name = "CIDR")]
+    pub network6: Option<ipnet::Ipv6Net>,
     /// Drop a client silent for this long, and free its address [default: 60]
     #[arg(long, value_name = "SECS")]
     pub client_timeout: Option<u64>,
@@ -175,6 +178,7 @@ impl From<ServerArgs> for ServerSection {
         ServerSection {
             listen: args.listen,
             network: args.network,
+            network6: args.network6,
             tun: args.common.tun,
             client_timeout: args.client_timeout,
             handshake_timeout: args.handshake_timeout,
@@ -189,6 +193,7 @@ impl From<ServerArgs> for ServerSection {
                         key,
                         name: None,
                         address: None,
+                        address6: None,
                         routes: Vec::new(),
                     })
                     .collect()

@@ -14,7 +14,7 @@
 //!     keepalives) arrive on a small channel and go out first;
 //!  2. after the grant, [`AsyncTun::recv`] waits for a packet, and the packets
 //!     already waiting in the tun join it, up to [`UPLINK_BATCH`] bytes;
-//!  3. [`keep_ipv4`] keeps only IPv4 packets (and counts them);
+//!  3. [`keep_routable`] keeps IPv4 and routable IPv6 packets (and counts them);
 //!  4. one `write_all` sends the batch. While the connection is slow this
 //!     waits rather than queues, so the tun's own queue drops.
 //!
@@ -22,7 +22,7 @@
 //! a tick; reconnect delays come with each [`Closed`].
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -53,7 +53,7 @@ use crate::session::client::{
     Action, ClientRules, ClientSession, CloseReason, Closed, Grant, Refusal, HANDSHAKE_TIMEOUT,
 };
 use crate::session::LinkState;
-use crate::wire::{ipv4_addresses, Control, Decoder, Request, CONTROL_LEN};
+use crate::wire::{ip_addresses, Control, Decoder, Request, CONTROL_LEN};
 
 /// How many bytes of waiting packets the uplink gathers into one write.
 const UPLINK_BATCH: usize = 128 * 1024;
@@ -98,8 +98,10 @@ struct Link {
     connected_since: Option<SystemTime>,
     granted: Option<(Ipv4Addr, u8)>,
     stats: Option<Arc<PeerStats>>,
+    /// The IPv6 address and prefix granted in the session parameters.
+    granted6: Option<ipnet::Ipv6Net>,
     /// The pushed routes installed on the tun.
-    routes: Vec<ipnet::Ipv4Net>,
+    routes: Vec<ipnet::IpNet>,
     /// What the full tunnel changed on the host.
     full_tunnel: Vec<String>,
     /// The DNS settings on the tun.
@@ -160,6 +162,7 @@ impl Node for ClientState {
                 .granted
                 .map(|(a, p)| format!("{a}/{p}"))
                 .unwrap_or_default(),
+            address6: link.granted6.map(|a| a.to_string()).unwrap_or_default(),
             server: self.server.clone(),
             link_state: proto::LinkState::of(link.state).into(),
             routes: link.routes.iter().map(ToString::to_string).collect(),
@@ -460,6 +463,22 @@ impl Client {
             Action::ConfigureTun { address, prefix } => {
                 self.tunnel.configure(address, prefix).await?;
             }
+            Action::ConfigureTun6(granted6) => {
+                // Refused by the helper's allow-list (outside network6) or
+                // failed: the link still carries IPv4.
+                let set = self.tunnel.helper.set_ipv6(
+                    self.tunnel.index,
+                    granted6.addr(),
+                    granted6.prefix_len(),
+                );
+                match set.await {
+                    Ok(()) => {
+                        info!("granted {granted6}");
+                        self.state.update(|link| link.granted6 = Some(granted6));
+                    }
+                    Err(e) => warn!(error = %e, "IPv6 address {granted6} not set: IPv4 only"),
+                }
+            }
             Action::LinkUp { grant, asked } => {
                 self.link_up(grant, asked, connection).await;
             }
@@ -669,7 +688,7 @@ impl Uplink {
                 read = self.tun.recv(&mut buf) => read,
             };
             let mut len = match read {
-                Ok(len) => keep_ipv4(&buf[..len], &self.stats),
+                Ok(len) => keep_routable(&buf[..len], &self.stats),
                 // Gone for good: the daemon stops (see `run`).
                 Err(e) if self.health.check("read", &e) => return Ok(()),
                 Err(e) => {
@@ -681,7 +700,7 @@ impl Uplink {
             // More packets already waiting join this write.
             while len < UPLINK_BATCH {
                 match self.tun.try_recv(&mut buf[len..]) {
-                    Ok(more) => len += keep_ipv4(&buf[len..len + more], &self.stats),
+                    Ok(more) => len += keep_routable(&buf[len..len + more], &self.stats),
                     Err(_) => break,
                 }
             }
@@ -736,15 +755,66 @@ impl Drop for UplinkTask {
     }
 }
 
-/// The length of `packet` if it is IPv4 (counted as sent), else 0. The
-/// server grants IPv4 addresses only and drops anything else (IPv6
-/// link-local chatter, say): no point in sending it.
-fn keep_ipv4(packet: &[u8], stats: &PeerStats) -> usize {
-    match ipv4_addresses(packet) {
-        Some(_) => {
+/// The length of `packet` if it is worth sending (counted as sent), else
+/// 0: IPv4, and IPv6 but the link's own chatter (from a link-local or the
+/// unspecified address, or to a multicast group: neighbour discovery,
+/// MLD), which the server would only drop as not from our address.
+fn keep_routable(packet: &[u8], stats: &PeerStats) -> usize {
+    let routable = match ip_addresses(packet) {
+        Some((IpAddr::V4(_), _)) => true,
+        Some((IpAddr::V6(source), IpAddr::V6(destination))) => {
+            !(source.is_unicast_link_local()
+                || source.is_unspecified()
+                || destination.is_multicast())
+        }
+        _ => false,
+    };
+    match routable {
+        true => {
             stats.count_tx(packet.len());
             packet.len()
         }
-        None => 0,
+        false => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_uplink_keeps_ipv4_and_routable_ipv6_only() {
+        let v6 = |source: &str, destination: &str| {
+            let mut p = vec![0u8; 40];
+            p[0] = 0x60;
+            let ip = |s: &str| s.parse::<std::net::Ipv6Addr>().expect("v6").octets();
+            p[8..24].copy_from_slice(&ip(source));
+            p[24..40].copy_from_slice(&ip(destination));
+            p
+        };
+        let stats = PeerStats::default();
+        let mut v4 = vec![0u8; 20];
+        v4[0] = 0x45;
+        assert_eq!(keep_routable(&v4, &stats), 20);
+        assert_eq!(
+            keep_routable(&v6("2001:2:0:100::2", "2001:2:0:100::3"), &stats),
+            40
+        );
+        for (source, destination) in [
+            ("fe80::1", "2001:2:0:100::3"),
+            ("::", "ff02::16"),
+            ("2001:2:0:100::2", "ff02::1"),
+        ] {
+            assert_eq!(
+                keep_routable(&v6(source, destination), &stats),
+                0,
+                "{source}"
+            );
+        }
+        assert_eq!(keep_routable(&[0x50; 40], &stats), 0);
+        assert_eq!(
+            stats.tx_packets.load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
     }
 }

@@ -360,6 +360,11 @@ fn allowed_proto(peer: &AllowedPeer, connected: Option<Ipv4Addr>) -> proto::Allo
             .collect(),
         source: source.into(),
         connected_address: connected.map(|a| a.to_string()).unwrap_or_default(),
+        address6: peer
+            .section
+            .address6
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
     }
 }
 
@@ -379,6 +384,13 @@ fn requested_peer(request: &proto::AddPeerRequest) -> Result<PeerSection, Status
                 .map_err(|_| invalid("address", format!("{text:?} is not an IPv4 address")))?,
         ),
     };
+    let address6 = match request.address6.as_str() {
+        "" => None,
+        text => Some(
+            text.parse()
+                .map_err(|_| invalid("address6", format!("{text:?} is not an IPv6 address")))?,
+        ),
+    };
     let routes = request
         .routes
         .iter()
@@ -391,13 +403,26 @@ fn requested_peer(request: &proto::AddPeerRequest) -> Result<PeerSection, Status
         key,
         name: (!request.name.is_empty()).then(|| request.name.clone()),
         address,
+        address6,
         routes,
     })
 }
 
-fn parse_address(text: &str) -> Result<Ipv4Addr, Status> {
-    text.parse()
-        .map_err(|_| Status::invalid_argument(format!("{text:?} is not an IPv4 address")))
+/// The IPv4 tunnel address of the peer named by `text`: its IPv4 tunnel
+/// address, or its IPv6 one.
+fn parse_address(node: &dyn Node, text: &str) -> Result<Ipv4Addr, Status> {
+    let address: std::net::IpAddr = text
+        .parse()
+        .map_err(|_| Status::invalid_argument(format!("{text:?} is not an IP address")))?;
+    match address {
+        std::net::IpAddr::V4(address) => Ok(address),
+        std::net::IpAddr::V6(address6) => node
+            .peers()
+            .iter()
+            .find(|p| p.address6 == Some(address6))
+            .map(|p| p.address)
+            .ok_or_else(|| Status::not_found(format!("no peer holds {address6}"))),
+    }
 }
 
 #[tonic::async_trait]
@@ -421,7 +446,7 @@ impl proto::control_server::Control for ControlService {
         &self,
         request: Request<proto::GetPeerRequest>,
     ) -> Result<Response<proto::Peer>, Status> {
-        let address = parse_address(&request.get_ref().address)?;
+        let address = parse_address(self.node.as_ref(), &request.get_ref().address)?;
         self.node
             .peer(address)
             .map(|p| Response::new((&p).into()))
@@ -433,7 +458,7 @@ impl proto::control_server::Control for ControlService {
         request: Request<proto::KickPeerRequest>,
     ) -> Result<Response<proto::KickPeerReply>, Status> {
         let uid = self.admin_uid(&request, "kick peers")?;
-        let address = parse_address(&request.get_ref().address)?;
+        let address = parse_address(self.node.as_ref(), &request.get_ref().address)?;
         let ban = request
             .get_ref()
             .ban_seconds
@@ -542,6 +567,7 @@ impl From<&PeerInfo> for proto::Peer {
     fn from(p: &PeerInfo) -> proto::Peer {
         proto::Peer {
             address: p.address.to_string(),
+            address6: p.address6.map(|a| a.to_string()).unwrap_or_default(),
             remote: p.remote.to_string(),
             connected_since: Some(p.connected_since.into()),
             last_seen: Some(p.last_seen.into()),

@@ -7,12 +7,12 @@
 //! resolves then, and every later request fails with [`HelperError::Died`].
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -174,14 +174,39 @@ impl Helper {
         self.done(HelperRequest::LinkUp { index }).await
     }
 
-    /// Adds a route to `destination` through the tun.
-    pub async fn add_route(&self, index: u32, destination: Ipv4Net) -> Result<(), HelperError> {
+    /// Makes `address/prefix` the tun's only global IPv6 address.
+    pub async fn set_ipv6(
+        &self,
+        index: u32,
+        address: Ipv6Addr,
+        prefix: u8,
+    ) -> Result<(), HelperError> {
+        self.done(HelperRequest::SetAddress6 {
+            index,
+            address,
+            prefix,
+        })
+        .await
+    }
+
+    /// Adds a route to `destination` (IPv4 or IPv6) through the tun.
+    pub async fn add_route(
+        &self,
+        index: u32,
+        destination: impl Into<IpNet>,
+    ) -> Result<(), HelperError> {
+        let destination = destination.into();
         self.done(HelperRequest::AddRoute { index, destination })
             .await
     }
 
     /// Deletes the route to `destination` through the tun.
-    pub async fn del_route(&self, index: u32, destination: Ipv4Net) -> Result<(), HelperError> {
+    pub async fn del_route(
+        &self,
+        index: u32,
+        destination: impl Into<IpNet>,
+    ) -> Result<(), HelperError> {
+        let destination = destination.into();
         self.done(HelperRequest::DelRoute { index, destination })
             .await
     }
@@ -193,7 +218,16 @@ impl Helper {
 
     /// Server: whether IPv4 forwarding is on (or was turned on).
     pub async fn check_forwarding(&self) -> Result<Forwarding, HelperError> {
-        let request = HelperRequest::CheckForwarding;
+        self.forwarding(HelperRequest::CheckForwarding).await
+    }
+
+    /// Server with `network6`: whether IPv6 forwarding is on (or was turned on).
+    pub async fn check_forwarding6(&self) -> Result<Forwarding, HelperError> {
+        self.forwarding(HelperRequest::CheckForwarding6).await
+    }
+
+    /// A forwarding check, answered with its state.
+    async fn forwarding(&self, request: HelperRequest) -> Result<Forwarding, HelperError> {
         let message = self.call(request.clone()).await?;
         match answer(&request, &message)? {
             HelperResponse::Forwarding(state) => Ok(state),
@@ -206,7 +240,7 @@ impl Helper {
     pub async fn full_tunnel(
         &self,
         index: u32,
-        server: Ipv4Addr,
+        server: IpAddr,
     ) -> Result<Vec<String>, HelperError> {
         self.changed(HelperRequest::FullTunnel { index, server })
             .await

@@ -295,6 +295,14 @@ impl Collector for PeerCollector {
             "Addresses of the pool still free",
             u64::from(table.free_count()),
         )?;
+        if let Some(free6) = table.free_count6() {
+            // A /64 holds 2^64 - 2: as a float, which a Prometheus sample is.
+            let metric = ConstGauge::new(free6 as f64);
+            let help = "IPv6 addresses of the pool still free (network6)";
+            let e =
+                encoder.encode_descriptor("free_addresses6", help, None, metric.metric_type())?;
+            metric.encode(e)?;
+        }
 
         let mut drops = encoder.encode_descriptor(
             "drops",
@@ -435,11 +443,17 @@ mod tests {
     #[test]
     fn every_metric_is_encoded_with_closed_reasons() {
         let metrics = Metrics::default();
-        let table = Arc::new(Table(PeerTable::new(
-            "198.19.0.0/16".parse().expect("net"),
-            [],
-            crate::budget::MemoryBudget::new(1 << 20),
-        )));
+        let table = Arc::new(Table(
+            PeerTable::new(
+                "198.19.0.0/16".parse().expect("net"),
+                [],
+                crate::budget::MemoryBudget::new(1 << 20),
+            )
+            .with_ipv6(
+                Some("2001:2:0:100::/120".parse().expect("net")),
+                Default::default(),
+            ),
+        ));
         metrics.granted(0.004);
         metrics.refused(RefusalReason::Banned);
         metrics.ended(Outcome::Disconnected(DisconnectReason::Kicked));
@@ -455,6 +469,7 @@ mod tests {
             "simplevpn_drops_total{reason=\"queue_full\"} 0",
             "simplevpn_peers_connected 0",
             "simplevpn_free_addresses 65533",
+            "simplevpn_free_addresses6 254.0",
             "simplevpn_handshake_duration_seconds_count 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");

@@ -13,6 +13,7 @@ mod links;
 mod metrics;
 mod notify;
 mod peers;
+mod peers6;
 pub mod privileges;
 pub mod server;
 mod takeover;

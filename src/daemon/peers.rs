@@ -4,16 +4,17 @@
 //! I/O, so a stuck client cannot stall anyone else.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio_util::sync::CancellationToken;
 
 use super::gate::Identity;
+use super::peers6::Six;
 use super::takeover::{Takeovers, Verdict};
 use crate::budget::MemoryBudget;
 use crate::connection::{PushError, QueueTx};
@@ -88,6 +89,8 @@ pub struct Peer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerInfo {
     pub address: Ipv4Addr,
+    /// Its IPv6 address, on a server with `network6`.
+    pub address6: Option<Ipv6Addr>,
     pub remote: SocketAddr,
     pub connected_since: SystemTime,
     pub last_seen: SystemTime,
@@ -116,6 +119,7 @@ impl PeerInfo {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         PeerInfo {
             address,
+            address6: None,
             remote,
             connected_since,
             last_seen: UNIX_EPOCH + Duration::from_millis(load(&stats.last_seen_ms)),
@@ -179,6 +183,8 @@ impl Banned {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Granted {
     pub address: Ipv4Addr,
+    /// The IPv6 address granted with it (extension clients, `network6`).
+    pub address6: Option<Ipv6Addr>,
     pub replaced: Option<Replaced>,
 }
 
@@ -211,6 +217,8 @@ struct Table {
     lease_time: Duration,
     /// The earliest expiry among the leases: nothing to sweep before it.
     next_expiry: Option<SystemTime>,
+    /// The IPv6 addresses (`network6`).
+    six: Six,
 }
 
 impl Table {
@@ -224,7 +232,18 @@ impl Table {
     /// Records `key`'s lease of `address` until `expires`, ending any older
     /// lease of the key (its address goes back to the pool if no one holds
     /// it) or of the address.
-    fn lease(&mut self, key: PublicKey, address: Ipv4Addr, expires: SystemTime) -> Lease {
+    fn lease(
+        &mut self,
+        key: PublicKey,
+        address: Ipv4Addr,
+        address6: Option<Ipv6Addr>,
+        expires: SystemTime,
+    ) -> Lease {
+        if let Some(old6) = self.leases.get(&key).and_then(|l| l.address6) {
+            if Some(old6) != address6 {
+                self.six.release(old6);
+            }
+        }
         if let Some(old) = self.leases.get(&key).map(|l| l.address) {
             if old != address {
                 self.leased.remove(&old);
@@ -241,6 +260,7 @@ impl Table {
         let lease = Lease {
             key,
             address,
+            address6,
             expires,
         };
         self.leases.insert(key, lease.clone());
@@ -272,6 +292,9 @@ impl Table {
             if !self.peers.contains_key(&lease.address) && !self.fixed.contains(&lease.address) {
                 self.pool.release(lease.address);
             }
+            if let Some(address6) = lease.address6 {
+                self.six.release(address6);
+            }
         }
         self.next_expiry = self.leases.values().map(|l| l.expires).min();
     }
@@ -297,6 +320,14 @@ impl Table {
             }
         }
         Some(peer)
+    }
+
+    /// A snapshot of `peer`, the holder of `address`.
+    fn info(&self, address: Ipv4Addr, peer: &Peer) -> PeerInfo {
+        PeerInfo {
+            address6: self.six.of(peer.id),
+            ..peer.info(address)
+        }
     }
 }
 
@@ -342,10 +373,40 @@ impl PeerTable {
                 leased: HashMap::new(),
                 lease_time: Duration::from_secs(crate::config::DEFAULT_LEASE_TIME_SECS),
                 next_expiry: None,
+                six: Six::default(),
             }),
             next_id: AtomicU64::new(1),
             queue_full: AtomicU64::new(0),
         }
+    }
+
+    /// This table, with IPv6 addresses from `network6` for extension
+    /// clients, and `fixed` ones for these keys.
+    pub fn with_ipv6(
+        self,
+        network6: Option<Ipv6Net>,
+        fixed: HashMap<PublicKey, Ipv6Addr>,
+    ) -> PeerTable {
+        self.write().six = Six::new(network6, fixed);
+        self
+    }
+
+    /// Makes `fixed` the fixed IPv6 addresses (see [`PeerTable::set_fixed`]).
+    pub fn set_fixed6(
+        &self,
+        fixed: HashMap<PublicKey, Ipv6Addr>,
+    ) -> Result<(), crate::pool6::Refusal6> {
+        self.write().six.set_fixed(fixed)
+    }
+
+    /// The IPv6 tunnel network, if the server has one.
+    pub fn network6(&self) -> Option<Ipv6Net> {
+        self.read().six.network()
+    }
+
+    /// How many IPv6 addresses are free (`None` without `network6`).
+    pub fn free_count6(&self) -> Option<u128> {
+        self.read().six.free_count()
     }
 
     /// Takes over what the state store kept: the leases (each address is
@@ -358,7 +419,8 @@ impl PeerTable {
             if table.fixed.contains(&lease.address) || table.pool.reserve(lease.address).is_err() {
                 continue;
             }
-            table.lease(lease.key, lease.address, lease.expires);
+            let address6 = lease.address6.filter(|a| table.six.reserve(*a));
+            table.lease(lease.key, lease.address, address6, lease.expires);
         }
         for ban in bans {
             table.bans.insert(ban.who, ban.until);
@@ -430,10 +492,21 @@ impl PeerTable {
         }
         for (&address, &key) in fixed {
             if table.fixed.insert(address) {
-                if let Some(old) = table.leased.remove(&address) {
-                    table.leases.remove(&old);
-                }
-                if let Some(lease) = table.leases.remove(&key) {
+                let ended = [
+                    table
+                        .leased
+                        .remove(&address)
+                        .and_then(|old| table.leases.remove(&old)),
+                    table.leases.remove(&key),
+                ];
+                for lease in ended.into_iter().flatten() {
+                    // Its IPv6 address goes back too, unless held.
+                    if let Some(address6) = lease.address6 {
+                        table.six.release(address6);
+                    }
+                    if lease.key != key {
+                        continue;
+                    }
                     table.leased.remove(&lease.address);
                     if !table.peers.contains_key(&lease.address) {
                         table.pool.release(lease.address);
@@ -500,12 +573,19 @@ impl PeerTable {
             }
         }
         let old_address = old.as_ref().map(|(a, _)| *a);
-        // The address the key holds now, else the one it leases.
-        let leased = match (peer.identity.fixed(), key) {
-            (None, Some(key)) => table.leases.get(&key).map(|l| l.address),
-            _ => None,
+        // The addresses the key holds now, else the ones it leases.
+        let (leased, leased6) = match (peer.identity.fixed(), key) {
+            (None, Some(key)) => table
+                .leases
+                .get(&key)
+                .map_or((None, None), |l| (Some(l.address), l.address6)),
+            _ => (None, None),
         };
         let held = old_address.or(leased);
+        let kept6 = old
+            .as_ref()
+            .and_then(|(_, old)| table.six.of(old.id))
+            .or(leased6);
         let address = match (peer.identity.fixed(), request) {
             (Some(fixed), _) => match table.peers.get(&fixed) {
                 Some(_) if old_address == Some(fixed) => Ok(fixed),
@@ -522,6 +602,9 @@ impl PeerTable {
         let replaced = old.map(|(old_address, old)| {
             old.kick.cancel();
             table.unlink(old_address, old.id);
+            if let Some(old6) = table.six.unlink(old.id).filter(|a| Some(*a) != kept6) {
+                table.six.release(old6);
+            }
             let still_leased = table.leased.contains_key(&old_address);
             if old_address != address && !table.fixed.contains(&old_address) && !still_leased {
                 table.pool.release(old_address);
@@ -531,9 +614,15 @@ impl PeerTable {
                 address: old_address,
             }
         });
+        let address6 = table.six.assign(peer, kept6);
         if let (None, Some(key)) = (peer.identity.fixed(), key) {
             let expires = wall + table.lease_time;
-            table.lease(key, address, expires);
+            table.lease(key, address, address6, expires);
+        }
+        // Kept for the key, but not given to it (it no longer speaks the
+        // extension, say): free unless held or fixed.
+        if let Some(kept6) = kept6.filter(|k| address6 != Some(*k)) {
+            table.six.release(kept6);
         }
         let grant = Control::grant(address, Some(table.pool.network().netmask()));
         // The queue is new and empty: this push cannot fail for lack of room.
@@ -547,7 +636,11 @@ impl PeerTable {
         for route in &peer.routes {
             table.routes.insert(*route, peer.clone());
         }
-        Ok(Granted { address, replaced })
+        Ok(Granted {
+            address,
+            address6,
+            replaced,
+        })
     }
 
     /// How much longer connections of `key` are refused for taking over
@@ -562,6 +655,7 @@ impl PeerTable {
     pub fn remove(&self, address: Ipv4Addr, id: u64) -> Option<Lease> {
         let mut table = self.write();
         let peer = table.unlink(address, id)?;
+        let address6 = table.six.unlink(id);
         let lease_time = table.lease_time;
         let lease = peer
             .identity
@@ -580,6 +674,10 @@ impl PeerTable {
             );
         } else if !table.fixed.contains(&address) {
             table.pool.release(address);
+        }
+        let leased6 = lease.as_ref().and_then(|l| l.address6);
+        if let Some(address6) = address6.filter(|a| leased6 != Some(*a)) {
+            table.six.release(address6);
         }
         lease
     }
@@ -602,21 +700,23 @@ impl PeerTable {
             .filter(|(_, p)| p.identity.key() == Some(*key))
             .map(|(address, peer)| {
                 peer.kick.cancel();
-                peer.info(*address)
+                table.info(*address, peer)
             })
             .collect()
     }
 
-    /// Queues `packet` for the peer that holds `destination`, or whose
-    /// networks hold it (longest prefix), without waiting.
-    pub fn deliver(&self, destination: Ipv4Addr, packet: Bytes) -> Delivery {
+    /// Queues `packet` for the peer that holds `destination` (IPv4 or
+    /// IPv6), or whose networks hold it (longest prefix), without waiting.
+    pub fn deliver(&self, destination: impl Into<IpAddr>, packet: Bytes) -> Delivery {
+        let destination = destination.into();
         let table = self.read();
-        let peer = match table.peers.get(&destination) {
+        let holder = match destination {
+            IpAddr::V4(address) => table.peers.get(&address),
+            IpAddr::V6(address) => table.six.holder(address),
+        };
+        let peer = match holder.or_else(|| table.routes.lookup(destination).map(|(_, p)| p)) {
             Some(peer) => peer,
-            None => match table.routes.lookup(IpAddr::V4(destination)) {
-                Some((_, peer)) => peer,
-                None => return Delivery::NoPeer(packet),
-            },
+            None => return Delivery::NoPeer(packet),
         };
         let len = packet.len();
         match peer.queue.try_push(packet) {
@@ -694,7 +794,7 @@ impl PeerTable {
         let mut peers: Vec<PeerInfo> = table
             .peers
             .iter()
-            .map(|(address, peer)| peer.info(*address))
+            .map(|(address, peer)| table.info(*address, peer))
             .collect();
         peers.sort_by_key(|p| p.address);
         peers
@@ -702,10 +802,11 @@ impl PeerTable {
 
     /// The peer that holds `address`.
     pub fn peer(&self, address: Ipv4Addr) -> Option<PeerInfo> {
-        self.read()
+        let table = self.read();
+        table
             .peers
             .get(&address)
-            .map(|peer| peer.info(address))
+            .map(|peer| table.info(address, peer))
     }
 
     /// Closes the connection that holds `address`; its task then frees the
@@ -714,7 +815,7 @@ impl PeerTable {
         let table = self.read();
         let peer = table.peers.get(&address)?;
         peer.kick.cancel();
-        Some(peer.info(address))
+        Some(table.info(address, peer))
     }
 
     /// Closes the connection that holds `address` and refuses it (by key, or
@@ -730,7 +831,7 @@ impl PeerTable {
         table
             .bans
             .insert(Banned::of(&peer.identity, peer.remote.ip()), until);
-        Some(peer.info(address))
+        Some(table.info(address, &peer))
     }
 
     /// Refuses `who` until `until` (a ban made on another server of the
@@ -1154,6 +1255,196 @@ mod tests {
             Ok(address)
         );
         assert_eq!(restarted.free_count(), free_before);
+    }
+
+    /// An extension (ALPN simplevpn/2) TLS peer of `key`.
+    fn extension_peer(
+        table: &PeerTable,
+        port: u16,
+        key: PublicKey,
+    ) -> (Arc<Peer>, crate::connection::QueueRx) {
+        peer_with_extension(table, port, tls(key))
+    }
+
+    /// A peer with `identity` that speaks the extension.
+    fn peer_with_extension(
+        table: &PeerTable,
+        port: u16,
+        identity: Identity,
+    ) -> (Arc<Peer>, crate::connection::QueueRx) {
+        let (queue, rx) = crate::connection::queue(4, 1 << 20, None);
+        let remote = SocketAddr::from(([198, 18, 0, 2], port));
+        (
+            table.new_peer(remote, identity, Vec::new(), queue, true),
+            rx,
+        )
+    }
+
+    fn dual_stack(fixed6: &[(PublicKey, &str)]) -> PeerTable {
+        let fixed6 = fixed6
+            .iter()
+            .map(|(k, a)| (*k, a.parse().expect("v6")))
+            .collect();
+        table_of("198.19.0.0/24", &[])
+            .with_ipv6(Some("2001:2:0:100::/64".parse().expect("net")), fixed6)
+    }
+
+    #[test]
+    fn extension_peers_get_a_sticky_ipv6_address_and_original_ones_none() {
+        let v6 = |s: &str| -> Ipv6Addr { s.parse().expect("v6") };
+        let (k1, k2, k3) = (
+            PublicKey::from_raw(&[1; 32]).expect("key"),
+            PublicKey::from_raw(&[2; 32]).expect("key"),
+            PublicKey::from_raw(&[3; 32]).expect("key"),
+        );
+        let table = dual_stack(&[(k3, "2001:2:0:100::99")]);
+        table.restore(Vec::new(), Vec::new(), Duration::from_secs(3600));
+        assert_eq!(table.free_count6(), Some((1u128 << 64) - 3));
+        let (original, _rx) = link(&table, 1000);
+        let granted = table.admit(Request::Dynamic, &original).expect("grant");
+        assert_eq!(granted.address6, None);
+        let (a, _rx) = extension_peer(&table, 1001, k1);
+        let a_grant = table.admit(Request::Dynamic, &a).expect("grant");
+        assert_eq!(a_grant.address6, Some(v6("2001:2:0:100::2")));
+        let (b, _rx) = extension_peer(&table, 1002, k2);
+        let b_grant = table.admit(Request::Dynamic, &b).expect("grant");
+        assert_eq!(b_grant.address6, Some(v6("2001:2:0:100::3")));
+        let (c, _rx) = extension_peer(&table, 1003, k3);
+        let c_grant = table.admit(Request::Dynamic, &c).expect("grant");
+        assert_eq!(c_grant.address6, Some(v6("2001:2:0:100::99")));
+        assert_eq!(
+            table.peer(a_grant.address).and_then(|p| p.address6),
+            Some(v6("2001:2:0:100::2"))
+        );
+        // Packets for an IPv6 address go to its holder.
+        assert_eq!(
+            table.deliver(v6("2001:2:0:100::3"), Bytes::from_static(b"6")),
+            Delivery::Queued
+        );
+        assert_eq!(
+            table.deliver(v6("2001:2:0:100::4"), Bytes::new()),
+            Delivery::NoPeer(Bytes::new())
+        );
+        // Away, its lease keeps both addresses for it; back, it has both.
+        let lease = table.remove(a_grant.address, a.id).expect("lease kept");
+        assert_eq!(lease.address6, a_grant.address6);
+        let (other, _rx) =
+            extension_peer(&table, 1004, PublicKey::from_raw(&[4; 32]).expect("key"));
+        let other_grant = table.admit(Request::Dynamic, &other).expect("grant");
+        assert_eq!(other_grant.address6, Some(v6("2001:2:0:100::4")));
+        let (back, _rx) = extension_peer(&table, 1005, k1);
+        let back_grant = table.admit(Request::Dynamic, &back).expect("grant");
+        assert_eq!(
+            (back_grant.address, back_grant.address6),
+            (a_grant.address, a_grant.address6)
+        );
+        // A second connection of the same key takes both over.
+        let (again, _rx) = extension_peer(&table, 1006, k1);
+        let again_grant = table.admit(Request::Dynamic, &again).expect("grant");
+        assert_eq!(again_grant.address6, a_grant.address6);
+        assert_eq!(table.remove(a_grant.address, back.id), None);
+        // The key back without the extension: IPv4 only, its IPv6 address freed.
+        let free = table.free_count6();
+        let (plain, _rx) = peer_with(&table, 1007, tls(k1));
+        let plain_grant = table.admit(Request::Dynamic, &plain).expect("grant");
+        assert_eq!(
+            (plain_grant.address, plain_grant.address6),
+            (a_grant.address, None)
+        );
+        assert_eq!(table.free_count6(), free.map(|f| f + 1));
+        table.remove(plain_grant.address, plain.id);
+        let (again, _rx) = extension_peer(&table, 1008, k1);
+        let again_grant = table.admit(Request::Dynamic, &again).expect("grant");
+        assert_eq!(
+            again_grant.address6, a_grant.address6,
+            "the lowest free again"
+        );
+        let lease = table.lease_of(&k1).expect("a lease");
+
+        // After a restart the lease is honoured for both addresses.
+        let restarted = dual_stack(&[]);
+        restarted.restore(vec![lease], Vec::new(), Duration::from_secs(3600));
+        let (first, _rx) = extension_peer(&restarted, 2000, k2);
+        assert_eq!(
+            restarted
+                .admit(Request::Dynamic, &first)
+                .expect("grant")
+                .address6,
+            Some(v6("2001:2:0:100::3")),
+            "the leased ::2 is not handed to another key"
+        );
+        let (back, _rx) = extension_peer(&restarted, 2001, k1);
+        let grant = restarted.admit(Request::Dynamic, &back).expect("grant");
+        assert_eq!(
+            (grant.address, grant.address6),
+            (a_grant.address, a_grant.address6)
+        );
+    }
+
+    #[test]
+    fn a_lease_ended_by_a_fixed_address_frees_its_ipv6_address_too() {
+        let table = dual_stack(&[]);
+        table.restore(Vec::new(), Vec::new(), Duration::from_secs(3600));
+        let key = PublicKey::from_raw(&[1; 32]).expect("key");
+        let (peer, _rx) = extension_peer(&table, 1000, key);
+        let grant = table.admit(Request::Dynamic, &peer).expect("grant");
+        let lease = table.remove(grant.address, peer.id).expect("leased");
+        assert_eq!(lease.address6, grant.address6);
+        let free = table.free_count6();
+        let fixed = Ipv4Addr::new(198, 19, 0, 99);
+        table
+            .set_fixed(&HashMap::from([(fixed, key)]))
+            .expect("free");
+        assert_eq!(table.lease_of(&key), None);
+        assert_eq!(table.free_count6(), free.map(|f| f + 1));
+    }
+
+    #[test]
+    fn an_ipv6_address_without_a_lease_goes_back_to_the_pool() {
+        let table = dual_stack(&[]);
+        let key = PublicKey::from_raw(&[1; 32]).expect("key");
+        let identity = Identity::Tls {
+            key,
+            name: None,
+            fixed: Some(Ipv4Addr::new(198, 19, 0, 50)),
+        };
+        let (fixed, _rx) = peer_with_extension(&table, 1000, identity);
+        let grant = table.admit(Request::Dynamic, &fixed).expect("grant");
+        assert_eq!(grant.address6, Some("2001:2:0:100::2".parse().expect("v6")));
+        let free = table.free_count6();
+        assert_eq!(table.remove(grant.address, fixed.id), None);
+        assert_eq!(table.free_count6().map(|f| f - 1), free);
+        // Without a lease, a key still gets its last address back while it
+        // is free (not the lowest free one).
+        let fixed_key = |n: u8, port: u16| {
+            let identity = Identity::Tls {
+                key: PublicKey::from_raw(&[n; 32]).expect("key"),
+                name: None,
+                fixed: Some(Ipv4Addr::new(198, 19, 0, 50 + n)),
+            };
+            peer_with_extension(&table, port, identity)
+        };
+        let (f, _rx) = fixed_key(5, 2000);
+        let (g, _rx) = fixed_key(6, 2001);
+        let f_grant = table.admit(Request::Dynamic, &f).expect("grant");
+        let g_grant = table.admit(Request::Dynamic, &g).expect("grant");
+        assert_eq!(f_grant.address6, grant.address6, "the lowest free");
+        table.remove(f_grant.address, f.id);
+        table.remove(g_grant.address, g.id);
+        let (g_again, _rx) = fixed_key(6, 2002);
+        let back = table.admit(Request::Dynamic, &g_again).expect("grant");
+        assert_eq!(back.address6, g_grant.address6);
+        // Nor does a table without network6 give any.
+        let v4_only = new_table();
+        let (peer, _rx) = extension_peer(&v4_only, 1001, key);
+        assert_eq!(
+            v4_only
+                .admit(Request::Dynamic, &peer)
+                .expect("grant")
+                .address6,
+            None
+        );
+        assert_eq!(v4_only.free_count6(), None);
     }
 
     #[test]

@@ -125,10 +125,15 @@ pub fn helper_args(role: &Role) -> HelperArgs {
             role: HelperRole::Server,
             tun: config.tun.clone(),
             network: Some(config.network),
+            network6: config.network6,
             max_mtu: config.max_frame as u32,
             user: config.user.clone(),
             // The server routes the networks behind its peers into its tun.
-            routes: ipv4_only(config.peers.iter().flat_map(|p| p.routes.iter())),
+            routes: config
+                .peers
+                .iter()
+                .flat_map(|p| p.routes.iter().copied())
+                .collect(),
             any_route: false,
             masquerade: config.masquerade,
             forwarding: config.forwarding,
@@ -139,9 +144,10 @@ pub fn helper_args(role: &Role) -> HelperArgs {
             role: HelperRole::Client,
             tun: config.tun.clone(),
             network: config.network,
+            network6: config.network6,
             max_mtu: config.max_frame as u32,
             user: config.user.clone(),
-            routes: ipv4_only(config.accept_routes.iter().flatten()),
+            routes: config.accept_routes.iter().flatten().copied().collect(),
             any_route: config.accept_routes.is_none(),
             masquerade: false,
             forwarding: false,
@@ -149,15 +155,6 @@ pub fn helper_args(role: &Role) -> HelperArgs {
             dns: config.dns == crate::config::DnsMode::Pushed,
         },
     }
-}
-
-/// The IPv4 networks among `nets` (routes on the tun are IPv4 so far).
-fn ipv4_only<'a>(nets: impl Iterator<Item = &'a ipnet::IpNet>) -> Vec<ipnet::Ipv4Net> {
-    nets.filter_map(|net| match net {
-        ipnet::IpNet::V4(net) => Some(*net),
-        ipnet::IpNet::V6(_) => None,
-    })
-    .collect()
 }
 
 /// The helper beside simplevpnd's own executable, else the packaged one.

@@ -24,13 +24,13 @@
 //!      into vectored writes.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv6Net};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, timeout_at, Instant};
@@ -56,11 +56,12 @@ use crate::daemon::tun::{AsyncTun, TunHealth};
 use crate::keys::{NodeKey, PublicKey};
 use crate::limits::MAX_PACKET;
 use crate::pool::server_address;
+use crate::pool6::server_address6;
 use crate::privsep::protocol::Forwarding;
 use crate::proto;
 use crate::session::server::{pushed_params, Action, DropReason, Ending, Offer, ServerSession};
 use crate::state::{Ban, Lease, SqliteStore, StateStore};
-use crate::wire::{ipv4_addresses, Control, Decoder, Frame};
+use crate::wire::{ip_addresses, Control, Decoder, Frame};
 
 /// How long a closing connection may take to flush what is queued for it.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
@@ -189,13 +190,8 @@ fn fitting_live(config: &ServerConfig, stored: Vec<PeerSection>) -> Vec<PeerSect
             .into_iter()
             .map(|p| p.section)
             .collect();
-        match check_peers(
-            sections,
-            config.routes.clone(),
-            config.network,
-            config.key.is_some(),
-        ) {
-            Ok(_) => live.push(peer),
+        match peers_fit(config, sections) {
+            Ok(()) => live.push(peer),
             Err(e) => warn!(
                 key = %peer.key,
                 "a peer added live no longer fits beside the config and is not allowed: {e}"
@@ -205,15 +201,19 @@ fn fitting_live(config: &ServerConfig, stored: Vec<PeerSection>) -> Vec<PeerSect
     live
 }
 
-/// The IPv4 networks behind `peers` (routed into the tun).
-fn tun_routes(peers: &[AllowedPeer]) -> HashSet<Ipv4Net> {
+/// The networks behind `peers` (routed into the tun).
+fn tun_routes(peers: &[AllowedPeer]) -> HashSet<IpNet> {
     peers
         .iter()
-        .flat_map(|p| p.section.routes.iter())
-        .filter_map(|r| match r {
-            IpNet::V4(net) => Some(*net),
-            IpNet::V6(_) => None,
-        })
+        .flat_map(|p| p.section.routes.iter().copied())
+        .collect()
+}
+
+/// The IPv6 addresses fixed for `peers`' keys.
+fn fixed6(peers: &[AllowedPeer]) -> HashMap<PublicKey, Ipv6Addr> {
+    peers
+        .iter()
+        .filter_map(|p| Some((p.section.key, p.section.address6?)))
         .collect()
 }
 
@@ -267,18 +267,21 @@ pub async fn run(
         .set_ipv4(tun.index, own_address, config.network.prefix_len())
         .await?;
     helper.set_up(tun.index).await?;
+    if let Some(network6) = config.network6 {
+        // After the link is up: the kernel sets up IPv6 on a link when it
+        // comes up.
+        helper
+            .set_ipv6(tun.index, server_address6(network6), network6.prefix_len())
+            .await?;
+    }
     // The networks behind clients are reached through the tun: the host
     // routes them here, and the peer table on to the client behind each.
     for route in config.peers.iter().flat_map(|p| p.routes.iter()) {
-        if let IpNet::V4(route) = route {
-            helper.add_route(tun.index, *route).await?;
-        }
+        helper.add_route(tun.index, *route).await?;
     }
     for route in live.iter().flat_map(|p| p.routes.iter()) {
-        if let IpNet::V4(route) = route {
-            if let Err(e) = helper.add_route(tun.index, *route).await {
-                warn!(%route, error = %e, "a live peer's network is not routed into the tun on this host");
-            }
+        if let Err(e) = helper.add_route(tun.index, *route).await {
+            warn!(%route, error = %e, "a live peer's network is not routed into the tun on this host");
         }
     }
     let host_changes = beyond_the_tun(&config, helper, tun.index, &tun.name).await?;
@@ -307,7 +310,8 @@ pub async fn run(
         config.network,
         fixed,
         MemoryBudget::new(config.memory_budget),
-    );
+    )
+    .with_ipv6(config.network6, fixed6(&gate.peers()));
     let lease_time = match &config.cluster {
         Some(cluster) => cluster.lease_ttl,
         None => config.lease_time,
@@ -375,6 +379,7 @@ pub async fn run(
         tun = %tun_name,
         address = %own_address,
         network = %shared.config.network,
+        network6 = %shared.config.network6.map_or("none".to_string(), |n| n.to_string()),
         tls = %tls_text,
         tls_peers = shared.config.peers.len(),
         legacy = ?shared.config.legacy,
@@ -450,6 +455,9 @@ pub async fn run(
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
+                    // An IPv4 client of a dual-stack `[::]` socket: as the
+                    // IPv4 address it is (limits per source, bans, legacy_allow).
+                    let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
                     let span = info_span!(
                         "peer",
                         %remote,
@@ -504,11 +512,24 @@ pub async fn run(
 const LISTEN_BACKLOG: u32 = 4096;
 
 /// The listening socket, with SO_REUSEADDR (a restart rebinds at once) and a
-/// deep backlog.
+/// deep backlog. On `[::]` it serves both families (IPV6_V6ONLY off,
+/// whatever net.ipv6.bindv6only says): IPv4 clients arrive as
+/// IPv4-mapped addresses, which `run` turns back into IPv4 ones.
 fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match address {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        SocketAddr::V6(v6) => {
+            let socket = TcpSocket::new_v6()?;
+            if v6.ip().is_unspecified() {
+                nix::sys::socket::setsockopt(
+                    &socket,
+                    nix::sys::socket::sockopt::Ipv6V6Only,
+                    &false,
+                )
+                .map_err(std::io::Error::from)?;
+            }
+            socket
+        }
     };
     socket.set_reuseaddr(true)?;
     socket.bind(address)?;
@@ -676,8 +697,13 @@ async fn connection(
                 }
                 None => shared.peers.admit(request, &peer),
             } {
-                Ok(Granted { address, replaced }) => {
+                Ok(Granted {
+                    address,
+                    address6,
+                    replaced,
+                }) => {
                     session.granted(now, address);
+                    session.granted6(address6);
                     pending = None;
                     shared.metrics.granted(accepted.elapsed().as_secs_f64());
                     if let Some(lease) = peer.identity.key().and_then(|k| shared.peers.lease_of(&k))
@@ -694,7 +720,14 @@ async fn connection(
                             "key connected from two places: the newer connection takes over, the older is closed"
                         );
                     }
-                    info!(?request, peers = shared.peers.len(), "granted {address}");
+                    match address6 {
+                        Some(address6) => info!(
+                            ?request,
+                            peers = shared.peers.len(),
+                            "granted {address} and {address6}"
+                        ),
+                        None => info!(?request, peers = shared.peers.len(), "granted {address}"),
+                    }
                     shared.events.publish(
                         EventKind::Granted,
                         remote,
@@ -702,7 +735,7 @@ async fn connection(
                         format!("{request:?}"),
                     );
                     if extension {
-                        push_params(&shared, &peer, address);
+                        push_params(&shared, &peer, address, address6);
                     }
                     // From now on silence counts, not the handshake deadline.
                     idle.as_mut().reset(Instant::from_std(session.deadline()));
@@ -763,28 +796,46 @@ async fn beyond_the_tun(
     if config.masquerade {
         changes.extend(helper.masquerade(index).await?);
     }
-    if config.masquerade || config.gateway || !config.routes.is_empty() {
-        match helper.check_forwarding().await {
-            Ok(Forwarding::On) => {}
-            // E.g. /proc/sys read-only (the unit's ProtectKernelTunables=).
-            Err(HelperError::Failed { reason, .. }) => warn!(
-                tun,
-                %reason,
-                "IPv4 forwarding could not be checked or turned on: turn it on with \
-                 `sysctl -w net.ipv4.ip_forward=1` (and in /etc/sysctl.d to keep it)"
-            ),
-            Err(e) => return Err(e.into()),
-            Ok(Forwarding::TurnedOn) => {
-                changes.push("net.ipv4.ip_forward turned on (it stays on)".to_string())
-            }
-            Ok(Forwarding::Off) => warn!(
-                tun,
-                "IPv4 forwarding is off, so clients' traffic does not leave this host: \
-                 turn it on with `sysctl -w net.ipv4.ip_forward=1`, or set forwarding = true"
-            ),
-        }
+    let forwards = config.masquerade || config.gateway || !config.routes.is_empty();
+    if forwards {
+        let checked = helper.check_forwarding().await;
+        report_forwarding(checked, "IPv4", "net.ipv4.ip_forward", tun, &mut changes)?;
+    }
+    if forwards && config.network6.is_some() {
+        let checked = helper.check_forwarding6().await;
+        let sysctl = "net.ipv6.conf.all.forwarding";
+        report_forwarding(checked, "IPv6", sysctl, tun, &mut changes)?;
     }
     Ok(changes)
+}
+
+/// Logs what the helper found of `family`'s forwarding (`sysctl`), and
+/// adds it to `changes` if it turned it on.
+fn report_forwarding(
+    checked: Result<Forwarding, HelperError>,
+    family: &str,
+    sysctl: &str,
+    tun: &str,
+    changes: &mut Vec<String>,
+) -> Result<(), DaemonError> {
+    match checked {
+        Ok(Forwarding::On) => {}
+        // E.g. /proc/sys read-only (the unit's ProtectKernelTunables=).
+        Err(HelperError::Failed { reason, .. }) => warn!(
+            tun,
+            %reason,
+            "{family} forwarding could not be checked or turned on: turn it on with \
+             `sysctl -w {sysctl}=1` (and in /etc/sysctl.d to keep it)"
+        ),
+        Err(e) => return Err(e.into()),
+        Ok(Forwarding::TurnedOn) => changes.push(format!("{sysctl} turned on (it stays on)")),
+        Ok(Forwarding::Off) => warn!(
+            tun,
+            "{family} forwarding is off, so clients' {family} traffic does not leave this host: \
+             turn it on with `sysctl -w {sysctl}=1`, or set forwarding = true"
+        ),
+    }
+    Ok(())
 }
 
 /// Queues a control message to a client; dropped if its queue is full.
@@ -801,15 +852,19 @@ fn send(peer: &Peer, control: Control) {
 }
 
 /// Queues the session parameters for an extension client just granted
-/// `address` (right behind its grant).
-fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr) {
-    let params = pushed_params(
-        address,
-        shared.config.network,
-        shared.served_routes(),
-        &peer.routes,
-        &shared.offer,
-    );
+/// `address` and `address6` (right behind its grant).
+fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr, address6: Option<Ipv6Addr>) {
+    let params = crate::params::SessionParams {
+        address6: address6
+            .and_then(|a| Ipv6Net::new(a, shared.peers.network6()?.prefix_len()).ok()),
+        ..pushed_params(
+            address,
+            shared.config.network,
+            shared.served_routes(),
+            &peer.routes,
+            &shared.offer,
+        )
+    };
     match params.encode() {
         Ok(frame) => {
             debug!(routes = params.routes.len(), "pushing session parameters");
@@ -826,7 +881,7 @@ fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr) {
 
 /// Sends a client's packet on: to the client that holds `destination`, else
 /// into the server's tun.
-fn forward(shared: &Shared, destination: Ipv4Addr, packet: Bytes) {
+fn forward(shared: &Shared, destination: IpAddr, packet: Bytes) {
     if let Delivery::NoPeer(packet) = shared.peers.deliver(destination, packet) {
         // A client of another server of the cluster.
         let Some(packet) = to_cluster(shared, destination, packet) else {
@@ -842,10 +897,12 @@ fn forward(shared: &Shared, destination: Ipv4Addr, packet: Bytes) {
 
 /// Sends `packet` to the server of the cluster whose client holds
 /// `destination`; hands it back if none does (or there is no cluster).
-fn to_cluster(shared: &Shared, destination: Ipv4Addr, packet: Bytes) -> Option<Bytes> {
-    match &shared.links {
-        Some(links) => links.forward(destination, packet),
-        None => Some(packet),
+fn to_cluster(shared: &Shared, destination: IpAddr, packet: Bytes) -> Option<Bytes> {
+    match (&shared.links, destination) {
+        (Some(links), IpAddr::V4(destination)) => links.forward(destination, packet),
+        // The cluster shares IPv4 leases only (a cluster with network6 is
+        // refused by the config): IPv6 stays on this server.
+        (_, IpAddr::V6(_)) | (None, _) => Some(packet),
     }
 }
 
@@ -862,7 +919,7 @@ fn count_drop(shared: &Shared, peer: &Peer, reason: DropReason) {
             &peer.stats.dropped_spoofed
         }
         DropReason::NotIpv4 => {
-            debug!("dropped a non-IPv4 packet: no IPv6 address is assigned");
+            debug!("dropped an IPv6 packet: no IPv6 address is assigned to this peer");
             &peer.stats.dropped_spoofed
         }
     };
@@ -890,7 +947,7 @@ async fn tun_reader(tun: Arc<AsyncTun>, shared: Arc<Shared>, shutdown: Cancellat
             },
         };
         let packet = buf.split_to(len).freeze();
-        if let Some((_, destination)) = ipv4_addresses(&packet) {
+        if let Some((_, destination)) = ip_addresses(&packet) {
             if let Delivery::NoPeer(packet) = shared.peers.deliver(destination, packet) {
                 to_cluster(&shared, destination, packet);
             }
@@ -918,6 +975,20 @@ impl Node for Shared {
             closed_for_memory: self.peers.budget().closed(),
             routes: self.served_routes().iter().map(|r| r.to_string()).collect(),
             host_changes: self.host_changes.clone(),
+            network6: self
+                .config
+                .network6
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+            address6: self
+                .config
+                .network6
+                .map(|n| format!("{}/{}", server_address6(n), n.prefix_len()))
+                .unwrap_or_default(),
+            free_addresses6: self
+                .peers
+                .free_count6()
+                .map_or(0, |n| u64::try_from(n).unwrap_or(u64::MAX)),
             cluster: self
                 .cluster
                 .as_ref()
@@ -1167,14 +1238,21 @@ async fn remove_peer(
 fn check(config: &ServerConfig, live: &[PeerSection]) -> Result<Vec<AllowedPeer>, AdminError> {
     let merged = merge_peers(&config.peers, live);
     let sections = merged.iter().map(|p| p.section.clone()).collect();
-    check_peers(
+    peers_fit(config, sections).map_err(AdminError::Invalid)?;
+    Ok(merged)
+}
+
+/// Whether `sections` (the config's peers and those added live) fit
+/// together and beside `config`'s routes and networks.
+fn peers_fit(config: &ServerConfig, sections: Vec<PeerSection>) -> Result<(), ConfigError> {
+    let (peers, routes) = check_peers(
         sections,
         config.routes.clone(),
         config.network,
         config.key.is_some(),
-    )
-    .map_err(AdminError::Invalid)?;
-    Ok(merged)
+    )?;
+    crate::config6::network6(config.network6, &peers, &routes, config.mtu)?;
+    Ok(())
 }
 
 /// Makes `config` (whose fixed settings are those started with) and the
@@ -1198,6 +1276,12 @@ async fn apply(
         .peers
         .set_fixed(&fixed)
         .map_err(|refusal| AdminError::Invalid(ConfigError::new("address", refusal.to_string())))?;
+    shared
+        .peers
+        .set_fixed6(fixed6(&merged))
+        .map_err(|refusal| {
+            AdminError::Invalid(ConfigError::new("address6", refusal.to_string()))
+        })?;
     let old = shared.gate.peers();
     let old_served = shared.served_routes();
     shared.gate.set_peers(merged.clone());
@@ -1251,7 +1335,8 @@ async fn apply(
         report.routes_changed = true;
         for (address, peer) in shared.peers.connected() {
             if peer.extension && !peer.kick.is_cancelled() {
-                push_params(shared, &peer, address);
+                let address6 = shared.peers.peer(address).and_then(|p| p.address6);
+                push_params(shared, &peer, address, address6);
                 report.pushed += 1;
             }
         }

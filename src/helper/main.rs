@@ -22,12 +22,12 @@
 //! the helper leaves only after the daemon has.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use anyhow::{anyhow, bail, Context};
 use caps::Capability;
@@ -61,7 +61,9 @@ const HALF_DEFAULTS: [Ipv4Net; 2] = [
     Ipv4Net::new_assert(Ipv4Addr::new(0, 0, 0, 0), 1),
     Ipv4Net::new_assert(Ipv4Addr::new(128, 0, 0, 0), 1),
 ];
-/// And IPv6's halves: the daemon sends no IPv6, so these drop it.
+/// And IPv6's halves: with an IPv6 address on the tun (IPv6 inside the
+/// tunnel) these are the IPv6 default route through the tunnel; without
+/// one, the daemon sends no IPv6, so these drop it (no leak).
 const IPV6_HALVES: [Ipv6Net; 2] = [
     Ipv6Net::new_assert(std::net::Ipv6Addr::UNSPECIFIED, 1),
     Ipv6Net::new_assert(std::net::Ipv6Addr::new(0x8000, 0, 0, 0, 0, 0, 0, 0), 1),
@@ -270,7 +272,7 @@ impl State {
 
     /// Full tunnel: pins the route to `server`, then routes everything
     /// else into the tun. Returns what it changed.
-    fn full_tunnel(&mut self, index: u32, server: Ipv4Addr) -> Result<Vec<String>, Failure> {
+    fn full_tunnel(&mut self, index: u32, server: IpAddr) -> Result<Vec<String>, Failure> {
         let routes = self.runtime.block_on(self.links.host_routes())?;
         let pin = pin_route(&routes, server, index)?;
         match self.changes.pinned {
@@ -295,7 +297,7 @@ impl State {
             HALF_DEFAULTS.map(|h| h.to_string()).join(", ")
         ));
         for half in IPV6_HALVES {
-            match self.runtime.block_on(self.links.add_route6(index, half)) {
+            match self.runtime.block_on(self.links.add_route(index, half)) {
                 Ok(()) => {}
                 // No IPv6 on this host at all: nothing can leak.
                 Err(NetdevError::Netlink { source, .. })
@@ -306,8 +308,12 @@ impl State {
                 Err(e) => return Err(e.into()),
             }
         }
+        let why = match self.policy.address6() {
+            Some(_) => "IPv6 through the tunnel",
+            None => "IPv6 blocked: no IPv6 address inside the tunnel",
+        };
         changes.push(format!(
-            "routes {} dev {tun} (IPv6 blocked: the tunnel carries IPv4 only)",
+            "routes {} dev {tun} ({why})",
             IPV6_HALVES.map(|h| h.to_string()).join(", ")
         ));
         Ok(changes)
@@ -319,7 +325,7 @@ impl State {
             self.runtime.block_on(self.links.del_route(index, half))?;
         }
         for half in IPV6_HALVES {
-            if let Err(e) = self.runtime.block_on(self.links.del_route6(index, half)) {
+            if let Err(e) = self.runtime.block_on(self.links.del_route(index, half)) {
                 warn!("removing {half}: {e}");
             }
         }
@@ -327,6 +333,27 @@ impl State {
             self.runtime.block_on(self.links.del_host_route(pinned))?;
         }
         Ok(())
+    }
+
+    /// Whether `sysctl` is on; a helper started with `--forwarding` turns
+    /// it on if not.
+    fn forwarding(&self, sysctl: netdev::ForwardingSysctl) -> Result<Forwarding, Failure> {
+        let failed = |what: &'static str| move |source| Failure::Io { what, source };
+        let state = match sysctl
+            .is_on()
+            .map_err(failed("reading a forwarding sysctl"))?
+        {
+            true => Forwarding::On,
+            false if self.args.forwarding => {
+                sysctl
+                    .turn_on()
+                    .map_err(failed("writing a forwarding sysctl"))?;
+                info!("turned on forwarding ({}=1)", sysctl.name);
+                Forwarding::TurnedOn
+            }
+            false => Forwarding::Off,
+        };
+        Ok(state)
     }
 
     /// Carries out an allowed request and records it in the policy.
@@ -360,6 +387,13 @@ impl State {
             } => self
                 .runtime
                 .block_on(links.set_ipv4(index, address, prefix)),
+            HelperRequest::SetAddress6 {
+                index,
+                address,
+                prefix,
+            } => self
+                .runtime
+                .block_on(links.set_ipv6(index, address, prefix)),
             HelperRequest::SetMtu { index, mtu } => {
                 self.runtime.block_on(links.set_mtu(index, mtu))
             }
@@ -381,28 +415,23 @@ impl State {
                     .map_or_else(|| self.args.tun.clone(), |(name, _)| name.clone());
                 // Marked first: a batch that fails half-way is removed too.
                 self.changes.nat = Some(tun.clone());
-                nat::install(&tun, network)?;
-                let change = nat::describe(&tun, network);
-                info!("installed {change}");
-                return Ok(HelperResponse::Changed(vec![change]));
+                let networks = std::iter::once(IpNet::from(network))
+                    .chain(self.policy.masquerade_network6().map(IpNet::from));
+                let mut changes = Vec::new();
+                for network in networks {
+                    nat::install(&tun, network)?;
+                    let change = nat::describe(&tun, network);
+                    info!("installed {change}");
+                    changes.push(change);
+                }
+                return Ok(HelperResponse::Changed(changes));
             }
             HelperRequest::CheckForwarding => {
-                let on = netdev::ipv4_forwarding().map_err(|source| Failure::Io {
-                    what: "reading net.ipv4.ip_forward",
-                    source,
-                })?;
-                let state = match on {
-                    true => Forwarding::On,
-                    false if self.args.forwarding => {
-                        netdev::enable_ipv4_forwarding().map_err(|source| Failure::Io {
-                            what: "writing net.ipv4.ip_forward",
-                            source,
-                        })?;
-                        info!("turned on IPv4 forwarding (net.ipv4.ip_forward=1)");
-                        Forwarding::TurnedOn
-                    }
-                    false => Forwarding::Off,
-                };
+                let state = self.forwarding(netdev::IPV4_FORWARDING)?;
+                return Ok(HelperResponse::Forwarding(state));
+            }
+            HelperRequest::CheckForwarding6 => {
+                let state = self.forwarding(netdev::IPV6_FORWARDING)?;
                 return Ok(HelperResponse::Forwarding(state));
             }
             HelperRequest::FullTunnel { index, server } => {

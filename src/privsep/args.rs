@@ -3,9 +3,10 @@
 //! policy it implies.
 
 use clap::{Parser, ValueEnum};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::policy::{AddressRule, Grants, Policy, RouteRule};
+use super::policy6::AddressRule6;
 
 /// The helper's configuration. Everything it allows follows from this, not
 /// from anything the daemon sends later.
@@ -26,6 +27,10 @@ pub struct HelperArgs {
     /// The tunnel network (required for a server; narrows a client's addresses).
     #[arg(long, value_name = "CIDR")]
     pub network: Option<Ipv4Net>,
+    /// The IPv6 tunnel network (a server's IPv6 addresses need it; narrows
+    /// a client's).
+    #[arg(long, value_name = "CIDR")]
+    pub network6: Option<Ipv6Net>,
     /// Largest MTU allowed.
     #[arg(long, value_name = "BYTES")]
     pub max_mtu: u32,
@@ -35,7 +40,7 @@ pub struct HelperArgs {
     /// A network beyond the tunnel that routes may go to (repeatable):
     /// a server's peers' networks, a client's accept_routes.
     #[arg(long = "route", value_name = "CIDR")]
-    pub routes: Vec<Ipv4Net>,
+    pub routes: Vec<IpNet>,
     /// A client that accepts every pushed route: any route but a default one.
     #[arg(long)]
     pub any_route: bool,
@@ -76,6 +81,9 @@ impl HelperArgs {
         if let Some(network) = self.network {
             args.extend(["--network".to_string(), network.to_string()]);
         }
+        if let Some(network6) = self.network6 {
+            args.extend(["--network6".to_string(), network6.to_string()]);
+        }
         args.extend([
             "--max-mtu".to_string(),
             self.max_mtu.to_string(),
@@ -107,6 +115,12 @@ impl HelperArgs {
             (HelperRole::Client, Some(network)) => AddressRule::Inside(network),
             (HelperRole::Client, None) => AddressRule::AnyUnicast,
         };
+        let rule6 = match (self.role, self.network6) {
+            (HelperRole::Server, Some(network6)) => AddressRule6::HostOf(network6),
+            (HelperRole::Server, None) => AddressRule6::Off,
+            (HelperRole::Client, Some(network6)) => AddressRule6::Inside(network6),
+            (HelperRole::Client, None) => AddressRule6::AnyUnicast,
+        };
         let routes = match self.any_route {
             true => RouteRule::AnyButDefault,
             false => RouteRule::Inside(self.routes.clone()),
@@ -118,6 +132,7 @@ impl HelperArgs {
             dns: self.dns && !server,
         };
         Ok(Policy::new(rule, self.max_mtu)
+            .with_ipv6(rule6)
             .with_routes(routes)
             .with_grants(grants))
     }
@@ -138,9 +153,13 @@ mod tests {
                 role,
                 tun: "svpn0".into(),
                 network: network.map(|n| n.parse().expect("net")),
+                network6: network.map(|_| "2001:2:0:100::/64".parse().expect("net")),
                 max_mtu: 65535,
                 user: "nobody".into(),
-                routes: vec!["198.18.201.0/24".parse().expect("net")],
+                routes: vec![
+                    "198.18.201.0/24".parse().expect("net"),
+                    "2001:2:0:201::/64".parse().expect("net"),
+                ],
                 any_route: role == HelperRole::Client,
                 masquerade: role == HelperRole::Server,
                 forwarding: role == HelperRole::Server,
@@ -159,6 +178,7 @@ mod tests {
             role: HelperRole::Server,
             tun: "svpn0".into(),
             network: None,
+            network6: None,
             max_mtu: 1500,
             user: "nobody".into(),
             routes: Vec::new(),

@@ -29,5 +29,6 @@ pub mod credentials;
 pub mod nat;
 pub mod netdev;
 pub mod policy;
+pub mod policy6;
 pub mod protocol;
 pub mod resolved;

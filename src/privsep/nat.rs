@@ -13,13 +13,18 @@
 //! }
 //! ```
 //!
+//! and with IPv6 inside the tunnel (`network6`) the same for IPv6 in a
+//! table of family `ip6` of the same name (`ip6 saddr fd00:10::/64 ...`).
+//!
 //! Installing replaces any table of that name (left by a helper that was
 //! killed), in one atomic batch; removing it twice is not an error.
 
 use std::ffi::CString;
 use std::io;
 
-use ipnet::Ipv4Net;
+use std::net::Ipv6Addr;
+
+use ipnet::IpNet;
 use nftnl::expr::InterfaceName;
 use nftnl::{nft_expr, Batch, Chain, ChainType, FinalizedBatch, Hook, MsgType, ProtoFamily, Rule};
 use nftnl::{Policy, Table};
@@ -52,18 +57,25 @@ pub fn table_name(tun: &str) -> String {
 }
 
 /// What the installed table does, as a phrase for logs and `svpnctl status`.
-pub fn describe(tun: &str, network: Ipv4Net) -> String {
+pub fn describe(tun: &str, network: impl Into<IpNet>) -> String {
+    let network = network.into();
+    let family = match network {
+        IpNet::V4(_) => "ip",
+        IpNet::V6(_) => "ip6",
+    };
     format!(
-        "nftables table ip {}: masquerade {network} leaving by any interface but {tun}",
+        "nftables table {family} {}: masquerade {network} leaving by any interface but {tun}",
         table_name(tun)
     )
 }
 
 /// Installs (or replaces) the table that masquerades `network`'s packets
-/// leaving by any interface but `tun`.
-pub fn install(tun: &str, network: Ipv4Net) -> Result<(), NatError> {
+/// (IPv4, or IPv6 in a table of family `ip6`) leaving by any interface but
+/// `tun`.
+pub fn install(tun: &str, network: impl Into<IpNet>) -> Result<(), NatError> {
+    let network = network.into();
     let name = cstring(&table_name(tun))?;
-    let table = Table::new(&name, ProtoFamily::Ipv4);
+    let table = Table::new(&name, family(network));
     let mut batch = Batch::new();
     // Add, delete, add: whatever was there before is gone, and the table
     // exists, in one transaction.
@@ -79,9 +91,18 @@ pub fn install(tun: &str, network: Ipv4Net) -> Result<(), NatError> {
     batch.add(&chain, MsgType::Add);
 
     let mut rule = Rule::new(&chain);
-    rule.add_expr(&nft_expr!(payload ipv4 saddr));
-    rule.add_expr(&nft_expr!(bitwise mask network.netmask(), xor 0u32));
-    rule.add_expr(&nft_expr!(cmp == network.network()));
+    match network {
+        IpNet::V4(network) => {
+            rule.add_expr(&nft_expr!(payload ipv4 saddr));
+            rule.add_expr(&nft_expr!(bitwise mask network.netmask(), xor 0u32));
+            rule.add_expr(&nft_expr!(cmp == network.network()));
+        }
+        IpNet::V6(network) => {
+            rule.add_expr(&nft_expr!(payload ipv6 saddr));
+            rule.add_expr(&nft_expr!(bitwise mask network.netmask(), xor Ipv6Addr::UNSPECIFIED));
+            rule.add_expr(&nft_expr!(cmp == network.network()));
+        }
+    }
     rule.add_expr(&nft_expr!(meta oifname));
     rule.add_expr(&nft_expr!(cmp != InterfaceName::Exact(cstring(tun)?)));
     rule.add_expr(&nft_expr!(masquerade));
@@ -89,14 +110,25 @@ pub fn install(tun: &str, network: Ipv4Net) -> Result<(), NatError> {
     send(&batch.finalize())
 }
 
-/// Removes the table of `tun`; one that is not there is not an error.
+/// Removes the tables of `tun` (both families); one that is not there is
+/// not an error.
 pub fn remove(tun: &str) -> Result<(), NatError> {
     let name = cstring(&table_name(tun))?;
-    let table = Table::new(&name, ProtoFamily::Ipv4);
     let mut batch = Batch::new();
-    batch.add(&table, MsgType::Add);
-    batch.add(&table, MsgType::Del);
+    for family in [ProtoFamily::Ipv4, ProtoFamily::Ipv6] {
+        let table = Table::new(&name, family);
+        batch.add(&table, MsgType::Add);
+        batch.add(&table, MsgType::Del);
+    }
     send(&batch.finalize())
+}
+
+/// The table family for `network`'s packets.
+fn family(network: IpNet) -> ProtoFamily {
+    match network {
+        IpNet::V4(_) => ProtoFamily::Ipv4,
+        IpNet::V6(_) => ProtoFamily::Ipv6,
+    }
 }
 
 fn cstring(s: &str) -> Result<CString, NatError> {
@@ -132,10 +164,15 @@ mod tests {
     fn the_table_is_named_after_the_tun() {
         assert_eq!(table_name("svpn0"), "simplevpn_svpn0");
         assert_eq!(table_name("vpn-a.b"), "simplevpn_vpn_a_b");
-        let network = "198.19.0.0/16".parse().expect("net");
+        let network: ipnet::Ipv4Net = "198.19.0.0/16".parse().expect("net");
         assert_eq!(
             describe("svpn0", network),
             "nftables table ip simplevpn_svpn0: masquerade 198.19.0.0/16 leaving by any interface but svpn0"
+        );
+        let network6: ipnet::Ipv6Net = "2001:2:0:100::/64".parse().expect("net");
+        assert_eq!(
+            describe("svpn0", network6),
+            "nftables table ip6 simplevpn_svpn0: masquerade 2001:2:0:100::/64 leaving by any interface but svpn0"
         );
     }
 }

@@ -16,11 +16,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use futures::TryStreamExt;
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nix::fcntl::{open, OFlag};
 use nix::libc;
 use nix::sys::stat::Mode;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
 };
@@ -189,9 +189,40 @@ impl LinkConfig {
         addr: Ipv4Addr,
         prefix: u8,
     ) -> Result<(), NetdevError> {
+        self.set_only_address(index, IpAddr::V4(addr), prefix).await
+    }
+
+    /// Makes `addr/prefix` the only global IPv6 address on the link (its
+    /// link-local address stays), without duplicate address detection: the
+    /// tun is point-to-point, and the address is usable at once.
+    pub async fn set_ipv6(
+        &self,
+        index: u32,
+        addr: Ipv6Addr,
+        prefix: u8,
+    ) -> Result<(), NetdevError> {
+        self.set_only_address(index, IpAddr::V6(addr), prefix).await
+    }
+
+    /// Makes `addr/prefix` the only address of its family on the link
+    /// (but IPv6 link-local ones); idempotent.
+    async fn set_only_address(
+        &self,
+        index: u32,
+        addr: IpAddr,
+        prefix: u8,
+    ) -> Result<(), NetdevError> {
+        let family = match addr {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
         let mut present = false;
-        for msg in self.ipv4_addresses(index).await? {
-            if msg.header.prefix_len == prefix && local_address(&msg) == Some(addr) {
+        for msg in self.addresses(index, family).await? {
+            let local = local_address(&msg);
+            if local.is_some_and(is_link_local) {
+                continue;
+            }
+            if msg.header.prefix_len == prefix && local == Some(addr) {
                 present = true;
             } else {
                 self.del_address(index, msg).await?;
@@ -201,12 +232,14 @@ impl LinkConfig {
             return Ok(());
         }
         let op = || format!("set address {addr}/{prefix}");
-        let result = self
-            .handle
-            .address()
-            .add(index, IpAddr::V4(addr), prefix)
-            .execute()
-            .await;
+        let mut request = self.handle.address().add(index, addr, prefix);
+        if addr.is_ipv6() {
+            request
+                .message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        let result = request.execute().await;
         ignore_errno(result, libc::EEXIST).map_err(|e| netlink_err(op(), index, e))
     }
 
@@ -224,47 +257,20 @@ impl LinkConfig {
         result.map_err(|e| netlink_err("set link up".to_owned(), index, e))
     }
 
-    /// Adds a route to `dest` through the link (which must be up). A route
-    /// that already exists is not an error.
-    pub async fn add_route(&self, index: u32, dest: Ipv4Net) -> Result<(), NetdevError> {
-        self.change_route(Change::Add, index, route_message(index, dest), dest.trunc())
+    /// Adds a route to `dest` (IPv4 or IPv6) through the link (which must
+    /// be up). A route that already exists is not an error.
+    pub async fn add_route(&self, index: u32, dest: impl Into<IpNet>) -> Result<(), NetdevError> {
+        let dest = dest.into().trunc();
+        self.change_route(Change::Add, index, any_route_message(index, dest), dest)
             .await
     }
 
     /// Deletes the route to `dest` through the link. A missing route is not
     /// an error.
-    pub async fn del_route(&self, index: u32, dest: Ipv4Net) -> Result<(), NetdevError> {
-        self.change_route(
-            Change::Delete,
-            index,
-            route_message(index, dest),
-            dest.trunc(),
-        )
-        .await
-    }
-
-    /// Adds a route to the IPv6 network `dest` through the link. A route
-    /// that already exists is not an error.
-    pub async fn add_route6(&self, index: u32, dest: Ipv6Net) -> Result<(), NetdevError> {
-        self.change_route(
-            Change::Add,
-            index,
-            route6_message(index, dest),
-            dest.trunc(),
-        )
-        .await
-    }
-
-    /// Deletes the route to the IPv6 network `dest` through the link. A
-    /// missing route is not an error.
-    pub async fn del_route6(&self, index: u32, dest: Ipv6Net) -> Result<(), NetdevError> {
-        self.change_route(
-            Change::Delete,
-            index,
-            route6_message(index, dest),
-            dest.trunc(),
-        )
-        .await
+    pub async fn del_route(&self, index: u32, dest: impl Into<IpNet>) -> Result<(), NetdevError> {
+        let dest = dest.into().trunc();
+        self.change_route(Change::Delete, index, any_route_message(index, dest), dest)
+            .await
     }
 
     /// Adds or deletes one route, idempotently: adding one that exists, or
@@ -285,18 +291,29 @@ impl LinkConfig {
             .map_err(|e| netlink_err(format!("{verb} route {dest}"), index, e))
     }
 
-    /// The IPv4 unicast routes of the host's main table.
+    /// The unicast routes of the host's main table, IPv4 and IPv6.
     pub async fn host_routes(&self) -> Result<Vec<HostRoute>, NetdevError> {
-        let request = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build());
-        let all: Vec<RouteMessage> = request
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| netlink_err("list routes".to_owned(), 0, e))?;
-        Ok(all.iter().filter_map(host_route).collect())
+        let mut routes = Vec::new();
+        for request in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let all: Vec<RouteMessage> = match self
+                .handle
+                .route()
+                .get(request)
+                .execute()
+                .try_collect()
+                .await
+            {
+                Ok(all) => all,
+                // No IPv6 on this host: no IPv6 routes.
+                Err(e) if errno(&e) == Some(libc::EAFNOSUPPORT) => Vec::new(),
+                Err(e) => return Err(netlink_err("list routes".to_owned(), 0, e)),
+            };
+            routes.extend(all.iter().filter_map(host_route));
+        }
+        Ok(routes)
     }
 
     /// Adds `route` (a pinned /32). Returns whether it was added: `false`
@@ -336,11 +353,15 @@ impl LinkConfig {
         })
     }
 
-    /// Every IPv4 address on the link.
-    async fn ipv4_addresses(&self, index: u32) -> Result<Vec<AddressMessage>, NetdevError> {
+    /// Every address of `family` on the link.
+    async fn addresses(
+        &self,
+        index: u32,
+        family: AddressFamily,
+    ) -> Result<Vec<AddressMessage>, NetdevError> {
         let mut request = self.handle.address().get().set_link_index_filter(index);
-        // Ask the kernel for IPv4 only; filter again in case it ignores that.
-        request.message_mut().header.family = AddressFamily::Inet;
+        // Ask the kernel for one family; filter again in case it ignores that.
+        request.message_mut().header.family = family;
         let all: Vec<AddressMessage> = request
             .execute()
             .try_collect()
@@ -348,7 +369,7 @@ impl LinkConfig {
             .map_err(|e| netlink_err("list addresses".to_owned(), index, e))?;
         Ok(all
             .into_iter()
-            .filter(|m| m.header.family == AddressFamily::Inet)
+            .filter(|m| m.header.family == family)
             .collect())
     }
 
@@ -382,6 +403,14 @@ fn route_message(index: u32, dest: Ipv4Net) -> RouteMessage {
         .build()
 }
 
+/// The route message for `dest`, of either family, via `index`.
+fn any_route_message(index: u32, dest: IpNet) -> RouteMessage {
+    match dest {
+        IpNet::V4(dest) => route_message(index, dest),
+        IpNet::V6(dest) => route6_message(index, dest),
+    }
+}
+
 /// The route message for an IPv6 `dest` via `index`.
 fn route6_message(index: u32, dest: Ipv6Net) -> RouteMessage {
     RouteMessageBuilder::<Ipv6Addr>::new()
@@ -392,12 +421,25 @@ fn route6_message(index: u32, dest: Ipv6Net) -> RouteMessage {
 
 /// The message that adds or deletes a pinned host route.
 fn host_route_message(route: HostRoute) -> RouteMessage {
-    let builder = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(route.destination.network(), route.destination.prefix_len())
-        .output_interface(route.index);
-    match route.gateway {
-        Some(gateway) => builder.gateway(gateway).build(),
-        None => builder.scope(RouteScope::Link).build(),
+    match (route.destination, route.gateway) {
+        (IpNet::V4(destination), gateway) => {
+            let builder = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(destination.network(), destination.prefix_len())
+                .output_interface(route.index);
+            match gateway {
+                Some(IpAddr::V4(gateway)) => builder.gateway(gateway).build(),
+                _ => builder.scope(RouteScope::Link).build(),
+            }
+        }
+        (IpNet::V6(destination), gateway) => {
+            let builder = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(destination.network(), destination.prefix_len())
+                .output_interface(route.index);
+            match gateway {
+                Some(IpAddr::V6(gateway)) => builder.gateway(gateway).build(),
+                _ => builder.build(),
+            }
+        }
     }
 }
 
@@ -425,48 +467,79 @@ fn host_route(msg: &RouteMessage) -> Option<HostRoute> {
     if table != u32::from(RouteHeader::RT_TABLE_MAIN) || msg.header.kind != RouteType::Unicast {
         return None;
     }
-    let mut destination = Ipv4Addr::UNSPECIFIED;
+    let mut destination = match msg.header.address_family {
+        AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
     let (mut gateway, mut index, mut metric) = (None, None, 0);
     for attribute in &msg.attributes {
         match attribute {
-            RouteAttribute::Destination(RouteAddress::Inet(a)) => destination = *a,
-            RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(*a),
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => destination = IpAddr::V4(*a),
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => destination = IpAddr::V6(*a),
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(IpAddr::V4(*a)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gateway = Some(IpAddr::V6(*a)),
             RouteAttribute::Oif(i) => index = Some(*i),
             RouteAttribute::Priority(p) => metric = *p,
             _ => {}
         }
     }
     Some(HostRoute {
-        destination: Ipv4Net::new(destination, msg.header.destination_prefix_length).ok()?,
+        destination: IpNet::new(destination, msg.header.destination_prefix_length).ok()?,
         gateway,
         index: index?,
         metric,
     })
 }
 
-/// Whether IPv4 forwarding is on (`/proc/sys/net/ipv4/ip_forward`).
-pub fn ipv4_forwarding() -> io::Result<bool> {
-    Ok(std::fs::read_to_string(IP_FORWARD)?.trim() == "1")
+/// A forwarding sysctl of the current network namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardingSysctl {
+    /// Its name, as `sysctl` writes it.
+    pub name: &'static str,
+    path: &'static str,
 }
 
-/// Turns IPv4 forwarding on (CAP_NET_ADMIN may write the network's sysctls).
-pub fn enable_ipv4_forwarding() -> io::Result<()> {
-    std::fs::write(IP_FORWARD, b"1\n")
+/// IPv4 forwarding: `net.ipv4.ip_forward`.
+pub const IPV4_FORWARDING: ForwardingSysctl = ForwardingSysctl {
+    name: "net.ipv4.ip_forward",
+    path: "/proc/sys/net/ipv4/ip_forward",
+};
+
+/// IPv6 forwarding on every interface: `net.ipv6.conf.all.forwarding`.
+pub const IPV6_FORWARDING: ForwardingSysctl = ForwardingSysctl {
+    name: "net.ipv6.conf.all.forwarding",
+    path: "/proc/sys/net/ipv6/conf/all/forwarding",
+};
+
+impl ForwardingSysctl {
+    /// Whether it is on.
+    pub fn is_on(self) -> io::Result<bool> {
+        Ok(std::fs::read_to_string(self.path)?.trim() == "1")
+    }
+
+    /// Turns it on (CAP_NET_ADMIN may write the network's sysctls).
+    pub fn turn_on(self) -> io::Result<()> {
+        std::fs::write(self.path, b"1\n")
+    }
 }
 
-/// The IPv4 forwarding sysctl of the current network namespace.
-pub const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
-
-/// The IPv4 local address (`IFA_LOCAL`, else `IFA_ADDRESS`) of an address message.
-fn local_address(msg: &AddressMessage) -> Option<Ipv4Addr> {
+/// The local address (`IFA_LOCAL`, else `IFA_ADDRESS`) of an address message.
+fn local_address(msg: &AddressMessage) -> Option<IpAddr> {
     let find = |want_local: bool| {
         msg.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Local(IpAddr::V4(ip)) if want_local => Some(*ip),
-            AddressAttribute::Address(IpAddr::V4(ip)) if !want_local => Some(*ip),
+            AddressAttribute::Local(ip) if want_local => Some(*ip),
+            AddressAttribute::Address(ip) if !want_local => Some(*ip),
             _ => None,
         })
     };
     find(true).or_else(|| find(false))
+}
+
+/// Whether `ip` is an IPv6 link-local address (fe80::/10), which the kernel
+/// gives every IPv6 link and which stays.
+fn is_link_local(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())
 }
 
 /// The errno carried by a netlink error reply, if any.

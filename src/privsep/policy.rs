@@ -13,6 +13,7 @@
 //!   Beyond the tunnel, only what [`RouteRule`] allows: on a server, the
 //!   networks behind its peers; on a client, those inside its
 //!   `accept_routes`, or without that list any route but a default one.
+//! * IPv6 addresses and routes: as [`super::policy6`] says.
 //! * MTU: from [`MIN_MTU`] to the configured maximum (at most [`MAX_MTU`]).
 //! * Beyond the tun, only what the helper's command line grants
 //!   ([`Grants`]): a server started with `--masquerade` may NAT exactly its
@@ -26,8 +27,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::RangeInclusive;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+use super::policy6::AddressRule6;
 use super::protocol::HelperRequest;
 use crate::limits::{MAX_MTU, MIN_MTU, TUNNEL_PREFIX};
 use crate::params::{valid_domain, MAX_DNS, MAX_DNS_SEARCH};
@@ -44,28 +46,33 @@ pub struct Grants {
     pub dns: bool,
 }
 
-/// A route of the host's main table, as far as pinning needs it.
+/// A route of the host's main table (IPv4 or IPv6), as far as pinning
+/// needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostRoute {
-    pub destination: Ipv4Net,
-    pub gateway: Option<Ipv4Addr>,
+    pub destination: IpNet,
+    pub gateway: Option<IpAddr>,
     /// The output interface.
     pub index: u32,
     /// Its priority; lower wins.
     pub metric: u32,
 }
 
-/// The route to pin for `server`: the /32 that goes where the host's best
-/// route to it goes now (longest prefix, then lowest metric) among the
-/// routes not through the tun `tun` (those are the tunnel's own).
-pub fn pin_route(routes: &[HostRoute], server: Ipv4Addr, tun: u32) -> Result<HostRoute, Refusal> {
+/// The route to pin for `server`: the /32 (IPv6: /128) that goes where the
+/// host's best route to it goes now (longest prefix, then lowest metric)
+/// among the routes not through the tun `tun` (those are the tunnel's own).
+pub fn pin_route(routes: &[HostRoute], server: IpAddr, tun: u32) -> Result<HostRoute, Refusal> {
     let best = routes
         .iter()
         .filter(|r| r.index != tun && r.destination.contains(&server))
         .min_by_key(|r| (std::cmp::Reverse(r.destination.prefix_len()), r.metric))
         .ok_or(Refusal::NoUnderlay(server))?;
+    let destination = match server {
+        IpAddr::V4(server) => IpNet::V4(Ipv4Net::from(server)),
+        IpAddr::V6(server) => IpNet::V6(Ipv6Net::from(server)),
+    };
     Ok(HostRoute {
-        destination: Ipv4Net::from(server),
+        destination,
         ..*best
     })
 }
@@ -86,13 +93,13 @@ pub enum AddressRule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteRule {
     /// Those inside these networks (none if empty).
-    Inside(Vec<Ipv4Net>),
+    Inside(Vec<IpNet>),
     /// Any route but a default one (a client that accepts what is pushed).
     AnyButDefault,
 }
 
 impl RouteRule {
-    fn allows(&self, destination: Ipv4Net) -> bool {
+    fn allows(&self, destination: IpNet) -> bool {
         match self {
             RouteRule::Inside(nets) => nets.iter().any(|n| n.contains(&destination)),
             RouteRule::AnyButDefault => destination.prefix_len() > 0,
@@ -111,12 +118,12 @@ pub enum Refusal {
     OtherInterface { asked: u32, tun: u32 },
     #[error("{address}/{prefix}: {why}")]
     Address {
-        address: Ipv4Addr,
+        address: IpAddr,
         prefix: u8,
         why: String,
     },
     #[error("route {destination}: {why}")]
-    Route { destination: Ipv4Net, why: String },
+    Route { destination: IpNet, why: String },
     #[error("MTU {mtu} is outside {}..={}", .range.start(), .range.end())]
     Mtu {
         mtu: u32,
@@ -130,9 +137,9 @@ pub enum Refusal {
     #[error("{0} is for a server's helper only")]
     ServerOnly(&'static str),
     #[error("the server address {server}: {why}")]
-    Server { server: Ipv4Addr, why: String },
+    Server { server: IpAddr, why: String },
     #[error("the host has no route to {0} outside the tun: nothing to pin")]
-    NoUnderlay(Ipv4Addr),
+    NoUnderlay(IpAddr),
     #[error("DNS: {0}")]
     Dns(String),
 }
@@ -148,6 +155,10 @@ pub struct Policy {
     index: Option<u32>,
     /// The subnet of the address last set.
     address: Option<Ipv4Net>,
+    /// Which IPv6 addresses may be set.
+    rule6: AddressRule6,
+    /// The subnet of the IPv6 address last set.
+    address6: Option<Ipv6Net>,
     /// Routes allowed beyond the tunnel network.
     routes: RouteRule,
     /// What else the command line allows.
@@ -164,6 +175,8 @@ impl Policy {
             tun_requested: false,
             index: None,
             address: None,
+            rule6: AddressRule6::Off,
+            address6: None,
             routes: RouteRule::Inside(Vec::new()),
             grants: Grants::default(),
         }
@@ -172,6 +185,11 @@ impl Policy {
     /// This policy, allowing also what `grants` grants.
     pub fn with_grants(self, grants: Grants) -> Policy {
         Policy { grants, ..self }
+    }
+
+    /// This policy, allowing also the IPv6 addresses `rule6` allows.
+    pub fn with_ipv6(self, rule6: AddressRule6) -> Policy {
+        Policy { rule6, ..self }
     }
 
     /// This policy, allowing also the routes `routes` allows.
@@ -193,10 +211,25 @@ impl Policy {
                 self.check_index(index)?;
                 self.check_address(address, prefix)
                     .map_err(|why| Refusal::Address {
-                        address,
+                        address: address.into(),
                         prefix,
                         why,
                     })
+            }
+            HelperRequest::SetAddress6 {
+                index,
+                address,
+                prefix,
+            } => {
+                self.check_index(index)?;
+                match self.rule6.check(address, prefix) {
+                    Ok(_) => Ok(()),
+                    Err(why) => Err(Refusal::Address {
+                        address: address.into(),
+                        prefix,
+                        why,
+                    }),
+                }
             }
             HelperRequest::SetMtu { index, mtu } => {
                 self.check_index(index)?;
@@ -221,6 +254,16 @@ impl Policy {
                 self.check_index(index)
             }
             HelperRequest::CheckForwarding => self.server_only("checking forwarding"),
+            HelperRequest::CheckForwarding6 => {
+                self.server_only("checking forwarding")?;
+                match self.rule6 {
+                    AddressRule6::HostOf(_) => Ok(()),
+                    _ => Err(Refusal::NotGranted {
+                        what: "IPv6 forwarding",
+                        flag: "--network6",
+                    }),
+                }
+            }
             HelperRequest::FullTunnel { index, server } => {
                 self.granted(self.grants.full_tunnel, "a full tunnel", "--full-tunnel")?;
                 self.check_index(index)?;
@@ -267,6 +310,19 @@ impl Policy {
         }
     }
 
+    /// The subnet of the IPv6 address last set on the tun, if any.
+    pub fn address6(&self) -> Option<Ipv6Net> {
+        self.address6
+    }
+
+    /// The IPv6 network NAT is for: a server's own `network6`, if it has one.
+    pub fn masquerade_network6(&self) -> Option<Ipv6Net> {
+        match (self.rule6, self.masquerade_network()) {
+            (AddressRule6::HostOf(network6), Some(_)) => Some(network6),
+            _ => None,
+        }
+    }
+
     /// The network NAT is for: a server's own.
     pub fn masquerade_network(&self) -> Option<Ipv4Net> {
         match self.rule {
@@ -276,24 +332,26 @@ impl Policy {
     }
 
     /// A full tunnel's server: a unicast address outside the tunnel.
-    fn check_server(&self, server: Ipv4Addr) -> Result<(), String> {
-        if server.is_loopback()
-            || server.is_multicast()
-            || server.is_broadcast()
-            || server.is_unspecified()
-        {
+    fn check_server(&self, server: IpAddr) -> Result<(), String> {
+        let broadcast = matches!(server, IpAddr::V4(v4) if v4.is_broadcast());
+        if server.is_loopback() || server.is_multicast() || broadcast || server.is_unspecified() {
             return Err("not a unicast address".into());
         }
         let tunnel = match self.rule {
             AddressRule::HostOf(network) | AddressRule::Inside(network) => Some(network),
             AddressRule::AnyUnicast => self.address,
         };
-        match tunnel {
-            Some(tunnel) if tunnel.contains(&server) => {
+        let tunnel6 = self.rule6.tunnel(self.address6);
+        match (tunnel, server) {
+            (Some(tunnel), IpAddr::V4(v4)) if tunnel.contains(&v4) => {
                 Err(format!("inside the tunnel network {tunnel}"))
             }
-            Some(_) => Ok(()),
-            None => Err("no address has been set yet".into()),
+            (_, IpAddr::V6(v6)) if tunnel6.is_some_and(|t| t.contains(&v6)) => Err(format!(
+                "inside the IPv6 tunnel network {}",
+                tunnel6.map_or_else(String::new, |t| t.to_string())
+            )),
+            (Some(_), _) => Ok(()),
+            (None, _) => Err("no address has been set yet".into()),
         }
     }
 
@@ -308,6 +366,9 @@ impl Policy {
             HelperRequest::SetAddress {
                 address, prefix, ..
             } => self.address = Ipv4Net::new(address, prefix).ok().map(|n| n.trunc()),
+            HelperRequest::SetAddress6 {
+                address, prefix, ..
+            } => self.address6 = self.rule6.check(address, prefix).ok(),
             _ => {}
         }
     }
@@ -368,15 +429,23 @@ impl Policy {
         Ok(())
     }
 
-    fn check_route(&self, destination: Ipv4Net) -> Result<(), String> {
+    fn check_route(&self, destination: IpNet) -> Result<(), String> {
         if self.routes.allows(destination) {
             return Ok(());
         }
-        let allowed = match self.rule {
-            AddressRule::HostOf(network) | AddressRule::Inside(network) => network,
-            AddressRule::AnyUnicast => self
+        let allowed: IpNet = match (destination, self.rule) {
+            (IpNet::V4(_), AddressRule::HostOf(network) | AddressRule::Inside(network)) => {
+                network.into()
+            }
+            (IpNet::V4(_), AddressRule::AnyUnicast) => self
                 .address
-                .ok_or("no address has been set, so no route is allowed yet")?,
+                .ok_or("no address has been set, so no route is allowed yet")?
+                .into(),
+            (IpNet::V6(_), _) => self
+                .rule6
+                .tunnel(self.address6)
+                .ok_or("no IPv6 address has been set, so no IPv6 route is allowed yet")?
+                .into(),
         };
         match (allowed.contains(&destination), &self.routes) {
             (true, _) => Ok(()),
@@ -431,6 +500,7 @@ fn subnet_of(address: Ipv4Addr, prefix: u8) -> Result<Ipv4Net, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::privsep::policy6::AddressRule6;
 
     const TUN: u32 = 7;
 
@@ -465,7 +535,7 @@ mod tests {
     fn add_route(destination: &str) -> HelperRequest {
         HelperRequest::AddRoute {
             index: TUN,
-            destination: net(destination),
+            destination: net(destination).into(),
         }
     }
 
@@ -518,11 +588,11 @@ mod tests {
             },
             HelperRequest::AddRoute {
                 index: 3,
-                destination: net("198.19.0.0/16"),
+                destination: net("198.19.0.0/16").into(),
             },
             HelperRequest::DelRoute {
                 index: 3,
-                destination: net("198.19.0.0/16"),
+                destination: net("198.19.0.0/16").into(),
             },
         ];
         for request in other {
@@ -569,7 +639,7 @@ mod tests {
             );
             let delete = HelperRequest::DelRoute {
                 index: TUN,
-                destination: net(destination),
+                destination: net(destination).into(),
             };
             assert!(matches!(policy.check(&delete), Err(Refusal::Route { .. })));
         }
@@ -663,7 +733,7 @@ mod tests {
         // A server: its peers' networks, nothing else.
         let server = opened(
             Policy::new(AddressRule::HostOf(network), 1500)
-                .with_routes(RouteRule::Inside(vec![lan])),
+                .with_routes(RouteRule::Inside(vec![lan.into()])),
         );
         assert_eq!(server.check(&route("198.18.201.0/24")), Ok(()));
         assert_eq!(server.check(&route("198.18.201.128/25")), Ok(()));
@@ -684,6 +754,49 @@ mod tests {
         let plain = opened(Policy::new(AddressRule::Inside(network), 1500));
         assert!(plain.check(&route("198.18.201.0/24")).is_err());
         assert_eq!(plain.check(&route("198.19.4.0/24")), Ok(()));
+    }
+
+    #[test]
+    fn ipv6_addresses_and_routes_as_the_ipv6_rule_allows() {
+        let set6 = |address: &str, prefix| HelperRequest::SetAddress6 {
+            index: TUN,
+            address: address.parse().expect("v6"),
+            prefix,
+        };
+        let route = |destination: &str| HelperRequest::AddRoute {
+            index: TUN,
+            destination: destination.parse().expect("net"),
+        };
+        // A server without network6: no IPv6 at all.
+        let v4_only = server();
+        assert!(matches!(
+            v4_only.check(&set6("2001:2:0:100::1", 64)),
+            Err(Refusal::Address { .. })
+        ));
+        assert!(v4_only.check(&route("2001:2:0:100::/64")).is_err());
+        // A server with one: its network, and its peers' IPv6 networks.
+        let network6 = "2001:2:0:100::/64".parse().expect("net");
+        let lan6: IpNet = "2001:2:0:201::/64".parse().expect("net");
+        let server6 = opened(AddressRule::HostOf(net("198.19.0.0/16")))
+            .with_ipv6(AddressRule6::HostOf(network6))
+            .with_routes(RouteRule::Inside(vec![lan6]));
+        assert_eq!(server6.check(&set6("2001:2:0:100::1", 64)), Ok(()));
+        assert!(server6.check(&set6("2001:2:0:100::1", 96)).is_err());
+        assert_eq!(server6.check(&route("2001:2:0:201::/64")), Ok(()));
+        assert!(server6.check(&route("2001:2:0:202::/64")).is_err());
+        // A client granted its address: routes inside its subnet, and what
+        // it accepts, never a default route.
+        let mut client = opened(AddressRule::AnyUnicast)
+            .with_ipv6(AddressRule6::AnyUnicast)
+            .with_routes(RouteRule::AnyButDefault);
+        assert!(client.check(&route("2001:2:0:100::/64")).is_ok());
+        assert!(client.check(&route("::/0")).is_err());
+        let plain = opened(AddressRule::AnyUnicast).with_ipv6(AddressRule6::AnyUnicast);
+        assert!(plain.check(&route("2001:2:0:100::/64")).is_err());
+        let granted = set6("2001:2:0:100::2", 64);
+        assert_eq!(client.check(&granted), Ok(()));
+        client.record(&granted, None);
+        assert!(client.check(&set6("fe80::2", 64)).is_err());
     }
 
     fn grants(masquerade: bool, full_tunnel: bool, dns: bool) -> Grants {
@@ -707,6 +820,14 @@ mod tests {
         let server = server.with_grants(grants(true, false, false));
         assert_eq!(server.check(&nat), Ok(()));
         assert_eq!(server.masquerade_network(), Some(network));
+        // Its network6 too, with IPv6 inside the tunnel; never without the grant.
+        assert_eq!(server.masquerade_network6(), None);
+        let network6 = "2001:2:0:100::/64".parse().expect("net");
+        let dual = server.clone().with_ipv6(AddressRule6::HostOf(network6));
+        assert_eq!(dual.masquerade_network6(), Some(network6));
+        let ungranted =
+            opened(AddressRule::HostOf(network)).with_ipv6(AddressRule6::HostOf(network6));
+        assert_eq!(ungranted.masquerade_network6(), None);
         assert!(matches!(
             server.check(&HelperRequest::Masquerade { index: 1 }),
             Err(Refusal::OtherInterface { .. })
@@ -719,13 +840,18 @@ mod tests {
             Err(Refusal::ServerOnly(_))
         ));
         assert_eq!(server.check(&HelperRequest::CheckForwarding), Ok(()));
+        // IPv6 forwarding: a server with network6 only.
+        let v6 = HelperRequest::CheckForwarding6;
+        assert!(matches!(server.check(&v6), Err(Refusal::NotGranted { .. })));
+        assert_eq!(dual.check(&v6), Ok(()));
+        assert!(matches!(client.check(&v6), Err(Refusal::ServerOnly(_))));
     }
 
     #[test]
     fn a_full_tunnel_only_for_a_client_started_with_it_and_a_server_outside() {
         let full = |server: &str| HelperRequest::FullTunnel {
             index: TUN,
-            server: addr(server),
+            server: server.parse().expect("ip"),
         };
         let plain = opened(AddressRule::Inside(net("198.19.0.0/16")));
         assert!(matches!(
@@ -757,7 +883,7 @@ mod tests {
         assert!(matches!(
             client.check(&HelperRequest::FullTunnel {
                 index: 3,
-                server: addr("198.18.1.1")
+                server: "198.18.1.1".parse().expect("ip")
             }),
             Err(Refusal::OtherInterface { .. })
         ));
@@ -770,16 +896,35 @@ mod tests {
         assert!(any.check(&full("198.19.0.1")).is_err());
         // The default route itself stays refused as a plain route.
         assert!(client.check(&add_route("0.0.0.0/0")).is_err());
+        // A server reached over IPv6: outside the IPv6 tunnel network too.
+        assert_eq!(client.check(&full("2001:2:0:1::1")), Ok(()));
+        let mut dual = client.with_ipv6(AddressRule6::AnyUnicast);
+        dual.record(
+            &HelperRequest::SetAddress6 {
+                index: TUN,
+                address: "2001:2:0:100::2".parse().expect("v6"),
+                prefix: 64,
+            },
+            None,
+        );
+        for bad in ["2001:2:0:100::1", "::1", "ff02::1", "::"] {
+            assert!(
+                matches!(dual.check(&full(bad)), Err(Refusal::Server { .. })),
+                "{bad}"
+            );
+        }
+        assert_eq!(dual.check(&full("2001:2:0:1::1")), Ok(()));
     }
 
     #[test]
     fn the_pinned_route_goes_where_the_hosts_route_goes_now() {
         let route = |dest: &str, gateway: Option<&str>, index: u32, metric: u32| HostRoute {
-            destination: net(dest),
-            gateway: gateway.map(addr),
+            destination: dest.parse().expect("net"),
+            gateway: gateway.map(|g| g.parse().expect("ip")),
             index,
             metric,
         };
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
         let routes = [
             route("0.0.0.0/0", Some("198.18.0.1"), 2, 100),
             route("0.0.0.0/0", Some("198.18.9.1"), 3, 50),
@@ -787,20 +932,37 @@ mod tests {
             // The tunnel's own routes never count.
             route("0.0.0.0/1", None, TUN, 0),
             route("198.18.1.1/32", None, TUN, 0),
+            // IPv6: an on-link /64 and a default via a link-local router.
+            route("2001:2:0:1::/64", None, 4, 256),
+            route("::/0", Some("fe80::1"), 2, 1024),
+            route("::/1", None, TUN, 0),
         ];
         // Longest prefix first: the on-link /24.
         assert_eq!(
-            pin_route(&routes, addr("198.18.1.1"), TUN),
+            pin_route(&routes, ip("198.18.1.1"), TUN),
             Ok(route("198.18.1.1/32", None, 4, 0))
         );
         // Then the lowest metric among the defaults.
         assert_eq!(
-            pin_route(&routes, addr("198.18.50.1"), TUN),
+            pin_route(&routes, ip("198.18.50.1"), TUN),
             Ok(route("198.18.50.1/32", Some("198.18.9.1"), 3, 50))
         );
         assert_eq!(
-            pin_route(&routes[3..], addr("198.18.50.1"), TUN),
-            Err(Refusal::NoUnderlay(addr("198.18.50.1")))
+            pin_route(&routes[3..5], ip("198.18.50.1"), TUN),
+            Err(Refusal::NoUnderlay(ip("198.18.50.1")))
+        );
+        // An IPv6 server: a /128 the same way, never an IPv4 route.
+        assert_eq!(
+            pin_route(&routes, ip("2001:2:0:1::1"), TUN),
+            Ok(route("2001:2:0:1::1/128", None, 4, 256))
+        );
+        assert_eq!(
+            pin_route(&routes, ip("2001:2:0:9::1"), TUN),
+            Ok(route("2001:2:0:9::1/128", Some("fe80::1"), 2, 1024))
+        );
+        assert_eq!(
+            pin_route(&routes[..5], ip("2001:2:0:9::1"), TUN),
+            Err(Refusal::NoUnderlay(ip("2001:2:0:9::1")))
         );
     }
 

@@ -6,10 +6,10 @@
 //! sans-IO; [`super::channel`] moves frames (and the tun fd) over the socket.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::OwnedFd;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -33,14 +33,22 @@ pub enum HelperRequest {
         address: Ipv4Addr,
         prefix: u8,
     },
+    /// Make `address/prefix` the only global IPv6 address of the interface
+    /// (IPv6 inside the tunnel; no duplicate address detection: the tun is
+    /// point-to-point).
+    SetAddress6 {
+        index: u32,
+        address: Ipv6Addr,
+        prefix: u8,
+    },
     /// Set the interface's MTU.
     SetMtu { index: u32, mtu: u32 },
     /// Bring the interface up.
     LinkUp { index: u32 },
-    /// Add a route to `destination` through the interface.
-    AddRoute { index: u32, destination: Ipv4Net },
+    /// Add a route to `destination` (IPv4 or IPv6) through the interface.
+    AddRoute { index: u32, destination: IpNet },
     /// Delete the route to `destination` through the interface.
-    DelRoute { index: u32, destination: Ipv4Net },
+    DelRoute { index: u32, destination: IpNet },
     /// Server: NAT (masquerade) the helper's own `--network` when it leaves
     /// by any interface but the tun, in an nftables table of the helper's
     /// own. Allowed once, to a helper started with `--masquerade`.
@@ -48,11 +56,14 @@ pub enum HelperRequest {
     /// Server: is IPv4 forwarding on? A helper started with `--forwarding`
     /// turns it on if not.
     CheckForwarding,
+    /// Server with `--network6`: is IPv6 forwarding on
+    /// (`net.ipv6.conf.all.forwarding`)? As [`HelperRequest::CheckForwarding`].
+    CheckForwarding6,
     /// Client: full tunnel. The helper pins the host's current route to
     /// `server` as a /32 (same gateway, same interface), then routes
     /// 0.0.0.0/1 and 128.0.0.0/1, and IPv6 ::/1 and 8000::/1, into the tun.
     /// Only for a helper started with `--full-tunnel`.
-    FullTunnel { index: u32, server: Ipv4Addr },
+    FullTunnel { index: u32, server: IpAddr },
     /// Client: undoes [`HelperRequest::FullTunnel`].
     EndFullTunnel { index: u32 },
     /// Client: the tun's DNS servers and search domains, through
@@ -123,6 +134,11 @@ impl fmt::Display for HelperRequest {
                 address,
                 prefix,
             } => write!(f, "set address {address}/{prefix} on ifindex {index}"),
+            HelperRequest::SetAddress6 {
+                index,
+                address,
+                prefix,
+            } => write!(f, "set IPv6 address {address}/{prefix} on ifindex {index}"),
             HelperRequest::SetMtu { index, mtu } => write!(f, "set MTU {mtu} on ifindex {index}"),
             HelperRequest::LinkUp { index } => write!(f, "bring up ifindex {index}"),
             HelperRequest::AddRoute { index, destination } => {
@@ -138,6 +154,7 @@ impl fmt::Display for HelperRequest {
                 )
             }
             HelperRequest::CheckForwarding => f.write_str("check IPv4 forwarding"),
+            HelperRequest::CheckForwarding6 => f.write_str("check IPv6 forwarding"),
             HelperRequest::FullTunnel { index, server } => {
                 write!(f, "route everything but {server} into ifindex {index}")
             }
@@ -215,13 +232,22 @@ mod tests {
     use super::*;
 
     fn all_requests() -> Vec<HelperRequest> {
-        let net: Ipv4Net = "198.19.0.0/16".parse().expect("net");
+        let net: IpNet = "198.19.0.0/16".parse().expect("net");
         vec![
             HelperRequest::OpenTun,
             HelperRequest::SetAddress {
                 index: 7,
                 address: Ipv4Addr::new(198, 19, 0, 1),
                 prefix: 16,
+            },
+            HelperRequest::SetAddress6 {
+                index: 7,
+                address: "2001:2:0:100::1".parse().expect("v6"),
+                prefix: 64,
+            },
+            HelperRequest::AddRoute {
+                index: 7,
+                destination: "2001:2:0:200::/64".parse().expect("net"),
             },
             HelperRequest::SetMtu {
                 index: 7,
@@ -238,9 +264,10 @@ mod tests {
             },
             HelperRequest::Masquerade { index: 7 },
             HelperRequest::CheckForwarding,
+            HelperRequest::CheckForwarding6,
             HelperRequest::FullTunnel {
                 index: 7,
-                server: Ipv4Addr::new(198, 18, 1, 1),
+                server: Ipv4Addr::new(198, 18, 1, 1).into(),
             },
             HelperRequest::EndFullTunnel { index: 7 },
             HelperRequest::SetDns {

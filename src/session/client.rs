@@ -21,7 +21,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::{LinkState, Protocol};
 use crate::config::ClientConfig;
@@ -111,6 +111,9 @@ pub enum Action {
     Send(Request),
     /// Give the tun this address (it does not have it yet).
     ConfigureTun { address: Ipv4Addr, prefix: u8 },
+    /// Give the tun this IPv6 address and prefix (granted in the session
+    /// parameters; it does not have it yet).
+    ConfigureTun6(Ipv6Net),
     /// The session's first grant: the link is up, and packets from the tun
     /// may now go to the server. `asked` is the request it answered.
     LinkUp { grant: Grant, asked: Request },
@@ -119,13 +122,13 @@ pub enum Action {
     /// Write this packet from the server to the tun.
     WriteTun(Bytes),
     /// Route this network into the tun (pushed by the server, accepted).
-    AddRoute(Ipv4Net),
+    AddRoute(IpNet),
     /// Remove the route to this network from the tun.
-    DelRoute(Ipv4Net),
+    DelRoute(IpNet),
     /// A pushed route not installed, and why (queued once per session).
     RouteRefused(IpNet, RouteRefusal),
     /// Route everything but the server (at this address) into the tun.
-    FullTunnel(Ipv4Addr),
+    FullTunnel(IpAddr),
     /// Remove the full tunnel's routes: the host's own routes apply again.
     EndFullTunnel,
     /// Give the tun these DNS settings.
@@ -186,21 +189,15 @@ pub enum CloseReason {
 pub enum RouteRefusal {
     #[error("a default route is full tunnel, which this client does not do (full_tunnel = true accepts it)")]
     Default,
-    #[error(
-        "the server is reached over IPv6, which a full tunnel would capture: not supported yet"
-    )]
-    Ipv6Server,
     #[error("it covers the server's own address {0}: the tunnel would carry itself")]
     CoversServer(IpAddr),
     #[error("outside accept_routes")]
     NotAccepted,
-    #[error("IPv6 is not carried inside the tunnel yet")]
-    Ipv6,
 }
 
 /// Whether a pushed `route` is installed: not a default route, not one
-/// that covers `server` (the tunnel must never carry itself), IPv4, and
-/// inside `accept` when that list is given.
+/// that covers `server` (the tunnel must never carry itself), and inside
+/// `accept` when that list is given.
 pub fn judge_route(
     route: IpNet,
     accept: Option<&[IpNet]>,
@@ -212,14 +209,11 @@ pub fn judge_route(
     if let Some(server) = server.filter(|s| route.contains(s)) {
         return Err(RouteRefusal::CoversServer(server));
     }
-    if let Some(accept) = accept {
-        if !accept.iter().any(|a| a.contains(&route)) {
-            return Err(RouteRefusal::NotAccepted);
+    match accept {
+        Some(accept) if !accept.iter().any(|a| a.contains(&route)) => {
+            Err(RouteRefusal::NotAccepted)
         }
-    }
-    match route {
-        IpNet::V4(_) => Ok(()),
-        IpNet::V6(_) => Err(RouteRefusal::Ipv6),
+        _ => Ok(()),
     }
 }
 
@@ -282,7 +276,12 @@ pub struct ClientSession {
     /// The routes the server pushed last (this session).
     pushed: Vec<IpNet>,
     /// The routes on the tun now.
-    installed: Vec<Ipv4Net>,
+    installed: Vec<IpNet>,
+    /// The IPv6 address and prefix the server granted this session, in
+    /// its session parameters.
+    pushed6: Option<Ipv6Net>,
+    /// What the tun's IPv6 address is configured as, across sessions.
+    tun6: Option<Ipv6Net>,
     /// Pushed routes refused this session (each is reported once).
     refused: Vec<IpNet>,
     /// Whether the server offered itself as the default gateway (last push).
@@ -292,7 +291,7 @@ pub struct ClientSession {
     params_seen: bool,
     /// The server address the full tunnel is set up for, across sessions
     /// (the kill switch keeps it while the link is down).
-    full: Option<Ipv4Addr>,
+    full: Option<IpAddr>,
     /// The DNS settings pushed last (this session).
     pushed_dns: Dns,
     /// The DNS settings on the tun now.
@@ -314,6 +313,8 @@ impl ClientSession {
             server: None,
             pushed: Vec::new(),
             installed: Vec::new(),
+            pushed6: None,
+            tun6: None,
             refused: Vec::new(),
             offered_default: false,
             params_seen: false,
@@ -329,8 +330,13 @@ impl ClientSession {
     }
 
     /// The pushed routes installed on the tun now.
-    pub fn installed_routes(&self) -> &[Ipv4Net] {
+    pub fn installed_routes(&self) -> &[IpNet] {
         &self.installed
+    }
+
+    /// The tun's IPv6 address and prefix, once granted one.
+    pub fn address6(&self) -> Option<Ipv6Net> {
+        self.tun6
     }
 
     /// The link as the control API and systemd see it.
@@ -382,6 +388,7 @@ impl ClientSession {
     pub fn connected(&mut self, now: Instant, server: IpAddr) {
         self.server = Some(server);
         self.pushed.clear();
+        self.pushed6 = None;
         self.refused.clear();
         self.offered_default = false;
         self.params_seen = false;
@@ -418,6 +425,7 @@ impl ClientSession {
                 ExtensionKind::SessionParams => match SessionParams::decode(&extension.body) {
                     Ok(params) => {
                         self.pushed = params.routes;
+                        self.pushed6 = params.address6;
                         self.offered_default = params.default_route;
                         self.params_seen = true;
                         self.pushed_dns = Dns {
@@ -440,6 +448,11 @@ impl ClientSession {
     /// Brings the tun's routes, the full tunnel and DNS in line with what
     /// was pushed and accepted.
     fn sync_routes(&mut self) {
+        // The IPv6 address first: the tun's IPv6 routes need it.
+        if let Some(granted6) = self.pushed6.filter(|g| self.tun6 != Some(*g)) {
+            self.tun6 = Some(granted6);
+            self.actions.push_back(Action::ConfigureTun6(granted6));
+        }
         let accept = self.rules.accept_routes.as_deref();
         let mut wanted = Vec::new();
         let default = IpNet::V4(Ipv4Net::default());
@@ -450,11 +463,7 @@ impl ClientSession {
                 continue;
             }
             match judge_route(*route, accept, self.server) {
-                Ok(()) => {
-                    if let IpNet::V4(route) = route {
-                        wanted.push(*route);
-                    }
-                }
+                Ok(()) => wanted.push(*route),
                 Err(refusal) if !self.refused.contains(route) => {
                     self.refused.push(*route);
                     self.actions
@@ -482,21 +491,15 @@ impl ClientSession {
 
     /// Sets up or ends the full tunnel, as offered and configured.
     fn sync_full_tunnel(&mut self, offered: bool, default: IpNet) {
-        let server = match self.server {
-            Some(IpAddr::V4(server)) => Ok(server),
-            _ => Err(RouteRefusal::Ipv6Server),
-        };
-        let wanted = match (offered, self.rules.full_tunnel, server) {
-            (false, _, _) => None,
-            (true, true, Ok(server)) => Some(server),
-            (true, full_tunnel, refused) => {
-                let why = match (full_tunnel, refused) {
-                    (true, Err(why)) => why,
-                    _ => RouteRefusal::Default,
-                };
+        let wanted = match (offered, self.rules.full_tunnel) {
+            (false, _) => None,
+            // The server of this connection, IPv4 or IPv6: its route is pinned.
+            (true, true) => self.server,
+            (true, false) => {
                 if !self.refused.contains(&default) {
                     self.refused.push(default);
-                    self.actions.push_back(Action::RouteRefused(default, why));
+                    self.actions
+                        .push_back(Action::RouteRefused(default, RouteRefusal::Default));
                 }
                 None
             }
@@ -909,22 +912,26 @@ mod tests {
             [
                 "refuse 0.0.0.0/0: Default",
                 "refuse 198.18.0.0/16: CoversServer(198.18.1.1)",
-                "refuse 2001:2::/48: Ipv6",
                 "add 198.18.200.0/24",
+                "add 2001:2::/48",
             ]
         );
         assert_eq!(
             session.installed_routes(),
-            ["198.18.200.0/24".parse::<Ipv4Net>().expect("net")]
+            [net("198.18.200.0/24"), net("2001:2::/48")]
         );
         // The same push again: nothing to do, and no refusal repeated.
-        session.received(t0, params(&["198.18.200.0/24", "0.0.0.0/0"]));
+        session.received(t0, params(&["198.18.200.0/24", "0.0.0.0/0", "2001:2::/48"]));
         assert!(route_actions(&mut session).is_empty());
         // A changed push: the gone route is removed, the new one added.
         session.received(t0, params(&["198.18.202.0/24"]));
         assert_eq!(
             route_actions(&mut session),
-            ["del 198.18.200.0/24", "add 198.18.202.0/24"]
+            [
+                "del 198.18.200.0/24",
+                "del 2001:2::/48",
+                "add 198.18.202.0/24"
+            ]
         );
         // The link goes down: its routes go with it, before the close.
         session.server_closed();
@@ -932,6 +939,50 @@ mod tests {
         assert!(matches!(all.first(), Some(Action::DelRoute(_))), "{all:?}");
         assert!(matches!(all.last(), Some(Action::Close(_))), "{all:?}");
         assert!(session.installed_routes().is_empty());
+    }
+
+    #[test]
+    fn a_granted_ipv6_address_is_set_before_the_ipv6_routes_and_kept_across_sessions() {
+        let t0 = Instant::now();
+        let mut session = granted_session(ADDRESS, t0);
+        let granted6: Ipv6Net = "2001:2:0:100::2/64".parse().expect("net");
+        let push = || {
+            params_frame(SessionParams {
+                address6: Some(granted6),
+                routes: vec![net("2001:2:0:201::/64")],
+                ..SessionParams::default()
+            })
+        };
+        session.received(t0, push());
+        let done: Vec<String> = actions(&mut session)
+            .into_iter()
+            .map(|a| match a {
+                Action::ConfigureTun6(net) => format!("address6 {net}"),
+                Action::AddRoute(r) => format!("add {r}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            done,
+            ["address6 2001:2:0:100::2/64", "add 2001:2:0:201::/64"]
+        );
+        assert_eq!(session.address6(), Some(granted6));
+        // The same again, in this session or the next: the tun has it.
+        session.received(t0, push());
+        assert!(actions(&mut session).is_empty());
+        session.server_closed();
+        actions(&mut session);
+        session.dialing();
+        session.connected(t0, "198.18.1.1".parse().expect("ip"));
+        session.received(t0, Frame::Control(Control::grant(ADDRESS, None)));
+        session.received(t0, push());
+        assert!(
+            !actions(&mut session)
+                .iter()
+                .any(|a| matches!(a, Action::ConfigureTun6(_))),
+            "configured again"
+        );
+        assert_eq!(session.address6(), Some(granted6));
     }
 
     #[test]
@@ -1496,7 +1547,7 @@ mod tests {
     }
 
     #[test]
-    fn dns_off_ignores_pushed_dns_and_an_ipv6_server_gets_no_full_tunnel() {
+    fn dns_off_ignores_pushed_dns_and_an_ipv6_server_gets_a_full_tunnel_too() {
         let t0 = Instant::now();
         let rules = ClientRules {
             full_tunnel: true,
@@ -1507,6 +1558,6 @@ mod tests {
         session.connected(t0, "2001:2::1".parse().expect("ip"));
         session.received(t0, grant(ADDRESS));
         session.received(t0, gateway_params(&["198.19.0.1"]));
-        assert_eq!(full_actions(&mut session), ["refuse 0.0.0.0/0: Ipv6Server"]);
+        assert_eq!(full_actions(&mut session), ["full 2001:2::1"]);
     }
 }

@@ -16,11 +16,13 @@
 //!    the connection with [`Ending::Refused`].
 //! 3. Once granted: a repeated request is answered with the address already
 //!    held; a keepalive is echoed; a packet must come from the granted
-//!    address (anti-spoofing) and is forwarded to its destination; silence
-//!    longer than the client timeout closes the connection.
+//!    address, IPv4 or (with `network6`, for an extension client) IPv6, or
+//!    from a network behind the client (anti-spoofing), and is forwarded to
+//!    its destination; silence longer than the client timeout closes the
+//!    connection.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,7 +31,7 @@ use ipnet::{IpNet, Ipv4Net};
 use crate::params::SessionParams;
 
 use crate::pool::Refusal;
-use crate::wire::{ipv4_addresses, Control, Frame, ProtocolError, Request};
+use crate::wire::{ip_addresses, Control, Frame, ProtocolError, Request};
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +56,8 @@ pub struct ServerSession {
     netmask: Ipv4Addr,
     /// The networks behind the client: its packets may come from them too.
     routes: Vec<IpNet>,
+    /// Its IPv6 address, once granted one.
+    address6: Option<Ipv6Addr>,
 }
 
 /// What the I/O loop is to do after an event.
@@ -68,10 +72,7 @@ pub enum Action {
     Admit(Request),
     /// Forward this packet from the client to `destination`: to the client
     /// that holds it, else into the server's tun.
-    Forward {
-        destination: Ipv4Addr,
-        packet: Bytes,
-    },
+    Forward { destination: IpAddr, packet: Bytes },
     /// Drop a packet, counted under `reason`.
     Drop(DropReason),
     /// Close the connection.
@@ -84,8 +85,8 @@ pub enum DropReason {
     /// It came before the client held an address.
     Unassigned,
     /// Its source was not the client's address.
-    Spoofed(Ipv4Addr),
-    /// Not IPv4: the client holds no IPv6 address.
+    Spoofed(IpAddr),
+    /// IPv6 (or no IP at all) from a client that holds no IPv6 address.
     NotIpv4,
 }
 
@@ -165,6 +166,7 @@ impl ServerSession {
             client_timeout,
             netmask,
             routes,
+            address6: None,
         }
     }
 
@@ -222,6 +224,12 @@ impl ServerSession {
         };
     }
 
+    /// The peer table granted `address6` too (with `network6`, to an
+    /// extension client): its IPv6 packets must come from it.
+    pub fn granted6(&mut self, address6: Option<Ipv6Addr>) {
+        self.address6 = address6;
+    }
+
     fn on_request(&mut self, request: Request) -> Action {
         match (request, self.state) {
             (Request::Keepalive, _) => Action::Reply(Control::KEEPALIVE),
@@ -242,21 +250,25 @@ impl ServerSession {
         let State::Granted { address, .. } = self.state else {
             return Action::Drop(DropReason::Unassigned);
         };
-        match ipv4_addresses(&packet) {
-            Some((source, destination)) if source == address || self.routes_hold(source) => {
-                Action::Forward {
-                    destination,
-                    packet,
-                }
-            }
-            Some((source, _)) => Action::Drop(DropReason::Spoofed(source)),
-            None => Action::Drop(DropReason::NotIpv4),
+        let Some((source, destination)) = ip_addresses(&packet) else {
+            return Action::Drop(DropReason::NotIpv4);
+        };
+        let own = match source {
+            IpAddr::V4(source) => source == address,
+            IpAddr::V6(source) => Some(source) == self.address6,
+        };
+        match (own || self.routes_hold(source), source) {
+            (true, _) => Action::Forward {
+                destination,
+                packet,
+            },
+            (false, IpAddr::V6(_)) if self.address6.is_none() => Action::Drop(DropReason::NotIpv4),
+            (false, _) => Action::Drop(DropReason::Spoofed(source)),
         }
     }
 
     /// Whether `source` lies in one of the networks behind the client.
-    fn routes_hold(&self, source: Ipv4Addr) -> bool {
-        let source = IpAddr::V4(source);
+    fn routes_hold(&self, source: IpAddr) -> bool {
         self.routes.iter().any(|net| net.contains(&source))
     }
 }
@@ -402,13 +414,13 @@ mod tests {
         assert_eq!(
             s.on_frame(t0, Frame::Packet(p.clone())),
             Action::Forward {
-                destination: other,
+                destination: other.into(),
                 packet: p
             }
         );
         assert_eq!(
             s.on_frame(t0, Frame::Packet(packet(other, mine))),
-            Action::Drop(DropReason::Spoofed(other))
+            Action::Drop(DropReason::Spoofed(other.into()))
         );
         let mut v6 = vec![0u8; 40];
         v6[0] = 0x60;
@@ -431,14 +443,68 @@ mod tests {
         assert_eq!(
             s.on_frame(t0, Frame::Packet(from_lan.clone())),
             Action::Forward {
-                destination: server,
+                destination: server.into(),
                 packet: from_lan
             }
         );
         let outside = Ipv4Addr::new(198, 18, 202, 9);
         assert_eq!(
             s.on_frame(t0, Frame::Packet(packet(outside, server))),
-            Action::Drop(DropReason::Spoofed(outside))
+            Action::Drop(DropReason::Spoofed(outside.into()))
+        );
+    }
+
+    /// A minimal IPv6 packet from `source` to `destination`.
+    fn packet6(source: &str, destination: &str) -> Bytes {
+        let mut p = vec![0u8; 48];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&8u16.to_be_bytes());
+        let ip = |s: &str| s.parse::<Ipv6Addr>().expect("v6").octets();
+        p[8..24].copy_from_slice(&ip(source));
+        p[24..40].copy_from_slice(&ip(destination));
+        Bytes::from(p)
+    }
+
+    #[test]
+    fn ipv6_packets_follow_the_same_rules_as_ipv4() {
+        let t0 = Instant::now();
+        let lan6: IpNet = "2001:2:0:300::/64".parse().expect("net");
+        let mut s = ServerSession::new(t0 + HANDSHAKE, CLIENT_TIMEOUT, NETMASK, vec![lan6]);
+        s.on_frame(t0, request(Request::Dynamic));
+        s.granted(t0, Ipv4Addr::new(198, 19, 0, 2));
+        // Before an IPv6 grant: IPv6 from its own network behind it only.
+        let mine = "2001:2:0:100::2";
+        assert_eq!(
+            s.on_frame(t0, Frame::Packet(packet6(mine, "2001:2:0:100::3"))),
+            Action::Drop(DropReason::NotIpv4)
+        );
+        s.granted6(Some(mine.parse().expect("v6")));
+        for (source, destination) in [
+            (mine, "2001:2:0:100::3"),
+            (mine, "2001:2:0:100::1"),
+            ("2001:2:0:300::9", "2001:2:0:100::1"),
+        ] {
+            let p = packet6(source, destination);
+            assert_eq!(
+                s.on_frame(t0, Frame::Packet(p.clone())),
+                Action::Forward {
+                    destination: destination.parse().expect("v6"),
+                    packet: p
+                },
+                "{source} -> {destination}"
+            );
+        }
+        for spoofed in ["2001:2:0:100::3", "2001:2:0:301::9", "fe80::1"] {
+            assert_eq!(
+                s.on_frame(t0, Frame::Packet(packet6(spoofed, "2001:2:0:100::1"))),
+                Action::Drop(DropReason::Spoofed(spoofed.parse().expect("v6"))),
+                "{spoofed}"
+            );
+        }
+        // A cut-off IPv6 header is no packet at all.
+        assert_eq!(
+            s.on_frame(t0, Frame::Packet(packet6(mine, mine).slice(..39))),
+            Action::Drop(DropReason::NotIpv4)
         );
     }
 

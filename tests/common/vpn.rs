@@ -3,7 +3,7 @@
 //! speaks the original protocol byte for byte.
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -187,9 +187,10 @@ pub fn tls_client_args<'a>(key: &'a str, server_key: &'a str) -> [&'a str; 4] {
 }
 
 /// Sends `len` bytes from `from` to a listener in `to` at `address`, over TCP
-/// through the tunnel; the listener echoes them back. Asserts both ways.
-pub fn tcp_round_trip(from: &Netns, to: &Netns, address: Ipv4Addr, port: u16, len: usize) {
-    let target = SocketAddr::from((address, port));
+/// through the tunnel (IPv4 or IPv6); the listener echoes them back.
+/// Asserts both ways.
+pub fn tcp_round_trip(from: &Netns, to: &Netns, address: impl Into<IpAddr>, port: u16, len: usize) {
+    let target = SocketAddr::new(address.into(), port);
     let listener = to.tcp_listen(target).expect("listen on the tunnel address");
     let echo = std::thread::spawn(move || {
         let (mut conn, _) = listener.accept().expect("accept");
