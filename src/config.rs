@@ -78,6 +78,8 @@ pub struct ConfigFile {
     pub client: Option<ClientSection>,
     pub control: Option<ControlSection>,
     pub metrics: Option<MetricsSection>,
+    /// Several servers of one network (a server's; see [`crate::cluster`]).
+    pub cluster: Option<crate::cluster::config::ClusterSection>,
 }
 
 /// `[metrics]`: the Prometheus endpoint (a server's).
@@ -241,8 +243,10 @@ impl PeerSection {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientSection {
-    /// HOST or HOST:PORT.
-    pub server: Option<String>,
+    /// HOST or HOST:PORT, or a list of them (servers of one cluster).
+    pub server: Option<Servers>,
+    /// Which server of the list is tried first.
+    pub server_order: Option<ServerOrder>,
     /// A static address to ask for; dynamic when absent.
     pub address: Option<Ipv4Addr>,
     pub tun: Option<String>,
@@ -337,6 +341,8 @@ pub struct ServerConfig {
     pub dns: Vec<IpAddr>,
     /// Pushed DNS search domains.
     pub dns_search: Vec<String>,
+    /// Shared state in etcd; `None`: this server alone, state in SQLite.
+    pub cluster: Option<crate::cluster::config::ClusterConfig>,
 }
 
 impl ServerConfig {
@@ -373,6 +379,7 @@ impl ServerConfig {
         differs("state_dir", self.state_dir != new.state_dir);
         differs("lease_time", self.lease_time != new.lease_time);
         differs("metrics", self.metrics != new.metrics);
+        differs("cluster", self.cluster != new.cluster);
         fields
     }
 
@@ -403,11 +410,40 @@ impl Legacy {
     }
 }
 
+/// `server` as written: one server, or several (`server = ["a", "b"]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Servers {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<&str> for Servers {
+    fn from(server: &str) -> Servers {
+        Servers::One(server.to_string())
+    }
+}
+
+/// In which order a client tries the servers it lists; after a failure it
+/// goes on to the next either way.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerOrder {
+    /// The first listed first.
+    #[default]
+    First,
+    /// A random one first (spreads clients over the servers).
+    Random,
+}
+
 /// What the client runs with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
-    /// HOST:PORT, resolved at every connect.
+    /// The servers, as written (for logs and status): `HOST:PORT[, ...]`.
     pub server: String,
+    /// Each server as HOST:PORT, resolved at every connect; at least one.
+    pub servers: Vec<String>,
+    pub server_order: ServerOrder,
     pub address: Option<Ipv4Addr>,
     pub tun: String,
     pub prefix: u8,
@@ -480,13 +516,30 @@ pub fn config_file(explicit: Option<&Path>) -> Result<ConfigFile, ConfigError> {
 pub fn server_settings(
     server: Option<ServerSection>,
     metrics: Option<MetricsSection>,
+    cluster: Option<crate::cluster::config::ClusterSection>,
     flags: ServerSection,
 ) -> Result<ServerConfig, ConfigError> {
     let file = ServerSection {
         metrics: metrics.and_then(|m| m.listen),
         ..server.unwrap_or_default()
     };
-    file.overridden_by(flags).resolve()
+    let config = file.overridden_by(flags).resolve()?;
+    let cluster = cluster.map(|c| c.resolve()).transpose()?;
+    if cluster.is_some() && config.key.is_none() {
+        return Err(ConfigError::new(
+            "cluster",
+            "a cluster server needs a key (key = PATH): the servers authenticate their links with it",
+        ));
+    }
+    // The cluster shares IPv4 leases and forwards IPv4 between its servers
+    // only: each server would hand out IPv6 addresses on its own.
+    if cluster.is_some() && config.network6.is_some() {
+        return Err(ConfigError::new(
+            "cluster",
+            "[cluster] with network6 is not supported yet",
+        ));
+    }
+    Ok(ServerConfig { cluster, ..config })
 }
 
 /// Where a server's settings came from: the config file (the default one
@@ -501,7 +554,7 @@ impl ServerSource {
     /// Reads the file again and applies the same flags.
     pub fn load(&self) -> Result<ServerConfig, ConfigError> {
         let file = config_file(self.file.as_deref())?;
-        server_settings(file.server, file.metrics, self.flags.clone())
+        server_settings(file.server, file.metrics, file.cluster, self.flags.clone())
     }
 }
 
@@ -651,6 +704,7 @@ impl ServerSection {
             forwarding: self.forwarding.unwrap_or(false),
             dns,
             dns_search,
+            cluster: None,
             key: self.key,
             state_dir: match self.state_dir {
                 Some(dir) if dir.as_os_str().is_empty() => {
@@ -916,6 +970,7 @@ impl ClientSection {
     pub fn overridden_by(self, flags: ClientSection) -> ClientSection {
         ClientSection {
             server: flags.server.or(self.server),
+            server_order: flags.server_order.or(self.server_order),
             address: flags.address.or(self.address),
             tun: flags.tun.or(self.tun),
             prefix: flags.prefix.or(self.prefix),
@@ -936,15 +991,24 @@ impl ClientSection {
 
     /// Fills in the defaults and checks every value.
     pub fn resolve(self) -> Result<ClientConfig, ConfigError> {
-        let server = match self.server.as_deref().map(str::trim) {
-            None | Some("") => {
-                return Err(ConfigError::new(
-                    "server",
-                    "missing: give --server HOST[:PORT] or server = \"HOST:PORT\" in [client]",
-                ))
-            }
-            Some(server) => with_default_port(server)?,
+        let listed = match self.server {
+            None => Vec::new(),
+            Some(Servers::One(server)) => vec![server],
+            Some(Servers::Many(servers)) => servers,
         };
+        let servers = listed
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(with_default_port)
+            .collect::<Result<Vec<_>, _>>()?;
+        if servers.is_empty() {
+            return Err(ConfigError::new(
+                "server",
+                "missing: give --server HOST[:PORT] or server = \"HOST:PORT\" in [client]",
+            ));
+        }
+        let server = servers.join(", ");
         let prefix = self.prefix.unwrap_or(DEFAULT_PREFIX);
         if !TUNNEL_PREFIX.contains(&prefix) {
             return Err(ConfigError::new(
@@ -991,6 +1055,8 @@ impl ClientSection {
             fail_open: self.fail_open.unwrap_or(false),
             dns: self.dns.unwrap_or_default(),
             server,
+            servers,
+            server_order: self.server_order.unwrap_or_default(),
             address: self.address,
             tun: tun_name(self.tun)?,
             prefix,
@@ -1437,6 +1503,32 @@ mod tests {
     }
 
     #[test]
+    fn a_client_lists_several_servers_and_the_order_to_try_them() {
+        let client = |text: &str| parse(text).map(|f| f.client.expect("client").resolve());
+        let config = client(
+            "[client]\nserver = [\"198.18.1.1\", \"198.18.2.1:7000\"]\nserver_order = \"random\"\n",
+        )
+        .expect("parse")
+        .expect("valid");
+        assert_eq!(config.servers, ["198.18.1.1:2002", "198.18.2.1:7000"]);
+        assert_eq!(config.server_order, ServerOrder::Random);
+        let one = client("[client]\nserver = \"198.18.1.1\"\n")
+            .expect("parse")
+            .expect("valid");
+        assert_eq!(one.servers, ["198.18.1.1:2002"]);
+        assert_eq!(one.server_order, ServerOrder::First);
+        let err = client("[client]\nserver = []\n")
+            .expect("parse")
+            .expect_err("no server");
+        assert_eq!(err.field, "server");
+        let err = client("[client]\nserver = [\"198.18.1.1:x\"]\n")
+            .expect("parse")
+            .expect_err("bad port");
+        assert_eq!(err.field, "server");
+        assert!(client("[client]\nserver = \"a\"\nserver_order = \"roundrobin\"\n").is_err());
+    }
+
+    #[test]
     fn client_server_addresses() {
         let resolve = |s: &str| {
             ClientSection {
@@ -1509,5 +1601,26 @@ mod tests {
         );
         let many = vec!["10.0.0.1"; MAX_DNS + 1];
         assert_eq!(server(many, vec![]).expect_err("too many").field, "dns");
+    }
+
+    #[test]
+    fn a_cluster_with_network6_is_refused() {
+        let text = "[server]\nkey = \"/k\"\nnetwork = \"198.19.0.0/16\"\n{}\n\
+                    [cluster]\netcd = [\"http://198.18.9.1:2379\"]\nnode = \"s1\"\n\
+                    advertise = \"198.18.1.1:2003\"\n";
+        let settings = |v6: &str| {
+            let file = parse(&text.replace("{}", v6)).expect("parse");
+            server_settings(
+                file.server,
+                file.metrics,
+                file.cluster,
+                ServerSection::default(),
+            )
+        };
+        let config = settings("").expect("an IPv4-only cluster server");
+        assert!(config.cluster.is_some());
+        let err = settings("network6 = \"2001:2:0:100::/64\"").expect_err("refused");
+        assert_eq!(err.field, "cluster");
+        assert_eq!(err.problem, "[cluster] with network6 is not supported yet");
     }
 }

@@ -25,6 +25,15 @@ pub struct PeerLink {
     pub mtu: usize,
 }
 
+impl PeerLink {
+    /// A link that takes packets of any size but no super-packets (a
+    /// cluster's server-to-server link).
+    pub const PLAIN: PeerLink = PeerLink {
+        super_packets: false,
+        mtu: usize::MAX,
+    };
+}
+
 /// What to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Egress {

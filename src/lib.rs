@@ -15,6 +15,7 @@
 //! generated.
 
 pub mod budget;
+pub mod cluster;
 pub mod config;
 pub mod config6;
 pub mod connection;

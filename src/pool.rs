@@ -25,6 +25,10 @@ pub enum Refusal {
         takeovers: usize,
         retry_after_secs: u64,
     },
+    /// A cluster server cannot reach the shared state (etcd), so it grants
+    /// nothing that another server might grant too.
+    #[error("{0}")]
+    ClusterUnavailable(&'static str),
 }
 
 /// Free and used addresses, plus a memory of who held which address last, so

@@ -316,6 +316,7 @@ fn status_json(s: &proto::StatusReply) -> Value {
             "queued_bytes": s.queued_bytes,
             "reading_bytes": s.reading_bytes,
             "closed_for_memory": s.closed_for_memory,
+            "cluster": s.cluster.as_ref().map(cluster_json),
         }),
         _ => json!({
             "server": s.server,
@@ -327,6 +328,53 @@ fn status_json(s: &proto::StatusReply) -> Value {
         v.extend(extra.clone());
     }
     v
+}
+
+fn cluster_json(c: &proto::ClusterStatus) -> Value {
+    json!({
+        "node": c.node,
+        "health": c.health,
+        "members": c.members.iter().map(|m| json!({
+            "node": m.node,
+            "advertise": m.advertise,
+            "key": m.key,
+        })).collect::<Vec<_>>(),
+        "links": c.links.iter().map(|l| json!({
+            "node": l.node,
+            "remote": l.remote,
+            "up": l.up,
+            "tx_packets": l.tx_packets,
+            "tx_bytes": l.tx_bytes,
+            "dropped_queue_full": l.dropped_queue_full,
+        })).collect::<Vec<_>>(),
+        "dropped_no_peer": c.dropped_no_peer,
+        "dropped_link_down": c.dropped_link_down,
+    })
+}
+
+/// The cluster's lines of `svpnctl status`: one per member and per link.
+fn cluster_pairs(c: &proto::ClusterStatus) -> Vec<(&'static str, String)> {
+    let mut pairs = vec![("cluster", format!("node {}, etcd {}", c.node, c.health))];
+    pairs.extend(
+        c.members
+            .iter()
+            .map(|m| ("member", format!("{} at {}", m.node, m.advertise))),
+    );
+    pairs.extend(c.links.iter().map(|l| {
+        let state = if l.up { "up" } else { "down" };
+        (
+            "link",
+            format!(
+                "{} at {} {state}: {} in {} packets, {} dropped (queue full)",
+                l.node,
+                l.remote,
+                human_bytes(l.tx_bytes),
+                l.tx_packets,
+                l.dropped_queue_full
+            ),
+        )
+    }));
+    pairs
 }
 
 fn status_text(s: &proto::StatusReply, now: SystemTime) -> String {
@@ -370,6 +418,9 @@ fn status_text(s: &proto::StatusReply, now: SystemTime) -> String {
                 ),
             ),
         ]);
+        if let Some(cluster) = &s.cluster {
+            pairs.extend(cluster_pairs(cluster));
+        }
     } else {
         pairs.extend([
             ("server", s.server.clone()),

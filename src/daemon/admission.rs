@@ -67,6 +67,8 @@ pub enum RefusalReason {
     PoolExhausted,
     /// After the gate: its key took over its own session too often.
     KeyFlapping,
+    /// After the gate: the cluster's shared state (etcd) is unreachable.
+    ClusterUnavailable,
 }
 
 impl RefusalReason {
@@ -89,6 +91,7 @@ impl RefusalReason {
             RefusalReason::AddressTaken => "address_taken",
             RefusalReason::PoolExhausted => "pool_exhausted",
             RefusalReason::KeyFlapping => "key_flapping",
+            RefusalReason::ClusterUnavailable => "cluster_unavailable",
         }
     }
 
@@ -99,6 +102,7 @@ impl RefusalReason {
             Refusal::NotInPool(_) | Refusal::Taken(_) => RefusalReason::AddressTaken,
             Refusal::Exhausted => RefusalReason::PoolExhausted,
             Refusal::KeyFlapping { .. } => RefusalReason::KeyFlapping,
+            Refusal::ClusterUnavailable(_) => RefusalReason::ClusterUnavailable,
         }
     }
 }

@@ -8,8 +8,8 @@ use ipnet::{IpNet, Ipv4Net};
 
 use super::{Role, Settings};
 use crate::config::{
-    config_file, server_settings, ClientSection, ConfigError, DnsMode, PeerSection, ServerSection,
-    ServerSource,
+    config_file, server_settings, ClientSection, ConfigError, DnsMode, PeerSection, ServerOrder,
+    ServerSection, ServerSource, Servers,
 };
 use crate::keys::PublicKey;
 
@@ -139,9 +139,12 @@ pub struct ServerArgs {
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// Server to connect to
+    /// Server to connect to (repeat for the servers of one cluster: the next is tried when one fails)
     #[arg(short = 's', long, value_name = "HOST[:PORT]")]
-    pub server: Option<String>,
+    pub server: Vec<String>,
+    /// Which listed server is tried first [default: first]
+    #[arg(long, value_name = "ORDER")]
+    pub server_order: Option<ServerOrder>,
     /// Ask for this static address (default: any, and the same one again on reconnect)
     #[arg(short = 'a', long, value_name = "IP")]
     pub address: Option<Ipv4Addr>,
@@ -210,7 +213,8 @@ impl From<ServerArgs> for ServerSection {
 impl From<ClientArgs> for ClientSection {
     fn from(args: ClientArgs) -> ClientSection {
         ClientSection {
-            server: args.server,
+            server: (!args.server.is_empty()).then_some(Servers::Many(args.server)),
+            server_order: args.server_order,
             address: args.address,
             tun: args.common.tun,
             timeout: args.timeout,
@@ -245,7 +249,7 @@ impl Cli {
                     state_dir: self.state_dir.clone(),
                     ..ServerSection::from(args)
                 };
-                let config = server_settings(file.server, file.metrics, flags.clone())?;
+                let config = server_settings(file.server, file.metrics, file.cluster.clone(), flags.clone())?;
                 source = Some(ServerSource {
                     file: self.config.clone(),
                     flags,
@@ -268,7 +272,7 @@ impl Cli {
                         file: self.config.clone(),
                         flags: flags.clone(),
                     });
-                    Role::Server(server_settings(Some(server), file.metrics, flags)?)
+                    Role::Server(server_settings(Some(server), file.metrics, file.cluster, flags)?)
                 }
                 (None, Some(client)) => Role::Client(client.resolve()?),
                 (Some(_), Some(_)) => return Err(ConfigError::new(

@@ -304,7 +304,7 @@ impl Client {
     async fn reconnect_loop(&mut self) -> Result<(), DaemonError> {
         loop {
             let span =
-                info_span!("server", remote = %self.config.server, addr = tracing::field::Empty);
+                info_span!("server", remote = %self.dialer.server(), addr = tracing::field::Empty);
             let closed = self.session().instrument(span.clone()).await?;
             let link_state = self.rules.link_state();
             self.state.update(|link| {
@@ -314,6 +314,8 @@ impl Client {
             let Some(delay) = closed.reconnect_after else {
                 return Ok(());
             };
+            // With several servers listed, the next one is tried.
+            self.dialer.next_server();
             span.in_scope(|| {
                 log_closed(&closed.reason);
                 info!("reconnecting in {:.1}s", delay.as_secs_f64());

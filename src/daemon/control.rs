@@ -75,6 +75,9 @@ pub enum AdminRequest {
         which: String,
         reply: oneshot::Sender<Result<(PeerSection, usize), AdminError>>,
     },
+    /// The peers added live in a cluster changed (on any server): these
+    /// are all of them now.
+    ClusterPeers { live: Vec<PeerSection> },
 }
 
 /// What a reload (or a live change of peers) did.

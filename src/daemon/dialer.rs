@@ -10,7 +10,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
 use super::gate::Identity;
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, ServerOrder};
 use crate::connection::{Reader, Writer};
 use crate::keys::{NodeKey, PublicKey};
 use crate::tls::{self, TlsError};
@@ -42,9 +42,12 @@ pub struct Dialed {
     pub extension: bool,
 }
 
-/// Connects to the configured server.
+/// Connects to the configured server: with several listed, to the one
+/// whose turn it is ([`Dialer::next_server`] after a failure).
 pub struct Dialer {
-    server: String,
+    servers: Vec<String>,
+    /// The index in `servers` dialed next.
+    current: usize,
     tls: Option<(TlsConnector, PublicKey)>,
     timeout: Duration,
 }
@@ -64,8 +67,13 @@ impl Dialer {
             )),
             _ => None,
         };
+        let current = match config.server_order {
+            ServerOrder::First => 0,
+            ServerOrder::Random => fastrand::usize(..config.servers.len().max(1)),
+        };
         Ok(Dialer {
-            server: config.server.clone(),
+            servers: config.servers.clone(),
+            current,
             tls,
             timeout,
         })
@@ -83,9 +91,22 @@ impl Dialer {
         }
     }
 
+    /// The server dialed next, HOST:PORT.
+    pub fn server(&self) -> &str {
+        self.servers.get(self.current).map_or("", String::as_str)
+    }
+
+    /// The session with the current server failed or ended: the next one
+    /// listed (after the last, the first) is dialed next.
+    pub fn next_server(&mut self) {
+        if !self.servers.is_empty() {
+            self.current = (self.current + 1) % self.servers.len();
+        }
+    }
+
     /// Connects (and, with TLS, authenticates both ways) within the timeout.
     pub async fn dial(&self) -> Result<Dialed, DialError> {
-        let stream = timeout(self.timeout, TcpStream::connect(self.server.as_str()))
+        let stream = timeout(self.timeout, TcpStream::connect(self.server()))
             .await
             .map_err(|_| DialError::ConnectTimeout)?
             .map_err(DialError::Connect)?;

@@ -3,11 +3,13 @@
 mod admission;
 pub mod cli;
 pub mod client;
+mod cluster;
 pub mod control;
 mod dialer;
 mod events;
 pub mod gate;
 pub mod helper;
+mod links;
 mod metrics;
 mod notify;
 mod peers;
@@ -90,6 +92,8 @@ pub enum DaemonError {
     TunFailed(String),
     #[error("{0}")]
     State(#[from] crate::state::StoreError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::etcd::EtcdError),
     #[error("metrics: cannot listen on {address}: {source}")]
     Metrics {
         address: SocketAddr,

@@ -840,6 +840,33 @@ impl PeerTable {
         Some(table.info(address, &peer))
     }
 
+    /// Refuses `who` until `until` (a ban made on another server of the
+    /// cluster) and closes its connections here; returns them.
+    pub fn ban_who(&self, who: Banned, until: SystemTime) -> Vec<PeerInfo> {
+        let mut table = self.write();
+        let closed = table
+            .peers
+            .iter()
+            .filter(|(_, p)| Banned::of(&p.identity, p.remote.ip()) == who)
+            .map(|(address, peer)| {
+                peer.kick.cancel();
+                peer.info(*address)
+            })
+            .collect();
+        table.bans.insert(who, until);
+        closed
+    }
+
+    /// Whether `address` is a client address of the network (free or not).
+    pub fn in_pool(&self, address: Ipv4Addr) -> bool {
+        self.read().pool.contains(address)
+    }
+
+    /// Whether `address` is free in this server's pool.
+    pub fn is_free(&self, address: Ipv4Addr) -> bool {
+        self.read().pool.is_free(address)
+    }
+
     /// How much longer `who` stays banned at `now`, if it is.
     pub fn ban_remaining(&self, who: &Banned, now: SystemTime) -> Option<Duration> {
         let table = self.read();
@@ -1307,10 +1334,7 @@ mod tests {
             deliver(&table, v6("2001:2:0:100::3"), Bytes::from_static(b"6")),
             Some(Delivery::Queued)
         );
-        assert_eq!(
-            deliver(&table, v6("2001:2:0:100::4"), Bytes::new()),
-            None
-        );
+        assert_eq!(deliver(&table, v6("2001:2:0:100::4"), Bytes::new()), None);
         // Away, its lease keeps both addresses for it; back, it has both.
         let lease = table.remove(a_grant.address, a.id).expect("lease kept");
         assert_eq!(lease.address6, a_grant.address6);

@@ -45,11 +45,13 @@ use super::control::{self, AdminError, AdminRequest, KickError, Node, ReloadRepo
 use super::events::{EventKind, Events, PeerEvent};
 use super::gate::{merge_peers, Admitted, AllowedPeer, Gate, PeerSource, Rejection};
 use super::helper::{Helper, HelperError};
+use super::links::{LinkDelivery, LinkLimits, Links};
 use super::metrics::{self, DropKind, Metrics, Outcome, SuperKind};
 use super::notify;
 use super::peers::{Banned, Granted, Peer, PeerInfo, PeerTable};
 use super::{ControlOptions, DaemonError};
 use crate::budget::MemoryBudget;
+use crate::cluster::{Cluster, ClusterHooks};
 use crate::config::{check_peers, ConfigError, PeerSection, ServerConfig, ServerSource};
 use crate::connection::{self, write_frames, FrameReader, ReadError};
 use crate::daemon::tun::{AsyncTun, TunHealth};
@@ -108,6 +110,10 @@ struct Shared {
     offer: Offer,
     /// What the helper changed on the host beyond the tun.
     host_changes: Vec<String>,
+    /// The cluster this server belongs to, if any (see [`super::cluster`]).
+    cluster: Option<Arc<Cluster>>,
+    /// Its links to the other servers of the cluster.
+    links: Option<Arc<Links>>,
 }
 
 impl Shared {
@@ -160,8 +166,12 @@ impl Shared {
             .collect()
     }
 
-    /// Keeps `lease` in the store (the table already holds it).
+    /// Keeps `lease` in the store (the table already holds it); in a
+    /// cluster, etcd holds the leases instead.
     fn keep_lease(&self, lease: &Lease) {
+        if self.cluster.is_some() {
+            return;
+        }
         if let Err(e) = self.store.put_lease(lease) {
             warn!(error = %e, address = %lease.address, "lease not kept across restarts");
         }
@@ -231,8 +241,23 @@ pub async fn run(
     let store = SqliteStore::open_dir(&config.state_dir)?;
     let now = SystemTime::now();
     store.expire(now)?;
-    let (leases, bans) = (store.leases(now)?, store.bans(now)?);
-    let live = fitting_live(&config, store.peers()?);
+    let (mut leases, mut bans) = (store.leases(now)?, store.bans(now)?);
+    // In a cluster the address leases and bans are etcd's.
+    let cluster = match &config.cluster {
+        Some(cluster) => {
+            let public = key.as_ref().map(|k| k.public());
+            let cluster = Cluster::join(cluster.clone(), config.network, public).await?;
+            leases.clear();
+            bans = cluster.bans(now);
+            Some(cluster)
+        }
+        None => None,
+    };
+    // In a cluster the peers added live are etcd's too.
+    let live = match &cluster {
+        Some(cluster) => fitting_live(&config, cluster.live_peers()),
+        None => fitting_live(&config, store.peers()?),
+    };
     info!(
         path = %store.path().display(),
         leases = leases.len(),
@@ -293,7 +318,38 @@ pub async fn run(
         MemoryBudget::new(config.memory_budget),
     )
     .with_ipv6(config.network6, fixed6(&gate.peers()));
-    peers.restore(leases, bans, config.lease_time);
+    let lease_time = match &config.cluster {
+        Some(cluster) => cluster.lease_ttl,
+        None => config.lease_time,
+    };
+    peers.restore(leases, bans, lease_time);
+    let tls_text = key
+        .as_ref()
+        .map_or("off".to_string(), |k| format!("key {}", k.public()));
+    let (links, link_listener) = match (&cluster, key) {
+        (Some(cluster), Some(key)) => {
+            let advertise = cluster.config().advertise;
+            let listener = listen(advertise).map_err(|source| DaemonError::Bind {
+                address: advertise,
+                source,
+            })?;
+            let limits = LinkLimits {
+                queue_len: config.queue_len,
+                queue_bytes: config.queue_bytes,
+                max_frame: config.max_frame,
+                frame_timeout: config.frame_timeout,
+            };
+            let links = Links::new(
+                cluster.clone(),
+                key,
+                limits,
+                peers.budget_handle(),
+                shutdown.clone(),
+            )?;
+            (Some(Arc::new(links)), Some(listener))
+        }
+        _ => (None, None),
+    };
     let (admin, mut admin_requests) = mpsc::channel(8);
     let shared = Arc::new(Shared {
         current: RwLock::new(Arc::new(config.clone())),
@@ -320,6 +376,8 @@ pub async fn run(
             gateway: config.gateway,
         },
         host_changes,
+        cluster,
+        links,
         config,
     });
     info!(
@@ -328,7 +386,7 @@ pub async fn run(
         address = %own_address,
         network = %shared.config.network,
         network6 = %shared.config.network6.map_or("none".to_string(), |n| n.to_string()),
-        tls = %key.as_ref().map_or("off".to_string(), |k| format!("key {}", k.public())),
+        tls = %tls_text,
         tls_peers = shared.config.peers.len(),
         legacy = ?shared.config.legacy,
         max_unauthenticated = shared.config.max_unauthenticated,
@@ -349,6 +407,14 @@ pub async fn run(
         shutdown.clone(),
     ));
     tasks.spawn(tun_reader(tun, shared.clone(), shutdown.clone()));
+    if let Some(cluster) = shared.cluster.clone() {
+        let hooks: Arc<dyn ClusterHooks> = shared.clone();
+        tasks.spawn(cluster.maintain(hooks, shutdown.clone()));
+    }
+    if let (Some(links), Some(listener)) = (shared.links.clone(), link_listener) {
+        let delivery: Arc<dyn LinkDelivery> = shared.clone();
+        tasks.spawn(links.accept(listener, delivery));
+    }
     let mut summaries = tokio::time::interval(Duration::from_secs(1));
     summaries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tun_failure = None;
@@ -642,7 +708,12 @@ async fn connection(
         match session.on_frame(now, frame) {
             Action::None => {}
             Action::Reply(control) => send(&peer, control),
-            Action::Admit(request) => match shared.peers.admit(request, &peer) {
+            Action::Admit(request) => match match &shared.cluster {
+                Some(cluster) => {
+                    super::cluster::admit(cluster, &shared.peers, request, &peer).await
+                }
+                None => shared.peers.admit(request, &peer),
+            } {
                 Ok(Granted {
                     address,
                     address6,
@@ -713,6 +784,9 @@ async fn connection(
     let address = session.address();
     if let Some(lease) = address.and_then(|a| shared.peers.remove(a, peer.id)) {
         shared.keep_lease(&lease);
+    }
+    if let (Some(cluster), Some(address)) = (&shared.cluster, address) {
+        super::cluster::released(cluster, &shared.peers, &peer, address).await;
     }
     shared
         .metrics
@@ -840,6 +914,10 @@ fn forward(shared: &Shared, destination: IpAddr, out: Outbound) {
     if let Some(peer) = shared.peers.holder(destination) {
         return send_to(shared, &peer, out);
     }
+    // A client of another server of the cluster.
+    let Some(out) = to_cluster(shared, destination, out) else {
+        return;
+    };
     let written = match &out {
         Outbound::Packet(packet) => shared.tun.try_send(packet),
         Outbound::Super(packet) => shared.tun.try_send_super(packet),
@@ -892,6 +970,35 @@ fn send_to(shared: &Shared, peer: &Peer, out: Outbound) {
             shared.metrics.drops.count(DropKind::Offload);
         }
     }
+}
+
+/// Sends `packet` to the server of the cluster whose client holds
+/// `destination`; hands it back if none does (or there is no cluster).
+fn to_cluster(shared: &Shared, destination: IpAddr, out: Outbound) -> Option<Outbound> {
+    let (Some(links), IpAddr::V4(destination)) = (&shared.links, destination) else {
+        // The cluster shares IPv4 leases only (a cluster with network6 is
+        // refused by the config): IPv6 stays on this server.
+        return Some(out);
+    };
+    if !links.held_elsewhere(destination) {
+        return Some(out);
+    }
+    // Links carry plain packets: a super-packet goes as its segments.
+    let frames = match egress(out, PeerLink::PLAIN) {
+        Egress::One(frame) => vec![frame],
+        Egress::Many(frames) => frames,
+        Egress::TooBig { .. } | Egress::Malformed(_) => {
+            shared.metrics.drops.count(DropKind::Offload);
+            return None;
+        }
+    };
+    for frame in frames {
+        // Handed back only if the holder left the cluster meanwhile.
+        if links.forward(destination, frame).is_some() {
+            debug!(%destination, "dropped a packet for a client that just left the cluster");
+        }
+    }
+    None
 }
 
 /// Counts a packet the session dropped.
@@ -951,10 +1058,14 @@ async fn tun_reader(tun: Arc<AsyncTun>, shared: Arc<Shared>, shutdown: Cancellat
         if let Outbound::Super(_) = out {
             shared.metrics.supers.count(SuperKind::FromTun);
         }
-        // Only to clients: nothing read from the tun goes back into it.
+        // Only to clients, here or on another server of the cluster:
+        // nothing read from the tun goes back into it.
         if let Some((_, destination)) = ip_addresses(out.packet()) {
-            if let Some(peer) = shared.peers.holder(destination) {
-                send_to(&shared, &peer, out);
+            match shared.peers.holder(destination) {
+                Some(peer) => send_to(&shared, &peer, out),
+                None => {
+                    to_cluster(&shared, destination, out);
+                }
             }
         }
     }
@@ -994,6 +1105,10 @@ impl Node for Shared {
                 .peers
                 .free_count6()
                 .map_or(0, |n| u64::try_from(n).unwrap_or(u64::MAX)),
+            cluster: self
+                .cluster
+                .as_ref()
+                .map(|cluster| super::cluster::status(cluster, self.links.as_deref())),
             ..Default::default()
         }
     }
@@ -1021,8 +1136,13 @@ impl Node for Shared {
                 let peer = self.peers.ban(address, until);
                 if let Some(peer) = &peer {
                     let who = Banned::of(&peer.identity, peer.remote.ip());
-                    if let Err(e) = self.store.put_ban(&Ban { who, until }) {
-                        warn!(error = %e, "ban not kept across restarts");
+                    match &self.cluster {
+                        Some(cluster) => cluster.share_ban(Ban { who, until }),
+                        None => {
+                            if let Err(e) = self.store.put_ban(&Ban { who, until }) {
+                                warn!(error = %e, "ban not kept across restarts");
+                            }
+                        }
                     }
                 }
                 peer
@@ -1059,6 +1179,38 @@ impl Node for Shared {
     }
 }
 
+impl LinkDelivery for Shared {
+    fn deliver(&self, destination: IpAddr, packet: Bytes) -> bool {
+        match self.peers.holder(destination) {
+            Some(peer) => {
+                send_to(self, &peer, Outbound::Packet(packet));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl ClusterHooks for Shared {
+    fn lost(&self, address: Ipv4Addr, holder: &crate::cluster::leases::Holder) {
+        super::cluster::lost(&self.peers, &self.events, address, holder);
+    }
+
+    fn banned(&self, ban: Ban) {
+        super::cluster::banned(&self.peers, &self.events, ban);
+    }
+
+    fn peers(&self, live: Vec<PeerSection>) {
+        if self
+            .admin
+            .try_send(AdminRequest::ClusterPeers { live })
+            .is_err()
+        {
+            warn!("the cluster's live peers changed but the server is busy: applied at the next change");
+        }
+    }
+}
+
 /// Carries out one change to the running server and answers it.
 async fn administer(shared: &Arc<Shared>, helper: &Helper, tun: u32, request: AdminRequest) {
     match request {
@@ -1080,6 +1232,22 @@ async fn administer(shared: &Arc<Shared>, helper: &Helper, tun: u32, request: Ad
                 warn!("peer remove refused: {e}");
             }
             let _ = reply.send(result);
+        }
+        AdminRequest::ClusterPeers { live } => {
+            let live = fitting_live(&shared.current(), live);
+            let same = *shared.live.lock().unwrap_or_else(|e| e.into_inner()) == live;
+            if !same {
+                let config = (*shared.current()).clone();
+                match apply(shared, helper, tun, config, live).await {
+                    Ok(report) => info!(
+                        added = ?report.added,
+                        removed = ?report.removed,
+                        disconnected = report.disconnected,
+                        "live peers changed on a server of the cluster: applied"
+                    ),
+                    Err(e) => warn!("live peers changed in the cluster, not applied here: {e}"),
+                }
+            }
         }
     }
 }
@@ -1139,6 +1307,11 @@ async fn add_peer(
     live.push(peer.clone());
     let config = (*shared.current()).clone();
     check(&config, &live)?;
+    if let Some(cluster) = &shared.cluster {
+        apply(shared, helper, tun, config, live).await?;
+        cluster.share_peer(peer);
+        return Ok(());
+    }
     shared.store.put_peer(&peer)?;
     if let Err(e) = apply(shared, helper, tun, config, live).await {
         // Not allowed after all: not kept either.
@@ -1166,7 +1339,12 @@ async fn remove_peer(
         return Err(AdminError::InConfig(found.section.label()));
     }
     let key = found.section.key;
-    shared.store.remove_peer(&key)?;
+    match &shared.cluster {
+        Some(cluster) => cluster.unshare_peer(key),
+        None => {
+            shared.store.remove_peer(&key)?;
+        }
+    }
     let mut live = shared
         .live
         .lock()

@@ -553,7 +553,13 @@ impl ClientSession {
     pub fn read_failed(&mut self, error: ReadError) {
         match self.phase {
             Phase::Handshake { .. } => match error {
-                ReadError::Io(e) if self.rules.protocol == Protocol::Tls => {
+                // A server that rejects the key says so with a TLS alert; one
+                // that refuses the address asked for just closes (no
+                // close_notify).
+                ReadError::Io(e)
+                    if self.rules.protocol == Protocol::Tls
+                        && e.kind() != io::ErrorKind::UnexpectedEof =>
+                {
                     self.close(CloseReason::KeyRejected(e));
                 }
                 // The original server refuses by closing, at times with a reset.
@@ -1378,6 +1384,26 @@ mod tests {
             .reason
             .to_string()
             .starts_with("the server rejected this client"));
+
+        // A TLS server that refuses the address held before closes without
+        // close_notify: a refusal, and the next request is for any address.
+        let mut tls = session(ClientRules {
+            protocol: Protocol::Tls,
+            ..rules()
+        });
+        assert_eq!(asked(&mut tls, t0), Request::Dynamic);
+        tls.received(t0, grant(ADDRESS));
+        tls.server_closed();
+        self::closed(&mut tls);
+        assert_eq!(asked(&mut tls, t0), Request::Static(ADDRESS));
+        let eof = ReadError::Io(io::Error::from(io::ErrorKind::UnexpectedEof));
+        tls.read_failed(eof);
+        let closed = self::closed(&mut tls).expect("closed");
+        assert!(matches!(
+            closed.reason,
+            CloseReason::Refused(Refusal::PreviousAddress(ADDRESS))
+        ));
+        assert_eq!(asked(&mut tls, t0), Request::Dynamic);
     }
 
     #[test]

@@ -556,4 +556,5 @@ impl Drop for Daemon {
     }
 }
 
+pub mod etcd;
 pub mod vpn;

@@ -163,7 +163,11 @@ impl Bed {
 
 /// Runs `simplevpnd keygen` in the bed's directory: (key path, public key).
 pub fn keygen(bed: &Bed, name: &str) -> (String, String) {
-    let path = bed.path(&format!("{name}.key"));
+    keygen_at(bed.path(&format!("{name}.key")))
+}
+
+/// Runs `simplevpnd keygen PATH`: (PATH, public key).
+pub fn keygen_at(path: String) -> (String, String) {
     let out = Command::new(SIMPLEVPND)
         .args(["keygen", &path])
         .output()

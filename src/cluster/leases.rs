@@ -1,0 +1,276 @@
+//! Address leases in etcd: who holds which tunnel address, cluster-wide.
+//!
+//! One key per address, `<prefix>leases/<address>`, whose value names the
+//! server and the client: `<node> key:<base64>` or `<node> remote:<ip>`. It
+//! is attached to the holding server's etcd lease, so when that server dies
+//! its addresses are freed after `lease_ttl`, unless their clients reappear
+//! on another server first: then that server moves the key to itself.
+//!
+//! Every change is one etcd transaction: an address is created only if no
+//! key for it exists, and moved only if it was not changed since it was
+//! read. So two servers never both hold one address: of two racing
+//! transactions, etcd lets exactly one through.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::str::FromStr;
+
+use ipnet::Ipv4Net;
+
+use super::etcd::{Etcd, EtcdError};
+use crate::keys::PublicKey;
+
+/// Who holds an address: a TLS client by its key, an original-protocol
+/// client by its remote IP address (it has no other identity).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Claimant {
+    Key(PublicKey),
+    Remote(IpAddr),
+}
+
+impl Claimant {
+    /// The claimant of a client with this key (if TLS) at `remote`.
+    pub fn of(key: Option<PublicKey>, remote: IpAddr) -> Claimant {
+        match key {
+            Some(key) => Claimant::Key(key),
+            None => Claimant::Remote(remote),
+        }
+    }
+}
+
+impl fmt::Display for Claimant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Claimant::Key(key) => write!(f, "key:{key}"),
+            Claimant::Remote(ip) => write!(f, "remote:{ip}"),
+        }
+    }
+}
+
+impl FromStr for Claimant {
+    type Err = ();
+    fn from_str(text: &str) -> Result<Claimant, ()> {
+        match text.split_once(':') {
+            Some(("key", key)) => key.parse().map(Claimant::Key).map_err(drop),
+            Some(("remote", ip)) => ip.parse().map(Claimant::Remote).map_err(drop),
+            _ => Err(()),
+        }
+    }
+}
+
+/// The value of one address's key: which server holds it, for whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub node: String,
+    pub claimant: Claimant,
+}
+
+impl Holder {
+    pub fn encode(&self) -> Vec<u8> {
+        format!("{} {}", self.node, self.claimant).into_bytes()
+    }
+
+    /// None for a value no server of ours wrote.
+    pub fn decode(value: &[u8]) -> Option<Holder> {
+        let text = std::str::from_utf8(value).ok()?;
+        let (node, claimant) = text.split_once(' ')?;
+        Some(Holder {
+            node: node.to_string(),
+            claimant: claimant.parse().ok()?,
+        })
+    }
+}
+
+/// What a client asks the cluster for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    /// This address (a static request, a fixed address).
+    Exactly(Ipv4Addr),
+    /// The address it holds anywhere in the cluster, else any free one.
+    Any,
+}
+
+/// Why no address was claimed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error("the cluster's state (etcd) is unreachable, so no address can be granted: {0}")]
+    Unreachable(#[from] EtcdError),
+    #[error("{0} is held by another client in the cluster")]
+    Taken(Ipv4Addr),
+    #[error("every address of the network is held in the cluster")]
+    Exhausted,
+    #[error("{0} changed under us too often")]
+    Contended(Ipv4Addr),
+}
+
+/// How often one address is read and tried again when it changed between
+/// the read and the transaction.
+const RETRIES: usize = 4;
+
+/// The address leases of one network in etcd, as server `node` sees them.
+pub struct Leases {
+    etcd: Etcd,
+    /// `<prefix>leases/`.
+    dir: String,
+    node: String,
+    network: Ipv4Net,
+}
+
+impl Leases {
+    pub fn new(etcd: Etcd, prefix: &str, node: &str, network: Ipv4Net) -> Leases {
+        Leases {
+            etcd,
+            dir: format!("{prefix}leases/"),
+            node: node.to_string(),
+            network,
+        }
+    }
+
+    fn key(&self, address: Ipv4Addr) -> String {
+        format!("{}{address}", self.dir)
+    }
+
+    fn mine(&self, claimant: &Claimant) -> Vec<u8> {
+        Holder {
+            node: self.node.clone(),
+            claimant: claimant.clone(),
+        }
+        .encode()
+    }
+
+    /// The address `key` names, if it is one of ours.
+    pub fn address_of(&self, key: &str) -> Option<Ipv4Addr> {
+        key.strip_prefix(&self.dir)?.parse().ok()
+    }
+
+    /// Every address held in the cluster, with its holder.
+    pub async fn all(&self) -> Result<Vec<(Ipv4Addr, Holder)>, EtcdError> {
+        Ok(self
+            .etcd
+            .prefix(&self.dir)
+            .await?
+            .into_iter()
+            .filter_map(|kv| {
+                let key = String::from_utf8_lossy(&kv.key);
+                Some((self.address_of(&key)?, Holder::decode(&kv.value)?))
+            })
+            .collect())
+    }
+
+    /// Claims an address for `claimant`, held by this server under etcd
+    /// lease `lease`: the one wanted, else the one its key holds anywhere in
+    /// the cluster (moved here), else a free one for which `usable` says yes
+    /// (tried from a random place, so that servers granting at once seldom
+    /// race for the same one).
+    pub async fn claim(
+        &self,
+        claimant: &Claimant,
+        wanted: Wanted,
+        lease: i64,
+        usable: impl Fn(Ipv4Addr) -> bool,
+    ) -> Result<Ipv4Addr, ClaimError> {
+        let all = self.all().await?;
+        let address = match wanted {
+            Wanted::Exactly(address) => Some(address),
+            // A key is one client; an original-protocol client is known by
+            // its remote address only, which several behind one NAT share:
+            // each of those gets an address of its own.
+            Wanted::Any if matches!(claimant, Claimant::Key(_)) => all
+                .iter()
+                .find(|(_, holder)| holder.claimant == *claimant)
+                .map(|(address, _)| *address),
+            Wanted::Any => None,
+        };
+        if let Some(address) = address {
+            return self.claim_exactly(claimant, address, lease).await;
+        }
+        let held: std::collections::HashSet<Ipv4Addr> = all.iter().map(|(a, _)| *a).collect();
+        let own = crate::pool::server_address(self.network);
+        let hosts: Vec<Ipv4Addr> = self
+            .network
+            .hosts()
+            .filter(|a| *a != own && !held.contains(a) && usable(*a))
+            .collect();
+        if hosts.is_empty() {
+            return Err(ClaimError::Exhausted);
+        }
+        let start = fastrand::usize(..hosts.len());
+        for address in hosts[start..].iter().chain(&hosts[..start]) {
+            let key = self.key(*address);
+            if self.etcd.create(&key, self.mine(claimant), lease).await? {
+                return Ok(*address);
+            }
+        }
+        Err(ClaimError::Exhausted)
+    }
+
+    /// Claims `address` for `claimant`: created if no one holds it, moved
+    /// here if `claimant` holds it on another server (or under an older
+    /// lease of this one), refused if another client holds it.
+    async fn claim_exactly(
+        &self,
+        claimant: &Claimant,
+        address: Ipv4Addr,
+        lease: i64,
+    ) -> Result<Ipv4Addr, ClaimError> {
+        let key = self.key(address);
+        for _ in 0..RETRIES {
+            let done = match self.etcd.get(&key).await? {
+                None => self.etcd.create(&key, self.mine(claimant), lease).await?,
+                Some(kv) => match Holder::decode(&kv.value) {
+                    Some(holder) if holder.claimant == *claimant => {
+                        if holder.node == self.node && kv.lease == lease {
+                            return Ok(address);
+                        }
+                        let value = self.mine(claimant);
+                        self.etcd
+                            .replace(&key, kv.mod_revision, value, lease)
+                            .await?
+                    }
+                    _ => return Err(ClaimError::Taken(address)),
+                },
+            };
+            if done {
+                return Ok(address);
+            }
+        }
+        Err(ClaimError::Contended(address))
+    }
+
+    /// Gives `address` back, if this server still holds it for `claimant`.
+    pub async fn release(&self, claimant: &Claimant, address: Ipv4Addr) -> Result<(), EtcdError> {
+        self.etcd
+            .delete_if(&self.key(address), self.mine(claimant))
+            .await
+            .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holders_round_trip_and_foreign_values_are_ignored() {
+        let key = PublicKey::from_raw(&[7; 32]).expect("key");
+        for claimant in [
+            Claimant::Key(key),
+            Claimant::Remote("198.18.1.2".parse().expect("ip")),
+        ] {
+            let holder = Holder {
+                node: "s1".into(),
+                claimant,
+            };
+            assert_eq!(Holder::decode(&holder.encode()), Some(holder));
+        }
+        for bad in [
+            &b""[..],
+            b"s1",
+            b"s1 key:nope",
+            b"s1 who:198.18.1.2",
+            b"\xff x",
+        ] {
+            assert_eq!(Holder::decode(bad), None, "{bad:?}");
+        }
+    }
+}

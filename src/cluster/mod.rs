@@ -1,0 +1,670 @@
+//! Several servers, one network: the state they share lives in etcd.
+//!
+//! Keys, under `/simplevpn/<network>/` (the network as `198.19.0.0_16`):
+//!
+//! ```text
+//! members/<node>        {"node":..,"advertise":..,"key":..}  under the server's etcd lease
+//! leases/<address>      "<node> key:<base64>" | "<node> remote:<ip>"  under the holder's lease
+//! bans/<key:..|remote:..>  Unix time the ban ends; under a lease of the ban's length
+//! peers/<base64 key>    a peer added live: {"key":..,"name":..,"address":..,"routes":[..]}
+//! ```
+//!
+//! Each server holds one etcd lease of `lease_ttl` and renews it every
+//! third of that ([`Cluster::maintain`]). While etcd cannot be reached the
+//! server is *degraded*: its sessions and forwarding go on, new grants are
+//! refused (with the reason logged), since an address granted without etcd
+//! could be granted twice. When etcd answers again the server re-asserts
+//! every address it holds (a new lease if the old one ran out); an address
+//! that another server took meanwhile is closed here.
+
+pub mod config;
+pub mod etcd;
+pub mod leases;
+pub mod membership;
+pub mod peers;
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::Ipv4Net;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use self::config::ClusterConfig;
+use self::etcd::{Change, Etcd, EtcdError};
+use self::leases::{ClaimError, Claimant, Holder, Leases, Wanted};
+use self::membership::Member;
+use crate::config::PeerSection;
+use crate::keys::PublicKey;
+use crate::state::{Ban, Banned};
+
+/// What the cluster tells the server it runs in.
+pub trait ClusterHooks: Send + Sync {
+    /// Another server now holds `address`, which a client of this one
+    /// held: close that connection here.
+    fn lost(&self, address: Ipv4Addr, holder: &Holder);
+    /// A ban made on any server.
+    fn banned(&self, ban: Ban);
+    /// The peers added live changed (on any server): these are all of them.
+    fn peers(&self, peers: Vec<PeerSection>);
+}
+
+/// A change this server makes to the shared state, written by `maintain`.
+enum Write {
+    Ban(Ban),
+    Peer(PeerSection),
+    RemovePeer(PublicKey),
+}
+
+/// Whether etcd answers, as the server last saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Reachable,
+    /// New grants are refused until etcd answers again.
+    Degraded,
+}
+
+/// This server's membership in the cluster and its view of the shared state.
+pub struct Cluster {
+    config: ClusterConfig,
+    etcd: Etcd,
+    prefix: String,
+    leases: Leases,
+    /// This server's etcd lease; 0 while it has none.
+    lease: AtomicI64,
+    reachable: AtomicBool,
+    /// The addresses this server's clients hold: re-asserted when etcd
+    /// comes back.
+    held: Mutex<HashMap<Ipv4Addr, Claimant>>,
+    /// This server's public key, published in its membership.
+    key: Option<PublicKey>,
+    /// Which server holds each address, and the members by name (the
+    /// watch keeps both current): where packets for other servers' clients go.
+    holders: RwLock<HashMap<Ipv4Addr, String>>,
+    members: RwLock<HashMap<String, Member>>,
+    /// Bans seen in the cluster (the watch keeps it current).
+    bans: Mutex<HashMap<Banned, SystemTime>>,
+    /// The peers added live, by key (the watch keeps it current).
+    live: Mutex<std::collections::BTreeMap<String, PeerSection>>,
+    /// This server's changes, for `maintain` to write.
+    writes: mpsc::UnboundedSender<Write>,
+    pending: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
+}
+
+fn unix_secs(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn banned_text(who: &Banned) -> String {
+    match who {
+        Banned::Key(key) => format!("key:{key}"),
+        Banned::Remote(ip) => format!("remote:{ip}"),
+    }
+}
+
+fn banned_parse(text: &str) -> Option<Banned> {
+    match text.parse().ok()? {
+        Claimant::Key(key) => Some(Banned::Key(key)),
+        Claimant::Remote(ip) => Some(Banned::Remote(ip)),
+    }
+}
+
+impl Cluster {
+    /// Joins the cluster: connects to etcd, takes a lease, registers this
+    /// server, and reads the bans. Fails if etcd does not answer: a
+    /// cluster server does not start without it (systemd starts it again).
+    pub async fn join(
+        config: ClusterConfig,
+        network: Ipv4Net,
+        key: Option<PublicKey>,
+    ) -> Result<Arc<Cluster>, EtcdError> {
+        let etcd = Etcd::new(&config.etcd)?;
+        let prefix = format!("/simplevpn/{}_{}/", network.network(), network.prefix_len());
+        let leases = Leases::new(etcd.clone(), &prefix, &config.node, network);
+        let (writes, pending) = mpsc::unbounded_channel();
+        let cluster = Arc::new(Cluster {
+            etcd,
+            leases,
+            prefix,
+            lease: AtomicI64::new(0),
+            reachable: AtomicBool::new(false),
+            held: Mutex::new(HashMap::new()),
+            key,
+            bans: Mutex::new(HashMap::new()),
+            holders: RwLock::new(HashMap::new()),
+            members: RwLock::new(HashMap::new()),
+            live: Mutex::new(Default::default()),
+            writes,
+            pending: Mutex::new(Some(pending)),
+            config,
+        });
+        cluster.register().await?;
+        cluster.load().await?;
+        cluster.reachable.store(true, Ordering::Relaxed);
+        Ok(cluster)
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    pub fn health(&self) -> Health {
+        match self.reachable.load(Ordering::Relaxed) {
+            true => Health::Reachable,
+            false => Health::Degraded,
+        }
+    }
+
+    /// A new etcd lease, with this server's membership under it.
+    async fn register(&self) -> Result<(), EtcdError> {
+        let lease = self.etcd.grant(self.config.lease_ttl).await?;
+        let member = Member {
+            node: self.config.node.clone(),
+            advertise: self.config.advertise,
+            key: self.key.map(|k| k.to_string()),
+        };
+        self.etcd
+            .put(&member.etcd_key(&self.prefix), member.encode(), lease)
+            .await?;
+        self.lease.store(lease, Ordering::Relaxed);
+        info!(node = %self.config.node, lease, ttl = self.config.lease_ttl.as_secs(), "joined the cluster");
+        Ok(())
+    }
+
+    /// Reads the bans, the address holders, the members and the live
+    /// peers afresh.
+    async fn load(&self) -> Result<(), EtcdError> {
+        self.load_bans().await?;
+        let live = peers::list(&self.etcd, &self.prefix)
+            .await?
+            .into_iter()
+            .map(|p| (p.key.to_string(), p))
+            .collect();
+        *self.live.lock().unwrap_or_else(|e| e.into_inner()) = live;
+        let holders = self
+            .leases
+            .all()
+            .await?
+            .into_iter()
+            .map(|(address, holder)| (address, holder.node))
+            .collect();
+        *self.holders.write().unwrap_or_else(|e| e.into_inner()) = holders;
+        let members = self
+            .members()
+            .await?
+            .into_iter()
+            .map(|m| (m.node.clone(), m))
+            .collect();
+        *self.members.write().unwrap_or_else(|e| e.into_inner()) = members;
+        Ok(())
+    }
+
+    /// The other server whose client holds `address`, if one does.
+    pub fn holder(&self, address: Ipv4Addr) -> Option<Member> {
+        let holders = self.holders.read().unwrap_or_else(|e| e.into_inner());
+        let node = holders.get(&address)?;
+        if *node == self.config.node {
+            return None;
+        }
+        self.members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .cloned()
+    }
+
+    /// The members as last seen (this one included), by name.
+    pub fn known_members(&self) -> Vec<Member> {
+        let mut members: Vec<Member> = self
+            .members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        members.sort_by(|a, b| a.node.cmp(&b.node));
+        members
+    }
+
+    /// The public keys the members published.
+    pub fn member_keys(&self) -> Vec<String> {
+        self.known_members()
+            .into_iter()
+            .filter_map(|m| m.key)
+            .collect()
+    }
+
+    async fn load_bans(&self) -> Result<(), EtcdError> {
+        let dir = format!("{}bans/", self.prefix);
+        let mut bans = HashMap::new();
+        for kv in self.etcd.prefix(&dir).await? {
+            let key = String::from_utf8_lossy(&kv.key).into_owned();
+            if let Some(ban) = self.ban_of(&key, &kv.value) {
+                bans.insert(ban.who, ban.until);
+            }
+        }
+        *self.bans.lock().unwrap_or_else(|e| e.into_inner()) = bans;
+        Ok(())
+    }
+
+    fn ban_of(&self, key: &str, value: &[u8]) -> Option<Ban> {
+        let who = banned_parse(key.strip_prefix(&format!("{}bans/", self.prefix))?)?;
+        let until: u64 = std::str::from_utf8(value).ok()?.parse().ok()?;
+        Some(Ban {
+            who,
+            until: UNIX_EPOCH + Duration::from_secs(until),
+        })
+    }
+
+    /// The members registered now.
+    pub async fn members(&self) -> Result<Vec<Member>, EtcdError> {
+        membership::list(&self.etcd, &self.prefix).await
+    }
+
+    /// Claims an address for `claimant` (see [`Leases::claim`]); refused at
+    /// once while degraded.
+    pub async fn claim(
+        &self,
+        claimant: &Claimant,
+        wanted: Wanted,
+        usable: impl Fn(Ipv4Addr) -> bool,
+    ) -> Result<Ipv4Addr, ClaimError> {
+        let lease = self.lease.load(Ordering::Relaxed);
+        if !self.reachable.load(Ordering::Relaxed) || lease == 0 {
+            return Err(ClaimError::Unreachable(EtcdError::Protocol(
+                "not reachable since the last renewal of this server's lease",
+            )));
+        }
+        let address = self.leases.claim(claimant, wanted, lease, usable).await?;
+        self.hold(address, claimant);
+        Ok(address)
+    }
+
+    fn hold(&self, address: Ipv4Addr, claimant: &Claimant) {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(address, claimant.clone());
+    }
+
+    /// The client that held `address` here has gone: the address is free
+    /// in the cluster. If etcd cannot be reached now, the key stays until
+    /// the next reconciliation removes it.
+    pub async fn release(&self, claimant: &Claimant, address: Ipv4Addr) {
+        let was = {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            match held.get(&address) == Some(claimant) {
+                true => held.remove(&address),
+                false => None,
+            }
+        };
+        if was.is_none() {
+            return;
+        }
+        if let Err(e) = self.leases.release(claimant, address).await {
+            warn!(addr = %address, error = %e, "address not released in the cluster yet: it is when etcd answers again");
+        }
+    }
+
+    /// Renews this server's lease, notices when etcd stops and starts
+    /// answering, reconciles, writes queued bans, and applies what the
+    /// other servers change, until `shutdown`; then leaves the cluster.
+    pub async fn maintain(
+        self: Arc<Self>,
+        hooks: Arc<dyn ClusterHooks>,
+        shutdown: CancellationToken,
+    ) {
+        let watch = tokio::spawn(self.clone().watch(hooks.clone(), shutdown.clone()));
+        let mut writes = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let renew = self.config.lease_ttl / 3;
+        let mut next = tokio::time::Instant::now() + renew;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(next) => {}
+                Some(write) = async {
+                    match writes.as_mut() {
+                        Some(w) => w.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    match write {
+                        Write::Ban(ban) => self.write_ban(&ban).await,
+                        Write::Peer(peer) => {
+                            if let Err(e) = peers::put(&self.etcd, &self.prefix, &peer).await {
+                                warn!(key = %peer.key, error = %e, "peer added here only: not shared with the cluster");
+                            }
+                        }
+                        Write::RemovePeer(key) => {
+                            if let Err(e) = peers::remove(&self.etcd, &self.prefix, &key).await {
+                                warn!(%key, error = %e, "peer removed here only: the cluster still has it");
+                            }
+                        }
+                    }
+                    continue;
+                }
+            }
+            let ok = self.renew(&hooks).await;
+            next = tokio::time::Instant::now()
+                + match ok {
+                    true => renew,
+                    false => Duration::from_secs(1),
+                };
+        }
+        watch.abort();
+        // Leaving: the addresses go at once, not after the TTL.
+        let lease = self.lease.load(Ordering::Relaxed);
+        if lease != 0 {
+            match self.etcd.revoke(lease).await {
+                Ok(()) => info!(node = %self.config.node, "left the cluster"),
+                Err(e) => {
+                    warn!(error = %e, "left the cluster without revoking the lease: its addresses are freed after the TTL")
+                }
+            }
+        }
+    }
+
+    /// One renewal; false while etcd does not answer.
+    async fn renew(&self, hooks: &Arc<dyn ClusterHooks>) -> bool {
+        let lease = self.lease.load(Ordering::Relaxed);
+        let renewed = match lease {
+            0 => Ok(false),
+            lease => self.etcd.keep_alive(lease).await,
+        };
+        let result = match renewed {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                if lease != 0 {
+                    warn!(lease, "this server's etcd lease ran out: its addresses were freed; taking a new lease and claiming them again");
+                }
+                self.lease.store(0, Ordering::Relaxed);
+                self.register().await
+            }
+            Err(e) => Err(e),
+        };
+        let was = self.reachable.load(Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                if !was || lease == 0 {
+                    self.reconcile(hooks).await;
+                }
+                if !was {
+                    info!("etcd reachable again: new grants are served");
+                }
+                self.reachable.store(true, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                if was {
+                    warn!(error = %e, "etcd unreachable: established sessions and forwarding go on; new grants are refused until it answers again");
+                }
+                self.reachable.store(false, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Makes etcd agree with this server: each address its clients hold is
+    /// held under its current lease (an address another client took
+    /// meanwhile is closed here), and no other address is held by it.
+    async fn reconcile(&self, hooks: &Arc<dyn ClusterHooks>) {
+        let held: Vec<(Ipv4Addr, Claimant)> = self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(a, c)| (*a, c.clone()))
+            .collect();
+        let lease = self.lease.load(Ordering::Relaxed);
+        let mut kept = 0;
+        for (address, claimant) in &held {
+            match self
+                .leases
+                .claim(claimant, Wanted::Exactly(*address), lease, |_| true)
+                .await
+            {
+                Ok(_) => kept += 1,
+                Err(ClaimError::Taken(_)) => {
+                    self.held
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(address);
+                    let holder = match self.leases.all().await {
+                        Ok(all) => all.into_iter().find(|(a, _)| a == address).map(|(_, h)| h),
+                        Err(_) => None,
+                    };
+                    let holder = holder.unwrap_or(Holder {
+                        node: "?".into(),
+                        claimant: claimant.clone(),
+                    });
+                    hooks.lost(*address, &holder);
+                }
+                Err(e) => {
+                    warn!(addr = %address, error = %e, "not reconciled yet");
+                    return;
+                }
+            }
+        }
+        // Addresses etcd says are ours that no client of ours holds.
+        if let Ok(all) = self.leases.all().await {
+            for (address, holder) in all {
+                let ours = held.iter().any(|(a, _)| *a == address);
+                if holder.node == self.config.node && !ours {
+                    let _ = self.leases.release(&holder.claimant, address).await;
+                }
+            }
+        }
+        info!(
+            addresses = kept,
+            "reconciled this server's addresses with etcd"
+        );
+    }
+
+    async fn write_ban(&self, ban: &Ban) {
+        let remaining = ban
+            .until
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        if remaining.is_zero() {
+            return;
+        }
+        let key = format!("{}bans/{}", self.prefix, banned_text(&ban.who));
+        let value = unix_secs(ban.until).to_string().into_bytes();
+        // The ban's own lease deletes it when it ends.
+        let written = match self.etcd.grant(remaining + Duration::from_secs(1)).await {
+            Ok(lease) => self.etcd.put(&key, value, lease).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            warn!(who = %banned_text(&ban.who), error = %e, "ban not shared with the cluster: it holds on this server only");
+        }
+    }
+
+    /// Applies what other servers change, as etcd reports it; watches again
+    /// after a failure (reading the bans afresh).
+    async fn watch(self: Arc<Self>, hooks: Arc<dyn ClusterHooks>, shutdown: CancellationToken) {
+        loop {
+            let (tx, mut rx) = mpsc::channel(64);
+            let etcd = self.etcd.clone();
+            let prefix = self.prefix.clone();
+            let watching = tokio::spawn(async move { etcd.watch(&prefix, 0, &tx).await });
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        watching.abort();
+                        return;
+                    }
+                    change = rx.recv() => match change {
+                        Some(change) => self.apply(change, &hooks),
+                        None => break,
+                    },
+                }
+            }
+            if let Ok(why) = watching.await {
+                debug!(error = %why, "etcd watch ended; watching again");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if self.load().await.is_ok() {
+                let bans: Vec<Ban> = self
+                    .bans
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .map(|(who, until)| Ban {
+                        who: who.clone(),
+                        until: *until,
+                    })
+                    .collect();
+                for ban in bans {
+                    hooks.banned(ban);
+                }
+                hooks.peers(self.live_peers());
+            }
+        }
+    }
+
+    fn apply(&self, change: Change, hooks: &Arc<dyn ClusterHooks>) {
+        let members_dir = format!("{}members/", self.prefix);
+        let peers_dir = format!("{}peers/", self.prefix);
+        let (key, value) = match change {
+            Change::Put { key, value } => (key, value),
+            Change::Delete { key } => {
+                if let Some(peer) = key.strip_prefix(&peers_dir) {
+                    let removed = self
+                        .live
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(peer);
+                    if removed.is_some() {
+                        hooks.peers(self.live_peers());
+                    }
+                    return;
+                }
+                if let Some(address) = self.leases.address_of(&key) {
+                    self.holders
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&address);
+                } else if let Some(node) = key.strip_prefix(&members_dir) {
+                    info!(node, "a server left the cluster");
+                    self.members
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(node);
+                }
+                return;
+            }
+        };
+        if key.starts_with(&peers_dir) {
+            match peers::decode(&value) {
+                Some(peer) => {
+                    let changed = self
+                        .live
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(peer.key.to_string(), peer.clone())
+                        .as_ref()
+                        != Some(&peer);
+                    if changed {
+                        hooks.peers(self.live_peers());
+                    }
+                }
+                None => warn!(%key, "a live peer in etcd that does not parse: ignored"),
+            }
+        } else if let Some(node) = key.strip_prefix(&members_dir) {
+            if let Ok(member) = serde_json::from_slice::<Member>(&value) {
+                if node != self.config.node {
+                    info!(node, advertise = %member.advertise, "a server joined the cluster");
+                }
+                self.members
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(node.to_string(), member);
+            }
+        } else if let Some(address) = self.leases.address_of(&key) {
+            let Some(holder) = Holder::decode(&value) else {
+                return;
+            };
+            self.holders
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(address, holder.node.clone());
+            if holder.node == self.config.node {
+                return;
+            }
+            let lost = self
+                .held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&address);
+            if lost.is_some() {
+                hooks.lost(address, &holder);
+            }
+        } else if let Some(ban) = self.ban_of(&key, &value) {
+            self.bans
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(ban.who.clone(), ban.until);
+            hooks.banned(ban);
+        }
+    }
+
+    /// Shares `ban` with the other servers (written by `maintain`).
+    pub fn share_ban(&self, ban: Ban) {
+        self.bans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ban.who.clone(), ban.until);
+        let _ = self.writes.send(Write::Ban(ban));
+    }
+
+    /// Shares a peer added live here (written by `maintain`).
+    pub fn share_peer(&self, peer: PeerSection) {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer.key.to_string(), peer.clone());
+        let _ = self.writes.send(Write::Peer(peer));
+    }
+
+    /// Shares the removal of a peer added live.
+    pub fn unshare_peer(&self, key: PublicKey) {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key.to_string());
+        let _ = self.writes.send(Write::RemovePeer(key));
+    }
+
+    /// The peers added live on any server, by key.
+    pub fn live_peers(&self) -> Vec<PeerSection> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The bans in force at `now`.
+    pub fn bans(&self, now: SystemTime) -> Vec<Ban> {
+        self.bans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(who, until)| Ban {
+                who: who.clone(),
+                until: *until,
+            })
+            .collect()
+    }
+}

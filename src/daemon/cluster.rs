@@ -1,0 +1,139 @@
+//! The server's side of a cluster ([`crate::cluster`]): a grant is claimed
+//! in etcd before the peer table enters it, an address is released in etcd
+//! when its client leaves, and what other servers change (an address moved
+//! to them, a ban) is applied to the peer table here.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use super::events::{EventKind, Events};
+use super::links::Links;
+use super::peers::{Granted, Peer, PeerTable};
+use crate::cluster::leases::{ClaimError, Claimant, Holder, Wanted};
+use crate::cluster::{Cluster, Health};
+use crate::pool::Refusal;
+use crate::proto;
+use crate::state::Ban;
+use crate::wire::Request;
+
+/// Who `peer` is in the cluster's address leases.
+pub fn claimant(peer: &Peer) -> Claimant {
+    Claimant::of(peer.identity.key(), peer.remote.ip())
+}
+
+/// Grants `peer` an address for `request`: claimed in the cluster first
+/// (the one it asks for or has fixed, else the one it holds on any server,
+/// else a free one), then entered in the table. Refused, with the reason,
+/// while etcd is unreachable.
+pub async fn admit(
+    cluster: &Cluster,
+    peers: &PeerTable,
+    request: Request,
+    peer: &Arc<Peer>,
+) -> Result<Granted, Refusal> {
+    let claimant = claimant(peer);
+    let wanted = match (peer.identity.fixed(), request) {
+        (Some(fixed), _) => Wanted::Exactly(fixed),
+        (None, Request::Static(address)) => Wanted::Exactly(address),
+        (None, Request::Dynamic | Request::Keepalive) => Wanted::Any,
+    };
+    // Nothing outside the network reaches etcd (the request may come from
+    // an unauthenticated original-protocol client).
+    if let Wanted::Exactly(address) = wanted {
+        if !peers.in_pool(address) {
+            return Err(Refusal::NotInPool(address));
+        }
+    }
+    let address = match cluster.claim(&claimant, wanted, |a| peers.is_free(a)).await {
+        Ok(address) => address,
+        Err(ClaimError::Taken(address)) => return Err(Refusal::Taken(address)),
+        Err(ClaimError::Exhausted) => return Err(Refusal::Exhausted),
+        Err(e @ ClaimError::Unreachable(_)) => {
+            warn!(error = %e, "grant refused: the cluster's state (etcd) is unreachable");
+            return Err(Refusal::ClusterUnavailable(
+                "the cluster's state (etcd) is unreachable: no new grants until it answers",
+            ));
+        }
+        Err(e @ ClaimError::Contended(_)) => {
+            warn!(error = %e, "grant refused");
+            return Err(Refusal::ClusterUnavailable(
+                "the address changed in the cluster too often while it was claimed",
+            ));
+        }
+    };
+    match peers.admit(Request::Static(address), peer) {
+        Ok(granted) => Ok(granted),
+        Err(refusal) => {
+            cluster.release(&claimant, address).await;
+            Err(refusal)
+        }
+    }
+}
+
+/// `peer`, which held `address`, has left the table: the address is free in
+/// the cluster, unless a newer connection of the same client holds it here.
+pub async fn released(cluster: &Cluster, peers: &PeerTable, peer: &Peer, address: Ipv4Addr) {
+    if peers.peer(address).is_none() {
+        cluster.release(&claimant(peer), address).await;
+    }
+}
+
+/// Another server holds `address` now: its client here is closed.
+pub fn lost(peers: &PeerTable, events: &Events, address: Ipv4Addr, holder: &Holder) {
+    if let Some(peer) = peers.kick(address) {
+        let reason = format!(
+            "{address} is held by {} on server {} now",
+            holder.claimant, holder.node
+        );
+        warn!(addr = %address, remote = %peer.remote, "disconnected: {reason}");
+        events.publish(EventKind::Kicked, peer.remote, Some(address), reason);
+    }
+}
+
+/// A ban made on another server: refused here too, its connections closed.
+pub fn banned(peers: &PeerTable, events: &Events, ban: Ban) {
+    for peer in peers.ban_who(ban.who.clone(), ban.until) {
+        let reason = "banned on another server of the cluster";
+        info!(addr = %peer.address, remote = %peer.remote, "disconnected: {reason}");
+        events.publish(EventKind::Kicked, peer.remote, Some(peer.address), reason);
+    }
+}
+
+/// The cluster as `svpnctl status` shows it.
+pub fn status(cluster: &Cluster, links: Option<&Links>) -> proto::ClusterStatus {
+    proto::ClusterStatus {
+        node: cluster.config().node.clone(),
+        health: match cluster.health() {
+            Health::Reachable => "reachable",
+            Health::Degraded => "degraded",
+        }
+        .into(),
+        members: cluster
+            .known_members()
+            .into_iter()
+            .map(|m| proto::ClusterMember {
+                node: m.node,
+                advertise: m.advertise.to_string(),
+                key: m.key.unwrap_or_default(),
+            })
+            .collect(),
+        links: links
+            .map(Links::links)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|l| proto::ClusterLink {
+                node: l.node,
+                remote: l.remote.to_string(),
+                up: l.up,
+                tx_packets: l.tx_packets,
+                tx_bytes: l.tx_bytes,
+                dropped_queue_full: l.dropped_queue_full,
+            })
+            .collect(),
+        dropped_no_peer: links.map_or(0, |l| l.dropped_no_peer.load(Ordering::Relaxed)),
+        dropped_link_down: links.map_or(0, |l| l.dropped_link_down.load(Ordering::Relaxed)),
+    }
+}

@@ -1,0 +1,332 @@
+//! Server-to-server links of a cluster: a packet for an address that
+//! another server's client holds (etcd says which: [`Cluster::holder`]) goes
+//! to that server over a TLS 1.3 link, both ends authenticated by the keys
+//! the servers published in etcd, and is delivered to its client there.
+//!
+//! Each server dials its own link to another on demand, the first time it
+//! has a packet for it, and sends over it only; what arrives on a link it
+//! accepted is delivered to its own clients, never sent on (so a packet
+//! crosses at most one link). A pair that sends both ways so has two TCP
+//! connections, one per direction. A link has the framing of a client
+//! connection (whole IP packets, cut by their own headers), its bounded
+//! queue counted in the memory budget, and its drop counters.
+//!
+//! Receive path: `accept` (TLS with the members' keys) -> `receive` (frames)
+//! -> [`LinkDelivery::deliver`]. Send path: [`Links::forward`] -> the link's
+//! queue -> `write_frames` on the dialed connection.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::budget::MemoryBudget;
+use crate::cluster::membership::Member;
+use crate::cluster::Cluster;
+use crate::connection::{self, write_frames, FrameReader, QueueTx};
+use crate::keys::{NodeKey, PublicKey};
+use crate::tls::{self, AllowedKeys, TlsError};
+use crate::wire::{ipv4_addresses, Decoder, Frame};
+
+/// How long dialing a link (TCP and TLS) may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// After a failed dial, packets for that server are dropped this long
+/// before it is dialed again.
+const REDIAL_AFTER: Duration = Duration::from_secs(1);
+
+/// The limits of a link: those of a client connection (the server's
+/// `queue_len`, `queue_bytes`, `max_frame`, `frame_timeout`).
+#[derive(Debug, Clone, Copy)]
+pub struct LinkLimits {
+    pub queue_len: usize,
+    pub queue_bytes: usize,
+    pub max_frame: usize,
+    pub frame_timeout: Duration,
+}
+
+/// One link this server dialed, as `svpnctl status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub node: String,
+    pub remote: SocketAddr,
+    pub up: bool,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub dropped_queue_full: u64,
+}
+
+struct Link {
+    remote: SocketAddr,
+    queue: QueueTx,
+    up: AtomicBool,
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    dropped_queue_full: AtomicU64,
+    /// Set when the connection ends: the next packet dials again.
+    closed: CancellationToken,
+}
+
+/// This server's links to the others.
+pub struct Links {
+    cluster: Arc<Cluster>,
+    key: NodeKey,
+    /// The keys of the cluster's members, accepted on incoming links.
+    allowed: AllowedKeys,
+    acceptor: TlsAcceptor,
+    dialed: Mutex<HashMap<String, Arc<Link>>>,
+    /// When dialing each server last failed.
+    failed: Mutex<HashMap<String, Instant>>,
+    limits: LinkLimits,
+    budget: Arc<MemoryBudget>,
+    /// Packets that arrived on a link for an address no client here holds.
+    pub dropped_no_peer: AtomicU64,
+    /// Packets for another server dropped while its link could not be dialed.
+    pub dropped_link_down: AtomicU64,
+    shutdown: CancellationToken,
+}
+
+impl Links {
+    pub fn new(
+        cluster: Arc<Cluster>,
+        key: NodeKey,
+        limits: LinkLimits,
+        budget: Arc<MemoryBudget>,
+        shutdown: CancellationToken,
+    ) -> Result<Links, TlsError> {
+        let allowed = AllowedKeys::default();
+        let acceptor = TlsAcceptor::from(tls::server_config(&key, allowed.clone())?);
+        Ok(Links {
+            cluster,
+            key,
+            allowed,
+            acceptor,
+            dialed: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
+            limits,
+            budget,
+            dropped_no_peer: AtomicU64::new(0),
+            dropped_link_down: AtomicU64::new(0),
+            shutdown,
+        })
+    }
+
+    /// Whether a client of another server holds `destination`.
+    pub fn held_elsewhere(&self, destination: Ipv4Addr) -> bool {
+        self.cluster.holder(destination).is_some()
+    }
+
+    /// Sends `packet` to the server whose client holds `destination`, if
+    /// another server's does; else hands it back.
+    pub fn forward(self: &Arc<Self>, destination: Ipv4Addr, packet: Bytes) -> Option<Bytes> {
+        let Some(member) = self.cluster.holder(destination) else {
+            return Some(packet);
+        };
+        let Some(link) = self.link(&member) else {
+            self.dropped_link_down.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let len = packet.len();
+        match link.queue.try_push(packet) {
+            Ok(()) => {
+                link.tx_packets.fetch_add(1, Ordering::Relaxed);
+                link.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                link.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        None
+    }
+
+    /// The link to `member`, dialed now if there is none (None while a
+    /// recent dial has failed).
+    fn link(self: &Arc<Self>, member: &Member) -> Option<Arc<Link>> {
+        let mut dialed = self.dialed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(link) = dialed.get(&member.node) {
+            if !link.closed.is_cancelled() && link.remote == member.advertise {
+                return Some(link.clone());
+            }
+        }
+        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failed
+            .get(&member.node)
+            .is_some_and(|at| at.elapsed() < REDIAL_AFTER)
+        {
+            return None;
+        }
+        drop(failed);
+        let (queue, queue_rx) = connection::queue(
+            self.limits.queue_len,
+            self.limits.queue_bytes,
+            Some(self.budget.clone()),
+        );
+        let link = Arc::new(Link {
+            remote: member.advertise,
+            queue,
+            up: AtomicBool::new(false),
+            tx_packets: AtomicU64::new(0),
+            tx_bytes: AtomicU64::new(0),
+            dropped_queue_full: AtomicU64::new(0),
+            closed: CancellationToken::new(),
+        });
+        dialed.insert(member.node.clone(), link.clone());
+        let links = self.clone();
+        let member = member.clone();
+        let for_task = link.clone();
+        tokio::spawn(async move {
+            let why = links.run_link(&member, &for_task, queue_rx).await;
+            for_task.closed.cancel();
+            for_task.up.store(false, Ordering::Relaxed);
+            if let Err(why) = why {
+                warn!(node = %member.node, remote = %member.advertise, "cluster link down: {why}");
+                links
+                    .failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(member.node.clone(), Instant::now());
+            }
+        });
+        Some(link)
+    }
+
+    /// Dials `member` and writes what is queued until the link fails.
+    async fn run_link(
+        &self,
+        member: &Member,
+        link: &Link,
+        queue: connection::QueueRx,
+    ) -> Result<(), String> {
+        let key: PublicKey = member
+            .key
+            .as_deref()
+            .ok_or("the server published no key")?
+            .parse()
+            .map_err(|e| format!("its published key: {e}"))?;
+        let config = tls::client_config(&self.key, key).map_err(|e| e.to_string())?;
+        let dial = async {
+            let stream = TcpStream::connect(member.advertise).await?;
+            connection::tune_tcp(&stream);
+            TlsConnector::from(config)
+                .connect(tls::server_name(), stream)
+                .await
+        };
+        let stream = match timeout(DIAL_TIMEOUT, dial).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(format!("dial failed: {e}")),
+            Err(_) => return Err("dial timed out".into()),
+        };
+        link.up.store(true, Ordering::Relaxed);
+        info!(node = %member.node, remote = %member.advertise, "cluster link up");
+        let (_reader, writer) = tokio::io::split(stream);
+        tokio::select! {
+            _ = self.shutdown.cancelled() => Ok(()),
+            written = write_frames(writer, queue) => written.map_err(|e| format!("write failed: {e}")),
+        }
+    }
+
+    /// Accepts links from the other servers on `listener` and delivers what
+    /// arrives to this server's clients, until shutdown.
+    pub async fn accept(self: Arc<Self>, listener: TcpListener, peers: Arc<dyn LinkDelivery>) {
+        loop {
+            let (stream, remote) = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        warn!(error = %e, "cluster link accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let links = self.clone();
+            let peers = peers.clone();
+            tokio::spawn(async move {
+                match links.receive(stream, remote, peers).await {
+                    Ok(()) => debug!(%remote, "cluster link closed"),
+                    Err(why) => warn!(%remote, "cluster link closed: {why}"),
+                }
+            });
+        }
+    }
+
+    async fn receive(
+        &self,
+        stream: TcpStream,
+        remote: SocketAddr,
+        peers: Arc<dyn LinkDelivery>,
+    ) -> Result<(), String> {
+        // Only members may link: their keys as etcd lists them now.
+        let keys = self
+            .cluster
+            .member_keys()
+            .into_iter()
+            .filter_map(|k| k.parse().ok())
+            .collect();
+        self.allowed.replace(keys);
+        connection::tune_tcp(&stream);
+        let stream = match timeout(DIAL_TIMEOUT, self.acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
+            Err(_) => return Err("TLS handshake timed out".into()),
+        };
+        debug!(%remote, "cluster link accepted");
+        let (reader, _writer) = tokio::io::split(stream);
+        // Frames count against the memory budget and must arrive in time, as
+        // a client's do.
+        let mut reader = FrameReader::new(reader, Decoder::new(self.limits.max_frame))
+            .with_limits(self.budget.clone(), self.limits.frame_timeout);
+        loop {
+            let frame = tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                frame = reader.read_frame() => frame,
+            };
+            match frame {
+                Ok(Some(Frame::Packet(packet))) => {
+                    let Some((_, destination)) = ipv4_addresses(&packet) else {
+                        continue;
+                    };
+                    if !peers.deliver(IpAddr::V4(destination), packet) {
+                        self.dropped_no_peer.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(Some(_)) => return Err("a frame that is not a packet".into()),
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// The links this server dialed.
+    pub fn links(&self) -> Vec<LinkInfo> {
+        let dialed = self.dialed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut links: Vec<LinkInfo> = dialed
+            .iter()
+            .map(|(node, link)| LinkInfo {
+                node: node.clone(),
+                remote: link.remote,
+                up: link.up.load(Ordering::Relaxed) && !link.closed.is_cancelled(),
+                tx_packets: link.tx_packets.load(Ordering::Relaxed),
+                tx_bytes: link.tx_bytes.load(Ordering::Relaxed),
+                dropped_queue_full: link.dropped_queue_full.load(Ordering::Relaxed),
+            })
+            .collect();
+        links.sort_by(|a, b| a.node.cmp(&b.node));
+        links
+    }
+}
+
+/// Where packets that arrive on a link go: to the server's own clients.
+pub trait LinkDelivery: Send + Sync {
+    /// Queues `packet` for the client here that holds `destination`
+    /// (shaped for it as any packet is); false if none does.
+    fn deliver(&self, destination: IpAddr, packet: Bytes) -> bool;
+}

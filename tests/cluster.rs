@@ -1,0 +1,667 @@
+//! Several servers, one network, their shared state in etcd (issue #17).
+//! etcd is Debian's etcd-server, started by each test in a namespace of its
+//! own on 198.18.0.0/15 with its data in a temporary directory.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::etcd::Etcd;
+use common::vpn::*;
+use common::*;
+use simplevpn::cluster::etcd::Etcd as Client;
+use simplevpn::cluster::leases::{Claimant, Leases, Wanted};
+
+/// A tokio runtime on a thread inside `ns`, so that its sockets are there.
+fn in_ns<T: Send>(ns: &Netns, f: impl std::future::Future<Output = T> + Send) -> T {
+    ns.enter(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    })
+}
+
+#[test]
+fn two_servers_granting_at_once_never_hand_out_one_address_twice() {
+    if !require_root("two_servers_granting_at_once_never_hand_out_one_address_twice") {
+        return;
+    }
+    let ns = Netns::new("etcdgrant");
+    ns.ip(&["addr", "add", "198.18.90.1/32", "dev", "lo"]);
+    let etcd = Etcd::start(&ns, Ipv4Addr::new(198, 18, 90, 1));
+    let url = etcd.url.clone();
+    // A /26: 61 addresses for clients, 80 of them asking at once through
+    // two servers, each with its own etcd connection and lease.
+    let network = "198.19.0.0/26".parse().expect("net");
+    let granted = in_ns(&ns, async move {
+        let mut tasks = Vec::new();
+        for (n, node) in ["s1", "s2"].into_iter().enumerate() {
+            let etcd = Client::new(std::slice::from_ref(&url)).expect("client");
+            let lease = etcd.grant(Duration::from_secs(30)).await.expect("lease");
+            let leases = Arc::new(Leases::new(etcd, "/simplevpn/test/", node, network));
+            for i in 0..40u8 {
+                let leases = leases.clone();
+                let claimant =
+                    Claimant::Remote(std::net::IpAddr::from([198, 18, 100 * n as u8 + i, 2]));
+                tasks.push(tokio::spawn(async move {
+                    leases
+                        .claim(&claimant, Wanted::Any, lease, |_| true)
+                        .await
+                        .ok()
+                        .map(|a| (node, a))
+                }));
+            }
+        }
+        let mut granted = Vec::new();
+        for task in tasks {
+            granted.push(task.await.expect("task"));
+        }
+        granted
+    });
+    let addresses: Vec<(&str, Ipv4Addr)> = granted.into_iter().flatten().collect();
+    let distinct: HashSet<Ipv4Addr> = addresses.iter().map(|(_, a)| *a).collect();
+    assert_eq!(
+        distinct.len(),
+        addresses.len(),
+        "an address granted twice: {addresses:?}"
+    );
+    // Every client address of the /26 is granted, and no more.
+    assert_eq!(addresses.len(), 61, "{addresses:?}");
+    assert!(addresses.iter().any(|(n, _)| *n == "s1") && addresses.iter().any(|(n, _)| *n == "s2"));
+    assert!(
+        !distinct.contains(&Ipv4Addr::new(198, 19, 0, 1)),
+        "the servers' own address"
+    );
+}
+
+/// Two cluster servers and their etcd, each in a namespace:
+/// - etcd on 198.18.90.1 (a /32 on its namespace's lo), reached by s1 over
+///   198.18.91.0/24 and by s2 over 198.18.92.0/24; the servers link to each
+///   other at 198.18.91.2:2003 and 198.18.92.2:2003, routed by that namespace;
+/// - client namespace c1 reaches s1 at 198.18.1.1 and s2 at 198.18.3.1,
+///   c2 reaches s2 at 198.18.2.1.
+///
+/// Both servers share one key (a client pins it and lists both) and allow
+/// the client keys `keys`; they also serve the original protocol.
+struct Bed2 {
+    // Namespaces first: dropped last, after the daemons.
+    etcd_ns: Netns,
+    s: [Netns; 2],
+    c: [Netns; 2],
+    dir: std::path::PathBuf,
+    etcd: Etcd,
+    server_key: (String, String),
+    keys: Vec<(String, String)>,
+}
+
+const ETCD_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 18, 90, 1);
+const LEASE_TTL: u64 = 6;
+
+impl Bed2 {
+    fn new(tag: &str) -> Bed2 {
+        let etcd_ns = Netns::new(&format!("{tag}e"));
+        let s = [
+            Netns::new(&format!("{tag}s1")),
+            Netns::new(&format!("{tag}s2")),
+        ];
+        let c = [
+            Netns::new(&format!("{tag}c1")),
+            Netns::new(&format!("{tag}c2")),
+        ];
+        etcd_ns.ip(&["addr", "add", "198.18.90.1/32", "dev", "lo"]);
+        // The etcd namespace also routes between the servers (their links).
+        let forwarding = etcd_ns.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        assert!(forwarding.status.success(), "{forwarding:?}");
+        for (i, server) in s.iter().enumerate() {
+            let n = 91 + i;
+            link(
+                &etcd_ns,
+                &format!("198.18.{n}.1/24"),
+                server,
+                &format!("198.18.{n}.2/24"),
+            );
+            server.ip(&[
+                "route",
+                "add",
+                "198.18.88.0/21",
+                "via",
+                &format!("198.18.{n}.1"),
+            ]);
+        }
+        link(&s[0], "198.18.1.1/24", &c[0], "198.18.1.2/24");
+        link(&s[1], "198.18.3.1/24", &c[0], "198.18.3.2/24");
+        link(&s[1], "198.18.2.1/24", &c[1], "198.18.2.2/24");
+        // etcd first: if it fails to start, no directory is left behind.
+        let etcd = Etcd::start(&etcd_ns, ETCD_ADDRESS);
+        let dir = std::env::temp_dir().join(format!("{}-dir", etcd_ns.name()));
+        std::fs::create_dir_all(&dir).expect("bed directory");
+        let keygen = |name: &str| {
+            keygen_at(
+                dir.join(format!("{name}.key"))
+                    .to_str()
+                    .expect("utf-8")
+                    .to_string(),
+            )
+        };
+        let server_key = keygen("server");
+        // The last key is not in the servers' command lines: added live.
+        let keys = (0..4).map(|i| keygen(&format!("client{i}"))).collect();
+        Bed2 {
+            etcd_ns,
+            s,
+            c,
+            dir,
+            etcd,
+            server_key,
+            keys,
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_str().expect("utf-8").to_string()
+    }
+
+    fn socket(&self, server: usize) -> String {
+        self.path(&format!("s{}.sock", server + 1))
+    }
+
+    /// Starts server `i` (0 or 1) and waits until it has joined and serves.
+    fn server(&self, i: usize) -> Daemon {
+        let config = self.path(&format!("s{}.toml", i + 1));
+        let advertise = ["198.18.91.2:2003", "198.18.92.2:2003"][i];
+        std::fs::write(
+            &config,
+            format!(
+                "[cluster]\netcd = [\"{}\"]\nnode = \"s{}\"\nadvertise = \"{advertise}\"\nlease_ttl = {LEASE_TTL}\n",
+                self.etcd.url,
+                i + 1
+            ),
+        )
+        .expect("config");
+        let (socket, state) = (self.socket(i), self.path(&format!("state{}", i + 1)));
+        let mut args = vec![
+            "server",
+            "--config",
+            &config,
+            "--network",
+            NETWORK,
+            "--control",
+            &socket,
+            "--state-dir",
+            &state,
+            "--user",
+            "nobody",
+            "--key",
+            &self.server_key.0,
+            "--legacy",
+        ];
+        for (_, public) in &self.keys[..3] {
+            args.extend_from_slice(&["--peer", public]);
+        }
+        let server = self.s[i].spawn_env(SIMPLEVPND, &args, &[("RUST_LOG", "info")]);
+        assert!(
+            server.wait_for_log("server ready", STARTUP),
+            "server {i} did not start:\n{}",
+            server.log()
+        );
+        assert!(
+            server.log().contains("joined the cluster"),
+            "{}",
+            server.log()
+        );
+        server
+    }
+
+    /// Starts a TLS client with key `key` in namespace `ns`, listing
+    /// `servers`, and waits for its grant; returns it and its address.
+    fn client(&self, ns: usize, key: usize, servers: &[&str]) -> (Daemon, Ipv4Addr) {
+        let socket = self.path(&format!("client{key}.sock"));
+        let mut args = vec!["client", "--control", &socket, "--user", "nobody"];
+        for server in servers {
+            args.extend_from_slice(&["-s", server]);
+        }
+        args.extend_from_slice(&[
+            "--key",
+            &self.keys[key].0,
+            "--server-key",
+            &self.server_key.1,
+        ]);
+        let client = self.c[ns].spawn(SIMPLEVPND, &args);
+        assert!(
+            client.wait_for_log("granted", STARTUP),
+            "client {key} got no grant:\n{}",
+            client.log()
+        );
+        let address = tun_address(&self.c[ns]).expect("the tun has the granted address");
+        (client, address)
+    }
+}
+
+impl Drop for Bed2 {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The tunnel address of the tun in `ns`, once it has one.
+fn tun_address(ns: &Netns) -> Option<Ipv4Addr> {
+    let mut found = None;
+    wait_until(STARTUP, || {
+        found = ns.ipv4_addrs(TUN).first().map(|(a, _)| *a);
+        found.is_some()
+    });
+    found
+}
+
+/// How many times `needle` is in the daemon's log.
+fn count(daemon: &Daemon, needle: &str) -> usize {
+    daemon.log().matches(needle).count()
+}
+
+/// The addresses `svpnctl --json peers` lists on a server.
+fn listed(socket: &str) -> Vec<Ipv4Addr> {
+    svpnctl_json(socket, &["peers"])
+        .as_array()
+        .map(|peers| {
+            peers
+                .iter()
+                .filter_map(|p| p["address"].as_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn two_servers_serve_one_network_and_a_client_fails_over_keeping_its_address() {
+    if !require_root("two_servers_serve_one_network_and_a_client_fails_over_keeping_its_address") {
+        return;
+    }
+    let bed = Bed2::new("clfail");
+    let mut s1 = bed.server(0);
+    let s2 = bed.server(1);
+    // a in c1 lists both servers (s1 first), b in c2 only s2.
+    let (a, a_address) = bed.client(0, 0, &["198.18.1.1", "198.18.3.1"]);
+    let (_b, b_address) = bed.client(1, 1, &["198.18.2.1"]);
+    assert_ne!(a_address, b_address, "one network, distinct addresses");
+    assert_eq!(listed(&bed.socket(0)), [a_address]);
+    assert_eq!(listed(&bed.socket(1)), [b_address]);
+    // Across servers: over their link, both ways, TCP and ping.
+    tcp_round_trip(&bed.c[0], &bed.c[1], b_address, 7000, 200_000);
+    tcp_round_trip(&bed.c[1], &bed.c[0], a_address, 7005, 200_000);
+    let ping = bed.c[0].run(
+        "ping",
+        &["-c", "3", "-i", "0.2", "-W", "2", &b_address.to_string()],
+    );
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+
+    // svpnctl status lists the members and the link s1 dialed to s2.
+    let status = svpnctl_json(&bed.socket(0), &["status"]);
+    let cluster = &status["cluster"];
+    assert_eq!(cluster["node"], "s1", "{status}");
+    assert_eq!(cluster["health"], "reachable", "{status}");
+    let members: Vec<&str> = cluster["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["node"].as_str())
+        .collect();
+    assert_eq!(members, ["s1", "s2"], "{status}");
+    let link = &cluster["links"][0];
+    assert_eq!(link["node"], "s2", "{status}");
+    assert_eq!(link["remote"], "198.18.92.2:2003", "{status}");
+    assert_eq!(link["up"], true, "{status}");
+    assert!(link["tx_packets"].as_u64() > Some(3), "{status}");
+    let text = svpnctl(&bed.socket(0), &["status"], None);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("link") && text.contains("s2 at 198.18.92.2:2003 up"),
+        "{text}"
+    );
+
+    // s1 dies without a word: a goes on to s2 and gets its address back
+    // (the lease moves: it has not expired yet).
+    let killed = std::time::Instant::now();
+    s1.kill();
+    assert!(
+        wait_until(Duration::from_secs(30), || count(&a, "granted") >= 2),
+        "a was not granted again within 30 s:\n{}",
+        a.log()
+    );
+    let took = killed.elapsed();
+    assert!(
+        s2.log().contains(&format!("granted {a_address}")),
+        "s2 granted a its old address:\n{}",
+        s2.log()
+    );
+    assert_eq!(tun_address(&bed.c[0]), Some(a_address));
+    let mut now_on_s2 = listed(&bed.socket(1));
+    now_on_s2.sort();
+    let mut both = vec![a_address, b_address];
+    both.sort();
+    assert_eq!(now_on_s2, both);
+    eprintln!("failover took {took:?}");
+    // s1's membership ends with its etcd lease.
+    expect_log(
+        &s2,
+        "a server left the cluster",
+        Duration::from_secs(LEASE_TTL + 5),
+    );
+    let status = svpnctl_json(&bed.socket(1), &["status"]);
+    assert_eq!(
+        status["cluster"]["members"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+    // Traffic between a and b, both on s2 now.
+    tcp_round_trip(&bed.c[0], &bed.c[1], b_address, 7001, 100_000);
+    tcp_round_trip(&bed.c[1], &bed.c[0], a_address, 7002, 100_000);
+}
+
+#[test]
+fn a_ban_made_on_one_server_holds_on_the_other_within_two_seconds() {
+    if !require_root("a_ban_made_on_one_server_holds_on_the_other_within_two_seconds") {
+        return;
+    }
+    let bed = Bed2::new("clban");
+    let _s1 = bed.server(0);
+    let s2 = bed.server(1);
+    let (a, a_address) = bed.client(0, 0, &["198.18.1.1", "198.18.3.1"]);
+    let out = svpnctl(
+        &bed.socket(0),
+        &["kick", "--ban", "60s", &a_address.to_string()],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let banned = std::time::Instant::now();
+    // a tries s2 next (a second later): s2 refuses it as banned.
+    assert!(
+        wait_until(Duration::from_secs(5), || s2.log().contains("banned for")),
+        "s2 did not refuse a as banned:\n{}\n{}",
+        s2.log(),
+        a.log()
+    );
+    assert!(
+        banned.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        banned.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        listed(&bed.socket(1)).is_empty(),
+        "a was granted on s2:\n{}",
+        s2.log()
+    );
+    assert_eq!(count(&a, "granted"), 1, "{}", a.log());
+}
+
+#[test]
+fn without_etcd_sessions_go_on_and_new_grants_are_refused_until_it_is_back() {
+    if !require_root("without_etcd_sessions_go_on_and_new_grants_are_refused_until_it_is_back") {
+        return;
+    }
+    let mut bed = Bed2::new("cletcd");
+    let s2 = bed.server(1);
+    // Both clients on s2 (a through its second link).
+    let (_a, a_address) = bed.client(0, 0, &["198.18.3.1"]);
+    let (_b, b_address) = bed.client(1, 1, &["198.18.2.1"]);
+    bed.etcd.stop();
+    expect_log(
+        &s2,
+        "etcd unreachable",
+        Duration::from_secs(2 * LEASE_TTL + 5),
+    );
+    // An address outside the network is refused as such: checked before
+    // etcd is asked (which would fail now).
+    let outside = Ipv4Addr::new(198, 18, 77, 7);
+    assert!(
+        ask_s2(&bed, &static_request(outside)).1.is_err(),
+        "granted {outside}"
+    );
+    expect_log(
+        &s2,
+        &format!("{outside} is not in the pool"),
+        Duration::from_secs(5),
+    );
+    // Established sessions and forwarding go on.
+    tcp_round_trip(&bed.c[0], &bed.c[1], b_address, 7003, 50_000);
+    tcp_round_trip(&bed.c[1], &bed.c[0], a_address, 7004, 50_000);
+    // A new client is refused, and the log says why.
+    let ask = |bed: &Bed2| ask_s2(bed, &dynamic_request()).1;
+    assert!(ask(&bed).is_err(), "granted without etcd");
+    expect_log(&s2, "etcd) is unreachable", Duration::from_secs(5));
+    // etcd back: grants again.
+    bed.etcd.resume(&bed.etcd_ns);
+    expect_log(&s2, "etcd reachable again", Duration::from_secs(10));
+    let reply = ask(&bed).expect("a grant once etcd is back");
+    assert_eq!(&reply[12..16], &[255, 255, 0, 0], "a grant: {reply:02x?}");
+    let granted = Ipv4Addr::new(reply[16], reply[17], reply[18], reply[19]);
+    assert!(granted != a_address && granted != b_address, "{granted}");
+}
+
+/// Whether `svpnctl --json peer list` on `socket` lists `key`.
+fn allows(socket: &str, key: &str) -> bool {
+    svpnctl_json(socket, &["peer", "list"])
+        .as_array()
+        .is_some_and(|list| list.iter().any(|p| p["key"] == key))
+}
+
+#[test]
+fn a_peer_added_or_removed_on_one_server_is_on_the_other_within_two_seconds() {
+    if !require_root("a_peer_added_or_removed_on_one_server_is_on_the_other_within_two_seconds") {
+        return;
+    }
+    let bed = Bed2::new("clpeer");
+    let _s1 = bed.server(0);
+    let _s2 = bed.server(1);
+    let late = bed.keys[3].1.clone();
+    assert!(!allows(&bed.socket(1), &late));
+    let out = svpnctl(
+        &bed.socket(0),
+        &["peer", "add", &late, "--name", "late"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || allows(&bed.socket(1), &late)),
+        "s2 does not allow the peer added on s1"
+    );
+    // It may join through s2.
+    let (_client, _address) = bed.client(0, 3, &["198.18.3.1"]);
+    // Removed through s2: s1 forgets it too.
+    let out = svpnctl(&bed.socket(1), &["peer", "remove", "late"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || !allows(&bed.socket(0), &late)),
+        "s1 still allows the peer removed on s2"
+    );
+}
+
+#[test]
+fn many_clients_granted_at_once_through_both_servers_get_distinct_addresses() {
+    if !require_root("many_clients_granted_at_once_through_both_servers_get_distinct_addresses") {
+        return;
+    }
+    let bed = Bed2::new("clmany");
+    let _s1 = bed.server(0);
+    let _s2 = bed.server(1);
+    const EACH: usize = 150;
+    // Original-protocol peers, all from one source address per namespace
+    // (as behind a NAT): each must get an address of its own.
+    let load = |ns: &Netns, server: &str| {
+        ns.spawn(
+            env!("CARGO_BIN_EXE_simplevpn-loadgen"),
+            &[
+                "--server",
+                server,
+                "--connections",
+                &EACH.to_string(),
+                // Held until the test ends (the drop stops it): the check
+                // needs every peer of both at once, and one may finish
+                // granting well before the other.
+                "--hold",
+                "300",
+                // At most max_unauthenticated_per_source (8) in flight.
+                "--concurrency",
+                "8",
+            ],
+        )
+    };
+    let one = load(&bed.c[0], "198.18.1.1:2002");
+    let two = load(&bed.c[1], "198.18.2.1:2002");
+    // A bound on liveness, not a speed check: on a loaded 2-core machine a
+    // grant through etcd can take a second.
+    assert!(
+        wait_until(Duration::from_secs(90), || {
+            listed(&bed.socket(0)).len() + listed(&bed.socket(1)).len() == 2 * EACH
+        }),
+        "not all granted:\n{}\n{}",
+        one.log(),
+        two.log()
+    );
+    let on_s1 = listed(&bed.socket(0));
+    let on_s2 = listed(&bed.socket(1));
+    let all: HashSet<Ipv4Addr> = on_s1.iter().chain(&on_s2).copied().collect();
+    assert_eq!(all.len(), 2 * EACH, "an address granted twice");
+    for (gen, name) in [(&one, "c1"), (&two, "c2")] {
+        let log = gen.log();
+        assert!(
+            log.contains(&format!("\"granted\":{EACH}")) && log.contains("\"failed\":0"),
+            "loadgen {name}:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn a_server_cut_off_from_etcd_past_its_lease_gives_up_an_address_granted_elsewhere() {
+    if !require_root(
+        "a_server_cut_off_from_etcd_past_its_lease_gives_up_an_address_granted_elsewhere",
+    ) {
+        return;
+    }
+    let bed = Bed2::new("clsplit");
+    let s1 = bed.server(0);
+    let s2 = bed.server(1);
+    // a lists s1 only.
+    let (a, a_address) = bed.client(0, 0, &["198.18.1.1"]);
+    // s1 loses etcd (and etcd keeps running): past the TTL its lease, and
+    // with it a's address, is gone from etcd.
+    bed.s[0].ip(&["route", "add", "blackhole", "198.18.90.1/32"]);
+    expect_log(&s1, "etcd unreachable", Duration::from_secs(LEASE_TTL + 5));
+    expect_log(
+        &s2,
+        "a server left the cluster",
+        Duration::from_secs(LEASE_TTL + 5),
+    );
+    // s2 grants a's address to a new client that asks for it.
+    let (_holder, reply) = ask_s2(&bed, &static_request(a_address));
+    let reply = reply.expect("a grant");
+    assert_eq!(&reply[16..20], &a_address.octets(), "{reply:02x?}");
+    // s1 reaches etcd again: its lease ran out, it takes a new one, finds
+    // a's address held by s2's client and closes a; a gets another address.
+    bed.s[0].ip(&["route", "del", "blackhole", "198.18.90.1/32"]);
+    expect_log(&s1, "lease ran out", Duration::from_secs(15));
+    expect_log(
+        &s1,
+        &format!("{a_address} is held by remote:198.18.2.2 on server s2 now"),
+        Duration::from_secs(5),
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            tun_address(&bed.c[0]).is_some_and(|address| address != a_address)
+                && count(&a, "granted") >= 2
+        }),
+        "a was not moved to another address:\n{}",
+        a.log()
+    );
+    assert_eq!(listed(&bed.socket(1)), [a_address]);
+    assert!(!listed(&bed.socket(0)).contains(&a_address));
+}
+
+/// Waits up to `within` for `needle` in the daemon's log; fails with the log.
+fn expect_log(daemon: &Daemon, needle: &str, within: Duration) {
+    assert!(
+        daemon.wait_for_log(needle, within),
+        "{needle:?} not logged within {within:?}:\n{}",
+        daemon.log()
+    );
+}
+
+/// An original-protocol request from c2 to s2: the connection (kept open,
+/// it holds what was granted) and the 20-byte reply, if one came.
+fn ask_s2(bed: &Bed2, request: &[u8]) -> (std::net::TcpStream, std::io::Result<[u8; 20]>) {
+    use std::io::{Read, Write};
+    let mut stream = bed.c[1]
+        .tcp_connect("198.18.2.1:2002".parse().expect("addr"), STARTUP)
+        .expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    stream.write_all(request).expect("ask");
+    let mut reply = [0u8; 20];
+    let reply = stream.read_exact(&mut reply).map(|()| reply);
+    (stream, reply)
+}
+
+/// The cluster shares IPv4 leases and forwards IPv4 only: a server asked
+/// for both `[cluster]` and IPv6 inside the tunnel refuses to start, with
+/// one line, before it touches anything (no etcd, no namespace needed).
+#[test]
+fn a_cluster_server_with_network6_is_refused_at_start() {
+    let dir = std::env::temp_dir().join(format!("svpn-cluster6-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = |name: &str| dir.join(name).to_str().expect("utf-8").to_string();
+    let (key, config) = (path("server.key"), path("s.toml"));
+    keygen_at(key.clone());
+    std::fs::write(
+        &config,
+        "[cluster]\netcd = [\"http://198.18.90.1:2379\"]\nnode = \"s1\"\n\
+         advertise = \"198.18.91.2:2003\"\n",
+    )
+    .expect("config");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "server",
+            "--config",
+            &config,
+            "--network",
+            NETWORK,
+            "--key",
+            &key,
+        ];
+        args.extend_from_slice(extra);
+        std::process::Command::new(SIMPLEVPND)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run simplevpnd")
+    };
+    let out = run(&["--network6", "2001:2:0:100::/64"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        "simplevpnd: cluster: [cluster] with network6 is not supported yet"
+    );
+}
