@@ -23,7 +23,7 @@ use crate::pool::{AddressPool, Refusal};
 use crate::routes::RouteTable;
 pub use crate::state::Banned;
 use crate::state::{Ban, Lease};
-use crate::wire::{Control, Request};
+use crate::wire::{Control, Marker, Request};
 
 /// Per-peer counters: atomics, so the packet path takes no lock for them.
 #[derive(Debug, Default)]
@@ -85,6 +85,14 @@ pub struct Peer {
     pub extension: bool,
     /// Whether it announced that it takes super-packet frames.
     pub super_packets: AtomicBool,
+}
+
+impl Peer {
+    /// Whether it is a plaintext client that offered our extension in its
+    /// request ([`Marker::Offer`]): its grant then carries the acceptance.
+    pub fn accepts_offer(&self) -> bool {
+        self.extension && matches!(self.identity, Identity::Original)
+    }
 }
 
 /// A snapshot of one peer, for the control plane.
@@ -625,7 +633,10 @@ impl PeerTable {
         if let Some(kept6) = kept6.filter(|k| address6 != Some(*k)) {
             table.six.release(kept6);
         }
-        let grant = Control::grant(address, Some(table.pool.network().netmask()));
+        let mut grant = Control::grant(address, Some(table.pool.network().netmask()));
+        if peer.accepts_offer() {
+            grant = grant.with_marker(Marker::Accept);
+        }
         // The queue is new and empty: this push cannot fail for lack of room.
         let _ = peer.queue.try_push(Bytes::copy_from_slice(&grant.encode()));
         table.peers.insert(address, peer.clone());
@@ -898,6 +909,30 @@ mod tests {
     ) -> Option<Delivery> {
         let peer = table.holder(destination)?;
         Some(table.push(&peer, packet))
+    }
+
+    #[test]
+    fn only_a_plaintext_peer_that_offered_gets_the_acceptance_in_its_grant() {
+        let table = new_table();
+        let grant_of = |peer: &Arc<Peer>, rx: &mut crate::connection::QueueRx| {
+            table.admit(Request::Dynamic, peer).expect("grant");
+            rx.try_recv().expect("grant queued")
+        };
+        // An original client: the grant it always got.
+        let (plain, mut rx) = link(&table, 1000);
+        let grant = grant_of(&plain, &mut rx);
+        assert_eq!(&grant[..12], &[0x45, 0x14, 0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0]);
+        // Our plaintext client that offered: "sv2!" in bytes 4..8, nothing else changed.
+        let (offered, mut rx) = peer_with_extension(&table, 1001, Identity::Original);
+        assert!(offered.accepts_offer());
+        let marked = grant_of(&offered, &mut rx);
+        assert_eq!(&marked[4..8], b"sv2!");
+        assert_eq!((&marked[..4], &marked[8..16]), (&grant[..4], &grant[8..16]));
+        // A TLS extension peer: negotiated by ALPN, its grant unmarked.
+        let (tls_peer, mut rx) =
+            extension_peer(&table, 1002, PublicKey::from_raw(&[9; 32]).expect("key"));
+        assert!(!tls_peer.accepts_offer());
+        assert_eq!(&grant_of(&tls_peer, &mut rx)[4..8], &[0, 0, 0, 0]);
     }
 
     #[test]
@@ -1307,10 +1342,7 @@ mod tests {
             deliver(&table, v6("2001:2:0:100::3"), Bytes::from_static(b"6")),
             Some(Delivery::Queued)
         );
-        assert_eq!(
-            deliver(&table, v6("2001:2:0:100::4"), Bytes::new()),
-            None
-        );
+        assert_eq!(deliver(&table, v6("2001:2:0:100::4"), Bytes::new()), None);
         // Away, its lease keeps both addresses for it; back, it has both.
         let lease = table.remove(a_grant.address, a.id).expect("lease kept");
         assert_eq!(lease.address6, a_grant.address6);

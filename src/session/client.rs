@@ -28,7 +28,8 @@ use crate::config::ClientConfig;
 use crate::connection::ReadError;
 use crate::params::{ParamsError, SessionParams};
 use crate::wire::{
-    netmask_prefix, ExtensionKind, Frame, ProtocolError, Reply, Request, SuperPacket,
+    netmask_prefix, Control, ExtensionKind, Frame, Marker, ProtocolError, Reply, Request,
+    SuperPacket,
 };
 
 /// How long connecting, and then waiting for the grant, may take.
@@ -109,8 +110,14 @@ pub struct Grant {
 /// What the I/O loop is to do, in the order queued.
 #[derive(Debug)]
 pub enum Action {
-    /// Send this message to the server.
+    /// Send this message to the server (encoded by
+    /// [`ClientSession::message`]).
     Send(Request),
+    /// A plaintext server accepted our extension ([`Marker::Accept`] in its
+    /// grant, queued before the grant's other actions): from now on this
+    /// connection carries extension frames both ways, as with TLS ALPN
+    /// "simplevpn/2".
+    SpeakExtension,
     /// Give the tun this address (it does not have it yet).
     ConfigureTun { address: Ipv4Addr, prefix: u8 },
     /// Give the tun this IPv6 address and prefix (granted in the session
@@ -406,6 +413,20 @@ impl ClientSession {
         self.actions.push_back(Action::Send(asked));
     }
 
+    /// The control message that carries `request`: a plaintext client's
+    /// address request offers our extension ([`Marker::Offer`] in bytes
+    /// 4..8, which the original server ignores); keepalives, and anything
+    /// over TLS, are the original's bytes.
+    pub fn message(&self, request: Request) -> Control {
+        let control = Control::request(request);
+        match (self.rules.protocol, request) {
+            (Protocol::Original, Request::Dynamic | Request::Static(_)) => {
+                control.with_marker(Marker::Offer)
+            }
+            (Protocol::Original, Request::Keepalive) | (Protocol::Tls, _) => control,
+        }
+    }
+
     /// A frame arrived from the server at `now`.
     pub fn received(&mut self, now: Instant, frame: Frame) {
         let granted = match &mut self.phase {
@@ -422,7 +443,17 @@ impl ClientSession {
             // Before the grant nothing is configured to take a packet.
             Frame::Packet(_) | Frame::Super(_) => {}
             Frame::Control(control) => match control.as_reply() {
-                Ok(Reply::Grant { address, netmask }) => self.granted(now, address, netmask),
+                Ok(Reply::Grant { address, netmask }) => {
+                    // Only the answer to our offer counts: an original
+                    // server echoes the offer, and TLS negotiates by ALPN.
+                    let accepted = control.marker == Some(Marker::Accept)
+                        && self.rules.protocol == Protocol::Original
+                        && !granted;
+                    if accepted {
+                        self.actions.push_back(Action::SpeakExtension);
+                    }
+                    self.granted(now, address, netmask)
+                }
                 Ok(Reply::Keepalive) => {}
                 Err(e) => self.close(CloseReason::Protocol(e)),
             },
@@ -792,7 +823,6 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::Control;
 
     const ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
     const OTHER: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 3);
@@ -1036,6 +1066,75 @@ mod tests {
         });
         session.received(t0, unknown);
         assert!(actions(&mut session).is_empty());
+    }
+
+    #[test]
+    fn a_plaintext_client_offers_the_extension_and_speaks_it_once_accepted() {
+        let t0 = Instant::now();
+        let mut session = session(rules());
+        session.connected(t0, SERVER_IP);
+        // The request carries the offer; keepalives stay the original's.
+        let offer = session.message(Request::Dynamic);
+        assert_eq!(offer.marker, Some(Marker::Offer));
+        assert_eq!(offer.as_request(), Ok(Request::Dynamic));
+        assert_eq!(
+            session.message(Request::Static(ADDRESS)).marker,
+            Some(Marker::Offer)
+        );
+        assert_eq!(session.message(Request::Keepalive), Control::KEEPALIVE);
+        actions(&mut session);
+        // The acceptance comes first, before the tun is configured.
+        let accepted = Control::grant(ADDRESS, Some(NETMASK)).with_marker(Marker::Accept);
+        session.received(t0, Frame::Control(accepted));
+        assert!(matches!(
+            actions(&mut session).as_slice(),
+            [
+                Action::SpeakExtension,
+                Action::ConfigureTun { .. },
+                Action::LinkUp { .. }
+            ]
+        ));
+        // A repeated marked grant changes nothing.
+        session.received(t0, Frame::Control(accepted));
+        assert!(actions(&mut session).is_empty());
+    }
+
+    #[test]
+    fn an_original_server_echoing_the_offer_or_an_unmarked_grant_leaves_the_original_protocol() {
+        let t0 = Instant::now();
+        // The original server's grant is the request echoed: the offer.
+        for marker in [None, Some(Marker::Offer)] {
+            let mut session = session(rules());
+            session.connected(t0, SERVER_IP);
+            actions(&mut session);
+            let grant = Control {
+                marker,
+                ..Control::grant(ADDRESS, None)
+            };
+            session.received(t0, Frame::Control(grant));
+            let got = actions(&mut session);
+            assert!(
+                !got.iter().any(|a| matches!(a, Action::SpeakExtension)),
+                "{marker:?}: {got:?}"
+            );
+            assert!(got.iter().any(|a| matches!(a, Action::LinkUp { .. })));
+        }
+        // Over TLS nothing is offered, and an acceptance is ignored.
+        let mut tls = session(ClientRules {
+            protocol: Protocol::Tls,
+            ..rules()
+        });
+        tls.connected(t0, SERVER_IP);
+        actions(&mut tls);
+        assert_eq!(
+            tls.message(Request::Dynamic),
+            Control::request(Request::Dynamic)
+        );
+        let accepted = Control::grant(ADDRESS, Some(NETMASK)).with_marker(Marker::Accept);
+        tls.received(t0, Frame::Control(accepted));
+        assert!(!actions(&mut tls)
+            .iter()
+            .any(|a| matches!(a, Action::SpeakExtension)));
     }
 
     #[test]
@@ -1387,6 +1486,7 @@ mod tests {
         let bogus = Control {
             source: ADDRESS,
             destination: Ipv4Addr::UNSPECIFIED,
+            marker: None,
         };
         session.received(t0, Frame::Control(bogus));
         let closed = closed(&mut session).expect("closed");
