@@ -81,7 +81,8 @@ pub struct Peer {
     /// The networks behind this client (site-to-site): forwarded to it, and
     /// allowed as its packets' sources.
     pub routes: Vec<IpNet>,
-    /// Whether it speaks our extension (is sent session parameters).
+    /// Whether it speaks our extension: takes extension frames (and, over
+    /// TLS, is sent session parameters: [`Peer::takes_params`]).
     pub extension: bool,
     /// Whether it announced that it takes super-packet frames.
     pub super_packets: AtomicBool,
@@ -92,6 +93,14 @@ impl Peer {
     /// request ([`Marker::Offer`]): its grant then carries the acceptance.
     pub fn accepts_offer(&self) -> bool {
         self.extension && matches!(self.identity, Identity::Original)
+    }
+
+    /// Whether it is sent session parameters (and so given an IPv6
+    /// address): an extension client over TLS only. A plaintext link is
+    /// unauthenticated: whoever sits on its path must not gain a say over
+    /// the client's routes or DNS beyond what the tunnel already carries.
+    pub fn takes_params(&self) -> bool {
+        self.extension && !matches!(self.identity, Identity::Original)
     }
 }
 
@@ -933,6 +942,13 @@ mod tests {
             extension_peer(&table, 1002, PublicKey::from_raw(&[9; 32]).expect("key"));
         assert!(!tls_peer.accepts_offer());
         assert_eq!(&grant_of(&tls_peer, &mut rx)[4..8], &[0, 0, 0, 0]);
+        // The plaintext one is sent no session parameters, so it gets no
+        // IPv6 address either; the TLS one does.
+        assert!(!offered.takes_params() && tls_peer.takes_params());
+        let six = dual_stack(&[]);
+        let (offered6, _rx) = peer_with_extension(&six, 1003, Identity::Original);
+        let granted = six.admit(Request::Dynamic, &offered6).expect("grant");
+        assert_eq!(granted.address6, None);
     }
 
     #[test]

@@ -683,6 +683,8 @@ async fn connection(
                         // Behind the grant: a plaintext client takes
                         // extension frames only once it has the grant's marker.
                         announce_features(config, &peer);
+                    }
+                    if peer.takes_params() {
                         push_params(&shared, &peer, address, address6);
                     }
                     // From now on silence counts, not the handshake deadline.
@@ -1291,7 +1293,7 @@ async fn apply(
     if shared.served_routes() != old_served {
         report.routes_changed = true;
         for (address, peer) in shared.peers.connected() {
-            if peer.extension && !peer.kick.is_cancelled() {
+            if peer.takes_params() && !peer.kick.is_cancelled() {
                 let address6 = shared.peers.peer(address).and_then(|p| p.address6);
                 push_params(shared, &peer, address, address6);
                 report.pushed += 1;

@@ -458,6 +458,9 @@ impl ClientSession {
                 Err(e) => self.close(CloseReason::Protocol(e)),
             },
             Frame::Extension(extension) => match ExtensionKind::from(extension.kind) {
+                // Never from a plaintext link (our server sends none over
+                // one): whoever is on its path must not set our routes.
+                ExtensionKind::SessionParams if self.rules.protocol == Protocol::Original => {}
                 ExtensionKind::SessionParams => match SessionParams::decode(&extension.body) {
                     Ok(params) => {
                         self.pushed = params.routes;
@@ -834,7 +837,7 @@ mod tests {
         ClientRules {
             static_address: None,
             default_prefix: 24,
-            protocol: Protocol::Original,
+            protocol: Protocol::Tls,
             handshake_timeout: Duration::from_secs(10),
             keepalive_after: Duration::from_secs(15),
             timeout: Duration::from_secs(30),
@@ -842,6 +845,14 @@ mod tests {
             full_tunnel: false,
             fail_open: false,
             dns: true,
+        }
+    }
+
+    /// [`rules`] for a plaintext client (the original protocol).
+    fn plaintext() -> ClientRules {
+        ClientRules {
+            protocol: Protocol::Original,
+            ..rules()
         }
     }
 
@@ -1071,7 +1082,7 @@ mod tests {
     #[test]
     fn a_plaintext_client_offers_the_extension_and_speaks_it_once_accepted() {
         let t0 = Instant::now();
-        let mut session = session(rules());
+        let mut session = session(plaintext());
         session.connected(t0, SERVER_IP);
         // The request carries the offer; keepalives stay the original's.
         let offer = session.message(Request::Dynamic);
@@ -1097,6 +1108,10 @@ mod tests {
         // A repeated marked grant changes nothing.
         session.received(t0, Frame::Control(accepted));
         assert!(actions(&mut session).is_empty());
+        // Session parameters over a plaintext link are ignored: no route.
+        session.received(t0, params(&["198.18.50.0/24"]));
+        assert!(route_actions(&mut session).is_empty());
+        assert!(session.installed_routes().is_empty());
     }
 
     #[test]
@@ -1104,7 +1119,7 @@ mod tests {
         let t0 = Instant::now();
         // The original server's grant is the request echoed: the offer.
         for marker in [None, Some(Marker::Offer)] {
-            let mut session = session(rules());
+            let mut session = session(plaintext());
             session.connected(t0, SERVER_IP);
             actions(&mut session);
             let grant = Control {
@@ -1120,10 +1135,7 @@ mod tests {
             assert!(got.iter().any(|a| matches!(a, Action::LinkUp { .. })));
         }
         // Over TLS nothing is offered, and an acceptance is ignored.
-        let mut tls = session(ClientRules {
-            protocol: Protocol::Tls,
-            ..rules()
-        });
+        let mut tls = session(rules());
         tls.connected(t0, SERVER_IP);
         actions(&mut tls);
         assert_eq!(
@@ -1456,7 +1468,7 @@ mod tests {
     fn a_read_error_before_the_grant_is_a_refusal_or_with_tls_a_rejected_key() {
         let t0 = Instant::now();
         let reset = || ReadError::Io(io::Error::from(io::ErrorKind::ConnectionReset));
-        let mut original = session(rules());
+        let mut original = session(plaintext());
         original.connected(t0, SERVER_IP);
         original.read_failed(reset());
         let closed = closed(&mut original).expect("closed");
@@ -1465,10 +1477,7 @@ mod tests {
             CloseReason::Refused(Refusal::AnyAddress)
         ));
 
-        let mut tls = session(ClientRules {
-            protocol: Protocol::Tls,
-            ..rules()
-        });
+        let mut tls = session(rules());
         tls.connected(t0, SERVER_IP);
         tls.read_failed(reset());
         let closed = self::closed(&mut tls).expect("closed");
