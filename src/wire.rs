@@ -18,7 +18,8 @@
 //! # Extension frames
 //!
 //! Between our own peers, when TLS negotiated the ALPN protocol
-//! "simplevpn/2" ([`crate::tls::speaks_extension`]), either side may send
+//! "simplevpn/2" ([`crate::tls::speaks_extension`]), or a plaintext grant
+//! accepted the client's offer ([`Marker`]), either side may send
 //! extension frames among the ordinary ones. No IP version is 15, so a first
 //! nibble 0xF cannot be mistaken for a packet:
 //!
@@ -465,7 +466,8 @@ impl Decoder {
     }
 
     /// This decoder, also accepting extension frames (first byte 0xF1): for
-    /// a connection whose TLS negotiated "simplevpn/2", never for others.
+    /// a connection whose TLS negotiated "simplevpn/2", or whose plaintext
+    /// grant accepted the offer ([`Marker`]), never for others.
     pub fn with_extensions(self) -> Decoder {
         Decoder {
             extensions: true,
