@@ -119,6 +119,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self
     }
 
+    /// Decodes the frames still to come with `decoder` (the connection
+    /// agreed on extension frames, say); bytes already read but not yet
+    /// decoded are decoded with it too.
+    pub fn set_decoder(&mut self, decoder: Decoder) {
+        self.decoder = decoder;
+    }
+
     /// The next frame, or `Ok(None)` when the peer closed the stream cleanly
     /// between frames. Cancel-safe: a frame half read stays in the buffer.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, ReadError> {

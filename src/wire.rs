@@ -18,7 +18,8 @@
 //! # Extension frames
 //!
 //! Between our own peers, when TLS negotiated the ALPN protocol
-//! "simplevpn/2" ([`crate::tls::speaks_extension`]), either side may send
+//! "simplevpn/2" ([`crate::tls::speaks_extension`]), or a plaintext grant
+//! accepted the client's offer ([`Marker`]), either side may send
 //! extension frames among the ordinary ones. No IP version is 15, so a first
 //! nibble 0xF cannot be mistaken for a packet:
 //!
@@ -76,12 +77,62 @@ pub enum ProtocolError {
 }
 
 /// A bare 20-byte IPv4 header with total length 0: the protocol's control
-/// message. Its meaning lies in the two addresses alone; see [`Request`] and
-/// [`Reply`] for what they mean in each direction.
+/// message. Its meaning lies in the two addresses; see [`Request`] and
+/// [`Reply`] for what they mean in each direction. Our peers may also put a
+/// [`Marker`] in bytes 4..8, which the original ignores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Control {
     pub source: Ipv4Addr,
     pub destination: Ipv4Addr,
+    /// Our marker in bytes 4..8, if they hold one (else they are ignored).
+    pub marker: Option<Marker>,
+}
+
+/// Our marker in a control message's bytes 4..8 (identification, flags
+/// and fragment offset), which the original protocol says receivers must
+/// ignore: how a plaintext client and server of ours agree on extension
+/// frames, as TLS peers do with the ALPN "simplevpn/2".
+///
+/// ```text
+/// offer   73 76 32 3f  "sv2?"  in an address request: this client takes
+///                              extension frames
+/// accept  73 76 32 21  "sv2!"  in the grant that answers it: so does this
+///                              server; extension frames may follow it
+/// ```
+///
+/// The two differ because the original server makes its grant by echoing
+/// the request (protocol.md): an echoed offer is not an acceptance. Any other
+/// bytes there mean no marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Marker {
+    /// A client's address request: it takes extension frames.
+    Offer,
+    /// A server's grant: it does too.
+    Accept,
+}
+
+impl Marker {
+    /// The offer, bytes 4..8 of an address request.
+    pub const OFFER: [u8; 4] = *b"sv2?";
+    /// The acceptance, bytes 4..8 of a grant.
+    pub const ACCEPT: [u8; 4] = *b"sv2!";
+
+    /// Its 4 bytes.
+    pub fn bytes(self) -> [u8; 4] {
+        match self {
+            Marker::Offer => Marker::OFFER,
+            Marker::Accept => Marker::ACCEPT,
+        }
+    }
+
+    /// The marker in a control message's bytes 4..8, if they hold one.
+    pub fn read(bytes: [u8; 4]) -> Option<Marker> {
+        match bytes {
+            Marker::OFFER => Some(Marker::Offer),
+            Marker::ACCEPT => Some(Marker::Accept),
+            _ => None,
+        }
+    }
 }
 
 /// One message off the wire.
@@ -305,7 +356,16 @@ impl Control {
     pub const KEEPALIVE: Control = Control {
         source: Ipv4Addr::BROADCAST,
         destination: Ipv4Addr::BROADCAST,
+        marker: None,
     };
+
+    /// This message with `marker` in bytes 4..8.
+    pub fn with_marker(self, marker: Marker) -> Control {
+        Control {
+            marker: Some(marker),
+            ..self
+        }
+    }
 
     /// The control message that carries `request`.
     pub fn request(request: Request) -> Control {
@@ -313,10 +373,12 @@ impl Control {
             Request::Dynamic => Control {
                 source: Ipv4Addr::UNSPECIFIED,
                 destination: Ipv4Addr::UNSPECIFIED,
+                marker: None,
             },
             Request::Static(address) => Control {
                 source: address,
                 destination: Ipv4Addr::UNSPECIFIED,
+                marker: None,
             },
             Request::Keepalive => Control::KEEPALIVE,
         }
@@ -327,6 +389,7 @@ impl Control {
         Control {
             source: netmask.unwrap_or(Ipv4Addr::UNSPECIFIED),
             destination: address,
+            marker: None,
         }
     }
 
@@ -357,6 +420,9 @@ impl Control {
     pub fn encode(&self) -> [u8; CONTROL_LEN] {
         let mut out = [0u8; CONTROL_LEN];
         out[..12].copy_from_slice(&CONTROL_TEMPLATE);
+        if let Some(marker) = self.marker {
+            out[4..8].copy_from_slice(&marker.bytes());
+        }
         out[12..16].copy_from_slice(&self.source.octets());
         out[16..20].copy_from_slice(&self.destination.octets());
         out
@@ -400,7 +466,8 @@ impl Decoder {
     }
 
     /// This decoder, also accepting extension frames (first byte 0xF1): for
-    /// a connection whose TLS negotiated "simplevpn/2", never for others.
+    /// a connection whose TLS negotiated "simplevpn/2", or whose plaintext
+    /// grant accepted the offer ([`Marker`]), never for others.
     pub fn with_extensions(self) -> Decoder {
         Decoder {
             extensions: true,
@@ -511,6 +578,7 @@ impl Decoder {
             let control = Control {
                 source: ipv4_at(buf, 12),
                 destination: ipv4_at(buf, 16),
+                marker: Marker::read([buf[4], buf[5], buf[6], buf[7]]),
             };
             buf.advance(CONTROL_LEN);
             return Ok(Some(Frame::Control(control)));
@@ -658,6 +726,48 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn markers_byte_for_byte_and_only_in_bytes_4_to_8() {
+        let offer = Control::request(Request::Dynamic).with_marker(Marker::Offer);
+        assert_eq!(
+            offer.encode().to_vec(),
+            hex("45 14 00 00 73 76 32 3f 40 00 00 00 00 00 00 00 00 00 00 00")
+        );
+        let addr = Ipv4Addr::new(10, 0, 1, 7);
+        let accept =
+            Control::grant(addr, Some(Ipv4Addr::new(255, 255, 0, 0))).with_marker(Marker::Accept);
+        assert_eq!(
+            accept.encode().to_vec(),
+            hex("45 14 00 00 73 76 32 21 40 00 00 00 ff ff 00 00 0a 00 01 07")
+        );
+        // Everything but bytes 4..8 is the original's format.
+        let plain = Control::grant(addr, Some(Ipv4Addr::new(255, 255, 0, 0))).encode();
+        let marked = accept.encode();
+        assert_eq!((&plain[..4], &plain[8..]), (&marked[..4], &marked[8..]));
+        // Both decode back, meaning what they meant without the marker.
+        let frames = decode_all(
+            &Decoder::default(),
+            &[offer.encode(), accept.encode()].concat(),
+        );
+        assert_eq!(frames, vec![Frame::Control(offer), Frame::Control(accept)]);
+        assert_eq!(offer.as_request(), Ok(Request::Dynamic));
+        assert!(matches!(accept.as_reply(), Ok(Reply::Grant { address, .. }) if address == addr));
+        // Other bytes there are no marker, and an unmarked message has none.
+        for other in [[0, 0, 0, 0], *b"sv2x", *b"sv1?", *b"SV2!"] {
+            assert_eq!(Marker::read(other), None, "{other:02x?}");
+        }
+        let mut odd = Control::KEEPALIVE.encode();
+        odd[4..8].copy_from_slice(b"sv3!");
+        assert_eq!(
+            decode_all(&Decoder::default(), &odd),
+            vec![Frame::Control(Control::KEEPALIVE)]
+        );
+        assert_eq!(Marker::read(Marker::Offer.bytes()), Some(Marker::Offer));
+        assert_eq!(Marker::read(Marker::Accept.bytes()), Some(Marker::Accept));
+        // An original server's echo of the offer is not an acceptance.
+        assert_ne!(Marker::OFFER, Marker::ACCEPT);
+    }
+
+    #[test]
     fn grant_carries_the_netmask() {
         let mask = Ipv4Addr::new(255, 255, 0, 0);
         let grant = Control::grant(Ipv4Addr::new(198, 19, 0, 2), Some(mask));
@@ -682,6 +792,7 @@ pub(crate) mod tests {
         let odd = Control {
             source: Ipv4Addr::new(255, 0, 255, 0),
             destination: Ipv4Addr::new(10, 0, 1, 7),
+            marker: None,
         };
         assert!(matches!(
             odd.as_reply(),
@@ -694,6 +805,7 @@ pub(crate) mod tests {
         let to_server = Control {
             source: Ipv4Addr::new(1, 2, 3, 4),
             destination: Ipv4Addr::new(5, 6, 7, 8),
+            marker: None,
         };
         assert!(to_server.as_request().is_err());
         assert!(Control::request(Request::Dynamic).as_reply().is_err());

@@ -2,10 +2,13 @@
 //! original-protocol peer (1500-byte tun, `legacy_mtu`) receives only
 //! packets that fit, a large non-TCP packet with DF to it is answered with
 //! ICMP "fragmentation needed", and TCP between our clients and to a host
-//! beyond the server arrives intact while riding super-packets.
+//! beyond the server arrives intact while riding super-packets, over TLS
+//! and between our plaintext peers, which agree on it by a marker in the
+//! control message's ignored bytes (src/wire.rs `Marker`).
 
 mod common;
 
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -63,6 +66,25 @@ fn next_packet(peer: &mut RawPeer) -> Vec<u8> {
     packet
 }
 
+/// The payload of `len` bytes that a raw peer receives as TCP segments of
+/// at most 1500 bytes, each with correct checksums, in sequence from `seq`.
+fn segments_to_1500(peer: &mut RawPeer, seq: u32, len: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    while got.len() < len {
+        let segment = next_packet(peer);
+        assert!(
+            segment.len() <= 1500,
+            "{} bytes to a 1500-byte peer",
+            segment.len()
+        );
+        assert!(checksums_ok(&segment), "bad checksum: {segment:02x?}");
+        let at = u32::from_be_bytes(segment[24..28].try_into().expect("seq"));
+        assert_eq!(at as usize, seq as usize + got.len(), "out of sequence");
+        got.extend_from_slice(&segment[40..]);
+    }
+    got
+}
+
 #[test]
 fn an_original_protocol_peer_gets_only_packets_that_fit() {
     if !require_root("an_original_protocol_peer_gets_only_packets_that_fit") {
@@ -70,8 +92,8 @@ fn an_original_protocol_peer_gets_only_packets_that_fit() {
     }
     let bed = Bed::new("offleg", 3);
     let server = bed.start_server(&[]);
-    // Our own plaintext client is an original-protocol peer too; it turns
-    // its tun's offloads off (the kernel segments), as its unprivileged
+    // Our own plaintext client offers the extension in its request's
+    // ignored bytes; it changes its tun's offloads as its unprivileged
     // user, and carries TCP to the server's host intact.
     let plain = bed.start_client(2, &["-a", "198.19.0.9"]);
     tcp_round_trip(&bed.clients[2], &bed.server, SERVER_TUNNEL, 5003, 4 << 20);
@@ -90,20 +112,7 @@ fn an_original_protocol_peer_gets_only_packets_that_fit() {
     // correct checksums, in sequence, carrying the same bytes.
     let payload: Vec<u8> = (0..3960u32).map(|i| (i * 13 % 251) as u8).collect();
     a.send(&tcp_packet(A, B, 1_000_000, &payload));
-    let mut got = Vec::new();
-    while got.len() < payload.len() {
-        let segment = next_packet(&mut b);
-        assert!(
-            segment.len() <= 1500,
-            "{} bytes to a 1500-byte peer",
-            segment.len()
-        );
-        assert!(checksums_ok(&segment), "bad checksum: {segment:02x?}");
-        let seq = u32::from_be_bytes(segment[24..28].try_into().expect("seq"));
-        assert_eq!(seq as usize, 1_000_000 + got.len(), "out of sequence");
-        got.extend_from_slice(&segment[40..]);
-    }
-    assert_eq!(got, payload);
+    assert_eq!(segments_to_1500(&mut b, 1_000_000, payload.len()), payload);
 
     // A 3,000-byte UDP datagram with DF cannot be cut: A gets ICMP
     // "fragmentation needed" with the next-hop MTU 1500; B gets nothing.
@@ -239,4 +248,112 @@ fn tcp_between_our_clients_and_beyond_the_server_rides_super_packets_intact() {
             server.log()
         );
     }
+}
+
+/// `request` (20 bytes) with our offer, "sv2?", in bytes 4..8.
+fn offered(request: &[u8]) -> Vec<u8> {
+    let mut bytes = request.to_vec();
+    bytes[4..8].copy_from_slice(b"sv2?");
+    bytes
+}
+
+#[test]
+fn our_plaintext_peers_agree_by_marker_and_original_ones_stay_as_they_were() {
+    if !require_root("our_plaintext_peers_agree_by_marker_and_original_ones_stay_as_they_were") {
+        return;
+    }
+    let bed = Bed::new("offmark", 3);
+    let metrics = SocketAddr::from(([198, 18, 1, 1], 9103));
+    let server = bed.start_server(&["--metrics", &metrics.to_string()]);
+    let a = bed.start_client(0, &["-a", "198.19.0.2"]);
+    let b = bed.start_client(1, &["-a", "198.19.0.3"]);
+    for client in [&a, &b] {
+        assert!(
+            client.wait_for_log("the plaintext server accepted our extension", STARTUP),
+            "{}",
+            client.log()
+        );
+        assert!(
+            !client.log().contains("tun offloads not changed"),
+            "{}",
+            client.log()
+        );
+    }
+
+    // A large TCP transfer between our two plaintext clients arrives intact,
+    // and rode super-packets from A and whole to B (not cut to legacy_mtu).
+    tcp_round_trip(&bed.clients[0], &bed.clients[1], B, 5010, 8 << 20);
+    let (status, body) = scrape(&bed.server, metrics);
+    assert!(status.contains("200"), "{status}");
+    for way in ["from_client", "to_client_whole"] {
+        assert!(
+            super_packets(&body, way) > 0,
+            "no super-packets {way}:\n{body}\n{}",
+            server.log()
+        );
+    }
+
+    // A C client's request gets the grant exactly as before, byte for byte.
+    let mut c = bed.raw_peer(2);
+    let c_addr = Ipv4Addr::new(198, 19, 0, 4);
+    assert_eq!(c.ask(&dynamic_request()), grant_16(c_addr));
+    c.expect_silence(SHORT);
+    // A raw peer that offers: the same grant but for "sv2!" in bytes 4..8,
+    // then the server's FEATURES (super-packets), and no session
+    // parameters (never over an unauthenticated link).
+    let mut m = bed.raw_peer(2);
+    let m_addr = Ipv4Addr::new(198, 19, 0, 5);
+    let marked = m.ask(&offered(&dynamic_request()));
+    let mut want = grant_16(m_addr);
+    want[4..8].copy_from_slice(b"sv2!");
+    assert_eq!(marked, want);
+    assert_eq!(m.recv(8, STARTUP), hex("f1 03 00 08 00 00 00 01"));
+    m.expect_silence(SHORT);
+    // A 4,000-byte TCP packet from the marked peer reaches the C client
+    // cut to at most 1500 bytes, intact and in sequence.
+    let payload: Vec<u8> = (0..3960u32).map(|i| (i * 17 % 251) as u8).collect();
+    m.send(&tcp_packet(m_addr, c_addr, 7_000, &payload));
+    assert_eq!(segments_to_1500(&mut c, 7_000, payload.len()), payload);
+    // The other way the marked peer gets it whole, as sent.
+    let whole = tcp_packet(c_addr, m_addr, 9_000, &payload);
+    c.send(&whole);
+    assert_eq!(next_packet(&mut m), whole);
+}
+
+#[test]
+fn our_plaintext_client_against_an_original_server_that_echoes_the_offer_stays_original() {
+    if !require_root(
+        "our_plaintext_client_against_an_original_server_that_echoes_the_offer_stays_original",
+    ) {
+        return;
+    }
+    let bed = Bed::new("offecho", 1);
+    // The original server: its grant is the request echoed, source 0,
+    // destination the address (protocol.md part 1).
+    let listener = bed
+        .server
+        .tcp_listen(bed.server_addr(0))
+        .expect("listen as the original server");
+    let client = bed.spawn_client(0, &[]);
+    let (mut conn, _) = listener.accept().expect("our client connects");
+    conn.set_read_timeout(Some(STARTUP)).expect("timeout");
+    let mut request = [0u8; 20];
+    conn.read_exact(&mut request).expect("request");
+    assert_eq!(request.to_vec(), offered(&dynamic_request()), "the offer");
+    let mut grant = request;
+    grant[16..20].copy_from_slice(&[198, 19, 0, 9]);
+    conn.write_all(&grant).expect("grant");
+    assert!(client.wait_for_log("granted", STARTUP), "{}", client.log());
+    // No extension frame follows; packets do, as the original protocol's.
+    let ping = bed.clients[0].run("ping", &["-c", "1", "-W", "1", "198.19.0.1"]);
+    assert!(!ping.status.success(), "nobody answers the ping");
+    let mut first = [0u8; 20];
+    conn.read_exact(&mut first).expect("the ping arrives");
+    assert_eq!(first[0], 0x45, "not an IPv4 packet: {first:02x?}");
+    assert_eq!(&first[12..20], &[198, 19, 0, 9, 198, 19, 0, 1]);
+    assert!(
+        !client.log().contains("accepted our extension"),
+        "{}",
+        client.log()
+    );
 }

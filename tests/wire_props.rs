@@ -6,14 +6,24 @@ use std::net::Ipv4Addr;
 
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
-use simplevpn::wire::{Control, Decoder, Frame, DEFAULT_MAX_FRAME};
+use simplevpn::wire::{Control, Decoder, Frame, Marker, DEFAULT_MAX_FRAME};
+
+/// No marker, or either of ours.
+fn marker() -> impl Strategy<Value = Option<Marker>> {
+    prop_oneof![
+        Just(None),
+        Just(Some(Marker::Offer)),
+        Just(Some(Marker::Accept))
+    ]
+}
 
 /// A valid frame and its bytes on the wire.
 fn frame() -> impl Strategy<Value = (Frame, Vec<u8>)> {
-    let control = (any::<u32>(), any::<u32>()).prop_map(|(s, d)| {
+    let control = (any::<u32>(), any::<u32>(), marker()).prop_map(|(s, d, marker)| {
         let c = Control {
             source: Ipv4Addr::from(s),
             destination: Ipv4Addr::from(d),
+            marker,
         };
         (Frame::Control(c), c.encode().to_vec())
     });
@@ -92,6 +102,60 @@ proptest! {
             }
             prop_assert_eq!(before - buf.len(), consumed);
         }
+    }
+
+    /// A control message with any bytes where the original says they are
+    /// ignored (byte 1, bytes 4..12): decoded without a panic, with the
+    /// same addresses and whatever request or reply they make; a marker
+    /// exactly when bytes 4..8 are one of ours; and a marker round-trips.
+    #[test]
+    fn ignored_control_bytes_never_matter_but_the_marker_is_read(
+        source in any::<u32>(),
+        destination in any::<u32>(),
+        byte1 in any::<u8>(),
+        ignored in any::<[u8; 8]>(),
+        marker in marker(),
+        marked in any::<bool>(),
+    ) {
+        let plain = Control {
+            source: Ipv4Addr::from(source),
+            destination: Ipv4Addr::from(destination),
+            marker: None,
+        };
+        let mut bytes = plain.encode();
+        bytes[1] = byte1;
+        bytes[4..12].copy_from_slice(&ignored);
+        if let (true, Some(m)) = (marked, marker) {
+            bytes[4..8].copy_from_slice(&m.bytes());
+        }
+        let mut buf = BytesMut::from(&bytes[..]);
+        let Ok(Some(Frame::Control(got))) = Decoder::default().decode(&mut buf) else {
+            return Err(TestCaseError::fail(format!("not a control message: {bytes:02x?}")));
+        };
+        prop_assert!(buf.is_empty());
+        prop_assert_eq!((got.source, got.destination), (plain.source, plain.destination));
+        let window: [u8; 4] = bytes[4..8].try_into().expect("4 bytes");
+        let want = match window {
+            Marker::OFFER => Some(Marker::Offer),
+            Marker::ACCEPT => Some(Marker::Accept),
+            _ => None,
+        };
+        prop_assert_eq!(got.marker, want);
+        prop_assert_eq!(got.as_request(), plain.as_request());
+        prop_assert_eq!(got.as_reply(), plain.as_reply());
+        // Re-encoded: the original's bytes, the marker (if any) in 4..8.
+        let again = got.encode();
+        prop_assert_eq!(&again[..4], &plain.encode()[..4]);
+        prop_assert_eq!(&again[8..], &plain.encode()[8..]);
+        let with = Control { marker, ..plain };
+        let mut buf = BytesMut::from(&with.encode()[..]);
+        prop_assert_eq!(Decoder::default().decode(&mut buf), Ok(Some(Frame::Control(with))));
+        // Extension framing on or off changes nothing for control messages.
+        let mut buf = BytesMut::from(&bytes[..]);
+        prop_assert_eq!(
+            Decoder::default().with_extensions().decode(&mut buf),
+            Ok(Some(Frame::Control(got)))
+        );
     }
 
     /// The addresses the server forwards by (IPv4 or IPv6, read from any

@@ -58,7 +58,7 @@ use crate::session::client::{
 };
 use crate::session::LinkState;
 use crate::wire::{
-    ip_addresses, Control, Decoder, Features, Frame, Request, SuperPacket, CONTROL_LEN, FEATURES,
+    ip_addresses, Decoder, Features, Frame, Request, SuperPacket, CONTROL_LEN, FEATURES,
     IPV6_HEADER_LEN, SUPER_HEADER_LEN,
 };
 
@@ -366,15 +366,7 @@ impl Client {
         let (to_uplink, inbox) = mpsc::channel(UPLINK_QUEUE);
         // Super-packets go to the server whole once it says it takes them.
         let server_takes_super = Arc::new(AtomicBool::new(false));
-        let offloads = self.tunnel.device.offloads();
-        // Only an extension server may take them: for any other, the
-        // kernel segments and checksums (faster than splitting here).
-        let may_take_super = extension && self.config.max_frame >= MAX_FRAME;
-        match self.tunnel.device.hand_over_offloads(may_take_super) {
-            Ok(()) => debug!(on = may_take_super, "tun offloads"),
-            // Not fatal: super-packets are then split here.
-            Err(e) => warn!(error = %e, "tun offloads not changed"),
-        }
+        let announce = self.offloads_for(extension);
         let uplink = Uplink {
             tun: self.tunnel.device.clone(),
             health: self.tunnel.health.clone(),
@@ -382,7 +374,7 @@ impl Client {
             inbox,
             last_sent: last_sent.clone(),
             stats: stats.clone(),
-            announce: (may_take_super && offloads.tso).then_some(Features::SUPER_PACKETS),
+            announce,
             server_takes_super: server_takes_super.clone(),
         };
         // Aborted when dropped, however this returns.
@@ -392,13 +384,7 @@ impl Client {
             stats,
             to_uplink,
         };
-        // A server that speaks our extension may send session parameters,
-        // which may be longer than the largest packet allowed.
-        let decoder = match extension {
-            true => Decoder::new(self.config.max_frame.max(MAX_ENCODED_LEN)).with_extensions(),
-            false => Decoder::new(self.config.max_frame),
-        };
-        let mut reader = FrameReader::new(reader, decoder);
+        let mut reader = FrameReader::new(reader, self.decoder(extension));
         self.rules.connected(Instant::now(), remote.ip());
         let mut wake_at = self.rules.next_tick().unwrap_or_else(far_future);
         let timer = tokio::time::sleep_until(wake_at.into());
@@ -407,6 +393,19 @@ impl Client {
         let closed = 'session: loop {
             // Carry out what the rules decided.
             while let Some(action) = self.rules.poll_action() {
+                if let Action::SpeakExtension = action {
+                    // Before the next frame is read: the server's extension
+                    // frames follow its grant.
+                    info!("the plaintext server accepted our extension");
+                    reader.set_decoder(self.decoder(true));
+                    if let Some(features) = self.offloads_for(true) {
+                        let _ = connection
+                            .to_uplink
+                            .send(ToUplink::Announce(features))
+                            .await;
+                    }
+                    continue;
+                }
                 if let Some(closed) = self.carry_out(action, &connection).await? {
                     break 'session closed;
                 }
@@ -494,7 +493,7 @@ impl Client {
                 if request == Request::Keepalive {
                     debug!("sending keepalive");
                 }
-                let message = Control::request(request).encode();
+                let message = self.rules.message(request).encode();
                 // Full only while the uplink is stuck writing: a keepalive
                 // would add nothing then.
                 let _ = connection.to_uplink.try_send(ToUplink::Message(message));
@@ -597,8 +596,34 @@ impl Client {
                 self.state.update(|link| link.dns.clear());
             }
             Action::Close(closed) => return Ok(Some(closed)),
+            // Carried out by `exchange`, which owns the reader.
+            Action::SpeakExtension => {}
         }
         Ok(None)
+    }
+
+    /// The decoder for a connection that does (`extension`) or does not
+    /// speak our extension: a server that does may send session
+    /// parameters, which may be longer than the largest packet allowed.
+    fn decoder(&self, extension: bool) -> Decoder {
+        match extension {
+            true => Decoder::new(self.config.max_frame.max(MAX_ENCODED_LEN)).with_extensions(),
+            false => Decoder::new(self.config.max_frame),
+        }
+    }
+
+    /// Has the tun hand over super-packets for a server that speaks our
+    /// extension (`extension`), if frames may be as large; for any other,
+    /// the kernel segments and checksums (faster than splitting here).
+    /// Returns what to announce to the server.
+    fn offloads_for(&self, extension: bool) -> Option<Features> {
+        let may_take_super = extension && self.config.max_frame >= MAX_FRAME;
+        match self.tunnel.device.hand_over_offloads(may_take_super) {
+            Ok(()) => debug!(on = may_take_super, "tun offloads"),
+            // Not fatal: super-packets are then split here.
+            Err(e) => warn!(error = %e, "tun offloads not changed"),
+        }
+        (may_take_super && self.tunnel.device.offloads().tso).then_some(Features::SUPER_PACKETS)
     }
 
     /// Shows the routes installed now to the control API.
@@ -660,6 +685,9 @@ fn far_future() -> Instant {
 enum ToUplink {
     /// A control message to send.
     Message([u8; CONTROL_LEN]),
+    /// What this client takes, to a plaintext server that accepted our
+    /// extension (before the grant lets the tun be read).
+    Announce(Features),
     /// The grant is in: read the tun from now on.
     ReadTun,
 }
@@ -715,6 +743,7 @@ impl Uplink {
         loop {
             match self.inbox.recv().await {
                 Some(ToUplink::Message(message)) => self.write(&message).await?,
+                Some(ToUplink::Announce(features)) => self.write(&features.encode()).await?,
                 Some(ToUplink::ReadTun) => break,
                 None => return Ok(()),
             }
@@ -726,6 +755,10 @@ impl Uplink {
                 message = self.inbox.recv() => match message {
                     Some(ToUplink::Message(message)) => {
                         self.write(&message).await?;
+                        continue;
+                    }
+                    Some(ToUplink::Announce(features)) => {
+                        self.write(&features.encode()).await?;
                         continue;
                     }
                     Some(ToUplink::ReadTun) => continue,

@@ -27,7 +27,7 @@ use crate::connection::{Reader, Writer};
 use crate::keys::{NodeKey, PublicKey};
 use crate::session::Protocol;
 use crate::tls::{self, AllowedKeys, TlsError};
-use crate::wire::{Decoder, Frame, CONTROL_LEN};
+use crate::wire::{Control, Decoder, Frame, Marker, CONTROL_LEN};
 
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -83,8 +83,9 @@ pub struct Admitted {
     pub identity: Identity,
     /// The networks behind this client (its `[[server.peer]]` routes).
     pub routes: Vec<IpNet>,
-    /// Whether it speaks our extension (negotiated inside TLS): it is sent
-    /// session parameters after its grant.
+    /// Whether it speaks our extension (negotiated inside TLS, or offered
+    /// by a plaintext client's [`Marker`]): it is sent session parameters
+    /// after its grant.
     pub extension: bool,
 }
 
@@ -287,12 +288,12 @@ impl Gate {
                     Ok(Err(e)) => return Err(Rejection::Io(e)),
                     Ok(Ok(_)) => {}
                 }
-                if !is_address_request(&request) {
+                let Some(control) = address_request(&request) else {
                     // Nothing more is read: close at once, without waiting
                     // for the peer to send its rest.
                     let _ = stream.shutdown().await;
                     return Err(Rejection::NotAnAddressRequest);
-                }
+                };
                 let (reader, writer) = stream.into_split();
                 // The request read here is the session's first frame.
                 let reader = std::io::Cursor::new(request).chain(reader);
@@ -301,7 +302,9 @@ impl Gate {
                     writer: Box::new(writer),
                     identity: Identity::Original,
                     routes: Vec::new(),
-                    extension: false,
+                    // Our plaintext client offers it in its request's
+                    // ignored bytes; the original never does.
+                    extension: control.marker == Some(Marker::Offer),
                 })
             }
             byte => Err(Rejection::Unknown(byte)),
@@ -352,37 +355,41 @@ impl Gate {
 
 /// Whether `bytes`, the first 20 an original-protocol client sent, are an
 /// address request: a control message (an IPv4 header with total length 0)
-/// whose addresses read as a request.
-fn is_address_request(bytes: &[u8; CONTROL_LEN]) -> bool {
+/// whose addresses read as a request. Returns it.
+fn address_request(bytes: &[u8; CONTROL_LEN]) -> Option<Control> {
     let mut buf = bytes::BytesMut::from(&bytes[..]);
     match Decoder::new(CONTROL_LEN).decode(&mut buf) {
-        Ok(Some(Frame::Control(control))) => control.as_request().is_ok(),
-        _ => false,
+        Ok(Some(Frame::Control(control))) => control.as_request().is_ok().then_some(control),
+        _ => None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{Control, Request};
+    use crate::wire::Request;
     use std::net::Ipv4Addr;
 
     #[test]
     fn only_an_address_request_passes_as_the_original_protocol() {
         let dynamic = Control::request(Request::Dynamic).encode();
         let fixed = Control::request(Request::Static(Ipv4Addr::new(198, 19, 0, 7))).encode();
-        assert!(is_address_request(&dynamic));
-        assert!(is_address_request(&fixed));
+        assert!(address_request(&dynamic).is_some());
+        assert!(address_request(&fixed).is_some());
         let http: [u8; CONTROL_LEN] = *b"GET / HTTP/1.1\r\nHost";
-        assert!(!is_address_request(&http));
+        assert!(address_request(&http).is_none());
         // A real IPv4 header (total length 20) is a packet, not a request.
         let mut packet = dynamic;
         packet[3] = 20;
-        assert!(!is_address_request(&packet));
+        assert!(address_request(&packet).is_none());
         // A control message from a server (a grant) is no request.
         let grant = Control::grant(Ipv4Addr::new(198, 19, 0, 7), None).encode();
-        assert!(!is_address_request(&grant));
+        assert!(address_request(&grant).is_none());
         let ipv6 = [0x60; CONTROL_LEN];
-        assert!(!is_address_request(&ipv6));
+        assert!(address_request(&ipv6).is_none());
+        // Our plaintext client's offer passes, and is seen.
+        let offer = Control::request(Request::Dynamic).with_marker(Marker::Offer);
+        assert_eq!(address_request(&offer.encode()), Some(offer));
+        assert_eq!(address_request(&dynamic).and_then(|c| c.marker), None);
     }
 }

@@ -23,7 +23,7 @@ use crate::pool::{AddressPool, Refusal};
 use crate::routes::RouteTable;
 pub use crate::state::Banned;
 use crate::state::{Ban, Lease};
-use crate::wire::{Control, Request};
+use crate::wire::{Control, Marker, Request};
 
 /// Per-peer counters: atomics, so the packet path takes no lock for them.
 #[derive(Debug, Default)]
@@ -81,10 +81,27 @@ pub struct Peer {
     /// The networks behind this client (site-to-site): forwarded to it, and
     /// allowed as its packets' sources.
     pub routes: Vec<IpNet>,
-    /// Whether it speaks our extension (is sent session parameters).
+    /// Whether it speaks our extension: takes extension frames (and, over
+    /// TLS, is sent session parameters: [`Peer::takes_params`]).
     pub extension: bool,
     /// Whether it announced that it takes super-packet frames.
     pub super_packets: AtomicBool,
+}
+
+impl Peer {
+    /// Whether it is a plaintext client that offered our extension in its
+    /// request ([`Marker::Offer`]): its grant then carries the acceptance.
+    pub fn accepts_offer(&self) -> bool {
+        self.extension && matches!(self.identity, Identity::Original)
+    }
+
+    /// Whether it is sent session parameters (and so given an IPv6
+    /// address): an extension client over TLS only. A plaintext link is
+    /// unauthenticated: whoever sits on its path must not gain a say over
+    /// the client's routes or DNS beyond what the tunnel already carries.
+    pub fn takes_params(&self) -> bool {
+        self.extension && !matches!(self.identity, Identity::Original)
+    }
 }
 
 /// A snapshot of one peer, for the control plane.
@@ -625,7 +642,10 @@ impl PeerTable {
         if let Some(kept6) = kept6.filter(|k| address6 != Some(*k)) {
             table.six.release(kept6);
         }
-        let grant = Control::grant(address, Some(table.pool.network().netmask()));
+        let mut grant = Control::grant(address, Some(table.pool.network().netmask()));
+        if peer.accepts_offer() {
+            grant = grant.with_marker(Marker::Accept);
+        }
         // The queue is new and empty: this push cannot fail for lack of room.
         let _ = peer.queue.try_push(Bytes::copy_from_slice(&grant.encode()));
         table.peers.insert(address, peer.clone());
@@ -925,6 +945,37 @@ mod tests {
     ) -> Option<Delivery> {
         let peer = table.holder(destination)?;
         Some(table.push(&peer, packet))
+    }
+
+    #[test]
+    fn only_a_plaintext_peer_that_offered_gets_the_acceptance_in_its_grant() {
+        let table = new_table();
+        let grant_of = |peer: &Arc<Peer>, rx: &mut crate::connection::QueueRx| {
+            table.admit(Request::Dynamic, peer).expect("grant");
+            rx.try_recv().expect("grant queued")
+        };
+        // An original client: the grant it always got.
+        let (plain, mut rx) = link(&table, 1000);
+        let grant = grant_of(&plain, &mut rx);
+        assert_eq!(&grant[..12], &[0x45, 0x14, 0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0]);
+        // Our plaintext client that offered: "sv2!" in bytes 4..8, nothing else changed.
+        let (offered, mut rx) = peer_with_extension(&table, 1001, Identity::Original);
+        assert!(offered.accepts_offer());
+        let marked = grant_of(&offered, &mut rx);
+        assert_eq!(&marked[4..8], b"sv2!");
+        assert_eq!((&marked[..4], &marked[8..16]), (&grant[..4], &grant[8..16]));
+        // A TLS extension peer: negotiated by ALPN, its grant unmarked.
+        let (tls_peer, mut rx) =
+            extension_peer(&table, 1002, PublicKey::from_raw(&[9; 32]).expect("key"));
+        assert!(!tls_peer.accepts_offer());
+        assert_eq!(&grant_of(&tls_peer, &mut rx)[4..8], &[0, 0, 0, 0]);
+        // The plaintext one is sent no session parameters, so it gets no
+        // IPv6 address either; the TLS one does.
+        assert!(!offered.takes_params() && tls_peer.takes_params());
+        let six = dual_stack(&[]);
+        let (offered6, _rx) = peer_with_extension(&six, 1003, Identity::Original);
+        let granted = six.admit(Request::Dynamic, &offered6).expect("grant");
+        assert_eq!(granted.address6, None);
     }
 
     #[test]

@@ -72,7 +72,7 @@ impl Six {
     /// extension, without `network6`, or when the pool is exhausted (then
     /// it is served IPv4 only).
     pub fn assign(&mut self, peer: &Arc<Peer>, kept: Option<Ipv6Addr>) -> Option<Ipv6Addr> {
-        let pool = self.pool.as_mut().filter(|_| peer.extension)?;
+        let pool = self.pool.as_mut().filter(|_| peer.takes_params())?;
         let key = peer.identity.key();
         let fixed = key.and_then(|k| self.fixed.get(&k).copied());
         let last = || {

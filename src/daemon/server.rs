@@ -21,7 +21,8 @@
 //!   2. `send_to`: the queue of the client that holds the destination
 //!      ([`PeerTable::holder`]), in the shape it takes (a super-packet
 //!      whole or split, cut to `legacy_mtu` for an original-protocol
-//!      client, or an ICMP error back); a full queue drops it (counted);
+//!      client that did not offer the extension, or an ICMP error back);
+//!      a full queue drops it (counted);
 //!   3. `write_frames`: the client's writer task, batching what is queued
 //!      into vectored writes.
 
@@ -658,11 +659,6 @@ async fn connection(
     let peer = shared
         .peers
         .new_peer(remote, identity, routes.clone(), queue, extension);
-    if extension && config.max_frame >= MAX_FRAME {
-        // The server takes super-packets whatever its tun does (it splits
-        // them for a tun without offloads), if its frames may be as large.
-        let _ = peer.queue.try_push(Features::SUPER_PACKETS.encode());
-    }
     let accepted = handshake_deadline - shared.config.handshake_timeout;
     let mut session = ServerSession::new(
         handshake_deadline.into_std(),
@@ -670,6 +666,9 @@ async fn connection(
         shared.peers.netmask(),
         routes,
     );
+    if peer.accepts_offer() {
+        session = session.marking_grants();
+    }
     // Counts this connection as unauthenticated until it is granted.
     let mut pending = Some(pending);
 
@@ -752,6 +751,11 @@ async fn connection(
                         format!("{request:?}"),
                     );
                     if extension {
+                        // Behind the grant: a plaintext client takes
+                        // extension frames only once it has the grant's marker.
+                        announce_features(config, &peer);
+                    }
+                    if peer.takes_params() {
                         push_params(&shared, &peer, address, address6);
                     }
                     // From now on silence counts, not the handshake deadline.
@@ -880,6 +884,15 @@ fn send(peer: &Peer, control: Control) {
     }
 }
 
+/// Queues what the server takes for an extension client: super-packets
+/// whatever its tun does (it splits them for a tun without offloads), if
+/// its frames may be as large.
+fn announce_features(config: &ServerConfig, peer: &Peer) {
+    if config.max_frame >= MAX_FRAME {
+        let _ = peer.queue.try_push(Features::SUPER_PACKETS.encode());
+    }
+}
+
 /// Queues the session parameters for an extension client just granted
 /// `address` and `address6` (right behind its grant).
 fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr, address6: Option<Ipv6Addr>) {
@@ -939,9 +952,11 @@ fn forward(shared: &Shared, destination: IpAddr, out: Outbound) {
 fn send_to(shared: &Shared, peer: &Peer, out: Outbound) {
     let link = PeerLink {
         super_packets: peer.super_packets.load(Ordering::Relaxed),
-        mtu: match peer.identity.protocol() {
-            Protocol::Original => shared.config.legacy_mtu as usize,
-            Protocol::Tls => usize::MAX,
+        // An original client's tun is 1500 bytes; ours (TLS, or plaintext
+        // that offered the extension) take whatever their frames may carry.
+        mtu: match (peer.identity.protocol(), peer.extension) {
+            (Protocol::Original, false) => shared.config.legacy_mtu as usize,
+            (Protocol::Original, true) | (Protocol::Tls, _) => usize::MAX,
         },
     };
     let is_super = matches!(out, Outbound::Super(_));
@@ -1456,7 +1471,7 @@ async fn apply(
     if shared.served_routes() != old_served {
         report.routes_changed = true;
         for (address, peer) in shared.peers.connected() {
-            if peer.extension && !peer.kick.is_cancelled() {
+            if peer.takes_params() && !peer.kick.is_cancelled() {
                 let address6 = shared.peers.peer(address).and_then(|p| p.address6);
                 push_params(shared, &peer, address, address6);
                 report.pushed += 1;

@@ -28,7 +28,8 @@ use crate::config::ClientConfig;
 use crate::connection::ReadError;
 use crate::params::{ParamsError, SessionParams};
 use crate::wire::{
-    netmask_prefix, ExtensionKind, Frame, ProtocolError, Reply, Request, SuperPacket,
+    netmask_prefix, Control, ExtensionKind, Frame, Marker, ProtocolError, Reply, Request,
+    SuperPacket,
 };
 
 /// How long connecting, and then waiting for the grant, may take.
@@ -109,8 +110,14 @@ pub struct Grant {
 /// What the I/O loop is to do, in the order queued.
 #[derive(Debug)]
 pub enum Action {
-    /// Send this message to the server.
+    /// Send this message to the server (encoded by
+    /// [`ClientSession::message`]).
     Send(Request),
+    /// A plaintext server accepted our extension ([`Marker::Accept`] in its
+    /// grant, queued before the grant's other actions): from now on this
+    /// connection carries extension frames both ways, as with TLS ALPN
+    /// "simplevpn/2".
+    SpeakExtension,
     /// Give the tun this address (it does not have it yet).
     ConfigureTun { address: Ipv4Addr, prefix: u8 },
     /// Give the tun this IPv6 address and prefix (granted in the session
@@ -406,6 +413,20 @@ impl ClientSession {
         self.actions.push_back(Action::Send(asked));
     }
 
+    /// The control message that carries `request`: a plaintext client's
+    /// address request offers our extension ([`Marker::Offer`] in bytes
+    /// 4..8, which the original server ignores); keepalives, and anything
+    /// over TLS, are the original's bytes.
+    pub fn message(&self, request: Request) -> Control {
+        let control = Control::request(request);
+        match (self.rules.protocol, request) {
+            (Protocol::Original, Request::Dynamic | Request::Static(_)) => {
+                control.with_marker(Marker::Offer)
+            }
+            (Protocol::Original, Request::Keepalive) | (Protocol::Tls, _) => control,
+        }
+    }
+
     /// A frame arrived from the server at `now`.
     pub fn received(&mut self, now: Instant, frame: Frame) {
         let granted = match &mut self.phase {
@@ -422,11 +443,24 @@ impl ClientSession {
             // Before the grant nothing is configured to take a packet.
             Frame::Packet(_) | Frame::Super(_) => {}
             Frame::Control(control) => match control.as_reply() {
-                Ok(Reply::Grant { address, netmask }) => self.granted(now, address, netmask),
+                Ok(Reply::Grant { address, netmask }) => {
+                    // Only the answer to our offer counts: an original
+                    // server echoes the offer, and TLS negotiates by ALPN.
+                    let accepted = control.marker == Some(Marker::Accept)
+                        && self.rules.protocol == Protocol::Original
+                        && !granted;
+                    if accepted {
+                        self.actions.push_back(Action::SpeakExtension);
+                    }
+                    self.granted(now, address, netmask)
+                }
                 Ok(Reply::Keepalive) => {}
                 Err(e) => self.close(CloseReason::Protocol(e)),
             },
             Frame::Extension(extension) => match ExtensionKind::from(extension.kind) {
+                // Never from a plaintext link (our server sends none over
+                // one): whoever is on its path must not set our routes.
+                ExtensionKind::SessionParams if self.rules.protocol == Protocol::Original => {}
                 ExtensionKind::SessionParams => match SessionParams::decode(&extension.body) {
                     Ok(params) => {
                         self.pushed = params.routes;
@@ -798,7 +832,6 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::Control;
 
     const ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
     const OTHER: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 3);
@@ -810,7 +843,7 @@ mod tests {
         ClientRules {
             static_address: None,
             default_prefix: 24,
-            protocol: Protocol::Original,
+            protocol: Protocol::Tls,
             handshake_timeout: Duration::from_secs(10),
             keepalive_after: Duration::from_secs(15),
             timeout: Duration::from_secs(30),
@@ -818,6 +851,14 @@ mod tests {
             full_tunnel: false,
             fail_open: false,
             dns: true,
+        }
+    }
+
+    /// [`rules`] for a plaintext client (the original protocol).
+    fn plaintext() -> ClientRules {
+        ClientRules {
+            protocol: Protocol::Original,
+            ..rules()
         }
     }
 
@@ -1042,6 +1083,76 @@ mod tests {
         });
         session.received(t0, unknown);
         assert!(actions(&mut session).is_empty());
+    }
+
+    #[test]
+    fn a_plaintext_client_offers_the_extension_and_speaks_it_once_accepted() {
+        let t0 = Instant::now();
+        let mut session = session(plaintext());
+        session.connected(t0, SERVER_IP);
+        // The request carries the offer; keepalives stay the original's.
+        let offer = session.message(Request::Dynamic);
+        assert_eq!(offer.marker, Some(Marker::Offer));
+        assert_eq!(offer.as_request(), Ok(Request::Dynamic));
+        assert_eq!(
+            session.message(Request::Static(ADDRESS)).marker,
+            Some(Marker::Offer)
+        );
+        assert_eq!(session.message(Request::Keepalive), Control::KEEPALIVE);
+        actions(&mut session);
+        // The acceptance comes first, before the tun is configured.
+        let accepted = Control::grant(ADDRESS, Some(NETMASK)).with_marker(Marker::Accept);
+        session.received(t0, Frame::Control(accepted));
+        assert!(matches!(
+            actions(&mut session).as_slice(),
+            [
+                Action::SpeakExtension,
+                Action::ConfigureTun { .. },
+                Action::LinkUp { .. }
+            ]
+        ));
+        // A repeated marked grant changes nothing.
+        session.received(t0, Frame::Control(accepted));
+        assert!(actions(&mut session).is_empty());
+        // Session parameters over a plaintext link are ignored: no route.
+        session.received(t0, params(&["198.18.50.0/24"]));
+        assert!(route_actions(&mut session).is_empty());
+        assert!(session.installed_routes().is_empty());
+    }
+
+    #[test]
+    fn an_original_server_echoing_the_offer_or_an_unmarked_grant_leaves_the_original_protocol() {
+        let t0 = Instant::now();
+        // The original server's grant is the request echoed: the offer.
+        for marker in [None, Some(Marker::Offer)] {
+            let mut session = session(plaintext());
+            session.connected(t0, SERVER_IP);
+            actions(&mut session);
+            let grant = Control {
+                marker,
+                ..Control::grant(ADDRESS, None)
+            };
+            session.received(t0, Frame::Control(grant));
+            let got = actions(&mut session);
+            assert!(
+                !got.iter().any(|a| matches!(a, Action::SpeakExtension)),
+                "{marker:?}: {got:?}"
+            );
+            assert!(got.iter().any(|a| matches!(a, Action::LinkUp { .. })));
+        }
+        // Over TLS nothing is offered, and an acceptance is ignored.
+        let mut tls = session(rules());
+        tls.connected(t0, SERVER_IP);
+        actions(&mut tls);
+        assert_eq!(
+            tls.message(Request::Dynamic),
+            Control::request(Request::Dynamic)
+        );
+        let accepted = Control::grant(ADDRESS, Some(NETMASK)).with_marker(Marker::Accept);
+        tls.received(t0, Frame::Control(accepted));
+        assert!(!actions(&mut tls)
+            .iter()
+            .any(|a| matches!(a, Action::SpeakExtension)));
     }
 
     #[test]
@@ -1363,7 +1474,7 @@ mod tests {
     fn a_read_error_before_the_grant_is_a_refusal_or_with_tls_a_rejected_key() {
         let t0 = Instant::now();
         let reset = || ReadError::Io(io::Error::from(io::ErrorKind::ConnectionReset));
-        let mut original = session(rules());
+        let mut original = session(plaintext());
         original.connected(t0, SERVER_IP);
         original.read_failed(reset());
         let closed = closed(&mut original).expect("closed");
@@ -1372,10 +1483,7 @@ mod tests {
             CloseReason::Refused(Refusal::AnyAddress)
         ));
 
-        let mut tls = session(ClientRules {
-            protocol: Protocol::Tls,
-            ..rules()
-        });
+        let mut tls = session(rules());
         tls.connected(t0, SERVER_IP);
         tls.read_failed(reset());
         let closed = self::closed(&mut tls).expect("closed");
@@ -1413,6 +1521,7 @@ mod tests {
         let bogus = Control {
             source: ADDRESS,
             destination: Ipv4Addr::UNSPECIFIED,
+            marker: None,
         };
         session.received(t0, Frame::Control(bogus));
         let closed = closed(&mut session).expect("closed");

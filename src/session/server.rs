@@ -32,7 +32,7 @@ use crate::params::SessionParams;
 
 use crate::pool::Refusal;
 use crate::wire::{
-    ip_addresses, Control, Features, Frame, ProtocolError, Request, SuperPacket, FEATURES,
+    ip_addresses, Control, Features, Frame, Marker, ProtocolError, Request, SuperPacket, FEATURES,
     SUPER_HEADER_LEN,
 };
 
@@ -61,6 +61,9 @@ pub struct ServerSession {
     routes: Vec<IpNet>,
     /// Its IPv6 address, once granted one.
     address6: Option<Ipv6Addr>,
+    /// Whether its grants carry [`Marker::Accept`]: a plaintext client
+    /// that offered our extension.
+    marks_grants: bool,
 }
 
 /// What the I/O loop is to do after an event.
@@ -177,6 +180,17 @@ impl ServerSession {
             netmask,
             routes,
             address6: None,
+            marks_grants: false,
+        }
+    }
+
+    /// This session, for a plaintext client whose request offered our
+    /// extension ([`Marker::Offer`]): a repeated request is answered with
+    /// the acceptance too, as the first grant was (by the peer table).
+    pub fn marking_grants(self) -> Self {
+        ServerSession {
+            marks_grants: true,
+            ..self
         }
     }
 
@@ -261,7 +275,11 @@ impl ServerSession {
             (Request::Keepalive, _) => Action::Reply(Control::KEEPALIVE),
             // A repeated request is answered with the address already held.
             (_, State::Granted { address, .. }) => {
-                Action::Reply(Control::grant(address, Some(self.netmask)))
+                let grant = Control::grant(address, Some(self.netmask));
+                Action::Reply(match self.marks_grants {
+                    true => grant.with_marker(Marker::Accept),
+                    false => grant,
+                })
             }
             // Already asked; the loop answers the first request first.
             (_, State::Admitting { .. }) => Action::None,
@@ -386,6 +404,39 @@ mod tests {
             s.on_frame(t0, request(wanted)),
             Action::Reply(Control::grant(address, Some(NETMASK)))
         );
+    }
+
+    #[test]
+    fn repeated_grants_carry_the_acceptance_only_for_a_client_that_offered() {
+        let t0 = Instant::now();
+        let address = Ipv4Addr::new(198, 19, 0, 2);
+        let offer = Frame::Control(Control::request(Request::Dynamic).with_marker(Marker::Offer));
+        // A marked request reads as the request it carries.
+        let mut marked = session(t0).marking_grants();
+        assert_eq!(
+            marked.on_frame(t0, offer.clone()),
+            Action::Admit(Request::Dynamic)
+        );
+        marked.granted(t0, address);
+        let accepted = Control::grant(address, Some(NETMASK)).with_marker(Marker::Accept);
+        assert_eq!(marked.on_frame(t0, offer.clone()), Action::Reply(accepted));
+        assert_eq!(
+            marked.on_frame(t0, request(Request::Dynamic)),
+            Action::Reply(accepted)
+        );
+        // Keepalive echoes stay the original's.
+        assert_eq!(
+            marked.on_frame(t0, request(Request::Keepalive)),
+            Action::Reply(Control::KEEPALIVE)
+        );
+        // A session that was not told to (the gate saw no offer, or TLS)
+        // never marks, whatever a later request carries.
+        let mut plain = granted_at(t0, address);
+        let Action::Reply(reply) = plain.on_frame(t0, offer) else {
+            panic!("no reply");
+        };
+        assert_eq!(reply.marker, None);
+        assert_eq!(reply, Control::grant(address, Some(NETMASK)));
     }
 
     #[test]
@@ -574,6 +625,7 @@ mod tests {
         let bad = Control {
             source: Ipv4Addr::new(1, 2, 3, 4),
             destination: Ipv4Addr::new(5, 6, 7, 8),
+            marker: None,
         };
         let Action::Close(ending) = s.on_frame(t0, Frame::Control(bad)) else {
             panic!("not closed");
