@@ -38,3 +38,4 @@ pub mod session;
 pub mod state;
 pub mod tls;
 pub mod wire;
+pub mod workers;

@@ -1307,10 +1307,7 @@ mod tests {
             deliver(&table, v6("2001:2:0:100::3"), Bytes::from_static(b"6")),
             Some(Delivery::Queued)
         );
-        assert_eq!(
-            deliver(&table, v6("2001:2:0:100::4"), Bytes::new()),
-            None
-        );
+        assert_eq!(deliver(&table, v6("2001:2:0:100::4"), Bytes::new()), None);
         // Away, its lease keeps both addresses for it; back, it has both.
         let lease = table.remove(a_grant.address, a.id).expect("lease kept");
         assert_eq!(lease.address6, a_grant.address6);
