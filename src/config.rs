@@ -209,6 +209,9 @@ pub struct ServerSection {
     pub dns: Option<Vec<IpAddr>>,
     /// DNS search domains pushed to extension clients.
     pub dns_search: Option<Vec<String>>,
+    /// Threads of the data path (the async runtime's workers); default: one
+    /// per CPU. 1: the single-threaded runtime.
+    pub workers: Option<usize>,
 }
 
 /// `[[server.peer]]`: a TLS client that may join.
@@ -343,6 +346,8 @@ pub struct ServerConfig {
     pub dns_search: Vec<String>,
     /// Shared state in etcd; `None`: this server alone, state in SQLite.
     pub cluster: Option<crate::cluster::config::ClusterConfig>,
+    /// The async runtime's worker threads (see [`crate::workers`]).
+    pub workers: usize,
 }
 
 impl ServerConfig {
@@ -380,6 +385,7 @@ impl ServerConfig {
         differs("lease_time", self.lease_time != new.lease_time);
         differs("metrics", self.metrics != new.metrics);
         differs("cluster", self.cluster != new.cluster);
+        differs("workers", self.workers != new.workers);
         fields
     }
 
@@ -601,6 +607,7 @@ impl ServerSection {
             forwarding: flags.forwarding.or(self.forwarding),
             dns: flags.dns.or(self.dns),
             dns_search: flags.dns_search.or(self.dns_search),
+            workers: flags.workers.or(self.workers),
         }
     }
 
@@ -722,6 +729,7 @@ impl ServerSection {
                 None => DEFAULT_LEASE_TIME_SECS,
             }),
             metrics: self.metrics,
+            workers: crate::workers::resolve(self.workers)?,
             max_unauthenticated: match self
                 .max_unauthenticated
                 .unwrap_or(DEFAULT_MAX_UNAUTHENTICATED)

@@ -39,3 +39,4 @@ pub mod session;
 pub mod state;
 pub mod tls;
 pub mod wire;
+pub mod workers;

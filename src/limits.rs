@@ -67,6 +67,11 @@ pub const STORE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// it labels logs and metrics.
 pub const MAX_PEER_NAME_LEN: usize = 64;
 
+/// The most runtime worker threads a server may be given (`workers`): far
+/// above any core count simplevpn is meant for, low enough that a typo
+/// (workers = 100000) is refused rather than spawning that many threads.
+pub const MAX_WORKERS: usize = 1024;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -187,6 +187,59 @@ fn sigterm_stops_cleanly_and_removes_the_tun() {
     assert!(!bed.server.link_exists(TUN), "server tun left behind");
 }
 
+/// The names of the threads of process `pid`, with the CPU ticks each used.
+fn threads(pid: u32) -> Vec<(String, u64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("read /proc/PID/task");
+    tasks
+        .filter_map(|task| {
+            let dir = task.ok()?.path();
+            let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            // After "(comm) ": state is field 0, utime 11, stime 12.
+            let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split(' ').collect();
+            let ticks =
+                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            Some((name.trim_end().to_string(), ticks))
+        })
+        .collect()
+}
+
+#[test]
+fn a_server_with_two_workers_serves_two_clients_on_worker_threads() {
+    if !require_root("a_server_with_two_workers_serves_two_clients_on_worker_threads") {
+        return;
+    }
+    let bed = Bed::new("workers", 2);
+    let server = bed.start_server(&["--workers", "2"]);
+    assert!(server.log().contains("workers=2"), "{}", server.log());
+    let _a = bed.start_client(0, &[]);
+    let _b = bed.start_client(1, &["-a", "198.19.0.50"]);
+    let (a_ns, b_ns) = (&bed.clients[0], &bed.clients[1]);
+    std::thread::scope(|s| {
+        s.spawn(|| tcp_round_trip(a_ns, &bed.server, SERVER_TUNNEL, 5010, 8 << 20));
+        s.spawn(|| tcp_round_trip(b_ns, &bed.server, SERVER_TUNNEL, 5011, 8 << 20));
+    });
+    tcp_round_trip(a_ns, b_ns, CLIENT_B, 5012, 4 << 20);
+    let all = threads(server.pid());
+    let workers: Vec<_> = all
+        .iter()
+        .filter(|(name, _)| name == "svpn-worker")
+        .collect();
+    assert!(workers.len() >= 2, "fewer than 2 worker threads: {all:?}");
+    // The packets went through the workers, not the main thread alone.
+    let worker_ticks: u64 = workers.iter().map(|(_, ticks)| ticks).sum();
+    assert!(worker_ticks > 0, "the workers did nothing: {all:?}");
+
+    // One worker: today's single thread, no worker pool.
+    drop(server);
+    let server = bed.start_server(&["--workers", "1"]);
+    let names = threads(server.pid());
+    assert!(
+        names.iter().all(|(name, _)| name != "svpn-worker"),
+        "{names:?}"
+    );
+}
+
 /// Runs simplevpnd with `args`; returns (exit code, stderr).
 fn simplevpnd(args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(SIMPLEVPND)
@@ -213,6 +266,7 @@ fn bad_flags_and_config_exit_2_with_one_line_naming_the_field() {
         "[server]\nlisten = \"0.0.0.0:2002\"\nnetwrok = \"198.19.0.0/16\"\n",
     );
     let bad_value = file("bad.toml", "[server]\nclient_timeout = \"soon\"\n");
+    let no_workers = file("workers.toml", "[server]\nlegacy = true\nworkers = 0\n");
     let both = file("both.toml", "[server]\n[client]\nserver = \"198.18.1.1\"\n");
     let missing = dir
         .join("missing.toml")
@@ -225,6 +279,9 @@ fn bad_flags_and_config_exit_2_with_one_line_naming_the_field() {
         (vec!["server", "--listen", "nowhere"], "--listen"),
         (vec!["server", "--client-timeout", "0"], "client_timeout"),
         (vec!["server", "--tun", "a-much-too-long-name"], "tun"),
+        (vec!["server", "--legacy", "--workers", "0"], "workers"),
+        (vec!["server", "--legacy", "--workers", "1025"], "workers"),
+        (vec!["server", "--config", &no_workers], "workers"),
         (vec!["client"], "server"),
         (vec!["client", "-s", "198.18.1.1:99999"], "server"),
         (

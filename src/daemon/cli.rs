@@ -135,6 +135,9 @@ pub struct ServerArgs {
     /// A DNS search domain pushed to TLS clients (repeat for more)
     #[arg(long = "dns-search", value_name = "DOMAIN")]
     pub dns_search: Vec<String>,
+    /// Threads of the data path, 1 to 1024 (1: one thread, as before) [default: one per CPU]
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -205,6 +208,7 @@ impl From<ServerArgs> for ServerSection {
             forwarding: args.forwarding.then_some(true),
             dns: (!args.dns.is_empty()).then_some(args.dns),
             dns_search: (!args.dns_search.is_empty()).then_some(args.dns_search),
+            workers: args.workers,
             ..ServerSection::default()
         }
     }

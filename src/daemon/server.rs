@@ -393,6 +393,7 @@ pub async fn run(
         max_unauthenticated = shared.config.max_unauthenticated,
         per_source = shared.config.max_unauthenticated_per_source,
         gateway = shared.config.gateway,
+        workers = shared.config.workers,
         masquerade = shared.config.masquerade,
         "server ready"
     );
