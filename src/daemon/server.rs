@@ -996,22 +996,26 @@ fn to_cluster(shared: &Shared, destination: IpAddr, out: Outbound) -> Option<Out
         // refused by the config): IPv6 stays on this server.
         return Some(out);
     };
-    if !links.held_elsewhere(destination) {
-        return Some(out);
-    }
     // Links carry plain packets: a super-packet goes as its segments.
-    let frames = match egress(out, PeerLink::PLAIN) {
-        Egress::One(frame) => vec![frame],
-        Egress::Many(frames) => frames,
-        Egress::TooBig { .. } | Egress::Malformed(_) => {
-            shared.metrics.drops.count(DropKind::Offload);
-            return None;
+    let sup = match out {
+        // Handed back if no other server's client holds it.
+        Outbound::Packet(packet) => {
+            return links.forward(destination, packet).map(Outbound::Packet)
         }
+        Outbound::Super(sup) if links.held_elsewhere(destination) => sup,
+        out => return Some(out),
     };
-    for frame in frames {
+    let send = |frame| {
         // Handed back only if the holder left the cluster meanwhile.
         if links.forward(destination, frame).is_some() {
             debug!(%destination, "dropped a packet for a client that just left the cluster");
+        }
+    };
+    match egress(Outbound::Super(sup), PeerLink::PLAIN) {
+        Egress::One(frame) => send(frame),
+        Egress::Many(frames) => frames.into_iter().for_each(send),
+        Egress::TooBig { .. } | Egress::Malformed(_) => {
+            shared.metrics.drops.count(DropKind::Offload);
         }
     }
     None
