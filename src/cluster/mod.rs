@@ -85,7 +85,7 @@ pub struct Cluster {
     /// Which server holds each address, and the members by name (the
     /// watch keeps both current): where packets for other servers' clients go.
     holders: RwLock<HashMap<Ipv4Addr, String>>,
-    members: RwLock<HashMap<String, Member>>,
+    members: RwLock<HashMap<String, Arc<Member>>>,
     /// Bans seen in the cluster (the watch keeps it current).
     bans: Mutex<HashMap<Banned, SystemTime>>,
     /// The peers added live, by key (the watch keeps it current).
@@ -197,14 +197,15 @@ impl Cluster {
             .members()
             .await?
             .into_iter()
-            .map(|m| (m.node.clone(), m))
+            .map(|m| (m.node.clone(), Arc::new(m)))
             .collect();
         *self.members.write().unwrap_or_else(|e| e.into_inner()) = members;
         Ok(())
     }
 
-    /// The other server whose client holds `address`, if one does.
-    pub fn holder(&self, address: Ipv4Addr) -> Option<Member> {
+    /// The other server whose client holds `address`, if one does. Asked
+    /// per forwarded packet: a shared handle, no copy.
+    pub fn holder(&self, address: Ipv4Addr) -> Option<Arc<Member>> {
         let holders = self.holders.read().unwrap_or_else(|e| e.into_inner());
         let node = holders.get(&address)?;
         if *node == self.config.node {
@@ -224,7 +225,7 @@ impl Cluster {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .cloned()
+            .map(|m| Member::clone(m))
             .collect();
         members.sort_by(|a, b| a.node.cmp(&b.node));
         members
@@ -587,7 +588,7 @@ impl Cluster {
                 self.members
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(node.to_string(), member);
+                    .insert(node.to_string(), Arc::new(member));
             }
         } else if let Some(address) = self.leases.address_of(&key) {
             let Some(holder) = Holder::decode(&value) else {
