@@ -72,6 +72,11 @@ pub const MAX_PEER_NAME_LEN: usize = 64;
 /// (workers = 100000) is refused rather than spawning that many threads.
 pub const MAX_WORKERS: usize = 1024;
 
+/// The most queues a server's tun is opened with (one per worker, up to
+/// this): each is an fd the helper passes in one message, and the kernel
+/// takes at most 256 (`MAX_TAP_QUEUES`).
+pub const MAX_TUN_QUEUES: usize = 64;
+
 #[cfg(test)]
 mod tests {
     use super::*;

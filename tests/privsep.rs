@@ -258,16 +258,48 @@ fn start_helper(ns: &Netns, args: &[&str]) -> (Spawned, OwnedFd) {
     (Spawned(Some(child)), ours)
 }
 
+/// A server's helper, as simplevpnd starts it for a one-worker server.
+const SERVER_HELPER: [&str; 10] = [
+    "--role",
+    "server",
+    "--tun",
+    TUN,
+    "--network",
+    NETWORK,
+    "--max-mtu",
+    "1500",
+    "--user",
+    USER,
+];
+
+/// Closes the daemon's end of a helper's socket (and its tun fds): the
+/// helper exits 0 and the tun goes with it. Returns what it printed.
+fn close_and_expect_clean_exit(
+    helper: Spawned,
+    socket: OwnedFd,
+    fds: Vec<OwnedFd>,
+    ns: &Netns,
+) -> Output {
+    drop(fds);
+    drop(socket);
+    let output = helper
+        .exited_within(Duration::from_secs(2))
+        .expect("the helper exits after EOF");
+    assert!(output.status.success(), "helper exit: {}", output.status);
+    assert!(!ns.link_exists(TUN), "tun left behind");
+    output
+}
+
 /// Sends `request` to a helper and returns its answer and any fd with it.
-fn ask(socket: &OwnedFd, request: &HelperRequest) -> (HelperResponse, Option<OwnedFd>) {
+fn ask(socket: &OwnedFd, request: &HelperRequest) -> (HelperResponse, Vec<OwnedFd>) {
     let frame = encode(request).expect("encode");
-    channel::send(socket.as_fd(), &frame, None).expect("send a request");
+    channel::send(socket.as_fd(), &frame, &[]).expect("send a request");
     let message = channel::recv(socket.as_fd()).expect("receive the answer");
     assert!(
         !message.is_eof(),
         "the helper closed its socket on {request}"
     );
-    (decode(&message.frame).expect("decode"), message.fd)
+    (decode(&message.frame).expect("decode"), message.fds)
 }
 
 #[test]
@@ -276,19 +308,7 @@ fn the_real_helper_refuses_what_its_policy_does_not_allow() {
         return;
     }
     let ns = Netns::new("helper");
-    let args = [
-        "--role",
-        "server",
-        "--tun",
-        TUN,
-        "--network",
-        NETWORK,
-        "--max-mtu",
-        "1500",
-        "--user",
-        USER,
-    ];
-    let (helper, socket) = start_helper(&ns, &args);
+    let (helper, socket) = start_helper(&ns, &SERVER_HELPER);
 
     let (answer, tun_fd) = ask(&socket, &HelperRequest::OpenTun);
     let HelperResponse::Tun {
@@ -302,7 +322,7 @@ fn the_real_helper_refuses_what_its_policy_does_not_allow() {
     // The kernels we run on grant TSO (4.x and later).
     assert!(offloads.vnet_hdr && offloads.tso, "{offloads:?}");
     assert_eq!(name, TUN);
-    assert!(tun_fd.is_some(), "the tun fd came with the answer");
+    assert_eq!(tun_fd.len(), 1, "the tun fd came with the answer");
     let lo = 1; // the loopback's ifindex in a fresh namespace
     let refused = [
         HelperRequest::OpenTun,
@@ -341,7 +361,7 @@ fn the_real_helper_refuses_what_its_policy_does_not_allow() {
             matches!(answer, HelperResponse::Refused(_)),
             "{request}: {answer:?}"
         );
-        assert!(fd.is_none());
+        assert!(fd.is_empty());
     }
     let allowed = [
         HelperRequest::SetMtu { index, mtu: 1400 },
@@ -363,15 +383,31 @@ fn the_real_helper_refuses_what_its_policy_does_not_allow() {
     assert!(ns.ipv4_addrs("lo").iter().all(|(a, _)| a.is_loopback()));
 
     // The daemon's end closes: the helper exits 0 and the tun goes with it.
-    drop(tun_fd);
-    drop(socket);
-    let output = helper
-        .exited_within(Duration::from_secs(2))
-        .expect("the helper exits after EOF");
-    assert!(output.status.success(), "helper exit: {}", output.status);
-    assert!(!ns.link_exists(TUN), "tun left behind");
+    let output = close_and_expect_clean_exit(helper, socket, tun_fd, &ns);
     let log = String::from_utf8_lossy(&output.stderr);
     assert_eq!(log.matches("refused").count(), refused.len(), "{log}");
+}
+
+#[test]
+fn a_server_helper_opens_one_tun_queue_per_worker() {
+    if !require_root("a_server_helper_opens_one_tun_queue_per_worker") {
+        return;
+    }
+    let ns = Netns::new("queues");
+    let args = [&SERVER_HELPER[..], &["--queues", "3"]].concat();
+    let (helper, socket) = start_helper(&ns, &args);
+    let (answer, fds) = ask(&socket, &HelperRequest::OpenTun);
+    assert!(matches!(answer, HelperResponse::Tun { .. }), "{answer:?}");
+    assert_eq!(fds.len(), 3, "one fd per queue");
+    // The kernel counts the queues attached to the device.
+    let listing = ns.run("ls", &[&format!("/sys/class/net/{TUN}/queues")]);
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let tx: Vec<_> = listing
+        .split_whitespace()
+        .filter(|q| q.starts_with("tx-"))
+        .collect();
+    assert_eq!(tx, ["tx-0", "tx-1", "tx-2"], "{listing}");
+    close_and_expect_clean_exit(helper, socket, fds, &ns);
 }
 
 #[test]

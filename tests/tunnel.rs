@@ -210,8 +210,12 @@ fn a_server_with_two_workers_serves_two_clients_on_worker_threads() {
         return;
     }
     let bed = Bed::new("workers", 2);
-    let server = bed.start_server(&["--workers", "2"]);
-    assert!(server.log().contains("workers=2"), "{}", server.log());
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], 9103));
+    let server = bed.start_server(&["--workers", "2", "--metrics", &metrics.to_string()]);
+    // A tun queue per worker.
+    for field in ["workers=2", "tun_queues=2"] {
+        assert!(server.log().contains(field), "{field}: {}", server.log());
+    }
     let _a = bed.start_client(0, &[]);
     let _b = bed.start_client(1, &["-a", "198.19.0.50"]);
     let (a_ns, b_ns) = (&bed.clients[0], &bed.clients[1]);
@@ -220,6 +224,24 @@ fn a_server_with_two_workers_serves_two_clients_on_worker_threads() {
         s.spawn(|| tcp_round_trip(b_ns, &bed.server, SERVER_TUNNEL, 5011, 8 << 20));
     });
     tcp_round_trip(a_ns, b_ns, CLIENT_B, 5012, 4 << 20);
+    // The two clients wrote on different queues, so the server host's
+    // answers to each were read from its own queue: both queues were read.
+    let (_, body) = scrape(&bed.server, metrics);
+    for queue in ["0", "1"] {
+        let reads = body
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "simplevpn_tun_queue_reads_total{{queue=\"{queue}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok());
+        assert!(
+            reads.is_some_and(|n| n > 100),
+            "queue {queue}: {reads:?}\n{body}"
+        );
+    }
     let all = threads(server.pid());
     let workers: Vec<_> = all
         .iter()
@@ -230,9 +252,10 @@ fn a_server_with_two_workers_serves_two_clients_on_worker_threads() {
     let worker_ticks: u64 = workers.iter().map(|(_, ticks)| ticks).sum();
     assert!(worker_ticks > 0, "the workers did nothing: {all:?}");
 
-    // One worker: today's single thread, no worker pool.
+    // One worker: today's single thread, no worker pool, one tun queue.
     drop(server);
     let server = bed.start_server(&["--workers", "1"]);
+    assert!(server.log().contains("tun_queues=1"), "{}", server.log());
     let names = threads(server.pid());
     assert!(
         names.iter().all(|(name, _)| name != "svpn-worker"),

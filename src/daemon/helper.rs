@@ -143,7 +143,9 @@ impl Helper {
     pub async fn open_tun(&self) -> Result<TunFd, HelperError> {
         let request = HelperRequest::OpenTun;
         let message = self.call(request.clone()).await?;
-        match (answer(&request, &message)?, message.fd) {
+        let response = answer(&request, &message)?;
+        let mut fds = message.fds.into_iter();
+        match (response, fds.next()) {
             (
                 HelperResponse::Tun {
                     name,
@@ -153,6 +155,7 @@ impl Helper {
                 Some(fd),
             ) => Ok(TunFd {
                 fd,
+                more_queues: fds.collect(),
                 name,
                 index,
                 offloads,
@@ -392,7 +395,7 @@ async fn exchange(socket: &AsyncFd<OwnedFd>, request: &HelperRequest) -> Result<
     })?;
     socket
         .async_io(Interest::WRITABLE, |fd| {
-            channel::send(fd.as_fd(), &frame, None)
+            channel::send(fd.as_fd(), &frame, &[])
         })
         .await
         .map_err(|e| Lost::Write(Arc::new(e)))?;

@@ -327,6 +327,11 @@ impl Metrics {
 /// What the collector reads at scrape time.
 pub trait PeerSource: Send + Sync + 'static {
     fn table(&self) -> &PeerTable;
+
+    /// Reads from each of the tun's queues (one reader each), queue 0 first.
+    fn tun_queue_reads(&self) -> Vec<u64> {
+        Vec::new()
+    }
 }
 
 /// One of a peer's counters, read from its snapshot.
@@ -398,6 +403,20 @@ impl Collector for PeerCollector {
         for kind in SuperKind::ALL {
             let labels = [("way", kind.as_str())];
             ConstCounter::new(self.supers.get(kind)).encode(supers.encode_family(&labels)?)?;
+        }
+
+        let reads = self.table.tun_queue_reads();
+        if !reads.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "tun_queue_reads",
+                "Packets and super-packets read from each queue of the tun",
+                None,
+                MetricType::Counter,
+            )?;
+            for (queue, value) in reads.into_iter().enumerate() {
+                let labels = [("queue", queue.to_string())];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
         }
 
         // Per peer: labelled by its name, else its address.

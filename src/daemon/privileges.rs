@@ -15,6 +15,7 @@ use nix::libc;
 use nix::unistd::geteuid;
 
 use super::Role;
+use crate::limits::MAX_TUN_QUEUES;
 use crate::privsep::args::{HelperArgs, HelperRole};
 use crate::privsep::channel;
 use crate::privsep::credentials::{become_user, PrivilegeError, ServiceUser};
@@ -139,6 +140,8 @@ pub fn helper_args(role: &Role) -> HelperArgs {
             forwarding: config.forwarding,
             full_tunnel: false,
             dns: false,
+            // A tun queue per worker: each reads its share of the tun.
+            queues: config.workers.clamp(1, MAX_TUN_QUEUES) as u16,
         },
         Role::Client(config) => HelperArgs {
             role: HelperRole::Client,
@@ -153,6 +156,7 @@ pub fn helper_args(role: &Role) -> HelperArgs {
             forwarding: false,
             full_tunnel: config.full_tunnel,
             dns: config.dns == crate::config::DnsMode::Pushed,
+            queues: 1,
         },
     }
 }

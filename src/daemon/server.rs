@@ -55,7 +55,7 @@ use crate::budget::MemoryBudget;
 use crate::cluster::{Cluster, ClusterHooks};
 use crate::config::{check_peers, ConfigError, PeerSection, ServerConfig, ServerSource};
 use crate::connection::{self, write_frames, FrameReader, ReadError};
-use crate::daemon::tun::{AsyncTun, TunHealth};
+use crate::daemon::tun::{AsyncTun, TunHealth, TunQueues};
 use crate::egress::{egress, from_tun_read, Egress, Outbound, PeerLink};
 use crate::keys::{NodeKey, PublicKey};
 use crate::limits::{MAX_FRAME, MAX_PACKET};
@@ -95,8 +95,8 @@ struct Shared {
     metrics: Metrics,
     peers: PeerTable,
     /// Packets for destinations no client holds go to the server's tun,
-    /// written by the connection task that read them.
-    tun: Arc<AsyncTun>,
+    /// written by the connection task that read them, on its peer's queue.
+    tun: Arc<TunQueues>,
     events: Events,
     started: SystemTime,
     tun_name: String,
@@ -182,6 +182,10 @@ impl Shared {
 impl metrics::PeerSource for Shared {
     fn table(&self) -> &PeerTable {
         &self.peers
+    }
+
+    fn tun_queue_reads(&self) -> Vec<u64> {
+        self.tun.all().iter().map(|queue| queue.reads()).collect()
     }
 }
 
@@ -294,7 +298,7 @@ pub async fn run(
     let host_changes = beyond_the_tun(&config, helper, tun.index, &tun.name).await?;
     let tun_index = tun.index;
     let tun_name = tun.name.clone();
-    let tun = Arc::new(AsyncTun::with_offloads(tun.fd, tun.offloads)?);
+    let tun = Arc::new(TunQueues::new(tun.fd, tun.more_queues, tun.offloads)?);
 
     let listener = listen(config.listen).map_err(|source| DaemonError::Bind {
         address: config.listen,
@@ -394,6 +398,7 @@ pub async fn run(
         per_source = shared.config.max_unauthenticated_per_source,
         gateway = shared.config.gateway,
         workers = shared.config.workers,
+        tun_queues = tun.all().len(),
         masquerade = shared.config.masquerade,
         "server ready"
     );
@@ -408,7 +413,9 @@ pub async fn run(
         move || notify::server_status(status.peers.len(), status.config.listen),
         shutdown.clone(),
     ));
-    tasks.spawn(tun_reader(tun, shared.clone(), shutdown.clone()));
+    for queue in tun.all() {
+        tasks.spawn(tun_reader(queue.clone(), shared.clone(), shutdown.clone()));
+    }
     if let Some(cluster) = shared.cluster.clone() {
         let hooks: Arc<dyn ClusterHooks> = shared.clone();
         tasks.spawn(cluster.maintain(hooks, shutdown.clone()));
@@ -767,13 +774,13 @@ async fn connection(
             Action::Forward {
                 destination,
                 packet,
-            } => forward(&shared, destination, Outbound::Packet(packet)),
+            } => forward(&shared, peer.id, destination, Outbound::Packet(packet)),
             Action::ForwardSuper {
                 destination,
                 packet,
             } => {
                 shared.metrics.supers.count(SuperKind::FromClient);
-                forward(&shared, destination, Outbound::Super(packet))
+                forward(&shared, peer.id, destination, Outbound::Super(packet))
             }
             Action::Announced(features) => {
                 let takes = features.contains(Features::SUPER_PACKETS);
@@ -923,8 +930,8 @@ fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr, address6: Option
 }
 
 /// Sends a client's packet on: to the client that holds `destination`, else
-/// into the server's tun.
-fn forward(shared: &Shared, destination: IpAddr, out: Outbound) {
+/// into the server's tun, on the queue of `sender` (the peer it came from).
+fn forward(shared: &Shared, sender: u64, destination: IpAddr, out: Outbound) {
     if let Some(peer) = shared.peers.holder(destination) {
         return send_to(shared, &peer, out);
     }
@@ -932,9 +939,10 @@ fn forward(shared: &Shared, destination: IpAddr, out: Outbound) {
     let Some(out) = to_cluster(shared, destination, out) else {
         return;
     };
+    let tun = shared.tun.queue(sender);
     let written = match &out {
-        Outbound::Packet(packet) => shared.tun.try_send(packet),
-        Outbound::Super(packet) => shared.tun.try_send_super(packet),
+        Outbound::Packet(packet) => tun.try_send(packet),
+        Outbound::Super(packet) => tun.try_send_super(packet),
     };
     if let Err(e) = written {
         // A full tun queue is a drop; a tun gone for good ends the daemon.
@@ -978,7 +986,12 @@ fn send_to(shared: &Shared, peer: &Peer, out: Outbound) {
             shared.metrics.drops.count(DropKind::TooBig);
             if let Some((_, source)) = icmp.as_deref().and_then(ip_addresses) {
                 // At most 576 bytes: it fits every link, so this ends here.
-                forward(shared, source, Outbound::Packet(icmp.unwrap_or_default()));
+                forward(
+                    shared,
+                    peer.id,
+                    source,
+                    Outbound::Packet(icmp.unwrap_or_default()),
+                );
             }
         }
         Egress::Malformed(e) => {

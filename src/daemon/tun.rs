@@ -5,7 +5,8 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use tokio::io::unix::AsyncFd;
@@ -38,6 +39,9 @@ const PLAIN: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
 pub struct AsyncTun {
     fd: AsyncFd<OwnedFd>,
     offloads: Offloads,
+    /// Reads so far, counted by [`AsyncTun::recv_into`] (a server's tun
+    /// readers), for the metrics.
+    reads: AtomicU64,
 }
 
 impl AsyncTun {
@@ -56,7 +60,16 @@ impl AsyncTun {
         let fd = unsafe {
             AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE)
         }?;
-        Ok(Self { fd, offloads })
+        Ok(Self {
+            fd,
+            offloads,
+            reads: AtomicU64::new(0),
+        })
+    }
+
+    /// How many packets (or super-packets) [`AsyncTun::recv_into`] read.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
     }
 
     /// The offloads the tun was opened with.
@@ -121,6 +134,7 @@ impl AsyncTun {
             .await?;
         // SAFETY: read(2) initialized the first `len` bytes of the spare capacity.
         unsafe { buf.advance_mut(len) };
+        self.reads.fetch_add(1, Ordering::Relaxed);
         Ok(len)
     }
 
@@ -184,6 +198,41 @@ impl AsyncTun {
         self.fd
             .async_io(Interest::WRITABLE, |_| self.write_with(&PLAIN, packet))
             .await
+    }
+}
+
+/// A server's tun and its queues (one per worker, see
+/// [`crate::privsep::netdev::attach_tun_queues`]): one reader task per
+/// queue, so that packets routed into the tun are read on as many threads
+/// as there are queues. A writer picks its queue ([`TunQueues::queue`]) by
+/// whom it writes for: the kernel steers a flow's answers to the queue its
+/// last packet was written on, so one client's flows are read by one task
+/// and different clients' by different ones.
+#[derive(Debug)]
+pub struct TunQueues {
+    queues: Vec<Arc<AsyncTun>>,
+}
+
+impl TunQueues {
+    /// Wraps the tun's fds (its first queue, then the others), all opened
+    /// with `offloads`. Must be called inside a tokio runtime.
+    pub fn new(first: OwnedFd, more: Vec<OwnedFd>, offloads: Offloads) -> io::Result<Self> {
+        let queues = std::iter::once(first)
+            .chain(more)
+            .map(|fd| AsyncTun::with_offloads(fd, offloads).map(Arc::new))
+            .collect::<io::Result<_>>()?;
+        Ok(Self { queues })
+    }
+
+    /// The queue for `key` (a peer's id, say): the same key, the same queue.
+    pub fn queue(&self, key: u64) -> &AsyncTun {
+        // `queues` is never empty: `new` puts the first fd in.
+        &self.queues[(key % self.queues.len() as u64) as usize]
+    }
+
+    /// Every queue, for a reader task each.
+    pub fn all(&self) -> &[Arc<AsyncTun>] {
+        &self.queues
     }
 }
 

@@ -91,7 +91,11 @@ fn run(args: HelperArgs) -> anyhow::Result<()> {
     ignore_stop_signals()?;
     let policy = args.policy().map_err(|e| anyhow!(e))?;
     let user = ServiceUser::lookup(&args.user)?;
-    let device = netdev::open_tun_device()?;
+    // One /dev/net/tun fd per queue, while root: the device node may be
+    // root-only.
+    let devices = (0..args.queues)
+        .map(|_| netdev::open_tun_device())
+        .collect::<Result<Vec<_>, _>>()?;
     // While root (reading PID 1's namespace needs it): systemd-resolved
     // runs in PID 1's network namespace, where an ifindex names another
     // interface than here, if this one is not that.
@@ -113,7 +117,7 @@ fn run(args: HelperArgs) -> anyhow::Result<()> {
     let mut state = State {
         args,
         policy,
-        device: Some(device),
+        devices,
         tun: None,
         links,
         runtime,
@@ -148,12 +152,14 @@ fn serve(socket: &OwnedFd, state: &mut State) -> anyhow::Result<()> {
             return Ok(());
         }
         let response = state.handle(message);
-        let fd = match (&response, &state.tun) {
-            (HelperResponse::Tun { .. }, Some((_, fd))) => Some(fd.as_fd()),
-            _ => None,
+        let fds: Vec<_> = match (&response, &state.tun) {
+            (HelperResponse::Tun { .. }, Some((_, fds))) => {
+                fds.iter().map(|fd| fd.as_fd()).collect()
+            }
+            _ => Vec::new(),
         };
         let frame = encode(&response).context("encoding a response")?;
-        match channel::send(socket.as_fd(), &frame, fd) {
+        match channel::send(socket.as_fd(), &frame, &fds) {
             Ok(()) => {}
             // The daemon went away between its request and our answer.
             Err(e) if e.raw_os_error() == Some(nix::libc::EPIPE) => {
@@ -169,11 +175,11 @@ fn serve(socket: &OwnedFd, state: &mut State) -> anyhow::Result<()> {
 struct State {
     args: HelperArgs,
     policy: Policy,
-    /// /dev/net/tun, opened at startup (as root), until `OpenTun` turns it
-    /// into the tun.
-    device: Option<OwnedFd>,
-    /// The tun's name and this helper's own fd for it.
-    tun: Option<(String, OwnedFd)>,
+    /// /dev/net/tun, opened at startup (as root) once per queue, until
+    /// `OpenTun` turns them into the tun's queues.
+    devices: Vec<OwnedFd>,
+    /// The tun's name and this helper's own fds for it, one per queue.
+    tun: Option<(String, Vec<OwnedFd>)>,
     links: LinkConfig,
     runtime: tokio::runtime::Runtime,
     /// What was changed beyond the tun, to undo on exit.
@@ -217,7 +223,7 @@ enum Failure {
 impl State {
     /// Checks and carries out one request.
     fn handle(&mut self, message: Message) -> HelperResponse {
-        if message.fd.is_some() {
+        if !message.fds.is_empty() {
             warn!("refused a request that carried an fd");
             return HelperResponse::Refused("requests carry no fds".into());
         }
@@ -364,21 +370,25 @@ impl State {
                 // The policy allows OpenTun once, so the device is still here;
                 // there is no second way to a tun (opening /dev/net/tun again
                 // may need the root this process no longer has).
-                let created = self
-                    .device
-                    .take()
+                let mut devices = std::mem::take(&mut self.devices).into_iter();
+                let created = devices
+                    .next()
                     .ok_or_else(|| NetdevError::OpenTun(io::Error::other("already used")))
-                    .and_then(|device| netdev::attach_tun_offloaded(device, &self.args.tun));
+                    .and_then(|first| {
+                        netdev::attach_tun_queues(first, devices.collect(), &self.args.tun)
+                    });
                 self.policy
                     .record(request, created.as_ref().ok().map(|tun| tun.index));
                 let tun = created?;
-                info!(tun = %tun.name, index = tun.index, offloads = ?tun.offloads, "created the tun");
+                let queues = 1 + tun.more_queues.len();
+                info!(tun = %tun.name, index = tun.index, offloads = ?tun.offloads, queues, "created the tun");
                 let response = HelperResponse::Tun {
                     name: tun.name.clone(),
                     index: tun.index,
                     offloads: tun.offloads,
                 };
-                self.tun = Some((tun.name, tun.fd));
+                let fds = std::iter::once(tun.fd).chain(tun.more_queues).collect();
+                self.tun = Some((tun.name, fds));
                 return Ok(response);
             }
             HelperRequest::SetAddress {

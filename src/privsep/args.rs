@@ -5,6 +5,8 @@
 use clap::{Parser, ValueEnum};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+use crate::limits::MAX_TUN_QUEUES;
+
 use super::policy::{AddressRule, Grants, Policy, RouteRule};
 use super::policy6::AddressRule6;
 
@@ -56,6 +58,11 @@ pub struct HelperArgs {
     /// A client that may set DNS on its tun (systemd-resolved).
     #[arg(long)]
     pub dns: bool,
+    /// Queues of the tun (`IFF_MULTI_QUEUE` above 1): a server's, one per
+    /// worker, so that each reads its share of the tun.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=MAX_TUN_QUEUES as i64))]
+    pub queues: u16,
 }
 
 /// The daemon role a helper serves.
@@ -92,6 +99,9 @@ impl HelperArgs {
         ]);
         for route in &self.routes {
             args.extend(["--route".to_string(), route.to_string()]);
+        }
+        if self.queues != 1 {
+            args.extend(["--queues".to_string(), self.queues.to_string()]);
         }
         for (on, flag) in [
             (self.any_route, "--any-route"),
@@ -165,6 +175,10 @@ mod tests {
                 forwarding: role == HelperRole::Server,
                 full_tunnel: role == HelperRole::Client,
                 dns: role == HelperRole::Client,
+                queues: match role {
+                    HelperRole::Server => 4,
+                    HelperRole::Client => 1,
+                },
             };
             let argv = std::iter::once("simplevpn-helper".to_string()).chain(args.to_args());
             assert_eq!(HelperArgs::try_parse_from(argv).expect("parse"), args);
@@ -187,7 +201,37 @@ mod tests {
             forwarding: false,
             full_tunnel: false,
             dns: false,
+            queues: 1,
         };
         assert!(args.policy().is_err());
+    }
+
+    #[test]
+    fn queues_are_bounded() {
+        let parse = |queues: &str| {
+            HelperArgs::try_parse_from([
+                "simplevpn-helper",
+                "--role",
+                "server",
+                "--tun",
+                "svpn0",
+                "--max-mtu",
+                "1500",
+                "--user",
+                "nobody",
+                "--queues",
+                queues,
+            ])
+        };
+        assert_eq!(parse("1").expect("one queue").queues, 1);
+        let most = MAX_TUN_QUEUES.to_string();
+        assert_eq!(
+            parse(&most).expect("the most").queues as usize,
+            MAX_TUN_QUEUES
+        );
+        for bad in ["0", &(MAX_TUN_QUEUES + 1).to_string(), "many"] {
+            let e = parse(bad).expect_err(bad).to_string();
+            assert!(e.contains("--queues"), "{bad}: {e}");
+        }
     }
 }

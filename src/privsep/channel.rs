@@ -16,6 +16,10 @@ use nix::sys::socket::{
 };
 
 use super::protocol::MAX_FRAME;
+use crate::limits::MAX_TUN_QUEUES;
+
+/// The most fds one message may carry: a tun's queues.
+pub const MAX_FDS: usize = MAX_TUN_QUEUES;
 
 /// A connected pair of sockets, both close-on-exec.
 pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -32,8 +36,8 @@ pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
 pub struct Message {
     /// The frame; empty when the peer has closed its end.
     pub frame: Vec<u8>,
-    /// The fd that came with it, if any (close-on-exec).
-    pub fd: Option<OwnedFd>,
+    /// The fds that came with it, in order (close-on-exec).
+    pub fds: Vec<OwnedFd>,
 }
 
 impl Message {
@@ -43,9 +47,15 @@ impl Message {
     }
 }
 
-/// Sends `frame` as one message, with `fd` attached if given.
-pub fn send(socket: BorrowedFd<'_>, frame: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
-    let fds: Vec<RawFd> = fd.iter().map(|fd| fd.as_raw_fd()).collect();
+/// Sends `frame` as one message, with `fds` attached (at most [`MAX_FDS`]).
+pub fn send(socket: BorrowedFd<'_>, frame: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} fds in one message: at most {MAX_FDS}", fds.len()),
+        ));
+    }
+    let fds: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let rights = [ControlMessage::ScmRights(&fds)];
     let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
     let sent = sendmsg::<UnixAddr>(
@@ -64,11 +74,12 @@ pub fn send(socket: BorrowedFd<'_>, frame: &[u8], fd: Option<BorrowedFd<'_>>) ->
     }
 }
 
-/// Receives one message. More than one fd, or a truncated message or control
-/// data, is an error (any fds that came are closed).
+/// Receives one message. More than [`MAX_FDS`] fds, or a truncated message
+/// or control data, is an error (any fds that came are closed).
 pub fn recv(socket: BorrowedFd<'_>) -> io::Result<Message> {
     let mut buf = vec![0u8; MAX_FRAME + 1];
-    let mut cmsg = nix::cmsg_space!([RawFd; 2]);
+    // Room for one fd more than allowed, so that too many is told apart.
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS + 1]);
     let mut iov = [IoSliceMut::new(&mut buf)];
     let msg = recvmsg::<UnixAddr>(
         socket.as_raw_fd(),
@@ -96,17 +107,14 @@ pub fn recv(socket: BorrowedFd<'_>) -> io::Result<Message> {
             format!("message longer than {MAX_FRAME} bytes"),
         ));
     }
-    if flags.contains(MsgFlags::MSG_CTRUNC) || fds.len() > 1 {
+    if flags.contains(MsgFlags::MSG_CTRUNC) || fds.len() > MAX_FDS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "more than one fd came with a message",
+            format!("more than {MAX_FDS} fds came with a message"),
         ));
     }
     buf.truncate(len);
-    Ok(Message {
-        frame: buf,
-        fd: fds.pop(),
-    })
+    Ok(Message { frame: buf, fds })
 }
 
 #[cfg(test)]
@@ -117,28 +125,59 @@ mod tests {
     #[test]
     fn frames_and_an_fd_cross_whole_and_eof_reads_empty() {
         let (a, b) = pair().expect("socketpair");
-        send(a.as_fd(), b"first", None).expect("send");
-        let (r, _w) = nix::unistd::pipe().expect("pipe");
-        send(a.as_fd(), b"second", Some(r.as_fd())).expect("send with fd");
+        send(a.as_fd(), b"first", &[]).expect("send");
+        let (r, w) = nix::unistd::pipe().expect("pipe");
+        send(a.as_fd(), b"second", &[r.as_fd(), w.as_fd()]).expect("send with fds");
 
         let first = recv(b.as_fd()).expect("recv");
         assert_eq!(first.frame, b"first");
-        assert!(first.fd.is_none());
+        assert!(first.fds.is_empty());
         let second = recv(b.as_fd()).expect("recv");
         assert_eq!(second.frame, b"second");
-        let fd = second.fd.expect("an fd came along");
-        let flags =
-            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).expect("F_GETFD");
-        assert_ne!(flags & nix::libc::FD_CLOEXEC, 0, "received fd is CLOEXEC");
+        assert_eq!(second.fds.len(), 2, "both fds came along");
+        for fd in &second.fds {
+            let flags =
+                nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).expect("F_GETFD");
+            assert_ne!(flags & nix::libc::FD_CLOEXEC, 0, "received fd is CLOEXEC");
+        }
+        // In order: what is written to the second end is read from the first.
+        nix::unistd::write(&second.fds[1], b"x").expect("write the pipe");
+        let mut byte = [0u8; 1];
+        nix::unistd::read(second.fds[0].as_raw_fd(), &mut byte).expect("read the pipe");
+        assert_eq!(&byte, b"x");
 
         drop(a);
         assert!(recv(b.as_fd()).expect("recv at EOF").is_eof());
     }
 
     #[test]
+    fn too_many_fds_are_refused_on_both_sides() {
+        let (a, b) = pair().expect("socketpair");
+        let (r, _w) = nix::unistd::pipe().expect("pipe");
+        let many = vec![r.as_fd(); MAX_FDS + 1];
+        let refused = send(a.as_fd(), b"many", &many).expect_err("too many to send");
+        assert_eq!(refused.kind(), io::ErrorKind::InvalidInput);
+        // A peer that sends more anyway (not through `send`): the message is
+        // an error, and the fds that came are closed.
+        let raw: Vec<RawFd> = many.iter().map(|fd| fd.as_raw_fd()).collect();
+        sendmsg::<UnixAddr>(
+            a.as_raw_fd(),
+            &[IoSlice::new(b"many")],
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("sendmsg");
+        assert_eq!(
+            recv(b.as_fd()).expect_err("too many fds").kind(),
+            io::ErrorKind::InvalidData
+        );
+    }
+
+    #[test]
     fn an_oversized_message_is_an_error() {
         let (a, b) = pair().expect("socketpair");
-        send(a.as_fd(), &vec![1u8; MAX_FRAME + 10], None).expect("send");
+        send(a.as_fd(), &vec![1u8; MAX_FRAME + 10], &[]).expect("send");
         assert_eq!(
             recv(b.as_fd()).expect_err("too long").kind(),
             io::ErrorKind::InvalidData

@@ -109,7 +109,7 @@ nix::ioctl_write_int_bad!(tun_set_offload, libc::TUNSETOFFLOAD);
 /// Privileged (`CAP_NET_ADMIN`): creates the tun `name` on `fd`, a fresh fd
 /// from [`open_tun_device`], as [`create_tun`] does.
 pub fn attach_tun(fd: OwnedFd, name: &str) -> Result<TunFd, NetdevError> {
-    attach(fd, name, false)
+    attach(fd, name, Flags::PLAIN)
 }
 
 /// Like [`attach_tun`], with TUN offloads: the tun is created with
@@ -119,7 +119,32 @@ pub fn attach_tun(fd: OwnedFd, name: &str) -> Result<TunFd, NetdevError> {
 /// (6.2 and later). The kernel may refuse offloads: the tun still works,
 /// and [`TunFd::offloads`] says what was granted.
 pub fn attach_tun_offloaded(fd: OwnedFd, name: &str) -> Result<TunFd, NetdevError> {
-    let mut tun = attach(fd, name, true)?;
+    attach_tun_queues(fd, Vec::new(), name)
+}
+
+/// Like [`attach_tun_offloaded`], with one queue more per fd in `more`
+/// (fresh fds from [`open_tun_device`]): with any, the tun is created with
+/// `IFF_MULTI_QUEUE`, and the kernel spreads the packets it routes into
+/// the tun over the queues by flow, so that one reader per queue can work
+/// at once. The kernel steers a flow's packets to the queue its last packet
+/// was written on.
+pub fn attach_tun_queues(
+    fd: OwnedFd,
+    more: Vec<OwnedFd>,
+    name: &str,
+) -> Result<TunFd, NetdevError> {
+    let flags = Flags {
+        vnet_hdr: true,
+        multi_queue: !more.is_empty(),
+    };
+    let mut tun = attach(fd, name, flags)?;
+    // The rest join the device the first one made, under the name the
+    // kernel gave it (a name pattern such as "svpn%d" is resolved by now).
+    for queue in more {
+        let joined = attach(queue, &tun.name, flags)?;
+        tun.more_queues.push(joined.fd);
+    }
+    // Offloads are the device's, set through any of its queues.
     if set_offloads(&tun.fd, Offloads::TSO_USO).is_ok() {
         tun.offloads = Offloads::TSO_USO;
     } else if set_offloads(&tun.fd, Offloads::TSO).is_ok() {
@@ -145,11 +170,34 @@ pub fn set_offloads(fd: &OwnedFd, offloads: Offloads) -> io::Result<()> {
     Ok(())
 }
 
-fn attach(fd: OwnedFd, name: &str, vnet_hdr: bool) -> Result<TunFd, NetdevError> {
+/// How a tun is opened beyond `IFF_TUN | IFF_NO_PI`.
+#[derive(Debug, Clone, Copy)]
+struct Flags {
+    /// `IFF_VNET_HDR`: a virtio-net header before every packet.
+    vnet_hdr: bool,
+    /// `IFF_MULTI_QUEUE`: more than one fd, each a queue of its own.
+    multi_queue: bool,
+}
+
+impl Flags {
+    const PLAIN: Flags = Flags {
+        vnet_hdr: false,
+        multi_queue: false,
+    };
+}
+
+fn attach(fd: OwnedFd, name: &str, flags: Flags) -> Result<TunFd, NetdevError> {
+    let vnet_hdr = flags.vnet_hdr;
     let mut req = ifreq_for(name)?;
     let vnet = if vnet_hdr { libc::IFF_VNET_HDR } else { 0 };
-    // IFF_TUN, IFF_NO_PI and IFF_VNET_HDR fit in the c_short flags field.
-    req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI | vnet) as libc::c_short;
+    let multi = if flags.multi_queue {
+        libc::IFF_MULTI_QUEUE
+    } else {
+        0
+    };
+    // IFF_TUN, IFF_NO_PI, IFF_VNET_HDR and IFF_MULTI_QUEUE fit in the
+    // c_short flags field.
+    req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI | vnet | multi) as libc::c_short;
     // SAFETY: `req` is a valid, initialised ifreq that outlives the call.
     unsafe { tun_set_iff(fd.as_raw_fd(), &req) }.map_err(|e| NetdevError::CreateTun {
         name: name.to_owned(),
@@ -164,6 +212,7 @@ fn attach(fd: OwnedFd, name: &str, vnet_hdr: bool) -> Result<TunFd, NetdevError>
     };
     Ok(TunFd {
         fd,
+        more_queues: Vec::new(),
         name,
         index,
         offloads,

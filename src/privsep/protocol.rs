@@ -97,7 +97,8 @@ pub enum Forwarding {
 pub enum HelperResponse {
     /// Done.
     Ok,
-    /// The tun was created; its fd travels with this message (`SCM_RIGHTS`).
+    /// The tun was created; its fds (one per queue, the first queue first)
+    /// travel with this message (`SCM_RIGHTS`).
     Tun {
         name: String,
         index: u32,
@@ -121,9 +122,13 @@ pub enum HelperResponse {
 /// answer [`HelperResponse::Tun`] and its fd have arrived.
 #[derive(Debug)]
 pub struct TunFd {
-    /// The tun fd (`O_NONBLOCK | O_CLOEXEC`). The device disappears when the
-    /// last fd referring to it is closed.
+    /// The tun fd (`O_NONBLOCK | O_CLOEXEC`), its first queue. The device
+    /// disappears when the last fd referring to it is closed.
     pub fd: OwnedFd,
+    /// Its further queues, on a tun opened with `IFF_MULTI_QUEUE` (a
+    /// server's, one queue per worker); empty for a one-queue tun. The
+    /// kernel spreads packets for the daemon over the queues by flow.
+    pub more_queues: Vec<OwnedFd>,
     /// The name the kernel gave the device.
     pub name: String,
     /// The device's ifindex, which every later request names.
