@@ -12,8 +12,11 @@ use std::time::Duration;
 use common::etcd::Etcd;
 use common::vpn::*;
 use common::*;
+use simplevpn::cluster::config::ClusterConfig;
 use simplevpn::cluster::etcd::Etcd as Client;
 use simplevpn::cluster::leases::{Claimant, Leases, Wanted};
+use simplevpn::cluster::Cluster;
+use simplevpn::keys::PublicKey;
 
 /// A tokio runtime on a thread inside `ns`, so that its sockets are there.
 fn in_ns<T: Send>(ns: &Netns, f: impl std::future::Future<Output = T> + Send) -> T {
@@ -77,6 +80,64 @@ fn two_servers_granting_at_once_never_hand_out_one_address_twice() {
         !distinct.contains(&Ipv4Addr::new(198, 19, 0, 1)),
         "the servers' own address"
     );
+}
+
+#[test]
+fn a_key_asking_for_any_address_gets_the_one_it_holds_on_another_server_unless_it_was_taken() {
+    if !require_root(
+        "a_key_asking_for_any_address_gets_the_one_it_holds_on_another_server_unless_it_was_taken",
+    ) {
+        return;
+    }
+    let ns = Netns::new("etcdagain");
+    ns.ip(&["addr", "add", "198.18.90.1/32", "dev", "lo"]);
+    let etcd = Etcd::start(&ns, Ipv4Addr::new(198, 18, 90, 1));
+    let url = etcd.url.clone();
+    in_ns(&ns, async move {
+        let network = "198.19.0.0/24".parse().expect("net");
+        let config = |node: &str| ClusterConfig {
+            etcd: vec![url.clone()],
+            node: node.into(),
+            advertise: "198.18.91.2:2003".parse().expect("addr"),
+            lease_ttl: Duration::from_secs(30),
+        };
+        let key = |n: u8| Claimant::Key(PublicKey::from_raw(&[n; 32]).expect("key"));
+        let any = |_| true;
+        // s1 grants before s2 joins; s2 reads who holds what when it joins
+        // (its view, which a watch would keep current: none runs here, so
+        // it goes stale below).
+        let s1 = Cluster::join(config("s1"), network, None)
+            .await
+            .expect("s1");
+        let a = s1.claim(&key(1), Wanted::Any, any).await.expect("a");
+        // Original-protocol clients behind one NAT: an address each.
+        let nat = Claimant::Remote([198, 18, 100, 2].into());
+        let b = s1.claim(&nat, Wanted::Any, any).await.expect("b");
+        let c = s1.claim(&nat, Wanted::Any, any).await.expect("c");
+        let e = s1.claim(&key(3), Wanted::Any, any).await.expect("e");
+        assert_eq!(HashSet::from([a, b, c, e]).len(), 4, "{a} {b} {c} {e}");
+
+        let s2 = Cluster::join(config("s2"), network, None)
+            .await
+            .expect("s2");
+        // Key 1 asks s2 for any address: it gets the one it holds on s1.
+        assert_eq!(s2.claim(&key(1), Wanted::Any, any).await.expect("again"), a);
+        let d = s2.claim(&key(2), Wanted::Any, any).await.expect("d");
+        assert!(![a, b, c, e].contains(&d), "{d} granted twice");
+
+        // Key 3 leaves s1 and key 4 takes its address there. s2's view
+        // still says key 3 holds it: asked by key 3, s2 finds it taken
+        // and grants a free one.
+        s1.release(&key(3), e).await;
+        assert_eq!(
+            s1.claim(&key(4), Wanted::Exactly(e), any)
+                .await
+                .expect("taken over"),
+            e
+        );
+        let f = s2.claim(&key(3), Wanted::Any, any).await.expect("f");
+        assert!(![a, b, c, d, e].contains(&f), "{f} granted twice");
+    });
 }
 
 /// Two cluster servers and their etcd, each in a namespace:

@@ -86,7 +86,10 @@ impl Holder {
 pub enum Wanted {
     /// This address (a static request, a fixed address).
     Exactly(Ipv4Addr),
-    /// The address it holds anywhere in the cluster, else any free one.
+    /// This address, which it held on some server, if no other client
+    /// holds it now; else any free one.
+    Again(Ipv4Addr),
+    /// Any free address.
     Any,
 }
 
@@ -158,10 +161,14 @@ impl Leases {
     }
 
     /// Claims an address for `claimant`, held by this server under etcd
-    /// lease `lease`: the one wanted, else the one its key holds anywhere in
-    /// the cluster (moved here), else a free one for which `usable` says yes
-    /// (tried from a random place, so that servers granting at once seldom
-    /// race for the same one).
+    /// lease `lease`: the one wanted; or the one it held, if still its own,
+    /// else a free one; or a free one. A free one is one for which `usable`
+    /// says yes (the caller's view of the cluster and its own pool), tried
+    /// from a random place on, so that servers granting at once seldom race
+    /// for the same one, and created only if etcd has no key for it.
+    ///
+    /// Nothing is read from etcd but the wanted address: a grant costs one
+    /// transaction when `usable` is right, one more per address it got wrong.
     pub async fn claim(
         &self,
         claimant: &Claimant,
@@ -169,36 +176,45 @@ impl Leases {
         lease: i64,
         usable: impl Fn(Ipv4Addr) -> bool,
     ) -> Result<Ipv4Addr, ClaimError> {
-        let all = self.all().await?;
-        let address = match wanted {
-            Wanted::Exactly(address) => Some(address),
-            // A key is one client; an original-protocol client is known by
-            // its remote address only, which several behind one NAT share:
-            // each of those gets an address of its own.
-            Wanted::Any if matches!(claimant, Claimant::Key(_)) => all
-                .iter()
-                .find(|(_, holder)| holder.claimant == *claimant)
-                .map(|(address, _)| *address),
-            Wanted::Any => None,
-        };
-        if let Some(address) = address {
-            return self.claim_exactly(claimant, address, lease).await;
+        match wanted {
+            Wanted::Exactly(address) => self.claim_exactly(claimant, address, lease).await,
+            Wanted::Again(address) => match self.claim_exactly(claimant, address, lease).await {
+                Err(ClaimError::Taken(_)) => self.claim_free(claimant, lease, usable).await,
+                claimed => claimed,
+            },
+            Wanted::Any => self.claim_free(claimant, lease, usable).await,
         }
-        let held: std::collections::HashSet<Ipv4Addr> = all.iter().map(|(a, _)| *a).collect();
-        let own = crate::pool::server_address(self.network);
-        let hosts: Vec<Ipv4Addr> = self
-            .network
-            .hosts()
-            .filter(|a| *a != own && !held.contains(a) && usable(*a))
-            .collect();
-        if hosts.is_empty() {
+    }
+
+    /// A free address for `claimant`: the hosts of the network from a
+    /// random one on (wrapping), the server's own and those `usable` refuses
+    /// skipped, until etcd lets one be created.
+    async fn claim_free(
+        &self,
+        claimant: &Claimant,
+        lease: i64,
+        usable: impl Fn(Ipv4Addr) -> bool,
+    ) -> Result<Ipv4Addr, ClaimError> {
+        let mut hosts = self.network.hosts();
+        let (Some(first), last) = (hosts.next(), hosts.next_back()) else {
             return Err(ClaimError::Exhausted);
-        }
-        let start = fastrand::usize(..hosts.len());
-        for address in hosts[start..].iter().chain(&hosts[..start]) {
-            let key = self.key(*address);
-            if self.etcd.create(&key, self.mine(claimant), lease).await? {
-                return Ok(*address);
+        };
+        let first = u64::from(u32::from(first));
+        let count = last.map_or(first, |l| u64::from(u32::from(l))) - first + 1;
+        let start = fastrand::u64(..count);
+        let own = crate::pool::server_address(self.network);
+        for i in 0..count {
+            // Below 2^32: the offset is less than count, within the network.
+            let address = Ipv4Addr::from((first + (start + i) % count) as u32);
+            if address == own || !usable(address) {
+                continue;
+            }
+            if self
+                .etcd
+                .create(&self.key(address), self.mine(claimant), lease)
+                .await?
+            {
+                return Ok(address);
             }
         }
         Err(ClaimError::Exhausted)

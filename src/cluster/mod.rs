@@ -19,6 +19,7 @@
 
 pub mod config;
 pub mod etcd;
+pub mod holders;
 pub mod leases;
 pub mod membership;
 pub mod peers;
@@ -36,6 +37,7 @@ use tracing::{debug, info, warn};
 
 use self::config::ClusterConfig;
 use self::etcd::{Change, Etcd, EtcdError};
+use self::holders::Holders;
 use self::leases::{ClaimError, Claimant, Holder, Leases, Wanted};
 use self::membership::Member;
 use crate::config::PeerSection;
@@ -82,9 +84,10 @@ pub struct Cluster {
     held: Mutex<HashMap<Ipv4Addr, Claimant>>,
     /// This server's public key, published in its membership.
     key: Option<PublicKey>,
-    /// Which server holds each address, and the members by name (the
-    /// watch keeps both current): where packets for other servers' clients go.
-    holders: RwLock<HashMap<Ipv4Addr, String>>,
+    /// Which server holds each address for whom, and the members by name
+    /// (the watch keeps both current): where packets for other servers'
+    /// clients go, and which addresses a grant need not try.
+    holders: RwLock<Holders>,
     members: RwLock<HashMap<String, Arc<Member>>>,
     /// Bans seen in the cluster (the watch keeps it current).
     bans: Mutex<HashMap<Banned, SystemTime>>,
@@ -135,7 +138,7 @@ impl Cluster {
             held: Mutex::new(HashMap::new()),
             key,
             bans: Mutex::new(HashMap::new()),
-            holders: RwLock::new(HashMap::new()),
+            holders: RwLock::new(Holders::default()),
             members: RwLock::new(HashMap::new()),
             live: Mutex::new(Default::default()),
             writes,
@@ -185,13 +188,7 @@ impl Cluster {
             .map(|p| (p.key.to_string(), p))
             .collect();
         *self.live.lock().unwrap_or_else(|e| e.into_inner()) = live;
-        let holders = self
-            .leases
-            .all()
-            .await?
-            .into_iter()
-            .map(|(address, holder)| (address, holder.node))
-            .collect();
+        let holders = Holders::from_all(self.leases.all().await?);
         *self.holders.write().unwrap_or_else(|e| e.into_inner()) = holders;
         let members = self
             .members()
@@ -207,8 +204,8 @@ impl Cluster {
     /// per forwarded packet: a shared handle, no copy.
     pub fn holder(&self, address: Ipv4Addr) -> Option<Arc<Member>> {
         let holders = self.holders.read().unwrap_or_else(|e| e.into_inner());
-        let node = holders.get(&address)?;
-        if *node == self.config.node {
+        let node = holders.node(address)?;
+        if node == self.config.node {
             return None;
         }
         self.members
@@ -267,7 +264,10 @@ impl Cluster {
     }
 
     /// Claims an address for `claimant` (see [`Leases::claim`]); refused at
-    /// once while degraded.
+    /// once while degraded. A TLS key asking for any address gets the one
+    /// it holds on any server back, if it still does; free addresses are
+    /// proposed by this server's view of the cluster ([`Holders`]) and
+    /// `usable`, so a grant reads nothing from etcd.
     pub async fn claim(
         &self,
         claimant: &Claimant,
@@ -280,9 +280,23 @@ impl Cluster {
                 "not reachable since the last renewal of this server's lease",
             )));
         }
-        let address = self.leases.claim(claimant, wanted, lease, usable).await?;
+        let wanted = match (wanted, claimant) {
+            (Wanted::Any, Claimant::Key(key)) => {
+                self.view().of_key(key).map_or(Wanted::Any, Wanted::Again)
+            }
+            // An original-protocol client is known by its remote address
+            // only, which several behind one NAT share: each of those gets
+            // an address of its own.
+            (wanted, _) => wanted,
+        };
+        let free = |address| !self.view().is_held(address) && usable(address);
+        let address = self.leases.claim(claimant, wanted, lease, free).await?;
         self.hold(address, claimant);
         Ok(address)
+    }
+
+    fn view(&self) -> std::sync::RwLockReadGuard<'_, Holders> {
+        self.holders.read().unwrap_or_else(|e| e.into_inner())
     }
 
     fn hold(&self, address: Ipv4Addr, claimant: &Claimant) {
@@ -438,10 +452,7 @@ impl Cluster {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(address);
-                    let holder = match self.leases.all().await {
-                        Ok(all) => all.into_iter().find(|(a, _)| a == address).map(|(_, h)| h),
-                        Err(_) => None,
-                    };
+                    let holder = self.view().holder(*address).cloned();
                     let holder = holder.unwrap_or(Holder {
                         node: "?".into(),
                         claimant: claimant.clone(),
@@ -553,7 +564,7 @@ impl Cluster {
                     self.holders
                         .write()
                         .unwrap_or_else(|e| e.into_inner())
-                        .remove(&address);
+                        .remove(address);
                 } else if let Some(node) = key.strip_prefix(&members_dir) {
                     info!(node, "a server left the cluster");
                     self.members
@@ -597,7 +608,7 @@ impl Cluster {
             self.holders
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(address, holder.node.clone());
+                .put(address, holder.clone());
             if holder.node == self.config.node {
                 return;
             }
