@@ -567,9 +567,11 @@ async fn serve(
     crate::connection::tune_tcp(&stream);
     let admitted = tokio::select! {
         _ = shutdown.cancelled() => return,
+        // Boxed, as the etcd calls below: the handshake's future (TLS) is
+        // large and lives only until the grant.
         admitted = timeout_at(
             handshake_deadline,
-            shared.gate.admit(stream, remote, first_bytes_deadline),
+            Box::pin(shared.gate.admit(stream, remote, first_bytes_deadline)),
         ) => admitted,
     };
     let admitted = match admitted {
@@ -716,8 +718,16 @@ async fn connection(
             Action::None => {}
             Action::Reply(control) => send(&peer, control),
             Action::Admit(request) => match match &shared.cluster {
+                // Boxed: an etcd call's future is large, and inline it would
+                // make every connection's task that large for its whole life.
                 Some(cluster) => {
-                    super::cluster::admit(cluster, &shared.peers, request, &peer).await
+                    Box::pin(super::cluster::admit(
+                        cluster,
+                        &shared.peers,
+                        request,
+                        &peer,
+                    ))
+                    .await
                 }
                 None => shared.peers.admit(request, &peer),
             } {
@@ -798,7 +808,13 @@ async fn connection(
         shared.keep_lease(&lease);
     }
     if let (Some(cluster), Some(address)) = (&shared.cluster, address) {
-        super::cluster::released(cluster, &shared.peers, &peer, address).await;
+        Box::pin(super::cluster::released(
+            cluster,
+            &shared.peers,
+            &peer,
+            address,
+        ))
+        .await;
     }
     shared
         .metrics
