@@ -1,21 +1,35 @@
-//! How many threads run the server's data path, and the async runtime that
-//! runs it.
+//! How many threads run the server's data path, and the runtimes that
+//! run it.
 //!
-//! With one worker the runtime is tokio's current-thread one: every task is
-//! woken by the I/O driver on the same thread, with no cross-thread unpark
-//! per packet (the lowest latency for one busy peer; measured with bench/run
-//! on a 2-core machine: idle RTT 0.47 -> 0.33 ms against a 2-worker pool).
-//! With more, it is tokio's multi-thread runtime with that many workers,
-//! named [`WORKER_THREAD_NAME`]: each connection's tasks (its socket reader
-//! and writer) run on whichever worker picks them up, so two busy clients
-//! are served by two cores. Packets still cross the shared pieces the
-//! README's "how it scales" paragraph names (the peer table's read lock, the
-//! memory budget's atomic, the one tun queue).
+//! With one worker everything runs on tokio's current-thread runtime: every
+//! task is woken by the I/O driver on the same thread, with no cross-thread
+//! unpark per packet (the lowest latency for one busy peer; measured with
+//! bench/run on a 2-core machine: idle RTT 0.47 -> 0.33 ms against a
+//! 2-worker pool).
+//!
+//! With more, a [`WorkerPool`]: that many threads named
+//! [`WORKER_THREAD_NAME`], each running a current-thread runtime of its own
+//! (thread per core, no work stealing). The server hands each accepted
+//! connection to one worker, in turn, and everything of that connection
+//! runs there: its socket reader and writer (so a TLS connection's shared
+//! state is never contended between threads) and its writes into the tun,
+//! on that worker's tun queue. The tun queue of worker k is read by a task
+//! on worker k, and the kernel steers a flow's packets leaving the host to
+//! the queue its last packet was written on, so a connection's return
+//! traffic is read on its own thread too. What still crosses threads: a
+//! packet from one client to a client on another worker, and the shared
+//! pieces the README's "how it scales" paragraph names (the peer table's
+//! read lock, the memory budget's atomic). The main thread keeps what is
+//! not per packet: accepting, the control socket, metrics, the cluster.
 
 use std::io;
 use std::num::NonZeroUsize;
 
-use tokio::runtime::{Builder, Runtime};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::runtime::{Builder, Handle, Runtime};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::ConfigError;
 use crate::limits::MAX_WORKERS;
@@ -43,17 +57,91 @@ pub fn resolve(workers: Option<usize>) -> Result<usize, ConfigError> {
     }
 }
 
-/// The runtime for `workers` threads: current-thread for 1, else a
-/// multi-thread pool of named workers.
-pub fn runtime(workers: usize) -> io::Result<Runtime> {
-    if workers <= 1 {
-        return Builder::new_current_thread().enable_all().build();
+/// The daemon's main runtime: current-thread. A server with more than one
+/// worker starts a [`WorkerPool`] beside it for the data path.
+pub fn runtime() -> io::Result<Runtime> {
+    Builder::new_current_thread().enable_all().build()
+}
+
+/// `workers` threads, each running a current-thread runtime until the pool
+/// is dropped (which stops them, dropping what still runs there, and waits
+/// for the threads).
+#[derive(Debug)]
+pub struct WorkerPool {
+    handles: Vec<Handle>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stop: CancellationToken,
+    next: AtomicUsize,
+}
+
+thread_local! {
+    /// The index of the worker this thread is, if it is one.
+    static WORKER_INDEX: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The index of the worker the calling thread is (0 outside a pool: the
+/// one-thread server's own thread, or the main thread).
+pub fn current_index() -> usize {
+    WORKER_INDEX.with(Cell::get)
+}
+
+impl WorkerPool {
+    /// Starts `workers` threads, each with its runtime.
+    pub fn start(workers: usize) -> io::Result<WorkerPool> {
+        let stop = CancellationToken::new();
+        let mut handles = Vec::with_capacity(workers);
+        let mut threads = Vec::with_capacity(workers);
+        for index in 0..workers {
+            let runtime = runtime()?;
+            handles.push(runtime.handle().clone());
+            let stop = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(WORKER_THREAD_NAME.into())
+                .spawn(move || {
+                    WORKER_INDEX.with(|i| i.set(index));
+                    runtime.block_on(stop.cancelled());
+                    // Whatever still runs here is dropped with the runtime;
+                    // its blocking tasks get a moment to finish.
+                    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+                })?;
+            threads.push(thread);
+        }
+        Ok(WorkerPool {
+            handles,
+            threads,
+            stop,
+            next: AtomicUsize::new(0),
+        })
     }
-    Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name(WORKER_THREAD_NAME)
-        .enable_all()
-        .build()
+
+    /// How many workers there are.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Whether there are none (never, for a started pool).
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// Worker `index`'s runtime.
+    pub fn handle(&self, index: usize) -> &Handle {
+        &self.handles[index % self.handles.len()]
+    }
+
+    /// The next worker in turn (round robin), for a new connection.
+    pub fn next(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -78,13 +166,28 @@ mod tests {
     }
 
     #[test]
-    fn a_multi_worker_runtime_runs_on_named_threads() {
-        let runtime = runtime(2).expect("builds");
-        let name = runtime
-            .block_on(async {
-                tokio::spawn(async { std::thread::current().name().map(str::to_owned) }).await
-            })
-            .expect("the task runs");
-        assert_eq!(name.as_deref(), Some(WORKER_THREAD_NAME));
+    fn a_pool_runs_each_worker_on_a_named_thread_of_its_own() {
+        let pool = WorkerPool::start(3).expect("starts");
+        assert_eq!(pool.len(), 3);
+        let main = runtime().expect("builds");
+        let mut seen = Vec::new();
+        for index in 0..3 {
+            let task = pool.handle(index).spawn(async {
+                let name = std::thread::current().name().map(str::to_owned);
+                (name, std::thread::current().id(), current_index())
+            });
+            seen.push(main.block_on(task).expect("the task runs"));
+        }
+        for (index, (name, _, worker)) in seen.iter().enumerate() {
+            assert_eq!(name.as_deref(), Some(WORKER_THREAD_NAME));
+            assert_eq!(*worker, index, "a task on worker {index} knows its index");
+        }
+        assert!(seen[0].1 != seen[1].1 && seen[1].1 != seen[2].1 && seen[0].1 != seen[2].1);
+        // Connections are dealt out in turn.
+        let turns: Vec<usize> = (0..4).map(|_| pool.next()).collect();
+        assert_eq!(turns, [0, 1, 2, 0]);
+        // Dropping the pool stops its threads (and waits for them).
+        drop(pool);
+        assert_eq!(current_index(), 0, "outside a pool: 0");
     }
 }

@@ -93,13 +93,9 @@ fn main() -> ExitCode {
         user.name
     );
 
-    // A client: one thread (one peer; no cross-thread unpark per packet).
-    // A server: `workers` threads, one per CPU by default (see workers.rs).
-    let workers = match &settings.role {
-        Role::Server(config) => config.workers,
-        Role::Client(_) => 1,
-    };
-    let code = match simplevpn::workers::runtime(workers) {
+    // One thread; a server with more than one worker starts its worker
+    // threads itself (see workers.rs).
+    let code = match simplevpn::workers::runtime() {
         Ok(runtime) => {
             let code = runtime.block_on(async {
                 let helper = match Helper::new(socket) {

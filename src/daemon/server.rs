@@ -69,6 +69,7 @@ use crate::session::Protocol;
 use crate::state::{Ban, Lease, SqliteStore, StateStore};
 use crate::wire::{ip_addresses, Control, Decoder, Features, Frame};
 use crate::wire::{IPV6_HEADER_LEN, SUPER_HEADER_LEN};
+use crate::workers::WorkerPool;
 
 /// How long a closing connection may take to flush what is queued for it.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
@@ -298,7 +299,18 @@ pub async fn run(
     let host_changes = beyond_the_tun(&config, helper, tun.index, &tun.name).await?;
     let tun_index = tun.index;
     let tun_name = tun.name.clone();
-    let tun = Arc::new(TunQueues::new(tun.fd, tun.more_queues, tun.offloads)?);
+    // More than one worker: a thread each, and each tun queue registered
+    // with (and read on) its own worker's runtime.
+    let pool = match config.workers {
+        n if n > 1 => Some(WorkerPool::start(n)?),
+        _ => None,
+    };
+    let tun = Arc::new(TunQueues::new(
+        tun.fd,
+        tun.more_queues,
+        tun.offloads,
+        pool.as_ref(),
+    )?);
 
     let listener = listen(config.listen).map_err(|source| DaemonError::Bind {
         address: config.listen,
@@ -413,8 +425,12 @@ pub async fn run(
         move || notify::server_status(status.peers.len(), status.config.listen),
         shutdown.clone(),
     ));
-    for queue in tun.all() {
-        tasks.spawn(tun_reader(queue.clone(), shared.clone(), shutdown.clone()));
+    for (index, queue) in tun.all().iter().enumerate() {
+        let reader = tun_reader(queue.clone(), shared.clone(), shutdown.clone());
+        match &pool {
+            Some(pool) => drop(pool.handle(index).spawn(tasks.track_future(reader))),
+            None => drop(tasks.spawn(reader)),
+        }
     }
     if let Some(cluster) = shared.cluster.clone() {
         let hooks: Arc<dyn ClusterHooks> = shared.clone();
@@ -499,8 +515,31 @@ pub async fn run(
                             continue;
                         }
                     };
-                    let serve = serve(shared.clone(), stream, remote, pending, shutdown.clone());
-                    tasks.spawn(serve.instrument(span));
+                    match &pool {
+                        // The connection moves to its worker: registered with
+                        // that runtime, it is read and written there alone.
+                        Some(pool) => {
+                            let stream = match stream.into_std() {
+                                Ok(stream) => stream,
+                                Err(e) => {
+                                    span.in_scope(|| warn!(error = %e, "dropped an accepted connection"));
+                                    continue;
+                                }
+                            };
+                            let (shared, shutdown) = (shared.clone(), shutdown.clone());
+                            let serve = async move {
+                                match TcpStream::from_std(stream) {
+                                    Ok(stream) => serve(shared, stream, remote, pending, shutdown).await,
+                                    Err(e) => warn!(error = %e, "dropped an accepted connection"),
+                                }
+                            };
+                            pool.handle(pool.next()).spawn(tasks.track_future(serve.instrument(span)));
+                        }
+                        None => {
+                            let serve = serve(shared.clone(), stream, remote, pending, shutdown.clone());
+                            tasks.spawn(serve.instrument(span));
+                        }
+                    }
                 }
                 // Out of fds or a connection reset before accept: keep serving.
                 Err(e) => {
@@ -513,6 +552,8 @@ pub async fn run(
     drop(listener);
     tasks.close();
     tasks.wait().await;
+    // Stops the worker threads, now idle.
+    drop(pool);
     shared.flush_refusals();
     if let Some(why) = tun_failure {
         return Err(DaemonError::TunFailed(why));
@@ -784,13 +825,13 @@ async fn connection(
             Action::Forward {
                 destination,
                 packet,
-            } => forward(&shared, peer.id, destination, Outbound::Packet(packet)),
+            } => forward(&shared, destination, Outbound::Packet(packet)),
             Action::ForwardSuper {
                 destination,
                 packet,
             } => {
                 shared.metrics.supers.count(SuperKind::FromClient);
-                forward(&shared, peer.id, destination, Outbound::Super(packet))
+                forward(&shared, destination, Outbound::Super(packet))
             }
             Action::Announced(features) => {
                 let takes = features.contains(Features::SUPER_PACKETS);
@@ -946,8 +987,9 @@ fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr, address6: Option
 }
 
 /// Sends a client's packet on: to the client that holds `destination`, else
-/// into the server's tun, on the queue of `sender` (the peer it came from).
-fn forward(shared: &Shared, sender: u64, destination: IpAddr, out: Outbound) {
+/// into the server's tun, on the queue of the worker this runs on (the one
+/// whose reader gets the answers: see [`crate::workers`]).
+fn forward(shared: &Shared, destination: IpAddr, out: Outbound) {
     if let Some(peer) = shared.peers.holder(destination) {
         return send_to(shared, &peer, out);
     }
@@ -955,7 +997,7 @@ fn forward(shared: &Shared, sender: u64, destination: IpAddr, out: Outbound) {
     let Some(out) = to_cluster(shared, destination, out) else {
         return;
     };
-    let tun = shared.tun.queue(sender);
+    let tun = shared.tun.local();
     let written = match &out {
         Outbound::Packet(packet) => tun.try_send(packet),
         Outbound::Super(packet) => tun.try_send_super(packet),
@@ -1002,12 +1044,7 @@ fn send_to(shared: &Shared, peer: &Peer, out: Outbound) {
             shared.metrics.drops.count(DropKind::TooBig);
             if let Some((_, source)) = icmp.as_deref().and_then(ip_addresses) {
                 // At most 576 bytes: it fits every link, so this ends here.
-                forward(
-                    shared,
-                    peer.id,
-                    source,
-                    Outbound::Packet(icmp.unwrap_or_default()),
-                );
+                forward(shared, source, Outbound::Packet(icmp.unwrap_or_default()));
             }
         }
         Egress::Malformed(e) => {

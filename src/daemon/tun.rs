@@ -17,6 +17,7 @@ use tracing::error;
 use crate::offload::{self, GsoKind, VNET_HDR_LEN};
 use crate::privsep::protocol::Offloads;
 use crate::wire::{SuperPacket, SUPER_HEADER_LEN};
+use crate::workers::WorkerPool;
 
 /// What a read waits for: a packet, or an error. A tun whose device is
 /// deleted polls as EPOLLERR only, never readable; without the error the
@@ -203,11 +204,11 @@ impl AsyncTun {
 
 /// A server's tun and its queues (one per worker, see
 /// [`crate::privsep::netdev::attach_tun_queues`]): one reader task per
-/// queue, so that packets routed into the tun are read on as many threads
-/// as there are queues. A writer picks its queue ([`TunQueues::queue`]) by
-/// whom it writes for: the kernel steers a flow's answers to the queue its
-/// last packet was written on, so one client's flows are read by one task
-/// and different clients' by different ones.
+/// queue, on the queue's own worker, so that packets routed into the tun are
+/// read on as many threads as there are queues. A connection writes on its
+/// worker's queue ([`TunQueues::local`]): the kernel steers a flow's answers
+/// to the queue its last packet was written on, so a connection's return
+/// traffic is read on the connection's own thread.
 #[derive(Debug)]
 pub struct TunQueues {
     queues: Vec<Arc<AsyncTun>>,
@@ -215,22 +216,33 @@ pub struct TunQueues {
 
 impl TunQueues {
     /// Wraps the tun's fds (its first queue, then the others), all opened
-    /// with `offloads`. Must be called inside a tokio runtime.
-    pub fn new(first: OwnedFd, more: Vec<OwnedFd>, offloads: Offloads) -> io::Result<Self> {
+    /// with `offloads`. Queue k is registered with worker k's runtime if
+    /// there is a `pool`, else with the current one (which must exist).
+    pub fn new(
+        first: OwnedFd,
+        more: Vec<OwnedFd>,
+        offloads: Offloads,
+        pool: Option<&WorkerPool>,
+    ) -> io::Result<Self> {
         let queues = std::iter::once(first)
             .chain(more)
-            .map(|fd| AsyncTun::with_offloads(fd, offloads).map(Arc::new))
+            .enumerate()
+            .map(|(index, fd)| {
+                let _runtime = pool.map(|pool| pool.handle(index).enter());
+                AsyncTun::with_offloads(fd, offloads).map(Arc::new)
+            })
             .collect::<io::Result<_>>()?;
         Ok(Self { queues })
     }
 
-    /// The queue for `key` (a peer's id, say): the same key, the same queue.
-    pub fn queue(&self, key: u64) -> &AsyncTun {
+    /// The queue of the worker the caller runs on (the first queue outside
+    /// a worker pool).
+    pub fn local(&self) -> &AsyncTun {
         // `queues` is never empty: `new` puts the first fd in.
-        &self.queues[(key % self.queues.len() as u64) as usize]
+        &self.queues[crate::workers::current_index() % self.queues.len()]
     }
 
-    /// Every queue, for a reader task each.
+    /// Every queue, for a reader task each (queue k on worker k).
     pub fn all(&self) -> &[Arc<AsyncTun>] {
         &self.queues
     }
