@@ -129,21 +129,45 @@ impl Links {
         let Some(member) = self.cluster.holder(destination) else {
             return Some(packet);
         };
-        let Some(link) = self.link(&member) else {
-            self.dropped_link_down.fetch_add(1, Ordering::Relaxed);
-            return None;
+        self.send(&member, [packet]);
+        None
+    }
+
+    /// Sends `packets` (the segments of one super-packet, say) to the
+    /// server whose client holds `destination`, finding it and its link
+    /// once for all of them; false if no other server's client holds it.
+    pub fn forward_all(
+        self: &Arc<Self>,
+        destination: Ipv4Addr,
+        packets: impl IntoIterator<Item = Bytes>,
+    ) -> bool {
+        let Some(member) = self.cluster.holder(destination) else {
+            return false;
         };
-        let len = packet.len();
-        match link.queue.try_push(packet) {
-            Ok(()) => {
-                link.tx_packets.fetch_add(1, Ordering::Relaxed);
-                link.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
-            }
-            Err(_) => {
-                link.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+        self.send(&member, packets);
+        true
+    }
+
+    /// Queues `packets` on the link to `member` (each counted as sent, or
+    /// as dropped: the link down or its queue full).
+    fn send(self: &Arc<Self>, member: &Member, packets: impl IntoIterator<Item = Bytes>) {
+        let Some(link) = self.link(member) else {
+            let dropped = packets.into_iter().count() as u64;
+            self.dropped_link_down.fetch_add(dropped, Ordering::Relaxed);
+            return;
+        };
+        for packet in packets {
+            let len = packet.len();
+            match link.queue.try_push(packet) {
+                Ok(()) => {
+                    link.tx_packets.fetch_add(1, Ordering::Relaxed);
+                    link.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    link.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
-        None
     }
 
     /// The link to `member`, dialed now if there is none (None while a

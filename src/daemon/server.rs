@@ -96,7 +96,7 @@ struct Shared {
     metrics: Metrics,
     peers: PeerTable,
     /// Packets for destinations no client holds go to the server's tun,
-    /// written by the connection task that read them, on its peer's queue.
+    /// written by the connection task that read them, on its worker's queue.
     tun: Arc<TunQueues>,
     events: Events,
     started: SystemTime,
@@ -990,11 +990,7 @@ fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr, address6: Option
 /// into the server's tun, on the queue of the worker this runs on (the one
 /// whose reader gets the answers: see [`crate::workers`]).
 fn forward(shared: &Shared, destination: IpAddr, out: Outbound) {
-    if let Some(peer) = shared.peers.holder(destination) {
-        return send_to(shared, &peer, out);
-    }
-    // A client of another server of the cluster.
-    let Some(out) = to_cluster(shared, destination, out) else {
+    let Some(out) = to_client(shared, destination, out) else {
         return;
     };
     let tun = shared.tun.local();
@@ -1010,6 +1006,18 @@ fn forward(shared: &Shared, destination: IpAddr, out: Outbound) {
             _ => DropKind::TunFull,
         };
         shared.metrics.drops.count(kind);
+    }
+}
+
+/// Queues `out` for the client that holds `destination`, on this server or
+/// on another of the cluster; hands it back if no client does.
+fn to_client(shared: &Shared, destination: IpAddr, out: Outbound) -> Option<Outbound> {
+    match shared.peers.holder(destination) {
+        Some(peer) => {
+            send_to(shared, &peer, out);
+            None
+        }
+        None => to_cluster(shared, destination, out),
     }
 }
 
@@ -1071,18 +1079,18 @@ fn to_cluster(shared: &Shared, destination: IpAddr, out: Outbound) -> Option<Out
         Outbound::Super(sup) if links.held_elsewhere(destination) => sup,
         out => return Some(out),
     };
-    let send = |frame| {
-        // Handed back only if the holder left the cluster meanwhile.
-        if links.forward(destination, frame).is_some() {
-            debug!(%destination, "dropped a packet for a client that just left the cluster");
-        }
-    };
-    match egress(Outbound::Super(sup), PeerLink::PLAIN) {
-        Egress::One(frame) => send(frame),
-        Egress::Many(frames) => frames.into_iter().for_each(send),
+    // The holder is looked up once for all the segments; it is gone only
+    // if it left the cluster since `held_elsewhere`.
+    let forwarded = match egress(Outbound::Super(sup), PeerLink::PLAIN) {
+        Egress::One(frame) => links.forward_all(destination, [frame]),
+        Egress::Many(frames) => links.forward_all(destination, frames),
         Egress::TooBig { .. } | Egress::Malformed(_) => {
             shared.metrics.drops.count(DropKind::Offload);
+            return None;
         }
+    };
+    if !forwarded {
+        debug!(%destination, "dropped a packet for a client that just left the cluster");
     }
     None
 }
@@ -1147,12 +1155,8 @@ async fn tun_reader(tun: Arc<AsyncTun>, shared: Arc<Shared>, shutdown: Cancellat
         // Only to clients, here or on another server of the cluster:
         // nothing read from the tun goes back into it.
         if let Some((_, destination)) = ip_addresses(out.packet()) {
-            match shared.peers.holder(destination) {
-                Some(peer) => send_to(&shared, &peer, out),
-                None => {
-                    to_cluster(&shared, destination, out);
-                }
-            }
+            // What no client holds is dropped.
+            let _ = to_client(&shared, destination, out);
         }
     }
 }
