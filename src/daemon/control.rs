@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use nix::fcntl::AtFlags;
 use nix::sys::stat::{umask, Mode};
-use nix::unistd::{chown, Gid};
+use nix::unistd::{fchownat, Gid};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::{BroadcastStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
@@ -227,9 +228,18 @@ pub fn bind(path: &Path, group: Option<Gid>) -> Result<ControlSocket, ControlSoc
     let bound = UnixListener::bind(path);
     umask(old);
     let listener = bound.map_err(io_err)?;
+    // As root, on a path in a directory someone else may write: never
+    // through a link (a socket cannot be opened for fchmod/fchown, so the
+    // path is checked to be the socket just bound, and chown'd as itself).
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {}
+        Ok(_) => return Err(ControlSocketError::NotASocket(path.to_path_buf())),
+        Err(e) => return Err(io_err(e)),
+    }
     fs::set_permissions(path, fs::Permissions::from_mode(0o660)).map_err(io_err)?;
     if group.is_some() {
-        chown(path, None, group).map_err(|e| io_err(e.into()))?;
+        fchownat(None, path, None, group, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|e| io_err(e.into()))?;
     }
     listener.set_nonblocking(true).map_err(io_err)?;
     Ok(ControlSocket {

@@ -3,16 +3,23 @@
 //! simplevpn-helper (the only privileged process from then on), then drop to
 //! the service user with no capabilities at all.
 
+use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::dir::{Dir, Type as DirType};
+use nix::errno::Errno;
+use nix::fcntl::{openat, OFlag};
 use nix::libc;
-use nix::unistd::geteuid;
+use nix::sys::stat::{fstat, Mode, SFlag};
+use nix::unistd::{fchown, geteuid};
+use tracing::warn;
 
 use super::Role;
 use crate::limits::MAX_TUN_QUEUES;
@@ -57,6 +64,14 @@ pub enum StartError {
 /// writable by the user already, or opening the database says why not.
 /// Under systemd, `StateDirectory=simplevpn` makes /var/lib/simplevpn, owned
 /// by root (the unit has no `User=`): this gives it to the service user.
+///
+/// The service user can write in that directory, so nothing in it is
+/// trusted: the directory and each entry are opened with `O_NOFOLLOW`
+/// (relative to the directory's own fd, so a renamed parent changes
+/// nothing), checked with `fstat`, and changed with `fchown`. Only the
+/// directory and regular files with a single link are given away; a
+/// symlink, a hard link to a file elsewhere, a FIFO or a device is logged
+/// and skipped ([`StateEntry`]).
 pub fn take_state_dir(dir: &Path, user: &ServiceUser) -> Result<(), StartError> {
     let problem = |problem: String| StartError::StateDir {
         path: dir.to_path_buf(),
@@ -69,27 +84,89 @@ pub fn take_state_dir(dir: &Path, user: &ServiceUser) -> Result<(), StartError> 
             .create(dir)
             .map_err(|e| problem(e.to_string()))?;
     }
-    let entries = std::fs::read_dir(dir).map_err(|e| problem(e.to_string()))?;
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let dir_fd = open_owned(None, dir, flags).map_err(|e| match e {
+        Errno::ELOOP | Errno::ENOTDIR => problem("is not a directory (a symlink?)".into()),
+        e => problem(e.to_string()),
+    })?;
+    let mut listing = Dir::openat(
+        Some(dir_fd.as_raw_fd()),
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| problem(e.to_string()))?;
     let mut ours = Vec::new();
-    for entry in entries {
+    for entry in listing.iter() {
         let entry = entry.map_err(|e| problem(e.to_string()))?;
-        let name = entry.file_name();
+        let name = OsStr::from_bytes(entry.file_name().to_bytes()).to_os_string();
         // Directories are the states of other daemons (simplevpnd@NAME
         // keeps its own in /var/lib/simplevpn/NAME): not ours to change.
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+        if entry.file_type() == Some(DirType::Directory) {
             continue;
         }
         if !name.to_string_lossy().starts_with(crate::state::STATE_FILE) {
             // Not only ours: leave ownership alone.
             return Ok(());
         }
-        ours.push(entry.path());
+        ours.push(name);
     }
-    for path in std::iter::once(dir.to_path_buf()).chain(ours) {
-        nix::unistd::chown(&path, Some(user.uid), Some(user.gid))
-            .map_err(|e| problem(format!("chown {} to {}: {e}", path.display(), user.name)))?;
+    fchown(dir_fd.as_raw_fd(), Some(user.uid), Some(user.gid))
+        .map_err(|e| problem(format!("chown to {}: {e}", user.name)))?;
+    for name in ours {
+        match give_entry(&dir_fd, Path::new(&name), user) {
+            Ok(()) => {}
+            Err(skipped) => warn!(
+                dir = %dir.display(),
+                entry = %name.to_string_lossy(),
+                "state directory: left {skipped} as it is (not given to {})",
+                user.name
+            ),
+        }
     }
     Ok(())
+}
+
+/// Why an entry of the state directory was not given to the service user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateEntry {
+    #[error("a symlink")]
+    Symlink,
+    #[error("a file with {0} hard links")]
+    HardLinked(u64),
+    #[error("something other than a regular file")]
+    NotAFile,
+    #[error("an entry it could not open or change ({0})")]
+    Failed(Errno),
+}
+
+/// Gives one entry of the state directory to `user`, if it is a regular
+/// file with one link, never following a link.
+fn give_entry(dir: &OwnedFd, name: &Path, user: &ServiceUser) -> Result<(), StateEntry> {
+    // O_NONBLOCK: opening a FIFO planted there must not hang the start.
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let fd = open_owned(Some(dir), name, flags).map_err(|e| match e {
+        Errno::ELOOP => StateEntry::Symlink,
+        e => StateEntry::Failed(e),
+    })?;
+    let stat = fstat(fd.as_raw_fd()).map_err(StateEntry::Failed)?;
+    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+        return Err(StateEntry::NotAFile);
+    }
+    if stat.st_nlink != 1 {
+        return Err(StateEntry::HardLinked(stat.st_nlink));
+    }
+    fchown(fd.as_raw_fd(), Some(user.uid), Some(user.gid)).map_err(StateEntry::Failed)
+}
+
+/// `openat` (or `open` without a directory), as an fd that closes itself.
+fn open_owned(dir: Option<&OwnedFd>, path: &Path, flags: OFlag) -> Result<OwnedFd, Errno> {
+    let raw = match dir {
+        Some(dir) => openat(Some(dir.as_raw_fd()), path, flags, Mode::empty())?,
+        None => nix::fcntl::open(path, flags, Mode::empty())?,
+    };
+    // SAFETY: `raw` was just returned by open(2) and is owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 /// The running helper.
@@ -128,7 +205,7 @@ pub fn helper_args(role: &Role) -> HelperArgs {
             network: Some(config.network),
             network6: config.network6,
             max_mtu: config.max_frame as u32,
-            user: config.user.clone(),
+            user: config.helper_user.clone(),
             // The server routes the networks behind its peers into its tun.
             routes: config
                 .peers
@@ -149,7 +226,7 @@ pub fn helper_args(role: &Role) -> HelperArgs {
             network: config.network,
             network6: config.network6,
             max_mtu: config.max_frame as u32,
-            user: config.user.clone(),
+            user: config.helper_user.clone(),
             routes: config.accept_routes.iter().flatten().copied().collect(),
             any_route: config.accept_routes.is_none(),
             masquerade: false,
@@ -274,6 +351,52 @@ pub fn reap(mut child: Child, timeout: Duration) -> Option<ExitStatus> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    /// As root only (the tests in namespaces run as root): a state
+    /// directory with a symlink to a root-owned file, a hard link to one, a
+    /// FIFO and a real state file, taken twice: only the directory and the
+    /// real file become the user's.
+    #[test]
+    fn the_state_directory_is_taken_without_following_any_link() {
+        if !geteuid().is_root() {
+            eprintln!("skipped: needs root (chown)");
+            return;
+        }
+        let user = ServiceUser::lookup("nobody").expect("user nobody");
+        let base = std::env::temp_dir().join(format!("svpn-state-{}", std::process::id()));
+        let dir = base.join("state");
+        std::fs::create_dir_all(&dir).expect("state dir");
+        let victim = base.join("victim");
+        let pinned = base.join("pinned");
+        std::fs::write(&victim, b"root's secret").expect("victim");
+        std::fs::write(&pinned, b"root's other file").expect("pinned");
+        std::fs::write(dir.join("state.db"), b"").expect("state file");
+        std::os::unix::fs::symlink(&victim, dir.join("state.db-x")).expect("symlink");
+        std::fs::hard_link(&pinned, dir.join("state.db-h")).expect("hard link");
+        nix::unistd::mkfifo(&dir.join("state.db-fifo"), Mode::from_bits_truncate(0o600))
+            .expect("fifo");
+        for _ in 0..2 {
+            take_state_dir(&dir, &user).expect("taken");
+        }
+        let owner = |p: &Path| std::fs::symlink_metadata(p).expect("stat").uid();
+        assert_eq!(owner(&dir), user.uid.as_raw());
+        assert_eq!(owner(&dir.join("state.db")), user.uid.as_raw());
+        assert_eq!(owner(&victim), 0, "a symlink was followed");
+        assert_eq!(owner(&pinned), 0, "a hard link was given away");
+        assert_eq!(owner(&dir.join("state.db-fifo")), 0);
+        assert_eq!(
+            std::fs::read(&victim).expect("read"),
+            b"root's secret".to_vec()
+        );
+        // The directory itself as a symlink is refused, not followed.
+        let link = base.join("link");
+        std::os::unix::fs::symlink(&dir, &link).expect("dir symlink");
+        assert!(matches!(
+            take_state_dir(&link, &user),
+            Err(StartError::StateDir { .. })
+        ));
+        std::fs::remove_dir_all(&base).ok();
+    }
 
     #[test]
     fn only_a_root_or_same_owner_file_writable_by_its_owner_is_run() {
