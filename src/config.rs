@@ -48,6 +48,10 @@ pub const DEFAULT_CONTROL_SOCKET: &str = "/run/simplevpn/control.sock";
 pub const DEFAULT_CONTROL_GROUP: &str = "simplevpn";
 /// The service user simplevpnd drops to.
 pub const DEFAULT_USER: &str = "simplevpn";
+/// The user simplevpn-helper runs as (with CAP_NET_ADMIN): not the daemon's,
+/// so that what is granted to the helper (the polkit rule for
+/// systemd-resolved) is not the daemon's too.
+pub const DEFAULT_HELPER_USER: &str = "simplevpn-helper";
 /// Where the server keeps its state (leases, bans, peers added live).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/simplevpn";
 /// How long a TLS key keeps its address after it was last connected: 30 days.
@@ -175,6 +179,8 @@ pub struct ServerSection {
     pub frame_timeout: Option<u64>,
     /// The unprivileged user to run as.
     pub user: Option<String>,
+    /// The user simplevpn-helper runs as (keeping CAP_NET_ADMIN only).
+    pub helper_user: Option<String>,
     /// The server's private key file: TLS clients are served when set.
     pub key: Option<PathBuf>,
     /// Serve original-protocol (unauthenticated, plaintext) clients too.
@@ -261,6 +267,8 @@ pub struct ClientSection {
     pub max_frame: Option<usize>,
     /// The unprivileged user to run as.
     pub user: Option<String>,
+    /// The user simplevpn-helper runs as (keeping CAP_NET_ADMIN only).
+    pub helper_user: Option<String>,
     /// The tunnel network, if known: the helper then sets only addresses
     /// inside it.
     pub network: Option<Ipv4Net>,
@@ -318,6 +326,7 @@ pub struct ServerConfig {
     pub memory_budget: usize,
     pub frame_timeout: Duration,
     pub user: String,
+    pub helper_user: String,
     /// The private key file; `None`: no TLS (legacy must be on).
     pub key: Option<PathBuf>,
     /// The TLS clients that may join.
@@ -375,6 +384,7 @@ impl ServerConfig {
         differs("max_frame", self.max_frame != new.max_frame);
         differs("queue_len", self.queue_len != new.queue_len);
         differs("user", self.user != new.user);
+        differs("helper_user", self.helper_user != new.helper_user);
         differs("key", self.key != new.key);
         differs("legacy", self.legacy != new.legacy);
         differs(
@@ -458,6 +468,7 @@ pub struct ClientConfig {
     pub mtu: u32,
     pub max_frame: usize,
     pub user: String,
+    pub helper_user: String,
     /// Addresses outside it are refused (by the helper); `None`: any unicast.
     pub network: Option<Ipv4Net>,
     /// IPv6 addresses outside it are refused (by the helper); `None`: any
@@ -583,6 +594,7 @@ impl ServerSection {
             memory_budget: flags.memory_budget.or(self.memory_budget),
             frame_timeout: flags.frame_timeout.or(self.frame_timeout),
             user: flags.user.or(self.user),
+            helper_user: flags.helper_user.or(self.helper_user),
             key: flags.key.or(self.key),
             legacy: flags.legacy.or(self.legacy),
             legacy_allow: flags.legacy_allow.or(self.legacy_allow),
@@ -702,6 +714,7 @@ impl ServerSection {
                 self.frame_timeout,
                 DEFAULT_FRAME_TIMEOUT_SECS,
             )?,
+            helper_user: helper_user(self.helper_user, self.user.as_deref())?,
             user: user(self.user)?,
             legacy: legacy(self.legacy, self.legacy_allow, self.key.is_some())?,
             peers,
@@ -986,6 +999,7 @@ impl ClientSection {
             mtu: flags.mtu.or(self.mtu),
             max_frame: flags.max_frame.or(self.max_frame),
             user: flags.user.or(self.user),
+            helper_user: flags.helper_user.or(self.helper_user),
             network: flags.network.or(self.network),
             network6: flags.network6.or(self.network6),
             key: flags.key.or(self.key),
@@ -1072,6 +1086,7 @@ impl ClientSection {
             keepalive_after: Duration::from_secs(15).min(timeout / 2),
             mtu: mtu(self.mtu, max_frame)?,
             max_frame,
+            helper_user: helper_user(self.helper_user, self.user.as_deref())?,
             user: user(self.user)?,
             network,
             network6: match self.network6 {
@@ -1172,6 +1187,22 @@ fn user(name: Option<String>) -> Result<String, ConfigError> {
         name if name.is_empty() => Err(ConfigError::new("user", "must not be empty")),
         name => Ok(name),
     }
+}
+
+/// The helper's user: not empty, and not the daemon's own user (the
+/// daemon must not be able to signal it, nor be granted what it is).
+fn helper_user(name: Option<String>, daemon: Option<&str>) -> Result<String, ConfigError> {
+    let name = name.unwrap_or_else(|| DEFAULT_HELPER_USER.to_string());
+    if name.is_empty() {
+        return Err(ConfigError::new("helper_user", "must not be empty"));
+    }
+    if name == daemon.unwrap_or(DEFAULT_USER) {
+        return Err(ConfigError::new(
+            "helper_user",
+            format!("{name:?} is also the daemon's user; the helper needs a user of its own"),
+        ));
+    }
+    Ok(name)
 }
 
 /// The tun's name: 1 to [`MAX_IFNAME_LEN`] (15) bytes of a-z, A-Z, 0-9, `-_.`.

@@ -118,8 +118,19 @@ fn assert_daemon_unprivileged(daemon: &Daemon, what: &str) {
     }
 }
 
+/// The helper's own user's uid and gid, as /proc prints them.
+fn helper_user_ids() -> (String, String) {
+    let user = User::from_name(HELPER_USER)
+        .expect("user database")
+        .unwrap_or_else(|| panic!("user {HELPER_USER} must exist (scripts/deps makes it)"));
+    let four = |id: u32| [id; 4].map(|i| i.to_string()).join("\t");
+    (four(user.uid.as_raw()), four(user.gid.as_raw()))
+}
+
 fn assert_helper_net_admin_only(helper: Process, what: &str) {
-    let (uids, gids) = user_ids();
+    let (uids, gids) = helper_user_ids();
+    let (daemon_uids, _) = user_ids();
+    assert_ne!(uids, daemon_uids, "the helper's user is the daemon's");
     let st = status(&format!("/proc/{}/status", helper.pid));
     let at = format!("{what}'s helper (pid {})", helper.pid);
     assert_eq!(st["CapEff"], NET_ADMIN_ONLY, "{at}: CapEff");
@@ -447,7 +458,7 @@ fn a_missing_or_root_user_is_a_one_line_error_with_exit_2() {
     let missing = "svpn-no-such-user";
     for role in [
         vec!["server", "--network", NETWORK, "--legacy"],
-        vec!["client", "-s", "198.18.1.1"],
+        vec!["client", "-s", "198.18.1.1", "--legacy"],
     ] {
         let mut args = role.clone();
         args.extend(["--user", missing]);
@@ -461,6 +472,25 @@ fn a_missing_or_root_user_is_a_one_line_error_with_exit_2() {
             ),
             "{args:?}"
         );
+
+        // The helper's user too: never a fallback to the daemon's.
+        let mut args = role.clone();
+        args.extend(["--user", USER, "--helper-user", missing]);
+        let (code, stderr) = run(&args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.trim_end(),
+            format!(
+                "simplevpnd: helper_user: no such user \"{missing}\"; create it with: \
+                 useradd --system --no-create-home --shell /usr/sbin/nologin {missing}"
+            ),
+            "{args:?}"
+        );
+        let mut args = role.clone();
+        args.extend(["--user", USER, "--helper-user", USER]);
+        let (code, stderr) = run(&args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("helper_user:"), "{stderr}");
 
         let mut args = role.clone();
         args.extend(["--user", "root"]);

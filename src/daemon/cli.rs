@@ -84,6 +84,10 @@ pub struct CommonArgs {
     /// Unprivileged user to run as, once the helper is started [default: simplevpn]
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
+    /// User simplevpn-helper runs as, keeping CAP_NET_ADMIN only; not the
+    /// daemon's user [default: simplevpn-helper]
+    #[arg(long, value_name = "NAME")]
+    pub helper_user: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -187,6 +191,7 @@ impl From<ServerArgs> for ServerSection {
             handshake_timeout: args.handshake_timeout,
             mtu: args.common.mtu,
             user: args.common.user,
+            helper_user: args.common.helper_user,
             key: args.key,
             legacy: args.legacy.then_some(true),
             peer: (!args.peers.is_empty()).then(|| {
@@ -224,6 +229,7 @@ impl From<ClientArgs> for ClientSection {
             timeout: args.timeout,
             mtu: args.common.mtu,
             user: args.common.user,
+            helper_user: args.common.helper_user,
             key: args.key,
             server_key: args.server_key,
             accept_routes: (!args.accept_routes.is_empty()).then_some(args.accept_routes),

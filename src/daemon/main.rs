@@ -41,6 +41,23 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // The helper's user must exist before anything starts: never a silent
+    // fallback to the daemon's own user.
+    let helper_user = match ServiceUser::lookup_setting("helper_user", settings.role.helper_user())
+    {
+        Ok(helper_user) => helper_user,
+        Err(e) => {
+            eprintln!("simplevpnd: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if helper_user.uid == user.uid {
+        eprintln!(
+            "simplevpnd: helper_user: {:?} has the daemon's uid {}; the helper needs a user of its own",
+            helper_user.name, user.uid
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
     if let Err(e) = privileges::require_root(&user) {
         eprintln!("simplevpnd: {e}");
         return ExitCode::FAILURE;
@@ -89,8 +106,10 @@ fn main() -> ExitCode {
     info!(
         user = %user.name,
         helper_pid = child.id(),
-        "running as {} without capabilities; simplevpn-helper keeps CAP_NET_ADMIN",
-        user.name
+        helper_user = %helper_user.name,
+        "running as {} without capabilities; simplevpn-helper runs as {} and keeps CAP_NET_ADMIN",
+        user.name,
+        helper_user.name
     );
 
     // One thread; a server with more than one worker starts its worker

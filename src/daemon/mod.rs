@@ -54,6 +54,14 @@ impl Role {
             Role::Client(config) => &config.user,
         }
     }
+
+    /// The user simplevpn-helper runs as.
+    pub fn helper_user(&self) -> &str {
+        match self {
+            Role::Server(config) => &config.helper_user,
+            Role::Client(config) => &config.helper_user,
+        }
+    }
 }
 
 /// Everything simplevpnd runs with.

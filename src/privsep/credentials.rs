@@ -29,22 +29,27 @@ impl ServiceUser {
     /// Looks `name` up in the user database. A missing user, or one that is
     /// root or in group root, is a config error that says what to do.
     pub fn lookup(name: &str) -> Result<ServiceUser, ConfigError> {
+        ServiceUser::lookup_setting("user", name)
+    }
+
+    /// [`ServiceUser::lookup`] for the setting `field` (`user`, `helper_user`).
+    pub fn lookup_setting(field: &str, name: &str) -> Result<ServiceUser, ConfigError> {
         let user = match User::from_name(name) {
             Ok(Some(user)) => user,
             Ok(None) => {
                 return Err(ConfigError::new(
-                    "user",
+                    field,
                     format!(
                         "no such user {name:?}; create it with: \
                          useradd --system --no-create-home --shell /usr/sbin/nologin {name}"
                     ),
                 ))
             }
-            Err(e) => return Err(ConfigError::new("user", format!("look up {name:?}: {e}"))),
+            Err(e) => return Err(ConfigError::new(field, format!("look up {name:?}: {e}"))),
         };
         if user.uid.is_root() || user.gid.as_raw() == 0 {
             return Err(ConfigError::new(
-                "user",
+                field,
                 format!("{name:?} is root or in group root; give an unprivileged user"),
             ));
         }

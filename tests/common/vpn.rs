@@ -20,6 +20,8 @@ pub const TUN: &str = "svpn0";
 pub const STARTUP: Duration = Duration::from_secs(10);
 /// The service user every daemon the tests start drops to.
 pub const USER: &str = "nobody";
+/// The helper's own user, the default `helper_user` (scripts/deps makes it).
+pub const HELPER_USER: &str = "simplevpn-helper";
 
 /// Server namespace plus `n` client namespaces; client `i` reaches the server
 /// at 198.18.{i+1}.1 from 198.18.{i+1}.2. Each daemon gets a control socket
