@@ -390,6 +390,68 @@ fn clients_install_only_the_pushed_routes_they_accept() {
 }
 
 #[test]
+fn a_client_installs_wide_or_lan_routes_only_as_far_as_it_opted_in() {
+    if !require_root("a_client_installs_wide_or_lan_routes_only_as_far_as_it_opted_in") {
+        return;
+    }
+    let bed = Bed::new("rtwide", 1);
+    let a_ns = &bed.clients[0];
+    let (server_key, server_pub) = keygen(&bed, "server");
+    let (a_key, a_pub) = keygen(&bed, "a");
+    // Two wide routes that take most of the Internet, a route inside the
+    // client's own underlay network (198.18.1.0/24, not covering the
+    // server's 198.18.1.1), and an ordinary LAN.
+    let (half, quarter, underlay) = ("0.0.0.0/1", "128.0.0.0/2", "198.18.1.128/25");
+    let config = write_config(
+        &bed,
+        "server.toml",
+        &format!(
+            "[server]\nroutes = {}\n{}",
+            toml_list(&[half, quarter, underlay, SERVER_LAN]),
+            peer_table(&a_pub, None, Some(A), &[])
+        ),
+    );
+    let _server = bed.start_server(&["--config", &config, "--key", &server_key]);
+
+    // Neither accept_routes nor full_tunnel: the LAN only.
+    let mut a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
+    wait_for_route(a_ns, SERVER_LAN, &a);
+    for refused in [half, quarter, underlay] {
+        assert_refused_once(&a, refused);
+        assert!(
+            !routed_to_tun(a_ns, refused),
+            "{refused}:\n{}",
+            routes_of(a_ns)
+        );
+    }
+    let log = a.log();
+    assert!(log.contains("wider than /8"), "{log}");
+    assert!(log.contains("connected to another interface"), "{log}");
+    assert!(
+        a.terminate(Duration::from_secs(5)).is_some(),
+        "client did not stop"
+    );
+
+    // accept_routes = ["0.0.0.0/0"], the explicit opt-in: everything but
+    // the route into the client's own network.
+    let accept = write_config(
+        &bed,
+        "a.toml",
+        "[client]\naccept_routes = [\"0.0.0.0/0\"]\n",
+    );
+    let mut args = vec!["--config", accept.as_str()];
+    args.extend(tls_client_args(&a_key, &server_pub));
+    let a = bed.start_client(0, &args);
+    for installed in [half, quarter, SERVER_LAN] {
+        wait_for_route(a_ns, installed, &a);
+    }
+    assert_refused_once(&a, underlay);
+    assert!(!routed_to_tun(a_ns, underlay), "{}", routes_of(a_ns));
+    // The underlay still works: the tunnel carries traffic.
+    tcp_round_trip(a_ns, &bed.server, SERVER_TUNNEL, 5000, 100_000);
+}
+
+#[test]
 fn overlapping_peer_networks_stop_the_server_with_exit_2() {
     if !require_root("overlapping_peer_networks_stop_the_server_with_exit_2") {
         return;

@@ -361,6 +361,16 @@ impl Client {
         self.state
             .events
             .publish(EventKind::Connected, remote, None, "");
+        // Before any route is pushed: the helper then refuses routes that
+        // would take the connection to the server into the tun.
+        if let Err(e) = self
+            .tunnel
+            .helper
+            .underlay(self.tunnel.index, remote.ip())
+            .await
+        {
+            warn!(error = %e, "the helper did not take the server's address");
+        }
 
         let last_sent = Arc::new(LastSent::new());
         let (to_uplink, inbox) = mpsc::channel(UPLINK_QUEUE);

@@ -261,6 +261,12 @@ impl Helper {
             .await
     }
 
+    /// Client: the server it is connected to now, whose address no route
+    /// may take into the tun.
+    pub async fn underlay(&self, index: u32, server: IpAddr) -> Result<(), HelperError> {
+        self.done(HelperRequest::Underlay { index, server }).await
+    }
+
     /// Client: undoes [`Helper::full_tunnel`].
     pub async fn end_full_tunnel(&self, index: u32) -> Result<(), HelperError> {
         self.done(HelperRequest::EndFullTunnel { index }).await

@@ -21,6 +21,7 @@
 //! ignored: a terminal's Ctrl-C or systemd's stop reaches the daemon too, and
 //! the helper leaves only after the daemon has.
 
+use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -46,10 +47,12 @@ use simplevpn::privsep::policy::{pin_route, HostRoute, Policy, Refusal};
 use simplevpn::privsep::protocol::{decode, encode, Forwarding, HelperRequest, HelperResponse};
 use simplevpn::privsep::resolved::{self, ResolvedError};
 use simplevpn::program;
-use tracing::{error, info, info_span, warn};
+use tracing::{debug, error, info, info_span, warn};
 
 /// The daemon's socket, as set up by simplevpnd.
 const SOCKET_FD: RawFd = 3;
+/// Distinct refusals logged as warnings; later ones go to the debug level.
+const MAX_LOGGED_REFUSALS: usize = 256;
 /// The parent-death signal: caught, so that the helper cleans up first.
 const PARENT_DEATH: Signal = Signal::SIGUSR1;
 /// Set by the parent-death signal's handler.
@@ -123,6 +126,7 @@ fn run(args: HelperArgs) -> anyhow::Result<()> {
         runtime,
         changes: Changes::default(),
         resolved_here,
+        refusals_logged: HashSet::new(),
     };
     let result = serve(&socket, &mut state);
     state.undo();
@@ -187,6 +191,8 @@ struct State {
     /// Whether this is PID 1's network namespace, the one systemd-resolved
     /// serves: DNS is set only then.
     resolved_here: bool,
+    /// The refusals logged as warnings so far (see [`State::log_refusal`]).
+    refusals_logged: HashSet<String>,
 }
 
 /// What the helper changed on the host beyond the tun (whose own routes go
@@ -234,8 +240,21 @@ impl State {
                 return HelperResponse::Refused(format!("malformed request: {e}"));
             }
         };
-        if let Err(refusal) = self.policy.check(&request) {
-            warn!("refused to {request}: {refusal}");
+        let checked = self.policy.check(&request).and_then(|()| {
+            // A client's routes and addresses are checked against the
+            // host's other networks as they are now.
+            match request {
+                HelperRequest::AddRoute { .. }
+                | HelperRequest::SetAddress { .. }
+                | HelperRequest::SetAddress6 { .. } => {
+                    let connected = self.connected_networks();
+                    self.policy.check_host(&request, &connected)
+                }
+                _ => Ok(()),
+            }
+        });
+        if let Err(refusal) = checked {
+            self.log_refusal(&request, &refusal);
             return HelperResponse::Refused(refusal.to_string());
         }
         match self.execute(&request) {
@@ -248,6 +267,38 @@ impl State {
                 warn!("failed to {request}: {e}");
                 HelperResponse::Failed(e.to_string())
             }
+        }
+    }
+
+    /// The networks connected to the host's interfaces other than the tun:
+    /// the main table's routes without a gateway. If they cannot be read,
+    /// none (the policy's other rules still hold), with a warning.
+    fn connected_networks(&self) -> Vec<IpNet> {
+        let tun = self.policy.tun_index();
+        match self.runtime.block_on(self.links.host_routes()) {
+            Ok(routes) => routes
+                .into_iter()
+                .filter(|r| r.gateway.is_none() && Some(r.index) != tun)
+                .filter(|r| r.destination.prefix_len() > 0)
+                .map(|r| r.destination)
+                .collect(),
+            Err(e) => {
+                warn!("cannot list the host's routes to check against its networks: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// A refusal is logged once as a warning (a client asks again on every
+    /// reconnect), then at debug level.
+    fn log_refusal(&mut self, request: &HelperRequest, refusal: &Refusal) {
+        let line = format!("refused to {request}: {refusal}");
+        if self.refusals_logged.len() < MAX_LOGGED_REFUSALS
+            && self.refusals_logged.insert(line.clone())
+        {
+            warn!("{line}");
+        } else {
+            debug!("{line}");
         }
     }
 
@@ -452,6 +503,7 @@ impl State {
                 }
                 return Ok(HelperResponse::Changed(changes));
             }
+            HelperRequest::Underlay { .. } => Ok(()),
             HelperRequest::EndFullTunnel { index } => {
                 self.end_full_tunnel(index)?;
                 info!("full tunnel ended: its routes are removed");

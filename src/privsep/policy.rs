@@ -24,6 +24,7 @@
 //!   `--dns` may set DNS (within the session parameters' limits) on its own
 //!   tun only.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::RangeInclusive;
 
@@ -31,7 +32,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::policy6::AddressRule6;
 use super::protocol::HelperRequest;
-use crate::limits::{MAX_MTU, MIN_MTU, TUNNEL_PREFIX};
+use crate::limits::{
+    MAX_HELPER_ROUTES, MAX_MTU, MIN_MTU, MIN_PUSHED_PREFIX4, MIN_PUSHED_PREFIX6, TUNNEL_PREFIX,
+};
 use crate::params::{valid_domain, MAX_DNS, MAX_DNS_SEARCH};
 
 /// What the helper's command line grants beyond the tun's address, MTU and
@@ -136,6 +139,14 @@ pub enum Refusal {
     },
     #[error("{0} is for a server's helper only")]
     ServerOnly(&'static str),
+    #[error("{0} is for a client's helper only")]
+    ClientOnly(&'static str),
+    #[error("{what} {net}: {why}")]
+    Host {
+        what: &'static str,
+        net: IpNet,
+        why: String,
+    },
     #[error("the server address {server}: {why}")]
     Server { server: IpAddr, why: String },
     #[error("the host has no route to {0} outside the tun: nothing to pin")]
@@ -163,6 +174,10 @@ pub struct Policy {
     routes: RouteRule,
     /// What else the command line allows.
     grants: Grants,
+    /// Client: the server it is connected to now; no route may cover it.
+    underlay: Option<IpAddr>,
+    /// The routes added through the tun (at most [`MAX_HELPER_ROUTES`]).
+    installed: BTreeSet<IpNet>,
 }
 
 impl Policy {
@@ -179,6 +194,8 @@ impl Policy {
             address6: None,
             routes: RouteRule::Inside(Vec::new()),
             grants: Grants::default(),
+            underlay: None,
+            installed: BTreeSet::new(),
         }
     }
 
@@ -242,11 +259,37 @@ impl Policy {
                 }
             }
             HelperRequest::LinkUp { index } => self.check_index(index),
-            HelperRequest::AddRoute { index, destination }
-            | HelperRequest::DelRoute { index, destination } => {
+            HelperRequest::AddRoute { index, destination } => {
+                self.check_index(index)?;
+                if !self.installed.contains(&destination)
+                    && self.installed.len() >= MAX_HELPER_ROUTES
+                {
+                    return Err(Refusal::Route {
+                        destination,
+                        why: format!("this helper already installed {MAX_HELPER_ROUTES} routes"),
+                    });
+                }
+                self.check_route(destination)
+                    .and_then(|()| self.check_client_route(destination))
+                    .map_err(|why| Refusal::Route { destination, why })
+            }
+            HelperRequest::DelRoute { index, destination } => {
                 self.check_index(index)?;
                 self.check_route(destination)
                     .map_err(|why| Refusal::Route { destination, why })
+            }
+            HelperRequest::Underlay { index, server } => {
+                if !self.is_client() {
+                    return Err(Refusal::ClientOnly("the server's address"));
+                }
+                self.check_index(index)?;
+                match unicast(server) {
+                    true => Ok(()),
+                    false => Err(Refusal::Server {
+                        server,
+                        why: "not a unicast address".into(),
+                    }),
+                }
             }
             HelperRequest::Masquerade { index } => {
                 self.granted(self.grants.masquerade, "masquerade", "--masquerade")?;
@@ -310,6 +353,11 @@ impl Policy {
         }
     }
 
+    /// The tun's ifindex, once opened.
+    pub fn tun_index(&self) -> Option<u32> {
+        self.index
+    }
+
     /// The subnet of the IPv6 address last set on the tun, if any.
     pub fn address6(&self) -> Option<Ipv6Net> {
         self.address6
@@ -333,8 +381,7 @@ impl Policy {
 
     /// A full tunnel's server: a unicast address outside the tunnel.
     fn check_server(&self, server: IpAddr) -> Result<(), String> {
-        let broadcast = matches!(server, IpAddr::V4(v4) if v4.is_broadcast());
-        if server.is_loopback() || server.is_multicast() || broadcast || server.is_unspecified() {
+        if !unicast(server) {
             return Err("not a unicast address".into());
         }
         let tunnel = match self.rule {
@@ -369,7 +416,97 @@ impl Policy {
             HelperRequest::SetAddress6 {
                 address, prefix, ..
             } => self.address6 = self.rule6.check(address, prefix).ok(),
+            HelperRequest::AddRoute { destination, .. } => {
+                self.installed.insert(destination);
+            }
+            HelperRequest::DelRoute { destination, .. } => {
+                self.installed.remove(&destination);
+            }
+            HelperRequest::Underlay { server, .. } | HelperRequest::FullTunnel { server, .. } => {
+                self.underlay = Some(server)
+            }
             _ => {}
+        }
+    }
+
+    /// Whether this is a client's helper (a server's sets its network's
+    /// host address).
+    fn is_client(&self) -> bool {
+        !matches!(self.rule, AddressRule::HostOf(_))
+    }
+
+    /// What a client's helper refuses of a pushed route even where
+    /// [`Policy::check_route`] allows it: without `accept_routes`, a route
+    /// wider than [`MIN_PUSHED_PREFIX4`] (IPv6: [`MIN_PUSHED_PREFIX6`])
+    /// unless the full tunnel was granted; and any route that covers the
+    /// server's address (the tunnel would carry itself, or a malicious
+    /// server would take the connection to itself).
+    fn check_client_route(&self, destination: IpNet) -> Result<(), String> {
+        if !self.is_client() {
+            return Ok(());
+        }
+        let min = match destination {
+            IpNet::V4(_) => MIN_PUSHED_PREFIX4,
+            IpNet::V6(_) => MIN_PUSHED_PREFIX6,
+        };
+        if self.routes == RouteRule::AnyButDefault
+            && !self.grants.full_tunnel
+            && destination.prefix_len() < min
+        {
+            return Err(format!(
+                "wider than /{min}: installed only with accept_routes covering it \
+                 (or full_tunnel), the user's choice"
+            ));
+        }
+        match self.underlay {
+            Some(server) if destination.contains(&server) => Err(format!(
+                "covers the server's address {server}: the tunnel would carry itself"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The checks of a client's request against the host: `connected` are
+    /// the networks connected to the host's other interfaces (routes without
+    /// a gateway in the main table, not through the tun). A route inside
+    /// (or equal to) one of them would take part of that LAN's traffic into
+    /// the tun, and so would an address inside one (or a subnet inside
+    /// one): refused. A wider route is allowed: the LAN's own, longer
+    /// route still wins for it. Servers are not checked (their routes and
+    /// addresses are their own configuration).
+    pub fn check_host(&self, request: &HelperRequest, connected: &[IpNet]) -> Result<(), Refusal> {
+        if !self.is_client() {
+            return Ok(());
+        }
+        let (what, net, address) = match *request {
+            HelperRequest::AddRoute { destination, .. } => ("route", destination, None),
+            HelperRequest::SetAddress {
+                address, prefix, ..
+            } => match Ipv4Net::new(address, prefix) {
+                Ok(net) => ("address", IpNet::V4(net.trunc()), Some(IpAddr::V4(address))),
+                Err(_) => return Ok(()),
+            },
+            HelperRequest::SetAddress6 {
+                address, prefix, ..
+            } => match Ipv6Net::new(address, prefix) {
+                Ok(net) => ("address", IpNet::V6(net.trunc()), Some(IpAddr::V6(address))),
+                Err(_) => return Ok(()),
+            },
+            _ => return Ok(()),
+        };
+        let clash = connected.iter().find(|lan| {
+            lan.contains(&net) || address.is_some_and(|address| lan.contains(&address))
+        });
+        match clash {
+            Some(lan) => Err(Refusal::Host {
+                what,
+                net,
+                why: format!(
+                    "inside {lan}, a network connected to another interface of this host: \
+                     its traffic would go into the tunnel"
+                ),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -478,16 +615,25 @@ fn check_dns(servers: &[IpAddr], domains: &[String]) -> Result<(), String> {
             domains.len()
         ));
     }
-    let not_unicast = |s: &&IpAddr| {
-        s.is_unspecified() || s.is_multicast() || matches!(s, IpAddr::V4(v4) if v4.is_broadcast())
-    };
-    if let Some(bad) = servers.iter().find(not_unicast) {
-        return Err(format!("{bad} is not a unicast address"));
+    // Loopback too: a pushed resolver on the client's own loopback would
+    // be a local service the server picked.
+    if let Some(bad) = servers.iter().find(|s| !unicast(**s)) {
+        return Err(format!(
+            "{bad} is not a unicast address outside this host (loopback, \
+             unspecified, multicast and broadcast are refused)"
+        ));
     }
     if let Some(bad) = domains.iter().find(|d| !valid_domain(d.as_bytes())) {
         return Err(format!("{bad:?} is not a domain"));
     }
     Ok(())
+}
+
+/// A unicast address of another host: not loopback, multicast, broadcast
+/// or unspecified.
+fn unicast(address: IpAddr) -> bool {
+    let broadcast = matches!(address, IpAddr::V4(v4) if v4.is_broadcast());
+    !(address.is_loopback() || address.is_multicast() || broadcast || address.is_unspecified())
 }
 
 /// The subnet `address/prefix` lies in.
@@ -797,6 +943,148 @@ mod tests {
         assert_eq!(client.check(&granted), Ok(()));
         client.record(&granted, None);
         assert!(client.check(&set6("fe80::2", 64)).is_err());
+    }
+
+    #[test]
+    fn a_client_refuses_wide_routes_unless_opted_in_and_never_covers_its_server() {
+        let route = |d: &str| HelperRequest::AddRoute {
+            index: TUN,
+            destination: d.parse().expect("net"),
+        };
+        let network = net("198.19.0.0/16");
+        let opened = |mut policy: Policy| {
+            policy.record(&HelperRequest::OpenTun, Some(TUN));
+            policy
+        };
+        let pushed = opened(
+            Policy::new(AddressRule::Inside(network), 1500).with_routes(RouteRule::AnyButDefault),
+        );
+        // Without accept_routes: nothing wider than a /8 (IPv6: /16).
+        for wide in ["0.0.0.0/1", "128.0.0.0/2", "64.0.0.0/7"] {
+            let Err(refusal) = pushed.check(&route(wide)) else {
+                panic!("{wide} installed without accept_routes");
+            };
+            assert!(refusal.to_string().contains("wider than /8"), "{refusal}");
+        }
+        assert_eq!(pushed.check(&route("10.0.0.0/8")), Ok(()));
+        // With the full tunnel granted, the user chose to send everything.
+        let full = opened(
+            Policy::new(AddressRule::Inside(network), 1500)
+                .with_routes(RouteRule::AnyButDefault)
+                .with_grants(grants(false, true, false)),
+        );
+        assert_eq!(full.check(&route("0.0.0.0/1")), Ok(()));
+        // accept_routes = ["0.0.0.0/0"]: the explicit opt-in for anything.
+        let mut accepting = opened(
+            Policy::new(AddressRule::Inside(network), 1500)
+                .with_routes(RouteRule::Inside(vec!["0.0.0.0/0".parse().expect("net")])),
+        );
+        assert_eq!(accepting.check(&route("0.0.0.0/1")), Ok(()));
+        // Once the server's address is known, no route may cover it.
+        let underlay = HelperRequest::Underlay {
+            index: TUN,
+            server: "203.0.113.9".parse().expect("ip"),
+        };
+        assert_eq!(accepting.check(&underlay), Ok(()));
+        accepting.record(&underlay, None);
+        let Err(refusal) = accepting.check(&route("203.0.113.0/24")) else {
+            panic!("a route over the server was allowed");
+        };
+        assert!(
+            refusal.to_string().contains("covers the server"),
+            "{refusal}"
+        );
+        assert!(accepting.check(&route("0.0.0.0/1")).is_ok());
+        assert!(accepting.check(&route("128.0.0.0/1")).is_err());
+        // Servers never announce an underlay.
+        assert!(matches!(
+            server().check(&underlay),
+            Err(Refusal::ClientOnly(_))
+        ));
+        let loopback = HelperRequest::Underlay {
+            index: TUN,
+            server: "127.0.0.1".parse().expect("ip"),
+        };
+        assert!(pushed.check(&loopback).is_err());
+    }
+
+    #[test]
+    fn a_client_refuses_routes_and_addresses_inside_its_hosts_networks() {
+        let lan: Vec<IpNet> = vec![
+            "198.18.1.0/24".parse().expect("net"),
+            "2001:2:0:1::/64".parse().expect("net"),
+        ];
+        let route = |d: &str| HelperRequest::AddRoute {
+            index: TUN,
+            destination: d.parse().expect("net"),
+        };
+        let client = opened(AddressRule::AnyUnicast).with_routes(RouteRule::AnyButDefault);
+        for inside in [
+            "198.18.1.0/24",
+            "198.18.1.128/25",
+            "198.18.1.7/32",
+            "2001:2:0:1::/80",
+        ] {
+            assert!(
+                matches!(
+                    client.check_host(&route(inside), &lan),
+                    Err(Refusal::Host { .. })
+                ),
+                "{inside}"
+            );
+        }
+        // Wider than the LAN, or beside it: its own route still wins.
+        for fine in ["198.18.0.0/16", "198.18.2.0/24", "2001:2::/48"] {
+            assert_eq!(client.check_host(&route(fine), &lan), Ok(()), "{fine}");
+        }
+        // A granted address inside the LAN, or a subnet inside it.
+        assert!(client
+            .check_host(&set_address("198.18.1.50", 16), &lan)
+            .is_err());
+        assert!(client
+            .check_host(&set_address("198.18.1.50", 28), &lan)
+            .is_err());
+        assert_eq!(
+            client.check_host(&set_address("198.19.0.2", 16), &lan),
+            Ok(())
+        );
+        let set6 = HelperRequest::SetAddress6 {
+            index: TUN,
+            address: "2001:2:0:1::9".parse().expect("v6"),
+            prefix: 64,
+        };
+        assert!(client.check_host(&set6, &lan).is_err());
+        // A server's own configuration is not second-guessed.
+        assert_eq!(server().check_host(&route("198.18.1.0/24"), &lan), Ok(()));
+    }
+
+    #[test]
+    fn the_routes_a_helper_installs_are_capped() {
+        let mut client = opened(AddressRule::AnyUnicast)
+            .with_routes(RouteRule::Inside(vec!["10.0.0.0/8".parse().expect("net")]));
+        for i in 0..MAX_HELPER_ROUTES as u32 {
+            let destination =
+                IpNet::V4(Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24).expect("net"));
+            let add = HelperRequest::AddRoute {
+                index: TUN,
+                destination,
+            };
+            assert_eq!(client.check(&add), Ok(()));
+            client.record(&add, None);
+        }
+        let one_more = add_route("10.200.0.0/24");
+        assert!(matches!(
+            client.check(&one_more),
+            Err(Refusal::Route { .. })
+        ));
+        // One already installed may be asked again; one removed frees a place.
+        assert_eq!(client.check(&add_route("10.0.0.0/24")), Ok(()));
+        let del = HelperRequest::DelRoute {
+            index: TUN,
+            destination: net("10.0.0.0/24").into(),
+        };
+        client.record(&del, None);
+        assert_eq!(client.check(&one_more), Ok(()));
     }
 
     fn grants(masquerade: bool, full_tunnel: bool, dns: bool) -> Grants {

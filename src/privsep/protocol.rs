@@ -66,6 +66,10 @@ pub enum HelperRequest {
     FullTunnel { index: u32, server: IpAddr },
     /// Client: undoes [`HelperRequest::FullTunnel`].
     EndFullTunnel { index: u32 },
+    /// Client: the server's address this client is connected to now (sent
+    /// after each connect). From then on the helper refuses any route that
+    /// covers it: the tunnel would carry itself.
+    Underlay { index: u32, server: IpAddr },
     /// Client: the tun's DNS servers and search domains, through
     /// systemd-resolved; with `default_route`, the "~." routing domain too
     /// (every name is resolved through the tun). Only for a helper started
@@ -214,6 +218,9 @@ impl fmt::Display for HelperRequest {
             }
             HelperRequest::EndFullTunnel { index } => {
                 write!(f, "end the full tunnel on ifindex {index}")
+            }
+            HelperRequest::Underlay { index, server } => {
+                write!(f, "keep {server} (the server) out of ifindex {index}")
             }
             HelperRequest::SetDns {
                 index,
