@@ -38,5 +38,6 @@ pub mod routes;
 pub mod session;
 pub mod state;
 pub mod tls;
+pub mod wallclock;
 pub mod wire;
 pub mod workers;

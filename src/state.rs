@@ -25,7 +25,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
@@ -181,7 +181,7 @@ fn secs_up(time: SystemTime) -> i64 {
 }
 
 fn time(secs: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)
+    crate::wallclock::from_unix_secs(secs.max(0) as u64)
 }
 
 impl SqliteStore {

@@ -254,7 +254,7 @@ impl Cluster {
         let until: u64 = std::str::from_utf8(value).ok()?.parse().ok()?;
         Some(Ban {
             who,
-            until: UNIX_EPOCH + Duration::from_secs(until),
+            until: crate::wallclock::from_unix_secs(until),
         })
     }
 

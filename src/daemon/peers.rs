@@ -141,7 +141,7 @@ impl PeerInfo {
             address6: None,
             remote,
             connected_since,
-            last_seen: UNIX_EPOCH + Duration::from_millis(load(&stats.last_seen_ms)),
+            last_seen: crate::wallclock::from_unix_millis(load(&stats.last_seen_ms)),
             rx_bytes: load(&stats.rx_bytes),
             rx_packets: load(&stats.rx_packets),
             tx_bytes: load(&stats.tx_bytes),
@@ -300,7 +300,7 @@ impl Table {
         for lease in expired {
             if self.held_by(lease.address, lease.key) {
                 if let Some(l) = self.leases.get_mut(&lease.key) {
-                    l.expires = now + self.lease_time;
+                    l.expires = crate::wallclock::after(now, self.lease_time);
                 }
                 continue;
             }
@@ -684,7 +684,7 @@ impl PeerTable {
             .and_then(|key| table.leases.get_mut(&key))
             .filter(|l| l.address == address)
             .map(|l| {
-                l.expires = SystemTime::now() + lease_time;
+                l.expires = crate::wallclock::after(SystemTime::now(), lease_time);
                 l.clone()
             });
         if let Some(lease) = &lease {

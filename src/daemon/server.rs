@@ -1222,7 +1222,7 @@ impl Node for Shared {
             None => self.peers.kick(address),
             Some(ban) => {
                 reason.push_str(&format!(", banned for {}", humantime::format_duration(ban)));
-                let until = SystemTime::now() + ban;
+                let until = crate::wallclock::after(SystemTime::now(), ban);
                 let peer = self.peers.ban(address, until);
                 if let Some(peer) = &peer {
                     let who = Banned::of(&peer.identity, peer.remote.ip());
