@@ -259,7 +259,9 @@ fn documented() -> BTreeMap<String, Vec<Row>> {
         let name = field
             .strip_prefix('`')
             .and_then(|f| f.strip_suffix('`'))
-            .unwrap_or_else(|| panic!("docs/config.md {section}: field {field:?} not in backticks"));
+            .unwrap_or_else(|| {
+                panic!("docs/config.md {section}: field {field:?} not in backticks")
+            });
         sections.entry(section.clone()).or_default().push(Row {
             field: name.to_string(),
             flag: cell("flag"),
@@ -280,7 +282,9 @@ fn accepted() -> BTreeMap<String, BTreeSet<&'static str>> {
             "control" => serde_introspect::<ControlSection>(),
             "metrics" => serde_introspect::<MetricsSection>(),
             "cluster" => serde_introspect::<ClusterSection>(),
-            other => panic!("a config table this test does not know: [{other}]; document it and add it here"),
+            other => panic!(
+                "a config table this test does not know: [{other}]; document it and add it here"
+            ),
         };
         sections.insert(format!("[{table}]"), fields.iter().copied().collect());
     }
@@ -300,23 +304,39 @@ fn config_md_lists_every_field_the_code_accepts_and_no_other() {
     let mut wrong = Vec::new();
     for section in documented.keys() {
         if !accepted.contains_key(section) {
-            wrong.push(format!("{section}: documented, but the code has no such table"));
+            wrong.push(format!(
+                "{section}: documented, but the code has no such table"
+            ));
         }
     }
     for (section, fields) in &accepted {
-        let rows = documented.get(section).map(Vec::as_slice).unwrap_or_default();
-        let listed = rows.iter().map(|r| r.field.as_str()).collect::<BTreeSet<_>>();
+        let rows = documented
+            .get(section)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let listed = rows
+            .iter()
+            .map(|r| r.field.as_str())
+            .collect::<BTreeSet<_>>();
         for missing in fields.difference(&listed) {
-            wrong.push(format!("{section} {missing}: accepted, but not in docs/config.md"));
+            wrong.push(format!(
+                "{section} {missing}: accepted, but not in docs/config.md"
+            ));
         }
         for extra in listed.difference(fields) {
-            wrong.push(format!("{section} {extra}: in docs/config.md, but not accepted"));
+            wrong.push(format!(
+                "{section} {extra}: in docs/config.md, but not accepted"
+            ));
         }
         if listed.len() != rows.len() {
             wrong.push(format!("{section}: a field is listed twice"));
         }
     }
-    assert!(wrong.is_empty(), "docs/config.md is out of step:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "docs/config.md is out of step:\n{}",
+        wrong.join("\n")
+    );
 }
 
 #[test]
@@ -393,8 +413,14 @@ fn config_md_names_only_real_flags_and_every_flag_of_both_roles() {
     // --config picks the file itself: it sets no field.
     for flag in (&server | &client).difference(&named) {
         if flag != "--config" {
-            wrong.push(format!("{flag}: a flag of simplevpnd, but in no table of docs/config.md"));
+            wrong.push(format!(
+                "{flag}: a flag of simplevpnd, but in no table of docs/config.md"
+            ));
         }
     }
-    assert!(wrong.is_empty(), "docs/config.md is out of step with the flags:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "docs/config.md is out of step with the flags:\n{}",
+        wrong.join("\n")
+    );
 }
