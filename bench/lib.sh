@@ -62,6 +62,8 @@ detect_daemon_flags() {
   client_help=$("$bin" client --help)
   if grep -q -- '--user' <<<"$server_help"; then SVPN_SERVER_FLAGS+=(--user "$DAEMON_USER"); fi
   if grep -q -- '--user' <<<"$client_help"; then SVPN_CLIENT_FLAGS+=(--user "$DAEMON_USER"); fi
+  # Plaintext rows: a client without a key speaks the original protocol only when told.
+  if grep -q -- '--legacy' <<<"$client_help"; then SVPN_CLIENT_FLAGS+=(--legacy); fi
   # With TLS, the server serves the original protocol only when told to.
   if grep -q -- '--legacy' <<<"$server_help"; then SVPN_SERVER_FLAGS+=(--legacy); fi
 }

@@ -57,6 +57,31 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/simplevpn";
 /// How long a TLS key keeps its address after it was last connected: 30 days.
 pub const DEFAULT_LEASE_TIME_SECS: u64 = 30 * 86_400;
 
+/// Who a client's packets for another client reach (`client_to_client`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientToClient {
+    /// Forwarded inside the server, as the original does.
+    #[default]
+    Allow,
+    /// Dropped and counted; the server, its routes and the Internet stay
+    /// reachable.
+    Deny,
+    /// Written to the server's tun: the host's routing and firewall (the
+    /// nftables forward chain) decide, as OpenVPN without client-to-client.
+    Kernel,
+}
+
+impl ClientToClient {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientToClient::Allow => "allow",
+            ClientToClient::Deny => "deny",
+            ClientToClient::Kernel => "kernel",
+        }
+    }
+}
+
 /// A bad setting: which one, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {problem}")]
@@ -92,6 +117,9 @@ pub struct ConfigFile {
 pub struct MetricsSection {
     /// ADDR:PORT to serve /metrics on; absent: no metrics.
     pub listen: Option<SocketAddr>,
+    /// Serve them on an address other than loopback (the metrics name every
+    /// peer's address and traffic: an explicit choice).
+    pub public: Option<bool>,
 }
 
 /// `[control]`: the control socket, for either role.
@@ -193,6 +221,8 @@ pub struct ServerSection {
     pub max_unauthenticated: Option<usize>,
     /// The same, from one source address (IPv6: one /64).
     pub max_unauthenticated_per_source: Option<usize>,
+    /// Whether clients reach each other through the server.
+    pub client_to_client: Option<ClientToClient>,
     /// Networks reachable through the server, pushed to extension clients.
     pub routes: Option<Vec<IpNet>>,
     /// Where leases, bans and peers added live are kept.
@@ -202,6 +232,9 @@ pub struct ServerSection {
     /// Where /metrics is served: `[metrics] listen` in the file, or --metrics.
     #[serde(skip)]
     pub metrics: Option<SocketAddr>,
+    /// `[metrics] public` in the file, or --metrics-public.
+    #[serde(skip)]
+    pub metrics_public: Option<bool>,
     /// Offer this server as the default gateway to extension clients (full
     /// tunnel).
     pub gateway: Option<bool>,
@@ -236,6 +269,9 @@ pub struct PeerSection {
     /// to it, accepts them as its sources, and pushes them to the others.
     #[serde(default)]
     pub routes: Vec<IpNet>,
+    /// This client's own `client_to_client`, over the server's.
+    #[serde(default)]
+    pub client_to_client: Option<ClientToClient>,
 }
 
 impl PeerSection {
@@ -279,6 +315,9 @@ pub struct ClientSection {
     pub key: Option<PathBuf>,
     /// The server's public key, pinned.
     pub server_key: Option<PublicKey>,
+    /// Without a key, speak the original protocol (plaintext, nothing
+    /// authenticated): an explicit choice, never a silent fallback.
+    pub legacy: Option<bool>,
     /// Pushed routes are installed only inside these networks (empty: none);
     /// absent: every pushed route but a default route and one that covers
     /// the server's own address.
@@ -335,6 +374,9 @@ pub struct ServerConfig {
     pub legacy: Legacy,
     pub max_unauthenticated: usize,
     pub max_unauthenticated_per_source: usize,
+    /// Whether clients reach each other through the server (a peer's own
+    /// setting wins).
+    pub client_to_client: ClientToClient,
     /// Networks reachable through the server (its host routes them on).
     pub routes: Vec<IpNet>,
     /// Where the state store lives.
@@ -385,6 +427,10 @@ impl ServerConfig {
         differs("queue_len", self.queue_len != new.queue_len);
         differs("user", self.user != new.user);
         differs("helper_user", self.helper_user != new.helper_user);
+        differs(
+            "client_to_client",
+            self.client_to_client != new.client_to_client,
+        );
         differs("key", self.key != new.key);
         differs("legacy", self.legacy != new.legacy);
         differs(
@@ -537,7 +583,8 @@ pub fn server_settings(
     flags: ServerSection,
 ) -> Result<ServerConfig, ConfigError> {
     let file = ServerSection {
-        metrics: metrics.and_then(|m| m.listen),
+        metrics: metrics.as_ref().and_then(|m| m.listen),
+        metrics_public: metrics.and_then(|m| m.public),
         ..server.unwrap_or_default()
     };
     let config = file.overridden_by(flags).resolve()?;
@@ -610,10 +657,12 @@ impl ServerSection {
             max_unauthenticated_per_source: flags
                 .max_unauthenticated_per_source
                 .or(self.max_unauthenticated_per_source),
+            client_to_client: flags.client_to_client.or(self.client_to_client),
             routes: flags.routes.or(self.routes),
             state_dir: flags.state_dir.or(self.state_dir),
             lease_time: flags.lease_time.or(self.lease_time),
             metrics: flags.metrics.or(self.metrics),
+            metrics_public: flags.metrics_public.or(self.metrics_public),
             gateway: flags.gateway.or(self.gateway),
             masquerade: flags.masquerade.or(self.masquerade),
             forwarding: flags.forwarding.or(self.forwarding),
@@ -741,7 +790,7 @@ impl ServerSection {
                 Some(secs) => secs,
                 None => DEFAULT_LEASE_TIME_SECS,
             }),
-            metrics: self.metrics,
+            metrics: metrics_listen(self.metrics, self.metrics_public.unwrap_or(false))?,
             workers: crate::workers::resolve(self.workers)?,
             max_unauthenticated: match self
                 .max_unauthenticated
@@ -755,6 +804,7 @@ impl ServerSection {
                 }
                 n => n,
             },
+            client_to_client: self.client_to_client.unwrap_or_default(),
             max_unauthenticated_per_source: match self
                 .max_unauthenticated_per_source
                 .unwrap_or(DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE)
@@ -1004,6 +1054,7 @@ impl ClientSection {
             network6: flags.network6.or(self.network6),
             key: flags.key.or(self.key),
             server_key: flags.server_key.or(self.server_key),
+            legacy: flags.legacy.or(self.legacy),
             accept_routes: flags.accept_routes.or(self.accept_routes),
             full_tunnel: flags.full_tunnel.or(self.full_tunnel),
             fail_open: flags.fail_open.or(self.fail_open),
@@ -1098,7 +1149,17 @@ impl ClientSection {
             },
             tls: match (self.key, self.server_key) {
                 (Some(key), Some(server_key)) => Some((key, server_key)),
-                (None, None) => None,
+                (None, None) if self.legacy == Some(true) => None,
+                (None, None) => {
+                    return Err(ConfigError::new(
+                        "key",
+                        "missing: without one this client would speak the original protocol, \
+                         where nothing is authenticated; make one with \
+                         `simplevpnd keygen /etc/simplevpn/client.key` and set key and server_key \
+                         (--key, --server-key), or set legacy = true (--legacy) for an \
+                         original-protocol server",
+                    ))
+                }
                 (Some(_), None) => {
                     return Err(ConfigError::new(
                         "server_key",
@@ -1186,6 +1247,23 @@ fn user(name: Option<String>) -> Result<String, ConfigError> {
     match name.unwrap_or_else(|| DEFAULT_USER.to_string()) {
         name if name.is_empty() => Err(ConfigError::new("user", "must not be empty")),
         name => Ok(name),
+    }
+}
+
+/// Where /metrics is served: loopback, unless `public` says otherwise.
+fn metrics_listen(
+    listen: Option<SocketAddr>,
+    public: bool,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    match listen {
+        Some(address) if !address.ip().is_loopback() && !public => Err(ConfigError::new(
+            "metrics",
+            format!(
+                "{address} is not a loopback address, and the metrics name every peer: \
+                 set [metrics] public = true (or --metrics-public) to serve them to the network"
+            ),
+        )),
+        listen => Ok(listen),
     }
 }
 
@@ -1367,7 +1445,7 @@ mod tests {
     #[test]
     fn user_and_client_network() {
         let file = parse(
-            "[client]\nserver = \"198.18.1.1\"\nuser = \"nobody\"\nnetwork = \"198.19.0.0/16\"\n",
+            "[client]\nserver = \"198.18.1.1\"\nlegacy = true\nuser = \"nobody\"\nnetwork = \"198.19.0.0/16\"\n",
         )
         .expect("parse")
         .client
@@ -1543,7 +1621,10 @@ mod tests {
 
     #[test]
     fn a_client_lists_several_servers_and_the_order_to_try_them() {
-        let client = |text: &str| parse(text).map(|f| f.client.expect("client").resolve());
+        let client = |text: &str| {
+            parse(&text.replace("[client]\n", "[client]\nlegacy = true\n"))
+                .map(|f| f.client.expect("client").resolve())
+        };
         let config = client(
             "[client]\nserver = [\"198.18.1.1\", \"198.18.2.1:7000\"]\nserver_order = \"random\"\n",
         )
@@ -1572,6 +1653,7 @@ mod tests {
         let resolve = |s: &str| {
             ClientSection {
                 server: Some(s.into()),
+                legacy: Some(true),
                 ..Default::default()
             }
             .resolve()
@@ -1596,11 +1678,13 @@ mod tests {
     #[test]
     fn full_tunnel_settings_are_checked() {
         let client = |text: &str| {
-            parse(&format!("[client]\nserver = \"198.18.1.1\"\n{text}"))
-                .expect("parses")
-                .client
-                .expect("client")
-                .resolve()
+            parse(&format!(
+                "[client]\nserver = \"198.18.1.1\"\nlegacy = true\n{text}"
+            ))
+            .expect("parses")
+            .client
+            .expect("client")
+            .resolve()
         };
         let config = client("full_tunnel = true\nfail_open = true\ndns = \"off\"\n").expect("ok");
         assert!(config.full_tunnel && config.fail_open);

@@ -90,6 +90,7 @@ mod tests {
 
     fn peer(n: u8, address6: Option<&str>, routes: &[&str]) -> PeerSection {
         PeerSection {
+            client_to_client: None,
             key: PublicKey::from_raw(&[n; 32]).expect("key"),
             name: None,
             address: None,

@@ -414,6 +414,7 @@ impl StateStore for SqliteStore {
             .map(|(key, name, address, routes, address6)| {
                 let bad = |what: String| self.corrupt("peers", what);
                 Ok(PeerSection {
+                    client_to_client: None,
                     key: key.parse().map_err(|e| bad(format!("{e}")))?,
                     name,
                     address: address
@@ -480,6 +481,7 @@ impl StateStore for SqliteStore {
 mod tests {
     use super::*;
     use std::sync::Arc;
+    use std::time::Duration;
 
     fn dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("svstate-{}-{name}", std::process::id()));
@@ -591,6 +593,7 @@ mod tests {
         let dir = dir("peers");
         let store = SqliteStore::open_dir(&dir).expect("open");
         let peer = PeerSection {
+            client_to_client: None,
             key: key(7),
             name: Some("laptop".into()),
             address: Some(Ipv4Addr::new(198, 19, 0, 70)),
@@ -599,6 +602,7 @@ mod tests {
         };
         store.put_peer(&peer).expect("put");
         let bare = PeerSection {
+            client_to_client: None,
             key: key(8),
             name: None,
             address: None,

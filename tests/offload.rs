@@ -214,6 +214,7 @@ fn tcp_between_our_clients_and_beyond_the_server_rides_super_packets_intact() {
         "198.18.200.0/24",
         "--metrics",
         &metrics.to_string(),
+        "--metrics-public",
     ]);
     let a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
     let _b = bed.start_client(1, &tls_client_args(&b_key, &server_pub));
@@ -264,7 +265,7 @@ fn our_plaintext_peers_agree_by_marker_and_original_ones_stay_as_they_were() {
     }
     let bed = Bed::new("offmark", 3);
     let metrics = SocketAddr::from(([198, 18, 1, 1], 9103));
-    let server = bed.start_server(&["--metrics", &metrics.to_string()]);
+    let server = bed.start_server(&["--metrics", &metrics.to_string(), "--metrics-public"]);
     let a = bed.start_client(0, &["-a", "198.19.0.2"]);
     let b = bed.start_client(1, &["-a", "198.19.0.3"]);
     for client in [&a, &b] {

@@ -510,7 +510,11 @@ fn a_client_exits_when_its_helper_refuses_the_granted_address() {
     let _server = bed.start_server(&[]);
     // The client trusts only 198.20.0.0/16; the server grants from 198.19.0.0/16.
     let config = std::env::temp_dir().join(format!("svt-refused-{}.toml", std::process::id()));
-    fs::write(&config, "[client]\nnetwork = \"198.20.0.0/16\"\n").expect("write config");
+    fs::write(
+        &config,
+        "[client]\nlegacy = true\nnetwork = \"198.20.0.0/16\"\n",
+    )
+    .expect("write config");
     let server = bed.server_addr(0).to_string();
     let config_arg = config.to_str().expect("utf-8 path");
     let mut client = bed.clients[0].spawn(

@@ -451,6 +451,119 @@ fn a_client_installs_wide_or_lan_routes_only_as_far_as_it_opted_in() {
     tcp_round_trip(a_ns, &bed.server, SERVER_TUNNEL, 5000, 100_000);
 }
 
+/// Whether a TCP connection from `from` to `to`:`port` gets through (a
+/// listener is there to take it).
+fn tcp_passes(from: &Netns, to: &Netns, address: Ipv4Addr, port: u16) -> bool {
+    let target = SocketAddr::from((address, port));
+    let _listener = to.tcp_listen(target).expect("listen");
+    from.tcp_connect(target, Duration::from_secs(2)).is_ok()
+}
+
+/// Whether `ping` from `ns` to `address` gets an answer (2 tries, 1 s each).
+fn pings(ns: &Netns, address: Ipv4Addr) -> bool {
+    let address = address.to_string();
+    ns.run("ping", &["-c", "2", "-W", "1", "-q", &address])
+        .status
+        .success()
+}
+
+#[test]
+fn client_to_client_deny_isolates_clients_and_kernel_leaves_it_to_the_hosts_firewall() {
+    if !require_root(
+        "client_to_client_deny_isolates_clients_and_kernel_leaves_it_to_the_hosts_firewall",
+    ) {
+        return;
+    }
+    let bed = Bed::new("rtc2c", 2);
+    let (a_ns, b_ns) = (&bed.clients[0], &bed.clients[1]);
+    // A LAN behind the server (its namespace forwards, as a gateway does).
+    let lan = lan_behind(
+        &bed.server,
+        "198.18.200.1/24",
+        "198.18.200.2/24",
+        "rtc2clan",
+    );
+    let (server_key, server_pub) = keygen(&bed, "server");
+    let (a_key, a_pub) = keygen(&bed, "a");
+    let (b_key, b_pub) = keygen(&bed, "b");
+    let peers = format!(
+        "{}{}",
+        peer_table(&a_pub, None, Some(A), &[]),
+        peer_table(&b_pub, None, Some(B), &[])
+    );
+    let config = write_config(
+        &bed,
+        "server.toml",
+        &format!("[server]\nroutes = {}\n{peers}", toml_list(&[SERVER_LAN])),
+    );
+    for policy in ["deny", "kernel"] {
+        let server = bed.start_server(&[
+            "--config",
+            &config,
+            "--key",
+            &server_key,
+            "--client-to-client",
+            policy,
+        ]);
+        let a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
+        let b = bed.start_client(1, &tls_client_args(&b_key, &server_pub));
+        wait_for_route(a_ns, SERVER_LAN, &a);
+        // The server itself and the LAN behind it stay reachable.
+        tcp_round_trip(a_ns, &bed.server, SERVER_TUNNEL, 5000, 100_000);
+        tcp_round_trip(a_ns, &lan, SERVER_LAN_HOST, 5001, 100_000);
+        match policy {
+            "deny" => {
+                assert!(!pings(a_ns, B), "deny: A pinged B\n{}", server.log());
+                assert!(
+                    !tcp_passes(a_ns, b_ns, B, 5002),
+                    "deny: A reached B over TCP"
+                );
+                assert!(!pings(b_ns, A), "deny: B pinged A");
+                // Counted per peer, in svpnctl.
+                let peers = svpnctl_json(&bed.server_socket(), &["peers"]);
+                let dropped = peer(&peers, A)["dropped_client_to_client"]
+                    .as_u64()
+                    .unwrap_or(0);
+                assert!(
+                    dropped >= 2,
+                    "A's dropped_client_to_client is {dropped}: {peers}"
+                );
+            }
+            _ => {
+                // kernel: the server's host decides. A drop rule in its
+                // forward chain blocks A to B...
+                let nft = |command: &str| {
+                    let out = bed.server.run("nft", &[command]);
+                    assert!(
+                        out.status.success(),
+                        "nft {command}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                };
+                nft("add table inet svtc2c");
+                nft("add chain inet svtc2c isolate { type filter hook forward priority 0; policy accept; }");
+                nft(&format!(
+                    "add rule inet svtc2c isolate iifname {TUN} oifname {TUN} drop"
+                ));
+                assert!(!pings(a_ns, B), "kernel + drop rule: A pinged B");
+                assert!(
+                    !tcp_passes(a_ns, b_ns, B, 5003),
+                    "kernel + drop rule: TCP passed"
+                );
+                // ... and without it, with forwarding on, A reaches B.
+                nft("delete table inet svtc2c");
+                assert!(
+                    pings(a_ns, B),
+                    "kernel, no rule: A cannot ping B\n{}",
+                    server.log()
+                );
+                tcp_round_trip(a_ns, b_ns, B, 5004, 100_000);
+            }
+        }
+        drop((a, b, server));
+    }
+}
+
 #[test]
 fn overlapping_peer_networks_stop_the_server_with_exit_2() {
     if !require_root("overlapping_peer_networks_stop_the_server_with_exit_2") {

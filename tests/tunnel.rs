@@ -316,6 +316,13 @@ fn bad_flags_and_config_exit_2_with_one_line_naming_the_field() {
         (vec!["--config", &both], "both [server] and [client]"),
         (vec!["server", "--config", &missing], "missing.toml"),
         (vec!["--bogus"], "--bogus"),
+        // Metrics name every peer: not on the network without saying so.
+        (
+            vec!["server", "--legacy", "--metrics", "0.0.0.0:9100"],
+            "--metrics-public",
+        ),
+        // A client without a key: never a silent fallback to plaintext.
+        (vec!["client", "-s", "198.18.1.1"], "simplevpnd keygen"),
     ];
     for (args, names) in cases {
         let (code, stderr) = simplevpnd(&args);

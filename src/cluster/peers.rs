@@ -41,6 +41,7 @@ pub fn encode(peer: &PeerSection) -> Vec<u8> {
 pub fn decode(value: &[u8]) -> Option<PeerSection> {
     let stored: Stored = serde_json::from_slice(value).ok()?;
     Some(PeerSection {
+        client_to_client: None,
         key: stored.key.parse().ok()?,
         name: stored.name,
         address: stored.address.map(|a| a.parse()).transpose().ok()?,
@@ -79,6 +80,7 @@ mod tests {
     #[test]
     fn a_peer_round_trips_and_garbage_is_refused() {
         let peer = PeerSection {
+            client_to_client: None,
             key: PublicKey::from_raw(&[9; 32]).expect("key"),
             name: Some("laptop".into()),
             address: Some("198.19.0.70".parse().expect("addr")),
@@ -89,6 +91,7 @@ mod tests {
         // A value written before address6 existed still reads.
         assert!(!String::from_utf8_lossy(&encode(&peer)).contains("address6"));
         let with6 = PeerSection {
+            client_to_client: None,
             address6: Some("2001:2:0:100::70".parse().expect("addr6")),
             routes: vec!["2001:2:0:201::/64".parse().expect("net6")],
             ..peer

@@ -66,7 +66,7 @@ pub fn or_null(s: &str) -> Value {
 }
 
 pub fn dropped(p: &proto::Peer) -> u64 {
-    p.dropped_spoofed + p.dropped_queue_full + p.dropped_unassigned
+    p.dropped_spoofed + p.dropped_queue_full + p.dropped_unassigned + p.dropped_client_to_client
 }
 
 pub fn peer_json(p: &proto::Peer) -> Value {
@@ -83,6 +83,7 @@ pub fn peer_json(p: &proto::Peer) -> Value {
         "dropped_spoofed": p.dropped_spoofed,
         "dropped_queue_full": p.dropped_queue_full,
         "dropped_unassigned": p.dropped_unassigned,
+        "dropped_client_to_client": p.dropped_client_to_client,
         "protocol": p.protocol().text(),
         "name": p.name,
         "key": or_null(&p.key),
@@ -254,8 +255,11 @@ pub fn peer_fields(p: &proto::Peer, now: SystemTime) -> String {
         (
             "dropped",
             format!(
-                "{} spoofed, {} queue full, {} before a grant",
-                p.dropped_spoofed, p.dropped_queue_full, p.dropped_unassigned
+                "{} spoofed, {} queue full, {} before a grant, {} to another client (denied)",
+                p.dropped_spoofed,
+                p.dropped_queue_full,
+                p.dropped_unassigned,
+                p.dropped_client_to_client
             ),
         ),
     ])

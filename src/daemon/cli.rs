@@ -124,6 +124,12 @@ pub struct ServerArgs {
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off]
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
+    /// Serve the metrics on an address other than loopback ([metrics] public)
+    #[arg(long)]
+    pub metrics_public: bool,
+    /// Whether clients reach each other: allow (inside the server), deny (dropped), kernel (the host's firewall decides) [default: allow]
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub client_to_client: Option<crate::config::ClientToClient>,
     /// Offer this server as the default gateway to TLS clients (full tunnel)
     #[arg(long)]
     pub gateway: bool,
@@ -166,6 +172,9 @@ pub struct ClientArgs {
     /// The server's public key, pinned
     #[arg(long, value_name = "PUBKEY")]
     pub server_key: Option<PublicKey>,
+    /// Without --key: speak the original protocol (plaintext, nothing authenticated)
+    #[arg(long)]
+    pub legacy: bool,
     /// Install only pushed routes inside this network (repeat for more) [default: every pushed route but a default route]
     #[arg(long = "accept-route", value_name = "CIDR")]
     pub accept_routes: Vec<IpNet>,
@@ -198,6 +207,7 @@ impl From<ServerArgs> for ServerSection {
                 args.peers
                     .into_iter()
                     .map(|key| PeerSection {
+                        client_to_client: None,
                         key,
                         name: None,
                         address: None,
@@ -208,6 +218,8 @@ impl From<ServerArgs> for ServerSection {
             }),
             routes: (!args.routes.is_empty()).then_some(args.routes),
             metrics: args.metrics,
+            metrics_public: args.metrics_public.then_some(true),
+            client_to_client: args.client_to_client,
             gateway: args.gateway.then_some(true),
             masquerade: args.masquerade.then_some(true),
             forwarding: args.forwarding.then_some(true),
@@ -232,6 +244,7 @@ impl From<ClientArgs> for ClientSection {
             helper_user: args.common.helper_user,
             key: args.key,
             server_key: args.server_key,
+            legacy: args.legacy.then_some(true),
             accept_routes: (!args.accept_routes.is_empty()).then_some(args.accept_routes),
             full_tunnel: args.full_tunnel.then_some(true),
             fail_open: args.fail_open.then_some(true),
@@ -362,7 +375,10 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("temp dir");
         for (name, text) in [
             ("server.toml", "[server]\nlegacy = true\n"),
-            ("client.toml", "[client]\nserver = \"198.18.100.1:2002\"\n"),
+            (
+                "client.toml",
+                "[client]\nserver = \"198.18.100.1:2002\"\nlegacy = true\n",
+            ),
         ] {
             let file = dir.join(name);
             std::fs::write(&file, text).expect("write");

@@ -410,6 +410,7 @@ fn requested_peer(request: &proto::AddPeerRequest) -> Result<PeerSection, Status
         })
         .collect::<Result<_, _>>()?;
     Ok(PeerSection {
+        client_to_client: None,
         key,
         name: (!request.name.is_empty()).then(|| request.name.clone()),
         address,
@@ -588,6 +589,7 @@ impl From<&PeerInfo> for proto::Peer {
             dropped_spoofed: p.dropped_spoofed,
             dropped_queue_full: p.dropped_queue_full,
             dropped_unassigned: p.dropped_unassigned,
+            dropped_client_to_client: p.dropped_client_to_client,
             protocol: proto::Protocol::from(p.identity.protocol()).into(),
             name: p.identity.name().unwrap_or_default().to_string(),
             key: p.identity.key().map(|k| k.to_string()).unwrap_or_default(),

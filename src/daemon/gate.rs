@@ -22,7 +22,7 @@ use tokio::time::{timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::admission::RefusalReason;
-use crate::config::{Legacy, PeerSection, ServerConfig};
+use crate::config::{ClientToClient, Legacy, PeerSection, ServerConfig};
 use crate::connection::{Reader, Writer};
 use crate::keys::{NodeKey, PublicKey};
 use crate::session::Protocol;
@@ -83,6 +83,8 @@ pub struct Admitted {
     pub identity: Identity,
     /// The networks behind this client (its `[[server.peer]]` routes).
     pub routes: Vec<IpNet>,
+    /// Its own `client_to_client`, if its `[[server.peer]]` sets one.
+    pub client_to_client: Option<ClientToClient>,
     /// Whether it speaks our extension (negotiated inside TLS, or offered
     /// by a plaintext client's [`Marker`]): it is sent session parameters
     /// after its grant.
@@ -302,6 +304,7 @@ impl Gate {
                     writer: Box::new(writer),
                     identity: Identity::Original,
                     routes: Vec::new(),
+                    client_to_client: None,
                     // Our plaintext client offers it in its request's
                     // ignored bytes; the original never does.
                     extension: control.marker == Some(Marker::Offer),
@@ -342,12 +345,14 @@ impl Gate {
         };
         let extension = tls::speaks_extension(stream.get_ref().1);
         let routes = peer.map(|p| p.routes.clone()).unwrap_or_default();
+        let client_to_client = peer.and_then(|p| p.client_to_client);
         let (reader, writer) = tokio::io::split(stream);
         Ok(Admitted {
             reader: Box::new(reader),
             writer: Box::new(writer),
             identity,
             routes,
+            client_to_client,
             extension,
         })
     }

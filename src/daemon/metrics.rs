@@ -115,10 +115,12 @@ pub enum DropKind {
     TooBig,
     /// A super-packet that could not be split or written (malformed).
     Offload,
+    /// From a client, for another client, with `client_to_client = "deny"`.
+    ClientToClient,
 }
 
 impl DropKind {
-    const ALL: [DropKind; 7] = [
+    const ALL: [DropKind; 8] = [
         DropKind::Spoofed,
         DropKind::Unassigned,
         DropKind::NotIpv4,
@@ -126,6 +128,7 @@ impl DropKind {
         DropKind::TunFull,
         DropKind::TooBig,
         DropKind::Offload,
+        DropKind::ClientToClient,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -137,6 +140,7 @@ impl DropKind {
             DropKind::TunFull => "tun_full",
             DropKind::TooBig => "too_big",
             DropKind::Offload => "offload",
+            DropKind::ClientToClient => "client_to_client",
         }
     }
 }
@@ -456,12 +460,21 @@ pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(address).await
 }
 
+/// Connections to /metrics open at once, at most.
+pub const MAX_METRICS_CONNECTIONS: usize = 64;
+/// How long a metrics request's headers may take to arrive.
+pub const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves GET /metrics on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, registry: Registry, shutdown: CancellationToken) {
     let registry = Arc::new(registry);
     if let Ok(address) = listener.local_addr() {
         info!(%address, "metrics at http://{address}/metrics");
     }
+    // Scrapers hold a connection or two; anything beyond the cap is closed
+    // at once (the first time logged, later ones at debug level).
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
+    let mut refused_logged = false;
     loop {
         let (stream, remote) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -474,14 +487,30 @@ pub async fn serve(listener: TcpListener, registry: Registry, shutdown: Cancella
                 }
             },
         };
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            match std::mem::replace(&mut refused_logged, true) {
+                false => {
+                    warn!(%remote, "metrics: {MAX_METRICS_CONNECTIONS} connections open; closing new ones")
+                }
+                true => {
+                    debug!(%remote, "metrics: connection refused, {MAX_METRICS_CONNECTIONS} open")
+                }
+            }
+            continue;
+        };
         let registry = registry.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _place = place;
             let service = hyper::service::service_fn(move |request| {
                 let registry = registry.clone();
                 async move { Ok::<_, std::convert::Infallible>(respond(&registry, &request)) }
             });
+            // A request's headers must arrive within the timeout: a
+            // connection that sends nothing does not keep its place.
             let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = shutdown.cancelled() => {}

@@ -38,6 +38,9 @@ pub struct PeerStats {
     pub dropped_unassigned: AtomicU64,
     /// Packets for this peer dropped because its send queue was full.
     pub dropped_queue_full: AtomicU64,
+    /// Packets from this peer for another client, dropped by
+    /// `client_to_client = "deny"`.
+    pub dropped_client_to_client: AtomicU64,
     /// When the last frame arrived from this peer, in ms since the epoch.
     pub last_seen_ms: AtomicU64,
 }
@@ -120,6 +123,7 @@ pub struct PeerInfo {
     pub dropped_spoofed: u64,
     pub dropped_queue_full: u64,
     pub dropped_unassigned: u64,
+    pub dropped_client_to_client: u64,
     /// The transport, and the key and name of a TLS peer.
     pub identity: Identity,
     /// The networks behind it.
@@ -149,6 +153,7 @@ impl PeerInfo {
             dropped_spoofed: load(&stats.dropped_spoofed),
             dropped_queue_full: load(&stats.dropped_queue_full),
             dropped_unassigned: load(&stats.dropped_unassigned),
+            dropped_client_to_client: load(&stats.dropped_client_to_client),
             identity: identity.clone(),
             routes: Vec::new(),
         }

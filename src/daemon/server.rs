@@ -53,7 +53,9 @@ use super::peers::{Banned, Granted, Peer, PeerInfo, PeerTable};
 use super::{ControlOptions, DaemonError};
 use crate::budget::MemoryBudget;
 use crate::cluster::{Cluster, ClusterHooks};
-use crate::config::{check_peers, ConfigError, PeerSection, ServerConfig, ServerSource};
+use crate::config::{
+    check_peers, ClientToClient, ConfigError, PeerSection, ServerConfig, ServerSource,
+};
 use crate::connection::{self, write_frames, FrameReader, ReadError};
 use crate::daemon::tun::{AsyncTun, TunHealth, TunQueues};
 use crate::egress::{egress, from_tun_read, Egress, Outbound, PeerLink};
@@ -694,9 +696,11 @@ async fn connection(
         writer,
         identity,
         routes,
+        client_to_client,
         extension,
     } = admitted;
     let config = &shared.config;
+    let client_to_client = client_to_client.unwrap_or(config.client_to_client);
     let budget = shared.peers.budget_handle();
     let (queue, queue_rx) =
         connection::queue(config.queue_len, config.queue_bytes, Some(budget.clone()));
@@ -825,13 +829,25 @@ async fn connection(
             Action::Forward {
                 destination,
                 packet,
-            } => forward(&shared, destination, Outbound::Packet(packet)),
+            } => forward_from(
+                &shared,
+                &peer,
+                client_to_client,
+                destination,
+                Outbound::Packet(packet),
+            ),
             Action::ForwardSuper {
                 destination,
                 packet,
             } => {
                 shared.metrics.supers.count(SuperKind::FromClient);
-                forward(&shared, destination, Outbound::Super(packet))
+                forward_from(
+                    &shared,
+                    &peer,
+                    client_to_client,
+                    destination,
+                    Outbound::Super(packet),
+                )
             }
             Action::Announced(features) => {
                 let takes = features.contains(Features::SUPER_PACKETS);
@@ -986,13 +1002,56 @@ fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr, address6: Option
     }
 }
 
-/// Sends a client's packet on: to the client that holds `destination`, else
-/// into the server's tun, on the queue of the worker this runs on (the one
-/// whose reader gets the answers: see [`crate::workers`]).
+/// Sends a packet from client `peer` on, as `client_to_client` says:
+/// `allow`, to the client that holds `destination` or into the server's
+/// tun ([`forward`]); `deny`, into the tun unless a client (here or on
+/// another server of the cluster) holds it, which is dropped and counted;
+/// `kernel`, into the tun whoever holds it, so the host's routing and
+/// firewall decide (the tun reader then brings it to the client).
+fn forward_from(
+    shared: &Shared,
+    peer: &Peer,
+    client_to_client: ClientToClient,
+    destination: IpAddr,
+    out: Outbound,
+) {
+    match client_to_client {
+        ClientToClient::Allow => forward(shared, destination, out),
+        ClientToClient::Kernel => to_tun(shared, out),
+        ClientToClient::Deny if held_by_a_client(shared, destination) => {
+            debug!(%destination, "dropped a packet for another client (client_to_client = deny)");
+            shared.metrics.drops.count(DropKind::ClientToClient);
+            peer.stats
+                .dropped_client_to_client
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        ClientToClient::Deny => to_tun(shared, out),
+    }
+}
+
+/// Whether a client of this server, or of another server of the cluster,
+/// holds `destination` (its address, or a network behind it).
+fn held_by_a_client(shared: &Shared, destination: IpAddr) -> bool {
+    if shared.peers.holder(destination).is_some() {
+        return true;
+    }
+    match (&shared.links, destination) {
+        (Some(links), IpAddr::V4(destination)) => links.held_elsewhere(destination),
+        _ => false,
+    }
+}
+
+/// Sends a packet on: to the client that holds `destination`, else into
+/// the server's tun ([`to_tun`]).
 fn forward(shared: &Shared, destination: IpAddr, out: Outbound) {
-    let Some(out) = to_client(shared, destination, out) else {
-        return;
-    };
+    if let Some(out) = to_client(shared, destination, out) {
+        to_tun(shared, out);
+    }
+}
+
+/// Writes a packet into the server's tun, on the queue of the worker this
+/// runs on (the one whose reader gets the answers: see [`crate::workers`]).
+fn to_tun(shared: &Shared, out: Outbound) {
     let tun = shared.tun.local();
     let written = match &out {
         Outbound::Packet(packet) => tun.try_send(packet),

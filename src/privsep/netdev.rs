@@ -78,8 +78,10 @@ pub enum NetdevError {
 // Tun creation
 // ---------------------------------------------------------------------------
 
-// TUNSETIFF is declared _IOW('T', 202, int) but really takes a `struct ifreq *`.
-nix::ioctl_write_ptr_bad!(tun_set_iff, libc::TUNSETIFF, libc::ifreq);
+// TUNSETIFF is declared _IOW('T', 202, int) but really takes a `struct ifreq *`,
+// which the kernel also writes: the name it chose comes back in it. So the
+// pointer is `*mut` (read-write), never a `&` the kernel writes through.
+nix::ioctl_readwrite_bad!(tun_set_iff, libc::TUNSETIFF, libc::ifreq);
 
 /// Privileged: creates a tun device (`IFF_TUN | IFF_NO_PI`, not persistent)
 /// named `name` in the current network namespace. One read or write on the
@@ -198,8 +200,9 @@ fn attach(fd: OwnedFd, name: &str, flags: Flags) -> Result<TunFd, NetdevError> {
     // IFF_TUN, IFF_NO_PI, IFF_VNET_HDR and IFF_MULTI_QUEUE fit in the
     // c_short flags field.
     req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI | vnet | multi) as libc::c_short;
-    // SAFETY: `req` is a valid, initialised ifreq that outlives the call.
-    unsafe { tun_set_iff(fd.as_raw_fd(), &req) }.map_err(|e| NetdevError::CreateTun {
+    // SAFETY: `req` is a valid, initialised ifreq, borrowed mutably for
+    // the call (the kernel writes the device's name back into it).
+    unsafe { tun_set_iff(fd.as_raw_fd(), &mut req) }.map_err(|e| NetdevError::CreateTun {
         name: name.to_owned(),
         source: e.into(),
     })?;

@@ -137,6 +137,10 @@ impl Bed {
         let mut args = vec!["client", "-s", server.as_str(), "--control", &socket];
         args.extend_from_slice(extra);
         with_default_user(&mut args);
+        // A client without a key speaks the original protocol only when told.
+        if !args.contains(&"--key") && !args.contains(&"--config") {
+            args.push("--legacy");
+        }
         self.clients[i].spawn(SIMPLEVPND, &args)
     }
 
