@@ -128,3 +128,25 @@ fn the_template_unit_is_the_plain_unit_with_another_config_and_socket() {
         "ExecReload=/usr/bin/svpnctl --socket /run/simplevpn/%i.sock reload"
     );
 }
+
+const SOCKET: &str = include_str!("../packaging/systemd/simplevpnd.socket");
+const SOCKET_TEMPLATE: &str = include_str!("../packaging/systemd/simplevpnd@.socket");
+
+#[test]
+fn the_socket_units_listen_on_2002_and_differ_only_in_description() {
+    assert_eq!(settings(SOCKET), settings(SOCKET_TEMPLATE));
+    assert_eq!(line(SOCKET, "ListenStream="), "ListenStream=2002");
+    // The daemon accepts itself: one process for every client.
+    assert_eq!(line(SOCKET, "Accept="), "Accept=no");
+    // Both units are packaged, for deb and rpm.
+    let manifest = include_str!("../Cargo.toml");
+    for unit in ["simplevpnd.socket", "simplevpnd@.socket"] {
+        assert_eq!(
+            manifest
+                .matches(&format!("packaging/systemd/{unit}"))
+                .count(),
+            2,
+            "{unit} in both asset lists"
+        );
+    }
+}

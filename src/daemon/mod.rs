@@ -1,5 +1,6 @@
 //! simplevpnd: the server and client roles.
 
+mod activation;
 mod admission;
 pub mod cli;
 pub mod client;
@@ -88,6 +89,8 @@ pub enum DaemonError {
         address: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Activation(#[from] activation::ActivationError),
     #[error("tun device: {0}")]
     Tun(#[from] std::io::Error),
     #[error("{0}")]

@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument, Span};
 
+use super::activation::{self, Listeners};
 use super::admission::{Admission, Pending, RefusalReason, RefusalSummary, SUMMARY_INTERVAL};
 use super::control::{self, AdminError, AdminRequest, KickError, Node, ReloadReport};
 use super::events::{EventKind, Events, PeerEvent};
@@ -314,10 +315,14 @@ pub async fn run(
         pool.as_ref(),
     )?);
 
-    let listener = listen(config.listen).map_err(|source| DaemonError::Bind {
-        address: config.listen,
-        source,
-    })?;
+    // Inherited from systemd (socket activation), else bound here.
+    let listener = match activation::inherited()? {
+        Some(inherited) => inherited,
+        None => Listeners::bound(listen(config.listen).map_err(|source| DaemonError::Bind {
+            address: config.listen,
+            source,
+        })?),
+    };
     let metrics_listener = match config.metrics {
         Some(address) => Some(
             metrics::bind(address)
@@ -400,7 +405,7 @@ pub async fn run(
         config,
     });
     info!(
-        listen = %shared.config.listen,
+        listen = %listener,
         tun = %tun_name,
         address = %own_address,
         network = %shared.config.network,

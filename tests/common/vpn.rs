@@ -115,6 +115,14 @@ impl Bed {
     /// Starts `simplevpnd server` as [`Bed::start_server`] does, without
     /// waiting for anything.
     pub fn spawn_server(&self, extra: &[&str]) -> Daemon {
+        self.spawn_server_under(&[], extra)
+    }
+
+    /// Starts `simplevpnd server` as [`Bed::spawn_server`] does, through
+    /// `launcher`: a program and its arguments that exec the daemon
+    /// (`["systemd-socket-activate", "-l", "198.18.1.1:443"]`, say); empty:
+    /// the daemon itself.
+    pub fn spawn_server_under(&self, launcher: &[&str], extra: &[&str]) -> Daemon {
         let socket = self.server_socket();
         let state = self.state_dir();
         let mut args = vec!["server", "--network", NETWORK, "--control", &socket];
@@ -126,15 +134,28 @@ impl Bed {
         if !args.contains(&"--key") {
             args.push("--legacy");
         }
-        self.server.spawn(SIMPLEVPND, &args)
+        match launcher.split_first() {
+            Some((program, launcher_args)) => {
+                let mut all = launcher_args.to_vec();
+                all.push(SIMPLEVPND);
+                all.extend_from_slice(&args);
+                self.server.spawn(program, &all)
+            }
+            None => self.server.spawn(SIMPLEVPND, &args),
+        }
     }
 
     /// Starts `simplevpnd client` in client namespace `i` (as [`USER`]
     /// unless `extra` names a `--user`), without waiting for anything.
     pub fn spawn_client(&self, i: usize, extra: &[&str]) -> Daemon {
-        let server = self.server_addr(i).to_string();
+        self.spawn_client_to(i, &self.server_addr(i).to_string(), extra)
+    }
+
+    /// Starts `simplevpnd client` as [`Bed::spawn_client`] does, to
+    /// `server` (HOST:PORT) instead of the bed's port 2002.
+    pub fn spawn_client_to(&self, i: usize, server: &str, extra: &[&str]) -> Daemon {
         let socket = self.client_socket(i);
-        let mut args = vec!["client", "-s", server.as_str(), "--control", &socket];
+        let mut args = vec!["client", "-s", server, "--control", &socket];
         args.extend_from_slice(extra);
         with_default_user(&mut args);
         // A client without a key speaks the original protocol only when told.
