@@ -251,6 +251,11 @@ pub struct ServerSection {
     /// Threads of the data path (the async runtime's workers); default: one
     /// per CPU. 1: the single-threaded runtime.
     pub workers: Option<usize>,
+    /// HOST:PORT that connections which are not ours are handed to (the
+    /// website on the same port); see [`crate::daemon::portshare`].
+    pub port_share: Option<String>,
+    /// Prepend a PROXY protocol v2 header for the port-share backend.
+    pub port_share_proxy: Option<bool>,
 }
 
 /// `[[server.peer]]`: a TLS client that may join.
@@ -331,6 +336,9 @@ pub struct ClientSection {
     pub fail_open: Option<bool>,
     /// What to do with pushed DNS settings.
     pub dns: Option<DnsMode>,
+    /// The name a TLS client's ClientHello gives (SNI), e.g. the website's
+    /// on a shared port; nothing checks it (the server's key is pinned).
+    pub sni: Option<String>,
 }
 
 /// What a client does with the DNS servers and search domains the server
@@ -399,6 +407,8 @@ pub struct ServerConfig {
     pub cluster: Option<crate::cluster::config::ClusterConfig>,
     /// The async runtime's worker threads (see [`crate::workers`]).
     pub workers: usize,
+    /// Where connections that are not ours go, if anywhere.
+    pub port_share: Option<crate::daemon::portshare::PortShare>,
 }
 
 impl ServerConfig {
@@ -442,6 +452,7 @@ impl ServerConfig {
         differs("metrics", self.metrics != new.metrics);
         differs("cluster", self.cluster != new.cluster);
         differs("workers", self.workers != new.workers);
+        differs("port_share", self.port_share != new.port_share);
         fields
     }
 
@@ -531,6 +542,8 @@ pub struct ClientConfig {
     pub fail_open: bool,
     /// What to do with pushed DNS settings.
     pub dns: DnsMode,
+    /// The TLS server name sent (SNI); `None`: the built-in one.
+    pub sni: Option<String>,
 }
 
 impl ConfigFile {
@@ -669,6 +682,8 @@ impl ServerSection {
             dns: flags.dns.or(self.dns),
             dns_search: flags.dns_search.or(self.dns_search),
             workers: flags.workers.or(self.workers),
+            port_share: flags.port_share.or(self.port_share),
+            port_share_proxy: flags.port_share_proxy.or(self.port_share_proxy),
         }
     }
 
@@ -792,6 +807,7 @@ impl ServerSection {
             }),
             metrics: metrics_listen(self.metrics, self.metrics_public.unwrap_or(false))?,
             workers: crate::workers::resolve(self.workers)?,
+            port_share: crate::daemon::portshare::resolve(self.port_share, self.port_share_proxy)?,
             max_unauthenticated: match self
                 .max_unauthenticated
                 .unwrap_or(DEFAULT_MAX_UNAUTHENTICATED)
@@ -1059,6 +1075,7 @@ impl ClientSection {
             full_tunnel: flags.full_tunnel.or(self.full_tunnel),
             fail_open: flags.fail_open.or(self.fail_open),
             dns: flags.dns.or(self.dns),
+            sni: flags.sni.or(self.sni),
         }
     }
 
@@ -1127,6 +1144,7 @@ impl ClientSection {
             full_tunnel,
             fail_open: self.fail_open.unwrap_or(false),
             dns: self.dns.unwrap_or_default(),
+            sni: crate::tls::check_sni(self.sni)?,
             server,
             servers,
             server_order: self.server_order.unwrap_or_default(),

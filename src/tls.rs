@@ -198,6 +198,23 @@ pub fn server_name() -> ServerName<'static> {
     ServerName::DnsName(rustls::pki_types::DnsName::try_from(SERVER_NAME).expect("valid DNS name"))
 }
 
+/// The name a client sends: `sni` (checked by [`check_sni`]) or the
+/// built-in one.
+pub fn server_name_or(sni: Option<&str>) -> ServerName<'static> {
+    sni.and_then(|name| rustls::pki_types::DnsName::try_from(name.to_string()).ok())
+        .map_or_else(server_name, ServerName::DnsName)
+}
+
+/// `[client] sni`: a DNS name (an IP address is never sent as SNI).
+pub fn check_sni(sni: Option<String>) -> Result<Option<String>, crate::config::ConfigError> {
+    match sni {
+        Some(name) if rustls::pki_types::DnsName::try_from(name.as_str()).is_err() => Err(
+            crate::config::ConfigError::new("sni", format!("{name:?} is not a DNS name")),
+        ),
+        sni => Ok(sni),
+    }
+}
+
 /// Accepts client certificates whose key is listed.
 #[derive(Debug)]
 struct PinnedClients {

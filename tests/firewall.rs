@@ -5,10 +5,12 @@
 
 mod common;
 
-use std::net::Ipv4Addr;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::Duration;
 
 use common::vpn::*;
-use common::{require_root, Daemon, Netns};
+use common::{require_root, wait_until, Daemon, Netns};
 
 const CLIENT_A: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
 
@@ -96,4 +98,291 @@ fn a_socket_activated_server_serves_port_443_without_capabilities() {
     );
     let comm = std::fs::read_to_string(format!("/proc/{}/comm", server.pid())).expect("comm");
     assert_eq!(comm.trim(), "simplevpnd");
+}
+
+/// A page the web servers serve: 3000 bytes nobody else would send.
+fn web_root(bed: &Bed) -> (String, Vec<u8>) {
+    let dir = bed.path("www");
+    std::fs::create_dir_all(&dir).expect("web root");
+    let page: Vec<u8> = (0..3000u32)
+        .map(|i| b"simplevpn port share "[(i % 21) as usize])
+        .collect();
+    std::fs::write(format!("{dir}/index.html"), &page).expect("page");
+    (dir, page)
+}
+
+/// Waits until something listens at `address` in `ns`.
+fn wait_for_listener(ns: &Netns, address: SocketAddr, what: &Daemon) {
+    assert!(
+        wait_until(STARTUP, || ns
+            .tcp_connect(address, Duration::from_secs(1))
+            .is_ok()),
+        "nothing listens at {address}:\n{}",
+        what.log()
+    );
+}
+
+/// Python's http.server on 127.0.0.1:`port` in the server namespace,
+/// serving `root`.
+fn http_backend(bed: &Bed, root: &str, port: u16) -> Daemon {
+    let port_text = port.to_string();
+    let web = bed.server.spawn(
+        "python3",
+        &[
+            "-m",
+            "http.server",
+            &port_text,
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            root,
+        ],
+    );
+    wait_for_listener(&bed.server, SocketAddr::from(([127, 0, 0, 1], port)), &web);
+    web
+}
+
+/// GET /index.html from `ns` at `host:port`, with TLS (ALPN http/1.1, the
+/// certificate not checked) if `tls`: the response body.
+fn get(ns: &Netns, host: &str, port: u16, tls: bool) -> Vec<u8> {
+    let connection = match tls {
+        true => {
+            "import ssl; x = ssl.create_default_context(); x.check_hostname = False; \
+                 x.verify_mode = ssl.CERT_NONE; x.set_alpn_protocols(['http/1.1']); \
+                 c = http.client.HTTPSConnection(h, p, context=x, timeout=10)"
+        }
+        false => "c = http.client.HTTPConnection(h, p, timeout=10)",
+    };
+    let script = format!(
+        "import http.client, sys; h = '{host}'; p = {port}; {connection}; \
+         c.request('GET', '/index.html'); r = c.getresponse(); \
+         assert r.status == 200, r.status; sys.stdout.buffer.write(r.read())"
+    );
+    let out = ns.run("python3", &["-c", &script]);
+    assert!(
+        out.status.success(),
+        "GET {host}:{port} (tls {tls}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Reads the counter `name` from the server's /metrics at `address`.
+fn counter(ns: &Netns, address: SocketAddr, name: &str) -> u64 {
+    let (_, body) = scrape(ns, address);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+}
+
+#[test]
+fn a_shared_port_serves_the_website_to_others_and_the_vpn_to_clients() {
+    let test = "a_shared_port_serves_the_website_to_others_and_the_vpn_to_clients";
+    if !require_root(test) || !have(test, "python3") {
+        return;
+    }
+    let bed = Bed::new("share", 2);
+    let (root, page) = web_root(&bed);
+    let _web = http_backend(&bed, &root, 8080);
+    let (server_key, server_pub) = keygen(&bed, "server");
+    let (key, public) = keygen(&bed, "a");
+    // Small limits: 200 probes from one source must not lock out a client
+    // from another.
+    let config = bed.path("server.toml");
+    std::fs::write(
+        &config,
+        "[server]\nmax_unauthenticated = 16\nmax_unauthenticated_per_source = 4\n",
+    )
+    .expect("config");
+    let metrics = "127.0.0.1:9100";
+    let server = bed.start_server(&[
+        "--config",
+        &config,
+        "--key",
+        &server_key,
+        "--peer",
+        &public,
+        "--port-share",
+        "127.0.0.1:8080",
+        "--metrics",
+        metrics,
+    ]);
+    let metrics: SocketAddr = metrics.parse().expect("metrics address");
+
+    // An HTTP GET to the VPN's port gets the website's page, byte for byte.
+    assert_eq!(get(&bed.clients[0], "198.18.1.1", 2002, false), page);
+
+    // 200 idle probes from client 1's address, held open meanwhile.
+    let probe_target = bed.server_addr(1);
+    let probes: Vec<TcpStream> = bed.clients[1].enter(|| {
+        (0..200)
+            .filter_map(|_| TcpStream::connect_timeout(&probe_target, STARTUP).ok())
+            .collect()
+    });
+    assert!(
+        probes.len() >= 100,
+        "only {} probes connected",
+        probes.len()
+    );
+
+    // A VPN client, giving the website's name, on the same port.
+    let mut args = tls_client_args(&key, &server_pub).to_vec();
+    args.extend_from_slice(&["--sni", "www.example.org"]);
+    let _client = bed.start_client(0, &args);
+    assert_eq!(tun_address(&bed.clients[0]), Some((CLIENT_A, 16)));
+    tcp_round_trip(&bed.clients[0], &bed.server, SERVER_TUNNEL, 5000, 1 << 20);
+    // The website still answers everyone else.
+    assert_eq!(get(&bed.clients[0], "198.18.1.1", 2002, false), page);
+    drop(probes);
+
+    assert!(
+        counter(
+            &bed.server,
+            metrics,
+            "simplevpn_port_share_connections_total"
+        ) >= 2,
+        "{}",
+        server.log()
+    );
+    assert_eq!(
+        counter(&bed.server, metrics, "simplevpn_port_share_failures_total"),
+        0
+    );
+}
+
+/// `openssl s_server -WWW` on 127.0.0.1:`port` in the server namespace,
+/// serving `root` over TLS with ALPN http/1.1 and a certificate made here.
+fn https_backend(bed: &Bed, root: &str, port: u16) -> Daemon {
+    let (cert, key) = (bed.path("web.crt"), bed.path("web.key"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=www.example.org"])
+        .args(["-keyout", &key, "-out", &cert])
+        .output()
+        .expect("run openssl req");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // -WWW serves files relative to the working directory.
+    let command = format!(
+        "cd '{root}' && exec openssl s_server -accept 127.0.0.1:{port} -cert '{cert}' \
+         -key '{key}' -alpn http/1.1 -WWW -quiet"
+    );
+    let web = bed.server.spawn("sh", &["-c", &command]);
+    wait_for_listener(&bed.server, SocketAddr::from(([127, 0, 0, 1], port)), &web);
+    web
+}
+
+#[test]
+fn an_https_request_to_a_shared_port_reaches_the_https_website() {
+    let test = "an_https_request_to_a_shared_port_reaches_the_https_website";
+    if !require_root(test) || !have(test, "python3") || !have(test, "openssl") {
+        return;
+    }
+    let bed = Bed::new("sharetls", 1);
+    let (root, page) = web_root(&bed);
+    let _web = https_backend(&bed, &root, 8443);
+    let (server_key, server_pub) = keygen(&bed, "server");
+    let (key, public) = keygen(&bed, "a");
+    let server = bed.start_server(&[
+        "--key",
+        &server_key,
+        "--peer",
+        &public,
+        "--port-share",
+        "127.0.0.1:8443",
+    ]);
+    // A browser's ClientHello (ALPN http/1.1) goes to the website.
+    assert_eq!(get(&bed.clients[0], "198.18.1.1", 2002, true), page);
+    // Our client's (ALPN simplevpn/2, SNI the website's) is served.
+    let mut args = tls_client_args(&key, &server_pub).to_vec();
+    args.extend_from_slice(&["--sni", "www.example.org"]);
+    let _client = bed.start_client(0, &args);
+    tcp_round_trip(&bed.clients[0], &bed.server, SERVER_TUNNEL, 5000, 1 << 16);
+    assert_eq!(get(&bed.clients[0], "198.18.1.1", 2002, true), page);
+    assert!(
+        !server.log().contains("port share failed"),
+        "{}",
+        server.log()
+    );
+}
+
+/// A backend that records the first bytes of the first connection to
+/// `record`, then answers with a short HTTP response.
+fn recording_backend(bed: &Bed, port: u16, record: &str) -> Daemon {
+    let script = format!(
+        "import socket, time\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1', {port})); s.listen(8)\n\
+         c, _ = s.accept(); c.settimeout(10); data = b''\n\
+         while b'\\r\\n\\r\\n' not in data:\n\
+         \x20   chunk = c.recv(4096)\n\
+         \x20   if not chunk: break\n\
+         \x20   data += chunk\n\
+         open('{record}', 'wb').write(data)\n\
+         c.sendall(b'HTTP/1.0 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok'); c.close()\n\
+         time.sleep(60)\n"
+    );
+    let web = bed.server.spawn("python3", &["-c", &script]);
+    // Not probed by connecting: the first connection is the one recorded.
+    assert!(
+        wait_until(STARTUP, || {
+            let out = bed
+                .server
+                .run("ss", &["-Htln", &format!("sport = :{port}")]);
+            !out.stdout.is_empty()
+        }),
+        "the recording backend does not listen:\n{}",
+        web.log()
+    );
+    web
+}
+
+#[test]
+fn the_backend_learns_the_clients_address_from_a_proxy_header() {
+    let test = "the_backend_learns_the_clients_address_from_a_proxy_header";
+    if !require_root(test) || !have(test, "python3") {
+        return;
+    }
+    let bed = Bed::new("shareppv2", 1);
+    let record = bed.path("first-bytes");
+    let _web = recording_backend(&bed, 8081, &record);
+    let (server_key, _) = keygen(&bed, "server");
+    let _server = bed.start_server(&[
+        "--key",
+        &server_key,
+        "--port-share",
+        "127.0.0.1:8081",
+        "--port-share-proxy",
+    ]);
+    let mut conn = bed.clients[0]
+        .tcp_connect(bed.server_addr(0), STARTUP)
+        .expect("connect");
+    conn.set_read_timeout(Some(STARTUP)).expect("timeout");
+    let request = b"GET / HTTP/1.0\r\nHost: www.example.org\r\n\r\n";
+    conn.write_all(request).expect("request");
+    let mut response = Vec::new();
+    conn.read_to_end(&mut response).expect("response");
+    assert!(response.ends_with(b"\r\n\r\nok"), "{response:?}");
+    let local = conn.local_addr().expect("local address");
+    let seen = std::fs::read(&record).expect("recorded bytes");
+    // PROXY v2: signature, PROXY over TCP/IPv4, 12 bytes of addresses:
+    // this client's address and port, then the server's.
+    assert_eq!(&seen[..12], b"\r\n\r\n\0\r\nQUIT\n");
+    assert_eq!(&seen[12..16], &[0x21, 0x11, 0, 12]);
+    assert_eq!(&seen[16..20], &[198, 18, 1, 2]);
+    assert_eq!(&seen[20..24], &[198, 18, 1, 1]);
+    assert_eq!(&seen[24..26], &local.port().to_be_bytes());
+    assert_eq!(&seen[26..28], &2002u16.to_be_bytes());
+    // Then the request, as sent.
+    assert_eq!(&seen[28..], request);
 }

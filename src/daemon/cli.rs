@@ -148,6 +148,12 @@ pub struct ServerArgs {
     /// Threads of the data path, 1 to 1024 (1: one thread, as before) [default: one per CPU]
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// Hand connections that are not ours (HTTP, TLS without our ALPN) to this backend, e.g. the website on the same port [default: off]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub port_share: Option<String>,
+    /// With --port-share: send the backend a PROXY protocol v2 header naming the client
+    #[arg(long)]
+    pub port_share_proxy: bool,
 }
 
 #[derive(Debug, Args)]
@@ -187,6 +193,9 @@ pub struct ClientArgs {
     /// Pushed DNS servers and search domains: set them on the tun (systemd-resolved) or ignore them [default: pushed]
     #[arg(long, value_enum, value_name = "MODE")]
     pub dns: Option<DnsMode>,
+    /// The server name a TLS ClientHello gives (SNI), e.g. the website's on a shared port [default: a built-in name]
+    #[arg(long, value_name = "NAME")]
+    pub sni: Option<String>,
 }
 
 impl From<ServerArgs> for ServerSection {
@@ -226,6 +235,8 @@ impl From<ServerArgs> for ServerSection {
             dns: (!args.dns.is_empty()).then_some(args.dns),
             dns_search: (!args.dns_search.is_empty()).then_some(args.dns_search),
             workers: args.workers,
+            port_share: args.port_share,
+            port_share_proxy: args.port_share_proxy.then_some(true),
             ..ServerSection::default()
         }
     }
@@ -249,6 +260,7 @@ impl From<ClientArgs> for ClientSection {
             full_tunnel: args.full_tunnel.then_some(true),
             fail_open: args.fail_open.then_some(true),
             dns: args.dns,
+            sni: args.sni,
             ..ClientSection::default()
         }
     }

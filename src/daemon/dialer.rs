@@ -49,6 +49,8 @@ pub struct Dialer {
     /// The index in `servers` dialed next.
     current: usize,
     tls: Option<(TlsConnector, PublicKey)>,
+    /// The server name the ClientHello gives.
+    sni: rustls::pki_types::ServerName<'static>,
     timeout: Duration,
 }
 
@@ -75,6 +77,7 @@ impl Dialer {
             servers: config.servers.clone(),
             current,
             tls,
+            sni: tls::server_name_or(config.sni.as_deref()),
             timeout,
         })
     }
@@ -121,7 +124,7 @@ impl Dialer {
                 remote,
             });
         };
-        let stream = timeout(self.timeout, connector.connect(tls::server_name(), stream))
+        let stream = timeout(self.timeout, connector.connect(self.sni.clone(), stream))
             .await
             .map_err(|_| DialError::TlsHandshakeTimeout)?
             .map_err(DialError::TlsHandshake)?;

@@ -16,12 +16,13 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
 use ipnet::IpNet;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::admission::RefusalReason;
+use super::portshare::{self, Foreign, Hello, Replay};
 use crate::config::{ClientToClient, Legacy, PeerSection, ServerConfig};
 use crate::connection::{Reader, Writer};
 use crate::keys::{NodeKey, PublicKey};
@@ -112,6 +113,9 @@ pub enum Rejection {
     /// The TLS handshake failed (an unknown key, say).
     Handshake(String),
     Io(std::io::Error),
+    /// Not ours, and the port is shared: for the backend
+    /// ([`super::portshare`]).
+    Share(Foreign),
 }
 
 impl fmt::Display for Rejection {
@@ -140,6 +144,7 @@ impl fmt::Display for Rejection {
             ),
             Rejection::Handshake(why) => write!(f, "TLS handshake failed: {why}"),
             Rejection::Io(e) => write!(f, "{e}"),
+            Rejection::Share(foreign) => write!(f, "not ours ({}): port shared", foreign.why),
         }
     }
 }
@@ -156,6 +161,9 @@ impl Rejection {
             Rejection::LegacyNotAllowed => RefusalReason::LegacyNotAllowed,
             Rejection::NoTls => RefusalReason::NoTls,
             Rejection::Handshake(_) => RefusalReason::Handshake,
+            // Not refused (the server hands it on); if it is counted as a
+            // refusal after all, it is one of an unknown protocol.
+            Rejection::Share(_) => RefusalReason::UnknownProtocol,
         }
     }
 }
@@ -212,6 +220,9 @@ pub struct Gate {
     allowed: AllowedKeys,
     peers: RwLock<Arc<Vec<AllowedPeer>>>,
     legacy: Legacy,
+    /// Whether a connection that is not ours goes to a port-share backend
+    /// instead of being refused.
+    share: bool,
 }
 
 impl Gate {
@@ -232,6 +243,7 @@ impl Gate {
             allowed,
             peers: RwLock::new(Arc::new(Vec::new())),
             legacy: config.legacy.clone(),
+            share: config.port_share.is_some(),
         };
         gate.set_peers(merge_peers(&config.peers, live));
         Ok(gate)
@@ -272,25 +284,74 @@ impl Gate {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(Rejection::Io(e)),
         }
+        // With the port shared, what is not ours goes to the backend with
+        // what was read of it; otherwise it is refused.
+        let share = |stream, read: &[u8], why, rejection| match self.share {
+            true => Rejection::Share(Foreign {
+                stream,
+                read: read.to_vec(),
+                why,
+            }),
+            false => rejection,
+        };
         match first[0] {
+            TLS_HANDSHAKE if self.share => {
+                let hello = portshare::read_client_hello(&mut stream, first_bytes).await;
+                match hello.map_err(Rejection::Io)? {
+                    Hello::Ours(read) if self.tls.is_some() => {
+                        self.admit_tls(Replay::new(read, stream), first_bytes).await
+                    }
+                    Hello::Ours(read) => {
+                        Err(share(stream, &read, "TLS, and no key", Rejection::NoTls))
+                    }
+                    Hello::Foreign(read, why) => Err(share(stream, &read, why, Rejection::NoTls)),
+                    Hello::Closed => Err(Rejection::Closed),
+                    Hello::Timeout => Err(Rejection::FirstBytesTimeout),
+                }
+            }
             TLS_HANDSHAKE => self.admit_tls(stream, first_bytes).await,
             byte if matches!(byte >> 4, 4 | 6) => {
                 if self.legacy == Legacy::Off {
-                    return Err(Rejection::LegacyOff);
+                    return Err(share(stream, &[], "legacy off", Rejection::LegacyOff));
                 }
                 if !self.legacy.allows(remote.ip()) {
-                    return Err(Rejection::LegacyNotAllowed);
+                    let why = "outside legacy_allow";
+                    return Err(share(stream, &[], why, Rejection::LegacyNotAllowed));
                 }
                 let mut request = [0u8; CONTROL_LEN];
-                match timeout_at(first_bytes, stream.read_exact(&mut request)).await {
-                    Err(_) => return Err(Rejection::FirstBytesTimeout),
-                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                        return Err(Rejection::NotAnAddressRequest)
+                let mut filled = 0;
+                while filled < CONTROL_LEN {
+                    match timeout_at(first_bytes, stream.read(&mut request[filled..])).await {
+                        // Some bytes, then silence: an HTTP request shorter
+                        // than an address request, say.
+                        Err(_) if filled > 0 && self.share => {
+                            let why = "no address request";
+                            return Err(share(
+                                stream,
+                                &request[..filled],
+                                why,
+                                Rejection::FirstBytesTimeout,
+                            ));
+                        }
+                        Err(_) => return Err(Rejection::FirstBytesTimeout),
+                        Ok(Ok(0)) => {
+                            let why = "closed before an address request";
+                            return Err(share(
+                                stream,
+                                &request[..filled],
+                                why,
+                                Rejection::NotAnAddressRequest,
+                            ));
+                        }
+                        Ok(Ok(n)) => filled += n,
+                        Ok(Err(e)) => return Err(Rejection::Io(e)),
                     }
-                    Ok(Err(e)) => return Err(Rejection::Io(e)),
-                    Ok(Ok(_)) => {}
                 }
                 let Some(control) = address_request(&request) else {
+                    if self.share {
+                        let why = "no address request";
+                        return Err(share(stream, &request, why, Rejection::NotAnAddressRequest));
+                    }
                     // Nothing more is read: close at once, without waiting
                     // for the peer to send its rest.
                     let _ = stream.shutdown().await;
@@ -310,15 +371,19 @@ impl Gate {
                     extension: control.marker == Some(Marker::Offer),
                 })
             }
-            byte => Err(Rejection::Unknown(byte)),
+            byte => Err(share(
+                stream,
+                &[],
+                "neither TLS nor the original protocol",
+                Rejection::Unknown(byte),
+            )),
         }
     }
 
-    async fn admit_tls(
-        &self,
-        stream: TcpStream,
-        first_bytes: Instant,
-    ) -> Result<Admitted, Rejection> {
+    async fn admit_tls<S>(&self, stream: S, first_bytes: Instant) -> Result<Admitted, Rejection>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let config = self.tls.as_ref().ok_or(Rejection::NoTls)?;
         let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
         let start = match timeout_at(first_bytes, hello).await {

@@ -258,6 +258,10 @@ pub struct Metrics {
     handshake: Histogram,
     pub drops: Arc<DropCounters>,
     pub supers: Arc<SuperCounters>,
+    /// Connections that were not ours, handed to the port-share backend.
+    pub port_share: Counter,
+    /// Of those, the ones the backend did not answer (unreachable, timeout).
+    pub port_share_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -270,6 +274,8 @@ impl Default for Metrics {
             handshake: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             drops: Arc::default(),
             supers: Arc::default(),
+            port_share: Counter::default(),
+            port_share_failures: Counter::default(),
         }
     }
 }
@@ -318,6 +324,16 @@ impl Metrics {
             "handshake_duration_seconds",
             "Time from accepting a connection to granting it an address",
             self.handshake.clone(),
+        );
+        registry.register(
+            "port_share_connections",
+            "Connections that were not ours, handed to the port_share backend",
+            self.port_share.clone(),
+        );
+        registry.register(
+            "port_share_failures",
+            "Connections for the port_share backend that it did not answer",
+            self.port_share_failures.clone(),
         );
         registry.register_collector(Box::new(PeerCollector {
             table,

@@ -15,6 +15,7 @@ mod metrics;
 mod notify;
 mod peers;
 mod peers6;
+pub mod portshare;
 pub mod privileges;
 pub mod server;
 mod takeover;

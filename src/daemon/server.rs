@@ -51,6 +51,7 @@ use super::links::{LinkDelivery, LinkLimits, Links};
 use super::metrics::{self, DropKind, Metrics, Outcome, SuperKind};
 use super::notify;
 use super::peers::{Banned, Granted, Peer, PeerInfo, PeerTable};
+use super::portshare;
 use super::{ControlOptions, DaemonError};
 use crate::budget::MemoryBudget;
 use crate::cluster::{Cluster, ClusterHooks};
@@ -626,6 +627,12 @@ async fn serve(
         Ok(Ok(admitted)) => admitted,
         Ok(Err(Rejection::Closed)) => {
             debug!("closed before sending anything");
+            return;
+        }
+        Ok(Err(Rejection::Share(foreign))) => {
+            if let Some(share) = &shared.config.port_share {
+                portshare::serve(share, foreign, remote, pending, &shared.metrics).await;
+            }
             return;
         }
         Ok(Err(rejection)) => {
