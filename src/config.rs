@@ -339,6 +339,9 @@ pub struct ClientSection {
     /// The name a TLS client's ClientHello gives (SNI), e.g. the website's
     /// on a shared port; nothing checks it (the server's key is pinned).
     pub sni: Option<String>,
+    /// `http://[USER:PASS@]HOST:PORT`, `socks5://...`, or "env": every
+    /// server is reached through this proxy.
+    pub proxy: Option<String>,
 }
 
 /// What a client does with the DNS servers and search domains the server
@@ -544,6 +547,8 @@ pub struct ClientConfig {
     pub dns: DnsMode,
     /// The TLS server name sent (SNI); `None`: the built-in one.
     pub sni: Option<String>,
+    /// The proxy every server is reached through, if any.
+    pub proxy: Option<crate::daemon::proxy::Proxy>,
 }
 
 impl ConfigFile {
@@ -1076,6 +1081,7 @@ impl ClientSection {
             fail_open: flags.fail_open.or(self.fail_open),
             dns: flags.dns.or(self.dns),
             sni: flags.sni.or(self.sni),
+            proxy: flags.proxy.or(self.proxy),
         }
     }
 
@@ -1145,6 +1151,7 @@ impl ClientSection {
             fail_open: self.fail_open.unwrap_or(false),
             dns: self.dns.unwrap_or_default(),
             sni: crate::tls::check_sni(self.sni)?,
+            proxy: crate::daemon::proxy::resolve(self.proxy)?,
             server,
             servers,
             server_order: self.server_order.unwrap_or_default(),

@@ -386,3 +386,184 @@ fn the_backend_learns_the_clients_address_from_a_proxy_header() {
     // Then the request, as sent.
     assert_eq!(&seen[28..], request);
 }
+
+/// A server namespace (198.18.1.1), a proxy namespace linked to it
+/// (198.18.1.2) and to client namespace 0 (198.18.2.1 to 198.18.2.2). The
+/// client has no route to the server: only the proxy reaches it.
+fn behind_a_proxy(tag: &str) -> (Bed, Netns) {
+    let mut bed = Bed::new(tag, 0);
+    let proxy = Netns::new(&format!("{tag}p"));
+    common::link(&bed.server, "198.18.1.1/24", &proxy, "198.18.1.2/24");
+    let client = Netns::new(&format!("{tag}c"));
+    common::link(&proxy, "198.18.2.1/24", &client, "198.18.2.2/24");
+    bed.clients.push(client);
+    (bed, proxy)
+}
+
+/// squid on 198.18.2.1:3128 in `ns`, its config and logs in the bed's
+/// directory; with `user` (name, password), Basic auth against an
+/// htpasswd file made here (basic_ncsa_auth).
+fn squid(bed: &Bed, ns: &Netns, user: Option<(&str, &str)>) -> Daemon {
+    let dir = bed.path("squid");
+    std::fs::create_dir_all(&dir).expect("squid dir");
+    // squid drops from root to its own user, which writes the logs here.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let access = match user {
+        None => "http_access allow all\n".to_string(),
+        Some((name, password)) => {
+            let out = std::process::Command::new("openssl")
+                .args(["passwd", "-apr1", password])
+                .output()
+                .expect("openssl passwd");
+            assert!(out.status.success());
+            let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            std::fs::write(format!("{dir}/htpasswd"), format!("{name}:{hash}\n"))
+                .expect("htpasswd");
+            format!(
+                "auth_param basic program /usr/lib/squid/basic_ncsa_auth {dir}/htpasswd\n\
+                 auth_param basic realm svt\n\
+                 acl users proxy_auth REQUIRED\n\
+                 http_access allow users\n\
+                 http_access deny all\n"
+            )
+        }
+    };
+    let config = format!(
+        "http_port 198.18.2.1:3128\n\
+         pid_filename {dir}/squid.pid\n\
+         cache_log {dir}/cache.log\n\
+         access_log stdio:{dir}/access.log\n\
+         cache_store_log none\n\
+         netdb_filename none\n\
+         pinger_enable off\n\
+         coredump_dir {dir}\n\
+         cache deny all\n\
+         shutdown_lifetime 0 seconds\n\
+         visible_hostname svt-proxy\n\
+         {access}"
+    );
+    let file = format!("{dir}/squid.conf");
+    std::fs::write(&file, config).expect("squid.conf");
+    let squid = ns.spawn("squid", &["-N", "-d", "1", "-f", &file]);
+    wait_for_listener(ns, SocketAddr::from(([198, 18, 2, 1], 3128)), &squid);
+    squid
+}
+
+/// microsocks on 198.18.2.1:1080 in `ns`, with `user` if given.
+fn microsocks(ns: &Netns, user: Option<(&str, &str)>) -> Daemon {
+    let mut args = vec!["-i", "198.18.2.1", "-p", "1080"];
+    if let Some((name, password)) = user {
+        args.extend_from_slice(&["-u", name, "-P", password]);
+    }
+    let socks = ns.spawn("microsocks", &args);
+    wait_for_listener(ns, SocketAddr::from(([198, 18, 2, 1], 1080)), &socks);
+    socks
+}
+
+/// A TLS server at 198.18.1.1:2002 and a client in the client namespace
+/// started with `--proxy URL`, which must get its address and carry 1 MiB.
+fn tunnel_through(bed: &Bed, url: &str) {
+    let (server_key, server_pub) = keygen(bed, "server");
+    let (key, public) = keygen(bed, "a");
+    let _server = bed.start_server(&["--key", &server_key, "--peer", &public]);
+    let mut args = tls_client_args(&key, &server_pub).to_vec();
+    args.extend_from_slice(&["--proxy", url]);
+    let client = bed.spawn_client_to(0, "198.18.1.1:2002", &args);
+    assert!(
+        client.wait_for_log("granted", STARTUP),
+        "no grant through {url}:\n{}",
+        client.log()
+    );
+    assert_eq!(tun_address(&bed.clients[0]), Some((CLIENT_A, 16)));
+    tcp_round_trip(&bed.clients[0], &bed.server, SERVER_TUNNEL, 5000, 1 << 20);
+    // The connection the client holds (and would pin with a full tunnel)
+    // is the proxy's.
+    let status = svpnctl_json(&bed.client_socket(0), &["status"]);
+    let remote = status["server_peer"]["remote"].as_str().unwrap_or("");
+    assert!(remote.starts_with("198.18.2.1:"), "{status}");
+    assert!(
+        status["proxy"]
+            .as_str()
+            .is_some_and(|p| p.contains("198.18.2.1")),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_client_reaches_its_server_through_squid() {
+    let test = "a_client_reaches_its_server_through_squid";
+    if !require_root(test) || !have(test, "squid") {
+        return;
+    }
+    let (bed, proxy) = behind_a_proxy("squid");
+    let _squid = squid(&bed, &proxy, None);
+    tunnel_through(&bed, "http://198.18.2.1:3128");
+}
+
+#[test]
+fn a_client_reaches_its_server_through_squid_with_basic_auth() {
+    let test = "a_client_reaches_its_server_through_squid_with_basic_auth";
+    if !require_root(test) || !have(test, "squid") || !have(test, "openssl") {
+        return;
+    }
+    let (bed, proxy) = behind_a_proxy("squidauth");
+    let _squid = squid(&bed, &proxy, Some(("alice", "s3cret-pw")));
+    tunnel_through(&bed, "http://alice:s3cret-pw@198.18.2.1:3128");
+}
+
+#[test]
+fn a_wrong_proxy_password_is_named_and_retried() {
+    let test = "a_wrong_proxy_password_is_named_and_retried";
+    if !require_root(test) || !have(test, "squid") || !have(test, "openssl") {
+        return;
+    }
+    let (bed, proxy) = behind_a_proxy("squid407");
+    let _squid = squid(&bed, &proxy, Some(("alice", "s3cret-pw")));
+    let (server_key, server_pub) = keygen(&bed, "server");
+    let (key, public) = keygen(&bed, "a");
+    let _server = bed.start_server(&["--key", &server_key, "--peer", &public]);
+    let mut args = tls_client_args(&key, &server_pub).to_vec();
+    args.extend_from_slice(&["--proxy", "http://alice:wrong-pw@198.18.2.1:3128"]);
+    let client = bed.spawn_client_to(0, "198.18.1.1:2002", &args);
+    // Refused, and tried again after the back-off: twice at least.
+    assert!(
+        wait_until(Duration::from_secs(30), || client
+            .log()
+            .matches("proxy refused: 407")
+            .count()
+            >= 2),
+        "{}",
+        client.log()
+    );
+    assert!(client.log().contains("reconnecting in"), "{}", client.log());
+    let status = svpnctl(&bed.client_socket(0), &["status"], None);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("proxy refused: 407"), "{status}");
+    assert!(status.contains("http://alice@198.18.2.1:3128"), "{status}");
+    for text in [client.log(), status.to_string()] {
+        assert!(!text.contains("wrong-pw"), "the password shows:\n{text}");
+    }
+}
+
+#[test]
+fn a_client_reaches_its_server_through_socks5() {
+    let test = "a_client_reaches_its_server_through_socks5";
+    if !require_root(test) || !have(test, "microsocks") {
+        return;
+    }
+    let (bed, proxy) = behind_a_proxy("socks");
+    let _socks = microsocks(&proxy, None);
+    tunnel_through(&bed, "socks5://198.18.2.1:1080");
+}
+
+#[test]
+fn a_client_reaches_its_server_through_socks5_with_a_password() {
+    let test = "a_client_reaches_its_server_through_socks5_with_a_password";
+    if !require_root(test) || !have(test, "microsocks") {
+        return;
+    }
+    let (bed, proxy) = behind_a_proxy("socksauth");
+    let _socks = microsocks(&proxy, Some(("bob", "hunter22")));
+    tunnel_through(&bed, "socks5://bob:hunter22@198.18.2.1:1080");
+}

@@ -320,6 +320,8 @@ fn status_json(s: &proto::StatusReply) -> Value {
         }),
         _ => json!({
             "server": s.server,
+            "proxy": s.proxy,
+            "last_error": s.last_error,
             "link_state": s.link_state().text(),
             "server_peer": s.server_peer.as_ref().map(peer_json),
         }),
@@ -426,6 +428,12 @@ fn status_text(s: &proto::StatusReply, now: SystemTime) -> String {
             ("server", s.server.clone()),
             ("link", or_dash(s.link_state().text())),
         ]);
+        if !s.proxy.is_empty() {
+            pairs.push(("proxy", s.proxy.clone()));
+        }
+        if !s.last_error.is_empty() {
+            pairs.push(("last error", s.last_error.clone()));
+        }
         if let Some(p) = &s.server_peer {
             pairs.extend([
                 ("connected", age(&p.connected_since, now)),

@@ -196,6 +196,9 @@ pub struct ClientArgs {
     /// The server name a TLS ClientHello gives (SNI), e.g. the website's on a shared port [default: a built-in name]
     #[arg(long, value_name = "NAME")]
     pub sni: Option<String>,
+    /// Reach the server through this proxy: http://[USER:PASS@]HOST:PORT (CONNECT), socks5://[USER:PASS@]HOST:PORT, or env (https_proxy, all_proxy) [default: none]
+    #[arg(long, value_name = "URL")]
+    pub proxy: Option<String>,
 }
 
 impl From<ServerArgs> for ServerSection {
@@ -261,6 +264,7 @@ impl From<ClientArgs> for ClientSection {
             fail_open: args.fail_open.then_some(true),
             dns: args.dns,
             sni: args.sni,
+            proxy: args.proxy,
             ..ClientSection::default()
         }
     }

@@ -91,6 +91,8 @@ struct ClientState {
     /// Who the server is: its pinned key with TLS.
     identity: Identity,
     server: String,
+    /// The proxy, as shown (no password).
+    proxy: String,
     tun: String,
     tun_health: Arc<TunHealth>,
     started: SystemTime,
@@ -113,6 +115,8 @@ struct Link {
     full_tunnel: Vec<String>,
     /// The DNS settings on the tun.
     dns: Vec<String>,
+    /// Why the last connection failed or ended.
+    last_error: String,
 }
 
 impl ClientState {
@@ -171,6 +175,8 @@ impl Node for ClientState {
                 .unwrap_or_default(),
             address6: link.granted6.map(|a| a.to_string()).unwrap_or_default(),
             server: self.server.clone(),
+            proxy: self.proxy.clone(),
+            last_error: link.last_error.clone(),
             link_state: proto::LinkState::of(link.state).into(),
             routes: link.routes.iter().map(ToString::to_string).collect(),
             host_changes: link.full_tunnel.iter().chain(&link.dns).cloned().collect(),
@@ -225,6 +231,11 @@ pub async fn run(
     let state = Arc::new(ClientState {
         identity,
         server: config.server.clone(),
+        proxy: config
+            .proxy
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         tun: tun.name.clone(),
         tun_health: health.clone(),
         started: SystemTime::now(),
@@ -310,6 +321,9 @@ impl Client {
             self.state.update(|link| {
                 link.state = link_state;
                 link.stats = None;
+                if !matches!(closed.reason, CloseReason::Shutdown) {
+                    link.last_error = closed.reason.to_string();
+                }
             });
             let Some(delay) = closed.reconnect_after else {
                 return Ok(());

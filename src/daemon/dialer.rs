@@ -10,6 +10,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
 use super::gate::Identity;
+use super::proxy::{Proxy, ProxyError};
 use crate::config::{ClientConfig, ServerOrder};
 use crate::connection::{Reader, Writer};
 use crate::keys::{NodeKey, PublicKey};
@@ -25,6 +26,11 @@ pub enum DialError {
     /// Connected, but the socket had no peer address right after.
     #[error("connection lost at once: {0}")]
     LostAtOnce(io::Error),
+    /// The proxy refused, failed, or gave a bad answer.
+    #[error("{0}")]
+    Proxy(#[from] ProxyError),
+    #[error("proxy: no tunnel to the server within the connect timeout")]
+    ProxyTimeout,
     #[error("TLS handshake timed out")]
     TlsHandshakeTimeout,
     /// Includes a server key that is not the pinned one.
@@ -51,6 +57,8 @@ pub struct Dialer {
     tls: Option<(TlsConnector, PublicKey)>,
     /// The server name the ClientHello gives.
     sni: rustls::pki_types::ServerName<'static>,
+    /// Every server is reached through it, if set.
+    proxy: Option<Proxy>,
     timeout: Duration,
 }
 
@@ -78,6 +86,7 @@ impl Dialer {
             current,
             tls,
             sni: tls::server_name_or(config.sni.as_deref()),
+            proxy: config.proxy.clone(),
             timeout,
         })
     }
@@ -109,10 +118,20 @@ impl Dialer {
 
     /// Connects (and, with TLS, authenticates both ways) within the timeout.
     pub async fn dial(&self) -> Result<Dialed, DialError> {
-        let stream = timeout(self.timeout, TcpStream::connect(self.server()))
+        let stream = match &self.proxy {
+            None => timeout(self.timeout, TcpStream::connect(self.server()))
+                .await
+                .map_err(|_| DialError::ConnectTimeout)?
+                .map_err(DialError::Connect)?,
+            // The TCP connection is the proxy's: its address is the one
+            // pinned (full tunnel, the helper's underlay).
+            Some(proxy) => timeout(self.timeout, async {
+                let stream = proxy.connect().await?;
+                proxy.open(stream, self.server()).await
+            })
             .await
-            .map_err(|_| DialError::ConnectTimeout)?
-            .map_err(DialError::Connect)?;
+            .map_err(|_| DialError::ProxyTimeout)??,
+        };
         crate::connection::tune_tcp(&stream);
         let remote = stream.peer_addr().map_err(DialError::LostAtOnce)?;
         let Some((connector, _)) = &self.tls else {

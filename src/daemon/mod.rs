@@ -17,6 +17,7 @@ mod peers;
 mod peers6;
 pub mod portshare;
 pub mod privileges;
+pub mod proxy;
 pub mod server;
 mod takeover;
 pub mod tun;
