@@ -98,6 +98,28 @@ fn a_socket_activated_server_serves_port_443_without_capabilities() {
     );
     let comm = std::fs::read_to_string(format!("/proc/{}/comm", server.pid())).expect("comm");
     assert_eq!(comm.trim(), "simplevpnd");
+    // The helper, started before privileges were dropped, does not hold
+    // the inherited socket.
+    let inherited = std::fs::read_link(format!("/proc/{}/fd/3", server.pid())).expect("fd 3");
+    let log = server.log();
+    let helper: u32 = log
+        .split("helper_pid=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no helper_pid in the log:\n{log}"));
+    let fds = std::fs::read_dir(format!("/proc/{helper}/fd")).expect("the helper's fds");
+    for fd in fds.flatten() {
+        let target = std::fs::read_link(fd.path()).ok();
+        assert_ne!(
+            target.as_ref(),
+            Some(&inherited),
+            "the helper holds {inherited:?}"
+        );
+    }
+    // Status names the socket it serves, not `listen`.
+    let status = svpnctl_json(&bed.server_socket(), &["status"]);
+    assert_eq!(status["listen"], "198.18.1.1:443", "{status}");
 }
 
 /// A page the web servers serve: 3000 bytes nobody else would send.

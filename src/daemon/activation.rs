@@ -43,6 +43,13 @@ struct Entry {
     local: Option<SocketAddr>,
 }
 
+impl Entry {
+    fn address(&self) -> String {
+        self.local
+            .map_or("unknown address".to_string(), |a| a.to_string())
+    }
+}
+
 /// The sockets the server accepts on: the one it bound to `listen`, or every
 /// one it inherited.
 pub struct Listeners {
@@ -101,6 +108,12 @@ impl Listeners {
         }
     }
 
+    /// The addresses accepted on, for status lines: "[::]:443".
+    pub fn addresses(&self) -> String {
+        let addresses: Vec<String> = self.entries.iter().map(Entry::address).collect();
+        addresses.join(", ")
+    }
+
     /// The next connection on any of the sockets. Cancel-safe, as
     /// [`TcpListener::accept`].
     pub async fn accept(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
@@ -124,9 +137,7 @@ impl fmt::Display for Listeners {
             if i > 0 {
                 f.write_str(", ")?;
             }
-            let local = entry
-                .local
-                .map_or("unknown address".to_string(), |a| a.to_string());
+            let local = entry.address();
             match entry.fd {
                 Some(fd) => write!(f, "socket-activated fd {fd} ({local})")?,
                 None => f.write_str(&local)?,

@@ -3,7 +3,7 @@
 //! WATCHDOG=1 pings at half of WatchdogSec, and STOPPING=1 at shutdown.
 //! Outside systemd (no NOTIFY_SOCKET) it does nothing at all.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -54,7 +54,7 @@ where
 }
 
 /// The server's status line: "serving 3 peers on 0.0.0.0:2002".
-pub fn server_status(peers: usize, listen: SocketAddr) -> String {
+pub fn server_status(peers: usize, listen: impl std::fmt::Display) -> String {
     let s = if peers == 1 { "" } else { "s" };
     format!("serving {peers} peer{s} on {listen}")
 }
@@ -91,7 +91,7 @@ mod tests {
 
     #[test]
     fn status_lines() {
-        let listen: SocketAddr = "0.0.0.0:2002".parse().expect("address");
+        let listen: std::net::SocketAddr = "0.0.0.0:2002".parse().expect("address");
         assert_eq!(server_status(3, listen), "serving 3 peers on 0.0.0.0:2002");
         assert_eq!(server_status(1, listen), "serving 1 peer on 0.0.0.0:2002");
         let granted = Some((Ipv4Addr::new(198, 19, 0, 2), 16));

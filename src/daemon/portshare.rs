@@ -235,6 +235,10 @@ pub enum SpliceError {
     Backend { backend: String, source: io::Error },
     #[error("PROXY header: {0}")]
     ProxyHeader(io::Error),
+    /// After the backend answered: either side reset, say. Not a failure
+    /// of the backend.
+    #[error("splice: {0}")]
+    Carried(io::Error),
 }
 
 /// The PROXY protocol v2 header that names `remote` as the client and
@@ -323,7 +327,7 @@ pub async fn splice(
     drop(pending);
     debug!(why, backend = %share.backend, "port shared");
     let copied = tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client, &mut backend) => copied.map_err(failed),
+        copied = tokio::io::copy_bidirectional(&mut client, &mut backend) => copied.map_err(SpliceError::Carried),
         () = activity.idle(SPLICE_IDLE_TIMEOUT) => {
             debug!("port-share splice idle: closed");
             Ok((client.count, backend.count))
@@ -343,9 +347,34 @@ pub async fn serve(
     metrics.port_share.inc();
     match splice(share, foreign, remote, pending).await {
         Ok((up, down)) => debug!(up, down, "port-share splice ended"),
+        Err(e @ SpliceError::Carried(_)) => debug!(error = %e, "port-share splice ended"),
         Err(e) => {
             metrics.port_share_failures.inc();
-            warn!(error = %e, "port share failed");
+            // A backend that is down, and a flood of probes: one line per
+            // interval, the rest at debug level.
+            match warning_due(std::time::Instant::now()) {
+                true => {
+                    warn!(error = %e, "port share failed (further failures within {}s at debug level)", WARNING_INTERVAL.as_secs())
+                }
+                false => debug!(error = %e, "port share failed"),
+            }
+        }
+    }
+}
+
+/// How often a port-share failure is logged as a warning.
+const WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Whether a failure at `now` is logged as a warning: the first one, and
+/// then the first after each [`WARNING_INTERVAL`].
+fn warning_due(now: std::time::Instant) -> bool {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    match *last {
+        Some(at) if now.duration_since(at) < WARNING_INTERVAL => false,
+        _ => {
+            *last = Some(now);
+            true
         }
     }
 }
@@ -471,6 +500,14 @@ mod tests {
         // A record header, then garbage.
         let junk = [0x16, 3, 1, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8];
         assert!(matches!(classify(&junk).await, Hello::Foreign(..)));
+    }
+
+    #[test]
+    fn failures_are_warned_once_per_interval() {
+        let now = std::time::Instant::now();
+        assert!(warning_due(now));
+        assert!(!warning_due(now + Duration::from_secs(1)));
+        assert!(warning_due(now + WARNING_INTERVAL));
     }
 
     #[test]

@@ -105,6 +105,8 @@ struct Shared {
     events: Events,
     started: SystemTime,
     tun_name: String,
+    /// Where it accepts clients: `listen`, or the sockets it inherited.
+    listening: String,
     gate: Gate,
     /// The limits on connections that have not been granted an address yet.
     admission: Admission,
@@ -388,6 +390,7 @@ pub async fn run(
         events: Events::default(),
         started: SystemTime::now(),
         tun_name: tun_name.clone(),
+        listening: listener.addresses(),
         gate,
         admission: Admission::new(
             config.max_unauthenticated,
@@ -430,7 +433,7 @@ pub async fn run(
     }
     let status = shared.clone();
     tasks.spawn(notify::serve(
-        move || notify::server_status(status.peers.len(), status.config.listen),
+        move || notify::server_status(status.peers.len(), &status.listening),
         shutdown.clone(),
     ));
     for (index, queue) in tun.all().iter().enumerate() {
@@ -1242,7 +1245,7 @@ impl Node for Shared {
             tun: self.tun_name.clone(),
             tun_state: self.tun_health.state(),
             address: format!("{}/{}", server_address(network), network.prefix_len()),
-            listen: self.config.listen.to_string(),
+            listen: self.listening.clone(),
             network: network.to_string(),
             peer_count: self.peers.len() as u32,
             free_addresses: self.peers.free_count(),
