@@ -486,12 +486,17 @@ fn microsocks(ns: &Netns, user: Option<(&str, &str)>) -> Daemon {
 /// A TLS server at 198.18.1.1:2002 and a client in the client namespace
 /// started with `--proxy URL`, which must get its address and carry 1 MiB.
 fn tunnel_through(bed: &Bed, url: &str) {
+    tunnel_through_env(bed, url, &[]);
+}
+
+/// [`tunnel_through`] with extra environment variables for the client.
+fn tunnel_through_env(bed: &Bed, url: &str, env: &[(&str, &str)]) {
     let (server_key, server_pub) = keygen(bed, "server");
     let (key, public) = keygen(bed, "a");
     let _server = bed.start_server(&["--key", &server_key, "--peer", &public]);
     let mut args = tls_client_args(&key, &server_pub).to_vec();
     args.extend_from_slice(&["--proxy", url]);
-    let client = bed.spawn_client_to(0, "198.18.1.1:2002", &args);
+    let client = bed.spawn_client_env(0, "198.18.1.1:2002", &args, env);
     assert!(
         client.wait_for_log("granted", STARTUP),
         "no grant through {url}:\n{}",
@@ -588,4 +593,23 @@ fn a_client_reaches_its_server_through_socks5_with_a_password() {
     let (bed, proxy) = behind_a_proxy("socksauth");
     let _socks = microsocks(&proxy, Some(("bob", "hunter22")));
     tunnel_through(&bed, "socks5://bob:hunter22@198.18.2.1:1080");
+}
+
+#[test]
+fn a_client_takes_its_proxy_from_the_environment() {
+    let test = "a_client_takes_its_proxy_from_the_environment";
+    if !require_root(test) || !have(test, "microsocks") {
+        return;
+    }
+    let (bed, proxy) = behind_a_proxy("socksenv");
+    let _socks = microsocks(&proxy, None);
+    tunnel_through_env(
+        &bed,
+        "env",
+        &[
+            ("https_proxy", ""),
+            ("HTTPS_PROXY", ""),
+            ("all_proxy", "socks5://198.18.2.1:1080"),
+        ],
+    );
 }

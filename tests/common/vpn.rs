@@ -154,6 +154,18 @@ impl Bed {
     /// Starts `simplevpnd client` as [`Bed::spawn_client`] does, to
     /// `server` (HOST:PORT) instead of the bed's port 2002.
     pub fn spawn_client_to(&self, i: usize, server: &str, extra: &[&str]) -> Daemon {
+        self.spawn_client_env(i, server, extra, &[])
+    }
+
+    /// Starts `simplevpnd client` as [`Bed::spawn_client_to`] does, with
+    /// extra environment variables.
+    pub fn spawn_client_env(
+        &self,
+        i: usize,
+        server: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let socket = self.client_socket(i);
         let mut args = vec!["client", "-s", server, "--control", &socket];
         args.extend_from_slice(extra);
@@ -162,7 +174,7 @@ impl Bed {
         if !args.contains(&"--key") && !args.contains(&"--config") {
             args.push("--legacy");
         }
-        self.clients[i].spawn(SIMPLEVPND, &args)
+        self.clients[i].spawn_env(SIMPLEVPND, &args, env)
     }
 
     /// Starts `simplevpnd client` in client namespace `i` and waits for its grant.
