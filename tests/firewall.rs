@@ -613,3 +613,21 @@ fn a_client_takes_its_proxy_from_the_environment() {
         ],
     );
 }
+
+#[test]
+fn a_legacy_server_shares_its_port_and_still_serves_the_original_protocol() {
+    let test = "a_legacy_server_shares_its_port_and_still_serves_the_original_protocol";
+    if !require_root(test) || !have(test, "python3") {
+        return;
+    }
+    let bed = Bed::new("sharelegacy", 1);
+    let (root, page) = web_root(&bed);
+    let _web = http_backend(&bed, &root, 8080);
+    // No key: legacy on. An HTTP request starts like an IPv4 header ("G" is
+    // 0x47); its first 20 bytes are read, found to be no address request,
+    // and replayed to the website.
+    let _server = bed.start_server(&["--port-share", "127.0.0.1:8080"]);
+    assert_eq!(get(&bed.clients[0], "198.18.1.1", 2002, false), page);
+    let mut peer = bed.raw_peer(0);
+    assert_eq!(peer.ask(&dynamic_request()), grant_16(CLIENT_A));
+}
