@@ -338,11 +338,25 @@ pub struct ClientSection {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DnsMode {
-    /// Set them on the tun through systemd-resolved.
+    /// Set them on the tun through systemd-resolved; search domains of a
+    /// single label (`lan`, `com`) are left out, since resolved sends every
+    /// lookup under a link's domain to that link's servers.
     #[default]
     Pushed,
+    /// The same with every pushed search domain, single labels included:
+    /// the server then answers every lookup under them.
+    #[serde(rename = "pushed-all-domains")]
+    #[value(name = "pushed-all-domains")]
+    PushedAllDomains,
     /// Ignore them.
     Off,
+}
+
+impl DnsMode {
+    /// Whether pushed DNS settings are applied at all.
+    pub fn applies(self) -> bool {
+        self != DnsMode::Off
+    }
 }
 
 /// What the server runs with.
