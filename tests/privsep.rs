@@ -460,32 +460,27 @@ fn a_missing_or_root_user_is_a_one_line_error_with_exit_2() {
         vec!["server", "--network", NETWORK, "--legacy"],
         vec!["client", "-s", "198.18.1.1", "--legacy"],
     ] {
-        let mut args = role.clone();
-        args.extend(["--user", missing]);
-        let (code, stderr) = run(&args);
-        assert_eq!(code, Some(2), "{args:?}: {stderr}");
-        assert_eq!(
-            stderr.trim_end(),
-            format!(
-                "simplevpnd: user: no such user \"{missing}\"; create it with: \
-                 useradd --system --no-create-home --shell /usr/sbin/nologin {missing}"
+        // The daemon's user, then the helper's: never a fallback to the daemon's.
+        for (field, extra) in [
+            ("user", vec!["--user", missing]),
+            (
+                "helper_user",
+                vec!["--user", USER, "--helper-user", missing],
             ),
-            "{args:?}"
-        );
-
-        // The helper's user too: never a fallback to the daemon's.
-        let mut args = role.clone();
-        args.extend(["--user", USER, "--helper-user", missing]);
-        let (code, stderr) = run(&args);
-        assert_eq!(code, Some(2), "{args:?}: {stderr}");
-        assert_eq!(
-            stderr.trim_end(),
-            format!(
-                "simplevpnd: helper_user: no such user \"{missing}\"; create it with: \
-                 useradd --system --no-create-home --shell /usr/sbin/nologin {missing}"
-            ),
-            "{args:?}"
-        );
+        ] {
+            let mut args = role.clone();
+            args.extend(extra);
+            let (code, stderr) = run(&args);
+            assert_eq!(code, Some(2), "{args:?}: {stderr}");
+            assert_eq!(
+                stderr.trim_end(),
+                format!(
+                    "simplevpnd: {field}: no such user \"{missing}\"; create it with: \
+                     useradd --system --no-create-home --shell /usr/sbin/nologin {missing}"
+                ),
+                "{args:?}"
+            );
+        }
         let mut args = role.clone();
         args.extend(["--user", USER, "--helper-user", USER]);
         let (code, stderr) = run(&args);
