@@ -96,10 +96,35 @@ impl fmt::Debug for NodeKey {
 }
 
 impl NodeKey {
-    /// Writes a new private key to `path` (mode 0600, never overwriting).
-    pub fn generate(path: &Path) -> Result<NodeKey, KeyError> {
+    /// A new key, in memory only.
+    pub fn new_random() -> Result<NodeKey, KeyError> {
         let pair =
             KeyPair::generate_for(&PKCS_ED25519).map_err(|e| KeyError::Generate(e.to_string()))?;
+        Ok(NodeKey { pair })
+    }
+
+    /// The private key as a key file holds it (PEM, PKCS#8).
+    pub fn to_pem(&self) -> String {
+        self.pair.serialize_pem()
+    }
+
+    /// A private key from the text of a key file; `origin` names where it
+    /// came from in errors.
+    pub fn from_pem(pem: &str, origin: &Path) -> Result<NodeKey, KeyError> {
+        let bad = |reason: String| KeyError::BadPrivateKey {
+            path: origin.to_path_buf(),
+            reason,
+        };
+        let pair = KeyPair::from_pem(pem).map_err(|e| bad(e.to_string()))?;
+        if !pair.is_compatible(&PKCS_ED25519) {
+            return Err(bad("another algorithm".into()));
+        }
+        Ok(NodeKey { pair })
+    }
+
+    /// Writes a new private key to `path` (mode 0600, never overwriting).
+    pub fn generate(path: &Path) -> Result<NodeKey, KeyError> {
+        let NodeKey { pair } = NodeKey::new_random()?;
         let io_err = |source| KeyError::Io {
             path: path.to_path_buf(),
             source,
@@ -133,15 +158,7 @@ impl NodeKey {
             });
         }
         let pem = fs::read_to_string(path).map_err(io_err)?;
-        let bad = |reason: String| KeyError::BadPrivateKey {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let pair = KeyPair::from_pem(&pem).map_err(|e| bad(e.to_string()))?;
-        if !pair.is_compatible(&PKCS_ED25519) {
-            return Err(bad("another algorithm".into()));
-        }
-        Ok(NodeKey { pair })
+        NodeKey::from_pem(&pem, path)
     }
 
     /// The key numbered `index` of a family derived from `seed`: the

@@ -52,22 +52,32 @@ pub enum Command {
     /// Join a server and carry this host's tunnel traffic.
     Client(ClientArgs),
     /// Write a new private key to PATH (mode 0600) and print its public key.
+    /// With "-", the private key goes to standard output and the public key
+    /// to standard error. Never reads the config file.
     Keygen {
-        /// Where to write the key; an existing file is never overwritten
+        /// Where to write the key ("-": standard output); an existing file is
+        /// never overwritten
         #[arg(value_name = "PATH")]
         path: PathBuf,
     },
-    /// Print the public key of the private key in PATH.
+    /// Print the public key of the private key in PATH ("-": standard
+    /// input). Never reads the config file.
     Pubkey {
         #[arg(value_name = "PATH")]
         path: PathBuf,
     },
+    /// Check a config file as a start would, without starting: prints the
+    /// role and a summary, or each problem (FILE:LINE: field: problem); exit
+    /// status 0 or 2.
+    Check,
 }
 
 /// What simplevpnd was asked to do.
 #[derive(Debug)]
 pub enum Action {
     Run(Box<Settings>),
+    /// Check these settings, read from the file (if any), and exit.
+    Check(Box<Settings>, Option<PathBuf>),
     Keygen(PathBuf),
     Pubkey(PathBuf),
 }
@@ -258,6 +268,18 @@ impl Cli {
     /// What to do: a key command, or run with the config file's settings
     /// overridden by flags.
     pub fn into_action(self) -> Result<Action, ConfigError> {
+        // Key commands never read the config: a broken file must not stop
+        // anyone from making a key (a package's postinst does).
+        let mut check = false;
+        let command = match self.command {
+            Some(Command::Keygen { path }) => return Ok(Action::Keygen(path)),
+            Some(Command::Pubkey { path }) => return Ok(Action::Pubkey(path)),
+            Some(Command::Check) => {
+                check = true;
+                None
+            }
+            command => command,
+        };
         let file = config_file(self.config.as_deref())?;
         let where_ = || {
             self.config
@@ -266,7 +288,7 @@ impl Cli {
         };
         let control = file.control.unwrap_or_default();
         let mut source = None;
-        let role = match self.command {
+        let role = match command {
             Some(Command::Server(args)) => {
                 let flags = ServerSection {
                     state_dir: self.state_dir.clone(),
@@ -283,9 +305,7 @@ impl Cli {
                 let section = file.client.unwrap_or_default().overridden_by(args.into());
                 Role::Client(section.resolve()?)
             }
-            Some(Command::Keygen { path }) => return Ok(Action::Keygen(path)),
-            Some(Command::Pubkey { path }) => return Ok(Action::Pubkey(path)),
-            None => match (file.server, file.client) {
+            Some(Command::Keygen { .. } | Command::Pubkey { .. } | Command::Check) | None => match (file.server, file.client) {
                 (Some(server), None) => {
                     let flags = ServerSection {
                         state_dir: self.state_dir.clone(),
@@ -308,11 +328,15 @@ impl Cli {
                 )),
             },
         };
-        Ok(Action::Run(Box::new(Settings {
+        let settings = Box::new(Settings {
             role,
             control: control.resolve(self.control)?,
             source,
-        })))
+        });
+        Ok(match check {
+            true => Action::Check(settings, self.config),
+            false => Action::Run(settings),
+        })
     }
 }
 

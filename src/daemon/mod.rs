@@ -1,6 +1,7 @@
 //! simplevpnd: the server and client roles.
 
 mod admission;
+pub mod check;
 pub mod cli;
 pub mod client;
 mod cluster;
