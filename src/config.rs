@@ -1489,6 +1489,29 @@ mod tests {
     }
 
     #[test]
+    fn the_new_admission_limits_need_a_restart() {
+        let resolve = |extra: &str| {
+            parse(&format!("[server]\nlegacy = true\n{extra}"))
+                .expect("parse")
+                .server
+                .expect("server")
+                .resolve()
+                .expect("valid")
+        };
+        let old = resolve("");
+        for (extra, field) in [
+            (
+                "max_unauthenticated_per_network = 9\n",
+                "max_unauthenticated_per_network",
+            ),
+            ("unauthenticated_reserve = 9\n", "unauthenticated_reserve"),
+            ("legacy_max_per_source = 9\n", "legacy_max_per_source"),
+        ] {
+            assert_eq!(old.needs_restart(&resolve(extra)), vec![field]);
+        }
+    }
+
+    #[test]
     fn routes_are_checked_and_peers_may_not_overlap() {
         let overlap = server_error(
             "[[server.peer]]\nkey = \"KEY1\"\nname = \"site-a\"\nroutes = [\"198.18.201.0/24\"]\n\
