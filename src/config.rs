@@ -1459,12 +1459,7 @@ mod tests {
         assert_eq!(config.max_unauthenticated_per_network, 128);
         assert_eq!(config.unauthenticated_reserve, 128);
         assert_eq!(config.legacy_max_per_source, DEFAULT_LEGACY_MAX_PER_SOURCE);
-        let small = parse("[server]\nlegacy = true\nmax_unauthenticated = 20\n")
-            .expect("parse")
-            .server
-            .expect("server")
-            .resolve()
-            .expect("valid");
+        let small = legacy_server("max_unauthenticated = 20\n");
         assert_eq!(small.max_unauthenticated_per_network, 8);
         assert_eq!(small.unauthenticated_reserve, 2);
         for (text, field) in [
@@ -1488,17 +1483,19 @@ mod tests {
         );
     }
 
+    /// A valid [server] section of a legacy server with `extra` settings.
+    fn legacy_server(extra: &str) -> ServerConfig {
+        parse(&format!("[server]\nlegacy = true\n{extra}"))
+            .expect("parse")
+            .server
+            .expect("server")
+            .resolve()
+            .expect("valid")
+    }
+
     #[test]
     fn the_new_admission_limits_need_a_restart() {
-        let resolve = |extra: &str| {
-            parse(&format!("[server]\nlegacy = true\n{extra}"))
-                .expect("parse")
-                .server
-                .expect("server")
-                .resolve()
-                .expect("valid")
-        };
-        let old = resolve("");
+        let old = legacy_server("");
         for (extra, field) in [
             (
                 "max_unauthenticated_per_network = 9\n",
@@ -1507,7 +1504,7 @@ mod tests {
             ("unauthenticated_reserve = 9\n", "unauthenticated_reserve"),
             ("legacy_max_per_source = 9\n", "legacy_max_per_source"),
         ] {
-            assert_eq!(old.needs_restart(&resolve(extra)), vec![field]);
+            assert_eq!(old.needs_restart(&legacy_server(extra)), vec![field]);
         }
     }
 
