@@ -43,7 +43,7 @@ const SUMMARY_MAX_SOURCES: usize = 4096;
 /// How long after its last grant (after a TLS handshake) a source may use
 /// the reserve.
 pub const RECENT_FOR: Duration = Duration::from_secs(24 * 3600);
-/// Sources remembered for the reserve, at most (about 6 MiB); the one
+/// Sources remembered for the reserve, at most (about 8 MiB); the one
 /// granted longest ago is forgotten first.
 pub const RECENT_SOURCES: usize = 65_536;
 
