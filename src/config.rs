@@ -41,6 +41,13 @@ pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 1024;
 /// Connections not yet granted an address from one source (an IPv4 address,
 /// or an IPv6 /64), at once.
 pub const DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE: usize = 8;
+/// The default `max_unauthenticated_per_network` (an IPv4 /24, an IPv6 /48)
+/// and `unauthenticated_reserve` are each this fraction of
+/// `max_unauthenticated` (the former at least the per-source limit).
+pub const DEFAULT_UNAUTHENTICATED_SHARE: usize = 8;
+/// Granted original-protocol sessions from one source (an IPv4 address, or
+/// an IPv6 /64), at once.
+pub const DEFAULT_LEGACY_MAX_PER_SOURCE: usize = 16;
 /// Seconds a new connection has to send its ClientHello, or its whole
 /// address request (original protocol).
 pub const DEFAULT_FIRST_BYTES_TIMEOUT_SECS: u64 = 2;
@@ -223,6 +230,12 @@ pub struct ServerSection {
     pub max_unauthenticated_per_source: Option<usize>,
     /// Whether clients reach each other through the server.
     pub client_to_client: Option<ClientToClient>,
+    /// The same, from one network (IPv4: one /24, IPv6: one /48).
+    pub max_unauthenticated_per_network: Option<usize>,
+    /// Places beyond those limits for sources granted an address recently.
+    pub unauthenticated_reserve: Option<usize>,
+    /// Granted original-protocol sessions from one source, at once.
+    pub legacy_max_per_source: Option<usize>,
     /// Networks reachable through the server, pushed to extension clients.
     pub routes: Option<Vec<IpNet>>,
     /// Where leases, bans and peers added live are kept.
@@ -391,6 +404,9 @@ pub struct ServerConfig {
     /// Whether clients reach each other through the server (a peer's own
     /// setting wins).
     pub client_to_client: ClientToClient,
+    pub max_unauthenticated_per_network: usize,
+    pub unauthenticated_reserve: usize,
+    pub legacy_max_per_source: usize,
     /// Networks reachable through the server (its host routes them on).
     pub routes: Vec<IpNet>,
     /// Where the state store lives.
@@ -450,6 +466,18 @@ impl ServerConfig {
         differs(
             "max_unauthenticated",
             self.max_unauthenticated != new.max_unauthenticated,
+        );
+        differs(
+            "max_unauthenticated_per_network",
+            self.max_unauthenticated_per_network != new.max_unauthenticated_per_network,
+        );
+        differs(
+            "unauthenticated_reserve",
+            self.unauthenticated_reserve != new.unauthenticated_reserve,
+        );
+        differs(
+            "legacy_max_per_source",
+            self.legacy_max_per_source != new.legacy_max_per_source,
         );
         differs("state_dir", self.state_dir != new.state_dir);
         differs("lease_time", self.lease_time != new.lease_time);
@@ -672,6 +700,13 @@ impl ServerSection {
                 .max_unauthenticated_per_source
                 .or(self.max_unauthenticated_per_source),
             client_to_client: flags.client_to_client.or(self.client_to_client),
+            max_unauthenticated_per_network: flags
+                .max_unauthenticated_per_network
+                .or(self.max_unauthenticated_per_network),
+            unauthenticated_reserve: flags
+                .unauthenticated_reserve
+                .or(self.unauthenticated_reserve),
+            legacy_max_per_source: flags.legacy_max_per_source.or(self.legacy_max_per_source),
             routes: flags.routes.or(self.routes),
             state_dir: flags.state_dir.or(self.state_dir),
             lease_time: flags.lease_time.or(self.lease_time),
@@ -728,6 +763,16 @@ impl ServerSection {
         let (dns, dns_search) = dns(
             self.dns.unwrap_or_default(),
             self.dns_search.unwrap_or_default(),
+        )?;
+        let max_unauthenticated = at_least_one(
+            "max_unauthenticated",
+            self.max_unauthenticated,
+            DEFAULT_MAX_UNAUTHENTICATED,
+        )?;
+        let max_unauthenticated_per_source = at_least_one(
+            "max_unauthenticated_per_source",
+            self.max_unauthenticated_per_source,
+            DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
         )?;
         Ok(ServerConfig {
             listen: self
@@ -806,31 +851,32 @@ impl ServerSection {
             }),
             metrics: metrics_listen(self.metrics, self.metrics_public.unwrap_or(false))?,
             workers: crate::workers::resolve(self.workers)?,
-            max_unauthenticated: match self
-                .max_unauthenticated
-                .unwrap_or(DEFAULT_MAX_UNAUTHENTICATED)
+            max_unauthenticated,
+            max_unauthenticated_per_source,
+            max_unauthenticated_per_network: at_least_one(
+                "max_unauthenticated_per_network",
+                self.max_unauthenticated_per_network,
+                (max_unauthenticated / DEFAULT_UNAUTHENTICATED_SHARE)
+                    .max(max_unauthenticated_per_source),
+            )?,
+            unauthenticated_reserve: match self
+                .unauthenticated_reserve
+                .unwrap_or(max_unauthenticated / DEFAULT_UNAUTHENTICATED_SHARE)
             {
-                0 => {
+                n if n > max_unauthenticated => {
                     return Err(ConfigError::new(
-                        "max_unauthenticated",
-                        "must be at least 1",
+                        "unauthenticated_reserve",
+                        format!("must be at most max_unauthenticated ({max_unauthenticated})"),
                     ))
                 }
                 n => n,
             },
+            legacy_max_per_source: at_least_one(
+                "legacy_max_per_source",
+                self.legacy_max_per_source,
+                DEFAULT_LEGACY_MAX_PER_SOURCE,
+            )?,
             client_to_client: self.client_to_client.unwrap_or_default(),
-            max_unauthenticated_per_source: match self
-                .max_unauthenticated_per_source
-                .unwrap_or(DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE)
-            {
-                0 => {
-                    return Err(ConfigError::new(
-                        "max_unauthenticated_per_source",
-                        "must be at least 1",
-                    ))
-                }
-                n => n,
-            },
         })
     }
 }
@@ -1314,6 +1360,14 @@ fn tun_name(name: Option<String>) -> Result<String, ConfigError> {
     }
 }
 
+/// A count that must be at least 1.
+fn at_least_one(field: &str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+    match value.unwrap_or(default) {
+        0 => Err(ConfigError::new(field, "must be at least 1")),
+        n => Ok(n),
+    }
+}
+
 fn seconds(field: &str, value: Option<u64>, default: u64) -> Result<Duration, ConfigError> {
     match value.unwrap_or(default) {
         0 => Err(ConfigError::new(field, "must be at least 1 second")),
@@ -1400,12 +1454,58 @@ mod tests {
         );
         let zero = server_error("max_unauthenticated_per_source = 0\n");
         assert_eq!(zero.field, "max_unauthenticated_per_source");
+        // The per-network limit and the reserve: an eighth of the global
+        // limit, the former at least the per-source one.
+        assert_eq!(config.max_unauthenticated_per_network, 128);
+        assert_eq!(config.unauthenticated_reserve, 128);
+        assert_eq!(config.legacy_max_per_source, DEFAULT_LEGACY_MAX_PER_SOURCE);
+        let small = legacy_server("max_unauthenticated = 20\n");
+        assert_eq!(small.max_unauthenticated_per_network, 8);
+        assert_eq!(small.unauthenticated_reserve, 2);
+        for (text, field) in [
+            (
+                "max_unauthenticated_per_network = 0\n",
+                "max_unauthenticated_per_network",
+            ),
+            ("legacy_max_per_source = 0\n", "legacy_max_per_source"),
+            (
+                "max_unauthenticated = 10\nunauthenticated_reserve = 11\n",
+                "unauthenticated_reserve",
+            ),
+        ] {
+            assert_eq!(server_error(text).field, field, "{text}");
+        }
         let long = server_error("handshake_timeout = 5\nfirst_bytes_timeout = 6\n");
         assert_eq!(long.field, "first_bytes_timeout");
         assert!(
             long.problem.contains("longer than handshake_timeout"),
             "{long}"
         );
+    }
+
+    /// A valid [server] section of a legacy server with `extra` settings.
+    fn legacy_server(extra: &str) -> ServerConfig {
+        parse(&format!("[server]\nlegacy = true\n{extra}"))
+            .expect("parse")
+            .server
+            .expect("server")
+            .resolve()
+            .expect("valid")
+    }
+
+    #[test]
+    fn the_new_admission_limits_need_a_restart() {
+        let old = legacy_server("");
+        for (extra, field) in [
+            (
+                "max_unauthenticated_per_network = 9\n",
+                "max_unauthenticated_per_network",
+            ),
+            ("unauthenticated_reserve = 9\n", "unauthenticated_reserve"),
+            ("legacy_max_per_source = 9\n", "legacy_max_per_source"),
+        ] {
+            assert_eq!(old.needs_restart(&legacy_server(extra)), vec![field]);
+        }
     }
 
     #[test]

@@ -155,6 +155,15 @@ pub struct ServerArgs {
     /// A DNS search domain pushed to TLS clients (repeat for more)
     #[arg(long = "dns-search", value_name = "DOMAIN")]
     pub dns_search: Vec<String>,
+    /// Original-protocol sessions one source (IPv4 address, IPv6 /64) may hold at once [default: 16]
+    #[arg(long, value_name = "N")]
+    pub legacy_max_per_source: Option<usize>,
+    /// Connections not yet granted an address from one IPv4 /24 or IPv6 /48 [default: max_unauthenticated / 8]
+    #[arg(long, value_name = "N")]
+    pub max_unauthenticated_per_network: Option<usize>,
+    /// Places beyond the limits before authentication for sources granted an address within 24 h [default: max_unauthenticated / 8]
+    #[arg(long, value_name = "N")]
+    pub unauthenticated_reserve: Option<usize>,
     /// Threads of the data path, 1 to 1024 (1: one thread, as before) [default: one per CPU]
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
@@ -236,6 +245,9 @@ impl From<ServerArgs> for ServerSection {
             dns: (!args.dns.is_empty()).then_some(args.dns),
             dns_search: (!args.dns_search.is_empty()).then_some(args.dns_search),
             workers: args.workers,
+            legacy_max_per_source: args.legacy_max_per_source,
+            max_unauthenticated_per_network: args.max_unauthenticated_per_network,
+            unauthenticated_reserve: args.unauthenticated_reserve,
             ..ServerSection::default()
         }
     }

@@ -2,10 +2,13 @@
 //! ([`crate::session::server`]) and the peer table ([`super::peers`]).
 //!
 //! Receive path, a client's packet on its way out, stage by stage:
-//!   1. `run`: accept the TCP connection, which holds one of
-//!      `max_unauthenticated` permits and one of its source's
-//!      `max_unauthenticated_per_source` slots until it is granted
-//!      ([`super::admission`]);
+//!   1. `run`: accept the TCP connection, which holds one of its source's
+//!      `max_unauthenticated_per_source` slots and either one of
+//!      `max_unauthenticated` permits and one of its network's
+//!      `max_unauthenticated_per_network` slots, or (a source granted
+//!      recently) a place of `unauthenticated_reserve`, until it is granted
+//!      ([`super::admission`]); a granted original-protocol session holds
+//!      one of its source's `legacy_max_per_source` slots;
 //!   2. `serve`: the gate (TLS or the original protocol): its first bytes
 //!      within `first_bytes_timeout`, the rest within the handshake
 //!      deadline; then the ban check and the key's takeover back-off.
@@ -41,10 +44,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument, Span};
 
-use super::admission::{Admission, Pending, RefusalReason, RefusalSummary, SUMMARY_INTERVAL};
+use super::admission::{
+    Admission, Limits, Pending, RefusalReason, RefusalSummary, SUMMARY_INTERVAL,
+};
 use super::control::{self, AdminError, AdminRequest, KickError, Node, ReloadReport};
 use super::events::{EventKind, Events, PeerEvent};
-use super::gate::{merge_peers, Admitted, AllowedPeer, Gate, PeerSource, Rejection};
+use super::gate::{merge_peers, Admitted, AllowedPeer, Gate, Identity, PeerSource, Rejection};
 use super::helper::{Helper, HelperError};
 use super::links::{LinkDelivery, LinkLimits, Links};
 use super::metrics::{self, DropKind, Metrics, Outcome, SuperKind};
@@ -69,7 +74,7 @@ use crate::proto;
 use crate::session::server::{pushed_params, Action, DropReason, Ending, Offer, ServerSession};
 use crate::session::Protocol;
 use crate::state::{Ban, Lease, SqliteStore, StateStore};
-use crate::wire::{ip_addresses, Control, Decoder, Features, Frame};
+use crate::wire::{ip_addresses, Control, Decoder, Features, Frame, CONTROL_LEN};
 use crate::wire::{IPV6_HEADER_LEN, SUPER_HEADER_LEN};
 use crate::workers::WorkerPool;
 
@@ -383,10 +388,7 @@ pub async fn run(
         started: SystemTime::now(),
         tun_name: tun_name.clone(),
         gate,
-        admission: Admission::new(
-            config.max_unauthenticated,
-            config.max_unauthenticated_per_source,
-        ),
+        admission: Admission::new(Limits::from(&config)),
         refusals: std::sync::Mutex::new(RefusalSummary::new(SUMMARY_INTERVAL)),
         tun_health: TunHealth::default(),
         offer: Offer {
@@ -410,6 +412,7 @@ pub async fn run(
         legacy = ?shared.config.legacy,
         max_unauthenticated = shared.config.max_unauthenticated,
         per_source = shared.config.max_unauthenticated_per_source,
+        per_network = shared.config.max_unauthenticated_per_network,
         gateway = shared.config.gateway,
         workers = shared.config.workers,
         tun_queues = tun.all().len(),
@@ -502,18 +505,13 @@ pub async fn run(
                         Some(place) => Some(place),
                         None => shared.admission.place(Duration::ZERO).await,
                     };
-                    let admitted = match place {
-                        Some(place) => shared.admission.admit_placed(place, remote.ip()),
-                        None => Err(RefusalReason::GlobalCap),
-                    };
+                    // Without a place, or with its network full, a source
+                    // granted recently may still take one of the reserve.
+                    let admitted = shared.admission.admit_placed(place, remote.ip(), std::time::Instant::now());
                     let pending = match admitted {
                         Ok(pending) => pending,
                         Err(kind) => {
-                            let reason = match kind {
-                                RefusalReason::GlobalCap => "too many connections not yet granted an address (max_unauthenticated)",
-                                _ => "too many connections from this source not yet granted an address (max_unauthenticated_per_source)",
-                            };
-                            span.in_scope(|| shared.refuse(remote, kind, reason));
+                            span.in_scope(|| shared.refuse(remote, kind, kind.limit_text()));
                             continue;
                         }
                     };
@@ -660,6 +658,18 @@ async fn serve(
             return;
         }
     }
+    // An original-protocol session holds its source's slot for its whole
+    // life: one host cannot take the whole pool.
+    let _legacy = match identity {
+        Identity::Original => match shared.admission.legacy(remote.ip()) {
+            Ok(slot) => Some(slot),
+            Err(kind) => {
+                shared.refuse(remote, kind, kind.limit_text());
+                return;
+            }
+        },
+        Identity::Tls { .. } => None,
+    };
     match identity.key() {
         Some(key) => info!(protocol = %identity.protocol(), %key, "connected"),
         None => info!(protocol = %identity.protocol(), "connected"),
@@ -710,7 +720,14 @@ async fn connection(
         true => Decoder::new(config.max_frame).with_extensions(),
         false => Decoder::new(config.max_frame),
     };
-    let mut reader = FrameReader::new(reader, decoder).with_limits(budget, config.frame_timeout);
+    // Before its grant an original-protocol client has proved nothing: it
+    // may send its 20-byte request and nothing from the shared read budget.
+    let before_grant = match identity.protocol() {
+        Protocol::Original => Decoder::new(CONTROL_LEN),
+        Protocol::Tls => decoder,
+    };
+    let mut reader =
+        FrameReader::new(reader, before_grant).with_limits(budget, config.frame_timeout);
     let peer = shared
         .peers
         .new_peer(remote, identity, routes.clone(), queue, extension);
@@ -783,7 +800,10 @@ async fn connection(
                 }) => {
                     session.granted(now, address);
                     session.granted6(address6);
-                    pending = None;
+                    if let Some(pending) = pending.take() {
+                        pending.granted(peer.identity.protocol(), now);
+                    }
+                    reader.set_decoder(decoder);
                     shared.metrics.granted(accepted.elapsed().as_secs_f64());
                     if let Some(lease) = peer.identity.key().and_then(|k| shared.peers.lease_of(&k))
                     {
