@@ -280,3 +280,62 @@ fn bans_of_tls_peers_go_by_key() {
         svpnctl_json(&bed.server_socket(), &["peers"])[0]["key"] == b_pub.as_str()
     }));
 }
+
+#[test]
+fn a_banned_key_is_listed_unbanned_and_connects_again() {
+    if !require_root("a_banned_key_is_listed_unbanned_and_connects_again") {
+        return;
+    }
+    let bed = Bed::new("tlsunban", 1);
+    let (server_key, server_pub) = keygen(&bed, "server");
+    let (a_key, a_pub) = keygen(&bed, "a");
+    let server = bed.start_server(&["--key", &server_key, "--peer", &a_pub]);
+    let a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
+    let socket = bed.server_socket();
+    let ok = |args: &[&str]| {
+        let out = svpnctl(&socket, args, None);
+        assert!(
+            out.status.success(),
+            "svpnctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&["kick", "198.19.0.2", "--ban", "1h"]);
+    assert!(
+        server.wait_for_log("refused reason=banned for", Duration::from_secs(15)),
+        "{}",
+        server.log()
+    );
+    // Listed, by key, for about an hour.
+    let bans = svpnctl_json(&socket, &["bans"]);
+    assert_eq!(bans[0]["key"], a_pub.as_str(), "{bans}");
+    assert!(ok(&["bans"]).contains(&format!("key {a_pub}")));
+    // Lifted: gone from the list, and the client is back.
+    assert!(ok(&["unban", &a_pub]).contains("unbanned"));
+    assert_eq!(svpnctl_json(&socket, &["bans"]), serde_json::json!([]));
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            svpnctl_json(&socket, &["peers"])[0]["key"] == a_pub.as_str()
+        }),
+        "the unbanned key did not come back:\n{}",
+        a.log()
+    );
+    // A second unban finds nothing, said as JSON under --json.
+    let out = svpnctl(&socket, &["--json", "unban", &a_pub], None);
+    assert_eq!(out.status.code(), Some(1));
+    let error: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("a JSON error on stdout");
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not banned")),
+        "{error}"
+    );
+    // The peers table names its peers.
+    let table = ok(&["peers"]);
+    assert!(
+        table.lines().next().is_some_and(|h| h.contains("NAME")),
+        "{table}"
+    );
+}

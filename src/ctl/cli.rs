@@ -59,6 +59,15 @@ pub enum Command {
     },
     /// Print peer events as they happen, until interrupted
     Watch,
+    /// The bans in force: a key (TLS client) or a remote address
+    /// (original-protocol client), and until when
+    Bans,
+    /// Lift a ban at once (in a cluster, on every server)
+    Unban {
+        /// The banned public key, or remote address (as `svpnctl bans` lists it)
+        #[arg(value_name = "PUBKEY|ADDRESS")]
+        who: String,
+    },
     /// The keys allowed to connect: add and remove them at run time, list them
     #[command(subcommand)]
     Peer(PeerCommand),

@@ -23,8 +23,15 @@ struct Failure(String);
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.json;
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
+        // Under --json, a failure is JSON too, on stdout where the answer
+        // would have been.
+        Err(Failure(message)) if json => {
+            print_json(&json!({ "error": message }));
+            ExitCode::from(1)
+        }
         Err(Failure(message)) => {
             eprintln!("svpnctl: {message}");
             ExitCode::from(1)
@@ -121,6 +128,31 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 print_json(&peer_json(&peer));
             } else {
                 println!("{}", peer_fields(&peer, now));
+            }
+        }
+        Command::Bans => {
+            let bans = client
+                .list_bans(proto::ListBansRequest {})
+                .await
+                .map_err(failure)?
+                .into_inner()
+                .bans;
+            if cli.json {
+                print_json(&Value::Array(bans.iter().map(ban_json).collect()));
+            } else if bans.is_empty() {
+                println!("no bans");
+            } else {
+                println!("{}", bans_table(&bans, now));
+            }
+        }
+        Command::Unban { who } => {
+            client
+                .unban(proto::UnbanRequest { who: who.clone() })
+                .await
+                .map_err(failure)?;
+            match cli.json {
+                true => print_json(&json!({ "unbanned": who })),
+                false => println!("unbanned {who}"),
             }
         }
         Command::Kick { address, ban } => {

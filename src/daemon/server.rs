@@ -1328,6 +1328,29 @@ impl Node for Shared {
         self.events.subscribe()
     }
 
+    fn bans(&self) -> Result<Vec<Ban>, KickError> {
+        Ok(self.peers.bans(SystemTime::now()))
+    }
+
+    fn unban(&self, who: &Banned, by: &str) -> Result<bool, KickError> {
+        let here = self.peers.unban(who, SystemTime::now());
+        let kept = match &self.cluster {
+            Some(cluster) => cluster.unshare_ban(who),
+            None => match self.store.remove_ban(who) {
+                Ok(kept) => kept,
+                Err(e) => {
+                    warn!(error = %e, "ban lifted until the next restart only: the state store failed");
+                    false
+                }
+            },
+        };
+        let lifted = here || kept;
+        if lifted {
+            info!(who = %who, "ban lifted by {by}");
+        }
+        Ok(lifted)
+    }
+
     fn admin(&self) -> Option<mpsc::Sender<AdminRequest>> {
         Some(self.admin.clone())
     }
@@ -1367,6 +1390,12 @@ impl ClusterHooks for Shared {
 
     fn banned(&self, ban: Ban) {
         super::cluster::banned(&self.peers, &self.events, ban);
+    }
+
+    fn unbanned(&self, who: Banned) {
+        if self.peers.unban(&who, SystemTime::now()) {
+            info!(who = %who, "ban lifted on another server of the cluster");
+        }
     }
 
     fn peers(&self, live: Vec<PeerSection>) {
