@@ -904,7 +904,7 @@ impl PeerTable {
                 until: *until,
             })
             .collect();
-        bans.sort_by(|a, b| a.until.cmp(&b.until));
+        bans.sort_by_key(|b| b.until);
         bans
     }
 
