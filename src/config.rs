@@ -230,6 +230,9 @@ pub struct ServerSection {
     pub max_unauthenticated_per_source: Option<usize>,
     /// Whether clients reach each other through the server.
     pub client_to_client: Option<ClientToClient>,
+    /// What clients dial to reach this server ("vpn.example.org:2002"):
+    /// written into the configs `svpnctl peer new` makes.
+    pub endpoint: Option<String>,
     /// The same, from one network (IPv4: one /24, IPv6: one /48).
     pub max_unauthenticated_per_network: Option<usize>,
     /// Places beyond those limits for sources granted an address recently.
@@ -326,6 +329,10 @@ pub struct ClientSection {
     pub network6: Option<Ipv6Net>,
     /// This client's private key file: with `server_key`, it speaks TLS.
     pub key: Option<PathBuf>,
+    /// This client's private key itself (base64 of its 32-byte seed), in
+    /// place of `key`: what `svpnctl peer new` writes. The file must then
+    /// be readable by its owner only.
+    pub private_key: Option<String>,
     /// The server's public key, pinned.
     pub server_key: Option<PublicKey>,
     /// Without a key, speak the original protocol (plaintext, nothing
@@ -344,6 +351,25 @@ pub struct ClientSection {
     pub fail_open: Option<bool>,
     /// What to do with pushed DNS settings.
     pub dns: Option<DnsMode>,
+}
+
+/// Where a client's private key is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientKey {
+    /// In a key file (`key`), read as root at start.
+    File(PathBuf),
+    /// In the config itself (`private_key`, base64 of the seed).
+    Inline(String),
+}
+
+impl ClientKey {
+    /// The key, read from its file or decoded.
+    pub fn load(&self) -> Result<crate::keys::NodeKey, crate::keys::KeyError> {
+        match self {
+            ClientKey::File(path) => crate::keys::NodeKey::load(path),
+            ClientKey::Inline(text) => crate::keys::NodeKey::from_inline(text),
+        }
+    }
 }
 
 /// What a client does with the DNS servers and search domains the server
@@ -404,6 +430,8 @@ pub struct ServerConfig {
     /// Whether clients reach each other through the server (a peer's own
     /// setting wins).
     pub client_to_client: ClientToClient,
+    /// What clients dial to reach this server, if set.
+    pub endpoint: Option<String>,
     pub max_unauthenticated_per_network: usize,
     pub unauthenticated_reserve: usize,
     pub legacy_max_per_source: usize,
@@ -461,6 +489,7 @@ impl ServerConfig {
             "client_to_client",
             self.client_to_client != new.client_to_client,
         );
+        differs("endpoint", self.endpoint != new.endpoint);
         differs("key", self.key != new.key);
         differs("legacy", self.legacy != new.legacy);
         differs(
@@ -562,9 +591,9 @@ pub struct ClientConfig {
     /// IPv6 addresses outside it are refused (by the helper); `None`: any
     /// unicast.
     pub network6: Option<Ipv6Net>,
-    /// TLS with this private key file and pinned server key; `None`: the
+    /// TLS with this private key and pinned server key; `None`: the
     /// original protocol.
-    pub tls: Option<(PathBuf, PublicKey)>,
+    pub tls: Option<(ClientKey, PublicKey)>,
     /// Which pushed routes are installed (see [`ClientSection::accept_routes`]).
     pub accept_routes: Option<Vec<IpNet>>,
     /// Accept the server's default route.
@@ -580,7 +609,30 @@ impl ConfigFile {
     pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new(path.display().to_string(), e.to_string()))?;
-        ConfigFile::parse(&text, path)
+        let file = ConfigFile::parse(&text, path)?;
+        // A file that holds a private key is a key file: its owner's alone.
+        if file
+            .client
+            .as_ref()
+            .is_some_and(|c| c.private_key.is_some())
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path)
+                .map_err(|e| ConfigError::new(path.display().to_string(), e.to_string()))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(ConfigError::new(
+                    format!("{}: private_key", path.display()),
+                    format!(
+                        "the file is readable by others (mode {:o}); run: chmod 600 {}",
+                        mode & 0o777,
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        Ok(file)
     }
 
     /// Parses config text; `path` is only used in error messages.
@@ -700,6 +752,7 @@ impl ServerSection {
                 .max_unauthenticated_per_source
                 .or(self.max_unauthenticated_per_source),
             client_to_client: flags.client_to_client.or(self.client_to_client),
+            endpoint: flags.endpoint.or(self.endpoint),
             max_unauthenticated_per_network: flags
                 .max_unauthenticated_per_network
                 .or(self.max_unauthenticated_per_network),
@@ -877,6 +930,7 @@ impl ServerSection {
                 DEFAULT_LEGACY_MAX_PER_SOURCE,
             )?,
             client_to_client: self.client_to_client.unwrap_or_default(),
+            endpoint: endpoint(self.endpoint)?,
         })
     }
 }
@@ -1114,6 +1168,7 @@ impl ClientSection {
             network6: flags.network6.or(self.network6),
             key: flags.key.or(self.key),
             server_key: flags.server_key.or(self.server_key),
+            private_key: flags.private_key.or(self.private_key),
             legacy: flags.legacy.or(self.legacy),
             accept_routes: flags.accept_routes.or(self.accept_routes),
             full_tunnel: flags.full_tunnel.or(self.full_tunnel),
@@ -1207,10 +1262,21 @@ impl ClientSection {
                 }
                 None => None,
             },
-            tls: match (self.key, self.server_key) {
-                (Some(key), Some(server_key)) => Some((key, server_key)),
-                (None, None) if self.legacy == Some(true) => None,
-                (None, None) => {
+            tls: match (self.key, self.private_key, self.server_key) {
+                (Some(_), Some(_), _) => {
+                    return Err(ConfigError::new(
+                        "private_key",
+                        "give either key (a file) or private_key, not both",
+                    ))
+                }
+                (Some(key), None, Some(server_key)) => Some((ClientKey::File(key), server_key)),
+                (None, Some(inline), Some(server_key)) => {
+                    crate::keys::NodeKey::from_inline(&inline)
+                        .map_err(|e| ConfigError::new("private_key", e.to_string()))?;
+                    Some((ClientKey::Inline(inline), server_key))
+                }
+                (None, None, None) if self.legacy == Some(true) => None,
+                (None, None, None) => {
                     return Err(ConfigError::new(
                         "key",
                         "missing: without one this client would speak the original protocol, \
@@ -1220,13 +1286,13 @@ impl ClientSection {
                          original-protocol server",
                     ))
                 }
-                (Some(_), None) => {
+                (Some(_) | None, Some(_) | None, None) => {
                     return Err(ConfigError::new(
                         "server_key",
                         "missing: with a key, give the server's public key to pin (--server-key)",
                     ))
                 }
-                (None, Some(_)) => {
+                (None, None, Some(_)) => {
                     return Err(ConfigError::new(
                         "key",
                         "missing: with server_key, give this client's private key file (--key)",
@@ -1307,6 +1373,27 @@ fn user(name: Option<String>) -> Result<String, ConfigError> {
     match name.unwrap_or_else(|| DEFAULT_USER.to_string()) {
         name if name.is_empty() => Err(ConfigError::new("user", "must not be empty")),
         name => Ok(name),
+    }
+}
+
+/// What clients dial: HOST:PORT (a name or an address, and a port).
+fn endpoint(endpoint: Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(endpoint) = endpoint else {
+        return Ok(None);
+    };
+    let port = endpoint
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty())
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+        .filter(|port| *port != 0);
+    match port {
+        Some(_) => Ok(Some(endpoint)),
+        None => Err(ConfigError::new(
+            "endpoint",
+            format!(
+                "{endpoint:?} is not HOST:PORT (what clients dial, e.g. \"vpn.example.org:2002\")"
+            ),
+        )),
     }
 }
 

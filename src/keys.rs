@@ -38,6 +38,8 @@ pub enum KeyError {
     BadPublicKey(String),
     #[error("key generation failed: {0}")]
     Generate(String),
+    #[error("private_key: not a private key (44 characters of base64 for a 32-byte seed)")]
+    BadInlineKey,
 }
 
 /// A node's public key.
@@ -161,6 +163,38 @@ impl NodeKey {
         NodeKey::from_pem(&pem, path)
     }
 
+    /// A new key and its 32-byte Ed25519 seed, which is the whole private
+    /// key: what a config's `private_key` holds (base64), as WireGuard's
+    /// `PrivateKey` does.
+    pub fn new_inline() -> Result<(NodeKey, String), KeyError> {
+        let mut seed = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+            .map_err(|_| KeyError::Generate("no randomness".into()))?;
+        let key = NodeKey::from_ed25519_seed(&seed)?;
+        Ok((key, STANDARD.encode(seed)))
+    }
+
+    /// The key whose seed `text` holds (base64 of 32 bytes).
+    pub fn from_inline(text: &str) -> Result<NodeKey, KeyError> {
+        let seed = STANDARD
+            .decode(text.trim())
+            .ok()
+            .filter(|s| s.len() == 32)
+            .ok_or(KeyError::BadInlineKey)?;
+        NodeKey::from_ed25519_seed(&seed)
+    }
+
+    /// The Ed25519 key of a 32-byte seed (PKCS#8 v1 around it).
+    fn from_ed25519_seed(seed: &[u8]) -> Result<NodeKey, KeyError> {
+        let mut der = Vec::with_capacity(ED25519_PKCS8_PREFIX.len() + seed.len());
+        der.extend_from_slice(&ED25519_PKCS8_PREFIX);
+        der.extend_from_slice(seed);
+        let pair =
+            KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(der), &PKCS_ED25519)
+                .map_err(|e| KeyError::Generate(e.to_string()))?;
+        Ok(NodeKey { pair })
+    }
+
     /// The key numbered `index` of a family derived from `seed`: the
     /// Ed25519 key whose 32-byte seed is SHA-256(seed || index as 8 bytes,
     /// big-endian). The same seed and index always give the same key, so
@@ -171,13 +205,7 @@ impl NodeKey {
         let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
         hash.update(seed);
         hash.update(&index.to_be_bytes());
-        let mut der = Vec::with_capacity(ED25519_PKCS8_PREFIX.len() + 32);
-        der.extend_from_slice(&ED25519_PKCS8_PREFIX);
-        der.extend_from_slice(hash.finish().as_ref());
-        let pair =
-            KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(der), &PKCS_ED25519)
-                .map_err(|e| KeyError::Generate(e.to_string()))?;
-        Ok(NodeKey { pair })
+        NodeKey::from_ed25519_seed(hash.finish().as_ref())
     }
 
     pub fn public(&self) -> PublicKey {

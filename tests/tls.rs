@@ -339,3 +339,70 @@ fn a_banned_key_is_listed_unbanned_and_connects_again() {
         "{table}"
     );
 }
+
+#[test]
+fn peer_new_makes_a_client_config_that_connects_and_is_listed_by_name() {
+    if !require_root("peer_new_makes_a_client_config_that_connects_and_is_listed_by_name") {
+        return;
+    }
+    let bed = Bed::new("tlsnew", 1);
+    let (server_key, server_pub) = keygen(&bed, "server");
+    let endpoint = bed.server_addr(0).to_string();
+    let _server = bed.start_server(&["--key", &server_key, "--endpoint", &endpoint]);
+    let socket = bed.server_socket();
+    // Printed: a whole [client] config with the server's key and endpoint.
+    let out = svpnctl(&socket, &["peer", "new", "phone"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        printed.contains(&format!("server = \"{endpoint}\"")),
+        "{printed}"
+    );
+    assert!(
+        printed.contains(&format!("server_key = \"{server_pub}\"")),
+        "{printed}"
+    );
+    assert!(printed.contains("private_key = \""), "{printed}");
+    // Written to a file (0600), copied to the client, started: it connects
+    // over TLS and the server lists it by name.
+    let config = bed.path("laptop.toml");
+    let out = svpnctl(
+        &socket,
+        &["peer", "new", "laptop", "--output", &config],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&config)
+        .expect("config")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let client = bed.start_client(0, &["--config", &config]);
+    // Names belong to TLS peers: listed by its name, it came in over TLS.
+    let _client = client;
+    let peers = svpnctl_json(&socket, &["peers"]);
+    assert_eq!(peers[0]["name"], "laptop", "{peers}");
+    let table = String::from_utf8_lossy(&svpnctl(&socket, &["peers"], None).stdout).into_owned();
+    assert!(table.contains("laptop"), "{table}");
+    // The same file again is refused, and changes nothing.
+    let out = svpnctl(
+        &socket,
+        &["peer", "new", "other", "--output", &config],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let allowed = svpnctl_json(&socket, &["peer", "list"]);
+    assert!(
+        !allowed.to_string().contains("\"other\""),
+        "a refused peer new still allowed a key: {allowed}"
+    );
+}

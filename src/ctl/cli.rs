@@ -96,6 +96,23 @@ pub enum PeerCommand {
         #[arg(long = "route", value_name = "CIDR")]
         routes: Vec<IpNet>,
     },
+    /// Make a key pair for a new client, allow it at once (as `peer add`),
+    /// and print the client's whole config: its private key inline, the
+    /// server's endpoint and key. Copy it to the client and start it there.
+    New {
+        /// A name for the new client (logs, metrics, `peer remove`)
+        name: String,
+        /// An address always given to it
+        #[arg(long, value_name = "IP")]
+        address: Option<Ipv4Addr>,
+        /// Write the config to FILE (mode 0600, never overwriting) instead
+        /// of printing it
+        #[arg(long, value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
+        /// What the client dials, HOST:PORT [default: the server's endpoint setting]
+        #[arg(long, value_name = "HOST:PORT")]
+        endpoint: Option<String>,
+    },
     /// Forget a key added live and close its connection at once
     Remove {
         /// Its public key or its name

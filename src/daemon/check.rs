@@ -11,7 +11,6 @@ use std::path::Path;
 
 use super::Role;
 use crate::config::{ConfigError, DEFAULT_CONFIG_PATH};
-use crate::keys::NodeKey;
 use crate::privsep::credentials::ServiceUser;
 
 /// What `check` found.
@@ -77,10 +76,8 @@ pub fn check(role: &Role, file: Option<&Path>, host: Host) -> Report {
         },
         Err(e) => problem(e),
     }
-    if let Some(key) = role.key_path() {
-        if let Err(e) = NodeKey::load(key) {
-            problem(ConfigError::new("key", e.to_string()));
-        }
+    if let Some(Err(e)) = role.load_key() {
+        problem(ConfigError::new("key", e.to_string()));
     }
     match role {
         Role::Server(config) => {

@@ -137,6 +137,9 @@ pub struct ServerArgs {
     /// Serve the metrics on an address other than loopback ([metrics] public)
     #[arg(long)]
     pub metrics_public: bool,
+    /// What clients dial to reach this server, HOST:PORT (svpnctl peer new writes it into their configs)
+    #[arg(long, value_name = "HOST:PORT")]
+    pub endpoint: Option<String>,
     /// Whether clients reach each other: allow (inside the server), deny (dropped), kernel (the host's firewall decides) [default: allow]
     #[arg(long, value_enum, value_name = "POLICY")]
     pub client_to_client: Option<crate::config::ClientToClient>,
@@ -239,6 +242,7 @@ impl From<ServerArgs> for ServerSection {
             metrics: args.metrics,
             metrics_public: args.metrics_public.then_some(true),
             client_to_client: args.client_to_client,
+            endpoint: args.endpoint,
             gateway: args.gateway.then_some(true),
             masquerade: args.masquerade.then_some(true),
             forwarding: args.forwarding.then_some(true),

@@ -76,7 +76,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     // As root: the key file is readable by root alone.
-    let key = match settings.role.key_path().map(NodeKey::load).transpose() {
+    let key = match settings.role.load_key().transpose() {
         Ok(key) => key,
         Err(e) => {
             eprintln!("simplevpnd: key: {e}");

@@ -123,6 +123,8 @@ struct Shared {
     cluster: Option<Arc<Cluster>>,
     /// Its links to the other servers of the cluster.
     links: Option<Arc<Links>>,
+    /// This server's public key, if it serves TLS (for `svpnctl peer new`).
+    public_key: Option<PublicKey>,
 }
 
 impl Shared {
@@ -350,6 +352,7 @@ pub async fn run(
     let tls_text = key
         .as_ref()
         .map_or("off".to_string(), |k| format!("key {}", k.public()));
+    let public_key = key.as_ref().map(NodeKey::public);
     let (links, link_listener) = match (&cluster, key) {
         (Some(cluster), Some(key)) => {
             let advertise = cluster.config().advertise;
@@ -399,6 +402,7 @@ pub async fn run(
         host_changes,
         cluster,
         links,
+        public_key,
         config,
     });
     info!(
@@ -1278,6 +1282,8 @@ impl Node for Shared {
                 .cluster
                 .as_ref()
                 .map(|cluster| super::cluster::status(cluster, self.links.as_deref())),
+            public_key: self.public_key.map(|k| k.to_string()).unwrap_or_default(),
+            endpoint: self.config.endpoint.clone().unwrap_or_default(),
             ..Default::default()
         }
     }
