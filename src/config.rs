@@ -41,6 +41,13 @@ pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 1024;
 /// Connections not yet granted an address from one source (an IPv4 address,
 /// or an IPv6 /64), at once.
 pub const DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE: usize = 8;
+/// The default `max_unauthenticated_per_network` (an IPv4 /24, an IPv6 /48)
+/// and `unauthenticated_reserve` are each this fraction of
+/// `max_unauthenticated` (the former at least the per-source limit).
+pub const DEFAULT_UNAUTHENTICATED_SHARE: usize = 8;
+/// Granted original-protocol sessions from one source (an IPv4 address, or
+/// an IPv6 /64), at once.
+pub const DEFAULT_LEGACY_MAX_PER_SOURCE: usize = 16;
 /// Seconds a new connection has to send its ClientHello, or its whole
 /// address request (original protocol).
 pub const DEFAULT_FIRST_BYTES_TIMEOUT_SECS: u64 = 2;
@@ -223,6 +230,15 @@ pub struct ServerSection {
     pub max_unauthenticated_per_source: Option<usize>,
     /// Whether clients reach each other through the server.
     pub client_to_client: Option<ClientToClient>,
+    /// What clients dial to reach this server ("vpn.example.org:2002"):
+    /// written into the configs `svpnctl peer new` makes.
+    pub endpoint: Option<String>,
+    /// The same, from one network (IPv4: one /24, IPv6: one /48).
+    pub max_unauthenticated_per_network: Option<usize>,
+    /// Places beyond those limits for sources granted an address recently.
+    pub unauthenticated_reserve: Option<usize>,
+    /// Granted original-protocol sessions from one source, at once.
+    pub legacy_max_per_source: Option<usize>,
     /// Networks reachable through the server, pushed to extension clients.
     pub routes: Option<Vec<IpNet>>,
     /// Where leases, bans and peers added live are kept.
@@ -318,6 +334,10 @@ pub struct ClientSection {
     pub network6: Option<Ipv6Net>,
     /// This client's private key file: with `server_key`, it speaks TLS.
     pub key: Option<PathBuf>,
+    /// This client's private key itself (base64 of its 32-byte seed), in
+    /// place of `key`: what `svpnctl peer new` writes. The file must then
+    /// be readable by its owner only.
+    pub private_key: Option<String>,
     /// The server's public key, pinned.
     pub server_key: Option<PublicKey>,
     /// Without a key, speak the original protocol (plaintext, nothing
@@ -344,16 +364,49 @@ pub struct ClientSection {
     pub proxy: Option<String>,
 }
 
+/// Where a client's private key is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientKey {
+    /// In a key file (`key`), read as root at start.
+    File(PathBuf),
+    /// In the config itself (`private_key`, base64 of the seed).
+    Inline(String),
+}
+
+impl ClientKey {
+    /// The key, read from its file or decoded.
+    pub fn load(&self) -> Result<crate::keys::NodeKey, crate::keys::KeyError> {
+        match self {
+            ClientKey::File(path) => crate::keys::NodeKey::load(path),
+            ClientKey::Inline(text) => crate::keys::NodeKey::from_inline(text),
+        }
+    }
+}
+
 /// What a client does with the DNS servers and search domains the server
 /// pushes.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DnsMode {
-    /// Set them on the tun through systemd-resolved.
+    /// Set them on the tun through systemd-resolved; search domains of a
+    /// single label (`lan`, `com`) are left out, since resolved sends every
+    /// lookup under a link's domain to that link's servers.
     #[default]
     Pushed,
+    /// The same with every pushed search domain, single labels included:
+    /// the server then answers every lookup under them.
+    #[serde(rename = "pushed-all-domains")]
+    #[value(name = "pushed-all-domains")]
+    PushedAllDomains,
     /// Ignore them.
     Off,
+}
+
+impl DnsMode {
+    /// Whether pushed DNS settings are applied at all.
+    pub fn applies(self) -> bool {
+        self != DnsMode::Off
+    }
 }
 
 /// What the server runs with.
@@ -388,6 +441,11 @@ pub struct ServerConfig {
     /// Whether clients reach each other through the server (a peer's own
     /// setting wins).
     pub client_to_client: ClientToClient,
+    /// What clients dial to reach this server, if set.
+    pub endpoint: Option<String>,
+    pub max_unauthenticated_per_network: usize,
+    pub unauthenticated_reserve: usize,
+    pub legacy_max_per_source: usize,
     /// Networks reachable through the server (its host routes them on).
     pub routes: Vec<IpNet>,
     /// Where the state store lives.
@@ -444,11 +502,24 @@ impl ServerConfig {
             "client_to_client",
             self.client_to_client != new.client_to_client,
         );
+        differs("endpoint", self.endpoint != new.endpoint);
         differs("key", self.key != new.key);
         differs("legacy", self.legacy != new.legacy);
         differs(
             "max_unauthenticated",
             self.max_unauthenticated != new.max_unauthenticated,
+        );
+        differs(
+            "max_unauthenticated_per_network",
+            self.max_unauthenticated_per_network != new.max_unauthenticated_per_network,
+        );
+        differs(
+            "unauthenticated_reserve",
+            self.unauthenticated_reserve != new.unauthenticated_reserve,
+        );
+        differs(
+            "legacy_max_per_source",
+            self.legacy_max_per_source != new.legacy_max_per_source,
         );
         differs("state_dir", self.state_dir != new.state_dir);
         differs("lease_time", self.lease_time != new.lease_time);
@@ -534,9 +605,9 @@ pub struct ClientConfig {
     /// IPv6 addresses outside it are refused (by the helper); `None`: any
     /// unicast.
     pub network6: Option<Ipv6Net>,
-    /// TLS with this private key file and pinned server key; `None`: the
+    /// TLS with this private key and pinned server key; `None`: the
     /// original protocol.
-    pub tls: Option<(PathBuf, PublicKey)>,
+    pub tls: Option<(ClientKey, PublicKey)>,
     /// Which pushed routes are installed (see [`ClientSection::accept_routes`]).
     pub accept_routes: Option<Vec<IpNet>>,
     /// Accept the server's default route.
@@ -556,7 +627,30 @@ impl ConfigFile {
     pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new(path.display().to_string(), e.to_string()))?;
-        ConfigFile::parse(&text, path)
+        let file = ConfigFile::parse(&text, path)?;
+        // A file that holds a private key is a key file: its owner's alone.
+        if file
+            .client
+            .as_ref()
+            .is_some_and(|c| c.private_key.is_some())
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path)
+                .map_err(|e| ConfigError::new(path.display().to_string(), e.to_string()))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(ConfigError::new(
+                    format!("{}: private_key", path.display()),
+                    format!(
+                        "the file is readable by others (mode {:o}); run: chmod 600 {}",
+                        mode & 0o777,
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        Ok(file)
     }
 
     /// Parses config text; `path` is only used in error messages.
@@ -676,6 +770,14 @@ impl ServerSection {
                 .max_unauthenticated_per_source
                 .or(self.max_unauthenticated_per_source),
             client_to_client: flags.client_to_client.or(self.client_to_client),
+            endpoint: flags.endpoint.or(self.endpoint),
+            max_unauthenticated_per_network: flags
+                .max_unauthenticated_per_network
+                .or(self.max_unauthenticated_per_network),
+            unauthenticated_reserve: flags
+                .unauthenticated_reserve
+                .or(self.unauthenticated_reserve),
+            legacy_max_per_source: flags.legacy_max_per_source.or(self.legacy_max_per_source),
             routes: flags.routes.or(self.routes),
             state_dir: flags.state_dir.or(self.state_dir),
             lease_time: flags.lease_time.or(self.lease_time),
@@ -734,6 +836,16 @@ impl ServerSection {
         let (dns, dns_search) = dns(
             self.dns.unwrap_or_default(),
             self.dns_search.unwrap_or_default(),
+        )?;
+        let max_unauthenticated = at_least_one(
+            "max_unauthenticated",
+            self.max_unauthenticated,
+            DEFAULT_MAX_UNAUTHENTICATED,
+        )?;
+        let max_unauthenticated_per_source = at_least_one(
+            "max_unauthenticated_per_source",
+            self.max_unauthenticated_per_source,
+            DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
         )?;
         Ok(ServerConfig {
             listen: self
@@ -813,31 +925,33 @@ impl ServerSection {
             metrics: metrics_listen(self.metrics, self.metrics_public.unwrap_or(false))?,
             workers: crate::workers::resolve(self.workers)?,
             port_share: crate::daemon::portshare::resolve(self.port_share, self.port_share_proxy)?,
-            max_unauthenticated: match self
-                .max_unauthenticated
-                .unwrap_or(DEFAULT_MAX_UNAUTHENTICATED)
+            max_unauthenticated,
+            max_unauthenticated_per_source,
+            max_unauthenticated_per_network: at_least_one(
+                "max_unauthenticated_per_network",
+                self.max_unauthenticated_per_network,
+                (max_unauthenticated / DEFAULT_UNAUTHENTICATED_SHARE)
+                    .max(max_unauthenticated_per_source),
+            )?,
+            unauthenticated_reserve: match self
+                .unauthenticated_reserve
+                .unwrap_or(max_unauthenticated / DEFAULT_UNAUTHENTICATED_SHARE)
             {
-                0 => {
+                n if n > max_unauthenticated => {
                     return Err(ConfigError::new(
-                        "max_unauthenticated",
-                        "must be at least 1",
+                        "unauthenticated_reserve",
+                        format!("must be at most max_unauthenticated ({max_unauthenticated})"),
                     ))
                 }
                 n => n,
             },
+            legacy_max_per_source: at_least_one(
+                "legacy_max_per_source",
+                self.legacy_max_per_source,
+                DEFAULT_LEGACY_MAX_PER_SOURCE,
+            )?,
             client_to_client: self.client_to_client.unwrap_or_default(),
-            max_unauthenticated_per_source: match self
-                .max_unauthenticated_per_source
-                .unwrap_or(DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE)
-            {
-                0 => {
-                    return Err(ConfigError::new(
-                        "max_unauthenticated_per_source",
-                        "must be at least 1",
-                    ))
-                }
-                n => n,
-            },
+            endpoint: endpoint(self.endpoint)?,
         })
     }
 }
@@ -1075,6 +1189,7 @@ impl ClientSection {
             network6: flags.network6.or(self.network6),
             key: flags.key.or(self.key),
             server_key: flags.server_key.or(self.server_key),
+            private_key: flags.private_key.or(self.private_key),
             legacy: flags.legacy.or(self.legacy),
             accept_routes: flags.accept_routes.or(self.accept_routes),
             full_tunnel: flags.full_tunnel.or(self.full_tunnel),
@@ -1172,10 +1287,21 @@ impl ClientSection {
                 }
                 None => None,
             },
-            tls: match (self.key, self.server_key) {
-                (Some(key), Some(server_key)) => Some((key, server_key)),
-                (None, None) if self.legacy == Some(true) => None,
-                (None, None) => {
+            tls: match (self.key, self.private_key, self.server_key) {
+                (Some(_), Some(_), _) => {
+                    return Err(ConfigError::new(
+                        "private_key",
+                        "give either key (a file) or private_key, not both",
+                    ))
+                }
+                (Some(key), None, Some(server_key)) => Some((ClientKey::File(key), server_key)),
+                (None, Some(inline), Some(server_key)) => {
+                    crate::keys::NodeKey::from_inline(&inline)
+                        .map_err(|e| ConfigError::new("private_key", e.to_string()))?;
+                    Some((ClientKey::Inline(inline), server_key))
+                }
+                (None, None, None) if self.legacy == Some(true) => None,
+                (None, None, None) => {
                     return Err(ConfigError::new(
                         "key",
                         "missing: without one this client would speak the original protocol, \
@@ -1185,13 +1311,13 @@ impl ClientSection {
                          original-protocol server",
                     ))
                 }
-                (Some(_), None) => {
+                (Some(_) | None, Some(_) | None, None) => {
                     return Err(ConfigError::new(
                         "server_key",
                         "missing: with a key, give the server's public key to pin (--server-key)",
                     ))
                 }
-                (None, Some(_)) => {
+                (None, None, Some(_)) => {
                     return Err(ConfigError::new(
                         "key",
                         "missing: with server_key, give this client's private key file (--key)",
@@ -1275,6 +1401,27 @@ fn user(name: Option<String>) -> Result<String, ConfigError> {
     }
 }
 
+/// What clients dial: HOST:PORT (a name or an address, and a port).
+fn endpoint(endpoint: Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(endpoint) = endpoint else {
+        return Ok(None);
+    };
+    let port = endpoint
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty())
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+        .filter(|port| *port != 0);
+    match port {
+        Some(_) => Ok(Some(endpoint)),
+        None => Err(ConfigError::new(
+            "endpoint",
+            format!(
+                "{endpoint:?} is not HOST:PORT (what clients dial, e.g. \"vpn.example.org:2002\")"
+            ),
+        )),
+    }
+}
+
 /// Where /metrics is served: loopback, unless `public` says otherwise.
 fn metrics_listen(
     listen: Option<SocketAddr>,
@@ -1322,6 +1469,14 @@ fn tun_name(name: Option<String>) -> Result<String, ConfigError> {
             "tun",
             format!("{name:?} is not an interface name (1-{MAX_IFNAME_LEN} of a-z, 0-9, - _ .)"),
         )),
+    }
+}
+
+/// A count that must be at least 1.
+fn at_least_one(field: &str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+    match value.unwrap_or(default) {
+        0 => Err(ConfigError::new(field, "must be at least 1")),
+        n => Ok(n),
     }
 }
 
@@ -1411,12 +1566,58 @@ mod tests {
         );
         let zero = server_error("max_unauthenticated_per_source = 0\n");
         assert_eq!(zero.field, "max_unauthenticated_per_source");
+        // The per-network limit and the reserve: an eighth of the global
+        // limit, the former at least the per-source one.
+        assert_eq!(config.max_unauthenticated_per_network, 128);
+        assert_eq!(config.unauthenticated_reserve, 128);
+        assert_eq!(config.legacy_max_per_source, DEFAULT_LEGACY_MAX_PER_SOURCE);
+        let small = legacy_server("max_unauthenticated = 20\n");
+        assert_eq!(small.max_unauthenticated_per_network, 8);
+        assert_eq!(small.unauthenticated_reserve, 2);
+        for (text, field) in [
+            (
+                "max_unauthenticated_per_network = 0\n",
+                "max_unauthenticated_per_network",
+            ),
+            ("legacy_max_per_source = 0\n", "legacy_max_per_source"),
+            (
+                "max_unauthenticated = 10\nunauthenticated_reserve = 11\n",
+                "unauthenticated_reserve",
+            ),
+        ] {
+            assert_eq!(server_error(text).field, field, "{text}");
+        }
         let long = server_error("handshake_timeout = 5\nfirst_bytes_timeout = 6\n");
         assert_eq!(long.field, "first_bytes_timeout");
         assert!(
             long.problem.contains("longer than handshake_timeout"),
             "{long}"
         );
+    }
+
+    /// A valid [server] section of a legacy server with `extra` settings.
+    fn legacy_server(extra: &str) -> ServerConfig {
+        parse(&format!("[server]\nlegacy = true\n{extra}"))
+            .expect("parse")
+            .server
+            .expect("server")
+            .resolve()
+            .expect("valid")
+    }
+
+    #[test]
+    fn the_new_admission_limits_need_a_restart() {
+        let old = legacy_server("");
+        for (extra, field) in [
+            (
+                "max_unauthenticated_per_network = 9\n",
+                "max_unauthenticated_per_network",
+            ),
+            ("unauthenticated_reserve = 9\n", "unauthenticated_reserve"),
+            ("legacy_max_per_source = 9\n", "legacy_max_per_source"),
+        ] {
+            assert_eq!(old.needs_restart(&legacy_server(extra)), vec![field]);
+        }
     }
 
     #[test]

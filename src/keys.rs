@@ -38,6 +38,8 @@ pub enum KeyError {
     BadPublicKey(String),
     #[error("key generation failed: {0}")]
     Generate(String),
+    #[error("private_key: not a private key (44 characters of base64 for a 32-byte seed)")]
+    BadInlineKey,
 }
 
 /// A node's public key.
@@ -96,10 +98,35 @@ impl fmt::Debug for NodeKey {
 }
 
 impl NodeKey {
-    /// Writes a new private key to `path` (mode 0600, never overwriting).
-    pub fn generate(path: &Path) -> Result<NodeKey, KeyError> {
+    /// A new key, in memory only.
+    pub fn new_random() -> Result<NodeKey, KeyError> {
         let pair =
             KeyPair::generate_for(&PKCS_ED25519).map_err(|e| KeyError::Generate(e.to_string()))?;
+        Ok(NodeKey { pair })
+    }
+
+    /// The private key as a key file holds it (PEM, PKCS#8).
+    pub fn to_pem(&self) -> String {
+        self.pair.serialize_pem()
+    }
+
+    /// A private key from the text of a key file; `origin` names where it
+    /// came from in errors.
+    pub fn from_pem(pem: &str, origin: &Path) -> Result<NodeKey, KeyError> {
+        let bad = |reason: String| KeyError::BadPrivateKey {
+            path: origin.to_path_buf(),
+            reason,
+        };
+        let pair = KeyPair::from_pem(pem).map_err(|e| bad(e.to_string()))?;
+        if !pair.is_compatible(&PKCS_ED25519) {
+            return Err(bad("another algorithm".into()));
+        }
+        Ok(NodeKey { pair })
+    }
+
+    /// Writes a new private key to `path` (mode 0600, never overwriting).
+    pub fn generate(path: &Path) -> Result<NodeKey, KeyError> {
+        let NodeKey { pair } = NodeKey::new_random()?;
         let io_err = |source| KeyError::Io {
             path: path.to_path_buf(),
             source,
@@ -133,14 +160,38 @@ impl NodeKey {
             });
         }
         let pem = fs::read_to_string(path).map_err(io_err)?;
-        let bad = |reason: String| KeyError::BadPrivateKey {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let pair = KeyPair::from_pem(&pem).map_err(|e| bad(e.to_string()))?;
-        if !pair.is_compatible(&PKCS_ED25519) {
-            return Err(bad("another algorithm".into()));
-        }
+        NodeKey::from_pem(&pem, path)
+    }
+
+    /// A new key and its 32-byte Ed25519 seed, which is the whole private
+    /// key: what a config's `private_key` holds (base64), as WireGuard's
+    /// `PrivateKey` does.
+    pub fn new_inline() -> Result<(NodeKey, String), KeyError> {
+        let mut seed = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+            .map_err(|_| KeyError::Generate("no randomness".into()))?;
+        let key = NodeKey::from_ed25519_seed(&seed)?;
+        Ok((key, STANDARD.encode(seed)))
+    }
+
+    /// The key whose seed `text` holds (base64 of 32 bytes).
+    pub fn from_inline(text: &str) -> Result<NodeKey, KeyError> {
+        let seed = STANDARD
+            .decode(text.trim())
+            .ok()
+            .filter(|s| s.len() == 32)
+            .ok_or(KeyError::BadInlineKey)?;
+        NodeKey::from_ed25519_seed(&seed)
+    }
+
+    /// The Ed25519 key of a 32-byte seed (PKCS#8 v1 around it).
+    fn from_ed25519_seed(seed: &[u8]) -> Result<NodeKey, KeyError> {
+        let mut der = Vec::with_capacity(ED25519_PKCS8_PREFIX.len() + seed.len());
+        der.extend_from_slice(&ED25519_PKCS8_PREFIX);
+        der.extend_from_slice(seed);
+        let pair =
+            KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(der), &PKCS_ED25519)
+                .map_err(|e| KeyError::Generate(e.to_string()))?;
         Ok(NodeKey { pair })
     }
 
@@ -154,13 +205,7 @@ impl NodeKey {
         let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
         hash.update(seed);
         hash.update(&index.to_be_bytes());
-        let mut der = Vec::with_capacity(ED25519_PKCS8_PREFIX.len() + 32);
-        der.extend_from_slice(&ED25519_PKCS8_PREFIX);
-        der.extend_from_slice(hash.finish().as_ref());
-        let pair =
-            KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(der), &PKCS_ED25519)
-                .map_err(|e| KeyError::Generate(e.to_string()))?;
-        Ok(NodeKey { pair })
+        NodeKey::from_ed25519_seed(hash.finish().as_ref())
     }
 
     pub fn public(&self) -> PublicKey {

@@ -77,6 +77,20 @@ pub const MAX_WORKERS: usize = 1024;
 /// takes at most 256 (`MAX_TAP_QUEUES`).
 pub const MAX_TUN_QUEUES: usize = 64;
 
+/// Routes a helper installs through its tun at most: more than a server
+/// pushes (a session's parameters carry at most 1,024) or routes to its
+/// peers, so that a daemon (or a server through it) cannot fill the host's
+/// routing table.
+pub const MAX_HELPER_ROUTES: usize = 4096;
+
+/// Without `accept_routes`, a client's helper refuses pushed IPv4 routes
+/// shorter than this prefix (wider than a /8), unless it was granted the
+/// full tunnel: taking that much of a host's traffic is the user's choice.
+pub const MIN_PUSHED_PREFIX4: u8 = 8;
+
+/// The same for IPv6 routes (wider than a /16).
+pub const MIN_PUSHED_PREFIX6: u8 = 16;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,17 +105,3 @@ mod tests {
         assert_eq!(MIN_MTU6, 1280);
     }
 }
-
-/// Routes a helper installs through its tun at most: more than a server
-/// pushes (a session's parameters carry at most 1,024) or routes to its
-/// peers, so that a daemon (or a server through it) cannot fill the host's
-/// routing table.
-pub const MAX_HELPER_ROUTES: usize = 4096;
-
-/// Without `accept_routes`, a client's helper refuses pushed IPv4 routes
-/// shorter than this prefix (wider than a /8), unless it was granted the
-/// full tunnel: taking that much of a host's traffic is the user's choice.
-pub const MIN_PUSHED_PREFIX4: u8 = 8;
-
-/// The same for IPv6 routes (wider than a /16).
-pub const MIN_PUSHED_PREFIX6: u8 = 16;

@@ -380,6 +380,20 @@ fn ipv6(bytes: &[u8]) -> Option<Ipv6Addr> {
     <[u8; 16]>::try_from(bytes).ok().map(Ipv6Addr::from)
 }
 
+/// Splits pushed search domains into those a client applies and those it
+/// leaves out: a domain of a single label (`lan`, `com`) is left out unless
+/// `all` says otherwise, since systemd-resolved sends every lookup under a
+/// link's domains to that link's servers (a server pushing `com` would
+/// answer for every .com name).
+pub fn split_wide_domains(domains: Vec<String>, all: bool) -> (Vec<String>, Vec<String>) {
+    domains.into_iter().partition(|d| all || !single_label(d))
+}
+
+/// Whether `domain` has one label (a trailing dot does not count).
+pub fn single_label(domain: &str) -> bool {
+    !domain.trim_end_matches('.').contains('.')
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::BytesMut;

@@ -45,6 +45,15 @@ pub enum Banned {
     Remote(IpAddr),
 }
 
+impl std::fmt::Display for Banned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Banned::Key(key) => write!(f, "key {key}"),
+            Banned::Remote(ip) => write!(f, "remote {ip}"),
+        }
+    }
+}
+
 impl Banned {
     /// The `kind` column of the bans table.
     fn kind(&self) -> &'static str {
@@ -118,6 +127,8 @@ pub trait StateStore: Send + Sync {
     /// Every ban still in force at `now`.
     fn bans(&self, now: SystemTime) -> Result<Vec<Ban>, StoreError>;
     fn put_ban(&self, ban: &Ban) -> Result<(), StoreError>;
+    /// Forgets the ban on `who`; false if there was none.
+    fn remove_ban(&self, who: &Banned) -> Result<bool, StoreError>;
     /// The peers added at run time, in the order they were added.
     fn peers(&self) -> Result<Vec<PeerSection>, StoreError>;
     /// Stores a peer added at run time (replacing one with the same key).
@@ -389,6 +400,16 @@ impl StateStore for SqliteStore {
                 params![ban.who.kind(), ban.who.who(), secs_up(ban.until)],
             )?;
             Ok(())
+        })
+    }
+
+    fn remove_ban(&self, who: &Banned) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let removed = tx.execute(
+                "DELETE FROM bans WHERE kind = ?1 AND who = ?2",
+                params![who.kind(), who.who()],
+            )?;
+            Ok(removed > 0)
         })
     }
 

@@ -219,7 +219,13 @@ fn a_flood_from_many_sources_hits_the_global_cap_and_is_summarised() {
     let bed = Bed::new("flood300", 1);
     let (server_key, _) = keygen(&bed, "server");
     let config = bed.path("server.toml");
-    std::fs::write(&config, "[server]\nmax_unauthenticated = 128\n").expect("config");
+    // Two /24s: without a per-network limit as large as the global one,
+    // they would hit that limit first.
+    std::fs::write(
+        &config,
+        "[server]\nmax_unauthenticated = 128\nmax_unauthenticated_per_network = 128\n",
+    )
+    .expect("config");
     // 300 sources: 198.18.1.10-250 and 198.18.3.2-60 on the attacker's veth,
     // 198.18.3.1/24 added on the server's side of it.
     let server_dev = veth_with(&bed.server, "198.18.1.1/24");
@@ -402,4 +408,79 @@ fn a_key_never_holds_two_addresses() {
     assert_eq!(peers[0]["address"], "198.19.0.2", "{peers}");
     assert!(b.log().contains("198.19.0.2"), "{}", b.log());
     assert!(server.log().contains("key connected from two places"));
+}
+
+#[test]
+fn a_flood_from_one_network_locks_out_neither_other_networks_nor_its_known_clients() {
+    if !require_root(
+        "a_flood_from_one_network_locks_out_neither_other_networks_nor_its_known_clients",
+    ) {
+        return;
+    }
+    raise_open_file_limit();
+    let bed = Bed::new("flood24", 2);
+    let (server_key, server_pub) = keygen(&bed, "server");
+    let (known_key, known_pub) = keygen(&bed, "known");
+    let (other_key, other_pub) = keygen(&bed, "other");
+    let config = bed.path("server.toml");
+    std::fs::write(&config, "[server]\nmax_unauthenticated = 64\n").expect("config");
+    // 200 attackers in 198.18.1.0/24, the network of the known client
+    // (198.18.1.2); the other client is in 198.18.2.0/24.
+    let client_dev = veth_with(&bed.clients[0], "198.18.1.2/24");
+    let sources: Vec<Ipv4Addr> = (10..=209).map(|i| Ipv4Addr::new(198, 18, 1, i)).collect();
+    for source in &sources {
+        let prefix = format!("{source}/24");
+        bed.clients[0].ip(&["addr", "add", &prefix, "dev", &client_dev]);
+    }
+    let server = bed.start_server(&[
+        "--config",
+        &config,
+        "--key",
+        &server_key,
+        "--peer",
+        &known_pub,
+        "--peer",
+        &other_pub,
+        "--max-unauthenticated-per-network",
+        "32",
+    ]);
+    // The known client was here before the flood.
+    let mut known = bed.start_client(0, &tls_client_args(&known_key, &server_pub));
+    known.terminate(Duration::from_secs(5));
+    let stop = AtomicBool::new(false);
+    let flooded = Flooded::default();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            bed.clients[0].enter(|| {
+                flood(
+                    &sources,
+                    1,
+                    bed.server_addr(0),
+                    Duration::from_secs(30),
+                    &stop,
+                    &flooded,
+                )
+            })
+        });
+        // 200 connections, more than max_unauthenticated, from one /24.
+        let filled = wait_until(Duration::from_secs(10), || {
+            flooded.opened.load(Ordering::Relaxed) >= 200
+                && server.log().contains("kind=per_network_cap")
+        });
+        let started = Instant::now();
+        let other = bed.spawn_client(1, &tls_client_args(&other_key, &server_pub));
+        let known = bed.spawn_client(0, &tls_client_args(&known_key, &server_pub));
+        let other_granted = other.wait_for_log("granted", Duration::from_secs(10));
+        let known_granted = known.wait_for_log("granted", Duration::from_secs(10));
+        let took = started.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        assert!(filled, "{flooded:?}\n{}", server.log());
+        assert!(other_granted, "another network:\n{}", other.log());
+        assert!(
+            known_granted,
+            "a known client of that network:\n{}",
+            known.log()
+        );
+        eprintln!("both granted within {took:?} while flooded: {flooded:?}");
+    });
 }

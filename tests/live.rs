@@ -488,4 +488,31 @@ fn metrics_parse_and_move_with_traffic() {
     let mut response = String::new();
     conn.read_to_string(&mut response).expect("response");
     assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+
+    // A connection that sends nothing does not keep a place: it is closed
+    // once the header timeout has passed (5 s; 15 s allowed here).
+    let mut idle = bed.server.tcp_connect(endpoint, STARTUP).expect("connect");
+    idle.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    let mut byte = [0u8; 1];
+    // Closed (or answered with a timeout status, then closed): not held.
+    if let Err(e) = idle.read(&mut byte) {
+        panic!("an idle metrics connection was still open after 15 s: {e}");
+    }
+    // More than 64 at once: the ones beyond are closed at once, and the
+    // endpoint still answers when they are gone.
+    let held: Vec<_> = (0..64)
+        .map(|_| bed.server.tcp_connect(endpoint, STARTUP).expect("connect"))
+        .collect();
+    let mut over = bed.server.tcp_connect(endpoint, STARTUP).expect("connect");
+    over.set_read_timeout(Some(Duration::from_secs(4)))
+        .expect("timeout");
+    assert!(
+        matches!(over.read(&mut byte), Ok(0)),
+        "the 65th metrics connection was not closed"
+    );
+    drop(held);
+    assert!(wait_until(STARTUP, || scrape(&bed.server, endpoint)
+        .0
+        .contains("200")));
 }

@@ -297,3 +297,51 @@ fn connections_not_yet_granted_are_capped() {
     let mut fourth = bed.raw_peer(0);
     assert_eq!(fourth.ask(&dynamic_request()), grant_16(addr([0, 3])));
 }
+
+#[test]
+fn one_source_holds_at_most_legacy_max_per_source_sessions() {
+    if !require_root("one_source_holds_at_most_legacy_max_per_source_sessions") {
+        return;
+    }
+    let bed = Bed::new("legcap", 2);
+    let server = bed.start_server(&["--legacy-max-per-source", "16"]);
+    // 24 sessions asked for from one address: 16 granted, the rest closed
+    // once their request is read.
+    let mut granted = Vec::new();
+    let mut refused = 0;
+    for _ in 0..24 {
+        let mut peer = bed.raw_peer(0);
+        peer.send(&dynamic_request());
+        peer.stream
+            .set_read_timeout(Some(STARTUP))
+            .expect("set read timeout");
+        let mut reply = [0u8; 20];
+        match std::io::Read::read_exact(&mut peer.stream, &mut reply) {
+            Ok(()) => {
+                assert_eq!(&reply[2..4], &[0, 0], "a grant: {reply:02x?}");
+                granted.push(peer);
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!((granted.len(), refused), (16, 8), "{}", server.log());
+    let log = server.log();
+    assert!(log.contains("kind=legacy_per_source_cap"), "{log}");
+    assert!(log.contains("legacy_max_per_source"), "{log}");
+    // Another address still gets one.
+    let mut other = bed.raw_peer(1);
+    assert_eq!(other.ask(&dynamic_request())[2..4], [0, 0]);
+    // A session that ends frees its source's slot.
+    drop(granted.pop());
+    assert!(
+        wait_until(STARTUP, || {
+            let mut again = bed.raw_peer(0);
+            again.send(&dynamic_request());
+            let _ = again.stream.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut reply = [0u8; 20];
+            std::io::Read::read_exact(&mut again.stream, &mut reply).is_ok()
+        }),
+        "no grant after a session ended:\n{}",
+        server.log()
+    );
+}

@@ -460,32 +460,27 @@ fn a_missing_or_root_user_is_a_one_line_error_with_exit_2() {
         vec!["server", "--network", NETWORK, "--legacy"],
         vec!["client", "-s", "198.18.1.1", "--legacy"],
     ] {
-        let mut args = role.clone();
-        args.extend(["--user", missing]);
-        let (code, stderr) = run(&args);
-        assert_eq!(code, Some(2), "{args:?}: {stderr}");
-        assert_eq!(
-            stderr.trim_end(),
-            format!(
-                "simplevpnd: user: no such user \"{missing}\"; create it with: \
-                 useradd --system --no-create-home --shell /usr/sbin/nologin {missing}"
+        // The daemon's user, then the helper's: never a fallback to the daemon's.
+        for (field, extra) in [
+            ("user", vec!["--user", missing]),
+            (
+                "helper_user",
+                vec!["--user", USER, "--helper-user", missing],
             ),
-            "{args:?}"
-        );
-
-        // The helper's user too: never a fallback to the daemon's.
-        let mut args = role.clone();
-        args.extend(["--user", USER, "--helper-user", missing]);
-        let (code, stderr) = run(&args);
-        assert_eq!(code, Some(2), "{args:?}: {stderr}");
-        assert_eq!(
-            stderr.trim_end(),
-            format!(
-                "simplevpnd: helper_user: no such user \"{missing}\"; create it with: \
-                 useradd --system --no-create-home --shell /usr/sbin/nologin {missing}"
-            ),
-            "{args:?}"
-        );
+        ] {
+            let mut args = role.clone();
+            args.extend(extra);
+            let (code, stderr) = run(&args);
+            assert_eq!(code, Some(2), "{args:?}: {stderr}");
+            assert_eq!(
+                stderr.trim_end(),
+                format!(
+                    "simplevpnd: {field}: no such user \"{missing}\"; create it with: \
+                     useradd --system --no-create-home --shell /usr/sbin/nologin {missing}"
+                ),
+                "{args:?}"
+            );
+        }
         let mut args = role.clone();
         args.extend(["--user", USER, "--helper-user", USER]);
         let (code, stderr) = run(&args);
@@ -578,4 +573,41 @@ fn started_as_another_user_it_says_it_must_be_started_as_root() {
         stderr.starts_with("simplevpnd: must be started as root"),
         "{stderr}"
     );
+}
+
+#[test]
+fn root_never_follows_a_link_planted_in_the_state_directory() {
+    if !require_root("root_never_follows_a_link_planted_in_the_state_directory") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let bed = Bed::new("statelink", 0);
+    let state = bed.state_dir();
+    fs::create_dir_all(&state).expect("state dir");
+    // What a compromised daemon would plant for root's next start.
+    let victim = bed.path("victim");
+    fs::write(&victim, "root's own file\n").expect("victim");
+    std::os::unix::fs::symlink(&victim, format!("{state}/state.db-x")).expect("symlink");
+    for start in 0..2 {
+        let mut server = bed.start_server(&[]);
+        assert!(
+            server.terminate(Duration::from_secs(5)).is_some(),
+            "start {start}: the server did not stop"
+        );
+        assert!(
+            server.log().contains("left a symlink as it is"),
+            "start {start}: no line about the link:\n{}",
+            server.log()
+        );
+    }
+    let meta = fs::metadata(&victim).expect("victim");
+    assert_eq!((meta.uid(), meta.gid()), (0, 0), "the link was followed");
+    assert_eq!(
+        fs::read_to_string(&victim).expect("read"),
+        "root's own file\n"
+    );
+    // The real state file is the service user's.
+    let user = User::from_name(USER).expect("users").expect("nobody");
+    let db = fs::metadata(format!("{state}/state.db")).expect("state.db");
+    assert_eq!(db.uid(), user.uid.as_raw());
 }

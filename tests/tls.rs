@@ -280,3 +280,129 @@ fn bans_of_tls_peers_go_by_key() {
         svpnctl_json(&bed.server_socket(), &["peers"])[0]["key"] == b_pub.as_str()
     }));
 }
+
+#[test]
+fn a_banned_key_is_listed_unbanned_and_connects_again() {
+    if !require_root("a_banned_key_is_listed_unbanned_and_connects_again") {
+        return;
+    }
+    let bed = Bed::new("tlsunban", 1);
+    let (server_key, server_pub) = keygen(&bed, "server");
+    let (a_key, a_pub) = keygen(&bed, "a");
+    let server = bed.start_server(&["--key", &server_key, "--peer", &a_pub]);
+    let a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
+    let socket = bed.server_socket();
+    let ok = |args: &[&str]| {
+        let out = svpnctl(&socket, args, None);
+        assert!(
+            out.status.success(),
+            "svpnctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&["kick", "198.19.0.2", "--ban", "1h"]);
+    assert!(
+        server.wait_for_log("refused reason=banned for", Duration::from_secs(15)),
+        "{}",
+        server.log()
+    );
+    // Listed, by key, for about an hour.
+    let bans = svpnctl_json(&socket, &["bans"]);
+    assert_eq!(bans[0]["key"], a_pub.as_str(), "{bans}");
+    assert!(ok(&["bans"]).contains(&format!("key {a_pub}")));
+    // Lifted: gone from the list, and the client is back.
+    assert!(ok(&["unban", &a_pub]).contains("unbanned"));
+    assert_eq!(svpnctl_json(&socket, &["bans"]), serde_json::json!([]));
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            svpnctl_json(&socket, &["peers"])[0]["key"] == a_pub.as_str()
+        }),
+        "the unbanned key did not come back:\n{}",
+        a.log()
+    );
+    // A second unban finds nothing, said as JSON under --json.
+    let out = svpnctl(&socket, &["--json", "unban", &a_pub], None);
+    assert_eq!(out.status.code(), Some(1));
+    let error: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("a JSON error on stdout");
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not banned")),
+        "{error}"
+    );
+    // The peers table names its peers.
+    let table = ok(&["peers"]);
+    assert!(
+        table.lines().next().is_some_and(|h| h.contains("NAME")),
+        "{table}"
+    );
+}
+
+#[test]
+fn peer_new_makes_a_client_config_that_connects_and_is_listed_by_name() {
+    if !require_root("peer_new_makes_a_client_config_that_connects_and_is_listed_by_name") {
+        return;
+    }
+    let bed = Bed::new("tlsnew", 1);
+    let (server_key, server_pub) = keygen(&bed, "server");
+    let endpoint = bed.server_addr(0).to_string();
+    let _server = bed.start_server(&["--key", &server_key, "--endpoint", &endpoint]);
+    let socket = bed.server_socket();
+    // Printed: a whole [client] config with the server's key and endpoint.
+    let out = svpnctl(&socket, &["peer", "new", "phone"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        printed.contains(&format!("server = \"{endpoint}\"")),
+        "{printed}"
+    );
+    assert!(
+        printed.contains(&format!("server_key = \"{server_pub}\"")),
+        "{printed}"
+    );
+    assert!(printed.contains("private_key = \""), "{printed}");
+    // Written to a file (0600), copied to the client, started: it connects
+    // over TLS and the server lists it by name.
+    let config = bed.path("laptop.toml");
+    let out = svpnctl(
+        &socket,
+        &["peer", "new", "laptop", "--output", &config],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&config)
+        .expect("config")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let client = bed.start_client(0, &["--config", &config]);
+    // Names belong to TLS peers: listed by its name, it came in over TLS.
+    let _client = client;
+    let peers = svpnctl_json(&socket, &["peers"]);
+    assert_eq!(peers[0]["name"], "laptop", "{peers}");
+    let table = String::from_utf8_lossy(&svpnctl(&socket, &["peers"], None).stdout).into_owned();
+    assert!(table.contains("laptop"), "{table}");
+    // The same file again is refused, and changes nothing.
+    let out = svpnctl(
+        &socket,
+        &["peer", "new", "other", "--output", &config],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let allowed = svpnctl_json(&socket, &["peer", "list"]);
+    assert!(
+        !allowed.to_string().contains("\"other\""),
+        "a refused peer new still allowed a key: {allowed}"
+    );
+}

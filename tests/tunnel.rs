@@ -276,6 +276,111 @@ fn simplevpnd(args: &[&str]) -> (Option<i32>, String) {
 }
 
 #[test]
+fn check_finds_what_a_start_would_refuse_and_key_commands_never_read_the_config() {
+    let dir = std::env::temp_dir().join(format!("svt-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write config");
+        path.to_str().expect("utf-8").to_string()
+    };
+    let run = |args: &[&str], stdin: Option<&[u8]>| {
+        let mut child = std::process::Command::new(SIMPLEVPND)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run simplevpnd");
+        if let Some(input) = stdin {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input)
+                .expect("write stdin");
+        }
+        let out = child.wait_with_output().expect("wait");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let key = dir.join("client.key");
+    let key = key.to_str().expect("utf-8");
+    let (code, public, _) = run(&["keygen", key], None);
+    assert_eq!(code, Some(0));
+    let server = file(
+        "server.toml",
+        &format!("[server]\nnetwork = \"198.19.0.0/16\"\nlegacy = true\nuser = \"{USER}\"\n"),
+    );
+    let client = file(
+        "client.toml",
+        &format!(
+            "[client]\nserver = \"198.18.1.1\"\nuser = \"{USER}\"\nkey = \"{key}\"\nserver_key = \"{}\"\n",
+            public.trim()
+        ),
+    );
+    for good in [&server, &client] {
+        let (code, stdout, stderr) = run(&["check", "--config", good], None);
+        assert_eq!(code, Some(0), "{good}: {stderr}");
+        assert!(stdout.starts_with("ok: "), "{stdout}");
+    }
+    let typo = file(
+        "typo.toml",
+        "[server]\nlegacy = true\nnetwrok = \"198.19.0.0/16\"\n",
+    );
+    let bad_net = file(
+        "net.toml",
+        "[server]\nlegacy = true\n\nnetwork = \"198.19.0.1/16\"\n",
+    );
+    let no_key = file(
+        "nokey.toml",
+        &format!(
+            "[server]\nuser = \"{USER}\"\nkey = \"{}/missing.key\"\n",
+            dir.display()
+        ),
+    );
+    for (bad, at) in [
+        (&typo, ":3: netwrok"),
+        (&bad_net, ":4: network"),
+        (&no_key, ":3: key"),
+    ] {
+        let (code, _, stderr) = run(&["check", "--config", bad], None);
+        assert_eq!(code, Some(2), "{bad}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{bad}{at}")),
+            "{bad} should name {at}: {stderr}"
+        );
+    }
+    // keygen and pubkey never read the config: a broken one changes nothing.
+    let broken = file("broken.toml", "[server\n");
+    let second = dir.join("second.key");
+    let (code, _, stderr) = run(
+        &[
+            "--config",
+            &broken,
+            "keygen",
+            second.to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    // keygen - | pubkey -: the private key on stdout, its public key on
+    // stderr, and pubkey reads it back from stdin.
+    let (code, pem, public) = run(&["keygen", "-"], None);
+    assert_eq!(code, Some(0));
+    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{pem}");
+    let (code, again, stderr) = run(&["pubkey", "-"], Some(pem.as_bytes()));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(again.trim(), public.trim());
+    assert!(!dir.join("-").exists(), "keygen - made a file named -");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn bad_flags_and_config_exit_2_with_one_line_naming_the_field() {
     let dir = std::env::temp_dir().join(format!("svt-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");

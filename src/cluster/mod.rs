@@ -51,6 +51,8 @@ pub trait ClusterHooks: Send + Sync {
     fn lost(&self, address: Ipv4Addr, holder: &Holder);
     /// A ban made on any server.
     fn banned(&self, ban: Ban);
+    /// A ban lifted (or ended) on any server.
+    fn unbanned(&self, who: Banned);
     /// The peers added live changed (on any server): these are all of them.
     fn peers(&self, peers: Vec<PeerSection>);
 }
@@ -58,6 +60,7 @@ pub trait ClusterHooks: Send + Sync {
 /// A change this server makes to the shared state, written by `maintain`.
 enum Write {
     Ban(Ban),
+    Unban(Banned),
     Peer(PeerSection),
     RemovePeer(PublicKey),
 }
@@ -353,6 +356,12 @@ impl Cluster {
                 } => {
                     match write {
                         Write::Ban(ban) => self.write_ban(&ban).await,
+                        Write::Unban(who) => {
+                            let key = format!("{}bans/{}", self.prefix, banned_text(&who));
+                            if let Err(e) = self.etcd.delete(&key).await {
+                                warn!(who = %banned_text(&who), error = %e, "ban lifted here only: the cluster still has it");
+                            }
+                        }
                         Write::Peer(peer) => {
                             if let Err(e) = peers::put(&self.etcd, &self.prefix, &peer).await {
                                 warn!(key = %peer.key, error = %e, "peer added here only: not shared with the cluster");
@@ -549,6 +558,15 @@ impl Cluster {
         let (key, value) = match change {
             Change::Put { key, value } => (key, value),
             Change::Delete { key } => {
+                let bans_dir = format!("{}bans/", self.prefix);
+                if let Some(who) = key.strip_prefix(&bans_dir).and_then(banned_parse) {
+                    self.bans
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&who);
+                    hooks.unbanned(who);
+                    return;
+                }
                 if let Some(peer) = key.strip_prefix(&peers_dir) {
                     let removed = self
                         .live
@@ -636,6 +654,19 @@ impl Cluster {
             .unwrap_or_else(|e| e.into_inner())
             .insert(ban.who.clone(), ban.until);
         let _ = self.writes.send(Write::Ban(ban));
+    }
+
+    /// Lifts a ban on every server (deleted by `maintain`); false if there
+    /// was none in force here.
+    pub fn unshare_ban(&self, who: &Banned) -> bool {
+        let removed = self
+            .bans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(who)
+            .is_some_and(|until| until > SystemTime::now());
+        let _ = self.writes.send(Write::Unban(who.clone()));
+        removed
     }
 
     /// Shares a peer added live here (written by `maintain`).

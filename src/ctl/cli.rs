@@ -59,6 +59,15 @@ pub enum Command {
     },
     /// Print peer events as they happen, until interrupted
     Watch,
+    /// The bans in force: a key (TLS client) or a remote address
+    /// (original-protocol client), and until when
+    Bans,
+    /// Lift a ban at once (in a cluster, on every server)
+    Unban {
+        /// The banned public key, or remote address (as `svpnctl bans` lists it)
+        #[arg(value_name = "PUBKEY|ADDRESS")]
+        who: String,
+    },
     /// The keys allowed to connect: add and remove them at run time, list them
     #[command(subcommand)]
     Peer(PeerCommand),
@@ -86,6 +95,23 @@ pub enum PeerCommand {
         /// A network behind it (site-to-site; repeat for more)
         #[arg(long = "route", value_name = "CIDR")]
         routes: Vec<IpNet>,
+    },
+    /// Make a key pair for a new client, allow it at once (as `peer add`),
+    /// and print the client's whole config: its private key inline, the
+    /// server's endpoint and key. Copy it to the client and start it there.
+    New {
+        /// A name for the new client (logs, metrics, `peer remove`)
+        name: String,
+        /// An address always given to it
+        #[arg(long, value_name = "IP")]
+        address: Option<Ipv4Addr>,
+        /// Write the config to FILE (mode 0600, never overwriting) instead
+        /// of printing it
+        #[arg(long, value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
+        /// What the client dials, HOST:PORT [default: the server's endpoint setting]
+        #[arg(long, value_name = "HOST:PORT")]
+        endpoint: Option<String>,
     },
     /// Forget a key added live and close its connection at once
     Remove {

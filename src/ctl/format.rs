@@ -174,6 +174,7 @@ pub fn peers_table(peers: &[proto::Peer], now: SystemTime) -> String {
         .map(|p| {
             vec![
                 p.address.clone(),
+                or_dash(&p.name),
                 or_dash(&p.address6),
                 p.remote.clone(),
                 age(&p.connected_since, now),
@@ -188,6 +189,7 @@ pub fn peers_table(peers: &[proto::Peer], now: SystemTime) -> String {
     table(
         &[
             "ADDRESS",
+            "NAME",
             "ADDRESS6",
             "REMOTE",
             "CONNECTED",
@@ -199,6 +201,42 @@ pub fn peers_table(peers: &[proto::Peer], now: SystemTime) -> String {
         ],
         &rows,
     )
+}
+
+/// Who a ban is on: "key KEY" or "remote ADDRESS".
+fn banned(ban: &proto::Ban) -> String {
+    match ban.key.is_empty() {
+        false => format!("key {}", ban.key),
+        true => format!("remote {}", ban.remote),
+    }
+}
+
+pub fn bans_table(bans: &[proto::Ban], now: SystemTime) -> String {
+    let rows: Vec<Vec<String>> = bans
+        .iter()
+        .map(|b| {
+            let until = match time(&b.until) {
+                Some(t) => format!(
+                    "{} ({} from now)",
+                    humantime::format_rfc3339_seconds(t),
+                    humantime::format_duration(Duration::from_secs(
+                        t.duration_since(now).map_or(0, |d| d.as_secs())
+                    ))
+                ),
+                None => "-".into(),
+            };
+            vec![banned(b), until]
+        })
+        .collect();
+    table(&["BANNED", "UNTIL"], &rows)
+}
+
+pub fn ban_json(b: &proto::Ban) -> Value {
+    json!({
+        "key": or_null(&b.key),
+        "remote": or_null(&b.remote),
+        "until": rfc3339(&b.until),
+    })
 }
 
 /// The items joined by ", ", or "-" for none.

@@ -10,6 +10,7 @@ use clap::Parser;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use simplevpn::ctl::cli::{Cli, Command, PeerCommand};
+use simplevpn::keys::NodeKey;
 use simplevpn::proto::control_client::ControlClient;
 use simplevpn::proto::{self, peer_event::Kind};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -23,8 +24,15 @@ struct Failure(String);
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.json;
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
+        // Under --json, a failure is JSON too, on stdout where the answer
+        // would have been.
+        Err(Failure(message)) if json => {
+            print_json(&json!({ "error": message }));
+            ExitCode::from(1)
+        }
         Err(Failure(message)) => {
             eprintln!("svpnctl: {message}");
             ExitCode::from(1)
@@ -69,6 +77,46 @@ fn failure(status: tonic::Status) -> Failure {
         | Code::Unavailable => status.message().to_string(),
         code => format!("{code:?}: {}", status.message()),
     })
+}
+
+/// A new client's whole config, for `svpnctl peer new`.
+fn client_config(
+    name: &str,
+    endpoint: &str,
+    server_key: &str,
+    private_key: &str,
+    address: Option<std::net::Ipv4Addr>,
+) -> String {
+    let address = match address {
+        Some(a) => format!("address = \"{a}\"\n"),
+        None => String::new(),
+    };
+    format!(
+        "# simplevpn client \"{name}\", made by svpnctl peer new. It holds this\n\
+         # client's private key: keep it mode 0600. On the client:\n\
+         #   sudo install -m 600 THIS_FILE /etc/simplevpn/simplevpnd.toml\n\
+         #   sudo systemctl enable --now simplevpnd\n\
+         [client]\n\
+         server = \"{endpoint}\"\n\
+         server_key = \"{server_key}\"\n\
+         private_key = \"{private_key}\"\n\
+         {address}\
+         # full_tunnel = true        # all traffic through the server, if it offers it\n\
+         # accept_routes = []        # install none of the routes the server pushes\n"
+    )
+}
+
+/// Writes `text` to a new file `path` with mode 0600 (never overwriting).
+fn write_private(path: &std::path::Path, text: &str) -> Result<(), Failure> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(text.as_bytes()))
+        .map_err(|e| Failure(format!("{}: {e}", path.display())))
 }
 
 fn print_json(value: &Value) {
@@ -123,6 +171,31 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{}", peer_fields(&peer, now));
             }
         }
+        Command::Bans => {
+            let bans = client
+                .list_bans(proto::ListBansRequest {})
+                .await
+                .map_err(failure)?
+                .into_inner()
+                .bans;
+            if cli.json {
+                print_json(&Value::Array(bans.iter().map(ban_json).collect()));
+            } else if bans.is_empty() {
+                println!("no bans");
+            } else {
+                println!("{}", bans_table(&bans, now));
+            }
+        }
+        Command::Unban { who } => {
+            client
+                .unban(proto::UnbanRequest { who: who.clone() })
+                .await
+                .map_err(failure)?;
+            match cli.json {
+                true => print_json(&json!({ "unbanned": who })),
+                false => println!("unbanned {who}"),
+            }
+        }
         Command::Kick { address, ban } => {
             let reply = client
                 .kick_peer(proto::KickPeerRequest {
@@ -173,6 +246,70 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             match (cli.json, reply.peer) {
                 (true, peer) => print_json(&json!({ "added": peer.as_ref().map(allowed_json) })),
                 (false, _) => println!("added {key}; it may connect now"),
+            }
+        }
+        Command::Peer(PeerCommand::New {
+            name,
+            address,
+            output,
+            endpoint,
+        }) => {
+            let status = client
+                .status(proto::StatusRequest {})
+                .await
+                .map_err(failure)?
+                .into_inner();
+            let endpoint = endpoint
+                .or_else(|| Some(status.endpoint.clone()).filter(|e| !e.is_empty()))
+                .ok_or_else(|| {
+                    Failure(
+                        "the server has no endpoint: set endpoint = \"HOST:PORT\" in [server] \
+                         (what clients dial), or pass --endpoint"
+                            .into(),
+                    )
+                })?;
+            if status.public_key.is_empty() {
+                return Err(Failure(
+                    "the server has no key (key = PATH in [server]): it serves no TLS client"
+                        .into(),
+                ));
+            }
+            let (key, private) =
+                NodeKey::new_inline().map_err(|e| Failure(format!("making a key: {e}")))?;
+            let config = client_config(&name, &endpoint, &status.public_key, &private, address);
+            // Written before the key is allowed: a config that cannot be
+            // saved leaves no allowed key behind.
+            if let Some(path) = &output {
+                write_private(path, &config)?;
+            }
+            client
+                .add_peer(proto::AddPeerRequest {
+                    key: key.public().to_string(),
+                    name: name.clone(),
+                    address: address.map(|a| a.to_string()).unwrap_or_default(),
+                    routes: Vec::new(),
+                    address6: String::new(),
+                })
+                .await
+                .map_err(|status| {
+                    if let Some(path) = &output {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    failure(status)
+                })?;
+            match (cli.json, &output) {
+                (true, _) => print_json(&json!({
+                    "name": name,
+                    "key": key.public().to_string(),
+                    "config": output.as_ref().map_or(Value::String(config.clone()), |p| json!(p)),
+                })),
+                (false, Some(path)) => println!(
+                    "added {name} ({}); its config is in {} (copy it to the client as \
+                     /etc/simplevpn/simplevpnd.toml, mode 0600)",
+                    key.public(),
+                    path.display()
+                ),
+                (false, None) => print!("{config}"),
             }
         }
         Command::Peer(PeerCommand::Remove { peer }) => {

@@ -1,11 +1,21 @@
 //! Admission before authentication: what a connection that has not proved
 //! anything yet may hold, and how its refusals are logged.
 //!
-//! - A connection holds one of `max_unauthenticated` global permits and one
-//!   of `max_unauthenticated_per_source` per-source slots (a source is an
-//!   IPv4 address, or an IPv6 /64: one host usually holds a whole /64) from
-//!   accept until it is granted an address; both are released by dropping
-//!   the [`Pending`] guard.
+//! - A connection holds one of `max_unauthenticated_per_source` per-source
+//!   slots (a source is an IPv4 address, or an IPv6 /64: one host usually
+//!   holds a whole /64) from accept until it is granted an address, and
+//!   either one of `max_unauthenticated` global permits together with one of
+//!   `max_unauthenticated_per_network` slots of its network (an IPv4 /24, or
+//!   an IPv6 /48: many addresses of one attacker), or one of the
+//!   `unauthenticated_reserve` places. All are released by dropping the
+//!   [`Pending`] guard.
+//! - The reserve is for sources that were granted an address after a TLS
+//!   handshake within [`RECENT_FOR`] ([`RecentSources`], at most
+//!   [`RECENT_SOURCES`] of them): they get in when strangers have filled the
+//!   global places or those of their network.
+//! - A granted original-protocol session holds one of its source's
+//!   `legacy_max_per_source` slots for its whole life ([`Admission::legacy`]):
+//!   an unauthenticated host cannot take the whole pool.
 //! - Refusals before authentication are counted, not logged one by one: the
 //!   first one of each reason after a quiet spell is logged in full (so a
 //!   single unknown key shows up at once), the rest go into a summary line
@@ -16,6 +26,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,6 +40,12 @@ pub const SUMMARY_TOP_SOURCES: usize = 5;
 /// Distinct sources counted per interval; more are counted together, so a
 /// flood from many addresses cannot grow the summary without bound.
 const SUMMARY_MAX_SOURCES: usize = 4096;
+/// How long after its last grant (after a TLS handshake) a source may use
+/// the reserve.
+pub const RECENT_FOR: Duration = Duration::from_secs(24 * 3600);
+/// Sources remembered for the reserve, at most (about 8 MiB); the one
+/// granted longest ago is forgotten first.
+pub const RECENT_SOURCES: usize = 65_536;
 
 /// Why a connection was refused before it was authenticated (a closed set:
 /// each is one counter of the summary line).
@@ -38,6 +55,12 @@ pub enum RefusalReason {
     GlobalCap,
     /// Its source already held `max_unauthenticated_per_source` of them.
     PerSource,
+    /// Its network (IPv4 /24, IPv6 /48) already held
+    /// `max_unauthenticated_per_network` of them.
+    PerNetwork,
+    /// An original-protocol client whose source already holds
+    /// `legacy_max_per_source` granted sessions.
+    LegacyPerSource,
     /// No ClientHello, or no whole address request, within
     /// `first_bytes_timeout`.
     FirstBytesTimeout,
@@ -77,6 +100,8 @@ impl RefusalReason {
         match self {
             RefusalReason::GlobalCap => "global_cap",
             RefusalReason::PerSource => "per_source_cap",
+            RefusalReason::PerNetwork => "per_network_cap",
+            RefusalReason::LegacyPerSource => "legacy_per_source_cap",
             RefusalReason::FirstBytesTimeout => "first_bytes_timeout",
             RefusalReason::NotAnAddressRequest => "not_an_address_request",
             RefusalReason::UnknownProtocol => "unknown_protocol",
@@ -92,6 +117,27 @@ impl RefusalReason {
             RefusalReason::PoolExhausted => "pool_exhausted",
             RefusalReason::KeyFlapping => "key_flapping",
             RefusalReason::ClusterUnavailable => "cluster_unavailable",
+        }
+    }
+
+    /// The logged reason of a refusal by one of the limits here.
+    pub fn limit_text(self) -> &'static str {
+        match self {
+            RefusalReason::GlobalCap => {
+                "too many connections not yet granted an address (max_unauthenticated)"
+            }
+            RefusalReason::PerSource => {
+                "too many connections from this source not yet granted an address \
+                 (max_unauthenticated_per_source)"
+            }
+            RefusalReason::PerNetwork => {
+                "too many connections from this network not yet granted an address \
+                 (max_unauthenticated_per_network)"
+            }
+            RefusalReason::LegacyPerSource => {
+                "too many original-protocol sessions from this source (legacy_max_per_source)"
+            }
+            other => other.as_str(),
         }
     }
 
@@ -143,80 +189,200 @@ impl fmt::Display for Source {
     }
 }
 
+/// Who a per-network limit counts: an IPv4 /24, or an IPv6 /48 (an
+/// IPv4-mapped IPv6 address counts as its IPv4 address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Network {
+    /// The address with its last 8 bits cleared.
+    V4(Ipv4Addr),
+    /// The first 48 bits of the address.
+    V6(u64),
+}
+
+impl From<IpAddr> for Network {
+    fn from(ip: IpAddr) -> Network {
+        match Source::from(ip) {
+            Source::V4(v4) => Network::V4(Ipv4Addr::from(u32::from(v4) & 0xFFFF_FF00)),
+            Source::V6(prefix) => Network::V6(prefix >> 16),
+        }
+    }
+}
+
+impl fmt::Display for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Network::V4(v4) => write!(f, "{v4}/24"),
+            Network::V6(prefix) => write!(f, "{}/48", Ipv6Addr::from(u128::from(*prefix) << 80)),
+        }
+    }
+}
+
+/// Counts of connections by key (a [`Source`], a [`Network`]), each key at
+/// most `limit` at once.
+#[derive(Debug)]
+pub struct Slots<K> {
+    limit: usize,
+    counts: Mutex<HashMap<K, usize>>,
+}
+
 /// The per-source counts of unauthenticated connections.
+#[cfg(test)]
+pub type SourceLimits = Slots<Source>;
+
+/// One connection of a key; its slot is freed on drop.
 #[derive(Debug)]
-pub struct SourceLimits {
-    per_source: usize,
-    counts: Mutex<HashMap<Source, usize>>,
+pub struct SlotGuard<K: Copy + Eq + Hash> {
+    slots: Arc<Slots<K>>,
+    key: K,
 }
 
-/// One unauthenticated connection of a source; its slot is freed on drop.
-#[derive(Debug)]
-pub struct SourceGuard {
-    limits: Arc<SourceLimits>,
-    source: Source,
-}
+/// One connection of a source.
+pub type SourceGuard = SlotGuard<Source>;
 
-impl SourceLimits {
-    pub fn new(per_source: usize) -> Arc<SourceLimits> {
-        Arc::new(SourceLimits {
-            per_source,
+impl<K: Copy + Eq + Hash + From<IpAddr>> Slots<K> {
+    pub fn new(limit: usize) -> Arc<Slots<K>> {
+        Arc::new(Slots {
+            limit,
             counts: Mutex::new(HashMap::new()),
         })
     }
 
-    /// A slot for a connection from `ip`, or None if its source holds all
-    /// of its slots.
-    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<SourceGuard> {
-        let source = Source::from(ip);
+    /// A slot for a connection from `ip`, or None if its key holds all of
+    /// its slots.
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<SlotGuard<K>> {
+        let key = K::from(ip);
         let mut counts = self.lock();
-        let count = counts.entry(source).or_insert(0);
-        if *count >= self.per_source {
+        let count = counts.entry(key).or_insert(0);
+        if *count >= self.limit {
+            if *count == 0 {
+                counts.remove(&key);
+            }
             return None;
         }
         *count += 1;
-        Some(SourceGuard {
-            limits: self.clone(),
-            source,
+        Some(SlotGuard {
+            slots: self.clone(),
+            key,
         })
     }
 
-    /// How many slots `ip`'s source holds.
+    /// How many slots `ip`'s key holds.
     #[cfg(test)]
     pub fn held(&self, ip: IpAddr) -> usize {
-        self.lock().get(&Source::from(ip)).copied().unwrap_or(0)
+        self.lock().get(&K::from(ip)).copied().unwrap_or(0)
     }
 
-    /// How many sources hold a slot.
+    /// How many keys hold a slot.
     #[cfg(test)]
     pub fn sources(&self) -> usize {
         self.lock().len()
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Source, usize>> {
+impl<K> Slots<K> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, usize>> {
         // Every change is one map operation: a poisoned lock is consistent.
         self.counts.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-impl Drop for SourceGuard {
+impl<K: Copy + Eq + Hash> Drop for SlotGuard<K> {
     fn drop(&mut self) {
-        let mut counts = self.limits.lock();
-        if let Some(count) = counts.get_mut(&self.source) {
+        let mut counts = self.slots.lock();
+        if let Some(count) = counts.get_mut(&self.key) {
             *count = count.saturating_sub(1);
             if *count == 0 {
-                counts.remove(&self.source);
+                counts.remove(&self.key);
             }
         }
     }
 }
 
-/// The global and per-source limits on connections not yet granted an
-/// address.
+/// The sources granted an address after a TLS handshake, with the time of
+/// their last grant: at most `capacity`, the oldest grant forgotten first.
+#[derive(Debug)]
+pub struct RecentSources {
+    capacity: usize,
+    by_source: HashMap<Source, Instant>,
+    by_time: BTreeSet<(Instant, Source)>,
+}
+
+impl RecentSources {
+    pub fn new(capacity: usize) -> RecentSources {
+        RecentSources {
+            capacity,
+            by_source: HashMap::new(),
+            by_time: BTreeSet::new(),
+        }
+    }
+
+    /// Remembers that `source` was granted an address at `now`.
+    pub fn granted(&mut self, source: Source, now: Instant) {
+        if let Some(before) = self.by_source.insert(source, now) {
+            self.by_time.remove(&(before, source));
+        }
+        self.by_time.insert((now, source));
+        while let Some(&(at, oldest)) = self.by_time.first() {
+            let expired = now.saturating_duration_since(at) >= RECENT_FOR;
+            if !expired && self.by_source.len() <= self.capacity {
+                break;
+            }
+            self.by_time.pop_first();
+            self.by_source.remove(&oldest);
+        }
+    }
+
+    /// Whether `source` was granted an address within [`RECENT_FOR`].
+    pub fn is_recent(&self, source: Source, now: Instant) -> bool {
+        self.by_source
+            .get(&source)
+            .is_some_and(|at| now.saturating_duration_since(*at) < RECENT_FOR)
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.by_source.len()
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.by_source.is_empty()
+    }
+}
+
+/// The limits on connections not yet granted an address, and on granted
+/// original-protocol sessions (see the module's description).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_unauthenticated: usize,
+    pub per_source: usize,
+    pub per_network: usize,
+    pub reserve: usize,
+    pub legacy_per_source: usize,
+}
+
+impl From<&crate::config::ServerConfig> for Limits {
+    fn from(config: &crate::config::ServerConfig) -> Limits {
+        Limits {
+            max_unauthenticated: config.max_unauthenticated,
+            per_source: config.max_unauthenticated_per_source,
+            per_network: config.max_unauthenticated_per_network,
+            reserve: config.unauthenticated_reserve,
+            legacy_per_source: config.legacy_max_per_source,
+        }
+    }
+}
+
+/// The limits on connections not yet granted an address, and the count of
+/// granted original-protocol sessions by source.
 #[derive(Debug, Clone)]
 pub struct Admission {
     global: Arc<Semaphore>,
-    sources: Arc<SourceLimits>,
+    reserve: Arc<Semaphore>,
+    sources: Arc<Slots<Source>>,
+    networks: Arc<Slots<Network>>,
+    legacy: Arc<Slots<Source>>,
+    recent: Arc<Mutex<RecentSources>>,
 }
 
 /// One of the `max_unauthenticated` global places, held before a
@@ -224,32 +390,68 @@ pub struct Admission {
 #[derive(Debug)]
 pub struct Place(OwnedSemaphorePermit);
 
+/// Where a pending connection waits: a global place and its network's slot,
+/// or a place of the reserve.
+#[derive(Debug)]
+enum Held {
+    Global {
+        _place: OwnedSemaphorePermit,
+        _network: SlotGuard<Network>,
+    },
+    Reserve {
+        _place: OwnedSemaphorePermit,
+    },
+}
+
 /// What a connection holds until it is granted an address: dropping it
-/// frees its global permit and its source's slot.
+/// frees its places and its source's slot.
 #[derive(Debug)]
 pub struct Pending {
-    _global: OwnedSemaphorePermit,
-    _source: SourceGuard,
+    _held: Held,
+    source: SourceGuard,
+    recent: Arc<Mutex<RecentSources>>,
+}
+
+impl Pending {
+    /// Frees what it held, at its grant at `now`; a source that proved a
+    /// key (TLS) is remembered for the reserve. An original-protocol grant
+    /// proves nothing, and earns nothing.
+    pub fn granted(self, protocol: crate::session::Protocol, now: Instant) {
+        if protocol == crate::session::Protocol::Tls {
+            lock(&self.recent).granted(self.source.key, now);
+        }
+    }
+
+    /// Whether it holds a place of the reserve.
+    #[cfg(test)]
+    fn reserved(&self) -> bool {
+        matches!(self._held, Held::Reserve { .. })
+    }
+}
+
+fn lock(recent: &Mutex<RecentSources>) -> std::sync::MutexGuard<'_, RecentSources> {
+    // Every change leaves the two maps in step: a poisoned lock is consistent.
+    recent.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Admission {
-    pub fn new(max_unauthenticated: usize, per_source: usize) -> Admission {
+    pub fn new(limits: Limits) -> Admission {
         Admission {
-            global: Arc::new(Semaphore::new(max_unauthenticated)),
-            sources: SourceLimits::new(per_source),
+            global: Arc::new(Semaphore::new(limits.max_unauthenticated)),
+            reserve: Arc::new(Semaphore::new(limits.reserve)),
+            sources: Slots::new(limits.per_source),
+            networks: Slots::new(limits.per_network),
+            legacy: Slots::new(limits.legacy_per_source),
+            recent: Arc::new(Mutex::new(RecentSources::new(RECENT_SOURCES))),
         }
     }
 
     /// Lets a new connection from `ip` wait for its handshake, or says why
     /// not (the server takes its place first: [`Admission::place`]).
     #[cfg(test)]
-    pub fn admit(&self, ip: IpAddr) -> Result<Pending, RefusalReason> {
-        let global = self
-            .global
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| RefusalReason::GlobalCap)?;
-        self.admit_with(global, ip)
+    pub fn admit(&self, ip: IpAddr, now: Instant) -> Result<Pending, RefusalReason> {
+        let place = self.global.clone().try_acquire_owned().ok().map(Place);
+        self.admit_placed(place, ip, now)
     }
 
     /// A global place, at once or within `wait` (none if it stays full):
@@ -271,25 +473,59 @@ impl Admission {
         }
     }
 
-    /// [`Admission::admit`] for a connection that already holds a global
-    /// `place` (from [`Admission::place`]).
-    pub fn admit_placed(&self, place: Place, ip: IpAddr) -> Result<Pending, RefusalReason> {
-        self.admit_with(place.0, ip)
-    }
-
-    fn admit_with(
+    /// Lets an accepted connection from `ip` wait for its handshake, or
+    /// says why not: with the global `place` it took before `accept` (from
+    /// [`Admission::place`]) if its network has room, else (no place, or
+    /// its network full) with a place of the reserve if its source was
+    /// granted an address recently (at `now`).
+    pub fn admit_placed(
         &self,
-        global: OwnedSemaphorePermit,
+        place: Option<Place>,
         ip: IpAddr,
+        now: Instant,
     ) -> Result<Pending, RefusalReason> {
         let source = self
             .sources
             .try_acquire(ip)
             .ok_or(RefusalReason::PerSource)?;
-        Ok(Pending {
-            _global: global,
-            _source: source,
-        })
+        let refused = match place {
+            Some(Place(place)) => match self.networks.try_acquire(ip) {
+                Some(network) => {
+                    let held = Held::Global {
+                        _place: place,
+                        _network: network,
+                    };
+                    return Ok(self.pending(held, source));
+                }
+                None => RefusalReason::PerNetwork,
+            },
+            None => RefusalReason::GlobalCap,
+        };
+        if !lock(&self.recent).is_recent(source.key, now) {
+            return Err(refused);
+        }
+        let reserve = self
+            .reserve
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| refused)?;
+        Ok(self.pending(Held::Reserve { _place: reserve }, source))
+    }
+
+    fn pending(&self, held: Held, source: SourceGuard) -> Pending {
+        Pending {
+            _held: held,
+            source,
+            recent: self.recent.clone(),
+        }
+    }
+
+    /// A slot for a granted original-protocol session from `ip`, held for
+    /// its whole life.
+    pub fn legacy(&self, ip: IpAddr) -> Result<SourceGuard, RefusalReason> {
+        self.legacy
+            .try_acquire(ip)
+            .ok_or(RefusalReason::LegacyPerSource)
     }
 
     /// Connections waiting now.
@@ -299,7 +535,7 @@ impl Admission {
     }
 
     #[cfg(test)]
-    pub fn sources(&self) -> &SourceLimits {
+    pub fn sources(&self) -> &Slots<Source> {
         &self.sources
     }
 }
@@ -445,12 +681,25 @@ impl RefusalSummary {
 mod tests {
     use super::*;
 
+    /// Limits with no per-network limit of note and no reserve.
+    fn limits(max_unauthenticated: usize, per_source: usize) -> Limits {
+        Limits {
+            max_unauthenticated,
+            per_source,
+            per_network: max_unauthenticated,
+            reserve: 0,
+            legacy_per_source: 1,
+        }
+    }
+
     #[tokio::test]
     async fn a_place_is_waited_for_until_one_frees_or_the_wait_ends() {
-        let admission = Admission::new(1, 1);
+        let admission = Admission::new(limits(1, 1));
         let ip: IpAddr = "198.18.0.1".parse().expect("ip");
         let first = admission.place(Duration::ZERO).await.expect("free");
-        let first = admission.admit_placed(first, ip).expect("admitted");
+        let first = admission
+            .admit_placed(Some(first), ip, Instant::now())
+            .expect("admitted");
         // Full: no place at once, none within a short wait.
         assert!(admission.place(Duration::ZERO).await.is_none());
         assert!(admission.place(Duration::from_millis(20)).await.is_none());
@@ -505,22 +754,213 @@ mod tests {
 
     #[test]
     fn the_global_cap_binds_before_the_per_source_one() {
-        let admission = Admission::new(3, 2);
-        let a1 = admission.admit(v4(1)).expect("a1");
-        let _a2 = admission.admit(v4(1)).expect("a2");
+        let admission = Admission::new(limits(3, 2));
+        let now = Instant::now();
+        let a1 = admission.admit(v4(1), now).expect("a1");
+        let _a2 = admission.admit(v4(1), now).expect("a2");
         assert_eq!(
-            admission.admit(v4(1)).map(|_| ()),
+            admission.admit(v4(1), now).map(|_| ()),
             Err(RefusalReason::PerSource)
         );
-        let _b1 = admission.admit(v4(2)).expect("b1");
+        let _b1 = admission.admit(v4(2), now).expect("b1");
         assert_eq!(
-            admission.admit(v4(3)).map(|_| ()),
+            admission.admit(v4(3), now).map(|_| ()),
             Err(RefusalReason::GlobalCap)
         );
         assert_eq!(admission.waiting(3), 3);
         drop(a1);
-        assert!(admission.admit(v4(3)).is_ok(), "a freed permit is reused");
+        assert!(
+            admission.admit(v4(3), now).is_ok(),
+            "a freed permit is reused"
+        );
         assert_eq!(admission.sources().held(v4(3)), 0, "dropped at once");
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("ip")
+    }
+
+    #[test]
+    fn a_network_is_an_ipv4_slash_24_or_an_ipv6_slash_48() {
+        assert_eq!(Network::from(v4(1)), Network::from(v4(250)));
+        assert_ne!(
+            Network::from(v4(1)),
+            Network::from(ip("198.18.2.1")),
+            "another /24"
+        );
+        assert_eq!(
+            Network::from(ip("2001:2::1")),
+            Network::from(ip("2001:2:0:ffff::1"))
+        );
+        assert_ne!(
+            Network::from(ip("2001:2::1")),
+            Network::from(ip("2001:2:1::1"))
+        );
+        assert_eq!(Network::from(ip("::ffff:198.18.1.9")), Network::from(v4(1)));
+        assert_eq!(Network::from(v4(7)).to_string(), "198.18.1.0/24");
+        assert_eq!(Network::from(ip("2001:2::1")).to_string(), "2001:2::/48");
+    }
+
+    #[test]
+    fn the_per_network_limit_binds_for_an_ipv4_slash_24_and_an_ipv6_slash_48() {
+        let admission = Admission::new(Limits {
+            per_network: 3,
+            ..limits(100, 2)
+        });
+        let now = Instant::now();
+        // Three addresses of one /24 fill it; a fourth address is refused.
+        let held: Vec<Pending> = (1..=3)
+            .map(|i| admission.admit(v4(i), now).expect("within the /24"))
+            .collect();
+        assert_eq!(
+            admission.admit(v4(4), now).map(|_| ()),
+            Err(RefusalReason::PerNetwork)
+        );
+        // Another /24 still gets in.
+        let other = admission.admit(ip("198.18.2.1"), now).expect("another /24");
+        // The same for the /64s of one IPv6 /48.
+        let six: Vec<Pending> = ["2001:2:0:1::1", "2001:2:0:2::1", "2001:2:0:3::1"]
+            .iter()
+            .map(|a| admission.admit(ip(a), now).expect("within the /48"))
+            .collect();
+        assert_eq!(
+            admission.admit(ip("2001:2:0:4::1"), now).map(|_| ()),
+            Err(RefusalReason::PerNetwork)
+        );
+        let _another48 = admission
+            .admit(ip("2001:2:1::1"), now)
+            .expect("another /48");
+        // A refused connection gave its global place back.
+        assert_eq!(admission.waiting(100), 3 + 1 + 3 + 1);
+        drop(held);
+        assert!(admission.admit(v4(4), now).is_ok(), "freed on drop");
+        drop((other, six));
+    }
+
+    #[test]
+    fn the_reserve_admits_a_recent_source_within_its_size_only() {
+        let admission = Admission::new(Limits {
+            per_network: 2,
+            reserve: 2,
+            ..limits(4, 1)
+        });
+        let t0 = Instant::now();
+        // 198.18.1.1 and 2001:2::1 were granted after a TLS handshake; an
+        // original-protocol grant earns nothing.
+        let known = admission.admit(v4(1), t0).expect("known");
+        known.granted(crate::session::Protocol::Tls, t0);
+        let known6 = admission.admit(ip("2001:2::1"), t0).expect("known6");
+        known6.granted(crate::session::Protocol::Tls, t0);
+        let legacy = admission.admit(v4(9), t0).expect("legacy");
+        legacy.granted(crate::session::Protocol::Original, t0);
+        let now = t0 + Duration::from_secs(3600);
+        // Strangers fill 198.18.1.0/24 ...
+        let strangers: Vec<Pending> = (2..=3)
+            .map(|i| admission.admit(v4(i), now).expect("stranger"))
+            .collect();
+        assert_eq!(
+            admission.admit(v4(4), now).map(|_| ()),
+            Err(RefusalReason::PerNetwork)
+        );
+        // The recent source gets in by the reserve, its /24 being full.
+        let early = admission.admit(v4(1), now).expect("recent, its /24 full");
+        assert!(early.reserved());
+        drop(early);
+        // ... and then the global places.
+        let more: Vec<Pending> = (1..=2)
+            .map(|i| {
+                admission
+                    .admit(ip(&format!("198.18.{}.1", i + 4)), now)
+                    .expect("stranger")
+            })
+            .collect();
+        assert_eq!(
+            admission.admit(ip("198.18.9.1"), now).map(|_| ()),
+            Err(RefusalReason::GlobalCap)
+        );
+        // The recent source still gets in, by the reserve.
+        let back = admission.admit(v4(1), now).expect("recent, by the reserve");
+        assert!(back.reserved());
+        // Its per-source limit still holds.
+        assert_eq!(
+            admission.admit(v4(1), now).map(|_| ()),
+            Err(RefusalReason::PerSource)
+        );
+        assert_eq!(
+            admission.admit(v4(9), now).map(|_| ()),
+            Err(RefusalReason::GlobalCap),
+            "an original-protocol grant does not count"
+        );
+        let back6 = admission.admit(ip("2001:2::2"), now).expect("its /64");
+        assert!(back6.reserved());
+        // The reserve is full: no third one.
+        let known3 = Source::from(ip("2001:2:5::1"));
+        lock(&admission.recent).granted(known3, now);
+        assert_eq!(
+            admission.admit(ip("2001:2:5::1"), now).map(|_| ()),
+            Err(RefusalReason::GlobalCap)
+        );
+        drop(back);
+        assert!(admission.admit(ip("2001:2:5::1"), now).is_ok());
+        // A day after its grant a source is a stranger again.
+        drop(back6);
+        let later = t0 + RECENT_FOR;
+        assert_eq!(
+            admission.admit(ip("2001:2::3"), later).map(|_| ()),
+            Err(RefusalReason::GlobalCap)
+        );
+        drop((strangers, more));
+    }
+
+    #[test]
+    fn recent_sources_are_bounded_and_the_oldest_grant_goes_first() {
+        let mut recent = RecentSources::new(3);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        for i in 1..=3u8 {
+            recent.granted(Source::from(v4(i)), at(u64::from(i)));
+        }
+        // 1 is granted again: 2 is now the oldest.
+        recent.granted(Source::from(v4(1)), at(4));
+        recent.granted(Source::from(v4(4)), at(5));
+        assert_eq!(recent.len(), 3);
+        assert!(!recent.is_recent(Source::from(v4(2)), at(5)));
+        for i in [1, 3, 4] {
+            assert!(recent.is_recent(Source::from(v4(i)), at(5)), "{i}");
+        }
+        for i in 0..10_000u32 {
+            let source = Source::from(IpAddr::V4(Ipv4Addr::from(0xC612_0000 + i)));
+            recent.granted(source, at(10));
+        }
+        assert_eq!(recent.len(), 3, "never more than its capacity");
+        assert_eq!(recent.by_time.len(), 3);
+        // Expired entries go at the next grant.
+        recent.granted(Source::from(v4(5)), at(10) + RECENT_FOR);
+        assert_eq!(recent.len(), 1);
+        assert!(!recent.is_empty());
+    }
+
+    #[test]
+    fn legacy_sessions_are_counted_per_source_until_they_end() {
+        let admission = Admission::new(Limits {
+            legacy_per_source: 2,
+            ..limits(10, 10)
+        });
+        let one = admission.legacy(v4(1)).expect("one");
+        let two = admission.legacy(v4(1)).expect("two");
+        assert_eq!(
+            admission.legacy(v4(1)).map(|_| ()),
+            Err(RefusalReason::LegacyPerSource)
+        );
+        // The same IPv6 /64 is one source.
+        let _a = admission.legacy(ip("2001:2::1")).expect("a");
+        let _b = admission.legacy(ip("2001:2::2")).expect("b");
+        assert!(admission.legacy(ip("2001:2::3")).is_err());
+        let _other = admission.legacy(v4(2)).expect("another source");
+        drop(one);
+        let three = admission.legacy(v4(1)).expect("freed when a session ends");
+        drop((two, three));
+        assert_eq!(admission.legacy.held(v4(1)), 0);
     }
 
     fn line() -> Emit {

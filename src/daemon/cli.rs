@@ -52,22 +52,32 @@ pub enum Command {
     /// Join a server and carry this host's tunnel traffic.
     Client(ClientArgs),
     /// Write a new private key to PATH (mode 0600) and print its public key.
+    /// With "-", the private key goes to standard output and the public key
+    /// to standard error. Never reads the config file.
     Keygen {
-        /// Where to write the key; an existing file is never overwritten
+        /// Where to write the key ("-": standard output); an existing file is
+        /// never overwritten
         #[arg(value_name = "PATH")]
         path: PathBuf,
     },
-    /// Print the public key of the private key in PATH.
+    /// Print the public key of the private key in PATH ("-": standard
+    /// input). Never reads the config file.
     Pubkey {
         #[arg(value_name = "PATH")]
         path: PathBuf,
     },
+    /// Check a config file as a start would, without starting: prints the
+    /// role and a summary, or each problem (FILE:LINE: field: problem); exit
+    /// status 0 or 2.
+    Check,
 }
 
 /// What simplevpnd was asked to do.
 #[derive(Debug)]
 pub enum Action {
     Run(Box<Settings>),
+    /// Check these settings, read from the file (if any), and exit.
+    Check(Box<Settings>, Option<PathBuf>),
     Keygen(PathBuf),
     Pubkey(PathBuf),
 }
@@ -127,6 +137,9 @@ pub struct ServerArgs {
     /// Serve the metrics on an address other than loopback ([metrics] public)
     #[arg(long)]
     pub metrics_public: bool,
+    /// What clients dial to reach this server, HOST:PORT (svpnctl peer new writes it into their configs)
+    #[arg(long, value_name = "HOST:PORT")]
+    pub endpoint: Option<String>,
     /// Whether clients reach each other: allow (inside the server), deny (dropped), kernel (the host's firewall decides) [default: allow]
     #[arg(long, value_enum, value_name = "POLICY")]
     pub client_to_client: Option<crate::config::ClientToClient>,
@@ -145,6 +158,15 @@ pub struct ServerArgs {
     /// A DNS search domain pushed to TLS clients (repeat for more)
     #[arg(long = "dns-search", value_name = "DOMAIN")]
     pub dns_search: Vec<String>,
+    /// Original-protocol sessions one source (IPv4 address, IPv6 /64) may hold at once [default: 16]
+    #[arg(long, value_name = "N")]
+    pub legacy_max_per_source: Option<usize>,
+    /// Connections not yet granted an address from one IPv4 /24 or IPv6 /48 [default: max_unauthenticated / 8]
+    #[arg(long, value_name = "N")]
+    pub max_unauthenticated_per_network: Option<usize>,
+    /// Places beyond the limits before authentication for sources granted an address within 24 h [default: max_unauthenticated / 8]
+    #[arg(long, value_name = "N")]
+    pub unauthenticated_reserve: Option<usize>,
     /// Threads of the data path, 1 to 1024 (1: one thread, as before) [default: one per CPU]
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
@@ -232,12 +254,16 @@ impl From<ServerArgs> for ServerSection {
             metrics: args.metrics,
             metrics_public: args.metrics_public.then_some(true),
             client_to_client: args.client_to_client,
+            endpoint: args.endpoint,
             gateway: args.gateway.then_some(true),
             masquerade: args.masquerade.then_some(true),
             forwarding: args.forwarding.then_some(true),
             dns: (!args.dns.is_empty()).then_some(args.dns),
             dns_search: (!args.dns_search.is_empty()).then_some(args.dns_search),
             workers: args.workers,
+            legacy_max_per_source: args.legacy_max_per_source,
+            max_unauthenticated_per_network: args.max_unauthenticated_per_network,
+            unauthenticated_reserve: args.unauthenticated_reserve,
             port_share: args.port_share,
             port_share_proxy: args.port_share_proxy.then_some(true),
             ..ServerSection::default()
@@ -274,6 +300,18 @@ impl Cli {
     /// What to do: a key command, or run with the config file's settings
     /// overridden by flags.
     pub fn into_action(self) -> Result<Action, ConfigError> {
+        // Key commands never read the config: a broken file must not stop
+        // anyone from making a key (a package's postinst does).
+        let mut check = false;
+        let command = match self.command {
+            Some(Command::Keygen { path }) => return Ok(Action::Keygen(path)),
+            Some(Command::Pubkey { path }) => return Ok(Action::Pubkey(path)),
+            Some(Command::Check) => {
+                check = true;
+                None
+            }
+            command => command,
+        };
         let file = config_file(self.config.as_deref())?;
         let where_ = || {
             self.config
@@ -282,7 +320,7 @@ impl Cli {
         };
         let control = file.control.unwrap_or_default();
         let mut source = None;
-        let role = match self.command {
+        let role = match command {
             Some(Command::Server(args)) => {
                 let flags = ServerSection {
                     state_dir: self.state_dir.clone(),
@@ -299,9 +337,7 @@ impl Cli {
                 let section = file.client.unwrap_or_default().overridden_by(args.into());
                 Role::Client(section.resolve()?)
             }
-            Some(Command::Keygen { path }) => return Ok(Action::Keygen(path)),
-            Some(Command::Pubkey { path }) => return Ok(Action::Pubkey(path)),
-            None => match (file.server, file.client) {
+            Some(Command::Keygen { .. } | Command::Pubkey { .. } | Command::Check) | None => match (file.server, file.client) {
                 (Some(server), None) => {
                     let flags = ServerSection {
                         state_dir: self.state_dir.clone(),
@@ -324,11 +360,15 @@ impl Cli {
                 )),
             },
         };
-        Ok(Action::Run(Box::new(Settings {
+        let settings = Box::new(Settings {
             role,
             control: control.resolve(self.control)?,
             source,
-        })))
+        });
+        Ok(match check {
+            true => Action::Check(settings, self.config),
+            false => Action::Run(settings),
+        })
     }
 }
 

@@ -263,6 +263,7 @@ pub async fn run(
         state,
         shutdown: shutdown.clone(),
         dns_warned: false,
+        skipped_domains_logged: Vec::new(),
     };
     let device = client.tunnel.device.clone();
     let tun_failure = tokio::select! {
@@ -299,6 +300,8 @@ struct Client {
     shutdown: CancellationToken,
     /// Whether a DNS failure was logged already.
     dns_warned: bool,
+    /// The single-label search domains last logged as left out.
+    skipped_domains_logged: Vec<String>,
 }
 
 /// One connection's I/O, for carrying out actions.
@@ -596,6 +599,16 @@ impl Client {
                 self.state.update(|link| link.full_tunnel.clear());
             }
             Action::SetDns(dns) => {
+                if !dns.skipped_domains.is_empty()
+                    && self.skipped_domains_logged != dns.skipped_domains
+                {
+                    warn!(
+                        domains = ?dns.skipped_domains,
+                        "pushed search domains of a single label not applied: every lookup under \
+                         them would go to the server's resolver (dns = \"pushed-all-domains\" applies them)"
+                    );
+                    self.skipped_domains_logged = dns.skipped_domains.clone();
+                }
                 let request = self.tunnel.helper.set_dns(
                     self.tunnel.index,
                     dns.servers,

@@ -30,7 +30,7 @@ use super::peers::PeerInfo;
 use crate::config::{ConfigError, PeerSection};
 use crate::keys::PublicKey;
 use crate::proto::{self, control_server::ControlServer};
-use crate::state::StoreError;
+use crate::state::{Ban, Banned, StoreError};
 
 /// What the control service asks of a running role (server or client).
 pub trait Node: Send + Sync + 'static {
@@ -58,6 +58,15 @@ pub trait Node: Send + Sync + 'static {
     /// Every allowed key, and the address each holds if connected.
     fn allowed(&self) -> Result<Vec<(AllowedPeer, Option<Ipv4Addr>)>, AdminError> {
         Err(AdminError::NotAServer)
+    }
+    /// The bans in force now, soonest to end first.
+    fn bans(&self) -> Result<Vec<Ban>, KickError> {
+        Err(KickError::NotAServer)
+    }
+    /// Lifts the ban on `who`, here and in the cluster; false if there was
+    /// none. `by` says who asked, for the log.
+    fn unban(&self, _who: &Banned, _by: &str) -> Result<bool, KickError> {
+        Err(KickError::NotAServer)
     }
 }
 
@@ -481,6 +490,53 @@ impl proto::control_server::Control for ControlService {
             })),
             Err(e @ KickError::NoSuchPeer(_)) => Err(Status::not_found(e.to_string())),
             Err(e @ KickError::NotAServer) => Err(Status::failed_precondition(e.to_string())),
+        }
+    }
+
+    async fn list_bans(
+        &self,
+        _: Request<proto::ListBansRequest>,
+    ) -> Result<Response<proto::ListBansReply>, Status> {
+        let bans = match self.node.bans() {
+            Ok(bans) => bans,
+            Err(e) => return Err(Status::failed_precondition(e.to_string())),
+        };
+        let bans = bans
+            .into_iter()
+            .map(|ban| {
+                let (key, remote) = match ban.who {
+                    Banned::Key(key) => (key.to_string(), String::new()),
+                    Banned::Remote(ip) => (String::new(), ip.to_string()),
+                };
+                proto::Ban {
+                    key,
+                    remote,
+                    until: Some(ban.until.into()),
+                }
+            })
+            .collect();
+        Ok(Response::new(proto::ListBansReply { bans }))
+    }
+
+    async fn unban(
+        &self,
+        request: Request<proto::UnbanRequest>,
+    ) -> Result<Response<proto::UnbanReply>, Status> {
+        let uid = self.admin_uid(&request, "lift bans")?;
+        let text = request.get_ref().who.trim();
+        let who = match (text.parse::<PublicKey>(), text.parse::<std::net::IpAddr>()) {
+            (Ok(key), _) => Banned::Key(key),
+            (_, Ok(ip)) => Banned::Remote(ip.to_canonical()),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "{text:?} is neither a public key nor an IP address"
+                )))
+            }
+        };
+        match self.node.unban(&who, &format!("uid {uid}")) {
+            Ok(true) => Ok(Response::new(proto::UnbanReply {})),
+            Ok(false) => Err(Status::not_found(format!("{text} is not banned"))),
+            Err(e) => Err(Status::failed_precondition(e.to_string())),
         }
     }
 

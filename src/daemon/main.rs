@@ -5,6 +5,10 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::io::Read;
+use std::path::Path;
+
+use simplevpn::daemon::check;
 use simplevpn::daemon::cli::{Action, Cli};
 use simplevpn::daemon::control::{self, ControlSocketError};
 use simplevpn::daemon::helper::Helper;
@@ -25,12 +29,21 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    let explicit = cli.config.clone();
+    let file = check::file_of(explicit.as_deref()).map(Path::to_path_buf);
     let settings = match cli.into_action() {
         Ok(Action::Run(settings)) => *settings,
-        Ok(Action::Keygen(path)) => return print_public_key(NodeKey::generate(&path)),
-        Ok(Action::Pubkey(path)) => return print_public_key(NodeKey::load(&path)),
+        Ok(Action::Check(settings, _)) => return run_check(&settings, file.as_deref()),
+        Ok(Action::Keygen(path)) => return keygen(&path),
+        Ok(Action::Pubkey(path)) => return pubkey(&path),
         Err(e) => {
-            eprintln!("simplevpnd: {e}");
+            let text = file
+                .as_deref()
+                .and_then(|f| std::fs::read_to_string(f).ok());
+            eprintln!(
+                "simplevpnd: {}",
+                check::locate(&e, file.as_deref(), text.as_deref())
+            );
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -63,7 +76,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     // As root: the key file is readable by root alone.
-    let key = match settings.role.key_path().map(NodeKey::load).transpose() {
+    let key = match settings.role.load_key().transpose() {
         Ok(key) => key,
         Err(e) => {
             eprintln!("simplevpnd: key: {e}");
@@ -176,6 +189,58 @@ fn raise_open_file_limit() {
 }
 
 /// Prints the public key of a key just made or read.
+/// `simplevpnd keygen PATH`: the public key on stdout; with "-", the
+/// private key on stdout and the public key on stderr.
+fn keygen(path: &Path) -> ExitCode {
+    if path != Path::new("-") {
+        return print_public_key(NodeKey::generate(path));
+    }
+    match NodeKey::new_random() {
+        Ok(key) => {
+            print!("{}", key.to_pem());
+            eprintln!("{}", key.public());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("simplevpnd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `simplevpnd pubkey PATH` ("-": standard input).
+fn pubkey(path: &Path) -> ExitCode {
+    if path != Path::new("-") {
+        return print_public_key(NodeKey::load(path));
+    }
+    let mut pem = String::new();
+    // A key file is a few hundred bytes: read at most 64 KiB.
+    if let Err(e) = std::io::stdin().take(65_536).read_to_string(&mut pem) {
+        eprintln!("simplevpnd: standard input: {e}");
+        return ExitCode::FAILURE;
+    }
+    print_public_key(NodeKey::from_pem(&pem, Path::new("standard input")))
+}
+
+/// `simplevpnd check`: exit 0 with the summary, or 2 with each problem.
+fn run_check(settings: &simplevpn::daemon::Settings, file: Option<&Path>) -> ExitCode {
+    let report = check::check(&settings.role, file, check::Host::current());
+    for warning in &report.warnings {
+        eprintln!("simplevpnd: warning: {warning}");
+    }
+    for problem in &report.problems {
+        eprintln!("simplevpnd: {problem}");
+    }
+    match report.problems.is_empty() {
+        true => {
+            let from = file.map_or("flags only".to_string(), |f| f.display().to_string());
+            println!("ok: {} ({from})", report.summary);
+            ExitCode::SUCCESS
+        }
+        false => ExitCode::from(EXIT_USAGE),
+    }
+}
+
 fn print_public_key(key: Result<NodeKey, simplevpn::keys::KeyError>) -> ExitCode {
     match key {
         Ok(key) => {

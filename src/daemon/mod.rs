@@ -2,6 +2,7 @@
 
 mod activation;
 mod admission;
+pub mod check;
 pub mod cli;
 pub mod client;
 mod cluster;
@@ -42,11 +43,20 @@ pub enum Role {
 }
 
 impl Role {
-    /// The private key file this role authenticates with, if any.
-    pub fn key_path(&self) -> Option<&std::path::Path> {
+    /// Whether this role authenticates with a key of its own (TLS).
+    pub fn has_key(&self) -> bool {
         match self {
-            Role::Server(config) => config.key.as_deref(),
-            Role::Client(config) => config.tls.as_ref().map(|(key, _)| key.as_path()),
+            Role::Server(config) => config.key.is_some(),
+            Role::Client(config) => config.tls.is_some(),
+        }
+    }
+
+    /// This role's private key, if it has one: read from its file (as
+    /// root, before privileges are dropped) or decoded from the config.
+    pub fn load_key(&self) -> Option<Result<crate::keys::NodeKey, crate::keys::KeyError>> {
+        match self {
+            Role::Server(config) => config.key.as_deref().map(crate::keys::NodeKey::load),
+            Role::Client(config) => config.tls.as_ref().map(|(key, _)| key.load()),
         }
     }
 
@@ -139,7 +149,7 @@ pub async fn run(
     key: Option<NodeKey>,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
-    if role.key_path().is_some() && key.is_none() {
+    if role.has_key() && key.is_none() {
         return Err(DaemonError::NoKey);
     }
     let stop = shutdown.child_token();

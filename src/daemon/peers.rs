@@ -892,6 +892,30 @@ impl PeerTable {
         self.read().pool.is_free(address)
     }
 
+    /// The bans in force at `now`, soonest to end first.
+    pub fn bans(&self, now: SystemTime) -> Vec<Ban> {
+        let mut bans: Vec<Ban> = self
+            .read()
+            .bans
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(who, until)| Ban {
+                who: who.clone(),
+                until: *until,
+            })
+            .collect();
+        bans.sort_by_key(|b| b.until);
+        bans
+    }
+
+    /// Lifts the ban on `who`; false if there was none in force at `now`.
+    pub fn unban(&self, who: &Banned, now: SystemTime) -> bool {
+        self.write()
+            .bans
+            .remove(who)
+            .is_some_and(|until| until > now)
+    }
+
     /// How much longer `who` stays banned at `now`, if it is.
     pub fn ban_remaining(&self, who: &Banned, now: SystemTime) -> Option<Duration> {
         let table = self.read();

@@ -217,6 +217,7 @@ pub fn helper_args(role: &Role) -> HelperArgs {
             forwarding: config.forwarding,
             full_tunnel: false,
             dns: false,
+            dns_all_domains: false,
             // A tun queue per worker: each reads its share of the tun.
             queues: config.workers.clamp(1, MAX_TUN_QUEUES) as u16,
         },
@@ -232,7 +233,8 @@ pub fn helper_args(role: &Role) -> HelperArgs {
             masquerade: false,
             forwarding: false,
             full_tunnel: config.full_tunnel,
-            dns: config.dns == crate::config::DnsMode::Pushed,
+            dns: config.dns.applies(),
+            dns_all_domains: config.dns == crate::config::DnsMode::PushedAllDomains,
             queues: 1,
         },
     }

@@ -2,10 +2,13 @@
 //! ([`crate::session::server`]) and the peer table ([`super::peers`]).
 //!
 //! Receive path, a client's packet on its way out, stage by stage:
-//!   1. `run`: accept the TCP connection, which holds one of
-//!      `max_unauthenticated` permits and one of its source's
-//!      `max_unauthenticated_per_source` slots until it is granted
-//!      ([`super::admission`]);
+//!   1. `run`: accept the TCP connection, which holds one of its source's
+//!      `max_unauthenticated_per_source` slots and either one of
+//!      `max_unauthenticated` permits and one of its network's
+//!      `max_unauthenticated_per_network` slots, or (a source granted
+//!      recently) a place of `unauthenticated_reserve`, until it is granted
+//!      ([`super::admission`]); a granted original-protocol session holds
+//!      one of its source's `legacy_max_per_source` slots;
 //!   2. `serve`: the gate (TLS or the original protocol): its first bytes
 //!      within `first_bytes_timeout`, the rest within the handshake
 //!      deadline; then the ban check and the key's takeover back-off.
@@ -42,10 +45,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument, Span};
 
 use super::activation::{self, Listeners};
-use super::admission::{Admission, Pending, RefusalReason, RefusalSummary, SUMMARY_INTERVAL};
+use super::admission::{
+    Admission, Limits, Pending, RefusalReason, RefusalSummary, SUMMARY_INTERVAL,
+};
 use super::control::{self, AdminError, AdminRequest, KickError, Node, ReloadReport};
 use super::events::{EventKind, Events, PeerEvent};
-use super::gate::{merge_peers, Admitted, AllowedPeer, Gate, PeerSource, Rejection};
+use super::gate::{merge_peers, Admitted, AllowedPeer, Gate, Identity, PeerSource, Rejection};
 use super::helper::{Helper, HelperError};
 use super::links::{LinkDelivery, LinkLimits, Links};
 use super::metrics::{self, DropKind, Metrics, Outcome, SuperKind};
@@ -71,7 +76,7 @@ use crate::proto;
 use crate::session::server::{pushed_params, Action, DropReason, Ending, Offer, ServerSession};
 use crate::session::Protocol;
 use crate::state::{Ban, Lease, SqliteStore, StateStore};
-use crate::wire::{ip_addresses, Control, Decoder, Features, Frame};
+use crate::wire::{ip_addresses, Control, Decoder, Features, Frame, CONTROL_LEN};
 use crate::wire::{IPV6_HEADER_LEN, SUPER_HEADER_LEN};
 use crate::workers::WorkerPool;
 
@@ -122,6 +127,8 @@ struct Shared {
     cluster: Option<Arc<Cluster>>,
     /// Its links to the other servers of the cluster.
     links: Option<Arc<Links>>,
+    /// This server's public key, if it serves TLS (for `svpnctl peer new`).
+    public_key: Option<PublicKey>,
 }
 
 impl Shared {
@@ -353,6 +360,7 @@ pub async fn run(
     let tls_text = key
         .as_ref()
         .map_or("off".to_string(), |k| format!("key {}", k.public()));
+    let public_key = key.as_ref().map(NodeKey::public);
     let (links, link_listener) = match (&cluster, key) {
         (Some(cluster), Some(key)) => {
             let advertise = cluster.config().advertise;
@@ -392,10 +400,7 @@ pub async fn run(
         tun_name: tun_name.clone(),
         listening: listener.addresses(),
         gate,
-        admission: Admission::new(
-            config.max_unauthenticated,
-            config.max_unauthenticated_per_source,
-        ),
+        admission: Admission::new(Limits::from(&config)),
         refusals: std::sync::Mutex::new(RefusalSummary::new(SUMMARY_INTERVAL)),
         tun_health: TunHealth::default(),
         offer: Offer {
@@ -406,6 +411,7 @@ pub async fn run(
         host_changes,
         cluster,
         links,
+        public_key,
         config,
     });
     info!(
@@ -419,6 +425,7 @@ pub async fn run(
         legacy = ?shared.config.legacy,
         max_unauthenticated = shared.config.max_unauthenticated,
         per_source = shared.config.max_unauthenticated_per_source,
+        per_network = shared.config.max_unauthenticated_per_network,
         gateway = shared.config.gateway,
         workers = shared.config.workers,
         tun_queues = tun.all().len(),
@@ -511,18 +518,13 @@ pub async fn run(
                         Some(place) => Some(place),
                         None => shared.admission.place(Duration::ZERO).await,
                     };
-                    let admitted = match place {
-                        Some(place) => shared.admission.admit_placed(place, remote.ip()),
-                        None => Err(RefusalReason::GlobalCap),
-                    };
+                    // Without a place, or with its network full, a source
+                    // granted recently may still take one of the reserve.
+                    let admitted = shared.admission.admit_placed(place, remote.ip(), std::time::Instant::now());
                     let pending = match admitted {
                         Ok(pending) => pending,
                         Err(kind) => {
-                            let reason = match kind {
-                                RefusalReason::GlobalCap => "too many connections not yet granted an address (max_unauthenticated)",
-                                _ => "too many connections from this source not yet granted an address (max_unauthenticated_per_source)",
-                            };
-                            span.in_scope(|| shared.refuse(remote, kind, reason));
+                            span.in_scope(|| shared.refuse(remote, kind, kind.limit_text()));
                             continue;
                         }
                     };
@@ -675,6 +677,18 @@ async fn serve(
             return;
         }
     }
+    // An original-protocol session holds its source's slot for its whole
+    // life: one host cannot take the whole pool.
+    let _legacy = match identity {
+        Identity::Original => match shared.admission.legacy(remote.ip()) {
+            Ok(slot) => Some(slot),
+            Err(kind) => {
+                shared.refuse(remote, kind, kind.limit_text());
+                return;
+            }
+        },
+        Identity::Tls { .. } => None,
+    };
     match identity.key() {
         Some(key) => info!(protocol = %identity.protocol(), %key, "connected"),
         None => info!(protocol = %identity.protocol(), "connected"),
@@ -725,7 +739,14 @@ async fn connection(
         true => Decoder::new(config.max_frame).with_extensions(),
         false => Decoder::new(config.max_frame),
     };
-    let mut reader = FrameReader::new(reader, decoder).with_limits(budget, config.frame_timeout);
+    // Before its grant an original-protocol client has proved nothing: it
+    // may send its 20-byte request and nothing from the shared read budget.
+    let before_grant = match identity.protocol() {
+        Protocol::Original => Decoder::new(CONTROL_LEN),
+        Protocol::Tls => decoder,
+    };
+    let mut reader =
+        FrameReader::new(reader, before_grant).with_limits(budget, config.frame_timeout);
     let peer = shared
         .peers
         .new_peer(remote, identity, routes.clone(), queue, extension);
@@ -798,7 +819,10 @@ async fn connection(
                 }) => {
                     session.granted(now, address);
                     session.granted6(address6);
-                    pending = None;
+                    if let Some(pending) = pending.take() {
+                        pending.granted(peer.identity.protocol(), now);
+                    }
+                    reader.set_decoder(decoder);
                     shared.metrics.granted(accepted.elapsed().as_secs_f64());
                     if let Some(lease) = peer.identity.key().and_then(|k| shared.peers.lease_of(&k))
                     {
@@ -1273,6 +1297,8 @@ impl Node for Shared {
                 .cluster
                 .as_ref()
                 .map(|cluster| super::cluster::status(cluster, self.links.as_deref())),
+            public_key: self.public_key.map(|k| k.to_string()).unwrap_or_default(),
+            endpoint: self.config.endpoint.clone().unwrap_or_default(),
             ..Default::default()
         }
     }
@@ -1323,6 +1349,29 @@ impl Node for Shared {
         self.events.subscribe()
     }
 
+    fn bans(&self) -> Result<Vec<Ban>, KickError> {
+        Ok(self.peers.bans(SystemTime::now()))
+    }
+
+    fn unban(&self, who: &Banned, by: &str) -> Result<bool, KickError> {
+        let here = self.peers.unban(who, SystemTime::now());
+        let kept = match &self.cluster {
+            Some(cluster) => cluster.unshare_ban(who),
+            None => match self.store.remove_ban(who) {
+                Ok(kept) => kept,
+                Err(e) => {
+                    warn!(error = %e, "ban lifted until the next restart only: the state store failed");
+                    false
+                }
+            },
+        };
+        let lifted = here || kept;
+        if lifted {
+            info!(who = %who, "ban lifted by {by}");
+        }
+        Ok(lifted)
+    }
+
     fn admin(&self) -> Option<mpsc::Sender<AdminRequest>> {
         Some(self.admin.clone())
     }
@@ -1362,6 +1411,12 @@ impl ClusterHooks for Shared {
 
     fn banned(&self, ban: Ban) {
         super::cluster::banned(&self.peers, &self.events, ban);
+    }
+
+    fn unbanned(&self, who: Banned) {
+        if self.peers.unban(&who, SystemTime::now()) {
+            info!(who = %who, "ban lifted on another server of the cluster");
+        }
     }
 
     fn peers(&self, live: Vec<PeerSection>) {

@@ -58,6 +58,9 @@ pub struct HelperArgs {
     /// A client that may set DNS on its tun (systemd-resolved).
     #[arg(long)]
     pub dns: bool,
+    /// With --dns: search domains of a single label too.
+    #[arg(long)]
+    pub dns_all_domains: bool,
     /// Queues of the tun (`IFF_MULTI_QUEUE` above 1): a server's, one per
     /// worker, so that each reads its share of the tun.
     #[arg(long, value_name = "N", default_value_t = 1,
@@ -109,6 +112,7 @@ impl HelperArgs {
             (self.forwarding, "--forwarding"),
             (self.full_tunnel, "--full-tunnel"),
             (self.dns, "--dns"),
+            (self.dns_all_domains, "--dns-all-domains"),
         ] {
             if on {
                 args.push(flag.to_string());
@@ -140,6 +144,7 @@ impl HelperArgs {
             masquerade: self.masquerade && server,
             full_tunnel: self.full_tunnel && !server,
             dns: self.dns && !server,
+            dns_all_domains: self.dns_all_domains && !server,
         };
         Ok(Policy::new(rule, self.max_mtu)
             .with_ipv6(rule6)
@@ -175,6 +180,7 @@ mod tests {
                 forwarding: role == HelperRole::Server,
                 full_tunnel: role == HelperRole::Client,
                 dns: role == HelperRole::Client,
+                dns_all_domains: false,
                 queues: match role {
                     HelperRole::Server => 4,
                     HelperRole::Client => 1,
@@ -201,6 +207,7 @@ mod tests {
             forwarding: false,
             full_tunnel: false,
             dns: false,
+            dns_all_domains: false,
             queues: 1,
         };
         assert!(args.policy().is_err());

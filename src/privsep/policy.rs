@@ -35,7 +35,7 @@ use super::protocol::HelperRequest;
 use crate::limits::{
     MAX_HELPER_ROUTES, MAX_MTU, MIN_MTU, MIN_PUSHED_PREFIX4, MIN_PUSHED_PREFIX6, TUNNEL_PREFIX,
 };
-use crate::params::{valid_domain, MAX_DNS, MAX_DNS_SEARCH};
+use crate::params::{single_label, valid_domain, MAX_DNS, MAX_DNS_SEARCH};
 
 /// What the helper's command line grants beyond the tun's address, MTU and
 /// routes.
@@ -47,6 +47,8 @@ pub struct Grants {
     pub full_tunnel: bool,
     /// Client: DNS on its tun (`--dns`).
     pub dns: bool,
+    /// Client: single-label search domains too (`--dns-all-domains`).
+    pub dns_all_domains: bool,
 }
 
 /// A route of the host's main table (IPv4 or IPv6), as far as pinning
@@ -325,7 +327,7 @@ impl Policy {
             } => {
                 self.granted(self.grants.dns, "DNS", "--dns")?;
                 self.check_index(index)?;
-                check_dns(servers, domains).map_err(Refusal::Dns)
+                check_dns(servers, domains, self.grants.dns_all_domains).map_err(Refusal::Dns)
             }
             HelperRequest::RevertDns { index } => {
                 self.granted(self.grants.dns, "DNS", "--dns")?;
@@ -605,7 +607,7 @@ impl Policy {
 
 /// DNS settings within the session parameters' limits: unicast servers,
 /// valid search domains.
-fn check_dns(servers: &[IpAddr], domains: &[String]) -> Result<(), String> {
+fn check_dns(servers: &[IpAddr], domains: &[String], all_domains: bool) -> Result<(), String> {
     if servers.len() > MAX_DNS {
         return Err(format!("{} servers: at most {MAX_DNS}", servers.len()));
     }
@@ -625,6 +627,12 @@ fn check_dns(servers: &[IpAddr], domains: &[String]) -> Result<(), String> {
     }
     if let Some(bad) = domains.iter().find(|d| !valid_domain(d.as_bytes())) {
         return Err(format!("{bad:?} is not a domain"));
+    }
+    if let Some(wide) = domains.iter().find(|d| !all_domains && single_label(d)) {
+        return Err(format!(
+            "{wide:?} has a single label: every lookup under it would go to the tunnel \
+             (allowed with dns = \"pushed-all-domains\")"
+        ));
     }
     Ok(())
 }
@@ -1092,6 +1100,7 @@ mod tests {
             masquerade,
             full_tunnel,
             dns,
+            dns_all_domains: false,
         }
     }
 
@@ -1267,7 +1276,7 @@ mod tests {
             plain.check(&set(&["198.19.0.1"], &[])),
             Err(Refusal::NotGranted { .. })
         ));
-        let client = plain.with_grants(grants(false, false, true));
+        let client = plain.clone().with_grants(grants(false, false, true));
         assert_eq!(
             client.check(&set(&["198.19.0.1", "2001:2::53"], &["vpn.example"])),
             Ok(())
@@ -1286,12 +1295,24 @@ mod tests {
             (&["255.255.255.255"], &[]),
             (&["198.19.0.1"], &["bad domain"]),
             (&["198.19.0.1"], &[""]),
+            // Loopback: a local service the server would pick.
+            (&["127.0.0.53"], &[]),
+            (&["::1"], &[]),
+            // A single label steers every lookup under it to the tunnel.
+            (&["198.19.0.1"], &["com"]),
+            (&["198.19.0.1"], &["lan."]),
         ] {
             assert!(
                 matches!(client.check(&set(servers, domains)), Err(Refusal::Dns(_))),
                 "{servers:?} {domains:?}"
             );
         }
+        // Unless the client chose dns = "pushed-all-domains".
+        let all = plain.clone().with_grants(Grants {
+            dns_all_domains: true,
+            ..grants(false, false, true)
+        });
+        assert_eq!(all.check(&set(&["198.19.0.1"], &["lan"])), Ok(()));
         let many: Vec<String> = (0..=MAX_DNS)
             .map(|i| format!("198.19.0.{}", i + 1))
             .collect();

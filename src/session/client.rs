@@ -68,6 +68,8 @@ pub struct ClientRules {
     pub fail_open: bool,
     /// Set pushed DNS settings on the tun.
     pub dns: bool,
+    /// Apply single-label search domains too (`dns = "pushed-all-domains"`).
+    pub dns_all_domains: bool,
 }
 
 impl ClientRules {
@@ -83,7 +85,8 @@ impl ClientRules {
             accept_routes: config.accept_routes.clone(),
             full_tunnel: config.full_tunnel,
             fail_open: config.fail_open,
-            dns: config.dns == crate::config::DnsMode::Pushed,
+            dns: config.dns.applies(),
+            dns_all_domains: config.dns == crate::config::DnsMode::PushedAllDomains,
         }
     }
 }
@@ -93,6 +96,8 @@ impl ClientRules {
 pub struct Dns {
     pub servers: Vec<IpAddr>,
     pub domains: Vec<String>,
+    /// Pushed search domains of a single label, left out (`dns = "pushed"`).
+    pub skipped_domains: Vec<String>,
     /// Resolve every name through the tun ("~."): with a full tunnel.
     pub route_all: bool,
 }
@@ -467,9 +472,14 @@ impl ClientSession {
                         self.pushed6 = params.address6;
                         self.offered_default = params.default_route;
                         self.params_seen = true;
+                        let (domains, skipped_domains) = crate::params::split_wide_domains(
+                            params.dns_search,
+                            self.rules.dns_all_domains,
+                        );
                         self.pushed_dns = Dns {
                             servers: params.dns,
-                            domains: params.dns_search,
+                            domains,
+                            skipped_domains,
                             route_all: false,
                         };
                         if granted {
@@ -851,6 +861,7 @@ mod tests {
             full_tunnel: false,
             fail_open: false,
             dns: true,
+            dns_all_domains: false,
         }
     }
 
@@ -1585,6 +1596,40 @@ mod tests {
         session.received(t0, grant(ADDRESS));
         actions(&mut session);
         session
+    }
+
+    #[test]
+    fn single_label_search_domains_are_left_out_unless_all_are_wanted() {
+        let t0 = Instant::now();
+        let pushed = || {
+            params_frame(SessionParams {
+                dns: vec!["198.19.0.1".parse().expect("ip")],
+                dns_search: vec!["com".into(), "corp.example".into(), "lan.".into()],
+                ..SessionParams::default()
+            })
+        };
+        let set_dns = |session: &mut ClientSession| {
+            std::iter::from_fn(|| session.poll_action())
+                .find_map(|a| match a {
+                    Action::SetDns(dns) => Some(dns),
+                    _ => None,
+                })
+                .expect("DNS set")
+        };
+        let mut session = full_session(rules(), t0);
+        session.received(t0, pushed());
+        let dns = set_dns(&mut session);
+        assert_eq!(dns.domains, ["corp.example"]);
+        assert_eq!(dns.skipped_domains, ["com", "lan."]);
+        let all = ClientRules {
+            dns_all_domains: true,
+            ..rules()
+        };
+        let mut session = full_session(all, t0);
+        session.received(t0, pushed());
+        let dns = set_dns(&mut session);
+        assert_eq!(dns.domains, ["com", "corp.example", "lan."]);
+        assert!(dns.skipped_domains.is_empty());
     }
 
     #[test]
