@@ -102,21 +102,8 @@ fn server_and_client_notify_systemd_and_ping_the_watchdog() {
     );
 
     let mut client_manager = Manager::new(bed.path("client-notify.sock"));
-    let client_socket = bed.client_socket(0);
     let server_addr = bed.server_addr(0).to_string();
-    let mut client = bed.clients[0].spawn_env(
-        SIMPLEVPND,
-        &[
-            "client",
-            "-s",
-            &server_addr,
-            "--control",
-            &client_socket,
-            "--user",
-            USER,
-        ],
-        &client_manager.env(),
-    );
+    let mut client = bed.spawn_client_env(0, &server_addr, &[], &client_manager.env());
     // The client is ready once started, and connects (or keeps trying) after.
     client_manager.wait_for(|m| m.contains("READY=1"), &client);
     client_manager.wait_for(
