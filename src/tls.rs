@@ -314,6 +314,23 @@ impl ServerCertVerifier for PinnedServer {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn sni_is_a_dns_name_or_the_built_in_one() {
+        assert_eq!(check_sni(None), Ok(None));
+        let site = Some("www.example.org".to_string());
+        assert_eq!(check_sni(site.clone()), Ok(site));
+        for bad in ["198.18.1.1", "not a name", ""] {
+            let e = check_sni(Some(bad.into())).expect_err(bad);
+            assert_eq!(e.field, "sni");
+        }
+        assert_eq!(server_name_or(None), server_name());
+        assert_eq!(
+            server_name_or(Some("www.example.org")).to_str(),
+            "www.example.org"
+        );
+    }
+
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
