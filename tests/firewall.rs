@@ -631,3 +631,42 @@ fn a_legacy_server_shares_its_port_and_still_serves_the_original_protocol() {
     let mut peer = bed.raw_peer(0);
     assert_eq!(peer.ask(&dynamic_request()), grant_16(CLIENT_A));
 }
+
+#[test]
+fn an_open_splice_does_not_hold_up_the_servers_shutdown() {
+    if !require_root("an_open_splice_does_not_hold_up_the_servers_shutdown") {
+        return;
+    }
+    let bed = Bed::new("sharestop", 1);
+    // A backend (this test) that answers one byte and then holds the
+    // connection open.
+    let backend = bed
+        .server
+        .tcp_listen(SocketAddr::from(([127, 0, 0, 1], 8082)))
+        .expect("backend listens");
+    let held = std::thread::spawn(move || {
+        let (mut conn, _) = backend.accept().expect("backend accepts");
+        conn.write_all(b"x").expect("answer");
+        conn.set_read_timeout(Some(STARTUP)).expect("timeout");
+        // Until the splice is gone (EOF), or the bound.
+        let mut rest = Vec::new();
+        let _ = conn.read_to_end(&mut rest);
+    });
+    let (server_key, _) = keygen(&bed, "server");
+    let mut server = bed.start_server(&["--key", &server_key, "--port-share", "127.0.0.1:8082"]);
+    let mut conn = bed.clients[0]
+        .tcp_connect(bed.server_addr(0), STARTUP)
+        .expect("connect");
+    conn.set_read_timeout(Some(STARTUP)).expect("timeout");
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: www.example.org\r\n\r\n")
+        .expect("request");
+    let mut answer = [0u8; 1];
+    conn.read_exact(&mut answer).expect("the backend's answer");
+    assert_eq!(&answer, b"x");
+    // The splice is idle now (for up to 120 s); SIGTERM ends it at once.
+    let status = server
+        .terminate(STARTUP)
+        .expect("the server exits on SIGTERM");
+    assert!(status.success(), "{status}:\n{}", server.log());
+    held.join().expect("backend thread");
+}

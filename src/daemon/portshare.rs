@@ -28,6 +28,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::admission::Pending;
@@ -336,16 +337,21 @@ pub async fn splice(
     Ok((copied.0 + read.len() as u64, copied.1))
 }
 
-/// [`splice`], counted in `metrics` and logged.
+/// [`splice`], counted in `metrics` and logged; cut short by `shutdown`.
 pub async fn serve(
     share: &PortShare,
     foreign: Foreign,
     remote: SocketAddr,
     pending: Pending,
     metrics: &Metrics,
+    shutdown: &CancellationToken,
 ) {
     metrics.port_share.inc();
-    match splice(share, foreign, remote, pending).await {
+    let spliced = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        spliced = splice(share, foreign, remote, pending) => spliced,
+    };
+    match spliced {
         Ok((up, down)) => debug!(up, down, "port-share splice ended"),
         Err(e @ SpliceError::Carried(_)) => debug!(error = %e, "port-share splice ended"),
         Err(e) => {

@@ -636,7 +636,7 @@ async fn serve(
         }
         Ok(Err(Rejection::Share(foreign))) => {
             if let Some(share) = &shared.config.port_share {
-                portshare::serve(share, foreign, remote, pending, &shared.metrics).await;
+                portshare::serve(share, foreign, remote, pending, &shared.metrics, &shutdown).await;
             }
             return;
         }
