@@ -424,3 +424,50 @@ fn config_md_names_only_real_flags_and_every_flag_of_both_roles() {
         wrong.join("\n")
     );
 }
+
+/// The config file the packages install lists every field of every table
+/// (commented out, with its default), so that an admin never needs to look
+/// a name up, and says to reload rather than restart after a change.
+#[test]
+fn the_packaged_config_lists_every_field() {
+    let text = std::fs::read_to_string(root().join("packaging/simplevpnd.toml"))
+        .expect("packaging/simplevpnd.toml");
+    // Each table's fields, in that table's part of the file.
+    let part = |header: &str| -> String {
+        let start = text
+            .lines()
+            .position(|l| l.trim_start_matches(['#', ' ']) == header)
+            .unwrap_or_else(|| panic!("no {header} table (commented or not) in the packaged config"));
+        text.lines()
+            .skip(start + 1)
+            .take_while(|l| {
+                let l = l.trim_start_matches(['#', ' ']);
+                !(l.starts_with('[') && l.ends_with(']'))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut missing = Vec::new();
+    for (section, fields) in accepted() {
+        let body = part(&section);
+        for field in fields {
+            if field == "peer" && section == "[server]" {
+                continue; // the [[server.peer]] tables
+            }
+            let listed = body.lines().any(|l| {
+                l.trim_start_matches(['#', ' '])
+                    .split_once('=')
+                    .is_some_and(|(k, _)| k.trim() == field)
+            });
+            if !listed {
+                missing.push(format!("{section} {field}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "packaging/simplevpnd.toml does not list:\n{}",
+        missing.join("\n")
+    );
+    assert!(text.contains("systemctl reload simplevpnd"), "say reload, not restart");
+}
