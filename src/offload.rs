@@ -918,6 +918,22 @@ mod tests {
     }
 
     #[test]
+    fn fit_passes_what_fits_unread_and_reads_what_it_cuts() {
+        // The offload_split fuzz target's first find (an oracle's mistake,
+        // kept as the rule it taught): 9 bytes that are no packet fit a
+        // 576-byte link and pass as they are; fit reads only what it cuts.
+        let junk = crate::wire::tests::hex("45 00 05 94 02 00 00 02 40");
+        assert_eq!(
+            fit(Bytes::from(junk.clone()), None, 576),
+            Ok(Fitted::Packets(vec![Bytes::from(junk.clone())]))
+        );
+        assert_eq!(
+            fit(Bytes::from(junk), None, 8),
+            Err(OffloadError::Malformed)
+        );
+    }
+
+    #[test]
     fn malformed_super_packets_are_errors_not_panics() {
         let gso = Gso {
             kind: GsoKind::TcpV4,

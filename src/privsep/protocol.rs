@@ -441,6 +441,29 @@ mod tests {
     }
 
     #[test]
+    fn an_older_helpers_tun_answer_gets_no_offloads_and_grows_by_them() {
+        // The helper_request fuzz target's crash on its own seed: this
+        // 38-byte frame decodes (the field has a default) and re-encodes
+        // to 92 bytes; the target now allows for the defaults it fills in.
+        let json = br#"{"Tun":{"name":"svpn0","index":7}}"#;
+        let frame = [&(json.len() as u32).to_be_bytes()[..], json].concat();
+        assert_eq!(frame.len(), 38);
+        let response = decode::<HelperResponse>(&frame).expect("an older helper's answer");
+        assert_eq!(
+            response,
+            HelperResponse::Tun {
+                name: "svpn0".into(),
+                index: 7,
+                offloads: Offloads::NONE
+            }
+        );
+        let again = encode(&response).expect("encode");
+        let default = DEFAULTED_FIELDS[0].2;
+        assert_eq!(again.len(), 38 + r#","offloads":"#.len() + default.len());
+        assert_eq!(again.len(), 92);
+    }
+
+    #[test]
     fn requests_and_responses_round_trip() {
         for request in all_requests() {
             let frame = encode(&request).expect("encode");
