@@ -33,7 +33,10 @@
 //! ```
 //!
 //! A receiver ignores message types it does not know, so that new ones can
-//! be added. A decoder without extensions (original-protocol peers, TLS
+//! be added. Every field of every frame is either checked (refused as a
+//! [`ProtocolError`] when wrong) or carried into the decoded value, so that
+//! nothing is accepted with any value and then dropped; each type's doc
+//! says which (the "decided field rules", collected in docs/fuzzing.md). A decoder without extensions (original-protocol peers, TLS
 //! peers without the ALPN) treats 0xF like any bad version.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -80,6 +83,14 @@ pub enum ProtocolError {
 /// message. Its meaning lies in the two addresses; see [`Request`] and
 /// [`Reply`] for what they mean in each direction. Our peers may also put a
 /// [`Marker`] in bytes 4..8, which the original ignores.
+///
+/// Decided field rules: the version nibble and the total length 0 are
+/// checked (framing), the addresses carried, bytes 4..8 carried when they
+/// hold a marker. The other bytes (and bytes 4..8 without a marker) are
+/// the exception: the original protocol says receivers ignore them, and
+/// original clients must keep working whatever they send there, so they
+/// are accepted with any value and re-encode as the original client's
+/// template ([`Control::encode`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Control {
     pub source: Ipv4Addr,
@@ -310,7 +321,9 @@ impl Features {
 }
 
 /// An extension frame: its message type and its body (the bytes after the
-/// 4-byte header).
+/// 4-byte header). Decided field rules: the first byte (0xF1) and the
+/// length (at least 4, within the maximum) are checked, the type and the
+/// body carried: a decoded extension re-encodes to the bytes it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Extension {
     pub kind: u8,
