@@ -98,6 +98,7 @@ fn request_name(request: &HelperRequest) -> &'static str {
         HelperRequest::CheckForwarding6 => "check_forwarding6",
         HelperRequest::FullTunnel { .. } => "full_tunnel",
         HelperRequest::EndFullTunnel { .. } => "end_full_tunnel",
+        HelperRequest::Underlay { .. } => "underlay",
         HelperRequest::SetDns { .. } => "set_dns",
         HelperRequest::RevertDns { .. } => "revert_dns",
     }
@@ -146,6 +147,10 @@ fn every_request() -> Vec<HelperRequest> {
             server: IpAddr::V4(Ipv4Addr::new(198, 18, 1, 1)),
         },
         HelperRequest::EndFullTunnel { index },
+        HelperRequest::Underlay {
+            index,
+            server: IpAddr::V4(Ipv4Addr::new(198, 18, 1, 1)),
+        },
         HelperRequest::SetDns {
             index,
             servers: vec![
