@@ -400,7 +400,7 @@ fn a_super_packet_of_tiny_segments_closes_the_connection_and_reaches_nothing() {
     }
     let bed = Bed::new("offtiny", 1);
     let metrics = SocketAddr::from(([198, 18, 1, 1], 9104));
-    let server = bed.start_server(&["--metrics", &metrics.to_string()]);
+    let server = bed.start_server(&["--metrics", &metrics.to_string(), "--metrics-public"]);
     let server_address = Ipv4Addr::new(198, 19, 0, 1);
     let payload = vec![0x5a; 300];
 
