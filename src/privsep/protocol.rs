@@ -9,7 +9,10 @@
 //! field the types do not name is refused (`deny_unknown_fields`), with
 //! the exceptions listed in [`DEFAULTED_FIELDS`]: a message lacking one of
 //! those is accepted with the field's default, and re-encodes with the
-//! default written out (so the frame grows by it). A unit test checks that
+//! default written out (so the frame grows by it). Values re-encode in
+//! their canonical text: an address spelled otherwise decodes to the same
+//! value (an IPv6 "::" for a single zero group re-encodes as ":0:", one
+//! byte longer). A unit test checks that
 //! the list is complete (dropping any other field is refused), and the
 //! `helper_request` fuzz target holds the codec to it.
 
@@ -461,6 +464,20 @@ mod tests {
         let default = DEFAULTED_FIELDS[0].2;
         assert_eq!(again.len(), 38 + r#","offloads":"#.len() + default.len());
         assert_eq!(again.len(), 92);
+    }
+
+    #[test]
+    fn addresses_re_encode_canonically_one_byte_longer_at_most() {
+        // The helper_request fuzz target's find: "::" standing for a single
+        // zero group is accepted and re-encodes as ":0:" (RFC 5952), one
+        // byte longer; the target allows a byte per "::".
+        let json = br#"{"DelRoute":{"index":7,"destination":"6040:0:2001:2:0:20::1/64"}}"#;
+        let frame = [&(json.len() as u32).to_be_bytes()[..], json].concat();
+        let request = decode::<HelperRequest>(&frame).expect("a valid route");
+        let again = encode(&request).expect("encode");
+        assert_eq!(again.len(), frame.len() + 1);
+        assert!(again.ends_with(br#""6040:0:2001:2:0:20:0:1/64"}}"#));
+        assert_eq!(decode::<HelperRequest>(&again).expect("decode"), request);
     }
 
     #[test]
