@@ -91,7 +91,11 @@ impl Outbound {
 pub fn egress(out: Outbound, link: PeerLink) -> Egress {
     let (packet, gso) = match out {
         Outbound::Packet(packet) if packet.len() <= link.mtu => return Egress::One(packet),
-        Outbound::Super(sup) if link.super_packets => return Egress::One(sup.frame),
+        // One whose segments are below the minimum a peer's decoder takes
+        // is split here instead.
+        Outbound::Super(sup) if link.super_packets && sup.gso.fits_wire() => {
+            return Egress::One(sup.frame)
+        }
         Outbound::Packet(packet) => (packet, None),
         Outbound::Super(sup) => (sup.packet(), Some(sup.gso)),
     };
@@ -129,6 +133,21 @@ mod tests {
         Bytes::from(p)
     }
 
+    /// A TCP/IPv4 packet (no options) with `payload` zero bytes.
+    fn tcp4(payload: usize) -> Vec<u8> {
+        let mut tcp = vec![0u8; 40 + payload];
+        tcp[0] = 0x45;
+        tcp[2..4].copy_from_slice(&((40 + payload) as u16).to_be_bytes());
+        tcp[9] = 6;
+        tcp[32] = 0x50;
+        tcp
+    }
+
+    const CAPABLE: PeerLink = PeerLink {
+        super_packets: true,
+        mtu: usize::MAX,
+    };
+
     const LEGACY: PeerLink = PeerLink {
         super_packets: false,
         mtu: 1500,
@@ -141,22 +160,13 @@ mod tests {
             egress(Outbound::Packet(small.clone()), LEGACY),
             Egress::One(small)
         );
-        let mut tcp = vec![0u8; 40 + 3000];
-        tcp[0] = 0x45;
-        tcp[2..4].copy_from_slice(&3040u16.to_be_bytes());
-        tcp[9] = 6;
-        tcp[32] = 0x50;
         let gso = Gso {
             kind: GsoKind::TcpV4,
             size: 1448,
         };
-        let sup = SuperPacket::new(gso, &tcp);
-        let capable = PeerLink {
-            super_packets: true,
-            mtu: usize::MAX,
-        };
+        let sup = SuperPacket::new(gso, &tcp4(3000));
         assert_eq!(
-            egress(Outbound::Super(sup.clone()), capable),
+            egress(Outbound::Super(sup.clone()), CAPABLE),
             Egress::One(sup.frame.clone())
         );
         let Egress::Many(pieces) = egress(Outbound::Super(sup), LEGACY) else {
@@ -164,6 +174,33 @@ mod tests {
         };
         assert_eq!(pieces.len(), 3);
         assert!(pieces.iter().all(|p| p.len() <= 1500 && checksums_ok(p)));
+    }
+
+    #[test]
+    fn super_packets_of_small_segments_are_split_even_for_capable_peers() {
+        // The kernel's segment size for a path of a tiny MSS: below the
+        // minimum a peer's decoder takes, so it goes as its packets.
+        let tcp = tcp4(1000);
+        let small = Gso {
+            kind: GsoKind::TcpV4,
+            size: 100,
+        };
+        let Egress::Many(pieces) = egress(Outbound::Super(SuperPacket::new(small, &tcp)), CAPABLE)
+        else {
+            panic!("not split");
+        };
+        assert_eq!(pieces.len(), 10);
+        assert!(pieces.iter().all(|p| p.len() == 140 && checksums_ok(p)));
+        // At the minimum it goes whole.
+        let least = Gso {
+            size: crate::limits::MIN_GSO_SEGMENT_TCP,
+            ..small
+        };
+        let sup = SuperPacket::new(least, &tcp);
+        assert_eq!(
+            egress(Outbound::Super(sup.clone()), CAPABLE),
+            Egress::One(sup.frame)
+        );
     }
 
     #[test]

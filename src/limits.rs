@@ -41,6 +41,18 @@ pub const MAX_PACKET: usize = MAX_MTU as usize;
 /// 65,000 out of one frame.
 pub const MAX_GSO_SEGMENTS: usize = 256;
 
+/// The smallest segment size of a TCP super-packet from a peer (either
+/// kind of IP): 536, the default MSS of RFC 879 (the payload of a 576-byte
+/// IPv4 packet). With [`MAX_GSO_SEGMENTS`] it bounds what one frame may make
+/// a server send: without it a hostile peer's 300-byte frame of segment
+/// size 1 would leave as 256 packets. A smaller one is a malformed frame.
+pub const MIN_GSO_SEGMENT_TCP: u16 = 536;
+
+/// The smallest segment size of a UDP super-packet (USO) from a peer: 512,
+/// the payload every IPv4 host takes in one datagram (DNS's classic limit).
+/// As [`MIN_GSO_SEGMENT_TCP`].
+pub const MIN_GSO_SEGMENT_UDP: u16 = 512;
+
 /// Every `max_frame` the configuration accepts: a frame must hold a packet
 /// of at least [`MIN_MTU`] bytes, and none is larger than [`MAX_FRAME`].
 pub const FRAME_RANGE: RangeInclusive<usize> = MIN_MTU as usize..=MAX_FRAME;
@@ -103,5 +115,6 @@ mod tests {
         assert_eq!(TUNNEL_PREFIX, 8..=30);
         assert_eq!(TUNNEL_PREFIX6, 64..=120);
         assert_eq!(MIN_MTU6, 1280);
+        assert_eq!((MIN_GSO_SEGMENT_TCP, MIN_GSO_SEGMENT_UDP), (536, 512));
     }
 }

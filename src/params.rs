@@ -53,13 +53,24 @@
 //!                  '-' and '.' only; repeatable, at most 16
 //! 0x06 FLAGS       length 4: u32 big-endian; bit 0 (value 1) = DEFAULT_ROUTE:
 //!                  the server offers itself as the default gateway; other bits
-//!                  are ignored; at most once
+//!                  mean nothing to this version, which carries them (they
+//!                  decode into `other_flags` and re-encode as they came) and
+//!                  acts on none of them; at most once
 //! ```
 //!
 //! Absent tags mean: no such address, no routes, no DNS, flags 0. Our
 //! encoder writes the entries in tag order (ADDRESS4, ADDRESS6, the ROUTEs,
-//! DNS, DNS_SEARCH, then FLAGS only when a flag is set); decoders accept any
+//! DNS, DNS_SEARCH, then FLAGS only when a bit is set); decoders accept any
 //! order and keep the order of repeated entries.
+//!
+//! Decided field rules: every field of a known tag is checked (its length,
+//! the prefix range, host bits, the domain's characters, the counts, a
+//! single ADDRESS4, ADDRESS6 and FLAGS) or carried (the values, and every
+//! FLAGS bit). So whatever [`SessionParams::decode`] accepts re-encodes to
+//! a body that decodes to the same value, and is the input itself when the
+//! input was canonical (tag order, no empty FLAGS, no unknown tags). An
+//! entry of an unknown tag is a parameter of a later version, not a field
+//! of this one: it is skipped, and not re-encoded.
 //!
 //! Example: address 10.0.1.7/16, route 192.168.10.0/24, DNS 10.0.0.1, search
 //! domain "vpn.example", default route (49 bytes):
@@ -164,6 +175,9 @@ pub struct SessionParams {
     pub dns_search: Vec<String>,
     /// The server offers itself as the default gateway (FLAGS bit 0).
     pub default_route: bool,
+    /// The FLAGS bits this version does not know (bit 0 excluded: that is
+    /// `default_route`), carried as they came; nothing acts on them.
+    pub other_flags: u32,
 }
 
 impl SessionParams {
@@ -235,8 +249,12 @@ impl SessionParams {
             }
             put_entry(&mut out, TAG_DNS_SEARCH, &[domain.as_bytes()]);
         }
-        if self.default_route {
-            put_entry(&mut out, TAG_FLAGS, &[&FLAG_DEFAULT_ROUTE.to_be_bytes()]);
+        let flags = match self.default_route {
+            true => FLAG_DEFAULT_ROUTE,
+            false => 0,
+        } | (self.other_flags & !FLAG_DEFAULT_ROUTE);
+        if flags != 0 {
+            put_entry(&mut out, TAG_FLAGS, &[&flags.to_be_bytes()]);
         }
         Ok(out.freeze())
     }
@@ -333,6 +351,7 @@ impl SessionParams {
                     flags_seen = true;
                     let flags = u32::from_be_bytes([a, b, c, d]);
                     params.default_route = flags & FLAG_DEFAULT_ROUTE != 0;
+                    params.other_flags = flags & !FLAG_DEFAULT_ROUTE;
                 }
                 // Unknown tags: skipped, for parameters added later.
                 _ => {}
@@ -430,6 +449,7 @@ mod tests {
             ],
             dns_search: vec!["vpn.example".into(), "corp-1.example.com.".into()],
             default_route: true,
+            other_flags: 0,
         }
     }
 
@@ -499,6 +519,7 @@ mod tests {
             dns: vec![IpAddr::V6(Ipv6Addr::LOCALHOST); MAX_DNS],
             dns_search: vec!["a".repeat(MAX_DOMAIN_LEN); MAX_DNS_SEARCH],
             default_route: true,
+            other_flags: !FLAG_DEFAULT_ROUTE,
         };
         let frame = largest.encode().expect("encode");
         assert_eq!(frame.len(), MAX_ENCODED_LEN);
@@ -524,17 +545,35 @@ mod tests {
     }
 
     #[test]
-    fn unknown_flags_are_ignored() {
+    fn unknown_flags_mean_nothing_and_are_carried() {
         let raw = body(&[(TAG_FLAGS, &[0xff, 0xff, 0xff, 0xfe])]);
+        let params = SessionParams::decode(&raw).expect("decodes");
         assert_eq!(
-            SessionParams::decode(&raw).map(|p| p.default_route),
-            Ok(false)
+            (params.default_route, params.other_flags),
+            (false, 0xffff_fffe)
         );
+        assert_eq!(params.encode_body().as_deref(), Ok(&raw[..]));
         let raw = body(&[(TAG_FLAGS, &[0x80, 0, 0, 0x01])]);
+        let params = SessionParams::decode(&raw).expect("decodes");
         assert_eq!(
-            SessionParams::decode(&raw).map(|p| p.default_route),
-            Ok(true)
+            (params.default_route, params.other_flags),
+            (true, 0x8000_0000)
         );
+        assert_eq!(params.encode_body().as_deref(), Ok(&raw[..]));
+        // Bit 0 is default_route's alone: other_flags cannot set it.
+        let odd = SessionParams {
+            other_flags: FLAG_DEFAULT_ROUTE | 4,
+            ..SessionParams::default()
+        };
+        assert_eq!(
+            odd.encode_body().as_deref(),
+            Ok(&body(&[(TAG_FLAGS, &[0, 0, 0, 4])])[..])
+        );
+        // An empty FLAGS entry is flags 0, which the encoder leaves out.
+        let empty = body(&[(TAG_FLAGS, &[0; 4])]);
+        let params = SessionParams::decode(&empty).expect("decodes");
+        assert_eq!(params, SessionParams::default());
+        assert_eq!(params.encode_body().as_deref(), Ok(&body(&[])[..]));
     }
 
     #[test]

@@ -33,7 +33,10 @@
 //! ```
 //!
 //! A receiver ignores message types it does not know, so that new ones can
-//! be added. A decoder without extensions (original-protocol peers, TLS
+//! be added. Every field of every frame is either checked (refused as a
+//! [`ProtocolError`] when wrong) or carried into the decoded value, so that
+//! nothing is accepted with any value and then dropped; each type's doc
+//! says which (the "decided field rules", collected in docs/fuzzing.md). A decoder without extensions (original-protocol peers, TLS
 //! peers without the ALPN) treats 0xF like any bad version.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -80,6 +83,14 @@ pub enum ProtocolError {
 /// message. Its meaning lies in the two addresses; see [`Request`] and
 /// [`Reply`] for what they mean in each direction. Our peers may also put a
 /// [`Marker`] in bytes 4..8, which the original ignores.
+///
+/// Decided field rules: the version nibble and the total length 0 are
+/// checked (framing), the addresses carried, bytes 4..8 carried when they
+/// hold a marker. The other bytes (and bytes 4..8 without a marker) are
+/// the exception: the original protocol says receivers ignore them, and
+/// original clients must keep working whatever they send there, so they
+/// are accepted with any value and re-encode as the original client's
+/// template ([`Control::encode`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Control {
     pub source: Ipv4Addr,
@@ -169,17 +180,32 @@ pub const SUPER_HEADER_LEN: usize = 8;
 /// A super-packet frame, byte for byte:
 ///
 /// ```text
-/// F1 02 00 08   extension header: type 2, length 8 (the header and metadata only)
-/// kind (1)      1 TCP over IPv4, 2 TCP over IPv6, 3 UDP (either family)
-/// flags (1)     0 (reserved; a receiver ignores them)
-/// size (2)      segment size, u16 big-endian, at least 1: the payload bytes
-///               of each packet the super-packet stands for (a packet whose
-///               payload is at most this is one packet whose checksum the
-///               sender left partial)
+/// F1 02 00 08   extension header: type 2, length 8 (the header and metadata
+///               only); any other length is malformed
+/// kind (1)      1 TCP over IPv4, 2 TCP over IPv6, 3 UDP (either family);
+///               any other kind is malformed
+/// flags (1)     0: reserved, and required to be 0 (anything else is
+///               malformed): a new flag comes with a new FEATURES bit, so
+///               that it is sent only to a peer that announced it
+/// size (2)      segment size, u16 big-endian: the payload bytes of each
+///               packet the super-packet stands for (a packet whose payload
+///               is at most this is one packet whose checksum the sender
+///               left partial); at least 536 for TCP, 512 for UDP
+///               ([`crate::limits::MIN_GSO_SEGMENT_TCP`],
+///               [`crate::limits::MIN_GSO_SEGMENT_UDP`]): a smaller one is
+///               malformed, so that one frame never makes a receiver send
+///               hundreds of tiny packets (an amplifier); a sender splits
+///               such a super-packet itself ([`Gso::fits_wire`])
 /// packet        one IPv4 or IPv6 packet, framed by its own header, whose
 ///               TCP or UDP checksum field holds the pseudo-header sum (over
 ///               the whole packet's length), as a tun's GSO packet does
 /// ```
+///
+/// Decided field rules: every header byte is either checked (the kind,
+/// flags 0, the size's minimum, the length 8) or carried (the size), so a
+/// frame the decoder accepts has the header [`SuperPacket::header`] writes
+/// for its [`Gso`], byte for byte. A malformed one is a
+/// [`ProtocolError::BadSuperPacket`] and closes the connection.
 ///
 /// An older decoder with extensions skips the 8 bytes as an unknown type
 /// and then reads the packet as an ordinary one; super-packets are sent only
@@ -232,9 +258,18 @@ impl SuperPacket {
             3 => GsoKind::Udp,
             _ => return Err(ProtocolError::BadSuperPacket("unknown kind")),
         };
-        match u16::from_be_bytes([header[6], header[7]]) {
-            0 => Err(ProtocolError::BadSuperPacket("segment size 0")),
-            size => Ok(Gso { kind, size }),
+        if header[5] != 0 {
+            return Err(ProtocolError::BadSuperPacket("reserved flags are not 0"));
+        }
+        let gso = Gso {
+            kind,
+            size: u16::from_be_bytes([header[6], header[7]]),
+        };
+        match gso.fits_wire() {
+            true => Ok(gso),
+            false => Err(ProtocolError::BadSuperPacket(
+                "segment size below the minimum",
+            )),
         }
     }
 
@@ -245,14 +280,26 @@ impl SuperPacket {
 }
 
 /// What a peer announces it can take, in a FEATURES frame:
-/// `F1 03 00 08 | flags (4 bytes, big-endian)`. Unknown bits are ignored;
-/// a body shorter than 4 bytes closes the connection.
+/// `F1 03 00 08 | flags (4 bytes, big-endian)`. Decided field rules: the
+/// flags are carried whole (every bit, known or not, decodes into the
+/// value and re-encodes as it came); a receiver acts on the bits it knows
+/// and ignores the others. A body shorter than 4 bytes closes the
+/// connection; bytes after the first 4 are ignored (an extension frame's
+/// body may grow).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Features(pub u32);
 
 impl Features {
-    /// Bit 0: super-packet frames ([`SUPER_PACKET`]).
-    pub const SUPER_PACKETS: Features = Features(1);
+    /// Bit 0: super-packet frames of any segment size, as the first
+    /// version announced them. Retired: no longer announced, and ignored
+    /// from a peer, whose super-packets of small segments this version's
+    /// decoder would refuse.
+    pub const SUPER_PACKETS_ANY_SIZE: Features = Features(1);
+    /// Bit 1: super-packet frames ([`SUPER_PACKET`]) whose segment size is
+    /// at least the minimum ([`Gso::fits_wire`]). A peer that announced
+    /// only the retired bit 0 gets none, and announces nothing this
+    /// version sends them for: the two talk in plain packets.
+    pub const SUPER_PACKETS: Features = Features(2);
 
     pub fn contains(self, other: Features) -> bool {
         self.0 & other.0 == other.0
@@ -274,7 +321,9 @@ impl Features {
 }
 
 /// An extension frame: its message type and its body (the bytes after the
-/// 4-byte header).
+/// 4-byte header). Decided field rules: the first byte (0xF1) and the
+/// length (at least 4, within the maximum) are checked, the type and the
+/// body carried: a decoded extension re-encodes to the bytes it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Extension {
     pub kind: u8,
@@ -1060,7 +1109,7 @@ pub(crate) mod tests {
         );
         assert_eq!(
             Features::SUPER_PACKETS.encode().to_vec(),
-            hex("f1 03 00 08 00 00 00 01")
+            hex("f1 03 00 08 00 00 00 02")
         );
         let mut v4 = vec![0u8; 60];
         v4[0] = 0x45;
@@ -1098,26 +1147,29 @@ pub(crate) mod tests {
     fn super_packet_framing_errors() {
         let d = Decoder::new(1500).with_extensions();
         let bad = |bytes: &str| d.frame_len(&hex(bytes));
-        assert_eq!(
-            bad("f1 02 00 08 09 00 05 a8 45"),
-            Err(ProtocolError::BadSuperPacket("unknown kind"))
-        );
-        assert_eq!(
-            bad("f1 02 00 08 01 00 00 00 45"),
-            Err(ProtocolError::BadSuperPacket("segment size 0"))
-        );
-        assert_eq!(
-            bad("f1 02 00 09 01 00 05 a8 45"),
-            Err(ProtocolError::BadSuperPacket("header length is not 8"))
-        );
-        assert_eq!(
-            bad("f1 02 00 08 01 00 05 a8 f1"),
-            Err(ProtocolError::BadSuperPacket("no IP packet follows"))
-        );
-        assert_eq!(
-            bad("f1 02 00 08 01 00 05 a8 45 00 00 00"),
-            Err(ProtocolError::BadSuperPacket("a control message follows"))
-        );
+        for (frame, reason) in [
+            ("f1 02 00 08 09 00 05 a8 45", "unknown kind"),
+            (
+                "f1 02 00 08 01 00 00 00 45",
+                "segment size below the minimum",
+            ),
+            // The flags byte is reserved: 0 or the frame is malformed (a
+            // fuzzer's find: it was accepted, then re-encoded as 0).
+            ("f1 02 00 08 01 e9 05 a8 45", "reserved flags are not 0"),
+            ("f1 02 00 08 03 01 05 a8 45", "reserved flags are not 0"),
+            ("f1 02 00 09 01 00 05 a8 45", "header length is not 8"),
+            ("f1 02 00 08 01 00 05 a8 f1", "no IP packet follows"),
+            (
+                "f1 02 00 08 01 00 05 a8 45 00 00 00",
+                "a control message follows",
+            ),
+        ] {
+            assert_eq!(
+                bad(frame),
+                Err(ProtocolError::BadSuperPacket(reason)),
+                "{frame}"
+            );
+        }
         assert_eq!(
             bad("f1 02 00 08 01 00 05 a8 45 00 05 dd"),
             Err(ProtocolError::TooLong {
@@ -1128,6 +1180,72 @@ pub(crate) mod tests {
         assert_eq!(bad("f1 02 00 08 01 00 05 a8 45 00 05 dc"), Ok(Some(1508)));
         assert_eq!(bad("f1 02 00 08 01 00 05"), Ok(None));
         assert_eq!(bad("f1 02 00 08 01 00 05 a8"), Ok(None));
+    }
+
+    #[test]
+    fn super_packets_need_the_minimum_segment_size() {
+        let d = Decoder::default().with_extensions();
+        let below = Err(ProtocolError::BadSuperPacket(
+            "segment size below the minimum",
+        ));
+        // A 300-byte TCP/IPv4 packet behind each header.
+        let frame = |kind: u8, size: u16| {
+            let mut f = SuperPacket::header(Gso {
+                kind: GsoKind::TcpV4,
+                size,
+            })
+            .to_vec();
+            f[4] = kind;
+            let mut packet = vec![0u8; 300];
+            packet[0] = 0x45;
+            packet[2..4].copy_from_slice(&300u16.to_be_bytes());
+            f.extend_from_slice(&packet);
+            f
+        };
+        for kind in [1, 2] {
+            for size in [1, 2, 100, 535] {
+                let f = frame(kind, size);
+                assert_eq!(d.frame_len(&f), below, "TCP kind {kind}, size {size}");
+                assert_eq!(
+                    d.decode(&mut BytesMut::from(&f[..])),
+                    Err(ProtocolError::BadSuperPacket(
+                        "segment size below the minimum"
+                    ))
+                );
+            }
+            for size in [536, 1448, u16::MAX] {
+                assert_eq!(
+                    d.frame_len(&frame(kind, size)),
+                    Ok(Some(308)),
+                    "size {size}"
+                );
+            }
+        }
+        for size in [1, 511] {
+            assert_eq!(d.frame_len(&frame(3, size)), below, "UDP, size {size}");
+        }
+        for size in [512, 536, 1472] {
+            assert_eq!(
+                d.frame_len(&frame(3, size)),
+                Ok(Some(308)),
+                "UDP, size {size}"
+            );
+        }
+        // Refused as soon as the header is there, before the packet.
+        assert_eq!(d.frame_len(&frame(1, 1)[..SUPER_HEADER_LEN]), below);
+        // The decoder and the sender's test agree.
+        for (kind, min) in [
+            (GsoKind::TcpV4, crate::limits::MIN_GSO_SEGMENT_TCP),
+            (GsoKind::TcpV6, crate::limits::MIN_GSO_SEGMENT_TCP),
+            (GsoKind::Udp, crate::limits::MIN_GSO_SEGMENT_UDP),
+        ] {
+            assert!(!Gso {
+                kind,
+                size: min - 1
+            }
+            .fits_wire());
+            assert!(Gso { kind, size: min }.fits_wire());
+        }
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! ICMP "fragmentation needed", and TCP between our clients and to a host
 //! beyond the server arrives intact while riding super-packets, over TLS
 //! and between our plaintext peers, which agree on it by a marker in the
-//! control message's ignored bytes (src/wire.rs `Marker`).
+//! control message's ignored bytes (src/wire.rs `Marker`); a super-packet
+//! of segments below the minimum (an amplifier) closes the connection and
+//! reaches nothing.
 
 mod common;
 
@@ -14,7 +16,8 @@ use std::time::Duration;
 
 use common::vpn::*;
 use common::{require_root, wait_until};
-use simplevpn::offload::checksums_ok;
+use simplevpn::offload::{checksums_ok, Gso, GsoKind};
+use simplevpn::wire::SuperPacket;
 
 const A: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
 const B: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 3);
@@ -308,7 +311,7 @@ fn our_plaintext_peers_agree_by_marker_and_original_ones_stay_as_they_were() {
     let mut want = grant_16(m_addr);
     want[4..8].copy_from_slice(b"sv2!");
     assert_eq!(marked, want);
-    assert_eq!(m.recv(8, STARTUP), hex("f1 03 00 08 00 00 00 01"));
+    assert_eq!(m.recv(8, STARTUP), hex("f1 03 00 08 00 00 00 02"));
     m.expect_silence(SHORT);
     // A 4,000-byte TCP packet from the marked peer reaches the C client
     // cut to at most 1500 bytes, intact and in sequence.
@@ -357,4 +360,90 @@ fn our_plaintext_client_against_an_original_server_that_echoes_the_offer_stays_o
         "{}",
         client.log()
     );
+}
+
+/// The packets the server's daemon has written into its tun (the tun's
+/// rx_packets, read in the server's namespace).
+fn tun_rx_packets(bed: &Bed) -> u64 {
+    let links = bed.server.run("ip", &["-o", "link", "show", "type", "tun"]);
+    let links = String::from_utf8_lossy(&links.stdout).to_string();
+    let tun = links
+        .split(": ")
+        .nth(1)
+        .and_then(|name| name.split('@').next())
+        .unwrap_or_else(|| panic!("no tun in the server's namespace: {links}"))
+        .to_string();
+    let path = format!("/sys/class/net/{tun}/statistics/rx_packets");
+    let out = bed.server.run("cat", &[&path]);
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{path}: {e}: {out:?}"))
+}
+
+/// A marked plaintext peer (takes extension frames and super-packets):
+/// the peer and its granted address, past the server's FEATURES.
+fn super_packet_peer(bed: &Bed) -> (RawPeer, Ipv4Addr) {
+    let mut peer = bed.raw_peer(0);
+    let grant = peer.ask(&offered(&dynamic_request()));
+    assert_eq!(&grant[4..8], b"sv2!", "no accepting grant: {grant:02x?}");
+    // FEATURES: super-packets with the minimum segment size (bit 1).
+    assert_eq!(peer.recv(8, STARTUP), hex("f1 03 00 08 00 00 00 02"));
+    let address = Ipv4Addr::new(grant[16], grant[17], grant[18], grant[19]);
+    (peer, address)
+}
+
+#[test]
+fn a_super_packet_of_tiny_segments_closes_the_connection_and_reaches_nothing() {
+    if !require_root("a_super_packet_of_tiny_segments_closes_the_connection_and_reaches_nothing") {
+        return;
+    }
+    let bed = Bed::new("offtiny", 1);
+    let metrics = SocketAddr::from(([198, 18, 1, 1], 9104));
+    let server = bed.start_server(&["--metrics", &metrics.to_string(), "--metrics-public"]);
+    let server_address = Ipv4Addr::new(198, 19, 0, 1);
+    let payload = vec![0x5a; 300];
+
+    // A super-packet at the minimum segment size gets through to the
+    // server's tun: the counter counts what the daemon writes there.
+    let (mut good, good_address) = super_packet_peer(&bed);
+    let before = tun_rx_packets(&bed);
+    let gso = Gso {
+        kind: GsoKind::TcpV4,
+        size: 536,
+    };
+    let packet = tcp_packet(good_address, server_address, 1, &payload);
+    good.send(&SuperPacket::new(gso, &packet).frame);
+    assert!(
+        wait_until(STARTUP, || tun_rx_packets(&bed) > before),
+        "the valid super-packet never reached the tun\n{}",
+        server.log()
+    );
+
+    // One of 1-byte segments (300 packets out of one 348-byte frame)
+    // closes its connection, and nothing of it reaches the tun.
+    let (mut tiny, tiny_address) = super_packet_peer(&bed);
+    let before = tun_rx_packets(&bed);
+    let packet = tcp_packet(tiny_address, server_address, 1, &payload);
+    tiny.send(&SuperPacket::new(Gso { size: 1, ..gso }, &packet).frame);
+    tiny.expect_closed(STARTUP);
+    std::thread::sleep(SHORT);
+    assert_eq!(
+        tun_rx_packets(&bed),
+        before,
+        "the tiny super-packet got out"
+    );
+    assert!(
+        server.wait_for_log("segment size below the minimum", STARTUP),
+        "no logged reason\n{}",
+        server.log()
+    );
+    // Counted as a protocol disconnect, the one disconnect: the other
+    // peer stays connected.
+    let (_, body) = scrape(&bed.server, metrics);
+    assert!(
+        body.contains("simplevpn_disconnects_total{reason=\"protocol\"} 1"),
+        "{body}"
+    );
+    drop(good);
 }

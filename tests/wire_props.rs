@@ -195,8 +195,8 @@ mod extensions {
         SessionParams, MAX_DNS, MAX_DNS_SEARCH, MAX_DOMAIN_LEN, MAX_ENCODED_LEN, MAX_ROUTES,
     };
     use simplevpn::wire::{
-        Decoder, Extension, ExtensionKind, Features, Frame, SuperPacket, DEFAULT_MAX_FRAME,
-        FEATURES, SUPER_HEADER_LEN,
+        Decoder, Extension, ExtensionKind, Features, Frame, ProtocolError, SuperPacket,
+        DEFAULT_MAX_FRAME, FEATURES, SUPER_HEADER_LEN, SUPER_PACKET,
     };
 
     use super::{decode_cut, frame};
@@ -235,15 +235,21 @@ mod extensions {
             prop::collection::vec(any::<IpAddr>(), 0..=MAX_DNS),
             prop::collection::vec(domain(), 0..=MAX_DNS_SEARCH),
             any::<bool>(),
+            // FLAGS bits this version does not know are carried (bit 0 is
+            // default_route).
+            prop_oneof![3 => Just(0u32), 1 => any::<u32>().prop_map(|f| f & !1)],
         )
             .prop_map(
-                |(address4, address6, routes, dns, dns_search, default_route)| SessionParams {
-                    address4,
-                    address6,
-                    routes,
-                    dns,
-                    dns_search,
-                    default_route,
+                |(address4, address6, routes, dns, dns_search, default_route, other_flags)| {
+                    SessionParams {
+                        address4,
+                        address6,
+                        routes,
+                        dns,
+                        dns_search,
+                        default_route,
+                        other_flags,
+                    }
                 },
             )
     }
@@ -282,13 +288,16 @@ mod extensions {
                 Just(GsoKind::TcpV6),
                 Just(GsoKind::Udp)
             ],
-            1u16..,
+            any::<u16>(),
             frame(),
         )
             .prop_filter_map(
                 "a packet, not a control message",
                 |(kind, size, (f, bytes))| {
                     let Frame::Packet(_) = f else { return None };
+                    // Any segment size from the kind's minimum up.
+                    let min = kind.min_segment();
+                    let size = min + size % (u16::MAX - min + 1);
                     let sup = SuperPacket::new(Gso { kind, size }, &bytes);
                     Some((Frame::Super(sup.clone()), sup.frame.to_vec()))
                 },
@@ -396,6 +405,65 @@ mod extensions {
                     Ok(None) | Err(_) => break,
                 }
                 prop_assert_eq!(before - buf.len(), consumed);
+            }
+        }
+
+        /// Decided field rules of the super-packet header: the length (8),
+        /// the kind (1..=3), the flags (0) and the segment size (at least
+        /// the kind's minimum) are checked; a header that passes is exactly
+        /// what `SuperPacket::header` writes for its metadata, so nothing
+        /// the decoder accepts is dropped on the way back out.
+        #[test]
+        fn super_packet_headers_are_checked_or_carried(
+            header in prop::array::uniform8(any::<u8>()),
+            pick in 0u8..4,
+            (f, bytes) in frame(),
+        ) {
+            let Frame::Packet(_) = f else { return Ok(()) };
+            let mut header = header;
+            header[..2].copy_from_slice(&[0xF1, SUPER_PACKET]);
+            // Valid fields more often than chance would make them.
+            if pick & 1 == 1 {
+                header[2..4].copy_from_slice(&[0, 8]);
+                header[4] = 1 + header[4] % 3;
+            }
+            if pick & 2 == 2 {
+                header[5] = 0;
+            }
+            let stream = [&header[..], &bytes[..]].concat();
+            let decoder = Decoder::default().with_extensions();
+            let len = decoder.frame_len(&stream);
+            let decoded = decoder.decode(&mut BytesMut::from(&stream[..]));
+            let kind = match header[4] {
+                1 => Some(GsoKind::TcpV4),
+                2 => Some(GsoKind::TcpV6),
+                3 => Some(GsoKind::Udp),
+                _ => None,
+            };
+            let size = u16::from_be_bytes([header[6], header[7]]);
+            let valid = header[2..4] == [0, 8]
+                && header[5] == 0
+                && kind.is_some_and(|k| size >= k.min_segment());
+            match &decoded {
+                Ok(Some(Frame::Super(sup))) => {
+                    prop_assert!(valid, "accepted {header:02x?}");
+                    prop_assert_eq!(len, Ok(Some(stream.len())));
+                    prop_assert_eq!(&SuperPacket::header(sup.gso)[..], &header[..]);
+                    prop_assert_eq!(&sup.frame[..], &stream[..]);
+                }
+                // Refused, and frame_len says so too (a length below 4 is
+                // ExtensionTooShort, the rest BadSuperPacket).
+                Err(e) => {
+                    prop_assert!(!valid, "refused {header:02x?}: {e}");
+                    prop_assert!(
+                        matches!(e, ProtocolError::BadSuperPacket(_) | ProtocolError::ExtensionTooShort(_)),
+                        "{e:?}"
+                    );
+                    prop_assert_eq!(len, Err(e.clone()));
+                }
+                other => {
+                    return Err(TestCaseError::fail(format!("{header:02x?}: {other:?}")));
+                }
             }
         }
 

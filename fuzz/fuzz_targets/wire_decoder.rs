@@ -10,8 +10,11 @@
 //!   buffer untouched while fewer bytes than the frame are there, and a frame
 //!   that takes exactly `frame_len` bytes off the front, never more than the
 //!   maximum;
-//! - a packet, and a super-packet frame, is those bytes unchanged (the
-//!   latter's header re-encodes from its metadata); an extension frame re-encodes to
+//! - a packet, and a super-packet frame, is those bytes unchanged; a
+//!   super-packet's header is exactly what `SuperPacket::header` writes for
+//!   its metadata (every header field is checked or carried: none is
+//!   accepted and then dropped) and its segment size is at least the
+//!   minimum (`Gso::fits_wire`); an extension frame re-encodes to
 //!   them exactly (and only comes from a decoder with extensions); a control
 //!   message is 20 bytes, re-encodes to the same version, length and
 //!   addresses (the bytes receivers ignore become the template's), to the
@@ -24,8 +27,8 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use simplevpn::wire::{
-    Control, Decoder, Extension, Frame, ProtocolError, SuperPacket, CONTROL_LEN,
-    DEFAULT_MAX_FRAME, EXTENSION_FIRST_BYTE, SUPER_HEADER_LEN, SUPER_PACKET,
+    Control, Decoder, Extension, Frame, ProtocolError, SuperPacket, CONTROL_LEN, DEFAULT_MAX_FRAME,
+    EXTENSION_FIRST_BYTE, SUPER_HEADER_LEN, SUPER_PACKET,
 };
 
 /// Maximum frame lengths to try: below the control length (the decoder
@@ -189,7 +192,12 @@ fn decode_checked(
         Frame::Super(packet) => {
             assert!(decoder.extensions(), "a super-packet with extensions off");
             assert_eq!(&packet.frame[..], bytes, "a super-packet is not its bytes");
-            assert_eq!(&bytes[..SUPER_HEADER_LEN], &SuperPacket::header(packet.gso));
+            assert_eq!(
+                &bytes[..SUPER_HEADER_LEN],
+                &SuperPacket::header(packet.gso),
+                "the decoder accepted a header field that re-encodes differently"
+            );
+            assert!(packet.gso.fits_wire(), "segments below the minimum");
             assert!(matches!(bytes[SUPER_HEADER_LEN] >> 4, 4 | 6));
         }
         Frame::Extension(extension) => {

@@ -971,7 +971,7 @@ impl Batch {
                 self.buf.copy_within(packet..packet_end, self.end);
                 self.end += packet_len;
             }
-            Ok(Some(gso)) if whole => {
+            Ok(Some(gso)) if whole && gso.fits_wire() => {
                 self.buf[self.end..packet].copy_from_slice(&SuperPacket::header(gso));
                 self.end = packet_end;
             }

@@ -4,6 +4,17 @@
 //! daemon can ask of the privileged side. One message is one frame: a `u32`
 //! big-endian length followed by that many bytes of JSON (serde). The codec is
 //! sans-IO; [`super::channel`] moves frames (and the tun fd) over the socket.
+//!
+//! Decided field rules: every field of every message is required, and a
+//! field the types do not name is refused (`deny_unknown_fields`), with
+//! the exceptions listed in [`DEFAULTED_FIELDS`]: a message lacking one of
+//! those is accepted with the field's default, and re-encodes with the
+//! default written out (so the frame grows by it). Values re-encode in
+//! their canonical text: an address spelled otherwise decodes to the same
+//! value (an IPv6 "::" for a single zero group re-encodes as ":0:", one
+//! byte longer). A unit test checks that
+//! the list is complete (dropping any other field is refused), and the
+//! `helper_request` fuzz target holds the codec to it.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -18,6 +29,18 @@ use serde::{Deserialize, Serialize};
 pub const MAX_FRAME: usize = 16384;
 /// Bytes of the length prefix.
 const PREFIX_LEN: usize = 4;
+
+/// The fields a message may lack, each with the default it then gets, as
+/// JSON: (the variant, the field, its default). Every other field is
+/// required.
+///
+/// - `Tun`'s `offloads`: a helper older than TUN offloads does not send
+///   it; its tun has none (`Offloads::NONE`).
+pub const DEFAULTED_FIELDS: &[(&str, &str, &str)] = &[(
+    "Tun",
+    "offloads",
+    r#"{"vnet_hdr":false,"tso":false,"uso":false}"#,
+)];
 
 /// What the daemon asks of the helper. Every request but `OpenTun` names the
 /// interface by ifindex, which must be the one the helper created.
@@ -106,7 +129,8 @@ pub enum HelperResponse {
     Tun {
         name: String,
         index: u32,
-        /// What the kernel granted (none from an older helper).
+        /// What the kernel granted (none from an older helper: a `Tun`
+        /// answer without it is accepted, see [`DEFAULTED_FIELDS`]).
         #[serde(default)]
         offloads: Offloads,
     },
@@ -341,13 +365,8 @@ mod tests {
         ]
     }
 
-    #[test]
-    fn requests_and_responses_round_trip() {
-        for request in all_requests() {
-            let frame = encode(&request).expect("encode");
-            assert_eq!(decode::<HelperRequest>(&frame).expect("decode"), request);
-        }
-        for response in [
+    fn all_responses() -> Vec<HelperResponse> {
+        vec![
             HelperResponse::Ok,
             HelperResponse::Tun {
                 name: "svpn0".into(),
@@ -358,7 +377,116 @@ mod tests {
             HelperResponse::Failed("EPERM".into()),
             HelperResponse::Changed(vec!["route 198.18.1.1/32 dev eth0".into()]),
             HelperResponse::Forwarding(Forwarding::TurnedOn),
-        ] {
+        ]
+    }
+
+    /// Every message with one field of its variant taken out of the JSON,
+    /// decoded as its own type: (variant, field, what decoding gave, as
+    /// JSON).
+    fn without_each_field<T: Serialize + DeserializeOwned>(
+        message: &T,
+    ) -> Vec<(String, String, Result<serde_json::Value, String>)> {
+        let value = serde_json::to_value(message).expect("to JSON");
+        let Some((variant, fields)) = value
+            .as_object()
+            .and_then(|o| o.iter().next())
+            .and_then(|(v, f)| Some((v.clone(), f.as_object()?.clone())))
+        else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for field in fields.keys() {
+            let mut less = fields.clone();
+            less.remove(field);
+            let payload =
+                serde_json::to_vec(&serde_json::json!({ variant.clone(): less })).expect("JSON");
+            let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(&payload);
+            let decoded = decode::<T>(&frame)
+                .map(|m| serde_json::to_value(m).expect("JSON"))
+                .map_err(|e| e.to_string());
+            out.push((variant.clone(), field.clone(), decoded));
+        }
+        out
+    }
+
+    #[test]
+    fn only_the_listed_fields_may_be_missing_and_they_get_their_default() {
+        let mut defaulted = 0;
+        let requests = all_requests();
+        let responses = all_responses();
+        let cases = requests
+            .iter()
+            .flat_map(without_each_field)
+            .chain(responses.iter().flat_map(without_each_field));
+        for (variant, field, result) in cases {
+            match DEFAULTED_FIELDS
+                .iter()
+                .find(|(v, f, _)| *v == variant && *f == field)
+            {
+                Some((_, _, default)) => {
+                    let value = result.unwrap_or_else(|e| panic!("{variant}.{field}: {e}"));
+                    let want: serde_json::Value = serde_json::from_str(default).expect("JSON");
+                    assert_eq!(value[&variant][&field], want, "{variant}.{field}");
+                    defaulted += 1;
+                }
+                None => assert!(result.is_err(), "{variant} without {field} decodes"),
+            }
+        }
+        assert_eq!(
+            defaulted,
+            DEFAULTED_FIELDS.len(),
+            "a listed field is never missed"
+        );
+        // Tun's default is a plain tun.
+        let tun: Offloads = serde_json::from_str(DEFAULTED_FIELDS[0].2).expect("offloads");
+        assert_eq!(tun, Offloads::NONE);
+    }
+
+    #[test]
+    fn an_older_helpers_tun_answer_gets_no_offloads_and_grows_by_them() {
+        // The helper_request fuzz target's crash on its own seed: this
+        // 38-byte frame decodes (the field has a default) and re-encodes
+        // to 92 bytes; the target now allows for the defaults it fills in.
+        let json = br#"{"Tun":{"name":"svpn0","index":7}}"#;
+        let frame = [&(json.len() as u32).to_be_bytes()[..], json].concat();
+        assert_eq!(frame.len(), 38);
+        let response = decode::<HelperResponse>(&frame).expect("an older helper's answer");
+        assert_eq!(
+            response,
+            HelperResponse::Tun {
+                name: "svpn0".into(),
+                index: 7,
+                offloads: Offloads::NONE
+            }
+        );
+        let again = encode(&response).expect("encode");
+        let default = DEFAULTED_FIELDS[0].2;
+        assert_eq!(again.len(), 38 + r#","offloads":"#.len() + default.len());
+        assert_eq!(again.len(), 92);
+    }
+
+    #[test]
+    fn addresses_re_encode_canonically_one_byte_longer_at_most() {
+        // The helper_request fuzz target's find: "::" standing for a single
+        // zero group is accepted and re-encodes as ":0:" (RFC 5952), one
+        // byte longer; the target allows a byte per "::".
+        let json = br#"{"DelRoute":{"index":7,"destination":"6040:0:2001:2:0:20::1/64"}}"#;
+        let frame = [&(json.len() as u32).to_be_bytes()[..], json].concat();
+        let request = decode::<HelperRequest>(&frame).expect("a valid route");
+        let again = encode(&request).expect("encode");
+        assert_eq!(again.len(), frame.len() + 1);
+        assert!(again.ends_with(br#""6040:0:2001:2:0:20:0:1/64"}}"#));
+        assert_eq!(decode::<HelperRequest>(&again).expect("decode"), request);
+    }
+
+    #[test]
+    fn requests_and_responses_round_trip() {
+        for request in all_requests() {
+            let frame = encode(&request).expect("encode");
+            assert_eq!(decode::<HelperRequest>(&frame).expect("decode"), request);
+        }
+        for response in all_responses() {
             let frame = encode(&response).expect("encode");
             assert_eq!(decode::<HelperResponse>(&frame).expect("decode"), response);
         }
