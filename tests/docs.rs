@@ -437,7 +437,9 @@ fn the_packaged_config_lists_every_field() {
         let start = text
             .lines()
             .position(|l| l.trim_start_matches(['#', ' ']) == header)
-            .unwrap_or_else(|| panic!("no {header} table (commented or not) in the packaged config"));
+            .unwrap_or_else(|| {
+                panic!("no {header} table (commented or not) in the packaged config")
+            });
         text.lines()
             .skip(start + 1)
             .take_while(|l| {
@@ -469,5 +471,8 @@ fn the_packaged_config_lists_every_field() {
         "packaging/simplevpnd.toml does not list:\n{}",
         missing.join("\n")
     );
-    assert!(text.contains("systemctl reload simplevpnd"), "say reload, not restart");
+    assert!(
+        text.contains("systemctl reload simplevpnd"),
+        "say reload, not restart"
+    );
 }
