@@ -116,6 +116,34 @@ fn peer_table(key: &str, name: Option<&str>, address: Option<Ipv4Addr>, routes: 
     t
 }
 
+/// The keys of a server and of clients A and B, and the `[[server.peer]]`
+/// tables that give A and B their fixed addresses.
+struct Keys {
+    server_key: String,
+    server_pub: String,
+    a_key: String,
+    b_key: String,
+    peers: String,
+}
+
+fn keys_of_a_and_b(bed: &Bed) -> Keys {
+    let (server_key, server_pub) = keygen(bed, "server");
+    let (a_key, a_pub) = keygen(bed, "a");
+    let (b_key, b_pub) = keygen(bed, "b");
+    let peers = format!(
+        "{}{}",
+        peer_table(&a_pub, None, Some(A), &[]),
+        peer_table(&b_pub, None, Some(B), &[])
+    );
+    Keys {
+        server_key,
+        server_pub,
+        a_key,
+        b_key,
+        peers,
+    }
+}
+
 /// Writes `text` to `name` in the bed's directory and returns the path.
 fn write_config(bed: &Bed, name: &str, text: &str) -> String {
     let path = bed.path(name);
@@ -331,14 +359,13 @@ fn clients_install_only_the_pushed_routes_they_accept() {
     }
     let bed = Bed::new("rtaccept", 2);
     let (a_ns, b_ns) = (&bed.clients[0], &bed.clients[1]);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (a_key, a_pub) = keygen(&bed, "a");
-    let (b_key, b_pub) = keygen(&bed, "b");
-    let peers = format!(
-        "{}{}",
-        peer_table(&a_pub, None, Some(A), &[]),
-        peer_table(&b_pub, None, Some(B), &[])
-    );
+    let Keys {
+        server_key,
+        server_pub,
+        a_key,
+        b_key,
+        peers,
+    } = keys_of_a_and_b(&bed);
     let config = write_config(
         &bed,
         "server.toml",
@@ -483,14 +510,13 @@ fn client_to_client_deny_isolates_clients_and_kernel_leaves_it_to_the_hosts_fire
         "198.18.200.2/24",
         "rtc2clan",
     );
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (a_key, a_pub) = keygen(&bed, "a");
-    let (b_key, b_pub) = keygen(&bed, "b");
-    let peers = format!(
-        "{}{}",
-        peer_table(&a_pub, None, Some(A), &[]),
-        peer_table(&b_pub, None, Some(B), &[])
-    );
+    let Keys {
+        server_key,
+        server_pub,
+        a_key,
+        b_key,
+        peers,
+    } = keys_of_a_and_b(&bed);
     let config = write_config(
         &bed,
         "server.toml",
