@@ -66,6 +66,9 @@ detect_daemon_flags() {
   if grep -q -- '--legacy' <<<"$client_help"; then SVPN_CLIENT_FLAGS+=(--legacy); fi
   # With TLS, the server serves the original protocol only when told to.
   if grep -q -- '--legacy' <<<"$server_help"; then SVPN_SERVER_FLAGS+=(--legacy); fi
+  # The scale rows hold thousands of original-protocol peers from one load
+  # generator's address; the default cap per source (16) is for real servers.
+  if grep -q -- '--legacy-max-per-source' <<<"$server_help"; then SVPN_SERVER_FLAGS+=(--legacy-max-per-source 65536); fi
 }
 
 # server_has_flag FLAG: whether `simplevpnd server --help` lists FLAG.

@@ -260,6 +260,10 @@ impl Bed2 {
             "--key",
             &self.server_key.0,
             "--legacy",
+            // The load generators hold many original-protocol sessions from
+            // one address each (as behind a NAT).
+            "--legacy-max-per-source",
+            "1024",
         ];
         for (_, public) in &self.keys[..3] {
             args.extend_from_slice(&["--peer", public]);
