@@ -79,16 +79,6 @@ pub enum ClientToClient {
     Kernel,
 }
 
-impl ClientToClient {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ClientToClient::Allow => "allow",
-            ClientToClient::Deny => "deny",
-            ClientToClient::Kernel => "kernel",
-        }
-    }
-}
-
 /// A bad setting: which one, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {problem}")]
@@ -675,13 +665,20 @@ impl ConfigFile {
     }
 }
 
-/// The config file to read: the one given, or the default one if it exists.
-pub fn config_file(explicit: Option<&Path>) -> Result<ConfigFile, ConfigError> {
+/// The config file a start reads: the one given, else the default one if
+/// it exists.
+pub fn config_path(explicit: Option<&Path>) -> Option<&Path> {
     match explicit {
+        Some(path) => Some(path),
+        None if Path::new(DEFAULT_CONFIG_PATH).exists() => Some(Path::new(DEFAULT_CONFIG_PATH)),
+        None => None,
+    }
+}
+
+/// The config file to read ([`config_path`]), or an empty one.
+pub fn config_file(explicit: Option<&Path>) -> Result<ConfigFile, ConfigError> {
+    match config_path(explicit) {
         Some(path) => ConfigFile::load(path),
-        None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
-            ConfigFile::load(Path::new(DEFAULT_CONFIG_PATH))
-        }
         None => Ok(ConfigFile::default()),
     }
 }

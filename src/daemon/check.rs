@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use super::Role;
-use crate::config::{ConfigError, DEFAULT_CONFIG_PATH};
+use crate::config::ConfigError;
 use crate::privsep::credentials::ServiceUser;
 
 /// What `check` found.
@@ -62,19 +62,8 @@ pub fn check(role: &Role, file: Option<&Path>, host: Host) -> Report {
             .problems
             .push(locate(&e, file, text.as_deref()).to_string())
     };
-    match ServiceUser::lookup_setting("user", role.user()) {
-        Ok(user) => match ServiceUser::lookup_setting("helper_user", role.helper_user()) {
-            Ok(helper) if helper.uid == user.uid => problem(ConfigError::new(
-                "helper_user",
-                format!(
-                    "{:?} has the daemon's uid; the helper needs a user of its own",
-                    helper.name
-                ),
-            )),
-            Ok(_) => {}
-            Err(e) => problem(e),
-        },
-        Err(e) => problem(e),
+    if let Err(e) = ServiceUser::daemon_and_helper(role.user(), role.helper_user()) {
+        problem(e);
     }
     if let Some(Err(e)) = role.load_key() {
         problem(ConfigError::new("key", e.to_string()));
@@ -138,16 +127,6 @@ pub fn locate(e: &ConfigError, file: Option<&Path>, text: Option<&str>) -> Confi
             e.problem.clone(),
         ),
         None => e.clone(),
-    }
-}
-
-/// The config file a start reads: the one given, else the default if it
-/// exists.
-pub fn file_of(explicit: Option<&Path>) -> Option<&Path> {
-    match explicit {
-        Some(path) => Some(path),
-        None if Path::new(DEFAULT_CONFIG_PATH).exists() => Some(Path::new(DEFAULT_CONFIG_PATH)),
-        None => None,
     }
 }
 

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     let explicit = cli.config.clone();
-    let file = check::file_of(explicit.as_deref()).map(Path::to_path_buf);
+    let file = simplevpn::config::config_path(explicit.as_deref()).map(Path::to_path_buf);
     let settings = match cli.into_action() {
         Ok(Action::Run(settings)) => *settings,
         Ok(Action::Check(settings, _)) => return run_check(&settings, file.as_deref()),
@@ -47,30 +47,16 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let user = match ServiceUser::lookup(settings.role.user()) {
-        Ok(user) => user,
-        Err(e) => {
-            eprintln!("simplevpnd: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    // The helper's user must exist before anything starts: never a silent
-    // fallback to the daemon's own user.
-    let helper_user = match ServiceUser::lookup_setting("helper_user", settings.role.helper_user())
-    {
-        Ok(helper_user) => helper_user,
-        Err(e) => {
-            eprintln!("simplevpnd: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    if helper_user.uid == user.uid {
-        eprintln!(
-            "simplevpnd: helper_user: {:?} has the daemon's uid {}; the helper needs a user of its own",
-            helper_user.name, user.uid
-        );
-        return ExitCode::from(EXIT_USAGE);
-    }
+    // Both users must exist before anything starts: never a silent
+    // fallback to the daemon's own user for the helper.
+    let (user, helper_user) =
+        match ServiceUser::daemon_and_helper(settings.role.user(), settings.role.helper_user()) {
+            Ok(users) => users,
+            Err(e) => {
+                eprintln!("simplevpnd: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
     if let Err(e) = privileges::require_root(&user) {
         eprintln!("simplevpnd: {e}");
         return ExitCode::FAILURE;

@@ -32,6 +32,26 @@ impl ServiceUser {
         ServiceUser::lookup_setting("user", name)
     }
 
+    /// The daemon's user (`user`) and the helper's (`helper_user`), looked
+    /// up; they must be two users, with two uids.
+    pub fn daemon_and_helper(
+        user: &str,
+        helper: &str,
+    ) -> Result<(ServiceUser, ServiceUser), ConfigError> {
+        let user = ServiceUser::lookup_setting("user", user)?;
+        let helper = ServiceUser::lookup_setting("helper_user", helper)?;
+        if helper.uid == user.uid {
+            return Err(ConfigError::new(
+                "helper_user",
+                format!(
+                    "{:?} has the daemon's uid {}; the helper needs a user of its own",
+                    helper.name, user.uid
+                ),
+            ));
+        }
+        Ok((user, helper))
+    }
+
     /// [`ServiceUser::lookup`] for the setting `field` (`user`, `helper_user`).
     pub fn lookup_setting(field: &str, name: &str) -> Result<ServiceUser, ConfigError> {
         let user = match User::from_name(name) {
