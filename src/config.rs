@@ -464,60 +464,10 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     /// The settings that differ between `self` and `new` and that a running
-    /// server cannot take over (reload refuses them, naming each). Peers
-    /// and the pushed routes change live.
+    /// server cannot take over (reload refuses them, naming each; see
+    /// [`crate::reload`]).
     pub fn needs_restart(&self, new: &ServerConfig) -> Vec<&'static str> {
-        let mut fields = Vec::new();
-        let mut differs = |field, changed: bool| {
-            if changed {
-                fields.push(field);
-            }
-        };
-        differs("listen", self.listen != new.listen);
-        differs("network", self.network != new.network);
-        differs("network6", self.network6 != new.network6);
-        differs("tun", self.tun != new.tun);
-        differs("client_timeout", self.client_timeout != new.client_timeout);
-        differs(
-            "handshake_timeout",
-            self.handshake_timeout != new.handshake_timeout,
-        );
-        differs("mtu", self.mtu != new.mtu);
-        differs("legacy_mtu", self.legacy_mtu != new.legacy_mtu);
-        differs("max_frame", self.max_frame != new.max_frame);
-        differs("queue_len", self.queue_len != new.queue_len);
-        differs("user", self.user != new.user);
-        differs("helper_user", self.helper_user != new.helper_user);
-        differs(
-            "client_to_client",
-            self.client_to_client != new.client_to_client,
-        );
-        differs("endpoint", self.endpoint != new.endpoint);
-        differs("key", self.key != new.key);
-        differs("legacy", self.legacy != new.legacy);
-        differs(
-            "max_unauthenticated",
-            self.max_unauthenticated != new.max_unauthenticated,
-        );
-        differs(
-            "max_unauthenticated_per_network",
-            self.max_unauthenticated_per_network != new.max_unauthenticated_per_network,
-        );
-        differs(
-            "unauthenticated_reserve",
-            self.unauthenticated_reserve != new.unauthenticated_reserve,
-        );
-        differs(
-            "legacy_max_per_source",
-            self.legacy_max_per_source != new.legacy_max_per_source,
-        );
-        differs("state_dir", self.state_dir != new.state_dir);
-        differs("lease_time", self.lease_time != new.lease_time);
-        differs("metrics", self.metrics != new.metrics);
-        differs("cluster", self.cluster != new.cluster);
-        differs("workers", self.workers != new.workers);
-        differs("port_share", self.port_share != new.port_share);
-        fields
+        crate::reload::restart_fields(self, new)
     }
 
     /// Every network the server serves: its own routes, then each peer's.

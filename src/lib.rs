@@ -34,6 +34,7 @@ pub mod pool6;
 pub mod privsep;
 pub mod program;
 pub mod proto;
+pub mod reload;
 pub mod routes;
 pub mod session;
 pub mod state;

@@ -596,7 +596,7 @@ mod tests {
                 ExtensionKind::SessionParams => {
                     seen.push(SessionParams::decode(&ext.body).expect("params"))
                 }
-                ExtensionKind::Unknown(_) => {}
+                ExtensionKind::Features | ExtensionKind::Unknown(_) => {}
             }
         }
         assert_eq!(seen, vec![example()]);

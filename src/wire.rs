@@ -335,6 +335,8 @@ pub struct Extension {
 pub enum ExtensionKind {
     /// [`SESSION_PARAMS`]: server to client, see [`crate::params`].
     SessionParams,
+    /// [`FEATURES`]: either way, what the sender can take ([`Features`]).
+    Features,
     /// Any other type: the receiver ignores the frame.
     Unknown(u8),
 }
@@ -343,6 +345,7 @@ impl From<u8> for ExtensionKind {
     fn from(kind: u8) -> ExtensionKind {
         match kind {
             SESSION_PARAMS => ExtensionKind::SessionParams,
+            FEATURES => ExtensionKind::Features,
             other => ExtensionKind::Unknown(other),
         }
     }
@@ -352,6 +355,7 @@ impl From<ExtensionKind> for u8 {
     fn from(kind: ExtensionKind) -> u8 {
         match kind {
             ExtensionKind::SessionParams => SESSION_PARAMS,
+            ExtensionKind::Features => FEATURES,
             ExtensionKind::Unknown(other) => other,
         }
     }
@@ -1027,6 +1031,8 @@ pub(crate) mod tests {
         );
         assert_eq!(u8::from(ExtensionKind::Unknown(0x42)), 0x42);
         assert_eq!(u8::from(ExtensionKind::SessionParams), SESSION_PARAMS);
+        assert_eq!(ExtensionKind::from(FEATURES), ExtensionKind::Features);
+        assert_eq!(u8::from(ExtensionKind::Features), FEATURES);
     }
 
     #[test]

@@ -184,24 +184,39 @@ fn reload_applies_a_changed_file_and_refuses_a_broken_one() {
     let config = bed.path("server.toml");
     let peer =
         |key: &str, name: &str| format!("[[server.peer]]\nkey = \"{key}\"\nname = \"{name}\"\n");
-    let head = format!("[server]\nkey = \"{server_key}\"\n");
+    // The network in the file (so that a reload reads it), the bed's own.
+    let head = format!("[server]\nkey = \"{server_key}\"\nnetwork = \"{NETWORK}\"\n");
     std::fs::write(&config, format!("{head}{}", peer(&a_pub, "a"))).expect("config");
     let server = bed.start_server(&["--config", &config]);
-    let _a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
+    let a_client = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
     let a = address_of(&bed, &a_pub).expect("A listed");
     let a_since = listed(&bed, a).expect("A")["connected_since"].clone();
 
-    // B is added to the file: after a reload it joins, A undisturbed.
+    // B is added to the file, and a DNS server: after a reload B joins and
+    // gets the DNS server, A undisturbed and sent it.
+    let dns = "dns = [\"198.18.0.53\"]\n";
     std::fs::write(
         &config,
-        format!("{head}{}{}", peer(&a_pub, "a"), peer(&b_pub, "b")),
+        format!("{head}{dns}{}{}", peer(&a_pub, "a"), peer(&b_pub, "b")),
     )
     .expect("config");
     let report = svpnctl_json(&bed.server_socket(), &["reload"]);
     assert_eq!(report["added"], serde_json::json!(["b"]), "{report}");
     assert_eq!(report["disconnected"], 0, "{report}");
+    assert_eq!(report["offer_changed"], true, "{report}");
     let b = bed.start_client(1, &tls_client_args(&b_key, &server_pub));
     tcp_round_trip(&bed.clients[1], &bed.clients[0], a, 6200, 256 << 10);
+    for (name, client) in [
+        ("B, connected after", &b),
+        ("A, connected before", &a_client),
+    ] {
+        assert!(
+            client.wait_for_log("198.18.0.53", STARTUP),
+            "{name} the reload never got the new DNS server:\n{}",
+            client.log()
+        );
+    }
+    let head = format!("{head}{dns}");
 
     // A broken file is refused with the field named; everything stays.
     std::fs::write(&config, format!("{head}netwrok = \"198.19.0.0/16\"\n")).expect("config");
@@ -216,21 +231,23 @@ fn reload_applies_a_changed_file_and_refuses_a_broken_one() {
         server.log()
     );
     // A setting that needs a restart is named in the refusal.
-    std::fs::write(
-        &config,
-        format!(
-            "{head}listen = \"0.0.0.0:2003\"\n{}{}",
-            peer(&a_pub, "a"),
-            peer(&b_pub, "b")
+    let without_network = head.replace(&format!("network = \"{NETWORK}\"\n"), "");
+    for (field, changed) in [
+        ("listen", format!("{head}listen = \"0.0.0.0:2003\"\n")),
+        (
+            "network",
+            format!("{without_network}network = \"198.19.0.0/24\"\n"),
         ),
-    )
-    .expect("config");
-    let out = svpnctl(&bed.server_socket(), &["reload"], None);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("listen"),
-        "{stderr}"
-    );
+    ] {
+        let text = format!("{changed}{}{}", peer(&a_pub, "a"), peer(&b_pub, "b"));
+        std::fs::write(&config, text).expect("config");
+        let out = svpnctl(&bed.server_socket(), &["reload"], None);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(field),
+            "{field}: {stderr}"
+        );
+    }
     tcp_round_trip(&bed.clients[0], &bed.server, SERVER_TUNNEL, 6201, 256 << 10);
 
     // SIGHUP: B leaves the file, so B is disconnected; A is not touched.

@@ -357,16 +357,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "removed": r.removed,
                     "changed": r.changed,
                     "routes_changed": r.routes_changed,
+                    "offer_changed": r.offer_changed,
                     "disconnected": r.disconnected,
                     "params_pushed": r.params_pushed,
                 }));
             } else {
                 println!(
-                    "reloaded: added {}, removed {}, changed {}; routes {}; {} disconnected, {} sent new parameters",
+                    "reloaded: added {}, removed {}, changed {}; routes {}; dns and gateway {}; {} disconnected, {} sent new parameters",
                     list_or_dash(&r.added),
                     list_or_dash(&r.removed),
                     list_or_dash(&r.changed),
                     if r.routes_changed { "changed" } else { "unchanged" },
+                    if r.offer_changed { "changed" } else { "unchanged" },
                     r.disconnected,
                     r.params_pushed
                 );

@@ -45,7 +45,7 @@ use super::peers::{PeerInfo, PeerStats};
 use super::{ControlOptions, DaemonError};
 use crate::config::ClientConfig;
 use crate::connection::{FrameReader, Writer};
-use crate::daemon::tun::{AsyncTun, TunHealth};
+use crate::daemon::tun::{AsyncTun, TunFailure, TunHealth, TunOp, TunState};
 use crate::keys::NodeKey;
 use crate::limits::MAX_FRAME;
 use crate::limits::MAX_PACKET;
@@ -58,8 +58,8 @@ use crate::session::client::{
 };
 use crate::session::LinkState;
 use crate::wire::{
-    ip_addresses, Decoder, Features, Frame, Request, SuperPacket, CONTROL_LEN, FEATURES,
-    IPV6_HEADER_LEN, SUPER_HEADER_LEN,
+    ip_addresses, Decoder, Features, Request, SuperPacket, CONTROL_LEN, IPV6_HEADER_LEN,
+    SUPER_HEADER_LEN,
 };
 
 /// How many bytes of waiting packets the uplink gathers into one write.
@@ -168,7 +168,7 @@ impl Node for ClientState {
             version: env!("CARGO_PKG_VERSION").into(),
             started: Some(self.started.into()),
             tun: self.tun.clone(),
-            tun_state: self.tun_health.state(),
+            tun_state: self.tun_health.state().to_string(),
             address: link
                 .granted
                 .map(|(a, p)| format!("{a}/{p}"))
@@ -274,8 +274,13 @@ pub async fn run(
         why = health.failed() => Some(why),
         // Also while no connection reads the tun.
         e = device.broken() => {
-            health.check("poll", &e);
-            Some(health.state())
+            health.check(TunOp::Poll, &e);
+            match health.state() {
+                TunState::Failed(why) => Some(why),
+                // A poll error that is not fatal still ends the device's
+                // readiness stream: report it as the failure.
+                TunState::Up => Some(TunFailure { op: TunOp::Poll, error: e.to_string() }),
+            }
         }
     };
     shutdown.cancel();
@@ -310,6 +315,8 @@ struct Connection {
     stats: Arc<PeerStats>,
     /// Control messages, and the go-ahead for packets, to the uplink.
     to_uplink: mpsc::Sender<ToUplink>,
+    /// Whether the server said it takes super-packets (read by the uplink).
+    server_takes_super: Arc<AtomicBool>,
 }
 
 impl Client {
@@ -410,6 +417,7 @@ impl Client {
             remote,
             stats,
             to_uplink,
+            server_takes_super,
         };
         let mut reader = FrameReader::new(reader, self.decoder(extension));
         self.rules.connected(Instant::now(), remote.ip());
@@ -459,15 +467,6 @@ impl Client {
                 read = reader.read_frame() => match read {
                     Ok(Some(frame)) => {
                         connection.stats.seen();
-                        if let Frame::Extension(e) = &frame {
-                            // What the server takes concerns the uplink
-                            // only; the rules ignore the frame.
-                            if let (FEATURES, Ok(features)) = (e.kind, Features::decode(&e.body)) {
-                                let takes = features.contains(Features::SUPER_PACKETS);
-                                debug!(super_packets = takes, "server features");
-                                server_takes_super.store(takes, Ordering::Relaxed);
-                            }
-                        }
                         self.rules.received(Instant::now(), frame);
                     }
                     Ok(None) => self.rules.server_closed(),
@@ -501,7 +500,7 @@ impl Client {
                 if let Err(e) = self.tunnel.device.send(&packet).await {
                     // A tun gone for good ends the daemon; anything else
                     // is one packet lost.
-                    if !self.tunnel.health.check("write", &e) {
+                    if !self.tunnel.health.check(TunOp::Write, &e) {
                         debug!(error = %e, "tun write failed");
                     }
                 }
@@ -511,7 +510,7 @@ impl Client {
                     .stats
                     .count_rx(packet.frame.len() - SUPER_HEADER_LEN);
                 if let Err(e) = self.tunnel.device.try_send_super(&packet) {
-                    if !self.tunnel.health.check("write", &e) {
+                    if !self.tunnel.health.check(TunOp::Write, &e) {
                         debug!(error = %e, "tun write of a super-packet failed");
                     }
                 }
@@ -599,6 +598,7 @@ impl Client {
                 self.state.update(|link| link.full_tunnel.clear());
             }
             Action::SetDns(dns) => {
+                info!(servers = ?dns.servers, domains = ?dns.domains, "the server pushed DNS settings");
                 if !dns.skipped_domains.is_empty()
                     && self.skipped_domains_logged != dns.skipped_domains
                 {
@@ -635,6 +635,13 @@ impl Client {
             Action::Close(closed) => return Ok(Some(closed)),
             // Carried out by `exchange`, which owns the reader.
             Action::SpeakExtension => {}
+            Action::ServerFeatures(features) => {
+                let takes = features.contains(Features::SUPER_PACKETS);
+                debug!(super_packets = takes, "server features");
+                connection
+                    .server_takes_super
+                    .store(takes, Ordering::Relaxed);
+            }
         }
         Ok(None)
     }
@@ -807,7 +814,7 @@ impl Uplink {
             match read {
                 Ok(len) => batch.take(len, whole, &self.stats),
                 // Gone for good: the daemon stops (see `run`).
-                Err(e) if self.health.check("read", &e) => return Ok(()),
+                Err(e) if self.health.check(TunOp::Read, &e) => return Ok(()),
                 Err(e) => {
                     warn!(error = %e, "tun read failed");
                     tokio::time::sleep(Duration::from_millis(10)).await;

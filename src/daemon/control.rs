@@ -97,6 +97,8 @@ pub struct ReloadReport {
     pub removed: Vec<String>,
     pub changed: Vec<String>,
     pub routes_changed: bool,
+    /// Whether the pushed DNS settings or gateway changed.
+    pub offer_changed: bool,
     pub disconnected: usize,
     pub pushed: usize,
 }
@@ -604,6 +606,7 @@ impl proto::control_server::Control for ControlService {
             removed: report.removed,
             changed: report.changed,
             routes_changed: report.routes_changed,
+            offer_changed: report.offer_changed,
             disconnected: report.disconnected as u32,
             params_pushed: report.pushed as u32,
         }))

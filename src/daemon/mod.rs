@@ -112,7 +112,7 @@ pub enum DaemonError {
     #[error("a key file is configured, but no key was loaded")]
     NoKey,
     #[error("tun device failed: {0}")]
-    TunFailed(String),
+    TunFailed(#[from] crate::daemon::tun::TunFailure),
     #[error("{0}")]
     State(#[from] crate::state::StoreError),
     #[error("cluster: {0}")]

@@ -128,24 +128,35 @@ pub fn resolve(setting: Option<String>) -> Result<Option<Proxy>, ConfigError> {
     };
     parse(&url)
         .map(Some)
-        .map_err(|problem| ConfigError::new(from, problem))
+        .map_err(|problem| ConfigError::new(from, problem.to_string()))
+}
+
+/// Why a `proxy` setting is not a proxy URL. Only the scheme and the
+/// address are ever echoed: the rest may hold a password.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyUrlError {
+    #[error("is not a URL: give http://HOST:PORT or socks5://HOST:PORT")]
+    NotAUrl,
+    #[error("scheme {0:?}: only http and socks5 are supported")]
+    Scheme(String),
+    #[error("a bad %-escape in the user name or password")]
+    BadEscape,
+    #[error("the user name or password is not UTF-8")]
+    NotUtf8,
+    #[error("the user name must be 1 to 255 bytes, the password at most 255")]
+    CredentialsLength,
+    #[error("{0:?} is not HOST:PORT (the port is needed)")]
+    NoPort(String),
 }
 
 /// Parses `http://[USER:PASS@]HOST:PORT` or `socks5://...` (a trailing
 /// `/` is allowed; USER and PASS may be percent-encoded).
-fn parse(url: &str) -> Result<Proxy, String> {
-    // Only the scheme is ever echoed: the rest may hold a password.
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or("is not a URL: give http://HOST:PORT or socks5://HOST:PORT")?;
+fn parse(url: &str) -> Result<Proxy, ProxyUrlError> {
+    let (scheme, rest) = url.split_once("://").ok_or(ProxyUrlError::NotAUrl)?;
     let kind = match scheme.to_ascii_lowercase().as_str() {
         "http" => ProxyKind::Http,
         "socks5" | "socks5h" => ProxyKind::Socks5,
-        other => {
-            return Err(format!(
-                "scheme {other:?}: only http and socks5 are supported"
-            ))
-        }
+        other => return Err(ProxyUrlError::Scheme(other.to_string())),
     };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     let (userinfo, address) = match rest.rsplit_once('@') {
@@ -157,9 +168,7 @@ fn parse(url: &str) -> Result<Proxy, String> {
             let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
             let (user, password) = (decode(user)?, decode(password)?);
             if user.is_empty() || user.len() > 255 || password.len() > 255 {
-                return Err(
-                    "the user name must be 1 to 255 bytes, the password at most 255".into(),
-                );
+                return Err(ProxyUrlError::CredentialsLength);
             }
             Some(Credentials { user, password })
         }
@@ -171,7 +180,7 @@ fn parse(url: &str) -> Result<Proxy, String> {
         .and_then(|(_, port)| port.parse::<u16>().ok())
         .filter(|port| *port != 0);
     if port.is_none() {
-        return Err(format!("{address:?} is not HOST:PORT (the port is needed)"));
+        return Err(ProxyUrlError::NoPort(address.to_string()));
     }
     Ok(Proxy {
         kind,
@@ -181,7 +190,7 @@ fn parse(url: &str) -> Result<Proxy, String> {
 }
 
 /// Percent-decodes a URL's user name or password.
-fn decode(text: &str) -> Result<String, String> {
+fn decode(text: &str) -> Result<String, ProxyUrlError> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -191,7 +200,7 @@ fn decode(text: &str) -> Result<String, String> {
                 let hex = text
                     .get(i + 1..i + 3)
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or("a bad %-escape in the user name or password")?;
+                    .ok_or(ProxyUrlError::BadEscape)?;
                 out.push(hex);
                 i += 3;
             }
@@ -201,7 +210,7 @@ fn decode(text: &str) -> Result<String, String> {
             }
         }
     }
-    String::from_utf8(out).map_err(|_| "the user name or password is not UTF-8".to_string())
+    String::from_utf8(out).map_err(|_| ProxyUrlError::NotUtf8)
 }
 
 /// HOST:PORT split for SOCKS5 (brackets taken off an IPv6 literal).
@@ -336,7 +345,7 @@ mod tests {
             "http://:3128",
             "http://a:%zz@proxy:3128",
         ] {
-            let e = parse(bad).expect_err(bad);
+            let e = parse(bad).expect_err(bad).to_string();
             assert!(!e.contains("%zz"), "{e}");
         }
         let e = resolve(Some("http://bob:hunter2@proxy".into())).expect_err("no port");

@@ -64,7 +64,7 @@ use crate::config::{
     check_peers, ClientToClient, ConfigError, PeerSection, ServerConfig, ServerSource,
 };
 use crate::connection::{self, write_frames, FrameReader, ReadError};
-use crate::daemon::tun::{AsyncTun, TunHealth, TunQueues};
+use crate::daemon::tun::{AsyncTun, TunHealth, TunOp, TunQueues};
 use crate::egress::{egress, from_tun_read, Egress, Outbound, PeerLink};
 use crate::keys::{NodeKey, PublicKey};
 use crate::limits::{MAX_FRAME, MAX_PACKET};
@@ -119,8 +119,6 @@ struct Shared {
     refusals: std::sync::Mutex<RefusalSummary>,
     /// Whether the tun still works.
     tun_health: TunHealth,
-    /// What extension clients are offered besides their address and routes.
-    offer: Offer,
     /// What the helper changed on the host beyond the tun.
     host_changes: Vec<String>,
     /// The cluster this server belongs to, if any (see [`super::cluster`]).
@@ -169,6 +167,17 @@ impl Shared {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// What extension clients are offered now besides their address and
+    /// routes (a reload changes it).
+    fn offer(&self) -> Offer {
+        let current = self.current();
+        Offer {
+            dns: current.dns.clone(),
+            dns_search: current.dns_search.clone(),
+            gateway: current.gateway,
+        }
     }
 
     /// Every network the server serves now: its own routes, then those
@@ -403,11 +412,6 @@ pub async fn run(
         admission: Admission::new(Limits::from(&config)),
         refusals: std::sync::Mutex::new(RefusalSummary::new(SUMMARY_INTERVAL)),
         tun_health: TunHealth::default(),
-        offer: Offer {
-            dns: config.dns.clone(),
-            dns_search: config.dns_search.clone(),
-            gateway: config.gateway,
-        },
         host_changes,
         cluster,
         links,
@@ -1024,7 +1028,7 @@ fn push_params(shared: &Shared, peer: &Peer, address: Ipv4Addr, address6: Option
             shared.config.network,
             shared.served_routes(),
             &peer.routes,
-            &shared.offer,
+            &shared.offer(),
         )
     };
     match params.encode() {
@@ -1098,7 +1102,7 @@ fn to_tun(shared: &Shared, out: Outbound) {
     };
     if let Err(e) = written {
         // A full tun queue is a drop; a tun gone for good ends the daemon.
-        shared.tun_health.check("write", &e);
+        shared.tun_health.check(TunOp::Write, &e);
         let kind = match e.kind() {
             std::io::ErrorKind::InvalidData => DropKind::Offload,
             _ => DropKind::TunFull,
@@ -1227,7 +1231,7 @@ async fn tun_reader(tun: Arc<AsyncTun>, shared: Arc<Shared>, shutdown: Cancellat
             _ = shutdown.cancelled() => return,
             read = tun.recv_into(&mut buf) => match read {
                 Ok(len) => len,
-                Err(e) if shared.tun_health.check("read", &e) => return,
+                Err(e) if shared.tun_health.check(TunOp::Read, &e) => return,
                 Err(e) => {
                     warn!(error = %e, "tun read failed");
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1267,7 +1271,7 @@ impl Node for Shared {
             version: env!("CARGO_PKG_VERSION").into(),
             started: Some(self.started.into()),
             tun: self.tun_name.clone(),
-            tun_state: self.tun_health.state(),
+            tun_state: self.tun_health.state().to_string(),
             address: format!("{}/{}", server_address(network), network.prefix_len()),
             listen: self.listening.clone(),
             network: network.to_string(),
@@ -1478,6 +1482,7 @@ fn log_reload(result: &Result<ReloadReport, AdminError>) {
             removed = ?report.removed,
             changed = ?report.changed,
             routes_changed = report.routes_changed,
+            offer_changed = report.offer_changed,
             disconnected = report.disconnected,
             params_pushed = report.pushed,
             "reloaded"
@@ -1625,6 +1630,7 @@ async fn apply(
         })?;
     let old = shared.gate.peers();
     let old_served = shared.served_routes();
+    let old_offer = shared.offer();
     shared.gate.set_peers(merged.clone());
     *shared.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
     *shared.live.lock().unwrap_or_else(|e| e.into_inner()) = live;
@@ -1672,8 +1678,9 @@ async fn apply(
         }
     }
 
-    if shared.served_routes() != old_served {
-        report.routes_changed = true;
+    report.routes_changed = shared.served_routes() != old_served;
+    report.offer_changed = shared.offer() != old_offer;
+    if report.routes_changed || report.offer_changed {
         for (address, peer) in shared.peers.connected() {
             if peer.takes_params() && !peer.kick.is_cancelled() {
                 let address6 = shared.peers.peer(address).and_then(|p| p.address6);

@@ -267,43 +267,97 @@ pub fn is_fatal(e: &io::Error) -> bool {
     )
 }
 
+/// What the daemon was doing with the tun when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunOp {
+    Read,
+    Write,
+    /// Waiting for the device to become readable.
+    Poll,
+}
+
+impl std::fmt::Display for TunOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TunOp::Read => "read",
+            TunOp::Write => "write",
+            TunOp::Poll => "poll",
+        })
+    }
+}
+
+/// Why the tun failed for good: the operation and its error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{op}: {error}")]
+pub struct TunFailure {
+    pub op: TunOp,
+    pub error: String,
+}
+
+/// The tun's state, as `svpnctl status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TunState {
+    Up,
+    Failed(TunFailure),
+}
+
+impl std::fmt::Display for TunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TunState::Up => f.write_str("up"),
+            TunState::Failed(why) => write!(f, "failed: {why}"),
+        }
+    }
+}
+
 /// The tun's state as the daemon sees it: up until a read or write fails
 /// for good ([`is_fatal`]); then failed, with the first such error, once.
 /// The role watches [`TunHealth::failed`] and ends the daemon with an error,
 /// so that the helper cleans up and systemd restarts it.
 #[derive(Debug, Default)]
 pub struct TunHealth {
-    failure: OnceLock<String>,
+    failure: OnceLock<TunFailure>,
     failed: CancellationToken,
 }
 
 impl TunHealth {
-    /// Records that `what` (a read or write) failed with `e`: logged as an
-    /// error and the tun marked failed if the error is fatal; else nothing
-    /// (the caller counts a drop). Returns whether it was fatal.
-    pub fn check(&self, what: &str, e: &io::Error) -> bool {
+    /// Records that `op` failed with `e`: logged as an error and the tun
+    /// marked failed if the error is fatal; else nothing (the caller counts
+    /// a drop). Returns whether it was fatal.
+    pub fn check(&self, op: TunOp, e: &io::Error) -> bool {
         if !is_fatal(e) {
             return false;
         }
-        if self.failure.set(format!("{what}: {e}")).is_ok() {
-            error!(error = %e, "tun {what} failed for good: stopping, so that the service manager restarts simplevpnd");
+        let failure = TunFailure {
+            op,
+            error: e.to_string(),
+        };
+        if self.failure.set(failure).is_ok() {
+            error!(error = %e, "tun {op} failed for good: stopping, so that the service manager restarts simplevpnd");
             self.failed.cancel();
         }
         true
     }
 
-    /// "up", or "failed: " and why.
-    pub fn state(&self) -> String {
+    /// Up, or failed and why.
+    pub fn state(&self) -> TunState {
         match self.failure.get() {
-            None => "up".to_string(),
-            Some(why) => format!("failed: {why}"),
+            None => TunState::Up,
+            Some(why) => TunState::Failed(why.clone()),
         }
     }
 
     /// Waits until the tun has failed, and says why.
-    pub async fn failed(&self) -> String {
+    pub async fn failed(&self) -> TunFailure {
         self.failed.cancelled().await;
-        self.failure.get().cloned().unwrap_or_default()
+        match self.failure.get() {
+            Some(why) => why.clone(),
+            // `failed` is cancelled only after `failure` is set.
+            None => TunFailure {
+                op: TunOp::Poll,
+                error: "unknown".to_string(),
+            },
+        }
     }
 }
 
@@ -314,25 +368,26 @@ mod tests {
     #[test]
     fn a_deleted_tun_is_fatal_and_a_full_queue_is_a_drop() {
         let health = TunHealth::default();
-        assert_eq!(health.state(), "up");
+        assert_eq!(health.state(), TunState::Up);
         let full = io::Error::from_raw_os_error(nix::libc::EAGAIN);
         let nobufs = io::Error::from_raw_os_error(nix::libc::ENOBUFS);
         let bad_packet = io::Error::from_raw_os_error(nix::libc::EINVAL);
         for e in [&full, &nobufs, &bad_packet] {
-            assert!(!health.check("write", e), "{e}");
+            assert!(!health.check(TunOp::Write, e), "{e}");
         }
-        assert_eq!(health.state(), "up");
+        assert_eq!(health.state(), TunState::Up);
         let gone = io::Error::from_raw_os_error(nix::libc::EBADFD);
-        assert!(health.check("read", &gone));
-        assert!(
-            health.state().starts_with("failed: read: "),
-            "{}",
-            health.state()
-        );
+        assert!(health.check(TunOp::Read, &gone));
+        let read_failed = TunState::Failed(TunFailure {
+            op: TunOp::Read,
+            error: gone.to_string(),
+        });
+        assert_eq!(health.state(), read_failed);
+        assert!(health.state().to_string().starts_with("failed: read: "));
         // The first failure is the one reported.
         let io = io::Error::from_raw_os_error(nix::libc::EIO);
-        assert!(health.check("write", &io));
-        assert!(health.state().starts_with("failed: read: "));
+        assert!(health.check(TunOp::Write, &io));
+        assert_eq!(health.state(), read_failed);
         assert!(health.failed.is_cancelled());
     }
 }

@@ -548,7 +548,7 @@ impl Peer {
         let mut granted = match self.attempt(&mut buffer).await {
             None => return,
             Some(Ok(granted)) => granted,
-            Some(Err(why)) => return report(Outcome::Failed(why)),
+            Some(Err(why)) => return report(Outcome::Failed(format!("{why:#}"))),
         };
         report(Outcome::Granted {
             latency: began.elapsed(),
@@ -589,16 +589,12 @@ impl Peer {
 
     /// One attempt within the handshake timeout: the granted connection, or
     /// why not; None when `stop` came first.
-    async fn attempt(&self, buffer: &mut BytesMut) -> Option<Result<Granted, String>> {
+    async fn attempt(&self, buffer: &mut BytesMut) -> Option<anyhow::Result<Granted>> {
         let handshake = tokio::select! {
             _ = self.stop.cancelled() => return None,
             result = timeout(self.handshake, self.handshake(buffer)) => result,
         };
-        Some(match handshake {
-            Ok(Ok(granted)) => Ok(granted),
-            Ok(Err(e)) => Err(format!("{e:#}")),
-            Err(_) => Err("no grant within the timeout".into()),
-        })
+        Some(handshake.unwrap_or_else(|_| Err(anyhow::anyhow!("no grant within the timeout"))))
     }
 
     /// Connects (with TLS, authenticates both ways), sends the dynamic

@@ -28,7 +28,7 @@ use crate::config::ClientConfig;
 use crate::connection::ReadError;
 use crate::params::{ParamsError, SessionParams};
 use crate::wire::{
-    netmask_prefix, Control, ExtensionKind, Frame, Marker, ProtocolError, Reply, Request,
+    netmask_prefix, Control, ExtensionKind, Features, Frame, Marker, ProtocolError, Reply, Request,
     SuperPacket,
 };
 
@@ -151,6 +151,9 @@ pub enum Action {
     SetDns(Dns),
     /// Remove the tun's DNS settings.
     RevertDns,
+    /// What the server announced it can take (its latest FEATURES frame):
+    /// the uplink may send it super-packets if it takes them.
+    ServerFeatures(Features),
     /// The session is over: close the connection.
     Close(Closed),
 }
@@ -487,6 +490,12 @@ impl ClientSession {
                         }
                     }
                     Err(e) => self.close(CloseReason::Params(e)),
+                },
+                // What the server takes concerns the uplink only. A
+                // malformed announcement is a broken server.
+                ExtensionKind::Features => match Features::decode(&extension.body) {
+                    Ok(features) => self.actions.push_back(Action::ServerFeatures(features)),
+                    Err(e) => self.close(CloseReason::Protocol(e)),
                 },
                 // A message of a newer server: ignored (forward compatible).
                 ExtensionKind::Unknown(_) => {}
@@ -1094,6 +1103,36 @@ mod tests {
         });
         session.received(t0, unknown);
         assert!(actions(&mut session).is_empty());
+    }
+
+    #[test]
+    fn the_servers_features_reach_the_uplink_and_a_truncated_announcement_closes() {
+        let t0 = Instant::now();
+        let mut session = granted_session(ADDRESS, t0);
+        let announced = crate::wire::Features::SUPER_PACKETS.encode();
+        let frame = crate::wire::Decoder::new(crate::wire::DEFAULT_MAX_FRAME)
+            .with_extensions()
+            .decode(&mut bytes::BytesMut::from(&announced[..]))
+            .expect("decodes")
+            .expect("whole");
+        session.received(t0, frame);
+        match actions(&mut session).as_slice() {
+            [Action::ServerFeatures(f)] => {
+                assert!(f.contains(crate::wire::Features::SUPER_PACKETS))
+            }
+            other => panic!("{other:?}"),
+        }
+        let truncated = Frame::Extension(crate::wire::Extension {
+            kind: crate::wire::FEATURES,
+            body: Bytes::from_static(&[0, 1]),
+        });
+        session.received(t0, truncated);
+        let closed = closed(&mut session).expect("closed");
+        assert!(
+            matches!(closed.reason, CloseReason::Protocol(_)),
+            "{:?}",
+            closed.reason
+        );
     }
 
     #[test]

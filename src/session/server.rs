@@ -32,8 +32,8 @@ use crate::params::SessionParams;
 
 use crate::pool::Refusal;
 use crate::wire::{
-    ip_addresses, Control, Features, Frame, Marker, ProtocolError, Request, SuperPacket, FEATURES,
-    SUPER_HEADER_LEN,
+    ip_addresses, Control, ExtensionKind, Features, Frame, Marker, ProtocolError, Request,
+    SuperPacket, SUPER_HEADER_LEN,
 };
 
 /// Where a connection is in its life.
@@ -246,12 +246,14 @@ impl ServerSession {
                 },
                 Err(drop) => Action::Drop(drop),
             },
-            // The only message a client sends: what it can take.
-            Frame::Extension(e) if e.kind == FEATURES => match Features::decode(&e.body) {
-                Ok(features) => Action::Announced(features),
-                Err(e) => Action::Close(Ending::Protocol(e)),
+            Frame::Extension(e) => match ExtensionKind::from(e.kind) {
+                // The only message a client sends: what it can take.
+                ExtensionKind::Features => match Features::decode(&e.body) {
+                    Ok(features) => Action::Announced(features),
+                    Err(e) => Action::Close(Ending::Protocol(e)),
+                },
+                ExtensionKind::SessionParams | ExtensionKind::Unknown(_) => Action::None,
             },
-            Frame::Extension(_) => Action::None,
         }
     }
 

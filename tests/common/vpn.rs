@@ -125,7 +125,12 @@ impl Bed {
     pub fn spawn_server_under(&self, launcher: &[&str], extra: &[&str]) -> Daemon {
         let socket = self.server_socket();
         let state = self.state_dir();
-        let mut args = vec!["server", "--network", NETWORK, "--control", &socket];
+        let mut args = vec!["server", "--control", &socket];
+        // The bed's network, unless the flags or the config file name one
+        // (a file's would lose to the flag, even on reload).
+        if !extra.contains(&"--network") && !config_names_network(extra) {
+            args.extend_from_slice(&["--network", NETWORK]);
+        }
         args.extend_from_slice(extra);
         with_default_user(&mut args);
         if !args.contains(&"--state-dir") {
@@ -438,4 +443,20 @@ pub fn lan_behind(gateway: &Netns, gateway_cidr: &str, host_cidr: &str, tag: &st
     lan.ip(&["route", "add", "default", "via", via]);
     forward(gateway);
     lan
+}
+
+/// Whether the `--config` file among `args` sets `network` itself.
+fn config_names_network(args: &[&str]) -> bool {
+    let Some(at) = args.iter().position(|a| *a == "--config") else {
+        return false;
+    };
+    let Some(path) = args.get(at + 1) else {
+        return false;
+    };
+    std::fs::read_to_string(path).is_ok_and(|text| {
+        text.lines().any(|line| {
+            line.split_once('=')
+                .is_some_and(|(key, _)| key.trim() == "network")
+        })
+    })
 }
