@@ -126,6 +126,8 @@ pub struct Cluster {
 
 /// How long after a watch ends (etcd unreachable, say) it is made again.
 const WATCH_RETRY: Duration = Duration::from_secs(1);
+/// Why a fenced server grants nothing.
+const FENCED: &str = "this server is fenced: its lease was not renewed for lease_ttl";
 /// How often a fenced server looks whether a renewal ended it.
 const FENCE_POLL: Duration = Duration::from_millis(200);
 
@@ -329,10 +331,8 @@ impl Cluster {
         usable: impl Fn(Ipv4Addr) -> bool,
     ) -> Result<Ipv4Addr, ClaimError> {
         let lease = self.lease.load(Ordering::Relaxed);
-        if self.fenced.load(Ordering::Relaxed) {
-            return Err(ClaimError::Unreachable(EtcdError::Protocol(
-                "this server is fenced: its lease was not renewed for lease_ttl",
-            )));
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err(ClaimError::Unreachable(EtcdError::Protocol(FENCED)));
         }
         if !self.reachable.load(Ordering::Relaxed) || lease == 0 {
             return Err(ClaimError::Unreachable(EtcdError::Protocol(
@@ -351,6 +351,12 @@ impl Cluster {
         let free = |address| !self.view().is_held(address) && usable(address);
         let address = self.leases.claim(claimant, wanted, lease, free).await?;
         self.hold(address, claimant);
+        // Fenced while it was claimed: the fence closed the others and
+        // would miss this one.
+        if self.fenced.load(Ordering::SeqCst) {
+            self.release(claimant, address).await;
+            return Err(ClaimError::Unreachable(EtcdError::Protocol(FENCED)));
+        }
         Ok(address)
     }
 
@@ -524,7 +530,7 @@ impl Cluster {
     }
 
     fn fence(&self, hooks: &Arc<dyn ClusterHooks>) {
-        self.fenced.store(true, Ordering::Relaxed);
+        self.fenced.store(true, Ordering::SeqCst);
         self.reachable.store(false, Ordering::Relaxed);
         // Closed here, and maybe granted elsewhere: not re-asserted when
         // etcd answers again.
