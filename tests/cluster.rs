@@ -158,6 +158,9 @@ struct Bed2 {
     etcd: Etcd,
     server_key: (String, String),
     keys: Vec<(String, String)>,
+    /// The servers' `lease_ttl` in seconds ([`LEASE_TTL`] unless a test
+    /// needs sessions to outlast etcd for longer).
+    lease_ttl: u64,
 }
 
 const ETCD_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 18, 90, 1);
@@ -220,6 +223,7 @@ impl Bed2 {
             etcd,
             server_key,
             keys,
+            lease_ttl: LEASE_TTL,
         }
     }
 
@@ -233,14 +237,22 @@ impl Bed2 {
 
     /// Starts server `i` (0 or 1) and waits until it has joined and serves.
     fn server(&self, i: usize) -> Daemon {
+        let server = self.spawn_server(i);
+        self.wait_ready(i, &server);
+        server
+    }
+
+    /// Starts server `i` (0 or 1) without waiting for it.
+    fn spawn_server(&self, i: usize) -> Daemon {
         let config = self.path(&format!("s{}.toml", i + 1));
         let advertise = ["198.18.91.2:2003", "198.18.92.2:2003"][i];
         std::fs::write(
             &config,
             format!(
-                "[cluster]\netcd = [\"{}\"]\nnode = \"s{}\"\nadvertise = \"{advertise}\"\nlease_ttl = {LEASE_TTL}\n",
+                "[cluster]\netcd = [\"{}\"]\nnode = \"s{}\"\nadvertise = \"{advertise}\"\nlease_ttl = {}\n",
                 self.etcd.url,
-                i + 1
+                i + 1,
+                self.lease_ttl
             ),
         )
         .expect("config");
@@ -268,7 +280,11 @@ impl Bed2 {
         for (_, public) in &self.keys[..3] {
             args.extend_from_slice(&["--peer", public]);
         }
-        let server = self.s[i].spawn_env(SIMPLEVPND, &args, &[("RUST_LOG", "info")]);
+        self.s[i].spawn_env(SIMPLEVPND, &args, &[("RUST_LOG", "info")])
+    }
+
+    /// Waits until server `i` has joined and serves.
+    fn wait_ready(&self, i: usize, server: &Daemon) {
         assert!(
             server.wait_for_log("server ready", STARTUP),
             "server {i} did not start:\n{}",
@@ -279,7 +295,6 @@ impl Bed2 {
             "{}",
             server.log()
         );
-        server
     }
 
     /// Starts a TLS client with key `key` in namespace `ns`, listing
@@ -478,6 +493,9 @@ fn without_etcd_sessions_go_on_and_new_grants_are_refused_until_it_is_back() {
         return;
     }
     let mut bed = Bed2::new("cletcd");
+    // Sessions go on without etcd for lease_ttl (then the server is
+    // fenced): long enough for everything below.
+    bed.lease_ttl = 30;
     let s2 = bed.server(1);
     // Both clients on s2 (a through its second link).
     let (_a, a_address) = bed.client(0, 0, &["198.18.3.1"]);
@@ -486,7 +504,7 @@ fn without_etcd_sessions_go_on_and_new_grants_are_refused_until_it_is_back() {
     expect_log(
         &s2,
         "etcd unreachable",
-        Duration::from_secs(2 * LEASE_TTL + 5),
+        Duration::from_secs(bed.lease_ttl / 3 + 5),
     );
     // An address outside the network is refused as such: checked before
     // etcd is asked (which would fail now).
@@ -514,6 +532,7 @@ fn without_etcd_sessions_go_on_and_new_grants_are_refused_until_it_is_back() {
     assert_eq!(&reply[12..16], &[255, 255, 0, 0], "a grant: {reply:02x?}");
     let granted = Ipv4Addr::new(reply[16], reply[17], reply[18], reply[19]);
     assert!(granted != a_address && granted != b_address, "{granted}");
+    assert!(!s2.log().contains("fenced:"), "{}", s2.log());
 }
 
 /// Whether `svpnctl --json peer list` on `socket` lists `key`.
@@ -618,6 +637,110 @@ fn many_clients_granted_at_once_through_both_servers_get_distinct_addresses() {
 }
 
 #[test]
+fn a_fenced_server_closes_its_clients_and_they_keep_their_addresses_on_the_other() {
+    if !require_root(
+        "a_fenced_server_closes_its_clients_and_they_keep_their_addresses_on_the_other",
+    ) {
+        return;
+    }
+    let bed = Bed2::new("clfence");
+    let s1 = bed.server(0);
+    let s2 = bed.server(1);
+    // a lists s1 then s2; b (on s2) stays where it is.
+    let (a, a_address) = bed.client(0, 0, &["198.18.1.1", "198.18.3.1"]);
+    let (_b, b_address) = bed.client(1, 1, &["198.18.2.1"]);
+    assert_eq!(listed(&bed.socket(0)), [a_address]);
+    // Both servers' peer lists, every 100 ms while it happens: no address
+    // is ever on both.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (stop, sockets) = (stop.clone(), [bed.socket(0), bed.socket(1)]);
+        std::thread::spawn(move || {
+            let mut samples = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let on_s1: HashSet<Ipv4Addr> = listed(&sockets[0]).into_iter().collect();
+                let on_s2: HashSet<Ipv4Addr> = listed(&sockets[1]).into_iter().collect();
+                let both: Vec<&Ipv4Addr> = on_s1.intersection(&on_s2).collect();
+                if !both.is_empty() {
+                    return Err(format!("held on both servers at once: {both:?}"));
+                }
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(samples)
+        })
+    };
+    // s1 loses etcd (etcd and the link between the servers go on).
+    let cut = std::time::Instant::now();
+    bed.s[0].ip(&["route", "add", "blackhole", "198.18.90.1/32"]);
+    expect_log(&s1, "fenced:", Duration::from_secs(LEASE_TTL + 5));
+    let fenced_after = cut.elapsed();
+    assert!(
+        fenced_after <= Duration::from_secs(LEASE_TTL + 1),
+        "fenced only after {fenced_after:?}"
+    );
+    let status = svpnctl_json(&bed.socket(0), &["status"]);
+    assert_eq!(status["cluster"]["health"], "fenced", "{status}");
+    assert_eq!(status["cluster"]["fenced"], true, "{status}");
+    let text = svpnctl(&bed.socket(0), &["status"], None);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("etcd fenced"), "{text}");
+    // a is closed on s1 and comes back on s2 with its address.
+    expect_log(
+        &s1,
+        "disconnected: this server is fenced",
+        Duration::from_secs(5),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || count(&a, "granted") >= 2),
+        "a was not granted again:\n{}",
+        a.log()
+    );
+    assert_eq!(tun_address(&bed.c[0]), Some(a_address));
+    assert!(
+        wait_until(Duration::from_secs(5), || listed(&bed.socket(1))
+            .contains(&a_address)),
+        "a is not on s2:\n{}",
+        s2.log()
+    );
+    assert!(listed(&bed.socket(0)).is_empty());
+    // s1 grants nothing while fenced.
+    let refused = {
+        use std::io::{Read, Write};
+        let mut stream = bed.c[0]
+            .tcp_connect("198.18.1.1:2002".parse().expect("addr"), STARTUP)
+            .expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        stream.write_all(&dynamic_request()).expect("ask");
+        let mut reply = [0u8; 20];
+        stream.read_exact(&mut reply).is_err()
+    };
+    assert!(refused, "s1 granted while fenced");
+    // a and b talk on s2.
+    tcp_round_trip(&bed.c[0], &bed.c[1], b_address, 7006, 50_000);
+    // etcd back for s1: no longer fenced.
+    bed.s[0].ip(&["route", "del", "blackhole", "198.18.90.1/32"]);
+    expect_log(&s1, "no longer fenced", Duration::from_secs(15));
+    let status = svpnctl_json(&bed.socket(0), &["status"]);
+    assert_eq!(status["cluster"]["health"], "reachable", "{status}");
+    assert_eq!(status["cluster"]["fenced"], false, "{status}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let samples = watcher
+        .join()
+        .expect("watcher")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(samples > 20, "only {samples} samples of the peer lists");
+    // Both clients are on s2, a with its own address.
+    let mut on_s2 = listed(&bed.socket(1));
+    on_s2.sort();
+    let mut both = vec![a_address, b_address];
+    both.sort();
+    assert_eq!(on_s2, both);
+}
+
+#[test]
 fn a_server_cut_off_from_etcd_past_its_lease_gives_up_an_address_granted_elsewhere() {
     if !require_root(
         "a_server_cut_off_from_etcd_past_its_lease_gives_up_an_address_granted_elsewhere",
@@ -630,9 +753,9 @@ fn a_server_cut_off_from_etcd_past_its_lease_gives_up_an_address_granted_elsewhe
     // a lists s1 only.
     let (a, a_address) = bed.client(0, 0, &["198.18.1.1"]);
     // s1 loses etcd (and etcd keeps running): past the TTL its lease, and
-    // with it a's address, is gone from etcd.
+    // with it a's address, is gone from etcd; s1 is fenced and closes a.
     bed.s[0].ip(&["route", "add", "blackhole", "198.18.90.1/32"]);
-    expect_log(&s1, "etcd unreachable", Duration::from_secs(LEASE_TTL + 5));
+    expect_log(&s1, "fenced:", Duration::from_secs(LEASE_TTL + 5));
     expect_log(
         &s2,
         "a server left the cluster",
@@ -642,15 +765,10 @@ fn a_server_cut_off_from_etcd_past_its_lease_gives_up_an_address_granted_elsewhe
     let (_holder, reply) = ask_s2(&bed, &static_request(a_address));
     let reply = reply.expect("a grant");
     assert_eq!(&reply[16..20], &a_address.octets(), "{reply:02x?}");
-    // s1 reaches etcd again: its lease ran out, it takes a new one, finds
-    // a's address held by s2's client and closes a; a gets another address.
+    // s1 reaches etcd again: its lease ran out, it takes a new one and
+    // grants again; a, which only knows s1, gets another address there.
     bed.s[0].ip(&["route", "del", "blackhole", "198.18.90.1/32"]);
     expect_log(&s1, "lease ran out", Duration::from_secs(15));
-    expect_log(
-        &s1,
-        &format!("{a_address} is held by remote:198.18.2.2 on server s2 now"),
-        Duration::from_secs(5),
-    );
     assert!(
         wait_until(Duration::from_secs(15), || {
             tun_address(&bed.c[0]).is_some_and(|address| address != a_address)
@@ -729,4 +847,121 @@ fn a_cluster_server_with_network6_is_refused_at_start() {
         stderr.trim_end(),
         "simplevpnd: cluster: [cluster] with network6 is not supported yet"
     );
+}
+
+/// An original-protocol session from client namespace `ns` to `server`
+/// (HOST:PORT) asking for any address: the connection and its address.
+fn raw_session(bed: &Bed2, ns: usize, server: &str) -> (std::net::TcpStream, Ipv4Addr) {
+    use std::io::{Read, Write};
+    let mut stream = bed.c[ns]
+        .tcp_connect(server.parse().expect("addr"), STARTUP)
+        .expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    stream
+        .set_read_timeout(Some(STARTUP))
+        .expect("read timeout");
+    stream.write_all(&dynamic_request()).expect("ask");
+    let mut reply = [0u8; 20];
+    stream.read_exact(&mut reply).expect("a grant");
+    (
+        stream,
+        Ipv4Addr::new(reply[16], reply[17], reply[18], reply[19]),
+    )
+}
+
+/// Whether `marker` arrives on `stream` within `within` (whatever else
+/// arrives with it).
+fn arrives(stream: &mut std::net::TcpStream, marker: &[u8], within: Duration) -> bool {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + within;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+        if seen.windows(marker.len()).any(|w| w == marker) {
+            return true;
+        }
+    }
+    false
+}
+
+/// The links between two servers form every time: the pair started twenty
+/// times on one etcd (both at once, so that each registers while the other
+/// reads the cluster's state and starts watching), a session on each, and a
+/// packet from each side arriving at the other within a few seconds. Before
+/// the fix a server sometimes never learned of the other: its watch began
+/// after it had read the members, and a member registered in between was
+/// missed.
+#[test]
+fn two_servers_started_twenty_times_link_every_time() {
+    if !require_root("two_servers_started_twenty_times_link_every_time") {
+        return;
+    }
+    let bed = Bed2::new("clflake");
+    let started = std::time::Instant::now();
+    for round in 0..20 {
+        let mut servers = [bed.spawn_server(0), bed.spawn_server(1)];
+        for (i, server) in servers.iter().enumerate() {
+            bed.wait_ready(i, server);
+        }
+        let mut sessions = [
+            raw_session(&bed, 0, "198.18.1.1:2002"),
+            raw_session(&bed, 1, "198.18.2.1:2002"),
+        ];
+        for (from, to) in [(0, 1), (1, 0)] {
+            let (a, b) = (sessions[from].1, sessions[to].1);
+            let marker = format!("round {round} from {a} to {b}");
+            let packet = udp_packet(a, b, marker.as_bytes());
+            // The link is dialed on the first packet for the other server
+            // (dropped meanwhile): send until one arrives.
+            let mut crossed = false;
+            for _ in 0..20 {
+                use std::io::Write;
+                sessions[from].0.write_all(&packet).expect("send");
+                if arrives(
+                    &mut sessions[to].0,
+                    marker.as_bytes(),
+                    Duration::from_millis(250),
+                ) {
+                    crossed = true;
+                    break;
+                }
+            }
+            let status = svpnctl_json(&bed.socket(from), &["status"]);
+            assert!(
+                crossed,
+                "round {round}: no packet from s{}'s client reached s{}'s within 5 s; its status:\n{status}\n{}",
+                from + 1,
+                to + 1,
+                servers[from].log()
+            );
+            let members: Vec<&str> = status["cluster"]["members"]
+                .as_array()
+                .expect("members")
+                .iter()
+                .filter_map(|m| m["node"].as_str())
+                .collect();
+            assert_eq!(members, ["s1", "s2"], "round {round}: {status}");
+            assert_eq!(
+                status["cluster"]["links"][0]["up"], true,
+                "round {round}: {status}"
+            );
+        }
+        drop(sessions);
+        // Stopped (their leases revoked) before the next round.
+        for (i, server) in servers.iter_mut().enumerate() {
+            assert!(
+                server.terminate(Duration::from_secs(10)).is_some(),
+                "round {round}: s{} did not stop",
+                i + 1
+            );
+        }
+    }
+    eprintln!("twenty rounds took {:?}", started.elapsed());
 }

@@ -53,6 +53,10 @@ pub enum EtcdError {
     Timeout,
     #[error("etcd: {0}")]
     Protocol(&'static str),
+    /// A watch asked for changes older than etcd keeps (it compacted them
+    /// up to this revision): the state must be read afresh.
+    #[error("etcd: the changes since the watch's revision were compacted (up to {0})")]
+    Compacted(i64),
 }
 
 /// An etcd event seen by a watch.
@@ -60,6 +64,14 @@ pub enum EtcdError {
 pub enum Change {
     Put { key: String, value: Vec<u8> },
     Delete { key: String },
+}
+
+/// A change seen by a watch, with the revision that made it: a watch that
+/// breaks goes on from the last one applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub revision: i64,
+    pub change: Change,
 }
 
 /// A connection to an etcd cluster (its endpoints balanced); cheap to clone.
@@ -149,6 +161,23 @@ impl Etcd {
             ..Default::default()
         };
         Ok(timed(self.kv.clone().range(request)).await?.kvs)
+    }
+
+    /// etcd's current revision (read with the keys under `prefix`, which are
+    /// not sent): whatever is read after this call is at least that new, so
+    /// a watch from the revision after it misses no change.
+    pub async fn revision(&self, prefix: &str) -> Result<i64, EtcdError> {
+        let request = RangeRequest {
+            key: prefix.as_bytes().to_vec(),
+            range_end: prefix_end(prefix),
+            count_only: true,
+            ..Default::default()
+        };
+        timed(self.kv.clone().range(request))
+            .await?
+            .header
+            .map(|header| header.revision)
+            .ok_or(EtcdError::Protocol("a range reply without a header"))
     }
 
     /// Sets `key` to `value`, attached to `lease` (0: none).
@@ -287,12 +316,13 @@ impl Etcd {
 
     /// Watches every key under `prefix` from `revision` on (0: from now),
     /// sending each change to `changes` until the stream fails or `changes`
-    /// is closed. Returns why it ended.
+    /// is closed. Returns why it ended ([`EtcdError::Compacted`] if etcd no
+    /// longer has the changes from `revision`).
     pub async fn watch(
         &self,
         prefix: &str,
         revision: i64,
-        changes: &mpsc::Sender<Change>,
+        changes: &mpsc::Sender<Event>,
     ) -> EtcdError {
         let (tx, rx) = mpsc::channel(1);
         let create = WatchRequest {
@@ -320,12 +350,16 @@ impl Etcd {
                 Some(Err(status)) => return status.into(),
                 None => return EtcdError::Protocol("watch stream ended"),
             };
+            if reply.compact_revision > 0 {
+                return EtcdError::Compacted(reply.compact_revision);
+            }
             if reply.canceled {
                 return EtcdError::Protocol("watch cancelled by etcd");
             }
             for event in reply.events {
                 let Some(kv) = event.kv else { continue };
                 let key = String::from_utf8_lossy(&kv.key).into_owned();
+                let revision = kv.mod_revision;
                 let change = match event.r#type {
                     0 => Change::Put {
                         key,
@@ -333,7 +367,7 @@ impl Etcd {
                     },
                     _ => Change::Delete { key },
                 };
-                if changes.send(change).await.is_err() {
+                if changes.send(Event { revision, change }).await.is_err() {
                     drop(tx);
                     return EtcdError::Protocol("watch no longer wanted");
                 }

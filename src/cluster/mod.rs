@@ -16,6 +16,14 @@
 //! could be granted twice. When etcd answers again the server re-asserts
 //! every address it holds (a new lease if the old one ran out); an address
 //! that another server took meanwhile is closed here.
+//!
+//! A server that has not renewed its lease for `lease_ttl` is *fenced*:
+//! etcd may have let the lease run out and freed its addresses, so another
+//! server could grant them. It closes its clients' sessions at once (they
+//! fail over to a server that reaches etcd, keeping their addresses) and
+//! grants nothing until etcd answers again. The time counts from when the
+//! last successful renewal was sent, before etcd received it, so the
+//! server is fenced no later than etcd frees its addresses.
 
 pub mod config;
 pub mod etcd;
@@ -55,6 +63,9 @@ pub trait ClusterHooks: Send + Sync {
     fn unbanned(&self, who: Banned);
     /// The peers added live changed (on any server): these are all of them.
     fn peers(&self, peers: Vec<PeerSection>);
+    /// This server is fenced (its etcd lease not renewed for `lease_ttl`):
+    /// close every client's session here.
+    fn fenced(&self);
 }
 
 /// A change this server makes to the shared state, written by `maintain`.
@@ -71,6 +82,9 @@ pub enum Health {
     Reachable,
     /// New grants are refused until etcd answers again.
     Degraded,
+    /// The lease was not renewed for `lease_ttl`: the clients' sessions
+    /// were closed, and nothing is granted until etcd answers again.
+    Fenced,
 }
 
 /// This server's membership in the cluster and its view of the shared state.
@@ -81,7 +95,16 @@ pub struct Cluster {
     leases: Leases,
     /// This server's etcd lease; 0 while it has none.
     lease: AtomicI64,
+    /// The etcd revision the state below was last read afresh at: the
+    /// watch goes on from the revision after it, so that no change made
+    /// between the read and the watch is missed.
+    loaded: AtomicI64,
     reachable: AtomicBool,
+    /// Set when the lease went unrenewed for `lease_ttl`; cleared when etcd
+    /// answers again.
+    fenced: AtomicBool,
+    /// When the last successful renewal (or the lease's grant) was sent.
+    renewed: Mutex<tokio::time::Instant>,
     /// The addresses this server's clients hold: re-asserted when etcd
     /// comes back.
     held: Mutex<HashMap<Ipv4Addr, Claimant>>,
@@ -100,6 +123,13 @@ pub struct Cluster {
     writes: mpsc::UnboundedSender<Write>,
     pending: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
 }
+
+/// How long after a watch ends (etcd unreachable, say) it is made again.
+const WATCH_RETRY: Duration = Duration::from_secs(1);
+/// Why a fenced server grants nothing.
+const FENCED: &str = "this server is fenced: its lease was not renewed for lease_ttl";
+/// How often a fenced server looks whether a renewal ended it.
+const FENCE_POLL: Duration = Duration::from_millis(200);
 
 fn unix_secs(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -137,7 +167,10 @@ impl Cluster {
             leases,
             prefix,
             lease: AtomicI64::new(0),
+            loaded: AtomicI64::new(0),
             reachable: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
+            renewed: Mutex::new(tokio::time::Instant::now()),
             held: Mutex::new(HashMap::new()),
             key,
             bans: Mutex::new(HashMap::new()),
@@ -149,7 +182,7 @@ impl Cluster {
             config,
         });
         cluster.register().await?;
-        cluster.load().await?;
+        cluster.load().await.map(drop)?;
         cluster.reachable.store(true, Ordering::Relaxed);
         Ok(cluster)
     }
@@ -159,14 +192,29 @@ impl Cluster {
     }
 
     pub fn health(&self) -> Health {
+        if self.fenced.load(Ordering::Relaxed) {
+            return Health::Fenced;
+        }
         match self.reachable.load(Ordering::Relaxed) {
             true => Health::Reachable,
             false => Health::Degraded,
         }
     }
 
+    /// The lease was renewed by a call sent at `sent`.
+    fn renewed_at(&self, sent: tokio::time::Instant) {
+        let mut renewed = self.renewed.lock().unwrap_or_else(|e| e.into_inner());
+        *renewed = (*renewed).max(sent);
+    }
+
+    /// When this server is fenced unless its lease is renewed before.
+    fn fence_at(&self) -> tokio::time::Instant {
+        *self.renewed.lock().unwrap_or_else(|e| e.into_inner()) + self.config.lease_ttl
+    }
+
     /// A new etcd lease, with this server's membership under it.
     async fn register(&self) -> Result<(), EtcdError> {
+        let sent = tokio::time::Instant::now();
         let lease = self.etcd.grant(self.config.lease_ttl).await?;
         let member = Member {
             node: self.config.node.clone(),
@@ -177,13 +225,17 @@ impl Cluster {
             .put(&member.etcd_key(&self.prefix), member.encode(), lease)
             .await?;
         self.lease.store(lease, Ordering::Relaxed);
+        self.renewed_at(sent);
         info!(node = %self.config.node, lease, ttl = self.config.lease_ttl.as_secs(), "joined the cluster");
         Ok(())
     }
 
     /// Reads the bans, the address holders, the members and the live
-    /// peers afresh.
-    async fn load(&self) -> Result<(), EtcdError> {
+    /// peers afresh; returns etcd's revision from before the reads (every
+    /// read is at least that new; a watch from the revision after it
+    /// replays anything newer, which comes to the same state).
+    async fn load(&self) -> Result<i64, EtcdError> {
+        let revision = self.etcd.revision(&self.prefix).await?;
         self.load_bans().await?;
         let live = peers::list(&self.etcd, &self.prefix)
             .await?
@@ -200,7 +252,8 @@ impl Cluster {
             .map(|m| (m.node.clone(), Arc::new(m)))
             .collect();
         *self.members.write().unwrap_or_else(|e| e.into_inner()) = members;
-        Ok(())
+        self.loaded.store(revision, Ordering::Relaxed);
+        Ok(revision)
     }
 
     /// The other server whose client holds `address`, if one does. Asked
@@ -278,6 +331,9 @@ impl Cluster {
         usable: impl Fn(Ipv4Addr) -> bool,
     ) -> Result<Ipv4Addr, ClaimError> {
         let lease = self.lease.load(Ordering::Relaxed);
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err(ClaimError::Unreachable(EtcdError::Protocol(FENCED)));
+        }
         if !self.reachable.load(Ordering::Relaxed) || lease == 0 {
             return Err(ClaimError::Unreachable(EtcdError::Protocol(
                 "not reachable since the last renewal of this server's lease",
@@ -295,6 +351,12 @@ impl Cluster {
         let free = |address| !self.view().is_held(address) && usable(address);
         let address = self.leases.claim(claimant, wanted, lease, free).await?;
         self.hold(address, claimant);
+        // Fenced while it was claimed: the fence closed the others and
+        // would miss this one.
+        if self.fenced.load(Ordering::SeqCst) {
+            self.release(claimant, address).await;
+            return Err(ClaimError::Unreachable(EtcdError::Protocol(FENCED)));
+        }
         Ok(address)
     }
 
@@ -337,6 +399,7 @@ impl Cluster {
         shutdown: CancellationToken,
     ) {
         let watch = tokio::spawn(self.clone().watch(hooks.clone(), shutdown.clone()));
+        let guard = tokio::spawn(self.clone().guard(hooks.clone(), shutdown.clone()));
         let mut writes = self
             .pending
             .lock()
@@ -384,6 +447,7 @@ impl Cluster {
                 };
         }
         watch.abort();
+        guard.abort();
         // Leaving: the addresses go at once, not after the TTL.
         let lease = self.lease.load(Ordering::Relaxed);
         if lease != 0 {
@@ -399,10 +463,14 @@ impl Cluster {
     /// One renewal; false while etcd does not answer.
     async fn renew(&self, hooks: &Arc<dyn ClusterHooks>) -> bool {
         let lease = self.lease.load(Ordering::Relaxed);
+        let sent = tokio::time::Instant::now();
         let renewed = match lease {
             0 => Ok(false),
             lease => self.etcd.keep_alive(lease).await,
         };
+        if let Ok(true) = renewed {
+            self.renewed_at(sent);
+        }
         let result = match renewed {
             Ok(true) => Ok(()),
             Ok(false) => {
@@ -424,6 +492,9 @@ impl Cluster {
                     info!("etcd reachable again: new grants are served");
                 }
                 self.reachable.store(true, Ordering::Relaxed);
+                if self.fenced.swap(false, Ordering::Relaxed) {
+                    info!(node = %self.config.node, "no longer fenced: this server's lease is renewed again");
+                }
                 true
             }
             Err(e) => {
@@ -434,6 +505,43 @@ impl Cluster {
                 false
             }
         }
+    }
+
+    /// Fences this server when its lease goes unrenewed for `lease_ttl`
+    /// (see the module's documentation), until `shutdown`. A timer of its
+    /// own: a renewal may hang on an etcd that does not answer.
+    async fn guard(self: Arc<Self>, hooks: Arc<dyn ClusterHooks>, shutdown: CancellationToken) {
+        loop {
+            let at = match self.fenced.load(Ordering::Relaxed) {
+                // Until a renewal ends it.
+                true => tokio::time::Instant::now() + FENCE_POLL,
+                false => self.fence_at(),
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(at) => {}
+            }
+            if !self.fenced.load(Ordering::Relaxed)
+                && self.fence_at() <= tokio::time::Instant::now()
+            {
+                self.fence(&hooks);
+            }
+        }
+    }
+
+    fn fence(&self, hooks: &Arc<dyn ClusterHooks>) {
+        self.fenced.store(true, Ordering::SeqCst);
+        self.reachable.store(false, Ordering::Relaxed);
+        // Closed here, and maybe granted elsewhere: not re-asserted when
+        // etcd answers again.
+        let held = std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner()));
+        warn!(
+            node = %self.config.node,
+            ttl = self.config.lease_ttl.as_secs(),
+            clients = held.len(),
+            "fenced: this server's etcd lease was not renewed for lease_ttl, so its addresses may be granted elsewhere; its clients' sessions are closed and nothing is granted until etcd answers again"
+        );
+        hooks.fenced();
     }
 
     /// Makes etcd agree with this server: each address its clients hold is
@@ -509,47 +617,90 @@ impl Cluster {
         }
     }
 
-    /// Applies what other servers change, as etcd reports it; watches again
-    /// after a failure (reading the bans afresh).
+    /// Applies what other servers change, as etcd reports it, from the
+    /// revision after the one the state was read at (in `join`), so nothing
+    /// written meanwhile is missed. A watch that ends is made again from
+    /// the revision after the last change applied; if etcd no longer has
+    /// those changes (compacted) or went back in time (its data lost), the
+    /// state is read afresh and the watch goes on from there.
     async fn watch(self: Arc<Self>, hooks: Arc<dyn ClusterHooks>, shutdown: CancellationToken) {
+        let mut from = self.loaded.load(Ordering::Relaxed) + 1;
+        let mut reload = false;
         loop {
+            if reload {
+                match self.load().await {
+                    Ok(revision) => {
+                        info!(revision, "read the cluster's state afresh");
+                        from = revision + 1;
+                        reload = false;
+                        self.reapply(&hooks);
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "the cluster's state not read yet");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(WATCH_RETRY) => continue,
+                        }
+                    }
+                }
+            }
             let (tx, mut rx) = mpsc::channel(64);
             let etcd = self.etcd.clone();
             let prefix = self.prefix.clone();
-            let watching = tokio::spawn(async move { etcd.watch(&prefix, 0, &tx).await });
+            let watching = tokio::spawn(async move { etcd.watch(&prefix, from, &tx).await });
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => {
                         watching.abort();
                         return;
                     }
-                    change = rx.recv() => match change {
-                        Some(change) => self.apply(change, &hooks),
+                    event = rx.recv() => match event {
+                        Some(event) => {
+                            self.apply(event.change, &hooks);
+                            from = from.max(event.revision + 1);
+                        }
                         None => break,
                     },
                 }
             }
-            if let Ok(why) = watching.await {
-                debug!(error = %why, "etcd watch ended; watching again");
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            if self.load().await.is_ok() {
-                let bans: Vec<Ban> = self
-                    .bans
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .map(|(who, until)| Ban {
-                        who: who.clone(),
-                        until: *until,
-                    })
-                    .collect();
-                for ban in bans {
-                    hooks.banned(ban);
+            match watching.await {
+                Ok(EtcdError::Compacted(upto)) => {
+                    warn!(from, compacted = upto, "etcd no longer has the changes this server missed: reading the cluster's state afresh");
+                    reload = true;
                 }
-                hooks.peers(self.live_peers());
+                Ok(why) => debug!(error = %why, from, "etcd watch ended; watching again"),
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(WATCH_RETRY) => {}
+            }
+            if let Ok(now) = self.etcd.revision(&self.prefix).await {
+                if now + 1 < from {
+                    warn!(from, now, "etcd's revision went back (its data was replaced): reading the cluster's state afresh");
+                    reload = true;
+                }
             }
         }
+    }
+
+    /// After the state was read afresh: the bans and live peers it holds
+    /// are applied again (changes to them may have been missed).
+    fn reapply(&self, hooks: &Arc<dyn ClusterHooks>) {
+        let bans: Vec<Ban> = self
+            .bans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(who, until)| Ban {
+                who: who.clone(),
+                until: *until,
+            })
+            .collect();
+        for ban in bans {
+            hooks.banned(ban);
+        }
+        hooks.peers(self.live_peers());
     }
 
     fn apply(&self, change: Change, hooks: &Arc<dyn ClusterHooks>) {

@@ -475,6 +475,7 @@ fn cluster_json(c: &proto::ClusterStatus) -> Value {
     json!({
         "node": c.node,
         "health": c.health,
+        "fenced": c.fenced,
         "members": c.members.iter().map(|m| json!({
             "node": m.node,
             "advertise": m.advertise,

@@ -93,6 +93,19 @@ pub fn lost(peers: &PeerTable, events: &Events, address: Ipv4Addr, holder: &Hold
     }
 }
 
+/// This server is fenced (its etcd lease went unrenewed for `lease_ttl`):
+/// every client's session is closed, so that it fails over to a server that
+/// reaches etcd, where it keeps its address.
+pub fn fenced(peers: &PeerTable, events: &Events) {
+    let reason = "this server is fenced: cut off from the cluster's state (etcd) for lease_ttl";
+    for (address, _) in peers.connected() {
+        if let Some(peer) = peers.kick(address) {
+            warn!(addr = %address, remote = %peer.remote, "disconnected: {reason}");
+            events.publish(EventKind::Kicked, peer.remote, Some(address), reason);
+        }
+    }
+}
+
 /// A ban made on another server: refused here too, its connections closed.
 pub fn banned(peers: &PeerTable, events: &Events, ban: Ban) {
     for peer in peers.ban_who(ban.who.clone(), ban.until) {
@@ -109,8 +122,10 @@ pub fn status(cluster: &Cluster, links: Option<&Links>) -> proto::ClusterStatus 
         health: match cluster.health() {
             Health::Reachable => "reachable",
             Health::Degraded => "degraded",
+            Health::Fenced => "fenced",
         }
         .into(),
+        fenced: cluster.health() == Health::Fenced,
         members: cluster
             .known_members()
             .into_iter()

@@ -1417,6 +1417,10 @@ impl ClusterHooks for Shared {
         super::cluster::banned(&self.peers, &self.events, ban);
     }
 
+    fn fenced(&self) {
+        super::cluster::fenced(&self.peers, &self.events);
+    }
+
     fn unbanned(&self, who: Banned) {
         if self.peers.unban(&who, SystemTime::now()) {
             info!(who = %who, "ban lifted on another server of the cluster");
