@@ -118,3 +118,12 @@ mod tests {
         assert_eq!((MIN_GSO_SEGMENT_TCP, MIN_GSO_SEGMENT_UDP), (536, 512));
     }
 }
+
+/// Largest message of a joining connection (`simplevpnd join`, the
+/// [`crate::join`] codec): a request is under 100 bytes, an acceptance
+/// with eight server keys under 350.
+pub const MAX_JOIN_MESSAGE: usize = 512;
+
+/// How long a joining connection may take from its TLS handshake to its
+/// request: it is unauthenticated until the request is checked.
+pub const JOIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
