@@ -40,6 +40,10 @@ use crate::join::JoinRefusal;
 use crate::keys::PublicKey;
 use crate::limits::STORE_BUSY_TIMEOUT;
 
+/// How long an invitation stays listed after it expired (used, revoked or
+/// not), before `expire` deletes it.
+pub const INVITE_HISTORY: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
 /// The database's file name inside `state_dir`.
 pub const STATE_FILE: &str = "state.db";
 
@@ -210,7 +214,8 @@ pub trait StateStore: Send + Sync {
     fn put_peer(&self, peer: &PeerSection) -> Result<(), StoreError>;
     /// Forgets a peer added at run time; false if it was not stored.
     fn remove_peer(&self, key: &PublicKey) -> Result<bool, StoreError>;
-    /// Deletes leases and bans expired at `now`; returns how many.
+    /// Deletes leases and bans expired at `now`, and invitations expired
+    /// [`INVITE_HISTORY`] before; returns how many.
     fn expire(&self, now: SystemTime) -> Result<usize, StoreError>;
     /// Stores a new invitation; refused if an open one of the same name has
     /// not expired at `now` (an expired one is replaced).
@@ -595,7 +600,12 @@ impl StateStore for SqliteStore {
         self.write(|tx| {
             let leases = tx.execute("DELETE FROM leases WHERE expires <= ?1", [now])?;
             let bans = tx.execute("DELETE FROM bans WHERE until <= ?1", [now])?;
-            Ok(leases + bans)
+            // Invitations are listed for a while after they end, then go.
+            let invites = tx.execute(
+                "DELETE FROM invites WHERE expires <= ?1",
+                [now.saturating_sub(INVITE_HISTORY.as_secs() as i64)],
+            )?;
+            Ok(leases + bans + invites)
         })
     }
 
@@ -964,6 +974,15 @@ mod tests {
                 ("ee".to_string(), InviteState::Open),
             ]
         );
+        // Listed for a while after their end, then deleted.
+        store
+            .expire(later + Duration::from_secs(2))
+            .expect("expire");
+        assert_eq!(store.invites().expect("list").len(), 3);
+        store
+            .expire(later + INVITE_HISTORY + Duration::from_secs(2))
+            .expect("expire");
+        assert!(store.invites().expect("list").is_empty());
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -158,6 +158,23 @@ pub fn server_config(
     key: &NodeKey,
     allowed: AllowedKeys,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    pinned_server(key, Some(allowed), ALPN_EXTENSION)
+}
+
+/// The TLS config of a joining connection on the server's side
+/// ([`crate::join::ALPN_JOIN`]): TLS 1.3 only, any well-formed Ed25519
+/// client certificate (the joiner proves its key; the invitation's secret,
+/// checked after the handshake, proves it may join). Used only for a
+/// ClientHello that offers that ALPN, and it selects only that one.
+pub fn join_server_config(key: &NodeKey) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    pinned_server(key, None, crate::join::ALPN_JOIN)
+}
+
+fn pinned_server(
+    key: &NodeKey,
+    allowed: Option<AllowedKeys>,
+    alpn: &[u8],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let (certs, private) = identity(key)?;
     let verifier = Arc::new(PinnedClients {
         allowed,
@@ -169,26 +186,7 @@ pub fn server_config(
         .with_single_cert(certs, private)?;
     // One long connection per client: resumption tickets would be unused.
     config.send_tls13_tickets = 0;
-    config.alpn_protocols = vec![ALPN_EXTENSION.to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// The TLS config of a joining connection on the server's side
-/// ([`crate::join::ALPN_JOIN`]): TLS 1.3 only, any well-formed Ed25519
-/// client certificate (the joiner proves its key; the invitation's secret,
-/// checked after the handshake, proves it may join). Used only for a
-/// ClientHello that offers that ALPN, and it selects only that one.
-pub fn join_server_config(key: &NodeKey) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let (certs, private) = identity(key)?;
-    let verifier = Arc::new(AnyClient {
-        signatures: Signatures::new(),
-    });
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, private)?;
-    config.send_tls13_tickets = 0;
-    config.alpn_protocols = vec![crate::join::ALPN_JOIN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -252,53 +250,11 @@ pub fn check_sni(sni: Option<String>) -> Result<Option<String>, crate::config::C
     }
 }
 
-/// Accepts any client certificate with an Ed25519 key (a joining host's).
-#[derive(Debug)]
-struct AnyClient {
-    signatures: Signatures,
-}
-
-impl ClientCertVerifier for AnyClient {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, Error> {
-        certificate_key(end_entity).map(|_| ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.signatures.tls12()
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.signatures.tls13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        Signatures::schemes()
-    }
-}
-
-/// Accepts client certificates whose key is listed.
+/// Accepts client certificates whose key is listed; with no list, any
+/// Ed25519 key (a joining host's).
 #[derive(Debug)]
 struct PinnedClients {
-    allowed: AllowedKeys,
+    allowed: Option<AllowedKeys>,
     signatures: Signatures,
 }
 
@@ -314,7 +270,7 @@ impl ClientCertVerifier for PinnedClients {
         _now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         let key = certificate_key(end_entity)?;
-        match self.allowed.contains(&key) {
+        match self.allowed.as_ref().is_none_or(|a| a.contains(&key)) {
             true => Ok(ClientCertVerified::assertion()),
             false => Err(Error::General(format!("unknown client key {key}"))),
         }

@@ -150,6 +150,8 @@ pub enum AdminError {
     NoKey,
     #[error("no open invitation is named {0:?}")]
     NoSuchInvite(String),
+    #[error("{0}")]
+    Cluster(#[from] crate::cluster::etcd::EtcdError),
 }
 
 impl From<AdminError> for Status {
@@ -166,7 +168,7 @@ impl From<AdminError> for Status {
                 Status::already_exists(message)
             }
             AdminError::Store(_) => Status::internal(message),
-            AdminError::Stopping => Status::unavailable(message),
+            AdminError::Stopping | AdminError::Cluster(_) => Status::unavailable(message),
         }
     }
 }

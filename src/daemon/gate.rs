@@ -428,24 +428,22 @@ impl Gate {
             .client_hello()
             .alpn()
             .is_some_and(|mut offered| offered.any(|p| p == crate::join::ALPN_JOIN));
-        if let (true, Some(join)) = (joining, &self.join_tls) {
-            let stream = start
-                .into_stream(join.clone())
-                .await
-                .map_err(|e| Rejection::Handshake(e.to_string()))?;
-            let key = tls::peer_key(stream.get_ref().1)
-                .ok_or_else(|| Rejection::Handshake("no client key".into()))?;
-            return Err(Rejection::Join(Joining {
-                stream: Box::new(stream),
-                key,
-            }));
-        }
+        let config = match (joining, &self.join_tls) {
+            (true, Some(join)) => join,
+            _ => config,
+        };
         let stream = start
             .into_stream(config.clone())
             .await
             .map_err(|e| Rejection::Handshake(e.to_string()))?;
         let key = tls::peer_key(stream.get_ref().1)
             .ok_or_else(|| Rejection::Handshake("no client key".into()))?;
+        if joining {
+            return Err(Rejection::Join(Joining {
+                stream: Box::new(stream),
+                key,
+            }));
+        }
         // Removed between the handshake and now: refused like an unknown key.
         let peer = self
             .peer(&key)

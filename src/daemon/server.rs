@@ -64,6 +64,7 @@ use super::peers::{Banned, Granted, Peer, PeerInfo, PeerTable};
 use super::portshare;
 use super::{ControlOptions, DaemonError};
 use crate::budget::MemoryBudget;
+use crate::cluster::invites::InviteStoreError;
 use crate::cluster::{Cluster, ClusterHooks};
 use crate::config::{
     check_peers, ClientToClient, ConfigError, PeerSection, ServerConfig, ServerSource,
@@ -82,7 +83,7 @@ use crate::privsep::protocol::Forwarding;
 use crate::proto;
 use crate::session::server::{pushed_params, Action, DropReason, Ending, Offer, ServerSession};
 use crate::session::Protocol;
-use crate::state::{Ban, Invite, InviteState, Lease, SqliteStore, StateStore};
+use crate::state::{Ban, Invite, InviteState, Lease, SqliteStore, StateStore, StoreError};
 use crate::wire::{ip_addresses, Control, Decoder, Features, Frame, CONTROL_LEN};
 use crate::wire::{IPV6_HEADER_LEN, SUPER_HEADER_LEN};
 use crate::workers::WorkerPool;
@@ -643,7 +644,10 @@ async fn serve(
         }
         Ok(Err(Rejection::Join(joining))) => {
             // Still counted as unauthenticated (`pending`) until it is done.
-            Box::pin(join(&shared, joining, remote)).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                () = Box::pin(join(&shared, joining, remote)) => {}
+            }
             drop(pending);
             return;
         }
@@ -1473,7 +1477,7 @@ async fn administer(shared: &Arc<Shared>, helper: &Helper, tun: u32, request: Ad
             let _ = reply.send(result);
         }
         AdminRequest::ListInvites { reply } => {
-            let _ = reply.send(shared.store.invites().map_err(AdminError::from));
+            let _ = reply.send(shared.invites().await);
         }
         AdminRequest::RevokeInvite { name, reply } => {
             let _ = reply.send(revoke_invite(shared, &name).await);
@@ -1682,22 +1686,64 @@ async fn create_invite(
         expires: now + request.ttl,
         state: InviteState::Open,
     };
-    shared.store.put_invite(&invite, now)?;
+    match &shared.cluster {
+        Some(cluster) => cluster
+            .put_invite(&invite, now)
+            .await
+            .map_err(|e| match e {
+                InviteStoreError::Exists(name) => StoreError::InviteExists(name).into(),
+                InviteStoreError::Etcd(e) => AdminError::Cluster(e),
+            })?,
+        None => shared.store.put_invite(&invite, now)?,
+    }
     Ok((invite, token))
 }
 
 /// Revokes the open invitation named `name`.
 async fn revoke_invite(shared: &Arc<Shared>, name: &str) -> Result<Invite, AdminError> {
-    if !shared.store.revoke_invite(name)? {
-        return Err(AdminError::NoSuchInvite(name.to_string()));
+    let revoked = match &shared.cluster {
+        Some(cluster) => cluster.revoke_invite(name).await?,
+        None => match shared.store.revoke_invite(name)? {
+            true => shared
+                .store
+                .invites()?
+                .into_iter()
+                .rev()
+                .find(|i| i.name == name && i.state == InviteState::Revoked),
+            false => None,
+        },
+    };
+    revoked.ok_or_else(|| AdminError::NoSuchInvite(name.to_string()))
+}
+
+impl Shared {
+    /// Every invitation: in etcd in a cluster, else in the state store.
+    async fn invites(&self) -> Result<Vec<Invite>, AdminError> {
+        match &self.cluster {
+            Some(cluster) => Ok(cluster.invites().await?),
+            None => Ok(self.store.invites()?),
+        }
     }
-    shared
-        .store
-        .invites()?
-        .into_iter()
-        .rev()
-        .find(|i| i.name == name && i.state == InviteState::Revoked)
-        .ok_or_else(|| AdminError::NoSuchInvite(name.to_string()))
+
+    /// See [`StateStore::redeem_invite`]; in etcd in a cluster.
+    async fn redeem_invite(
+        &self,
+        hash: &str,
+        name: &str,
+    ) -> Result<Result<Invite, JoinRefusal>, AdminError> {
+        let now = SystemTime::now();
+        match &self.cluster {
+            Some(cluster) => Ok(cluster.redeem_invite(hash, name, now).await?),
+            None => Ok(self.store.redeem_invite(hash, name, now)?),
+        }
+    }
+
+    async fn unredeem_invite(&self, hash: &str) -> Result<(), AdminError> {
+        match &self.cluster {
+            Some(cluster) => Ok(cluster.unredeem_invite(hash).await?),
+            None => Ok(self.store.unredeem_invite(hash)?),
+        }
+    }
 }
 
 /// Serves a host joining with an invitation: one request within
@@ -1774,10 +1820,7 @@ async fn redeem(
     key: PublicKey,
 ) -> Result<JoinAccepted, JoinRefusal> {
     let hash = request.secret.hash();
-    let invite = match shared
-        .store
-        .redeem_invite(&hash, &request.name, SystemTime::now())
-    {
+    let invite = match shared.redeem_invite(&hash, &request.name).await {
         Ok(result) => result?,
         Err(e) => {
             warn!(error = %e, "join: the state store failed");
@@ -1803,7 +1846,7 @@ async fn redeem(
     };
     if let Err(e) = added {
         // Not joined: the invitation stays as it was.
-        if let Err(e) = shared.store.unredeem_invite(&hash) {
+        if let Err(e) = shared.unredeem_invite(&hash).await {
             warn!(error = %e, "join: the invitation could not be opened again");
         }
         return Err(match e {
