@@ -6,7 +6,6 @@ mod common;
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -778,15 +777,7 @@ fn an_invitation_made_on_one_server_is_redeemed_on_the_other_once() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let public = String::from_utf8_lossy(
-        &Command::new(SIMPLEVPND)
-            .args(["pubkey", &key])
-            .output()
-            .expect("pubkey")
-            .stdout,
-    )
-    .trim()
-    .to_string();
+    let public = pubkey(&key);
     // Allowed on both servers, and used as far as either is concerned.
     for server in [0, 1] {
         assert!(

@@ -127,15 +127,7 @@ fn a_host_joins_once_with_its_own_key_and_bad_tokens_change_nothing() {
     );
     assert!(written.contains("address = \"198.19.0.50\""), "{written}");
     assert!(!written.contains("private_key"), "{written}");
-    let joined_pub = text(
-        &std::process::Command::new(SIMPLEVPND)
-            .args(["pubkey", &key])
-            .output()
-            .expect("pubkey")
-            .stdout,
-    )
-    .trim()
-    .to_string();
+    let joined_pub = pubkey(&key);
     let allowed = svpnctl_json(&socket, &["peer", "list"]);
     assert_eq!(allowed[0]["name"], "laptop", "{allowed}");
     assert_eq!(allowed[0]["key"], joined_pub.as_str(), "{allowed}");
