@@ -160,6 +160,36 @@ fn a_host_joins_once_with_its_own_key_and_bad_tokens_change_nothing() {
     assert_eq!(peers[0]["key"], joined_pub.as_str(), "{peers}");
     drop(client);
 
+    // Two hosts racing with one token: one joins, the other is refused.
+    let racing = invite(&socket, "racer", &[]);
+    let outs: Vec<Output> = std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..2)
+            .map(|n| {
+                let (config, key) = (
+                    bed.path(&format!("r{n}.toml")),
+                    bed.path(&format!("r{n}.key")),
+                );
+                let racing = racing.clone();
+                let bed = &bed;
+                scope.spawn(move || join(bed, &racing, &["--config-out", &config, "--key", &key]))
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().expect("join")).collect()
+    });
+    let won = outs.iter().filter(|o| o.status.success()).count();
+    let lost: Vec<_> = outs.iter().filter(|o| !o.status.success()).collect();
+    assert_eq!(won, 1, "{outs:?}");
+    assert!(text(&lost[0].stderr).contains("used already"), "{outs:?}");
+    let after_race = svpnctl_json(&socket, &["peer", "list"]);
+    let names: Vec<_> = after_race
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|p| p["name"].clone())
+        .collect();
+    assert_eq!(names, ["laptop", "racer"], "{after_race}");
+    let allowed = after_race;
+
     // Expired.
     let expiring = invite(&socket, "phone", &["--ttl", "1s"]);
     std::thread::sleep(Duration::from_millis(2100));
