@@ -959,10 +959,7 @@ fn peers(
     for (i, peer) in peers.iter().enumerate() {
         let field = format!("server.peer[{i}]");
         if let Some(name) = &peer.name {
-            let fine = !name.is_empty()
-                && name.len() <= MAX_PEER_NAME_LEN
-                && name.chars().all(|c| c.is_ascii_graphic());
-            if !fine {
+            if !crate::join::valid_name(name) {
                 return Err(ConfigError::new(
                     format!("{field}.name"),
                     format!(
@@ -1462,6 +1459,34 @@ fn mtu(value: Option<u32>, max_frame: usize) -> Result<u32, ConfigError> {
         ));
     }
     Ok(mtu)
+}
+
+/// A client's whole config as `svpnctl peer new` and `simplevpnd join`
+/// write it: `comment` (lines, each made a `#` comment), the server to
+/// dial and its key, `key_line` (where this client's key is, or the key
+/// itself), the address fixed for it, and hints as comments.
+pub fn client_config_text(
+    comment: &str,
+    endpoint: &str,
+    server_key: &str,
+    key_line: &str,
+    address: Option<Ipv4Addr>,
+) -> String {
+    let comment: String = comment.lines().map(|l| format!("# {l}\n")).collect();
+    let address = match address {
+        Some(a) => format!("address = \"{a}\"\n"),
+        None => String::new(),
+    };
+    format!(
+        "{comment}\
+         [client]\n\
+         server = \"{endpoint}\"\n\
+         server_key = \"{server_key}\"\n\
+         {key_line}\n\
+         {address}\
+         # full_tunnel = true        # all traffic through the server, if it offers it\n\
+         # accept_routes = []        # install none of the routes the server pushes\n"
+    )
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use rcgen::{KeyPair, PKCS_ED25519};
 use rustls::pki_types::PrivatePkcs8KeyDer;
 
 /// Length of a raw Ed25519 public key.
-const PUBLIC_KEY_LEN: usize = 32;
+pub const PUBLIC_KEY_LEN: usize = 32;
 
 /// The DER of an Ed25519 private key in PKCS#8 v1 (RFC 8410), before the
 /// 32 bytes of its seed.

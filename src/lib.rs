@@ -25,6 +25,7 @@ pub mod egress;
 pub mod ctl {
     pub mod cli;
 }
+pub mod join;
 pub mod keys;
 pub mod limits;
 pub mod offload;

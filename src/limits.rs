@@ -103,6 +103,15 @@ pub const MIN_PUSHED_PREFIX4: u8 = 8;
 /// The same for IPv6 routes (wider than a /16).
 pub const MIN_PUSHED_PREFIX6: u8 = 16;
 
+/// Largest message of a joining connection (`simplevpnd join`, the
+/// [`crate::join`] codec): a request is under 100 bytes, an acceptance
+/// with eight server keys under 350.
+pub const MAX_JOIN_MESSAGE: usize = 512;
+
+/// How long a joining connection may take from its TLS handshake to its
+/// request: it is unauthenticated until the request is checked.
+pub const JOIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
 //! The state store: what a server keeps across restarts. Address leases of
-//! TLS keys, bans, and the peers added at run time (`svpnctl peer add`).
+//! TLS keys, bans, the peers added at run time (`svpnctl peer add`), and
+//! invitations (`svpnctl invite`).
 //!
 //! [`StateStore`] is the whole interface the daemon uses, so that another
 //! backend (etcd, for a cluster) can sit behind it later. The embedded
@@ -20,6 +21,10 @@
 //! peers(key TEXT PRIMARY KEY, name TEXT UNIQUE, address TEXT UNIQUE,
 //!       routes TEXT (space-separated CIDRs), added INTEGER,
 //!       address6 TEXT UNIQUE (NULL: none; schema version 2))
+//! invites(hash TEXT PRIMARY KEY (SHA-256 of the secret, hex), name TEXT,
+//!         address TEXT, created INTEGER, expires INTEGER,
+//!         state TEXT 'open'|'used'|'revoked' (schema version 3; one open
+//!         invitation per name))
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -31,8 +36,13 @@ use ipnet::IpNet;
 use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
 
 use crate::config::PeerSection;
+use crate::join::JoinRefusal;
 use crate::keys::PublicKey;
 use crate::limits::STORE_BUSY_TIMEOUT;
+
+/// How long an invitation stays listed after it expired (used, revoked or
+/// not), before `expire` deletes it.
+pub const INVITE_HISTORY: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 /// The database's file name inside `state_dir`.
 pub const STATE_FILE: &str = "state.db";
@@ -89,6 +99,73 @@ pub struct Ban {
     pub until: SystemTime,
 }
 
+/// Where an invitation stands. Expired is not a state of its own: an open
+/// one past its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InviteState {
+    Open,
+    Used,
+    Revoked,
+}
+
+impl InviteState {
+    /// Its name in the store and in `svpnctl invite list`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InviteState::Open => "open",
+            InviteState::Used => "used",
+            InviteState::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<InviteState> {
+        match text {
+            "open" => Some(InviteState::Open),
+            "used" => Some(InviteState::Used),
+            "revoked" => Some(InviteState::Revoked),
+            _ => None,
+        }
+    }
+}
+
+/// An invitation as the server keeps it: never the secret, only its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invite {
+    /// SHA-256 of the secret, hex ([`crate::join::Secret::hash`]).
+    pub hash: String,
+    /// The name the joining key is allowed under.
+    pub name: String,
+    /// The address fixed for it, if any.
+    pub address: Option<Ipv4Addr>,
+    pub created: SystemTime,
+    pub expires: SystemTime,
+    pub state: InviteState,
+}
+
+impl Invite {
+    /// Whether `request_name` may redeem this invitation at `now`: the
+    /// state it changes to, or why not.
+    pub fn redeem(&self, request_name: &str, now: SystemTime) -> Result<(), JoinRefusal> {
+        if self.name != request_name {
+            return Err(JoinRefusal::Unknown);
+        }
+        match self.state {
+            InviteState::Used => Err(JoinRefusal::Used),
+            InviteState::Revoked => Err(JoinRefusal::Revoked),
+            InviteState::Open if self.expires <= now => Err(JoinRefusal::Expired),
+            InviteState::Open => Ok(()),
+        }
+    }
+
+    /// What `svpnctl invite list` shows: open, expired, used or revoked.
+    pub fn state_at(&self, now: SystemTime) -> &'static str {
+        match self.state {
+            InviteState::Open if self.expires <= now => "expired",
+            state => state.as_str(),
+        }
+    }
+}
+
 /// Why the store failed. Each is one line.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -114,6 +191,8 @@ pub enum StoreError {
         table: &'static str,
         problem: String,
     },
+    #[error("an open invitation for {0:?} exists already (svpnctl invite revoke {0} first)")]
+    InviteExists(String),
 }
 
 /// What the server keeps across restarts. Reads return what has not
@@ -135,8 +214,26 @@ pub trait StateStore: Send + Sync {
     fn put_peer(&self, peer: &PeerSection) -> Result<(), StoreError>;
     /// Forgets a peer added at run time; false if it was not stored.
     fn remove_peer(&self, key: &PublicKey) -> Result<bool, StoreError>;
-    /// Deletes leases and bans expired at `now`; returns how many.
+    /// Deletes leases and bans expired at `now`, and invitations expired
+    /// [`INVITE_HISTORY`] before; returns how many.
     fn expire(&self, now: SystemTime) -> Result<usize, StoreError>;
+    /// Stores a new invitation; refused if an open one of the same name has
+    /// not expired at `now` (an expired one is replaced).
+    fn put_invite(&self, invite: &Invite, now: SystemTime) -> Result<(), StoreError>;
+    /// Every invitation kept, oldest first.
+    fn invites(&self) -> Result<Vec<Invite>, StoreError>;
+    /// Revokes the open invitation named `name`; false if there is none.
+    fn revoke_invite(&self, name: &str) -> Result<bool, StoreError>;
+    /// Marks the invitation with `hash` used if `name` may redeem it at
+    /// `now`, in one transaction: of two redeeming at once, one wins.
+    fn redeem_invite(
+        &self,
+        hash: &str,
+        name: &str,
+        now: SystemTime,
+    ) -> Result<Result<Invite, JoinRefusal>, StoreError>;
+    /// Opens a redeemed invitation again (its peer could not be added).
+    fn unredeem_invite(&self, hash: &str) -> Result<(), StoreError>;
 }
 
 /// The schema, one migration per version: `MIGRATIONS[i]` takes
@@ -167,6 +264,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX leases_address6 ON leases (address6);
     ALTER TABLE peers ADD COLUMN address6 TEXT;
     CREATE UNIQUE INDEX peers_address6 ON peers (address6);",
+    // 3: invitations (svpnctl invite): the secret's hash, never the secret.
+    "CREATE TABLE invites (
+        hash TEXT PRIMARY KEY NOT NULL,
+        name TEXT NOT NULL,
+        address TEXT,
+        created INTEGER NOT NULL,
+        expires INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('open', 'used', 'revoked'))
+    ) STRICT;
+    CREATE UNIQUE INDEX invites_open_name ON invites (name) WHERE state = 'open';",
 ];
 
 /// The schema version this build writes.
@@ -493,7 +600,153 @@ impl StateStore for SqliteStore {
         self.write(|tx| {
             let leases = tx.execute("DELETE FROM leases WHERE expires <= ?1", [now])?;
             let bans = tx.execute("DELETE FROM bans WHERE until <= ?1", [now])?;
-            Ok(leases + bans)
+            // Invitations are listed for a while after they end, then go.
+            let invites = tx.execute(
+                "DELETE FROM invites WHERE expires <= ?1",
+                [now.saturating_sub(INVITE_HISTORY.as_secs() as i64)],
+            )?;
+            Ok(leases + bans + invites)
+        })
+    }
+
+    fn put_invite(&self, invite: &Invite, now: SystemTime) -> Result<(), StoreError> {
+        let inserted = self.write(|tx| {
+            tx.execute(
+                "DELETE FROM invites WHERE name = ?1 AND state = 'open' AND expires <= ?2",
+                params![invite.name, secs(now)],
+            )?;
+            tx.execute(
+                "INSERT INTO invites (hash, name, address, created, expires, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+                params![
+                    invite.hash,
+                    invite.name,
+                    invite.address.map(|a| a.to_string()),
+                    secs(invite.created),
+                    secs_up(invite.expires),
+                    invite.state.as_str(),
+                ],
+            )
+        })?;
+        match inserted {
+            0 => Err(StoreError::InviteExists(invite.name.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    fn invites(&self) -> Result<Vec<Invite>, StoreError> {
+        type Row = (String, String, Option<String>, i64, i64, String);
+        let connection = self.lock();
+        let rows: Vec<Row> = connection
+            .prepare(
+                "SELECT hash, name, address, created, expires, state FROM invites
+                 ORDER BY created, name",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map([], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                })?
+                .collect()
+            })
+            .map_err(|e| self.sqlite(e))?;
+        rows.into_iter()
+            .map(|(hash, name, address, created, expires, state)| {
+                let bad = |what: String| self.corrupt("invites", what);
+                Ok(Invite {
+                    hash,
+                    name,
+                    address: address
+                        .map(|a| a.parse().map_err(|_| bad(format!("{a:?} is no address"))))
+                        .transpose()?,
+                    created: time(created),
+                    expires: time(expires),
+                    state: InviteState::parse(&state)
+                        .ok_or_else(|| bad(format!("{state:?} is no state")))?,
+                })
+            })
+            .collect()
+    }
+
+    fn revoke_invite(&self, name: &str) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let revoked = tx.execute(
+                "UPDATE invites SET state = 'revoked' WHERE name = ?1 AND state = 'open'",
+                [name],
+            )?;
+            Ok(revoked > 0)
+        })
+    }
+
+    fn redeem_invite(
+        &self,
+        hash: &str,
+        name: &str,
+        now: SystemTime,
+    ) -> Result<Result<Invite, JoinRefusal>, StoreError> {
+        // Read and marked in one IMMEDIATE transaction: a second redeemer
+        // waits for the write lock and then reads "used".
+        let found = self.write(|tx| {
+            let row = tx
+                .query_row(
+                    "SELECT name, address, created, expires, state FROM invites WHERE hash = ?1",
+                    [hash],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, Option<String>>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?,
+                            r.get::<_, String>(4)?,
+                        ))
+                    },
+                )
+                .map(Some)
+                .or_else(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                    e => Err(e),
+                })?;
+            let Some((stored_name, address, created, expires, state)) = row else {
+                return Ok(None);
+            };
+            let invite = (|| {
+                Some(Invite {
+                    hash: hash.to_string(),
+                    name: stored_name,
+                    address: address.map(|a| a.parse()).transpose().ok()?,
+                    created: time(created),
+                    expires: time(expires),
+                    state: InviteState::parse(&state)?,
+                })
+            })();
+            let Some(invite) = invite else {
+                return Ok(Some(Err(())));
+            };
+            if invite.redeem(name, now).is_ok() {
+                tx.execute("UPDATE invites SET state = 'used' WHERE hash = ?1", [hash])?;
+            }
+            Ok(Some(Ok(invite)))
+        })?;
+        match found {
+            None => Ok(Err(JoinRefusal::Unknown)),
+            Some(Err(())) => Err(self.corrupt("invites", format!("row {hash}"))),
+            Some(Ok(invite)) => Ok(invite.redeem(name, now).map(|()| invite)),
+        }
+    }
+
+    fn unredeem_invite(&self, hash: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE invites SET state = 'open' WHERE hash = ?1 AND state = 'used'",
+                [hash],
+            )?;
+            Ok(())
         })
     }
 }
@@ -635,6 +888,147 @@ mod tests {
         assert!(store.remove_peer(&key(8)).expect("remove"));
         assert!(!store.remove_peer(&key(8)).expect("remove again"));
         assert_eq!(store.peers().expect("peers"), vec![peer]);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn invitations_are_redeemed_once_listed_and_revoked() {
+        let dir = dir("invites");
+        let store = SqliteStore::open_dir(&dir).expect("open");
+        let now = SystemTime::now();
+        let invite = |hash: &str, name: &str, expires| Invite {
+            hash: hash.into(),
+            name: name.into(),
+            address: Some(Ipv4Addr::new(198, 19, 0, 80)),
+            created: now,
+            expires,
+            state: InviteState::Open,
+        };
+        let later = now + Duration::from_secs(3600);
+        store
+            .put_invite(&invite("aa", "laptop", later), now)
+            .expect("put");
+        // One open invitation per name.
+        let twice = store.put_invite(&invite("bb", "laptop", later), now);
+        assert!(matches!(twice, Err(StoreError::InviteExists(ref n)) if n == "laptop"));
+        assert_eq!(store.invites().expect("list").len(), 1);
+        // The wrong name or hash is unknown, and changes nothing.
+        assert_eq!(
+            store.redeem_invite("aa", "phone", now).expect("redeem"),
+            Err(JoinRefusal::Unknown)
+        );
+        assert_eq!(
+            store.redeem_invite("zz", "laptop", now).expect("redeem"),
+            Err(JoinRefusal::Unknown)
+        );
+        assert_eq!(store.invites().expect("list")[0].state, InviteState::Open);
+        // Past its time (kept to the second, rounded up): expired, still
+        // open in the store.
+        let past = later + Duration::from_secs(1);
+        assert_eq!(
+            store.redeem_invite("aa", "laptop", past).expect("redeem"),
+            Err(JoinRefusal::Expired)
+        );
+        assert_eq!(store.invites().expect("list")[0].state_at(past), "expired");
+        let redeemed = store.redeem_invite("aa", "laptop", now).expect("redeem");
+        assert_eq!(
+            redeemed.map(|i| i.address),
+            Ok(Some(Ipv4Addr::new(198, 19, 0, 80)))
+        );
+        assert_eq!(
+            store.redeem_invite("aa", "laptop", now).expect("redeem"),
+            Err(JoinRefusal::Used)
+        );
+        // Opened again when its peer could not be added.
+        store.unredeem_invite("aa").expect("unredeem");
+        assert_eq!(store.invites().expect("list")[0].state, InviteState::Open);
+        assert!(store.revoke_invite("laptop").expect("revoke"));
+        assert!(!store.revoke_invite("laptop").expect("revoke again"));
+        assert_eq!(
+            store.redeem_invite("aa", "laptop", now).expect("redeem"),
+            Err(JoinRefusal::Revoked)
+        );
+        // A new one of the same name after the old one ended.
+        store
+            .put_invite(&invite("cc", "laptop", later), now)
+            .expect("again");
+        // An expired open one is replaced by a new one.
+        let soon = now + Duration::from_secs(1);
+        store
+            .put_invite(&invite("dd", "phone", soon), now)
+            .expect("put");
+        store
+            .put_invite(&invite("ee", "phone", later), soon + Duration::from_secs(2))
+            .expect("replaces the expired one");
+        let names: Vec<_> = store
+            .invites()
+            .expect("list")
+            .into_iter()
+            .map(|i| (i.hash, i.state))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("aa".to_string(), InviteState::Revoked),
+                ("cc".to_string(), InviteState::Open),
+                ("ee".to_string(), InviteState::Open),
+            ]
+        );
+        // Listed for a while after their end, then deleted.
+        store
+            .expire(later + Duration::from_secs(2))
+            .expect("expire");
+        assert_eq!(store.invites().expect("list").len(), 3);
+        store
+            .expire(later + INVITE_HISTORY + Duration::from_secs(2))
+            .expect("expire");
+        assert!(store.invites().expect("list").is_empty());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn two_redeemers_of_one_invitation_one_wins() {
+        let dir = dir("invites-race");
+        let path = dir.join(STATE_FILE);
+        let now = SystemTime::now();
+        SqliteStore::open(&path)
+            .expect("create")
+            .put_invite(
+                &Invite {
+                    hash: "aa".into(),
+                    name: "laptop".into(),
+                    address: None,
+                    created: now,
+                    expires: now + Duration::from_secs(60),
+                    state: InviteState::Open,
+                },
+                now,
+            )
+            .expect("put");
+        let redeemers: Vec<_> = (0..4)
+            .map(|_| {
+                let store = SqliteStore::open(&path).expect("open");
+                std::thread::spawn(move || {
+                    store.redeem_invite("aa", "laptop", now).expect("redeem")
+                })
+            })
+            .collect();
+        let results: Vec<_> = redeemers
+            .into_iter()
+            .map(|r| r.join().expect("redeemer"))
+            .collect();
+        assert_eq!(
+            results.iter().filter(|r| r.is_ok()).count(),
+            1,
+            "{results:?}"
+        );
+        assert_eq!(
+            results
+                .iter()
+                .filter(|r| **r == Err(JoinRefusal::Used))
+                .count(),
+            3
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 

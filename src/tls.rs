@@ -158,6 +158,23 @@ pub fn server_config(
     key: &NodeKey,
     allowed: AllowedKeys,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    pinned_server(key, Some(allowed), ALPN_EXTENSION)
+}
+
+/// The TLS config of a joining connection on the server's side
+/// ([`crate::join::ALPN_JOIN`]): TLS 1.3 only, any well-formed Ed25519
+/// client certificate (the joiner proves its key; the invitation's secret,
+/// checked after the handshake, proves it may join). Used only for a
+/// ClientHello that offers that ALPN, and it selects only that one.
+pub fn join_server_config(key: &NodeKey) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    pinned_server(key, None, crate::join::ALPN_JOIN)
+}
+
+fn pinned_server(
+    key: &NodeKey,
+    allowed: Option<AllowedKeys>,
+    alpn: &[u8],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let (certs, private) = identity(key)?;
     let verifier = Arc::new(PinnedClients {
         allowed,
@@ -169,7 +186,7 @@ pub fn server_config(
         .with_single_cert(certs, private)?;
     // One long connection per client: resumption tickets would be unused.
     config.send_tls13_tickets = 0;
-    config.alpn_protocols = vec![ALPN_EXTENSION.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -179,9 +196,27 @@ pub fn client_config(
     key: &NodeKey,
     server: PublicKey,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    pinned_client(key, vec![server], ALPN_EXTENSION)
+}
+
+/// A joining client's TLS config (`simplevpnd join`): as
+/// [`client_config`], the server's key one of `servers` (the token's),
+/// offering [`crate::join::ALPN_JOIN`] only.
+pub fn join_client_config(
+    key: &NodeKey,
+    servers: Vec<PublicKey>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    pinned_client(key, servers, crate::join::ALPN_JOIN)
+}
+
+fn pinned_client(
+    key: &NodeKey,
+    servers: Vec<PublicKey>,
+    alpn: &[u8],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let (certs, private) = identity(key)?;
     let verifier = Arc::new(PinnedServer {
-        key: server,
+        keys: servers,
         signatures: Signatures::new(),
     });
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
@@ -189,7 +224,7 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(certs, private)?;
-    config.alpn_protocols = vec![ALPN_EXTENSION.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -215,10 +250,11 @@ pub fn check_sni(sni: Option<String>) -> Result<Option<String>, crate::config::C
     }
 }
 
-/// Accepts client certificates whose key is listed.
+/// Accepts client certificates whose key is listed; with no list, any
+/// Ed25519 key (a joining host's).
 #[derive(Debug)]
 struct PinnedClients {
-    allowed: AllowedKeys,
+    allowed: Option<AllowedKeys>,
     signatures: Signatures,
 }
 
@@ -234,7 +270,7 @@ impl ClientCertVerifier for PinnedClients {
         _now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         let key = certificate_key(end_entity)?;
-        match self.allowed.contains(&key) {
+        match self.allowed.as_ref().is_none_or(|a| a.contains(&key)) {
             true => Ok(ClientCertVerified::assertion()),
             false => Err(Error::General(format!("unknown client key {key}"))),
         }
@@ -263,10 +299,10 @@ impl ClientCertVerifier for PinnedClients {
     }
 }
 
-/// Accepts only the server certificate whose key is the pinned one.
+/// Accepts only a server certificate whose key is a pinned one.
 #[derive(Debug)]
 struct PinnedServer {
-    key: PublicKey,
+    keys: Vec<PublicKey>,
     signatures: Signatures,
 }
 
@@ -280,11 +316,15 @@ impl ServerCertVerifier for PinnedServer {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
         let key = certificate_key(end_entity)?;
-        match key == self.key {
+        match self.keys.contains(&key) {
             true => Ok(ServerCertVerified::assertion()),
             false => Err(Error::General(format!(
                 "the server's key {key} is not the pinned server_key {}",
-                self.key
+                self.keys
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" or ")
             ))),
         }
     }
@@ -449,6 +489,25 @@ mod tests {
         newer.alpn_protocols = vec![b"simplevpn/3".to_vec(), ALPN_EXTENSION.to_vec()];
         let fallback = negotiated(server_config, Arc::new(newer)).await;
         assert_eq!(fallback, Ok((true, true)));
+    }
+
+    #[tokio::test]
+    async fn a_joining_client_is_let_in_by_any_key_only_on_the_join_alpn() {
+        let (server, stranger) = (key("js"), key("jx"));
+        let join = join_server_config(&server).expect("join config");
+        let joiner = join_client_config(&stranger, vec![server.public()]).expect("config");
+        let (server_saw, client_saw) = handshake(join.clone(), joiner.clone()).await;
+        assert_eq!(server_saw, Ok(Some(stranger.public())));
+        assert_eq!(client_saw, Ok(()));
+        // The normal config still refuses the stranger, even offering the
+        // join ALPN.
+        let normal = server_config(&server, AllowedKeys::default()).expect("config");
+        let (refused, _) = handshake(normal, joiner).await;
+        assert!(refused.is_err(), "{refused:?}");
+        // A joiner pinning another key refuses the server.
+        let wrong = join_client_config(&stranger, vec![stranger.public()]).expect("config");
+        let (_, client_saw) = handshake(join, wrong).await;
+        assert!(client_saw.is_err());
     }
 
     #[tokio::test]

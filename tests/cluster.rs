@@ -965,3 +965,80 @@ fn two_servers_started_twenty_times_link_every_time() {
     }
     eprintln!("twenty rounds took {:?}", started.elapsed());
 }
+
+#[test]
+fn an_invitation_made_on_one_server_is_redeemed_on_the_other_once() {
+    if !require_root("an_invitation_made_on_one_server_is_redeemed_on_the_other_once") {
+        return;
+    }
+    let bed = Bed2::new("clinv");
+    let _s1 = bed.server(0);
+    let _s2 = bed.server(1);
+    // Made on s1, dialing s2 (client namespace 1 reaches s2 at 198.18.3.1).
+    let out = svpnctl(
+        &bed.socket(0),
+        &["invite", "joiner", "--endpoint", "198.18.3.1:2002"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    let token = line
+        .trim()
+        .strip_prefix("simplevpnd join ")
+        .expect("a join line")
+        .to_string();
+    let (config, key) = (bed.path("joiner.toml"), bed.path("joiner.key"));
+    let join = |token: &str, key: &str| {
+        bed.c[0].run(
+            SIMPLEVPND,
+            &[
+                "join",
+                token,
+                "--config-out",
+                &config,
+                "--key",
+                key,
+                "--force",
+            ],
+        )
+    };
+    let out = join(&token, &key);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let public = pubkey(&key);
+    // Allowed on both servers, and used as far as either is concerned.
+    for server in [0, 1] {
+        assert!(
+            wait_until(Duration::from_secs(2), || allows(
+                &bed.socket(server),
+                &public
+            )),
+            "server {server} does not allow the joined key"
+        );
+        let list = svpnctl_json(&bed.socket(server), &["invite", "list"]);
+        assert_eq!(list[0]["state"], "used", "{list}");
+    }
+    // The same secret through s1: refused, nothing added.
+    let through_s1 = simplevpn::join::Token {
+        endpoint: "198.18.1.1:2002".into(),
+        ..simplevpn::join::Token::decode(&token).expect("token")
+    }
+    .encode()
+    .expect("encode");
+    let before = svpnctl_json(&bed.socket(0), &["peer", "list"]);
+    let out = join(&through_s1, &bed.path("second.key"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("used already"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(svpnctl_json(&bed.socket(0), &["peer", "list"]), before);
+}

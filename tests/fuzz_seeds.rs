@@ -510,3 +510,53 @@ fn offload_split_seeds() {
     ));
     compare_or_bless("offload_split", &seeds(list));
 }
+
+#[test]
+fn join_message_seeds() {
+    use simplevpn::join::{
+        JoinAccepted, JoinMessage, JoinRefusal, JoinRequest, Secret, Token, SECRET_LEN,
+    };
+    use simplevpn::keys::PublicKey;
+    let key = |n: u8| PublicKey::from_raw(&[n; 32]).expect("key");
+    let message = |m: JoinMessage| [vec![0], m.encode().expect("encode")].concat();
+    let request = JoinMessage::Request(JoinRequest {
+        secret: Secret([0x5a; SECRET_LEN]),
+        name: "laptop".into(),
+    });
+    let accepted = JoinMessage::Accepted(JoinAccepted {
+        name: "laptop".into(),
+        address: Some(Ipv4Addr::new(198, 19, 0, 50)),
+        server_keys: vec![key(1), key(2)],
+    });
+    let bare = JoinMessage::Accepted(JoinAccepted {
+        name: "phone".into(),
+        address: None,
+        server_keys: Vec::new(),
+    });
+    let token = Token {
+        endpoint: "198.18.1.1:2002".into(),
+        server_keys: vec![key(1)],
+        name: "laptop".into(),
+        secret: Secret([0x5a; SECRET_LEN]),
+    }
+    .encode()
+    .expect("token");
+    let all = seeds([
+        ("request".to_string(), message(request)),
+        ("accepted".to_string(), message(accepted)),
+        ("accepted_bare".to_string(), message(bare)),
+        (
+            "refused_used".to_string(),
+            message(JoinMessage::Refused(JoinRefusal::Used)),
+        ),
+        (
+            "refused_unavailable".to_string(),
+            message(JoinMessage::Refused(JoinRefusal::Unavailable)),
+        ),
+        (
+            "token".to_string(),
+            [b"\x01".as_slice(), token.as_bytes()].concat(),
+        ),
+    ]);
+    compare_or_bless("join_message", &all);
+}

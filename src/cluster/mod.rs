@@ -7,6 +7,7 @@
 //! leases/<address>      "<node> key:<base64>" | "<node> remote:<ip>"  under the holder's lease
 //! bans/<key:..|remote:..>  Unix time the ban ends; under a lease of the ban's length
 //! peers/<base64 key>    a peer added live: {"key":..,"name":..,"address":..,"routes":[..]}
+//! invites/<hash>        an invitation (svpnctl invite): {"name":..,"address":..,"created":..,"expires":..,"state":..}
 //! ```
 //!
 //! Each server holds one etcd lease of `lease_ttl` and renews it every
@@ -28,6 +29,7 @@
 pub mod config;
 pub mod etcd;
 pub mod holders;
+pub mod invites;
 pub mod leases;
 pub mod membership;
 pub mod peers;

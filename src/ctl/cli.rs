@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueHint};
+use clap::{Args, Parser, Subcommand, ValueHint};
 use ipnet::IpNet;
 
 use crate::config::DEFAULT_CONTROL_SOCKET;
@@ -74,6 +74,42 @@ pub enum Command {
     /// Re-read the server's config file and apply the difference, as SIGHUP
     /// does; a bad file is refused and the running configuration stays
     Reload,
+    /// Invite a new host: print the one-line `simplevpnd join TOKEN` to run
+    /// there (the host makes its own key, which never leaves it). The token
+    /// works once, until it expires; the server keeps only its hash. Also:
+    /// `invite list`, `invite revoke NAME`.
+    Invite(InviteArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct InviteArgs {
+    #[command(subcommand)]
+    pub command: Option<InviteCommand>,
+    /// The name the new host's key will be allowed under
+    #[arg(required = true)]
+    pub name: Option<String>,
+    /// How long the token may be used (e.g. 30m, 1h, 2d)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    pub ttl: Duration,
+    /// An address always given to the new host
+    #[arg(long, value_name = "IP")]
+    pub address: Option<Ipv4Addr>,
+    /// What the new host dials, HOST:PORT [default: the server's endpoint setting]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub endpoint: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InviteCommand {
+    /// Every invitation: name, address, expiry and state (open, used,
+    /// revoked, expired); never the secret
+    List,
+    /// Withdraw an open invitation: its token is refused from now on
+    Revoke {
+        /// Its name
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -214,21 +214,59 @@ fn banned(ban: &proto::Ban) -> String {
 pub fn bans_table(bans: &[proto::Ban], now: SystemTime) -> String {
     let rows: Vec<Vec<String>> = bans
         .iter()
-        .map(|b| {
-            let until = match time(&b.until) {
-                Some(t) => format!(
-                    "{} ({} from now)",
-                    humantime::format_rfc3339_seconds(t),
-                    humantime::format_duration(Duration::from_secs(
-                        t.duration_since(now).map_or(0, |d| d.as_secs())
-                    ))
-                ),
-                None => "-".into(),
-            };
-            vec![banned(b), until]
-        })
+        .map(|b| vec![banned(b), until(&b.until, now)])
         .collect();
     table(&["BANNED", "UNTIL"], &rows)
+}
+
+/// A time to come: RFC 3339 and how far from `now` ("-" if unset; "0s
+/// from now" once past).
+fn until(ts: &Option<prost_types::Timestamp>, now: SystemTime) -> String {
+    match time(ts) {
+        Some(t) => format!(
+            "{} ({} from now)",
+            humantime::format_rfc3339_seconds(t),
+            humantime::format_duration(Duration::from_secs(
+                t.duration_since(now).map_or(0, |d| d.as_secs())
+            ))
+        ),
+        None => "-".into(),
+    }
+}
+
+fn invite_state(i: &proto::Invite) -> &'static str {
+    match i.state() {
+        proto::InviteState::Open => "open",
+        proto::InviteState::Used => "used",
+        proto::InviteState::Revoked => "revoked",
+        proto::InviteState::Expired => "expired",
+        proto::InviteState::Unspecified => "unknown",
+    }
+}
+
+pub fn invites_table(invites: &[proto::Invite], now: SystemTime) -> String {
+    let rows: Vec<Vec<String>> = invites
+        .iter()
+        .map(|i| {
+            vec![
+                i.name.clone(),
+                or_dash(&i.address),
+                invite_state(i).to_string(),
+                until(&i.expires, now),
+            ]
+        })
+        .collect();
+    table(&["NAME", "ADDRESS", "STATE", "EXPIRES"], &rows)
+}
+
+pub fn invite_json(i: &proto::Invite) -> Value {
+    json!({
+        "name": i.name,
+        "address": or_null(&i.address),
+        "state": invite_state(i),
+        "created": rfc3339(&i.created),
+        "expires": rfc3339(&i.expires),
+    })
 }
 
 pub fn ban_json(b: &proto::Ban) -> Value {

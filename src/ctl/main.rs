@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use clap::Parser;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use simplevpn::ctl::cli::{Cli, Command, PeerCommand};
+use simplevpn::ctl::cli::{Cli, Command, InviteArgs, InviteCommand, PeerCommand};
 use simplevpn::keys::NodeKey;
 use simplevpn::proto::control_client::ControlClient;
 use simplevpn::proto::{self, peer_event::Kind};
@@ -87,22 +87,17 @@ fn client_config(
     private_key: &str,
     address: Option<std::net::Ipv4Addr>,
 ) -> String {
-    let address = match address {
-        Some(a) => format!("address = \"{a}\"\n"),
-        None => String::new(),
-    };
-    format!(
-        "# simplevpn client \"{name}\", made by svpnctl peer new. It holds this\n\
-         # client's private key: keep it mode 0600. On the client:\n\
-         #   sudo install -m 600 THIS_FILE /etc/simplevpn/simplevpnd.toml\n\
-         #   sudo systemctl enable --now simplevpnd\n\
-         [client]\n\
-         server = \"{endpoint}\"\n\
-         server_key = \"{server_key}\"\n\
-         private_key = \"{private_key}\"\n\
-         {address}\
-         # full_tunnel = true        # all traffic through the server, if it offers it\n\
-         # accept_routes = []        # install none of the routes the server pushes\n"
+    simplevpn::config::client_config_text(
+        &format!(
+            "simplevpn client \"{name}\", made by svpnctl peer new. It holds this\n\
+             client's private key: keep it mode 0600. On the client:\n  \
+             sudo install -m 600 THIS_FILE /etc/simplevpn/simplevpnd.toml\n  \
+             sudo systemctl enable --now simplevpnd"
+        ),
+        endpoint,
+        server_key,
+        &format!("private_key = \"{private_key}\""),
+        address,
     )
 }
 
@@ -372,6 +367,63 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     r.disconnected,
                     r.params_pushed
                 );
+            }
+        }
+        Command::Invite(InviteArgs {
+            command: Some(InviteCommand::List),
+            ..
+        }) => {
+            let invites = client
+                .list_invites(proto::ListInvitesRequest {})
+                .await
+                .map_err(failure)?
+                .into_inner()
+                .invites;
+            if cli.json {
+                print_json(&Value::Array(invites.iter().map(invite_json).collect()));
+            } else if invites.is_empty() {
+                println!("no invitations");
+            } else {
+                println!("{}", invites_table(&invites, now));
+            }
+        }
+        Command::Invite(InviteArgs {
+            command: Some(InviteCommand::Revoke { name }),
+            ..
+        }) => {
+            let reply = client
+                .revoke_invite(proto::RevokeInviteRequest { name: name.clone() })
+                .await
+                .map_err(failure)?
+                .into_inner();
+            match cli.json {
+                true => print_json(&json!({ "revoked": reply.invite.as_ref().map(invite_json) })),
+                false => println!("revoked the invitation for {name}"),
+            }
+        }
+        Command::Invite(InviteArgs {
+            command: None,
+            name,
+            ttl,
+            address,
+            endpoint,
+        }) => {
+            let reply = client
+                .create_invite(proto::CreateInviteRequest {
+                    name: name.unwrap_or_default(),
+                    ttl_seconds: ttl.as_secs().max(1),
+                    address: address.map(|a| a.to_string()).unwrap_or_default(),
+                    endpoint: endpoint.unwrap_or_default(),
+                })
+                .await
+                .map_err(failure)?
+                .into_inner();
+            match cli.json {
+                true => print_json(&json!({
+                    "token": reply.token,
+                    "invite": reply.invite.as_ref().map(invite_json),
+                })),
+                false => println!("simplevpnd join {}", reply.token),
             }
         }
         Command::Watch => {

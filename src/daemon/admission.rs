@@ -92,6 +92,9 @@ pub enum RefusalReason {
     KeyFlapping,
     /// After the gate: the cluster's shared state (etcd) is unreachable.
     ClusterUnavailable,
+    /// A joining host's request was refused (an unknown, used, expired or
+    /// revoked invitation, or a malformed request).
+    JoinRefused,
 }
 
 impl RefusalReason {
@@ -117,6 +120,7 @@ impl RefusalReason {
             RefusalReason::PoolExhausted => "pool_exhausted",
             RefusalReason::KeyFlapping => "key_flapping",
             RefusalReason::ClusterUnavailable => "cluster_unavailable",
+            RefusalReason::JoinRefused => "join_refused",
         }
     }
 

@@ -70,7 +70,33 @@ pub enum Command {
     /// role and a summary, or each problem (FILE:LINE: field: problem); exit
     /// status 0 or 2.
     Check,
+    /// Join a server with an invitation (the token `svpnctl invite` printed
+    /// there): make this host's key if missing (it never leaves the host),
+    /// dial the server pinning the key the token carries, get the key
+    /// allowed under the invited name, and write this host's client config.
+    /// Never reads the config file. Exit status 0 (and the next command to
+    /// run), 1 when refused or unreachable (nothing changed on the server),
+    /// 2 for a bad token or a config file in the way.
+    Join {
+        /// The token, as `svpnctl invite` printed it
+        #[arg(value_name = "TOKEN")]
+        token: String,
+        /// Where to write the client config
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config_out: PathBuf,
+        /// This host's private key: used if it exists, else made (mode 0600)
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_KEY)]
+        key: PathBuf,
+        /// Overwrite an existing config file
+        #[arg(long)]
+        force: bool,
+    },
 }
+
+/// Where the config file is by default.
+const DEFAULT_CONFIG: &str = "/etc/simplevpn/simplevpnd.toml";
+/// Where a host's key is by default (what the packages make).
+const DEFAULT_KEY: &str = "/etc/simplevpn/host.key";
 
 /// What simplevpnd was asked to do.
 #[derive(Debug)]
@@ -80,6 +106,7 @@ pub enum Action {
     Check(Box<Settings>, Option<PathBuf>),
     Keygen(PathBuf),
     Pubkey(PathBuf),
+    Join(super::join::JoinOptions),
 }
 
 /// Flags both roles take.
@@ -306,6 +333,19 @@ impl Cli {
         let command = match self.command {
             Some(Command::Keygen { path }) => return Ok(Action::Keygen(path)),
             Some(Command::Pubkey { path }) => return Ok(Action::Pubkey(path)),
+            Some(Command::Join {
+                token,
+                config_out,
+                key,
+                force,
+            }) => {
+                return Ok(Action::Join(super::join::JoinOptions {
+                    token,
+                    config_out,
+                    key,
+                    force,
+                }))
+            }
             Some(Command::Check) => {
                 check = true;
                 None
@@ -337,7 +377,13 @@ impl Cli {
                 let section = file.client.unwrap_or_default().overridden_by(args.into());
                 Role::Client(section.resolve()?)
             }
-            Some(Command::Keygen { .. } | Command::Pubkey { .. } | Command::Check) | None => match (file.server, file.client) {
+            Some(
+                Command::Keygen { .. }
+                | Command::Pubkey { .. }
+                | Command::Check
+                | Command::Join { .. },
+            )
+            | None => match (file.server, file.client) {
                 (Some(server), None) => {
                     let flags = ServerSection {
                         state_dir: self.state_dir.clone(),

@@ -9,7 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::{Stream, StreamExt};
 use nix::fcntl::AtFlags;
@@ -30,7 +30,7 @@ use super::peers::PeerInfo;
 use crate::config::{ConfigError, PeerSection};
 use crate::keys::PublicKey;
 use crate::proto::{self, control_server::ControlServer};
-use crate::state::{Ban, Banned, StoreError};
+use crate::state::{Ban, Banned, Invite, InviteState, StoreError};
 
 /// What the control service asks of a running role (server or client).
 pub trait Node: Send + Sync + 'static {
@@ -88,7 +88,33 @@ pub enum AdminRequest {
     /// The peers added live in a cluster changed (on any server): these
     /// are all of them now.
     ClusterPeers { live: Vec<PeerSection> },
+    /// A new invitation; answered with it and its token.
+    CreateInvite {
+        request: InviteRequest,
+        reply: oneshot::Sender<Result<(Invite, String), AdminError>>,
+    },
+    ListInvites {
+        reply: oneshot::Sender<Result<Vec<Invite>, AdminError>>,
+    },
+    /// By name.
+    RevokeInvite {
+        name: String,
+        reply: oneshot::Sender<Result<Invite, AdminError>>,
+    },
 }
+
+/// What `svpnctl invite` asks for.
+#[derive(Debug, Clone)]
+pub struct InviteRequest {
+    pub name: String,
+    pub address: Option<Ipv4Addr>,
+    pub ttl: Duration,
+    /// What the joining host dials, if not the server's `endpoint`.
+    pub endpoint: Option<String>,
+}
+
+/// How long an invitation lasts when no TTL is given.
+pub const DEFAULT_INVITE_TTL: Duration = Duration::from_secs(3600);
 
 /// What a reload (or a live change of peers) did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -122,20 +148,29 @@ pub enum AdminError {
     Store(#[from] StoreError),
     #[error("the server is stopping")]
     Stopping,
+    #[error("the server has no key (key = PATH in [server]): it serves no TLS client")]
+    NoKey,
+    #[error("no open invitation is named {0:?}")]
+    NoSuchInvite(String),
+    #[error("{0}")]
+    Cluster(#[from] crate::cluster::etcd::EtcdError),
 }
 
 impl From<AdminError> for Status {
     fn from(e: AdminError) -> Status {
         let message = e.to_string();
         match e {
-            AdminError::NotAServer | AdminError::NeedsRestart(_) | AdminError::InConfig(_) => {
-                Status::failed_precondition(message)
-            }
+            AdminError::NotAServer
+            | AdminError::NeedsRestart(_)
+            | AdminError::InConfig(_)
+            | AdminError::NoKey => Status::failed_precondition(message),
             AdminError::Invalid(_) => Status::invalid_argument(message),
-            AdminError::NoSuchPeer(_) => Status::not_found(message),
-            AdminError::Exists(_) => Status::already_exists(message),
+            AdminError::NoSuchPeer(_) | AdminError::NoSuchInvite(_) => Status::not_found(message),
+            AdminError::Exists(_) | AdminError::Store(StoreError::InviteExists(_)) => {
+                Status::already_exists(message)
+            }
             AdminError::Store(_) => Status::internal(message),
-            AdminError::Stopping => Status::unavailable(message),
+            AdminError::Stopping | AdminError::Cluster(_) => Status::unavailable(message),
         }
     }
 }
@@ -389,6 +424,22 @@ fn allowed_proto(peer: &AllowedPeer, connected: Option<Ipv4Addr>) -> proto::Allo
     }
 }
 
+fn invite_proto(invite: &Invite, now: SystemTime) -> proto::Invite {
+    let state = match invite.state {
+        InviteState::Open if invite.expires <= now => proto::InviteState::Expired,
+        InviteState::Open => proto::InviteState::Open,
+        InviteState::Used => proto::InviteState::Used,
+        InviteState::Revoked => proto::InviteState::Revoked,
+    };
+    proto::Invite {
+        name: invite.name.clone(),
+        address: invite.address.map(|a| a.to_string()).unwrap_or_default(),
+        created: Some(invite.created.into()),
+        expires: Some(invite.expires.into()),
+        state: state.into(),
+    }
+}
+
 /// The peer an AddPeer request describes; errors name the field.
 fn requested_peer(request: &proto::AddPeerRequest) -> Result<PeerSection, Status> {
     let invalid = |field: &str, problem: String| {
@@ -609,6 +660,68 @@ impl proto::control_server::Control for ControlService {
             offer_changed: report.offer_changed,
             disconnected: report.disconnected as u32,
             params_pushed: report.pushed as u32,
+        }))
+    }
+
+    async fn create_invite(
+        &self,
+        request: Request<proto::CreateInviteRequest>,
+    ) -> Result<Response<proto::CreateInviteReply>, Status> {
+        let uid = self.admin_uid(&request, "invite hosts")?;
+        let r = request.into_inner();
+        let address = match r.address.as_str() {
+            "" => None,
+            text => Some(text.parse().map_err(|_| {
+                Status::invalid_argument(
+                    ConfigError::new("address", format!("{text:?} is not an IPv4 address"))
+                        .to_string(),
+                )
+            })?),
+        };
+        let request = InviteRequest {
+            name: r.name.trim().to_string(),
+            address,
+            ttl: match r.ttl_seconds {
+                0 => DEFAULT_INVITE_TTL,
+                secs => Duration::from_secs(secs),
+            },
+            endpoint: (!r.endpoint.is_empty()).then_some(r.endpoint),
+        };
+        let (invite, token) = self
+            .change(|reply| AdminRequest::CreateInvite { request, reply })
+            .await?;
+        info!(uid, name = %invite.name, "invitation made");
+        Ok(Response::new(proto::CreateInviteReply {
+            token,
+            invite: Some(invite_proto(&invite, SystemTime::now())),
+        }))
+    }
+
+    async fn list_invites(
+        &self,
+        _: Request<proto::ListInvitesRequest>,
+    ) -> Result<Response<proto::ListInvitesReply>, Status> {
+        let invites = self
+            .change(|reply| AdminRequest::ListInvites { reply })
+            .await?;
+        let now = SystemTime::now();
+        Ok(Response::new(proto::ListInvitesReply {
+            invites: invites.iter().map(|i| invite_proto(i, now)).collect(),
+        }))
+    }
+
+    async fn revoke_invite(
+        &self,
+        request: Request<proto::RevokeInviteRequest>,
+    ) -> Result<Response<proto::RevokeInviteReply>, Status> {
+        let uid = self.admin_uid(&request, "revoke invitations")?;
+        let name = request.get_ref().name.trim().to_string();
+        let invite = self
+            .change(|reply| AdminRequest::RevokeInvite { name, reply })
+            .await?;
+        info!(uid, name = %invite.name, "invitation revoked");
+        Ok(Response::new(proto::RevokeInviteReply {
+            invite: Some(invite_proto(&invite, SystemTime::now())),
         }))
     }
 

@@ -7,7 +7,10 @@
 //! The first bytes have a short deadline of their own (`first_bytes_timeout`):
 //! a TLS client's whole ClientHello, or an original-protocol client's whole
 //! 20-byte address request, must arrive within it; only the rest of a TLS
-//! handshake has the longer handshake timeout. An original-protocol
+//! handshake has the longer handshake timeout. A TLS client that offers
+//! the join ALPN ([`crate::join::ALPN_JOIN`]) is let through the handshake
+//! with any Ed25519 key and handed on as a [`Joining`] connection, which
+//! may only redeem an invitation ([`super::server`]). An original-protocol
 //! connection whose first 20 bytes are not an address request (an HTTP
 //! request, random bytes) is refused at once.
 
@@ -92,6 +95,24 @@ pub struct Admitted {
     pub extension: bool,
 }
 
+/// What a joining connection's stream is (TLS over TCP, or over what was
+/// replayed of it).
+pub trait JoinIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> JoinIo for T {}
+
+/// A TLS connection on the join ALPN: its key proved, nothing else; it may
+/// send one join request.
+pub struct Joining {
+    pub stream: Box<dyn JoinIo>,
+    pub key: PublicKey,
+}
+
+impl fmt::Debug for Joining {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Joining({})", self.key)
+    }
+}
+
 /// Why a connection did not pass.
 #[derive(Debug)]
 pub enum Rejection {
@@ -116,6 +137,9 @@ pub enum Rejection {
     /// Not ours, and the port is shared: for the backend
     /// ([`super::portshare`]).
     Share(Foreign),
+    /// Not a tunnel client: a host joining with an invitation, for the
+    /// server to serve its one request.
+    Join(Joining),
 }
 
 impl fmt::Display for Rejection {
@@ -145,6 +169,7 @@ impl fmt::Display for Rejection {
             Rejection::Handshake(why) => write!(f, "TLS handshake failed: {why}"),
             Rejection::Io(e) => write!(f, "{e}"),
             Rejection::Share(foreign) => write!(f, "not ours ({}): port shared", foreign.why),
+            Rejection::Join(joining) => write!(f, "a host joining with key {}", joining.key),
         }
     }
 }
@@ -164,6 +189,8 @@ impl Rejection {
             // Not refused (the server hands it on); if it is counted as a
             // refusal after all, it is one of an unknown protocol.
             Rejection::Share(_) => RefusalReason::UnknownProtocol,
+            // Not refused either (served a join request).
+            Rejection::Join(_) => RefusalReason::JoinRefused,
         }
     }
 }
@@ -217,6 +244,8 @@ pub fn merge_peers(config: &[PeerSection], live: &[PeerSection]) -> Vec<AllowedP
 /// The peers change at run time; each handshake sees them as they are.
 pub struct Gate {
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// For a ClientHello that offers the join ALPN.
+    join_tls: Option<Arc<rustls::ServerConfig>>,
     allowed: AllowedKeys,
     peers: RwLock<Arc<Vec<AllowedPeer>>>,
     legacy: Legacy,
@@ -234,12 +263,16 @@ impl Gate {
         live: &[PeerSection],
     ) -> Result<Gate, TlsError> {
         let allowed = AllowedKeys::default();
-        let tls = match key {
-            Some(key) => Some(tls::server_config(key, allowed.clone())?),
-            None => None,
+        let (tls, join_tls) = match key {
+            Some(key) => (
+                Some(tls::server_config(key, allowed.clone())?),
+                Some(tls::join_server_config(key)?),
+            ),
+            None => (None, None),
         };
         let gate = Gate {
             tls,
+            join_tls,
             allowed,
             peers: RwLock::new(Arc::new(Vec::new())),
             legacy: config.legacy.clone(),
@@ -391,12 +424,26 @@ impl Gate {
             Ok(Err(e)) => return Err(Rejection::Handshake(e.to_string())),
             Ok(Ok(start)) => start,
         };
+        let joining = start
+            .client_hello()
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == crate::join::ALPN_JOIN));
+        let config = match (joining, &self.join_tls) {
+            (true, Some(join)) => join,
+            _ => config,
+        };
         let stream = start
             .into_stream(config.clone())
             .await
             .map_err(|e| Rejection::Handshake(e.to_string()))?;
         let key = tls::peer_key(stream.get_ref().1)
             .ok_or_else(|| Rejection::Handshake("no client key".into()))?;
+        if joining {
+            return Err(Rejection::Join(Joining {
+                stream: Box::new(stream),
+                key,
+            }));
+        }
         // Removed between the handshake and now: refused like an unknown key.
         let peer = self
             .peer(&key)

@@ -36,6 +36,7 @@ fn main() -> ExitCode {
         Ok(Action::Check(settings, _)) => return run_check(&settings, file.as_deref()),
         Ok(Action::Keygen(path)) => return keygen(&path),
         Ok(Action::Pubkey(path)) => return pubkey(&path),
+        Ok(Action::Join(options)) => return join(&options),
         Err(e) => {
             let text = file
                 .as_deref()
@@ -206,6 +207,55 @@ fn pubkey(path: &Path) -> ExitCode {
         return ExitCode::FAILURE;
     }
     print_public_key(NodeKey::from_pem(&pem, Path::new("standard input")))
+}
+
+/// `simplevpnd join TOKEN`: exit 0 with the next command, 1 when
+/// refused or unreachable, 2 for a bad token or a file in the way.
+fn join(options: &simplevpn::daemon::join::JoinOptions) -> ExitCode {
+    use simplevpn::daemon::join::JoinFailure;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("simplevpnd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(simplevpn::daemon::join::join(options)) {
+        Ok(joined) => {
+            if joined.made_key {
+                println!(
+                    "made this host's key {} ({})",
+                    options.key.display(),
+                    joined.key.public()
+                );
+            }
+            let start = match options.config_out == Path::new("/etc/simplevpn/simplevpnd.toml") {
+                true => "sudo systemctl enable --now simplevpnd".to_string(),
+                false => format!("sudo simplevpnd --config {}", options.config_out.display()),
+            };
+            let address = joined
+                .accepted
+                .address
+                .map_or(String::new(), |a| format!(", address {a}"));
+            println!(
+                "joined as {}{address}; wrote {}. Start it: {start}",
+                joined.accepted.name,
+                options.config_out.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(JoinFailure::Usage(e)) => {
+            eprintln!("simplevpnd: join: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(JoinFailure::Failed(e)) => {
+            eprintln!("simplevpnd: join: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `simplevpnd check`: exit 0 with the summary, or 2 with each problem.

@@ -11,6 +11,7 @@ mod dialer;
 mod events;
 pub mod gate;
 pub mod helper;
+pub mod join;
 mod links;
 mod metrics;
 mod notify;

@@ -145,10 +145,9 @@ pub async fn read_client_hello<S: AsyncRead + Unpin>(
         match acceptor.accept() {
             Ok(None) => continue,
             Ok(Some(accepted)) => {
-                let ours = accepted
-                    .client_hello()
-                    .alpn()
-                    .is_some_and(|mut offered| offered.any(|p| p == tls::ALPN_EXTENSION));
+                let ours = accepted.client_hello().alpn().is_some_and(|mut offered| {
+                    offered.any(|p| p == tls::ALPN_EXTENSION || p == crate::join::ALPN_JOIN)
+                });
                 return Ok(match ours {
                     true => Hello::Ours(read),
                     false => Hello::Foreign(read, "a ClientHello without our ALPN"),

@@ -225,6 +225,20 @@ pub fn keygen_at(path: String) -> (String, String) {
     (path, public)
 }
 
+/// Runs `simplevpnd pubkey PATH`: the public key of the key file at `path`.
+pub fn pubkey(path: &str) -> String {
+    let out = Command::new(SIMPLEVPND)
+        .args(["pubkey", path])
+        .output()
+        .expect("run pubkey");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// The flags that make a client speak TLS with `key`, pinning `server_key`.
 pub fn tls_client_args<'a>(key: &'a str, server_key: &'a str) -> [&'a str; 4] {
     ["--key", key, "--server-key", server_key]
