@@ -328,8 +328,9 @@ pub struct ClientSection {
     /// place of `key`: what `svpnctl peer new` writes. The file must then
     /// be readable by its owner only.
     pub private_key: Option<String>,
-    /// The server's public key, pinned.
-    pub server_key: Option<PublicKey>,
+    /// The servers' public keys, pinned: one, or a list (the servers of a
+    /// cluster each have their own key).
+    pub server_key: Option<ServerKeys>,
     /// Without a key, speak the original protocol (plaintext, nothing
     /// authenticated): an explicit choice, never a silent fallback.
     pub legacy: Option<bool>,
@@ -547,6 +548,42 @@ impl Legacy {
     }
 }
 
+/// `server_key` as written: one key, or several (`server_key = ["..", ".."]`);
+/// a server whose key is any of them is accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerKeys(pub Vec<PublicKey>);
+
+impl ServerKeys {
+    pub fn one(key: PublicKey) -> ServerKeys {
+        ServerKeys(vec![key])
+    }
+}
+
+impl std::fmt::Display for ServerKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&keys.join(", "))
+    }
+}
+
+impl<'de> Deserialize<'de> for ServerKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ServerKeys, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            One(PublicKey),
+            Many(Vec<PublicKey>),
+        }
+        match Written::deserialize(d)? {
+            Written::One(key) => Ok(ServerKeys::one(key)),
+            Written::Many(keys) if keys.is_empty() => {
+                Err(serde::de::Error::custom("an empty list of keys"))
+            }
+            Written::Many(keys) => Ok(ServerKeys(keys)),
+        }
+    }
+}
+
 /// `server` as written: one server, or several (`server = ["a", "b"]`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
@@ -595,9 +632,9 @@ pub struct ClientConfig {
     /// IPv6 addresses outside it are refused (by the helper); `None`: any
     /// unicast.
     pub network6: Option<Ipv6Net>,
-    /// TLS with this private key and pinned server key; `None`: the
+    /// TLS with this private key and the pinned server keys; `None`: the
     /// original protocol.
-    pub tls: Option<(ClientKey, PublicKey)>,
+    pub tls: Option<(ClientKey, ServerKeys)>,
     /// Which pushed routes are installed (see [`ClientSection::accept_routes`]).
     pub accept_routes: Option<Vec<IpNet>>,
     /// Accept the server's default route.
@@ -1818,6 +1855,21 @@ mod tests {
         );
         let pinned = format!("[client]\nserver = \"h\"\nserver_key = \"{key}\"\n");
         assert_eq!(client(&pinned).err().as_deref(), Some("key"));
+        // Several servers' keys: a list; a single string still works.
+        let other = PublicKey::from_raw(&[3; 32]).expect("key");
+        let parsed: PublicKey = key.parse().expect("key");
+        let inline = crate::keys::NodeKey::new_inline().expect("key").1;
+        for (written, keys) in [
+            (format!("\"{key}\""), vec![parsed]),
+            (format!("[\"{key}\", \"{other}\"]"), vec![parsed, other]),
+        ] {
+            let text = format!(
+                "[client]\nserver = \"h\"\nprivate_key = \"{inline}\"\nserver_key = {written}\n"
+            );
+            let config = client(&text).expect("resolves");
+            assert_eq!(config.tls.expect("tls").1, ServerKeys(keys), "{text}");
+        }
+        assert!(client("[client]\nserver = \"h\"\nserver_key = []\n").is_err());
     }
 
     #[test]
@@ -1953,7 +2005,9 @@ mod tests {
     fn a_cluster_with_network6_is_refused() {
         let text = "[server]\nkey = \"/k\"\nnetwork = \"198.19.0.0/16\"\n{}\n\
                     [cluster]\netcd = [\"http://198.18.9.1:2379\"]\nnode = \"s1\"\n\
-                    advertise = \"198.18.1.1:2003\"\n";
+                    advertise = \"198.18.1.1:2003\"\netcd_insecure = true\n\
+                    [[cluster.member]]\nnode = \"s1\"\n\
+                    key = \"ScFYNjnPxvAxr6GGa07nJpY3Y6mxoP6KgSTp3vU//xo=\"\n";
         let settings = |v6: &str| {
             let file = parse(&text.replace("{}", v6)).expect("parse");
             server_settings(

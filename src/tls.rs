@@ -179,9 +179,18 @@ pub fn client_config(
     key: &NodeKey,
     server: PublicKey,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    client_config_pinned(key, &[server])
+}
+
+/// A client's TLS config that accepts a server whose key is any of
+/// `servers` (the servers of a cluster, each with its own key).
+pub fn client_config_pinned(
+    key: &NodeKey,
+    servers: &[PublicKey],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let (certs, private) = identity(key)?;
     let verifier = Arc::new(PinnedServer {
-        key: server,
+        keys: servers.to_vec(),
         signatures: Signatures::new(),
     });
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
@@ -263,10 +272,10 @@ impl ClientCertVerifier for PinnedClients {
     }
 }
 
-/// Accepts only the server certificate whose key is the pinned one.
+/// Accepts only a server certificate whose key is one of the pinned ones.
 #[derive(Debug)]
 struct PinnedServer {
-    key: PublicKey,
+    keys: Vec<PublicKey>,
     signatures: Signatures,
 }
 
@@ -280,11 +289,15 @@ impl ServerCertVerifier for PinnedServer {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
         let key = certificate_key(end_entity)?;
-        match key == self.key {
+        match self.keys.contains(&key) {
             true => Ok(ServerCertVerified::assertion()),
             false => Err(Error::General(format!(
                 "the server's key {key} is not the pinned server_key {}",
-                self.key
+                self.keys
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" or ")
             ))),
         }
     }
