@@ -346,7 +346,10 @@ mod tests {
         assert_eq!(config.check_own_key(Some(key(1))), Ok(()));
         for own in [Some(key(2)), None] {
             let err = config.check_own_key(own).expect_err("refused");
-            assert!(["cluster.member", "key"].contains(&err.field.as_str()), "{err}");
+            assert!(
+                ["cluster.member", "key"].contains(&err.field.as_str()),
+                "{err}"
+            );
         }
         let insecure = ClusterSection {
             etcd: Some(vec!["http://198.18.9.1:2379".into()]),
