@@ -103,6 +103,15 @@ pub const MIN_PUSHED_PREFIX4: u8 = 8;
 /// The same for IPv6 routes (wider than a /16).
 pub const MIN_PUSHED_PREFIX6: u8 = 16;
 
+/// The most incoming cluster links (server to server) that may wait for
+/// their TLS handshake at once: only pinned members pass it, so more than
+/// a few is someone else knocking.
+pub const MAX_LINK_PENDING: usize = 64;
+
+/// The most incoming cluster links one address may have waiting for their
+/// handshake at once.
+pub const MAX_LINK_PENDING_PER_SOURCE: usize = 4;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,12 +127,3 @@ mod tests {
         assert_eq!((MIN_GSO_SEGMENT_TCP, MIN_GSO_SEGMENT_UDP), (536, 512));
     }
 }
-
-/// The most incoming cluster links (server to server) that may wait for
-/// their TLS handshake at once: only pinned members pass it, so more than
-/// a few is someone else knocking.
-pub const MAX_LINK_PENDING: usize = 64;
-
-/// The most incoming cluster links one address may have waiting for their
-/// handshake at once.
-pub const MAX_LINK_PENDING_PER_SOURCE: usize = 4;

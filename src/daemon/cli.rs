@@ -285,7 +285,7 @@ impl From<ClientArgs> for ClientSection {
             helper_user: args.common.helper_user,
             key: args.key,
             server_key: (!args.server_key.is_empty())
-                .then(|| crate::config::ServerKeys(args.server_key)),
+                .then_some(crate::config::ServerKeys(args.server_key)),
             legacy: args.legacy.then_some(true),
             accept_routes: (!args.accept_routes.is_empty()).then_some(args.accept_routes),
             full_tunnel: args.full_tunnel.then_some(true),

@@ -456,17 +456,18 @@ impl Collector for PeerCollector {
         }
 
         if let Some(cluster) = self.table.cluster_refusals() {
-            let mut records = encoder.encode_descriptor(
-                "cluster_records_refused",
-                "Records in etcd ignored: not signed by a pinned member, by reason",
-                None,
-                MetricType::Counter,
-            )?;
-            for (reason, value) in cluster.records {
-                let labels = [("reason", reason)];
-                ConstCounter::new(value).encode(records.encode_family(&labels)?)?;
+            {
+                let mut records = encoder.encode_descriptor(
+                    "cluster_records_refused",
+                    "Records in etcd ignored: not signed by a pinned member, by reason",
+                    None,
+                    MetricType::Counter,
+                )?;
+                for (reason, value) in cluster.records {
+                    let labels = [("reason", reason)];
+                    ConstCounter::new(value).encode(records.encode_family(&labels)?)?;
+                }
             }
-            drop(records);
             for (name, help, value) in [
                 (
                     "cluster_links_refused",
