@@ -1080,3 +1080,101 @@ fn plain_http_etcd_and_a_wrong_own_key_are_refused_at_start() {
         "{stderr}"
     );
 }
+
+/// etcd's own user authentication: a server logs in with `etcd_user` and
+/// `etcd_password_file`, and logs in again when etcd lets its token expire
+/// (etcd's simple tokens here live 2 s unused).
+#[test]
+fn a_server_logs_in_to_etcd_and_again_when_its_token_expires() {
+    use simplevpn::cluster::config::EtcdUser;
+    use simplevpn::cluster::etcd::pb::authpb::{permission, Permission};
+    use simplevpn::cluster::etcd::pb::etcdserverpb::{
+        auth_client::AuthClient, AuthEnableRequest, AuthRoleAddRequest,
+        AuthRoleGrantPermissionRequest, AuthUserAddRequest, AuthUserGrantRoleRequest,
+    };
+    if !require_root("a_server_logs_in_to_etcd_and_again_when_its_token_expires") {
+        return;
+    }
+    let ns = Netns::new("etcdauth");
+    ns.ip(&["addr", "add", "198.18.90.1/32", "dev", "lo"]);
+    let etcd = Etcd::start_flags(
+        &ns,
+        ETCD_ADDRESS,
+        &["--auth-token", "simple", "--auth-token-ttl", "2"],
+    );
+    let password_file = std::env::temp_dir().join(format!("{}-password", ns.name()));
+    std::fs::write(&password_file, "s3cret\n").expect("password file");
+    let url = etcd.url.clone();
+    let ([k1, _], pinned) = node_keys();
+    let config = ClusterConfig {
+        etcd: vec![url.clone()],
+        transport: EtcdTransport::Insecure,
+        user: Some(EtcdUser {
+            user: "svpn".into(),
+            password_file: password_file.clone(),
+        }),
+        node: "s1".into(),
+        advertise: "198.18.91.2:2003".parse().expect("addr"),
+        lease_ttl: Duration::from_secs(30),
+        members: pinned,
+    };
+    in_ns(&ns, async move {
+        let channel = tonic::transport::Channel::from_shared(url.clone())
+            .expect("url")
+            .connect()
+            .await
+            .expect("etcd");
+        let mut auth = AuthClient::new(channel);
+        let user = |name: &str, password: &str| AuthUserAddRequest {
+            name: name.into(),
+            password: password.into(),
+            ..Default::default()
+        };
+        let grant = |user: &str, role: &str| AuthUserGrantRoleRequest {
+            user: user.into(),
+            role: role.into(),
+        };
+        auth.user_add(user("root", "rootpw")).await.expect("root");
+        auth.user_grant_role(grant("root", "root"))
+            .await
+            .expect("root role");
+        auth.role_add(AuthRoleAddRequest {
+            name: "simplevpn".into(),
+        })
+        .await
+        .expect("role");
+        auth.role_grant_permission(AuthRoleGrantPermissionRequest {
+            name: "simplevpn".into(),
+            perm: Some(Permission {
+                perm_type: permission::Type::Readwrite as i32,
+                key: b"/simplevpn/".to_vec(),
+                range_end: b"/simplevpn0".to_vec(),
+            }),
+        })
+        .await
+        .expect("permission");
+        auth.user_add(user("svpn", "s3cret")).await.expect("user");
+        auth.user_grant_role(grant("svpn", "simplevpn"))
+            .await
+            .expect("grant");
+        auth.auth_enable(AuthEnableRequest {})
+            .await
+            .expect("auth on");
+
+        // Without credentials etcd refuses; with them the server joins.
+        let anonymous = Client::new(std::slice::from_ref(&url)).expect("client");
+        assert!(anonymous.get("/simplevpn/x").await.is_err());
+        let network = "198.19.0.0/24".parse().expect("net");
+        let s1 = Cluster::join(config, network, k1).await.expect("joins");
+        let key = |n: u8| Claimant::Key(PublicKey::from_raw(&[n; 32]).expect("key"));
+        s1.claim(&key(1), Wanted::Any, |_| true)
+            .await
+            .expect("a grant");
+        // Its token expires unused; the next call logs in again.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        s1.claim(&key(2), Wanted::Any, |_| true)
+            .await
+            .expect("a grant after the token expired");
+    });
+    let _ = std::fs::remove_file(&password_file);
+}

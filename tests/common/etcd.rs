@@ -21,6 +21,8 @@ pub struct Etcd {
     daemon: Option<Daemon>,
     /// With TLS: the files a client needs.
     pub tls: Option<EtcdTls>,
+    /// More flags for etcd.
+    extra: Vec<String>,
 }
 
 /// An etcd that requires client certificates: its CA and a client
@@ -106,16 +108,21 @@ impl Etcd {
     /// Starts etcd in `ns`, listening on `address` (one of `ns`'s own), and
     /// waits until it answers /health.
     pub fn start(ns: &Netns, address: Ipv4Addr) -> Etcd {
-        Etcd::start_with(ns, address, false)
+        Etcd::start_with(ns, address, false, &[])
+    }
+
+    /// Starts etcd in `ns` (plain http://) with more flags.
+    pub fn start_flags(ns: &Netns, address: Ipv4Addr, flags: &[&str]) -> Etcd {
+        Etcd::start_with(ns, address, false, flags)
     }
 
     /// Starts etcd in `ns` over TLS, requiring client certificates signed
     /// by its CA (see [`EtcdTls`]).
     pub fn start_tls(ns: &Netns, address: Ipv4Addr) -> Etcd {
-        Etcd::start_with(ns, address, true)
+        Etcd::start_with(ns, address, true, &[])
     }
 
-    fn start_with(ns: &Netns, address: Ipv4Addr, tls: bool) -> Etcd {
+    fn start_with(ns: &Netns, address: Ipv4Addr, tls: bool, flags: &[&str]) -> Etcd {
         let dir = std::env::temp_dir().join(format!("{}-etcd", ns.name()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("etcd data directory");
@@ -127,6 +134,7 @@ impl Etcd {
             dir,
             daemon: None,
             tls,
+            extra: flags.iter().map(|f| f.to_string()).collect(),
         };
         etcd.resume(ns);
         etcd
@@ -176,6 +184,7 @@ impl Etcd {
             }
             args.push("--client-cert-auth".into());
         }
+        args.extend(self.extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let daemon = ns.spawn(ETCD, &args);
         let deadline = Instant::now() + Duration::from_secs(20);
