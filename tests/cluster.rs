@@ -1178,3 +1178,70 @@ fn a_server_logs_in_to_etcd_and_again_when_its_token_expires() {
     });
     let _ = std::fs::remove_file(&password_file);
 }
+
+/// A member may send over its link only packets from addresses its own
+/// clients hold (or their routes): one from another source is dropped and
+/// counted, one from its client's address is delivered.
+#[test]
+fn a_packet_over_a_link_from_a_source_its_member_holds_no_lease_for_is_dropped() {
+    if !require_root("a_packet_over_a_link_from_a_source_its_member_holds_no_lease_for_is_dropped")
+    {
+        return;
+    }
+    let bed = Bed2::new("clspoof");
+    let _s1 = bed.server(0);
+    let _s2 = bed.server(1);
+    let (_a, a_address) = bed.client(0, 0, &["198.18.1.1"]);
+    let (_b, b_address) = bed.client(1, 1, &["198.18.2.1"]);
+    // b listens on the port udp_packet sends to.
+    let socket = bed.c[1]
+        .udp_bind((b_address, 12345).into())
+        .expect("udp socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let with_checksum = |mut packet: Vec<u8>| {
+        let sum = packet[..20]
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum::<u32>();
+        let folded = (sum & 0xffff) + (sum >> 16);
+        let folded = (folded & 0xffff) + (folded >> 16);
+        packet[10..12].copy_from_slice(&(!(folded as u16)).to_be_bytes());
+        packet
+    };
+    let spoofed = with_checksum(udp_packet(
+        Ipv4Addr::new(198, 19, 250, 250),
+        b_address,
+        b"spoofed",
+    ));
+    let real = with_checksum(udp_packet(a_address, b_address, b"real"));
+    // s1's key, as a compromised s1 (or anyone holding its key) would.
+    let member = NodeKey::load(std::path::Path::new(&bed.server_keys[0].0)).expect("s1's key");
+    let s2_key = bed.server_keys[1].1.parse().expect("s2's key");
+    in_ns(&bed.s[0], async move {
+        use tokio::io::AsyncWriteExt;
+        let config = simplevpn::tls::client_config(&member, s2_key).expect("tls config");
+        let tcp = tokio::net::TcpStream::connect("198.18.92.2:2003")
+            .await
+            .expect("connect");
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(simplevpn::tls::server_name(), tcp)
+            .await
+            .expect("a member's link");
+        tls.write_all(&spoofed).await.expect("write");
+        tls.write_all(&real).await.expect("write");
+        tls.flush().await.expect("flush");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    });
+    let mut buffer = [0u8; 64];
+    let (n, _) = socket.recv_from(&mut buffer).expect("the real packet");
+    assert_eq!(&buffer[..n], b"real");
+    assert!(
+        socket.recv_from(&mut buffer).is_err(),
+        "a second packet arrived: {:?}",
+        &buffer
+    );
+    let status = svpnctl_json(&bed.socket(1), &["status"]);
+    assert_eq!(status["cluster"]["dropped_spoofed"], 1, "{status}");
+}
