@@ -584,12 +584,22 @@ impl<'de> Deserialize<'de> for ServerKeys {
     }
 }
 
-/// `server` as written: one server, or several (`server = ["a", "b"]`).
+/// `server` as written: one server, or several (`server = ["a", "b"]`), or
+/// `[[client.server]]` tables, each a server and its key.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
 pub enum Servers {
     One(String),
     Many(Vec<String>),
+    Pinned(Vec<PinnedServer>),
+}
+
+/// `[[client.server]]`: a server (`HOST[:PORT]`) and its public key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinnedServer {
+    pub address: String,
+    pub key: PublicKey,
 }
 
 impl From<&str> for Servers {
@@ -1235,11 +1245,23 @@ impl ClientSection {
     }
 
     /// Fills in the defaults and checks every value.
-    pub fn resolve(self) -> Result<ClientConfig, ConfigError> {
-        let listed = match self.server {
+    pub fn resolve(mut self) -> Result<ClientConfig, ConfigError> {
+        let listed = match self.server.take() {
             None => Vec::new(),
             Some(Servers::One(server)) => vec![server],
             Some(Servers::Many(servers)) => servers,
+            // Each table's key is pinned beside `server_key`'s: a server
+            // with any of them is accepted.
+            Some(Servers::Pinned(servers)) => {
+                let mut keys = self.server_key.take().map_or(Vec::new(), |k| k.0);
+                for server in &servers {
+                    if !keys.contains(&server.key) {
+                        keys.push(server.key);
+                    }
+                }
+                self.server_key = Some(ServerKeys(keys));
+                servers.into_iter().map(|s| s.address).collect()
+            }
         };
         let servers = listed
             .iter()
@@ -1870,6 +1892,18 @@ mod tests {
             assert_eq!(config.tls.expect("tls").1, ServerKeys(keys), "{text}");
         }
         assert!(client("[client]\nserver = \"h\"\nserver_key = []\n").is_err());
+        // [[client.server]] tables: each server and its key.
+        let text = format!(
+            "[client]\nprivate_key = \"{inline}\"\n\
+             [[client.server]]\naddress = \"vpn1.example.org\"\nkey = \"{key}\"\n\
+             [[client.server]]\naddress = \"vpn2.example.org:443\"\nkey = \"{other}\"\n"
+        );
+        let config = client(&text).expect("resolves");
+        assert_eq!(
+            config.servers,
+            ["vpn1.example.org:2002", "vpn2.example.org:443"]
+        );
+        assert_eq!(config.tls.expect("tls").1, ServerKeys(vec![parsed, other]));
     }
 
     #[test]
