@@ -328,8 +328,9 @@ pub struct ClientSection {
     /// place of `key`: what `svpnctl peer new` writes. The file must then
     /// be readable by its owner only.
     pub private_key: Option<String>,
-    /// The server's public key, pinned.
-    pub server_key: Option<PublicKey>,
+    /// The servers' public keys, pinned: one, or a list (the servers of a
+    /// cluster each have their own key).
+    pub server_key: Option<ServerKeys>,
     /// Without a key, speak the original protocol (plaintext, nothing
     /// authenticated): an explicit choice, never a silent fallback.
     pub legacy: Option<bool>,
@@ -497,12 +498,58 @@ impl Legacy {
     }
 }
 
-/// `server` as written: one server, or several (`server = ["a", "b"]`).
+/// `server_key` as written: one key, or several (`server_key = ["..", ".."]`);
+/// a server whose key is any of them is accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerKeys(pub Vec<PublicKey>);
+
+impl ServerKeys {
+    pub fn one(key: PublicKey) -> ServerKeys {
+        ServerKeys(vec![key])
+    }
+}
+
+impl std::fmt::Display for ServerKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&keys.join(", "))
+    }
+}
+
+impl<'de> Deserialize<'de> for ServerKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ServerKeys, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            One(PublicKey),
+            Many(Vec<PublicKey>),
+        }
+        match Written::deserialize(d)? {
+            Written::One(key) => Ok(ServerKeys::one(key)),
+            Written::Many(keys) if keys.is_empty() => {
+                Err(serde::de::Error::custom("an empty list of keys"))
+            }
+            Written::Many(keys) => Ok(ServerKeys(keys)),
+        }
+    }
+}
+
+/// `server` as written: one server, or several (`server = ["a", "b"]`), or
+/// `[[client.server]]` tables, each a server and its key.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
 pub enum Servers {
     One(String),
     Many(Vec<String>),
+    Pinned(Vec<PinnedServer>),
+}
+
+/// `[[client.server]]`: a server (`HOST[:PORT]`) and its public key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinnedServer {
+    pub address: String,
+    pub key: PublicKey,
 }
 
 impl From<&str> for Servers {
@@ -545,9 +592,9 @@ pub struct ClientConfig {
     /// IPv6 addresses outside it are refused (by the helper); `None`: any
     /// unicast.
     pub network6: Option<Ipv6Net>,
-    /// TLS with this private key and pinned server key; `None`: the
+    /// TLS with this private key and the pinned server keys; `None`: the
     /// original protocol.
-    pub tls: Option<(ClientKey, PublicKey)>,
+    pub tls: Option<(ClientKey, ServerKeys)>,
     /// Which pushed routes are installed (see [`ClientSection::accept_routes`]).
     pub accept_routes: Option<Vec<IpNet>>,
     /// Accept the server's default route.
@@ -1145,11 +1192,23 @@ impl ClientSection {
     }
 
     /// Fills in the defaults and checks every value.
-    pub fn resolve(self) -> Result<ClientConfig, ConfigError> {
-        let listed = match self.server {
+    pub fn resolve(mut self) -> Result<ClientConfig, ConfigError> {
+        let listed = match self.server.take() {
             None => Vec::new(),
             Some(Servers::One(server)) => vec![server],
             Some(Servers::Many(servers)) => servers,
+            // Each table's key is pinned beside `server_key`'s: a server
+            // with any of them is accepted.
+            Some(Servers::Pinned(servers)) => {
+                let mut keys = self.server_key.take().map_or(Vec::new(), |k| k.0);
+                for server in &servers {
+                    if !keys.contains(&server.key) {
+                        keys.push(server.key);
+                    }
+                }
+                self.server_key = Some(ServerKeys(keys));
+                servers.into_iter().map(|s| s.address).collect()
+            }
         };
         let servers = listed
             .iter()
@@ -1468,11 +1527,21 @@ fn mtu(value: Option<u32>, max_frame: usize) -> Result<u32, ConfigError> {
 pub fn client_config_text(
     comment: &str,
     endpoint: &str,
-    server_key: &str,
+    server_keys: &[String],
     key_line: &str,
     address: Option<Ipv4Addr>,
 ) -> String {
     let comment: String = comment.lines().map(|l| format!("# {l}\n")).collect();
+    let server_key = match server_keys {
+        [one] => format!("\"{one}\""),
+        keys => format!(
+            "[{}]",
+            keys.iter()
+                .map(|k| format!("\"{k}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     let address = match address {
         Some(a) => format!("address = \"{a}\"\n"),
         None => String::new(),
@@ -1481,7 +1550,7 @@ pub fn client_config_text(
         "{comment}\
          [client]\n\
          server = \"{endpoint}\"\n\
-         server_key = \"{server_key}\"\n\
+         server_key = {server_key}\n\
          {key_line}\n\
          {address}\
          # full_tunnel = true        # all traffic through the server, if it offers it\n\
@@ -1793,6 +1862,33 @@ mod tests {
         );
         let pinned = format!("[client]\nserver = \"h\"\nserver_key = \"{key}\"\n");
         assert_eq!(client(&pinned).err().as_deref(), Some("key"));
+        // Several servers' keys: a list; a single string still works.
+        let other = PublicKey::from_raw(&[3; 32]).expect("key");
+        let parsed: PublicKey = key.parse().expect("key");
+        let inline = crate::keys::NodeKey::new_inline().expect("key").1;
+        for (written, keys) in [
+            (format!("\"{key}\""), vec![parsed]),
+            (format!("[\"{key}\", \"{other}\"]"), vec![parsed, other]),
+        ] {
+            let text = format!(
+                "[client]\nserver = \"h\"\nprivate_key = \"{inline}\"\nserver_key = {written}\n"
+            );
+            let config = client(&text).expect("resolves");
+            assert_eq!(config.tls.expect("tls").1, ServerKeys(keys), "{text}");
+        }
+        assert!(client("[client]\nserver = \"h\"\nserver_key = []\n").is_err());
+        // [[client.server]] tables: each server and its key.
+        let text = format!(
+            "[client]\nprivate_key = \"{inline}\"\n\
+             [[client.server]]\naddress = \"vpn1.example.org\"\nkey = \"{key}\"\n\
+             [[client.server]]\naddress = \"vpn2.example.org:443\"\nkey = \"{other}\"\n"
+        );
+        let config = client(&text).expect("resolves");
+        assert_eq!(
+            config.servers,
+            ["vpn1.example.org:2002", "vpn2.example.org:443"]
+        );
+        assert_eq!(config.tls.expect("tls").1, ServerKeys(vec![parsed, other]));
     }
 
     #[test]
@@ -1928,7 +2024,9 @@ mod tests {
     fn a_cluster_with_network6_is_refused() {
         let text = "[server]\nkey = \"/k\"\nnetwork = \"198.19.0.0/16\"\n{}\n\
                     [cluster]\netcd = [\"http://198.18.9.1:2379\"]\nnode = \"s1\"\n\
-                    advertise = \"198.18.1.1:2003\"\n";
+                    advertise = \"198.18.1.1:2003\"\netcd_insecure = true\n\
+                    [[cluster.member]]\nnode = \"s1\"\n\
+                    key = \"ScFYNjnPxvAxr6GGa07nJpY3Y6mxoP6KgSTp3vU//xo=\"\n";
         let settings = |v6: &str| {
             let file = parse(&text.replace("{}", v6)).expect("parse");
             server_settings(

@@ -12,6 +12,7 @@ use std::str::FromStr;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use rcgen::{KeyPair, PKCS_ED25519};
+use ring::signature::Ed25519KeyPair;
 use rustls::pki_types::PrivatePkcs8KeyDer;
 
 /// Length of a raw Ed25519 public key.
@@ -89,6 +90,26 @@ impl<'de> serde::Deserialize<'de> for PublicKey {
 /// A node's key pair, loaded from its private key file.
 pub struct NodeKey {
     pair: KeyPair,
+    /// The same key, for signing records ([`NodeKey::sign`]).
+    signer: Ed25519KeyPair,
+}
+
+/// Length of an Ed25519 signature.
+pub const SIGNATURE_LEN: usize = 64;
+
+/// The signing form of `pair` (ring reads PKCS#8 v1 and v2).
+fn signer_of(pair: &KeyPair) -> Result<Ed25519KeyPair, KeyError> {
+    Ed25519KeyPair::from_pkcs8_maybe_unchecked(&pair.serialize_der())
+        .map_err(|e| KeyError::Generate(format!("not an Ed25519 key: {e}")))
+}
+
+impl PublicKey {
+    /// Whether `signature` is this key's Ed25519 signature of `message`.
+    pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &self.0)
+            .verify(message, signature)
+            .is_ok()
+    }
 }
 
 impl fmt::Debug for NodeKey {
@@ -102,7 +123,7 @@ impl NodeKey {
     pub fn new_random() -> Result<NodeKey, KeyError> {
         let pair =
             KeyPair::generate_for(&PKCS_ED25519).map_err(|e| KeyError::Generate(e.to_string()))?;
-        Ok(NodeKey { pair })
+        NodeKey::of_pair(pair)
     }
 
     /// The private key as a key file holds it (PEM, PKCS#8).
@@ -121,12 +142,13 @@ impl NodeKey {
         if !pair.is_compatible(&PKCS_ED25519) {
             return Err(bad("another algorithm".into()));
         }
-        Ok(NodeKey { pair })
+        let signer = signer_of(&pair).map_err(|e| bad(e.to_string()))?;
+        Ok(NodeKey { pair, signer })
     }
 
     /// Writes a new private key to `path` (mode 0600, never overwriting).
     pub fn generate(path: &Path) -> Result<NodeKey, KeyError> {
-        let NodeKey { pair } = NodeKey::new_random()?;
+        let NodeKey { pair, signer } = NodeKey::new_random()?;
         let io_err = |source| KeyError::Io {
             path: path.to_path_buf(),
             source,
@@ -143,7 +165,7 @@ impl NodeKey {
         file.write_all(pair.serialize_pem().as_bytes())
             .and_then(|()| file.sync_all())
             .map_err(io_err)?;
-        Ok(NodeKey { pair })
+        Ok(NodeKey { pair, signer })
     }
 
     /// Reads a private key file; refuses one that others may read.
@@ -192,7 +214,7 @@ impl NodeKey {
         let pair =
             KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(der), &PKCS_ED25519)
                 .map_err(|e| KeyError::Generate(e.to_string()))?;
-        Ok(NodeKey { pair })
+        NodeKey::of_pair(pair)
     }
 
     /// The key numbered `index` of a family derived from `seed`: the
@@ -206,6 +228,19 @@ impl NodeKey {
         hash.update(seed);
         hash.update(&index.to_be_bytes());
         NodeKey::from_ed25519_seed(hash.finish().as_ref())
+    }
+
+    fn of_pair(pair: KeyPair) -> Result<NodeKey, KeyError> {
+        let signer = signer_of(&pair)?;
+        Ok(NodeKey { pair, signer })
+    }
+
+    /// This key's Ed25519 signature of `message` (deterministic: the same
+    /// message always gets the same signature).
+    pub fn sign(&self, message: &[u8]) -> [u8; SIGNATURE_LEN] {
+        let mut signature = [0; SIGNATURE_LEN];
+        signature.copy_from_slice(self.signer.sign(message).as_ref());
+        signature
     }
 
     pub fn public(&self) -> PublicKey {
@@ -266,6 +301,20 @@ mod tests {
             .expect("ring key");
         use ring::signature::KeyPair as _;
         assert_eq!(a.public().as_bytes(), direct.public_key().as_ref());
+    }
+
+    #[test]
+    fn signatures_verify_with_the_signers_key_only() {
+        let a = NodeKey::from_seed(b"sign", 1).expect("key");
+        let b = NodeKey::from_seed(b"sign", 2).expect("key");
+        let signature = a.sign(b"message");
+        assert_eq!(signature, a.sign(b"message"), "deterministic");
+        assert!(a.public().verifies(b"message", &signature));
+        assert!(!a.public().verifies(b"messagE", &signature));
+        assert!(!b.public().verifies(b"message", &signature));
+        assert!(!a.public().verifies(b"message", &signature[..63]));
+        let pem = NodeKey::from_pem(&a.to_pem(), Path::new("a")).expect("pem");
+        assert_eq!(pem.sign(b"message"), signature);
     }
 
     #[test]

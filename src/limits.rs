@@ -112,6 +112,15 @@ pub const MAX_JOIN_MESSAGE: usize = 512;
 /// request: it is unauthenticated until the request is checked.
 pub const JOIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The most incoming cluster links (server to server) that may wait for
+/// their TLS handshake at once: only pinned members pass it, so more than
+/// a few is someone else knocking.
+pub const MAX_LINK_PENDING: usize = 64;
+
+/// The most incoming cluster links one address may have waiting for their
+/// handshake at once.
+pub const MAX_LINK_PENDING_PER_SOURCE: usize = 4;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -199,6 +199,15 @@ pub fn client_config(
     pinned_client(key, vec![server], ALPN_EXTENSION)
 }
 
+/// A client's TLS config that accepts a server whose key is any of
+/// `servers` (the servers of a cluster, each with its own key).
+pub fn client_config_pinned(
+    key: &NodeKey,
+    servers: &[PublicKey],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    pinned_client(key, servers.to_vec(), ALPN_EXTENSION)
+}
+
 /// A joining client's TLS config (`simplevpnd join`): as
 /// [`client_config`], the server's key one of `servers` (the token's),
 /// offering [`crate::join::ALPN_JOIN`] only.
@@ -299,7 +308,7 @@ impl ClientCertVerifier for PinnedClients {
     }
 }
 
-/// Accepts only a server certificate whose key is a pinned one.
+/// Accepts only a server certificate whose key is one of the pinned ones.
 #[derive(Debug)]
 struct PinnedServer {
     keys: Vec<PublicKey>,

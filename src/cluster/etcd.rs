@@ -8,18 +8,23 @@
 //! anywhere else (build.rs compiles with protox); the generated clients are
 //! the same tonic code, so the few calls used here are written against them.
 
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use super::config::{ClusterConfig, EtcdTransport, EtcdUser};
 use pb::etcdserverpb::{
-    compare, kv_client::KvClient, lease_client::LeaseClient, request_op, watch_client::WatchClient,
-    watch_request, Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseKeepAliveRequest,
-    LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest,
-    WatchRequest,
+    auth_client::AuthClient, compare, kv_client::KvClient, lease_client::LeaseClient, request_op,
+    watch_client::WatchClient, watch_request, AuthenticateRequest, Compare, DeleteRangeRequest,
+    LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, PutRequest, RangeRequest,
+    RequestOp, TxnRequest, WatchCreateRequest, WatchRequest,
 };
 pub use pb::mvccpb::KeyValue;
 
@@ -57,6 +62,11 @@ pub enum EtcdError {
     /// up to this revision): the state must be read afresh.
     #[error("etcd: the changes since the watch's revision were compacted (up to {0})")]
     Compacted(i64),
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// An etcd event seen by a watch.
@@ -74,12 +84,49 @@ pub struct Event {
     pub change: Change,
 }
 
+/// The token of etcd's user authentication, sent with every call (in the
+/// `token` header) once [`Etcd`] has authenticated.
+#[derive(Clone, Default)]
+pub struct Token(Arc<RwLock<Option<MetadataValue<Ascii>>>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        let token = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(token) = token {
+            request.metadata_mut().insert("token", token);
+        }
+        Ok(request)
+    }
+}
+
+type Authed = InterceptedService<Channel, Token>;
+
+/// etcd's user and password, and the token they got.
+#[derive(Clone)]
+struct Login {
+    user: String,
+    password: String,
+    auth: AuthClient<Channel>,
+    token: Token,
+}
+
 /// A connection to an etcd cluster (its endpoints balanced); cheap to clone.
 #[derive(Clone)]
 pub struct Etcd {
-    kv: KvClient<Channel>,
-    lease: LeaseClient<Channel>,
-    watch: WatchClient<Channel>,
+    kv: KvClient<Authed>,
+    lease: LeaseClient<Authed>,
+    watch: WatchClient<Authed>,
+    login: Option<Login>,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, EtcdError> {
+    std::fs::read(path).map_err(|source| EtcdError::File {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The end of the range of every key that starts with `prefix`.
@@ -116,31 +163,133 @@ async fn timed<T>(
 }
 
 impl Etcd {
-    /// A client of the etcd at `endpoints` (`http://HOST:PORT`); it connects
-    /// on first use, so this fails only on a malformed endpoint.
+    /// A client of the etcd at `endpoints` over plain `http://HOST:PORT`,
+    /// without credentials (tests; a server uses [`Etcd::connect`]).
     pub fn new(endpoints: &[String]) -> Result<Etcd, EtcdError> {
+        Etcd::with(endpoints, None, None)
+    }
+
+    /// The client a server's `[cluster]` describes: its endpoints, TLS
+    /// (etcd's CA, this server's client certificate) and user. It connects
+    /// on first use, so this fails only on a malformed endpoint or a file
+    /// that cannot be read.
+    pub fn connect(config: &ClusterConfig) -> Result<Etcd, EtcdError> {
+        let tls = match &config.transport {
+            EtcdTransport::Insecure => None,
+            EtcdTransport::Tls { ca, identity } => {
+                let mut tls =
+                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+                if let Some((cert, key)) = identity {
+                    tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+                }
+                Some(tls)
+            }
+        };
+        let user = match &config.user {
+            Some(EtcdUser {
+                user,
+                password_file,
+            }) => {
+                let password =
+                    String::from_utf8(read(password_file)?).map_err(|_| EtcdError::Endpoint {
+                        endpoint: password_file.display().to_string(),
+                        problem: "the password is not UTF-8".into(),
+                    })?;
+                Some((
+                    user.clone(),
+                    password.trim_end_matches(['\n', '\r']).to_string(),
+                ))
+            }
+            None => None,
+        };
+        Etcd::with(&config.etcd, tls, user)
+    }
+
+    fn with(
+        endpoints: &[String],
+        tls: Option<ClientTlsConfig>,
+        user: Option<(String, String)>,
+    ) -> Result<Etcd, EtcdError> {
         let endpoints = endpoints
             .iter()
             .map(|endpoint| {
-                Endpoint::from_shared(endpoint.clone())
-                    .map(|e| {
-                        e.connect_timeout(CONNECT_TIMEOUT)
-                            .tcp_nodelay(true)
-                            .http2_keep_alive_interval(Duration::from_secs(5))
-                            .keep_alive_timeout(Duration::from_secs(3))
-                    })
-                    .map_err(|e| EtcdError::Endpoint {
-                        endpoint: endpoint.clone(),
-                        problem: e.to_string(),
-                    })
+                let problem = |e: tonic::transport::Error| EtcdError::Endpoint {
+                    endpoint: endpoint.clone(),
+                    problem: e.to_string(),
+                };
+                let e = Endpoint::from_shared(endpoint.clone())
+                    .map_err(problem)?
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(5))
+                    .keep_alive_timeout(Duration::from_secs(3));
+                match &tls {
+                    Some(tls) => e.tls_config(tls.clone()).map_err(problem),
+                    None => Ok(e),
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
         let channel = Channel::balance_list(endpoints.into_iter());
+        let token = Token::default();
+        let login = user.map(|(user, password)| Login {
+            user,
+            password,
+            auth: AuthClient::new(channel.clone()),
+            token: token.clone(),
+        });
         Ok(Etcd {
-            kv: KvClient::new(channel.clone()),
-            lease: LeaseClient::new(channel.clone()),
-            watch: WatchClient::new(channel),
+            kv: KvClient::with_interceptor(channel.clone(), token.clone()),
+            lease: LeaseClient::with_interceptor(channel.clone(), token.clone()),
+            watch: WatchClient::with_interceptor(channel, token),
+            login,
         })
+    }
+
+    /// Logs in to etcd (its user authentication), if configured: when there
+    /// is no token yet, or always if `force` (etcd refused the token: it
+    /// expired).
+    async fn authenticate(&self, force: bool) -> Result<(), EtcdError> {
+        let Some(login) = &self.login else {
+            return Ok(());
+        };
+        if !force
+            && login
+                .token
+                .0
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+        {
+            return Ok(());
+        }
+        let request = AuthenticateRequest {
+            name: login.user.clone(),
+            password: login.password.clone(),
+        };
+        let reply = timed(login.auth.clone().authenticate(request)).await?;
+        let token = MetadataValue::try_from(reply.token.as_str())
+            .map_err(|_| EtcdError::Protocol("etcd's auth token is not a header value"))?;
+        *login.token.0.write().unwrap_or_else(|e| e.into_inner()) = Some(token);
+        Ok(())
+    }
+
+    /// Runs `call` with a token (when etcd's user authentication is on),
+    /// once more with a new one if etcd says the token expired.
+    async fn call<T, F, Fut>(&self, call: F) -> Result<T, EtcdError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.authenticate(false).await?;
+        match timed(call()).await {
+            Err(EtcdError::Status(status))
+                if self.login.is_some() && status.code() == tonic::Code::Unauthenticated =>
+            {
+                self.authenticate(true).await?;
+                timed(call()).await
+            }
+            result => result,
+        }
     }
 
     /// The value of `key`, with its revisions.
@@ -149,7 +298,12 @@ impl Etcd {
             key: key.as_bytes().to_vec(),
             ..Default::default()
         };
-        let mut reply = timed(self.kv.clone().range(request)).await?;
+        let mut reply = self
+            .call(|| {
+                let (mut kv, request) = (self.kv.clone(), request.clone());
+                async move { kv.range(request).await }
+            })
+            .await?;
         Ok(reply.kvs.pop())
     }
 
@@ -160,7 +314,13 @@ impl Etcd {
             range_end: prefix_end(prefix),
             ..Default::default()
         };
-        Ok(timed(self.kv.clone().range(request)).await?.kvs)
+        Ok(self
+            .call(|| {
+                let (mut kv, request) = (self.kv.clone(), request.clone());
+                async move { kv.range(request).await }
+            })
+            .await?
+            .kvs)
     }
 
     /// etcd's current revision (read with the keys under `prefix`, which are
@@ -188,7 +348,12 @@ impl Etcd {
             lease,
             ..Default::default()
         };
-        timed(self.kv.clone().put(request)).await.map(drop)
+        self.call(|| {
+            let (mut kv, request) = (self.kv.clone(), request.clone());
+            async move { kv.put(request).await }
+        })
+        .await
+        .map(drop)
     }
 
     /// Deletes `key`; whether it existed.
@@ -197,7 +362,13 @@ impl Etcd {
             key: key.as_bytes().to_vec(),
             ..Default::default()
         };
-        Ok(timed(self.kv.clone().delete_range(request)).await?.deleted > 0)
+        let reply = self
+            .call(|| {
+                let (mut kv, request) = (self.kv.clone(), request.clone());
+                async move { kv.delete_range(request).await }
+            })
+            .await?;
+        Ok(reply.deleted > 0)
     }
 
     /// Puts `value` at `key` (attached to `lease`) if `condition` holds, in
@@ -222,7 +393,7 @@ impl Etcd {
             success: vec![put],
             failure: Vec::new(),
         };
-        Ok(timed(self.kv.clone().txn(request)).await?.succeeded)
+        self.txn(request).await
     }
 
     /// Creates `key` with `value` (attached to `lease`) only if no such key
@@ -274,7 +445,18 @@ impl Etcd {
             success: vec![delete],
             failure: Vec::new(),
         };
-        Ok(timed(self.kv.clone().txn(request)).await?.succeeded)
+        self.txn(request).await
+    }
+
+    /// Runs one transaction; whether its conditions held.
+    async fn txn(&self, request: TxnRequest) -> Result<bool, EtcdError> {
+        let reply = self
+            .call(|| {
+                let (mut kv, request) = (self.kv.clone(), request.clone());
+                async move { kv.txn(request).await }
+            })
+            .await?;
+        Ok(reply.succeeded)
     }
 
     /// A new lease of `ttl`; its id.
@@ -283,7 +465,12 @@ impl Etcd {
             ttl: ttl.as_secs().max(1) as i64,
             id: 0,
         };
-        let reply = timed(self.lease.clone().lease_grant(request)).await?;
+        let reply = self
+            .call(|| {
+                let mut lease = self.lease.clone();
+                async move { lease.lease_grant(request).await }
+            })
+            .await?;
         match reply.error.is_empty() {
             true => Ok(reply.id),
             false => Err(EtcdError::Endpoint {
@@ -295,8 +482,13 @@ impl Etcd {
 
     /// Renews lease `id`; false if it has expired (its keys are gone).
     pub async fn keep_alive(&self, id: i64) -> Result<bool, EtcdError> {
-        let requests = tokio_stream::once(LeaseKeepAliveRequest { id });
-        let mut replies = timed(self.lease.clone().lease_keep_alive(requests)).await?;
+        let mut replies = self
+            .call(|| {
+                let mut lease = self.lease.clone();
+                let requests = tokio_stream::once(LeaseKeepAliveRequest { id });
+                async move { lease.lease_keep_alive(requests).await }
+            })
+            .await?;
         match tokio::time::timeout(CALL_TIMEOUT, replies.next()).await {
             Ok(Some(Ok(reply))) => Ok(reply.ttl > 0),
             Ok(Some(Err(status))) => Err(status.into()),
@@ -309,9 +501,12 @@ impl Etcd {
 
     /// Ends lease `id` now: its keys are deleted.
     pub async fn revoke(&self, id: i64) -> Result<(), EtcdError> {
-        timed(self.lease.clone().lease_revoke(LeaseRevokeRequest { id }))
-            .await
-            .map(drop)
+        self.call(|| {
+            let mut lease = self.lease.clone();
+            async move { lease.lease_revoke(LeaseRevokeRequest { id }).await }
+        })
+        .await
+        .map(drop)
     }
 
     /// Watches every key under `prefix` from `revision` on (0: from now),
@@ -338,8 +533,20 @@ impl Etcd {
         if tx.send(create).await.is_err() {
             return EtcdError::Protocol("watch request not sent");
         }
+        if let Err(e) = self.authenticate(false).await {
+            return e;
+        }
         let mut stream = match timed(self.watch.clone().watch(ReceiverStream::new(rx))).await {
             Ok(stream) => stream,
+            Err(EtcdError::Status(status))
+                if self.login.is_some() && status.code() == tonic::Code::Unauthenticated =>
+            {
+                // A new token for the next watch (the caller watches again).
+                if let Err(e) = self.authenticate(true).await {
+                    return e;
+                }
+                return status.into();
+            }
             Err(e) => return e,
         };
         // `tx` stays open while the stream is read: closing it would end

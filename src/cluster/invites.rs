@@ -1,8 +1,10 @@
 //! Invitations in a cluster (`svpnctl invite`): one etcd key each,
 //! `<prefix>invites/<hash>` (the SHA-256 of the secret, hex), its value the
-//! invitation as JSON, never the secret. Any server may redeem one: it is
-//! marked used by a compare-and-swap on its revision, so of two servers
-//! redeeming it at once exactly one wins.
+//! invitation as JSON, never the secret, in the envelope of the member that
+//! wrote it ([`super::signed`]): one written by anyone else (with only etcd
+//! access) is no invitation. Any server may redeem one: it is marked used by
+//! a compare-and-swap on its revision, so of two servers redeeming it at
+//! once exactly one wins.
 
 use std::time::SystemTime;
 
@@ -27,7 +29,7 @@ fn key_of(prefix: &str, hash: &str) -> String {
     format!("{prefix}invites/{hash}")
 }
 
-pub fn encode(invite: &Invite) -> Vec<u8> {
+pub fn encode(invite: &Invite) -> String {
     let stored = Stored {
         name: invite.name.clone(),
         address: invite.address.map(|a| a.to_string()),
@@ -36,7 +38,7 @@ pub fn encode(invite: &Invite) -> Vec<u8> {
         state: invite.state.as_str().to_string(),
     };
     // Strings and numbers only: serialising cannot fail.
-    serde_json::to_vec(&stored).unwrap_or_default()
+    serde_json::to_string(&stored).unwrap_or_default()
 }
 
 /// None for a value that is not an invitation (it is skipped).
@@ -62,6 +64,16 @@ pub enum InviteStoreError {
 }
 
 impl Cluster {
+    /// `invite` at `key`, sealed by this server.
+    fn sealed(&self, key: &str, invite: &Invite) -> Vec<u8> {
+        self.records.seal(key, &encode(invite))
+    }
+
+    /// The invitation at `key` (of `hash`) if a pinned member signed it.
+    fn opened(&self, key: &str, hash: &str, raw: &[u8]) -> Option<Invite> {
+        decode(hash, &self.records.open(key, raw)?.value)
+    }
+
     /// Every invitation in etcd, with its revision, oldest first.
     async fn invites_with_revisions(&self) -> Result<Vec<(Invite, i64)>, EtcdError> {
         let dir = format!("{}invites/", self.prefix);
@@ -73,7 +85,7 @@ impl Cluster {
             .filter_map(|kv| {
                 let key = String::from_utf8_lossy(&kv.key).into_owned();
                 let hash = key.strip_prefix(&dir)?;
-                Some((decode(hash, &kv.value)?, kv.mod_revision))
+                Some((self.opened(&key, hash, &kv.value)?, kv.mod_revision))
             })
             .collect();
         all.sort_by(|a, b| (a.0.created, &a.0.name).cmp(&(b.0.created, &b.0.name)));
@@ -107,7 +119,7 @@ impl Cluster {
             self.etcd.delete(&key_of(&self.prefix, &old.hash)).await?;
         }
         let key = key_of(&self.prefix, &invite.hash);
-        match self.etcd.create(&key, encode(invite), 0).await? {
+        match self.etcd.create(&key, self.sealed(&key, invite), 0).await? {
             true => Ok(()),
             false => Err(InviteStoreError::Exists(invite.name.clone())),
         }
@@ -126,7 +138,7 @@ impl Cluster {
             let key = key_of(&self.prefix, &revoked.hash);
             if self
                 .etcd
-                .replace(&key, revision, encode(&revoked), 0)
+                .replace(&key, revision, self.sealed(&key, &revoked), 0)
                 .await?
             {
                 return Ok(Some(revoked));
@@ -147,7 +159,7 @@ impl Cluster {
         let Some(kv) = self.etcd.get(&key).await? else {
             return Ok(Err(JoinRefusal::Unknown));
         };
-        let Some(invite) = decode(hash, &kv.value) else {
+        let Some(invite) = self.opened(&key, hash, &kv.value) else {
             return Ok(Err(JoinRefusal::Unknown));
         };
         if let Err(refusal) = invite.redeem(name, now) {
@@ -159,18 +171,18 @@ impl Cluster {
         };
         match self
             .etcd
-            .replace(&key, kv.mod_revision, encode(&used), 0)
+            .replace(&key, kv.mod_revision, self.sealed(&key, &used), 0)
             .await?
         {
             true => Ok(Ok(invite)),
             // Changed since it was read: redeemed or revoked meanwhile.
             false => Ok(Err(match self.etcd.get(&key).await? {
-                Some(kv) => {
-                    decode(hash, &kv.value).map_or(JoinRefusal::Unknown, |i| match i.state {
+                Some(kv) => self
+                    .opened(&key, hash, &kv.value)
+                    .map_or(JoinRefusal::Unknown, |i| match i.state {
                         InviteState::Revoked => JoinRefusal::Revoked,
                         _ => JoinRefusal::Used,
-                    })
-                }
+                    }),
                 None => JoinRefusal::Unknown,
             })),
         }
@@ -182,13 +194,16 @@ impl Cluster {
         let Some(kv) = self.etcd.get(&key).await? else {
             return Ok(());
         };
-        if let Some(invite) = decode(hash, &kv.value).filter(|i| i.state == InviteState::Used) {
+        if let Some(invite) = self
+            .opened(&key, hash, &kv.value)
+            .filter(|i| i.state == InviteState::Used)
+        {
             let open = Invite {
                 state: InviteState::Open,
                 ..invite
             };
             self.etcd
-                .replace(&key, kv.mod_revision, encode(&open), 0)
+                .replace(&key, kv.mod_revision, self.sealed(&key, &open), 0)
                 .await?;
         }
         Ok(())
@@ -211,8 +226,8 @@ mod tests {
             expires: now + Duration::from_secs(3600),
             state: InviteState::Used,
         };
-        assert_eq!(decode(&invite.hash, &encode(&invite)), Some(invite.clone()));
-        let text = String::from_utf8(encode(&invite)).expect("json");
+        let text = encode(&invite);
+        assert_eq!(decode(&invite.hash, text.as_bytes()), Some(invite.clone()));
         assert!(
             !text.contains(&invite.hash),
             "the key holds the hash: {text}"

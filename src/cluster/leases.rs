@@ -10,6 +10,11 @@
 //! key for it exists, and moved only if it was not changed since it was
 //! read. So two servers never both hold one address: of two racing
 //! transactions, etcd lets exactly one through.
+//!
+//! The value is signed by the server it names ([`super::signed`]): a lease
+//! that is not (written by someone with etcd access only, or naming
+//! another server than its signer) holds nothing: it is ignored when read
+//! and replaced when its address is claimed.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
@@ -17,7 +22,10 @@ use std::str::FromStr;
 
 use ipnet::Ipv4Net;
 
+use std::sync::Arc;
+
 use super::etcd::{Etcd, EtcdError};
+use super::signed::{Records, Refusal};
 use crate::keys::PublicKey;
 
 /// Who holds an address: a TLS client by its key, an original-protocol
@@ -66,8 +74,8 @@ pub struct Holder {
 }
 
 impl Holder {
-    pub fn encode(&self) -> Vec<u8> {
-        format!("{} {}", self.node, self.claimant).into_bytes()
+    pub fn encode(&self) -> String {
+        format!("{} {}", self.node, self.claimant)
     }
 
     /// None for a value no server of ours wrote.
@@ -115,16 +123,17 @@ pub struct Leases {
     etcd: Etcd,
     /// `<prefix>leases/`.
     dir: String,
-    node: String,
+    /// This server (its name, its key) and the members it trusts.
+    records: Arc<Records>,
     network: Ipv4Net,
 }
 
 impl Leases {
-    pub fn new(etcd: Etcd, prefix: &str, node: &str, network: Ipv4Net) -> Leases {
+    pub fn new(etcd: Etcd, prefix: &str, records: Arc<Records>, network: Ipv4Net) -> Leases {
         Leases {
             etcd,
             dir: format!("{prefix}leases/"),
-            node: node.to_string(),
+            records,
             network,
         }
     }
@@ -133,12 +142,31 @@ impl Leases {
         format!("{}{address}", self.dir)
     }
 
-    fn mine(&self, claimant: &Claimant) -> Vec<u8> {
-        Holder {
-            node: self.node.clone(),
+    fn node(&self) -> &str {
+        self.records.node()
+    }
+
+    /// The signed value of `address`'s key, held by this server for
+    /// `claimant`.
+    fn mine(&self, address: Ipv4Addr, claimant: &Claimant) -> Vec<u8> {
+        let holder = Holder {
+            node: self.node().to_string(),
             claimant: claimant.clone(),
+        };
+        self.records.seal(&self.key(address), &holder.encode())
+    }
+
+    /// The holder a lease record names, if the member it names signed it.
+    pub fn holder_of(&self, etcd_key: &str, raw: &[u8]) -> Option<Holder> {
+        let opened = self.records.open(etcd_key, raw)?;
+        let holder = Holder::decode(&opened.value)?;
+        match holder.node == opened.node {
+            true => Some(holder),
+            false => self
+                .records
+                .check(etcd_key, Err(Refusal::WrongNode))
+                .and(None),
         }
-        .encode()
     }
 
     /// The address `key` names, if it is one of ours.
@@ -155,7 +183,7 @@ impl Leases {
             .into_iter()
             .filter_map(|kv| {
                 let key = String::from_utf8_lossy(&kv.key);
-                Some((self.address_of(&key)?, Holder::decode(&kv.value)?))
+                Some((self.address_of(&key)?, self.holder_of(&key, &kv.value)?))
             })
             .collect())
     }
@@ -211,7 +239,7 @@ impl Leases {
             }
             if self
                 .etcd
-                .create(&self.key(address), self.mine(claimant), lease)
+                .create(&self.key(address), self.mine(address, claimant), lease)
                 .await?
             {
                 return Ok(address);
@@ -231,19 +259,25 @@ impl Leases {
     ) -> Result<Ipv4Addr, ClaimError> {
         let key = self.key(address);
         for _ in 0..RETRIES {
+            let mine = self.mine(address, claimant);
             let done = match self.etcd.get(&key).await? {
-                None => self.etcd.create(&key, self.mine(claimant), lease).await?,
-                Some(kv) => match Holder::decode(&kv.value) {
+                None => self.etcd.create(&key, mine, lease).await?,
+                Some(kv) => match self.holder_of(&key, &kv.value) {
                     Some(holder) if holder.claimant == *claimant => {
-                        if holder.node == self.node && kv.lease == lease {
+                        if holder.node == self.node() && kv.lease == lease {
                             return Ok(address);
                         }
-                        let value = self.mine(claimant);
                         self.etcd
-                            .replace(&key, kv.mod_revision, value, lease)
+                            .replace(&key, kv.mod_revision, mine, lease)
                             .await?
                     }
-                    _ => return Err(ClaimError::Taken(address)),
+                    Some(_) => return Err(ClaimError::Taken(address)),
+                    // Not signed by the member it names: it holds nothing.
+                    None => {
+                        self.etcd
+                            .replace(&key, kv.mod_revision, mine, lease)
+                            .await?
+                    }
                 },
             };
             if done {
@@ -256,7 +290,7 @@ impl Leases {
     /// Gives `address` back, if this server still holds it for `claimant`.
     pub async fn release(&self, claimant: &Claimant, address: Ipv4Addr) -> Result<(), EtcdError> {
         self.etcd
-            .delete_if(&self.key(address), self.mine(claimant))
+            .delete_if(&self.key(address), self.mine(address, claimant))
             .await
             .map(drop)
     }
@@ -277,7 +311,7 @@ mod tests {
                 node: "s1".into(),
                 claimant,
             };
-            assert_eq!(Holder::decode(&holder.encode()), Some(holder));
+            assert_eq!(Holder::decode(holder.encode().as_bytes()), Some(holder));
         }
         for bad in [
             &b""[..],

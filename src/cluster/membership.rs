@@ -1,12 +1,15 @@
 //! The servers of a cluster: each registers its name, the address other
 //! servers reach it at, and its public key, under its etcd lease, so a
-//! server that dies leaves the list after `lease_ttl`.
+//! server that dies leaves the list after `lease_ttl`. A membership counts
+//! only if it is signed by the member it names, with the key this server's
+//! configuration pins for it; the key used is the pinned one.
 
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
 use super::etcd::{Etcd, EtcdError};
+use super::signed::Records;
 
 /// One server of the cluster, as registered in etcd.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,20 +25,40 @@ impl Member {
         format!("{prefix}members/{}", self.node)
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> String {
         // A struct of strings and an address always serialises.
-        serde_json::to_vec(self).unwrap_or_default()
+        serde_json::to_string(self).unwrap_or_default()
     }
 }
 
-/// The members registered now, by name; entries that do not parse are
-/// skipped.
-pub async fn list(etcd: &Etcd, prefix: &str) -> Result<Vec<Member>, EtcdError> {
+/// The membership record at `etcd_key` (`<prefix>members/<node>`), if
+/// `node` signed it; its key is the one pinned for `node`.
+pub fn verified(records: &Records, etcd_key: &str, node: &str, raw: &[u8]) -> Option<Member> {
+    let opened = records.open_by(etcd_key, raw, node)?;
+    let member: Member = serde_json::from_slice(&opened.value).ok()?;
+    if member.node != node {
+        return None;
+    }
+    let key = records.pinned().get(node)?;
+    Some(Member {
+        key: Some(key.to_string()),
+        ..member
+    })
+}
+
+/// The pinned members registered now; entries that do not verify or parse
+/// are skipped (and counted).
+pub async fn list(etcd: &Etcd, prefix: &str, records: &Records) -> Result<Vec<Member>, EtcdError> {
+    let dir = format!("{prefix}members/");
     Ok(etcd
-        .prefix(&format!("{prefix}members/"))
+        .prefix(&dir)
         .await?
         .into_iter()
-        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+        .filter_map(|kv| {
+            let key = String::from_utf8_lossy(&kv.key);
+            let node = key.strip_prefix(&dir)?;
+            verified(records, &key, node, &kv.value)
+        })
         .collect())
 }
 
@@ -50,7 +73,7 @@ mod tests {
             advertise: "198.18.1.1:2002".parse().expect("addr"),
             key: Some("ScFYNjnPxvAxr6GGa07nJpY3Y6mxoP6KgSTp3vU//xo=".into()),
         };
-        let back: Member = serde_json::from_slice(&member.encode()).expect("parse");
+        let back: Member = serde_json::from_str(&member.encode()).expect("parse");
         assert_eq!(back, member);
         assert_eq!(member.etcd_key("/p/"), "/p/members/s1");
     }

@@ -10,6 +10,13 @@
 //! invites/<hash>        an invitation (svpnctl invite): {"name":..,"address":..,"created":..,"expires":..,"state":..}
 //! ```
 //!
+//! Each value is wrapped in an envelope signed by the server that wrote it
+//! ([`signed`]); a record not signed by a member pinned in the server's own
+//! `[[cluster.member]]` (or, for `members/` and `leases/`, signed by
+//! another member than the one it names) is ignored and counted. So etcd
+//! is storage, not authority: a member's key is in its configuration, never
+//! taken from etcd.
+//!
 //! Each server holds one etcd lease of `lease_ttl` and renews it every
 //! third of that ([`Cluster::maintain`]). While etcd cannot be reached the
 //! server is *degraded*: its sessions and forwarding go on, new grants are
@@ -33,6 +40,7 @@ pub mod invites;
 pub mod leases;
 pub mod membership;
 pub mod peers;
+pub mod signed;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -45,14 +53,19 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use self::config::ClusterConfig;
+use self::config::{ClusterConfig, EtcdTransport};
 use self::etcd::{Change, Etcd, EtcdError};
 use self::holders::Holders;
 use self::leases::{ClaimError, Claimant, Holder, Leases, Wanted};
 use self::membership::Member;
+use self::signed::{Records, RefusedCounts};
 use crate::config::PeerSection;
-use crate::keys::PublicKey;
+use crate::keys::{NodeKey, PublicKey};
 use crate::state::{Ban, Banned};
+
+/// The longest TTL etcd grants a lease (etcd's `MaxLeaseTTL`): a longer
+/// ban is written under a lease of this length (and read back as written).
+const MAX_ETCD_LEASE_TTL: Duration = Duration::from_secs(9_000_000_000);
 
 /// What the cluster tells the server it runs in.
 pub trait ClusterHooks: Send + Sync {
@@ -110,8 +123,9 @@ pub struct Cluster {
     /// The addresses this server's clients hold: re-asserted when etcd
     /// comes back.
     held: Mutex<HashMap<Ipv4Addr, Claimant>>,
-    /// This server's public key, published in its membership.
-    key: Option<PublicKey>,
+    /// This server's key and the pinned members': what it signs its
+    /// records with and checks the others' against.
+    records: Arc<Records>,
     /// Which server holds each address for whom, and the members by name
     /// (the watch keeps both current): where packets for other servers'
     /// clients go, and which addresses a grant need not try.
@@ -151,6 +165,13 @@ fn banned_parse(text: &str) -> Option<Banned> {
     }
 }
 
+/// The end of a ban as a `bans/` record holds it (Unix seconds); any
+/// number, however large, is a time (at most [`crate::wallclock::far_future`]).
+fn ban_until(value: &[u8]) -> Option<SystemTime> {
+    let secs: u64 = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
+    Some(crate::wallclock::from_unix_secs(secs))
+}
+
 impl Cluster {
     /// Joins the cluster: connects to etcd, takes a lease, registers this
     /// server, and reads the bans. Fails if etcd does not answer: a
@@ -158,11 +179,15 @@ impl Cluster {
     pub async fn join(
         config: ClusterConfig,
         network: Ipv4Net,
-        key: Option<PublicKey>,
+        key: Arc<NodeKey>,
     ) -> Result<Arc<Cluster>, EtcdError> {
-        let etcd = Etcd::new(&config.etcd)?;
+        if config.transport == EtcdTransport::Insecure {
+            warn!(etcd = ?config.etcd, "etcd_insecure: the cluster's state goes to etcd in clear text over http://, and etcd is not authenticated");
+        }
+        let etcd = Etcd::connect(&config)?;
         let prefix = format!("/simplevpn/{}_{}/", network.network(), network.prefix_len());
-        let leases = Leases::new(etcd.clone(), &prefix, &config.node, network);
+        let records = Arc::new(Records::new(&config.node, key, config.members.clone()));
+        let leases = Leases::new(etcd.clone(), &prefix, records.clone(), network);
         let (writes, pending) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             etcd,
@@ -174,7 +199,7 @@ impl Cluster {
             fenced: AtomicBool::new(false),
             renewed: Mutex::new(tokio::time::Instant::now()),
             held: Mutex::new(HashMap::new()),
-            key,
+            records,
             bans: Mutex::new(HashMap::new()),
             holders: RwLock::new(Holders::default()),
             members: RwLock::new(HashMap::new()),
@@ -218,13 +243,15 @@ impl Cluster {
     async fn register(&self) -> Result<(), EtcdError> {
         let sent = tokio::time::Instant::now();
         let lease = self.etcd.grant(self.config.lease_ttl).await?;
+        let own = self.config.members.get(&self.config.node);
         let member = Member {
             node: self.config.node.clone(),
             advertise: self.config.advertise,
-            key: self.key.map(|k| k.to_string()),
+            key: own.map(ToString::to_string),
         };
+        let at = member.etcd_key(&self.prefix);
         self.etcd
-            .put(&member.etcd_key(&self.prefix), member.encode(), lease)
+            .put(&at, self.records.seal(&at, &member.encode()), lease)
             .await?;
         self.lease.store(lease, Ordering::Relaxed);
         self.renewed_at(sent);
@@ -239,7 +266,7 @@ impl Cluster {
     async fn load(&self) -> Result<i64, EtcdError> {
         let revision = self.etcd.revision(&self.prefix).await?;
         self.load_bans().await?;
-        let live = peers::list(&self.etcd, &self.prefix)
+        let live = peers::list(&self.etcd, &self.prefix, &self.records)
             .await?
             .into_iter()
             .map(|p| (p.key.to_string(), p))
@@ -286,12 +313,29 @@ impl Cluster {
         members
     }
 
-    /// The public keys the members published.
-    pub fn member_keys(&self) -> Vec<String> {
-        self.known_members()
-            .into_iter()
-            .filter_map(|m| m.key)
-            .collect()
+    /// The members this server's configuration pins, by name, with their
+    /// keys: the only servers it trusts, whatever etcd says.
+    pub fn pinned(&self) -> &signed::Pinned {
+        &self.config.members
+    }
+
+    /// The records in etcd refused (not signed by a pinned member), by
+    /// reason.
+    pub fn refused(&self) -> &RefusedCounts {
+        &self.records.refused
+    }
+
+    /// Whether member `node` holds `address` for one of its clients (a
+    /// signed lease, as this server last saw it).
+    pub fn holds(&self, node: &str, address: Ipv4Addr) -> bool {
+        self.view().node(address) == Some(node)
+    }
+
+    /// Whether member `node` holds an address for the client with `key`.
+    pub fn holds_for(&self, node: &str, key: &PublicKey) -> bool {
+        let view = self.view();
+        view.of_key(key)
+            .is_some_and(|address| view.node(address) == Some(node))
     }
 
     async fn load_bans(&self) -> Result<(), EtcdError> {
@@ -299,7 +343,10 @@ impl Cluster {
         let mut bans = HashMap::new();
         for kv in self.etcd.prefix(&dir).await? {
             let key = String::from_utf8_lossy(&kv.key).into_owned();
-            if let Some(ban) = self.ban_of(&key, &kv.value) {
+            let Some(opened) = self.records.open(&key, &kv.value) else {
+                continue;
+            };
+            if let Some(ban) = self.ban_of(&key, &opened.value) {
                 bans.insert(ban.who, ban.until);
             }
         }
@@ -307,18 +354,19 @@ impl Cluster {
         Ok(())
     }
 
+    /// The ban a verified `bans/` record holds.
     fn ban_of(&self, key: &str, value: &[u8]) -> Option<Ban> {
         let who = banned_parse(key.strip_prefix(&format!("{}bans/", self.prefix))?)?;
-        let until: u64 = std::str::from_utf8(value).ok()?.parse().ok()?;
         Some(Ban {
             who,
-            until: crate::wallclock::from_unix_secs(until),
+            until: ban_until(value)?,
         })
     }
 
-    /// The members registered now.
+    /// The pinned members registered now (their records signed by
+    /// themselves).
     pub async fn members(&self) -> Result<Vec<Member>, EtcdError> {
-        membership::list(&self.etcd, &self.prefix).await
+        membership::list(&self.etcd, &self.prefix, &self.records).await
     }
 
     /// Claims an address for `claimant` (see [`Leases::claim`]); refused at
@@ -428,7 +476,7 @@ impl Cluster {
                             }
                         }
                         Write::Peer(peer) => {
-                            if let Err(e) = peers::put(&self.etcd, &self.prefix, &peer).await {
+                            if let Err(e) = peers::put(&self.etcd, &self.prefix, &self.records, &peer).await {
                                 warn!(key = %peer.key, error = %e, "peer added here only: not shared with the cluster");
                             }
                         }
@@ -608,9 +656,12 @@ impl Cluster {
             return;
         }
         let key = format!("{}bans/{}", self.prefix, banned_text(&ban.who));
-        let value = unix_secs(ban.until).to_string().into_bytes();
+        let value = self.records.seal(&key, &unix_secs(ban.until).to_string());
         // The ban's own lease deletes it when it ends.
-        let written = match self.etcd.grant(remaining + Duration::from_secs(1)).await {
+        let ttl = remaining
+            .saturating_add(Duration::from_secs(1))
+            .min(MAX_ETCD_LEASE_TTL);
+        let written = match self.etcd.grant(ttl).await {
             Ok(lease) => self.etcd.put(&key, value, lease).await,
             Err(e) => Err(e),
         };
@@ -747,7 +798,9 @@ impl Cluster {
             }
         };
         if key.starts_with(&peers_dir) {
-            match peers::decode(&value) {
+            // Refused records are counted and logged (summarised) by
+            // `records`; a signed one that does not parse is a bug.
+            match peers::verified(&self.records, &key, &value) {
                 Some(peer) => {
                     let changed = self
                         .live
@@ -760,10 +813,10 @@ impl Cluster {
                         hooks.peers(self.live_peers());
                     }
                 }
-                None => warn!(%key, "a live peer in etcd that does not parse: ignored"),
+                None => debug!(%key, "a live peer in etcd not taken: ignored"),
             }
         } else if let Some(node) = key.strip_prefix(&members_dir) {
-            if let Ok(member) = serde_json::from_slice::<Member>(&value) {
+            if let Some(member) = membership::verified(&self.records, &key, node, &value) {
                 if node != self.config.node {
                     info!(node, advertise = %member.advertise, "a server joined the cluster");
                 }
@@ -773,7 +826,7 @@ impl Cluster {
                     .insert(node.to_string(), Arc::new(member));
             }
         } else if let Some(address) = self.leases.address_of(&key) {
-            let Some(holder) = Holder::decode(&value) else {
+            let Some(holder) = self.leases.holder_of(&key, &value) else {
                 return;
             };
             self.holders
@@ -791,7 +844,11 @@ impl Cluster {
             if lost.is_some() {
                 hooks.lost(address, &holder);
             }
-        } else if let Some(ban) = self.ban_of(&key, &value) {
+        } else if let Some(ban) = self
+            .records
+            .open(&key, &value)
+            .and_then(|opened| self.ban_of(&key, &opened.value))
+        {
             self.bans
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -862,5 +919,25 @@ impl Cluster {
                 until: *until,
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ban_of_any_length_read_from_etcd_is_a_time() {
+        let far = crate::wallclock::far_future();
+        for huge in [1u64 << 63, u64::MAX, (1 << 63) + 1] {
+            assert_eq!(ban_until(huge.to_string().as_bytes()), Some(far), "{huge}");
+        }
+        assert_eq!(
+            ban_until(b"1700000000"),
+            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        for bad in [&b"-1"[..], b"18446744073709551616", b"", b"soon"] {
+            assert_eq!(ban_until(bad), None, "{bad:?}");
+        }
     }
 }

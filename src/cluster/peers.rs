@@ -1,10 +1,12 @@
 //! Peers added live (`svpnctl peer add`), shared by the servers of a
 //! cluster: one etcd key each, `<prefix>peers/<base64 key>`, its value the
-//! peer as JSON. Every server watches them and allows the same peers.
+//! peer as JSON, signed by the server that added it ([`super::signed`]).
+//! Every server watches them and allows the same peers.
 
 use serde::{Deserialize, Serialize};
 
 use super::etcd::{Etcd, EtcdError};
+use super::signed::Records;
 use crate::config::PeerSection;
 use crate::keys::PublicKey;
 
@@ -25,7 +27,7 @@ fn key_of(prefix: &str, key: &PublicKey) -> String {
     format!("{prefix}peers/{key}")
 }
 
-pub fn encode(peer: &PeerSection) -> Vec<u8> {
+pub fn encode(peer: &PeerSection) -> String {
     let stored = Stored {
         key: peer.key.to_string(),
         name: peer.name.clone(),
@@ -34,7 +36,7 @@ pub fn encode(peer: &PeerSection) -> Vec<u8> {
         routes: peer.routes.iter().map(ToString::to_string).collect(),
     };
     // Strings only: serialising cannot fail.
-    serde_json::to_vec(&stored).unwrap_or_default()
+    serde_json::to_string(&stored).unwrap_or_default()
 }
 
 /// None for a value that is not a peer (it is skipped, with a warning).
@@ -55,21 +57,44 @@ pub fn decode(value: &[u8]) -> Option<PeerSection> {
     })
 }
 
-pub async fn put(etcd: &Etcd, prefix: &str, peer: &PeerSection) -> Result<(), EtcdError> {
-    etcd.put(&key_of(prefix, &peer.key), encode(peer), 0).await
+pub async fn put(
+    etcd: &Etcd,
+    prefix: &str,
+    records: &Records,
+    peer: &PeerSection,
+) -> Result<(), EtcdError> {
+    let at = key_of(prefix, &peer.key);
+    etcd.put(&at, records.seal(&at, &encode(peer)), 0).await
+}
+
+/// The peer a verified record at `etcd_key` holds: its key must be the
+/// one the record's etcd key names (a signed record moved to another key
+/// does not verify anyway).
+pub fn verified(records: &Records, etcd_key: &str, raw: &[u8]) -> Option<PeerSection> {
+    let opened = records.open(etcd_key, raw)?;
+    let peer = decode(&opened.value)?;
+    match etcd_key.ends_with(&format!("peers/{}", peer.key)) {
+        true => Some(peer),
+        false => None,
+    }
 }
 
 pub async fn remove(etcd: &Etcd, prefix: &str, key: &PublicKey) -> Result<(), EtcdError> {
     etcd.delete(&key_of(prefix, key)).await.map(drop)
 }
 
-/// Every peer stored, in key order; values that do not parse are skipped.
-pub async fn list(etcd: &Etcd, prefix: &str) -> Result<Vec<PeerSection>, EtcdError> {
+/// Every peer stored, in key order; values that do not verify or parse
+/// are skipped.
+pub async fn list(
+    etcd: &Etcd,
+    prefix: &str,
+    records: &Records,
+) -> Result<Vec<PeerSection>, EtcdError> {
     Ok(etcd
         .prefix(&format!("{prefix}peers/"))
         .await?
         .into_iter()
-        .filter_map(|kv| decode(&kv.value))
+        .filter_map(|kv| verified(records, &String::from_utf8_lossy(&kv.key), &kv.value))
         .collect())
 }
 
@@ -87,16 +112,16 @@ mod tests {
             address6: None,
             routes: vec!["198.18.201.0/24".parse().expect("net")],
         };
-        assert_eq!(decode(&encode(&peer)), Some(peer.clone()));
+        assert_eq!(decode(encode(&peer).as_bytes()), Some(peer.clone()));
         // A value written before address6 existed still reads.
-        assert!(!String::from_utf8_lossy(&encode(&peer)).contains("address6"));
+        assert!(!encode(&peer).contains("address6"));
         let with6 = PeerSection {
             client_to_client: None,
             address6: Some("2001:2:0:100::70".parse().expect("addr6")),
             routes: vec!["2001:2:0:201::/64".parse().expect("net6")],
             ..peer
         };
-        assert_eq!(decode(&encode(&with6)), Some(with6.clone()));
+        assert_eq!(decode(encode(&with6).as_bytes()), Some(with6.clone()));
         let key = with6.key;
         assert!(decode(format!(r#"{{"key":"{key}"}}"#).as_bytes()).is_some());
         assert_eq!(

@@ -83,7 +83,7 @@ fn failure(status: tonic::Status) -> Failure {
 fn client_config(
     name: &str,
     endpoint: &str,
-    server_key: &str,
+    server_keys: &[String],
     private_key: &str,
     address: Option<std::net::Ipv4Addr>,
 ) -> String {
@@ -95,7 +95,7 @@ fn client_config(
              sudo systemctl enable --now simplevpnd"
         ),
         endpoint,
-        server_key,
+        server_keys,
         &format!("private_key = \"{private_key}\""),
         address,
     )
@@ -271,7 +271,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             let (key, private) =
                 NodeKey::new_inline().map_err(|e| Failure(format!("making a key: {e}")))?;
-            let config = client_config(&name, &endpoint, &status.public_key, &private, address);
+            // In a cluster the client pins every member's key: it may be
+            // served by any of them after a failover.
+            let mut server_keys = vec![status.public_key.clone()];
+            for member in status.cluster.iter().flat_map(|c| c.members.iter()) {
+                if !member.key.is_empty() && !server_keys.contains(&member.key) {
+                    server_keys.push(member.key.clone());
+                }
+            }
+            let config = client_config(&name, &endpoint, &server_keys, &private, address);
             // Written before the key is allowed: a config that cannot be
             // saved leaves no allowed key behind.
             if let Some(path) = &output {
@@ -543,6 +551,9 @@ fn cluster_json(c: &proto::ClusterStatus) -> Value {
         })).collect::<Vec<_>>(),
         "dropped_no_peer": c.dropped_no_peer,
         "dropped_link_down": c.dropped_link_down,
+        "records_refused": c.records_refused,
+        "dropped_spoofed": c.dropped_spoofed,
+        "links_refused": c.links_refused,
     })
 }
 

@@ -102,7 +102,7 @@ pub fn check(role: &Role, file: Option<&Path>, host: Host) -> Report {
         }
         Role::Client(config) => {
             let transport = match &config.tls {
-                Some((_, server_key)) => format!("TLS pinning {server_key}"),
+                Some((_, server_keys)) => format!("TLS pinning {server_keys}"),
                 None => "the original protocol (legacy, plaintext)".into(),
             };
             report.summary = format!("client of {}, {transport}", config.servers.join(", "));

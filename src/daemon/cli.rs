@@ -224,9 +224,10 @@ pub struct ClientArgs {
     /// Private key file: speak TLS to the server (needs --server-key)
     #[arg(long, value_name = "PATH")]
     pub key: Option<PathBuf>,
-    /// The server's public key, pinned
+    /// The server's public key, pinned; repeat it for the servers of a
+    /// cluster (each has its own key)
     #[arg(long, value_name = "PUBKEY")]
-    pub server_key: Option<PublicKey>,
+    pub server_key: Vec<PublicKey>,
     /// Without --key: speak the original protocol (plaintext, nothing authenticated)
     #[arg(long)]
     pub legacy: bool,
@@ -310,7 +311,8 @@ impl From<ClientArgs> for ClientSection {
             user: args.common.user,
             helper_user: args.common.helper_user,
             key: args.key,
-            server_key: args.server_key,
+            server_key: (!args.server_key.is_empty())
+                .then_some(crate::config::ServerKeys(args.server_key)),
             legacy: args.legacy.then_some(true),
             accept_routes: (!args.accept_routes.is_empty()).then_some(args.accept_routes),
             full_tunnel: args.full_tunnel.then_some(true),

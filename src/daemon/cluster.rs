@@ -115,6 +115,22 @@ pub fn banned(peers: &PeerTable, events: &Events, ban: Ban) {
     }
 }
 
+/// What the cluster refused (records, links, packets), for the metrics.
+pub fn refusals(cluster: &Cluster, links: Option<&Links>) -> super::metrics::ClusterRefusals {
+    let refused = cluster.refused();
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    super::metrics::ClusterRefusals {
+        records: [
+            ("unsigned", count(&refused.unsigned)),
+            ("unknown_node", count(&refused.unknown_node)),
+            ("bad_signature", count(&refused.bad_signature)),
+            ("wrong_node", count(&refused.wrong_node)),
+        ],
+        links: links.map_or(0, |l| count(&l.refused_admission)),
+        spoofed: links.map_or(0, |l| count(&l.dropped_spoofed)),
+    }
+}
+
 /// The cluster as `svpnctl status` shows it.
 pub fn status(cluster: &Cluster, links: Option<&Links>) -> proto::ClusterStatus {
     proto::ClusterStatus {
@@ -150,5 +166,8 @@ pub fn status(cluster: &Cluster, links: Option<&Links>) -> proto::ClusterStatus 
             .collect(),
         dropped_no_peer: links.map_or(0, |l| l.dropped_no_peer.load(Ordering::Relaxed)),
         dropped_link_down: links.map_or(0, |l| l.dropped_link_down.load(Ordering::Relaxed)),
+        records_refused: cluster.refused().total(),
+        dropped_spoofed: links.map_or(0, |l| l.dropped_spoofed.load(Ordering::Relaxed)),
+        links_refused: links.map_or(0, |l| l.refused_admission.load(Ordering::Relaxed)),
     }
 }

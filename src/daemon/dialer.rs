@@ -71,9 +71,9 @@ impl Dialer {
         timeout: Duration,
     ) -> Result<Dialer, TlsError> {
         let tls = match (&config.tls, key) {
-            (Some((_, server_key)), Some(key)) => Some((
-                TlsConnector::from(tls::client_config(key, *server_key)?),
-                *server_key,
+            (Some((_, server_keys)), Some(key)) => Some((
+                TlsConnector::from(tls::client_config_pinned(key, &server_keys.0)?),
+                server_keys.0[0],
             )),
             _ => None,
         };

@@ -115,7 +115,11 @@ pub async fn join(options: &JoinOptions) -> Result<Joined, JoinFailure> {
             options.key.display()
         ),
         &token.endpoint,
-        &token.server_keys[0].to_string(),
+        &token
+            .server_keys
+            .iter()
+            .map(|k| k.to_string())
+            .collect::<Vec<_>>(),
         &format!("key = \"{}\"", options.key.display()),
         accepted.address,
     );

@@ -11,8 +11,11 @@
 //! connection (whole IP packets, cut by their own headers), its bounded
 //! queue counted in the memory budget, and its drop counters.
 //!
-//! Receive path: `accept` (TLS with the members' keys) -> `receive` (frames)
-//! -> [`LinkDelivery::deliver`]. Send path: [`Links::forward`] -> the link's
+//! Receive path: `accept` (admission limits, TLS with the keys pinned in
+//! `[[cluster.member]]`, never keys from etcd) -> `receive` (frames; each
+//! packet's source must be an address the sending member holds a signed
+//! lease for, or in the routes of a client it holds one for) ->
+//! [`LinkDelivery::deliver`]. Send path: [`Links::forward`] -> the link's
 //! queue -> `write_frames` on the dialed connection.
 
 use std::collections::HashMap;
@@ -23,16 +26,19 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::time::timeout;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::admission::{Slots, Source};
 use crate::budget::MemoryBudget;
 use crate::cluster::membership::Member;
 use crate::cluster::Cluster;
 use crate::connection::{self, write_frames, FrameReader, QueueTx};
 use crate::keys::{NodeKey, PublicKey};
+use crate::limits::{MAX_LINK_PENDING, MAX_LINK_PENDING_PER_SOURCE};
 use crate::tls::{self, AllowedKeys, TlsError};
 use crate::wire::{ipv4_addresses, Decoder, Frame};
 
@@ -50,6 +56,9 @@ pub struct LinkLimits {
     pub queue_bytes: usize,
     pub max_frame: usize,
     pub frame_timeout: Duration,
+    /// How long an incoming link has for its TLS handshake (the server's
+    /// `handshake_timeout`).
+    pub handshake_timeout: Duration,
 }
 
 /// One link this server dialed, as `svpnctl status` shows it.
@@ -77,10 +86,20 @@ struct Link {
 /// This server's links to the others.
 pub struct Links {
     cluster: Arc<Cluster>,
-    key: NodeKey,
-    /// The keys of the cluster's members, accepted on incoming links.
-    allowed: AllowedKeys,
+    key: Arc<NodeKey>,
+    /// The other members by their pinned keys: the only keys accepted on
+    /// incoming links.
+    members: HashMap<PublicKey, String>,
     acceptor: TlsAcceptor,
+    /// Incoming links not yet authenticated: at most [`MAX_LINK_PENDING`]
+    /// at once, [`MAX_LINK_PENDING_PER_SOURCE`] from one address.
+    pending: Arc<Semaphore>,
+    pending_by_source: Arc<Slots<Source>>,
+    /// Incoming links refused by those limits.
+    pub refused_admission: AtomicU64,
+    /// Packets that arrived on a link from a source the sending member
+    /// holds no lease (nor route) for.
+    pub dropped_spoofed: AtomicU64,
     dialed: Mutex<HashMap<String, Arc<Link>>>,
     /// When dialing each server last failed.
     failed: Mutex<HashMap<String, Instant>>,
@@ -96,18 +115,29 @@ pub struct Links {
 impl Links {
     pub fn new(
         cluster: Arc<Cluster>,
-        key: NodeKey,
+        key: Arc<NodeKey>,
         limits: LinkLimits,
         budget: Arc<MemoryBudget>,
         shutdown: CancellationToken,
     ) -> Result<Links, TlsError> {
-        let allowed = AllowedKeys::default();
-        let acceptor = TlsAcceptor::from(tls::server_config(&key, allowed.clone())?);
+        let own = key.public();
+        let members: HashMap<PublicKey, String> = cluster
+            .pinned()
+            .iter()
+            .filter(|(_, key)| **key != own)
+            .map(|(node, key)| (*key, node.clone()))
+            .collect();
+        let allowed = AllowedKeys::new(members.keys().copied().collect());
+        let acceptor = TlsAcceptor::from(tls::server_config(&key, allowed)?);
         Ok(Links {
             cluster,
             key,
-            allowed,
+            members,
             acceptor,
+            pending: Arc::new(Semaphore::new(MAX_LINK_PENDING)),
+            pending_by_source: Slots::new(MAX_LINK_PENDING_PER_SOURCE),
+            refused_admission: AtomicU64::new(0),
+            dropped_spoofed: AtomicU64::new(0),
             dialed: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
             limits,
@@ -228,12 +258,13 @@ impl Links {
         link: &Link,
         queue: connection::QueueRx,
     ) -> Result<(), String> {
-        let key: PublicKey = member
-            .key
-            .as_deref()
-            .ok_or("the server published no key")?
-            .parse()
-            .map_err(|e| format!("its published key: {e}"))?;
+        // The key this server's configuration pins for it, never one read
+        // from etcd.
+        let key = *self
+            .cluster
+            .pinned()
+            .get(&member.node)
+            .ok_or("not a pinned member")?;
         let config = tls::client_config(&self.key, key).map_err(|e| e.to_string())?;
         let dial = async {
             let stream = TcpStream::connect(member.advertise).await?;
@@ -271,10 +302,21 @@ impl Links {
                     }
                 },
             };
+            // Admission: a place while unauthenticated, or closed at once.
+            let place = self.pending.clone().try_acquire_owned().ok();
+            let slot = self.pending_by_source.try_acquire(remote.ip());
+            let (Some(place), Some(slot)) = (place, slot) else {
+                let refused = self.refused_admission.fetch_add(1, Ordering::Relaxed);
+                // The first refusal, then one line per thousand.
+                if refused % 1000 == 0 {
+                    warn!(%remote, refused = refused + 1, "cluster link refused: too many unauthenticated link connections");
+                }
+                continue;
+            };
             let links = self.clone();
             let peers = peers.clone();
             tokio::spawn(async move {
-                match links.receive(stream, remote, peers).await {
+                match links.receive(stream, remote, peers, (place, slot)).await {
                     Ok(()) => debug!(%remote, "cluster link closed"),
                     Err(why) => warn!(%remote, "cluster link closed: {why}"),
                 }
@@ -282,27 +324,27 @@ impl Links {
         }
     }
 
-    async fn receive(
+    async fn receive<P>(
         &self,
         stream: TcpStream,
         remote: SocketAddr,
         peers: Arc<dyn LinkDelivery>,
+        pending: P,
     ) -> Result<(), String> {
-        // Only members may link: their keys as etcd lists them now.
-        let keys = self
-            .cluster
-            .member_keys()
-            .into_iter()
-            .filter_map(|k| k.parse().ok())
-            .collect();
-        self.allowed.replace(keys);
         connection::tune_tcp(&stream);
-        let stream = match timeout(DIAL_TIMEOUT, self.acceptor.accept(stream)).await {
+        let handshake = self.acceptor.accept(stream);
+        let stream = match timeout(self.limits.handshake_timeout, handshake).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
             Err(_) => return Err("TLS handshake timed out".into()),
         };
-        debug!(%remote, "cluster link accepted");
+        drop(pending);
+        // Only pinned members pass the handshake: this names which one.
+        let node = tls::peer_key(stream.get_ref().1)
+            .and_then(|key| self.members.get(&key))
+            .ok_or("no pinned member's key")?
+            .clone();
+        debug!(%remote, %node, "cluster link accepted");
         let (reader, _writer) = tokio::io::split(stream);
         // Frames count against the memory budget and must arrive in time, as
         // a client's do.
@@ -315,9 +357,13 @@ impl Links {
             };
             match frame {
                 Ok(Some(Frame::Packet(packet))) => {
-                    let Some((_, destination)) = ipv4_addresses(&packet) else {
+                    let Some((source, destination)) = ipv4_addresses(&packet) else {
                         continue;
                     };
+                    if !self.sent_by(&node, source, peers.as_ref()) {
+                        self.dropped_spoofed.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     if !peers.deliver(IpAddr::V4(destination), packet) {
                         self.dropped_no_peer.fetch_add(1, Ordering::Relaxed);
                     }
@@ -327,6 +373,16 @@ impl Links {
                 Err(e) => return Err(e.to_string()),
             }
         }
+    }
+
+    /// Whether member `node` may send a packet from `source`: one of its
+    /// clients holds that address (a signed lease), or `source` is in the
+    /// routes of a client whose key holds an address on it.
+    fn sent_by(&self, node: &str, source: Ipv4Addr, peers: &dyn LinkDelivery) -> bool {
+        self.cluster.holds(node, source)
+            || peers
+                .route_owner(IpAddr::V4(source))
+                .is_some_and(|key| self.cluster.holds_for(node, &key))
     }
 
     /// The links this server dialed.
@@ -353,4 +409,7 @@ pub trait LinkDelivery: Send + Sync {
     /// Queues `packet` for the client here that holds `destination`
     /// (shaped for it as any packet is); false if none does.
     fn deliver(&self, destination: IpAddr, packet: Bytes) -> bool;
+    /// The key of the client whose routes hold `source` (the networks
+    /// behind it), if one's do.
+    fn route_owner(&self, source: IpAddr) -> Option<PublicKey>;
 }

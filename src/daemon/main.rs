@@ -70,6 +70,16 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // A cluster server's own [[cluster.member]] entry pins the key it
+    // serves (and signs its records) with.
+    if let Role::Server(config) = &settings.role {
+        if let Some(cluster) = &config.cluster {
+            if let Err(e) = cluster.check_own_key(key.as_ref().map(NodeKey::public)) {
+                eprintln!("simplevpnd: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        }
+    }
     program::init_logging();
     raise_open_file_limit();
 

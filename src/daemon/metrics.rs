@@ -352,6 +352,22 @@ pub trait PeerSource: Send + Sync + 'static {
     fn tun_queue_reads(&self) -> Vec<u64> {
         Vec::new()
     }
+
+    /// A cluster server's counts of what it refused from etcd and on its
+    /// links; None outside a cluster.
+    fn cluster_refusals(&self) -> Option<ClusterRefusals> {
+        None
+    }
+}
+
+/// What a cluster server refused: records in etcd not signed by a pinned
+/// member (by reason), incoming links over the admission limits, packets
+/// from a link whose source the sending member holds no lease for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterRefusals {
+    pub records: [(&'static str, u64); 4],
+    pub links: u64,
+    pub spoofed: u64,
 }
 
 /// One of a peer's counters, read from its snapshot.
@@ -436,6 +452,37 @@ impl Collector for PeerCollector {
             for (queue, value) in reads.into_iter().enumerate() {
                 let labels = [("queue", queue.to_string())];
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+
+        if let Some(cluster) = self.table.cluster_refusals() {
+            {
+                let mut records = encoder.encode_descriptor(
+                    "cluster_records_refused",
+                    "Records in etcd ignored: not signed by a pinned member, by reason",
+                    None,
+                    MetricType::Counter,
+                )?;
+                for (reason, value) in cluster.records {
+                    let labels = [("reason", reason)];
+                    ConstCounter::new(value).encode(records.encode_family(&labels)?)?;
+                }
+            }
+            for (name, help, value) in [
+                (
+                    "cluster_links_refused",
+                    "Incoming cluster links closed at once: too many waiting for their handshake",
+                    cluster.links,
+                ),
+                (
+                    "cluster_link_spoofed",
+                    "Packets from a cluster link whose source the sending member holds no lease for",
+                    cluster.spoofed,
+                ),
+            ] {
+                let metric = ConstCounter::new(value);
+                let e = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+                metric.encode(e)?;
             }
         }
 

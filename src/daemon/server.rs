@@ -177,6 +177,20 @@ impl Shared {
             .clone()
     }
 
+    /// The keys a client of this server pins: `own` first, then every
+    /// other member of its cluster (a client may fail over to any).
+    fn server_keys(&self, own: PublicKey) -> Vec<PublicKey> {
+        let mut keys = vec![own];
+        if let Some(cluster) = &self.cluster {
+            for key in cluster.pinned().values() {
+                if !keys.contains(key) {
+                    keys.push(*key);
+                }
+            }
+        }
+        keys
+    }
+
     /// What extension clients are offered now besides their address and
     /// routes (a reload changes it).
     fn offer(&self) -> Offer {
@@ -217,6 +231,11 @@ impl metrics::PeerSource for Shared {
 
     fn tun_queue_reads(&self) -> Vec<u64> {
         self.tun.all().iter().map(|queue| queue.reads()).collect()
+    }
+
+    fn cluster_refusals(&self) -> Option<metrics::ClusterRefusals> {
+        let cluster = self.cluster.as_ref()?;
+        Some(super::cluster::refusals(cluster, self.links.as_deref()))
     }
 }
 
@@ -278,16 +297,17 @@ pub async fn run(
     let now = SystemTime::now();
     store.expire(now)?;
     let (mut leases, mut bans) = (store.leases(now)?, store.bans(now)?);
+    let key = key.map(Arc::new);
     // In a cluster the address leases and bans are etcd's.
-    let cluster = match &config.cluster {
-        Some(cluster) => {
-            let public = key.as_ref().map(|k| k.public());
-            let cluster = Cluster::join(cluster.clone(), config.network, public).await?;
+    let cluster = match (&config.cluster, &key) {
+        (Some(_), None) => return Err(DaemonError::NoKey),
+        (Some(cluster), Some(key)) => {
+            let cluster = Cluster::join(cluster.clone(), config.network, key.clone()).await?;
             leases.clear();
             bans = cluster.bans(now);
             Some(cluster)
         }
-        None => None,
+        (None, _) => None,
     };
     // In a cluster the peers added live are etcd's too.
     let live = match &cluster {
@@ -301,7 +321,7 @@ pub async fn run(
         live_peers = live.len(),
         "state loaded"
     );
-    let gate = Gate::new(&config, key.as_ref(), &live)?;
+    let gate = Gate::new(&config, key.as_deref(), &live)?;
     let own_address = server_address(config.network);
     let tun = helper.open_tun().await?;
     helper.set_mtu(tun.index, config.mtu).await?;
@@ -377,7 +397,7 @@ pub async fn run(
     let tls_text = key
         .as_ref()
         .map_or("off".to_string(), |k| format!("key {}", k.public()));
-    let public_key = key.as_ref().map(NodeKey::public);
+    let public_key = key.as_deref().map(NodeKey::public);
     let (links, link_listener) = match (&cluster, key) {
         (Some(cluster), Some(key)) => {
             let advertise = cluster.config().advertise;
@@ -390,6 +410,7 @@ pub async fn run(
                 queue_bytes: config.queue_bytes,
                 max_frame: config.max_frame,
                 frame_timeout: config.frame_timeout,
+                handshake_timeout: config.handshake_timeout,
             };
             let links = Links::new(
                 cluster.clone(),
@@ -1423,6 +1444,14 @@ impl LinkDelivery for Shared {
             None => false,
         }
     }
+
+    fn route_owner(&self, source: IpAddr) -> Option<PublicKey> {
+        self.gate
+            .peers()
+            .iter()
+            .find(|p| p.section.routes.iter().any(|r| r.contains(&source)))
+            .map(|p| p.section.key)
+    }
 }
 
 impl ClusterHooks for Shared {
@@ -1680,7 +1709,7 @@ async fn create_invite(
     let secret = Secret::random().map_err(|e| invalid("secret", e.to_string()))?;
     let token = Token {
         endpoint,
-        server_keys: vec![server_key],
+        server_keys: shared.server_keys(server_key),
         name: request.name.clone(),
         secret: secret.clone(),
     }
@@ -1866,7 +1895,10 @@ async fn redeem(
     Ok(JoinAccepted {
         name: invite.name,
         address: invite.address,
-        server_keys: shared.public_key.into_iter().collect(),
+        server_keys: shared
+            .public_key
+            .map(|own| shared.server_keys(own))
+            .unwrap_or_default(),
     })
 }
 
