@@ -36,7 +36,7 @@ install_missing() {
   [[ -c /dev/net/tun ]] || die "/dev/net/tun is missing (modprobe tun)"
 }
 
-# build_release: cargo build --release in the current directory (the
+# build_release: cargo build --release --workspace in the current directory (the
 # repository); under sudo as the invoking user so target/ keeps its owner.
 build_release() {
   local cargo=(cargo) home
@@ -45,8 +45,8 @@ build_release() {
     home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
     cargo=(sudo -u "$SUDO_USER" env "HOME=$home" "PATH=$home/.cargo/bin:$PATH" cargo)
   fi
-  say "building: cargo build --release"
-  "${cargo[@]}" build --release --quiet
+  say "building: cargo build --release --workspace"
+  "${cargo[@]}" build --release --workspace --quiet
 }
 
 DAEMON_USER=${DAEMON_USER:-nobody} # for --user, once simplevpnd has it (privilege separation)

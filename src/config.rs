@@ -14,6 +14,8 @@ use crate::limits::{
     FRAME_RANGE, MAX_IFNAME_LEN, MAX_MTU, MAX_PEER_NAME_LEN, MIN_MTU, MTU_RANGE, TUNNEL_PREFIX,
 };
 use crate::params::{valid_domain, MAX_DNS, MAX_DNS_SEARCH, MAX_DOMAIN_LEN};
+use crate::session::client::{ClientRules, HANDSHAKE_TIMEOUT};
+use crate::session::Protocol;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/simplevpn/simplevpnd.toml";
 pub const DEFAULT_PORT: u16 = 2002;
@@ -79,22 +81,7 @@ pub enum ClientToClient {
     Kernel,
 }
 
-/// A bad setting: which one, and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {problem}")]
-pub struct ConfigError {
-    pub field: String,
-    pub problem: String,
-}
-
-impl ConfigError {
-    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-        ConfigError {
-            field: field.into(),
-            problem: problem.into(),
-        }
-    }
-}
+pub use simplevpn_proto::ConfigError;
 
 /// The config file as written. Unknown fields are rejected.
 #[derive(Debug, Default, Deserialize)]
@@ -607,6 +594,25 @@ pub struct ClientConfig {
     pub sni: Option<String>,
     /// The proxy every server is reached through, if any.
     pub proxy: Option<crate::daemon::proxy::Proxy>,
+}
+
+impl ClientConfig {
+    /// The session rules of this client, speaking `protocol`.
+    pub fn rules(&self, protocol: Protocol) -> ClientRules {
+        ClientRules {
+            static_address: self.address,
+            default_prefix: self.prefix,
+            protocol,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            keepalive_after: self.keepalive_after,
+            timeout: self.timeout,
+            accept_routes: self.accept_routes.clone(),
+            full_tunnel: self.full_tunnel,
+            fail_open: self.fail_open,
+            dns: self.dns.applies(),
+            dns_all_domains: self.dns == DnsMode::PushedAllDomains,
+        }
+    }
 }
 
 impl ConfigFile {

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 use crate::budget::{MemoryBudget, SMALL_FRAME};
-use crate::wire::{Decoder, Frame, ProtocolError};
+use crate::wire::{Decoder, Frame};
 
 /// A connection's read buffer starts this small (an idle peer costs little)
 /// and grows, while reads keep filling it, up to `MAX_READ_CHUNK`: room for
@@ -66,18 +66,7 @@ pub type Reader = Box<dyn AsyncRead + Unpin + Send>;
 /// The write half of a connection, whatever its transport.
 pub type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
-/// Why reading a frame failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error("protocol error: {0}")]
-    Protocol(#[from] ProtocolError),
-    #[error("connection closed in the middle of a frame ({0} bytes pending)")]
-    Truncated(usize),
-    #[error("read failed: {0}")]
-    Io(#[from] io::Error),
-    #[error("a frame was not completed within {}s", .0.as_secs())]
-    FrameTimeout(Duration),
-}
+pub use simplevpn_proto::wire::ReadError;
 
 /// Reads frames from a byte stream, however TCP splits or joins them.
 pub struct FrameReader<R> {

@@ -20,26 +20,23 @@ pub mod config;
 pub mod config6;
 pub mod connection;
 pub mod daemon;
-pub mod egress;
-/// svpnctl's command line (the program itself is src/ctl/main.rs).
+/// svpnctl's command line (the program itself is src/bin/svpnctl/).
 pub mod ctl {
     pub mod cli;
 }
 pub mod join;
 pub mod keys;
-pub mod limits;
-pub mod offload;
-pub mod params;
-pub mod pool;
-pub mod pool6;
-pub mod privsep;
-pub mod program;
 pub mod proto;
 pub mod reload;
-pub mod routes;
-pub mod session;
 pub mod state;
 pub mod tls;
-pub mod wallclock;
-pub mod wire;
 pub mod workers;
+
+// The sans-IO core, from its own crate (crates/proto), under the paths the
+// rest of this crate names it by.
+pub use simplevpn_proto::{
+    egress, limits, offload, params, pool, pool6, routes, session, wallclock, wire,
+};
+// What the daemon shares with its privileged helper (crates/helper).
+pub use simplevpn_helper as privsep;
+pub use simplevpn_helper::program;

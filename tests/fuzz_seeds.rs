@@ -251,7 +251,7 @@ fn full() -> SessionParams {
     full
 }
 
-/// The body of the example in src/params.rs's documentation, byte for
+/// The body of the example in crates/proto/src/params.rs's documentation, byte for
 /// byte as it is written there.
 const DOCUMENTED_EXAMPLE: &str = "01 01 00 05 0a 00 01 07 10 03 00 05 18 c0 a8 0a 00 \
     04 00 04 0a 00 00 01 05 00 0b 76 70 6e 2e 65 78 61 6d 70 6c 65 06 00 04 00 00 00 01";

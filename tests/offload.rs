@@ -4,7 +4,7 @@
 //! ICMP "fragmentation needed", and TCP between our clients and to a host
 //! beyond the server arrives intact while riding super-packets, over TLS
 //! and between our plaintext peers, which agree on it by a marker in the
-//! control message's ignored bytes (src/wire.rs `Marker`); a super-packet
+//! control message's ignored bytes (crates/proto/src/wire.rs `Marker`); a super-packet
 //! of segments below the minimum (an amplifier) closes the connection and
 //! reaches nothing.
 

@@ -1,4 +1,4 @@
-//! Property tests of the TUN offload pieces (src/offload.rs): the
+//! Property tests of the TUN offload pieces (crates/proto/src/offload.rs): the
 //! virtio-net header round trip; random TCP (IPv4, IPv6) and UDP
 //! super-packets split into packets that fit the link, each with correct
 //! checksums, which coalesce back into the same super-packet; fitting to

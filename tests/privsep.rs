@@ -14,13 +14,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use common::vpn::*;
-use common::{require_root, wait_until, Daemon, Netns};
+use common::{helper_binary, require_root, wait_until, Daemon, Netns};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{Pid, User};
 use simplevpn::privsep::channel;
 use simplevpn::privsep::protocol::{decode, encode, HelperRequest, HelperResponse};
 
-const HELPER: &str = env!("CARGO_BIN_EXE_simplevpn-helper");
 /// CAP_NET_ADMIN (12) as /proc/PID/status prints a capability set.
 const NET_ADMIN_ONLY: &str = "0000000000001000";
 const NO_CAPS: &str = "0000000000000000";
@@ -254,7 +253,7 @@ fn start_helper(ns: &Netns, args: &[&str]) -> (Spawned, OwnedFd) {
     let raw = theirs.as_raw_fd();
     let mut command = Command::new("ip");
     command
-        .args(["netns", "exec", ns.name(), HELPER])
+        .args(["netns", "exec", ns.name(), helper_binary()])
         .args(args)
         .stdin(Stdio::null())
         .stderr(Stdio::piped());
@@ -423,7 +422,7 @@ fn a_server_helper_opens_one_tun_queue_per_worker() {
 
 #[test]
 fn the_helper_will_not_run_without_the_daemons_socket() {
-    let out = Command::new(HELPER)
+    let out = Command::new(helper_binary())
         .args([
             "--role",
             "client",

@@ -183,7 +183,7 @@ proptest! {
     }
 }
 
-// The session-parameters extension (src/params.rs) on top of the codec.
+// The session-parameters extension (crates/proto/src/params.rs) on top of the codec.
 mod extensions {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

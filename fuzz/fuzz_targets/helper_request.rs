@@ -1,4 +1,4 @@
-//! The helper protocol's codec (`simplevpn::privsep::protocol`): one frame,
+//! The helper protocol's codec (`simplevpn_helper::protocol`): one frame,
 //! a u32 big-endian length then JSON, decoded as a `HelperRequest` (what
 //! the privileged helper reads from the daemon) and as a `HelperResponse`.
 //!
@@ -25,7 +25,7 @@ use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
-use simplevpn::privsep::protocol::{
+use simplevpn_helper::protocol::{
     decode, encode, HelperRequest, HelperResponse, DEFAULTED_FIELDS, MAX_FRAME,
 };
 

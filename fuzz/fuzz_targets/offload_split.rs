@@ -1,4 +1,4 @@
-//! The TUN offload code (`simplevpn::offload`) on arbitrary frames: the
+//! The TUN offload code (`simplevpn_proto::offload`) on arbitrary frames: the
 //! virtio-net header, GSO splitting, fitting to an MTU (re-segmenting,
 //! fragmenting), checksums and the ICMP errors a router sends.
 //!
@@ -29,8 +29,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use simplevpn::limits::MAX_GSO_SEGMENTS;
-use simplevpn::offload::{
+use simplevpn_proto::limits::MAX_GSO_SEGMENTS;
+use simplevpn_proto::offload::{
     checksums_ok, coalesce, fit, frag_needed_v4, from_tun, packet_too_big_v6, split, to_tun,
     Fitted, Gso, GsoKind, OffloadError, VirtioNetHdr, VNET_HDR_LEN,
 };

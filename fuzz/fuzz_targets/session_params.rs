@@ -1,4 +1,4 @@
-//! The session-parameters extension (`simplevpn::params::SessionParams`) on
+//! The session-parameters extension (`simplevpn_proto::params::SessionParams`) on
 //! arbitrary bodies.
 //!
 //! Input: the body of a SESSION_PARAMS extension frame.
@@ -14,8 +14,8 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use simplevpn::params::{SessionParams, MAX_ENCODED_LEN};
-use simplevpn::wire::{Decoder, ExtensionKind, Frame};
+use simplevpn_proto::params::{SessionParams, MAX_ENCODED_LEN};
+use simplevpn_proto::wire::{Decoder, ExtensionKind, Frame};
 
 fuzz_target!(|body: &[u8]| {
     let params = match SessionParams::decode(body) {

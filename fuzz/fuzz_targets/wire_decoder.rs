@@ -1,4 +1,4 @@
-//! The wire decoder (`simplevpn::wire::Decoder`) on arbitrary bytes, cut into
+//! The wire decoder (`simplevpn_proto::wire::Decoder`) on arbitrary bytes, cut into
 //! arbitrary pieces as TCP may deliver them, with and without extensions.
 //!
 //! Input: byte 0 chooses the pieces (0: the whole stream at once; n: pieces
@@ -26,7 +26,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use simplevpn::wire::{
+use simplevpn_proto::wire::{
     Control, Decoder, Extension, Frame, ProtocolError, SuperPacket, CONTROL_LEN, DEFAULT_MAX_FRAME,
     EXTENSION_FIRST_BYTE, SUPER_HEADER_LEN, SUPER_PACKET,
 };

@@ -1,5 +1,5 @@
 //! The command line of svpnctl, in the library so that the man page and
-//! shell completions can be generated from it (see src/gen-assets).
+//! shell completions can be generated from it (see src/bin/simplevpn-gen-assets.rs).
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;

@@ -54,7 +54,7 @@ use crate::params::MAX_ENCODED_LEN;
 use crate::pool::server_address;
 use crate::proto;
 use crate::session::client::{
-    Action, ClientRules, ClientSession, CloseReason, Closed, Grant, Refusal, HANDSHAKE_TIMEOUT,
+    Action, ClientSession, CloseReason, Closed, Grant, Refusal, HANDSHAKE_TIMEOUT,
 };
 use crate::session::LinkState;
 use crate::wire::{
@@ -256,7 +256,7 @@ pub async fn run(
     ));
 
     let mut client = Client {
-        rules: ClientSession::new(ClientRules::new(&config, protocol), fastrand::f64),
+        rules: ClientSession::new(config.rules(protocol), fastrand::f64),
         config,
         dialer,
         tunnel,

@@ -60,6 +60,7 @@ fn next_id() -> u32 {
 /// returns false.
 pub fn require_root(test: &str) -> bool {
     if effective_uid() == Some(0) {
+        helper_binary();
         return true;
     }
     if std::env::var("CI").as_deref() == Ok("true") {
@@ -67,6 +68,50 @@ pub fn require_root(test: &str) -> bool {
     }
     eprintln!("skipping {test}: needs root (creates network namespaces)");
     false
+}
+
+/// simplevpn-helper, built beside simplevpnd, where simplevpnd looks for
+/// it. The helper is a crate of its own (crates/helper), and cargo builds
+/// only this package's binaries for its tests; so the first test of each
+/// test binary to need it builds it (`cargo build -p simplevpn-helper` in
+/// simplevpnd's profile: a quick no-op when it is up to date, as after
+/// `cargo test --workspace`).
+pub fn helper_binary() -> &'static str {
+    static HELPER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HELPER.get_or_init(|| {
+        let daemon = Path::new(env!("CARGO_BIN_EXE_simplevpnd"));
+        let dir = daemon.parent().expect("simplevpnd has a directory");
+        let target_dir = dir
+            .parent()
+            .expect("a profile directory is inside the target directory");
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") => "dev",
+            Some(name) => name,
+            None => panic!("no profile directory in {}", daemon.display()),
+        };
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let status = Command::new(&cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "simplevpn-helper",
+                "--bin",
+                "simplevpn-helper",
+            ])
+            .args(["--profile", profile, "--target-dir"])
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap_or_else(|e| panic!("run {cargo} to build simplevpn-helper: {e}"));
+        assert!(
+            status.success(),
+            "building simplevpn-helper failed: {status}"
+        );
+        let helper = dir.join("simplevpn-helper");
+        assert!(helper.is_file(), "{} was not built", helper.display());
+        helper.to_str().expect("a UTF-8 target path").to_string()
+    })
 }
 
 fn effective_uid() -> Option<u32> {

@@ -15,7 +15,7 @@ use nix::sys::prctl;
 use nix::unistd::{getgroups, getresgid, getresuid, setgid, setgroups, setresgid, setresuid};
 use nix::unistd::{setuid, Gid, Uid, User};
 
-use crate::config::ConfigError;
+use simplevpn_proto::ConfigError;
 
 /// The unprivileged user a program switches to.
 #[derive(Debug, Clone, PartialEq, Eq)]

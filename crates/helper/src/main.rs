@@ -38,15 +38,15 @@ use nix::sys::signal::{sigaction, signal, SaFlags, SigAction, SigHandler, SigSet
 use nix::sys::socket::SockType;
 use nix::sys::socket::{getsockopt, sockopt};
 use nix::unistd::getppid;
-use simplevpn::privsep::args::HelperArgs;
-use simplevpn::privsep::channel::{self, Message};
-use simplevpn::privsep::credentials::{self, ServiceUser};
-use simplevpn::privsep::nat::{self, NatError};
-use simplevpn::privsep::netdev::{self, LinkConfig, NetdevError};
-use simplevpn::privsep::policy::{pin_route, HostRoute, Policy, Refusal};
-use simplevpn::privsep::protocol::{decode, encode, Forwarding, HelperRequest, HelperResponse};
-use simplevpn::privsep::resolved::{self, ResolvedError};
-use simplevpn::program;
+use simplevpn_helper::args::HelperArgs;
+use simplevpn_helper::channel::{self, Message};
+use simplevpn_helper::credentials::{self, ServiceUser};
+use simplevpn_helper::nat::{self, NatError};
+use simplevpn_helper::netdev::{self, LinkConfig, NetdevError};
+use simplevpn_helper::policy::{pin_route, HostRoute, Policy, Refusal};
+use simplevpn_helper::program;
+use simplevpn_helper::protocol::{decode, encode, Forwarding, HelperRequest, HelperResponse};
+use simplevpn_helper::resolved::{self, ResolvedError};
 use tracing::{debug, error, info, info_span, warn};
 
 /// The daemon's socket, as set up by simplevpnd.

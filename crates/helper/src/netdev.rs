@@ -1,8 +1,8 @@
 //! The helper's side of the tun: creating it and configuring it. Only
 //! simplevpn-helper runs this (and the tests, as root); everything here needs
 //! `CAP_NET_ADMIN`. The daemon never calls it: it asks the helper
-//! ([`crate::daemon::helper`]) and does packet I/O on the fd it receives
-//! ([`crate::daemon::tun::AsyncTun`]).
+//! (`simplevpn::daemon::helper`) and does packet I/O on the fd it receives
+//! (`simplevpn::daemon::tun::AsyncTun`).
 //!
 //! * [`create_tun`] (or [`open_tun_device`] while still root, then
 //!   [`attach_tun`]): a tun device, as a [`TunFd`];
@@ -116,7 +116,7 @@ pub fn attach_tun(fd: OwnedFd, name: &str) -> Result<TunFd, NetdevError> {
 
 /// Like [`attach_tun`], with TUN offloads: the tun is created with
 /// `IFF_VNET_HDR` (every read and write starts with a 10-byte virtio-net
-/// header, [`crate::offload::VirtioNetHdr`]) and `TUNSETOFFLOAD` enables
+/// header, [`simplevpn_proto::offload::VirtioNetHdr`]) and `TUNSETOFFLOAD` enables
 /// checksum offload, TSO for IPv4 and IPv6, and USO where the kernel has it
 /// (6.2 and later). The kernel may refuse offloads: the tun still works,
 /// and [`TunFd::offloads`] says what was granted.
@@ -670,4 +670,17 @@ fn netlink_err(op: String, index: u32, err: rtnetlink::Error) -> NetdevError {
         other => io::Error::other(other),
     };
     NetdevError::Netlink { op, index, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// simplevpn-proto writes IFNAMSIZ out (it has no libc); the kernel's
+    /// is libc's.
+    #[test]
+    fn ifnamsiz_is_the_kernels() {
+        assert_eq!(crate::limits::IFNAMSIZ, libc::IFNAMSIZ);
+        assert_eq!(MAX_IFNAME_LEN, libc::IFNAMSIZ - 1);
+    }
 }

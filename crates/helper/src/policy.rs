@@ -654,7 +654,7 @@ fn subnet_of(address: Ipv4Addr, prefix: u8) -> Result<Ipv4Net, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::privsep::policy6::AddressRule6;
+    use crate::policy6::AddressRule6;
 
     const TUN: u32 = 7;
 

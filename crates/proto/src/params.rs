@@ -7,7 +7,7 @@
 //! # Wire format
 //!
 //! Only between our own peers, and only when TLS negotiated the ALPN
-//! protocol "simplevpn/2" ([`crate::tls::speaks_extension`]). Original-protocol
+//! protocol "simplevpn/2" (`simplevpn::tls::speaks_extension`). Original-protocol
 //! peers, and TLS peers that did not offer the ALPN, never receive
 //! extension frames.
 //!

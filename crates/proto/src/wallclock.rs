@@ -1,7 +1,7 @@
 //! Wall-clock times built from numbers someone else wrote: a ban's length
 //! from svpnctl, a ban or lease time read from the state store or etcd.
 //! `SystemTime + Duration` panics when the sum does not fit; these saturate
-//! at [`FAR_FUTURE`] instead, so a huge number means "for good", never a
+//! at [`far_future()`](far_future) instead, so a huge number means "for good", never a
 //! crash.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

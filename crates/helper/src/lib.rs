@@ -1,5 +1,6 @@
-//! Privilege separation: what simplevpnd (unprivileged) and
-//! simplevpn-helper (CAP_NET_ADMIN only) share.
+//! Privilege separation: simplevpn-helper (CAP_NET_ADMIN only) and what
+//! simplevpnd (unprivileged) shares with it. simplevpnd names this crate
+//! `simplevpn::privsep`.
 //!
 //! ```text
 //! simplevpnd (service user, no capabilities)
@@ -10,8 +11,9 @@
 //!    against its Policy, then does it with netdev (tun ioctl, rtnetlink)
 //! ```
 //!
-//! Most of this module is shared; [`netdev`] is the helper's alone (the
-//! daemon's side of the tun is [`crate::daemon::tun`]).
+//! Most of this crate is shared; [`netdev`], [`nat`] and [`resolved`] are
+//! the helper's alone (the daemon's side of the tun is
+//! `simplevpn::daemon::tun`).
 //!
 //! * [`protocol`]: the closed set of requests and answers, and their framing;
 //! * [`channel`]: the socketpair, one frame (and maybe one fd) per message;
@@ -21,7 +23,8 @@
 //! * [`nat`]: the server's masquerade, an nftables table of the helper's own;
 //! * [`resolved`]: DNS on the tun through systemd-resolved (D-Bus);
 //! * [`args`]: the helper's command line, which is its whole configuration;
-//! * [`credentials`]: switching to the service user and dropping capabilities.
+//! * [`credentials`]: switching to the service user and dropping capabilities;
+//! * [`program`]: what both programs do at their edges (command line, logs).
 
 pub mod args;
 pub mod channel;
@@ -30,5 +33,10 @@ pub mod nat;
 pub mod netdev;
 pub mod policy;
 pub mod policy6;
+pub mod program;
 pub mod protocol;
 pub mod resolved;
+
+// The limits and codecs the requests carry, under the paths this crate
+// names them by.
+use simplevpn_proto::{limits, params};

@@ -24,12 +24,10 @@ use bytes::Bytes;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::{LinkState, Protocol};
-use crate::config::ClientConfig;
-use crate::connection::ReadError;
 use crate::params::{ParamsError, SessionParams};
 use crate::wire::{
-    netmask_prefix, Control, ExtensionKind, Features, Frame, Marker, ProtocolError, Reply, Request,
-    SuperPacket,
+    netmask_prefix, Control, ExtensionKind, Features, Frame, Marker, ProtocolError, ReadError,
+    Reply, Request, SuperPacket,
 };
 
 /// How long connecting, and then waiting for the grant, may take.
@@ -70,25 +68,6 @@ pub struct ClientRules {
     pub dns: bool,
     /// Apply single-label search domains too (`dns = "pushed-all-domains"`).
     pub dns_all_domains: bool,
-}
-
-impl ClientRules {
-    /// The rules of `config`, speaking `protocol`.
-    pub fn new(config: &ClientConfig, protocol: Protocol) -> ClientRules {
-        ClientRules {
-            static_address: config.address,
-            default_prefix: config.prefix,
-            protocol,
-            handshake_timeout: HANDSHAKE_TIMEOUT,
-            keepalive_after: config.keepalive_after,
-            timeout: config.timeout,
-            accept_routes: config.accept_routes.clone(),
-            full_tunnel: config.full_tunnel,
-            fail_open: config.fail_open,
-            dns: config.dns.applies(),
-            dns_all_domains: config.dns == crate::config::DnsMode::PushedAllDomains,
-        }
-    }
 }
 
 /// DNS settings pushed by the server.

@@ -8,12 +8,15 @@
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
-use nix::libc;
+/// The kernel's interface name buffer, `IFNAMSIZ` (16 on Linux; written
+/// out so that this crate needs no libc; simplevpn-helper's netdev tests
+/// check it against libc's).
+pub const IFNAMSIZ: usize = 16;
 
 /// Longest interface (tun) name the kernel accepts: `IFNAMSIZ` - 1 bytes,
 /// the last byte of the kernel's buffer being the terminating NUL. 15 on
 /// Linux.
-pub const MAX_IFNAME_LEN: usize = libc::IFNAMSIZ - 1;
+pub const MAX_IFNAME_LEN: usize = IFNAMSIZ - 1;
 
 /// Smallest MTU of the tun, and smallest frame size: 576, the IPv4 minimum
 /// datagram size every host must accept (RFC 791).

@@ -170,7 +170,7 @@ pub struct TunFd {
 #[serde(deny_unknown_fields)]
 pub struct Offloads {
     /// Opened with `IFF_VNET_HDR`: a 10-byte virtio-net header before every
-    /// packet read or written ([`crate::offload::VirtioNetHdr`]).
+    /// packet read or written ([`simplevpn_proto::offload::VirtioNetHdr`]).
     pub vnet_hdr: bool,
     /// Checksum offload and TSO for IPv4 and IPv6: reads and writes may be
     /// TCP super-packets.

@@ -18,7 +18,7 @@
 //! # Extension frames
 //!
 //! Between our own peers, when TLS negotiated the ALPN protocol
-//! "simplevpn/2" ([`crate::tls::speaks_extension`]), or a plaintext grant
+//! "simplevpn/2" (`simplevpn::tls::speaks_extension`), or a plaintext grant
 //! accepted the client's offer ([`Marker`]), either side may send
 //! extension frames among the ordinary ones. No IP version is 15, so a first
 //! nibble 0xF cannot be mistaken for a packet:
@@ -77,6 +77,21 @@ pub enum ProtocolError {
     BadSuperPacket(&'static str),
     #[error("features frame body of {0} bytes is below 4")]
     FeaturesTooShort(usize),
+}
+
+/// Why reading a frame from a byte stream failed (the stream's reader lives
+/// with the I/O, in `simplevpn::connection`; the session rules judge the
+/// failure).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("connection closed in the middle of a frame ({0} bytes pending)")]
+    Truncated(usize),
+    #[error("read failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("a frame was not completed within {}s", .0.as_secs())]
+    FrameTimeout(std::time::Duration),
 }
 
 /// A bare 20-byte IPv4 header with total length 0: the protocol's control

@@ -1,0 +1,31 @@
+//! simplevpn's sans-IO core: what a connection means, without a socket, a
+//! tun or a clock of its own. Everything here takes bytes and the current
+//! time and returns frames, actions or answers, so every rule is
+//! unit-tested with the time passed in; the I/O loops that carry the
+//! actions out live in the `simplevpn` crate.
+//!
+//! * [`wire`]: frames cut by their own IP header, control messages,
+//!   extension frames;
+//! * [`params`]: the session-parameters extension (SESSION_PARAMS);
+//! * [`offload`]: super-packets (GSO/GRO) split and joined by their headers;
+//! * [`egress`]: how outbound packets are batched into frames;
+//! * [`session`]: the session rules of both roles;
+//! * [`routes`]: the longest-prefix route table;
+//! * [`pool`], [`pool6`]: the address pools;
+//! * [`limits`]: every size and count limit, one definition each;
+//! * [`wallclock`]: wall-clock arithmetic that saturates instead of panicking;
+//! * [`ConfigError`]: a bad setting, named.
+
+mod config_error;
+pub mod egress;
+pub mod limits;
+pub mod offload;
+pub mod params;
+pub mod pool;
+pub mod pool6;
+pub mod routes;
+pub mod session;
+pub mod wallclock;
+pub mod wire;
+
+pub use config_error::ConfigError;
