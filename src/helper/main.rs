@@ -14,7 +14,8 @@
 //! 3. exits when the daemon's end of the socket closes (the daemon exited or
 //!    was killed), closing its own copy of the tun fd, which removes the tun.
 //!    Before that it undoes what it changed beyond the tun: the NAT table,
-//!    the pinned route to the server, the tun's DNS settings. A parent-death
+//!    the pinned route to the server, the tun's DNS settings or the DNS
+//!    guard that stands in for them. A parent-death
 //!    signal (SIGUSR1, caught) leads there too.
 //!
 //! It never runs a shell or any other program. SIGINT, SIGTERM and SIGHUP are
@@ -41,6 +42,7 @@ use nix::unistd::getppid;
 use simplevpn::privsep::args::HelperArgs;
 use simplevpn::privsep::channel::{self, Message};
 use simplevpn::privsep::credentials::{self, ServiceUser};
+use simplevpn::privsep::dnsguard::{self, DnsFallback};
 use simplevpn::privsep::nat::{self, NatError};
 use simplevpn::privsep::netdev::{self, LinkConfig, NetdevError};
 use simplevpn::privsep::policy::{pin_route, HostRoute, Policy, Refusal};
@@ -205,6 +207,8 @@ struct Changes {
     pinned: Option<HostRoute>,
     /// DNS is set on the tun (this ifindex).
     dns: Option<u32>,
+    /// The DNS guard is installed, for this tun.
+    dns_guard: Option<String>,
 }
 
 /// Why an allowed request was not carried out.
@@ -317,6 +321,9 @@ impl State {
                 Err(e) => error!("removing the pinned route: {e}"),
             }
         }
+        if let Some(tun) = changes.dns_guard {
+            remove_dns_guard(&tun);
+        }
         if let Some(index) = changes.dns {
             let reverted = resolved::revert(index)
                 .and_then(|calls| self.runtime.block_on(resolved::apply(&calls)));
@@ -325,6 +332,39 @@ impl State {
                 Err(e) => warn!("reverting the tun's DNS settings: {e}"),
             }
         }
+    }
+
+    /// The tun's name: as created, or as configured before that.
+    fn tun_name(&self) -> String {
+        self.tun
+            .as_ref()
+            .map_or_else(|| self.args.tun.clone(), |(name, _)| name.clone())
+    }
+
+    /// Sets the tun's DNS through systemd-resolved, if it serves this
+    /// network namespace.
+    fn set_dns(
+        &mut self,
+        index: u32,
+        servers: &[IpAddr],
+        domains: &[String],
+        default_route: bool,
+    ) -> Result<(), Failure> {
+        if !self.resolved_here {
+            return Err(Failure::Io {
+                what: "DNS not applied",
+                source: io::Error::other(
+                    "this helper runs in another network namespace than systemd-resolved \
+                     (PID 1's), where the tun's ifindex would name another interface",
+                ),
+            });
+        }
+        let calls = resolved::plan(index, servers, domains, default_route)?;
+        // Marked first: a call that fails half-way leaves something to
+        // revert.
+        self.changes.dns = Some(index);
+        self.runtime.block_on(resolved::apply(&calls))?;
+        Ok(())
     }
 
     /// Full tunnel: pins the route to `server`, then routes everything
@@ -515,25 +555,45 @@ impl State {
                 ref domains,
                 default_route,
             } => {
-                if !self.resolved_here {
-                    return Err(Failure::Io {
-                        what: "DNS not applied",
-                        source: io::Error::other(
-                            "this helper runs in another network namespace than systemd-resolved \
-                             (PID 1's), where the tun's ifindex would name another interface",
-                        ),
-                    });
+                let set = self.set_dns(index, servers, domains, default_route);
+                let failure = match set {
+                    Ok(()) => {
+                        // resolved has the pushed servers now: no guard needed.
+                        if let Some(tun) = self.changes.dns_guard.take() {
+                            remove_dns_guard(&tun);
+                        }
+                        let change = format!("DNS on {}: {request}", self.args.tun);
+                        info!("{change}");
+                        return Ok(HelperResponse::Changed(vec![change]));
+                    }
+                    Err(failure) => failure,
+                };
+                match dnsguard::fallback(self.policy.grants(), request) {
+                    DnsFallback::Nothing => return Err(failure),
+                    DnsFallback::Guard => {
+                        let tun = self.tun_name();
+                        let first = self.changes.dns_guard.is_none();
+                        // Marked first: a batch that fails half-way is removed too.
+                        self.changes.dns_guard = Some(tun.clone());
+                        dnsguard::install(&tun)?;
+                        let change = dnsguard::describe(&tun);
+                        // Once: a reconnect that asks again says nothing new.
+                        if first {
+                            warn!(
+                                "the pushed DNS could not be set on {tun} ({failure}): \
+                                 blocking DNS outside the tunnel instead, {change}"
+                            );
+                        } else {
+                            debug!("{change} (again: {failure})");
+                        }
+                        return Ok(HelperResponse::Changed(vec![change]));
+                    }
                 }
-                let calls = resolved::plan(index, servers, domains, default_route)?;
-                // Marked first: a call that fails half-way leaves something
-                // to revert.
-                self.changes.dns = Some(index);
-                self.runtime.block_on(resolved::apply(&calls))?;
-                let change = format!("DNS on {}: {request}", self.args.tun);
-                info!("{change}");
-                return Ok(HelperResponse::Changed(vec![change]));
             }
             HelperRequest::RevertDns { index } => {
+                if let Some(tun) = self.changes.dns_guard.take() {
+                    remove_dns_guard(&tun);
+                }
                 // Only what this helper set: never another link's settings.
                 if self.changes.dns.take().is_none() {
                     return Ok(HelperResponse::Ok);
@@ -546,6 +606,14 @@ impl State {
         done?;
         self.policy.record(request, None);
         Ok(HelperResponse::Ok)
+    }
+}
+
+/// Removes the DNS guard of `tun`, logging the outcome.
+fn remove_dns_guard(tun: &str) {
+    match dnsguard::remove(tun) {
+        Ok(()) => info!(table = %dnsguard::table_name(tun), "removed the DNS guard"),
+        Err(e) => error!("removing the DNS guard: {e}"),
     }
 }
 
