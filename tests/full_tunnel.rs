@@ -518,3 +518,72 @@ fn without_resolved_a_full_tunnel_blocks_dns_outside_the_tunnel_until_the_daemon
         "dns = \"off\" keeps the host's resolver"
     );
 }
+
+#[test]
+fn after_the_underlay_changes_the_reconnect_pins_the_server_on_the_new_one() {
+    if !require_root("after_the_underlay_changes_the_reconnect_pins_the_server_on_the_new_one") {
+        return;
+    }
+    let gw = Gateway::new("ftmove");
+    let ns = gw.client_ns();
+    // A second network between the client and the server: the one the
+    // laptop moves to.
+    let (_, second) = link(&gw.bed.server, "198.18.3.1/24", ns, "198.18.3.2/24");
+    let _server = gw.server(&["--masquerade", "--client-timeout", "3"]);
+    let client = gw.client(&["--full-tunnel", "--timeout", "3"]);
+    assert!(
+        wait_until(STARTUP, || route_dev(ns, "198.18.100.2")
+            .contains(&format!("dev {TUN}"))),
+        "the full tunnel never came up:\n{}",
+        client.log()
+    );
+    assert!(
+        route_dev(ns, SERVER_UNDERLAY).contains("via 198.18.1.1"),
+        "{}",
+        route_dev(ns, SERVER_UNDERLAY)
+    );
+
+    // The first network goes away (its routes, the pin among them, go with
+    // it) and the default route is now the second network's.
+    let first = ns
+        .ip(&["-o", "route", "get", "198.18.1.1"])
+        .stdout
+        .split(|b| *b == b' ')
+        .skip_while(|w| *w != b"dev")
+        .nth(1)
+        .map(|dev| String::from_utf8_lossy(dev).into_owned())
+        .expect("the first network's device");
+    ns.ip(&[
+        "route",
+        "replace",
+        "default",
+        "via",
+        "198.18.3.1",
+        "dev",
+        &second,
+    ]);
+    ns.ip(&["link", "set", &first, "down"]);
+
+    // The link dies, the client reconnects over the second network.
+    assert!(
+        wait_until(Duration::from_secs(30), || client
+            .log()
+            .matches("granted 198.19.")
+            .count()
+            >= 2),
+        "no second grant:\n{}\n{}",
+        routes(ns),
+        client.log()
+    );
+    let to_server = route_dev(ns, SERVER_UNDERLAY);
+    assert!(
+        to_server.contains("via 198.18.3.1") && !to_server.contains(TUN),
+        "{to_server}"
+    );
+    assert_eq!(
+        remote_sees(ns, &gw.remote, 6002).expect("through the tunnel again"),
+        SERVER_TOWARDS_REMOTE
+    );
+    let log = client.log();
+    assert!(log.contains("re-pinned the route to the server"), "{log}");
+}

@@ -370,20 +370,7 @@ impl State {
     /// Full tunnel: pins the route to `server`, then routes everything
     /// else into the tun. Returns what it changed.
     fn full_tunnel(&mut self, index: u32, server: IpAddr) -> Result<Vec<String>, Failure> {
-        let routes = self.runtime.block_on(self.links.host_routes())?;
-        let pin = pin_route(&routes, server, index)?;
-        match self.changes.pinned {
-            Some(old) if old == pin => {}
-            old => {
-                if let Some(old) = old {
-                    self.runtime.block_on(self.links.del_host_route(old))?;
-                    self.changes.pinned = None;
-                }
-                if self.runtime.block_on(self.links.add_host_route(pin))? {
-                    self.changes.pinned = Some(pin);
-                }
-            }
-        }
+        let pin = self.pin(index, server)?;
         let tun = self.args.tun.clone();
         let mut changes = vec![format!("route {} (pinned: the server)", describe(pin))];
         for half in HALF_DEFAULTS {
@@ -414,6 +401,36 @@ impl State {
             IPV6_HALVES.map(|h| h.to_string()).join(", ")
         ));
         Ok(changes)
+    }
+
+    /// Pins the route to `server` where the host's best route to it (not
+    /// through the tun, and not the pin this helper added before) goes now:
+    /// after the underlay changed (another network, another gateway) the
+    /// old pin is replaced, and one the kernel removed with its interface
+    /// is added again. Returns the pin.
+    fn pin(&mut self, index: u32, server: IpAddr) -> Result<HostRoute, Failure> {
+        let old = self.changes.pinned;
+        let routes: Vec<HostRoute> = self
+            .runtime
+            .block_on(self.links.host_routes())?
+            .into_iter()
+            .filter(|r| !old.is_some_and(|old| same_route(*r, old)))
+            .collect();
+        let pin = pin_route(&routes, server, index)?;
+        if let Some(old) = old.filter(|old| !same_route(*old, pin)) {
+            // Gone with its interface, or still there: either way not ours now.
+            if let Err(e) = self.runtime.block_on(self.links.del_host_route(old)) {
+                warn!(route = %describe(old), "removing the old pinned route: {e}");
+            }
+            self.changes.pinned = None;
+            info!(old = %describe(old), new = %describe(pin), "the underlay changed: re-pinned the route to the server");
+        }
+        // EEXIST (false): the host's own route, or this helper's still in
+        // place; only a route this helper added is its to remove.
+        if self.runtime.block_on(self.links.add_host_route(pin))? {
+            self.changes.pinned = Some(pin);
+        }
+        Ok(pin)
     }
 
     /// Undoes [`State::full_tunnel`].
@@ -511,10 +528,7 @@ impl State {
                     .policy
                     .masquerade_network()
                     .ok_or(Refusal::ServerOnly("masquerade"))?;
-                let tun = self
-                    .tun
-                    .as_ref()
-                    .map_or_else(|| self.args.tun.clone(), |(name, _)| name.clone());
+                let tun = self.tun_name();
                 // Marked first: a batch that fails half-way is removed too.
                 self.changes.nat = Some(tun.clone());
                 let networks = std::iter::once(IpNet::from(network))
@@ -543,7 +557,15 @@ impl State {
                 }
                 return Ok(HelperResponse::Changed(changes));
             }
-            HelperRequest::Underlay { .. } => Ok(()),
+            HelperRequest::Underlay { index, server } => {
+                // With a full tunnel on, the server's route follows the
+                // underlay of this connection, as a full tunnel's would.
+                let full_tunnel = HelperRequest::FullTunnel { index, server };
+                if self.changes.pinned.is_some() && self.policy.check(&full_tunnel).is_ok() {
+                    self.pin(index, server)?;
+                }
+                Ok(())
+            }
             HelperRequest::EndFullTunnel { index } => {
                 self.end_full_tunnel(index)?;
                 info!("full tunnel ended: its routes are removed");
@@ -631,6 +653,12 @@ fn same_netns_as_init() -> bool {
             .is_ok_and(|table| resolved::listens_at(&table, resolved::SYSTEMD_PRIVATE_SOCKET)),
         _ => false,
     }
+}
+
+/// Whether `a` and `b` are the same route (destination, gateway and
+/// interface; the kernel may report another metric).
+fn same_route(a: HostRoute, b: HostRoute) -> bool {
+    (a.destination, a.gateway, a.index) == (b.destination, b.gateway, b.index)
 }
 
 /// A pinned route as a phrase, with the interface's name.
