@@ -105,7 +105,12 @@ impl Gateway {
 
     /// Starts a full-tunnel client and waits until its routes are in place.
     fn full_tunnel_client(&self) -> Daemon {
-        let client = self.client(&["--full-tunnel"]);
+        self.full_tunnel_client_with(&[])
+    }
+
+    /// [`Gateway::full_tunnel_client`] with `extra` flags.
+    fn full_tunnel_client_with(&self, extra: &[&str]) -> Daemon {
+        let client = self.client(&[&["--full-tunnel"], extra].concat());
         assert!(
             wait_until(STARTUP, || route_dev(self.client_ns(), "198.18.100.2")
                 .contains(&format!("dev {TUN}"))),
@@ -505,12 +510,7 @@ fn without_resolved_a_full_tunnel_blocks_dns_outside_the_tunnel_until_the_daemon
     );
 
     // dns = "off": today's behaviour, no guard.
-    let _client = gw.client(&["--full-tunnel", "--dns", "off"]);
-    assert!(
-        wait_until(STARTUP, || route_dev(ns, "198.18.100.2")
-            .contains(&format!("dev {TUN}"))),
-        "the full tunnel never came up"
-    );
+    let _client = gw.full_tunnel_client_with(&["--dns", "off"]);
     assert!(dns_guard(ns).is_none(), "a guard with dns = \"off\"");
     probe.send_to(&QUERY, leaked).expect("send with dns off");
     assert!(
@@ -530,13 +530,7 @@ fn after_the_underlay_changes_the_reconnect_pins_the_server_on_the_new_one() {
     // laptop moves to.
     let (_, second) = link(&gw.bed.server, "198.18.3.1/24", ns, "198.18.3.2/24");
     let _server = gw.server(&["--masquerade", "--client-timeout", "3"]);
-    let client = gw.client(&["--full-tunnel", "--timeout", "3"]);
-    assert!(
-        wait_until(STARTUP, || route_dev(ns, "198.18.100.2")
-            .contains(&format!("dev {TUN}"))),
-        "the full tunnel never came up:\n{}",
-        client.log()
-    );
+    let client = gw.full_tunnel_client_with(&["--timeout", "3"]);
     assert!(
         route_dev(ns, SERVER_UNDERLAY).contains("via 198.18.1.1"),
         "{}",
