@@ -123,7 +123,7 @@ pub(super) fn replace_table<'a>(
     batch.add(table, MsgType::Add);
     batch.add(table, MsgType::Del);
     batch.add(table, MsgType::Add);
-    let mut chain = Chain::new(&chain, table);
+    let mut chain = Chain::new(chain, table);
     chain.set_type(kind);
     chain.set_hook(hook, priority);
     chain.set_policy(Policy::Accept);
