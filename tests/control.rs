@@ -140,7 +140,12 @@ fn peers_inspect_status_and_counters() {
         stderr(&out)
     );
     let out = svpnctl(&socket, &["inspect", "not-an-address"], None);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no peer is \"not-an-address\""),
+        "{}",
+        stderr(&out)
+    );
     let missing = bed.path("nothing-here.sock");
     let out = svpnctl(&missing, &["peers"], None);
     assert_eq!(out.status.code(), Some(1));
@@ -316,4 +321,66 @@ fn only_administrators_may_kick() {
     }));
     let out = svpnctl(&socket, &["kick", "198.19.0.2"], Some(NOBODY));
     assert!(out.status.success(), "admin group member: {}", stderr(&out));
+}
+
+#[test]
+fn sessions_and_keys_and_a_peer_named_by_its_name_or_key() {
+    if !require_root("sessions_and_keys_and_a_peer_named_by_its_name_or_key") {
+        return;
+    }
+    let bed = Bed::new("ctlnames", 1);
+    let (server_key, server_pub) = keygen(&bed, "server");
+    let (key, public) = keygen(&bed, "laptop");
+    let _server = bed.start_server(&["--key", &server_key]);
+    let socket = bed.server_socket();
+    let added = svpnctl(&socket, &["peer", "add", &public, "--name", "laptop"], None);
+    assert!(added.status.success(), "{}", stderr(&added));
+    let _client = bed.start_client(0, &tls_client_args(&key, &server_pub));
+
+    // `sessions` is `peers`; `keys` is `peer list`.
+    let sessions = svpnctl_json(&socket, &["sessions"]);
+    assert_eq!(addresses(&sessions), ["198.19.0.2"]);
+    assert_eq!(sessions, svpnctl_json(&socket, &["peers"]));
+    let keys = svpnctl_json(&socket, &["keys"]);
+    assert_eq!(keys, svpnctl_json(&socket, &["peer", "list"]));
+    assert!(
+        keys.as_array()
+            .is_some_and(|keys| keys.iter().any(|k| k["key"] == public.as_str())),
+        "{keys}"
+    );
+
+    // inspect by address, name and key: the same session.
+    let by_address = svpnctl_json(&socket, &["inspect", "198.19.0.2"]);
+    for who in ["laptop", public.as_str()] {
+        let by = svpnctl_json(&socket, &["inspect", who]);
+        assert_eq!(by["address"], by_address["address"], "{who}: {by}");
+        assert_eq!(by["key"], public.as_str(), "{who}: {by}");
+    }
+    let out = svpnctl(&socket, &["inspect", "desktop"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no peer is \"desktop\""),
+        "{}",
+        stderr(&out)
+    );
+
+    // kick by name, with a ban: gone, and listed as banned by its key.
+    let out = svpnctl(&socket, &["kick", "laptop", "--ban", "1h"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("kicked laptop (198.18.1.2:"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        wait_until(STARTUP, || addresses(&svpnctl_json(&socket, &["sessions"]))
+            .is_empty()),
+        "still listed after the kick"
+    );
+    let bans = svpnctl_json(&socket, &["bans"]);
+    assert!(
+        bans.as_array()
+            .is_some_and(|bans| bans.iter().any(|b| b["key"] == public.as_str())),
+        "{bans}"
+    );
 }

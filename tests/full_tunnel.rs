@@ -105,7 +105,12 @@ impl Gateway {
 
     /// Starts a full-tunnel client and waits until its routes are in place.
     fn full_tunnel_client(&self) -> Daemon {
-        let client = self.client(&["--full-tunnel"]);
+        self.full_tunnel_client_with(&[])
+    }
+
+    /// [`Gateway::full_tunnel_client`] with `extra` flags.
+    fn full_tunnel_client_with(&self, extra: &[&str]) -> Daemon {
+        let client = self.client(&[&["--full-tunnel"], extra].concat());
         assert!(
             wait_until(STARTUP, || route_dev(self.client_ns(), "198.18.100.2")
                 .contains(&format!("dev {TUN}"))),
@@ -318,4 +323,261 @@ fn a_client_without_full_tunnel_refuses_the_default_route() {
         route_dev(ns, "198.18.100.2")
     );
     assert_eq!(host_changes(&gw.bed.client_socket(0)), Vec::<String>::new());
+}
+
+/// The client's DNS guard (see `privsep::dnsguard`).
+const DNS_GUARD: &str = "simplevpn_dns_svpn0";
+/// A resolver on the client's LAN side, outside the tunnel.
+const LAN_RESOLVER: Ipv4Addr = Ipv4Addr::new(198, 18, 101, 2);
+
+/// The DNS guard in `ns`, as `nft` lists it.
+fn dns_guard(ns: &Netns) -> Option<String> {
+    let out = ns.run("nft", &["list", "table", "inet", DNS_GUARD]);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The packets the guard's rule for `what` (e.g. "udp dport 53") dropped.
+fn dropped(table: &str, what: &str) -> u64 {
+    table
+        .lines()
+        .find(|line| line.contains(what))
+        .and_then(|line| line.split("counter packets ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter for {what} in {table}"))
+}
+
+/// A DNS query (ID 0x5356, one question for `example.`, type A).
+const QUERY: [u8; 25] = [
+    0x53, 0x56, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 7, b'e', b'x', b'a', b'm', b'p', b'l', b'e', 0,
+    0, 1, 0, 1,
+];
+
+/// A tiny resolver on `address`:53 in `ns` that answers every query, UDP
+/// and TCP, with itself marked as a response (QR set, no answers): enough
+/// to tell an answer from silence.
+fn answer_dns(ns: &Netns, address: Ipv4Addr) {
+    let at = SocketAddr::from((address, 53));
+    let udp = ns.udp_bind(at).expect("bind the resolver's UDP port");
+    let tcp = ns.tcp_listen(at).expect("bind the resolver's TCP port");
+    tcp.set_nonblocking(false).expect("blocking");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = udp.recv_from(&mut buf) {
+            buf[2] |= 0x80;
+            let _ = udp.send_to(&buf[..n], from);
+        }
+    });
+    std::thread::spawn(move || {
+        for mut conn in tcp.incoming().flatten() {
+            let mut len = [0u8; 2];
+            let mut query = [0u8; 512];
+            let n = match conn.read_exact(&mut len) {
+                Ok(()) => usize::from(u16::from_be_bytes(len)).min(query.len()),
+                Err(_) => continue,
+            };
+            if conn.read_exact(&mut query[..n]).is_ok() {
+                query[2] |= 0x80;
+                let _ = conn.write_all(&len);
+                let _ = conn.write_all(&query[..n]);
+            }
+        }
+    });
+}
+
+/// Asks `address`:53 over UDP from `ns`: whether an answer came.
+fn udp_answered(ns: &Netns, address: Ipv4Addr) -> bool {
+    let socket = ns
+        .udp_bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+        .expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    // A send the guard drops fails with EPERM: no answer either way.
+    if socket.send_to(&QUERY, (address, 53)).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 512];
+    matches!(socket.recv(&mut buf), Ok(n) if n == QUERY.len() && buf[2] & 0x80 != 0 && buf[..2] == QUERY[..2])
+}
+
+/// Asks `address`:`port` over TCP from `ns`: whether an answer came.
+fn tcp_answered(ns: &Netns, address: Ipv4Addr, port: u16) -> bool {
+    let Ok(mut conn) = ns.tcp_connect(SocketAddr::from((address, port)), Duration::from_secs(2))
+    else {
+        return false;
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let mut framed = (QUERY.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&QUERY);
+    let mut back = [0u8; 2 + QUERY.len()];
+    conn.write_all(&framed).is_ok() && conn.read_exact(&mut back).is_ok() && back[2 + 2] & 0x80 != 0
+}
+
+#[test]
+fn without_resolved_a_full_tunnel_blocks_dns_outside_the_tunnel_until_the_daemon_dies() {
+    if !require_root(
+        "without_resolved_a_full_tunnel_blocks_dns_outside_the_tunnel_until_the_daemon_dies",
+    ) {
+        return;
+    }
+    let gw = Gateway::new("ftdns");
+    let ns = gw.client_ns();
+    // The client's LAN, with a resolver that counts what reaches it.
+    let lan = Netns::new("ftdnsl");
+    link(ns, "198.18.101.1/24", &lan, "198.18.101.2/24");
+    let leaked = SocketAddr::from((LAN_RESOLVER, 53));
+    let lan_udp = lan.udp_bind(leaked).expect("LAN resolver UDP");
+    lan_udp
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let lan_tcp = lan.tcp_listen(leaked).expect("LAN resolver TCP");
+    lan_tcp.set_nonblocking(true).expect("nonblocking");
+    let lan_dot = lan
+        .tcp_listen(SocketAddr::from((LAN_RESOLVER, 853)))
+        .expect("LAN resolver DNS over TLS");
+    lan_dot.set_nonblocking(true).expect("nonblocking");
+    // Before the client: the LAN resolver is reached (what would leak).
+    let probe = ns
+        .udp_bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+        .expect("bind");
+    probe
+        .send_to(&QUERY, leaked)
+        .expect("send before the tunnel");
+    let mut buf = [0u8; 512];
+    assert_eq!(
+        lan_udp.recv(&mut buf).expect("the LAN resolver is reached"),
+        QUERY.len()
+    );
+
+    let server_tunnel = SERVER_TUNNEL.to_string();
+    let _server = gw.server(&["--masquerade", "--dns", &server_tunnel]);
+    answer_dns(&gw.bed.server, SERVER_TUNNEL);
+    let mut client = gw.full_tunnel_client();
+    // No systemd-resolved serves this namespace: the guard stands in.
+    assert!(
+        wait_until(STARTUP, || dns_guard(ns).is_some()),
+        "no DNS guard:\n{}",
+        client.log()
+    );
+    let changes = host_changes(&gw.bed.client_socket(0));
+    assert!(changes.iter().any(|c| c.contains(DNS_GUARD)), "{changes:?}");
+
+    // Nothing reaches the LAN's resolver, UDP or TCP, 53 or 853.
+    assert!(!udp_answered(ns, LAN_RESOLVER), "UDP 53 leaked");
+    assert!(!tcp_answered(ns, LAN_RESOLVER, 53), "TCP 53 leaked");
+    assert!(!tcp_answered(ns, LAN_RESOLVER, 853), "TCP 853 leaked");
+    assert!(
+        lan_udp.recv(&mut buf).is_err(),
+        "the LAN resolver got a UDP query"
+    );
+    assert!(
+        lan_tcp.accept().is_err(),
+        "the LAN resolver got a TCP connection"
+    );
+    assert!(
+        lan_dot.accept().is_err(),
+        "the LAN resolver got a DoT connection"
+    );
+    let table = dns_guard(ns).expect("the guard");
+    assert!(dropped(&table, "udp dport 53") >= 1, "{table}");
+    assert!(dropped(&table, "tcp dport 53") >= 1, "{table}");
+    assert!(dropped(&table, "tcp dport 853") >= 1, "{table}");
+    // The pushed resolver, through the tunnel, answers both ways.
+    assert!(udp_answered(ns, SERVER_TUNNEL), "{table}");
+    assert!(tcp_answered(ns, SERVER_TUNNEL, 53), "{table}");
+    let log = client.log();
+    assert_eq!(
+        log.matches("blocking DNS outside the tunnel").count(),
+        1,
+        "said once:\n{log}"
+    );
+
+    // SIGKILL of the daemon: the helper removes the guard as it does the
+    // routes, and the LAN resolver is reached again.
+    client.kill();
+    assert!(
+        wait_until(CLEANUP, || dns_guard(ns).is_none()),
+        "the DNS guard outlived the SIGKILLed client"
+    );
+    probe.send_to(&QUERY, leaked).expect("send after");
+    assert!(
+        lan_udp.recv(&mut buf).is_ok(),
+        "the LAN resolver not reached after"
+    );
+
+    // dns = "off": today's behaviour, no guard.
+    let _client = gw.full_tunnel_client_with(&["--dns", "off"]);
+    assert!(dns_guard(ns).is_none(), "a guard with dns = \"off\"");
+    probe.send_to(&QUERY, leaked).expect("send with dns off");
+    assert!(
+        lan_udp.recv(&mut buf).is_ok(),
+        "dns = \"off\" keeps the host's resolver"
+    );
+}
+
+#[test]
+fn after_the_underlay_changes_the_reconnect_pins_the_server_on_the_new_one() {
+    if !require_root("after_the_underlay_changes_the_reconnect_pins_the_server_on_the_new_one") {
+        return;
+    }
+    let gw = Gateway::new("ftmove");
+    let ns = gw.client_ns();
+    // A second network between the client and the server: the one the
+    // laptop moves to.
+    let (_, second) = link(&gw.bed.server, "198.18.3.1/24", ns, "198.18.3.2/24");
+    let _server = gw.server(&["--masquerade", "--client-timeout", "3"]);
+    let client = gw.full_tunnel_client_with(&["--timeout", "3"]);
+    assert!(
+        route_dev(ns, SERVER_UNDERLAY).contains("via 198.18.1.1"),
+        "{}",
+        route_dev(ns, SERVER_UNDERLAY)
+    );
+
+    // The first network goes away (its routes, the pin among them, go with
+    // it) and the default route is now the second network's.
+    let first = ns
+        .ip(&["-o", "route", "get", "198.18.1.1"])
+        .stdout
+        .split(|b| *b == b' ')
+        .skip_while(|w| *w != b"dev")
+        .nth(1)
+        .map(|dev| String::from_utf8_lossy(dev).into_owned())
+        .expect("the first network's device");
+    ns.ip(&[
+        "route",
+        "replace",
+        "default",
+        "via",
+        "198.18.3.1",
+        "dev",
+        &second,
+    ]);
+    ns.ip(&["link", "set", &first, "down"]);
+
+    // The link dies, the client reconnects over the second network.
+    assert!(
+        wait_until(Duration::from_secs(30), || client
+            .log()
+            .matches("granted 198.19.")
+            .count()
+            >= 2),
+        "no second grant:\n{}\n{}",
+        routes(ns),
+        client.log()
+    );
+    let to_server = route_dev(ns, SERVER_UNDERLAY);
+    assert!(
+        to_server.contains("via 198.18.3.1") && !to_server.contains(TUN),
+        "{to_server}"
+    );
+    assert_eq!(
+        remote_sees(ns, &gw.remote, 6002).expect("through the tunnel again"),
+        SERVER_TOWARDS_REMOTE
+    );
+    let log = client.log();
+    assert!(log.contains("re-pinned the route to the server"), "{log}");
 }

@@ -5,6 +5,7 @@
 //! ```text
 //! target/assets/man/simplevpnd.8 simplevpnd-server.8 simplevpnd-client.8
 //!                   svpnctl.1 svpnctl-status.1 ... svpnctl-watch.1
+//!                   simplevpnd.toml.5 (from docs/config.md's field tables)
 //! target/assets/completions/bash/simplevpnd  zsh/_simplevpnd  fish/simplevpnd.fish
 //! ```
 
@@ -50,6 +51,10 @@ fn main() -> Result<()> {
         man_pages(&program, &out.join("man"))?;
         completions(program.cmd, &out.join("completions"))?;
     }
+    write(
+        &out.join("man/simplevpnd.toml.5"),
+        config_page(CONFIG_MD).as_bytes(),
+    )?;
     println!("wrote man pages and completions to {}", out.display());
     Ok(())
 }
@@ -130,6 +135,176 @@ fn text(inlines: impl Into<Vec<Inline>>) -> Paragraph {
 
 fn tagged(tag: impl Into<Vec<Inline>>, body: impl Into<Vec<Inline>>) -> Paragraph {
     Paragraph::Tagged(tag.into(), body.into())
+}
+
+/// The config reference the man page is made from: the same tables
+/// tests/docs.rs checks against the code.
+const CONFIG_MD: &str = include_str!("../../docs/config.md");
+
+/// Markdown inline text as plain text: backticks and emphasis dropped,
+/// links as their text.
+fn plain(markdown: &str) -> String {
+    let mut out = String::new();
+    let mut rest = markdown;
+    while let Some(open) = rest.find('[') {
+        let (before, after) = rest.split_at(open);
+        out.push_str(before);
+        // `[text](target)` becomes text; any other bracket stays.
+        match after
+            .find("](")
+            .and_then(|mid| after[mid..].find(')').map(|close| (mid, mid + close)))
+        {
+            Some((mid, close)) if !after[1..mid].contains('[') => {
+                out.push_str(&after[1..mid]);
+                rest = &after[close + 1..];
+            }
+            _ => {
+                out.push('[');
+                rest = &after[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out.replace('`', "").replace("**", "").replace('*', "")
+}
+
+/// simplevpnd.toml(5), from docs/config.md: its introduction, every field
+/// table (a section per config table, a tagged paragraph per field with
+/// its default, flag and reload class), and its complete example.
+fn config_page(markdown: &str) -> String {
+    let mut roff = Roff::new();
+    let date = "";
+    roff.control(
+        "TH",
+        [
+            "simplevpnd.toml",
+            "5",
+            date,
+            &format!("simplevpn {}", env!("CARGO_PKG_VERSION")),
+            "File Formats",
+        ],
+    );
+    roff.control("SH", ["NAME"]).text([roman(
+        "simplevpnd.toml - the configuration file of simplevpnd",
+    )]);
+    roff.control("SH", ["SYNOPSIS"]).text([
+        italic(DEFAULT_CONFIG_PATH),
+        roman(", "),
+        italic("/etc/simplevpn/NAME.toml"),
+    ]);
+    roff.control("SH", ["DESCRIPTION"]);
+    let mut section: Option<String> = None;
+    let mut columns: Vec<String> = Vec::new();
+    let mut in_code = false;
+    let mut example = false;
+    let mut intro = true;
+    let mut paragraph = String::new();
+    let flush = |roff: &mut Roff, paragraph: &mut String| {
+        if !paragraph.trim().is_empty() {
+            roff.control("PP", [])
+                .text([roman(plain(paragraph.trim()))]);
+        }
+        paragraph.clear();
+    };
+    for line in markdown.lines() {
+        if line.starts_with("```") {
+            in_code = !in_code;
+            if intro || example {
+                flush(&mut roff, &mut paragraph);
+                match in_code {
+                    true => roff.control("PP", []).control("nf", []),
+                    false => roff.control("fi", []),
+                };
+            }
+            continue;
+        }
+        if in_code {
+            if intro || example {
+                roff.text([roman(line)]);
+            }
+            continue;
+        }
+        if let Some(heading) = line.strip_prefix("## ") {
+            flush(&mut roff, &mut paragraph);
+            intro = false;
+            example = heading.starts_with("A complete example");
+            columns.clear();
+            section = heading
+                .split('`')
+                .nth(1)
+                .filter(|s| s.starts_with('['))
+                .map(str::to_string);
+            match (&section, example) {
+                (Some(name), _) => {
+                    roff.control("SH", [name.as_str()]);
+                }
+                (None, true) => {
+                    roff.control("SH", ["EXAMPLES"]);
+                }
+                (None, false) => {}
+            }
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        if !intro && !example && section.is_none() {
+            continue;
+        }
+        if !line.starts_with('|') {
+            // Prose: the introduction, a section's, the example's; a list
+            // item is a paragraph of its own.
+            if line.trim().is_empty() || line.starts_with("- ") {
+                flush(&mut roff, &mut paragraph);
+            }
+            paragraph.push_str(line.trim());
+            paragraph.push(' ');
+            continue;
+        }
+        flush(&mut roff, &mut paragraph);
+        let cells: Vec<String> = line
+            .trim()
+            .trim_matches('|')
+            .split(" | ")
+            .map(|c| c.trim().to_string())
+            .collect();
+        if cells.first().is_some_and(|c| c == "field") {
+            columns = cells;
+            continue;
+        }
+        if columns.is_empty() || line.chars().all(|c| matches!(c, '|' | '-' | ':' | ' ')) {
+            continue;
+        }
+        let cell = |name: &str| {
+            columns
+                .iter()
+                .position(|c| c == name)
+                .and_then(|at| cells.get(at))
+                .map_or_else(String::new, |c| plain(c))
+        };
+        let flag = match cell("flag").as_str() {
+            "—" | "" => String::new(),
+            flag => format!("; flag {flag}"),
+        };
+        roff.control("TP", []).text([bold(cell("field"))]).text([
+            roman(format!(
+                "Default {}{flag}; on reload: {}. ",
+                cell("default"),
+                cell("reload")
+            )),
+            roman(cell("what it does")),
+        ]);
+    }
+    flush(&mut roff, &mut paragraph);
+    for s in [see_also(&["simplevpnd(8)", "svpnctl(1)"])] {
+        roff.control("SH", [s.heading]);
+        for paragraph in s.paragraphs {
+            if let Paragraph::Text(inlines) = paragraph {
+                roff.control("PP", []).text(inlines);
+            }
+        }
+    }
+    roff.to_roff()
 }
 
 fn see_also(pages: &[&str]) -> Section {
@@ -223,10 +398,77 @@ fn simplevpnd() -> Program {
             },
             Section {
                 heading: "SIGNALS",
-                paragraphs: vec![text([roman(
-                    "SIGTERM and SIGINT close every connection, remove the tun device and \
-                     the control socket, and exit with status 0.",
-                )])],
+                paragraphs: vec![
+                    tagged(
+                        [bold("SIGTERM"), roman(", "), bold("SIGINT")],
+                        [roman(
+                            "Close every connection, remove the tun device and the control \
+                             socket (the helper undoes its routes, NAT and DNS changes), and \
+                             exit with status 0.",
+                        )],
+                    ),
+                    tagged(
+                        [bold("SIGHUP")],
+                        [
+                            roman(
+                                "A server re-reads its config file and applies the difference \
+                                 without dropping anyone, as ",
+                            ),
+                            bold("svpnctl reload"),
+                            roman(
+                                " does; a bad file, or a change that needs a restart, is \
+                                 refused and logged, and the running configuration stays. A \
+                                 client ignores it.",
+                            ),
+                        ],
+                    ),
+                ],
+            },
+            Section {
+                heading: "EXAMPLES",
+                paragraphs: vec![
+                    tagged(
+                        [bold(
+                            "simplevpnd check --config /etc/simplevpn/simplevpnd.toml",
+                        )],
+                        [roman(
+                            "Check a config as a start would, without starting anything: \
+                             exit 0 and a one-line summary, or 2 and each problem with its \
+                             file and line.",
+                        )],
+                    ),
+                    tagged(
+                        [bold("simplevpnd keygen /etc/simplevpn/host.key")],
+                        [roman(
+                            "Make this host's key (mode 0600) and print its public key, \
+                             which the other side pins; keygen - | pubkey - works too.",
+                        )],
+                    ),
+                    tagged(
+                        [bold(
+                            "simplevpnd server --key /etc/simplevpn/host.key --peer PUBKEY \
+                             --network 10.0.0.0/24",
+                        )],
+                        [roman("A server that lets one TLS client in.")],
+                    ),
+                    tagged(
+                        [bold(
+                            "simplevpnd client -s vpn.example.org:2002 --key \
+                             /etc/simplevpn/host.key --server-key PUBKEY --full-tunnel",
+                        )],
+                        [roman(
+                            "A client sending all its traffic through that server (if it \
+                             offers itself as the gateway).",
+                        )],
+                    ),
+                    tagged(
+                        [bold("systemctl enable --now simplevpnd@office")],
+                        [roman(
+                            "One more daemon, configured by /etc/simplevpn/office.toml, with \
+                             its control socket at /run/simplevpn/office.sock.",
+                        )],
+                    ),
+                ],
             },
             Section {
                 heading: "EXIT STATUS",
@@ -247,6 +489,7 @@ fn simplevpnd() -> Program {
                 ],
             },
             see_also(&[
+                "simplevpnd.toml(5)",
                 "svpnctl(1)",
                 "simplevpnd-server(8)",
                 "simplevpnd-client(8)",
@@ -276,6 +519,53 @@ fn svpnctl() -> Program {
                 ],
             },
             Section {
+                heading: "EXAMPLES",
+                paragraphs: vec![
+                    tagged(
+                        [bold("svpnctl sessions")],
+                        [roman(
+                            "The live sessions: address, name, remote, traffic (also: peers).",
+                        )],
+                    ),
+                    tagged(
+                        [bold("svpnctl inspect laptop")],
+                        [roman(
+                            "One session in detail, by its name, key or tunnel address.",
+                        )],
+                    ),
+                    tagged(
+                        [bold("svpnctl kick laptop --ban 1h")],
+                        [roman(
+                            "Close it and refuse its key for an hour; svpnctl bans lists \
+                                the bans, svpnctl unban lifts one.",
+                        )],
+                    ),
+                    tagged(
+                        [bold("svpnctl peer new laptop --output laptop.toml")],
+                        [roman(
+                            "A key pair for a new client, allowed at once, and its whole \
+                             config in laptop.toml (mode 0600).",
+                        )],
+                    ),
+                    tagged(
+                        [bold("svpnctl keys")],
+                        [roman(
+                            "Every allowed key, from the file or added live (also: peer list).",
+                        )],
+                    ),
+                    tagged(
+                        [bold("svpnctl --socket /run/simplevpn/office.sock reload")],
+                        [roman(
+                            "Re-read the config of simplevpnd@office and apply the difference.",
+                        )],
+                    ),
+                    tagged(
+                        [bold("svpnctl --json status")],
+                        [roman("The same as JSON, for scripts.")],
+                    ),
+                ],
+            },
+            Section {
                 heading: "PERMISSIONS",
                 paragraphs: vec![text([roman(
                     "Whoever can open the socket (root and the members of its group, \
@@ -296,7 +586,45 @@ fn svpnctl() -> Program {
                     ),
                 ],
             },
-            see_also(&["simplevpnd(8)"]),
+            see_also(&["simplevpnd(8)", "simplevpnd.toml(5)"]),
         ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_becomes_plain_text() {
+        assert_eq!(
+            plain("`tun` (see [IPv6](ipv6.md#x)), **live** and [not a link"),
+            "tun (see IPv6), live and [not a link"
+        );
+    }
+
+    #[test]
+    fn the_config_page_has_every_table_its_fields_and_the_example() {
+        let page = config_page(CONFIG_MD);
+        for section in [
+            "[server]",
+            "[[server.peer]]",
+            "[metrics]",
+            "[cluster]",
+            "[client]",
+            "[control]",
+            "EXAMPLES",
+            "\"SEE ALSO\"",
+        ] {
+            assert!(page.contains(&format!(".SH {section}")), "{section}");
+        }
+        // A row: the field tagged, then its default, flag and reload class.
+        assert!(
+            page.contains(".TP\n\\fBtun\\fR\nDefault svpn0; flag \\-\\-tun; on reload: restart."),
+            "{page}"
+        );
+        // The complete example, verbatim.
+        assert!(page.contains(".nf\n[server]\n"), "{page}");
+        assert!(!page.contains('`'), "markdown left in the page");
     }
 }

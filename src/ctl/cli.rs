@@ -42,17 +42,21 @@ pub struct Cli {
 pub enum Command {
     /// What the daemon is and does
     Status,
-    /// Every peer that holds a tunnel address
-    Peers,
-    /// One peer in detail
+    /// The live sessions: every peer that holds a tunnel address (also
+    /// `peers`)
+    #[command(visible_alias = "peers")]
+    Sessions,
+    /// One session in detail
     Inspect {
-        /// Its tunnel address (IPv4, or its IPv6 one)
-        address: std::net::IpAddr,
+        /// Its tunnel address (IPv4, or its IPv6 one), its public key or its name
+        #[arg(value_name = "ADDRESS|PUBKEY|NAME")]
+        peer: String,
     },
-    /// Close a peer's connection and free its address
+    /// Close a session and free its address
     Kick {
-        /// Its tunnel address (IPv4, or its IPv6 one)
-        address: std::net::IpAddr,
+        /// Its tunnel address (IPv4, or its IPv6 one), its public key or its name
+        #[arg(value_name = "ADDRESS|PUBKEY|NAME")]
+        peer: String,
         /// Also refuse the same client for this long (e.g. 30s, 5m, 1h)
         #[arg(long, value_parser = humantime::parse_duration)]
         ban: Option<Duration>,
@@ -68,9 +72,13 @@ pub enum Command {
         #[arg(value_name = "PUBKEY|ADDRESS")]
         who: String,
     },
-    /// The keys allowed to connect: add and remove them at run time, list them
+    /// The keys allowed to connect: add and remove them at run time, list
+    /// them (`svpnctl keys` lists them too)
     #[command(subcommand)]
     Peer(PeerCommand),
+    /// Every allowed key (as `peer list`): where it comes from (config file
+    /// or added live), and whether it is connected
+    Keys,
     /// Re-read the server's config file and apply the difference, as SIGHUP
     /// does; a bad file is refused and the running configuration stays
     Reload,

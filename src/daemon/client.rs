@@ -356,6 +356,17 @@ impl Client {
         self.rules.dialing();
         let link_state = self.rules.link_state();
         self.state.update(|link| link.state = link_state);
+        // A full tunnel held while the link is down routes everything into
+        // the tun: the route pinning the server must follow the underlay as
+        // it is now (a laptop on another network), or the dial would go into
+        // the tunnel it is meant to carry.
+        if self.rules.full_tunnel() {
+            if let Some(server) = self.dialer.first_address().await {
+                if let Err(e) = self.tunnel.helper.underlay(self.tunnel.index, server).await {
+                    debug!(%server, error = %e, "the route to the server was not re-pinned before dialing");
+                }
+            }
+        }
         let dialed = tokio::select! {
             _ = self.shutdown.cancelled() => return Ok(self.rules.shutdown()),
             dialed = self.dialer.dial() => dialed,

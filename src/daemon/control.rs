@@ -483,18 +483,36 @@ fn requested_peer(request: &proto::AddPeerRequest) -> Result<PeerSection, Status
 
 /// The IPv4 tunnel address of the peer named by `text`: its IPv4 tunnel
 /// address, or its IPv6 one.
-fn parse_address(node: &dyn Node, text: &str) -> Result<Ipv4Addr, Status> {
-    let address: std::net::IpAddr = text
-        .parse()
-        .map_err(|_| Status::invalid_argument(format!("{text:?} is not an IP address")))?;
-    match address {
-        std::net::IpAddr::V4(address) => Ok(address),
-        std::net::IpAddr::V6(address6) => node
-            .peers()
+/// The tunnel address of the peer `text` names: one of its tunnel
+/// addresses (IPv4, or its IPv6 one), its public key, or its name.
+fn find_peer(node: &dyn Node, text: &str) -> Result<Ipv4Addr, Status> {
+    let peers = node.peers();
+    let matches: Vec<&PeerInfo> = match text.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(address)) => return Ok(address),
+        Ok(std::net::IpAddr::V6(address6)) => peers
             .iter()
-            .find(|p| p.address6 == Some(address6))
-            .map(|p| p.address)
-            .ok_or_else(|| Status::not_found(format!("no peer holds {address6}"))),
+            .filter(|p| p.address6 == Some(address6))
+            .collect(),
+        Err(_) => match text.parse::<PublicKey>() {
+            Ok(key) => peers
+                .iter()
+                .filter(|p| p.identity.key() == Some(key))
+                .collect(),
+            Err(_) => peers
+                .iter()
+                .filter(|p| p.identity.name() == Some(text))
+                .collect(),
+        },
+    };
+    match matches.as_slice() {
+        [peer] => Ok(peer.address),
+        [] => Err(Status::not_found(format!(
+            "no peer is {text:?} (a tunnel address, a public key or a name)"
+        ))),
+        more => Err(Status::invalid_argument(format!(
+            "{} peers are named {text:?}: give an address or a key",
+            more.len()
+        ))),
     }
 }
 
@@ -519,7 +537,7 @@ impl proto::control_server::Control for ControlService {
         &self,
         request: Request<proto::GetPeerRequest>,
     ) -> Result<Response<proto::Peer>, Status> {
-        let address = parse_address(self.node.as_ref(), &request.get_ref().address)?;
+        let address = find_peer(self.node.as_ref(), &request.get_ref().address)?;
         self.node
             .peer(address)
             .map(|p| Response::new((&p).into()))
@@ -531,7 +549,7 @@ impl proto::control_server::Control for ControlService {
         request: Request<proto::KickPeerRequest>,
     ) -> Result<Response<proto::KickPeerReply>, Status> {
         let uid = self.admin_uid(&request, "kick peers")?;
-        let address = parse_address(self.node.as_ref(), &request.get_ref().address)?;
+        let address = find_peer(self.node.as_ref(), &request.get_ref().address)?;
         let ban = request
             .get_ref()
             .ban_seconds

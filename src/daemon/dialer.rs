@@ -2,7 +2,7 @@
 //! pinned when the client has keys, else the original plaintext protocol.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -114,6 +114,16 @@ impl Dialer {
         if !self.servers.is_empty() {
             self.current = (self.current + 1) % self.servers.len();
         }
+    }
+
+    /// The address a direct dial tries first (the server's name resolved,
+    /// within the timeout); none through a proxy or if it does not resolve.
+    pub async fn first_address(&self) -> Option<IpAddr> {
+        if self.proxy.is_some() {
+            return None;
+        }
+        let resolved = timeout(self.timeout, tokio::net::lookup_host(self.server())).await;
+        resolved.ok()?.ok()?.next().map(|address| address.ip())
     }
 
     /// Connects (and, with TLS, authenticates both ways) within the timeout.

@@ -21,6 +21,8 @@
 //! * [`netdev`]: what the helper carries out: tun creation and rtnetlink
 //!   configuration (privileged);
 //! * [`nat`]: the server's masquerade, an nftables table of the helper's own;
+//! * [`dnsguard`]: a full-tunnel client's DNS guard when resolved cannot
+//!   take the pushed DNS, an nftables table of the helper's own;
 //! * [`resolved`]: DNS on the tun through systemd-resolved (D-Bus);
 //! * [`args`]: the helper's command line, which is its whole configuration;
 //! * [`credentials`]: switching to the service user and dropping capabilities;
@@ -29,6 +31,7 @@
 pub mod args;
 pub mod channel;
 pub mod credentials;
+pub mod dnsguard;
 pub mod nat;
 pub mod netdev;
 pub mod policy;

@@ -14,7 +14,8 @@
 //! 3. exits when the daemon's end of the socket closes (the daemon exited or
 //!    was killed), closing its own copy of the tun fd, which removes the tun.
 //!    Before that it undoes what it changed beyond the tun: the NAT table,
-//!    the pinned route to the server, the tun's DNS settings. A parent-death
+//!    the pinned route to the server, the tun's DNS settings or the DNS
+//!    guard that stands in for them. A parent-death
 //!    signal (SIGUSR1, caught) leads there too.
 //!
 //! It never runs a shell or any other program. SIGINT, SIGTERM and SIGHUP are
@@ -41,6 +42,7 @@ use nix::unistd::getppid;
 use simplevpn_helper::args::HelperArgs;
 use simplevpn_helper::channel::{self, Message};
 use simplevpn_helper::credentials::{self, ServiceUser};
+use simplevpn_helper::dnsguard::{self, DnsFallback};
 use simplevpn_helper::nat::{self, NatError};
 use simplevpn_helper::netdev::{self, LinkConfig, NetdevError};
 use simplevpn_helper::policy::{pin_route, HostRoute, Policy, Refusal};
@@ -205,6 +207,8 @@ struct Changes {
     pinned: Option<HostRoute>,
     /// DNS is set on the tun (this ifindex).
     dns: Option<u32>,
+    /// The DNS guard is installed, for this tun.
+    dns_guard: Option<String>,
 }
 
 /// Why an allowed request was not carried out.
@@ -317,6 +321,9 @@ impl State {
                 Err(e) => error!("removing the pinned route: {e}"),
             }
         }
+        if let Some(tun) = changes.dns_guard {
+            remove_dns_guard(&tun);
+        }
         if let Some(index) = changes.dns {
             let reverted = resolved::revert(index)
                 .and_then(|calls| self.runtime.block_on(resolved::apply(&calls)));
@@ -327,23 +334,43 @@ impl State {
         }
     }
 
+    /// The tun's name: as created, or as configured before that.
+    fn tun_name(&self) -> String {
+        self.tun
+            .as_ref()
+            .map_or_else(|| self.args.tun.clone(), |(name, _)| name.clone())
+    }
+
+    /// Sets the tun's DNS through systemd-resolved, if it serves this
+    /// network namespace.
+    fn set_dns(
+        &mut self,
+        index: u32,
+        servers: &[IpAddr],
+        domains: &[String],
+        default_route: bool,
+    ) -> Result<(), Failure> {
+        if !self.resolved_here {
+            return Err(Failure::Io {
+                what: "DNS not applied",
+                source: io::Error::other(
+                    "this helper runs in another network namespace than systemd-resolved \
+                     (PID 1's), where the tun's ifindex would name another interface",
+                ),
+            });
+        }
+        let calls = resolved::plan(index, servers, domains, default_route)?;
+        // Marked first: a call that fails half-way leaves something to
+        // revert.
+        self.changes.dns = Some(index);
+        self.runtime.block_on(resolved::apply(&calls))?;
+        Ok(())
+    }
+
     /// Full tunnel: pins the route to `server`, then routes everything
     /// else into the tun. Returns what it changed.
     fn full_tunnel(&mut self, index: u32, server: IpAddr) -> Result<Vec<String>, Failure> {
-        let routes = self.runtime.block_on(self.links.host_routes())?;
-        let pin = pin_route(&routes, server, index)?;
-        match self.changes.pinned {
-            Some(old) if old == pin => {}
-            old => {
-                if let Some(old) = old {
-                    self.runtime.block_on(self.links.del_host_route(old))?;
-                    self.changes.pinned = None;
-                }
-                if self.runtime.block_on(self.links.add_host_route(pin))? {
-                    self.changes.pinned = Some(pin);
-                }
-            }
-        }
+        let pin = self.pin(index, server)?;
         let tun = self.args.tun.clone();
         let mut changes = vec![format!("route {} (pinned: the server)", describe(pin))];
         for half in HALF_DEFAULTS {
@@ -374,6 +401,36 @@ impl State {
             IPV6_HALVES.map(|h| h.to_string()).join(", ")
         ));
         Ok(changes)
+    }
+
+    /// Pins the route to `server` where the host's best route to it (not
+    /// through the tun, and not the pin this helper added before) goes now:
+    /// after the underlay changed (another network, another gateway) the
+    /// old pin is replaced, and one the kernel removed with its interface
+    /// is added again. Returns the pin.
+    fn pin(&mut self, index: u32, server: IpAddr) -> Result<HostRoute, Failure> {
+        let old = self.changes.pinned;
+        let routes: Vec<HostRoute> = self
+            .runtime
+            .block_on(self.links.host_routes())?
+            .into_iter()
+            .filter(|r| !old.is_some_and(|old| same_route(*r, old)))
+            .collect();
+        let pin = pin_route(&routes, server, index)?;
+        if let Some(old) = old.filter(|old| !same_route(*old, pin)) {
+            // Gone with its interface, or still there: either way not ours now.
+            if let Err(e) = self.runtime.block_on(self.links.del_host_route(old)) {
+                warn!(route = %describe(old), "removing the old pinned route: {e}");
+            }
+            self.changes.pinned = None;
+            info!(old = %describe(old), new = %describe(pin), "the underlay changed: re-pinned the route to the server");
+        }
+        // EEXIST (false): the host's own route, or this helper's still in
+        // place; only a route this helper added is its to remove.
+        if self.runtime.block_on(self.links.add_host_route(pin))? {
+            self.changes.pinned = Some(pin);
+        }
+        Ok(pin)
     }
 
     /// Undoes [`State::full_tunnel`].
@@ -471,10 +528,7 @@ impl State {
                     .policy
                     .masquerade_network()
                     .ok_or(Refusal::ServerOnly("masquerade"))?;
-                let tun = self
-                    .tun
-                    .as_ref()
-                    .map_or_else(|| self.args.tun.clone(), |(name, _)| name.clone());
+                let tun = self.tun_name();
                 // Marked first: a batch that fails half-way is removed too.
                 self.changes.nat = Some(tun.clone());
                 let networks = std::iter::once(IpNet::from(network))
@@ -503,7 +557,15 @@ impl State {
                 }
                 return Ok(HelperResponse::Changed(changes));
             }
-            HelperRequest::Underlay { .. } => Ok(()),
+            HelperRequest::Underlay { index, server } => {
+                // With a full tunnel on, the server's route follows the
+                // underlay of this connection, as a full tunnel's would.
+                let full_tunnel = HelperRequest::FullTunnel { index, server };
+                if self.changes.pinned.is_some() && self.policy.check(&full_tunnel).is_ok() {
+                    self.pin(index, server)?;
+                }
+                Ok(())
+            }
             HelperRequest::EndFullTunnel { index } => {
                 self.end_full_tunnel(index)?;
                 info!("full tunnel ended: its routes are removed");
@@ -515,25 +577,45 @@ impl State {
                 ref domains,
                 default_route,
             } => {
-                if !self.resolved_here {
-                    return Err(Failure::Io {
-                        what: "DNS not applied",
-                        source: io::Error::other(
-                            "this helper runs in another network namespace than systemd-resolved \
-                             (PID 1's), where the tun's ifindex would name another interface",
-                        ),
-                    });
+                let set = self.set_dns(index, servers, domains, default_route);
+                let failure = match set {
+                    Ok(()) => {
+                        // resolved has the pushed servers now: no guard needed.
+                        if let Some(tun) = self.changes.dns_guard.take() {
+                            remove_dns_guard(&tun);
+                        }
+                        let change = format!("DNS on {}: {request}", self.args.tun);
+                        info!("{change}");
+                        return Ok(HelperResponse::Changed(vec![change]));
+                    }
+                    Err(failure) => failure,
+                };
+                match dnsguard::fallback(self.policy.grants(), request) {
+                    DnsFallback::Nothing => return Err(failure),
+                    DnsFallback::Guard => {
+                        let tun = self.tun_name();
+                        let first = self.changes.dns_guard.is_none();
+                        // Marked first: a batch that fails half-way is removed too.
+                        self.changes.dns_guard = Some(tun.clone());
+                        dnsguard::install(&tun)?;
+                        let change = dnsguard::describe(&tun);
+                        // Once: a reconnect that asks again says nothing new.
+                        if first {
+                            warn!(
+                                "the pushed DNS could not be set on {tun} ({failure}): \
+                                 blocking DNS outside the tunnel instead, {change}"
+                            );
+                        } else {
+                            debug!("{change} (again: {failure})");
+                        }
+                        return Ok(HelperResponse::Changed(vec![change]));
+                    }
                 }
-                let calls = resolved::plan(index, servers, domains, default_route)?;
-                // Marked first: a call that fails half-way leaves something
-                // to revert.
-                self.changes.dns = Some(index);
-                self.runtime.block_on(resolved::apply(&calls))?;
-                let change = format!("DNS on {}: {request}", self.args.tun);
-                info!("{change}");
-                return Ok(HelperResponse::Changed(vec![change]));
             }
             HelperRequest::RevertDns { index } => {
+                if let Some(tun) = self.changes.dns_guard.take() {
+                    remove_dns_guard(&tun);
+                }
                 // Only what this helper set: never another link's settings.
                 if self.changes.dns.take().is_none() {
                     return Ok(HelperResponse::Ok);
@@ -546,6 +628,14 @@ impl State {
         done?;
         self.policy.record(request, None);
         Ok(HelperResponse::Ok)
+    }
+}
+
+/// Removes the DNS guard of `tun`, logging the outcome.
+fn remove_dns_guard(tun: &str) {
+    match dnsguard::remove(tun) {
+        Ok(()) => info!(table = %dnsguard::table_name(tun), "removed the DNS guard"),
+        Err(e) => error!("removing the DNS guard: {e}"),
     }
 }
 
@@ -563,6 +653,12 @@ fn same_netns_as_init() -> bool {
             .is_ok_and(|table| resolved::listens_at(&table, resolved::SYSTEMD_PRIVATE_SOCKET)),
         _ => false,
     }
+}
+
+/// Whether `a` and `b` are the same route (destination, gateway and
+/// interface; the kernel may report another metric).
+fn same_route(a: HostRoute, b: HostRoute) -> bool {
+    (a.destination, a.gateway, a.index) == (b.destination, b.gateway, b.index)
 }
 
 /// A pinned route as a phrase, with the interface's name.

@@ -19,7 +19,7 @@
 //! Installing replaces any table of that name (left by a helper that was
 //! killed), in one atomic batch; removing it twice is not an error.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
 
 use std::net::Ipv6Addr;
@@ -77,18 +77,15 @@ pub fn install(tun: &str, network: impl Into<IpNet>) -> Result<(), NatError> {
     let name = cstring(&table_name(tun))?;
     let table = Table::new(&name, family(network));
     let mut batch = Batch::new();
-    // Add, delete, add: whatever was there before is gone, and the table
-    // exists, in one transaction.
-    batch.add(&table, MsgType::Add);
-    batch.add(&table, MsgType::Del);
-    batch.add(&table, MsgType::Add);
-
     let chain_name = cstring(CHAIN)?;
-    let mut chain = Chain::new(&chain_name, &table);
-    chain.set_type(ChainType::Nat);
-    chain.set_hook(Hook::PostRouting, SRCNAT_PRIORITY);
-    chain.set_policy(Policy::Accept);
-    batch.add(&chain, MsgType::Add);
+    let chain = replace_table(
+        &mut batch,
+        &table,
+        &chain_name,
+        ChainType::Nat,
+        Hook::PostRouting,
+        SRCNAT_PRIORITY,
+    );
 
     let mut rule = Rule::new(&chain);
     match network {
@@ -108,6 +105,30 @@ pub fn install(tun: &str, network: impl Into<IpNet>) -> Result<(), NatError> {
     rule.add_expr(&nft_expr!(masquerade));
     batch.add(&rule, MsgType::Add);
     send(&batch.finalize())
+}
+
+/// Adds to `batch` what replaces `table` with an empty one (add, delete,
+/// add: whatever was there before is gone, and the table exists, in one
+/// transaction) and its base chain `chain` (of type `kind` on `hook` at
+/// `priority`, accepting what no rule drops). Returns the chain, for the
+/// rules.
+pub(super) fn replace_table<'a>(
+    batch: &mut Batch,
+    table: &'a Table,
+    chain: &CStr,
+    kind: ChainType,
+    hook: Hook,
+    priority: i32,
+) -> Chain<'a> {
+    batch.add(table, MsgType::Add);
+    batch.add(table, MsgType::Del);
+    batch.add(table, MsgType::Add);
+    let mut chain = Chain::new(chain, table);
+    chain.set_type(kind);
+    chain.set_hook(hook, priority);
+    chain.set_policy(Policy::Accept);
+    batch.add(&chain, MsgType::Add);
+    chain
 }
 
 /// Removes the tables of `tun` (both families); one that is not there is
@@ -131,12 +152,12 @@ fn family(network: IpNet) -> ProtoFamily {
     }
 }
 
-fn cstring(s: &str) -> Result<CString, NatError> {
+pub(super) fn cstring(s: &str) -> Result<CString, NatError> {
     CString::new(s).map_err(|_| NatError::Name(s.to_owned()))
 }
 
 /// Sends a batch and waits for the kernel's answer to each message.
-fn send(batch: &FinalizedBatch) -> Result<(), NatError> {
+pub(super) fn send(batch: &FinalizedBatch) -> Result<(), NatError> {
     let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(NatError::Netlink)?;
     let portid = socket.portid();
     socket.send_all(batch).map_err(NatError::Netlink)?;

@@ -355,6 +355,11 @@ impl Policy {
         }
     }
 
+    /// What the command line granted beyond the tun.
+    pub fn grants(&self) -> Grants {
+        self.grants
+    }
+
     /// The tun's ifindex, once opened.
     pub fn tun_index(&self) -> Option<u32> {
         self.index

@@ -137,7 +137,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{}", status_text(&s, now));
             }
         }
-        Command::Peers => {
+        Command::Sessions => {
             let peers = client
                 .list_peers(proto::ListPeersRequest {})
                 .await
@@ -152,11 +152,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{}", peers_table(&peers, now));
             }
         }
-        Command::Inspect { address } => {
+        Command::Inspect { peer } => {
             let peer = client
-                .get_peer(proto::GetPeerRequest {
-                    address: address.to_string(),
-                })
+                .get_peer(proto::GetPeerRequest { address: peer })
                 .await
                 .map_err(failure)?
                 .into_inner();
@@ -191,10 +189,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 false => println!("unbanned {who}"),
             }
         }
-        Command::Kick { address, ban } => {
+        Command::Kick { peer, ban } => {
             let reply = client
                 .kick_peer(proto::KickPeerRequest {
-                    address: address.to_string(),
+                    address: peer.clone(),
                     ban_seconds: ban.map(|b| b.as_secs().max(1)),
                 })
                 .await
@@ -213,10 +211,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             } else {
                 match ban {
                     Some(ban) => println!(
-                        "kicked {address} ({remote}); banned for {}",
+                        "kicked {peer} ({remote}); banned for {}",
                         humantime::format_duration(ban)
                     ),
-                    None => println!("kicked {address} ({remote})"),
+                    None => println!("kicked {peer} ({remote})"),
                 }
             }
         }
@@ -333,7 +331,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 );
             }
         }
-        Command::Peer(PeerCommand::List) => {
+        Command::Peer(PeerCommand::List) | Command::Keys => {
             let peers = client
                 .list_allowed(proto::ListAllowedRequest {})
                 .await
