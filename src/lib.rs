@@ -16,6 +16,7 @@
 
 pub mod budget;
 pub mod cluster;
+pub mod codel;
 pub mod config;
 pub mod config6;
 pub mod connection;
