@@ -3,17 +3,23 @@
 //! syscall. Both are generic over any async byte stream, so plain TCP and
 //! (later) TLS share them.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
+use tokio_util::io::poll_read_buf;
 
 use crate::budget::{MemoryBudget, SMALL_FRAME};
+use crate::codel::{self, Codel, Taken, Verdict};
+use crate::limits::NOTSENT_LOWAT;
 use crate::wire::{Decoder, Frame};
 
 /// A connection's read buffer starts this small (an idle peer costs little)
@@ -31,12 +37,6 @@ const WRITE_BATCH_FRAMES: usize = 64;
 /// otherwise hold whole 256 KiB chunks). A draining peer's queue stays
 /// short, so the fast path copies nothing.
 const SHARED_QUEUE_FRAMES: usize = 32;
-
-/// Unsent bytes a connection's kernel send buffer may hold before the
-/// socket stops being writable: enough to keep the link busy between two
-/// writes, small enough that a packet never waits behind megabytes of bulk
-/// data (the buffer otherwise grows to 4 MiB).
-const NOTSENT_LOWAT: u32 = 128 * 1024;
 
 /// Sets up a tunnel's TCP connection for low latency: no Nagle delay, and a
 /// shallow send queue. Failures are logged, not fatal.
@@ -163,11 +163,23 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 Some(len) => len.saturating_sub(self.buffer.len()).max(self.chunk),
                 None => self.chunk,
             };
-            if self.buffer.capacity() - self.buffer.len() < wanted / 4 {
-                self.buffer.reserve(wanted);
-            }
-            let room = self.buffer.capacity() - self.buffer.len();
-            let read = self.reader.read_buf(&mut self.buffer).await?;
+            let (read, room) = std::future::poll_fn(|cx| {
+                if self.buffer.capacity() - self.buffer.len() < wanted / 4 {
+                    self.buffer.reserve(wanted);
+                }
+                let room = self.buffer.capacity() - self.buffer.len();
+                match poll_read_buf(Pin::new(&mut self.reader), cx, &mut self.buffer) {
+                    Poll::Ready(read) => Poll::Ready(read.map(|read| (read, room))),
+                    // Nothing to read and nothing kept: an idle peer holds
+                    // no read buffer while it waits.
+                    Poll::Pending if self.buffer.is_empty() => {
+                        self.buffer = BytesMut::new();
+                        Poll::Pending
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await?;
             // Reads that fill the room mean more is waiting: read more at once.
             if read == room {
                 self.chunk = (self.chunk * 2).min(MAX_READ_CHUNK);
@@ -177,32 +189,82 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-/// A peer's send queue, bounded in frames and in bytes, and counted in the
-/// server's memory budget.
+/// A peer's send queue, bounded in frames and in bytes, counted in the
+/// server's memory budget, and kept short in time by CoDel
+/// ([`crate::codel`]) as its writer drains it.
 pub fn queue(frames: usize, bytes: usize, budget: Option<Arc<MemoryBudget>>) -> (QueueTx, QueueRx) {
-    let (tx, rx) = mpsc::channel(frames.max(1));
     let state = Arc::new(QueueState {
+        frames: Mutex::new(VecDeque::new()),
+        frame_limit: frames.max(1),
+        ready: Notify::new(),
+        senders: AtomicUsize::new(1),
+        receiver_gone: AtomicBool::new(false),
         bytes: AtomicUsize::new(0),
         byte_limit: bytes,
         budget,
+        aqm: AqmCounts::default(),
     });
     (
         QueueTx {
-            tx,
             state: state.clone(),
         },
-        QueueRx { rx, state },
+        QueueRx { state },
     )
 }
 
+/// A queue's frames and limits, shared by its senders and its writer. The
+/// frames are a `VecDeque` that holds no memory while the queue is empty
+/// (the writer gives it back before it waits): an idle peer's queue costs
+/// nothing but this struct.
 #[derive(Debug)]
 struct QueueState {
+    frames: Mutex<VecDeque<Queued>>,
+    frame_limit: usize,
+    /// Woken when a frame is queued or the last sender is gone.
+    ready: Notify,
+    senders: AtomicUsize,
+    receiver_gone: AtomicBool,
     bytes: AtomicUsize,
     byte_limit: usize,
     budget: Option<Arc<MemoryBudget>>,
+    aqm: AqmCounts,
+}
+
+/// Packets CoDel dropped from a queue, and packets it marked CE instead.
+#[derive(Debug, Default)]
+pub struct AqmCounts {
+    pub dropped: AtomicU64,
+    pub marked: AtomicU64,
+}
+
+impl AqmCounts {
+    const fn new() -> AqmCounts {
+        AqmCounts {
+            dropped: AtomicU64::new(0),
+            marked: AtomicU64::new(0),
+        }
+    }
+}
+
+/// What CoDel dropped and marked in all of this process's queues (the
+/// metrics' `simplevpn_drops_total{reason="codel"}` and
+/// `simplevpn_ecn_marks_total`).
+pub static AQM_TOTAL: AqmCounts = AqmCounts::new();
+
+/// A frame in a queue, with the time it was queued.
+#[derive(Debug)]
+struct Queued {
+    frame: Bytes,
+    at: std::time::Instant,
 }
 
 impl QueueState {
+    /// The frames, whatever a panicking holder of the lock left (a frame
+    /// queue has no invariant a half-done push or pop could break).
+    fn frames(&self) -> MutexGuard<'_, VecDeque<Queued>> {
+        self.frames.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn taken(&self, len: usize) {
         self.bytes.fetch_sub(len, Ordering::Relaxed);
         if let Some(budget) = &self.budget {
@@ -220,11 +282,28 @@ pub enum PushError {
     OverBudget,
 }
 
-/// The sending side of a peer's queue; cheap to clone.
-#[derive(Debug, Clone)]
+/// The sending side of a peer's queue; cheap to clone. The queue closes
+/// (its writer finishes) when the last one is dropped.
+#[derive(Debug)]
 pub struct QueueTx {
-    tx: mpsc::Sender<Bytes>,
     state: Arc<QueueState>,
+}
+
+impl Clone for QueueTx {
+    fn clone(&self) -> Self {
+        self.state.senders.fetch_add(1, Ordering::Relaxed);
+        QueueTx {
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl Drop for QueueTx {
+    fn drop(&mut self) {
+        if self.state.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.state.ready.notify_one();
+        }
+    }
 }
 
 impl QueueTx {
@@ -240,79 +319,162 @@ impl QueueTx {
                 return Err(PushError::OverBudget);
             }
         }
-        let waiting = self.tx.max_capacity() - self.tx.capacity();
-        let frame = match waiting >= SHARED_QUEUE_FRAMES {
+        let at = std::time::Instant::now();
+        let mut frames = state.frames();
+        if frames.len() >= state.frame_limit || state.receiver_gone.load(Ordering::Relaxed) {
+            drop(frames);
+            if let Some(budget) = &state.budget {
+                budget.unqueue(len);
+            }
+            return Err(PushError::Full);
+        }
+        let frame = match frames.len() >= SHARED_QUEUE_FRAMES {
             true => Bytes::copy_from_slice(&frame),
             false => frame,
         };
         state.bytes.fetch_add(len, Ordering::Relaxed);
-        match self.tx.try_send(frame) {
-            Ok(()) => Ok(()),
-            Err(_) => {
-                state.taken(len);
-                Err(PushError::Full)
-            }
+        let was_empty = frames.is_empty();
+        frames.push_back(Queued { frame, at });
+        drop(frames);
+        if was_empty {
+            state.ready.notify_one();
         }
+        Ok(())
     }
 
     /// Bytes waiting in the queue now.
     pub fn queued_bytes(&self) -> usize {
         self.state.bytes.load(Ordering::Relaxed)
     }
+
+    /// What CoDel dropped and marked in this queue so far.
+    pub fn aqm(&self) -> &AqmCounts {
+        &self.state.aqm
+    }
 }
 
 /// The receiving side of a peer's queue, drained by its writer.
 #[derive(Debug)]
 pub struct QueueRx {
-    rx: mpsc::Receiver<Bytes>,
     state: Arc<QueueState>,
 }
 
 impl QueueRx {
-    async fn recv(&mut self) -> Option<Bytes> {
-        let frame = self.rx.recv().await?;
-        self.state.taken(frame.len());
-        Some(frame)
+    /// The next frame, waiting for one; `None` once every sender is gone
+    /// and the queue is empty. Before it waits, the queue's memory goes
+    /// back to the allocator.
+    async fn recv(&mut self) -> Option<Queued> {
+        loop {
+            {
+                let mut frames = self.state.frames();
+                if let Some(queued) = frames.pop_front() {
+                    drop(frames);
+                    self.state.taken(queued.frame.len());
+                    return Some(queued);
+                }
+                *frames = VecDeque::new();
+            }
+            if self.state.senders.load(Ordering::Acquire) == 0 {
+                // The last sender may have queued a frame since the check.
+                return self.try_recv_queued();
+            }
+            // A frame queued since the check left a permit: no lost wake-up.
+            self.state.ready.notified().await;
+        }
+    }
+
+    fn try_recv_queued(&mut self) -> Option<Queued> {
+        let queued = self.state.frames().pop_front()?;
+        self.state.taken(queued.frame.len());
+        Some(queued)
     }
 
     /// The next queued frame, if one is waiting.
     pub fn try_recv(&mut self) -> Option<Bytes> {
-        let frame = self.rx.try_recv().ok()?;
-        self.state.taken(frame.len());
-        Some(frame)
+        self.try_recv_queued().map(|queued| queued.frame)
+    }
+
+    /// What CoDel makes of a frame taken off the queue at `now`: the frame
+    /// (its packet marked CE, perhaps), or `None`: dropped.
+    fn judged(&self, codel: &mut Codel, queued: Queued, now: std::time::Instant) -> Option<Bytes> {
+        let taken = Taken {
+            queued: queued.at,
+            len: queued.frame.len(),
+            backlog: self.state.bytes.load(Ordering::Relaxed),
+            ecn: codel::ecn_of_frame(&queued.frame),
+        };
+        match codel.judge(now, taken) {
+            Verdict::Pass => Some(queued.frame),
+            Verdict::Drop => {
+                self.state.aqm.dropped.fetch_add(1, Ordering::Relaxed);
+                AQM_TOTAL.dropped.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Verdict::Mark => {
+                let mut frame = BytesMut::from(&queued.frame[..]);
+                codel::mark_ce(&mut frame);
+                self.state.aqm.marked.fetch_add(1, Ordering::Relaxed);
+                AQM_TOTAL.marked.fetch_add(1, Ordering::Relaxed);
+                Some(frame.freeze())
+            }
+        }
     }
 }
 
 impl Drop for QueueRx {
-    /// What is still queued goes back to the budget.
+    /// What is still queued goes back to the budget; later pushes fail.
     fn drop(&mut self) {
-        self.rx.close();
-        while self.try_recv().is_some() {}
+        let frames = {
+            let mut frames = self.state.frames();
+            self.state.receiver_gone.store(true, Ordering::Relaxed);
+            std::mem::take(&mut *frames)
+        };
+        for queued in frames {
+            self.state.taken(queued.frame.len());
+        }
     }
 }
 
 /// Writes every frame that arrives on `queue` to `writer`, gathering what is
-/// already queued into one vectored write (no copying). Returns when the
+/// already queued into one vectored write (no copying), and dropping or
+/// marking packets that waited too long ([`crate::codel`]). Returns when the
 /// queue is closed (after flushing) or a write fails.
 pub async fn write_frames<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut queue: QueueRx,
 ) -> io::Result<()> {
     let mut batch: Vec<Bytes> = Vec::new();
-    while let Some(first) = queue.recv().await {
-        let mut bytes = first.len();
-        batch.push(first);
-        while bytes < WRITE_BATCH && batch.len() < WRITE_BATCH_FRAMES {
-            match queue.try_recv() {
-                Some(frame) => {
-                    bytes += frame.len();
-                    batch.push(frame);
+    let mut codel = Codel::default();
+    loop {
+        let first = match queue.try_recv_queued() {
+            Some(queued) => queued,
+            None => {
+                codel.empty();
+                // Idle: the batch's memory goes back too.
+                batch = Vec::new();
+                match queue.recv().await {
+                    Some(queued) => queued,
+                    None => break,
                 }
-                None => break,
             }
+        };
+        let now = std::time::Instant::now();
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(queued) = next {
+            if let Some(frame) = queue.judged(&mut codel, queued, now) {
+                bytes += frame.len();
+                batch.push(frame);
+            }
+            if bytes >= WRITE_BATCH || batch.len() >= WRITE_BATCH_FRAMES {
+                break;
+            }
+            next = queue.try_recv_queued();
         }
-        write_all_vectored(&mut writer, &mut batch).await?;
-        batch.clear();
+        if !batch.is_empty() {
+            write_all_vectored(&mut writer, &mut batch).await?;
+            batch.clear();
+        }
     }
     writer.shutdown().await
 }
@@ -347,6 +509,7 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
     use crate::wire::Control;
+    use tokio::io::AsyncReadExt;
 
     #[tokio::test]
     async fn reads_frames_across_tiny_writes() {
@@ -365,6 +528,64 @@ mod tests {
         }
         writer.await.expect("writer");
         assert!(reader.read_frame().await.expect("eof").is_none());
+    }
+
+    #[tokio::test]
+    async fn an_idle_reader_and_queue_hold_no_buffers() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let mut reader = FrameReader::new(server, Decoder::default());
+        client
+            .write_all(&Control::KEEPALIVE.encode())
+            .await
+            .expect("write");
+        assert_eq!(
+            reader.read_frame().await.expect("frame"),
+            Some(Frame::Control(Control::KEEPALIVE))
+        );
+        // The next read finds nothing: polled once, it gives its buffer back.
+        tokio::select! {
+            biased;
+            read = reader.read_frame() => panic!("read {read:?}"),
+            () = std::future::ready(()) => {}
+        }
+        assert_eq!(reader.buffer.capacity(), 0);
+        // And it reads on as before.
+        client
+            .write_all(&Control::KEEPALIVE.encode()[..5])
+            .await
+            .expect("write");
+        client
+            .write_all(&Control::KEEPALIVE.encode()[5..])
+            .await
+            .expect("write");
+        assert_eq!(
+            reader.read_frame().await.expect("frame"),
+            Some(Frame::Control(Control::KEEPALIVE))
+        );
+        // A queue that was used and drained keeps no frames' memory once
+        // its writer waits.
+        let (tx, mut rx) = queue(64, 1 << 20, None);
+        for _ in 0..40 {
+            tx.try_push(Bytes::from_static(b"0123456789"))
+                .expect("queued");
+        }
+        while rx.try_recv().is_some() {}
+        tokio::select! {
+            biased;
+            got = rx.recv() => panic!("got {got:?}"),
+            () = std::future::ready(()) => {}
+        }
+        assert_eq!(rx.state.frames().capacity(), 0);
+        // Closed once every sender is gone.
+        let other = tx.clone();
+        drop(tx);
+        other.try_push(Bytes::from_static(b"x")).expect("queued");
+        drop(other);
+        assert_eq!(
+            rx.recv().await.map(|q| q.frame),
+            Some(Bytes::from_static(b"x"))
+        );
+        assert!(rx.recv().await.is_none());
     }
 
     #[tokio::test]
@@ -462,6 +683,57 @@ mod tests {
             .iter()
             .zip(&first[SHARED_QUEUE_FRAMES..])
             .all(|(f, p)| f.as_ptr() != *p && f.len() == 40));
+    }
+
+    #[test]
+    fn frames_that_stand_in_the_queue_are_dropped_or_marked_and_control_passes() {
+        // An IPv4 packet of 4,000 bytes, ECN-capable or not, with a valid
+        // header checksum.
+        let packet = |ect: bool| {
+            let mut p = vec![0u8; 4000];
+            p[0] = 0x45;
+            p[1] = if ect { 0x02 } else { 0 };
+            p[2..4].copy_from_slice(&4000u16.to_be_bytes());
+            p[9] = 17;
+            Bytes::from(p)
+        };
+        let (tx, mut rx) = queue(1000, 16 << 20, None);
+        for i in 0..400 {
+            tx.try_push(packet(i % 2 == 1)).expect("queued");
+            if i == 150 {
+                tx.try_push(Bytes::copy_from_slice(&Control::KEEPALIVE.encode()))
+                    .expect("queued");
+            }
+        }
+        // Taken off long after they were queued (no sleeping: the time is
+        // passed in), one every millisecond.
+        let start = std::time::Instant::now() + Duration::from_secs(1);
+        let mut codel = Codel::default();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while let Some(queued) = rx.try_recv_queued() {
+            let now = start + Duration::from_millis(i);
+            i += 1;
+            out.extend(rx.judged(&mut codel, queued, now));
+        }
+        let (dropped, marked) = (
+            tx.aqm().dropped.load(Ordering::Relaxed),
+            tx.aqm().marked.load(Ordering::Relaxed),
+        );
+        assert!(
+            dropped >= 1 && marked >= 1,
+            "{dropped} dropped, {marked} marked"
+        );
+        assert_eq!(out.len() as u64, 401 - dropped);
+        // Nothing in the first interval; the keepalive is never dropped.
+        assert_eq!(
+            out[..100],
+            (0..100).map(|i| packet(i % 2 == 1)).collect::<Vec<_>>()[..]
+        );
+        assert!(out.contains(&Bytes::copy_from_slice(&Control::KEEPALIVE.encode())));
+        let ce: Vec<&Bytes> = out.iter().filter(|f| f[1] & 0b11 == 0b11).collect();
+        assert_eq!(ce.len() as u64, marked);
+        assert!(ce.iter().all(|f| f[20..] == packet(true)[20..]));
     }
 
     #[tokio::test]

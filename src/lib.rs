@@ -35,7 +35,7 @@ pub mod workers;
 // The sans-IO core, from its own crate (crates/proto), under the paths the
 // rest of this crate names it by.
 pub use simplevpn_proto::{
-    egress, limits, offload, params, pool, pool6, routes, session, wallclock, wire,
+    codel, egress, limits, offload, params, pool, pool6, routes, session, wallclock, wire,
 };
 // What the daemon shares with its privileged helper (crates/helper).
 pub use simplevpn_helper as privsep;

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::peers::PeerTable;
+use crate::connection::AQM_TOTAL;
 use crate::session::server::{DropReason, Ending};
 
 /// Why a connection was refused before it got an address (a label value):
@@ -117,10 +118,12 @@ pub enum DropKind {
     Offload,
     /// From a client, for another client, with `client_to_client = "deny"`.
     ClientToClient,
+    /// Waited in a client's queue past CoDel's target ([`crate::codel`]).
+    Codel,
 }
 
 impl DropKind {
-    const ALL: [DropKind; 8] = [
+    const ALL: [DropKind; 9] = [
         DropKind::Spoofed,
         DropKind::Unassigned,
         DropKind::NotIpv4,
@@ -129,6 +132,7 @@ impl DropKind {
         DropKind::TooBig,
         DropKind::Offload,
         DropKind::ClientToClient,
+        DropKind::Codel,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -141,6 +145,7 @@ impl DropKind {
             DropKind::TooBig => "too_big",
             DropKind::Offload => "offload",
             DropKind::ClientToClient => "client_to_client",
+            DropKind::Codel => "codel",
         }
     }
 }
@@ -424,11 +429,17 @@ impl Collector for PeerCollector {
         for kind in DropKind::ALL {
             let value = match kind {
                 DropKind::QueueFull => table.queue_full.load(Ordering::Relaxed),
+                DropKind::Codel => AQM_TOTAL.dropped.load(Ordering::Relaxed),
                 kind => self.drops.get(kind),
             };
             let labels = [("reason", kind.as_str())];
             ConstCounter::new(value).encode(drops.encode_family(&labels)?)?;
         }
+
+        let marks = ConstCounter::new(AQM_TOTAL.marked.load(Ordering::Relaxed));
+        let help = "Packets marked Congestion Experienced (ECN) instead of dropped by CoDel";
+        let e = encoder.encode_descriptor("ecn_marks", help, None, marks.metric_type())?;
+        marks.encode(e)?;
 
         let mut supers = encoder.encode_descriptor(
             "super_packets",
@@ -665,6 +676,16 @@ mod tests {
             "simplevpn_handshake_duration_seconds_count 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        // Process-wide: other tests in this process may have counted some.
+        for name in [
+            "simplevpn_drops_total{reason=\"codel\"} ",
+            "simplevpn_ecn_marks_total ",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(name)),
+                "{name} missing:\n{text}"
+            );
         }
         assert!(text.ends_with("# EOF\n"), "{text}");
     }

@@ -9,6 +9,7 @@
 //! * [`params`]: the session-parameters extension (SESSION_PARAMS);
 //! * [`offload`]: super-packets (GSO/GRO) split and joined by their headers;
 //! * [`egress`]: how outbound packets are batched into frames;
+//! * [`codel`]: CoDel on a peer's send queue (drop or ECN-mark what stood too long);
 //! * [`session`]: the session rules of both roles;
 //! * [`routes`]: the longest-prefix route table;
 //! * [`pool`], [`pool6`]: the address pools;
@@ -17,6 +18,7 @@
 //! * [`ConfigError`]: a bad setting, named.
 
 mod config_error;
+pub mod codel;
 pub mod egress;
 pub mod limits;
 pub mod offload;

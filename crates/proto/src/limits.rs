@@ -124,6 +124,24 @@ pub const MAX_LINK_PENDING: usize = 64;
 /// handshake at once.
 pub const MAX_LINK_PENDING_PER_SOURCE: usize = 4;
 
+/// Unsent bytes a tunnel connection's kernel send buffer may hold before
+/// the socket stops being writable (`TCP_NOTSENT_LOWAT`): enough to keep
+/// the link busy between two writes, small enough that a packet never waits
+/// behind megabytes of bulk data (the buffer otherwise grows to 4 MiB).
+pub const NOTSENT_LOWAT: u32 = 128 * 1024;
+
+/// CoDel's target on a peer's send queue ([`crate::codel`]): time in queue
+/// that may stand. 1 ms, below fq_codel's 5 ms: the tunnel's queue is one
+/// of several on the way (the outer TCP's buffers come after it), and the
+/// whole tunnel should add at most about a millisecond under load.
+pub const CODEL_TARGET: Duration = Duration::from_millis(1);
+
+/// CoDel's interval: how long the time in queue must stand above the
+/// target before the first drop, and the first gap between drops. 100 ms,
+/// fq_codel's, the round trip of a peer far away: the inner TCP has that
+/// long to react before the next drop.
+pub const CODEL_INTERVAL: Duration = Duration::from_millis(100);
+
 #[cfg(test)]
 mod tests {
     use super::*;
