@@ -17,8 +17,8 @@
 //! * [`wallclock`]: wall-clock arithmetic that saturates instead of panicking;
 //! * [`ConfigError`]: a bad setting, named.
 
-mod config_error;
 pub mod codel;
+mod config_error;
 pub mod egress;
 pub mod limits;
 pub mod offload;
