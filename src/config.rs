@@ -1464,9 +1464,39 @@ fn helper_user(name: Option<String>, daemon: Option<&str>) -> Result<String, Con
     Ok(name)
 }
 
+/// The environment variable naming the systemd instance a daemon runs as
+/// (`simplevpnd@NAME.service` sets it to NAME): its tun's default name then
+/// comes from the instance ([`instance_tun`]).
+pub const INSTANCE_ENV: &str = "SIMPLEVPN_INSTANCE";
+
+/// The default tun name of instance `instance`: `svpn-` and the instance's
+/// interface-name characters, cut to [`MAX_IFNAME_LEN`] bytes; `svpn0` for
+/// an instance with none.
+pub fn instance_tun(instance: &str) -> String {
+    let kept: String = instance
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .collect();
+    if kept.is_empty() {
+        return DEFAULT_TUN.to_string();
+    }
+    let mut name = format!("svpn-{kept}");
+    name.truncate(MAX_IFNAME_LEN);
+    name
+}
+
+/// The tun name when neither a flag nor the file gives one: from the
+/// systemd instance ([`INSTANCE_ENV`]) if there is one, else `svpn0`.
+fn default_tun() -> String {
+    match std::env::var(INSTANCE_ENV) {
+        Ok(instance) => instance_tun(&instance),
+        Err(_) => DEFAULT_TUN.to_string(),
+    }
+}
+
 /// The tun's name: 1 to [`MAX_IFNAME_LEN`] (15) bytes of a-z, A-Z, 0-9, `-_.`.
 fn tun_name(name: Option<String>) -> Result<String, ConfigError> {
-    let name = name.unwrap_or_else(|| DEFAULT_TUN.to_string());
+    let name = name.unwrap_or_else(default_tun);
     let valid = !name.is_empty()
         && name.len() <= MAX_IFNAME_LEN
         && name
@@ -1567,6 +1597,19 @@ pub fn client_config_text(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instance_names_its_tun() {
+        assert_eq!(instance_tun("home"), "svpn-home");
+        assert_eq!(instance_tun("office-2"), "svpn-office-2");
+        // Cut to 15 bytes; characters an interface name cannot hold dropped.
+        assert_eq!(instance_tun("a-very-long-instance"), "svpn-a-very-lon");
+        assert_eq!(instance_tun("x/y:z"), "svpn-xyz");
+        assert_eq!(instance_tun("//"), "svpn0");
+        for instance in ["home", "a-very-long-instance", "x/y:z", ""] {
+            assert!(tun_name(Some(instance_tun(instance))).is_ok(), "{instance}");
+        }
+    }
 
     fn parse(text: &str) -> Result<ConfigFile, ConfigError> {
         ConfigFile::parse(text, Path::new("test.toml"))

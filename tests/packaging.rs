@@ -80,6 +80,7 @@ fn settings(unit: &str) -> Vec<&str> {
                 "ExecStart=",
                 "StateDirectory=",
                 "ExecReload=",
+                "Environment=SIMPLEVPN_INSTANCE=",
             ]
             .iter()
             .any(|differs| line.starts_with(differs))
@@ -112,6 +113,12 @@ fn the_template_unit_is_the_plain_unit_with_another_config_and_socket() {
         "ExecStart=/usr/sbin/simplevpnd --config /etc/simplevpn/%i.toml \
          --control /run/simplevpn/%i.sock --state-dir /var/lib/simplevpn/%i"
     );
+    // An instance's tun is named after it, unless its file says otherwise.
+    assert_eq!(
+        line(TEMPLATE, "Environment="),
+        "Environment=SIMPLEVPN_INSTANCE=%i"
+    );
+    assert!(!UNIT.contains("SIMPLEVPN_INSTANCE"));
     // Each daemon has a state of its own, and reloads through its own
     // control socket.
     assert_eq!(line(UNIT, "StateDirectory="), "StateDirectory=simplevpn");
