@@ -157,3 +157,55 @@ fn the_socket_units_listen_on_2002_and_differ_only_in_description() {
         );
     }
 }
+
+const RESTART_CHECKED: &str = include_str!("../packaging/restart-checked");
+const POSTINST: &str = include_str!("../packaging/debian/postinst");
+const RPM_POSTUN: &str = include_str!("../packaging/rpm/postun.sh");
+
+/// The command lines of a shell script (no comments, no blank lines).
+fn commands(script: &str) -> Vec<&str> {
+    script
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+}
+
+#[test]
+fn an_upgrade_restarts_a_daemon_only_if_simplevpnd_check_passes_deb_and_rpm() {
+    // The shared script checks each running unit's config before it
+    // restarts it, and restarts it with try-restart only then.
+    let script = commands(RESTART_CHECKED);
+    let check = script
+        .iter()
+        .position(|l| l.contains("simplevpnd check --config \"$conf\""))
+        .expect("restart-checked runs simplevpnd check on the unit's config");
+    let restart = script
+        .iter()
+        .position(|l| l.contains("systemctl try-restart \"$unit\""))
+        .expect("restart-checked restarts the unit");
+    assert!(check < restart, "the check comes before the restart");
+    assert!(script[check].starts_with("if "), "{}", script[check]);
+    // Both packages' upgrade scriptlets run it, and restart nothing else.
+    for (name, scriptlet) in [("deb postinst", POSTINST), ("rpm postun", RPM_POSTUN)] {
+        let lines = commands(scriptlet);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("/usr/libexec/simplevpn/restart-checked")),
+            "{name} runs restart-checked"
+        );
+        assert!(
+            !lines.iter().any(|l| l.contains("try-restart")),
+            "{name} restarts nothing unchecked"
+        );
+    }
+    // Both packages install it there.
+    let manifest = include_str!("../Cargo.toml");
+    assert_eq!(
+        manifest.matches("\"packaging/restart-checked\"").count(),
+        2,
+        "restart-checked in both asset lists"
+    );
+    assert!(manifest.contains("dest = \"/usr/libexec/simplevpn/restart-checked\""));
+}
