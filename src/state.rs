@@ -17,7 +17,8 @@
 //! ```text
 //! leases(key TEXT PRIMARY KEY, address TEXT UNIQUE, expires INTEGER,
 //!        address6 TEXT UNIQUE (NULL: none; schema version 2))
-//! bans(kind TEXT 'key'|'remote', who TEXT, until INTEGER, PRIMARY KEY(kind, who))
+//! bans(kind TEXT 'key'|'remote', who TEXT, until INTEGER, PRIMARY KEY(kind, who),
+//!      reason TEXT ('': not recorded, a ban from before schema version 4))
 //! peers(key TEXT PRIMARY KEY, name TEXT UNIQUE, address TEXT UNIQUE,
 //!       routes TEXT (space-separated CIDRs), added INTEGER,
 //!       address6 TEXT UNIQUE (NULL: none; schema version 2))
@@ -97,6 +98,30 @@ pub struct Lease {
 pub struct Ban {
     pub who: Banned,
     pub until: SystemTime,
+    /// Why (who kicked and banned, and their words); empty when not
+    /// recorded (a ban written by an older simplevpnd).
+    pub reason: String,
+}
+
+/// A ban reason that cannot be kept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BanReasonError {
+    #[error("ban reason is {0} bytes, at most {max} allowed", max = crate::limits::MAX_BAN_REASON)]
+    TooLong(usize),
+    #[error("ban reason has a control character (only printable text is allowed)")]
+    NotPrintable,
+}
+
+/// Checks the text given as a ban's reason (`svpnctl kick --ban --reason`):
+/// at most [`crate::limits::MAX_BAN_REASON`] bytes, no control characters.
+pub fn check_ban_reason(text: &str) -> Result<(), BanReasonError> {
+    if text.len() > crate::limits::MAX_BAN_REASON {
+        return Err(BanReasonError::TooLong(text.len()));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(BanReasonError::NotPrintable);
+    }
+    Ok(())
 }
 
 /// Where an invitation stands. Expired is not a state of its own: an open
@@ -274,6 +299,8 @@ const MIGRATIONS: &[&str] = &[
         state TEXT NOT NULL CHECK (state IN ('open', 'used', 'revoked'))
     ) STRICT;
     CREATE UNIQUE INDEX invites_open_name ON invites (name) WHERE state = 'open';",
+    // 4: why each ban was made (svpnctl bans); older bans have none.
+    "ALTER TABLE bans ADD COLUMN reason TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The schema version this build writes.
@@ -476,15 +503,19 @@ impl StateStore for SqliteStore {
 
     fn bans(&self, now: SystemTime) -> Result<Vec<Ban>, StoreError> {
         let connection = self.lock();
-        let rows: Vec<(String, String, i64)> = connection
-            .prepare("SELECT kind, who, until FROM bans WHERE until > ?1 ORDER BY kind, who")
+        let rows: Vec<(String, String, i64, String)> = connection
+            .prepare(
+                "SELECT kind, who, until, reason FROM bans WHERE until > ?1 ORDER BY kind, who",
+            )
             .and_then(|mut stmt| {
-                stmt.query_map([secs_up(now)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                    .collect()
+                stmt.query_map([secs_up(now)], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?
+                .collect()
             })
             .map_err(|e| self.sqlite(e))?;
         rows.into_iter()
-            .map(|(kind, who, until)| {
+            .map(|(kind, who, until, reason)| {
                 let bad = || self.corrupt("bans", format!("{kind} {who:?}"));
                 let who = match kind.as_str() {
                     "key" => Banned::Key(who.parse().map_err(|_| bad())?),
@@ -494,6 +525,7 @@ impl StateStore for SqliteStore {
                 Ok(Ban {
                     who,
                     until: time(until),
+                    reason,
                 })
             })
             .collect()
@@ -502,9 +534,15 @@ impl StateStore for SqliteStore {
     fn put_ban(&self, ban: &Ban) -> Result<(), StoreError> {
         self.write(|tx| {
             tx.execute(
-                "INSERT INTO bans (kind, who, until) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (kind, who) DO UPDATE SET until = excluded.until",
-                params![ban.who.kind(), ban.who.who(), secs_up(ban.until)],
+                "INSERT INTO bans (kind, who, until, reason) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (kind, who) DO UPDATE SET until = excluded.until,
+                     reason = excluded.reason",
+                params![
+                    ban.who.kind(),
+                    ban.who.who(),
+                    secs_up(ban.until),
+                    ban.reason
+                ],
             )?;
             Ok(())
         })
@@ -799,6 +837,63 @@ mod tests {
     }
 
     #[test]
+    fn a_version_3_database_opens_and_its_bans_have_no_reason() {
+        let dir = dir("v3");
+        let path = dir.join("state.db");
+        let until = SystemTime::now() + Duration::from_secs(3600);
+        {
+            // A database as simplevpnd wrote it at schema version 3.
+            let old = Connection::open(&path).expect("create");
+            for step in &MIGRATIONS[..3] {
+                old.execute_batch(step).expect("migration");
+            }
+            old.execute_batch("PRAGMA user_version = 3")
+                .expect("version");
+            old.execute(
+                "INSERT INTO bans (kind, who, until) VALUES ('remote', '198.18.1.9', ?1)",
+                [secs_up(until)],
+            )
+            .expect("old ban");
+        }
+        let store = SqliteStore::open(&path).expect("open a v3 database");
+        assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
+        let bans = store.bans(SystemTime::now()).expect("bans");
+        assert_eq!(bans.len(), 1);
+        assert_eq!(
+            bans[0].who,
+            Banned::Remote("198.18.1.9".parse().expect("ip"))
+        );
+        assert_eq!(bans[0].reason, "");
+        // A new ban on the same one records its reason.
+        store
+            .put_ban(&Ban {
+                reason: "kicked by uid 0".into(),
+                ..bans[0].clone()
+            })
+            .expect("ban");
+        let bans = store.bans(SystemTime::now()).expect("bans");
+        assert_eq!(bans[0].reason, "kicked by uid 0");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn ban_reasons_are_short_printable_text() {
+        assert_eq!(check_ban_reason(""), Ok(()));
+        assert_eq!(check_ban_reason("spam, 3rd time — bye"), Ok(()));
+        let long = "x".repeat(crate::limits::MAX_BAN_REASON + 1);
+        assert_eq!(check_ban_reason(&long), Err(BanReasonError::TooLong(201)));
+        assert_eq!(
+            check_ban_reason(&long[1..]),
+            Ok(()),
+            "exactly the limit is kept"
+        );
+        assert_eq!(
+            check_ban_reason("two\nlines"),
+            Err(BanReasonError::NotPrintable)
+        );
+    }
+
+    #[test]
     fn expired_leases_and_bans_are_not_returned_and_are_deleted() {
         let dir = dir("expire");
         let store = SqliteStore::open_dir(&dir).expect("open");
@@ -819,12 +914,14 @@ mod tests {
             .put_ban(&Ban {
                 who: remote.clone(),
                 until: past,
+                reason: String::new(),
             })
             .expect("ban");
         store
             .put_ban(&Ban {
                 who: Banned::Key(key(3)),
                 until: future,
+                reason: "kicked by uid 0: spam".into(),
             })
             .expect("ban");
         let leases = store.leases(now).expect("leases");
@@ -832,6 +929,7 @@ mod tests {
         let bans = store.bans(now).expect("bans");
         assert_eq!(bans.len(), 1);
         assert_eq!(bans[0].who, Banned::Key(key(3)));
+        assert_eq!(bans[0].reason, "kicked by uid 0: spam");
         // The future ones expire later.
         assert!(store.leases(future).expect("leases").is_empty());
         assert_eq!(store.expire(now).expect("expire"), 2);

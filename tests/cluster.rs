@@ -529,7 +529,14 @@ fn a_ban_made_on_one_server_holds_on_the_other_within_two_seconds() {
     let (a, a_address) = bed.client(0, 0, &["198.18.1.1", "198.18.3.1"]);
     let out = svpnctl(
         &bed.socket(0),
-        &["kick", "--ban", "60s", &a_address.to_string()],
+        &[
+            "kick",
+            "--ban",
+            "60s",
+            "--reason",
+            "abuse",
+            &a_address.to_string(),
+        ],
         None,
     );
     assert!(
@@ -557,6 +564,9 @@ fn a_ban_made_on_one_server_holds_on_the_other_within_two_seconds() {
         s2.log()
     );
     assert_eq!(count(&a, "granted"), 1, "{}", a.log());
+    // s2 lists the ban with the reason given on s1 (carried in the record).
+    let bans = svpnctl_json(&bed.socket(1), &["bans"]);
+    assert_eq!(bans[0]["reason"], "kicked by uid 0: abuse", "{bans}");
 }
 
 #[test]

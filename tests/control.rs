@@ -383,4 +383,6 @@ fn sessions_and_keys_and_a_peer_named_by_its_name_or_key() {
             .is_some_and(|bans| bans.iter().any(|b| b["key"] == public.as_str())),
         "{bans}"
     );
+    // No --reason: the ban says who made it (the test runs as root).
+    assert_eq!(bans[0]["reason"], "kicked by uid 0", "{bans}");
 }

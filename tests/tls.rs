@@ -301,7 +301,30 @@ fn a_banned_key_is_listed_unbanned_and_connects_again() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    ok(&["kick", "198.19.0.2", "--ban", "1h"]);
+    // A reason too long, or not printable, is refused before anything is done.
+    let long = "x".repeat(201);
+    for bad in [long.as_str(), "two\nlines"] {
+        let out = svpnctl(
+            &socket,
+            &["kick", "198.19.0.2", "--ban", "1h", "--reason", bad],
+            None,
+        );
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("ban reason"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(svpnctl_json(&socket, &["bans"]) == serde_json::json!([]));
+    ok(&[
+        "kick",
+        "198.19.0.2",
+        "--ban",
+        "1h",
+        "--reason",
+        "200 logins a minute",
+    ]);
     assert!(
         server.wait_for_log("refused reason=banned for", Duration::from_secs(15)),
         "{}",
@@ -310,7 +333,21 @@ fn a_banned_key_is_listed_unbanned_and_connects_again() {
     // Listed, by key, for about an hour.
     let bans = svpnctl_json(&socket, &["bans"]);
     assert_eq!(bans[0]["key"], a_pub.as_str(), "{bans}");
-    assert!(ok(&["bans"]).contains(&format!("key {a_pub}")));
+    // Why: who kicked (the test runs as root) and their words.
+    assert_eq!(
+        bans[0]["reason"], "kicked by uid 0: 200 logins a minute",
+        "{bans}"
+    );
+    let table = ok(&["bans"]);
+    assert!(table.contains(&format!("key {a_pub}")), "{table}");
+    assert!(
+        table.lines().next().is_some_and(|h| h.contains("REASON")),
+        "{table}"
+    );
+    assert!(
+        table.contains("kicked by uid 0: 200 logins a minute"),
+        "{table}"
+    );
     // Lifted: gone from the list, and the client is back.
     assert!(ok(&["unban", &a_pub]).contains("unbanned"));
     assert_eq!(svpnctl_json(&socket, &["bans"]), serde_json::json!([]));

@@ -5,7 +5,8 @@
 //! ```text
 //! members/<node>        {"node":..,"advertise":..,"key":..}  under the server's etcd lease
 //! leases/<address>      "<node> key:<base64>" | "<node> remote:<ip>"  under the holder's lease
-//! bans/<key:..|remote:..>  Unix time the ban ends; under a lease of the ban's length
+//! bans/<key:..|remote:..>  "<Unix time the ban ends> <reason>" (older servers wrote
+//!                       the time alone: no reason); under a lease of the ban's length
 //! peers/<base64 key>    a peer added live: {"key":..,"name":..,"address":..,"routes":[..]}
 //! invites/<hash>        an invitation (svpnctl invite): {"name":..,"address":..,"created":..,"expires":..,"state":..}
 //! ```
@@ -132,7 +133,7 @@ pub struct Cluster {
     holders: RwLock<Holders>,
     members: RwLock<HashMap<String, Arc<Member>>>,
     /// Bans seen in the cluster (the watch keeps it current).
-    bans: Mutex<HashMap<Banned, SystemTime>>,
+    bans: Mutex<HashMap<Banned, (SystemTime, String)>>,
     /// The peers added live, by key (the watch keeps it current).
     live: Mutex<std::collections::BTreeMap<String, PeerSection>>,
     /// This server's changes, for `maintain` to write.
@@ -165,11 +166,24 @@ fn banned_parse(text: &str) -> Option<Banned> {
     }
 }
 
-/// The end of a ban as a `bans/` record holds it (Unix seconds); any
-/// number, however large, is a time (at most [`crate::wallclock::far_future`]).
-fn ban_until(value: &[u8]) -> Option<SystemTime> {
-    let secs: u64 = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
-    Some(crate::wallclock::from_unix_secs(secs))
+/// The value of a `bans/` record: the end of the ban (Unix seconds), a
+/// space and the reason.
+fn ban_value(until: SystemTime, reason: &str) -> String {
+    format!("{} {reason}", unix_secs(until))
+}
+
+/// The end of a ban and its reason as a `bans/` record holds them
+/// ([`ban_value`]); a record of an older server holds the time alone (no
+/// reason). Any number, however large, is a time (at most
+/// [`crate::wallclock::far_future`]).
+fn ban_parse(value: &[u8]) -> Option<(SystemTime, String)> {
+    let text = std::str::from_utf8(value).ok()?.trim_start();
+    let (secs, reason) = text.split_once(' ').unwrap_or((text, ""));
+    let secs: u64 = secs.trim_end().parse().ok()?;
+    Some((
+        crate::wallclock::from_unix_secs(secs),
+        reason.trim().to_string(),
+    ))
 }
 
 impl Cluster {
@@ -347,7 +361,7 @@ impl Cluster {
                 continue;
             };
             if let Some(ban) = self.ban_of(&key, &opened.value) {
-                bans.insert(ban.who, ban.until);
+                bans.insert(ban.who, (ban.until, ban.reason));
             }
         }
         *self.bans.lock().unwrap_or_else(|e| e.into_inner()) = bans;
@@ -357,10 +371,8 @@ impl Cluster {
     /// The ban a verified `bans/` record holds.
     fn ban_of(&self, key: &str, value: &[u8]) -> Option<Ban> {
         let who = banned_parse(key.strip_prefix(&format!("{}bans/", self.prefix))?)?;
-        Some(Ban {
-            who,
-            until: ban_until(value)?,
-        })
+        let (until, reason) = ban_parse(value)?;
+        Some(Ban { who, until, reason })
     }
 
     /// The pinned members registered now (their records signed by
@@ -656,7 +668,7 @@ impl Cluster {
             return;
         }
         let key = format!("{}bans/{}", self.prefix, banned_text(&ban.who));
-        let value = self.records.seal(&key, &unix_secs(ban.until).to_string());
+        let value = self.records.seal(&key, &ban_value(ban.until, &ban.reason));
         // The ban's own lease deletes it when it ends.
         let ttl = remaining
             .saturating_add(Duration::from_secs(1))
@@ -745,9 +757,10 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(who, until)| Ban {
+            .map(|(who, (until, reason))| Ban {
                 who: who.clone(),
                 until: *until,
+                reason: reason.clone(),
             })
             .collect();
         for ban in bans {
@@ -852,7 +865,7 @@ impl Cluster {
             self.bans
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(ban.who.clone(), ban.until);
+                .insert(ban.who.clone(), (ban.until, ban.reason.clone()));
             hooks.banned(ban);
         }
     }
@@ -862,7 +875,7 @@ impl Cluster {
         self.bans
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(ban.who.clone(), ban.until);
+            .insert(ban.who.clone(), (ban.until, ban.reason.clone()));
         let _ = self.writes.send(Write::Ban(ban));
     }
 
@@ -874,7 +887,7 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(who)
-            .is_some_and(|until| until > SystemTime::now());
+            .is_some_and(|(until, _)| until > SystemTime::now());
         let _ = self.writes.send(Write::Unban(who.clone()));
         removed
     }
@@ -913,10 +926,11 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|(_, until)| **until > now)
-            .map(|(who, until)| Ban {
+            .filter(|(_, (until, _))| *until > now)
+            .map(|(who, (until, reason))| Ban {
                 who: who.clone(),
                 until: *until,
+                reason: reason.clone(),
             })
             .collect()
     }
@@ -929,15 +943,39 @@ mod tests {
     #[test]
     fn a_ban_of_any_length_read_from_etcd_is_a_time() {
         let far = crate::wallclock::far_future();
+        let until = |value: &[u8]| ban_parse(value).map(|(until, _)| until);
         for huge in [1u64 << 63, u64::MAX, (1 << 63) + 1] {
-            assert_eq!(ban_until(huge.to_string().as_bytes()), Some(far), "{huge}");
+            assert_eq!(until(huge.to_string().as_bytes()), Some(far), "{huge}");
         }
         assert_eq!(
-            ban_until(b"1700000000"),
+            until(b"1700000000"),
             Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
         );
-        for bad in [&b"-1"[..], b"18446744073709551616", b"", b"soon"] {
-            assert_eq!(ban_until(bad), None, "{bad:?}");
+        for bad in [
+            &b"-1"[..],
+            b"18446744073709551616",
+            b"",
+            b"soon",
+            b"soon 1700000000",
+        ] {
+            assert_eq!(until(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_ban_record_carries_its_reason_and_an_older_one_has_none() {
+        let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let value = ban_value(at, "kicked by uid 0: spam, again");
+        assert_eq!(value, "1700000000 kicked by uid 0: spam, again");
+        assert_eq!(
+            ban_parse(value.as_bytes()),
+            Some((at, "kicked by uid 0: spam, again".to_string()))
+        );
+        // As a server without reasons wrote it: the time alone.
+        assert_eq!(ban_parse(b"1700000000"), Some((at, String::new())));
+        assert_eq!(
+            ban_parse(ban_value(at, "").as_bytes()),
+            Some((at, String::new()))
+        );
     }
 }

@@ -60,11 +60,15 @@ pub enum Command {
         /// Also refuse the same client for this long (e.g. 30s, 5m, 1h)
         #[arg(long, value_parser = humantime::parse_duration)]
         ban: Option<Duration>,
+        /// Why, kept as the ban's reason (svpnctl bans) and logged; at most
+        /// 200 bytes of printable text
+        #[arg(long, value_name = "TEXT", value_parser = ban_reason)]
+        reason: Option<String>,
     },
     /// Print peer events as they happen, until interrupted
     Watch,
     /// The bans in force: a key (TLS client) or a remote address
-    /// (original-protocol client), and until when
+    /// (original-protocol client), until when, and why
     Bans,
     /// Lift a ban at once (in a cluster, on every server)
     Unban {
@@ -166,4 +170,12 @@ pub enum PeerCommand {
     /// Every allowed key: where it comes from (config file or added live),
     /// and whether it is connected
     List,
+}
+
+/// `--reason`: printable text, at most [`crate::limits::MAX_BAN_REASON`]
+/// bytes (the server checks it again).
+fn ban_reason(text: &str) -> Result<String, crate::state::BanReasonError> {
+    let text = text.trim();
+    crate::state::check_ban_reason(text)?;
+    Ok(text.to_string())
 }

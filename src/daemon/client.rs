@@ -189,7 +189,13 @@ impl Node for ClientState {
         self.server_peer().into_iter().collect()
     }
 
-    fn kick(&self, _: Ipv4Addr, _: Option<Duration>, _: &str) -> Result<PeerInfo, KickError> {
+    fn kick(
+        &self,
+        _: Ipv4Addr,
+        _: Option<Duration>,
+        _: &str,
+        _: &str,
+    ) -> Result<PeerInfo, KickError> {
         Err(KickError::NotAServer)
     }
 

@@ -108,7 +108,7 @@ pub fn fenced(peers: &PeerTable, events: &Events) {
 
 /// A ban made on another server: refused here too, its connections closed.
 pub fn banned(peers: &PeerTable, events: &Events, ban: Ban) {
-    for peer in peers.ban_who(ban.who.clone(), ban.until) {
+    for peer in peers.ban_who(ban) {
         let reason = "banned on another server of the cluster";
         info!(addr = %peer.address, remote = %peer.remote, "disconnected: {reason}");
         events.publish(EventKind::Kicked, peer.remote, Some(peer.address), reason);

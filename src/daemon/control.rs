@@ -30,7 +30,7 @@ use super::peers::PeerInfo;
 use crate::config::{ConfigError, PeerSection};
 use crate::keys::PublicKey;
 use crate::proto::{self, control_server::ControlServer};
-use crate::state::{Ban, Banned, Invite, InviteState, StoreError};
+use crate::state::{check_ban_reason, Ban, Banned, Invite, InviteState, StoreError};
 
 /// What the control service asks of a running role (server or client).
 pub trait Node: Send + Sync + 'static {
@@ -42,12 +42,15 @@ pub trait Node: Send + Sync + 'static {
         self.peers().into_iter().find(|p| p.address == address)
     }
     /// Closes the connection of the peer at `address`; with `ban`, refuses
-    /// the same client for that long. `by` says who asked, for the log.
+    /// the same client for that long. `by` says who asked, and `why` (may
+    /// be empty) their words: the log, and the ban's reason
+    /// ([`crate::state::check_ban_reason`] holds for `why`).
     fn kick(
         &self,
         address: Ipv4Addr,
         ban: Option<Duration>,
         by: &str,
+        why: &str,
     ) -> Result<PeerInfo, KickError>;
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<PeerEvent>;
     /// Where changes to a running server go (peers added and removed,
@@ -555,7 +558,9 @@ impl proto::control_server::Control for ControlService {
             .ban_seconds
             .filter(|s| *s > 0)
             .map(Duration::from_secs);
-        match self.node.kick(address, ban, &format!("uid {uid}")) {
+        let why = request.get_ref().reason.trim();
+        check_ban_reason(why).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        match self.node.kick(address, ban, &format!("uid {uid}"), why) {
             Ok(peer) => Ok(Response::new(proto::KickPeerReply {
                 peer: Some((&peer).into()),
             })),
@@ -583,6 +588,7 @@ impl proto::control_server::Control for ControlService {
                     key,
                     remote,
                     until: Some(ban.until.into()),
+                    reason: ban.reason,
                 }
             })
             .collect();

@@ -227,8 +227,8 @@ struct Table {
     takeovers: Takeovers<PublicKey>,
     /// Addresses fixed for a key: reserved in the pool for good.
     fixed: HashSet<Ipv4Addr>,
-    /// Refused until the given time (kick --ban).
-    bans: HashMap<Banned, SystemTime>,
+    /// Refused until the given time (kick --ban), and why.
+    bans: HashMap<Banned, (SystemTime, String)>,
     /// The networks behind connected clients, to the client behind each.
     routes: RouteTable<Arc<Peer>>,
     /// Addresses leased to TLS keys (without a fixed address): kept for the
@@ -445,7 +445,7 @@ impl PeerTable {
             table.lease(lease.key, lease.address, address6, lease.expires);
         }
         for ban in bans {
-            table.bans.insert(ban.who, ban.until);
+            table.bans.insert(ban.who, (ban.until, ban.reason));
         }
     }
 
@@ -851,23 +851,25 @@ impl PeerTable {
 
     /// Closes the connection that holds `address` and refuses it (by key, or
     /// by remote address for an original-protocol client) until `until`.
-    /// Returns the peer as it was (its identity and remote say who is
-    /// banned: [`Banned::of`]).
-    pub fn ban(&self, address: Ipv4Addr, until: SystemTime) -> Option<PeerInfo> {
+    /// `reason` says why, for `svpnctl bans`. Returns the peer as it was
+    /// (its identity and remote say who is banned: [`Banned::of`]).
+    pub fn ban(&self, address: Ipv4Addr, until: SystemTime, reason: &str) -> Option<PeerInfo> {
         let mut table = self.write();
         let peer = table.peers.get(&address)?.clone();
         peer.kick.cancel();
         let now = SystemTime::now();
-        table.bans.retain(|_, until| *until > now);
-        table
-            .bans
-            .insert(Banned::of(&peer.identity, peer.remote.ip()), until);
+        table.bans.retain(|_, (until, _)| *until > now);
+        table.bans.insert(
+            Banned::of(&peer.identity, peer.remote.ip()),
+            (until, reason.to_string()),
+        );
         Some(table.info(address, &peer))
     }
 
-    /// Refuses `who` until `until` (a ban made on another server of the
-    /// cluster) and closes its connections here; returns them.
-    pub fn ban_who(&self, who: Banned, until: SystemTime) -> Vec<PeerInfo> {
+    /// Applies `ban` (one made on another server of the cluster) and
+    /// closes the banned client's connections here; returns them.
+    pub fn ban_who(&self, ban: Ban) -> Vec<PeerInfo> {
+        let Ban { who, until, reason } = ban;
         let mut table = self.write();
         let closed = table
             .peers
@@ -878,7 +880,7 @@ impl PeerTable {
                 peer.info(*address)
             })
             .collect();
-        table.bans.insert(who, until);
+        table.bans.insert(who, (until, reason));
         closed
     }
 
@@ -898,10 +900,11 @@ impl PeerTable {
             .read()
             .bans
             .iter()
-            .filter(|(_, until)| **until > now)
-            .map(|(who, until)| Ban {
+            .filter(|(_, (until, _))| *until > now)
+            .map(|(who, (until, reason))| Ban {
                 who: who.clone(),
                 until: *until,
+                reason: reason.clone(),
             })
             .collect();
         bans.sort_by_key(|b| b.until);
@@ -913,13 +916,13 @@ impl PeerTable {
         self.write()
             .bans
             .remove(who)
-            .is_some_and(|until| until > now)
+            .is_some_and(|(until, _)| until > now)
     }
 
     /// How much longer `who` stays banned at `now`, if it is.
     pub fn ban_remaining(&self, who: &Banned, now: SystemTime) -> Option<Duration> {
         let table = self.read();
-        let until = table.bans.get(who)?;
+        let (until, _) = table.bans.get(who)?;
         until.duration_since(now).ok().filter(|d| !d.is_zero())
     }
 
@@ -1175,7 +1178,7 @@ mod tests {
         assert_eq!(who, Banned::Remote(a.remote.ip()));
         assert_eq!(table.ban_remaining(&who, now), None);
         let info = table
-            .ban(address, now + Duration::from_secs(60))
+            .ban(address, now + Duration::from_secs(60), "kicked by uid 0")
             .expect("banned");
         assert_eq!(info.address, address);
         assert!(a.kick.is_cancelled());
@@ -1187,7 +1190,8 @@ mod tests {
             table.ban_remaining(&who, now + Duration::from_secs(60)),
             None
         );
-        assert_eq!(table.ban(Ipv4Addr::new(198, 19, 9, 9), now), None);
+        assert_eq!(table.bans(now)[0].reason, "kicked by uid 0");
+        assert_eq!(table.ban(Ipv4Addr::new(198, 19, 9, 9), now, ""), None);
     }
 
     fn tls_peer(table: &PeerTable, port: u16) -> (Arc<Peer>, crate::connection::QueueRx) {
@@ -1545,6 +1549,7 @@ mod tests {
         let ban = Ban {
             who: who.clone(),
             until: now + Duration::from_secs(30),
+            reason: "kicked by uid 0".into(),
         };
         table.restore(Vec::new(), vec![ban], Duration::from_secs(60));
         assert!(table.ban_remaining(&who, now).is_some());

@@ -1358,20 +1358,31 @@ impl Node for Shared {
         address: Ipv4Addr,
         ban: Option<Duration>,
         by: &str,
+        why: &str,
     ) -> Result<PeerInfo, KickError> {
-        let mut reason = format!("kicked by {by}");
+        // The ban's reason: who, and their words if any.
+        let kicked = match why.is_empty() {
+            true => format!("kicked by {by}"),
+            false => format!("kicked by {by}: {why}"),
+        };
+        let mut reason = kicked.clone();
         let peer = match ban {
             None => self.peers.kick(address),
             Some(ban) => {
                 reason.push_str(&format!(", banned for {}", humantime::format_duration(ban)));
                 let until = crate::wallclock::after(SystemTime::now(), ban);
-                let peer = self.peers.ban(address, until);
+                let peer = self.peers.ban(address, until, &kicked);
                 if let Some(peer) = &peer {
                     let who = Banned::of(&peer.identity, peer.remote.ip());
+                    let ban = Ban {
+                        who,
+                        until,
+                        reason: kicked,
+                    };
                     match &self.cluster {
-                        Some(cluster) => cluster.share_ban(Ban { who, until }),
+                        Some(cluster) => cluster.share_ban(ban),
                         None => {
-                            if let Err(e) = self.store.put_ban(&Ban { who, until }) {
+                            if let Err(e) = self.store.put_ban(&ban) {
                                 warn!(error = %e, "ban not kept across restarts");
                             }
                         }

@@ -78,6 +78,9 @@ pub const MIN_MTU6: u32 = 1280;
 /// connection to the same SQLite file) before it fails.
 pub const STORE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Longest reason a ban keeps (`svpnctl kick --ban --reason`), in bytes.
+pub const MAX_BAN_REASON: usize = 200;
+
 /// Longest peer name (`[[server.peer]] name`, `svpnctl peer add --name`):
 /// it labels logs and metrics.
 pub const MAX_PEER_NAME_LEN: usize = 64;

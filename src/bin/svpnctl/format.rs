@@ -214,9 +214,9 @@ fn banned(ban: &proto::Ban) -> String {
 pub fn bans_table(bans: &[proto::Ban], now: SystemTime) -> String {
     let rows: Vec<Vec<String>> = bans
         .iter()
-        .map(|b| vec![banned(b), until(&b.until, now)])
+        .map(|b| vec![banned(b), until(&b.until, now), or_dash(&b.reason)])
         .collect();
-    table(&["BANNED", "UNTIL"], &rows)
+    table(&["BANNED", "UNTIL", "REASON"], &rows)
 }
 
 /// A time to come: RFC 3339 and how far from `now` ("-" if unset; "0s
@@ -274,6 +274,7 @@ pub fn ban_json(b: &proto::Ban) -> Value {
         "key": or_null(&b.key),
         "remote": or_null(&b.remote),
         "until": rfc3339(&b.until),
+        "reason": or_null(&b.reason),
     })
 }
 

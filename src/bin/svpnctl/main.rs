@@ -189,11 +189,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 false => println!("unbanned {who}"),
             }
         }
-        Command::Kick { peer, ban } => {
+        Command::Kick { peer, ban, reason } => {
             let reply = client
                 .kick_peer(proto::KickPeerRequest {
                     address: peer.clone(),
                     ban_seconds: ban.map(|b| b.as_secs().max(1)),
+                    reason: reason.unwrap_or_default(),
                 })
                 .await
                 .map_err(failure)?
