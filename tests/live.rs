@@ -308,7 +308,17 @@ fn leases_bans_and_live_peers_survive_a_restart() {
     let mut x = bed.start_client(0, &tls_client_args(&x_key, &server_pub));
     let x_address = address_of(&bed, &x_pub).expect("X");
     assert_ne!(x_address, a_address, "A's address is kept for A while away");
-    ctl_ok(&bed, &["kick", &x_address.to_string(), "--ban", "1h"]);
+    ctl_ok(
+        &bed,
+        &[
+            "kick",
+            &x_address.to_string(),
+            "--ban",
+            "1h",
+            "--reason",
+            "lost laptop",
+        ],
+    );
     stop(&mut x);
     stop(&mut b);
 
@@ -336,6 +346,10 @@ fn leases_bans_and_live_peers_survive_a_restart() {
     );
     assert!(!x.log().contains("granted"), "{}", x.log());
     drop(x);
+    // And its reason was kept with it.
+    let bans = svpnctl_json(&bed.server_socket(), &["bans"]);
+    assert_eq!(bans[0]["key"], x_pub.as_str(), "{bans}");
+    assert_eq!(bans[0]["reason"], "kicked by uid 0: lost laptop", "{bans}");
     // B, added live before the restart, is still allowed, at its address.
     let _b = bed.start_client(1, &tls_client_args(&b_key, &server_pub));
     assert_eq!(address_of(&bed, &b_pub), Some(b_address));
