@@ -1,7 +1,7 @@
 //! The I/O side of the wire codec: a reader that owns its buffer and yields
 //! whole frames, and a writer that drains a queue of encoded frames, many per
 //! syscall. Both are generic over any async byte stream, so plain TCP and
-//! (later) TLS share them.
+//! TLS share them.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -549,7 +549,7 @@ mod tests {
             () = std::future::ready(()) => {}
         }
         assert_eq!(reader.buffer.capacity(), 0);
-        // And it reads on as before.
+        // And it still reads the frames that follow.
         client
             .write_all(&Control::KEEPALIVE.encode()[..5])
             .await

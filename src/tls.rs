@@ -7,7 +7,8 @@
 //! [`ALPN_EXTENSION`] ("simplevpn/2"), our server selects it when offered,
 //! and only then do both sides speak the extension frames of
 //! [`crate::wire`] and [`crate::params`] ([`speaks_extension`]). A client
-//! that offers no ALPN at all is served as before, without extensions.
+//! that offers no ALPN at all (the original protocol's) is served without
+//! extensions.
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -39,7 +40,7 @@ const ED25519_SPKI_PREFIX: [u8; 12] = [
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("certificate for the node key: {0}")]
-    Certificate(String),
+    Certificate(#[from] rcgen::Error),
     #[error("TLS configuration: {0}")]
     Config(#[from] Error),
 }
@@ -109,11 +110,8 @@ pub fn speaks_extension(connection: &rustls::CommonState) -> bool {
 fn identity(
     key: &NodeKey,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
-    let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])
-        .map_err(|e| TlsError::Certificate(e.to_string()))?;
-    let cert = params
-        .self_signed(key.pair())
-        .map_err(|e| TlsError::Certificate(e.to_string()))?;
+    let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])?;
+    let cert = params.self_signed(key.pair())?;
     let private = PrivatePkcs8KeyDer::from(key.pair().serialize_der());
     Ok((vec![cert.der().clone()], PrivateKeyDer::Pkcs8(private)))
 }
@@ -381,6 +379,7 @@ mod tests {
     }
 
     use super::*;
+    use std::io;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn key(name: &str) -> NodeKey {
@@ -396,42 +395,29 @@ mod tests {
     async fn handshake(
         server: Arc<rustls::ServerConfig>,
         client: Arc<rustls::ClientConfig>,
-    ) -> (Result<Option<PublicKey>, String>, Result<(), String>) {
+    ) -> (io::Result<Option<PublicKey>>, io::Result<()>) {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let acceptor = tokio_rustls::TlsAcceptor::from(server);
         let connector = tokio_rustls::TlsConnector::from(client);
         let server_side = tokio::spawn(async move {
-            let mut stream = acceptor.accept(a).await.map_err(|e| e.to_string())?;
+            let mut stream = acceptor.accept(a).await?;
             let key = peer_key(stream.get_ref().1);
             let mut buf = [0u8; 5];
-            stream
-                .read_exact(&mut buf)
-                .await
-                .map_err(|e| e.to_string())?;
-            stream.write_all(b"ok").await.map_err(|e| e.to_string())?;
-            stream.flush().await.map_err(|e| e.to_string())?;
+            stream.read_exact(&mut buf).await?;
+            stream.write_all(b"ok").await?;
+            stream.flush().await?;
             Ok(key)
         });
         let client_side = async move {
-            let mut stream = connector
-                .connect(server_name(), b)
-                .await
-                .map_err(|e| e.to_string())?;
-            stream
-                .write_all(b"hello")
-                .await
-                .map_err(|e| e.to_string())?;
-            stream.flush().await.map_err(|e| e.to_string())?;
+            let mut stream = connector.connect(server_name(), b).await?;
+            stream.write_all(b"hello").await?;
+            stream.flush().await?;
             let mut reply = [0u8; 2];
-            stream
-                .read_exact(&mut reply)
-                .await
-                .map_err(|e| e.to_string())?;
+            stream.read_exact(&mut reply).await?;
             Ok(())
         }
         .await;
-        let server_result = server_side.await.unwrap_or_else(|e| Err(e.to_string()));
-        (server_result, client_side)
+        (server_side.await.expect("server side"), client_side)
     }
 
     /// Runs a handshake over an in-memory pipe; returns whether each side
@@ -439,34 +425,27 @@ mod tests {
     async fn negotiated(
         server: Arc<rustls::ServerConfig>,
         client: Arc<rustls::ClientConfig>,
-    ) -> Result<(bool, bool), String> {
+    ) -> io::Result<(bool, bool)> {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let acceptor = tokio_rustls::TlsAcceptor::from(server);
         let connector = tokio_rustls::TlsConnector::from(client);
         let server_side = tokio::spawn(async move {
-            let mut stream = acceptor.accept(a).await.map_err(|e| e.to_string())?;
+            let mut stream = acceptor.accept(a).await?;
             let speaks = speaks_extension(stream.get_ref().1);
             // Wait for the client's byte: its certificate has been checked.
             let mut buf = [0u8; 1];
-            stream
-                .read_exact(&mut buf)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(speaks)
+            stream.read_exact(&mut buf).await?;
+            Ok::<_, io::Error>(speaks)
         });
         let client_side = async move {
-            let mut stream = connector
-                .connect(server_name(), b)
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut stream = connector.connect(server_name(), b).await?;
             let speaks = speaks_extension(stream.get_ref().1);
-            stream.write_all(b"x").await.map_err(|e| e.to_string())?;
-            stream.flush().await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(speaks)
+            stream.write_all(b"x").await?;
+            stream.flush().await?;
+            Ok::<_, io::Error>(speaks)
         }
         .await;
-        let server_result = server_side.await.unwrap_or_else(|e| Err(e.to_string()));
-        Ok((server_result?, client_side?))
+        Ok((server_side.await.expect("server side")?, client_side?))
     }
 
     #[tokio::test]
@@ -479,14 +458,14 @@ mod tests {
 
         // Both sides ours: negotiated on both.
         let both = negotiated(server_config.clone(), ours.clone()).await;
-        assert_eq!(both, Ok((true, true)));
+        assert_eq!(both.expect("both ours"), (true, true));
 
-        // A client that offers no ALPN (as before this version): the
+        // A client that offers no ALPN (the original protocol's): the
         // handshake succeeds, without the extension.
         let mut plain = (*ours).clone();
         plain.alpn_protocols.clear();
         let without = negotiated(server_config.clone(), Arc::new(plain)).await;
-        assert_eq!(without, Ok((false, false)));
+        assert_eq!(without.expect("no ALPN"), (false, false));
 
         // A client offering only protocols we do not know is refused
         // (RFC 7301); hence ALPN_EXTENSION must stay in later offers.
@@ -497,7 +476,7 @@ mod tests {
         let mut newer = (*ours).clone();
         newer.alpn_protocols = vec![b"simplevpn/3".to_vec(), ALPN_EXTENSION.to_vec()];
         let fallback = negotiated(server_config, Arc::new(newer)).await;
-        assert_eq!(fallback, Ok((true, true)));
+        assert_eq!(fallback.expect("a newer offer"), (true, true));
     }
 
     #[tokio::test]
@@ -506,8 +485,8 @@ mod tests {
         let join = join_server_config(&server).expect("join config");
         let joiner = join_client_config(&stranger, vec![server.public()]).expect("config");
         let (server_saw, client_saw) = handshake(join.clone(), joiner.clone()).await;
-        assert_eq!(server_saw, Ok(Some(stranger.public())));
-        assert_eq!(client_saw, Ok(()));
+        assert_eq!(server_saw.expect("joiner let in"), Some(stranger.public()));
+        client_saw.expect("join server accepted");
         // The normal config still refuses the stranger, even offering the
         // join ALPN.
         let normal = server_config(&server, AllowedKeys::default()).expect("config");
@@ -529,7 +508,7 @@ mod tests {
         assert!(refused.is_err(), "{refused:?}");
         allowed.replace([client.public()].into());
         let (let_in, _) = handshake(config.clone(), ours.clone()).await;
-        assert_eq!(let_in, Ok(Some(client.public())));
+        assert_eq!(let_in.expect("allowed now"), Some(client.public()));
         allowed.replace(HashSet::new());
         let (refused, _) = handshake(config, ours).await;
         assert!(refused.is_err(), "{refused:?}");
@@ -543,19 +522,21 @@ mod tests {
 
         let good = client_config(&client, server.public()).expect("client config");
         let (server_saw, client_saw) = handshake(server_config.clone(), good).await;
-        assert_eq!(server_saw, Ok(Some(client.public())));
-        assert_eq!(client_saw, Ok(()));
+        assert_eq!(server_saw.expect("pinned client"), Some(client.public()));
+        client_saw.expect("pinned server");
 
         // An unlisted client key: the server refuses, naming the key.
         let unlisted = client_config(&stranger, server.public()).expect("config");
         let (server_saw, _) = handshake(server_config.clone(), unlisted).await;
-        let err = server_saw.expect_err("unlisted key refused");
+        let err = server_saw.expect_err("unlisted key refused").to_string();
         assert!(err.contains(&stranger.public().to_string()), "{err}");
 
         // A client pinning another server key refuses the server.
         let wrong_pin = client_config(&client, stranger.public()).expect("config");
         let (_, client_saw) = handshake(server_config, wrong_pin).await;
-        let err = client_saw.expect_err("wrong server key refused");
+        let err = client_saw
+            .expect_err("wrong server key refused")
+            .to_string();
         assert!(err.contains("not the pinned server_key"), "{err}");
     }
 }

@@ -3,9 +3,8 @@
 //!
 //! With one worker everything runs on tokio's current-thread runtime: every
 //! task is woken by the I/O driver on the same thread, with no cross-thread
-//! unpark per packet (the lowest latency for one busy peer; measured with
-//! bench/run on a 2-core machine: idle RTT 0.47 -> 0.33 ms against a
-//! 2-worker pool).
+//! unpark per packet: the lowest latency for one busy peer (bench/run
+//! compares it with a pool).
 //!
 //! With more, a [`WorkerPool`]: that many threads named
 //! [`WORKER_THREAD_NAME`], each running a current-thread runtime of its own

@@ -1,5 +1,5 @@
 //! `[cluster]`: the servers of one network share their state in etcd.
-//! Without the table a server keeps its state in SQLite, as before.
+//! Without the table a server keeps its state in SQLite, on its own.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

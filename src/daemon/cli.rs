@@ -194,7 +194,7 @@ pub struct ServerArgs {
     /// Places beyond the limits before authentication for sources granted an address within 24 h [default: max_unauthenticated / 8]
     #[arg(long, value_name = "N")]
     pub unauthenticated_reserve: Option<usize>,
-    /// Threads of the data path, 1 to 1024 (1: one thread, as before) [default: one per CPU]
+    /// Threads of the data path, 1 to 1024 (1: one thread, the lowest latency for one busy peer) [default: one per CPU]
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
     /// Hand connections that are not ours (HTTP, TLS without our ALPN) to this backend, e.g. the website on the same port [default: off]

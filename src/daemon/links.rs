@@ -40,13 +40,38 @@ use crate::connection::{self, write_frames, FrameReader, QueueTx};
 use crate::keys::{NodeKey, PublicKey};
 use crate::limits::{MAX_LINK_PENDING, MAX_LINK_PENDING_PER_SOURCE};
 use crate::tls::{self, AllowedKeys, TlsError};
-use crate::wire::{ipv4_addresses, Decoder, Frame};
+use crate::wire::{ipv4_addresses, Decoder, Frame, ReadError};
 
 /// How long dialing a link (TCP and TLS) may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 /// After a failed dial, packets for that server are dropped this long
 /// before it is dialed again.
 const REDIAL_AFTER: Duration = Duration::from_secs(1);
+
+/// Why a link ended (logged with the member or the remote address).
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("not a pinned member")]
+    NotPinned,
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("dial failed: {0}")]
+    Dial(std::io::Error),
+    #[error("dial timed out")]
+    DialTimeout,
+    #[error("write failed: {0}")]
+    Write(std::io::Error),
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+    #[error("TLS handshake timed out")]
+    HandshakeTimeout,
+    #[error("no pinned member's key")]
+    NoMemberKey,
+    #[error("a frame that is not a packet")]
+    NotAPacket,
+    #[error(transparent)]
+    Read(#[from] ReadError),
+}
 
 /// The limits of a link: those of a client connection (the server's
 /// `queue_len`, `queue_bytes`, `max_frame`, `frame_timeout`).
@@ -257,15 +282,15 @@ impl Links {
         member: &Member,
         link: &Link,
         queue: connection::QueueRx,
-    ) -> Result<(), String> {
+    ) -> Result<(), LinkError> {
         // The key this server's configuration pins for it, never one read
         // from etcd.
         let key = *self
             .cluster
             .pinned()
             .get(&member.node)
-            .ok_or("not a pinned member")?;
-        let config = tls::client_config(&self.key, key).map_err(|e| e.to_string())?;
+            .ok_or(LinkError::NotPinned)?;
+        let config = tls::client_config(&self.key, key)?;
         let dial = async {
             let stream = TcpStream::connect(member.advertise).await?;
             connection::tune_tcp(&stream);
@@ -275,15 +300,15 @@ impl Links {
         };
         let stream = match timeout(DIAL_TIMEOUT, dial).await {
             Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return Err(format!("dial failed: {e}")),
-            Err(_) => return Err("dial timed out".into()),
+            Ok(Err(e)) => return Err(LinkError::Dial(e)),
+            Err(_) => return Err(LinkError::DialTimeout),
         };
         link.up.store(true, Ordering::Relaxed);
         info!(node = %member.node, remote = %member.advertise, "cluster link up");
         let (_reader, writer) = tokio::io::split(stream);
         tokio::select! {
             _ = self.shutdown.cancelled() => Ok(()),
-            written = write_frames(writer, queue) => written.map_err(|e| format!("write failed: {e}")),
+            written = write_frames(writer, queue) => written.map_err(LinkError::Write),
         }
     }
 
@@ -330,19 +355,19 @@ impl Links {
         remote: SocketAddr,
         peers: Arc<dyn LinkDelivery>,
         pending: P,
-    ) -> Result<(), String> {
+    ) -> Result<(), LinkError> {
         connection::tune_tcp(&stream);
         let handshake = self.acceptor.accept(stream);
         let stream = match timeout(self.limits.handshake_timeout, handshake).await {
             Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
-            Err(_) => return Err("TLS handshake timed out".into()),
+            Ok(Err(e)) => return Err(LinkError::Handshake(e)),
+            Err(_) => return Err(LinkError::HandshakeTimeout),
         };
         drop(pending);
         // Only pinned members pass the handshake: this names which one.
         let node = tls::peer_key(stream.get_ref().1)
             .and_then(|key| self.members.get(&key))
-            .ok_or("no pinned member's key")?
+            .ok_or(LinkError::NoMemberKey)?
             .clone();
         debug!(%remote, %node, "cluster link accepted");
         let (reader, _writer) = tokio::io::split(stream);
@@ -368,9 +393,9 @@ impl Links {
                         self.dropped_no_peer.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Ok(Some(_)) => return Err("a frame that is not a packet".into()),
+                Ok(Some(_)) => return Err(LinkError::NotAPacket),
                 Ok(None) => return Ok(()),
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             }
         }
     }

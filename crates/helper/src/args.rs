@@ -75,6 +75,13 @@ pub enum HelperRole {
     Client,
 }
 
+/// A command line that parses but implies no policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgsError {
+    #[error("--network: required for a server")]
+    ServerWithoutNetwork,
+}
+
 impl HelperArgs {
     /// The command line that parses back into `self`.
     pub fn to_args(&self) -> Vec<String> {
@@ -122,10 +129,10 @@ impl HelperArgs {
     }
 
     /// The allow-list for this role and network.
-    pub fn policy(&self) -> Result<Policy, String> {
+    pub fn policy(&self) -> Result<Policy, ArgsError> {
         let rule = match (self.role, self.network) {
             (HelperRole::Server, Some(network)) => AddressRule::HostOf(network),
-            (HelperRole::Server, None) => return Err("--network: required for a server".into()),
+            (HelperRole::Server, None) => return Err(ArgsError::ServerWithoutNetwork),
             (HelperRole::Client, Some(network)) => AddressRule::Inside(network),
             (HelperRole::Client, None) => AddressRule::AnyUnicast,
         };
@@ -210,7 +217,7 @@ mod tests {
             dns_all_domains: false,
             queues: 1,
         };
-        assert!(args.policy().is_err());
+        assert_eq!(args.policy().err(), Some(ArgsError::ServerWithoutNetwork));
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //!
 //! * [`protocol`]: the closed set of requests and answers, and their framing;
 //! * [`channel`]: the socketpair, one frame (and maybe one fd) per message;
-//! * [`policy`]: the helper's allow-list, a pure state machine;
+//! * [`policy`]: the helper's allow-list, a pure state machine, and
+//!   [`refusal`]: why it refuses a request;
 //! * [`netdev`]: what the helper carries out: tun creation and rtnetlink
 //!   configuration (privileged);
 //! * [`nat`]: the server's masquerade, an nftables table of the helper's own;
@@ -38,6 +39,7 @@ pub mod policy;
 pub mod policy6;
 pub mod program;
 pub mod protocol;
+pub mod refusal;
 pub mod resolved;
 
 // The limits and codecs the requests carry, under the paths this crate

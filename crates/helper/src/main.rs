@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use caps::Capability;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::prctl;
@@ -94,7 +94,7 @@ fn run(args: HelperArgs) -> anyhow::Result<()> {
     let parent = getppid();
     let socket = take_socket()?;
     ignore_stop_signals()?;
-    let policy = args.policy().map_err(|e| anyhow!(e))?;
+    let policy = args.policy()?;
     let user = ServiceUser::lookup(&args.user)?;
     // One /dev/net/tun fd per queue, while root: the device node may be
     // root-only.

@@ -32,6 +32,8 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::policy6::AddressRule6;
 use super::protocol::HelperRequest;
+pub use super::refusal::Refusal;
+use super::refusal::{AddressProblem, DnsProblem, RouteProblem, ServerProblem};
 use crate::limits::{
     MAX_HELPER_ROUTES, MAX_MTU, MIN_MTU, MIN_PUSHED_PREFIX4, MIN_PUSHED_PREFIX6, TUNNEL_PREFIX,
 };
@@ -110,51 +112,6 @@ impl RouteRule {
             RouteRule::AnyButDefault => destination.prefix_len() > 0,
         }
     }
-}
-
-/// Why a request was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    #[error("the tun was already opened; it is opened once")]
-    TunAlreadyOpened,
-    #[error("no tun has been opened yet")]
-    NoTun,
-    #[error("ifindex {asked} is not the tun this helper created (ifindex {tun})")]
-    OtherInterface { asked: u32, tun: u32 },
-    #[error("{address}/{prefix}: {why}")]
-    Address {
-        address: IpAddr,
-        prefix: u8,
-        why: String,
-    },
-    #[error("route {destination}: {why}")]
-    Route { destination: IpNet, why: String },
-    #[error("MTU {mtu} is outside {}..={}", .range.start(), .range.end())]
-    Mtu {
-        mtu: u32,
-        range: RangeInclusive<u32>,
-    },
-    #[error("{what} is not allowed: the helper was not started with {flag}")]
-    NotGranted {
-        what: &'static str,
-        flag: &'static str,
-    },
-    #[error("{0} is for a server's helper only")]
-    ServerOnly(&'static str),
-    #[error("{0} is for a client's helper only")]
-    ClientOnly(&'static str),
-    #[error("{what} {net}: {why}")]
-    Host {
-        what: &'static str,
-        net: IpNet,
-        why: String,
-    },
-    #[error("the server address {server}: {why}")]
-    Server { server: IpAddr, why: String },
-    #[error("the host has no route to {0} outside the tun: nothing to pin")]
-    NoUnderlay(IpAddr),
-    #[error("DNS: {0}")]
-    Dns(String),
 }
 
 /// The helper's policy and the state it depends on.
@@ -268,7 +225,7 @@ impl Policy {
                 {
                     return Err(Refusal::Route {
                         destination,
-                        why: format!("this helper already installed {MAX_HELPER_ROUTES} routes"),
+                        why: RouteProblem::TooMany(MAX_HELPER_ROUTES),
                     });
                 }
                 self.check_route(destination)
@@ -289,7 +246,7 @@ impl Policy {
                     true => Ok(()),
                     false => Err(Refusal::Server {
                         server,
-                        why: "not a unicast address".into(),
+                        why: ServerProblem::NotUnicast,
                     }),
                 }
             }
@@ -387,9 +344,9 @@ impl Policy {
     }
 
     /// A full tunnel's server: a unicast address outside the tunnel.
-    fn check_server(&self, server: IpAddr) -> Result<(), String> {
+    fn check_server(&self, server: IpAddr) -> Result<(), ServerProblem> {
         if !unicast(server) {
-            return Err("not a unicast address".into());
+            return Err(ServerProblem::NotUnicast);
         }
         let tunnel = match self.rule {
             AddressRule::HostOf(network) | AddressRule::Inside(network) => Some(network),
@@ -398,14 +355,17 @@ impl Policy {
         let tunnel6 = self.rule6.tunnel(self.address6);
         match (tunnel, server) {
             (Some(tunnel), IpAddr::V4(v4)) if tunnel.contains(&v4) => {
-                Err(format!("inside the tunnel network {tunnel}"))
+                Err(ServerProblem::InTunnel(tunnel.into()))
             }
-            (_, IpAddr::V6(v6)) if tunnel6.is_some_and(|t| t.contains(&v6)) => Err(format!(
-                "inside the IPv6 tunnel network {}",
-                tunnel6.map_or_else(String::new, |t| t.to_string())
-            )),
+            (_, IpAddr::V6(v6)) => match tunnel6 {
+                Some(tunnel6) if tunnel6.contains(&v6) => {
+                    Err(ServerProblem::InTunnel(tunnel6.into()))
+                }
+                _ if tunnel.is_some() => Ok(()),
+                _ => Err(ServerProblem::NoAddressYet),
+            },
             (Some(_), _) => Ok(()),
-            (None, _) => Err("no address has been set yet".into()),
+            (None, _) => Err(ServerProblem::NoAddressYet),
         }
     }
 
@@ -448,7 +408,7 @@ impl Policy {
     /// unless the full tunnel was granted; and any route that covers the
     /// server's address (the tunnel would carry itself, or a malicious
     /// server would take the connection to itself).
-    fn check_client_route(&self, destination: IpNet) -> Result<(), String> {
+    fn check_client_route(&self, destination: IpNet) -> Result<(), RouteProblem> {
         if !self.is_client() {
             return Ok(());
         }
@@ -460,15 +420,12 @@ impl Policy {
             && !self.grants.full_tunnel
             && destination.prefix_len() < min
         {
-            return Err(format!(
-                "wider than /{min}: installed only with accept_routes covering it \
-                 (or full_tunnel), the user's choice"
-            ));
+            return Err(RouteProblem::TooWide(min));
         }
         match self.underlay {
-            Some(server) if destination.contains(&server) => Err(format!(
-                "covers the server's address {server}: the tunnel would carry itself"
-            )),
+            Some(server) if destination.contains(&server) => {
+                Err(RouteProblem::CoversServer(server))
+            }
             _ => Ok(()),
         }
     }
@@ -505,14 +462,7 @@ impl Policy {
             lan.contains(&net) || address.is_some_and(|address| lan.contains(&address))
         });
         match clash {
-            Some(lan) => Err(Refusal::Host {
-                what,
-                net,
-                why: format!(
-                    "inside {lan}, a network connected to another interface of this host: \
-                     its traffic would go into the tunnel"
-                ),
-            }),
+            Some(&lan) => Err(Refusal::Host { what, net, lan }),
             None => Ok(()),
         }
     }
@@ -525,55 +475,51 @@ impl Policy {
         }
     }
 
-    fn check_address(&self, address: Ipv4Addr, prefix: u8) -> Result<(), String> {
+    fn check_address(&self, address: Ipv4Addr, prefix: u8) -> Result<(), AddressProblem> {
         let subnet = match self.rule {
             AddressRule::HostOf(network) => {
                 if prefix != network.prefix_len() {
-                    return Err(format!("the prefix must be the network's: {network}"));
+                    return Err(AddressProblem::NotTheNetworksPrefix(network.into()));
                 }
                 if !network.contains(&address) {
-                    return Err(format!("outside the network {network}"));
+                    return Err(AddressProblem::Outside(network.into()));
                 }
                 network
             }
             AddressRule::Inside(network) => {
                 if !network.contains(&address) {
-                    return Err(format!("outside the network {network}"));
+                    return Err(AddressProblem::Outside(network.into()));
                 }
                 if prefix < network.prefix_len() || !TUNNEL_PREFIX.contains(&prefix) {
-                    return Err(format!(
-                        "the prefix must be from /{} to /{} to stay inside {network}",
-                        network.prefix_len().max(*TUNNEL_PREFIX.start()),
-                        TUNNEL_PREFIX.end()
-                    ));
+                    return Err(AddressProblem::PrefixLeaves {
+                        allowed: network.prefix_len().max(*TUNNEL_PREFIX.start())
+                            ..=*TUNNEL_PREFIX.end(),
+                        network: network.into(),
+                    });
                 }
                 subnet_of(address, prefix)?
             }
             AddressRule::AnyUnicast => {
                 if !TUNNEL_PREFIX.contains(&prefix) {
-                    return Err(format!(
-                        "the prefix must be from /{} to /{}",
-                        TUNNEL_PREFIX.start(),
-                        TUNNEL_PREFIX.end()
-                    ));
+                    return Err(AddressProblem::Prefix(TUNNEL_PREFIX));
                 }
                 if address.is_loopback()
                     || address.is_multicast()
                     || address.is_broadcast()
                     || address.is_unspecified()
                 {
-                    return Err("not a unicast address".into());
+                    return Err(AddressProblem::NotUnicast);
                 }
                 subnet_of(address, prefix)?
             }
         };
         if address == subnet.network() || address == subnet.broadcast() {
-            return Err(format!("not a host address of {subnet}"));
+            return Err(AddressProblem::NotAHost(subnet.into()));
         }
         Ok(())
     }
 
-    fn check_route(&self, destination: IpNet) -> Result<(), String> {
+    fn check_route(&self, destination: IpNet) -> Result<(), RouteProblem> {
         if self.routes.allows(destination) {
             return Ok(());
         }
@@ -581,63 +527,48 @@ impl Policy {
             (IpNet::V4(_), AddressRule::HostOf(network) | AddressRule::Inside(network)) => {
                 network.into()
             }
-            (IpNet::V4(_), AddressRule::AnyUnicast) => self
-                .address
-                .ok_or("no address has been set, so no route is allowed yet")?
-                .into(),
+            (IpNet::V4(_), AddressRule::AnyUnicast) => {
+                self.address.ok_or(RouteProblem::NoAddressYet)?.into()
+            }
             (IpNet::V6(_), _) => self
                 .rule6
                 .tunnel(self.address6)
-                .ok_or("no IPv6 address has been set, so no IPv6 route is allowed yet")?
+                .ok_or(RouteProblem::NoIpv6AddressYet)?
                 .into(),
         };
         match (allowed.contains(&destination), &self.routes) {
             (true, _) => Ok(()),
-            (false, RouteRule::AnyButDefault) => Err(format!(
-                "outside {allowed}, and a default route is never allowed"
-            )),
+            (false, RouteRule::AnyButDefault) => Err(RouteProblem::DefaultNever(allowed)),
             (false, RouteRule::Inside(nets)) if nets.is_empty() => {
-                Err(format!("outside {allowed}"))
+                Err(RouteProblem::Outside(allowed))
             }
-            (false, RouteRule::Inside(nets)) => Err(format!(
-                "outside {allowed} and outside the allowed routes {}",
-                nets.iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
+            (false, RouteRule::Inside(nets)) => Err(RouteProblem::OutsideAllowed {
+                tunnel: allowed,
+                allowed: nets.clone(),
+            }),
         }
     }
 }
 
 /// DNS settings within the session parameters' limits: unicast servers,
 /// valid search domains.
-fn check_dns(servers: &[IpAddr], domains: &[String], all_domains: bool) -> Result<(), String> {
+fn check_dns(servers: &[IpAddr], domains: &[String], all_domains: bool) -> Result<(), DnsProblem> {
     if servers.len() > MAX_DNS {
-        return Err(format!("{} servers: at most {MAX_DNS}", servers.len()));
+        return Err(DnsProblem::TooManyServers(servers.len()));
     }
     if domains.len() > MAX_DNS_SEARCH {
-        return Err(format!(
-            "{} search domains: at most {MAX_DNS_SEARCH}",
-            domains.len()
-        ));
+        return Err(DnsProblem::TooManyDomains(domains.len()));
     }
     // Loopback too: a pushed resolver on the client's own loopback would
     // be a local service the server picked.
-    if let Some(bad) = servers.iter().find(|s| !unicast(**s)) {
-        return Err(format!(
-            "{bad} is not a unicast address outside this host (loopback, \
-             unspecified, multicast and broadcast are refused)"
-        ));
+    if let Some(&bad) = servers.iter().find(|s| !unicast(**s)) {
+        return Err(DnsProblem::NotUnicast(bad));
     }
     if let Some(bad) = domains.iter().find(|d| !valid_domain(d.as_bytes())) {
-        return Err(format!("{bad:?} is not a domain"));
+        return Err(DnsProblem::NotADomain(bad.clone()));
     }
     if let Some(wide) = domains.iter().find(|d| !all_domains && single_label(d)) {
-        return Err(format!(
-            "{wide:?} has a single label: every lookup under it would go to the tunnel \
-             (allowed with dns = \"pushed-all-domains\")"
-        ));
+        return Err(DnsProblem::SingleLabel(wide.clone()));
     }
     Ok(())
 }
@@ -650,10 +581,10 @@ fn unicast(address: IpAddr) -> bool {
 }
 
 /// The subnet `address/prefix` lies in.
-fn subnet_of(address: Ipv4Addr, prefix: u8) -> Result<Ipv4Net, String> {
+fn subnet_of(address: Ipv4Addr, prefix: u8) -> Result<Ipv4Net, AddressProblem> {
     Ipv4Net::new(address, prefix)
         .map(|n| n.trunc())
-        .map_err(|_| format!("/{prefix} is not a prefix length"))
+        .map_err(|_| AddressProblem::PrefixLength(prefix))
 }
 
 #[cfg(test)]
@@ -909,7 +840,7 @@ mod tests {
         assert!(refusal
             .to_string()
             .contains("default route is never allowed"));
-        // Without a rule: the tunnel network only, as before.
+        // Without a rule: the tunnel network only.
         let plain = opened(Policy::new(AddressRule::Inside(network), 1500));
         assert!(plain.check(&route("198.18.201.0/24")).is_err());
         assert_eq!(plain.check(&route("198.19.4.0/24")), Ok(()));

@@ -18,6 +18,7 @@ use std::net::Ipv6Addr;
 use ipnet::Ipv6Net;
 
 use crate::limits::TUNNEL_PREFIX6;
+use crate::refusal::AddressProblem;
 
 /// Which IPv6 addresses may be set on the tun.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,53 +37,45 @@ pub enum AddressRule6 {
 
 impl AddressRule6 {
     /// The subnet of `address/prefix` if the rule allows it, else why not.
-    pub fn check(self, address: Ipv6Addr, prefix: u8) -> Result<Ipv6Net, String> {
+    pub fn check(self, address: Ipv6Addr, prefix: u8) -> Result<Ipv6Net, AddressProblem> {
         let subnet = match self {
-            AddressRule6::Off => {
-                return Err("IPv6 inside the tunnel is off (the helper has no --network6)".into())
-            }
+            AddressRule6::Off => return Err(AddressProblem::Ipv6Off),
             AddressRule6::HostOf(network) => {
                 if prefix != network.prefix_len() {
-                    return Err(format!("the prefix must be the network's: {network}"));
+                    return Err(AddressProblem::NotTheNetworksPrefix(network.into()));
                 }
                 network
             }
             AddressRule6::Inside(network) => {
                 if prefix < network.prefix_len() || !TUNNEL_PREFIX6.contains(&prefix) {
-                    return Err(format!(
-                        "the prefix must be from /{} to /{} to stay inside {network}",
-                        network.prefix_len().max(*TUNNEL_PREFIX6.start()),
-                        TUNNEL_PREFIX6.end()
-                    ));
+                    return Err(AddressProblem::PrefixLeaves {
+                        allowed: network.prefix_len().max(*TUNNEL_PREFIX6.start())
+                            ..=*TUNNEL_PREFIX6.end(),
+                        network: network.into(),
+                    });
                 }
                 network
             }
             AddressRule6::AnyUnicast => {
                 if !TUNNEL_PREFIX6.contains(&prefix) {
-                    return Err(format!(
-                        "the prefix must be from /{} to /{}",
-                        TUNNEL_PREFIX6.start(),
-                        TUNNEL_PREFIX6.end()
-                    ));
+                    return Err(AddressProblem::Prefix(TUNNEL_PREFIX6));
                 }
                 if address.is_loopback()
                     || address.is_multicast()
                     || address.is_unspecified()
                     || address.is_unicast_link_local()
                 {
-                    return Err("not a global unicast address".into());
+                    return Err(AddressProblem::NotGlobalUnicast);
                 }
-                Ipv6Net::new(address, prefix).map_err(|e| e.to_string())?
+                subnet_of(address, prefix)?
             }
         };
         if !subnet.contains(&address) {
-            return Err(format!("outside the network {subnet}"));
+            return Err(AddressProblem::Outside(subnet.into()));
         }
-        let own = Ipv6Net::new(address, prefix)
-            .map_err(|e| e.to_string())?
-            .trunc();
+        let own = subnet_of(address, prefix)?;
         if address == own.network() {
-            return Err(format!("not a host address of {own}"));
+            return Err(AddressProblem::NotAHost(own.into()));
         }
         Ok(own)
     }
@@ -97,6 +90,13 @@ impl AddressRule6 {
     }
 }
 
+/// The subnet `address/prefix` lies in.
+fn subnet_of(address: Ipv6Addr, prefix: u8) -> Result<Ipv6Net, AddressProblem> {
+    Ipv6Net::new(address, prefix)
+        .map(|n| n.trunc())
+        .map_err(|_| AddressProblem::PrefixLength(prefix))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,7 +105,7 @@ mod tests {
         s.parse().expect("net")
     }
 
-    fn check(rule: AddressRule6, address: &str, prefix: u8) -> Result<Ipv6Net, String> {
+    fn check(rule: AddressRule6, address: &str, prefix: u8) -> Result<Ipv6Net, AddressProblem> {
         rule.check(address.parse().expect("address"), prefix)
     }
 

@@ -983,7 +983,7 @@ pub(crate) mod tests {
     #[test]
     fn extension_frames_only_when_enabled() {
         let frame = extension(1, b"body");
-        // Today's decoders: 0xF is a bad version, as before.
+        // Without extensions (the original protocol): 0xF is a bad version.
         assert_eq!(
             Decoder::default().decode(&mut BytesMut::from(&frame[..])),
             Err(ProtocolError::BadVersion(15, 0xf1))
