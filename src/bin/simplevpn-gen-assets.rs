@@ -620,7 +620,10 @@ mod tests {
         }
         // A row: the field tagged, then its default, flag and reload class.
         assert!(
-            page.contains(".TP\n\\fBtun\\fR\nDefault svpn0; flag \\-\\-tun; on reload: restart."),
+            page.contains(
+                ".TP\n\\fBtun\\fR\nDefault svpn0; under simplevpnd@NAME, svpn\\-NAME \
+                 (cut to 15 bytes); flag \\-\\-tun; on reload: restart."
+            ),
             "{page}"
         );
         // The complete example, verbatim.
