@@ -339,14 +339,17 @@ fn an_https_request_to_a_shared_port_reaches_the_https_website() {
 }
 
 /// A backend that records the first bytes of the first connection to
-/// `record`, then answers with a short HTTP response.
+/// `record`, up to the end of the HTTP head that follows the PROXY v2
+/// header, then answers with a short HTTP response. The header's own
+/// signature holds a blank line (`\r\n\r\n`), so the head ends at the
+/// second one; the header and the request may arrive in separate reads.
 fn recording_backend(bed: &Bed, port: u16, record: &str) -> Daemon {
     let script = format!(
         "import socket, time\n\
          s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
          s.bind(('127.0.0.1', {port})); s.listen(8)\n\
          c, _ = s.accept(); c.settimeout(10); data = b''\n\
-         while b'\\r\\n\\r\\n' not in data:\n\
+         while data.count(b'\\r\\n\\r\\n') < 2:\n\
          \x20   chunk = c.recv(4096)\n\
          \x20   if not chunk: break\n\
          \x20   data += chunk\n\
