@@ -290,8 +290,8 @@ struct Bed2 {
     /// The servers' `lease_ttl` in seconds ([`LEASE_TTL`] unless a test
     /// needs sessions to outlast etcd for longer).
     lease_ttl: u64,
-    /// The servers' `network6` (none: IPv4 only).
-    network6: Option<&'static str>,
+    /// Each server's `network6` (none: IPv4 only).
+    network6: [Option<&'static str>; 2],
 }
 
 const ETCD_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 18, 90, 1);
@@ -368,7 +368,7 @@ impl Bed2 {
             server_keys,
             keys,
             lease_ttl: LEASE_TTL,
-            network6: None,
+            network6: [None; 2],
         }
     }
 
@@ -430,7 +430,7 @@ impl Bed2 {
         for (_, public) in &self.keys[..3] {
             args.extend_from_slice(&["--peer", public]);
         }
-        if let Some(network6) = self.network6 {
+        if let Some(network6) = self.network6[i] {
             args.extend_from_slice(&["--network6", network6]);
         }
         self.s[i].spawn_env(SIMPLEVPND, &args, &[("RUST_LOG", "info")])
@@ -1075,7 +1075,7 @@ fn two_servers_with_network6_link_both_families_and_a_client_fails_over_keeping_
         return;
     }
     let mut bed = Bed2::new("cl6");
-    bed.network6 = Some(NETWORK6);
+    bed.network6 = [Some(NETWORK6); 2];
     bed.c.iter().for_each(no_dad);
     let mut s1 = bed.server(0);
     let s2 = bed.server(1);
@@ -1171,6 +1171,28 @@ fn a_link_with_a_members_key_from_an_address_it_does_not_advertise_is_refused() 
         1,
         "logged once:\n{}",
         s2.log()
+    );
+}
+
+/// Every server of a cluster must have the same `network6`: one that sees
+/// a member with another (or none) says so.
+#[test]
+fn a_member_with_another_network6_is_warned_about() {
+    if !require_root("a_member_with_another_network6_is_warned_about") {
+        return;
+    }
+    let mut bed = Bed2::new("cl6mix");
+    bed.network6 = [Some(NETWORK6), None];
+    let s1 = bed.server(0);
+    let s2 = bed.server(1);
+    let warning = "a member has another network6 than this server";
+    // s2 reads s1's record when it joins; s1 sees s2's through its watch.
+    assert!(s2.log().contains(warning), "{}", s2.log());
+    expect_log(&s1, warning, Duration::from_secs(5));
+    assert!(
+        s1.log().contains("theirs=none ours=2001:2:0:100::/64"),
+        "{}",
+        s1.log()
     );
 }
 

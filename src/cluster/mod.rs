@@ -3,7 +3,7 @@
 //! Keys, under `/simplevpn/<network>/` (the network as `198.19.0.0_16`):
 //!
 //! ```text
-//! members/<node>        {"node":..,"advertise":..,"key":..}  under the server's etcd lease
+//! members/<node>        {"node":..,"advertise":..,"key":..,"network6":..}  under the server's etcd lease
 //! leases/<address>      "<node> key:<base64>" | "<node> remote:<ip>"  under the holder's lease
 //!                       (an IPv4 address, or an IPv6 one of `network6`)
 //! bans/<key:..|remote:..>  "<Unix time the ban ends> <reason>" (older servers wrote
@@ -109,6 +109,8 @@ pub struct Cluster {
     config: ClusterConfig,
     etcd: Etcd,
     prefix: String,
+    /// This server's `network6`, which every member must share.
+    network6: Option<Ipv6Net>,
     leases: Leases,
     /// This server's etcd lease; 0 while it has none.
     lease: AtomicI64,
@@ -211,6 +213,7 @@ impl Cluster {
             etcd,
             leases,
             prefix,
+            network6,
             lease: AtomicI64::new(0),
             loaded: AtomicI64::new(0),
             reachable: AtomicBool::new(false),
@@ -266,6 +269,7 @@ impl Cluster {
             node: self.config.node.clone(),
             advertise: self.config.advertise,
             key: own.map(ToString::to_string),
+            network6: self.network6,
         };
         let at = member.etcd_key(&self.prefix);
         self.etcd
@@ -292,12 +296,16 @@ impl Cluster {
         *self.live.lock().unwrap_or_else(|e| e.into_inner()) = live;
         let holders = Holders::from_all(self.leases.all().await?);
         *self.holders.write().unwrap_or_else(|e| e.into_inner()) = holders;
-        let members = self
+        let members: HashMap<String, Arc<Member>> = self
             .members()
             .await?
             .into_iter()
             .map(|m| (m.node.clone(), Arc::new(m)))
             .collect();
+        members
+            .values()
+            .filter(|m| m.node != self.config.node)
+            .for_each(|m| self.check_network6(m));
         *self.members.write().unwrap_or_else(|e| e.into_inner()) = members;
         self.loaded.store(revision, Ordering::Relaxed);
         Ok(revision)
@@ -849,6 +857,7 @@ impl Cluster {
             if let Some(member) = membership::verified(&self.records, &key, node, &value) {
                 if node != self.config.node {
                     info!(node, advertise = %member.advertise, "a server joined the cluster");
+                    self.check_network6(&member);
                 }
                 self.members
                     .write()
@@ -884,6 +893,23 @@ impl Cluster {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(ban.who.clone(), (ban.until, ban.reason.clone()));
             hooks.banned(ban);
+        }
+    }
+
+    /// Warns when `member` has another `network6` than this server: its
+    /// clients' IPv6 addresses are claimed in etcd as every one is (never
+    /// two holders), but clients of one server cannot reach those of the
+    /// other over IPv6 as they expect, and a server without `network6`
+    /// grants none.
+    fn check_network6(&self, member: &Member) {
+        if member.network6 != self.network6 {
+            let text = |n: Option<Ipv6Net>| n.map_or("none".to_string(), |n| n.to_string());
+            warn!(
+                node = %member.node,
+                theirs = %text(member.network6),
+                ours = %text(self.network6),
+                "a member has another network6 than this server: every server of a cluster must use the same network6"
+            );
         }
     }
 
