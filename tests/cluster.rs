@@ -1088,11 +1088,14 @@ fn two_servers_with_network6_link_both_families_and_a_client_fails_over_keeping_
         network6.contains(&a6) && network6.contains(&b6),
         "{a6} {b6}"
     );
-    // Both families, both ways, over the link.
+    // Both families, both ways, over the link; TCP too (whole segments
+    // from the offloads, cut into packets for the link).
     ping6(&bed.c[0], b6);
     ping6(&bed.c[1], a6);
     ping(&bed.c[0], b_address);
     ping(&bed.c[1], a_address);
+    tcp_round_trip(&bed.c[0], &bed.c[1], b6, 7010, 200_000);
+    tcp_round_trip(&bed.c[1], &bed.c[0], a6, 7011, 200_000);
     let status = svpnctl_json(&bed.socket(1), &["status"]);
     assert_eq!(status["cluster"]["dropped_spoofed"], 0, "{status}");
 
@@ -1105,9 +1108,31 @@ fn two_servers_with_network6_link_both_families_and_a_client_fails_over_keeping_
     );
     assert_eq!(tun_address(&bed.c[0]), Some(a_address));
     assert_eq!(address6(&bed, 0, &a), a6, "a's IPv6 address after failover");
+    // s2 holds it for a: it is in s2's peer list, beside b's.
+    let mut on_s2 = Vec::new();
+    let listed6 = wait_until(STARTUP, || {
+        on_s2 = svpnctl_json(&bed.socket(1), &["peers"])
+            .as_array()
+            .map(|peers| {
+                peers
+                    .iter()
+                    .filter_map(|p| p["address6"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        on_s2.len() == 2
+    });
+    assert!(listed6, "{on_s2:?}");
+    assert!(
+        on_s2
+            .iter()
+            .any(|a| a.split('/').next() == Some(a6.to_string().as_str())),
+        "{on_s2:?} {a6}"
+    );
     ping6(&bed.c[1], a6);
     ping6(&bed.c[0], b6);
     ping(&bed.c[1], a_address);
+    tcp_round_trip(&bed.c[1], &bed.c[0], a6, 7012, 100_000);
     drop(s2);
 }
 
