@@ -1448,6 +1448,48 @@ mod tests {
     }
 
     #[test]
+    fn in_a_cluster_the_ipv6_address_is_the_claimed_one_and_the_pool_only_marks_it_used() {
+        let v6 = |s: &str| -> Ipv6Addr { s.parse().expect("v6") };
+        let (k1, k2) = (
+            PublicKey::from_raw(&[1; 32]).expect("key"),
+            PublicKey::from_raw(&[2; 32]).expect("key"),
+        );
+        let table = dual_stack(&[]);
+        let (a, _rx) = extension_peer(&table, 1001, k1);
+        let claimed = v6("2001:2:0:100::77");
+        let grant = table
+            .admit_claimed(
+                Request::Static(Ipv4Addr::new(198, 19, 0, 9)),
+                Some(claimed),
+                &a,
+            )
+            .expect("grant");
+        assert_eq!(grant.address6, Some(claimed));
+        assert!(!table.is_free(claimed), "reserved here");
+        assert_eq!(table.peer(claimed).map(|p| p.address), Some(grant.address));
+        // Claimed none (every IPv6 address held in the cluster): IPv4 only,
+        // nothing taken from this server's pool.
+        let (b, _rx) = extension_peer(&table, 1002, k2);
+        let b_grant = table
+            .admit_claimed(Request::Static(Ipv4Addr::new(198, 19, 0, 10)), None, &b)
+            .expect("grant");
+        assert_eq!(b_grant.address6, None);
+        assert!(table.is_free(v6("2001:2:0:100::2")));
+        // A's newer session is claimed another address: the old one is
+        // free here again.
+        let (a2, _rx) = extension_peer(&table, 1003, k1);
+        let moved = v6("2001:2:0:100::78");
+        let again = table
+            .admit_claimed(Request::Static(grant.address), Some(moved), &a2)
+            .expect("grant");
+        assert_eq!(again.address6, Some(moved));
+        assert!(table.is_free(claimed) && !table.is_free(moved));
+        assert!(table
+            .kick(moved)
+            .is_some_and(|p| p.address == grant.address));
+    }
+
+    #[test]
     fn extension_peers_get_a_sticky_ipv6_address_and_original_ones_none() {
         let v6 = |s: &str| -> Ipv6Addr { s.parse().expect("v6") };
         let (k1, k2, k3) = (
