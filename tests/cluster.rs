@@ -1199,6 +1199,102 @@ fn a_link_with_a_members_key_from_an_address_it_does_not_advertise_is_refused() 
     );
 }
 
+/// A hand-made IPv6/UDP packet to port 12345, its checksum right (IPv6
+/// requires one).
+fn udp6_packet(
+    source: std::net::Ipv6Addr,
+    destination: std::net::Ipv6Addr,
+    payload: &[u8],
+) -> Vec<u8> {
+    let udp_len = 8 + payload.len();
+    let mut udp = Vec::with_capacity(udp_len);
+    udp.extend_from_slice(&40000u16.to_be_bytes());
+    udp.extend_from_slice(&12345u16.to_be_bytes());
+    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&source.octets());
+    pseudo.extend_from_slice(&destination.octets());
+    pseudo.extend_from_slice(&(udp_len as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 17]);
+    pseudo.extend_from_slice(&udp);
+    if pseudo.len() % 2 == 1 {
+        pseudo.push(0);
+    }
+    let mut sum: u32 = pseudo
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let checksum = match !(sum as u16) {
+        0 => 0xffff,
+        c => c,
+    };
+    udp[6..8].copy_from_slice(&checksum.to_be_bytes());
+    let mut packet = vec![0x60, 0, 0, 0];
+    packet.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    packet.extend_from_slice(&[17, 64]);
+    packet.extend_from_slice(&source.octets());
+    packet.extend_from_slice(&destination.octets());
+    packet.extend_from_slice(&udp);
+    packet
+}
+
+/// The link's source check covers IPv6: a member may send only from IPv6
+/// addresses its clients hold.
+#[test]
+fn an_ipv6_packet_over_a_link_from_a_source_its_member_holds_no_lease_for_is_dropped() {
+    if !require_root(
+        "an_ipv6_packet_over_a_link_from_a_source_its_member_holds_no_lease_for_is_dropped",
+    ) {
+        return;
+    }
+    let mut bed = Bed2::new("cl6spoof");
+    bed.network6 = [Some(NETWORK6); 2];
+    bed.c.iter().for_each(no_dad);
+    let _s1 = bed.server(0);
+    let _s2 = bed.server(1);
+    let (a, _) = bed.client(0, 0, &["198.18.1.1"]);
+    let (b, _) = bed.client(1, 1, &["198.18.2.1"]);
+    let (a6, b6) = (address6(&bed, 0, &a), address6(&bed, 1, &b));
+    let socket = bed.c[1].udp_bind((b6, 12345).into()).expect("udp socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let spoofed = udp6_packet("2001:2:0:100::dead".parse().expect("v6"), b6, b"spoofed");
+    let real = udp6_packet(a6, b6, b"real");
+    let member = NodeKey::load(std::path::Path::new(&bed.server_keys[0].0)).expect("s1's key");
+    let s2_key = bed.server_keys[1].1.parse().expect("s2's key");
+    in_ns(&bed.s[0], async move {
+        use tokio::io::AsyncWriteExt;
+        let config = simplevpn::tls::client_config(&member, s2_key).expect("tls config");
+        let tcp = tokio::net::TcpStream::connect("198.18.92.2:2003")
+            .await
+            .expect("connect");
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(simplevpn::tls::server_name(), tcp)
+            .await
+            .expect("a member's link");
+        tls.write_all(&spoofed).await.expect("write");
+        tls.write_all(&real).await.expect("write");
+        tls.flush().await.expect("flush");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    });
+    let mut buffer = [0u8; 64];
+    let (n, _) = socket.recv_from(&mut buffer).expect("the real packet");
+    assert_eq!(&buffer[..n], b"real");
+    assert!(
+        socket.recv_from(&mut buffer).is_err(),
+        "a second packet arrived: {:?}",
+        &buffer
+    );
+    let status = svpnctl_json(&bed.socket(1), &["status"]);
+    assert_eq!(status["cluster"]["dropped_spoofed"], 1, "{status}");
+}
+
 /// Every server of a cluster must have the same `network6`: one that sees
 /// a member with another (or none) says so.
 #[test]
