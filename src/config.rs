@@ -707,14 +707,6 @@ pub fn server_settings(
             "a cluster server needs a key (key = PATH): the servers authenticate their links with it",
         ));
     }
-    // The cluster shares IPv4 leases and forwards IPv4 between its servers
-    // only: each server would hand out IPv6 addresses on its own.
-    if cluster.is_some() && config.network6.is_some() {
-        return Err(ConfigError::new(
-            "cluster",
-            "[cluster] with network6 is not supported yet",
-        ));
-    }
     Ok(ServerConfig { cluster, ..config })
 }
 
@@ -2070,7 +2062,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cluster_with_network6_is_refused() {
+    fn a_cluster_server_may_have_network6() {
         let text = "[server]\nkey = \"/k\"\nnetwork = \"198.19.0.0/16\"\n{}\n\
                     [cluster]\netcd = [\"http://198.18.9.1:2379\"]\nnode = \"s1\"\n\
                     advertise = \"198.18.1.1:2003\"\netcd_insecure = true\n\
@@ -2087,8 +2079,9 @@ mod tests {
         };
         let config = settings("").expect("an IPv4-only cluster server");
         assert!(config.cluster.is_some());
-        let err = settings("network6 = \"2001:2:0:100::/64\"").expect_err("refused");
-        assert_eq!(err.field, "cluster");
-        assert_eq!(err.problem, "[cluster] with network6 is not supported yet");
+        assert_eq!(config.network6, None);
+        let config = settings("network6 = \"2001:2:0:100::/64\"").expect("a dual-stack one");
+        assert!(config.cluster.is_some());
+        assert_eq!(config.network6, "2001:2:0:100::/64".parse().ok());
     }
 }

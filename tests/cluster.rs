@@ -14,7 +14,7 @@ use common::vpn::*;
 use common::*;
 use simplevpn::cluster::config::{ClusterConfig, EtcdTransport};
 use simplevpn::cluster::etcd::Etcd as Client;
-use simplevpn::cluster::leases::{Claimant, Leases, Wanted};
+use simplevpn::cluster::leases::{Claimant, Family, Leases, Wanted};
 use simplevpn::cluster::signed::{Pinned, Records};
 use simplevpn::cluster::Cluster;
 use simplevpn::keys::{NodeKey, PublicKey};
@@ -61,14 +61,20 @@ fn two_servers_granting_at_once_never_hand_out_one_address_twice() {
             let etcd = Client::new(std::slice::from_ref(&url)).expect("client");
             let lease = etcd.grant(Duration::from_secs(30)).await.expect("lease");
             let records = Arc::new(Records::new(node, keys[n].clone(), pinned.clone()));
-            let leases = Arc::new(Leases::new(etcd, "/simplevpn/test/", records, network));
+            let leases = Arc::new(Leases::new(
+                etcd,
+                "/simplevpn/test/",
+                records,
+                network,
+                None,
+            ));
             for i in 0..40u8 {
                 let leases = leases.clone();
                 let claimant =
                     Claimant::Remote(std::net::IpAddr::from([198, 18, 100 * n as u8 + i, 2]));
                 tasks.push(tokio::spawn(async move {
                     leases
-                        .claim(&claimant, Wanted::Any, lease, |_| true)
+                        .claim(&claimant, Wanted::Any(Family::V4), lease, |_| true)
                         .await
                         .ok()
                         .map(|a| (node, a))
@@ -81,8 +87,8 @@ fn two_servers_granting_at_once_never_hand_out_one_address_twice() {
         }
         granted
     });
-    let addresses: Vec<(&str, Ipv4Addr)> = granted.into_iter().flatten().collect();
-    let distinct: HashSet<Ipv4Addr> = addresses.iter().map(|(_, a)| *a).collect();
+    let addresses: Vec<(&str, std::net::IpAddr)> = granted.into_iter().flatten().collect();
+    let distinct: HashSet<std::net::IpAddr> = addresses.iter().map(|(_, a)| *a).collect();
     assert_eq!(
         distinct.len(),
         addresses.len(),
@@ -92,7 +98,7 @@ fn two_servers_granting_at_once_never_hand_out_one_address_twice() {
     assert_eq!(addresses.len(), 61, "{addresses:?}");
     assert!(addresses.iter().any(|(n, _)| *n == "s1") && addresses.iter().any(|(n, _)| *n == "s2"));
     assert!(
-        !distinct.contains(&Ipv4Addr::new(198, 19, 0, 1)),
+        !distinct.contains(&Ipv4Addr::new(198, 19, 0, 1).into()),
         "the servers' own address"
     );
 }
@@ -125,19 +131,43 @@ fn a_key_asking_for_any_address_gets_the_one_it_holds_on_another_server_unless_i
         // s1 grants before s2 joins; s2 reads who holds what when it joins
         // (its view, which a watch would keep current: none runs here, so
         // it goes stale below).
-        let s1 = Cluster::join(config("s1"), network, k1).await.expect("s1");
-        let a = s1.claim(&key(1), Wanted::Any, any).await.expect("a");
+        let s1 = Cluster::join(config("s1"), network, None, k1)
+            .await
+            .expect("s1");
+        let a = s1
+            .claim(&key(1), Wanted::Any(Family::V4), any)
+            .await
+            .expect("a");
         // Original-protocol clients behind one NAT: an address each.
         let nat = Claimant::Remote([198, 18, 100, 2].into());
-        let b = s1.claim(&nat, Wanted::Any, any).await.expect("b");
-        let c = s1.claim(&nat, Wanted::Any, any).await.expect("c");
-        let e = s1.claim(&key(3), Wanted::Any, any).await.expect("e");
+        let b = s1
+            .claim(&nat, Wanted::Any(Family::V4), any)
+            .await
+            .expect("b");
+        let c = s1
+            .claim(&nat, Wanted::Any(Family::V4), any)
+            .await
+            .expect("c");
+        let e = s1
+            .claim(&key(3), Wanted::Any(Family::V4), any)
+            .await
+            .expect("e");
         assert_eq!(HashSet::from([a, b, c, e]).len(), 4, "{a} {b} {c} {e}");
 
-        let s2 = Cluster::join(config("s2"), network, k2).await.expect("s2");
+        let s2 = Cluster::join(config("s2"), network, None, k2)
+            .await
+            .expect("s2");
         // Key 1 asks s2 for any address: it gets the one it holds on s1.
-        assert_eq!(s2.claim(&key(1), Wanted::Any, any).await.expect("again"), a);
-        let d = s2.claim(&key(2), Wanted::Any, any).await.expect("d");
+        assert_eq!(
+            s2.claim(&key(1), Wanted::Any(Family::V4), any)
+                .await
+                .expect("again"),
+            a
+        );
+        let d = s2
+            .claim(&key(2), Wanted::Any(Family::V4), any)
+            .await
+            .expect("d");
         assert!(![a, b, c, e].contains(&d), "{d} granted twice");
 
         // Key 3 leaves s1 and key 4 takes its address there. s2's view
@@ -150,8 +180,90 @@ fn a_key_asking_for_any_address_gets_the_one_it_holds_on_another_server_unless_i
                 .expect("taken over"),
             e
         );
-        let f = s2.claim(&key(3), Wanted::Any, any).await.expect("f");
+        let f = s2
+            .claim(&key(3), Wanted::Any(Family::V4), any)
+            .await
+            .expect("f");
         assert!(![a, b, c, d, e].contains(&f), "{f} granted twice");
+    });
+}
+
+#[test]
+fn ipv6_leases_sit_beside_the_ipv4_ones_and_follow_their_key_to_another_server() {
+    if !require_root("ipv6_leases_sit_beside_the_ipv4_ones_and_follow_their_key_to_another_server")
+    {
+        return;
+    }
+    let ns = Netns::new("etcdsix");
+    ns.ip(&["addr", "add", "198.18.90.1/32", "dev", "lo"]);
+    let etcd = Etcd::start(&ns, Ipv4Addr::new(198, 18, 90, 1));
+    let url = etcd.url.clone();
+    let ([k1, k2], pinned) = node_keys();
+    in_ns(&ns, async move {
+        let network = "198.19.0.0/24".parse().expect("net");
+        // A /126: two client addresses (::2 and ::3; ::1 is the servers').
+        let network6: ipnet::Ipv6Net = "2001:2:0:100::/126".parse().expect("net6");
+        let config = |node: &str| ClusterConfig {
+            etcd: vec![url.clone()],
+            transport: EtcdTransport::Insecure,
+            user: None,
+            node: node.into(),
+            advertise: "198.18.91.2:2003".parse().expect("addr"),
+            lease_ttl: Duration::from_secs(30),
+            members: pinned.clone(),
+        };
+        let key = |n: u8| Claimant::Key(PublicKey::from_raw(&[n; 32]).expect("key"));
+        let any = |_| true;
+        let v6 = Wanted::Any(Family::V6);
+        let s1 = Cluster::join(config("s1"), network, Some(network6), k1)
+            .await
+            .expect("s1");
+        let a4 = s1
+            .claim(&key(1), Wanted::Any(Family::V4), any)
+            .await
+            .expect("a4");
+        let a6 = s1.claim(&key(1), v6, any).await.expect("a6");
+        assert!(a4.is_ipv4() && a6.is_ipv6(), "{a4} {a6}");
+        let std::net::IpAddr::V6(a6_host) = a6 else {
+            unreachable!("checked above")
+        };
+        assert!(network6.contains(&a6_host), "{a6}");
+        assert_ne!(
+            a6,
+            "2001:2:0:100::1".parse::<std::net::IpAddr>().expect("v6")
+        );
+        let b6 = s1.claim(&key(2), v6, any).await.expect("b6");
+        assert_ne!(a6, b6);
+        // Both client addresses are held: a third key gets none.
+        assert!(
+            s1.claim(&key(3), v6, any).await.is_err(),
+            "a /126 holds two"
+        );
+
+        let s2 = Cluster::join(config("s2"), network, Some(network6), k2)
+            .await
+            .expect("s2");
+        // s2 sees s1's IPv6 leases: where packets for them go.
+        assert_eq!(s2.holder(a6).map(|m| m.node.clone()), Some("s1".into()));
+        assert!(s2.holds("s1", b6) && !s2.holds("s2", b6));
+        // Key 1 fails over to s2: both its addresses follow it.
+        assert_eq!(
+            s2.claim(&key(1), Wanted::Any(Family::V4), any)
+                .await
+                .expect("a4 again"),
+            a4
+        );
+        assert_eq!(s2.claim(&key(1), v6, any).await.expect("a6 again"), a6);
+        // Another key asking s2 for a6 exactly finds it taken.
+        assert!(s2.claim(&key(2), Wanted::Exactly(a6), any).await.is_err());
+        // Released on s1 (key 2 left): free for another key on s2.
+        s1.release(&key(2), b6).await;
+        assert_eq!(
+            s2.claim(&key(3), Wanted::Exactly(b6), any)
+                .await
+                .expect("b6 freed"),
+            b6
+        );
     });
 }
 
@@ -178,6 +290,8 @@ struct Bed2 {
     /// The servers' `lease_ttl` in seconds ([`LEASE_TTL`] unless a test
     /// needs sessions to outlast etcd for longer).
     lease_ttl: u64,
+    /// Each server's `network6` (none: IPv4 only).
+    network6: [Option<&'static str>; 2],
 }
 
 const ETCD_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 18, 90, 1);
@@ -254,6 +368,7 @@ impl Bed2 {
             server_keys,
             keys,
             lease_ttl: LEASE_TTL,
+            network6: [None; 2],
         }
     }
 
@@ -314,6 +429,9 @@ impl Bed2 {
         ];
         for (_, public) in &self.keys[..3] {
             args.extend_from_slice(&["--peer", public]);
+        }
+        if let Some(network6) = self.network6[i] {
+            args.extend_from_slice(&["--network6", network6]);
         }
         self.s[i].spawn_env(SIMPLEVPND, &args, &[("RUST_LOG", "info")])
     }
@@ -888,49 +1006,314 @@ fn ask_s2(bed: &Bed2, request: &[u8]) -> (std::net::TcpStream, std::io::Result<[
     (stream, reply)
 }
 
-/// The cluster shares IPv4 leases and forwards IPv4 only: a server asked
-/// for both `[cluster]` and IPv6 inside the tunnel refuses to start, with
-/// one line, before it touches anything (no etcd, no namespace needed).
+const NETWORK6: &str = "2001:2:0:100::/64";
+
+/// The IPv6 address the client with key `key` holds, as its `svpnctl
+/// status` shows it, once it holds one (and, if given, once it is not
+/// `other`: the grant after a failover).
+fn address6(bed: &Bed2, key: usize, client: &Daemon) -> std::net::Ipv6Addr {
+    let name = std::path::Path::new(&bed.keys[key].0)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .expect("a key file name")
+        .to_string();
+    let socket = bed.path(&format!("{name}.sock"));
+    let mut status = serde_json::Value::Null;
+    let granted6 = wait_until(STARTUP, || {
+        status = svpnctl_json(&socket, &["status"]);
+        status["address6"].is_string()
+    });
+    assert!(
+        granted6,
+        "client {key} has no IPv6 address: {status}\n{}",
+        client.log()
+    );
+    let cidr = status["address6"].as_str().unwrap_or_default();
+    assert!(cidr.ends_with("/64"), "{status}");
+    cidr.split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("an IPv6 address")
+}
+
+/// Pings `to` over IPv6 from `ns`, as [`ping`] does over IPv4.
+fn ping6(from: &Netns, to: std::net::Ipv6Addr) {
+    let mut last = None;
+    let answered = wait_until(Duration::from_secs(10), || {
+        let ping = from.run("ping", &["-6", "-c", "1", "-W", "1", &to.to_string()]);
+        let ok = ping.status.success();
+        last = Some(ping);
+        ok
+    });
+    assert!(
+        answered,
+        "no answer from {to}: {}",
+        last.map_or(String::new(), |p| String::from_utf8_lossy(&p.stdout)
+            .into_owned())
+    );
+}
+
+/// Turns duplicate address detection off in `ns`, so that a tun's IPv6
+/// address is usable at once.
+fn no_dad(ns: &Netns) {
+    for scope in ["all", "default"] {
+        let setting = format!("net.ipv6.conf.{scope}.accept_dad=0");
+        let out = ns.run("sysctl", &["-qw", &setting]);
+        assert!(out.status.success(), "{setting}: {out:?}");
+    }
+}
+
+/// With `network6` the servers share the IPv6 leases as they share the
+/// IPv4 ones: each client gets an IPv6 address no other holds, IPv6 and
+/// IPv4 cross the link between the servers, and a client that fails over
+/// keeps its IPv6 address too.
 #[test]
-fn a_cluster_server_with_network6_is_refused_at_start() {
-    let dir = std::env::temp_dir().join(format!("svpn-cluster6-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = |name: &str| dir.join(name).to_str().expect("utf-8").to_string();
-    let (key, config) = (path("server.key"), path("s.toml"));
-    let (_, public) = keygen_at(key.clone());
-    std::fs::write(
-        &config,
-        format!(
-            "[cluster]\netcd = [\"http://198.18.90.1:2379\"]\netcd_insecure = true\n\
-             node = \"s1\"\nadvertise = \"198.18.91.2:2003\"\n\
-             [[cluster.member]]\nnode = \"s1\"\nkey = \"{public}\"\n"
-        ),
-    )
-    .expect("config");
-    let run = |extra: &[&str]| {
-        let mut args = vec![
-            "server",
-            "--config",
-            &config,
-            "--network",
-            NETWORK,
-            "--key",
-            &key,
-        ];
-        args.extend_from_slice(extra);
-        std::process::Command::new(SIMPLEVPND)
-            .args(&args)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("run simplevpnd")
+fn two_servers_with_network6_link_both_families_and_a_client_fails_over_keeping_its_ipv6_address() {
+    if !require_root(
+        "two_servers_with_network6_link_both_families_and_a_client_fails_over_keeping_its_ipv6_address",
+    ) {
+        return;
+    }
+    let mut bed = Bed2::new("cl6");
+    bed.network6 = [Some(NETWORK6); 2];
+    bed.c.iter().for_each(no_dad);
+    let mut s1 = bed.server(0);
+    let s2 = bed.server(1);
+    let (a, a_address) = bed.client(0, 0, &["198.18.1.1", "198.18.3.1"]);
+    let (b, b_address) = bed.client(1, 1, &["198.18.2.1"]);
+    let (a6, b6) = (address6(&bed, 0, &a), address6(&bed, 1, &b));
+    assert_ne!(a6, b6, "one IPv6 network, distinct addresses");
+    let network6: ipnet::Ipv6Net = NETWORK6.parse().expect("net6");
+    assert!(
+        network6.contains(&a6) && network6.contains(&b6),
+        "{a6} {b6}"
+    );
+    // Both families, both ways, over the link; TCP too (whole segments
+    // from the offloads, cut into packets for the link).
+    ping6(&bed.c[0], b6);
+    ping6(&bed.c[1], a6);
+    ping(&bed.c[0], b_address);
+    ping(&bed.c[1], a_address);
+    tcp_round_trip(&bed.c[0], &bed.c[1], b6, 7010, 200_000);
+    tcp_round_trip(&bed.c[1], &bed.c[0], a6, 7011, 200_000);
+    let status = svpnctl_json(&bed.socket(1), &["status"]);
+    assert_eq!(status["cluster"]["dropped_spoofed"], 0, "{status}");
+
+    // s1 dies: a goes on to s2 with both its addresses.
+    s1.kill();
+    assert!(
+        wait_until(Duration::from_secs(30), || count(&a, "granted") >= 2),
+        "a was not granted again within 30 s:\n{}",
+        a.log()
+    );
+    assert_eq!(tun_address(&bed.c[0]), Some(a_address));
+    assert_eq!(address6(&bed, 0, &a), a6, "a's IPv6 address after failover");
+    // s2 holds it for a: it is in s2's peer list, beside b's.
+    let mut on_s2 = Vec::new();
+    let listed6 = wait_until(STARTUP, || {
+        on_s2 = svpnctl_json(&bed.socket(1), &["peers"])
+            .as_array()
+            .map(|peers| {
+                peers
+                    .iter()
+                    .filter_map(|p| p["address6"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        on_s2.len() == 2
+    });
+    assert!(listed6, "{on_s2:?}");
+    assert!(
+        on_s2
+            .iter()
+            .any(|a| a.split('/').next() == Some(a6.to_string().as_str())),
+        "{on_s2:?} {a6}"
+    );
+    ping6(&bed.c[1], a6);
+    ping6(&bed.c[0], b6);
+    ping(&bed.c[1], a_address);
+    tcp_round_trip(&bed.c[1], &bed.c[0], a6, 7012, 100_000);
+    drop(s2);
+}
+
+/// A member's key alone does not make a link: the listener admits it only
+/// from the address the member advertises in its signed record, refusing
+/// it (counted, logged once) from any other.
+#[test]
+fn a_link_with_a_members_key_from_an_address_it_does_not_advertise_is_refused() {
+    if !require_root("a_link_with_a_members_key_from_an_address_it_does_not_advertise_is_refused") {
+        return;
+    }
+    let bed = Bed2::new("cladv");
+    let _s1 = bed.server(0);
+    let s2 = bed.server(1);
+    // s1's namespace has a second address, routed like its advertised one.
+    bed.s[0].ip(&["addr", "add", "198.18.91.3/32", "dev", "lo"]);
+    let s1_key = bed.server_keys[0].0.clone();
+    let s2_key: PublicKey = bed.server_keys[1].1.parse().expect("s2's key");
+    let refused = |from: &'static str| {
+        let s1_key = s1_key.clone();
+        in_ns(&bed.s[0], async move {
+            use tokio::io::AsyncReadExt;
+            let member = NodeKey::load(std::path::Path::new(&s1_key)).expect("s1's key");
+            let config = simplevpn::tls::client_config(&member, s2_key).expect("tls config");
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .bind(format!("{from}:0").parse().expect("addr"))
+                .expect("bind");
+            let tcp = socket
+                .connect("198.18.92.2:2003".parse().expect("addr"))
+                .await
+                .expect("connect");
+            let connector = tokio_rustls::TlsConnector::from(config);
+            let Ok(mut tls) = connector.connect(simplevpn::tls::server_name(), tcp).await else {
+                return true;
+            };
+            let mut byte = [0u8; 1];
+            match tokio::time::timeout(Duration::from_secs(2), tls.read(&mut byte)).await {
+                Ok(Ok(0) | Err(_)) => true,
+                Ok(Ok(_)) => false,
+                Err(_) => false,
+            }
+        })
     };
-    let out = run(&["--network6", "2001:2:0:100::/64"]);
-    let _ = std::fs::remove_dir_all(&dir);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        refused("198.18.91.3"),
+        "s1's key from 198.18.91.3 opened a link"
+    );
+    assert!(
+        refused("198.18.91.3"),
+        "s1's key from 198.18.91.3 opened a link"
+    );
+    assert!(
+        !refused("198.18.91.2"),
+        "s1's key from its advertised address was refused"
+    );
+    let status = svpnctl_json(&bed.socket(1), &["status"]);
+    assert_eq!(status["cluster"]["links_refused"], 2, "{status}");
     assert_eq!(
-        stderr.trim_end(),
-        "simplevpnd: cluster: [cluster] with network6 is not supported yet"
+        count(&s2, "not from the address it advertises (198.18.91.2)"),
+        1,
+        "logged once:\n{}",
+        s2.log()
+    );
+}
+
+/// A hand-made IPv6/UDP packet to port 12345, its checksum right (IPv6
+/// requires one).
+fn udp6_packet(
+    source: std::net::Ipv6Addr,
+    destination: std::net::Ipv6Addr,
+    payload: &[u8],
+) -> Vec<u8> {
+    let udp_len = 8 + payload.len();
+    let mut udp = Vec::with_capacity(udp_len);
+    udp.extend_from_slice(&40000u16.to_be_bytes());
+    udp.extend_from_slice(&12345u16.to_be_bytes());
+    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&source.octets());
+    pseudo.extend_from_slice(&destination.octets());
+    pseudo.extend_from_slice(&(udp_len as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 17]);
+    pseudo.extend_from_slice(&udp);
+    if pseudo.len() % 2 == 1 {
+        pseudo.push(0);
+    }
+    let mut sum: u32 = pseudo
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let checksum = match !(sum as u16) {
+        0 => 0xffff,
+        c => c,
+    };
+    udp[6..8].copy_from_slice(&checksum.to_be_bytes());
+    let mut packet = vec![0x60, 0, 0, 0];
+    packet.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    packet.extend_from_slice(&[17, 64]);
+    packet.extend_from_slice(&source.octets());
+    packet.extend_from_slice(&destination.octets());
+    packet.extend_from_slice(&udp);
+    packet
+}
+
+/// The link's source check covers IPv6: a member may send only from IPv6
+/// addresses its clients hold.
+#[test]
+fn an_ipv6_packet_over_a_link_from_a_source_its_member_holds_no_lease_for_is_dropped() {
+    if !require_root(
+        "an_ipv6_packet_over_a_link_from_a_source_its_member_holds_no_lease_for_is_dropped",
+    ) {
+        return;
+    }
+    let mut bed = Bed2::new("cl6spoof");
+    bed.network6 = [Some(NETWORK6); 2];
+    bed.c.iter().for_each(no_dad);
+    let _s1 = bed.server(0);
+    let _s2 = bed.server(1);
+    let (a, _) = bed.client(0, 0, &["198.18.1.1"]);
+    let (b, _) = bed.client(1, 1, &["198.18.2.1"]);
+    let (a6, b6) = (address6(&bed, 0, &a), address6(&bed, 1, &b));
+    let socket = bed.c[1].udp_bind((b6, 12345).into()).expect("udp socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let spoofed = udp6_packet("2001:2:0:100::dead".parse().expect("v6"), b6, b"spoofed");
+    let real = udp6_packet(a6, b6, b"real");
+    let member = NodeKey::load(std::path::Path::new(&bed.server_keys[0].0)).expect("s1's key");
+    let s2_key = bed.server_keys[1].1.parse().expect("s2's key");
+    in_ns(&bed.s[0], async move {
+        use tokio::io::AsyncWriteExt;
+        let config = simplevpn::tls::client_config(&member, s2_key).expect("tls config");
+        let tcp = tokio::net::TcpStream::connect("198.18.92.2:2003")
+            .await
+            .expect("connect");
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(simplevpn::tls::server_name(), tcp)
+            .await
+            .expect("a member's link");
+        tls.write_all(&spoofed).await.expect("write");
+        tls.write_all(&real).await.expect("write");
+        tls.flush().await.expect("flush");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    });
+    let mut buffer = [0u8; 64];
+    let (n, _) = socket.recv_from(&mut buffer).expect("the real packet");
+    assert_eq!(&buffer[..n], b"real");
+    assert!(
+        socket.recv_from(&mut buffer).is_err(),
+        "a second packet arrived: {:?}",
+        &buffer
+    );
+    let status = svpnctl_json(&bed.socket(1), &["status"]);
+    assert_eq!(status["cluster"]["dropped_spoofed"], 1, "{status}");
+}
+
+/// Every server of a cluster must have the same `network6`: one that sees
+/// a member with another (or none) says so.
+#[test]
+fn a_member_with_another_network6_is_warned_about() {
+    if !require_root("a_member_with_another_network6_is_warned_about") {
+        return;
+    }
+    let mut bed = Bed2::new("cl6mix");
+    bed.network6 = [Some(NETWORK6), None];
+    let s1 = bed.server(0);
+    let s2 = bed.server(1);
+    let warning = "a member has another network6 than this server";
+    // s2 reads s1's record when it joins; s1 sees s2's through its watch.
+    assert!(s2.log().contains(warning), "{}", s2.log());
+    expect_log(&s1, warning, Duration::from_secs(5));
+    assert!(
+        s1.log().contains("theirs=none ours=2001:2:0:100::/64"),
+        "{}",
+        s1.log()
     );
 }
 
@@ -1311,6 +1694,9 @@ fn the_link_listener_admits_only_pinned_members() {
         return;
     }
     let bed = Bed2::tls("trlink");
+    // s1 runs: links are admitted only from the address a member's own
+    // record advertises.
+    let _s1 = bed.server(0);
     let _s2 = bed.server(1);
     let member = NodeKey::load(std::path::Path::new(&bed.server_keys[0].0)).expect("s1's key");
     let stranger = NodeKey::load(std::path::Path::new(&bed.keys[0].0)).expect("a client key");
@@ -1487,14 +1873,16 @@ fn a_server_logs_in_to_etcd_and_again_when_its_token_expires() {
         let anonymous = Client::new(std::slice::from_ref(&url)).expect("client");
         assert!(anonymous.get("/simplevpn/x").await.is_err());
         let network = "198.19.0.0/24".parse().expect("net");
-        let s1 = Cluster::join(config, network, k1).await.expect("joins");
+        let s1 = Cluster::join(config, network, None, k1)
+            .await
+            .expect("joins");
         let key = |n: u8| Claimant::Key(PublicKey::from_raw(&[n; 32]).expect("key"));
-        s1.claim(&key(1), Wanted::Any, |_| true)
+        s1.claim(&key(1), Wanted::Any(Family::V4), |_| true)
             .await
             .expect("a grant");
         // Its token expires unused; the next call logs in again.
         tokio::time::sleep(Duration::from_secs(4)).await;
-        s1.claim(&key(2), Wanted::Any, |_| true)
+        s1.claim(&key(2), Wanted::Any(Family::V4), |_| true)
             .await
             .expect("a grant after the token expired");
     });

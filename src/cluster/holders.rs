@@ -8,23 +8,23 @@
 //! is still an etcd transaction that fails if the address is taken.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use super::leases::{Claimant, Holder};
+use super::leases::{Claimant, Family, Holder};
 use crate::keys::PublicKey;
 
 /// The address holders seen, by address and by key.
 #[derive(Debug, Default)]
 pub struct Holders {
-    by_address: HashMap<Ipv4Addr, Holder>,
-    /// The address each TLS key holds (an original-protocol claimant, a
-    /// remote address, may hold several: it is not indexed).
-    by_key: HashMap<PublicKey, Ipv4Addr>,
+    by_address: HashMap<IpAddr, Holder>,
+    /// The address of each family each TLS key holds (an original-protocol
+    /// claimant, a remote address, may hold several: it is not indexed).
+    by_key: HashMap<(PublicKey, Family), IpAddr>,
 }
 
 impl Holders {
     /// The view of a full read of the leases.
-    pub fn from_all(all: impl IntoIterator<Item = (Ipv4Addr, Holder)>) -> Holders {
+    pub fn from_all(all: impl IntoIterator<Item = (IpAddr, Holder)>) -> Holders {
         let mut holders = Holders::default();
         for (address, holder) in all {
             holders.put(address, holder);
@@ -33,9 +33,9 @@ impl Holders {
     }
 
     /// `holder` holds `address` now.
-    pub fn put(&mut self, address: Ipv4Addr, holder: Holder) {
+    pub fn put(&mut self, address: IpAddr, holder: Holder) {
         if let Claimant::Key(key) = holder.claimant {
-            self.by_key.insert(key, address);
+            self.by_key.insert((key, Family::of(address)), address);
         }
         if let Some(old) = self.by_address.insert(address, holder) {
             self.unindex(address, &old);
@@ -43,7 +43,7 @@ impl Holders {
     }
 
     /// Nobody holds `address` now.
-    pub fn remove(&mut self, address: Ipv4Addr) {
+    pub fn remove(&mut self, address: IpAddr) {
         if let Some(old) = self.by_address.remove(&address) {
             self.unindex(address, &old);
         }
@@ -51,7 +51,7 @@ impl Holders {
 
     /// Drops `old`'s key entry if it still points at `address` (and the
     /// address's new holder is not that key).
-    fn unindex(&mut self, address: Ipv4Addr, old: &Holder) {
+    fn unindex(&mut self, address: IpAddr, old: &Holder) {
         let Claimant::Key(key) = old.claimant else {
             return;
         };
@@ -59,29 +59,30 @@ impl Holders {
             .by_address
             .get(&address)
             .is_some_and(|h| h.claimant == old.claimant);
-        if !still && self.by_key.get(&key) == Some(&address) {
-            self.by_key.remove(&key);
+        let indexed = (key, Family::of(address));
+        if !still && self.by_key.get(&indexed) == Some(&address) {
+            self.by_key.remove(&indexed);
         }
     }
 
     /// The server whose client holds `address`.
-    pub fn node(&self, address: Ipv4Addr) -> Option<&str> {
+    pub fn node(&self, address: IpAddr) -> Option<&str> {
         self.by_address.get(&address).map(|h| h.node.as_str())
     }
 
     /// Who holds `address`.
-    pub fn holder(&self, address: Ipv4Addr) -> Option<&Holder> {
+    pub fn holder(&self, address: IpAddr) -> Option<&Holder> {
         self.by_address.get(&address)
     }
 
     /// Whether anyone holds `address`.
-    pub fn is_held(&self, address: Ipv4Addr) -> bool {
+    pub fn is_held(&self, address: IpAddr) -> bool {
         self.by_address.contains_key(&address)
     }
 
-    /// The address `key` holds, on any server.
-    pub fn of_key(&self, key: &PublicKey) -> Option<Ipv4Addr> {
-        self.by_key.get(key).copied()
+    /// The address of `family` `key` holds, on any server.
+    pub fn of_key(&self, key: &PublicKey, family: Family) -> Option<IpAddr> {
+        self.by_key.get(&(*key, family)).copied()
     }
 
     pub fn len(&self) -> usize {
@@ -101,8 +102,12 @@ mod tests {
         PublicKey::from_raw(&[n; 32]).expect("key")
     }
 
-    fn ip(last: u8) -> Ipv4Addr {
-        Ipv4Addr::new(198, 19, 0, last)
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([198, 19, 0, last])
+    }
+
+    fn ip6(last: u16) -> IpAddr {
+        IpAddr::from([0x2001, 2, 0, 0x100, 0, 0, 0, last])
     }
 
     fn by(node: &str, claimant: Claimant) -> Holder {
@@ -121,23 +126,23 @@ mod tests {
                 by("s2", Claimant::Remote("198.18.1.2".parse().expect("ip"))),
             ),
         ]);
-        assert_eq!(holders.of_key(&key(1)), Some(ip(2)));
+        assert_eq!(holders.of_key(&key(1), Family::V4), Some(ip(2)));
         assert_eq!(holders.node(ip(3)), Some("s2"));
         assert!(holders.is_held(ip(3)) && !holders.is_held(ip(4)));
         assert_eq!(holders.len(), 2);
 
         // Moved to another server: same address, new node.
         holders.put(ip(2), by("s2", Claimant::Key(key(1))));
-        assert_eq!(holders.of_key(&key(1)), Some(ip(2)));
+        assert_eq!(holders.of_key(&key(1), Family::V4), Some(ip(2)));
         assert_eq!(holders.node(ip(2)), Some("s2"));
 
         // Another client took the address: the key holds nothing.
         holders.put(ip(2), by("s1", Claimant::Key(key(2))));
-        assert_eq!(holders.of_key(&key(1)), None);
-        assert_eq!(holders.of_key(&key(2)), Some(ip(2)));
+        assert_eq!(holders.of_key(&key(1), Family::V4), None);
+        assert_eq!(holders.of_key(&key(2), Family::V4), Some(ip(2)));
 
         holders.remove(ip(2));
-        assert_eq!(holders.of_key(&key(2)), None);
+        assert_eq!(holders.of_key(&key(2), Family::V4), None);
         assert!(!holders.is_held(ip(2)));
         assert_eq!(holders.holder(ip(3)).map(|h| h.node.as_str()), Some("s2"));
     }
@@ -149,9 +154,28 @@ mod tests {
         holders.put(ip(5), by("s2", Claimant::Key(key(1))));
         // The old key's deletion arrives after the new one's creation.
         holders.remove(ip(2));
-        assert_eq!(holders.of_key(&key(1)), Some(ip(5)));
+        assert_eq!(holders.of_key(&key(1), Family::V4), Some(ip(5)));
         holders.remove(ip(5));
-        assert_eq!(holders.of_key(&key(1)), None);
+        assert_eq!(holders.of_key(&key(1), Family::V4), None);
+        assert!(holders.is_empty());
+    }
+
+    #[test]
+    fn a_key_holds_one_address_of_each_family() {
+        let mut holders = Holders::default();
+        holders.put(ip(2), by("s1", Claimant::Key(key(1))));
+        holders.put(ip6(2), by("s1", Claimant::Key(key(1))));
+        assert_eq!(holders.of_key(&key(1), Family::V4), Some(ip(2)));
+        assert_eq!(holders.of_key(&key(1), Family::V6), Some(ip6(2)));
+        // Failed over: the IPv6 address moved to s2, the IPv4 one not yet.
+        holders.put(ip6(2), by("s2", Claimant::Key(key(1))));
+        assert_eq!(holders.node(ip6(2)), Some("s2"));
+        assert_eq!(holders.node(ip(2)), Some("s1"));
+        // The IPv4 address freed: the IPv6 one is still the key's.
+        holders.remove(ip(2));
+        assert_eq!(holders.of_key(&key(1), Family::V4), None);
+        assert_eq!(holders.of_key(&key(1), Family::V6), Some(ip6(2)));
+        holders.remove(ip6(2));
         assert!(holders.is_empty());
     }
 }

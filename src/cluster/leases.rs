@@ -17,10 +17,10 @@
 //! and replaced when its address is claimed.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use std::sync::Arc;
 
@@ -89,16 +89,32 @@ impl Holder {
     }
 }
 
+/// Which of the two networks (`network`, `network6`) an address is of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(address: IpAddr) -> Family {
+        match address {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
+
 /// What a client asks the cluster for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wanted {
     /// This address (a static request, a fixed address).
-    Exactly(Ipv4Addr),
+    Exactly(IpAddr),
     /// This address, which it held on some server, if no other client
-    /// holds it now; else any free one.
-    Again(Ipv4Addr),
-    /// Any free address.
-    Any,
+    /// holds it now; else any free one of its family.
+    Again(IpAddr),
+    /// Any free address of the family's network.
+    Any(Family),
 }
 
 /// Why no address was claimed.
@@ -107,11 +123,11 @@ pub enum ClaimError {
     #[error("the cluster's state (etcd) is unreachable, so no address can be granted: {0}")]
     Unreachable(#[from] EtcdError),
     #[error("{0} is held by another client in the cluster")]
-    Taken(Ipv4Addr),
+    Taken(IpAddr),
     #[error("every address of the network is held in the cluster")]
     Exhausted,
     #[error("{0} changed under us too often")]
-    Contended(Ipv4Addr),
+    Contended(IpAddr),
 }
 
 /// How often one address is read and tried again when it changed between
@@ -126,20 +142,43 @@ pub struct Leases {
     /// This server (its name, its key) and the members it trusts.
     records: Arc<Records>,
     network: Ipv4Net,
+    /// None: the servers grant IPv4 addresses only.
+    network6: Option<Ipv6Net>,
+}
+
+/// The etcd key of `address` under `dir` (`<prefix>leases/`).
+fn lease_key(dir: &str, address: IpAddr) -> String {
+    format!("{dir}{address}")
+}
+
+/// The address a key under `dir` names: only in the form [`lease_key`]
+/// writes, so that one address never has two keys (`2001:2::5` and
+/// `2001:2:0:0::5` would both parse to it).
+fn lease_address(dir: &str, key: &str) -> Option<IpAddr> {
+    let text = key.strip_prefix(dir)?;
+    let address: IpAddr = text.parse().ok()?;
+    (address.to_string() == text).then_some(address)
 }
 
 impl Leases {
-    pub fn new(etcd: Etcd, prefix: &str, records: Arc<Records>, network: Ipv4Net) -> Leases {
+    pub fn new(
+        etcd: Etcd,
+        prefix: &str,
+        records: Arc<Records>,
+        network: Ipv4Net,
+        network6: Option<Ipv6Net>,
+    ) -> Leases {
         Leases {
             etcd,
             dir: format!("{prefix}leases/"),
             records,
             network,
+            network6,
         }
     }
 
-    fn key(&self, address: Ipv4Addr) -> String {
-        format!("{}{address}", self.dir)
+    fn key(&self, address: IpAddr) -> String {
+        lease_key(&self.dir, address)
     }
 
     fn node(&self) -> &str {
@@ -148,7 +187,7 @@ impl Leases {
 
     /// The signed value of `address`'s key, held by this server for
     /// `claimant`.
-    fn mine(&self, address: Ipv4Addr, claimant: &Claimant) -> Vec<u8> {
+    fn mine(&self, address: IpAddr, claimant: &Claimant) -> Vec<u8> {
         let holder = Holder {
             node: self.node().to_string(),
             claimant: claimant.clone(),
@@ -170,12 +209,12 @@ impl Leases {
     }
 
     /// The address `key` names, if it is one of ours.
-    pub fn address_of(&self, key: &str) -> Option<Ipv4Addr> {
-        key.strip_prefix(&self.dir)?.parse().ok()
+    pub fn address_of(&self, key: &str) -> Option<IpAddr> {
+        lease_address(&self.dir, key)
     }
 
     /// Every address held in the cluster, with its holder.
-    pub async fn all(&self) -> Result<Vec<(Ipv4Addr, Holder)>, EtcdError> {
+    pub async fn all(&self) -> Result<Vec<(IpAddr, Holder)>, EtcdError> {
         Ok(self
             .etcd
             .prefix(&self.dir)
@@ -202,15 +241,43 @@ impl Leases {
         claimant: &Claimant,
         wanted: Wanted,
         lease: i64,
-        usable: impl Fn(Ipv4Addr) -> bool,
-    ) -> Result<Ipv4Addr, ClaimError> {
+        usable: impl Fn(IpAddr) -> bool,
+    ) -> Result<IpAddr, ClaimError> {
         match wanted {
             Wanted::Exactly(address) => self.claim_exactly(claimant, address, lease).await,
             Wanted::Again(address) => match self.claim_exactly(claimant, address, lease).await {
-                Err(ClaimError::Taken(_)) => self.claim_free(claimant, lease, usable).await,
+                Err(ClaimError::Taken(_)) => {
+                    self.claim_free(claimant, Family::of(address), lease, usable)
+                        .await
+                }
                 claimed => claimed,
             },
-            Wanted::Any => self.claim_free(claimant, lease, usable).await,
+            Wanted::Any(family) => self.claim_free(claimant, family, lease, usable).await,
+        }
+    }
+
+    /// The client addresses of `family`'s network: the first as a number,
+    /// how many, and the server's own (skipped). None without that network.
+    fn hosts(&self, family: Family) -> Option<(u128, u128, IpAddr)> {
+        match family {
+            Family::V4 => {
+                let mut hosts = self.network.hosts();
+                let (first, last) = (hosts.next()?, hosts.next_back());
+                let first = u128::from(u32::from(first));
+                let count = last.map_or(first, |l| u128::from(u32::from(l))) - first + 1;
+                let own = crate::pool::server_address(self.network);
+                Some((first, count, IpAddr::V4(own)))
+            }
+            Family::V6 => {
+                let network = self.network6?.trunc();
+                // As the IPv6 pool: the network's address and the server's
+                // (the next) are no client's.
+                let host_bits = 128 - u32::from(network.prefix_len());
+                let size = 1u128.checked_shl(host_bits).unwrap_or(u128::MAX);
+                let first = u128::from(network.network()) + 2;
+                let own = crate::pool6::server_address6(network);
+                Some((first, size.checked_sub(2)?, IpAddr::V6(own)))
+            }
         }
     }
 
@@ -220,20 +287,23 @@ impl Leases {
     async fn claim_free(
         &self,
         claimant: &Claimant,
+        family: Family,
         lease: i64,
-        usable: impl Fn(Ipv4Addr) -> bool,
-    ) -> Result<Ipv4Addr, ClaimError> {
-        let mut hosts = self.network.hosts();
-        let (Some(first), last) = (hosts.next(), hosts.next_back()) else {
+        usable: impl Fn(IpAddr) -> bool,
+    ) -> Result<IpAddr, ClaimError> {
+        let Some((first, count, own)) = self.hosts(family).filter(|(_, count, _)| *count > 0)
+        else {
             return Err(ClaimError::Exhausted);
         };
-        let first = u64::from(u32::from(first));
-        let count = last.map_or(first, |l| u64::from(u32::from(l))) - first + 1;
-        let start = fastrand::u64(..count);
-        let own = crate::pool::server_address(self.network);
+        let start = fastrand::u128(..count);
         for i in 0..count {
-            // Below 2^32: the offset is less than count, within the network.
-            let address = Ipv4Addr::from((first + (start + i) % count) as u32);
+            // Within the network: the offset is less than count (an IPv4
+            // one below 2^32).
+            let offset = first + (start + i) % count;
+            let address = match family {
+                Family::V4 => IpAddr::V4(Ipv4Addr::from(offset as u32)),
+                Family::V6 => IpAddr::V6(Ipv6Addr::from(offset)),
+            };
             if address == own || !usable(address) {
                 continue;
             }
@@ -254,9 +324,9 @@ impl Leases {
     async fn claim_exactly(
         &self,
         claimant: &Claimant,
-        address: Ipv4Addr,
+        address: IpAddr,
         lease: i64,
-    ) -> Result<Ipv4Addr, ClaimError> {
+    ) -> Result<IpAddr, ClaimError> {
         let key = self.key(address);
         for _ in 0..RETRIES {
             let mine = self.mine(address, claimant);
@@ -288,7 +358,7 @@ impl Leases {
     }
 
     /// Gives `address` back, if this server still holds it for `claimant`.
-    pub async fn release(&self, claimant: &Claimant, address: Ipv4Addr) -> Result<(), EtcdError> {
+    pub async fn release(&self, claimant: &Claimant, address: IpAddr) -> Result<(), EtcdError> {
         self.etcd
             .delete_if(&self.key(address), self.mine(address, claimant))
             .await
@@ -322,5 +392,42 @@ mod tests {
         ] {
             assert_eq!(Holder::decode(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn ipv6_lease_keys_name_one_address_each_in_one_form() {
+        let dir = "/simplevpn/198.19.0.0_16/leases/";
+        let v6: IpAddr = "2001:2:0:100::5".parse().expect("v6");
+        let v4: IpAddr = "198.19.0.5".parse().expect("v4");
+        for address in [v6, v4] {
+            let key = lease_key(dir, address);
+            assert_eq!(lease_address(dir, &key), Some(address), "{key}");
+        }
+        assert_eq!(lease_key(dir, v6), format!("{dir}2001:2:0:100::5"));
+        for bad in [
+            // Another spelling of the same address: not the key of it.
+            format!("{dir}2001:2:0:100:0:0:0:5"),
+            format!("{dir}2001:0002:0:100::5"),
+            format!("{dir}2001:2:0:100::5/64"),
+            format!("{dir}[2001:2:0:100::5]"),
+            format!("{dir}::ffff:198.19.0.5x"),
+            dir.to_string(),
+            "/simplevpn/other/leases/2001:2:0:100::5".to_string(),
+        ] {
+            assert_eq!(lease_address(dir, &bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_ipv6_holder_round_trips() {
+        let holder = Holder {
+            node: "s2".into(),
+            claimant: Claimant::Remote("2001:2:0:1::2".parse().expect("ip")),
+        };
+        assert_eq!(holder.encode(), "s2 remote:2001:2:0:1::2");
+        assert_eq!(Holder::decode(holder.encode().as_bytes()), Some(holder));
+        assert_eq!(Holder::decode(b"s2 remote:2001:2:0:1::2::"), None);
+        assert_eq!(Family::of("2001:2::1".parse().expect("v6")), Family::V6);
+        assert_eq!(Family::of("198.19.0.1".parse().expect("v4")), Family::V4);
     }
 }

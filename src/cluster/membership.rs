@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 
+use ipnet::Ipv6Net;
 use serde::{Deserialize, Serialize};
 
 use super::etcd::{Etcd, EtcdError};
@@ -18,6 +19,11 @@ pub struct Member {
     pub advertise: SocketAddr,
     /// Its public key (base64), if it serves TLS.
     pub key: Option<String>,
+    /// Its `network6`: every member must have the same. Absent from the
+    /// records of servers without one (and of servers from before IPv6
+    /// in a cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network6: Option<Ipv6Net>,
 }
 
 impl Member {
@@ -72,9 +78,19 @@ mod tests {
             node: "s1".into(),
             advertise: "198.18.1.1:2002".parse().expect("addr"),
             key: Some("ScFYNjnPxvAxr6GGa07nJpY3Y6mxoP6KgSTp3vU//xo=".into()),
+            network6: None,
         };
         let back: Member = serde_json::from_str(&member.encode()).expect("parse");
         assert_eq!(back, member);
         assert_eq!(member.etcd_key("/p/"), "/p/members/s1");
+        // Without network6 the record is as servers without IPv6 wrote it.
+        assert!(!member.encode().contains("network6"));
+        let with6 = Member {
+            network6: "2001:2:0:100::/64".parse().ok(),
+            ..member
+        };
+        assert!(with6.encode().contains(r#""network6":"2001:2:0:100::/64""#));
+        let back: Member = serde_json::from_str(&with6.encode()).expect("parse");
+        assert_eq!(back, with6);
     }
 }

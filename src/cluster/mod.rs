@@ -3,8 +3,9 @@
 //! Keys, under `/simplevpn/<network>/` (the network as `198.19.0.0_16`):
 //!
 //! ```text
-//! members/<node>        {"node":..,"advertise":..,"key":..}  under the server's etcd lease
+//! members/<node>        {"node":..,"advertise":..,"key":..,"network6":..}  under the server's etcd lease
 //! leases/<address>      "<node> key:<base64>" | "<node> remote:<ip>"  under the holder's lease
+//!                       (an IPv4 address, or an IPv6 one of `network6`)
 //! bans/<key:..|remote:..>  "<Unix time the ban ends> <reason>" (older servers wrote
 //!                       the time alone: no reason); under a lease of the ban's length
 //! peers/<base64 key>    a peer added live: {"key":..,"name":..,"address":..,"routes":[..]}
@@ -44,12 +45,12 @@ pub mod peers;
 pub mod signed;
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -57,7 +58,7 @@ use tracing::{debug, info, warn};
 use self::config::{ClusterConfig, EtcdTransport};
 use self::etcd::{Change, Etcd, EtcdError};
 use self::holders::Holders;
-use self::leases::{ClaimError, Claimant, Holder, Leases, Wanted};
+use self::leases::{ClaimError, Claimant, Family, Holder, Leases, Wanted};
 use self::membership::Member;
 use self::signed::{Records, RefusedCounts};
 use crate::config::PeerSection;
@@ -72,7 +73,7 @@ const MAX_ETCD_LEASE_TTL: Duration = Duration::from_secs(9_000_000_000);
 pub trait ClusterHooks: Send + Sync {
     /// Another server now holds `address`, which a client of this one
     /// held: close that connection here.
-    fn lost(&self, address: Ipv4Addr, holder: &Holder);
+    fn lost(&self, address: IpAddr, holder: &Holder);
     /// A ban made on any server.
     fn banned(&self, ban: Ban);
     /// A ban lifted (or ended) on any server.
@@ -108,6 +109,8 @@ pub struct Cluster {
     config: ClusterConfig,
     etcd: Etcd,
     prefix: String,
+    /// This server's `network6`, which every member must share.
+    network6: Option<Ipv6Net>,
     leases: Leases,
     /// This server's etcd lease; 0 while it has none.
     lease: AtomicI64,
@@ -123,7 +126,7 @@ pub struct Cluster {
     renewed: Mutex<tokio::time::Instant>,
     /// The addresses this server's clients hold: re-asserted when etcd
     /// comes back.
-    held: Mutex<HashMap<Ipv4Addr, Claimant>>,
+    held: Mutex<HashMap<IpAddr, Claimant>>,
     /// This server's key and the pinned members': what it signs its
     /// records with and checks the others' against.
     records: Arc<Records>,
@@ -190,9 +193,12 @@ impl Cluster {
     /// Joins the cluster: connects to etcd, takes a lease, registers this
     /// server, and reads the bans. Fails if etcd does not answer: a
     /// cluster server does not start without it (systemd starts it again).
+    /// Every server of a cluster has the same `network` (it names the
+    /// keys) and the same `network6`.
     pub async fn join(
         config: ClusterConfig,
         network: Ipv4Net,
+        network6: Option<Ipv6Net>,
         key: Arc<NodeKey>,
     ) -> Result<Arc<Cluster>, EtcdError> {
         if config.transport == EtcdTransport::Insecure {
@@ -201,12 +207,13 @@ impl Cluster {
         let etcd = Etcd::connect(&config)?;
         let prefix = format!("/simplevpn/{}_{}/", network.network(), network.prefix_len());
         let records = Arc::new(Records::new(&config.node, key, config.members.clone()));
-        let leases = Leases::new(etcd.clone(), &prefix, records.clone(), network);
+        let leases = Leases::new(etcd.clone(), &prefix, records.clone(), network, network6);
         let (writes, pending) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             etcd,
             leases,
             prefix,
+            network6,
             lease: AtomicI64::new(0),
             loaded: AtomicI64::new(0),
             reachable: AtomicBool::new(false),
@@ -262,6 +269,7 @@ impl Cluster {
             node: self.config.node.clone(),
             advertise: self.config.advertise,
             key: own.map(ToString::to_string),
+            network6: self.network6,
         };
         let at = member.etcd_key(&self.prefix);
         self.etcd
@@ -288,12 +296,16 @@ impl Cluster {
         *self.live.lock().unwrap_or_else(|e| e.into_inner()) = live;
         let holders = Holders::from_all(self.leases.all().await?);
         *self.holders.write().unwrap_or_else(|e| e.into_inner()) = holders;
-        let members = self
+        let members: HashMap<String, Arc<Member>> = self
             .members()
             .await?
             .into_iter()
             .map(|m| (m.node.clone(), Arc::new(m)))
             .collect();
+        members
+            .values()
+            .filter(|m| m.node != self.config.node)
+            .for_each(|m| self.check_network6(m));
         *self.members.write().unwrap_or_else(|e| e.into_inner()) = members;
         self.loaded.store(revision, Ordering::Relaxed);
         Ok(revision)
@@ -301,12 +313,21 @@ impl Cluster {
 
     /// The other server whose client holds `address`, if one does. Asked
     /// per forwarded packet: a shared handle, no copy.
-    pub fn holder(&self, address: Ipv4Addr) -> Option<Arc<Member>> {
+    pub fn holder(&self, address: IpAddr) -> Option<Arc<Member>> {
         let holders = self.holders.read().unwrap_or_else(|e| e.into_inner());
         let node = holders.node(address)?;
         if node == self.config.node {
             return None;
         }
+        self.members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .cloned()
+    }
+
+    /// Member `node` as last seen (its own signed record).
+    pub fn member(&self, node: &str) -> Option<Arc<Member>> {
         self.members
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -341,15 +362,18 @@ impl Cluster {
 
     /// Whether member `node` holds `address` for one of its clients (a
     /// signed lease, as this server last saw it).
-    pub fn holds(&self, node: &str, address: Ipv4Addr) -> bool {
+    pub fn holds(&self, node: &str, address: IpAddr) -> bool {
         self.view().node(address) == Some(node)
     }
 
-    /// Whether member `node` holds an address for the client with `key`.
+    /// Whether member `node` holds an address (of either family) for the
+    /// client with `key`.
     pub fn holds_for(&self, node: &str, key: &PublicKey) -> bool {
         let view = self.view();
-        view.of_key(key)
-            .is_some_and(|address| view.node(address) == Some(node))
+        [Family::V4, Family::V6].into_iter().any(|family| {
+            view.of_key(key, family)
+                .is_some_and(|address| view.node(address) == Some(node))
+        })
     }
 
     async fn load_bans(&self) -> Result<(), EtcdError> {
@@ -390,8 +414,8 @@ impl Cluster {
         &self,
         claimant: &Claimant,
         wanted: Wanted,
-        usable: impl Fn(Ipv4Addr) -> bool,
-    ) -> Result<Ipv4Addr, ClaimError> {
+        usable: impl Fn(IpAddr) -> bool,
+    ) -> Result<IpAddr, ClaimError> {
         let lease = self.lease.load(Ordering::Relaxed);
         if self.fenced.load(Ordering::SeqCst) {
             return Err(ClaimError::Unreachable(EtcdError::Protocol(FENCED)));
@@ -402,9 +426,10 @@ impl Cluster {
             )));
         }
         let wanted = match (wanted, claimant) {
-            (Wanted::Any, Claimant::Key(key)) => {
-                self.view().of_key(key).map_or(Wanted::Any, Wanted::Again)
-            }
+            (Wanted::Any(family), Claimant::Key(key)) => self
+                .view()
+                .of_key(key, family)
+                .map_or(Wanted::Any(family), Wanted::Again),
             // An original-protocol client is known by its remote address
             // only, which several behind one NAT share: each of those gets
             // an address of its own.
@@ -426,7 +451,7 @@ impl Cluster {
         self.holders.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn hold(&self, address: Ipv4Addr, claimant: &Claimant) {
+    fn hold(&self, address: IpAddr, claimant: &Claimant) {
         self.held
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -436,7 +461,7 @@ impl Cluster {
     /// The client that held `address` here has gone: the address is free
     /// in the cluster. If etcd cannot be reached now, the key stays until
     /// the next reconciliation removes it.
-    pub async fn release(&self, claimant: &Claimant, address: Ipv4Addr) {
+    pub async fn release(&self, claimant: &Claimant, address: IpAddr) {
         let was = {
             let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
             match held.get(&address) == Some(claimant) {
@@ -610,7 +635,7 @@ impl Cluster {
     /// held under its current lease (an address another client took
     /// meanwhile is closed here), and no other address is held by it.
     async fn reconcile(&self, hooks: &Arc<dyn ClusterHooks>) {
-        let held: Vec<(Ipv4Addr, Claimant)> = self
+        let held: Vec<(IpAddr, Claimant)> = self
             .held
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -832,6 +857,7 @@ impl Cluster {
             if let Some(member) = membership::verified(&self.records, &key, node, &value) {
                 if node != self.config.node {
                     info!(node, advertise = %member.advertise, "a server joined the cluster");
+                    self.check_network6(&member);
                 }
                 self.members
                     .write()
@@ -867,6 +893,23 @@ impl Cluster {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(ban.who.clone(), (ban.until, ban.reason.clone()));
             hooks.banned(ban);
+        }
+    }
+
+    /// Warns when `member` has another `network6` than this server: its
+    /// clients' IPv6 addresses are claimed in etcd as every one is (never
+    /// two holders), but clients of one server cannot reach those of the
+    /// other over IPv6 as they expect, and a server without `network6`
+    /// grants none.
+    fn check_network6(&self, member: &Member) {
+        if member.network6 != self.network6 {
+            let text = |n: Option<Ipv6Net>| n.map_or("none".to_string(), |n| n.to_string());
+            warn!(
+                node = %member.node,
+                theirs = %text(member.network6),
+                ours = %text(self.network6),
+                "a member has another network6 than this server: every server of a cluster must use the same network6"
+            );
         }
     }
 

@@ -12,20 +12,22 @@
 //! queue counted in the memory budget, and its drop counters.
 //!
 //! Receive path: `accept` (admission limits, TLS with the keys pinned in
-//! `[[cluster.member]]`, never keys from etcd) -> `receive` (frames; each
+//! `[[cluster.member]]`, never keys from etcd, and only from the IP address
+//! the member with that key advertises in its signed `members/` record) ->
+//! `receive` (frames; each
 //! packet's source must be an address the sending member holds a signed
 //! lease for, or in the routes of a client it holds one for) ->
 //! [`LinkDelivery::deliver`]. Send path: [`Links::forward`] -> the link's
 //! queue -> `write_frames` on the dialed connection.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -40,7 +42,7 @@ use crate::connection::{self, write_frames, FrameReader, QueueTx};
 use crate::keys::{NodeKey, PublicKey};
 use crate::limits::{MAX_LINK_PENDING, MAX_LINK_PENDING_PER_SOURCE};
 use crate::tls::{self, AllowedKeys, TlsError};
-use crate::wire::{ipv4_addresses, Decoder, Frame, ReadError};
+use crate::wire::{ip_addresses, Decoder, Frame, ReadError};
 
 /// How long dialing a link (TCP and TLS) may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -67,10 +69,32 @@ pub enum LinkError {
     HandshakeTimeout,
     #[error("no pinned member's key")]
     NoMemberKey,
+    #[error(
+        "member {node}'s key from {remote}, not from the address it advertises ({advertised})"
+    )]
+    NotAdvertised {
+        node: String,
+        remote: IpAddr,
+        /// None: no signed record of the member seen yet.
+        advertised: Advertised,
+    },
     #[error("a frame that is not a packet")]
     NotAPacket,
     #[error(transparent)]
     Read(#[from] ReadError),
+}
+
+/// The address a member advertises, as a refused link's log line shows it.
+#[derive(Debug)]
+pub struct Advertised(Option<IpAddr>);
+
+impl std::fmt::Display for Advertised {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(ip) => write!(f, "{ip}"),
+            None => f.write_str("none seen in etcd yet"),
+        }
+    }
 }
 
 /// The limits of a link: those of a client connection (the server's
@@ -120,8 +144,12 @@ pub struct Links {
     /// at once, [`MAX_LINK_PENDING_PER_SOURCE`] from one address.
     pending: Arc<Semaphore>,
     pending_by_source: Arc<Slots<Source>>,
-    /// Incoming links refused by those limits.
+    /// Incoming links refused by those limits, or with a member's key
+    /// from another address than the one it advertises.
     pub refused_admission: AtomicU64,
+    /// The members whose key came from an address they do not advertise
+    /// (logged the first time only; at most one entry per pinned member).
+    refused_from: Mutex<HashSet<String>>,
     /// Packets that arrived on a link from a source the sending member
     /// holds no lease (nor route) for.
     pub dropped_spoofed: AtomicU64,
@@ -162,6 +190,7 @@ impl Links {
             pending: Arc::new(Semaphore::new(MAX_LINK_PENDING)),
             pending_by_source: Slots::new(MAX_LINK_PENDING_PER_SOURCE),
             refused_admission: AtomicU64::new(0),
+            refused_from: Mutex::new(HashSet::new()),
             dropped_spoofed: AtomicU64::new(0),
             dialed: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
@@ -174,13 +203,13 @@ impl Links {
     }
 
     /// Whether a client of another server holds `destination`.
-    pub fn held_elsewhere(&self, destination: Ipv4Addr) -> bool {
+    pub fn held_elsewhere(&self, destination: IpAddr) -> bool {
         self.cluster.holder(destination).is_some()
     }
 
     /// Sends `packet` to the server whose client holds `destination`, if
     /// another server's does; else hands it back.
-    pub fn forward(self: &Arc<Self>, destination: Ipv4Addr, packet: Bytes) -> Option<Bytes> {
+    pub fn forward(self: &Arc<Self>, destination: IpAddr, packet: Bytes) -> Option<Bytes> {
         let Some(member) = self.cluster.holder(destination) else {
             return Some(packet);
         };
@@ -193,7 +222,7 @@ impl Links {
     /// once for all of them; false if no other server's client holds it.
     pub fn forward_all(
         self: &Arc<Self>,
-        destination: Ipv4Addr,
+        destination: IpAddr,
         packets: impl IntoIterator<Item = Bytes>,
     ) -> bool {
         let Some(member) = self.cluster.holder(destination) else {
@@ -291,8 +320,9 @@ impl Links {
             .get(&member.node)
             .ok_or(LinkError::NotPinned)?;
         let config = tls::client_config(&self.key, key)?;
+        let from = self.cluster.config().advertise.ip();
         let dial = async {
-            let stream = TcpStream::connect(member.advertise).await?;
+            let stream = dial_from(from, member.advertise).await?;
             connection::tune_tcp(&stream);
             TlsConnector::from(config)
                 .connect(tls::server_name(), stream)
@@ -343,6 +373,10 @@ impl Links {
             tokio::spawn(async move {
                 match links.receive(stream, remote, peers, (place, slot)).await {
                     Ok(()) => debug!(%remote, "cluster link closed"),
+                    // Logged (the first time) and counted where refused.
+                    Err(why @ LinkError::NotAdvertised { .. }) => {
+                        debug!(%remote, "cluster link closed: {why}")
+                    }
                     Err(why) => warn!(%remote, "cluster link closed: {why}"),
                 }
             });
@@ -369,6 +403,7 @@ impl Links {
             .and_then(|key| self.members.get(&key))
             .ok_or(LinkError::NoMemberKey)?
             .clone();
+        self.check_advertised(&node, remote)?;
         debug!(%remote, %node, "cluster link accepted");
         let (reader, _writer) = tokio::io::split(stream);
         // Frames count against the memory budget and must arrive in time, as
@@ -382,14 +417,14 @@ impl Links {
             };
             match frame {
                 Ok(Some(Frame::Packet(packet))) => {
-                    let Some((source, destination)) = ipv4_addresses(&packet) else {
+                    let Some((source, destination)) = ip_addresses(&packet) else {
                         continue;
                     };
                     if !self.sent_by(&node, source, peers.as_ref()) {
                         self.dropped_spoofed.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    if !peers.deliver(IpAddr::V4(destination), packet) {
+                    if !peers.deliver(destination, packet) {
                         self.dropped_no_peer.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -403,11 +438,42 @@ impl Links {
     /// Whether member `node` may send a packet from `source`: one of its
     /// clients holds that address (a signed lease), or `source` is in the
     /// routes of a client whose key holds an address on it.
-    fn sent_by(&self, node: &str, source: Ipv4Addr, peers: &dyn LinkDelivery) -> bool {
+    fn sent_by(&self, node: &str, source: IpAddr, peers: &dyn LinkDelivery) -> bool {
         self.cluster.holds(node, source)
             || peers
-                .route_owner(IpAddr::V4(source))
+                .route_owner(source)
                 .is_some_and(|key| self.cluster.holds_for(node, &key))
+    }
+
+    /// Refuses (counted; logged the first time for each member) a link of
+    /// member `node` that does not come from the IP address its signed
+    /// `members/` record advertises: its key alone, copied to another
+    /// host, does not make a link.
+    fn check_advertised(&self, node: &str, remote: SocketAddr) -> Result<(), LinkError> {
+        let remote = remote.ip().to_canonical();
+        let advertised = self
+            .cluster
+            .member(node)
+            .map(|m| m.advertise.ip().to_canonical());
+        if advertised == Some(remote) {
+            return Ok(());
+        }
+        let refused = self.refused_admission.fetch_add(1, Ordering::Relaxed) + 1;
+        let why = LinkError::NotAdvertised {
+            node: node.to_string(),
+            remote,
+            advertised: Advertised(advertised),
+        };
+        let first = self
+            .refused_from
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.to_string());
+        match first {
+            true => warn!(%node, %remote, refused, "cluster link refused: {why}"),
+            false => debug!(%node, %remote, refused, "cluster link refused: {why}"),
+        }
+        Err(why)
     }
 
     /// The links this server dialed.
@@ -427,6 +493,33 @@ impl Links {
         links.sort_by(|a, b| a.node.cmp(&b.node));
         links
     }
+}
+
+/// A TCP connection to `to` from this server's advertised address `from`,
+/// so that the other end, which admits a member only from the address it
+/// advertises, sees that one whatever the routes would choose. An address
+/// that is not this host's (advertised through NAT or a port forward) is
+/// dialed from whichever address the routes choose.
+async fn dial_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = match to {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    let bindable = match (from.to_canonical(), to) {
+        (IpAddr::V4(ip), SocketAddr::V4(_)) => Some(IpAddr::V4(ip)),
+        (IpAddr::V6(ip), SocketAddr::V6(_)) => Some(IpAddr::V6(ip)),
+        _ => None,
+    };
+    if let Some(ip) = bindable.filter(|ip| !ip.is_unspecified()) {
+        match socket.bind(SocketAddr::new(ip, 0)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                debug!(%ip, "the advertised address is not this host's: the link is dialed from the one the routes choose");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    socket.connect(to).await
 }
 
 /// Where packets that arrive on a link go: to the server's own clients.

@@ -344,6 +344,20 @@ impl Table {
         Some(peer)
     }
 
+    /// The connection that holds `address`, with its IPv4 address.
+    fn holding(&self, address: IpAddr) -> Option<(Ipv4Addr, &Arc<Peer>)> {
+        match address {
+            IpAddr::V4(address) => Some((address, self.peers.get(&address)?)),
+            IpAddr::V6(address) => {
+                let id = self.six.holder(address)?.id;
+                self.peers
+                    .iter()
+                    .find(|(_, p)| p.id == id)
+                    .map(|(a, p)| (*a, p))
+            }
+        }
+    }
+
     /// A snapshot of `peer`, the holder of `address`.
     fn info(&self, address: Ipv4Addr, peer: &Peer) -> PeerInfo {
         PeerInfo {
@@ -566,12 +580,35 @@ impl PeerTable {
         self.admit_at(request, peer, Instant::now())
     }
 
+    /// [`PeerTable::admit`], with the IPv6 address the cluster claimed for
+    /// `peer` (None: it gets none) instead of one from this server's pool.
+    pub fn admit_claimed(
+        &self,
+        request: Request,
+        address6: Option<Ipv6Addr>,
+        peer: &Arc<Peer>,
+    ) -> Result<Granted, Refusal> {
+        self.grant(request, peer, Instant::now(), Some(address6))
+    }
+
     /// [`PeerTable::admit`] at `now`.
     pub fn admit_at(
         &self,
         request: Request,
         peer: &Arc<Peer>,
         now: Instant,
+    ) -> Result<Granted, Refusal> {
+        self.grant(request, peer, now, None)
+    }
+
+    /// Admits `peer` at `now`; its IPv6 address is `claimed` if given (by
+    /// the cluster), else one of this server's pool.
+    fn grant(
+        &self,
+        request: Request,
+        peer: &Arc<Peer>,
+        now: Instant,
+        claimed: Option<Option<Ipv6Addr>>,
     ) -> Result<Granted, Refusal> {
         let mut table = self.write();
         let wall = SystemTime::now();
@@ -605,7 +642,7 @@ impl PeerTable {
             _ => (None, None),
         };
         let held = old_address.or(leased);
-        let kept6 = old
+        let had6 = old
             .as_ref()
             .and_then(|(_, old)| table.six.of(old.id))
             .or(leased6);
@@ -622,6 +659,17 @@ impl PeerTable {
                 None => table.pool.allocate(remote),
             },
         }?;
+        let kept6 = match claimed {
+            Some(claimed) => {
+                // The cluster gave it to this client: reserved here, unless
+                // it is already (the key's own).
+                if let Some(address6) = claimed {
+                    table.six.reserve(address6);
+                }
+                claimed
+            }
+            None => had6,
+        };
         let replaced = old.map(|(old_address, old)| {
             old.kick.cancel();
             table.unlink(old_address, old.id);
@@ -637,15 +685,20 @@ impl PeerTable {
                 address: old_address,
             }
         });
-        let address6 = table.six.assign(peer, kept6);
+        let address6 = match claimed {
+            Some(None) => None,
+            _ => table.six.assign(peer, kept6),
+        };
         if let (None, Some(key)) = (peer.identity.fixed(), key) {
             let expires = wall + table.lease_time;
             table.lease(key, address, address6, expires);
         }
         // Kept for the key, but not given to it (it no longer speaks the
         // extension, say): free unless held or fixed.
-        if let Some(kept6) = kept6.filter(|k| address6 != Some(*k)) {
-            table.six.release(kept6);
+        for kept6 in [kept6, had6].into_iter().flatten() {
+            if address6 != Some(kept6) {
+                table.six.release(kept6);
+            }
         }
         let mut grant = Control::grant(address, Some(table.pool.network().netmask()));
         if peer.accepts_offer() {
@@ -831,20 +884,18 @@ impl PeerTable {
         peers
     }
 
-    /// The peer that holds `address`.
-    pub fn peer(&self, address: Ipv4Addr) -> Option<PeerInfo> {
+    /// The peer that holds `address` (its IPv4 or its IPv6 one).
+    pub fn peer(&self, address: impl Into<IpAddr>) -> Option<PeerInfo> {
         let table = self.read();
-        table
-            .peers
-            .get(&address)
-            .map(|peer| table.info(address, peer))
+        let (address, peer) = table.holding(address.into())?;
+        Some(table.info(address, peer))
     }
 
-    /// Closes the connection that holds `address`; its task then frees the
-    /// address. Returns the peer as it was.
-    pub fn kick(&self, address: Ipv4Addr) -> Option<PeerInfo> {
+    /// Closes the connection that holds `address` (IPv4 or IPv6); its task
+    /// then frees its addresses. Returns the peer as it was.
+    pub fn kick(&self, address: impl Into<IpAddr>) -> Option<PeerInfo> {
         let table = self.read();
-        let peer = table.peers.get(&address)?;
+        let (address, peer) = table.holding(address.into())?;
         peer.kick.cancel();
         Some(table.info(address, peer))
     }
@@ -889,9 +940,19 @@ impl PeerTable {
         self.read().pool.contains(address)
     }
 
-    /// Whether `address` is free in this server's pool.
-    pub fn is_free(&self, address: Ipv4Addr) -> bool {
-        self.read().pool.is_free(address)
+    /// Whether `address` is free in this server's pool (IPv4) or its IPv6
+    /// one.
+    pub fn is_free(&self, address: impl Into<IpAddr>) -> bool {
+        let table = self.read();
+        match address.into() {
+            IpAddr::V4(address) => table.pool.is_free(address),
+            IpAddr::V6(address) => table.six.is_free(address),
+        }
+    }
+
+    /// The IPv6 address fixed for `key` (`[[server.peer]] address6`).
+    pub fn fixed_address6(&self, key: &PublicKey) -> Option<Ipv6Addr> {
+        self.read().six.fixed_of(key)
     }
 
     /// The bans in force at `now`, soonest to end first.
@@ -1384,6 +1445,48 @@ mod tests {
             .collect();
         table_of("198.19.0.0/24", &[])
             .with_ipv6(Some("2001:2:0:100::/64".parse().expect("net")), fixed6)
+    }
+
+    #[test]
+    fn in_a_cluster_the_ipv6_address_is_the_claimed_one_and_the_pool_only_marks_it_used() {
+        let v6 = |s: &str| -> Ipv6Addr { s.parse().expect("v6") };
+        let (k1, k2) = (
+            PublicKey::from_raw(&[1; 32]).expect("key"),
+            PublicKey::from_raw(&[2; 32]).expect("key"),
+        );
+        let table = dual_stack(&[]);
+        let (a, _rx) = extension_peer(&table, 1001, k1);
+        let claimed = v6("2001:2:0:100::77");
+        let grant = table
+            .admit_claimed(
+                Request::Static(Ipv4Addr::new(198, 19, 0, 9)),
+                Some(claimed),
+                &a,
+            )
+            .expect("grant");
+        assert_eq!(grant.address6, Some(claimed));
+        assert!(!table.is_free(claimed), "reserved here");
+        assert_eq!(table.peer(claimed).map(|p| p.address), Some(grant.address));
+        // Claimed none (every IPv6 address held in the cluster): IPv4 only,
+        // nothing taken from this server's pool.
+        let (b, _rx) = extension_peer(&table, 1002, k2);
+        let b_grant = table
+            .admit_claimed(Request::Static(Ipv4Addr::new(198, 19, 0, 10)), None, &b)
+            .expect("grant");
+        assert_eq!(b_grant.address6, None);
+        assert!(table.is_free(v6("2001:2:0:100::2")));
+        // A's newer session is claimed another address: the old one is
+        // free here again.
+        let (a2, _rx) = extension_peer(&table, 1003, k1);
+        let moved = v6("2001:2:0:100::78");
+        let again = table
+            .admit_claimed(Request::Static(grant.address), Some(moved), &a2)
+            .expect("grant");
+        assert_eq!(again.address6, Some(moved));
+        assert!(table.is_free(claimed) && !table.is_free(moved));
+        assert!(table
+            .kick(moved)
+            .is_some_and(|p| p.address == grant.address));
     }
 
     #[test]

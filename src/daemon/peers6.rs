@@ -123,6 +123,16 @@ impl Six {
         }
     }
 
+    /// Whether `address` is a free client address of `network6`.
+    pub fn is_free(&self, address: Ipv6Addr) -> bool {
+        self.pool.as_ref().is_some_and(|pool| pool.is_free(address))
+    }
+
+    /// The address fixed for `key`.
+    pub fn fixed_of(&self, key: &PublicKey) -> Option<Ipv6Addr> {
+        self.fixed.get(key).copied()
+    }
+
     /// Reserves `address` (a lease kept across a restart); false if it is
     /// not a free client address of `network6` now.
     pub fn reserve(&mut self, address: Ipv6Addr) -> bool {

@@ -302,7 +302,13 @@ pub async fn run(
     let cluster = match (&config.cluster, &key) {
         (Some(_), None) => return Err(DaemonError::NoKey),
         (Some(cluster), Some(key)) => {
-            let cluster = Cluster::join(cluster.clone(), config.network, key.clone()).await?;
+            let cluster = Cluster::join(
+                cluster.clone(),
+                config.network,
+                config.network6,
+                key.clone(),
+            )
+            .await?;
             leases.clear();
             bans = cluster.bans(now);
             Some(cluster)
@@ -804,6 +810,8 @@ async fn connection(
     }
     // Counts this connection as unauthenticated until it is granted.
     let mut pending = Some(pending);
+    // The IPv6 address granted, released in the cluster when it leaves.
+    let mut held6 = None;
 
     // One timer for the connection, not one per frame: it fires at the
     // deadline it was last set to, and is moved on if a frame came since.
@@ -861,6 +869,7 @@ async fn connection(
                 }) => {
                     session.granted(now, address);
                     session.granted6(address6);
+                    held6 = address6;
                     if let Some(pending) = pending.take() {
                         pending.granted(peer.identity.protocol(), now);
                     }
@@ -950,7 +959,8 @@ async fn connection(
             cluster,
             &shared.peers,
             &peer,
-            address,
+            IpAddr::V4(address),
+            held6,
         ))
         .await;
     }
@@ -1116,10 +1126,10 @@ fn held_by_a_client(shared: &Shared, destination: IpAddr) -> bool {
     if shared.peers.holder(destination).is_some() {
         return true;
     }
-    match (&shared.links, destination) {
-        (Some(links), IpAddr::V4(destination)) => links.held_elsewhere(destination),
-        _ => false,
-    }
+    shared
+        .links
+        .as_ref()
+        .is_some_and(|links| links.held_elsewhere(destination))
 }
 
 /// Sends a packet on: to the client that holds `destination`, else into
@@ -1205,9 +1215,7 @@ fn send_to(shared: &Shared, peer: &Peer, out: Outbound) {
 /// Sends `packet` to the server of the cluster whose client holds
 /// `destination`; hands it back if none does (or there is no cluster).
 fn to_cluster(shared: &Shared, destination: IpAddr, out: Outbound) -> Option<Outbound> {
-    let (Some(links), IpAddr::V4(destination)) = (&shared.links, destination) else {
-        // The cluster shares IPv4 leases only (a cluster with network6 is
-        // refused by the config): IPv6 stays on this server.
+    let Some(links) = &shared.links else {
         return Some(out);
     };
     // Links carry plain packets: a super-packet goes as its segments.
@@ -1466,7 +1474,7 @@ impl LinkDelivery for Shared {
 }
 
 impl ClusterHooks for Shared {
-    fn lost(&self, address: Ipv4Addr, holder: &crate::cluster::leases::Holder) {
+    fn lost(&self, address: IpAddr, holder: &crate::cluster::leases::Holder) {
         super::cluster::lost(&self.peers, &self.events, address, holder);
     }
 
