@@ -72,7 +72,9 @@ use crate::config::{
 use crate::connection::{self, write_frames, FrameReader, ReadError};
 use crate::daemon::tun::{AsyncTun, TunHealth, TunOp, TunQueues};
 use crate::egress::{egress, from_tun_read, Egress, Outbound, PeerLink};
-use crate::join::{JoinAccepted, JoinMessage, JoinRefusal, JoinRequest, Secret, Token};
+use crate::join::{
+    JoinAccepted, JoinMessage, JoinRefusal, JoinRequest, RandomSecret, Secret, Token,
+};
 use crate::keys::{NodeKey, PublicKey};
 use crate::limits::JOIN_REQUEST_TIMEOUT;
 use crate::limits::{MAX_FRAME, MAX_PACKET};
