@@ -64,7 +64,12 @@ pub async fn admit(
             ));
         }
     };
-    match peers.admit(Request::Static(address), peer) {
+    match peers.admit(
+        Request::Static(address),
+        peer,
+        std::time::Instant::now(),
+        std::time::SystemTime::now(),
+    ) {
         Ok(granted) => Ok(granted),
         Err(refusal) => {
             cluster.release(&claimant, address).await;
