@@ -329,13 +329,14 @@ fn sessions_and_keys_and_a_peer_named_by_its_name_or_key() {
         return;
     }
     let bed = Bed::new("ctlnames", 1);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (key, public) = keygen(&bed, "laptop");
-    let _server = bed.start_server(&["--key", &server_key]);
+    let tls = Tls::new(&bed, &["laptop"]);
+    let server_key = &tls.server.path;
+    let public = &tls.clients[0].public;
+    let _server = bed.start_server(&["--key", server_key]);
     let socket = bed.server_socket();
-    let added = svpnctl(&socket, &["peer", "add", &public, "--name", "laptop"], None);
+    let added = svpnctl(&socket, &["peer", "add", public, "--name", "laptop"], None);
     assert!(added.status.success(), "{}", stderr(&added));
-    let _client = bed.start_client(0, &tls_client_args(&key, &server_pub));
+    let _client = bed.start_client(0, &tls.client_args(0));
 
     // `sessions` is `peers`; `keys` is `peer list`.
     let sessions = svpnctl_json(&socket, &["sessions"]);

@@ -206,8 +206,9 @@ fn a_shared_port_serves_the_website_to_others_and_the_vpn_to_clients() {
     let bed = Bed::new("share", 2);
     let (root, page) = web_root(&bed);
     let _web = http_backend(&bed, &root, 8080);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (key, public) = keygen(&bed, "a");
+    let tls = Tls::new(&bed, &["a"]);
+    let server_key = &tls.server.path;
+    let public = &tls.clients[0].public;
     // Small limits: 200 probes from one source must not lock out a client
     // from another.
     let config = bed.path("server.toml");
@@ -221,9 +222,9 @@ fn a_shared_port_serves_the_website_to_others_and_the_vpn_to_clients() {
         "--config",
         &config,
         "--key",
-        &server_key,
+        server_key,
         "--peer",
-        &public,
+        public,
         "--port-share",
         "127.0.0.1:8080",
         "--metrics",
@@ -248,7 +249,7 @@ fn a_shared_port_serves_the_website_to_others_and_the_vpn_to_clients() {
     );
 
     // A VPN client, giving the website's name, on the same port.
-    let mut args = tls_client_args(&key, &server_pub).to_vec();
+    let mut args = tls.client_args(0).to_vec();
     args.extend_from_slice(&["--sni", "www.example.org"]);
     let _client = bed.start_client(0, &args);
     assert_eq!(tun_address(&bed.clients[0]), Some((CLIENT_A, 16)));
@@ -313,20 +314,13 @@ fn an_https_request_to_a_shared_port_reaches_the_https_website() {
     let bed = Bed::new("sharetls", 1);
     let (root, page) = web_root(&bed);
     let _web = https_backend(&bed, &root, 8443);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (key, public) = keygen(&bed, "a");
-    let server = bed.start_server(&[
-        "--key",
-        &server_key,
-        "--peer",
-        &public,
-        "--port-share",
-        "127.0.0.1:8443",
-    ]);
+    let tls = Tls::new(&bed, &["a"]);
+    let server =
+        bed.start_server(&[tls.server_args(), vec!["--port-share", "127.0.0.1:8443"]].concat());
     // A browser's ClientHello (ALPN http/1.1) goes to the website.
     assert_eq!(get(&bed.clients[0], "198.18.1.1", 2002, true), page);
     // Our client's (ALPN simplevpn/2, SNI the website's) is served.
-    let mut args = tls_client_args(&key, &server_pub).to_vec();
+    let mut args = tls.client_args(0).to_vec();
     args.extend_from_slice(&["--sni", "www.example.org"]);
     let _client = bed.start_client(0, &args);
     tcp_round_trip(&bed.clients[0], &bed.server, SERVER_TUNNEL, 5000, 1 << 16);
@@ -494,10 +488,9 @@ fn tunnel_through(bed: &Bed, url: &str) {
 
 /// [`tunnel_through`] with extra environment variables for the client.
 fn tunnel_through_env(bed: &Bed, url: &str, env: &[(&str, &str)]) {
-    let (server_key, server_pub) = keygen(bed, "server");
-    let (key, public) = keygen(bed, "a");
-    let _server = bed.start_server(&["--key", &server_key, "--peer", &public]);
-    let mut args = tls_client_args(&key, &server_pub).to_vec();
+    let tls = Tls::new(bed, &["a"]);
+    let _server = bed.start_server(&tls.server_args());
+    let mut args = tls.client_args(0).to_vec();
     args.extend_from_slice(&["--proxy", url]);
     let client = bed.spawn_client_env(0, "198.18.1.1:2002", &args, env);
     assert!(
@@ -550,10 +543,9 @@ fn a_wrong_proxy_password_is_named_and_retried() {
     }
     let (bed, proxy) = behind_a_proxy("squid407");
     let _squid = squid(&bed, &proxy, Some(("alice", "s3cret-pw")));
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (key, public) = keygen(&bed, "a");
-    let _server = bed.start_server(&["--key", &server_key, "--peer", &public]);
-    let mut args = tls_client_args(&key, &server_pub).to_vec();
+    let tls = Tls::new(&bed, &["a"]);
+    let _server = bed.start_server(&tls.server_args());
+    let mut args = tls.client_args(0).to_vec();
     args.extend_from_slice(&["--proxy", "http://alice:wrong-pw@198.18.2.1:3128"]);
     let client = bed.spawn_client_to(0, "198.18.1.1:2002", &args);
     // Refused, and tried again after the back-off: twice at least.

@@ -32,10 +32,8 @@ const CLEANUP: Duration = Duration::from_secs(5);
 struct Gateway {
     bed: Bed,
     remote: Netns,
-    server_key: String,
-    server_pub: String,
-    client_key: String,
-    client_pub: String,
+    /// The server's key and the client's (`client`, allowed as a peer).
+    tls: Tls,
 }
 
 impl Gateway {
@@ -46,16 +44,8 @@ impl Gateway {
         bed.server
             .ip(&["addr", "add", &format!("{SERVER_UNDERLAY}/32"), "dev", "lo"]);
         bed.clients[0].ip(&["route", "add", "default", "via", "198.18.1.1"]);
-        let (server_key, server_pub) = keygen(&bed, "server");
-        let (client_key, client_pub) = keygen(&bed, "client");
-        Gateway {
-            bed,
-            remote,
-            server_key,
-            server_pub,
-            client_key,
-            client_pub,
-        }
+        let tls = Tls::new(&bed, &["client"]);
+        Gateway { bed, remote, tls }
     }
 
     fn client_ns(&self) -> &Netns {
@@ -64,14 +54,8 @@ impl Gateway {
 
     /// Starts the server with `--gateway --forwarding`, and `extra`.
     fn server(&self, extra: &[&str]) -> Daemon {
-        let mut args = vec![
-            "--key",
-            &self.server_key,
-            "--peer",
-            &self.client_pub,
-            "--gateway",
-            "--forwarding",
-        ];
+        let mut args = self.tls.server_args();
+        args.extend(["--gateway", "--forwarding"]);
         args.extend_from_slice(extra);
         self.bed.start_server(&args)
     }
@@ -88,11 +72,8 @@ impl Gateway {
             &socket,
             "--user",
             USER,
-            "--key",
-            &self.client_key,
-            "--server-key",
-            &self.server_pub,
         ];
+        args.extend(self.tls.client_args(0));
         args.extend_from_slice(extra);
         let client = self.client_ns().spawn(SIMPLEVPND, &args);
         assert!(

@@ -166,9 +166,8 @@ fn idle_connections_from_one_source_do_not_lock_out_a_real_client() {
     }
     raise_open_file_limit();
     let bed = Bed::new("flood1", 2);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (key, public) = keygen(&bed, "b");
-    let server = bed.start_server(&["--key", &server_key, "--peer", &public]);
+    let tls = Tls::new(&bed, &["b"]);
+    let server = bed.start_server(&tls.server_args());
     let stop = AtomicBool::new(false);
     let flooded = Flooded::default();
     let attacker = Ipv4Addr::new(198, 18, 1, 2);
@@ -190,7 +189,7 @@ fn idle_connections_from_one_source_do_not_lock_out_a_real_client() {
             flooded.opened.load(Ordering::Relaxed) >= 300
         }));
         let started = Instant::now();
-        let client = bed.spawn_client(1, &tls_client_args(&key, &server_pub));
+        let client = bed.spawn_client(1, &tls.client_args(0));
         let granted = client.wait_for_log("granted", Duration::from_secs(15));
         let took = started.elapsed();
         // The idle connections that got in are cut off by the first-bytes
@@ -361,11 +360,11 @@ fn one_key_on_two_hosts_backs_off_instead_of_flapping() {
         return;
     }
     let bed = Bed::new("flap", 2);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (key, public) = keygen(&bed, "shared");
-    let server = bed.start_server(&["--key", &server_key, "--peer", &public]);
-    let _a = bed.start_client(0, &tls_client_args(&key, &server_pub));
-    let _b = bed.spawn_client(1, &tls_client_args(&key, &server_pub));
+    let tls = Tls::new(&bed, &["shared"]);
+    let public = &tls.clients[0].public;
+    let server = bed.start_server(&tls.server_args());
+    let _a = bed.start_client(0, &tls.client_args(0));
+    let _b = bed.spawn_client(1, &tls.client_args(0));
     let start = Instant::now();
     assert!(
         server.wait_for_log("key connected from two places", Duration::from_secs(10)),
@@ -380,7 +379,7 @@ fn one_key_on_two_hosts_backs_off_instead_of_flapping() {
         .lines()
         .find(|l| l.contains("key connected from two places"))
         .expect("the warning");
-    assert!(warning.contains(&public), "{warning}");
+    assert!(warning.contains(public), "{warning}");
     assert!(
         warning.contains("198.18.1.2") && warning.contains("198.18.2.2"),
         "{warning}"
@@ -397,11 +396,10 @@ fn a_key_never_holds_two_addresses() {
         return;
     }
     let bed = Bed::new("twoaddr", 2);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (key, public) = keygen(&bed, "shared");
-    let server = bed.start_server(&["--key", &server_key, "--peer", &public]);
-    let _a = bed.start_client(0, &tls_client_args(&key, &server_pub));
-    let b = bed.start_client(1, &tls_client_args(&key, &server_pub));
+    let tls = Tls::new(&bed, &["shared"]);
+    let server = bed.start_server(&tls.server_args());
+    let _a = bed.start_client(0, &tls.client_args(0));
+    let b = bed.start_client(1, &tls.client_args(0));
     let peers = svpnctl_json(&bed.server_socket(), &["peers"]);
     assert_eq!(peers.as_array().map(Vec::len), Some(1), "{peers}");
     // The newer connection took the key's one address over.
@@ -419,9 +417,10 @@ fn a_flood_from_one_network_locks_out_neither_other_networks_nor_its_known_clien
     }
     raise_open_file_limit();
     let bed = Bed::new("flood24", 2);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (known_key, known_pub) = keygen(&bed, "known");
-    let (other_key, other_pub) = keygen(&bed, "other");
+    let tls = Tls::new(&bed, &["known", "other"]);
+    let server_key = &tls.server.path;
+    let known_pub = &tls.clients[0].public;
+    let other_pub = &tls.clients[1].public;
     let config = bed.path("server.toml");
     std::fs::write(&config, "[server]\nmax_unauthenticated = 64\n").expect("config");
     // 200 attackers in 198.18.1.0/24, the network of the known client
@@ -436,16 +435,16 @@ fn a_flood_from_one_network_locks_out_neither_other_networks_nor_its_known_clien
         "--config",
         &config,
         "--key",
-        &server_key,
+        server_key,
         "--peer",
-        &known_pub,
+        known_pub,
         "--peer",
-        &other_pub,
+        other_pub,
         "--max-unauthenticated-per-network",
         "32",
     ]);
     // The known client was here before the flood.
-    let mut known = bed.start_client(0, &tls_client_args(&known_key, &server_pub));
+    let mut known = bed.start_client(0, &tls.client_args(0));
     known.terminate(Duration::from_secs(5));
     let stop = AtomicBool::new(false);
     let flooded = Flooded::default();
@@ -468,8 +467,8 @@ fn a_flood_from_one_network_locks_out_neither_other_networks_nor_its_known_clien
                 && server.log().contains("kind=per_network_cap")
         });
         let started = Instant::now();
-        let other = bed.spawn_client(1, &tls_client_args(&other_key, &server_pub));
-        let known = bed.spawn_client(0, &tls_client_args(&known_key, &server_pub));
+        let other = bed.spawn_client(1, &tls.client_args(1));
+        let known = bed.spawn_client(0, &tls.client_args(0));
         let other_granted = other.wait_for_log("granted", Duration::from_secs(10));
         let known_granted = known.wait_for_log("granted", Duration::from_secs(10));
         let took = started.elapsed();

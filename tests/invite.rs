@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::require_root;
 use common::vpn::*;
-use simplevpn::join::{Secret, Token};
+use simplevpn::join::{RandomSecret, Secret, Token};
 
 /// Runs `simplevpnd join TOKEN` with `extra` flags in client namespace 0.
 fn join(bed: &Bed, token: &str, extra: &[&str]) -> Output {

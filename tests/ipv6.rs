@@ -123,27 +123,20 @@ struct DualStack {
 impl DualStack {
     fn new(tag: &str) -> DualStack {
         let bed = bed(tag, 2);
-        let (server_key, server_public) = keygen(&bed, "server");
-        let (a_key, a_public) = keygen(&bed, "a");
-        let (b_key, b_public) = keygen(&bed, "b");
-        let config = config(&bed, &a_public, &b_public);
+        let tls = Tls::new(&bed, &["a", "b"]);
+        let config = config(&bed, &tls.clients[0].public, &tls.clients[1].public);
         let server_args = [
             "--config",
             &config,
             "--key",
-            &server_key,
+            &tls.server.path,
             "--network6",
             NETWORK6,
         ]
         .map(String::from)
         .to_vec();
-        let client_args = [a_key, b_key]
-            .iter()
-            .map(|key| {
-                tls_client_args(key, &server_public)
-                    .map(String::from)
-                    .to_vec()
-            })
+        let client_args = (0..2)
+            .map(|i| tls.client_args(i).map(String::from).to_vec())
             .collect();
         DualStack {
             bed,
@@ -529,22 +522,14 @@ fn a_peer_added_live_with_address6_gets_it_and_keeps_it_across_a_restart() {
         return;
     }
     let bed = bed("v6live", 1);
-    let (server_key, server_public) = keygen(&bed, "server");
-    let (c_key, c_public) = keygen(&bed, "c");
-    let server_args = ["--key", &server_key, "--network6", NETWORK6];
+    let tls = Tls::new(&bed, &["c"]);
+    let c_public = &tls.clients[0].public;
+    let server_args = ["--key", &tls.server.path, "--network6", NETWORK6];
     let mut server = bed.start_server(&server_args);
     let fixed6 = "2001:2:0:100::c";
     let added = svpnctl_json(
         &bed.server_socket(),
-        &[
-            "peer",
-            "add",
-            &c_public,
-            "--name",
-            "c",
-            "--address6",
-            fixed6,
-        ],
+        &["peer", "add", c_public, "--name", "c", "--address6", fixed6],
     );
     assert_eq!(added["added"]["address6"], fixed6, "{added}");
     // Outside network6: refused, naming the field.
@@ -566,7 +551,7 @@ fn a_peer_added_live_with_address6_gets_it_and_keeps_it_across_a_restart() {
         "{why}"
     );
 
-    let client = bed.start_client(0, &tls_client_args(&c_key, &server_public));
+    let client = bed.start_client(0, &tls.client_args(0));
     assert_eq!(addresses(&bed, 0, &client).1.to_string(), fixed6);
     server
         .terminate(Duration::from_secs(5))

@@ -95,12 +95,13 @@ fn peers_join_and_leave_live_while_another_moves_data() {
         return;
     }
     let bed = Bed::new("livepeer", 2);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (a_key, a_pub) = keygen(&bed, "a");
-    let (b_key, b_pub) = keygen(&bed, "b");
-    let server = bed.start_server(&["--key", &server_key, "--peer", &a_pub]);
-    let _a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
-    let a = address_of(&bed, &a_pub).expect("A listed");
+    let tls = Tls::new(&bed, &["a", "b"]);
+    let server_key = &tls.server.path;
+    let a_pub = &tls.clients[0].public;
+    let b_pub = &tls.clients[1].public;
+    let server = bed.start_server(&["--key", server_key, "--peer", a_pub]);
+    let _a = bed.start_client(0, &tls.client_args(0));
+    let a = address_of(&bed, a_pub).expect("A listed");
     let a_since = listed(&bed, a).expect("A")["connected_since"].clone();
 
     let stop = AtomicBool::new(false);
@@ -109,10 +110,10 @@ fn peers_join_and_leave_live_while_another_moves_data() {
         let stream = scope.spawn(|| stream_until(&bed.clients[0], &bed.server, target, &stop));
         // The stream is under way before B is added.
         std::thread::sleep(Duration::from_millis(500));
-        let added = ctl_ok(&bed, &["peer", "add", &b_pub, "--name", "bee"]);
+        let added = ctl_ok(&bed, &["peer", "add", b_pub, "--name", "bee"]);
         assert!(added.contains("added"), "{added}");
-        let b = bed.start_client(1, &tls_client_args(&b_key, &server_pub));
-        let b_address = address_of(&bed, &b_pub).expect("B listed");
+        let b = bed.start_client(1, &tls.client_args(1));
+        let b_address = address_of(&bed, b_pub).expect("B listed");
         tcp_round_trip(&bed.clients[1], &bed.server, SERVER_TUNNEL, 6101, 256 << 10);
 
         let list = svpnctl_json(&bed.server_socket(), &["peer", "list"]);
@@ -123,11 +124,11 @@ fn peers_join_and_leave_live_while_another_moves_data() {
                 .unwrap_or_else(|| panic!("{key} not in peer list: {list:?}"))
                 .clone()
         };
-        assert_eq!(entry(&a_pub)["source"], "config");
-        assert_eq!(entry(&a_pub)["connected"], true);
-        assert_eq!(entry(&b_pub)["source"], "live");
-        assert_eq!(entry(&b_pub)["name"], "bee");
-        assert_eq!(entry(&b_pub)["connected"], true);
+        assert_eq!(entry(a_pub)["source"], "config");
+        assert_eq!(entry(a_pub)["connected"], true);
+        assert_eq!(entry(b_pub)["source"], "live");
+        assert_eq!(entry(b_pub)["name"], "bee");
+        assert_eq!(entry(b_pub)["connected"], true);
 
         // Removing B closes its connection at once; its key is refused then.
         let start = Instant::now();
@@ -151,7 +152,7 @@ fn peers_join_and_leave_live_while_another_moves_data() {
         let list = svpnctl_json(&bed.server_socket(), &["peer", "list"]);
         assert_eq!(list.as_array().expect("array").len(), 1, "{list}");
         // A config peer cannot be removed live.
-        let out = svpnctl(&bed.server_socket(), &["peer", "remove", &a_pub], None);
+        let out = svpnctl(&bed.server_socket(), &["peer", "remove", a_pub], None);
         assert!(!out.status.success());
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("config file"),
@@ -178,18 +179,19 @@ fn reload_applies_a_changed_file_and_refuses_a_broken_one() {
         return;
     }
     let bed = Bed::new("livereload", 2);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (a_key, a_pub) = keygen(&bed, "a");
-    let (b_key, b_pub) = keygen(&bed, "b");
+    let tls = Tls::new(&bed, &["a", "b"]);
+    let server_key = &tls.server.path;
+    let a_pub = &tls.clients[0].public;
+    let b_pub = &tls.clients[1].public;
     let config = bed.path("server.toml");
     let peer =
         |key: &str, name: &str| format!("[[server.peer]]\nkey = \"{key}\"\nname = \"{name}\"\n");
     // The network in the file (so that a reload reads it), the bed's own.
     let head = format!("[server]\nkey = \"{server_key}\"\nnetwork = \"{NETWORK}\"\n");
-    std::fs::write(&config, format!("{head}{}", peer(&a_pub, "a"))).expect("config");
+    std::fs::write(&config, format!("{head}{}", peer(a_pub, "a"))).expect("config");
     let server = bed.start_server(&["--config", &config]);
-    let a_client = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
-    let a = address_of(&bed, &a_pub).expect("A listed");
+    let a_client = bed.start_client(0, &tls.client_args(0));
+    let a = address_of(&bed, a_pub).expect("A listed");
     let a_since = listed(&bed, a).expect("A")["connected_since"].clone();
 
     // B is added to the file, and a DNS server: after a reload B joins and
@@ -197,14 +199,14 @@ fn reload_applies_a_changed_file_and_refuses_a_broken_one() {
     let dns = "dns = [\"198.18.0.53\"]\n";
     std::fs::write(
         &config,
-        format!("{head}{dns}{}{}", peer(&a_pub, "a"), peer(&b_pub, "b")),
+        format!("{head}{dns}{}{}", peer(a_pub, "a"), peer(b_pub, "b")),
     )
     .expect("config");
     let report = svpnctl_json(&bed.server_socket(), &["reload"]);
     assert_eq!(report["added"], serde_json::json!(["b"]), "{report}");
     assert_eq!(report["disconnected"], 0, "{report}");
     assert_eq!(report["offer_changed"], true, "{report}");
-    let b = bed.start_client(1, &tls_client_args(&b_key, &server_pub));
+    let b = bed.start_client(1, &tls.client_args(1));
     tcp_round_trip(&bed.clients[1], &bed.clients[0], a, 6200, 256 << 10);
     for (name, client) in [
         ("B, connected after", &b),
@@ -239,7 +241,7 @@ fn reload_applies_a_changed_file_and_refuses_a_broken_one() {
             format!("{without_network}network = \"198.19.0.0/24\"\n"),
         ),
     ] {
-        let text = format!("{changed}{}{}", peer(&a_pub, "a"), peer(&b_pub, "b"));
+        let text = format!("{changed}{}{}", peer(a_pub, "a"), peer(b_pub, "b"));
         std::fs::write(&config, text).expect("config");
         let out = svpnctl(&bed.server_socket(), &["reload"], None);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -251,7 +253,7 @@ fn reload_applies_a_changed_file_and_refuses_a_broken_one() {
     tcp_round_trip(&bed.clients[0], &bed.server, SERVER_TUNNEL, 6201, 256 << 10);
 
     // SIGHUP: B leaves the file, so B is disconnected; A is not touched.
-    std::fs::write(&config, format!("{head}{}", peer(&a_pub, "a"))).expect("config");
+    std::fs::write(&config, format!("{head}{}", peer(a_pub, "a"))).expect("config");
     server.signal(Signal::SIGHUP);
     assert!(
         server.wait_for_log("disconnected: no longer allowed", STARTUP),
@@ -263,7 +265,7 @@ fn reload_applies_a_changed_file_and_refuses_a_broken_one() {
         "{}",
         b.log()
     );
-    assert!(address_of(&bed, &b_pub).is_none());
+    assert!(address_of(&bed, b_pub).is_none());
     let a_after = listed(&bed, a).expect("A still connected");
     assert_eq!(
         a_after["connected_since"], a_since,
@@ -287,26 +289,27 @@ fn leases_bans_and_live_peers_survive_a_restart() {
         return;
     }
     let bed = Bed::new("livestate", 2);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (a_key, a_pub) = keygen(&bed, "a");
-    let (b_key, b_pub) = keygen(&bed, "b");
-    let (x_key, x_pub) = keygen(&bed, "x");
-    let flags = ["--key", &server_key, "--peer", &a_pub, "--peer", &x_pub];
+    let tls = Tls::new(&bed, &["a", "b", "x"]);
+    let server_key = &tls.server.path;
+    let a_pub = &tls.clients[0].public;
+    let b_pub = &tls.clients[1].public;
+    let x_pub = &tls.clients[2].public;
+    let flags = ["--key", server_key, "--peer", a_pub, "--peer", x_pub];
     let mut server = bed.start_server(&flags);
-    ctl_ok(&bed, &["peer", "add", &b_pub]);
+    ctl_ok(&bed, &["peer", "add", b_pub]);
 
     // B first (the lowest address), then A (the next one): A's address is
     // one that a fresh allocation would not give it if B were away.
-    let mut b = bed.start_client(1, &tls_client_args(&b_key, &server_pub));
-    let b_address = address_of(&bed, &b_pub).expect("B");
-    let mut a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
-    let a_address = address_of(&bed, &a_pub).expect("A");
+    let mut b = bed.start_client(1, &tls.client_args(1));
+    let b_address = address_of(&bed, b_pub).expect("B");
+    let mut a = bed.start_client(0, &tls.client_args(0));
+    let a_address = address_of(&bed, a_pub).expect("A");
     assert!(a_address > b_address);
     stop(&mut a);
 
     // X connects and is banned for an hour.
-    let mut x = bed.start_client(0, &tls_client_args(&x_key, &server_pub));
-    let x_address = address_of(&bed, &x_pub).expect("X");
+    let mut x = bed.start_client(0, &tls.client_args(2));
+    let x_address = address_of(&bed, x_pub).expect("X");
     assert_ne!(x_address, a_address, "A's address is kept for A while away");
     ctl_ok(
         &bed,
@@ -329,16 +332,11 @@ fn leases_bans_and_live_peers_survive_a_restart() {
     let server = bed.start_server(&flags);
 
     // A asks for any address and gets the one it had.
-    let mut a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
-    assert_eq!(
-        address_of(&bed, &a_pub),
-        Some(a_address),
-        "{}",
-        server.log()
-    );
+    let mut a = bed.start_client(0, &tls.client_args(0));
+    assert_eq!(address_of(&bed, a_pub), Some(a_address), "{}", server.log());
     stop(&mut a);
     // X is still banned.
-    let x = bed.spawn_client(0, &tls_client_args(&x_key, &server_pub));
+    let x = bed.spawn_client(0, &tls.client_args(2));
     assert!(
         server.wait_for_log("banned for", STARTUP),
         "X was not refused after the restart:\n{}",
@@ -351,8 +349,8 @@ fn leases_bans_and_live_peers_survive_a_restart() {
     assert_eq!(bans[0]["key"], x_pub.as_str(), "{bans}");
     assert_eq!(bans[0]["reason"], "kicked by uid 0: lost laptop", "{bans}");
     // B, added live before the restart, is still allowed, at its address.
-    let _b = bed.start_client(1, &tls_client_args(&b_key, &server_pub));
-    assert_eq!(address_of(&bed, &b_pub), Some(b_address));
+    let _b = bed.start_client(1, &tls.client_args(1));
+    assert_eq!(address_of(&bed, b_pub), Some(b_address));
     let list = svpnctl_json(&bed.server_socket(), &["peer", "list"]);
     let live: Vec<&Value> = list
         .as_array()
@@ -444,8 +442,9 @@ fn metrics_parse_and_move_with_traffic() {
         return;
     };
     let bed = Bed::new("livemetric", 1);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (a_key, a_pub) = keygen(&bed, "a");
+    let tls = Tls::new(&bed, &["a"]);
+    let server_key = &tls.server.path;
+    let a_pub = &tls.clients[0].public;
     let config = bed.path("server.toml");
     std::fs::write(
         &config,
@@ -466,7 +465,7 @@ fn metrics_parse_and_move_with_traffic() {
         Some(65533.0)
     );
 
-    let _a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
+    let _a = bed.start_client(0, &tls.client_args(0));
     tcp_round_trip(&bed.clients[0], &bed.server, SERVER_TUNNEL, 6300, 1 << 20);
     let (_, body) = scrape(&bed.server, endpoint);
     let after = parse_metrics(python, &body);
@@ -497,7 +496,7 @@ fn metrics_parse_and_move_with_traffic() {
     assert!(sample(&after, "simplevpn_drops_total", &[("reason", "spoofed")]).is_some());
 
     // A kick is a disconnect by reason.
-    let a = address_of(&bed, &a_pub).expect("A");
+    let a = address_of(&bed, a_pub).expect("A");
     ctl_ok(&bed, &["kick", &a.to_string()]);
     assert!(
         wait_until(STARTUP, || {

@@ -202,25 +202,26 @@ fn tcp_between_our_clients_and_beyond_the_server_rides_super_packets_intact() {
     let bed = Bed::new("offtls", 2);
     let lan = lan_behind(&bed.server, "198.18.200.1/24", "198.18.200.2/24", "offlan");
     let lan_host = Ipv4Addr::new(198, 18, 200, 2);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (a_key, a_pub) = keygen(&bed, "a");
-    let (b_key, b_pub) = keygen(&bed, "b");
+    let tls = Tls::new(&bed, &["a", "b"]);
+    let server_key = &tls.server.path;
+    let a_pub = &tls.clients[0].public;
+    let b_pub = &tls.clients[1].public;
     let metrics = SocketAddr::from(([198, 18, 1, 1], 9102));
     let server = bed.start_server(&[
         "--key",
-        &server_key,
+        server_key,
         "--peer",
-        &a_pub,
+        a_pub,
         "--peer",
-        &b_pub,
+        b_pub,
         "--route",
         "198.18.200.0/24",
         "--metrics",
         &metrics.to_string(),
         "--metrics-public",
     ]);
-    let a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
-    let _b = bed.start_client(1, &tls_client_args(&b_key, &server_pub));
+    let a = bed.start_client(0, &tls.client_args(0));
+    let _b = bed.start_client(1, &tls.client_args(1));
     let (a_ns, b_ns) = (&bed.clients[0], &bed.clients[1]);
     let a_addr = Ipv4Addr::new(198, 19, 0, 2);
     let b_addr = Ipv4Addr::new(198, 19, 0, 3);

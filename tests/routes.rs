@@ -119,29 +119,18 @@ fn peer_table(key: &str, name: Option<&str>, address: Option<Ipv4Addr>, routes: 
 /// The keys of a server and of clients A and B, and the `[[server.peer]]`
 /// tables that give A and B their fixed addresses.
 struct Keys {
-    server_key: String,
-    server_pub: String,
-    a_key: String,
-    b_key: String,
+    tls: Tls,
     peers: String,
 }
 
 fn keys_of_a_and_b(bed: &Bed) -> Keys {
-    let (server_key, server_pub) = keygen(bed, "server");
-    let (a_key, a_pub) = keygen(bed, "a");
-    let (b_key, b_pub) = keygen(bed, "b");
+    let tls = Tls::new(bed, &["a", "b"]);
     let peers = format!(
         "{}{}",
-        peer_table(&a_pub, None, Some(A), &[]),
-        peer_table(&b_pub, None, Some(B), &[])
+        peer_table(&tls.clients[0].public, None, Some(A), &[]),
+        peer_table(&tls.clients[1].public, None, Some(B), &[])
     );
-    Keys {
-        server_key,
-        server_pub,
-        a_key,
-        b_key,
-        peers,
-    }
+    Keys { tls, peers }
 }
 
 /// Writes `text` to `name` in the bed's directory and returns the path.
@@ -158,19 +147,20 @@ fn tls_clients_reach_the_lan_behind_the_server() {
     }
     let bed = Bed::new("rtsrvlan", 1);
     let lan = lan_behind(&bed.server, "198.18.200.1/24", "198.18.200.2/24", "rtlan");
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (a_key, a_pub) = keygen(&bed, "a");
+    let tls = Tls::new(&bed, &["a"]);
+    let server_key = &tls.server.path;
+    let a_pub = &tls.clients[0].public;
     let config = write_config(
         &bed,
         "server.toml",
         &format!(
             "[server]\nroutes = {}\n{}",
             toml_list(&[SERVER_LAN]),
-            peer_table(&a_pub, None, Some(A), &[])
+            peer_table(a_pub, None, Some(A), &[])
         ),
     );
-    let _server = bed.start_server(&["--config", &config, "--key", &server_key]);
-    let mut a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
+    let _server = bed.start_server(&["--config", &config, "--key", server_key]);
+    let mut a = bed.start_client(0, &tls.client_args(0));
     let a_ns = &bed.clients[0];
 
     wait_for_route(a_ns, SERVER_LAN, &a);
@@ -206,21 +196,22 @@ fn site_to_site_the_lan_behind_a_client_reaches_and_is_reached() {
     let bed = Bed::new("rtsite", 2);
     let (a_ns, b_ns) = (&bed.clients[0], &bed.clients[1]);
     let lan = lan_behind(a_ns, "198.18.201.1/24", "198.18.201.2/24", "rtalan");
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (a_key, a_pub) = keygen(&bed, "a");
-    let (b_key, b_pub) = keygen(&bed, "b");
+    let tls = Tls::new(&bed, &["a", "b"]);
+    let server_key = &tls.server.path;
+    let a_pub = &tls.clients[0].public;
+    let b_pub = &tls.clients[1].public;
     let config = write_config(
         &bed,
         "server.toml",
         &format!(
             "[server]\n{}{}",
-            peer_table(&a_pub, Some("site-a"), Some(A), &[A_LAN]),
-            peer_table(&b_pub, None, Some(B), &[])
+            peer_table(a_pub, Some("site-a"), Some(A), &[A_LAN]),
+            peer_table(b_pub, None, Some(B), &[])
         ),
     );
-    let server = bed.start_server(&["--config", &config, "--key", &server_key]);
-    let a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
-    let b = bed.start_client(1, &tls_client_args(&b_key, &server_pub));
+    let server = bed.start_server(&["--config", &config, "--key", server_key]);
+    let a = bed.start_client(0, &tls.client_args(0));
+    let b = bed.start_client(1, &tls.client_args(1));
 
     // The server routes A's network to its tun, and pushes it to B.
     wait_for_route(&bed.server, A_LAN, &server);
@@ -264,21 +255,22 @@ fn a_source_inside_another_clients_network_is_dropped_and_counted() {
     }
     let bed = Bed::new("rtspoof", 2);
     let (a_ns, b_ns) = (&bed.clients[0], &bed.clients[1]);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (a_key, a_pub) = keygen(&bed, "a");
-    let (b_key, b_pub) = keygen(&bed, "b");
+    let tls = Tls::new(&bed, &["a", "b"]);
+    let server_key = &tls.server.path;
+    let a_pub = &tls.clients[0].public;
+    let b_pub = &tls.clients[1].public;
     let config = write_config(
         &bed,
         "server.toml",
         &format!(
             "[server]\n{}{}",
-            peer_table(&a_pub, Some("site-a"), Some(A), &[A_LAN]),
-            peer_table(&b_pub, Some("b"), Some(B), &[])
+            peer_table(a_pub, Some("site-a"), Some(A), &[A_LAN]),
+            peer_table(b_pub, Some("b"), Some(B), &[])
         ),
     );
-    let _server = bed.start_server(&["--config", &config, "--key", &server_key]);
-    let _a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
-    let b = bed.start_client(1, &tls_client_args(&b_key, &server_pub));
+    let _server = bed.start_server(&["--config", &config, "--key", server_key]);
+    let _a = bed.start_client(0, &tls.client_args(0));
+    let b = bed.start_client(1, &tls.client_args(1));
     wait_for_route(b_ns, A_LAN, &b);
 
     let port = 7000;
@@ -359,13 +351,7 @@ fn clients_install_only_the_pushed_routes_they_accept() {
     }
     let bed = Bed::new("rtaccept", 2);
     let (a_ns, b_ns) = (&bed.clients[0], &bed.clients[1]);
-    let Keys {
-        server_key,
-        server_pub,
-        a_key,
-        b_key,
-        peers,
-    } = keys_of_a_and_b(&bed);
+    let Keys { tls, peers } = keys_of_a_and_b(&bed);
     let config = write_config(
         &bed,
         "server.toml",
@@ -374,15 +360,15 @@ fn clients_install_only_the_pushed_routes_they_accept() {
             toml_list(&[SERVER_LAN, EXCLUDED])
         ),
     );
-    let server = bed.start_server(&["--config", &config, "--key", &server_key]);
+    let server = bed.start_server(&["--config", &config, "--key", &tls.server.path]);
 
     // A accepts 198.18.200.0/23 (flag): 200.0/24 is in it, 202.0/24 is not.
-    let mut a_args = tls_client_args(&a_key, &server_pub).to_vec();
+    let mut a_args = tls.client_args(0).to_vec();
     a_args.extend_from_slice(&["--accept-route", "198.18.200.0/23"]);
     let a = bed.start_client(0, &a_args);
     // B accepts nothing (config file: an empty list).
     let b_config = write_config(&bed, "b.toml", "[client]\naccept_routes = []\n");
-    let mut b_args = tls_client_args(&b_key, &server_pub).to_vec();
+    let mut b_args = tls.client_args(1).to_vec();
     b_args.extend_from_slice(&["--config", &b_config]);
     let b = bed.start_client(1, &b_args);
 
@@ -409,8 +395,8 @@ fn clients_install_only_the_pushed_routes_they_accept() {
         "server2.toml",
         &format!("[server]\nroutes = {}\n{peers}", toml_list(&[covering])),
     );
-    let _server = bed.start_server(&["--config", &config, "--key", &server_key]);
-    let a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
+    let _server = bed.start_server(&["--config", &config, "--key", &tls.server.path]);
+    let a = bed.start_client(0, &tls.client_args(0));
     assert_refused_once(&a, covering);
     assert!(!routed_to_tun(a_ns, covering), "{}", routes_of(a_ns));
     tcp_round_trip(a_ns, &bed.server, SERVER_TUNNEL, 5000, 100_000);
@@ -423,8 +409,9 @@ fn a_client_installs_wide_or_lan_routes_only_as_far_as_it_opted_in() {
     }
     let bed = Bed::new("rtwide", 1);
     let a_ns = &bed.clients[0];
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (a_key, a_pub) = keygen(&bed, "a");
+    let tls = Tls::new(&bed, &["a"]);
+    let server_key = &tls.server.path;
+    let a_pub = &tls.clients[0].public;
     // Two wide routes that take most of the Internet, a route inside the
     // client's own underlay network (198.18.1.0/24, not covering the
     // server's 198.18.1.1), and an ordinary LAN.
@@ -435,13 +422,13 @@ fn a_client_installs_wide_or_lan_routes_only_as_far_as_it_opted_in() {
         &format!(
             "[server]\nroutes = {}\n{}",
             toml_list(&[half, quarter, underlay, SERVER_LAN]),
-            peer_table(&a_pub, None, Some(A), &[])
+            peer_table(a_pub, None, Some(A), &[])
         ),
     );
-    let _server = bed.start_server(&["--config", &config, "--key", &server_key]);
+    let _server = bed.start_server(&["--config", &config, "--key", server_key]);
 
     // Neither accept_routes nor full_tunnel: the LAN only.
-    let mut a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
+    let mut a = bed.start_client(0, &tls.client_args(0));
     wait_for_route(a_ns, SERVER_LAN, &a);
     for refused in [half, quarter, underlay] {
         assert_refused_once(&a, refused);
@@ -467,7 +454,7 @@ fn a_client_installs_wide_or_lan_routes_only_as_far_as_it_opted_in() {
         "[client]\naccept_routes = [\"0.0.0.0/0\"]\n",
     );
     let mut args = vec!["--config", accept.as_str()];
-    args.extend(tls_client_args(&a_key, &server_pub));
+    args.extend(tls.client_args(0));
     let a = bed.start_client(0, &args);
     for installed in [half, quarter, SERVER_LAN] {
         wait_for_route(a_ns, installed, &a);
@@ -510,13 +497,7 @@ fn client_to_client_deny_isolates_clients_and_kernel_leaves_it_to_the_hosts_fire
         "198.18.200.2/24",
         "rtc2clan",
     );
-    let Keys {
-        server_key,
-        server_pub,
-        a_key,
-        b_key,
-        peers,
-    } = keys_of_a_and_b(&bed);
+    let Keys { tls, peers } = keys_of_a_and_b(&bed);
     let config = write_config(
         &bed,
         "server.toml",
@@ -527,12 +508,12 @@ fn client_to_client_deny_isolates_clients_and_kernel_leaves_it_to_the_hosts_fire
             "--config",
             &config,
             "--key",
-            &server_key,
+            &tls.server.path,
             "--client-to-client",
             policy,
         ]);
-        let a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
-        let b = bed.start_client(1, &tls_client_args(&b_key, &server_pub));
+        let a = bed.start_client(0, &tls.client_args(0));
+        let b = bed.start_client(1, &tls.client_args(1));
         wait_for_route(a_ns, SERVER_LAN, &a);
         // The server itself and the LAN behind it stay reachable.
         tcp_round_trip(a_ns, &bed.server, SERVER_TUNNEL, 5000, 100_000);
@@ -596,10 +577,9 @@ fn overlapping_peer_networks_stop_the_server_with_exit_2() {
         return;
     }
     let bed = Bed::new("rtoverlap", 0);
-    let (server_key, _) = keygen(&bed, "server");
-    let (_, a_pub) = keygen(&bed, "a");
-    let (_, b_pub) = keygen(&bed, "b");
-    let (_, c_pub) = keygen(&bed, "c");
+    let tls = Tls::new(&bed, &["a", "b", "c"]);
+    let server_key = &tls.server.path;
+    let [a_pub, b_pub, c_pub] = [0, 1, 2].map(|i| &tls.clients[i].public);
     let wider = "198.18.201.0/24";
     let narrower = "198.18.201.128/25";
     // A named peer against an unnamed one (named by its key), then two
@@ -608,16 +588,16 @@ fn overlapping_peer_networks_stop_the_server_with_exit_2() {
         (
             format!(
                 "{}{}",
-                peer_table(&a_pub, Some("site-a"), None, &[wider]),
-                peer_table(&b_pub, None, None, &[narrower])
+                peer_table(a_pub, Some("site-a"), None, &[wider]),
+                peer_table(b_pub, None, None, &[narrower])
             ),
             ["site-a", b_pub.as_str(), wider, narrower],
         ),
         (
             format!(
                 "{}{}",
-                peer_table(&b_pub, None, None, &[EXCLUDED]),
-                peer_table(&c_pub, None, None, &["198.18.203.0/24", EXCLUDED])
+                peer_table(b_pub, None, None, &[EXCLUDED]),
+                peer_table(c_pub, None, None, &["198.18.203.0/24", EXCLUDED])
             ),
             [b_pub.as_str(), c_pub.as_str(), EXCLUDED, EXCLUDED],
         ),
@@ -642,7 +622,7 @@ fn overlapping_peer_networks_stop_the_server_with_exit_2() {
                 "--config",
                 &config,
                 "--key",
-                &server_key,
+                server_key,
                 "--state-dir",
                 &bed.state_dir(),
             ],
@@ -674,8 +654,9 @@ fn original_protocol_clients_still_work_on_a_server_with_routes() {
     }
     let bed = Bed::new("rtlegacy", 2);
     let (a_ns, legacy_ns) = (&bed.clients[0], &bed.clients[1]);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (a_key, a_pub) = keygen(&bed, "a");
+    let tls = Tls::new(&bed, &["a"]);
+    let server_key = &tls.server.path;
+    let a_pub = &tls.clients[0].public;
     let a_addr = Ipv4Addr::new(198, 19, 0, 10);
     let config = write_config(
         &bed,
@@ -683,11 +664,11 @@ fn original_protocol_clients_still_work_on_a_server_with_routes() {
         &format!(
             "[server]\nlegacy = true\nroutes = {}\n{}",
             toml_list(&[SERVER_LAN]),
-            peer_table(&a_pub, Some("site-a"), Some(a_addr), &[A_LAN])
+            peer_table(a_pub, Some("site-a"), Some(a_addr), &[A_LAN])
         ),
     );
-    let _server = bed.start_server(&["--config", &config, "--key", &server_key]);
-    let a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
+    let _server = bed.start_server(&["--config", &config, "--key", server_key]);
+    let a = bed.start_client(0, &tls.client_args(0));
     let _legacy = bed.start_client(1, &[]);
     wait_for_route(a_ns, SERVER_LAN, &a);
 

@@ -50,12 +50,12 @@ fn listed_tls_clients_join_and_carry_traffic() {
         return;
     }
     let bed = Bed::new("tlsjoin", 2);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (a_key, a_pub) = keygen(&bed, "a");
-    let (b_key, b_pub) = keygen(&bed, "b");
-    let server = bed.start_server(&["--key", &server_key, "--peer", &a_pub, "--peer", &b_pub]);
-    let _a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
-    let _b = bed.start_client(1, &tls_client_args(&b_key, &server_pub));
+    let tls = Tls::new(&bed, &["a", "b"]);
+    let server_pub = &tls.server.public;
+    let a_pub = &tls.clients[0].public;
+    let server = bed.start_server(&tls.server_args());
+    let _a = bed.start_client(0, &tls.client_args(0));
+    let _b = bed.start_client(1, &tls.client_args(1));
     let (a, b) = (Ipv4Addr::new(198, 19, 0, 2), Ipv4Addr::new(198, 19, 0, 3));
     tcp_round_trip(&bed.clients[0], &bed.clients[1], b, 5000, 2 << 20);
     tcp_round_trip(&bed.clients[1], &bed.server, SERVER_TUNNEL, 5001, 1 << 20);
@@ -83,13 +83,15 @@ fn unknown_keys_and_wrong_pins_are_refused() {
         return;
     }
     let bed = Bed::new("tlsdeny", 2);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (listed_key, listed_pub) = keygen(&bed, "listed");
-    let (stranger_key, stranger_pub) = keygen(&bed, "stranger");
-    let server = bed.start_server(&["--key", &server_key, "--peer", &listed_pub]);
+    let tls = Tls::new(&bed, &["listed", "stranger"]);
+    let server_key = &tls.server.path;
+    let listed_key = &tls.clients[0].path;
+    let listed_pub = &tls.clients[0].public;
+    let stranger_pub = &tls.clients[1].public;
+    let server = bed.start_server(&["--key", server_key, "--peer", listed_pub]);
 
     // An unlisted key: the handshake fails, and the log names the key.
-    let stranger = bed.spawn_client(0, &tls_client_args(&stranger_key, &server_pub));
+    let stranger = bed.spawn_client(0, &tls.client_args(1));
     assert!(
         server.wait_for_log(&format!("unknown client key {stranger_pub}"), STARTUP),
         "{}",
@@ -102,7 +104,7 @@ fn unknown_keys_and_wrong_pins_are_refused() {
     );
 
     // A listed client that pins the wrong server key refuses the server.
-    let wrong_pin = bed.spawn_client(1, &tls_client_args(&listed_key, &stranger_pub));
+    let wrong_pin = bed.spawn_client(1, &tls_client_args(listed_key, stranger_pub));
     assert!(
         wrong_pin.wait_for_log("is not the pinned server_key", STARTUP),
         "{}",
@@ -119,8 +121,11 @@ fn a_fixed_address_belongs_to_its_key() {
         return;
     }
     let bed = Bed::new("tlsfixed", 2);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (laptop_key, laptop_pub) = keygen(&bed, "laptop");
+    let tls = Tls::new(&bed, &["laptop"]);
+    let server_key = &tls.server.path;
+    let server_pub = &tls.server.public;
+    let laptop_key = &tls.clients[0].path;
+    let laptop_pub = &tls.clients[0].public;
     let config = bed.path("server.toml");
     std::fs::write(
         &config,
@@ -130,7 +135,7 @@ fn a_fixed_address_belongs_to_its_key() {
         ),
     )
     .expect("config");
-    let _server = bed.start_server(&["--config", &config, "--key", &server_key]);
+    let _server = bed.start_server(&["--config", &config, "--key", server_key]);
     let fixed = Ipv4Addr::new(198, 19, 0, 77);
 
     // The key gets its address even when it asks for another one.
@@ -140,9 +145,9 @@ fn a_fixed_address_belongs_to_its_key() {
             "-a",
             "198.19.0.9",
             "--key",
-            &laptop_key,
+            laptop_key,
             "--server-key",
-            &server_pub,
+            server_pub,
         ],
     );
     let peer = svpnctl_json(&bed.server_socket(), &["inspect", "198.19.0.77"]);
@@ -201,20 +206,9 @@ fn stalled_handshakes_are_cut_off_without_disturbing_others() {
         return;
     }
     let bed = Bed::new("tlsstall", 2);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (a_key, a_pub) = keygen(&bed, "a");
-    let (b_key, b_pub) = keygen(&bed, "b");
-    let server = bed.start_server(&[
-        "--key",
-        &server_key,
-        "--peer",
-        &a_pub,
-        "--peer",
-        &b_pub,
-        "--handshake-timeout",
-        "1",
-    ]);
-    let _a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
+    let tls = Tls::new(&bed, &["a", "b"]);
+    let server = bed.start_server(&[tls.server_args(), vec!["--handshake-timeout", "1"]].concat());
+    let _a = bed.start_client(0, &tls.client_args(0));
 
     // Half a TLS record, then nothing: cut off after the first-bytes timeout
     // (by default 2 s, shortened to this handshake timeout).
@@ -236,7 +230,7 @@ fn stalled_handshakes_are_cut_off_without_disturbing_others() {
     assert!(server.wait_for_log("neither TLS (0x16) nor an IP packet", STARTUP));
 
     // Meanwhile and afterwards, the TLS clients work.
-    let _b = bed.start_client(1, &tls_client_args(&b_key, &server_pub));
+    let _b = bed.start_client(1, &tls.client_args(1));
     tcp_round_trip(
         &bed.clients[0],
         &bed.clients[1],
@@ -252,11 +246,10 @@ fn bans_of_tls_peers_go_by_key() {
         return;
     }
     let bed = Bed::new("tlsban", 1);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (a_key, a_pub) = keygen(&bed, "a");
-    let (b_key, b_pub) = keygen(&bed, "b");
-    let server = bed.start_server(&["--key", &server_key, "--peer", &a_pub, "--peer", &b_pub]);
-    let a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
+    let tls = Tls::new(&bed, &["a", "b"]);
+    let b_pub = &tls.clients[1].public;
+    let server = bed.start_server(&tls.server_args());
+    let a = bed.start_client(0, &tls.client_args(0));
     let out = svpnctl(
         &bed.server_socket(),
         &["kick", "198.19.0.2", "--ban", "1h"],
@@ -275,7 +268,7 @@ fn bans_of_tls_peers_go_by_key() {
     );
     drop(a);
     // Another key from the same host is not banned.
-    let _b = bed.start_client(0, &tls_client_args(&b_key, &server_pub));
+    let _b = bed.start_client(0, &tls.client_args(1));
     assert!(wait_until(STARTUP, || {
         svpnctl_json(&bed.server_socket(), &["peers"])[0]["key"] == b_pub.as_str()
     }));
@@ -287,10 +280,10 @@ fn a_banned_key_is_listed_unbanned_and_connects_again() {
         return;
     }
     let bed = Bed::new("tlsunban", 1);
-    let (server_key, server_pub) = keygen(&bed, "server");
-    let (a_key, a_pub) = keygen(&bed, "a");
-    let server = bed.start_server(&["--key", &server_key, "--peer", &a_pub]);
-    let a = bed.start_client(0, &tls_client_args(&a_key, &server_pub));
+    let tls = Tls::new(&bed, &["a"]);
+    let a_pub = &tls.clients[0].public;
+    let server = bed.start_server(&tls.server_args());
+    let a = bed.start_client(0, &tls.client_args(0));
     let socket = bed.server_socket();
     let ok = |args: &[&str]| {
         let out = svpnctl(&socket, args, None);
@@ -349,7 +342,7 @@ fn a_banned_key_is_listed_unbanned_and_connects_again() {
         "{table}"
     );
     // Lifted: gone from the list, and the client is back.
-    assert!(ok(&["unban", &a_pub]).contains("unbanned"));
+    assert!(ok(&["unban", a_pub]).contains("unbanned"));
     assert_eq!(svpnctl_json(&socket, &["bans"]), serde_json::json!([]));
     assert!(
         wait_until(Duration::from_secs(20), || {
@@ -359,7 +352,7 @@ fn a_banned_key_is_listed_unbanned_and_connects_again() {
         a.log()
     );
     // A second unban finds nothing, said as JSON under --json.
-    let out = svpnctl(&socket, &["--json", "unban", &a_pub], None);
+    let out = svpnctl(&socket, &["--json", "unban", a_pub], None);
     assert_eq!(out.status.code(), Some(1));
     let error: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("a JSON error on stdout");

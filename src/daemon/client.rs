@@ -483,7 +483,7 @@ impl Client {
                 }
                 read = reader.read_frame() => match read {
                     Ok(Some(frame)) => {
-                        connection.stats.seen();
+                        connection.stats.seen(SystemTime::now());
                         self.rules.received(Instant::now(), frame);
                     }
                     Ok(None) => self.rules.server_closed(),

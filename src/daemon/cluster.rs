@@ -61,7 +61,13 @@ pub async fn admit(
             return Err(refusal);
         }
     };
-    match peers.admit_claimed(Request::Static(address), address6, peer) {
+    match peers.admit_claimed(
+        Request::Static(address),
+        address6,
+        peer,
+        std::time::Instant::now(),
+        std::time::SystemTime::now(),
+    ) {
         Ok(granted) => Ok(granted),
         Err(refusal) => {
             cluster.release(&claimant, IpAddr::V4(address)).await;

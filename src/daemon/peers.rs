@@ -46,10 +46,9 @@ pub struct PeerStats {
 }
 
 impl PeerStats {
-    /// Marks that a frame arrived now.
-    pub fn seen(&self) {
-        self.last_seen_ms
-            .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+    /// Marks that a frame arrived at `now`.
+    pub fn seen(&self, now: SystemTime) {
+        self.last_seen_ms.store(unix_ms(now), Ordering::Relaxed);
     }
 
     pub fn count_rx(&self, bytes: usize) {
@@ -463,8 +462,8 @@ impl PeerTable {
         }
     }
 
-    /// The record of a new connection from `remote`, not yet in the table;
-    /// `extension`: it speaks our extension.
+    /// The record of a new connection from `remote`, made at `now`, not yet
+    /// in the table; `extension`: it speaks our extension.
     pub fn new_peer(
         &self,
         remote: SocketAddr,
@@ -472,11 +471,12 @@ impl PeerTable {
         routes: Vec<IpNet>,
         queue: QueueTx,
         extension: bool,
+        now: SystemTime,
     ) -> Arc<Peer> {
         Arc::new(Peer {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             remote,
-            connected_since: SystemTime::now(),
+            connected_since: now,
             queue,
             shed: AtomicBool::new(false),
             stats: PeerStats::default(),
@@ -576,8 +576,18 @@ impl PeerTable {
     /// request), and its lease is renewed. A key that takes over too often
     /// is refused for a while ([`Refusal::KeyFlapping`], see
     /// [`super::takeover`]).
-    pub fn admit(&self, request: Request, peer: &Arc<Peer>) -> Result<Granted, Refusal> {
-        self.admit_at(request, peer, Instant::now())
+    ///
+    /// `now` times the takeovers and `wall` the leases (which are stored
+    /// and outlive the process, so they are wall-clock times); the caller
+    /// reads both clocks, so tests pass them.
+    pub fn admit(
+        &self,
+        request: Request,
+        peer: &Arc<Peer>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Granted, Refusal> {
+        self.grant(request, peer, now, wall, None)
     }
 
     /// [`PeerTable::admit`], with the IPv6 address the cluster claimed for
@@ -587,18 +597,10 @@ impl PeerTable {
         request: Request,
         address6: Option<Ipv6Addr>,
         peer: &Arc<Peer>,
-    ) -> Result<Granted, Refusal> {
-        self.grant(request, peer, Instant::now(), Some(address6))
-    }
-
-    /// [`PeerTable::admit`] at `now`.
-    pub fn admit_at(
-        &self,
-        request: Request,
-        peer: &Arc<Peer>,
         now: Instant,
+        wall: SystemTime,
     ) -> Result<Granted, Refusal> {
-        self.grant(request, peer, now, None)
+        self.grant(request, peer, now, wall, Some(address6))
     }
 
     /// Admits `peer` at `now`; its IPv6 address is `claimed` if given (by
@@ -608,10 +610,10 @@ impl PeerTable {
         request: Request,
         peer: &Arc<Peer>,
         now: Instant,
+        wall: SystemTime,
         claimed: Option<Option<Ipv6Addr>>,
     ) -> Result<Granted, Refusal> {
         let mut table = self.write();
-        let wall = SystemTime::now();
         table.sweep(wall);
         let remote = peer.remote.ip();
         let key = peer.identity.key();
@@ -728,10 +730,11 @@ impl PeerTable {
         self.read().takeovers.backing_off(key, now)
     }
 
-    /// Removes connection `id` from `address` and frees the address, unless
-    /// it is fixed or leased: then the lease runs from now, and is returned
-    /// (to be kept). Does nothing if another connection holds it by now.
-    pub fn remove(&self, address: Ipv4Addr, id: u64) -> Option<Lease> {
+    /// Removes connection `id` from `address` at `now` and frees the
+    /// address, unless it is fixed or leased: then the lease runs from `now`,
+    /// and is returned (to be kept). Does nothing if another connection
+    /// holds it by then.
+    pub fn remove(&self, address: Ipv4Addr, id: u64, now: SystemTime) -> Option<Lease> {
         let mut table = self.write();
         let peer = table.unlink(address, id)?;
         let address6 = table.six.unlink(id);
@@ -742,7 +745,7 @@ impl PeerTable {
             .and_then(|key| table.leases.get_mut(&key))
             .filter(|l| l.address == address)
             .map(|l| {
-                l.expires = crate::wallclock::after(SystemTime::now(), lease_time);
+                l.expires = crate::wallclock::after(now, lease_time);
                 l.clone()
             });
         if let Some(lease) = &lease {
@@ -800,8 +803,9 @@ impl PeerTable {
     }
 
     /// Queues `frame` for `peer` (counted), or drops it if the queue is
-    /// full (counted; over the memory budget, the largest queue is shed).
-    pub fn push(&self, peer: &Peer, frame: Bytes) -> Delivery {
+    /// full (counted; over the memory budget, the largest queue is shed,
+    /// which `now` paces).
+    pub fn push(&self, peer: &Peer, frame: Bytes, now: SystemTime) -> Delivery {
         let len = frame.len();
         match peer.queue.try_push(frame) {
             Ok(()) => {
@@ -814,17 +818,17 @@ impl PeerTable {
                     .fetch_add(1, Ordering::Relaxed);
                 self.queue_full.fetch_add(1, Ordering::Relaxed);
                 if full == PushError::OverBudget {
-                    self.shed_largest(&self.read());
+                    self.shed_largest(&self.read(), now);
                 }
                 Delivery::QueueFull
             }
         }
     }
 
-    /// The memory budget is spent: closes the peer whose queue holds the
-    /// most (at most one per [`SHED_INTERVAL_MS`]).
-    fn shed_largest(&self, table: &Table) {
-        let now = unix_ms(SystemTime::now());
+    /// The memory budget is spent at `now`: closes the peer whose queue
+    /// holds the most (at most one per [`SHED_INTERVAL_MS`]).
+    fn shed_largest(&self, table: &Table, now: SystemTime) {
+        let now = unix_ms(now);
         let last = self.last_shed_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) < SHED_INTERVAL_MS
             || self
@@ -903,12 +907,18 @@ impl PeerTable {
     /// Closes the connection that holds `address` and refuses it (by key, or
     /// by remote address for an original-protocol client) until `until`.
     /// `reason` says why, for `svpnctl bans`. Returns the peer as it was
-    /// (its identity and remote say who is banned: [`Banned::of`]).
-    pub fn ban(&self, address: Ipv4Addr, until: SystemTime, reason: &str) -> Option<PeerInfo> {
+    /// (its identity and remote say who is banned: [`Banned::of`]). Bans
+    /// ended at `now` are dropped.
+    pub fn ban(
+        &self,
+        address: Ipv4Addr,
+        until: SystemTime,
+        reason: &str,
+        now: SystemTime,
+    ) -> Option<PeerInfo> {
         let mut table = self.write();
         let peer = table.peers.get(&address)?.clone();
         peer.kick.cancel();
-        let now = SystemTime::now();
         table.bans.retain(|_, (until, _)| *until > now);
         table.bans.insert(
             Banned::of(&peer.identity, peer.remote.ip()),
@@ -1002,6 +1012,19 @@ impl PeerTable {
 mod tests {
     use super::*;
 
+    /// The monotonic time the tests start at: every other is an offset from
+    /// it, so no test waits.
+    fn t0() -> Instant {
+        static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *T0.get_or_init(Instant::now)
+    }
+
+    /// The wall-clock time the tests start at: a fixed date, so no test
+    /// depends on today's or back-dates anything.
+    fn wall0() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
     /// A table over `network` with these fixed addresses and room to spare.
     fn table_of(network: &str, fixed: &[Ipv4Addr]) -> PeerTable {
         let network = network.parse().expect("net");
@@ -1021,7 +1044,7 @@ mod tests {
         let (queue, rx) = crate::connection::queue(2, 1 << 20, None);
         let remote = SocketAddr::from(([198, 18, 0, 2], port));
         (
-            table.new_peer(remote, identity, Vec::new(), queue, false),
+            table.new_peer(remote, identity, Vec::new(), queue, false, wall0()),
             rx,
         )
     }
@@ -1037,14 +1060,16 @@ mod tests {
         packet: Bytes,
     ) -> Option<Delivery> {
         let peer = table.holder(destination)?;
-        Some(table.push(&peer, packet))
+        Some(table.push(&peer, packet, wall0()))
     }
 
     #[test]
     fn only_a_plaintext_peer_that_offered_gets_the_acceptance_in_its_grant() {
         let table = new_table();
         let grant_of = |peer: &Arc<Peer>, rx: &mut crate::connection::QueueRx| {
-            table.admit(Request::Dynamic, peer).expect("grant");
+            table
+                .admit(Request::Dynamic, peer, t0(), wall0())
+                .expect("grant");
             rx.try_recv().expect("grant queued")
         };
         // An original client: the grant it always got.
@@ -1067,7 +1092,9 @@ mod tests {
         assert!(!offered.takes_params() && tls_peer.takes_params());
         let six = dual_stack(&[]);
         let (offered6, _rx) = peer_with_extension(&six, 1003, Identity::Original);
-        let granted = six.admit(Request::Dynamic, &offered6).expect("grant");
+        let granted = six
+            .admit(Request::Dynamic, &offered6, t0(), wall0())
+            .expect("grant");
         assert_eq!(granted.address6, None);
     }
 
@@ -1075,7 +1102,10 @@ mod tests {
     fn grant_goes_out_first_and_packets_follow() {
         let table = new_table();
         let (a, mut rx) = link(&table, 1000);
-        let address = table.admit(Request::Dynamic, &a).expect("grant").address;
+        let address = table
+            .admit(Request::Dynamic, &a, t0(), wall0())
+            .expect("grant")
+            .address;
         let stats = &a.stats;
         assert_eq!(address, Ipv4Addr::new(198, 19, 0, 2));
         let grant = rx.try_recv().expect("grant queued");
@@ -1107,21 +1137,30 @@ mod tests {
         let (a, _rx_a) = link(&table, 1000);
         let a_id = a.id;
         let address = table
-            .admit(Request::Static(Ipv4Addr::new(198, 19, 0, 7)), &a)
+            .admit(
+                Request::Static(Ipv4Addr::new(198, 19, 0, 7)),
+                &a,
+                t0(),
+                wall0(),
+            )
             .expect("grant")
             .address;
         let (b, _rx_b) = link(&table, 1001);
         assert_eq!(
-            table.admit(Request::Static(address), &b).map(|g| g.address),
+            table
+                .admit(Request::Static(address), &b, t0(), wall0())
+                .map(|g| g.address),
             Err(Refusal::Taken(address))
         );
-        table.remove(address, a_id + 100);
+        table.remove(address, a_id + 100, wall0());
         assert_eq!(table.len(), 1);
-        table.remove(address, a_id);
+        table.remove(address, a_id, wall0());
         assert_eq!(table.len(), 0);
         let (c, _rx_c) = link(&table, 1002);
         assert_eq!(
-            table.admit(Request::Static(address), &c).map(|g| g.address),
+            table
+                .admit(Request::Static(address), &c, t0(), wall0())
+                .map(|g| g.address),
             Ok(address)
         );
     }
@@ -1145,13 +1184,15 @@ mod tests {
         let (other, _rx) = link(&table, 1000);
         assert_eq!(
             table
-                .admit(Request::Static(fixed), &other)
+                .admit(Request::Static(fixed), &other, t0(), wall0())
                 .map(|g| g.address),
             Err(Refusal::Taken(fixed))
         );
         let (other, _rx) = link(&table, 1001);
         assert_eq!(
-            table.admit(Request::Dynamic, &other).map(|g| g.address),
+            table
+                .admit(Request::Dynamic, &other, t0(), wall0())
+                .map(|g| g.address),
             Ok(Ipv4Addr::new(198, 19, 0, 3))
         );
         // Its key gets it whatever it asks for; a second connection of the
@@ -1159,13 +1200,20 @@ mod tests {
         let (first, _rx1) = with_key(&table, 1002);
         let (first_id, first_kick) = (first.id, first.kick.clone());
         assert_eq!(
-            table.admit(Request::Dynamic, &first).map(|g| g.address),
+            table
+                .admit(Request::Dynamic, &first, t0(), wall0())
+                .map(|g| g.address),
             Ok(fixed)
         );
         let (second, _rx2) = with_key(&table, 1003);
         assert_eq!(
             table
-                .admit(Request::Static(Ipv4Addr::new(198, 19, 9, 9)), &second)
+                .admit(
+                    Request::Static(Ipv4Addr::new(198, 19, 9, 9)),
+                    &second,
+                    t0(),
+                    wall0()
+                )
                 .map(|g| g.address),
             Ok(fixed)
         );
@@ -1175,7 +1223,7 @@ mod tests {
         assert_eq!(info.identity.name(), Some("laptop"));
         assert_eq!(info.identity.protocol(), crate::session::Protocol::Tls);
         // The old connection's cleanup does not free it from the new one.
-        table.remove(fixed, first_id);
+        table.remove(fixed, first_id, wall0());
         assert!(table.peer(fixed).is_some());
     }
 
@@ -1186,11 +1234,17 @@ mod tests {
         let (b, _rx_b) = link(&table, 1001);
         let kick_a = a.kick.clone();
         a.stats.count_rx(100);
-        a.stats.seen();
+        let seen = wall0() + Duration::from_millis(1500);
+        a.stats.seen(seen);
         table
-            .admit(Request::Static(Ipv4Addr::new(198, 19, 0, 9)), &a)
+            .admit(
+                Request::Static(Ipv4Addr::new(198, 19, 0, 9)),
+                &a,
+                t0(),
+                wall0(),
+            )
             .expect("a");
-        table.admit(Request::Dynamic, &b).expect("b");
+        table.admit(Request::Dynamic, &b, t0(), wall0()).expect("b");
         let peers = table.peers();
         let addresses: Vec<_> = peers.iter().map(|p| p.address).collect();
         assert_eq!(
@@ -1199,7 +1253,7 @@ mod tests {
         );
         let a_info = table.peer(Ipv4Addr::new(198, 19, 0, 9)).expect("a listed");
         assert_eq!((a_info.rx_bytes, a_info.rx_packets), (100, 1));
-        assert!(a_info.last_seen > UNIX_EPOCH);
+        assert_eq!((a_info.connected_since, a_info.last_seen), (wall0(), seen));
         assert_eq!(table.kick(Ipv4Addr::new(198, 19, 0, 9)), Some(a_info));
         assert!(kick_a.is_cancelled());
         assert_eq!(table.kick(Ipv4Addr::new(198, 19, 0, 77)), None);
@@ -1211,8 +1265,11 @@ mod tests {
         let (queue, mut rx) = crate::connection::queue(4, 1 << 20, None);
         let remote = SocketAddr::from(([198, 18, 0, 2], 1000));
         let lan: IpNet = "198.18.201.0/24".parse().expect("net");
-        let a = table.new_peer(remote, Identity::Original, vec![lan], queue, false);
-        let address = table.admit(Request::Dynamic, &a).expect("grant").address;
+        let a = table.new_peer(remote, Identity::Original, vec![lan], queue, false, wall0());
+        let address = table
+            .admit(Request::Dynamic, &a, t0(), wall0())
+            .expect("grant")
+            .address;
         rx.try_recv().expect("the grant");
         let host = Ipv4Addr::new(198, 18, 201, 7);
         assert_eq!(
@@ -1225,7 +1282,7 @@ mod tests {
             deliver(&table, Ipv4Addr::new(198, 18, 202, 7), Bytes::new()),
             None
         );
-        table.remove(address, a.id);
+        table.remove(address, a.id, wall0());
         assert_eq!(deliver(&table, host, Bytes::new()), None);
     }
 
@@ -1233,13 +1290,21 @@ mod tests {
     fn bans_refuse_by_key_or_remote_until_they_expire() {
         let table = new_table();
         let (a, _rx) = link(&table, 1000);
-        let address = table.admit(Request::Dynamic, &a).expect("grant").address;
-        let now = SystemTime::now();
+        let address = table
+            .admit(Request::Dynamic, &a, t0(), wall0())
+            .expect("grant")
+            .address;
+        let now = wall0();
         let who = Banned::of(&a.identity, a.remote.ip());
         assert_eq!(who, Banned::Remote(a.remote.ip()));
         assert_eq!(table.ban_remaining(&who, now), None);
         let info = table
-            .ban(address, now + Duration::from_secs(60), "kicked by uid 0")
+            .ban(
+                address,
+                now + Duration::from_secs(60),
+                "kicked by uid 0",
+                now,
+            )
             .expect("banned");
         assert_eq!(info.address, address);
         assert!(a.kick.is_cancelled());
@@ -1252,7 +1317,7 @@ mod tests {
             None
         );
         assert_eq!(table.bans(now)[0].reason, "kicked by uid 0");
-        assert_eq!(table.ban(Ipv4Addr::new(198, 19, 9, 9), now, ""), None);
+        assert_eq!(table.ban(Ipv4Addr::new(198, 19, 9, 9), now, "", now), None);
     }
 
     fn tls_peer(table: &PeerTable, port: u16) -> (Arc<Peer>, crate::connection::QueueRx) {
@@ -1267,7 +1332,7 @@ mod tests {
         let (queue, rx) = crate::connection::queue(2, 1 << 20, None);
         let remote = SocketAddr::from(([198, 18, (port % 250) as u8, 2], port));
         (
-            table.new_peer(remote, identity, Vec::new(), queue, false),
+            table.new_peer(remote, identity, Vec::new(), queue, false, wall0()),
             rx,
         )
     }
@@ -1276,12 +1341,16 @@ mod tests {
     fn a_key_without_a_fixed_address_never_holds_two() {
         let table = new_table();
         let (first, _rx1) = tls_peer(&table, 1);
-        let held = table.admit(Request::Dynamic, &first).expect("first");
+        let held = table
+            .admit(Request::Dynamic, &first, t0(), wall0())
+            .expect("first");
         assert_eq!(held.replaced, None);
         // Another host, same key: it takes the session over, and the address
         // with it; the first connection is closed.
         let (second, _rx2) = tls_peer(&table, 2);
-        let taken = table.admit(Request::Dynamic, &second).expect("second");
+        let taken = table
+            .admit(Request::Dynamic, &second, t0(), wall0())
+            .expect("second");
         assert_eq!(taken.address, held.address);
         assert_eq!(
             taken.replaced,
@@ -1295,19 +1364,23 @@ mod tests {
         // Asking for another address moves it: the old one is freed.
         let (third, _rx3) = tls_peer(&table, 3);
         let wanted = Ipv4Addr::new(198, 19, 0, 50);
-        let moved = table.admit(Request::Static(wanted), &third).expect("third");
+        let moved = table
+            .admit(Request::Static(wanted), &third, t0(), wall0())
+            .expect("third");
         assert_eq!(moved.address, wanted);
         assert_eq!(moved.replaced.map(|r| r.address), Some(held.address));
         assert_eq!(table.len(), 1);
         assert!(table.peer(held.address).is_none());
         // The older connections' cleanup changes nothing.
-        table.remove(held.address, first.id);
-        table.remove(held.address, second.id);
+        table.remove(held.address, first.id, wall0());
+        table.remove(held.address, second.id, wall0());
         assert_eq!(table.peer(wanted).map(|p| p.remote), Some(third.remote));
         // The freed address goes to the next dynamic request.
         let (other, _rx) = link(&table, 4);
         assert_eq!(
-            table.admit(Request::Dynamic, &other).map(|g| g.address),
+            table
+                .admit(Request::Dynamic, &other, t0(), wall0())
+                .map(|g| g.address),
             Ok(held.address)
         );
     }
@@ -1315,19 +1388,19 @@ mod tests {
     #[test]
     fn a_key_that_keeps_taking_over_is_refused_and_the_holder_stays() {
         let table = new_table();
-        let t0 = Instant::now();
+        let t0 = t0();
         let mut holder = None;
         for i in 0..=crate::daemon::takeover::MAX_TAKEOVERS as u16 {
             let (peer, rx) = tls_peer(&table, 10 + i);
             let at = t0 + Duration::from_secs(u64::from(i));
             table
-                .admit_at(Request::Dynamic, &peer, at)
+                .admit(Request::Dynamic, &peer, at, wall0())
                 .expect("taken over");
             holder = Some((peer, rx));
         }
         let (peer, _rx) = tls_peer(&table, 99);
         let at = t0 + Duration::from_secs(5);
-        let refused = table.admit_at(Request::Dynamic, &peer, at);
+        let refused = table.admit(Request::Dynamic, &peer, at, wall0());
         assert!(
             matches!(
                 refused,
@@ -1363,43 +1436,49 @@ mod tests {
         table.restore(Vec::new(), Vec::new(), Duration::from_secs(3600));
         let (first, _rx) = peer_with(&table, 1000, tls(key));
         let address = table
-            .admit(Request::Dynamic, &first)
+            .admit(Request::Dynamic, &first, t0(), wall0())
             .map(|g| g.address)
             .expect("grant");
-        let lease = table.remove(address, first.id).expect("a lease is kept");
+        let lease = table
+            .remove(address, first.id, wall0())
+            .expect("a lease is kept");
         assert_eq!(lease.address, address);
         // Away: nobody else gets it, not even by asking for it.
         let (other, _rx) = link(&table, 1001);
         assert_eq!(
             table
-                .admit(Request::Static(address), &other)
+                .admit(Request::Static(address), &other, t0(), wall0())
                 .map(|g| g.address),
             Err(Refusal::Taken(address))
         );
         let (other, _rx) = link(&table, 1002);
         assert_ne!(
-            table.admit(Request::Dynamic, &other).map(|g| g.address),
+            table
+                .admit(Request::Dynamic, &other, t0(), wall0())
+                .map(|g| g.address),
             Ok(address)
         );
         // Back, from elsewhere, asking for anything: its address again.
         let (again, _rx) = peer_with(&table, 2000, tls(key));
         assert_eq!(
-            table.admit(Request::Dynamic, &again).map(|g| g.address),
+            table
+                .admit(Request::Dynamic, &again, t0(), wall0())
+                .map(|g| g.address),
             Ok(address)
         );
-        table.remove(address, again.id);
+        table.remove(address, again.id, wall0());
 
         // After a restart with an expired lease, the address is free again.
         let restarted = table_of("198.19.0.0/29", &[]);
         let expired = Lease {
-            expires: SystemTime::now() - Duration::from_secs(1),
+            expires: wall0() - Duration::from_secs(1),
             ..lease.clone()
         };
         restarted.restore(vec![expired], Vec::new(), Duration::from_secs(3600));
         let (other, _rx) = link(&restarted, 1003);
         assert_eq!(
             restarted
-                .admit(Request::Static(address), &other)
+                .admit(Request::Static(address), &other, t0(), wall0())
                 .map(|g| g.address),
             Ok(address)
         );
@@ -1409,7 +1488,9 @@ mod tests {
         let free_before = restarted.free_count();
         let (back, _rx) = peer_with(&restarted, 2001, tls(key));
         assert_eq!(
-            restarted.admit(Request::Dynamic, &back).map(|g| g.address),
+            restarted
+                .admit(Request::Dynamic, &back, t0(), wall0())
+                .map(|g| g.address),
             Ok(address)
         );
         assert_eq!(restarted.free_count(), free_before);
@@ -1433,7 +1514,7 @@ mod tests {
         let (queue, rx) = crate::connection::queue(4, 1 << 20, None);
         let remote = SocketAddr::from(([198, 18, 0, 2], port));
         (
-            table.new_peer(remote, identity, Vec::new(), queue, true),
+            table.new_peer(remote, identity, Vec::new(), queue, true, wall0()),
             rx,
         )
     }
@@ -1462,6 +1543,8 @@ mod tests {
                 Request::Static(Ipv4Addr::new(198, 19, 0, 9)),
                 Some(claimed),
                 &a,
+                t0(),
+                wall0(),
             )
             .expect("grant");
         assert_eq!(grant.address6, Some(claimed));
@@ -1471,7 +1554,13 @@ mod tests {
         // nothing taken from this server's pool.
         let (b, _rx) = extension_peer(&table, 1002, k2);
         let b_grant = table
-            .admit_claimed(Request::Static(Ipv4Addr::new(198, 19, 0, 10)), None, &b)
+            .admit_claimed(
+                Request::Static(Ipv4Addr::new(198, 19, 0, 10)),
+                None,
+                &b,
+                t0(),
+                wall0(),
+            )
             .expect("grant");
         assert_eq!(b_grant.address6, None);
         assert!(table.is_free(v6("2001:2:0:100::2")));
@@ -1480,7 +1569,13 @@ mod tests {
         let (a2, _rx) = extension_peer(&table, 1003, k1);
         let moved = v6("2001:2:0:100::78");
         let again = table
-            .admit_claimed(Request::Static(grant.address), Some(moved), &a2)
+            .admit_claimed(
+                Request::Static(grant.address),
+                Some(moved),
+                &a2,
+                t0(),
+                wall0(),
+            )
             .expect("grant");
         assert_eq!(again.address6, Some(moved));
         assert!(table.is_free(claimed) && !table.is_free(moved));
@@ -1501,16 +1596,24 @@ mod tests {
         table.restore(Vec::new(), Vec::new(), Duration::from_secs(3600));
         assert_eq!(table.free_count6(), Some((1u128 << 64) - 3));
         let (original, _rx) = link(&table, 1000);
-        let granted = table.admit(Request::Dynamic, &original).expect("grant");
+        let granted = table
+            .admit(Request::Dynamic, &original, t0(), wall0())
+            .expect("grant");
         assert_eq!(granted.address6, None);
         let (a, _rx) = extension_peer(&table, 1001, k1);
-        let a_grant = table.admit(Request::Dynamic, &a).expect("grant");
+        let a_grant = table
+            .admit(Request::Dynamic, &a, t0(), wall0())
+            .expect("grant");
         assert_eq!(a_grant.address6, Some(v6("2001:2:0:100::2")));
         let (b, _rx) = extension_peer(&table, 1002, k2);
-        let b_grant = table.admit(Request::Dynamic, &b).expect("grant");
+        let b_grant = table
+            .admit(Request::Dynamic, &b, t0(), wall0())
+            .expect("grant");
         assert_eq!(b_grant.address6, Some(v6("2001:2:0:100::3")));
         let (c, _rx) = extension_peer(&table, 1003, k3);
-        let c_grant = table.admit(Request::Dynamic, &c).expect("grant");
+        let c_grant = table
+            .admit(Request::Dynamic, &c, t0(), wall0())
+            .expect("grant");
         assert_eq!(c_grant.address6, Some(v6("2001:2:0:100::99")));
         assert_eq!(
             table.peer(a_grant.address).and_then(|p| p.address6),
@@ -1523,35 +1626,47 @@ mod tests {
         );
         assert_eq!(deliver(&table, v6("2001:2:0:100::4"), Bytes::new()), None);
         // Away, its lease keeps both addresses for it; back, it has both.
-        let lease = table.remove(a_grant.address, a.id).expect("lease kept");
+        let lease = table
+            .remove(a_grant.address, a.id, wall0())
+            .expect("lease kept");
         assert_eq!(lease.address6, a_grant.address6);
         let (other, _rx) =
             extension_peer(&table, 1004, PublicKey::from_raw(&[4; 32]).expect("key"));
-        let other_grant = table.admit(Request::Dynamic, &other).expect("grant");
+        let other_grant = table
+            .admit(Request::Dynamic, &other, t0(), wall0())
+            .expect("grant");
         assert_eq!(other_grant.address6, Some(v6("2001:2:0:100::4")));
         let (back, _rx) = extension_peer(&table, 1005, k1);
-        let back_grant = table.admit(Request::Dynamic, &back).expect("grant");
+        let back_grant = table
+            .admit(Request::Dynamic, &back, t0(), wall0())
+            .expect("grant");
         assert_eq!(
             (back_grant.address, back_grant.address6),
             (a_grant.address, a_grant.address6)
         );
         // A second connection of the same key takes both over.
         let (again, _rx) = extension_peer(&table, 1006, k1);
-        let again_grant = table.admit(Request::Dynamic, &again).expect("grant");
+        let again_grant = table
+            .admit(Request::Dynamic, &again, t0(), wall0())
+            .expect("grant");
         assert_eq!(again_grant.address6, a_grant.address6);
-        assert_eq!(table.remove(a_grant.address, back.id), None);
+        assert_eq!(table.remove(a_grant.address, back.id, wall0()), None);
         // The key back without the extension: IPv4 only, its IPv6 address freed.
         let free = table.free_count6();
         let (plain, _rx) = peer_with(&table, 1007, tls(k1));
-        let plain_grant = table.admit(Request::Dynamic, &plain).expect("grant");
+        let plain_grant = table
+            .admit(Request::Dynamic, &plain, t0(), wall0())
+            .expect("grant");
         assert_eq!(
             (plain_grant.address, plain_grant.address6),
             (a_grant.address, None)
         );
         assert_eq!(table.free_count6(), free.map(|f| f + 1));
-        table.remove(plain_grant.address, plain.id);
+        table.remove(plain_grant.address, plain.id, wall0());
         let (again, _rx) = extension_peer(&table, 1008, k1);
-        let again_grant = table.admit(Request::Dynamic, &again).expect("grant");
+        let again_grant = table
+            .admit(Request::Dynamic, &again, t0(), wall0())
+            .expect("grant");
         assert_eq!(
             again_grant.address6, a_grant.address6,
             "the lowest free again"
@@ -1564,14 +1679,16 @@ mod tests {
         let (first, _rx) = extension_peer(&restarted, 2000, k2);
         assert_eq!(
             restarted
-                .admit(Request::Dynamic, &first)
+                .admit(Request::Dynamic, &first, t0(), wall0())
                 .expect("grant")
                 .address6,
             Some(v6("2001:2:0:100::3")),
             "the leased ::2 is not handed to another key"
         );
         let (back, _rx) = extension_peer(&restarted, 2001, k1);
-        let grant = restarted.admit(Request::Dynamic, &back).expect("grant");
+        let grant = restarted
+            .admit(Request::Dynamic, &back, t0(), wall0())
+            .expect("grant");
         assert_eq!(
             (grant.address, grant.address6),
             (a_grant.address, a_grant.address6)
@@ -1584,8 +1701,12 @@ mod tests {
         table.restore(Vec::new(), Vec::new(), Duration::from_secs(3600));
         let key = PublicKey::from_raw(&[1; 32]).expect("key");
         let (peer, _rx) = extension_peer(&table, 1000, key);
-        let grant = table.admit(Request::Dynamic, &peer).expect("grant");
-        let lease = table.remove(grant.address, peer.id).expect("leased");
+        let grant = table
+            .admit(Request::Dynamic, &peer, t0(), wall0())
+            .expect("grant");
+        let lease = table
+            .remove(grant.address, peer.id, wall0())
+            .expect("leased");
         assert_eq!(lease.address6, grant.address6);
         let free = table.free_count6();
         let fixed = Ipv4Addr::new(198, 19, 0, 99);
@@ -1606,10 +1727,12 @@ mod tests {
             fixed: Some(Ipv4Addr::new(198, 19, 0, 50)),
         };
         let (fixed, _rx) = peer_with_extension(&table, 1000, identity);
-        let grant = table.admit(Request::Dynamic, &fixed).expect("grant");
+        let grant = table
+            .admit(Request::Dynamic, &fixed, t0(), wall0())
+            .expect("grant");
         assert_eq!(grant.address6, Some("2001:2:0:100::2".parse().expect("v6")));
         let free = table.free_count6();
-        assert_eq!(table.remove(grant.address, fixed.id), None);
+        assert_eq!(table.remove(grant.address, fixed.id, wall0()), None);
         assert_eq!(table.free_count6().map(|f| f - 1), free);
         // Without a lease, a key still gets its last address back while it
         // is free (not the lowest free one).
@@ -1623,20 +1746,26 @@ mod tests {
         };
         let (f, _rx) = fixed_key(5, 2000);
         let (g, _rx) = fixed_key(6, 2001);
-        let f_grant = table.admit(Request::Dynamic, &f).expect("grant");
-        let g_grant = table.admit(Request::Dynamic, &g).expect("grant");
+        let f_grant = table
+            .admit(Request::Dynamic, &f, t0(), wall0())
+            .expect("grant");
+        let g_grant = table
+            .admit(Request::Dynamic, &g, t0(), wall0())
+            .expect("grant");
         assert_eq!(f_grant.address6, grant.address6, "the lowest free");
-        table.remove(f_grant.address, f.id);
-        table.remove(g_grant.address, g.id);
+        table.remove(f_grant.address, f.id, wall0());
+        table.remove(g_grant.address, g.id, wall0());
         let (g_again, _rx) = fixed_key(6, 2002);
-        let back = table.admit(Request::Dynamic, &g_again).expect("grant");
+        let back = table
+            .admit(Request::Dynamic, &g_again, t0(), wall0())
+            .expect("grant");
         assert_eq!(back.address6, g_grant.address6);
         // Nor does a table without network6 give any.
         let v4_only = new_table();
         let (peer, _rx) = extension_peer(&v4_only, 1001, key);
         assert_eq!(
             v4_only
-                .admit(Request::Dynamic, &peer)
+                .admit(Request::Dynamic, &peer, t0(), wall0())
                 .expect("grant")
                 .address6,
             None
@@ -1647,7 +1776,7 @@ mod tests {
     #[test]
     fn restored_bans_refuse_until_they_expire() {
         let table = new_table();
-        let now = SystemTime::now();
+        let now = wall0();
         let who = Banned::Key(PublicKey::from_raw(&[2; 32]).expect("key"));
         let ban = Ban {
             who: who.clone(),
@@ -1666,7 +1795,7 @@ mod tests {
         let table = new_table();
         let (a, _rx) = link(&table, 1000);
         let held = table
-            .admit(Request::Dynamic, &a)
+            .admit(Request::Dynamic, &a, t0(), wall0())
             .map(|g| g.address)
             .expect("grant");
         let key = PublicKey::from_raw(&[3; 32]).expect("key");
@@ -1680,13 +1809,135 @@ mod tests {
             .expect("free");
         let (b, _rx) = link(&table, 1001);
         assert_eq!(
-            table.admit(Request::Static(other), &b).map(|g| g.address),
+            table
+                .admit(Request::Static(other), &b, t0(), wall0())
+                .map(|g| g.address),
             Err(Refusal::Taken(other))
         );
         table.set_fixed(&HashMap::new()).expect("none");
         assert_eq!(
-            table.admit(Request::Static(other), &b).map(|g| g.address),
+            table
+                .admit(Request::Static(other), &b, t0(), wall0())
+                .map(|g| g.address),
             Ok(other)
         );
+    }
+
+    #[test]
+    fn a_lease_ends_exactly_when_its_time_is_up() {
+        let table = table_of("198.19.0.0/29", &[]);
+        let lease_time = Duration::from_secs(3600);
+        table.restore(Vec::new(), Vec::new(), lease_time);
+        let key = PublicKey::from_raw(&[1; 32]).expect("key");
+        let (first, _rx) = peer_with(&table, 1000, tls(key));
+        let address = table
+            .admit(Request::Dynamic, &first, t0(), wall0())
+            .expect("grant")
+            .address;
+        let left = wall0() + Duration::from_secs(10);
+        let lease = table.remove(address, first.id, left).expect("leased");
+        assert_eq!(lease.expires, left + lease_time, "it runs from the leaving");
+        let (other, _rx) = link(&table, 1001);
+        let just_before = lease.expires - Duration::from_nanos(1);
+        assert_eq!(
+            table
+                .admit(Request::Static(address), &other, t0(), just_before)
+                .map(|g| g.address),
+            Err(Refusal::Taken(address))
+        );
+        assert_eq!(table.lease_of(&key), Some(lease.clone()));
+        assert_eq!(
+            table
+                .admit(Request::Static(address), &other, t0(), lease.expires)
+                .map(|g| g.address),
+            Ok(address)
+        );
+        assert_eq!(table.lease_of(&key), None);
+    }
+
+    #[test]
+    fn a_ban_lapses_at_its_end_and_a_later_ban_clears_it_out() {
+        let table = new_table();
+        // By key: one remote address serves both in these tests.
+        let key = |n: u8| tls(PublicKey::from_raw(&[n; 32]).expect("key"));
+        let (a, _rx) = peer_with(&table, 1000, key(1));
+        let (b, _rx) = peer_with(&table, 1001, key(2));
+        let a_address = table
+            .admit(Request::Dynamic, &a, t0(), wall0())
+            .expect("a")
+            .address;
+        let b_address = table
+            .admit(Request::Dynamic, &b, t0(), wall0())
+            .expect("b")
+            .address;
+        let a_who = Banned::of(&a.identity, a.remote.ip());
+        let until = wall0() + Duration::from_secs(60);
+        table
+            .ban(a_address, until, "first", wall0())
+            .expect("a banned");
+        let last_moment = until - Duration::from_nanos(1);
+        assert_eq!(
+            table.ban_remaining(&a_who, last_moment),
+            Some(Duration::from_nanos(1))
+        );
+        assert_eq!(table.ban_remaining(&a_who, until), None, "lapsed");
+        assert!(table.bans(until).is_empty());
+        let reasons = |at: SystemTime| -> Vec<String> {
+            table.bans(at).into_iter().map(|b| b.reason).collect()
+        };
+        assert_eq!(reasons(wall0()), ["first"], "kept, though lapsed");
+        // A ban made after it lapsed clears it out, so old bans do not
+        // pile up.
+        table
+            .ban(b_address, until + Duration::from_secs(60), "second", until)
+            .expect("b banned");
+        assert_eq!(reasons(wall0()), ["second"]);
+        assert!(!table.unban(&a_who, until), "none in force to lift");
+    }
+
+    #[test]
+    fn over_the_budget_the_largest_queue_is_shed_once_per_interval() {
+        let table = new_table();
+        let budget = table.budget_handle();
+        let admitted = |port: u16| {
+            let (queue, rx) = crate::connection::queue(1000, 8 << 20, Some(budget.clone()));
+            let remote = SocketAddr::from(([198, 18, 0, 2], port));
+            let peer = table.new_peer(
+                remote,
+                Identity::Original,
+                Vec::new(),
+                queue,
+                false,
+                wall0(),
+            );
+            table
+                .admit(Request::Dynamic, &peer, t0(), wall0())
+                .expect("grant");
+            (peer, rx)
+        };
+        let (big, _big_rx) = admitted(1000);
+        let (small, _small_rx) = admitted(1001);
+        let frame = || Bytes::from(vec![0; 64 << 10]);
+        let spent = (0..100)
+            .find(|_| matches!(table.push(&big, frame(), wall0()), Delivery::QueueFull))
+            .is_some();
+        assert!(spent, "the budget is spent");
+        assert!(big.shed.load(Ordering::Relaxed) && big.kick.is_cancelled());
+        assert_eq!(budget.closed(), 1);
+        // Within the interval, no more, however often the budget is hit.
+        let soon = wall0() + Duration::from_millis(SHED_INTERVAL_MS - 1);
+        for _ in 0..3 {
+            table.push(&small, frame(), soon);
+        }
+        assert!(!small.kick.is_cancelled());
+        assert_eq!(budget.closed(), 1);
+        // Then the largest of those still open: the only one left.
+        let later = wall0() + Duration::from_millis(SHED_INTERVAL_MS);
+        assert!(matches!(
+            table.push(&small, frame(), later),
+            Delivery::QueueFull
+        ));
+        assert!(small.shed.load(Ordering::Relaxed) && small.kick.is_cancelled());
+        assert_eq!(budget.closed(), 2);
     }
 }

@@ -72,7 +72,9 @@ use crate::config::{
 use crate::connection::{self, write_frames, FrameReader, ReadError};
 use crate::daemon::tun::{AsyncTun, TunHealth, TunOp, TunQueues};
 use crate::egress::{egress, from_tun_read, Egress, Outbound, PeerLink};
-use crate::join::{JoinAccepted, JoinMessage, JoinRefusal, JoinRequest, Secret, Token};
+use crate::join::{
+    JoinAccepted, JoinMessage, JoinRefusal, JoinRequest, RandomSecret, Secret, Token,
+};
 use crate::keys::{NodeKey, PublicKey};
 use crate::limits::JOIN_REQUEST_TIMEOUT;
 use crate::limits::{MAX_FRAME, MAX_PACKET};
@@ -795,9 +797,14 @@ async fn connection(
     };
     let mut reader =
         FrameReader::new(reader, before_grant).with_limits(budget, config.frame_timeout);
-    let peer = shared
-        .peers
-        .new_peer(remote, identity, routes.clone(), queue, extension);
+    let peer = shared.peers.new_peer(
+        remote,
+        identity,
+        routes.clone(),
+        queue,
+        extension,
+        SystemTime::now(),
+    );
     let accepted = handshake_deadline - shared.config.handshake_timeout;
     let mut session = ServerSession::new(
         handshake_deadline.into_std(),
@@ -839,7 +846,7 @@ async fn connection(
             },
         };
         let now = std::time::Instant::now();
-        peer.stats.seen();
+        peer.stats.seen(SystemTime::now());
         match &frame {
             Frame::Packet(packet) => peer.stats.count_rx(packet.len()),
             Frame::Super(packet) => peer.stats.count_rx(packet.frame.len() - SUPER_HEADER_LEN),
@@ -860,7 +867,11 @@ async fn connection(
                     ))
                     .await
                 }
-                None => shared.peers.admit(request, &peer),
+                None => {
+                    shared
+                        .peers
+                        .admit(request, &peer, std::time::Instant::now(), SystemTime::now())
+                }
             } {
                 Ok(Granted {
                     address,
@@ -951,7 +962,7 @@ async fn connection(
     drop(pending);
 
     let address = session.address();
-    if let Some(lease) = address.and_then(|a| shared.peers.remove(a, peer.id)) {
+    if let Some(lease) = address.and_then(|a| shared.peers.remove(a, peer.id, SystemTime::now())) {
         shared.keep_lease(&lease);
     }
     if let (Some(cluster), Some(address)) = (&shared.cluster, address) {
@@ -1190,12 +1201,12 @@ fn send_to(shared: &Shared, peer: &Peer, out: Outbound) {
             if is_super && link.super_packets {
                 shared.metrics.supers.count(SuperKind::Whole);
             }
-            shared.peers.push(peer, frame);
+            shared.peers.push(peer, frame, SystemTime::now());
         }
         Egress::Many(frames) => {
             shared.metrics.supers.count(SuperKind::Split);
             for frame in frames {
-                shared.peers.push(peer, frame);
+                shared.peers.push(peer, frame, SystemTime::now());
             }
         }
         Egress::TooBig { icmp } => {
@@ -1379,7 +1390,7 @@ impl Node for Shared {
             Some(ban) => {
                 reason.push_str(&format!(", banned for {}", humantime::format_duration(ban)));
                 let until = crate::wallclock::after(SystemTime::now(), ban);
-                let peer = self.peers.ban(address, until, &kicked);
+                let peer = self.peers.ban(address, until, &kicked, SystemTime::now());
                 if let Some(peer) = &peer {
                     let who = Banned::of(&peer.identity, peer.remote.ip());
                     let ban = Ban {

@@ -244,6 +244,50 @@ pub fn tls_client_args<'a>(key: &'a str, server_key: &'a str) -> [&'a str; 4] {
     ["--key", key, "--server-key", server_key]
 }
 
+/// A node's key made by `simplevpnd keygen`: the key file and its public key.
+pub struct NodeKeys {
+    pub path: String,
+    pub public: String,
+}
+
+/// The TLS set-up most tests share: keys made by `simplevpnd keygen` in the
+/// bed's directory for the server (`server.key`) and each client
+/// (`NAME.key`), and the flags that name them. The server allows every
+/// client's key; each client pins the server's.
+pub struct Tls {
+    pub server: NodeKeys,
+    /// In the order their names were given.
+    pub clients: Vec<NodeKeys>,
+}
+
+impl Tls {
+    /// Keys for the server and for clients named `clients`.
+    pub fn new(bed: &Bed, clients: &[&str]) -> Tls {
+        let made = |name: &str| {
+            let (path, public) = keygen(bed, name);
+            NodeKeys { path, public }
+        };
+        Tls {
+            server: made("server"),
+            clients: clients.iter().map(|name| made(name)).collect(),
+        }
+    }
+
+    /// The server's flags: its key, and every client's key as a `--peer`.
+    pub fn server_args(&self) -> Vec<&str> {
+        let mut args = vec!["--key", self.server.path.as_str()];
+        for client in &self.clients {
+            args.extend(["--peer", client.public.as_str()]);
+        }
+        args
+    }
+
+    /// Client `i`'s flags: its key, pinning the server's.
+    pub fn client_args(&self, i: usize) -> [&str; 4] {
+        tls_client_args(&self.clients[i].path, &self.server.public)
+    }
+}
+
 /// Sends `len` bytes from `from` to a listener in `to` at `address`, over TCP
 /// through the tunnel (IPv4 or IPv6); the listener echoes them back.
 /// Asserts both ways.

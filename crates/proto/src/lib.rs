@@ -9,6 +9,7 @@
 //! * [`params`]: the session-parameters extension (SESSION_PARAMS);
 //! * [`offload`]: super-packets (GSO/GRO) split and joined by their headers;
 //! * [`egress`]: how outbound packets are batched into frames;
+//! * [`join`]: invitation tokens and the messages of a joining connection;
 //! * [`codel`]: CoDel on a peer's send queue (drop or ECN-mark what stood too long);
 //! * [`session`]: the session rules of both roles;
 //! * [`routes`]: the longest-prefix route table;
@@ -20,6 +21,7 @@
 pub mod codel;
 mod config_error;
 pub mod egress;
+pub mod join;
 pub mod limits;
 pub mod offload;
 pub mod params;
