@@ -309,6 +309,150 @@ mod tests {
         );
     }
 
+    /// A bus of the test's own (dbus-daemon on a socket in a temp dir, no
+    /// network), stopped and removed on drop.
+    struct PrivateBus {
+        daemon: std::process::Child,
+        dir: std::path::PathBuf,
+        address: String,
+    }
+
+    impl PrivateBus {
+        /// None if dbus-daemon is not installed.
+        fn start() -> Option<PrivateBus> {
+            let dir = std::env::temp_dir().join(format!("svpn-resolved-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            let socket = dir.join("bus");
+            let address = format!("unix:path={}", socket.display());
+            let config = dir.join("bus.conf");
+            std::fs::write(
+                &config,
+                format!(
+                    "<busconfig><type>session</type><listen>{address}</listen>\
+                     <auth>EXTERNAL</auth><policy context=\"default\">\
+                     <allow send_destination=\"*\"/><allow eavesdrop=\"true\"/>\
+                     <allow own=\"*\"/></policy></busconfig>"
+                ),
+            )
+            .expect("bus config");
+            let daemon = std::process::Command::new("dbus-daemon")
+                .arg(format!("--config-file={}", config.display()))
+                .arg("--nofork")
+                .spawn();
+            let Ok(daemon) = daemon else {
+                eprintln!("skipped: no dbus-daemon");
+                let _ = std::fs::remove_dir_all(&dir);
+                return None;
+            };
+            let bus = PrivateBus {
+                daemon,
+                dir,
+                address,
+            };
+            let listening = (0..500).any(|_| {
+                std::thread::sleep(Duration::from_millis(10));
+                socket.exists()
+            });
+            assert!(listening, "dbus-daemon did not create {}", socket.display());
+            Some(bus)
+        }
+    }
+
+    impl Drop for PrivateBus {
+        fn drop(&mut self) {
+            let _ = self.daemon.kill();
+            let _ = self.daemon.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// Stands in for systemd-resolved: records each call with its
+    /// arguments; SetLinkDefaultRoute on ifindex 99 never answers in time.
+    struct FakeResolved(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl FakeResolved {
+        fn record(&self, call: String) {
+            self.0.lock().expect("calls").push(call);
+        }
+    }
+
+    #[zbus::interface(name = "org.freedesktop.resolve1.Manager")]
+    impl FakeResolved {
+        #[zbus(name = "SetLinkDNS")]
+        fn set_link_dns(&self, index: i32, servers: Vec<(i32, Vec<u8>)>) {
+            self.record(format!("SetLinkDNS {index} {servers:?}"));
+        }
+
+        fn set_link_domains(&self, index: i32, domains: Vec<(String, bool)>) {
+            self.record(format!("SetLinkDomains {index} {domains:?}"));
+        }
+
+        fn set_link_default_route(&self, index: i32, enable: bool) {
+            if index == 99 {
+                std::thread::sleep(TIMEOUT + Duration::from_secs(2));
+            }
+            self.record(format!("SetLinkDefaultRoute {index} {enable}"));
+        }
+
+        fn revert_link(&self, index: i32) {
+            self.record(format!("RevertLink {index}"));
+        }
+    }
+
+    #[test]
+    fn apply_makes_resolveds_calls_in_order_and_gives_up_at_the_deadline() {
+        let Some(bus) = PrivateBus::start() else {
+            return;
+        };
+        let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let _resolved = zbus::blocking::connection::Builder::address(bus.address.as_str())
+            .expect("address")
+            // A bus that refuses the fake's own Hello fails the test.
+            .method_timeout(TIMEOUT)
+            .name(DESTINATION)
+            .expect("name")
+            .serve_at(PATH, FakeResolved(std::sync::Arc::clone(&calls)))
+            .expect("serve")
+            .build()
+            .expect("fake resolved on the bus");
+        // apply() talks to the system bus; this test's process has no other
+        // user of the variable.
+        std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &bus.address);
+
+        let servers = ["198.19.0.1".parse().expect("ip")];
+        let set = plan(7, &servers, &["vpn.example".into()], true).expect("plan");
+        apply(&set).expect("set DNS");
+        apply(&revert(7).expect("revert")).expect("revert DNS");
+        assert_eq!(
+            *calls.lock().expect("calls"),
+            [
+                "SetLinkDNS 7 [(2, [198, 19, 0, 1])]",
+                "SetLinkDomains 7 [(\"vpn.example\", false), (\".\", true)]",
+                "SetLinkDefaultRoute 7 true",
+                "RevertLink 7",
+            ]
+        );
+
+        // A resolved that does not answer: the request fails with a
+        // timeout instead of holding the helper past the daemon's patience.
+        let slow = plan(99, &[], &[], false).expect("plan");
+        assert!(matches!(apply(&slow), Err(ResolvedError::Timeout)));
+
+        // Nobody on the bus at resolved's name: refused, not a timeout.
+        drop(_resolved);
+        let refused = apply(&revert(7).expect("revert"));
+        assert!(
+            matches!(
+                refused,
+                Err(ResolvedError::Call {
+                    method: "RevertLink",
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+    }
+
     #[test]
     fn a_listening_socket_is_found_by_its_path_in_proc_net_unix() {
         let table = "\
