@@ -76,3 +76,12 @@ fn helper_has_no_daemon_stack_in_its_dependencies() {
         "the helper keeps CAP_NET_ADMIN: auditing it must not mean auditing the daemon's control API, TLS or state store",
     );
 }
+
+#[test]
+fn helper_has_no_tokio_in_its_dependencies() {
+    assert_none(
+        "simplevpn-helper",
+        &["tokio", "mio", "rtnetlink", "netlink-proto"],
+        "the helper serves one request at a time with blocking calls (netlink-sys, zbus's blocking API on its own executor); an async runtime is code to audit that it does not need",
+    );
+}

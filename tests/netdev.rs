@@ -6,7 +6,7 @@
 //! 198.18.0.0/15 only.
 
 use std::future::Future;
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +16,7 @@ mod common;
 use ipnet::Ipv4Net;
 use simplevpn::daemon::tun::AsyncTun;
 use simplevpn::privsep::netdev::{create_tun, LinkConfig, NetdevError};
+use simplevpn::privsep::policy::HostRoute;
 
 const TUN: &str = "svtun-test";
 const LOCAL: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
@@ -39,8 +40,9 @@ fn ip(ns: &str, args: &[&str]) -> (bool, String) {
     )
 }
 
-/// Runs `body(ns_name)` on a current-thread tokio runtime, on a thread that
-/// has joined a fresh network namespace (deleted afterwards, even on panic).
+/// Runs `body(ns_name)` on a current-thread tokio runtime (for the tun's
+/// packet I/O; netdev's own calls block), on a thread that has joined a
+/// fresh network namespace (deleted afterwards, even on panic).
 fn in_netns<F, Fut>(body: F)
 where
     F: FnOnce(String) -> Fut + Send,
@@ -174,13 +176,10 @@ fn create_tun_rejects_bad_names() {
 fn set_ipv4_is_idempotent_and_replaces() {
     in_netns(|ns| async move {
         let tun = create_tun(TUN).expect("create_tun");
-        let link = LinkConfig::connect().await.expect("connect");
+        let link = LinkConfig::connect().expect("connect");
 
+        link.set_ipv4(tun.index, LOCAL, 16).expect("first set_ipv4");
         link.set_ipv4(tun.index, LOCAL, 16)
-            .await
-            .expect("first set_ipv4");
-        link.set_ipv4(tun.index, LOCAL, 16)
-            .await
             .expect("same address again");
         assert_eq!(ipv4_addrs(&ns), ["198.19.0.1/16"]);
 
@@ -188,13 +187,11 @@ fn set_ipv4_is_idempotent_and_replaces() {
         let (ok, _) = ip(&ns, &["addr", "add", "198.18.7.7/24", "dev", TUN]);
         assert!(ok);
         link.set_ipv4(tun.index, Ipv4Addr::new(198, 19, 0, 5), 16)
-            .await
             .expect("new address");
         assert_eq!(ipv4_addrs(&ns), ["198.19.0.5/16"]);
 
         // Same address, new prefix: also a replacement.
         link.set_ipv4(tun.index, Ipv4Addr::new(198, 19, 0, 5), 24)
-            .await
             .expect("new prefix");
         assert_eq!(ipv4_addrs(&ns), ["198.19.0.5/24"]);
     });
@@ -204,10 +201,10 @@ fn set_ipv4_is_idempotent_and_replaces() {
 fn set_mtu_and_up() {
     in_netns(|ns| async move {
         let tun = create_tun(TUN).expect("create_tun");
-        let link = LinkConfig::connect().await.expect("connect");
-        link.set_mtu(tun.index, 1400).await.expect("set_mtu");
-        link.set_up(tun.index).await.expect("set_up");
-        link.set_up(tun.index).await.expect("set_up again");
+        let link = LinkConfig::connect().expect("connect");
+        link.set_mtu(tun.index, 1400).expect("set_mtu");
+        link.set_up(tun.index).expect("set_up");
+        link.set_up(tun.index).expect("set_up again");
         let (_, out) = ip(&ns, &["-o", "link", "show", TUN]);
         assert!(out.contains("mtu 1400"), "{out}");
         assert!(out.contains(",UP") || out.contains("<UP"), "{out}");
@@ -218,40 +215,102 @@ fn set_mtu_and_up() {
 fn routes_are_idempotent() {
     in_netns(|ns| async move {
         let tun = create_tun(TUN).expect("create_tun");
-        let link = LinkConfig::connect().await.expect("connect");
-        link.set_up(tun.index).await.expect("set_up");
+        let link = LinkConfig::connect().expect("connect");
+        link.set_up(tun.index).expect("set_up");
         // Host bits set on purpose: the network part is what gets routed.
         let dest: Ipv4Net = "198.18.5.9/24".parse().expect("net");
         let routes = || ip(&ns, &["-4", "route", "show", "dev", TUN]).1;
 
-        link.add_route(tun.index, dest).await.expect("add_route");
-        link.add_route(tun.index, dest)
-            .await
-            .expect("add_route again");
+        link.add_route(tun.index, dest).expect("add_route");
+        link.add_route(tun.index, dest).expect("add_route again");
         assert!(routes().contains("198.18.5.0/24"), "{}", routes());
 
-        link.del_route(tun.index, dest).await.expect("del_route");
-        link.del_route(tun.index, dest)
-            .await
-            .expect("del_route again");
+        link.del_route(tun.index, dest).expect("del_route");
+        link.del_route(tun.index, dest).expect("del_route again");
         assert!(!routes().contains("198.18.5.0/24"), "{}", routes());
+    });
+}
+
+#[test]
+fn set_ipv6_is_idempotent_replaces_and_skips_dad() {
+    in_netns(|ns| async move {
+        let tun = create_tun(TUN).expect("create_tun");
+        let link = LinkConfig::connect().expect("connect");
+        link.set_up(tun.index).expect("set_up");
+        let first: Ipv6Addr = "2001:2::1".parse().expect("ip");
+        let second: Ipv6Addr = "2001:2::2".parse().expect("ip");
+        let addrs = || ip(&ns, &["-6", "-o", "addr", "show", "dev", TUN]).1;
+
+        link.set_ipv6(tun.index, first, 64).expect("first set_ipv6");
+        link.set_ipv6(tun.index, first, 64)
+            .expect("same address again");
+        let shown = addrs();
+        assert!(shown.contains("2001:2::1/64"), "{shown}");
+        // Without DAD the address is usable at once, never "tentative".
+        assert!(!shown.contains("tentative"), "{shown}");
+
+        link.set_ipv6(tun.index, second, 64).expect("new address");
+        let shown = addrs();
+        assert!(shown.contains("2001:2::2/64"), "{shown}");
+        assert!(!shown.contains("2001:2::1/"), "{shown}");
+    });
+}
+
+#[test]
+fn host_routes_are_listed_and_pinned_routes_are_idempotent() {
+    in_netns(|_| async move {
+        let tun = create_tun(TUN).expect("create_tun");
+        let link = LinkConfig::connect().expect("connect");
+        link.set_ipv4(tun.index, LOCAL, 16).expect("set_ipv4");
+        link.set_up(tun.index).expect("set_up");
+        let connected = "198.19.0.0/16".parse().expect("net");
+        let routes = link.host_routes().expect("host_routes");
+        assert!(
+            routes
+                .iter()
+                .any(|r| r.destination == connected && r.gateway.is_none() && r.index == tun.index),
+            "{routes:?}"
+        );
+
+        let pin = HostRoute {
+            destination: "198.18.9.9/32".parse().expect("net"),
+            gateway: Some(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 254))),
+            index: tun.index,
+            metric: 0,
+        };
+        assert!(link.add_host_route(pin).expect("add pin"), "not added");
+        // The second time the route is there already: not this call's.
+        assert!(
+            !link.add_host_route(pin).expect("add pin again"),
+            "added twice"
+        );
+        let routes = link.host_routes().expect("host_routes");
+        assert!(
+            routes.iter().any(|r| (r.destination, r.gateway, r.index)
+                == (pin.destination, pin.gateway, pin.index)),
+            "{routes:?}"
+        );
+        link.del_host_route(pin).expect("delete pin");
+        link.del_host_route(pin).expect("delete pin again");
+        let routes = link.host_routes().expect("host_routes");
+        assert!(
+            !routes.iter().any(|r| r.destination == pin.destination),
+            "{routes:?}"
+        );
     });
 }
 
 #[test]
 fn errors_name_the_operation_and_interface() {
     in_netns(|_| async move {
-        let link = LinkConfig::connect().await.expect("connect");
-        let err = link
-            .set_ipv4(9999, LOCAL, 16)
-            .await
-            .expect_err("no such link");
+        let link = LinkConfig::connect().expect("connect");
+        let err = link.set_ipv4(9999, LOCAL, 16).expect_err("no such link");
         let msg = err.to_string();
         assert!(
             msg.starts_with("set address 198.19.0.1/16 on ifindex 9999: No such device"),
             "{msg}"
         );
-        let err = link.set_mtu(9999, 1400).await.expect_err("no such link");
+        let err = link.set_mtu(9999, 1400).expect_err("no such link");
         assert!(
             err.to_string()
                 .starts_with("set mtu 1400 on ifindex 9999: "),
@@ -266,11 +325,9 @@ fn packet_io() {
     assert_send_sync::<LinkConfig>();
     in_netns(|ns| async move {
         let created = create_tun(TUN).expect("create_tun");
-        let link = LinkConfig::connect().await.expect("connect");
-        link.set_ipv4(created.index, LOCAL, 16)
-            .await
-            .expect("set_ipv4");
-        link.set_up(created.index).await.expect("set_up");
+        let link = LinkConfig::connect().expect("connect");
+        link.set_ipv4(created.index, LOCAL, 16).expect("set_ipv4");
+        link.set_up(created.index).expect("set_up");
         let tun = Arc::new(AsyncTun::new(created.fd).expect("AsyncTun::new"));
 
         // Kernel -> tun: a UDP datagram to the peer comes out of the tun.

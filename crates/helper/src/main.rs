@@ -114,18 +114,13 @@ fn run(args: HelperArgs) -> anyhow::Result<()> {
         info!("simplevpnd exited before the helper was ready");
         return Ok(());
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the netlink runtime")?;
-    let links = runtime.block_on(LinkConfig::connect())?;
+    let links = LinkConfig::connect()?;
     let mut state = State {
         args,
         policy,
         devices,
         tun: None,
         links,
-        runtime,
         changes: Changes::default(),
         resolved_here,
         refusals_logged: HashSet::new(),
@@ -187,7 +182,6 @@ struct State {
     /// The tun's name and this helper's own fds for it, one per queue.
     tun: Option<(String, Vec<OwnedFd>)>,
     links: LinkConfig,
-    runtime: tokio::runtime::Runtime,
     /// What was changed beyond the tun, to undo on exit.
     changes: Changes,
     /// Whether this is PID 1's network namespace, the one systemd-resolved
@@ -279,7 +273,7 @@ impl State {
     /// none (the policy's other rules still hold), with a warning.
     fn connected_networks(&self) -> Vec<IpNet> {
         let tun = self.policy.tun_index();
-        match self.runtime.block_on(self.links.host_routes()) {
+        match self.links.host_routes() {
             Ok(routes) => routes
                 .into_iter()
                 .filter(|r| r.gateway.is_none() && Some(r.index) != tun)
@@ -316,7 +310,7 @@ impl State {
             }
         }
         if let Some(route) = changes.pinned {
-            match self.runtime.block_on(self.links.del_host_route(route)) {
+            match self.links.del_host_route(route) {
                 Ok(()) => info!(route = %describe(route), "removed the pinned route"),
                 Err(e) => error!("removing the pinned route: {e}"),
             }
@@ -325,8 +319,7 @@ impl State {
             remove_dns_guard(&tun);
         }
         if let Some(index) = changes.dns {
-            let reverted = resolved::revert(index)
-                .and_then(|calls| self.runtime.block_on(resolved::apply(&calls)));
+            let reverted = resolved::revert(index).and_then(|calls| resolved::apply(&calls));
             match reverted {
                 Ok(()) => info!("reverted the tun's DNS settings"),
                 Err(e) => warn!("reverting the tun's DNS settings: {e}"),
@@ -363,7 +356,7 @@ impl State {
         // Marked first: a call that fails half-way leaves something to
         // revert.
         self.changes.dns = Some(index);
-        self.runtime.block_on(resolved::apply(&calls))?;
+        resolved::apply(&calls)?;
         Ok(())
     }
 
@@ -374,14 +367,14 @@ impl State {
         let tun = self.args.tun.clone();
         let mut changes = vec![format!("route {} (pinned: the server)", describe(pin))];
         for half in HALF_DEFAULTS {
-            self.runtime.block_on(self.links.add_route(index, half))?;
+            self.links.add_route(index, half)?;
         }
         changes.push(format!(
             "routes {} dev {tun} (full tunnel)",
             HALF_DEFAULTS.map(|h| h.to_string()).join(", ")
         ));
         for half in IPV6_HALVES {
-            match self.runtime.block_on(self.links.add_route(index, half)) {
+            match self.links.add_route(index, half) {
                 Ok(()) => {}
                 // No IPv6 on this host at all: nothing can leak.
                 Err(NetdevError::Netlink { source, .. })
@@ -411,15 +404,15 @@ impl State {
     fn pin(&mut self, index: u32, server: IpAddr) -> Result<HostRoute, Failure> {
         let old = self.changes.pinned;
         let routes: Vec<HostRoute> = self
-            .runtime
-            .block_on(self.links.host_routes())?
+            .links
+            .host_routes()?
             .into_iter()
             .filter(|r| !old.is_some_and(|old| same_route(*r, old)))
             .collect();
         let pin = pin_route(&routes, server, index)?;
         if let Some(old) = old.filter(|old| !same_route(*old, pin)) {
             // Gone with its interface, or still there: either way not ours now.
-            if let Err(e) = self.runtime.block_on(self.links.del_host_route(old)) {
+            if let Err(e) = self.links.del_host_route(old) {
                 warn!(route = %describe(old), "removing the old pinned route: {e}");
             }
             self.changes.pinned = None;
@@ -427,7 +420,7 @@ impl State {
         }
         // EEXIST (false): the host's own route, or this helper's still in
         // place; only a route this helper added is its to remove.
-        if self.runtime.block_on(self.links.add_host_route(pin))? {
+        if self.links.add_host_route(pin)? {
             self.changes.pinned = Some(pin);
         }
         Ok(pin)
@@ -436,15 +429,15 @@ impl State {
     /// Undoes [`State::full_tunnel`].
     fn end_full_tunnel(&mut self, index: u32) -> Result<(), Failure> {
         for half in HALF_DEFAULTS {
-            self.runtime.block_on(self.links.del_route(index, half))?;
+            self.links.del_route(index, half)?;
         }
         for half in IPV6_HALVES {
-            if let Err(e) = self.runtime.block_on(self.links.del_route(index, half)) {
+            if let Err(e) = self.links.del_route(index, half) {
                 warn!("removing {half}: {e}");
             }
         }
         if let Some(pinned) = self.changes.pinned.take() {
-            self.runtime.block_on(self.links.del_host_route(pinned))?;
+            self.links.del_host_route(pinned)?;
         }
         Ok(())
     }
@@ -503,26 +496,16 @@ impl State {
                 index,
                 address,
                 prefix,
-            } => self
-                .runtime
-                .block_on(links.set_ipv4(index, address, prefix)),
+            } => links.set_ipv4(index, address, prefix),
             HelperRequest::SetAddress6 {
                 index,
                 address,
                 prefix,
-            } => self
-                .runtime
-                .block_on(links.set_ipv6(index, address, prefix)),
-            HelperRequest::SetMtu { index, mtu } => {
-                self.runtime.block_on(links.set_mtu(index, mtu))
-            }
-            HelperRequest::LinkUp { index } => self.runtime.block_on(links.set_up(index)),
-            HelperRequest::AddRoute { index, destination } => {
-                self.runtime.block_on(links.add_route(index, destination))
-            }
-            HelperRequest::DelRoute { index, destination } => {
-                self.runtime.block_on(links.del_route(index, destination))
-            }
+            } => links.set_ipv6(index, address, prefix),
+            HelperRequest::SetMtu { index, mtu } => links.set_mtu(index, mtu),
+            HelperRequest::LinkUp { index } => links.set_up(index),
+            HelperRequest::AddRoute { index, destination } => links.add_route(index, destination),
+            HelperRequest::DelRoute { index, destination } => links.del_route(index, destination),
             HelperRequest::Masquerade { .. } => {
                 let network = self
                     .policy
@@ -621,7 +604,7 @@ impl State {
                     return Ok(HelperResponse::Ok);
                 }
                 let calls = resolved::revert(index)?;
-                self.runtime.block_on(resolved::apply(&calls))?;
+                resolved::apply(&calls)?;
                 Ok(())
             }
         };
