@@ -361,6 +361,12 @@ impl Cli {
                 .map_or("config".to_string(), |p| p.display().to_string())
         };
         let control = file.control.unwrap_or_default();
+        #[cfg(not(feature = "server"))]
+        if matches!(command, Some(Command::Server(_)))
+            || (command.is_none() && file.server.is_some() && file.client.is_none())
+        {
+            return Err(ConfigError::new("server", super::NO_SERVER));
+        }
         let mut source = None;
         let role = match command {
             Some(Command::Server(args)) => {
