@@ -15,7 +15,15 @@
 //! generated.
 
 pub mod budget;
+#[cfg(feature = "server")]
 pub mod cluster;
+/// A client-only build parses a `[cluster]` section (to refuse it with the
+/// rest of a server's config) but runs no cluster.
+#[cfg(not(feature = "server"))]
+pub mod cluster {
+    pub mod config;
+    pub mod signed;
+}
 pub mod config;
 pub mod config6;
 pub mod connection;
@@ -28,6 +36,9 @@ pub mod join;
 pub mod keys;
 pub mod proto;
 pub mod reload;
+// A client-only build keeps the records the control API speaks of and
+// leaves out the SQLite store.
+#[cfg_attr(not(feature = "server"), allow(dead_code, unused_imports))]
 pub mod state;
 pub mod tls;
 pub mod workers;

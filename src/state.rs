@@ -34,6 +34,7 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
+#[cfg(feature = "server")]
 use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
 
 use crate::config::PeerSection;
@@ -205,6 +206,7 @@ pub enum StoreError {
         found: i64,
         known: i64,
     },
+    #[cfg(feature = "server")]
     #[error("state database {path}: {source}")]
     Sqlite {
         path: PathBuf,
@@ -261,6 +263,7 @@ pub trait StateStore: Send + Sync {
     fn unredeem_invite(&self, hash: &str) -> Result<(), StoreError>;
 }
 
+#[cfg(feature = "server")]
 /// The schema, one migration per version: `MIGRATIONS[i]` takes
 /// `user_version` i to i + 1. Append; never edit a released step.
 const MIGRATIONS: &[&str] = &[
@@ -303,20 +306,24 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE bans ADD COLUMN reason TEXT NOT NULL DEFAULT '';",
 ];
 
+#[cfg(feature = "server")]
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
+#[cfg(feature = "server")]
 /// The SQLite state store.
 pub struct SqliteStore {
     path: PathBuf,
     connection: Mutex<Connection>,
 }
 
+#[cfg(feature = "server")]
 fn secs(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs().min(i64::MAX as u64) as i64)
 }
 
+#[cfg(feature = "server")]
 /// Seconds rounded up: a ban or lease never ends before it should.
 fn secs_up(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |d| {
@@ -325,10 +332,12 @@ fn secs_up(time: SystemTime) -> i64 {
     })
 }
 
+#[cfg(feature = "server")]
 fn time(secs: i64) -> SystemTime {
     crate::wallclock::from_unix_secs(secs.max(0) as u64)
 }
 
+#[cfg(feature = "server")]
 impl SqliteStore {
     /// Opens (creating if missing) `dir`/state.db and migrates it to
     /// [`SCHEMA_VERSION`]. Fails, without touching the file, if it is not a
@@ -446,6 +455,7 @@ impl SqliteStore {
     }
 }
 
+#[cfg(feature = "server")]
 impl StateStore for SqliteStore {
     fn leases(&self, now: SystemTime) -> Result<Vec<Lease>, StoreError> {
         let connection = self.lock();
@@ -789,7 +799,7 @@ impl StateStore for SqliteStore {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "server"))]
 mod tests {
     use super::*;
     use std::sync::Arc;

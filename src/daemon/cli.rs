@@ -361,6 +361,12 @@ impl Cli {
                 .map_or("config".to_string(), |p| p.display().to_string())
         };
         let control = file.control.unwrap_or_default();
+        #[cfg(not(feature = "server"))]
+        if matches!(command, Some(Command::Server(_)))
+            || (command.is_none() && file.server.is_some() && file.client.is_none())
+        {
+            return Err(ConfigError::new("server", super::NO_SERVER));
+        }
         let mut source = None;
         let role = match command {
             Some(Command::Server(args)) => {
@@ -425,6 +431,7 @@ mod tests {
     use super::*;
     use clap::Parser;
 
+    #[cfg(feature = "server")]
     fn control_socket(args: &[&str]) -> Result<PathBuf, ConfigError> {
         let cli = Cli::try_parse_from(args).expect("parses");
         match cli.into_action()? {
@@ -433,6 +440,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "server")]
     #[test]
     fn control_goes_before_or_after_the_subcommand_or_with_a_file_alone() {
         let dir = std::env::temp_dir().join(format!("svpn-cli-{}", std::process::id()));
@@ -471,6 +479,7 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    #[cfg(feature = "server")]
     #[test]
     fn the_template_units_command_line_serves_either_role() {
         // packaging/systemd/simplevpnd@.service passes --state-dir whatever
@@ -505,6 +514,44 @@ mod tests {
                 }
                 other => panic!("{name}: not a run: {other:?}"),
             }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[cfg(not(feature = "server"))]
+    #[test]
+    fn a_client_only_build_refuses_a_server_and_still_resolves_a_client() {
+        let dir = std::env::temp_dir().join(format!("svpn-cli-small-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let server = dir.join("server.toml");
+        std::fs::write(&server, "[server]\nlegacy = true\n").expect("write");
+        let server = server.to_str().expect("utf-8 path");
+        let client = dir.join("client.toml");
+        std::fs::write(
+            &client,
+            "[client]\nserver = \"198.18.100.1:2002\"\nlegacy = true\n",
+        )
+        .expect("write");
+        let client = client.to_str().expect("utf-8 path");
+
+        for args in [
+            &["simplevpnd", "server", "--legacy"][..],
+            &["simplevpnd", "--config", server],
+            &["simplevpnd", "--config", server, "check"],
+        ] {
+            let cli = Cli::try_parse_from(args).expect("parses");
+            let e = cli.into_action().expect_err("refused");
+            assert_eq!(
+                e,
+                ConfigError::new("server", super::super::NO_SERVER),
+                "{args:?}"
+            );
+        }
+        // A [client] file resolves as in a full build.
+        let cli = Cli::try_parse_from(["simplevpnd", "--config", client, "check"]).expect("parses");
+        match cli.into_action().expect("resolves") {
+            Action::Check(settings, _) => assert!(matches!(settings.role, Role::Client(_))),
+            other => panic!("not a check: {other:?}"),
         }
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -155,6 +155,7 @@ pub enum AdminError {
     NoKey,
     #[error("no open invitation is named {0:?}")]
     NoSuchInvite(String),
+    #[cfg(feature = "server")]
     #[error("{0}")]
     Cluster(#[from] crate::cluster::etcd::EtcdError),
 }
@@ -173,7 +174,9 @@ impl From<AdminError> for Status {
                 Status::already_exists(message)
             }
             AdminError::Store(_) => Status::internal(message),
-            AdminError::Stopping | AdminError::Cluster(_) => Status::unavailable(message),
+            AdminError::Stopping => Status::unavailable(message),
+            #[cfg(feature = "server")]
+            AdminError::Cluster(_) => Status::unavailable(message),
         }
     }
 }

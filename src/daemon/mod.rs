@@ -1,26 +1,44 @@
 //! simplevpnd: the server and client roles.
+//!
+//! Without the `server` feature (a client-only build) the server's own
+//! modules are left out. What the client and the control socket share with
+//! the server (the peer and gate types, admission's refusal reasons, the
+//! port-share setting a config names) stays; its server-only parts are
+//! unused there and link-time optimization drops them.
 
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 mod activation;
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 mod admission;
 pub mod check;
 pub mod cli;
 pub mod client;
+#[cfg(feature = "server")]
 mod cluster;
 pub mod control;
 mod dialer;
 mod events;
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub mod gate;
 pub mod helper;
 pub mod join;
+#[cfg(feature = "server")]
 mod links;
+#[cfg(feature = "server")]
 mod metrics;
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 mod notify;
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 mod peers;
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 mod peers6;
+#[cfg_attr(not(feature = "server"), allow(dead_code, unused_imports))]
 pub mod portshare;
 pub mod privileges;
 pub mod proxy;
+#[cfg(feature = "server")]
 pub mod server;
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 mod takeover;
 pub mod tun;
 
@@ -32,6 +50,12 @@ use self::helper::{Helper, HelperError};
 use crate::config::{ClientConfig, ControlConfig, ServerConfig, ServerSource};
 use crate::keys::NodeKey;
 use crate::tls::TlsError;
+
+/// Why a client-only build (without the `server` feature) refuses to
+/// run a server: one line, for the command line and the config check.
+pub const NO_SERVER: &str =
+    "this simplevpnd is a client-only build (simplevpn-client) and cannot run a server; \
+     the simplevpn package has the server";
 
 /// What the daemon runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,12 +134,17 @@ pub enum DaemonError {
     Helper(#[from] HelperError),
     #[error("{0}")]
     Tls(#[from] TlsError),
+    /// simplevpnd refuses a server config before it gets here
+    /// ([`NO_SERVER`]); a library caller gets this.
+    #[error("{}", NO_SERVER)]
+    NoServer,
     #[error("a key file is configured, but no key was loaded")]
     NoKey,
     #[error("tun device failed: {0}")]
     TunFailed(#[from] crate::daemon::tun::TunFailure),
     #[error("{0}")]
     State(#[from] crate::state::StoreError),
+    #[cfg(feature = "server")]
     #[error("cluster: {0}")]
     Cluster(#[from] crate::cluster::etcd::EtcdError),
     #[error("metrics: cannot listen on {address}: {source}")]
@@ -158,8 +187,14 @@ pub async fn run(
     let helper_ref = &helper;
     let role_run = async move {
         match role {
+            #[cfg(feature = "server")]
             Role::Server(config) => {
                 server::run(config, source, helper_ref, control, key, role_stop).await
+            }
+            #[cfg(not(feature = "server"))]
+            Role::Server(_) => {
+                let _ = (source, control, key, role_stop);
+                Err(DaemonError::NoServer)
             }
             Role::Client(config) => {
                 tokio::spawn(ignore_hangup());

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::admission::Pending;
+#[cfg(feature = "server")]
 use super::metrics::Metrics;
 use crate::config::ConfigError;
 use crate::tls;
@@ -241,6 +242,7 @@ pub enum SpliceError {
     Carried(io::Error),
 }
 
+#[cfg(feature = "server")]
 /// The PROXY protocol v2 header that names `remote` as the client and
 /// `local` as where it connected to (both as the IPv4 address an
 /// IPv4-mapped one is).
@@ -254,6 +256,7 @@ fn proxy_header(remote: SocketAddr, local: SocketAddr) -> io::Result<Vec<u8>> {
     .build()
 }
 
+#[cfg(feature = "server")]
 /// Carries `foreign` to the backend: connects, sends the PROXY header (if
 /// asked) and the bytes already read, and waits for the backend's first
 /// byte, all within [`BACKEND_ANSWER_TIMEOUT`] and holding `pending` (its
@@ -336,6 +339,7 @@ pub async fn splice(
     Ok((copied.0 + read.len() as u64, copied.1))
 }
 
+#[cfg(feature = "server")]
 /// [`splice`], counted in `metrics` and logged; cut short by `shutdown`.
 pub async fn serve(
     share: &PortShare,
@@ -535,6 +539,7 @@ mod tests {
         assert_eq!(resolve(None, None), Ok(None));
     }
 
+    #[cfg(feature = "server")]
     #[test]
     fn the_proxy_header_names_the_client_as_ipv4() {
         let remote: SocketAddr = "198.18.1.2:40000".parse().expect("remote");

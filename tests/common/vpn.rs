@@ -13,6 +13,36 @@ use super::{link, Daemon, Netns};
 
 pub const SIMPLEVPND: &str = env!("CARGO_BIN_EXE_simplevpnd");
 pub const SVPNCTL: &str = env!("CARGO_BIN_EXE_svpnctl");
+
+/// The simplevpnd that [`Bed::spawn_client`] and its kin start: with
+/// `SIMPLEVPN_CLIENT_BIN_DIR` set (to `target/small` after a client-only
+/// build, say), that directory's simplevpnd, which starts the
+/// simplevpn-helper beside it; otherwise [`SIMPLEVPND`]. Servers always
+/// come from this build. Whatever is named must be there: a test never
+/// quietly falls back to the other build.
+pub fn client_simplevpnd() -> &'static str {
+    static CLIENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| match std::env::var_os("SIMPLEVPN_CLIENT_BIN_DIR") {
+        None => SIMPLEVPND.to_string(),
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            for name in ["simplevpnd", "simplevpn-helper"] {
+                assert!(
+                    dir.join(name).is_file(),
+                    "SIMPLEVPN_CLIENT_BIN_DIR={}: no {name} there",
+                    dir.display()
+                );
+            }
+            let daemon = dir.join("simplevpnd");
+            let daemon = std::fs::canonicalize(&daemon).unwrap_or(daemon);
+            eprintln!("clients run {}", daemon.display());
+            daemon
+                .to_str()
+                .expect("SIMPLEVPN_CLIENT_BIN_DIR is UTF-8")
+                .to_string()
+        }
+    })
+}
 /// The tunnel network of every test, and the server's address in it.
 pub const NETWORK: &str = "198.19.0.0/16";
 pub const SERVER_TUNNEL: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
@@ -179,7 +209,7 @@ impl Bed {
         if !args.contains(&"--key") && !args.contains(&"--config") {
             args.push("--legacy");
         }
-        self.clients[i].spawn_env(SIMPLEVPND, &args, env)
+        self.clients[i].spawn_env(client_simplevpnd(), &args, env)
     }
 
     /// Starts `simplevpnd client` in client namespace `i` and waits for its grant.
