@@ -31,6 +31,20 @@ fn node_keys() -> ([Arc<NodeKey>; 2], Pinned) {
     (keys, pinned)
 }
 
+/// Node `node` of a cluster on the plain-HTTP etcd at `url`, pinning
+/// `members`, with a lease that outlasts a test.
+fn plain_config(url: &str, node: &str, members: &Pinned) -> ClusterConfig {
+    ClusterConfig {
+        etcd: vec![url.to_string()],
+        transport: EtcdTransport::Insecure,
+        user: None,
+        node: node.into(),
+        advertise: "198.18.91.2:2003".parse().expect("addr"),
+        lease_ttl: Duration::from_secs(30),
+        members: members.clone(),
+    }
+}
+
 /// A tokio runtime on a thread inside `ns`, so that its sockets are there.
 fn in_ns<T: Send>(ns: &Netns, f: impl std::future::Future<Output = T> + Send) -> T {
     ns.enter(|| {
@@ -117,15 +131,7 @@ fn a_key_asking_for_any_address_gets_the_one_it_holds_on_another_server_unless_i
     let ([k1, k2], pinned) = node_keys();
     in_ns(&ns, async move {
         let network = "198.19.0.0/24".parse().expect("net");
-        let config = |node: &str| ClusterConfig {
-            etcd: vec![url.clone()],
-            transport: EtcdTransport::Insecure,
-            user: None,
-            node: node.into(),
-            advertise: "198.18.91.2:2003".parse().expect("addr"),
-            lease_ttl: Duration::from_secs(30),
-            members: pinned.clone(),
-        };
+        let config = |node: &str| plain_config(&url, node, &pinned);
         let key = |n: u8| Claimant::Key(PublicKey::from_raw(&[n; 32]).expect("key"));
         let any = |_| true;
         // s1 grants before s2 joins; s2 reads who holds what when it joins
@@ -203,15 +209,7 @@ fn ipv6_leases_sit_beside_the_ipv4_ones_and_follow_their_key_to_another_server()
         let network = "198.19.0.0/24".parse().expect("net");
         // A /126: two client addresses (::2 and ::3; ::1 is the servers').
         let network6: ipnet::Ipv6Net = "2001:2:0:100::/126".parse().expect("net6");
-        let config = |node: &str| ClusterConfig {
-            etcd: vec![url.clone()],
-            transport: EtcdTransport::Insecure,
-            user: None,
-            node: node.into(),
-            advertise: "198.18.91.2:2003".parse().expect("addr"),
-            lease_ttl: Duration::from_secs(30),
-            members: pinned.clone(),
-        };
+        let config = |node: &str| plain_config(&url, node, &pinned);
         let key = |n: u8| Claimant::Key(PublicKey::from_raw(&[n; 32]).expect("key"));
         let any = |_| true;
         let v6 = Wanted::Any(Family::V6);
