@@ -483,25 +483,6 @@ impl Bed2 {
         ]);
         self.c[ns].spawn(SIMPLEVPND, &args)
     }
-
-    /// An etcd client configuration holding etcd's client certificate (to
-    /// be used in etcd's namespace): what a neighbour with etcd access has,
-    /// without any server's key.
-    fn neighbour(&self) -> ClusterConfig {
-        let tls = self.etcd.tls.as_ref().expect("etcd over TLS");
-        ClusterConfig {
-            etcd: vec![self.etcd.url.clone()],
-            transport: EtcdTransport::Tls {
-                ca: tls.ca.clone(),
-                identity: Some((tls.cert.clone(), tls.key.clone())),
-            },
-            user: None,
-            node: "neighbour".into(),
-            advertise: "198.18.90.1:2003".parse().expect("addr"),
-            lease_ttl: Duration::from_secs(LEASE_TTL),
-            members: Default::default(),
-        }
-    }
 }
 
 impl Drop for Bed2 {
@@ -1546,66 +1527,63 @@ fn two_servers_with_their_own_keys_on_mutual_tls_etcd_trust_no_forged_record() {
         "the live peer did not reach s2"
     );
 
-    // The neighbour, holding etcd's client certificate, forges records.
+    // The neighbour, holding etcd's client certificate, forges records with
+    // etcdctl, as anyone with etcd access would.
     let (forger_file, forger) = keygen_at(bed.path("forger.key"));
-    let neighbour = bed.neighbour();
-    let real_peer = format!("{PREFIX}peers/{late}");
     let b_key = bed.keys[1].1.clone();
-    in_ns(&bed.etcd_ns, async {
-        let etcd = Client::connect(&neighbour).expect("client");
-        let real = etcd
-            .get(&real_peer)
-            .await
-            .expect("read")
-            .expect("the live peer's record")
-            .value;
-        let text = String::from_utf8(real.clone()).expect("utf-8");
-        assert!(text.contains("\"signature\""), "{text}");
-        let forged_at = format!("{PREFIX}peers/{forger}");
-        // A copy of the real record under the forger's key, then the same
-        // with the key inside swapped too.
-        etcd.put(&forged_at, real, 0).await.expect("put");
-        let swapped = text.replace(&late, &forger);
-        etcd.put(&forged_at, swapped.into_bytes(), 0)
-            .await
-            .expect("put");
-        // An unsigned membership of the forger's own server.
-        let evil = format!(
-            "{{\"node\":\"evil\",\"advertise\":\"198.18.90.1:2003\",\"key\":\"{forger}\"}}"
-        );
-        etcd.put(&format!("{PREFIX}members/evil"), evil.into_bytes(), 0)
-            .await
-            .expect("put");
-        // b's address claimed by a fake node.
-        let lease = format!("evil key:{b_key}");
-        etcd.put(
-            &format!("{PREFIX}leases/{b_address}"),
-            lease.into_bytes(),
-            0,
-        )
-        .await
-        .expect("put");
-        // Bans at 2^63 and u64::MAX seconds: unsigned, and in an envelope
-        // of a node that is not a member.
-        etcd.put(
-            &format!("{PREFIX}bans/key:{b_key}"),
-            u64::MAX.to_string().into_bytes(),
-            0,
-        )
-        .await
-        .expect("put");
-        let enveloped = format!(
+    let tls = bed.etcd.tls.as_ref().expect("etcd over TLS");
+    let etcdctl = |args: &[&str]| {
+        let mut all = vec![
+            "--endpoints".to_string(),
+            bed.etcd.url.clone(),
+            "--cacert".into(),
+            tls.ca.display().to_string(),
+            "--cert".into(),
+            tls.cert.display().to_string(),
+            "--key".into(),
+            tls.key.display().to_string(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let out = bed.etcd_ns.run("etcdctl", &all);
+        assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let put = |key: String, value: String| {
+        etcdctl(&["put", &key, "--", &value]);
+    };
+    let real = etcdctl(&[
+        "get",
+        "--print-value-only",
+        &format!("{PREFIX}peers/{late}"),
+    ]);
+    let real = real.trim_end().to_string();
+    assert!(real.contains("\"signature\""), "{real}");
+    let forged_at = format!("{PREFIX}peers/{forger}");
+    // A copy of the real record under the forger's key, then the same with
+    // the key inside swapped too.
+    put(forged_at.clone(), real.clone());
+    put(forged_at, real.replace(&late, &forger));
+    // An unsigned membership of the forger's own server.
+    put(
+        format!("{PREFIX}members/evil"),
+        format!("{{\"node\":\"evil\",\"advertise\":\"198.18.90.1:2003\",\"key\":\"{forger}\"}}"),
+    );
+    // b's address claimed by a fake node.
+    put(
+        format!("{PREFIX}leases/{b_address}"),
+        format!("evil key:{b_key}"),
+    );
+    // Bans at 2^63 and u64::MAX seconds: unsigned, and in an envelope of a
+    // node that is not a member.
+    put(format!("{PREFIX}bans/key:{b_key}"), u64::MAX.to_string());
+    put(
+        format!("{PREFIX}bans/key:{late}"),
+        format!(
             "{{\"node\":\"evil\",\"signature\":\"AAAA\",\"value\":\"{}\"}}",
             1u64 << 63
-        );
-        etcd.put(
-            &format!("{PREFIX}bans/key:{late}"),
-            enveloped.into_bytes(),
-            0,
-        )
-        .await
-        .expect("put");
-    });
+        ),
+    );
 
     // No server trusts any of it: the forged peer is not allowed, the
     // fake member is not listed, b is neither moved nor banned.
