@@ -31,7 +31,10 @@ const MAX_READ_CHUNK: usize = 256 * 1024;
 /// A connection that found nothing to read (or nothing to write) for this
 /// long is idle: its reader and writer give their buffers back. A busy one
 /// keeps them from one packet to the next rather than allocating for each.
-const IDLE_AFTER: Duration = Duration::from_secs(1);
+/// Short, because below a few packets a second an allocation per packet
+/// costs nothing worth keeping memory for, while every idle peer's
+/// keepalive would otherwise hold its buffers for that long.
+const IDLE_AFTER: Duration = Duration::from_millis(200);
 /// What an idle reader reads into, on the stack, until bytes come: it holds
 /// no buffer of its own while it waits.
 const PROBE_LEN: usize = 512;
@@ -583,13 +586,18 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 ) -> io::Result<()> {
     let mut first = 0;
     while first < frames.len() {
-        let mut slices = [IoSlice::new(&[]); WRITE_BATCH_FRAMES];
-        let mut count = 0;
-        for (slice, frame) in slices.iter_mut().zip(&frames[first..]) {
-            *slice = IoSlice::new(frame);
-            count += 1;
-        }
-        let mut written = writer.write_vectored(&slices[..count]).await?;
+        // The slices are made on the stack at each poll: held across an
+        // await they would sit in every writer task's future, idle or not.
+        let mut written = std::future::poll_fn(|cx| {
+            let mut slices = [IoSlice::new(&[]); WRITE_BATCH_FRAMES];
+            let mut count = 0;
+            for (slice, frame) in slices.iter_mut().zip(&frames[first..]) {
+                *slice = IoSlice::new(frame);
+                count += 1;
+            }
+            Pin::new(&mut *writer).poll_write_vectored(cx, &slices[..count])
+        })
+        .await?;
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
