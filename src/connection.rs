@@ -4,6 +4,7 @@
 //! TLS share them.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -12,7 +13,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::io::poll_read_buf;
@@ -27,6 +28,16 @@ use crate::wire::{Decoder, Frame};
 /// a few maximum-size frames per read under load.
 const MIN_READ_CHUNK: usize = 1024;
 const MAX_READ_CHUNK: usize = 256 * 1024;
+/// A connection that found nothing to read (or nothing to write) for this
+/// long is idle: its reader and writer give their buffers back. A busy one
+/// keeps them from one packet to the next rather than allocating for each.
+/// Short, because below a few packets a second an allocation per packet
+/// costs nothing worth keeping memory for, while every idle peer's
+/// keepalive would otherwise hold its buffers for that long.
+const IDLE_AFTER: Duration = Duration::from_millis(200);
+/// What an idle reader reads into, on the stack, until bytes come: it holds
+/// no buffer of its own while it waits.
+const PROBE_LEN: usize = 512;
 /// How much the writer gathers from its queue before one write.
 const WRITE_BATCH: usize = 256 * 1024;
 /// At most this many frames per write (IOV_MAX is 1024).
@@ -83,6 +94,8 @@ pub struct FrameReader<R> {
     frame_timeout: Option<Duration>,
     /// When the frame at the front of the buffer began to arrive.
     partial_since: Option<Instant>,
+    /// How long a read finds nothing before the buffer goes back.
+    idle_after: Duration,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -96,6 +109,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             reserved: None,
             frame_timeout: None,
             partial_since: None,
+            idle_after: IDLE_AFTER,
         }
     }
 
@@ -157,34 +171,60 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.reserved = budget.reserve_read(len).await;
             }
         }
-        {
-            // A frame longer than the chunk needs room for all of it.
-            let wanted = match frame_len {
-                Some(len) => len.saturating_sub(self.buffer.len()).max(self.chunk),
-                None => self.chunk,
-            };
-            let (read, room) = std::future::poll_fn(|cx| {
-                if self.buffer.capacity() - self.buffer.len() < wanted / 4 {
-                    self.buffer.reserve(wanted);
-                }
-                let room = self.buffer.capacity() - self.buffer.len();
-                match poll_read_buf(Pin::new(&mut self.reader), cx, &mut self.buffer) {
-                    Poll::Ready(read) => Poll::Ready(read.map(|read| (read, room))),
-                    // Nothing to read and nothing kept: an idle peer holds
-                    // no read buffer while it waits.
-                    Poll::Pending if self.buffer.is_empty() => {
-                        self.buffer = BytesMut::new();
-                        Poll::Pending
-                    }
-                    Poll::Pending => Poll::Pending,
-                }
-            })
-            .await?;
-            // Reads that fill the room mean more is waiting: read more at once.
-            if read == room {
-                self.chunk = (self.chunk * 2).min(MAX_READ_CHUNK);
+        // A frame longer than the chunk needs room for all of it.
+        let wanted = match frame_len {
+            Some(len) => len.saturating_sub(self.buffer.len()).max(self.chunk),
+            None => self.chunk,
+        };
+        // Between frames, a buffer kept from the last read goes back once
+        // nothing has come for `idle_after`.
+        let idle = tokio::time::sleep(self.idle_after);
+        tokio::pin!(idle);
+        let (read, room) = std::future::poll_fn(|cx| {
+            if self.buffer.capacity() == 0 {
+                return self
+                    .probe(cx, wanted)
+                    .map(|read| read.map(|read| (read, usize::MAX)));
             }
-            Ok(read)
+            if self.buffer.capacity() - self.buffer.len() < wanted / 4 {
+                self.buffer.reserve(wanted);
+            }
+            let room = self.buffer.capacity() - self.buffer.len();
+            match poll_read_buf(Pin::new(&mut self.reader), cx, &mut self.buffer) {
+                Poll::Ready(read) => Poll::Ready(read.map(|read| (read, room))),
+                Poll::Pending if self.buffer.is_empty() && idle.as_mut().poll(cx).is_ready() => {
+                    self.buffer = BytesMut::new();
+                    self.chunk = MIN_READ_CHUNK;
+                    self.probe(cx, wanted)
+                        .map(|read| read.map(|read| (read, usize::MAX)))
+                }
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await?;
+        // Reads that fill the room mean more is waiting: read more at once.
+        if read == room {
+            self.chunk = (self.chunk * 2).min(MAX_READ_CHUNK);
+        }
+        Ok(read)
+    }
+
+    /// A read without a buffer of our own (an idle reader's): into the
+    /// stack, the buffer made only once bytes arrive.
+    fn probe(&mut self, cx: &mut std::task::Context<'_>, wanted: usize) -> Poll<io::Result<usize>> {
+        let mut probe = [0u8; PROBE_LEN];
+        let mut probe = ReadBuf::new(&mut probe);
+        match Pin::new(&mut self.reader).poll_read(cx, &mut probe) {
+            Poll::Ready(Ok(())) => {
+                let read = probe.filled();
+                if !read.is_empty() {
+                    self.buffer.reserve(wanted.max(read.len()));
+                    self.buffer.extend_from_slice(read);
+                }
+                Poll::Ready(Ok(read.len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -195,6 +235,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 pub fn queue(frames: usize, bytes: usize, budget: Option<Arc<MemoryBudget>>) -> (QueueTx, QueueRx) {
     let state = Arc::new(QueueState {
         frames: Mutex::new(VecDeque::new()),
+        queued: AtomicUsize::new(0),
         frame_limit: frames.max(1),
         ready: Notify::new(),
         senders: AtomicUsize::new(1),
@@ -202,7 +243,7 @@ pub fn queue(frames: usize, bytes: usize, budget: Option<Arc<MemoryBudget>>) -> 
         bytes: AtomicUsize::new(0),
         byte_limit: bytes,
         budget,
-        aqm: AqmCounts::default(),
+        aqm: AqmCounts::new(),
     });
     (
         QueueTx {
@@ -213,12 +254,16 @@ pub fn queue(frames: usize, bytes: usize, budget: Option<Arc<MemoryBudget>>) -> 
 }
 
 /// A queue's frames and limits, shared by its senders and its writer. The
-/// frames are a `VecDeque` that holds no memory while the queue is empty
-/// (the writer gives it back before it waits): an idle peer's queue costs
-/// nothing but this struct.
+/// frames are a `VecDeque` that keeps its memory while the peer is busy
+/// and holds none once it is idle (the writer gives it back when nothing
+/// came for [`IDLE_AFTER`]): an idle peer's queue costs nothing but this
+/// struct.
 #[derive(Debug)]
 struct QueueState {
     frames: Mutex<VecDeque<Queued>>,
+    /// How many frames `frames` holds (changed under its lock): a sender
+    /// reads it without the lock to decide whether to copy its frame.
+    queued: AtomicUsize,
     frame_limit: usize,
     /// Woken when a frame is queued or the last sender is gone.
     ready: Notify,
@@ -231,7 +276,7 @@ struct QueueState {
 }
 
 /// Packets CoDel dropped from a queue, and packets it marked CE instead.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AqmCounts {
     pub dropped: AtomicU64,
     pub marked: AtomicU64,
@@ -267,6 +312,10 @@ impl QueueState {
 
     fn taken(&self, len: usize) {
         self.bytes.fetch_sub(len, Ordering::Relaxed);
+        self.unbudget(len);
+    }
+
+    fn unbudget(&self, len: usize) {
         if let Some(budget) = &self.budget {
             budget.unqueue(len);
         }
@@ -319,22 +368,24 @@ impl QueueTx {
                 return Err(PushError::OverBudget);
             }
         }
+        // The copy (see SHARED_QUEUE_FRAMES) is made before the lock is
+        // taken: the count may be a frame or two off by then, which only
+        // moves where copying starts.
+        let frame = match state.queued.load(Ordering::Relaxed) >= SHARED_QUEUE_FRAMES {
+            true => Bytes::copy_from_slice(&frame),
+            false => frame,
+        };
         let at = std::time::Instant::now();
         let mut frames = state.frames();
         if frames.len() >= state.frame_limit || state.receiver_gone.load(Ordering::Relaxed) {
             drop(frames);
-            if let Some(budget) = &state.budget {
-                budget.unqueue(len);
-            }
+            state.unbudget(len);
             return Err(PushError::Full);
         }
-        let frame = match frames.len() >= SHARED_QUEUE_FRAMES {
-            true => Bytes::copy_from_slice(&frame),
-            false => frame,
-        };
         state.bytes.fetch_add(len, Ordering::Relaxed);
         let was_empty = frames.is_empty();
         frames.push_back(Queued { frame, at });
+        state.queued.store(frames.len(), Ordering::Release);
         drop(frames);
         if was_empty {
             state.ready.notify_one();
@@ -360,31 +411,63 @@ pub struct QueueRx {
 }
 
 impl QueueRx {
-    /// The next frame, waiting for one; `None` once every sender is gone
-    /// and the queue is empty. Before it waits, the queue's memory goes
-    /// back to the allocator.
-    async fn recv(&mut self) -> Option<Queued> {
+    /// Waits until a frame is queued: false once every sender is gone and
+    /// the queue is empty.
+    async fn wait(&self) -> bool {
         loop {
-            {
-                let mut frames = self.state.frames();
-                if let Some(queued) = frames.pop_front() {
-                    drop(frames);
-                    self.state.taken(queued.frame.len());
-                    return Some(queued);
-                }
-                *frames = VecDeque::new();
+            if self.state.queued.load(Ordering::Acquire) > 0 {
+                return true;
             }
             if self.state.senders.load(Ordering::Acquire) == 0 {
                 // The last sender may have queued a frame since the check.
-                return self.try_recv_queued();
+                return self.state.queued.load(Ordering::Acquire) > 0;
             }
             // A frame queued since the check left a permit: no lost wake-up.
             self.state.ready.notified().await;
         }
     }
 
+    /// Moves the frames at the front of the queue, up to a write's worth
+    /// ([`WRITE_BATCH`], [`WRITE_BATCH_FRAMES`]), into `into`, under one
+    /// lock. Returns the bytes queued just before the take: CoDel judges
+    /// each frame by the backlog behind it, which is that less the frames
+    /// taken up to and including it.
+    fn take_batch(&self, into: &mut Vec<Queued>) -> usize {
+        let (backlog, len) = {
+            let mut frames = self.state.frames();
+            let backlog = self.state.bytes.load(Ordering::Relaxed);
+            let mut len = 0;
+            while len < WRITE_BATCH && into.len() < WRITE_BATCH_FRAMES {
+                let Some(queued) = frames.pop_front() else {
+                    break;
+                };
+                len += queued.frame.len();
+                into.push(queued);
+            }
+            self.state.bytes.fetch_sub(len, Ordering::Relaxed);
+            self.state.queued.store(frames.len(), Ordering::Release);
+            (backlog, len)
+        };
+        self.state.unbudget(len);
+        backlog
+    }
+
+    /// Gives the queue's memory back to the allocator if it is empty (the
+    /// peer is idle).
+    fn release(&self) {
+        let mut frames = self.state.frames();
+        if frames.is_empty() {
+            *frames = VecDeque::new();
+        }
+    }
+
     fn try_recv_queued(&mut self) -> Option<Queued> {
-        let queued = self.state.frames().pop_front()?;
+        let queued = {
+            let mut frames = self.state.frames();
+            let queued = frames.pop_front()?;
+            self.state.queued.store(frames.len(), Ordering::Release);
+            queued
+        };
         self.state.taken(queued.frame.len());
         Some(queued)
     }
@@ -396,11 +479,18 @@ impl QueueRx {
 
     /// What CoDel makes of a frame taken off the queue at `now`: the frame
     /// (its packet marked CE, perhaps), or `None`: dropped.
-    fn judged(&self, codel: &mut Codel, queued: Queued, now: std::time::Instant) -> Option<Bytes> {
+    /// `backlog`: the bytes queued behind it when it was taken.
+    fn judged(
+        &self,
+        codel: &mut Codel,
+        queued: Queued,
+        now: std::time::Instant,
+        backlog: usize,
+    ) -> Option<Bytes> {
         let taken = Taken {
             queued: queued.at,
             len: queued.frame.len(),
-            backlog: self.state.bytes.load(Ordering::Relaxed),
+            backlog,
             ecn: codel::ecn_of_frame(&queued.frame),
         };
         match codel.judge(now, taken) {
@@ -427,6 +517,7 @@ impl Drop for QueueRx {
         let frames = {
             let mut frames = self.state.frames();
             self.state.receiver_gone.store(true, Ordering::Relaxed);
+            self.state.queued.store(0, Ordering::Release);
             std::mem::take(&mut *frames)
         };
         for queued in frames {
@@ -439,37 +530,45 @@ impl Drop for QueueRx {
 /// already queued into one vectored write (no copying), and dropping or
 /// marking packets that waited too long ([`crate::codel`]). Returns when the
 /// queue is closed (after flushing) or a write fails.
-pub async fn write_frames<W: AsyncWrite + Unpin>(
+pub async fn write_frames<W: AsyncWrite + Unpin>(writer: W, queue: QueueRx) -> io::Result<()> {
+    write_frames_idle(writer, queue, IDLE_AFTER).await
+}
+
+/// [`write_frames`], giving its buffers and the queue's back after finding
+/// the queue empty for `idle_after`: a busy peer's writer allocates
+/// nothing per frame.
+async fn write_frames_idle<W: AsyncWrite + Unpin>(
     mut writer: W,
-    mut queue: QueueRx,
+    queue: QueueRx,
+    idle_after: Duration,
 ) -> io::Result<()> {
+    let mut taken: Vec<Queued> = Vec::new();
     let mut batch: Vec<Bytes> = Vec::new();
     let mut codel = Codel::default();
     loop {
-        let first = match queue.try_recv_queued() {
-            Some(queued) => queued,
-            None => {
-                codel.empty();
-                // Idle: the batch's memory goes back too.
-                batch = Vec::new();
-                match queue.recv().await {
-                    Some(queued) => queued,
-                    None => break,
+        let mut backlog = queue.take_batch(&mut taken);
+        if taken.is_empty() {
+            codel.empty();
+            let more = match tokio::time::timeout(idle_after, queue.wait()).await {
+                Ok(more) => more,
+                Err(_) => {
+                    taken = Vec::new();
+                    batch = Vec::new();
+                    queue.release();
+                    queue.wait().await
                 }
-            }
-        };
-        let now = std::time::Instant::now();
-        let mut bytes = 0;
-        let mut next = Some(first);
-        while let Some(queued) = next {
-            if let Some(frame) = queue.judged(&mut codel, queued, now) {
-                bytes += frame.len();
-                batch.push(frame);
-            }
-            if bytes >= WRITE_BATCH || batch.len() >= WRITE_BATCH_FRAMES {
+            };
+            if !more {
                 break;
             }
-            next = queue.try_recv_queued();
+            continue;
+        }
+        let now = std::time::Instant::now();
+        for queued in taken.drain(..) {
+            backlog = backlog.saturating_sub(queued.frame.len());
+            if let Some(frame) = queue.judged(&mut codel, queued, now, backlog) {
+                batch.push(frame);
+            }
         }
         if !batch.is_empty() {
             write_all_vectored(&mut writer, &mut batch).await?;
@@ -479,15 +578,26 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
     writer.shutdown().await
 }
 
-/// Writes all of `frames`, as few syscalls as the writer allows.
+/// Writes all of `frames` (at most [`WRITE_BATCH_FRAMES`] of them go into
+/// one syscall), as few syscalls as the writer allows.
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
     writer: &mut W,
     frames: &mut [Bytes],
 ) -> io::Result<()> {
     let mut first = 0;
     while first < frames.len() {
-        let slices: Vec<IoSlice<'_>> = frames[first..].iter().map(|f| IoSlice::new(f)).collect();
-        let mut written = writer.write_vectored(&slices).await?;
+        // The slices are made on the stack at each poll: held across an
+        // await they would sit in every writer task's future, idle or not.
+        let mut written = std::future::poll_fn(|cx| {
+            let mut slices = [IoSlice::new(&[]); WRITE_BATCH_FRAMES];
+            let mut count = 0;
+            for (slice, frame) in slices.iter_mut().zip(&frames[first..]) {
+                *slice = IoSlice::new(frame);
+                count += 1;
+            }
+            Pin::new(&mut *writer).poll_write_vectored(cx, &slices[..count])
+        })
+        .await?;
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -509,6 +619,8 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
     use crate::wire::Control;
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
     use tokio::io::AsyncReadExt;
 
     #[tokio::test]
@@ -530,62 +642,181 @@ mod tests {
         assert!(reader.read_frame().await.expect("eof").is_none());
     }
 
+    /// Counts the allocations each thread makes, so a test can tell how
+    /// many a piece of code made (a `#[tokio::test]` runs its tasks on its
+    /// own thread).
+    struct Counting;
+
+    thread_local! {
+        static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn count_one() {
+        // A thread being torn down counts nothing.
+        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+    }
+
+    fn allocations() -> usize {
+        ALLOCATIONS.with(Cell::get)
+    }
+
+    // SAFETY: every call goes to the system allocator with the caller's
+    // arguments unchanged; counting touches only a thread-local counter.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            count_one();
+            // SAFETY: the caller's contract is the system allocator's.
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            count_one();
+            // SAFETY: as above.
+            unsafe { System.alloc_zeroed(layout) }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            count_one();
+            // SAFETY: as above.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: as above.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: Counting = Counting;
+
+    /// Polls `future` once: whether it was ready.
+    async fn poll_once<F: Future>(future: F) -> bool {
+        tokio::select! {
+            biased;
+            _ = future => true,
+            () = std::future::ready(()) => false,
+        }
+    }
+
     #[tokio::test]
-    async fn an_idle_reader_and_queue_hold_no_buffers() {
+    async fn a_busy_reader_keeps_its_buffer_and_an_idle_one_gives_it_back() {
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let mut reader = FrameReader::new(server, Decoder::default());
-        client
-            .write_all(&Control::KEEPALIVE.encode())
-            .await
-            .expect("write");
-        assert_eq!(
-            reader.read_frame().await.expect("frame"),
-            Some(Frame::Control(Control::KEEPALIVE))
-        );
-        // The next read finds nothing: polled once, it gives its buffer back.
-        tokio::select! {
-            biased;
-            read = reader.read_frame() => panic!("read {read:?}"),
-            () = std::future::ready(()) => {}
-        }
+        reader.idle_after = Duration::from_secs(3600);
+        let keepalive = Control::KEEPALIVE.encode();
+        let mut frames = 0;
+        let mut busy = async |reader: &mut FrameReader<_>, times: usize| {
+            for _ in 0..times {
+                // Half a frame, then nothing: the read waits for the rest.
+                client.write_all(&keepalive[..5]).await.expect("write");
+                assert!(!poll_once(reader.read_frame()).await);
+                client.write_all(&keepalive[5..]).await.expect("write");
+                assert_eq!(
+                    reader.read_frame().await.expect("frame"),
+                    Some(Frame::Control(Control::KEEPALIVE))
+                );
+                frames += 1;
+                // Between frames: nothing to read, an empty buffer.
+                assert!(!poll_once(reader.read_frame()).await);
+            }
+        };
+        busy(&mut reader, 3).await;
+        let before = allocations();
+        busy(&mut reader, 200).await;
+        let allocated = allocations() - before;
+        assert!(allocated <= 2, "{allocated} allocations for 200 frames");
+        assert!(reader.buffer.capacity() > 0);
+        // Idle: a read that finds nothing for `idle_after` gives the buffer
+        // back (and then waits holding none).
+        reader.idle_after = Duration::ZERO;
+        let waited = tokio::time::timeout(Duration::from_millis(50), reader.read_frame()).await;
+        assert!(waited.is_err(), "{waited:?}");
         assert_eq!(reader.buffer.capacity(), 0);
-        // And it still reads the frames that follow.
-        client
-            .write_all(&Control::KEEPALIVE.encode()[..5])
-            .await
-            .expect("write");
-        client
-            .write_all(&Control::KEEPALIVE.encode()[5..])
-            .await
-            .expect("write");
-        assert_eq!(
-            reader.read_frame().await.expect("frame"),
-            Some(Frame::Control(Control::KEEPALIVE))
-        );
-        // A queue that was used and drained keeps no frames' memory once
-        // its writer waits.
-        let (tx, mut rx) = queue(64, 1 << 20, None);
-        for _ in 0..40 {
-            tx.try_push(Bytes::from_static(b"0123456789"))
+        // It still reads what comes next, however it is cut.
+        busy(&mut reader, 2).await;
+        assert_eq!(frames, 205);
+    }
+
+    #[tokio::test]
+    async fn a_busy_writer_allocates_nothing_a_frame_and_an_idle_one_gives_its_memory_back() {
+        for idle in [Duration::from_secs(3600), Duration::ZERO] {
+            let (client, mut server) = tokio::io::duplex(1 << 16);
+            let (tx, rx) = queue(64, 1 << 20, None);
+            let state = tx.state.clone();
+            let writer = tokio::spawn(write_frames_idle(client, rx, idle));
+            let mut got = [0u8; 10];
+            let mut one = async |state: &QueueState| {
+                tx.try_push(Bytes::from_static(b"0123456789"))
+                    .expect("queued");
+                server.read_exact(&mut got).await.expect("read");
+                assert_eq!(&got, b"0123456789");
+                state.frames().capacity()
+            };
+            for _ in 0..3 {
+                one(&state).await;
+            }
+            let before = allocations();
+            for _ in 0..200 {
+                let kept = one(&state).await;
+                if !idle.is_zero() {
+                    assert!(kept > 0, "the queue gave its memory back while busy");
+                }
+            }
+            let allocated = allocations() - before;
+            if idle.is_zero() {
+                // Idle after each frame: the writer gives everything back
+                // (and allocates again for the next frame).
+                let mut waits = 0;
+                while state.frames().capacity() > 0 && waits < 5000 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    waits += 1;
+                }
+                assert_eq!(state.frames().capacity(), 0);
+            } else {
+                assert!(allocated <= 2, "{allocated} allocations for 200 frames");
+            }
+            drop(tx);
+            writer.await.expect("join").expect("write");
+        }
+    }
+
+    #[test]
+    fn a_batch_is_taken_in_one_piece_with_the_backlog_before_it() {
+        let (tx, rx) = queue(1000, 1 << 30, None);
+        for i in 1..=100u8 {
+            tx.try_push(Bytes::from(vec![i; usize::from(i)]))
                 .expect("queued");
         }
-        while rx.try_recv().is_some() {}
-        tokio::select! {
-            biased;
-            got = rx.recv() => panic!("got {got:?}"),
-            () = std::future::ready(()) => {}
-        }
+        let total: usize = (1..=100).sum();
+        let mut taken = Vec::new();
+        assert_eq!(rx.take_batch(&mut taken), total);
+        assert_eq!(taken.len(), WRITE_BATCH_FRAMES);
+        assert!(taken.iter().zip(1..).all(|(q, i)| q.frame.len() == i));
+        let first: usize = (1..=WRITE_BATCH_FRAMES).sum();
+        assert_eq!(tx.queued_bytes(), total - first);
+        taken.clear();
+        assert_eq!(rx.take_batch(&mut taken), total - first);
+        assert_eq!(taken.len(), 100 - WRITE_BATCH_FRAMES);
+        // Empty now, and an empty queue gives its memory back.
+        taken.clear();
+        assert_eq!(rx.take_batch(&mut taken), 0);
+        assert!(taken.is_empty());
+        assert!(rx.state.frames().capacity() > 0);
+        rx.release();
         assert_eq!(rx.state.frames().capacity(), 0);
-        // Closed once every sender is gone.
+    }
+
+    #[tokio::test]
+    async fn a_queue_closes_once_every_sender_is_gone() {
+        let (tx, mut rx) = queue(64, 1 << 20, None);
         let other = tx.clone();
         drop(tx);
         other.try_push(Bytes::from_static(b"x")).expect("queued");
         drop(other);
-        assert_eq!(
-            rx.recv().await.map(|q| q.frame),
-            Some(Bytes::from_static(b"x"))
-        );
-        assert!(rx.recv().await.is_none());
+        assert!(rx.wait().await);
+        assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"x")));
+        assert!(!rx.wait().await);
     }
 
     #[tokio::test]
@@ -697,7 +928,7 @@ mod tests {
             p[9] = 17;
             Bytes::from(p)
         };
-        let (tx, mut rx) = queue(1000, 16 << 20, None);
+        let (tx, rx) = queue(1000, 16 << 20, None);
         for i in 0..400 {
             tx.try_push(packet(i % 2 == 1)).expect("queued");
             if i == 150 {
@@ -711,10 +942,18 @@ mod tests {
         let mut codel = Codel::default();
         let mut out = Vec::new();
         let mut i = 0;
-        while let Some(queued) = rx.try_recv_queued() {
-            let now = start + Duration::from_millis(i);
-            i += 1;
-            out.extend(rx.judged(&mut codel, queued, now));
+        let mut taken = Vec::new();
+        loop {
+            let mut backlog = rx.take_batch(&mut taken);
+            if taken.is_empty() {
+                break;
+            }
+            for queued in taken.drain(..) {
+                let now = start + Duration::from_millis(i);
+                i += 1;
+                backlog -= queued.frame.len();
+                out.extend(rx.judged(&mut codel, queued, now, backlog));
+            }
         }
         let (dropped, marked) = (
             tx.aqm().dropped.load(Ordering::Relaxed),
