@@ -1,27 +1,32 @@
 //! The server role: the I/O loops around the session rules
 //! ([`crate::session::server`]) and the peer table ([`super::peers`]).
+//! This file holds what every part shares ([`Shared`]) and the host's
+//! set-up (`run`); each other file is one job, in the order a packet
+//! meets it: `listener`, `connection`, `forward`; then `node` (the control
+//! API and the cluster's calls in), `admin` (reload, peers added live) and
+//! `invites`.
 //!
 //! Receive path, a client's packet on its way out, stage by stage:
-//!   1. `run`: accept the TCP connection, which holds one of its source's
+//!   1. `run` (here): accept the TCP connection, which holds one of its source's
 //!      `max_unauthenticated_per_source` slots and either one of
 //!      `max_unauthenticated` permits and one of its network's
 //!      `max_unauthenticated_per_network` slots, or (a source granted
 //!      recently) a place of `unauthenticated_reserve`, until it is granted
 //!      ([`super::admission`]); a granted original-protocol session holds
 //!      one of its source's `legacy_max_per_source` slots;
-//!   2. `serve`: the gate (TLS or the original protocol): its first bytes
+//!   2. `listener::serve`: the gate (TLS or the original protocol): its first bytes
 //!      within `first_bytes_timeout`, the rest within the handshake
 //!      deadline; then the ban check and the key's takeover back-off.
 //!      Refusals up to here are logged as a summary per interval;
-//!   3. `connection`: read a frame (`FrameReader`), hand it to the
+//!   3. `connection::connection`: read a frame (`FrameReader`), hand it to the
 //!      [`ServerSession`], and carry out its [`Action`]: reply, admit through
 //!      the peer table (which queues the grant), drop, or forward;
-//!   4. `forward`: to the client that holds the destination (its bounded
+//!   4. `forward::forward_from`: to the client that holds the destination (its bounded
 //!      queue), else into the server's tun (non-blocking; drops counted).
 //!
 //! Send path, a packet on its way to a client:
-//!   1. `tun_reader`: a packet the host routed into the tun, or stage 4 above;
-//!   2. `send_to`: the queue of the client that holds the destination
+//!   1. `forward::tun_reader`: a packet the host routed into the tun, or stage 4 above;
+//!   2. `forward::send_to`: the queue of the client that holds the destination
 //!      ([`PeerTable::holder`]), in the shape it takes (a super-packet
 //!      whole or split, cut to `legacy_mtu` for an original-protocol
 //!      client that did not offer the extension, or an ICMP error back);
