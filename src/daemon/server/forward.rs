@@ -5,8 +5,12 @@
 //! else [`to_cluster`]), else [`to_tun`].
 //!
 //! Send path (a packet for a client): [`tun_reader`] (or a client's packet
-//! above) -> [`to_client`] -> [`send_to`], which queues it in the shape the
+//! above) -> [`to_client`] -> [`queue_for`], which queues it in the shape the
 //! client takes; its writer task (`write_frames`) sends it.
+//!
+//! The calls run one way: what a stage cannot deliver (no client holds the
+//! destination; an ICMP error for a packet too big for its client) goes
+//! back to its caller, which sends it on.
 
 use super::*;
 
@@ -50,11 +54,29 @@ fn held_by_a_client(shared: &Shared, destination: IpAddr) -> bool {
 }
 
 /// Sends a packet on: to the client that holds `destination`, else into
-/// the server's tun ([`to_tun`]).
-fn forward(shared: &Shared, destination: IpAddr, out: Outbound) {
-    if let Some(out) = to_client(shared, destination, out) {
-        to_tun(shared, out);
+/// the server's tun ([`to_tun`]); an ICMP error it causes goes the same way.
+fn forward(shared: &Shared, mut destination: IpAddr, mut out: Outbound) {
+    // An ICMP error is at most 576 bytes: it fits every link, so the
+    // second round is the last.
+    loop {
+        match to_client(shared, destination, out) {
+            Handed::Taken => return,
+            Handed::Unheld(unheld) => return to_tun(shared, unheld),
+            Handed::Answer { to, icmp } => (destination, out) = (to, icmp),
+        }
     }
+}
+
+/// What [`to_client`] did with a packet.
+enum Handed {
+    /// Queued for a client of this server, or handed to the server of the
+    /// cluster whose client holds it (or dropped, counted).
+    Taken,
+    /// No client holds its destination.
+    Unheld(Outbound),
+    /// Too big for its client's link: the ICMP error for its source `to`,
+    /// for the caller to send on.
+    Answer { to: IpAddr, icmp: Outbound },
 }
 
 /// Writes a packet into the server's tun, on the queue of the worker this
@@ -78,20 +100,32 @@ fn to_tun(shared: &Shared, out: Outbound) {
 
 /// Queues `out` for the client that holds `destination`, on this server or
 /// on another of the cluster; hands it back if no client does.
-fn to_client(shared: &Shared, destination: IpAddr, out: Outbound) -> Option<Outbound> {
+fn to_client(shared: &Shared, destination: IpAddr, out: Outbound) -> Handed {
     match shared.peers.holder(destination) {
-        Some(peer) => {
-            send_to(shared, &peer, out);
-            None
-        }
-        None => to_cluster(shared, destination, out),
+        Some(peer) => match queue_for(shared, &peer, out) {
+            None => Handed::Taken,
+            Some((to, icmp)) => Handed::Answer { to, icmp },
+        },
+        None => match to_cluster(shared, destination, out) {
+            None => Handed::Taken,
+            Some(unheld) => Handed::Unheld(unheld),
+        },
+    }
+}
+
+/// Queues `out` for `peer` ([`queue_for`]) and sends on the ICMP error it
+/// may cause ([`forward`]).
+pub(super) fn send_to(shared: &Shared, peer: &Peer, out: Outbound) {
+    if let Some((source, icmp)) = queue_for(shared, peer, out) {
+        forward(shared, source, icmp);
     }
 }
 
 /// Queues `out` for `peer` in the shape it takes: a super-packet whole or
-/// split, anything cut to an original-protocol client's `legacy_mtu`, and
-/// what cannot be cut answered with ICMP to its source, as a router would.
-pub(super) fn send_to(shared: &Shared, peer: &Peer, out: Outbound) {
+/// split, anything cut to an original-protocol client's `legacy_mtu`; what
+/// cannot be cut is answered with ICMP to its source, as a router would:
+/// that answer and its destination are returned, for the caller to send.
+fn queue_for(shared: &Shared, peer: &Peer, out: Outbound) -> Option<(IpAddr, Outbound)> {
     let link = PeerLink {
         super_packets: peer.super_packets.load(Ordering::Relaxed),
         // An original client's tun is 1500 bytes; ours (TLS, or plaintext
@@ -108,23 +142,24 @@ pub(super) fn send_to(shared: &Shared, peer: &Peer, out: Outbound) {
                 shared.metrics.supers.count(SuperKind::Whole);
             }
             shared.peers.push(peer, frame, SystemTime::now());
+            None
         }
         Egress::Many(frames) => {
             shared.metrics.supers.count(SuperKind::Split);
             for frame in frames {
                 shared.peers.push(peer, frame, SystemTime::now());
             }
+            None
         }
         Egress::TooBig { icmp } => {
             shared.metrics.drops.count(DropKind::TooBig);
-            if let Some((_, source)) = icmp.as_deref().and_then(ip_addresses) {
-                // At most 576 bytes: it fits every link, so this ends here.
-                forward(shared, source, Outbound::Packet(icmp.unwrap_or_default()));
-            }
+            let (_, source) = icmp.as_deref().and_then(ip_addresses)?;
+            Some((source, Outbound::Packet(icmp.unwrap_or_default())))
         }
         Egress::Malformed(e) => {
             debug!(error = %e, "dropped a super-packet that cannot be split");
             shared.metrics.drops.count(DropKind::Offload);
+            None
         }
     }
 }
@@ -225,7 +260,9 @@ pub(super) async fn tun_reader(
         // nothing read from the tun goes back into it.
         if let Some((_, destination)) = ip_addresses(out.packet()) {
             // What no client holds is dropped.
-            let _ = to_client(&shared, destination, out);
+            if let Handed::Answer { to, icmp } = to_client(&shared, destination, out) {
+                forward(&shared, to, icmp);
+            }
         }
     }
 }

@@ -26,7 +26,7 @@
 //!
 //! Send path, a packet on its way to a client:
 //!   1. `forward::tun_reader`: a packet the host routed into the tun, or stage 4 above;
-//!   2. `forward::send_to`: the queue of the client that holds the destination
+//!   2. `forward::queue_for`: the queue of the client that holds the destination
 //!      ([`PeerTable::holder`]), in the shape it takes (a super-packet
 //!      whole or split, cut to `legacy_mtu` for an original-protocol
 //!      client that did not offer the extension, or an ICMP error back);
