@@ -149,3 +149,44 @@ pub(super) async fn serve(
     )
     .await;
 }
+
+/// Hands an admitted connection to its task: on its worker's runtime if
+/// there is more than one worker, else on this one.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn hand_off(
+    pool: Option<&WorkerPool>,
+    tasks: &TaskTracker,
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    remote: SocketAddr,
+    pending: Pending,
+    span: Span,
+    shutdown: &CancellationToken,
+) {
+    match pool {
+        // The connection moves to its worker: registered with
+        // that runtime, it is read and written there alone.
+        Some(pool) => {
+            let stream = match stream.into_std() {
+                Ok(stream) => stream,
+                Err(e) => {
+                    span.in_scope(|| warn!(error = %e, "dropped an accepted connection"));
+                    return;
+                }
+            };
+            let (shared, shutdown) = (shared.clone(), shutdown.clone());
+            let serve = async move {
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => serve(shared, stream, remote, pending, shutdown).await,
+                    Err(e) => warn!(error = %e, "dropped an accepted connection"),
+                }
+            };
+            pool.handle(pool.next())
+                .spawn(tasks.track_future(serve.instrument(span)));
+        }
+        None => {
+            let serve = serve(shared.clone(), stream, remote, pending, shutdown.clone());
+            tasks.spawn(serve.instrument(span));
+        }
+    }
+}

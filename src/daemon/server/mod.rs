@@ -86,7 +86,7 @@ use crate::limits::{MAX_FRAME, MAX_PACKET};
 use crate::offload::VNET_HDR_LEN;
 use crate::pool::server_address;
 use crate::pool6::server_address6;
-use crate::privsep::protocol::Forwarding;
+use crate::privsep::protocol::{Forwarding, TunFd};
 use crate::proto;
 use crate::session::server::{pushed_params, Action, DropReason, Ending, Offer, ServerSession};
 use crate::session::Protocol;
@@ -104,7 +104,7 @@ mod node;
 
 use self::admin::{administer, log_reload, peers_fit, reload};
 use self::forward::tun_reader;
-use self::listener::{listen, serve};
+use self::listener::{hand_off, listen};
 
 /// connection waits in the kernel's listen queue for one to free before it
 /// is accepted and refused: a reconnect burst is served in turn instead of
@@ -306,68 +306,17 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     // Cancelled on shutdown, and when the tun fails.
     let shutdown = shutdown.child_token();
-    // What was kept across restarts; a database that cannot be read or
-    // written stops the start here, with one line.
-    let store = SqliteStore::open_dir(&config.state_dir)?;
-    let now = SystemTime::now();
-    store.expire(now)?;
-    let (mut leases, mut bans) = (store.leases(now)?, store.bans(now)?);
     let key = key.map(Arc::new);
-    // In a cluster the address leases and bans are etcd's.
-    let cluster = match (&config.cluster, &key) {
-        (Some(_), None) => return Err(DaemonError::NoKey),
-        (Some(cluster), Some(key)) => {
-            let cluster = Cluster::join(
-                cluster.clone(),
-                config.network,
-                config.network6,
-                key.clone(),
-            )
-            .await?;
-            leases.clear();
-            bans = cluster.bans(now);
-            Some(cluster)
-        }
-        (None, _) => None,
-    };
-    // In a cluster the peers added live are etcd's too.
-    let live = match &cluster {
-        Some(cluster) => fitting_live(&config, cluster.live_peers()),
-        None => fitting_live(&config, store.peers()?),
-    };
-    info!(
-        path = %store.path().display(),
-        leases = leases.len(),
-        bans = bans.len(),
-        live_peers = live.len(),
-        "state loaded"
-    );
+    let Stored {
+        store,
+        leases,
+        bans,
+        cluster,
+        live,
+    } = load_state(&config, key.as_ref()).await?;
     let gate = Gate::new(&config, key.as_deref(), &live)?;
     let own_address = server_address(config.network);
-    let tun = helper.open_tun().await?;
-    helper.set_mtu(tun.index, config.mtu).await?;
-    helper
-        .set_ipv4(tun.index, own_address, config.network.prefix_len())
-        .await?;
-    helper.set_up(tun.index).await?;
-    if let Some(network6) = config.network6 {
-        // After the link is up: the kernel sets up IPv6 on a link when it
-        // comes up.
-        helper
-            .set_ipv6(tun.index, server_address6(network6), network6.prefix_len())
-            .await?;
-    }
-    // The networks behind clients are reached through the tun: the host
-    // routes them here, and the peer table on to the client behind each.
-    for route in config.peers.iter().flat_map(|p| p.routes.iter()) {
-        helper.add_route(tun.index, *route).await?;
-    }
-    for route in live.iter().flat_map(|p| p.routes.iter()) {
-        if let Err(e) = helper.add_route(tun.index, *route).await {
-            warn!(%route, error = %e, "a live peer's network is not routed into the tun on this host");
-        }
-    }
-    let host_changes = beyond_the_tun(&config, helper, tun.index, &tun.name).await?;
+    let (tun, host_changes) = set_up_tun(&config, &live, helper, own_address).await?;
     let tun_index = tun.index;
     let tun_name = tun.name.clone();
     // More than one worker: a thread each, and each tun queue registered
@@ -419,31 +368,7 @@ pub async fn run(
         .as_ref()
         .map_or("off".to_string(), |k| format!("key {}", k.public()));
     let public_key = key.as_deref().map(NodeKey::public);
-    let (links, link_listener) = match (&cluster, key) {
-        (Some(cluster), Some(key)) => {
-            let advertise = cluster.config().advertise;
-            let listener = listen(advertise).map_err(|source| DaemonError::Bind {
-                address: advertise,
-                source,
-            })?;
-            let limits = LinkLimits {
-                queue_len: config.queue_len,
-                queue_bytes: config.queue_bytes,
-                max_frame: config.max_frame,
-                frame_timeout: config.frame_timeout,
-                handshake_timeout: config.handshake_timeout,
-            };
-            let links = Links::new(
-                cluster.clone(),
-                key,
-                limits,
-                peers.budget_handle(),
-                shutdown.clone(),
-            )?;
-            (Some(Arc::new(links)), Some(listener))
-        }
-        _ => (None, None),
-    };
+    let (links, link_listener) = cluster_links(&config, cluster.as_ref(), key, &peers, &shutdown)?;
     let (admin, mut admin_requests) = mpsc::channel(8);
     let shared = Arc::new(Shared {
         current: RwLock::new(Arc::new(config.clone())),
@@ -488,37 +413,19 @@ pub async fn run(
     );
 
     let tasks = TaskTracker::new();
-    if let Some(control) = control {
-        let node: Arc<dyn Node> = shared.clone();
-        tasks.spawn(control::serve(control, node, shutdown.clone()));
-    }
-    let status = shared.clone();
-    tasks.spawn(notify::serve(
-        move || notify::server_status(status.peers.len(), &status.listening),
-        shutdown.clone(),
-    ));
-    for (index, queue) in tun.all().iter().enumerate() {
-        let reader = tun_reader(queue.clone(), shared.clone(), shutdown.clone());
-        match &pool {
-            Some(pool) => drop(pool.handle(index).spawn(tasks.track_future(reader))),
-            None => drop(tasks.spawn(reader)),
-        }
-    }
-    if let Some(cluster) = shared.cluster.clone() {
-        let hooks: Arc<dyn ClusterHooks> = shared.clone();
-        tasks.spawn(cluster.maintain(hooks, shutdown.clone()));
-    }
-    if let (Some(links), Some(listener)) = (shared.links.clone(), link_listener) {
-        let delivery: Arc<dyn LinkDelivery> = shared.clone();
-        tasks.spawn(links.accept(listener, delivery));
-    }
+    spawn_services(
+        &tasks,
+        &shared,
+        control,
+        &tun,
+        pool.as_ref(),
+        link_listener,
+        metrics_listener,
+        &shutdown,
+    );
     let mut summaries = tokio::time::interval(Duration::from_secs(1));
     summaries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tun_failure = None;
-    if let Some(listener) = metrics_listener {
-        let registry = shared.metrics.registry(shared.clone());
-        tasks.spawn(metrics::serve(listener, registry, shutdown.clone()));
-    }
     // SIGHUP (systemctl reload) reloads; installed before the loop, so the
     // signal never ends the process.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -582,31 +489,7 @@ pub async fn run(
                             continue;
                         }
                     };
-                    match &pool {
-                        // The connection moves to its worker: registered with
-                        // that runtime, it is read and written there alone.
-                        Some(pool) => {
-                            let stream = match stream.into_std() {
-                                Ok(stream) => stream,
-                                Err(e) => {
-                                    span.in_scope(|| warn!(error = %e, "dropped an accepted connection"));
-                                    continue;
-                                }
-                            };
-                            let (shared, shutdown) = (shared.clone(), shutdown.clone());
-                            let serve = async move {
-                                match TcpStream::from_std(stream) {
-                                    Ok(stream) => serve(shared, stream, remote, pending, shutdown).await,
-                                    Err(e) => warn!(error = %e, "dropped an accepted connection"),
-                                }
-                            };
-                            pool.handle(pool.next()).spawn(tasks.track_future(serve.instrument(span)));
-                        }
-                        None => {
-                            let serve = serve(shared.clone(), stream, remote, pending, shutdown.clone());
-                            tasks.spawn(serve.instrument(span));
-                        }
-                    }
+                    hand_off(pool.as_ref(), &tasks, &shared, stream, remote, pending, span, &shutdown);
                 }
                 // Out of fds or a connection reset before accept: keep serving.
                 Err(e) => {
@@ -627,6 +510,183 @@ pub async fn run(
     }
     info!(tun = %tun_name, "server stopped");
     Ok(())
+}
+
+/// What a server starts with from before: from the state store, or in a
+/// cluster from etcd.
+struct Stored {
+    store: SqliteStore,
+    leases: Vec<Lease>,
+    bans: Vec<Ban>,
+    cluster: Option<Arc<Cluster>>,
+    live: Vec<PeerSection>,
+}
+
+/// Opens the state store and, in a cluster, joins it (with `key`); loads
+/// the leases, bans and live peers kept across restarts.
+async fn load_state(
+    config: &ServerConfig,
+    key: Option<&Arc<NodeKey>>,
+) -> Result<Stored, DaemonError> {
+    // What was kept across restarts; a database that cannot be read or
+    // written stops the start here, with one line.
+    let store = SqliteStore::open_dir(&config.state_dir)?;
+    let now = SystemTime::now();
+    store.expire(now)?;
+    let (mut leases, mut bans) = (store.leases(now)?, store.bans(now)?);
+    // In a cluster the address leases and bans are etcd's.
+    let cluster = match (&config.cluster, key) {
+        (Some(_), None) => return Err(DaemonError::NoKey),
+        (Some(cluster), Some(key)) => {
+            let cluster = Cluster::join(
+                cluster.clone(),
+                config.network,
+                config.network6,
+                key.clone(),
+            )
+            .await?;
+            leases.clear();
+            bans = cluster.bans(now);
+            Some(cluster)
+        }
+        (None, _) => None,
+    };
+    // In a cluster the peers added live are etcd's too.
+    let live = match &cluster {
+        Some(cluster) => fitting_live(config, cluster.live_peers()),
+        None => fitting_live(config, store.peers()?),
+    };
+    info!(
+        path = %store.path().display(),
+        leases = leases.len(),
+        bans = bans.len(),
+        live_peers = live.len(),
+        "state loaded"
+    );
+    Ok(Stored {
+        store,
+        leases,
+        bans,
+        cluster,
+        live,
+    })
+}
+
+/// In a cluster, the links to its other servers and the socket they
+/// connect to (the cluster's `advertise` address).
+fn cluster_links(
+    config: &ServerConfig,
+    cluster: Option<&Arc<Cluster>>,
+    key: Option<Arc<NodeKey>>,
+    peers: &PeerTable,
+    shutdown: &CancellationToken,
+) -> Result<(Option<Arc<Links>>, Option<TcpListener>), DaemonError> {
+    let linked = match (cluster, key) {
+        (Some(cluster), Some(key)) => {
+            let advertise = cluster.config().advertise;
+            let listener = listen(advertise).map_err(|source| DaemonError::Bind {
+                address: advertise,
+                source,
+            })?;
+            let limits = LinkLimits {
+                queue_len: config.queue_len,
+                queue_bytes: config.queue_bytes,
+                max_frame: config.max_frame,
+                frame_timeout: config.frame_timeout,
+                handshake_timeout: config.handshake_timeout,
+            };
+            let links = Links::new(
+                cluster.clone(),
+                key,
+                limits,
+                peers.budget_handle(),
+                shutdown.clone(),
+            )?;
+            (Some(Arc::new(links)), Some(listener))
+        }
+        _ => (None, None),
+    };
+    Ok(linked)
+}
+
+/// Starts the tasks beside the accept loop: the control API, sd_notify's
+/// status, a reader per tun queue (on its worker), the cluster's upkeep,
+/// the links from other servers, and /metrics.
+#[allow(clippy::too_many_arguments)]
+fn spawn_services(
+    tasks: &TaskTracker,
+    shared: &Arc<Shared>,
+    control: Option<ControlOptions>,
+    tun: &TunQueues,
+    pool: Option<&WorkerPool>,
+    link_listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
+    shutdown: &CancellationToken,
+) {
+    if let Some(control) = control {
+        let node: Arc<dyn Node> = shared.clone();
+        tasks.spawn(control::serve(control, node, shutdown.clone()));
+    }
+    let status = shared.clone();
+    tasks.spawn(notify::serve(
+        move || notify::server_status(status.peers.len(), &status.listening),
+        shutdown.clone(),
+    ));
+    for (index, queue) in tun.all().iter().enumerate() {
+        let reader = tun_reader(queue.clone(), shared.clone(), shutdown.clone());
+        match pool {
+            Some(pool) => drop(pool.handle(index).spawn(tasks.track_future(reader))),
+            None => drop(tasks.spawn(reader)),
+        }
+    }
+    if let Some(cluster) = shared.cluster.clone() {
+        let hooks: Arc<dyn ClusterHooks> = shared.clone();
+        tasks.spawn(cluster.maintain(hooks, shutdown.clone()));
+    }
+    if let (Some(links), Some(listener)) = (shared.links.clone(), link_listener) {
+        let delivery: Arc<dyn LinkDelivery> = shared.clone();
+        tasks.spawn(links.accept(listener, delivery));
+    }
+    if let Some(listener) = metrics_listener {
+        let registry = shared.metrics.registry(shared.clone());
+        tasks.spawn(metrics::serve(listener, registry, shutdown.clone()));
+    }
+}
+
+/// Opens and configures the tun: its MTU and addresses, the routes to the
+/// networks behind clients, and a gateway's setup beyond it. Returns the
+/// tun and what was changed on the host beyond it.
+async fn set_up_tun(
+    config: &ServerConfig,
+    live: &[PeerSection],
+    helper: &Helper,
+    own_address: Ipv4Addr,
+) -> Result<(TunFd, Vec<String>), DaemonError> {
+    let tun = helper.open_tun().await?;
+    helper.set_mtu(tun.index, config.mtu).await?;
+    helper
+        .set_ipv4(tun.index, own_address, config.network.prefix_len())
+        .await?;
+    helper.set_up(tun.index).await?;
+    if let Some(network6) = config.network6 {
+        // After the link is up: the kernel sets up IPv6 on a link when it
+        // comes up.
+        helper
+            .set_ipv6(tun.index, server_address6(network6), network6.prefix_len())
+            .await?;
+    }
+    // The networks behind clients are reached through the tun: the host
+    // routes them here, and the peer table on to the client behind each.
+    for route in config.peers.iter().flat_map(|p| p.routes.iter()) {
+        helper.add_route(tun.index, *route).await?;
+    }
+    for route in live.iter().flat_map(|p| p.routes.iter()) {
+        if let Err(e) = helper.add_route(tun.index, *route).await {
+            warn!(%route, error = %e, "a live peer's network is not routed into the tun on this host");
+        }
+    }
+    let host_changes = beyond_the_tun(config, helper, tun.index, &tun.name).await?;
+    Ok((tun, host_changes))
 }
 
 /// A gateway's setup beyond the tun: the NAT table (`masquerade`) and the
