@@ -1,9 +1,22 @@
 //! Changes to the running server, one at a time: reload, peers added and
 //! removed live, and applying the settings that result.
 
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use crate::config::{check_peers, ConfigError, PeerSection, ServerConfig};
+use crate::daemon::control::{AdminError, AdminRequest, ReloadReport};
+use crate::daemon::events::EventKind;
+use crate::daemon::gate::{merge_peers, AllowedPeer, PeerSource};
+use crate::daemon::helper::Helper;
+use crate::keys::PublicKey;
+
 use super::connection::push_params;
 use super::invites::{create_invite, revoke_invite};
-use super::*;
+use super::{fitting_live, fixed6, tun_routes, Shared};
 
 /// Carries out one change to the running server and answers it.
 pub(super) async fn administer(

@@ -2,8 +2,33 @@
 //! [`ServerSession`], carry out its actions; and the control messages queued
 //! for it.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use ipnet::Ipv6Net;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Span};
+
+use crate::config::ServerConfig;
+use crate::connection::{write_frames, FrameReader, ReadError};
+use crate::daemon::admission::Pending;
+use crate::daemon::events::EventKind;
+use crate::daemon::gate::Admitted;
+use crate::daemon::metrics::{Outcome, SuperKind};
+use crate::daemon::peers::{Granted, Peer};
+use crate::egress::Outbound;
+use crate::limits::MAX_FRAME;
+use crate::session::server::{pushed_params, Action, Ending, ServerSession};
+use crate::session::Protocol;
+use crate::wire::SUPER_HEADER_LEN;
+use crate::wire::{Control, Decoder, Features, Frame, CONTROL_LEN};
+
 use super::forward::{count_drop, forward_from};
-use super::*;
+use super::Shared;
 
 /// How long a closing connection may take to flush what is queued for it.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);

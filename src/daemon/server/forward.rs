@@ -12,7 +12,28 @@
 //! destination; an ICMP error for a packet too big for its client) goes
 //! back to its caller, which sends it on.
 
-use super::*;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::config::ClientToClient;
+use crate::daemon::metrics::{DropKind, SuperKind};
+use crate::daemon::peers::Peer;
+use crate::daemon::tun::{AsyncTun, TunOp};
+use crate::egress::{egress, from_tun_read, Egress, Outbound, PeerLink};
+use crate::limits::MAX_PACKET;
+use crate::offload::VNET_HDR_LEN;
+use crate::session::server::DropReason;
+use crate::session::Protocol;
+use crate::wire::ip_addresses;
+use crate::wire::IPV6_HEADER_LEN;
+
+use super::Shared;
 
 /// Sends a packet from client `peer` on, as `client_to_client` says:
 /// `allow`, to the client that holds `destination` or into the server's

@@ -1,7 +1,15 @@
 //! The host's side of the server's start: the tun, its addresses and
 //! routes, and a gateway's NAT and forwarding, all through the helper.
 
-use super::*;
+use std::net::Ipv4Addr;
+
+use tracing::warn;
+
+use crate::config::{PeerSection, ServerConfig};
+use crate::daemon::helper::{Helper, HelperError};
+use crate::daemon::DaemonError;
+use crate::pool6::server_address6;
+use crate::privsep::protocol::{Forwarding, TunFd};
 
 /// Opens and configures the tun: its MTU and addresses, the routes to the
 /// networks behind clients, and a gateway's setup beyond it. Returns the

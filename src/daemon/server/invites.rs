@@ -1,8 +1,29 @@
 //! Invitations: made and revoked through the control API, redeemed by a
 //! joining host ([`join`]).
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::io::AsyncWriteExt;
+use tokio::time::timeout;
+use tracing::{debug, info, warn, Span};
+
+use crate::cluster::invites::InviteStoreError;
+use crate::config::{ConfigError, PeerSection};
+use crate::daemon::admission::RefusalReason;
+use crate::daemon::control::{AdminError, AdminRequest, InviteRequest};
+use crate::daemon::gate::Joining;
+use crate::daemon::peers::Banned;
+use crate::join::{
+    JoinAccepted, JoinMessage, JoinRefusal, JoinRequest, RandomSecret, Secret, Token,
+};
+use crate::keys::PublicKey;
+use crate::limits::JOIN_REQUEST_TIMEOUT;
+use crate::state::{Invite, InviteState, StoreError};
+
 use super::admin::check;
-use super::*;
+use super::Shared;
 
 /// Makes an invitation: checks that its name and address would fit as a
 /// peer now, keeps the hash of a new secret, and returns the token.
@@ -124,7 +145,7 @@ impl Shared {
         }
     }
 
-    /// See [`StateStore::redeem_invite`]; in etcd in a cluster.
+    /// See [`crate::state::StateStore::redeem_invite`]; in etcd in a cluster.
     pub(super) async fn redeem_invite(
         &self,
         hash: &str,

@@ -2,9 +2,26 @@
 //! through the gate (TLS or the original protocol) and the ban check to its
 //! session.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::time::{timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument, Span};
+
+use crate::daemon::admission::{Pending, RefusalReason};
+use crate::daemon::events::EventKind;
+use crate::daemon::gate::{Identity, Rejection};
+use crate::daemon::peers::Banned;
+use crate::daemon::portshare;
+use crate::workers::WorkerPool;
+
 use super::connection::connection;
 use super::invites::join;
-use super::*;
+use super::Shared;
 
 /// Connections the kernel may queue before they are accepted: bursts of
 /// clients reconnecting at once (after a server restart, say) must not

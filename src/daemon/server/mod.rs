@@ -19,8 +19,9 @@
 //!      deadline; then the ban check and the key's takeover back-off.
 //!      Refusals up to here are logged as a summary per interval;
 //!   3. `connection::connection`: read a frame (`FrameReader`), hand it to the
-//!      [`ServerSession`], and carry out its [`Action`]: reply, admit through
-//!      the peer table (which queues the grant), drop, or forward;
+//!      [`ServerSession`](crate::session::server::ServerSession), and carry
+//!      out its [`Action`](crate::session::server::Action): reply, admit
+//!      through the peer table (which queues the grant), drop, or forward;
 //!   4. `forward::forward_from`: to the client that holds the destination (its bounded
 //!      queue), else into the server's tun (non-blocking; drops counted).
 //!
@@ -35,64 +36,36 @@
 //!      into vectored writes.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use bytes::{Bytes, BytesMut};
-use ipnet::{IpNet, Ipv6Net};
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use ipnet::IpNet;
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, info_span, warn, Instrument, Span};
+use tracing::{debug, info, info_span, warn};
 
 use super::activation::{self, Listeners};
-use super::admission::{
-    Admission, Limits, Pending, RefusalReason, RefusalSummary, SUMMARY_INTERVAL,
-};
-use super::control::{
-    self, AdminError, AdminRequest, InviteRequest, KickError, Node, ReloadReport,
-};
-use super::events::{EventKind, Events, PeerEvent};
-use super::gate::{
-    merge_peers, Admitted, AllowedPeer, Gate, Identity, Joining, PeerSource, Rejection,
-};
-use super::helper::{Helper, HelperError};
+use super::admission::{Admission, Limits, RefusalReason, RefusalSummary, SUMMARY_INTERVAL};
+use super::control::{self, AdminRequest, Node};
+use super::events::{EventKind, Events};
+use super::gate::{merge_peers, AllowedPeer, Gate};
+use super::helper::Helper;
 use super::links::{LinkDelivery, LinkLimits, Links};
-use super::metrics::{self, DropKind, Metrics, Outcome, SuperKind};
+use super::metrics::{self, Metrics};
 use super::notify;
-use super::peers::{Banned, Granted, Peer, PeerInfo, PeerTable};
-use super::portshare;
+use super::peers::PeerTable;
 use super::{ControlOptions, DaemonError};
 use crate::budget::MemoryBudget;
-use crate::cluster::invites::InviteStoreError;
 use crate::cluster::{Cluster, ClusterHooks};
-use crate::config::{
-    check_peers, ClientToClient, ConfigError, PeerSection, ServerConfig, ServerSource,
-};
-use crate::connection::{write_frames, FrameReader, ReadError};
-use crate::daemon::tun::{AsyncTun, TunHealth, TunOp, TunQueues};
-use crate::egress::{egress, from_tun_read, Egress, Outbound, PeerLink};
-use crate::join::{
-    JoinAccepted, JoinMessage, JoinRefusal, JoinRequest, RandomSecret, Secret, Token,
-};
+use crate::config::{PeerSection, ServerConfig, ServerSource};
+use crate::daemon::tun::{TunHealth, TunQueues};
 use crate::keys::{NodeKey, PublicKey};
-use crate::limits::JOIN_REQUEST_TIMEOUT;
-use crate::limits::{MAX_FRAME, MAX_PACKET};
-use crate::offload::VNET_HDR_LEN;
 use crate::pool::server_address;
-use crate::pool6::server_address6;
-use crate::privsep::protocol::{Forwarding, TunFd};
-use crate::proto;
-use crate::session::server::{pushed_params, Action, DropReason, Ending, Offer, ServerSession};
-use crate::session::Protocol;
-use crate::state::{Ban, Invite, InviteState, Lease, SqliteStore, StateStore, StoreError};
-use crate::wire::{ip_addresses, Control, Decoder, Features, Frame, CONTROL_LEN};
-use crate::wire::{IPV6_HEADER_LEN, SUPER_HEADER_LEN};
+use crate::session::server::Offer;
+use crate::state::{Ban, Lease, SqliteStore, StateStore};
 use crate::workers::WorkerPool;
 
 mod admin;

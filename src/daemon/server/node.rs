@@ -2,8 +2,31 @@
 //! ([`Node`]), packets from the cluster's links ([`LinkDelivery`]), and the
 //! cluster's changes ([`ClusterHooks`]).
 
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::cluster::ClusterHooks;
+use crate::config::PeerSection;
+use crate::daemon::control::{AdminError, AdminRequest, KickError, Node};
+use crate::daemon::events::{EventKind, PeerEvent};
+use crate::daemon::gate::AllowedPeer;
+use crate::daemon::links::LinkDelivery;
+use crate::daemon::metrics::DropKind;
+use crate::daemon::peers::{Banned, PeerInfo};
+use crate::egress::Outbound;
+use crate::keys::PublicKey;
+use crate::pool::server_address;
+use crate::pool6::server_address6;
+use crate::proto;
+use crate::state::Ban;
+
 use super::forward::send_to;
-use super::*;
+use super::Shared;
 
 impl Node for Shared {
     fn status(&self) -> proto::StatusReply {
