@@ -1128,33 +1128,11 @@ fn a_link_with_a_members_key_from_an_address_it_does_not_advertise_is_refused() 
     let s2 = bed.server(1);
     // s1's namespace has a second address, routed like its advertised one.
     bed.s[0].ip(&["addr", "add", "198.18.91.3/32", "dev", "lo"]);
-    let s1_key = bed.server_keys[0].0.clone();
+    let s1_key = &bed.server_keys[0].0;
     let s2_key: PublicKey = bed.server_keys[1].1.parse().expect("s2's key");
-    let refused = |from: &'static str| {
-        let s1_key = s1_key.clone();
-        in_ns(&bed.s[0], async move {
-            use tokio::io::AsyncReadExt;
-            let member = NodeKey::load(std::path::Path::new(&s1_key)).expect("s1's key");
-            let config = simplevpn::tls::client_config(&member, s2_key).expect("tls config");
-            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-            socket
-                .bind(format!("{from}:0").parse().expect("addr"))
-                .expect("bind");
-            let tcp = socket
-                .connect("198.18.92.2:2003".parse().expect("addr"))
-                .await
-                .expect("connect");
-            let connector = tokio_rustls::TlsConnector::from(config);
-            let Ok(mut tls) = connector.connect(simplevpn::tls::server_name(), tcp).await else {
-                return true;
-            };
-            let mut byte = [0u8; 1];
-            match tokio::time::timeout(Duration::from_secs(2), tls.read(&mut byte)).await {
-                Ok(Ok(0) | Err(_)) => true,
-                Ok(Ok(_)) => false,
-                Err(_) => false,
-            }
-        })
+    let refused = |from: &str| {
+        let member = NodeKey::load(std::path::Path::new(s1_key)).expect("s1's key");
+        link_refused(&bed.s[0], member, s2_key, Some(from.parse().expect("addr")))
     };
     assert!(
         refused("198.18.91.3"),
@@ -1651,27 +1629,7 @@ fn the_link_listener_admits_only_pinned_members() {
     let member = NodeKey::load(std::path::Path::new(&bed.server_keys[0].0)).expect("s1's key");
     let stranger = NodeKey::load(std::path::Path::new(&bed.keys[0].0)).expect("a client key");
     let s2_key = bed.server_keys[1].1.parse().expect("s2's key");
-    let refused = |key: NodeKey| {
-        in_ns(&bed.s[0], async move {
-            use tokio::io::AsyncReadExt;
-            let config = simplevpn::tls::client_config(&key, s2_key).expect("tls config");
-            let tcp = tokio::net::TcpStream::connect("198.18.92.2:2003")
-                .await
-                .expect("connect");
-            let connector = tokio_rustls::TlsConnector::from(config);
-            let Ok(mut tls) = connector.connect(simplevpn::tls::server_name(), tcp).await else {
-                return true;
-            };
-            // TLS 1.3: a refused client certificate shows on the first read.
-            let mut byte = [0u8; 1];
-            match tokio::time::timeout(Duration::from_secs(2), tls.read(&mut byte)).await {
-                Ok(Ok(0) | Err(_)) => true,
-                Ok(Ok(_)) => false,
-                // Nothing comes on a link: still open after 2 s.
-                Err(_) => false,
-            }
-        })
-    };
+    let refused = |key: NodeKey| link_refused(&bed.s[0], key, s2_key, None);
     assert!(refused(stranger), "a key that is no member's opened a link");
     assert!(!refused(member), "s1's pinned key was refused");
 }
@@ -1915,4 +1873,33 @@ fn only_the_real_packet_crosses(
     );
     let status = svpnctl_json(&bed.socket(1), &["status"]);
     assert_eq!(status["cluster"]["dropped_spoofed"], 1, "{status}");
+}
+
+/// Whether s2's link listener refuses a link dialed from `ns` with `key`
+/// (from the address `from` when given): the TLS handshake fails, or the
+/// link is closed at once. TLS 1.3 shows a refused client certificate on
+/// the first read; nothing comes on an open link, so one still open after
+/// 2 s was admitted.
+fn link_refused(ns: &Netns, key: NodeKey, s2_key: PublicKey, from: Option<Ipv4Addr>) -> bool {
+    in_ns(ns, async move {
+        use tokio::io::AsyncReadExt;
+        let config = simplevpn::tls::client_config(&key, s2_key).expect("tls config");
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        if let Some(from) = from {
+            socket.bind((from, 0).into()).expect("bind");
+        }
+        let tcp = socket
+            .connect("198.18.92.2:2003".parse().expect("addr"))
+            .await
+            .expect("connect");
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let Ok(mut tls) = connector.connect(simplevpn::tls::server_name(), tcp).await else {
+            return true;
+        };
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(2), tls.read(&mut byte)).await {
+            Ok(Ok(0) | Err(_)) => true,
+            Ok(Ok(_)) | Err(_) => false,
+        }
+    })
 }
