@@ -3,8 +3,8 @@
 //! `common::vpn::client_simplevpnd`): it refuses to be a server with one
 //! line and exit code 2, and its keygen and check work. Without
 //! `SIMPLEVPN_CLIENT_BIN_DIR` there is no client-only build to test and
-//! each test says it is skipped (scripts/test sets it; tests/tunnel.rs runs
-//! its clients from the same build).
+//! each test says it is skipped (.ci/run builds the client-only build and
+//! sets it, and runs tests/tunnel.rs with its clients from the same build).
 
 mod common;
 
