@@ -804,8 +804,8 @@ impl PeerTable {
 
     /// Queues `frame` for `peer` (counted), or drops it if the queue is
     /// full (counted; over the memory budget, the largest queue is shed,
-    /// which `now` paces).
-    pub fn push(&self, peer: &Peer, frame: Bytes, now: SystemTime) -> Delivery {
+    /// paced by the time `now` reads: only then, not for every frame).
+    pub fn push(&self, peer: &Peer, frame: Bytes, now: impl FnOnce() -> SystemTime) -> Delivery {
         let len = frame.len();
         match peer.queue.try_push(frame) {
             Ok(()) => {
@@ -818,7 +818,7 @@ impl PeerTable {
                     .fetch_add(1, Ordering::Relaxed);
                 self.queue_full.fetch_add(1, Ordering::Relaxed);
                 if full == PushError::OverBudget {
-                    self.shed_largest(&self.read(), now);
+                    self.shed_largest(&self.read(), now());
                 }
                 Delivery::QueueFull
             }
@@ -1060,7 +1060,7 @@ mod tests {
         packet: Bytes,
     ) -> Option<Delivery> {
         let peer = table.holder(destination)?;
-        Some(table.push(&peer, packet, wall0()))
+        Some(table.push(&peer, packet, wall0))
     }
 
     #[test]
@@ -1919,7 +1919,7 @@ mod tests {
         let (small, _small_rx) = admitted(1001);
         let frame = || Bytes::from(vec![0; 64 << 10]);
         let spent = (0..100)
-            .find(|_| matches!(table.push(&big, frame(), wall0()), Delivery::QueueFull))
+            .find(|_| matches!(table.push(&big, frame(), wall0), Delivery::QueueFull))
             .is_some();
         assert!(spent, "the budget is spent");
         assert!(big.shed.load(Ordering::Relaxed) && big.kick.is_cancelled());
@@ -1927,14 +1927,14 @@ mod tests {
         // Within the interval, no more, however often the budget is hit.
         let soon = wall0() + Duration::from_millis(SHED_INTERVAL_MS - 1);
         for _ in 0..3 {
-            table.push(&small, frame(), soon);
+            table.push(&small, frame(), || soon);
         }
         assert!(!small.kick.is_cancelled());
         assert_eq!(budget.closed(), 1);
         // Then the largest of those still open: the only one left.
         let later = wall0() + Duration::from_millis(SHED_INTERVAL_MS);
         assert!(matches!(
-            table.push(&small, frame(), later),
+            table.push(&small, frame(), || later),
             Delivery::QueueFull
         ));
         assert!(small.shed.load(Ordering::Relaxed) && small.kick.is_cancelled());

@@ -162,13 +162,13 @@ fn queue_for(shared: &Shared, peer: &Peer, out: Outbound) -> Option<(IpAddr, Out
             if is_super && link.super_packets {
                 shared.metrics.supers.count(SuperKind::Whole);
             }
-            shared.peers.push(peer, frame, SystemTime::now());
+            shared.peers.push(peer, frame, SystemTime::now);
             None
         }
         Egress::Many(frames) => {
             shared.metrics.supers.count(SuperKind::Split);
             for frame in frames {
-                shared.peers.push(peer, frame, SystemTime::now());
+                shared.peers.push(peer, frame, SystemTime::now);
             }
             None
         }
